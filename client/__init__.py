@@ -1,0 +1,1 @@
+"""fedecay client package."""

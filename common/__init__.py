@@ -1,0 +1,1 @@
+"""fedecay common package."""

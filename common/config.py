@@ -1,0 +1,257 @@
+"""Typed, frozen configuration objects built from flat kebab-case keys.
+
+Presets (TOML) and Flower's ``[tool.flwr.app.config]`` both hold flat keys such as
+``snapshots.max-len``; each section maps onto one dataclass here (``max_len``).
+Unknown keys and out-of-range values raise ``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+
+from common.schema import DEFAULT_ACTIONS, EVENT_TYPES
+
+T = TypeVar("T")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested tables into dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Coerce a TOML / CLI / Flower value to the annotated field type."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _coerce(key, value, args[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(key, v, inner) for v in value)
+    if hint is bool:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(f"config key '{key}': expected true/false, got {value!r}")
+        return bool(value)
+    if hint in (int, float, str):
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"config key '{key}': expected {hint.__name__}, got {value!r}"
+            ) from None
+    return value
+
+
+def from_flat(cls: type[T], flat: Mapping[str, Any], section: str) -> T:
+    """Build dataclass ``cls`` from the keys of ``flat`` under ``section.``.
+
+    Keys of other sections are ignored; an unknown key inside the section raises.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    prefix = f"{section}."
+    for key, value in flat.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):].replace("-", "_")
+        if name not in fields:
+            known = ", ".join(sorted(f.replace("_", "-") for f in fields))
+            raise ValueError(f"unknown config key '{key}' (known in [{section}]: {known})")
+        kwargs[name] = _coerce(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def to_flat(obj: Any, section: str) -> dict[str, Any]:
+    """The inverse of :func:`from_flat`, with tuples joined by commas (Flower takes scalars)."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        if value is None:
+            value = ""
+        flat[f"{section}.{f.name.replace('_', '-')}"] = value
+    return flat
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"config key '{key}': {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotConfig:
+    """How event logs become labelled snapshots (section ``snapshots``)."""
+
+    observation_days: float = 28.0
+    horizon_days: float = 14.0
+    stride_days: float = 7.0
+    tau_days: float = 7.0
+    rho: float = 0.5
+    weight_view: float = 1.0
+    weight_click: float = 2.0
+    weight_cart: float = 4.0
+    weight_favorite: float = 3.0
+    weight_purchase: float = 8.0
+    max_len: int = 32
+    hash_buckets: int = 64
+    intervention_window_days: float = 7.0
+    response_days: float = 7.0
+    reengage_event: str = "purchase"
+    val_cutoffs: int = 1
+    test_cutoffs: int = 1
+    actions: tuple[str, ...] = DEFAULT_ACTIONS
+    # A shared calendar: every merchant's cutoffs are counted from ``start`` and the
+    # label windows end by ``end`` (ISO dates). Empty = taken from the log itself.
+    start: str = ""
+    end: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    pd.Timestamp(value)
+                except ValueError:
+                    raise ValueError(f"config key 'snapshots.{name}': expected an ISO date, "
+                                     f"got {value!r}") from None
+        for name in ("observation_days", "horizon_days", "stride_days", "tau_days",
+                     "intervention_window_days", "response_days"):
+            _check(getattr(self, name) > 0, f"snapshots.{name.replace('_', '-')}", "must be > 0")
+        _check(0 < self.rho < 1, "snapshots.rho", f"must be in (0, 1), got {self.rho}")
+        for ev in EVENT_TYPES:
+            _check(getattr(self, f"weight_{ev}") >= 0, f"snapshots.weight-{ev}", "must be >= 0")
+        _check(self.max_len >= 1, "snapshots.max-len", "must be >= 1")
+        _check(self.hash_buckets >= 1, "snapshots.hash-buckets", "must be >= 1")
+        _check(self.reengage_event in ("purchase", "any"), "snapshots.reengage-event",
+               f"must be 'purchase' or 'any', got {self.reengage_event!r}")
+        _check(self.val_cutoffs >= 1, "snapshots.val-cutoffs", "must be >= 1")
+        _check(self.test_cutoffs >= 1, "snapshots.test-cutoffs", "must be >= 1")
+        _check(len(self.actions) >= 2 and self.actions[0] == "none", "snapshots.actions",
+               "must list 'none' first and at least one action")
+
+    @property
+    def event_weights(self) -> tuple[float, ...]:
+        return tuple(getattr(self, f"weight_{ev}") for ev in EVENT_TYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The shared LSTM (section ``model``)."""
+
+    event_embedding: int = 8
+    category_embedding: int = 16
+    lstm_units: int = 32
+    bidirectional: bool = False
+    dense_units: int = 32
+    dropout: float = 0.1
+    learning_rate: float = 3e-3
+    loss_weight_decay: float = 1.0
+    loss_weight_interest: float = 0.3
+    loss_weight_activation: float = 0.5
+    interest_loss: str = "huber"
+
+    def __post_init__(self) -> None:
+        for name in ("event_embedding", "category_embedding", "lstm_units", "dense_units"):
+            _check(getattr(self, name) >= 1, f"model.{name.replace('_', '-')}", "must be >= 1")
+        _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        _check(self.learning_rate > 0, "model.learning-rate", "must be > 0")
+        _check(self.interest_loss in ("huber", "mse"), "model.interest-loss",
+               "must be 'huber' or 'mse'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The one fit function (section ``train``)."""
+
+    epochs: int = 8
+    batch_size: int = 256
+    patience: int = 2
+    class_weight: bool = False
+    proximal_mu: float = 0.0
+    verbose: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch-size", "must be >= 1")
+        _check(self.patience >= 0, "train.patience", "must be >= 0")
+        _check(self.proximal_mu >= 0, "train.proximal-mu", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """The activation policy (section ``policy``)."""
+
+    risk_threshold: float = 0.5
+    budget: int = 0  # 0 = no budget: every user over the threshold may be treated
+    value: float = 10.0
+    cost_recommend: float = 0.05
+    cost_coupon: float = 1.0
+    cost_push: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.risk_threshold <= 1, "policy.risk-threshold", "must be in [0, 1]")
+        _check(self.budget >= 0, "policy.budget", "must be >= 0")
+        _check(self.value >= 0, "policy.value", "must be >= 0")
+
+    def cost(self, action: str) -> float:
+        return float(getattr(self, f"cost_{action}", 0.0))
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file into flat dotted keys; the message names the file on error."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return flatten(tomllib.load(fh))
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {path}: {err}") from None
+
+
+def apply_overrides(flat: Mapping[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key=value`` strings (CLI ``--set``) on top of ``flat``.
+
+    Values are parsed as TOML scalars where possible (``3``, ``0.5``, ``true``), else
+    kept as strings.
+    """
+    out = dict(flat)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key] = value
+    return out

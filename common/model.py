@@ -1,0 +1,155 @@
+"""The one Keras model: event sequences in, decay / interest / activation out.
+
+``build_model`` is a pure seeded function used by clients, the server's evaluation,
+the baselines and the scorer alike; equal seeds give equal initial weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+from common.config import ModelConfig, SnapshotConfig  # noqa: E402
+from common.schema import EVENT_TYPES  # noqa: E402
+from common.snapshots import NUMERIC_FEATURES, STATIC_FEATURES, Snapshots  # noqa: E402
+
+HEADS: tuple[str, ...] = ("decay", "interest", "activation")
+
+
+@keras.saving.register_keras_serializable(package="fedecay")
+def masked_activation_loss(y_true, y_pred):
+    """Binary cross-entropy on the logged action only.
+
+    ``y_true`` is ``[N, A]`` with the outcome at the logged action's column and -1
+    elsewhere; rows without an intervention are all -1 and add nothing. The loss is the
+    mean over logged entries of the batch (0 when the batch has none).
+    """
+    y_true = ops.cast(y_true, y_pred.dtype)
+    mask = ops.cast(y_true >= 0, y_pred.dtype)
+    p = ops.clip(y_pred, 1e-7, 1 - 1e-7)
+    target = ops.maximum(y_true, 0.0)
+    bce = -(target * ops.log(p) + (1 - target) * ops.log(1 - p))
+    return ops.sum(bce * mask) / ops.maximum(ops.sum(mask), 1.0) * ops.ones_like(y_pred[:, 0])
+
+
+def build_model(config: ModelConfig, snapshots: SnapshotConfig, seed: int = 0) -> keras.Model:
+    """Build and compile the decay/activation LSTM.
+
+    Parameters
+    ----------
+    config : layer sizes, dropout, learning rate and per-head loss weights.
+    snapshots : gives the sequence length, hash buckets and the actions.
+    seed : every initialiser and dropout layer takes a seed derived from it.
+    """
+    seeds = itertools.count(seed * 1000 + 1)
+    glorot = lambda: keras.initializers.GlorotUniform(seed=next(seeds))  # noqa: E731
+    length = snapshots.max_len
+    events_in = keras.Input((length,), dtype="int32", name="events")
+    categories_in = keras.Input((length,), dtype="int32", name="categories")
+    numeric_in = keras.Input((length, len(NUMERIC_FEATURES)), dtype="float32", name="numeric")
+    static_in = keras.Input((len(STATIC_FEATURES),), dtype="float32", name="static")
+
+    ev = layers.Embedding(
+        len(EVENT_TYPES) + 1, config.event_embedding, mask_zero=True, name="event_embedding",
+        embeddings_initializer=keras.initializers.RandomUniform(-0.05, 0.05, seed=next(seeds)),
+    )(events_in)
+    cat = layers.Embedding(
+        snapshots.hash_buckets + 1, config.category_embedding, mask_zero=True,
+        name="category_embedding",
+        embeddings_initializer=keras.initializers.RandomUniform(-0.05, 0.05, seed=next(seeds)),
+    )(categories_in)
+    steps = layers.Concatenate(name="steps")([ev, cat, numeric_in])
+    lstm = layers.LSTM(
+        config.lstm_units, name="lstm", kernel_initializer=glorot(),
+        recurrent_initializer=keras.initializers.Orthogonal(seed=next(seeds)),
+    )
+    seq = layers.Bidirectional(lstm, name="bilstm")(steps) if config.bidirectional else lstm(steps)
+    agg = layers.Dense(config.dense_units // 2 or 1, activation="relu", name="static_dense",
+                       kernel_initializer=glorot())(static_in)
+    trunk = layers.Concatenate(name="trunk_in")([seq, agg])
+    trunk = layers.Dense(config.dense_units, activation="relu", name="trunk",
+                         kernel_initializer=glorot())(trunk)
+    trunk = layers.Dropout(config.dropout, seed=next(seeds), name="dropout")(trunk)
+    # Scalar heads are reshaped to [N] so targets are plain vectors.
+    outputs = {
+        "decay": layers.Reshape((), name="decay")(
+            layers.Dense(1, activation="sigmoid", name="decay_dense",
+                         kernel_initializer=glorot())(trunk)),
+        "interest": layers.Reshape((), name="interest")(
+            layers.Dense(1, name="interest_dense", kernel_initializer=glorot())(trunk)),
+        "activation": layers.Dense(len(snapshots.actions), activation="sigmoid",
+                                   name="activation", kernel_initializer=glorot())(trunk),
+    }
+    model = keras.Model(
+        inputs={"events": events_in, "categories": categories_in, "numeric": numeric_in,
+                "static": static_in},
+        outputs=outputs, name="fedecay_lstm",
+    )
+    compile_model(model, config)
+    return model
+
+
+def compile_model(model: keras.Model, config: ModelConfig) -> None:
+    """Compile with the per-head losses and weights of ``config``."""
+    interest_loss = keras.losses.Huber() if config.interest_loss == "huber" else "mse"
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss={"decay": "binary_crossentropy", "interest": interest_loss,
+              "activation": masked_activation_loss},
+        loss_weights={"decay": config.loss_weight_decay,
+                      "interest": config.loss_weight_interest,
+                      "activation": config.loss_weight_activation},
+        # XLA roughly doubles LSTM training throughput on CPU here (measured: 7.5k -> 15k
+        # samples/s at batch 256).
+        jit_compile=True,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def cached_model(config: ModelConfig, snapshots: SnapshotConfig, seed: int = 0) -> keras.Model:
+    """One compiled model per process and configuration; callers only set weights.
+
+    Building a Keras model costs seconds (tracing); a client that receives new weights
+    every round reuses this one.
+    """
+    return build_model(config, snapshots, seed)
+
+
+def targets(snaps: Snapshots, num_actions: int) -> dict[str, np.ndarray]:
+    """Keras targets by head; activation holds -1 except at the logged action."""
+    act = np.full((len(snaps), num_actions), -1.0, dtype=np.float32)
+    logged = snaps.action >= 0
+    act[np.flatnonzero(logged), snaps.action[logged]] = snaps.activation[logged]
+    return {"decay": snaps.decay, "interest": snaps.interest, "activation": act}
+
+
+def weights_of(model: keras.Model) -> list[np.ndarray]:
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def save_model(model: keras.Model, path) -> None:
+    """Save as ``.keras`` atomically (write a temp file, then rename)."""
+    path = os.fspath(path)
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path) -> keras.Model:
+    """Load a saved ``.keras`` model (custom loss registered above)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    return keras.saving.load_model(path, compile=True)
+
+
+def num_actions(model: keras.Model) -> int:
+    """How many actions the activation head scores."""
+    return int(model.get_layer("activation").units)

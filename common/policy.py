@@ -1,0 +1,101 @@
+"""The activation policy: which users to re-activate, and with which action.
+
+Among users whose decay risk passes ``risk_threshold`` (and, with a budget, only the
+``budget`` users with the largest expected gain) choose
+
+    argmax_a  value * (P(a) - P(none)) - cost_a
+
+over the non-control actions, or ``none`` when no action pays (gain <= 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.config import PolicyConfig
+from common.schema import DEFAULT_ACTIONS
+
+
+@dataclass
+class PolicyDecision:
+    """One decision per user; all arrays have length N."""
+
+    action: np.ndarray  # str: chosen action name, "none" when nothing pays or not at risk
+    action_index: np.ndarray  # int: index into the actions tuple (0 = none)
+    uplift: np.ndarray  # float: P(a) - P(none) of the chosen action, 0 for none
+    expected_gain: np.ndarray  # float: value * uplift - cost, 0 for none
+    category: np.ndarray  # object: the fading category for "recommend", else ""
+
+
+def choose_actions(
+    decay_risk: Any,
+    activation: Any,
+    config: PolicyConfig,
+    actions: Sequence[str] = DEFAULT_ACTIONS,
+    fading_category: Any | None = None,
+) -> PolicyDecision:
+    """Choose one action per user.
+
+    Parameters
+    ----------
+    decay_risk : [N] predicted P(decay).
+    activation : [N, A] predicted P(re-engage | action); column 0 is ``none``.
+    config : threshold, budget, unit value and per-action costs (``cost_<action>``;
+        actions without a cost field cost 0).
+    actions : action names, ``actions[0] == "none"``.
+    fading_category : [N] the category whose interest fades most, carried by
+        ``recommend`` decisions.
+
+    Notes
+    -----
+    With ``config.budget > 0`` the treated users are the ``budget`` users with the
+    largest positive gain, ties broken by higher risk, then by row order.
+    """
+    risk = np.asarray(decay_risk, dtype=float)
+    scores = np.asarray(activation, dtype=float)
+    n_actions = len(actions)
+    if n_actions < 2 or actions[0] != "none":
+        raise ValueError(f"actions: expected 'none' first and at least one action, got {actions}")
+    if risk.ndim != 1:
+        raise ValueError(f"decay_risk: expected a 1-D array, got shape {risk.shape}")
+    n = len(risk)
+    if scores.shape != (n, n_actions):
+        raise ValueError(f"activation: expected shape {(n, n_actions)}, got {scores.shape}")
+    if fading_category is not None:
+        fading_category = np.asarray(fading_category, dtype=object)
+        if fading_category.shape != (n,):
+            raise ValueError(
+                f"fading_category: expected shape {(n,)}, got {fading_category.shape}"
+            )
+
+    costs = np.array([config.cost(a) for a in actions[1:]])
+    uplifts = scores[:, 1:] - scores[:, :1]
+    gains = config.value * uplifts - costs
+    best = np.argmax(gains, axis=1) if n else np.zeros(0, dtype=int)
+    rows = np.arange(n)
+    best_gain = gains[rows, best]
+    treat = (risk >= config.risk_threshold) & (best_gain > 0)
+    if config.budget > 0 and treat.sum() > config.budget:
+        candidates = np.flatnonzero(treat)
+        # lexsort: last key is primary -> gain desc, then risk desc, then row order
+        order = np.lexsort((-risk[candidates], -best_gain[candidates]))
+        treat = np.zeros(n, dtype=bool)
+        treat[candidates[order[: config.budget]]] = True
+
+    index = np.where(treat, best + 1, 0)
+    names = np.asarray(actions, dtype=str)[index]
+    category = np.full(n, "", dtype=object)
+    if fading_category is not None and "recommend" in actions:
+        is_rec = names == "recommend"
+        category[is_rec] = [str(c) for c in fading_category[is_rec]]
+    return PolicyDecision(
+        action=names,
+        action_index=index,
+        uplift=np.where(treat, uplifts[rows, best], 0.0),
+        expected_gain=np.where(treat, best_gain, 0.0),
+        category=category,
+    )

@@ -1,0 +1,572 @@
+"""From an event log to labelled, time-split snapshots.
+
+For every cutoff ``T`` (every ``stride`` days) each user with activity in
+``[T - observation, T)`` yields one snapshot: the last ``max_len`` events before ``T``
+as padded arrays, aggregate features, the interest score ``I(T)``, the decay label
+``I(T + H) < rho * I(T)``, the interest target ``log1p(I(T + H))`` and, when the user
+received an intervention in ``[T, T + window)``, the activation target.
+
+Everything is vectorised over events: per cutoff a handful of numpy passes, no Python
+loop per user or event. A user is the pair (merchant, user id): a household shopping
+in two stores is two users, one per merchant, as in a federation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.config import SnapshotConfig
+from common.schema import DEFAULT_CATEGORY, EVENT_TYPES, DataError
+
+log = logging.getLogger(__name__)
+
+DAY = 86_400.0
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+NUMERIC_FEATURES: tuple[str, ...] = ("log_gap_hours", "log_hours_to_cutoff", "log_value")
+STATIC_FEATURES: tuple[str, ...] = (
+    "log_interest",
+    *(f"log_n_{ev}" for ev in EVENT_TYPES),
+    "log_recency_days",
+    "log_value_sum",
+    "log_n_history",
+    "log_tenure_days",
+    "log_n_categories",
+)
+#: Events older than this many tau before a cutoff add less than e^-30 to I(T): skipped.
+_TAU_SPAN = 30.0
+
+
+@dataclasses.dataclass
+class Snapshots:
+    """Model-ready arrays for N snapshots; every array has N rows."""
+
+    events: np.ndarray  # int32 [N, L]; 0 pads, 1..5 = EVENT_TYPES (pre-padded: latest last)
+    categories: np.ndarray  # int32 [N, L]; 0 pads, 1..hash_buckets
+    numeric: np.ndarray  # float32 [N, L, 3]; NUMERIC_FEATURES
+    static: np.ndarray  # float32 [N, S]; STATIC_FEATURES
+    decay: np.ndarray  # float32 [N]; 1 = interest fades
+    interest: np.ndarray  # float32 [N]; log1p(I(T + H))
+    interest_now: np.ndarray  # float32 [N]; I(T)
+    action: np.ndarray  # int32 [N]; logged action index, -1 = no intervention
+    activation: np.ndarray  # float32 [N]; re-engaged within the response window
+    propensity: np.ndarray  # float32 [N]; logging probability of the action (1 if none)
+    intervention: np.ndarray  # int64 [N]; row of the matched intervention in its frame, -1
+    user_id: np.ndarray  # object [N]
+    merchant_id: np.ndarray  # object [N]
+    cutoff: np.ndarray  # datetime64[ns] [N]
+    split: np.ndarray  # int8 [N]; index into SPLITS
+    fading_category: np.ndarray  # object [N]; category whose interest fell most
+
+    def __len__(self) -> int:
+        return len(self.decay)
+
+    def subset(self, rows: np.ndarray) -> Snapshots:
+        """Rows by boolean mask or index array."""
+        return Snapshots(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
+
+    def split_part(self, name: str) -> Snapshots:
+        return self.subset(self.split == SPLITS.index(name))
+
+    def merchant(self, merchant_id: str) -> Snapshots:
+        return self.subset(self.merchant_id == merchant_id)
+
+    @property
+    def activation_mask(self) -> np.ndarray:
+        return (self.action >= 0).astype(np.float32)
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """Keras model inputs by name."""
+        return {
+            "events": self.events,
+            "categories": self.categories,
+            "numeric": self.numeric,
+            "static": self.static,
+        }
+
+    @classmethod
+    def concat(cls, parts: Sequence[Snapshots]) -> Snapshots:
+        return cls(**{
+            f.name: np.concatenate([getattr(p, f.name) for p in parts])
+            for f in dataclasses.fields(cls)
+        })
+
+    def save(self, path: str | Path) -> None:
+        np.savez_compressed(path, **{
+            f.name: getattr(self, f.name).astype(str)
+            if getattr(self, f.name).dtype == object else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        })
+
+    @classmethod
+    def load(cls, path: str | Path) -> Snapshots:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+        for name in ("user_id", "merchant_id", "fading_category"):
+            arrays[name] = arrays[name].astype(object)
+        return cls(**arrays)
+
+
+@dataclasses.dataclass
+class SnapshotReport:
+    """What the builder did: cutoffs per split, counts and label rates."""
+
+    cutoffs: dict[str, list[str]]
+    skipped_cutoffs: list[str]
+    snapshots: dict[str, int]
+    decay_rate: dict[str, float]
+    activation_rows: dict[str, int]
+    interventions_unmatched: int
+    interventions_unobserved: int
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        for s in SPLITS:
+            cut = self.cutoffs.get(s, [])
+            span = f"{cut[0]} .. {cut[-1]}" if cut else "-"
+            lines.append(
+                f"  {s:<5} cutoffs {len(cut):>2} ({span})  snapshots {self.snapshots.get(s, 0):>8,}"
+                f"  decay rate {self.decay_rate.get(s, float('nan')):.3f}"
+                f"  with intervention {self.activation_rows.get(s, 0):>6,}"
+            )
+        if self.skipped_cutoffs:
+            lines.append(f"  cutoffs left out between splits (label windows would cross): "
+                         f"{len(self.skipped_cutoffs)}")
+        if self.interventions_unmatched or self.interventions_unobserved:
+            lines.append(
+                f"  interventions without an active snapshot: {self.interventions_unmatched:,};"
+                f" response window past the end of the log: {self.interventions_unobserved:,}"
+            )
+        return lines
+
+
+def hash_categories(categories: np.ndarray | pd.Series, buckets: int) -> np.ndarray:
+    """Stable hash of category strings into 1..buckets (0 is the padding id).
+
+    Hashing lets merchants share a model without sharing a category vocabulary; the
+    hash (pandas' SipHash with its fixed key) is the same in every process and machine.
+    """
+    values = pd.Series(categories, dtype="object").fillna(DEFAULT_CATEGORY).astype(str)
+    uniques, inverse = np.unique(values.to_numpy(dtype=object), return_inverse=True)
+    hashed = pd.util.hash_array(uniques.astype(object)) % np.uint64(buckets)
+    return (hashed.astype(np.int64) + 1)[inverse].astype(np.int32)
+
+
+@dataclasses.dataclass
+class _Log:
+    """Events as sorted numpy columns, users as integer codes."""
+
+    user: np.ndarray  # int64 code of (merchant, user), sorted
+    t: np.ndarray  # float64 seconds since t0
+    event: np.ndarray  # int8 0..4
+    weight: np.ndarray  # float64
+    cat_hash: np.ndarray  # int32 1..B
+    cat_code: np.ndarray  # int32 index into cat_names
+    cat_names: np.ndarray
+    value: np.ndarray  # float64
+    gap: np.ndarray  # float64 seconds since the user's previous event (0 for the first)
+    key: np.ndarray  # int64 sort key user * span + second
+    span: int
+    user_start: np.ndarray  # int64 [U] first row of each user
+    user_ids: np.ndarray  # object [U]
+    merchant_ids: np.ndarray  # object [U]
+    t0: pd.Timestamp
+    t_end: float  # seconds since t0 of the last event
+
+    def positions(self, users: np.ndarray, seconds: float) -> np.ndarray:
+        """Per user, the first row at or after ``seconds`` (rows before it are < seconds)."""
+        sec = int(np.ceil(seconds))
+        return np.searchsorted(self.key, users * self.span + sec, side="left")
+
+
+def _prepare(events: pd.DataFrame, config: SnapshotConfig) -> _Log:
+    if len(events) == 0:
+        raise DataError("no events to build snapshots from")
+    merchant = (
+        events["merchant_id"].astype(str).to_numpy(dtype=object)
+        if "merchant_id" in events else np.full(len(events), "local", dtype=object)
+    )
+    users = events["user_id"].astype(str).to_numpy(dtype=object)
+    pair = pd.MultiIndex.from_arrays([merchant, users])
+    user_code, uniques = pd.factorize(pair, sort=True)
+    ts = pd.DatetimeIndex(events["timestamp"])
+    t0 = _utc(config.start) if config.start else ts.min().floor("D")
+    seconds = (ts - t0).total_seconds().to_numpy(dtype=np.float64)
+    t_end = (_utc(config.end) - t0).total_seconds() if config.end else float(seconds.max())
+    if config.start or config.end:
+        # Events outside the shared calendar are not part of this federation's period.
+        inside = (seconds >= 0) & (seconds < t_end)
+        if not inside.all():
+            log.info("%d events outside the calendar %s .. %s left out",
+                     int((~inside).sum()), config.start or "-", config.end or "-")
+            events = events.loc[inside].reset_index(drop=True)
+            ts, seconds = ts[inside], seconds[inside]
+        if len(events) == 0:
+            raise DataError(f"no events inside the calendar {config.start} .. {config.end}")
+    span = int(np.ceil(max(seconds.max(), t_end))) + int(label_window(config) * 4) + 10 * int(DAY)
+    key = user_code.astype(np.int64) * span + np.floor(seconds).astype(np.int64)
+    order = np.argsort(key, kind="stable")
+
+    codes = pd.Categorical(events["event"], categories=list(EVENT_TYPES)).codes
+    if (codes < 0).any():
+        raise DataError("events with an unknown event type reached the snapshot builder")
+    categories = (
+        events["category_id"] if "category_id" in events
+        else pd.Series(DEFAULT_CATEGORY, index=events.index)
+    )
+    cat_code, cat_names = pd.factorize(categories.astype(object).fillna(DEFAULT_CATEGORY))
+    cat_names = np.asarray(cat_names, dtype=object)
+    value = (
+        events["value"].to_numpy(dtype=np.float64, na_value=0.0)
+        if "value" in events else np.zeros(len(events))
+    )
+
+    user = user_code[order].astype(np.int64)
+    t = seconds[order]
+    n_users = len(uniques)
+    user_start = np.searchsorted(user, np.arange(n_users), side="left")
+    gap = np.diff(t, prepend=0.0)
+    gap[user_start] = 0.0
+    event = codes[order].astype(np.int8)
+    weights = np.asarray(config.event_weights, dtype=np.float64)
+    hashed_names = hash_categories(cat_names, config.hash_buckets)
+    return _Log(
+        user=user,
+        t=t,
+        event=event,
+        weight=weights[event],
+        cat_hash=hashed_names[cat_code[order]],
+        cat_code=cat_code[order].astype(np.int32),
+        cat_names=cat_names,
+        value=np.maximum(value[order], 0.0),
+        gap=gap,
+        key=key[order],
+        span=span,
+        user_start=user_start,
+        user_ids=np.asarray(uniques.get_level_values(1), dtype=object),
+        merchant_ids=np.asarray(uniques.get_level_values(0), dtype=object),
+        t0=t0,
+        t_end=t_end,
+    )
+
+
+def _utc(value: str) -> pd.Timestamp:
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def _interest(lg: _Log, at: float, tau: float) -> np.ndarray:
+    """I(at) for every user: sum of w * exp(-(at - t) / tau) over events before ``at``."""
+    rows = (lg.t < at) & (lg.t >= at - _TAU_SPAN * tau)
+    contrib = lg.weight[rows] * np.exp(-(at - lg.t[rows]) / tau)
+    return np.bincount(lg.user[rows], weights=contrib, minlength=len(lg.user_start))
+
+
+@dataclasses.dataclass
+class _Features:
+    """Features of the active users at one cutoff (no labels)."""
+
+    users: np.ndarray
+    events: np.ndarray
+    categories: np.ndarray
+    numeric: np.ndarray
+    static: np.ndarray
+    interest_now: np.ndarray
+    fading_category: np.ndarray
+
+
+def _features_at(lg: _Log, at: float, config: SnapshotConfig) -> _Features:
+    """Sequences and aggregate features of users active in [at - observation, at)."""
+    tau = config.tau_days * DAY
+    all_users = np.arange(len(lg.user_start), dtype=np.int64)
+    end = lg.positions(all_users, at)
+    begin = lg.positions(all_users, at - config.observation_days * DAY)
+    active = end > begin
+    users = all_users[active]
+    end, begin = end[active], begin[active]
+    start = lg.user_start[users]
+
+    length = config.max_len
+    idx = end[:, None] - length + np.arange(length)[None, :]
+    valid = idx >= start[:, None]
+    idx = np.where(valid, idx, 0)
+    event_ids = np.where(valid, lg.event[idx].astype(np.int32) + 1, 0)
+    cat_ids = np.where(valid, lg.cat_hash[idx], 0)
+    t_seq = lg.t[idx]
+    first = valid & ~np.roll(valid, 1, axis=1)
+    first[:, 0] = valid[:, 0]
+    gap = np.where(first & (idx == start[:, None]), 0.0, lg.gap[idx])
+    numeric = np.stack(
+        [
+            np.log1p(np.maximum(gap, 0.0) / 3600.0),
+            np.log1p(np.maximum(at - t_seq, 0.0) / 3600.0),
+            np.log1p(lg.value[idx]),
+        ],
+        axis=-1,
+    )
+    numeric = np.where(valid[..., None], numeric, 0.0).astype(np.float32)
+
+    interest_now = _interest(lg, at, tau)[users]
+
+    # Aggregates over the observation window.
+    n_active = len(users)
+    rows = np.repeat(np.arange(n_active), end - begin)
+    win = _ranges(begin, end)
+    counts = np.bincount(rows * len(EVENT_TYPES) + lg.event[win],
+                         minlength=n_active * len(EVENT_TYPES)).reshape(n_active, -1)
+    value_sum = np.bincount(rows, weights=lg.value[win], minlength=n_active)
+    pairs = np.unique(rows.astype(np.int64) * (len(lg.cat_names) + 1) + lg.cat_code[win])
+    n_cats = np.bincount(pairs // (len(lg.cat_names) + 1), minlength=n_active)
+    recency = (at - lg.t[end - 1]) / DAY
+    tenure = (at - lg.t[start]) / DAY
+    static = np.column_stack([
+        np.log1p(interest_now),
+        np.log1p(counts),
+        np.log1p(recency),
+        np.log1p(value_sum),
+        np.log1p(end - start),
+        np.log1p(tenure),
+        np.log1p(n_cats),
+    ]).astype(np.float32)
+
+    fading = _fading_category(lg, idx, valid, at, tau, config.horizon_days * DAY)
+    return _Features(users, event_ids.astype(np.int32), cat_ids.astype(np.int32), numeric,
+                     static, interest_now, fading)
+
+
+def _ranges(begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(b, e) for every pair, vectorised."""
+    lengths = end - begin
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(begin - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return np.arange(total, dtype=np.int64) + offsets
+
+
+def _fading_category(lg: _Log, idx: np.ndarray, valid: np.ndarray, at: float, tau: float,
+                     lookback: float) -> np.ndarray:
+    """Per row, the category (of the sequence) whose interest dropped most over ``lookback``."""
+    n, length = idx.shape
+    if n == 0:
+        return np.zeros(0, dtype=object)
+    t = lg.t[idx]
+    w = lg.weight[idx]
+    now = w * np.exp(-(at - t) / tau)
+    before_at = at - lookback
+    then = np.where(t < before_at, w * np.exp(-(before_at - t) / tau), 0.0)
+    drop = np.where(valid, then - now, 0.0)
+    # Sum drops per (row, category) by sorting each row's short sequence by category.
+    cat = np.where(valid, lg.cat_code[idx], -1)
+    order = np.argsort(cat, axis=1, kind="stable")
+    cat_sorted = np.take_along_axis(cat, order, axis=1)
+    csum = np.cumsum(np.take_along_axis(drop, order, axis=1), axis=1)
+    group_end = np.ones_like(valid)
+    group_end[:, :-1] = cat_sorted[:, :-1] != cat_sorted[:, 1:]
+    # Cumulative sum at the previous group end, by forward-filling group-end positions.
+    last_end = np.where(group_end, np.arange(length), -1)
+    last_end = np.maximum.accumulate(last_end, axis=1)
+    prev = np.concatenate([np.full((n, 1), -1), last_end[:, :-1]], axis=1)
+    before = np.where(prev >= 0, np.take_along_axis(csum, np.maximum(prev, 0), axis=1), 0.0)
+    sums = np.where(group_end & (cat_sorted >= 0), csum - before, -np.inf)
+    best = np.argmax(sums, axis=1)
+    best_cat = cat_sorted[np.arange(n), best]
+    out = np.full(n, "", dtype=object)
+    ok = best_cat >= 0
+    out[ok] = lg.cat_names[best_cat[ok]]
+    return out
+
+
+def plan_cutoffs(
+    t_end: float, config: SnapshotConfig
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Cutoffs (seconds since the log's first midnight) per split, and those left out.
+
+    Test = the last ``test_cutoffs`` cutoffs whose label windows fit in the log;
+    validation = the last ``val_cutoffs`` whose label windows end by the first test
+    cutoff; train = every cutoff whose label window ends by the first validation cutoff.
+    """
+    obs, stride = config.observation_days * DAY, config.stride_days * DAY
+    label = label_window(config)
+    cutoffs = np.arange(obs, t_end - label + 1e-6, stride)
+    needed = config.observation_days + config.horizon_days * 3 + config.stride_days * (
+        config.val_cutoffs + config.test_cutoffs)
+    if len(cutoffs) < config.val_cutoffs + config.test_cutoffs + 1:
+        raise DataError(
+            f"the log spans {t_end / DAY:.1f} days: too short for snapshots with observation "
+            f"{config.observation_days:g} d, horizon {config.horizon_days:g} d and stride "
+            f"{config.stride_days:g} d (about {needed:.0f} days are needed)"
+        )
+    test = list(cutoffs[-config.test_cutoffs:])
+    val_pool = cutoffs[cutoffs + label <= test[0] + 1e-6]
+    val = list(val_pool[-config.val_cutoffs:])
+    train = list(cutoffs[cutoffs + label <= (val[0] if val else test[0]) + 1e-6])
+    if not val or not train:
+        raise DataError(
+            f"the log spans {t_end / DAY:.1f} days: not enough cutoffs for disjoint train, "
+            f"validation and test label windows (about {needed:.0f} days are needed)"
+        )
+    used = set(train) | set(val) | set(test)
+    skipped = [c for c in cutoffs if c not in used]
+    return {"train": train, "val": val, "test": test}, skipped
+
+
+def label_window(config: SnapshotConfig) -> float:
+    """Seconds after a cutoff that its labels look at (decay horizon or activation response)."""
+    return max(config.horizon_days, config.intervention_window_days + config.response_days) * DAY
+
+
+def build_snapshots(
+    events: pd.DataFrame,
+    config: SnapshotConfig,
+    interventions: pd.DataFrame | None = None,
+) -> tuple[Snapshots, SnapshotReport]:
+    """Build labelled, time-split snapshots from a canonical event log.
+
+    Parameters
+    ----------
+    events : canonical event frame (see ``common.schema``).
+    config : snapshot parameters.
+    interventions : optional canonical interventions frame.
+    """
+    lg = _prepare(events, config)
+    plan, skipped = plan_cutoffs(lg.t_end, config)
+    tau = config.tau_days * DAY
+    horizon = config.horizon_days * DAY
+    parts: list[Snapshots] = []
+    part_users: list[np.ndarray] = []
+    for split_index, name in enumerate(SPLITS):
+        for at in plan[name]:
+            feats = _features_at(lg, at, config)
+            future = _interest(lg, at + horizon, tau)[feats.users]
+            n = len(feats.users)
+            parts.append(Snapshots(
+                events=feats.events,
+                categories=feats.categories,
+                numeric=feats.numeric,
+                static=feats.static,
+                decay=(future < config.rho * feats.interest_now).astype(np.float32),
+                interest=np.log1p(future).astype(np.float32),
+                interest_now=feats.interest_now.astype(np.float32),
+                action=np.full(n, -1, dtype=np.int32),
+                activation=np.zeros(n, dtype=np.float32),
+                propensity=np.ones(n, dtype=np.float32),
+                intervention=np.full(n, -1, dtype=np.int64),
+                user_id=lg.user_ids[feats.users],
+                merchant_id=lg.merchant_ids[feats.users],
+                cutoff=np.full(n, (lg.t0 + pd.Timedelta(seconds=at)).tz_localize(None)
+                               .to_datetime64(), dtype="datetime64[ns]"),
+                split=np.full(n, split_index, dtype=np.int8),
+                fading_category=feats.fading_category,
+            ))
+            part_users.append(feats.users)
+    user_codes = np.concatenate(part_users)
+    snaps = Snapshots.concat(parts)
+    unmatched = unobserved = 0
+    if interventions is not None and len(interventions):
+        unmatched, unobserved = _attach_interventions(snaps, user_codes, lg, interventions, config)
+    report = SnapshotReport(
+        cutoffs={s: [str((lg.t0 + pd.Timedelta(seconds=c)).date()) for c in plan[s]]
+                 for s in SPLITS},
+        skipped_cutoffs=[str((lg.t0 + pd.Timedelta(seconds=c)).date()) for c in skipped],
+        snapshots={s: int((snaps.split == i).sum()) for i, s in enumerate(SPLITS)},
+        decay_rate={s: float(snaps.decay[snaps.split == i].mean()) if (snaps.split == i).any()
+                    else float("nan") for i, s in enumerate(SPLITS)},
+        activation_rows={s: int(((snaps.split == i) & (snaps.action >= 0)).sum())
+                         for i, s in enumerate(SPLITS)},
+        interventions_unmatched=unmatched,
+        interventions_unobserved=unobserved,
+    )
+    log.info("built %d snapshots from %d events", len(snaps), len(lg.t))
+    return snaps, report
+
+
+def _attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: _Log,
+                          interventions: pd.DataFrame, config: SnapshotConfig) -> tuple[int, int]:
+    """Fill action / activation / propensity of snapshots that received an intervention."""
+    actions = list(config.actions)
+    merchant = (interventions["merchant_id"].astype(str).to_numpy(dtype=object)
+                if "merchant_id" in interventions
+                else np.full(len(interventions), "local", dtype=object))
+    pair = pd.MultiIndex.from_arrays(
+        [merchant, interventions["user_id"].astype(str).to_numpy(dtype=object)])
+    lookup = pd.MultiIndex.from_arrays([lg.merchant_ids, lg.user_ids])
+    code = lookup.get_indexer(pair).astype(np.int64)
+    t_int = (pd.DatetimeIndex(interventions["timestamp"]) - lg.t0).total_seconds().to_numpy()
+    action = pd.Categorical(interventions["action"].astype(str), categories=actions).codes
+    if (action < 0).any():
+        bad = sorted(set(interventions["action"].astype(str)[action < 0]))[:5]
+        raise DataError(f"interventions: unknown action(s) {bad}; configured actions: {actions}")
+    prop = interventions["propensity"].to_numpy(dtype=np.float64, na_value=np.nan) \
+        if "propensity" in interventions else np.full(len(interventions), np.nan)
+    shares = np.bincount(action, minlength=len(actions)) / max(len(action), 1)
+    prop = np.where(np.isfinite(prop) & (prop > 0), prop, shares[action])
+
+    window = config.intervention_window_days * DAY
+    response = config.response_days * DAY
+    snap_sec = (snaps.cutoff - lg.t0.tz_localize(None).to_datetime64()) / np.timedelta64(1, "s")
+    snap_key = user_codes * lg.span + np.round(snap_sec).astype(np.int64)
+    order = np.argsort(snap_key)
+    sorted_key = snap_key[order]
+    # An intervention belongs to the same user's latest cutoff T <= t with t < T + window.
+    known = code >= 0
+    probe = code * lg.span + np.floor(t_int).astype(np.int64)
+    pos = np.searchsorted(sorted_key, probe, side="right") - 1
+    ok = known & (pos >= 0)
+    pos = np.where(ok, pos, 0)
+    ok &= (sorted_key[pos] // lg.span == code) & (probe - sorted_key[pos] < window)
+    observed = t_int + response <= lg.t_end + 1
+    matched = ok & observed
+    # Keep the first intervention per snapshot.
+    rows = order[pos[matched]]
+    first_idx = np.argsort(t_int[matched], kind="stable")
+    rows_sorted = rows[first_idx]
+    _, keep = np.unique(rows_sorted, return_index=True)
+    chosen = np.flatnonzero(matched)[first_idx][keep]
+    target_rows = rows_sorted[keep]
+
+    # Re-engagement: a qualifying event in (t_int, t_int + response].
+    engage = lg.event == EVENT_TYPES.index("purchase") if config.reengage_event == "purchase" \
+        else np.ones(len(lg.event), dtype=bool)
+    ekey = lg.key[engage]
+    c = code[chosen]
+    lo = np.searchsorted(ekey, c * lg.span + np.floor(t_int[chosen]).astype(np.int64), side="right")
+    hi = np.searchsorted(ekey, c * lg.span + np.floor(t_int[chosen] + response).astype(np.int64),
+                         side="right")
+    snaps.action[target_rows] = action[chosen]
+    snaps.activation[target_rows] = (hi > lo).astype(np.float32)
+    snaps.propensity[target_rows] = prop[chosen].astype(np.float32)
+    snaps.intervention[target_rows] = chosen
+    unobserved = int((ok & ~observed).sum())
+    unmatched = int((~ok).sum())
+    return unmatched, unobserved
+
+
+def features_at(events: pd.DataFrame, at: pd.Timestamp | str,
+                config: SnapshotConfig) -> tuple[Snapshots, np.ndarray]:
+    """Unlabelled snapshots of every user active before ``at``, for scoring.
+
+    Returns the snapshots (labels zero) and the user ids.
+    """
+    lg = _prepare(events, config)
+    cutoff = _utc(str(at))
+    sec = (cutoff - lg.t0).total_seconds()
+    feats = _features_at(lg, sec, config)
+    n = len(feats.users)
+    snaps = Snapshots(
+        events=feats.events, categories=feats.categories, numeric=feats.numeric,
+        static=feats.static, decay=np.zeros(n, np.float32), interest=np.zeros(n, np.float32),
+        interest_now=feats.interest_now.astype(np.float32),
+        action=np.full(n, -1, np.int32), activation=np.zeros(n, np.float32),
+        propensity=np.ones(n, np.float32), intervention=np.full(n, -1, np.int64),
+        user_id=lg.user_ids[feats.users],
+        merchant_id=lg.merchant_ids[feats.users],
+        cutoff=np.full(n, cutoff.tz_localize(None).to_datetime64(), dtype="datetime64[ns]"),
+        split=np.full(n, SPLITS.index("test"), np.int8), fading_category=feats.fading_category,
+    )
+    return snaps, snaps.user_id

@@ -1,0 +1,243 @@
+"""The project's only training loop, plus prediction and evaluation.
+
+``fit`` is called by the federated client, the centralised and local-only baselines
+alike. Each call starts from the model's current weights with a fresh optimizer state
+and a seeded shuffle, so equal inputs and seeds give equal weights, whatever ran in
+the process before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from common import metrics
+from common.config import TrainConfig
+from common.model import num_actions as model_actions
+from common.model import targets
+from common.snapshots import Snapshots
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What one call of :func:`fit` did."""
+
+    epochs: int
+    examples: int
+    train_loss: float
+    val_loss: float
+    best_epoch: int
+    seconds: float
+    history: list[dict[str, float]]
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"train_loss": self.train_loss, "val_loss": self.val_loss,
+                "epochs": float(self.epochs), "fit_seconds": self.seconds}
+
+
+class _Proximal(keras.Model):
+    """Trains the wrapped model's own variables with FedProx's term mu/2 * ||w - w_anchor||^2."""
+
+    def __init__(self, inner: keras.Model, mu: float) -> None:
+        super().__init__(name="proximal")
+        self.inner = inner
+        self.mu = float(mu)
+        self.anchor = [tf.Variable(w, trainable=False) for w in inner.trainable_weights]
+
+    def call(self, inputs, training=False):
+        return self.inner(inputs, training=training)
+
+    def set_anchor(self) -> None:
+        for a, w in zip(self.anchor, self.inner.trainable_weights, strict=True):
+            a.assign(w)
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self.inner(x, training=True)
+            loss = self.inner.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                           training=True)
+            prox = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in
+                             zip(self.inner.trainable_weights, self.anchor, strict=True)])
+            total = loss + 0.5 * self.mu * prox
+        grads = tape.gradient(total, self.inner.trainable_weights)
+        self.inner.optimizer.apply_gradients(zip(grads, self.inner.trainable_weights, strict=True))
+        self._loss_tracker.update_state(loss)
+        return {"loss": self._loss_tracker.result()}
+
+
+@functools.lru_cache(maxsize=4)
+def _proximal_wrapper(model: keras.Model, mu: float) -> _Proximal:
+    """One compiled FedProx wrapper per model and mu (tracing it again costs seconds)."""
+    wrapper = _Proximal(model, mu)
+    wrapper.compile(optimizer=model.optimizer)
+    return wrapper
+
+
+def _trainer(model: keras.Model, mu: float) -> keras.Model:
+    """The model itself, or its FedProx wrapper anchored at the current weights."""
+    if mu <= 0:
+        return model
+    wrapper = _proximal_wrapper(model, mu)
+    wrapper.set_anchor()
+    return wrapper
+
+
+def _reset_optimizer(model: keras.Model) -> None:
+    """Fresh optimizer state: moments and step count to zero, learning rate kept."""
+    opt = model.optimizer
+    if not opt.built:
+        opt.build(model.trainable_variables)
+        return
+    keep = {id(v) for v in (getattr(opt, "_learning_rate", None),) if isinstance(v, keras.Variable)}
+    for v in opt.variables:
+        if id(v) not in keep and "learning_rate" not in v.path:
+            v.assign(np.zeros(v.shape, dtype=v.dtype))
+
+
+def _reset_seeds(model: keras.Model, seed: int) -> None:
+    """Put every dropout seed generator in a state derived from ``seed``."""
+    for i, layer in enumerate(model._flatten_layers()):
+        gen = getattr(layer, "seed_generator", None)
+        if gen is not None:
+            gen.state.assign(np.array([seed, i], dtype=gen.state.dtype))
+
+
+def decay_sample_weights(snaps: Snapshots, balanced: bool) -> np.ndarray | None:
+    """Per-row weights that balance the decay classes, or None."""
+    if not balanced or len(snaps) == 0:
+        return None
+    pos = float(snaps.decay.mean())
+    if pos in (0.0, 1.0):
+        return None
+    return np.where(snaps.decay > 0.5, 0.5 / pos, 0.5 / (1 - pos)).astype(np.float32)
+
+
+def fit(
+    model: keras.Model,
+    train: Snapshots,
+    val: Snapshots | None,
+    config: TrainConfig,
+    *,
+    seed: int = 0,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train ``model`` in place on ``train``, early-stopping on ``val`` loss.
+
+    The best epoch's weights (by validation loss) are kept. Without validation rows
+    every epoch runs and the last weights are kept.
+    """
+    started = time.perf_counter()
+    if len(train) == 0:
+        raise ValueError("fit: no training snapshots")
+    num_actions = model_actions(model)
+    x_all, y_all = train.inputs(), targets(train, num_actions)
+    weights = decay_sample_weights(train, config.class_weight)
+    has_val = val is not None and len(val) > 0
+    _reset_optimizer(model)
+    _reset_seeds(model, seed)
+    trainer = _trainer(model, config.proximal_mu)
+    rng = np.random.default_rng(seed)
+    best_loss, best_epoch, best_weights = math.inf, 0, None
+    history: list[dict[str, float]] = []
+    stale = 0
+    for epoch in range(1, config.epochs + 1):
+        perm = rng.permutation(len(train))
+        x = {k: v[perm] for k, v in x_all.items()}
+        y = {k: v[perm] for k, v in y_all.items()}
+        sw = None
+        if weights is not None:
+            sw = {"decay": weights[perm], "interest": np.ones(len(perm), np.float32),
+                  "activation": np.ones(len(perm), np.float32)}
+        out = trainer.fit(x, y, sample_weight=sw, batch_size=config.batch_size, epochs=1,
+                          shuffle=False, verbose=0)
+        row = {"epoch": float(epoch), "loss": float(out.history["loss"][-1])}
+        if has_val:
+            row["val_loss"] = validation_loss(model, val, config.batch_size)
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        log.debug("epoch %d: %s", epoch, row)
+        if not has_val:
+            best_epoch = epoch
+            continue
+        if row["val_loss"] < best_loss - 1e-5:
+            best_loss, best_epoch, stale = row["val_loss"], epoch, 0
+            best_weights = model.get_weights()
+        else:
+            stale += 1
+            if stale > config.patience:
+                break
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    final = history[best_epoch - 1] if best_epoch else history[-1]
+    return FitResult(
+        epochs=len(history),
+        examples=len(train),
+        train_loss=final["loss"],
+        val_loss=final.get("val_loss", float("nan")),
+        best_epoch=best_epoch,
+        seconds=time.perf_counter() - started,
+        history=history,
+    )
+
+
+def validation_loss(model: keras.Model, snaps: Snapshots, batch_size: int = 1024) -> float:
+    """The compiled total loss on ``snaps`` (what early stopping watches)."""
+    num_actions = model_actions(model)
+    out = model.evaluate(snaps.inputs(), targets(snaps, num_actions),
+                         batch_size=max(batch_size, 1024), verbose=0, return_dict=True)
+    return float(out["loss"])
+
+
+def predict(model: keras.Model, snaps: Snapshots, batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """Head outputs: ``decay`` [N], ``interest`` [N], ``activation`` [N, A]."""
+    if len(snaps) == 0:
+        num_actions = model_actions(model)
+        return {"decay": np.zeros(0, np.float32), "interest": np.zeros(0, np.float32),
+                "activation": np.zeros((0, num_actions), np.float32)}
+    out = model.predict(snaps.inputs(), batch_size=batch_size, verbose=0)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def evaluate(
+    model: keras.Model,
+    snaps: Snapshots,
+    *,
+    threshold: float = 0.5,
+    actions: tuple[str, ...] | None = None,
+) -> dict[str, float]:
+    """Decay, interest and activation metrics of ``model`` on ``snaps``."""
+    pred = predict(model, snaps)
+    return score_predictions(pred, snaps, threshold=threshold, actions=actions)
+
+
+def score_predictions(
+    pred: dict[str, np.ndarray],
+    snaps: Snapshots,
+    *,
+    threshold: float = 0.5,
+    actions: tuple[str, ...] | None = None,
+) -> dict[str, float]:
+    """Metrics from predictions already made (shared by every method compared)."""
+    out: dict[str, float] = {}
+    out.update({f"decay_{k}": v for k, v in
+                metrics.decay_metrics(snaps.decay, pred["decay"], threshold=threshold).items()})
+    out.update({f"interest_{k}": v for k, v in
+                metrics.interest_metrics(snaps.interest, pred["interest"]).items()})
+    if actions is not None and (snaps.action >= 0).any():
+        out.update({f"activation_{k}": v for k, v in metrics.activation_metrics(
+            pred["activation"], snaps.action, snaps.activation, actions).items()})
+    return out

@@ -1,0 +1,1 @@
+"""fedecay server package."""

@@ -1,0 +1,374 @@
+"""Tests for common.io: every adapter, every validation error, drop accounting."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from common.io import (
+    FORMATS,
+    LoadReport,
+    detect_format,
+    load_events,
+    validate_events,
+    write_events,
+)
+from common.schema import (
+    DEFAULT_ACTIONS,
+    DEFAULT_CATEGORY,
+    DEFAULT_MERCHANT,
+    EVENT_COLUMNS,
+    EVENT_DTYPE,
+    STRING,
+    DataError,
+)
+
+CJ_DIR = Path(__file__).resolve().parents[2] / "shared/data/completejourney"
+
+T0 = pd.Timestamp("2017-11-25 00:00:00", tz="UTC")  # = unix 1511568000
+T0_S = 1511568000
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def assert_canonical(df: pd.DataFrame) -> None:
+    assert list(df.columns) == list(EVENT_COLUMNS)
+    for col in ("user_id", "item_id", "category_id", "merchant_id"):
+        assert df[col].dtype == STRING, col
+    assert df["timestamp"].dtype == "datetime64[ns, UTC]"
+    assert df["event"].dtype == EVENT_DTYPE
+    assert df["value"].dtype == "float64"
+    assert isinstance(df.index, pd.RangeIndex) and df.index.start == 0
+    assert (df["value"] >= 0).all()
+    order = df.sort_values(["user_id", "timestamp"], kind="stable").index
+    assert list(order) == list(df.index), "not sorted by (user_id, timestamp)"
+
+
+# ------------------------------------------------------------------------- adapters
+
+
+def test_canonical_csv(tmp_path: Path) -> None:
+    path = write(tmp_path / "log.csv", (
+        "user_id,timestamp,event,value,extra\n"
+        "u2,2017-11-25T01:00:00Z, Purchase ,9.5,x\n"
+        "u1,2017-11-25 02:00:00+01:00,VIEW,,y\n"
+        "u1,2017-11-25T00:00:00,cart,0,z\n"
+    ))
+    log = load_events(path)
+    df = log.events
+    assert_canonical(df)
+    assert log.report.format == "canonical"
+    assert df["user_id"].tolist() == ["u1", "u1", "u2"]
+    assert df["event"].tolist() == ["cart", "view", "purchase"]
+    # naive time is UTC; +01:00 is converted
+    assert df["timestamp"].tolist() == [T0, T0 + pd.Timedelta(hours=1),
+                                        T0 + pd.Timedelta(hours=1)]
+    assert df["value"].tolist() == [0.0, 0.0, 9.5]
+    assert set(df["category_id"]) == {DEFAULT_CATEGORY}
+    assert set(df["merchant_id"]) == {DEFAULT_MERCHANT}
+    assert set(df["item_id"]) == {""}
+    assert log.report.filled == {"value": 1}
+    assert log.interventions.empty
+
+
+def test_canonical_parquet_and_write_round_trip(tmp_path: Path) -> None:
+    raw = pd.DataFrame({
+        "user_id": [7, 3, 3],  # integer ids become strings
+        "timestamp": pd.to_datetime(["2017-11-25 03:00", "2017-11-25 02:00",
+                                     "2017-11-25 01:00"]),  # naive -> UTC
+        "event": ["favorite", "click", "purchase"],
+        "item_id": ["a", "b", "c"],
+        "category_id": ["c1", None, "c2"],
+        "merchant_id": ["m1", "m1", "m2"],
+        "value": [0.0, 1.5, 2.0],
+    })
+    src = tmp_path / "log.parquet"
+    raw.to_parquet(src, index=False)
+    log = load_events(src)
+    df = log.events
+    assert_canonical(df)
+    assert df["user_id"].tolist() == ["3", "3", "7"]
+    assert df["event"].tolist() == ["purchase", "click", "favorite"]
+    assert df["timestamp"].iloc[0] == T0 + pd.Timedelta(hours=1)
+    assert df["category_id"].tolist() == ["c2", DEFAULT_CATEGORY, "c1"]
+    assert log.report.filled == {"category_id": 1}
+
+    for name in ("again.parquet", "again.csv", "again.csv.gz"):
+        out = write_events(df, tmp_path / "sub" / name)
+        back = load_events(out).events
+        pd.testing.assert_frame_equal(back, df)
+
+
+def test_taobao(tmp_path: Path) -> None:
+    path = write(tmp_path / "UserBehavior.csv", (
+        f"1,100,10,pv,{T0_S}\n"
+        f"1,100,10,fav,{T0_S + 60}\n"
+        f"2,200,20,cart,{T0_S + 5}\n"
+        f"2,200,20,buy,{T0_S + 10}\n"
+    ))
+    assert detect_format(path) == "taobao"
+    log = load_events(path, format="taobao")
+    df = log.events
+    assert_canonical(df)
+    assert df["event"].tolist() == ["view", "favorite", "cart", "purchase"]
+    assert df["item_id"].tolist() == ["100", "100", "200", "200"]
+    assert df["category_id"].tolist() == ["10", "10", "20", "20"]
+    assert df["timestamp"].tolist() == [T0 + pd.Timedelta(seconds=s) for s in (0, 60, 5, 10)]
+    assert set(df["merchant_id"]) == {DEFAULT_MERCHANT}
+    assert log.report.rows_read == log.report.rows_kept == 4
+
+
+def test_retailrocket(tmp_path: Path) -> None:
+    ms = T0_S * 1000
+    path = write(tmp_path / "events.csv", (
+        "timestamp,visitorid,event,itemid,transactionid\n"
+        f"{ms + 1500},9,view,355,\n"
+        f"{ms},9,addtocart,355,\n"
+        f"{ms + 2000},4,transaction,12,4000\n"
+    ))
+    assert detect_format(path) == "retailrocket"
+    df = load_events(path).events
+    assert_canonical(df)
+    assert df["user_id"].tolist() == ["4", "9", "9"]
+    assert df["event"].tolist() == ["purchase", "cart", "view"]
+    assert df["timestamp"].tolist() == [T0 + pd.Timedelta(milliseconds=m) for m in
+                                        (2000, 0, 1500)]
+    assert set(df["category_id"]) == {DEFAULT_CATEGORY}
+    assert set(df["merchant_id"]) == {DEFAULT_MERCHANT}
+
+
+def test_unix_seconds_vs_milliseconds(tmp_path: Path) -> None:
+    path = write(tmp_path / "mixed.csv", (
+        "user_id,timestamp,event\n"
+        f"a,{T0_S},view\n"
+        f"b,{T0_S * 1000},view\n"
+        f"c,{T0_S}.25,view\n"
+        f"d,{T0_S * 1000 + 7},view\n"
+        "e,120000000000,view\n"  # just above 1e11: milliseconds (1973)
+    ))
+    ts = load_events(path).events.set_index("user_id")["timestamp"]
+    assert ts["a"] == T0 and ts["b"] == T0
+    assert ts["c"] == T0 + pd.Timedelta(milliseconds=250)
+    assert ts["d"] == T0 + pd.Timedelta(milliseconds=7)
+    assert ts["e"] == pd.Timestamp(120_000_000_000, unit="ms", tz="UTC")
+    # 1e11 itself is seconds, which is the year 5138: out of range, reported
+    far = write(tmp_path / "far.csv", "user_id,timestamp,event\na,100000000000,view\n")
+    with pytest.raises(DataError, match=r"far\.csv.*'timestamp'.*data row 1"):
+        load_events(far)
+
+
+# ---------------------------------------------------------------- drops and windows
+
+
+def test_duplicates_and_window_are_counted(tmp_path: Path) -> None:
+    path = write(tmp_path / "log.csv", (
+        "user_id,timestamp,event\n"
+        "a,2017-11-25T00:00:00Z,view\n"
+        "a,2017-11-25T00:00:00Z,view\n"   # duplicate
+        "a,2017-11-25T00:00:00Z,view\n"   # duplicate
+        "a,2017-11-25T00:00:00Z,cart\n"   # differs in event: kept
+        "b,2017-11-24T23:59:59Z,view\n"   # before start
+        "b,2017-11-26T00:00:00Z,view\n"   # == end: excluded
+        "b,2017-11-25T12:00:00Z,view\n"
+    ))
+    log = load_events(path, start="2017-11-25", end=pd.Timestamp("2017-11-26", tz="UTC"),
+                      chunksize=2)
+    rep = log.report
+    assert rep.rows_read == 7
+    assert rep.rows_kept == len(log.events) == 3
+    assert rep.dropped == {"exact duplicate": 2, "outside window": 2}
+    assert rep.rows_read == rep.rows_kept + sum(rep.dropped.values())
+    lines = "\n".join(rep.summary_lines())
+    assert "exact duplicate" in lines and "outside window" in lines and "7 rows read" in lines
+
+
+def test_chunked_equals_whole(tmp_path: Path) -> None:
+    lines = [f"u{i % 3},{T0_S + i},{['view', 'cart', 'purchase'][i % 3]},{i}" for i in range(11)]
+    path = write(tmp_path / "log.csv", "user_id,timestamp,event,value\n" + "\n".join(lines))
+    whole = load_events(path).events
+    chunked = load_events(path, chunksize=3).events
+    pd.testing.assert_frame_equal(whole, chunked)
+    assert len(whole) == 11
+
+
+def test_interventions_file(tmp_path: Path) -> None:
+    events = write(tmp_path / "log.csv", "user_id,timestamp,event\na,2017-11-25,view\n")
+    inter = write(tmp_path / "inter.csv", (
+        "user_id,timestamp,action,propensity\n"
+        "a,2017-11-25,Coupon,0.5\n"
+        "a,2017-11-26,none,\n"
+        "b,2017-11-27,none,\n"
+        "b,2017-11-28,push,\n"
+        "b,2019-01-01,push,\n"  # outside window
+    ))
+    log = load_events(events, interventions_path=inter, end="2018-01-01")
+    df = log.interventions
+    assert df["action"].dtype == pd.CategoricalDtype(list(DEFAULT_ACTIONS))
+    assert df["timestamp"].dtype == "datetime64[ns, UTC]"
+    assert df["user_id"].dtype == STRING and df["merchant_id"].dtype == STRING
+    # NaN propensity -> observed share of that action among the 4 kept rows
+    assert df["propensity"].tolist() == [0.5, 0.5, 0.5, 0.25]
+    assert log.report.interventions_dropped == {"outside window": 1}
+
+    bad = write(tmp_path / "bad_inter.csv", "user_id,timestamp,action\na,2017-11-25,email\n")
+    with pytest.raises(DataError, match=r"bad_inter\.csv.*'action'.*'email'.*coupon"):
+        load_events(events, interventions_path=bad)
+
+
+# ----------------------------------------------------------------------- validation
+
+BAD_FILES = {
+    "missing column": ("user_id,timestamp,value\na,2017-11-25,1\n",
+                       [r"'event'", r"missing required column"]),
+    "unparsable timestamp": ("user_id,timestamp,event\na,2017-11-25,view\nb,yesterday,view\n",
+                             [r"'timestamp'", r"data row 2", r"'yesterday'", r"ISO-8601"]),
+    "unknown event": ("user_id,timestamp,event\na,2017-11-25,view\na,2017-11-25,like\n",
+                      [r"'event'", r"data row 2", r"'like'",
+                       r"view, click, cart, favorite, purchase"]),
+    "negative value": ("user_id,timestamp,event,value\na,2017-11-25,view,1\n"
+                       "a,2017-11-26,view,2\na,2017-11-27,purchase,-3.5\n",
+                       [r"'value'", r"data row 3", r"'-3.5'", r">= 0"]),
+    "non-numeric value": ("user_id,timestamp,event,value\na,2017-11-25,view,lots\n",
+                          [r"'value'", r"data row 1", r"'lots'", r"number"]),
+    "missing user": ("user_id,timestamp,event\n,2017-11-25,view\n",
+                     [r"'user_id'", r"data row 1"]),
+    "empty file": ("", [r"empty file"]),
+    "header only": ("user_id,timestamp,event\n", [r"no data rows"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_validation_errors_name_file_column_and_row(tmp_path: Path, case: str) -> None:
+    text, patterns = BAD_FILES[case]
+    path = write(tmp_path / f"bad_{case.replace(' ', '_')}.csv", text)
+    with pytest.raises(DataError) as info:
+        load_events(path, format="canonical")
+    message = str(info.value)
+    assert path.name in message
+    for pattern in patterns:
+        assert re.search(pattern, message), (pattern, message)
+
+
+def test_error_row_numbers_count_across_chunks(tmp_path: Path) -> None:
+    rows = [f"a,{T0_S + i},view" for i in range(6)] + ["a,not-a-time,view"]
+    path = write(tmp_path / "late.csv", "user_id,timestamp,event\n" + "\n".join(rows))
+    with pytest.raises(DataError, match=r"late\.csv.*data row 7 \('not-a-time'\)"):
+        load_events(path, chunksize=2)
+
+
+def test_wrong_format_is_reported(tmp_path: Path) -> None:
+    rr = write(tmp_path / "events.csv",
+               "timestamp,visitorid,event,itemid,transactionid\n1433221332117,257597,view,355908,\n")
+    with pytest.raises(DataError, match=r"events\.csv.*'taobao'.*looks like retailrocket"):
+        load_events(rr, format="taobao")
+    taobao = write(tmp_path / "ub.csv", f"1,2,3,pv,{T0_S}\n")
+    with pytest.raises(DataError, match=r"ub\.csv.*'canonical'.*looks like taobao"):
+        load_events(taobao, format="canonical")
+    # header of unknown shape read as taobao: the behaviour column does not match
+    odd = write(tmp_path / "odd.csv", f"1,2,3,click,{T0_S}\n")
+    with pytest.raises(DataError, match=r"odd\.csv.*'event'.*pv, cart, fav, buy"):
+        load_events(odd, format="taobao")
+    # a RetailRocket file missing a column
+    short = write(tmp_path / "rr_short.csv", "timestamp,visitorid,event\n1433221332117,1,view\n")
+    with pytest.raises(DataError, match=r"rr_short\.csv.*'itemid'"):
+        load_events(short)
+
+
+def test_detect_format_lists_formats_when_nothing_fits(tmp_path: Path) -> None:
+    path = write(tmp_path / "mystery.csv", "a,b\n1,2\n")
+    with pytest.raises(DataError) as info:
+        detect_format(path)
+    assert "mystery.csv" in str(info.value)
+    assert all(name in str(info.value) for name in FORMATS)
+    with pytest.raises(DataError, match="completejourney"):
+        detect_format(tmp_path)  # a folder without transactions
+    with pytest.raises(FileNotFoundError):
+        detect_format(tmp_path / "absent.csv")
+
+
+def test_validate_events_on_a_frame() -> None:
+    raw = pd.DataFrame({"User_ID": ["x"], "timestamp": [T0_S * 1000], "event": ["CART"],
+                        "value": [None]})
+    df = validate_events(raw, "frame")
+    assert df["timestamp"].tolist() == [T0]
+    assert df["event"].tolist() == ["cart"]
+    assert df["value"].tolist() == [0.0]
+    with pytest.raises(DataError, match=r"frame: column 'value'.*negative"):
+        validate_events(raw.assign(value=[-1.0]), "frame")
+
+
+def test_report_summary() -> None:
+    rep = LoadReport(path="f.csv", format="taobao", rows_read=10, rows_kept=7,
+                     dropped={"exact duplicate": 3})
+    assert rep.summary_lines() == ["f.csv (taobao): 10 rows read, 7 kept",
+                                   "  dropped 3 rows: exact duplicate"]
+
+
+# ---------------------------------------------------------------- Complete Journey
+
+
+def test_completejourney_folder() -> None:
+    if not (CJ_DIR / "transactions_sample.csv").is_file():
+        pytest.skip(f"{CJ_DIR} is absent")
+    assert detect_format(CJ_DIR) == "completejourney"
+    log = load_events(CJ_DIR)
+    df, rep = log.events, log.report
+    assert_canonical(df)
+    assert rep.format == "completejourney"
+    assert rep.rows_read == 75_000
+    assert rep.rows_read == rep.rows_kept + sum(rep.dropped.values())
+    assert len(df) > 70_000
+    assert df["merchant_id"].nunique() > 50
+    assert set(df["event"].unique()) == {"purchase"}
+    assert (df["value"] >= 0).all()
+    assert df["category_id"].nunique() > 100
+    assert df["timestamp"].between(pd.Timestamp("2017-01-01", tz="UTC"),
+                                   pd.Timestamp("2018-01-02", tz="UTC")).all()
+    inter = log.interventions
+    assert len(inter) > 1000
+    assert set(inter["action"].unique()) == {"coupon"}
+    assert inter["propensity"].between(0, 1, inclusive="right").all()
+    assert inter["merchant_id"].isin(set(df["merchant_id"])).all()
+    # the transactions file itself is accepted too, and a window is applied
+    june = load_events(CJ_DIR / "transactions_sample.csv", start="2017-06-01",
+                       end="2017-07-01")
+    assert 0 < june.report.rows_kept < rep.rows_kept
+    assert june.report.dropped["outside window"] == rep.rows_kept - june.report.rows_kept
+
+
+def test_completejourney_returns_are_dropped_and_counted(tmp_path: Path) -> None:
+    write(tmp_path / "transactions_sample.csv", (
+        "household_id,store_id,basket_id,product_id,quantity,sales_value,retail_disc,"
+        "coupon_disc,coupon_match_disc,week,transaction_timestamp\n"
+        "1,10,b1,100,1,2.5,0,0,0,1,2017-01-02 10:00:00\n"
+        "1,10,b2,101,1,-2.5,0,0,0,1,2017-01-03 10:00:00\n"
+        "1,11,b3,100,1,1.0,0,0,0,1,2017-01-04 10:00:00\n"
+        "2,11,b4,999,1,4.0,0,0,0,1,2017-01-05 10:00:00\n"
+    ))
+    write(tmp_path / "products.csv", (
+        "product_id,manufacturer_id,department,brand,product_category,product_type,"
+        "package_size\n100,1,GROCERY,X,MILK,,\n101,1,DRUG GM,X,,,\n"
+    ))
+    write(tmp_path / "campaigns.csv", "campaign_id,household_id\n1,1\n1,3\n")
+    write(tmp_path / "campaign_descriptions.csv",
+          "campaign_id,campaign_type,start_date,end_date\n1,Type A,2017-01-03,2017-02-01\n")
+    log = load_events(tmp_path)
+    df = log.events
+    assert log.report.dropped == {"return (negative sales_value)": 1}
+    assert df["user_id"].tolist() == ["1", "1", "2"]
+    assert df["category_id"].tolist() == ["MILK", "MILK", DEFAULT_CATEGORY]
+    assert df["merchant_id"].tolist() == ["10", "11", "11"]
+    assert df["timestamp"].iloc[0] == pd.Timestamp("2017-01-02 10:00", tz="UTC")
+    inter = log.interventions
+    # household 3 has no transactions: dropped and counted; 2 of 3 households targeted
+    assert inter["user_id"].tolist() == ["1"]
+    assert inter["merchant_id"].tolist() == ["10"]  # tie 10/11 -> smallest id
+    assert inter["propensity"].tolist() == pytest.approx([2 / 3])
+    assert inter["timestamp"].tolist() == [pd.Timestamp("2017-01-03", tz="UTC")]
+    assert log.report.interventions_dropped == {"household without kept transactions": 1}
