@@ -40,6 +40,21 @@ def masked_activation_loss(y_true, y_pred):
     return ops.sum(bce * mask) / ops.maximum(ops.sum(mask), 1.0) * ops.ones_like(y_pred[:, 0])
 
 
+@keras.saving.register_keras_serializable(package="fedecay")
+class StepMask(layers.Layer):
+    """True at real steps (event id > 0), False at padding.
+
+    Concatenating the embeddings with the unmasked numeric input drops Keras' implicit
+    mask, so the LSTM gets this one explicitly.
+    """
+
+    def call(self, event_ids):
+        return ops.not_equal(event_ids, 0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 def build_model(config: ModelConfig, snapshots: SnapshotConfig, seed: int = 0) -> keras.Model:
     """Build and compile the decay/activation LSTM.
 
@@ -71,7 +86,9 @@ def build_model(config: ModelConfig, snapshots: SnapshotConfig, seed: int = 0) -
         config.lstm_units, name="lstm", kernel_initializer=glorot(),
         recurrent_initializer=keras.initializers.Orthogonal(seed=next(seeds)),
     )
-    seq = layers.Bidirectional(lstm, name="bilstm")(steps) if config.bidirectional else lstm(steps)
+    mask = StepMask(name="step_mask")(events_in)
+    seq = (layers.Bidirectional(lstm, name="bilstm")(steps, mask=mask) if config.bidirectional
+           else lstm(steps, mask=mask))
     agg = layers.Dense(config.dense_units // 2 or 1, activation="relu", name="static_dense",
                        kernel_initializer=glorot())(static_in)
     trunk = layers.Concatenate(name="trunk_in")([seq, agg])

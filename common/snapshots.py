@@ -187,20 +187,13 @@ class _Log:
 def _prepare(events: pd.DataFrame, config: SnapshotConfig) -> _Log:
     if len(events) == 0:
         raise DataError("no events to build snapshots from")
-    merchant = (
-        events["merchant_id"].astype(str).to_numpy(dtype=object)
-        if "merchant_id" in events else np.full(len(events), "local", dtype=object)
-    )
-    users = events["user_id"].astype(str).to_numpy(dtype=object)
-    pair = pd.MultiIndex.from_arrays([merchant, users])
-    user_code, uniques = pd.factorize(pair, sort=True)
     ts = pd.DatetimeIndex(events["timestamp"])
     t0 = _utc(config.start) if config.start else ts.min().floor("D")
     seconds = (ts - t0).total_seconds().to_numpy(dtype=np.float64)
     t_end = (_utc(config.end) - t0).total_seconds() if config.end else float(seconds.max())
     if config.start or config.end:
         # Events outside the shared calendar are not part of this federation's period.
-        inside = (seconds >= 0) & (seconds < t_end)
+        inside = (seconds >= 0) & (seconds <= t_end)
         if not inside.all():
             log.info("%d events outside the calendar %s .. %s left out",
                      int((~inside).sum()), config.start or "-", config.end or "-")
@@ -208,6 +201,13 @@ def _prepare(events: pd.DataFrame, config: SnapshotConfig) -> _Log:
             ts, seconds = ts[inside], seconds[inside]
         if len(events) == 0:
             raise DataError(f"no events inside the calendar {config.start} .. {config.end}")
+    merchant = (
+        events["merchant_id"].astype(str).to_numpy(dtype=object)
+        if "merchant_id" in events else np.full(len(events), "local", dtype=object)
+    )
+    users = events["user_id"].astype(str).to_numpy(dtype=object)
+    pair = pd.MultiIndex.from_arrays([merchant, users])
+    user_code, uniques = pd.factorize(pair, sort=True)
     span = int(np.ceil(max(seconds.max(), t_end))) + int(label_window(config) * 4) + 10 * int(DAY)
     key = user_code.astype(np.int64) * span + np.floor(seconds).astype(np.int64)
     order = np.argsort(key, kind="stable")
@@ -318,7 +318,7 @@ def _features_at(lg: _Log, at: float, config: SnapshotConfig) -> _Features:
     rows = np.repeat(np.arange(n_active), end - begin)
     win = _ranges(begin, end)
     counts = np.bincount(rows * len(EVENT_TYPES) + lg.event[win],
-                         minlength=n_active * len(EVENT_TYPES)).reshape(n_active, -1)
+                         minlength=n_active * len(EVENT_TYPES)).reshape(n_active, len(EVENT_TYPES))
     value_sum = np.bincount(rows, weights=lg.value[win], minlength=n_active)
     pairs = np.unique(rows.astype(np.int64) * (len(lg.cat_names) + 1) + lg.cat_code[win])
     n_cats = np.bincount(pairs // (len(lg.cat_names) + 1), minlength=n_active)

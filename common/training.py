@@ -153,19 +153,20 @@ def fit(
     best_loss, best_epoch, best_weights = math.inf, 0, None
     history: list[dict[str, float]] = []
     stale = 0
+    base_weights = weights if weights is not None else np.ones(len(train), np.float32)
     for epoch in range(1, config.epochs + 1):
-        perm = rng.permutation(len(train))
-        x = {k: v[perm] for k, v in x_all.items()}
-        y = {k: v[perm] for k, v in y_all.items()}
-        sw = None
-        if weights is not None:
-            sw = {"decay": weights[perm], "interest": np.ones(len(perm), np.float32),
-                  "activation": np.ones(len(perm), np.float32)}
+        idx, live = _padded_order(rng.permutation(len(train)), config.batch_size, rng)
+        x = {k: v[idx] for k, v in x_all.items()}
+        y = {k: v[idx] for k, v in y_all.items()}
+        y["activation"][~live] = -1.0
+        w = np.where(live, base_weights[idx], 0.0).astype(np.float32)
+        real = live.astype(np.float32)
+        sw = {"decay": w, "interest": real, "activation": real}
         out = trainer.fit(x, y, sample_weight=sw, batch_size=config.batch_size, epochs=1,
                           shuffle=False, verbose=0)
         row = {"epoch": float(epoch), "loss": float(out.history["loss"][-1])}
         if has_val:
-            row["val_loss"] = validation_loss(model, val, config.batch_size)
+            row["val_loss"] = validation_loss(model, val)
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch, row)
@@ -194,22 +195,52 @@ def fit(
     )
 
 
-def validation_loss(model: keras.Model, snaps: Snapshots, batch_size: int = 1024) -> float:
-    """The compiled total loss on ``snaps`` (what early stopping watches)."""
+def _padded_order(order: np.ndarray, batch: int, rng: np.random.Generator | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Row order padded to a whole number of batches, and which rows are real.
+
+    Every batch then has the same shape, so the XLA-compiled step is compiled once per
+    process instead of once per remainder size (seconds each). Padding rows repeat real
+    rows and get zero weight.
+    """
+    pad = (-len(order)) % batch
+    if pad == 0:
+        return order, np.ones(len(order), dtype=bool)
+    extra = rng.choice(order, pad) if rng is not None else np.resize(order, pad)
+    live = np.concatenate([np.ones(len(order), bool), np.zeros(pad, bool)])
+    return np.concatenate([order, extra]), live
+
+
+EVAL_BATCH = 1024
+
+
+def validation_loss(model: keras.Model, snaps: Snapshots) -> float:
+    """The compiled total loss on ``snaps`` (what early stopping watches).
+
+    Padding rows have zero weight; Keras averages over whole batches, so the value is
+    scaled by the real share of rows, a constant for a given set.
+    """
     num_actions = model_actions(model)
-    out = model.evaluate(snaps.inputs(), targets(snaps, num_actions),
-                         batch_size=max(batch_size, 1024), verbose=0, return_dict=True)
-    return float(out["loss"])
+    idx, live = _padded_order(np.arange(len(snaps)), EVAL_BATCH)
+    x = {k: v[idx] for k, v in snaps.inputs().items()}
+    y = {k: v[idx] for k, v in targets(snaps, num_actions).items()}
+    y["activation"][~live] = -1.0
+    w = live.astype(np.float32)
+    out = model.evaluate(x, y, sample_weight={"decay": w, "interest": w, "activation": w},
+                         batch_size=EVAL_BATCH, verbose=0, return_dict=True)
+    return float(out["loss"]) * len(idx) / max(len(snaps), 1)
 
 
-def predict(model: keras.Model, snaps: Snapshots, batch_size: int = 4096) -> dict[str, np.ndarray]:
+def predict(model: keras.Model, snaps: Snapshots) -> dict[str, np.ndarray]:
     """Head outputs: ``decay`` [N], ``interest`` [N], ``activation`` [N, A]."""
     if len(snaps) == 0:
         num_actions = model_actions(model)
         return {"decay": np.zeros(0, np.float32), "interest": np.zeros(0, np.float32),
                 "activation": np.zeros((0, num_actions), np.float32)}
-    out = model.predict(snaps.inputs(), batch_size=batch_size, verbose=0)
-    return {k: np.asarray(v) for k, v in out.items()}
+    idx, _ = _padded_order(np.arange(len(snaps)), EVAL_BATCH)
+    x = {k: v[idx] for k, v in snaps.inputs().items()}
+    out = model.predict(x, batch_size=EVAL_BATCH, verbose=0)
+    return {k: np.asarray(v)[: len(snaps)] for k, v in out.items()}
 
 
 def evaluate(

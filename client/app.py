@@ -1,0 +1,202 @@
+"""The merchant's ClientApp: trains the shared model on its own snapshots only.
+
+The merchant's data comes from the node configuration: ``data-path`` (and optional
+``format``, ``interventions-path``) in deployment, ``partition-id`` in simulation,
+where the shard is ``<client.shard-dir>/<partition-id>.parquet``. Snapshots and the
+compiled model are built once per process; each message only sets weights.
+
+A reply carries the model's weight tensors and a whitelist of scalar metrics, never
+ids or rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.config import ClientConfig
+from common.config import ModelConfig, SnapshotConfig, TrainConfig, from_flat
+from common.schema import DataError
+from common.snapshots import Snapshots, build_snapshots
+
+log = logging.getLogger(__name__)
+
+#: Metric names a client may send; anything else is a defect (see the egress tests).
+TRAIN_METRICS: tuple[str, ...] = ("num-examples", "train_loss", "val_loss", "epochs",
+                                  "fit_seconds")
+EVALUATE_METRICS: tuple[str, ...] = ("num-examples", "eval_loss", "decay_log_loss",
+                                     "decay_accuracy", "decay_positive_rate")
+#: Error code of a reply whose merchant data could not be used.
+DATA_ERROR = 100
+#: Error code of a simulated dropout.
+SIMULATED_DROPOUT = 101
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSettings:
+    snapshots: SnapshotConfig
+    model: ModelConfig
+    train: TrainConfig
+    client: ClientConfig
+    seed: int
+
+
+def settings_from_flat(flat: Mapping[str, Any]) -> ClientSettings:
+    return ClientSettings(
+        snapshots=from_flat(SnapshotConfig, flat, "snapshots"),
+        model=from_flat(ModelConfig, flat, "model"),
+        train=from_flat(TrainConfig, flat, "train"),
+        client=from_flat(ClientConfig, flat, "client"),
+        seed=int(flat.get("experiment.seed", 0)),
+    )
+
+
+def shard_location(node_config: Mapping[str, Any], client: ClientConfig
+                   ) -> tuple[str, str, str | None]:
+    """(events path, format, interventions path) of this node's merchant."""
+    if "data-path" in node_config:
+        path = str(node_config["data-path"])
+        fmt = str(node_config.get("format", "auto"))
+        inter = node_config.get("interventions-path")
+        return path, fmt, str(inter) if inter else None
+    if "partition-id" in node_config:
+        if not client.shard_dir:
+            raise DataError("simulation node without 'client.shard-dir' in the run config")
+        base = Path(client.shard_dir) / f"{int(node_config['partition-id']):05d}"
+        inter = base.with_name(base.name + "-interventions.parquet")
+        return str(base.with_suffix(".parquet")), "canonical", \
+            str(inter) if inter.exists() else None
+    raise DataError("node config has neither 'data-path' (deployment) nor 'partition-id' "
+                    "(simulation)")
+
+
+@functools.lru_cache(maxsize=64)
+def load_shard(path: str, fmt: str, interventions: str | None,
+               config: SnapshotConfig) -> Snapshots:
+    """Validate the merchant's file and build its snapshots, once per process."""
+    from common.io import load_events
+
+    loaded = load_events(path, fmt, interventions_path=interventions)
+    snaps, report = build_snapshots(loaded.events, config, loaded.interventions)
+    for line in report.summary_lines():
+        log.info("%s: %s", Path(path).name, line.strip())
+    return snaps
+
+
+def _error_reply(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _simulated_fault(settings: ClientSettings, node_config: Mapping[str, Any],
+                     server_round: int) -> str | None:
+    """Seeded dropout / straggler behaviour of simulated clients."""
+    cfg = settings.client
+    if "partition-id" not in node_config or (cfg.dropout_prob == 0 and cfg.straggler_prob == 0):
+        return None
+    pid = int(node_config["partition-id"])
+    rng = np.random.default_rng([settings.seed, server_round, pid])
+    if rng.random() < cfg.dropout_prob:
+        return f"simulated dropout of partition {pid} in round {server_round}"
+    if rng.random() < cfg.straggler_prob:
+        time.sleep(cfg.straggler_delay)
+    return None
+
+
+def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp reading its settings from ``flat`` or, if None, the run config.
+
+    ``run_simulation`` hands apps an empty run config, so simulations driven from
+    Python pass the resolved settings explicitly.
+    """
+    app = ClientApp()
+
+    def _context(msg: Message, context: Context) -> tuple[ClientSettings, Snapshots]:
+        settings = _settings(flat if flat is not None else context.run_config)
+        path, fmt, inter = shard_location(context.node_config, settings.client)
+        return settings, load_shard(path, fmt, inter, settings.snapshots)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from common.model import cached_model
+        from common.training import fit
+
+        try:
+            settings, snaps = _context(msg, context)
+        except (DataError, ValueError, FileNotFoundError) as err:
+            log.error("merchant data rejected: %s", err)
+            return _error_reply(msg, DATA_ERROR, f"merchant data rejected: {err}")
+        config = msg.content["config"]
+        server_round = int(config.get("server-round", 0))
+        fault = _simulated_fault(settings, context.node_config, server_round)
+        if fault:
+            return _error_reply(msg, SIMULATED_DROPOUT, fault)
+        train_rows, val_rows = snaps.split_part("train"), snaps.split_part("val")
+        if len(train_rows) == 0:
+            return _error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
+        model = cached_model(settings.model, settings.snapshots, settings.seed)
+        model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
+        train_cfg = dataclasses.replace(
+            settings.train,
+            epochs=int(config.get("local-epochs", settings.train.epochs)),
+            proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)),
+        )
+        result = fit(model, train_rows, val_rows, train_cfg,
+                     seed=settings.seed * 100_003 + server_round)
+        metrics = {"num-examples": len(train_rows), **result.as_metrics()}
+        metrics = {k: float(v) if np.isfinite(v) else -1.0 for k, v in metrics.items()}
+        metrics["num-examples"] = int(len(train_rows))
+        reply = RecordDict({"arrays": ArrayRecord(model.get_weights()),
+                            "metrics": MetricRecord(metrics)})
+        return Message(reply, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        from common.model import cached_model
+        from common.training import predict, validation_loss
+
+        try:
+            settings, snaps = _context(msg, context)
+        except (DataError, ValueError, FileNotFoundError) as err:
+            return _error_reply(msg, DATA_ERROR, f"merchant data rejected: {err}")
+        test = snaps.split_part("test")
+        if len(test) == 0:
+            return _error_reply(msg, DATA_ERROR, "no held-out snapshots in this merchant's data")
+        model = cached_model(settings.model, settings.snapshots, settings.seed)
+        model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
+        p = np.clip(predict(model, test)["decay"], 1e-7, 1 - 1e-7)
+        y = test.decay
+        metrics = {
+            "num-examples": int(len(test)),
+            "eval_loss": validation_loss(model, test),
+            "decay_log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
+            "decay_accuracy": float(np.mean((p >= 0.5) == (y > 0.5))),
+            "decay_positive_rate": float(y.mean()),
+        }
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+@functools.lru_cache(maxsize=8)
+def _settings_cached(items: tuple[tuple[str, Any], ...]) -> ClientSettings:
+    return settings_from_flat(dict(items))
+
+
+def _settings(flat: Mapping[str, Any]) -> ClientSettings:
+    return _settings_cached(tuple(sorted((k, _hashable(v)) for k, v in flat.items())))
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+app = make_client_app()

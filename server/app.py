@@ -1,0 +1,228 @@
+"""The ServerApp: rounds of the configured strategy, evaluation, checkpoints, resume.
+
+Every round the global model is evaluated on the pooled held-out data (simulation)
+through ``evaluate_fn``; the validation loss selects the model that is kept, and a
+round's line goes to ``metrics.jsonl``. Checkpoints hold the global weights, the
+server optimizer state and the round count, so ``federation.resume`` continues a
+killed run where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ModelConfig, SnapshotConfig, TrainConfig, from_flat
+from common.snapshots import Snapshots
+from server.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_strategy_state,
+    save_checkpoint,
+    strategy_state,
+)
+from server.config import FederationConfig
+from server.strategy import build_strategy
+
+log = logging.getLogger(__name__)
+
+#: Centralised metrics written per round (decay on test; losses on validation).
+ROUND_METRICS: tuple[str, ...] = ("decay_roc_auc", "decay_pr_auc", "decay_log_loss",
+                                  "interest_mae", "interest_rmse")
+
+
+class _Stop(Exception):
+    """Raised from evaluate_fn when validation loss stopped improving."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    federation: FederationConfig
+    model: ModelConfig
+    snapshots: SnapshotConfig
+    train: TrainConfig
+    seed: int
+
+
+def settings_from_flat(flat: Mapping[str, Any]) -> ServerSettings:
+    return ServerSettings(
+        federation=from_flat(FederationConfig, flat, "federation"),
+        model=from_flat(ModelConfig, flat, "model"),
+        snapshots=from_flat(SnapshotConfig, flat, "snapshots"),
+        train=from_flat(TrainConfig, flat, "train"),
+        seed=int(flat.get("experiment.seed", 0)),
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def load_eval_data(path: str) -> tuple[Snapshots, Snapshots]:
+    """Validation and test snapshots for the server's evaluation, loaded once."""
+    snaps = Snapshots.load(path)
+    return snaps.split_part("val"), snaps.split_part("test")
+
+
+@dataclasses.dataclass
+class _Selection:
+    """Best round so far by validation loss."""
+
+    round: int = -1
+    val_loss: float = math.inf
+    weights: list[np.ndarray] | None = None
+    stale: int = 0
+
+
+def run_federation(grid: Grid, settings: ServerSettings,
+                   progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the rounds; write checkpoints, ``metrics.jsonl`` and ``model.keras``."""
+    from common.model import build_model, save_model
+    from common.training import predict, score_predictions, validation_loss
+
+    fed = settings.federation
+    if not fed.run_dir:
+        raise ValueError("config key 'federation.run-dir' must name the run folder")
+    run_dir = Path(fed.run_dir).resolve()
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(settings.model, settings.snapshots, seed=settings.seed)
+    strategy = build_strategy(fed, settings.seed)
+    selection = _Selection()
+    done = 0
+    arrays = ArrayRecord(model.get_weights())
+    if fed.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
+        state = load_checkpoint(found)
+        done = int(state["round"])
+        arrays = ArrayRecord([np.asarray(a) for a in state["weights"]])
+        restore_strategy_state(strategy, state["strategy"])
+        selection = _Selection(**state["selection"])
+        log.info("resuming from %s: %d rounds done", found.name, done)
+    elif fed.resume:
+        log.info("resume asked but no checkpoint in %s: starting at round 1", ckpt_dir)
+    strategy.round_offset = done
+    remaining = fed.num_rounds - done
+    eval_sets = load_eval_data(fed.eval_data) if fed.eval_data else None
+    metrics_path = run_dir / "metrics.jsonl"
+    started = time.perf_counter()
+    last = {"time": started}
+
+    def evaluate_fn(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
+        g = server_round + done
+        if server_round == 0 and done > 0:
+            return None  # this round was evaluated before the restart
+        weights = global_arrays.to_numpy_ndarrays()
+        model.set_weights(weights)
+        line: dict[str, Any] = {"round": g}
+        record: dict[str, float] = {}
+        if eval_sets is not None:
+            val, test = eval_sets
+            val_loss = validation_loss(model, val) if len(val) else float("nan")
+            scores = score_predictions(predict(model, test), test)
+            record = {k: float(scores[k]) for k in ROUND_METRICS if k in scores}
+            record["val_loss"] = val_loss
+            if val_loss < selection.val_loss - 1e-6:
+                selection.round, selection.val_loss = g, val_loss
+                selection.weights, selection.stale = weights, 0
+            elif g > 0:
+                selection.stale += 1
+        stats = strategy.stats.get(g)
+        now = time.perf_counter()
+        line.update({
+            "centralised": record,
+            "round_seconds": now - last["time"],
+            "wall_seconds": now - started,
+        })
+        last["time"] = now
+        if stats is not None:
+            line.update({"sampled": stats.sampled, "replied": stats.replied,
+                         "failed": stats.failed, "rejected": stats.rejected,
+                         "bytes_down": stats.bytes_down, "bytes_up": stats.bytes_up,
+                         "train": stats.train, "client_eval": stats.client_eval,
+                         "failures": stats.failures[:20]})
+        _append_jsonl(metrics_path, line)
+        save_checkpoint(ckpt_dir, g, {
+            "weights": weights, "strategy": strategy_state(strategy),
+            "selection": dataclasses.asdict(selection)}, keep=fed.keep_checkpoints)
+        if progress is not None:
+            progress(line)
+        else:
+            _log_round(line, fed.num_rounds)
+        if fed.patience_rounds and selection.stale >= fed.patience_rounds:
+            log.info("validation loss has not improved for %d rounds: stopping after round %d",
+                     selection.stale, g)
+            raise _Stop
+        return MetricRecord({k: v for k, v in record.items() if math.isfinite(v)}) \
+            if record else None
+
+    stopped_early = False
+    final = arrays
+    if remaining > 0:
+        train_config = ConfigRecord({"local-epochs": fed.local_epochs})
+        try:
+            result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining,
+                                    timeout=fed.round_timeout, train_config=train_config,
+                                    evaluate_fn=evaluate_fn)
+            final = result.arrays if result.arrays is not None else arrays
+        except _Stop:
+            stopped_early = True
+            final = ArrayRecord(model.get_weights())
+    chosen = selection.weights if selection.weights is not None else final.to_numpy_ndarrays()
+    model.set_weights(chosen)
+    save_model(model, run_dir / "model.keras")
+    np.savez(run_dir / "final_weights.npz", *final.to_numpy_ndarrays())
+    summary = {
+        "rounds": fed.num_rounds, "resumed_from": done, "stopped_early": stopped_early,
+        "selected_round": selection.round, "selected_val_loss": selection.val_loss,
+        "empty_rounds": strategy.empty_rounds, "seconds": time.perf_counter() - started,
+        "strategy": fed.strategy,
+    }
+    (run_dir / "federation.json").write_text(json.dumps(summary, indent=2, default=str))
+    log.info("federation finished: %s", summary)
+    return summary
+
+
+def _append_jsonl(path: Path, line: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(line, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+def _log_round(line: dict[str, Any], total: int) -> None:
+    auc = line.get("centralised", {}).get("decay_roc_auc")
+    auc_text = f", global decay AUC {auc:.4f}" if auc is not None else ""
+    log.info("round %d/%d: %s/%s clients replied%s (%.1f s)", line["round"], total,
+             line.get("replied", "-"), line.get("sampled", "-"), auc_text, line["round_seconds"])
+
+
+def make_server_app(flat: Mapping[str, Any] | None = None,
+                    prepare: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+                    progress: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+    """A ServerApp with settings from ``flat`` or, if None, the run config.
+
+    ``prepare`` may complete the run config before the rounds start (the simulation
+    layer uses it to write merchant shards and evaluation data).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = dict(flat if flat is not None else context.run_config)
+        if prepare is not None:
+            config = dict(prepare(config))
+        run_federation(grid, settings_from_flat(config), progress=progress)
+
+    return app

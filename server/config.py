@@ -1,0 +1,49 @@
+"""Federation settings (section ``federation``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from common.config import _check
+
+STRATEGIES: tuple[str, ...] = (
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    """How the server runs rounds."""
+
+    strategy: str = "fedavg"
+    num_rounds: int = 5
+    local_epochs: int = 1
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 0.0
+    min_available_nodes: int = 2
+    proximal_mu: float = 0.01  # FedProx only
+    server_learning_rate: float = 0.01  # FedAdam / FedYogi
+    server_momentum: float = 0.9  # FedAvgM
+    trim_beta: float = 0.1  # FedTrimmedAvg
+    num_malicious: int = 0  # Krum
+    round_timeout: float = 600.0
+    patience_rounds: int = 0  # stop when validation loss has not improved for this many rounds
+    resume: bool = False
+    run_dir: str = ""  # where checkpoints, metrics.jsonl and model.keras go (absolute)
+    eval_data: str = ""  # simulation: pooled validation + test snapshots (.npz) for evaluate_fn
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in STRATEGIES, "federation.strategy",
+               f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        _check(self.num_rounds >= 1, "federation.num-rounds", "must be >= 1")
+        _check(self.local_epochs >= 1, "federation.local-epochs", "must be >= 1")
+        _check(0 < self.fraction_train <= 1, "federation.fraction-train", "must be in (0, 1]")
+        _check(0 <= self.fraction_evaluate <= 1, "federation.fraction-evaluate",
+               "must be in [0, 1]")
+        _check(self.min_train_nodes >= 1, "federation.min-train-nodes", "must be >= 1")
+        _check(self.min_available_nodes >= 1, "federation.min-available-nodes", "must be >= 1")
+        _check(self.round_timeout > 0, "federation.round-timeout", "must be > 0")
+        _check(0 <= self.trim_beta < 0.5, "federation.trim-beta", "must be in [0, 0.5)")
+        _check(self.patience_rounds >= 0, "federation.patience-rounds", "must be >= 0")

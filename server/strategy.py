@@ -1,0 +1,196 @@
+"""Flower strategies with the checks a federation of merchants needs.
+
+``build_strategy`` picks FedAvg, FedProx, FedAdam, FedYogi, FedAvgM, FedTrimmedAvg,
+FedMedian or Krum from ``flwr.serverapp.strategy`` and adds, through hooks rather
+than a copy of ``start``:
+
+- seeded node sampling (node ids sorted, ``random`` seeded per global round);
+- rejection of replies whose weights are non-finite or do not match the global
+  model's shapes, logged by node, before anything is averaged;
+- replies sorted by content so the float sum is the same whatever order they came in;
+- per-round bookkeeping: sampled / replied / failed / rejected nodes, bytes each way,
+  rounds where no client replied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategy
+
+from server.config import FederationConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RoundStats:
+    """What happened in one round, for ``metrics.jsonl``."""
+
+    sampled: int = 0
+    replied: int = 0
+    failed: int = 0
+    rejected: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
+    client_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    train: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class _SortedGrid:
+    """A Grid whose node ids come sorted, so seeded sampling does not depend on order."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def array_bytes(record: ArrayRecord) -> int:
+    return int(sum(len(a.data) for a in record.values()))
+
+
+def check_reply_arrays(reply: ArrayRecord, reference: list[np.ndarray]) -> str | None:
+    """Why a reply's weights cannot be averaged in, or None when they can."""
+    arrays = reply.to_numpy_ndarrays()
+    if len(arrays) != len(reference):
+        return f"{len(arrays)} weight tensors, expected {len(reference)}"
+    for i, (a, ref) in enumerate(zip(arrays, reference, strict=True)):
+        if a.shape != ref.shape:
+            return f"tensor {i} has shape {a.shape}, expected {ref.shape}"
+        if not np.all(np.isfinite(a)):
+            return f"tensor {i} holds NaN or infinite values"
+    return None
+
+
+class GuardedMixin:
+    """Hooks added in front of a Flower strategy (see the module docstring)."""
+
+    seed: int = 0
+    round_offset: int = 0
+
+    def _init_guard(self, seed: int) -> None:
+        self.seed = seed
+        self.round_offset = 0
+        self.stats: dict[int, RoundStats] = {}
+        self.empty_rounds = 0
+        self._global: list[np.ndarray] = []
+
+    def global_round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        g = self.global_round(server_round)
+        config["global-round"] = g
+        self._global = arrays.to_numpy_ndarrays()
+        random.seed(self.seed * 1_000_003 + g)
+        messages = list(super().configure_train(server_round, arrays, config,  # type: ignore[misc]
+                                                _SortedGrid(grid)))
+        stats = self.stats.setdefault(g, RoundStats())
+        stats.sampled = len(messages)
+        stats.bytes_down = array_bytes(arrays) * len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        g = self.global_round(server_round)
+        stats = self.stats.setdefault(g, RoundStats())
+        good: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                stats.failed += 1
+                stats.failures.append(f"node {node}: {msg.error.reason}")
+                log.warning("round %d: node %s failed: %s", g, node, msg.error.reason)
+                continue
+            record = next(iter(msg.content.array_records.values()), None)
+            reason = "no weights" if record is None else check_reply_arrays(record, self._global)
+            if reason is not None:
+                stats.rejected += 1
+                stats.failures.append(f"node {node}: rejected: {reason}")
+                log.warning("round %d: reply of node %s rejected before aggregation: %s",
+                            g, node, reason)
+                continue
+            stats.bytes_up += array_bytes(record)
+            good.append(msg)
+        stats.replied = len(good)
+        if not good:
+            self.empty_rounds += 1
+            log.warning("round %d: no client replied with usable weights; the global model "
+                        "is unchanged (%d such rounds so far)", g, self.empty_rounds)
+            return None, None
+        good.sort(key=_reply_order)
+        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
+        if metrics is not None:
+            stats.train = {k: float(v) for k, v in metrics.items()
+                           if isinstance(v, (int, float))}
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        replies = [m for m in replies if not m.has_error()]
+        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        if metrics is not None:
+            stats = self.stats.setdefault(self.global_round(server_round), RoundStats())
+            stats.client_eval = {k: float(v) for k, v in metrics.items()
+                                 if isinstance(v, (int, float))}
+        return metrics
+
+
+def _reply_order(msg: Message) -> tuple:
+    metrics = next(iter(msg.content.metric_records.values()))
+    record = next(iter(msg.content.array_records.values()))
+    first = next(iter(record.values()))
+    return (float(metrics.get("num-examples", 0)), float(metrics.get("train_loss", 0.0)),
+            bytes(first.data[:64]))
+
+
+_BASES: dict[str, type] = {
+    "fedavg": flwr_strategy.FedAvg,
+    "fedprox": flwr_strategy.FedProx,
+    "fedadam": flwr_strategy.FedAdam,
+    "fedyogi": flwr_strategy.FedYogi,
+    "fedavgm": flwr_strategy.FedAvgM,
+    "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
+    "fedmedian": flwr_strategy.FedMedian,
+    "krum": flwr_strategy.Krum,
+}
+
+
+def build_strategy(config: FederationConfig, seed: int) -> Any:
+    """The configured Flower strategy with the guard hooks in front of it."""
+    base = _BASES[config.strategy]
+    cls = type(f"Guarded{base.__name__}", (GuardedMixin, base), {})
+    kwargs: dict[str, Any] = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_train_nodes,
+        "min_evaluate_nodes": min(config.min_train_nodes, 2) if config.fraction_evaluate else 0,
+        "min_available_nodes": config.min_available_nodes,
+    }
+    if config.strategy == "fedprox":
+        kwargs["proximal_mu"] = config.proximal_mu
+    elif config.strategy in ("fedadam", "fedyogi"):
+        kwargs["eta"] = config.server_learning_rate
+    elif config.strategy == "fedavgm":
+        kwargs["server_momentum"] = config.server_momentum
+    elif config.strategy == "fedtrimmedavg":
+        kwargs["beta"] = config.trim_beta
+    elif config.strategy == "krum":
+        kwargs["num_malicious_nodes"] = config.num_malicious
+    strategy = cls(**kwargs)
+    strategy._init_guard(seed)
+    return strategy

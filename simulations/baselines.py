@@ -1,0 +1,191 @@
+"""Centralised, local-only and GBDT baselines, and the one assessment all methods share.
+
+Every method returns predictions for the pooled validation and test snapshots of a
+``PreparedData``; :func:`assess` turns them into the same metrics for every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from common import metrics
+from common.policy import choose_actions
+from common.snapshots import Snapshots
+from simulations.experiment import Experiment, PreparedData
+
+log = logging.getLogger(__name__)
+
+Predictions = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class MethodResult:
+    """Predictions of one method on the shared validation and test snapshots."""
+
+    name: str
+    val: Predictions
+    test: Predictions
+    seconds: float
+    sample_epochs: float  # training rows seen, counted over every epoch and merchant
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def splits(data: PreparedData) -> tuple[Snapshots, Snapshots, Snapshots]:
+    s = data.snapshots
+    return s.split_part("train"), s.split_part("val"), s.split_part("test")
+
+
+def assess(result: MethodResult, data: PreparedData, exp: Experiment) -> dict[str, Any]:
+    """Metrics of a method on the held-out test period, thresholds chosen on validation."""
+    _, val, test = splits(data)
+    threshold = metrics.choose_threshold(val.decay, result.val["decay"])
+    out: dict[str, Any] = {"method": result.name, "seconds": result.seconds,
+                           "sample_epochs": result.sample_epochs, "threshold": threshold}
+    out["decay"] = metrics.decay_metrics(test.decay, result.test["decay"], threshold=threshold)
+    out["interest"] = metrics.interest_metrics(test.interest, result.test["interest"])
+    out["per_merchant_auc"] = {
+        m: v["roc_auc"] for m, v in metrics.per_merchant(
+            test.merchant_id, metrics.decay_metrics, test.decay, result.test["decay"],
+            min_rows=20).items()
+    }
+    out["merchant_spread"] = metrics.spread(out["per_merchant_auc"])
+    logged = test.action >= 0
+    if logged.any():
+        act = result.test["activation"]
+        out["activation"] = metrics.activation_metrics(act, test.action, test.activation,
+                                                       data.actions)
+        rows = np.flatnonzero(logged)
+        decision = choose_actions(result.test["decay"][rows], act[rows], exp.policy,
+                                  data.actions, test.fading_category[rows])
+        truth = data.truth_matrix(test.subset(rows))
+        costs = np.array([exp.policy.cost(a) for a in data.actions])
+        out["policy"] = metrics.policy_report(
+            decision.action_index, test.action[rows], test.activation[rows],
+            test.propensity[rows], truth, data.actions, value=exp.policy.value, costs=costs)
+        out["policy_mix"] = {a: float(np.mean(decision.action == a)) for a in data.actions}
+    return out
+
+
+def _train_val(data: PreparedData, merchant: str | None = None) -> tuple[Snapshots, Snapshots]:
+    train, val, _ = splits(data)
+    if merchant is not None:
+        train, val = train.merchant(merchant), val.merchant(merchant)
+    return train, val
+
+
+def run_centralised(exp: Experiment, data: PreparedData, *, epochs: int | None = None,
+                    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                    ) -> tuple[MethodResult, Any]:
+    """Pool every merchant's training snapshots and train the shared model once."""
+    from common.model import build_model
+    from common.training import fit, predict
+
+    started = time.perf_counter()
+    train, val = _train_val(data)
+    _, val_all, test = splits(data)
+    model = build_model(exp.model, data.snapshot_config, seed=exp.seed)
+    cfg = dataclasses.replace(exp.train, epochs=epochs or exp.train.epochs)
+    res = fit(model, train, val, cfg, seed=exp.seed, on_epoch=on_epoch)
+    result = MethodResult(
+        name="centralised", val=predict(model, val_all), test=predict(model, test),
+        seconds=time.perf_counter() - started, sample_epochs=float(res.epochs * len(train)),
+        details={"epochs": res.epochs, "best_epoch": res.best_epoch, "history": res.history},
+    )
+    return result, model
+
+
+def run_local(exp: Experiment, data: PreparedData, *, epochs: int | None = None,
+              progress: Callable[[str], None] | None = None) -> MethodResult:
+    """Each merchant trains alone (same initial weights and seed) and predicts its own rows."""
+    from common.model import cached_model
+    from common.training import fit, predict
+
+    started = time.perf_counter()
+    _, val_all, test = splits(data)
+    model = cached_model(exp.model, data.snapshot_config, exp.seed)
+    initial = model.get_weights()
+    cfg = dataclasses.replace(exp.train, epochs=epochs or exp.train.epochs)
+    num_actions = len(data.actions)
+    val_pred = _empty_predictions(len(val_all), num_actions)
+    test_pred = _empty_predictions(len(test), num_actions)
+    seen = 0.0
+    per_merchant: dict[str, dict[str, float]] = {}
+    for i, merchant in enumerate(data.merchants):
+        train, val = _train_val(data, merchant)
+        if len(train) == 0:
+            continue
+        model.set_weights(initial)
+        res = fit(model, train, val, cfg, seed=exp.seed)
+        seen += res.epochs * len(train)
+        per_merchant[merchant] = {"epochs": res.epochs, "train_rows": len(train)}
+        for snaps, pred in ((val_all, val_pred), (test, test_pred)):
+            rows = snaps.merchant_id == merchant
+            if rows.any():
+                out = predict(model, snaps.subset(rows))
+                for k, v in out.items():
+                    pred[k][rows] = v
+        if progress is not None:
+            progress(f"local-only {i + 1}/{len(data.merchants)} merchants")
+    return MethodResult(name="local-only", val=val_pred, test=test_pred,
+                        seconds=time.perf_counter() - started, sample_epochs=seen,
+                        details={"merchants": per_merchant})
+
+
+def _empty_predictions(n: int, num_actions: int) -> Predictions:
+    # Rows of a merchant that could not train keep the uninformative 0.5.
+    return {"decay": np.full(n, 0.5, np.float32), "interest": np.zeros(n, np.float32),
+            "activation": np.full((n, num_actions), 0.5, np.float32)}
+
+
+def gbdt_features(snaps: Snapshots) -> np.ndarray:
+    """Aggregate features: recency, frequency, value, interest score, event mix."""
+    return snaps.static
+
+
+def run_gbdt(exp: Experiment, data: PreparedData) -> MethodResult:
+    """Gradient-boosted trees on aggregate features, pooled like the centralised model.
+
+    Decay: ``HistGradientBoostingClassifier``. Interest: ``HistGradientBoostingRegressor``.
+    Activation: a T-learner, one classifier per action on the rows logged with it.
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    started = time.perf_counter()
+    train, val_all, test = splits(data)
+    x_train = gbdt_features(train)
+    common_args = {"max_iter": 200, "learning_rate": 0.05, "early_stopping": True,
+                   "validation_fraction": 0.15, "random_state": exp.seed}
+    decay = HistGradientBoostingClassifier(**common_args).fit(x_train, train.decay)
+    interest = HistGradientBoostingRegressor(**common_args).fit(x_train, train.interest)
+    per_action = []
+    for a in range(len(data.actions)):
+        rows = train.action == a
+        y = train.activation[rows]
+        if rows.sum() >= 30 and 0 < y.mean() < 1:
+            args = dict(common_args, max_iter=100, early_stopping=False)
+            per_action.append(HistGradientBoostingClassifier(**args).fit(x_train[rows], y))
+        else:  # too few logged rows: the observed rate (or the overall one)
+            rate = float(y.mean()) if rows.any() else float(train.activation[train.action >= 0]
+                                                            .mean() if (train.action >= 0).any()
+                                                            else 0.5)
+            per_action.append(rate)
+
+    def predict(snaps: Snapshots) -> Predictions:
+        x = gbdt_features(snaps)
+        act = np.column_stack([
+            m.predict_proba(x)[:, 1] if not isinstance(m, float) else np.full(len(x), m)
+            for m in per_action
+        ]).astype(np.float32)
+        return {"decay": decay.predict_proba(x)[:, 1].astype(np.float32),
+                "interest": interest.predict(x).astype(np.float32), "activation": act}
+
+    return MethodResult(name="gbdt", val=predict(val_all), test=predict(test),
+                        seconds=time.perf_counter() - started,
+                        sample_epochs=float(decay.n_iter_ * len(train)),
+                        details={"trees": int(decay.n_iter_)})

@@ -1,0 +1,313 @@
+"""One experiment: resolved configuration, its data and its snapshots.
+
+Every method compared (federated, centralised, local-only, GBDT) starts from the same
+``PreparedData``: the same events, the same shared calendar, the same snapshots and
+splits, the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.config import (
+    ModelConfig,
+    PolicyConfig,
+    SnapshotConfig,
+    TrainConfig,
+    _check,
+    apply_overrides,
+    from_flat,
+    load_toml,
+)
+from common.snapshots import SnapshotReport, Snapshots, build_snapshots
+from server.config import FederationConfig
+from simulations.synth import SynthConfig, generate_federation, load_preset
+
+log = logging.getLogger(__name__)
+
+SECTIONS: tuple[str, ...] = (
+    "experiment", "data", "synthetic", "snapshots", "model", "train", "policy", "federation",
+    "simulation",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Section ``experiment``."""
+
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Section ``data``: a real events file instead of the synthetic federation."""
+
+    events: str = ""
+    format: str = "auto"
+    interventions: str = ""
+    # Logs without a merchant column are split into this many merchants by a partitioner.
+    partitioner: str = ""  # "", "iid" or "dirichlet"
+    num_partitions: int = 0
+    dirichlet_alpha: float = 0.5
+    min_merchant_snapshots: int = 20  # merchants with fewer training snapshots are left out
+
+    def __post_init__(self) -> None:
+        _check(self.partitioner in ("", "iid", "dirichlet"), "data.partitioner",
+               "must be '', 'iid' or 'dirichlet'")
+        _check(self.num_partitions >= 0, "data.num-partitions", "must be >= 0")
+        _check(self.min_merchant_snapshots >= 0, "data.min-merchant-snapshots", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationConfig:
+    """Section ``simulation``: how the Simulation Engine runs clients."""
+
+    client_cpus: float = 1.0
+    ray_cpus: int = 0  # 0 = all cores of this machine
+    ray_address: str = ""  # attach to an existing Ray cluster
+    dropout_prob: float = 0.0  # a sampled client fails with this probability
+    straggler_prob: float = 0.0  # a sampled client is delayed ...
+    straggler_delay: float = 0.0  # ... by this many seconds
+
+    def __post_init__(self) -> None:
+        _check(self.client_cpus > 0, "simulation.client-cpus", "must be > 0")
+        _check(0 <= self.dropout_prob <= 1, "simulation.dropout-prob", "must be in [0, 1]")
+        _check(0 <= self.straggler_prob <= 1, "simulation.straggler-prob", "must be in [0, 1]")
+        _check(self.straggler_delay >= 0, "simulation.straggler-delay", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Every section resolved and validated; ``flat`` is what Flower's run config gets."""
+
+    flat: Mapping[str, Any]
+    experiment: ExperimentConfig
+    data: DataConfig
+    synthetic: SynthConfig | None
+    snapshots: SnapshotConfig
+    model: ModelConfig
+    train: TrainConfig
+    policy: PolicyConfig
+    federation: FederationConfig
+    simulation: SimulationConfig
+
+    @property
+    def seed(self) -> int:
+        return self.experiment.seed
+
+    def data_key(self) -> str:
+        """A short digest of what determines the data and snapshots."""
+        keys = {k: v for k, v in sorted(self.flat.items())
+                if k.split(".")[0] in ("data", "synthetic", "snapshots")}
+        keys["experiment.seed"] = self.seed
+        return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def experiment_from_flat(flat: Mapping[str, Any]) -> Experiment:
+    """Validate flat dotted keys into an :class:`Experiment`."""
+    for key in flat:
+        section = key.split(".", 1)[0]
+        if section not in SECTIONS or "." not in key:
+            raise ValueError(f"unknown config key '{key}' (sections: {', '.join(SECTIONS)})")
+    data = from_flat(DataConfig, flat, "data")
+    synthetic = None if data.events else from_flat(SynthConfig, flat, "synthetic")
+    return Experiment(
+        flat=dict(flat),
+        experiment=from_flat(ExperimentConfig, flat, "experiment"),
+        data=data,
+        synthetic=synthetic,
+        snapshots=from_flat(SnapshotConfig, flat, "snapshots"),
+        model=from_flat(ModelConfig, flat, "model"),
+        train=from_flat(TrainConfig, flat, "train"),
+        policy=from_flat(PolicyConfig, flat, "policy"),
+        federation=from_flat(FederationConfig, flat, "federation"),
+        simulation=from_flat(SimulationConfig, flat, "simulation"),
+    )
+
+
+def resolve(
+    preset: str | None = None,
+    *,
+    events: str | None = None,
+    format: str = "auto",
+    interventions: str | None = None,
+    overrides: list[str] | None = None,
+    seed: int | None = None,
+) -> Experiment:
+    """Build an experiment from a preset (name or TOML path) or an events file, plus overrides."""
+    if events:
+        base = load_toml(preset) if preset and Path(preset).is_file() else {}
+        base = {k: v for k, v in base.items() if not k.startswith("synthetic.")}
+        base.update({"data.events": str(Path(events).resolve()), "data.format": format,
+                     "experiment.name": Path(events).stem})
+        if interventions:
+            base["data.interventions"] = str(Path(interventions).resolve())
+    else:
+        base = load_preset(preset or "quick")
+        base.setdefault("experiment.name", Path(preset or "quick").stem)
+    flat = apply_overrides(base, overrides)
+    if seed is not None:
+        flat["experiment.seed"] = seed
+    return experiment_from_flat(flat)
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """The events of every merchant and their snapshots on one shared calendar."""
+
+    events: pd.DataFrame
+    interventions: pd.DataFrame
+    truth: pd.DataFrame | None  # synthetic only: P(re-engage | action) per intervention
+    snapshots: Snapshots
+    report: SnapshotReport
+    snapshot_config: SnapshotConfig  # with the shared calendar filled in
+    merchants: list[str]  # partition id i is merchants[i]
+    actions: tuple[str, ...]
+    seconds: float
+
+    def truth_matrix(self, snaps: Snapshots) -> np.ndarray | None:
+        """[N, A] true P(re-engage | action) for rows with an intervention (NaN elsewhere)."""
+        if self.truth is None:
+            return None
+        cols = [f"p_{a}" for a in self.actions]
+        table = self.truth[cols].to_numpy(dtype=np.float64)
+        out = np.full((len(snaps), len(cols)), np.nan)
+        rows = snaps.intervention >= 0
+        out[rows] = table[snaps.intervention[rows]]
+        return out
+
+    def merchant_sizes(self) -> dict[str, int]:
+        """Training snapshots per merchant (the size a merchant brings)."""
+        train = self.snapshots.split == 0
+        ids, counts = np.unique(self.snapshots.merchant_id[train].astype(str), return_counts=True)
+        sizes = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+        return {m: int(sizes.get(m, 0)) for m in self.merchants}
+
+
+def load_source(exp: Experiment) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Events, interventions and (synthetic only) the ground truth."""
+    if exp.synthetic is not None:
+        fed = generate_federation(exp.synthetic, seed=exp.seed)
+        return fed.events, fed.interventions, fed.truth
+    from common.io import load_events
+
+    loaded = load_events(exp.data.events, exp.data.format,
+                         interventions_path=exp.data.interventions or None)
+    for line in loaded.report.summary_lines():
+        log.info("%s", line)
+    events = loaded.events
+    if exp.data.partitioner:
+        events = partition_users(events, exp.data, seed=exp.seed)
+    return events, loaded.interventions, None
+
+
+def partition_users(events: pd.DataFrame, config: DataConfig, seed: int) -> pd.DataFrame:
+    """Assign users of a log without merchants to ``num_partitions`` merchants.
+
+    Uses Flower Datasets' partitioners on the table of users, so a log without a
+    merchant column becomes a federation (IID, or Dirichlet over the users' main
+    category for a non-IID split).
+    """
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if config.num_partitions < 2:
+        raise ValueError("config key 'data.num-partitions': must be >= 2 with a partitioner")
+    users = (events.groupby("user_id", observed=True)["category_id"]
+             .agg(lambda s: s.mode().iat[0]).rename("main_category").reset_index())
+    users["label"] = pd.factorize(users["main_category"])[0]
+    table = datasets.Dataset.from_pandas(users[["user_id", "label"]].astype({"user_id": str}),
+                                         preserve_index=False)
+    if config.partitioner == "iid":
+        part = IidPartitioner(num_partitions=config.num_partitions)
+    else:
+        part = DirichletPartitioner(num_partitions=config.num_partitions, partition_by="label",
+                                    alpha=config.dirichlet_alpha, seed=seed,
+                                    min_partition_size=1, self_balancing=False)
+    part.dataset = table
+    owner = {}
+    for i in range(config.num_partitions):
+        ids = part.load_partition(i).with_format("numpy")[:]["user_id"]
+        owner.update(dict.fromkeys(ids.tolist(), f"p{i:04d}"))
+    out = events.copy()
+    out["merchant_id"] = out["user_id"].astype(str).map(owner).astype(events["user_id"].dtype)
+    return out
+
+
+def shared_calendar(events: pd.DataFrame, config: SnapshotConfig) -> SnapshotConfig:
+    """Fix the calendar (first midnight, end) from the pooled log, unless already set."""
+    ts = events["timestamp"]
+    start = config.start or str(ts.min().floor("D").date())
+    end = config.end or ts.max().isoformat()
+    return dataclasses.replace(config, start=start, end=end)
+
+
+def prepare(exp: Experiment) -> PreparedData:
+    """Load or generate the data and build the snapshots every method shares."""
+    started = time.perf_counter()
+    events, interventions, truth = load_source(exp)
+    snap_cfg = shared_calendar(events, exp.snapshots)
+    snaps, report = build_snapshots(events, snap_cfg, interventions)
+    sizes = pd.Series(snaps.merchant_id[snaps.split == 0].astype(str)).value_counts()
+    keep = sorted(sizes[sizes >= max(exp.data.min_merchant_snapshots, 1)].index.tolist())
+    dropped = sorted(set(events["merchant_id"].astype(str).unique()) - set(keep))
+    if dropped:
+        log.info("%d merchants with fewer than %d training snapshots left out of the "
+                 "federation: %s", len(dropped), exp.data.min_merchant_snapshots,
+                 ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""))
+        snaps = snaps.subset(np.isin(snaps.merchant_id.astype(str), keep))
+    if len(keep) < 1:
+        raise ValueError("no merchant has enough training snapshots "
+                         f"(data.min-merchant-snapshots = {exp.data.min_merchant_snapshots})")
+    return PreparedData(
+        events=events, interventions=interventions, truth=truth, snapshots=snaps,
+        report=report, snapshot_config=snap_cfg, merchants=keep,
+        actions=snap_cfg.actions, seconds=time.perf_counter() - started,
+    )
+
+
+def new_run_dir(exp: Experiment, kind: str) -> Path:
+    """A fresh ``<output-dir>/<timestamp>-<kind>-<name>`` folder, absolute."""
+    base = Path(exp.experiment.output_dir).expanduser().resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = base / f"{stamp}-{kind}-{exp.experiment.name}"
+    suffix = 1
+    while run.exists():
+        suffix += 1
+        run = base / f"{stamp}-{kind}-{exp.experiment.name}-{suffix}"
+    run.mkdir(parents=True)
+    return run
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (NaN as null)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False))
+    tmp.replace(path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return None if not np.isfinite(f) else f
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value

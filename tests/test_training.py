@@ -1,0 +1,199 @@
+"""The one training loop: it learns, it is deterministic, it stops early, FedProx holds on.
+
+One small model is built once per module; every test starts it from the same initial
+weights. The data are hand-made snapshots whose decay label is the sign of one static
+feature (10 % of the labels flipped), so a working loop must find it within a few epochs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from common.config import ModelConfig, SnapshotConfig, TrainConfig
+from common.model import build_model, weights_of
+from common.snapshots import NUMERIC_FEATURES, STATIC_FEATURES, Snapshots
+from common.training import (
+    decay_sample_weights,
+    evaluate,
+    fit,
+    predict,
+    validation_loss,
+)
+
+SNAP = SnapshotConfig(max_len=8, hash_buckets=16)
+MODEL = ModelConfig(lstm_units=8, dense_units=8, learning_rate=1e-2)
+L, A = SNAP.max_len, len(SNAP.actions)
+BATCH = 64
+SIGNAL = STATIC_FEATURES.index("log_recency_days")
+
+
+def make_snapshots(n: int, seed: int, *, noise: float = 0.1, flip: bool = False) -> Snapshots:
+    """``n`` snapshots with decay = [static recency > 0], ``noise`` of the labels flipped."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, L + 1, n)
+    valid = np.arange(L)[None, :] >= (L - lengths)[:, None]
+    static = rng.normal(size=(n, len(STATIC_FEATURES))).astype(np.float32)
+    decay = (static[:, SIGNAL] > 0) ^ (rng.random(n) < noise)
+    if flip:
+        decay = ~decay
+    action = np.where(rng.random(n) < 0.3, rng.integers(0, A, n), -1).astype(np.int32)
+    return Snapshots(
+        events=np.where(valid, rng.integers(1, 6, (n, L)), 0).astype(np.int32),
+        categories=np.where(valid, rng.integers(1, SNAP.hash_buckets + 1, (n, L)), 0)
+        .astype(np.int32),
+        numeric=np.where(valid[..., None], rng.normal(size=(n, L, len(NUMERIC_FEATURES))), 0)
+        .astype(np.float32),
+        static=static,
+        decay=decay.astype(np.float32),
+        interest=(1.0 + 0.5 * static[:, 0]).astype(np.float32),
+        interest_now=np.ones(n, np.float32),
+        action=action,
+        activation=np.where(action >= 0, rng.random(n) < 0.3, 0).astype(np.float32),
+        propensity=np.where(action >= 0, 1 / A, 1).astype(np.float32),
+        intervention=np.full(n, -1, np.int64),
+        user_id=np.array([f"u{i}" for i in range(n)], dtype=object),
+        merchant_id=np.array(["m"] * n, dtype=object),
+        cutoff=np.zeros(n, "datetime64[ns]"),
+        split=np.zeros(n, np.int8),
+        fading_category=np.array([""] * n, dtype=object),
+    )
+
+
+# 1500 is not a multiple of the batch: fit pads the last batch with zero-weight rows.
+TRAIN = make_snapshots(1500, seed=1)
+VAL = make_snapshots(500, seed=2)
+TEST = make_snapshots(500, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model_and_init():
+    model = build_model(MODEL, SNAP, seed=0)
+    return model, weights_of(model)
+
+
+@pytest.fixture
+def model(model_and_init):
+    model, init = model_and_init
+    model.set_weights(init)
+    return model
+
+
+def distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum((x - y) ** 2)) for x, y in zip(a, b, strict=True)))
+
+
+# -------------------------------------------------------------------- learning
+
+
+def test_loss_goes_down_and_decay_auc_beats_chance(model) -> None:
+    before = evaluate(model, TEST)["decay_roc_auc"]
+    seen: list[int] = []
+    result = fit(model, TRAIN, None, TrainConfig(epochs=6, batch_size=BATCH),
+                 seed=0, on_epoch=lambda epoch, row: seen.append(epoch))
+    losses = [row["loss"] for row in result.history]
+    assert seen == [1, 2, 3, 4, 5, 6] and result.epochs == 6 and result.best_epoch == 6
+    assert losses[-1] < 0.8 * losses[0] and losses[-1] <= min(losses[:3]), losses
+    assert result.train_loss == losses[-1] and math.isnan(result.val_loss)
+    assert result.examples == len(TRAIN)
+    after = evaluate(model, TEST)["decay_roc_auc"]
+    # Labels are 90 % the sign of one feature: the Bayes AUC is about 0.9.
+    assert after > 0.75 and after > before + 0.15, (before, after)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(model_and_init) -> None:
+    model, init = model_and_init
+    cfg = TrainConfig(epochs=2, batch_size=BATCH)
+
+    def run(seed: int) -> list[np.ndarray]:
+        model.set_weights(init)
+        fit(model, TRAIN, None, cfg, seed=seed)
+        return weights_of(model)
+
+    first, other, again = run(0), run(1), run(0)  # a fit in between changes nothing
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert distance(first, other) > 1e-3
+    assert distance(first, init) > 1e-3
+
+
+def test_early_stopping_keeps_the_best_epoch(model) -> None:
+    # Validation labels are the opposite of the training labels: the more the model learns,
+    # the worse the validation loss, so with patience 0 it stops at epoch 2 and keeps epoch 1.
+    anti = make_snapshots(len(VAL), seed=2, flip=True)
+    cfg = TrainConfig(epochs=10, batch_size=BATCH, patience=0)
+    result = fit(model, TRAIN, anti, cfg, seed=0)
+    val = [row["val_loss"] for row in result.history]
+    assert result.epochs < cfg.epochs, val
+    assert result.epochs == result.best_epoch + 1  # patience 0: the first bad epoch stops it
+    assert result.best_epoch == int(np.argmin(val)) + 1
+    assert result.val_loss == min(val)
+    assert result.train_loss == result.history[result.best_epoch - 1]["loss"]
+    # The weights left in the model are those of the best epoch.
+    assert validation_loss(model, anti) == pytest.approx(min(val), rel=1e-5)
+
+
+def test_patience_waits_for_improvement(model) -> None:
+    anti = make_snapshots(len(VAL), seed=2, flip=True)
+    result = fit(model, TRAIN, anti, TrainConfig(epochs=10, batch_size=BATCH, patience=2),
+                 seed=0)
+    assert result.epochs == min(result.best_epoch + 3, 10)
+
+
+def test_proximal_term_keeps_weights_near_the_start(model_and_init) -> None:
+    model, init = model_and_init
+    moved = {}
+    for mu in (0.0, 0.3, 10.0):
+        model.set_weights(init)
+        fit(model, TRAIN, None, TrainConfig(epochs=3, batch_size=BATCH, proximal_mu=mu), seed=0)
+        moved[mu] = distance(weights_of(model), init)
+    assert moved[0.0] > 1.0
+    assert moved[10.0] < moved[0.3] < moved[0.0], moved
+    assert moved[10.0] < 0.1 * moved[0.0], moved
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+DECAY_KEYS = {f"decay_{k}" for k in ("roc_auc", "pr_auc", "log_loss", "precision", "recall",
+                                     "f1", "top_decile_lift", "positive_rate", "n")}
+INTEREST_KEYS = {"interest_mae", "interest_rmse", "interest_n"}
+
+
+def test_evaluate_returns_the_documented_metrics(model) -> None:
+    out = evaluate(model, TEST)
+    assert set(out) == DECAY_KEYS | INTEREST_KEYS
+    pred = predict(model, TEST)
+    assert out["decay_n"] == len(TEST)
+    assert out["decay_positive_rate"] == pytest.approx(TEST.decay.mean())
+    assert out["decay_roc_auc"] == pytest.approx(roc_auc_score(TEST.decay, pred["decay"]))
+    assert out["interest_mae"] == pytest.approx(
+        np.mean(np.abs(TEST.interest - pred["interest"])), rel=1e-5)
+
+    with_actions = evaluate(model, TEST, actions=SNAP.actions)
+    extra = set(with_actions) - set(out)
+    assert extra == {"activation_n_control", "activation_qini_mean",
+                     *(f"activation_{k}_{a}" for a in SNAP.actions[1:] for k in ("qini", "n"))}
+    assert with_actions["activation_n_coupon"] == int((TEST.action == 2).sum())
+
+
+def test_predict_and_fit_edge_cases(model) -> None:
+    empty = TEST.subset(np.zeros(len(TEST), bool))
+    out = predict(model, empty)
+    assert out["decay"].shape == (0,) and out["activation"].shape == (0, A)
+    with pytest.raises(ValueError, match="no training snapshots"):
+        fit(model, empty, None, TrainConfig())
+
+
+def test_decay_sample_weights_by_hand() -> None:
+    snaps = TEST.subset(np.arange(4))
+    snaps.decay = np.array([1, 0, 0, 0], np.float32)
+    # positive rate 1/4: positives weigh 0.5 / 0.25 = 2, negatives 0.5 / 0.75 = 2/3.
+    np.testing.assert_allclose(decay_sample_weights(snaps, True), [2, 2 / 3, 2 / 3, 2 / 3],
+                               rtol=1e-6)
+    assert decay_sample_weights(snaps, False) is None
+    snaps.decay = np.zeros(4, np.float32)
+    assert decay_sample_weights(snaps, True) is None
