@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/fedecay data synth --preset quick --out runs/quick-data
+	$(VENV)/bin/fedecay compare --preset quick
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +111,23 @@ def _simulated_fault(settings: ClientSettings, node_config: Mapping[str, Any],
     return None
 
 
-def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
+def make_client_app(
+    flat: Mapping[str, Any] | None = None,
+    resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> ClientApp:
     """A ClientApp reading its settings from ``flat`` or, if None, the run config.
 
     ``run_simulation`` hands apps an empty run config, so simulations driven from
-    Python pass the resolved settings explicitly.
+    Python pass the resolved settings explicitly; ``resolve`` may complete a run
+    config (``flwr run``) before it is read.
     """
     app = ClientApp()
 
     def _context(msg: Message, context: Context) -> tuple[ClientSettings, Snapshots]:
-        settings = _settings(flat if flat is not None else context.run_config)
+        config = flat if flat is not None else context.run_config
+        if resolve is not None:
+            config = resolve(config)
+        settings = _settings(config)
         path, fmt, inter = shard_location(context.node_config, settings.client)
         return settings, load_shard(path, fmt, inter, settings.snapshots)
 
@@ -135,7 +142,8 @@ def make_client_app(flat: Mapping[str, Any] | None = None) -> ClientApp:
             log.error("merchant data rejected: %s", err)
             return _error_reply(msg, DATA_ERROR, f"merchant data rejected: {err}")
         config = msg.content["config"]
-        server_round = int(config.get("server-round", 0))
+        # "global-round" survives a resume (server-round restarts at 1); seeds follow it.
+        server_round = int(config.get("global-round", config.get("server-round", 0)))
         fault = _simulated_fault(settings, context.node_config, server_round)
         if fault:
             return _error_reply(msg, SIMULATED_DROPOUT, fault)

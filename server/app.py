@@ -226,3 +226,4 @@ def make_server_app(flat: Mapping[str, Any] | None = None,
         run_federation(grid, settings_from_flat(config), progress=progress)
 
     return app
+app = make_server_app()

@@ -51,7 +51,166 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--interventions")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="snapshot settings, e.g. --set snapshots.horizon-days=7")
+    train = sub.add_parser("train", help="train one baseline: centralised, local-only or GBDT")
+    train.add_argument("--mode", choices=("centralised", "local", "gbdt"), default="centralised")
+    _add_source(train)
+
+    simulate = sub.add_parser("simulate", help="run the federation on Flower's Simulation Engine")
+    _add_source(simulate)
+    simulate.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedavgm, "
+                          "fedtrimmedavg, fedmedian, krum (default: the preset's)")
+    simulate.add_argument("--ray-address", help="attach to an existing Ray cluster")
+    simulate.add_argument("--resume", metavar="RUN_DIR",
+                          help="continue a killed run from its last checkpoint")
+
+    compare = sub.add_parser("compare", help="federated vs centralised vs local-only vs GBDT")
+    _add_source(compare)
+    compare.add_argument("--strategies", default="fedavg",
+                         help="comma-separated federated strategies (default fedavg)")
+    compare.add_argument("--methods", default="gbdt,centralised,local,federated")
+
+    bench = sub.add_parser("bench", help="throughput figures: generation, snapshots, "
+                           "training, scoring")
+    bench.add_argument("--preset", default="default")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--seed", type=int, default=None)
+    bench.add_argument("--json", help="also write the figures to this JSON file")
+
+    deploy = sub.add_parser("deploy", help="files a test deployment needs")
+    dsub2 = deploy.add_subparsers(dest="deploy_command", required=True)
+    certs = dsub2.add_parser("certs", help="a test CA and a server certificate (TLS)")
+    certs.add_argument("dir")
+    certs.add_argument("--host", action="append", default=None,
+                       help="SAN host or IP (repeatable; default 127.0.0.1 and localhost)")
+    certs.add_argument("--overwrite", action="store_true")
+    key = dsub2.add_parser("node-key", help="an ECDSA P-384 SuperNode key pair")
+    key.add_argument("dir")
+    key.add_argument("--name", default="node")
+    key.add_argument("--overwrite", action="store_true")
     return parser
+
+
+def _experiment(args: argparse.Namespace):
+    from simulations.experiment import resolve
+
+    return resolve(args.preset, events=args.events, format=args.format,
+                   interventions=args.interventions, overrides=args.set, seed=args.seed)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from common.model import save_model
+    from simulations.baselines import assess, run_centralised, run_gbdt, run_local
+    from simulations.compare import format_table
+    from simulations.experiment import new_run_dir, prepare, write_json
+
+    exp = _experiment(args)
+    run_dir = new_run_dir(exp, args.mode)
+    data = prepare(exp)
+    _say(f"data: {len(data.merchants)} merchants, {len(data.snapshots):,} snapshots")
+    model = None
+    if args.mode == "centralised":
+        result, model = run_centralised(
+            exp, data, on_epoch=lambda e, r: _say(
+                f"epoch {e}/{exp.train.epochs}: loss {r['loss']:.4f} "
+                f"val_loss {r.get('val_loss', float('nan')):.4f}"))
+    elif args.mode == "local":
+        result = run_local(exp, data, progress=_say)
+    else:
+        result = run_gbdt(exp, data)
+    metrics = assess(result, data, exp)
+    write_json(run_dir / "config.json", dict(exp.flat))
+    write_json(run_dir / "metrics.json", metrics)
+    if model is not None:
+        save_model(model, run_dir / "model.keras")
+    print(format_table({"methods": {result.name: metrics}}))
+    print(f"\nrun folder: {run_dir}")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.baselines import assess
+    from simulations.compare import _round_text, format_table
+    from simulations.experiment import experiment_from_flat, new_run_dir, prepare, write_json
+    from simulations.federated import run_federated
+
+    exp = _experiment(args)
+    extra = {}
+    if args.strategy:
+        extra["federation.strategy"] = args.strategy
+    if args.ray_address:
+        extra["simulation.ray-address"] = args.ray_address
+    if extra:
+        exp = experiment_from_flat({**exp.flat, **extra})
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        if not (run_dir / "checkpoints").is_dir():
+            raise ValueError(f"--resume: no checkpoints folder in {run_dir}")
+        exp = experiment_from_flat({**exp.flat, "federation.resume": True})
+    else:
+        run_dir = new_run_dir(exp, "simulate")
+    data = prepare(exp)
+    _say(f"data: {len(data.merchants)} merchants, {len(data.snapshots):,} snapshots; "
+         f"{exp.federation.strategy}, {exp.federation.num_rounds} rounds")
+    result = run_federated(exp, data, run_dir,
+                           progress=lambda line: _say(_round_text(line,
+                                                                  exp.federation.num_rounds)))
+    metrics = assess(result, data, exp)
+    write_json(run_dir / "results.json", metrics)
+    print(format_table({"methods": {result.name: metrics}}))
+    print(f"\nrun folder: {run_dir}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from simulations.compare import run_comparison
+    from simulations.experiment import new_run_dir
+
+    exp = _experiment(args)
+    run_dir = new_run_dir(exp, "compare")
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = set(methods) - {"gbdt", "centralised", "local", "federated"}
+    if unknown:
+        raise ValueError(f"--methods: unknown {sorted(unknown)}")
+    out = run_comparison(exp, run_dir, strategies=strategies, methods=methods, progress=_say)
+    print()
+    print(out.table)
+    gain = out.results.get("gain_from_joining", {})
+    for name, g in gain.items():
+        q1 = g["by_size_quartile"].get("q1")
+        print(f"{name}: mean AUC gain over local-only {g['mean']:+.4f}; smallest quartile "
+              f"{q1:+.4f}")
+    print(f"\nreport: {run_dir / 'report.md'}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from simulations.bench import format_bench, run_bench
+    from simulations.experiment import resolve, write_json
+
+    exp = resolve(args.preset, overrides=args.set, seed=args.seed)
+    figures = run_bench(exp)
+    print(format_bench(figures))
+    if args.json:
+        write_json(Path(args.json), figures)
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from simulations.deploy import make_certs, make_node_key
+
+    if args.deploy_command == "certs":
+        hosts = tuple(args.host) if args.host else ("127.0.0.1", "localhost")
+        paths = make_certs(Path(args.dir), hosts=hosts, overwrite=args.overwrite)
+    else:
+        paths = make_node_key(Path(args.dir), args.name, overwrite=args.overwrite)
+    for name, path in paths.items():
+        print(f"wrote {name:<12} {path}")
+    return 0
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -99,18 +258,28 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    quiet = args.command == "data"
-    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Progress is printed by the commands; logs show warnings unless -v.
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.root.handlers:
+        handler.setLevel(level)  # Flower's logger sends DEBUG records up to the root
+    if not args.verbose:
+        from flwr.supercore.logger import console_handler
+
+        console_handler.setLevel(logging.WARNING)
     handlers = {
         ("data", "synth"): _cmd_data_synth,
         ("data", "check"): _cmd_data_check,
+        ("train", None): _cmd_train,
+        ("simulate", None): _cmd_simulate,
+        ("compare", None): _cmd_compare,
+        ("deploy", None): _cmd_deploy,
+        ("bench", None): _cmd_bench,
     }
     key = (args.command, getattr(args, "data_command", None))
     try:
         return handlers[key](args)
-    except (DataError, ValueError, FileNotFoundError) as err:
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

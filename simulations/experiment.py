@@ -46,8 +46,12 @@ class ExperimentConfig:
     """Section ``experiment``."""
 
     name: str = "experiment"
+    preset: str = ""
     seed: int = 0
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # relative paths resolve against the current folder
+
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +161,7 @@ def resolve(
     else:
         base = load_preset(preset or "quick")
         base.setdefault("experiment.name", Path(preset or "quick").stem)
+        base["experiment.preset"] = preset or "quick"
     flat = apply_overrides(base, overrides)
     if seed is not None:
         flat["experiment.seed"] = seed
@@ -280,7 +285,7 @@ def prepare(exp: Experiment) -> PreparedData:
 
 def new_run_dir(exp: Experiment, kind: str) -> Path:
     """A fresh ``<output-dir>/<timestamp>-<kind>-<name>`` folder, absolute."""
-    base = Path(exp.experiment.output_dir).expanduser().resolve()
+    base = exp.experiment.output_path()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = base / f"{stamp}-{kind}-{exp.experiment.name}"
     suffix = 1

@@ -1,0 +1,70 @@
+"""The command line: exit codes, messages and files a user sees first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from common.config import SnapshotConfig, apply_overrides, from_flat
+from simulations.cli import main
+from simulations.experiment import experiment_from_flat, resolve
+
+
+def test_data_synth_writes_parquet_and_check_accepts_it(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "fed"
+    assert main(["data", "synth", "--preset", "quick", "--out", str(out), "--seed", "3"]) == 0
+    events = pd.read_parquet(out / "events.parquet")
+    assert len(events) > 10_000 and events["merchant_id"].nunique() == 8
+    capsys.readouterr()
+    rc = main(["data", "check", str(out / "events.parquet"),
+               "--interventions", str(out / "interventions.parquet")])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "decay rate" in text and "OK: this file can join a federation" in text
+    assert "train" in text and "test" in text
+
+
+def test_data_check_rejects_bad_file_with_exit_code_and_message(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,timestamp,event\nu1,2025-01-01T00:00:00Z,teleport\n")
+    rc = main(["data", "check", str(bad), "--format", "canonical"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "bad.csv" in err and "teleport" in err and "event" in err
+
+
+def test_unknown_config_key_names_the_key() -> None:
+    with pytest.raises(ValueError, match="train.epochz"):
+        resolve("quick", overrides=["train.epochz=3"])
+    with pytest.raises(ValueError, match="unknown config key 'nosuch.key'"):
+        experiment_from_flat({"nosuch.key": 1})
+
+
+def test_out_of_range_value_names_the_key() -> None:
+    with pytest.raises(ValueError, match="snapshots.rho"):
+        from_flat(SnapshotConfig, {"snapshots.rho": 1.5}, "snapshots")
+    with pytest.raises(ValueError, match="federation.strategy"):
+        resolve("quick", overrides=["federation.strategy=fedmagic"])
+
+
+def test_overrides_parse_toml_scalars() -> None:
+    flat = apply_overrides({}, ["train.epochs=3", "model.dropout=0.25", "model.bidirectional=true",
+                                "experiment.name=my run"])
+    assert flat == {"train.epochs": 3, "model.dropout": 0.25, "model.bidirectional": True,
+                    "experiment.name": "my run"}
+    exp = resolve("quick", overrides=["train.epochs=3", "snapshots.actions=none,coupon"])
+    assert exp.train.epochs == 3
+    assert exp.snapshots.actions == ("none", "coupon")
+
+
+def test_deploy_commands_write_files(tmp_path: Path, capsys) -> None:
+    assert main(["deploy", "certs", str(tmp_path / "certs")]) == 0
+    assert (tmp_path / "certs" / "server.crt").exists()
+    assert main(["deploy", "node-key", str(tmp_path / "keys"), "--name", "m1"]) == 0
+    assert (tmp_path / "keys" / "m1.pub").read_text().startswith("ecdsa-sha2-nistp384")
+    # A second run refuses to overwrite, with exit code 2 and the file named.
+    capsys.readouterr()
+    assert main(["deploy", "node-key", str(tmp_path / "keys"), "--name", "m1"]) == 2
+    assert "m1" in capsys.readouterr().err
