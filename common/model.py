@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -164,7 +165,11 @@ def load_model(path) -> keras.Model:
     """Load a saved ``.keras`` model (custom loss registered above)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    return keras.saving.load_model(path, compile=True)
+    with warnings.catch_warnings():
+        # The optimizer's slots are not restored until it has stepped once; a loaded
+        # model is for prediction, or is trained with a fresh optimizer state anyway.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        return keras.saving.load_model(path, compile=True)
 
 
 def num_actions(model: keras.Model) -> int:

@@ -97,6 +97,10 @@ class Snapshots:
         })
 
     def save(self, path: str | Path) -> None:
+        """Write a compressed ``.npz`` (the suffix is added when missing)."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
         np.savez_compressed(path, **{
             f.name: getattr(self, f.name).astype(str)
             if getattr(self, f.name).dtype == object else getattr(self, f.name)
@@ -105,6 +109,9 @@ class Snapshots:
 
     @classmethod
     def load(cls, path: str | Path) -> Snapshots:
+        path = Path(path)
+        if path.suffix != ".npz" and not path.exists():
+            path = path.with_name(path.name + ".npz")
         with np.load(path, allow_pickle=False) as data:
             arrays = {f.name: data[f.name] for f in dataclasses.fields(cls)}
         for name in ("user_id", "merchant_id", "fading_category"):
@@ -498,7 +505,7 @@ def _attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: _Log,
     lookup = pd.MultiIndex.from_arrays([lg.merchant_ids, lg.user_ids])
     code = lookup.get_indexer(pair).astype(np.int64)
     t_int = (pd.DatetimeIndex(interventions["timestamp"]) - lg.t0).total_seconds().to_numpy()
-    action = pd.Categorical(interventions["action"].astype(str), categories=actions).codes
+    action = pd.Index(actions).get_indexer(interventions["action"].astype(str))
     if (action < 0).any():
         bad = sorted(set(interventions["action"].astype(str)[action < 0]))[:5]
         raise DataError(f"interventions: unknown action(s) {bad}; configured actions: {actions}")

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     # Progress is printed by the commands; logs show warnings unless -v.
     level = logging.DEBUG if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     for handler in logging.root.handlers:
         handler.setLevel(level)  # Flower's logger sends DEBUG records up to the root
     if not args.verbose:
