@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -79,6 +80,39 @@ def shard_location(node_config: Mapping[str, Any], client: ClientConfig
                     "(simulation)")
 
 
+class _Timer:
+    """Where a message's time goes, logged at INFO as one line (deployment shows it).
+
+    Each message of a deployment runs in a fresh process, so the line starts with the
+    process's age when the handler began: interpreter, Flower and app start-up.
+    """
+
+    def __init__(self) -> None:
+        self._age = _process_age()
+        self._last = time.perf_counter()
+        self._laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self._laps.append((name, now - self._last))
+        self._last = now
+
+    def report(self, what: str) -> None:
+        age = "?" if self._age is None else f"{self._age:.1f} s"
+        laps = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self._laps)
+        log.info("%s: handler began %s after process start; %s", what, age, laps)
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @functools.lru_cache(maxsize=64)
 def load_shard(path: str, fmt: str, interventions: str | None,
                config: SnapshotConfig) -> Snapshots:
@@ -94,6 +128,13 @@ def load_shard(path: str, fmt: str, interventions: str | None,
 
 def _error_reply(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _data_error(msg: Message, err: Exception) -> Message:
+    """Log the full reason locally; send only its kind, never quoted rows or values."""
+    log.error("merchant data rejected: %s", err)
+    return _error_reply(msg, DATA_ERROR, f"merchant data rejected ({type(err).__name__}); "
+                        "the reason is in this merchant's SuperNode log")
 
 
 def _simulated_fault(settings: ClientSettings, node_config: Mapping[str, Any],
@@ -133,14 +174,13 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from common.model import cached_model
-        from common.training import fit
-
+        timer = _Timer()
+        # The file is checked before TensorFlow is imported: a bad file fails fast.
         try:
             settings, snaps = _context(msg, context)
         except (DataError, ValueError, FileNotFoundError) as err:
-            log.error("merchant data rejected: %s", err)
-            return _error_reply(msg, DATA_ERROR, f"merchant data rejected: {err}")
+            return _data_error(msg, err)
+        timer.lap("data")
         config = msg.content["config"]
         # "global-round" survives a resume (server-round restarts at 1); seeds follow it.
         server_round = int(config.get("global-round", config.get("server-round", 0)))
@@ -150,8 +190,13 @@ def make_client_app(
         train_rows, val_rows = snaps.split_part("train"), snaps.split_part("val")
         if len(train_rows) == 0:
             return _error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
+        from common.model import cached_model
+        from common.training import fit
+
+        timer.lap("tensorflow import")
         model = cached_model(settings.model, settings.snapshots, settings.seed)
         model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
+        timer.lap("model")
         train_cfg = dataclasses.replace(
             settings.train,
             epochs=int(config.get("local-epochs", settings.train.epochs)),
@@ -159,6 +204,8 @@ def make_client_app(
         )
         result = fit(model, train_rows, val_rows, train_cfg,
                      seed=settings.seed * 100_003 + server_round)
+        timer.lap("fit")
+        timer.report(f"train round {server_round}")
         metrics = {"num-examples": len(train_rows), **result.as_metrics()}
         metrics = {k: float(v) if np.isfinite(v) else -1.0 for k, v in metrics.items()}
         metrics["num-examples"] = int(len(train_rows))
@@ -168,18 +215,22 @@ def make_client_app(
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        from common.model import cached_model
-        from common.training import predict, validation_loss
-
+        timer = _Timer()
         try:
             settings, snaps = _context(msg, context)
         except (DataError, ValueError, FileNotFoundError) as err:
-            return _error_reply(msg, DATA_ERROR, f"merchant data rejected: {err}")
+            return _data_error(msg, err)
+        timer.lap("data")
         test = snaps.split_part("test")
         if len(test) == 0:
             return _error_reply(msg, DATA_ERROR, "no held-out snapshots in this merchant's data")
+        from common.model import cached_model
+        from common.training import predict, validation_loss
+
+        timer.lap("tensorflow import")
         model = cached_model(settings.model, settings.snapshots, settings.seed)
         model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
+        timer.lap("model")
         p = np.clip(predict(model, test)["decay"], 1e-7, 1 - 1e-7)
         y = test.decay
         metrics = {
@@ -189,6 +240,8 @@ def make_client_app(
             "decay_accuracy": float(np.mean((p >= 0.5) == (y > 0.5))),
             "decay_positive_rate": float(y.mean()),
         }
+        timer.lap("evaluate")
+        timer.report("evaluate")
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -75,11 +75,12 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
 
 
 def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
-    from flwr.app import ArrayRecord
+    from flwr.app import Array, ArrayRecord
 
     for name, value in state.items():
         if isinstance(value, dict) and "__arrayrecord__" in value:
-            value = ArrayRecord(dict(zip(value["keys"], [np.asarray(a) for a in
+            # ArrayRecord takes a list of ndarrays or a dict of Arrays (not of ndarrays).
+            value = ArrayRecord(dict(zip(value["keys"], [Array(np.asarray(a)) for a in
                                                            value["__arrayrecord__"]],
                                          strict=True)))
         setattr(strategy, name, value)

@@ -9,12 +9,17 @@ from common.config import _check
 STRATEGIES: tuple[str, ...] = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum",
 )
+#: ``simulation``: the ServerApp prepares the data and evaluates on pooled held-out
+#: snapshots. ``deployment``: every merchant brings its own file; the server holds no
+#: data and relies on client-side evaluation (``fraction-evaluate`` > 0).
+MODES: tuple[str, ...] = ("simulation", "deployment")
 
 
 @dataclasses.dataclass(frozen=True)
 class FederationConfig:
     """How the server runs rounds."""
 
+    mode: str = "simulation"
     strategy: str = "fedavg"
     num_rounds: int = 5
     local_epochs: int = 1
@@ -35,6 +40,10 @@ class FederationConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
+        _check(self.mode in MODES, "federation.mode",
+               f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check(not (self.mode == "deployment" and self.eval_data), "federation.eval-data",
+               "must be empty in deployment (the server holds no merchant data)")
         _check(self.strategy in STRATEGIES, "federation.strategy",
                f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         _check(self.num_rounds >= 1, "federation.num-rounds", "must be >= 1")

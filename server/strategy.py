@@ -6,7 +6,8 @@ than a copy of ``start``:
 
 - seeded node sampling (node ids sorted, ``random`` seeded per global round);
 - rejection of replies whose weights are non-finite or do not match the global
-  model's shapes, logged by node, before anything is averaged;
+  model's shapes, or that lack one ArrayRecord and one MetricRecord with a positive
+  ``num-examples``, logged by node, before anything is averaged;
 - replies sorted by content so the float sum is the same whatever order they came in;
 - per-round bookkeeping: sampled / replied / failed / rejected nodes, bytes each way,
   rounds where no client replied.
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
@@ -60,6 +62,19 @@ class _SortedGrid:
 
 def array_bytes(record: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in record.values()))
+
+
+def check_reply_records(content: RecordDict, weight_key: str) -> str | None:
+    """Why a reply's records cannot be aggregated (FedAvg needs one ArrayRecord and one
+    MetricRecord with a positive weight), or None when they can."""
+    if len(content.array_records) != 1:
+        return f"{len(content.array_records)} ArrayRecords, expected 1"
+    if len(content.metric_records) != 1:
+        return f"{len(content.metric_records)} MetricRecords, expected 1"
+    weight = next(iter(content.metric_records.values())).get(weight_key)
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        return f"metric '{weight_key}' is {weight!r}, expected a positive number"
+    return None
 
 
 def check_reply_arrays(reply: ArrayRecord, reference: list[np.ndarray]) -> str | None:
@@ -116,8 +131,10 @@ class GuardedMixin:
                 stats.failures.append(f"node {node}: {msg.error.reason}")
                 log.warning("round %d: node %s failed: %s", g, node, msg.error.reason)
                 continue
+            reason = check_reply_records(msg.content, self.weighted_by_key)  # type: ignore[attr-defined]
             record = next(iter(msg.content.array_records.values()), None)
-            reason = "no weights" if record is None else check_reply_arrays(record, self._global)
+            if reason is None and record is not None:
+                reason = check_reply_arrays(record, self._global)
             if reason is not None:
                 stats.rejected += 1
                 stats.failures.append(f"node {node}: rejected: {reason}")

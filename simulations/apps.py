@@ -1,16 +1,29 @@
 """The app components ``flwr run .`` loads (see ``[tool.flwr.app.components]``).
 
-The run config holds ``experiment.preset`` and any overrides. The ServerApp prepares
-the preset's data (merchant shards, evaluation snapshots) in a folder derived from the
-configuration, and writes the complete resolved config there; every ClientApp reads
-that file, so server and clients agree on shards and calendar.
+The run config holds ``experiment.preset`` and any overrides; ``federation.mode``
+chooses between two ways of running.
+
+``simulation`` (default): the ServerApp prepares the preset's data (merchant shards,
+evaluation snapshots) in a folder derived from the configuration, and writes the
+complete resolved config there; every ClientApp reads that file, so server and clients
+agree on shards and calendar.
+
+``deployment``: every SuperNode holds one merchant's own file (node config
+``data-path``, ``format``). Nothing is generated and the server holds no data: the
+preset contributes only its model, training and snapshot settings, output goes to
+``federation.run-dir`` and evaluation is client-side (``federation.fraction-evaluate``).
+Both sides build their settings from the run config alone. The coordinator passes the
+shared calendar as ``snapshots.start`` / ``snapshots.end``; without it each merchant
+counts cutoffs on its own log's dates.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +31,20 @@ from typing import Any
 from client.app import make_client_app
 from server.app import make_server_app
 
+log = logging.getLogger(__name__)
+
 RESOLVED = "resolved-config.json"
+
+
+def _anchored(path: Path) -> Path:
+    """``path`` made absolute; relative paths go under FLWR_HOME.
+
+    The ServerApp runs from Flower's app folder, so the current folder is no anchor.
+    """
+    path = path.expanduser()
+    if path.is_absolute():
+        return path
+    return Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")) / path
 
 
 def _experiment(run_config: Mapping[str, Any]):
@@ -29,12 +55,44 @@ def _experiment(run_config: Mapping[str, Any]):
     preset = str(run.get("experiment.preset") or "quick")
     flat = {**load_preset(preset), **run, "experiment.preset": preset}
     flat.setdefault("experiment.name", Path(preset).stem)
-    output = Path(str(flat.get("experiment.output-dir", "runs"))).expanduser()
-    if not output.is_absolute():
-        # The ServerApp runs from Flower's app folder: anchor relative paths on FLWR_HOME.
-        output = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")) / output
-    flat["experiment.output-dir"] = str(output)
+    output = Path(str(flat.get("experiment.output-dir", "runs")))
+    flat["experiment.output-dir"] = str(_anchored(output))
     return experiment_from_flat(flat)
+
+
+def is_deployment(run_config: Mapping[str, Any]) -> bool:
+    """Whether the run config asks for ``federation.mode = "deployment"`` (validated)."""
+    from common.config import from_flat
+    from server.config import FederationConfig
+
+    return from_flat(FederationConfig, run_config, "federation").mode == "deployment"
+
+
+def deployment_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat settings of a deployment run, as both the server and the clients see them.
+
+    The preset gives the model, training and snapshot settings (its ``synthetic``
+    section is not used); the run config overrides them. No evaluation data.
+    """
+    from simulations.synth import load_preset
+
+    run = dict(run_config)
+    preset = str(run.get("experiment.preset") or "quick")
+    flat = {k: v for k, v in load_preset(preset).items() if not k.startswith("synthetic.")}
+    flat.update(run)
+    flat["experiment.preset"] = preset
+    flat["federation.eval-data"] = ""
+    return flat
+
+
+def deployment_run_dir(flat: Mapping[str, Any]) -> Path:
+    """``federation.run-dir`` made absolute: relative paths go under ``<output-dir>``
+    (``$FLWR_HOME/runs`` by default); empty means ``deployment-<date>-<time>`` there."""
+    name = str(flat.get("federation.run-dir") or "") or time.strftime("deployment-%Y%m%d-%H%M%S")
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path
+    return _anchored(Path(str(flat.get("experiment.output-dir", "runs")))) / path
 
 
 def run_folder(run_config: Mapping[str, Any]) -> Path:
@@ -45,7 +103,13 @@ def run_folder(run_config: Mapping[str, Any]) -> Path:
 
 
 def prepare_run(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """ServerApp side: build the data, write shards and the resolved config."""
+    """ServerApp side: the settings of the rounds.
+
+    Simulation: build the data, write shards and the resolved config. Deployment: no
+    data; resolve the run folder and validate the settings.
+    """
+    if is_deployment(run_config):
+        return _prepare_deployment(run_config)
     from simulations.experiment import prepare
     from simulations.federated import simulation_config
 
@@ -57,17 +121,60 @@ def prepare_run(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _prepare_deployment(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    from simulations.experiment import experiment_from_flat
+
+    flat = deployment_config(run_config)
+    run_dir = deployment_run_dir(flat)
+    flat["federation.run-dir"] = str(run_dir)
+    exp = experiment_from_flat(flat)  # every key known, every value in range
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RESOLVED).write_text(json.dumps(flat, indent=2, default=str))
+    calendar = (f"{exp.snapshots.start} .. {exp.snapshots.end}"
+                if exp.snapshots.start and exp.snapshots.end
+                else "each merchant's own dates (no snapshots.start/end given)")
+    log.warning("deployment run: output in %s; calendar %s; client-side evaluation on %.0f%% "
+                "of the nodes", run_dir, calendar, 100 * exp.federation.fraction_evaluate)
+    if exp.federation.fraction_evaluate == 0:
+        log.warning("federation.fraction-evaluate is 0: no model will be evaluated; the last "
+                    "round's model is kept")
+    return flat
+
+
 @functools.lru_cache(maxsize=4)
 def _resolved(path: str) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
 def resolve_client(run_config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """ClientApp side: the config the ServerApp resolved for this run."""
+    """ClientApp side: the config the ServerApp resolved for this run.
+
+    In deployment the run config itself (the server's folder is on another machine);
+    the node config gives the merchant's file.
+    """
+    if is_deployment(run_config):
+        _log_to_console()
+        return deployment_config(run_config)
     path = run_folder(run_config) / RESOLVED
     if not path.exists():
         raise FileNotFoundError(f"resolved run config not found: {path}")
     return _resolved(str(path))
+
+
+@functools.cache
+def _log_to_console() -> None:
+    """Show the ClientApp's INFO lines (data report, timings) in the SuperNode's log.
+
+    Each message runs in a fresh ``flwr-clientapp`` process whose output goes to the
+    SuperNode's; nothing else configures logging there.
+    """
+    logger = logging.getLogger("client")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 server_app = make_server_app(prepare=prepare_run)

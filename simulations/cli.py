@@ -19,10 +19,9 @@ from common.schema import DataError  # noqa: E402
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="synthetic federation preset (quick, default, large) "
-                     "or a TOML path")
-    src.add_argument("--events", help="an events file (or the Complete Journey folder)")
+    p.add_argument("--preset", help="preset (quick, default, large, completejourney) or a TOML "
+                   "path; with --events only its non-synthetic settings are used")
+    p.add_argument("--events", help="an events file (or the Complete Journey folder)")
     p.add_argument("--format", default="auto",
                    help="events format: auto, canonical, taobao, retailrocket, completejourney")
     p.add_argument("--interventions", help="optional canonical interventions file")
@@ -153,6 +152,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         exp = experiment_from_flat({**exp.flat, "federation.resume": True})
     else:
         run_dir = new_run_dir(exp, "simulate")
+    write_json(run_dir / "config.json", dict(exp.flat))
     data = prepare(exp)
     _say(f"data: {len(data.merchants)} merchants, {len(data.snapshots):,} snapshots; "
          f"{exp.federation.strategy}, {exp.federation.num_rounds} rounds")
@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         from flwr.supercore.logger import console_handler
 
-        console_handler.setLevel(logging.WARNING)
+        console_handler.setLevel(logging.ERROR)
+        logging.getLogger("flwr").propagate = False
     handlers = {
         ("data", "synth"): _cmd_data_synth,
         ("data", "check"): _cmd_data_check,

@@ -41,6 +41,7 @@ def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...
     """Run every method on one ``PreparedData`` and write the report."""
     say = progress or (lambda text: log.info("%s", text))
     started = time.perf_counter()
+    write_json(run_dir / "config.json", dict(exp.flat))
     data = prepare(exp)
     say(f"data: {len(data.merchants)} merchants, {len(data.snapshots):,} snapshots "
         f"({data.seconds:.1f} s)")
@@ -279,7 +280,7 @@ def report_markdown(results: dict[str, Any], table: str, plots: list[str]) -> st
     for name, m in results["methods"].items():
         if "policy" in m:
             pol = m["policy"]
-            lines.append(f"## Policy of {name}")
+            lines.append(f"## Reference policies (policy row: {name})")
             lines.append("")
             lines.append("| policy | " + " | ".join(k for k in pol["policy"]) + " |")
             lines.append("|---|" + "---|" * len(pol["policy"]))
@@ -287,7 +288,17 @@ def report_markdown(results: dict[str, Any], table: str, plots: list[str]) -> st
                 lines.append(f"| {pname} | " + " | ".join(_fmt(vals.get(k)) for k in
                                                        pol["policy"]) + " |")
             lines.append("")
-            break
+            break  # reference policies are the same for every method
+    rows = [(n, m["policy"]["policy"]) for n, m in results["methods"].items() if "policy" in m]
+    if rows:
+        lines.append("## Policy value per method (net value per targeted user)")
+        lines.append("")
+        lines.append("| method | net_truth | net_snips | net_regret |")
+        lines.append("|---|---|---|---|")
+        for name, vals in rows:
+            lines.append(f"| {name} | {_fmt(vals.get('net_truth'))} | "
+                         f"{_fmt(vals.get('net_snips'))} | {_fmt(vals.get('net_regret'))} |")
+        lines.append("")
     for plot in plots:
         lines.append(f"![{plot}]({plot})")
     return "\n".join(lines) + "\n"

@@ -27,7 +27,6 @@ from common.config import (
     _check,
     apply_overrides,
     from_flat,
-    load_toml,
 )
 from common.snapshots import SnapshotReport, Snapshots, build_snapshots
 from server.config import FederationConfig
@@ -152,7 +151,7 @@ def resolve(
 ) -> Experiment:
     """Build an experiment from a preset (name or TOML path) or an events file, plus overrides."""
     if events:
-        base = load_toml(preset) if preset and Path(preset).is_file() else {}
+        base = load_preset(preset) if preset else {}
         base = {k: v for k, v in base.items() if not k.startswith("synthetic.")}
         base.update({"data.events": str(Path(events).resolve()), "data.format": format,
                      "experiment.name": Path(events).stem})
@@ -160,6 +159,9 @@ def resolve(
             base["data.interventions"] = str(Path(interventions).resolve())
     else:
         base = load_preset(preset or "quick")
+        if not any(k.startswith("synthetic.") for k in base) and not base.get("data.events"):
+            raise ValueError(f"preset '{preset}' has no [synthetic] section and no data.events: "
+                             "give the events file with --events")
         base.setdefault("experiment.name", Path(preset or "quick").stem)
         base["experiment.preset"] = preset or "quick"
     flat = apply_overrides(base, overrides)

@@ -47,10 +47,15 @@ def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path) -> dic
     s = data.snapshots
     s.subset(s.split > 0).save(eval_path)
     flat = dict(exp.flat)
+    sim = exp.simulation
     flat.update({
         "snapshots.start": data.snapshot_config.start,
         "snapshots.end": data.snapshot_config.end,
         "client.shard-dir": str(shard_dir),
+        # The ClientApp reads its seeded fault knobs from section "client".
+        "client.dropout-prob": sim.dropout_prob,
+        "client.straggler-prob": sim.straggler_prob,
+        "client.straggler-delay": sim.straggler_delay,
         "federation.run-dir": str(run_dir),
         "federation.eval-data": str(eval_path),
     })
@@ -91,6 +96,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     flat.update(overrides or {})
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     try:
         run_simulation(
             server_app=make_server_app(flat, progress=progress),

@@ -1,0 +1,743 @@
+"""The federation: the guarded strategy's arithmetic, checkpoints, and real runs.
+
+Unit tests hand-build Flower replies and compare the strategy's aggregate with the
+weighted average computed here. The slow tests run real simulations (Ray, TensorFlow)
+in subprocesses of their own session, so a stuck run is killed with everything it
+started and its memory is released:
+
+- run A: 3 rounds, seeded dropout 0.3, partition 1's shard truncated, every reply
+  recorded on the way into the strategy (egress whitelist, failures, reference weights);
+- run B: the same configuration, SIGKILLed after round 2's checkpoint, then resumed;
+  its final weights must equal run A's;
+- ``flwr run .`` on a local SuperLink with FLWR_HOME in a temp folder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import EVALUATE_METRICS, TRAIN_METRICS
+from server.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_strategy_state,
+    save_checkpoint,
+    strategy_state,
+)
+from server.config import FederationConfig
+from server.strategy import array_bytes, build_strategy
+
+# ---------------------------------------------------------------------------------------
+# Hand-made replies
+# ---------------------------------------------------------------------------------------
+
+SHAPES = [(2, 3), (3,)]
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instruction messages take their run and node id from the running ServerApp."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class FakeGrid:
+    """Just enough of a Grid for ``configure_train``: the connected node ids."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+def _strategy(seed: int = 0, **kwargs: Any) -> Any:
+    kwargs = {"min_train_nodes": 1, "min_available_nodes": 1, **kwargs}
+    return build_strategy(FederationConfig(**kwargs), seed=seed)
+
+
+def _instructions(strategy: Any, nodes: list[int], server_round: int = 1) -> list[Message]:
+    """Train messages of ``server_round`` for ``nodes``; sets the strategy's reference."""
+    reference = ArrayRecord([np.zeros(s, np.float32) for s in SHAPES])
+    return list(strategy.configure_train(server_round, reference, ConfigRecord(),
+                                         FakeGrid(nodes)))
+
+
+def _reply(ins: Message, arrays: list[np.ndarray] | None, metrics: dict | None) -> Message:
+    content = RecordDict()
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(arrays)
+    if metrics is not None:
+        content["metrics"] = MetricRecord(metrics)
+    return Message(content, reply_to=ins)
+
+
+def _weights(rng: np.random.Generator, scale: float = 1.0) -> list[np.ndarray]:
+    return [(scale * rng.normal(size=s)).astype(np.float32) for s in SHAPES]
+
+
+def _weighted_average(weights: list[list[np.ndarray]], counts: list[int]) -> list[np.ndarray]:
+    total = float(sum(counts))
+    return [sum(n / total * w[i].astype(np.float64) for w, n in zip(weights, counts,
+                                                                    strict=True))
+            for i in range(len(SHAPES))]
+
+
+def _by_node(messages: list[Message]) -> dict[int, Message]:
+    return {m.metadata.dst_node_id: m for m in messages}
+
+
+def test_fedavg_aggregate_is_the_example_weighted_average() -> None:
+    strategy = _strategy()
+    ins = _by_node(_instructions(strategy, [11, 12, 13]))
+    rng = np.random.default_rng(0)
+    weights = [_weights(rng) for _ in range(3)]
+    counts, losses = [10, 30, 60], [0.5, 1.0, 2.0]
+    replies = [_reply(ins[node], w, {"num-examples": n, "train_loss": loss})
+               for node, w, n, loss in zip(ins, weights, counts, losses, strict=True)]
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    got = arrays.to_numpy_ndarrays()
+    expected = _weighted_average(weights, counts)
+    assert [g.shape for g in got] == SHAPES
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
+    # The unweighted mean is far from it: the weights do matter in this example.
+    assert not np.allclose(got[0], np.mean([w[0] for w in weights], axis=0), atol=1e-3)
+    assert metrics["train_loss"] == pytest.approx((10 * 0.5 + 30 * 1.0 + 60 * 2.0) / 100)
+    stats = strategy.stats[1]
+    assert (stats.sampled, stats.replied, stats.failed, stats.rejected) == (3, 3, 0, 0)
+    one = array_bytes(ArrayRecord([np.zeros(s, np.float32) for s in SHAPES]))
+    assert stats.bytes_down == stats.bytes_up == 3 * one
+    assert stats.train["train_loss"] == pytest.approx(1.55)
+
+
+def test_reply_order_does_not_change_the_aggregate() -> None:
+    """Replies are sorted before the float sum; plain FedAvg's sum depends on the order."""
+    rng = np.random.default_rng(1)
+    nodes = [21, 22, 23, 24, 25]
+    weights = [_weights(rng, scale=10.0 ** k) for k in range(-2, 3)]
+    counts = [3, 7, 11, 13, 17]
+
+    def replies(order: tuple[int, ...]) -> list[Message]:
+        ins = _by_node(_instructions(_strategy(), nodes))
+        return [_reply(ins[nodes[i]], weights[i], {"num-examples": counts[i],
+                                                   "train_loss": float(i)}) for i in order]
+
+    def flat(arrays: ArrayRecord) -> bytes:
+        return b"".join(a.tobytes() for a in arrays.to_numpy_ndarrays())
+
+    def guarded(order: tuple[int, ...]) -> bytes:
+        strategy = _strategy()
+        _instructions(strategy, nodes)  # sets the reference shapes
+        return flat(strategy.aggregate_train(1, replies(order))[0])
+
+    def plain(order: tuple[int, ...]) -> bytes:
+        fedavg = flwr_strategy.FedAvg(min_train_nodes=1, min_available_nodes=1)
+        return flat(fedavg.aggregate_train(1, replies(order))[0])
+
+    orders = list(itertools.permutations(range(5)))[::7]
+    assert len({guarded(order) for order in orders}) == 1
+    assert len({plain(order) for order in orders}) > 1, \
+        "this example is not sensitive to the summation order; pick other numbers"
+
+
+def test_nan_wrong_shape_malformed_and_error_replies_are_left_out() -> None:
+    strategy = _strategy()
+    nodes = list(range(101, 110))
+    ins = _by_node(_instructions(strategy, nodes))
+    rng = np.random.default_rng(2)
+    good = [_weights(rng), _weights(rng)]
+    nan = _weights(rng)
+    nan[1][0] = np.nan
+    inf = _weights(rng)
+    inf[0][1, 2] = np.inf
+    replies = [
+        _reply(ins[101], good[0], {"num-examples": 4, "train_loss": 1.0}),
+        _reply(ins[102], good[1], {"num-examples": 12, "train_loss": 2.0}),
+        _reply(ins[103], nan, {"num-examples": 1000, "train_loss": 0.1}),
+        _reply(ins[104], inf, {"num-examples": 1000, "train_loss": 0.1}),
+        _reply(ins[105], [np.ones((3, 2), np.float32), np.ones(3, np.float32)],
+               {"num-examples": 1000, "train_loss": 0.1}),
+        _reply(ins[106], [np.ones((2, 3), np.float32)], {"num-examples": 1000,
+                                                         "train_loss": 0.1}),
+        _reply(ins[107], _weights(rng), None),
+        _reply(ins[108], _weights(rng), {"num-examples": 0, "train_loss": 0.1}),
+        Message(Error(code=100, reason="merchant data rejected: bad file"), reply_to=ins[109]),
+    ]
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    for g, e in zip(arrays.to_numpy_ndarrays(), _weighted_average(good, [4, 12]), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
+    assert metrics["train_loss"] == pytest.approx((4 * 1.0 + 12 * 2.0) / 16)
+    stats = strategy.stats[1]
+    assert (stats.sampled, stats.replied, stats.rejected, stats.failed) == (9, 2, 6, 1)
+    failures = "\n".join(stats.failures)
+    for node, reason in [
+        (103, "rejected: tensor 1 holds NaN or infinite values"),
+        (104, "rejected: tensor 0 holds NaN or infinite values"),
+        (105, "rejected: tensor 0 has shape (3, 2), expected (2, 3)"),
+        (106, "rejected: 1 weight tensors, expected 2"),
+        (107, "rejected: 0 MetricRecords, expected 1"),
+        (108, "rejected: metric 'num-examples' is 0, expected a positive number"),
+        (109, "merchant data rejected: bad file"),
+    ]:
+        assert f"node {node}: {reason}" in failures
+    assert "node 101" not in failures and "node 102" not in failures
+    assert stats.bytes_up == 2 * array_bytes(ArrayRecord(good[0]))
+    assert strategy.empty_rounds == 0
+
+
+def test_round_without_usable_replies_returns_nothing_and_is_counted() -> None:
+    strategy = _strategy(seed=3)
+    strategy.round_offset = 4  # a resumed run: server round 1 is global round 5
+    ins = _by_node(_instructions(strategy, [1, 2]))
+    config = next(iter(ins.values())).content["config"]
+    assert (config["server-round"], config["global-round"]) == (1, 5)
+    failed = [Message(Error(code=101, reason=f"simulated dropout {n}"), reply_to=ins[n])
+              for n in ins]
+
+    assert strategy.aggregate_train(1, failed) == (None, None)
+    assert strategy.empty_rounds == 1
+    assert 1 not in strategy.stats
+    stats = strategy.stats[5]
+    assert (stats.sampled, stats.replied, stats.failed, stats.rejected) == (2, 0, 2, 0)
+    assert sorted(stats.failures) == ["node 1: simulated dropout 1",
+                                      "node 2: simulated dropout 2"]
+
+    ins = _by_node(_instructions(strategy, [1, 2], server_round=2))
+    nan = [np.full(s, np.nan, np.float32) for s in SHAPES]
+    rejected = [_reply(ins[n], nan, {"num-examples": 5, "train_loss": 1.0}) for n in ins]
+    assert strategy.aggregate_train(2, rejected) == (None, None)
+    assert strategy.empty_rounds == 2
+    assert (strategy.stats[6].rejected, strategy.stats[6].replied) == (2, 0)
+
+
+def test_sampling_is_seeded_by_global_round_and_ignores_node_order() -> None:
+    nodes = list(range(300, 310))
+
+    def sampled(seed: int, order: list[int], server_round: int, offset: int = 0) -> list[int]:
+        strategy = _strategy(seed=seed, fraction_train=0.5)
+        strategy.round_offset = offset
+        return sorted(m.metadata.dst_node_id
+                      for m in _instructions(strategy, order, server_round))
+
+    shuffled = [int(n) for n in np.random.default_rng(4).permutation(nodes)]
+    for r in (1, 2, 3):
+        first = sampled(0, nodes, r)
+        assert len(first) == 5 and set(first) <= set(nodes)
+        assert sampled(0, shuffled, r) == first
+        assert sampled(0, nodes[::-1], r) == first
+    # A resumed run (server round 1 after 2 rounds) samples what round 3 sampled.
+    assert sampled(0, shuffled, 1, offset=2) == sampled(0, nodes, 3)
+    # Seed and round do change the sample (over several rounds at least once).
+    assert any(sampled(0, nodes, r) != sampled(1, nodes, r) for r in range(1, 6))
+    assert len({tuple(sampled(0, nodes, r)) for r in range(1, 6)}) > 1
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+
+
+def _payload(seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {"weights": [rng.normal(size=s).astype(np.float32) for s in SHAPES],
+            "strategy": {}, "selection": {"round": seed, "val_loss": 0.5}}
+
+
+def test_checkpoint_round_trip_keeps_the_newest(tmp_path: Path) -> None:
+    for r in (1, 2, 3):
+        save_checkpoint(tmp_path, r, _payload(r), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-00002.ckpt",
+                                                           "round-00003.ckpt"]
+    latest = latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "round-00003.ckpt"
+    state = load_checkpoint(latest)
+    assert state["round"] == 3 and state["selection"] == {"round": 3, "val_loss": 0.5}
+    for got, want in zip(state["weights"], _payload(3)["weights"], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert latest_checkpoint(tmp_path / "none") is None
+
+
+def _server_state(strategy: str, rng: np.random.Generator) -> dict[str, Any]:
+    """Server optimizer state as Flower 1.42 keeps it (FedAvgM: an ArrayRecord)."""
+    arrays = {"a": rng.normal(size=(2, 3)), "b": rng.normal(size=3)}
+    if strategy == "fedavgm":
+        return {"current_arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                "momentum_vector": [rng.normal(size=(2, 3)), rng.normal(size=3)]}
+    return {"current_arrays": arrays, "m_t": {k: 2 * v for k, v in arrays.items()},
+            "v_t": {k: v * v for k, v in arrays.items()}}
+
+
+def _as_numpy(value: Any) -> Any:
+    if isinstance(value, ArrayRecord):
+        return dict(zip(value.keys(), value.to_numpy_ndarrays(), strict=True))
+    return value
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_server_optimizer_state_survives_a_checkpoint(tmp_path: Path, name: str) -> None:
+    strategy = _strategy(strategy=name)
+    state = _server_state(name, np.random.default_rng(5))
+    for attr, value in state.items():
+        setattr(strategy, attr, value)
+    path = save_checkpoint(tmp_path, 7, {"strategy": strategy_state(strategy)})
+
+    fresh = _strategy(strategy=name)
+    restore_strategy_state(fresh, load_checkpoint(path)["strategy"])
+
+    for attr, value in state.items():
+        restored = getattr(fresh, attr)
+        assert type(restored) is type(value), attr
+        want, got = _as_numpy(value), _as_numpy(restored)
+        pairs = (zip(want.values(), (got[k] for k in want), strict=True)
+                 if isinstance(want, dict) else zip(want, got, strict=True))
+        if isinstance(want, dict):
+            assert list(got) == list(want)
+        for w, g in pairs:
+            np.testing.assert_array_equal(g, w)
+
+
+def _truncate(raw: bytes) -> bytes:
+    return raw[: len(raw) - 100]
+
+
+def _flip_last_byte(raw: bytes) -> bytes:
+    return raw[:-1] + bytes([raw[-1] ^ 0xFF])
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_truncate, "is truncated or corrupt (checksum mismatch"),
+    (_flip_last_byte, "is truncated or corrupt (checksum mismatch"),
+    (lambda raw: raw[:10], "is not a fedecay checkpoint (bad header)"),
+    (lambda raw: b"", "is not a fedecay checkpoint (bad header)"),
+])
+def test_damaged_checkpoint_is_refused_with_the_reason(
+        tmp_path: Path, damage: Callable[[bytes], bytes], message: str) -> None:
+    path = save_checkpoint(tmp_path, 2, _payload(2))
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_missing_checkpoint_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*round-00009.ckpt"):
+        load_checkpoint(tmp_path / "round-00009.ckpt")
+
+
+# ---------------------------------------------------------------------------------------
+# Simulations (subprocesses in their own session)
+# ---------------------------------------------------------------------------------------
+
+BIN = Path(sys.executable).parent
+PROJECT = Path(__file__).resolve().parents[1]
+SEED = 0
+NUM_MERCHANTS = 8  # the quick preset
+DROPOUT = 0.3
+CORRUPT = 1  # this partition's shard is truncated before the run
+ROUNDS = 3
+
+#: Runs one simulation through ``run_federated``; the spec comes as a JSON file.
+DRIVER = r'''
+import json
+import sys
+from pathlib import Path
+
+spec = json.loads(Path(sys.argv[1]).read_text())
+
+from simulations import federated
+from simulations.experiment import prepare, resolve
+
+exp = resolve("quick", overrides=spec["overrides"])
+data = prepare(exp)
+write_shards = federated.write_shards
+
+
+def corrupting_write_shards(prepared, shard_dir):
+    paths = write_shards(prepared, shard_dir)
+    for pid in spec["corrupt"]:
+        raw = paths[pid].read_bytes()
+        paths[pid].write_bytes(raw[: len(raw) // 3])
+    return paths
+
+
+federated.write_shards = corrupting_write_shards
+
+if spec["observe"]:
+    from flwr.common.serde import recorddict_to_proto
+
+    from common.model import build_model
+    from server.strategy import GuardedMixin
+
+    out = Path(spec["observe"])
+    ids = sorted(set(data.events["user_id"].astype(str)) | set(data.events["item_id"].astype(str)))
+    needles = [i.encode() for i in ids]
+
+    def describe(kind, global_round, msg):
+        row = {"kind": kind, "round": global_round, "node": msg.metadata.src_node_id}
+        if msg.has_error():
+            row["error"] = msg.error.reason
+            return row
+        content = msg.content
+        raw = recorddict_to_proto(content).SerializeToString()
+        row.update(
+            arrays={name: [[k, list(a.shape), a.dtype] for k, a in rec.items()]
+                    for name, rec in content.array_records.items()},
+            metrics={name: {k: type(v).__name__ for k, v in rec.items()}
+                     for name, rec in content.metric_records.items()},
+            configs=sorted(content.config_records.keys()),
+            leaked=[i for i, n in zip(ids, needles) if n in raw],
+        )
+        return row
+
+    def observed(kind, method):
+        def wrapper(self, server_round, replies):
+            replies = list(replies)
+            with out.open("a") as fh:
+                for msg in replies:
+                    row = describe(kind, self.global_round(server_round), msg)
+                    fh.write(json.dumps(row) + "\n")
+            return method(self, server_round, replies)
+        return wrapper
+
+    GuardedMixin.aggregate_train = observed("train", GuardedMixin.aggregate_train)
+    GuardedMixin.aggregate_evaluate = observed("evaluate", GuardedMixin.aggregate_evaluate)
+    model = build_model(exp.model, data.snapshot_config, seed=exp.seed)
+    Path(spec["observe"] + ".expected.json").write_text(json.dumps({
+        "weights": [[list(w.shape), str(w.dtype)] for w in model.get_weights()],
+        "ids": len(ids), "merchants": data.merchants,
+    }))
+
+federated.run_federated(exp, data, Path(spec["run_dir"]))
+print("DRIVER DONE", flush=True)
+'''
+
+
+def _sim_env(flwr_home: Path) -> dict[str, str]:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(flwr_home),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, session id) of a process, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[3])
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            if stat[1] == sid and stat[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def _kill_session(sid: int, grace: float = 10.0) -> list[int]:
+    """SIGKILL what is left of a session we started; returns the pids that were left."""
+    left = _session_members(sid)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while _session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _tail(log: Path, lines: int = 60) -> str:
+    text = log.read_text(errors="replace") if log.exists() else "(no log)"
+    return f"--- {log} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+class Simulation:
+    """One driver subprocess in a session of its own."""
+
+    def __init__(self, tmp: Path, name: str, run_dir: Path, overrides: list[str],
+                 observe: Path | None = None) -> None:
+        self.run_dir, self.log = run_dir, tmp / f"{name}.log"
+        self.observe = observe
+        spec = {"overrides": overrides, "run_dir": str(run_dir), "corrupt": [CORRUPT],
+                "observe": str(observe) if observe else None}
+        (tmp / f"{name}.json").write_text(json.dumps(spec))
+        (tmp / "driver.py").write_text(DRIVER)
+        self._out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(tmp / "driver.py"), str(tmp / f"{name}.json")],
+            cwd=tmp, env=_sim_env(tmp / "flwr-home"), stdout=self._out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.started = time.monotonic()
+
+    def wait(self, timeout: float) -> float:
+        """Wait for a clean exit; fail with the log's tail otherwise."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"simulation still running after {timeout:.0f} s\n{_tail(self.log)}")
+        seconds = time.monotonic() - self.started
+        assert rc == 0, f"simulation exited with {rc}\n{_tail(self.log)}"
+        assert "DRIVER DONE" in self.log.read_text(errors="replace"), _tail(self.log)
+        return seconds
+
+    def stop(self) -> list[int]:
+        """SIGKILL the whole session (driver, Ray, actors); the pids found alive after."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        time.sleep(2)  # Ray's processes notice their parent's death
+        left = _kill_session(self.proc.pid)
+        self._out.close()
+        return left
+
+
+def _overrides(tmp: Path, *extra: str) -> list[str]:
+    return [f"federation.num-rounds={ROUNDS}", "train.epochs=1",
+            "federation.fraction-evaluate=1.0", f"simulation.dropout-prob={DROPOUT}",
+            f"experiment.seed={SEED}", f"experiment.output-dir={tmp}", *extra]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _reasons(row: dict[str, Any]) -> list[str]:
+    """A round's failure reasons without the node ids (those differ between runs)."""
+    return sorted(re.sub(r"^node \d+: ", "", f) for f in row["failures"])
+
+
+def _expected_failures(global_round: int) -> list[str]:
+    """Seeded dropout computed here: each partition's draw from [seed, round, partition]."""
+    reasons = []
+    for pid in range(NUM_MERCHANTS):
+        if pid == CORRUPT:  # its data fail to load before the dropout draw
+            reasons.append("merchant data rejected")
+        elif np.random.default_rng([SEED, global_round, pid]).random() < DROPOUT:
+            reasons.append(f"simulated dropout of partition {pid} in round {global_round}")
+    return sorted(reasons)
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulation]:
+    """Run A: uninterrupted, every reply recorded as the strategy receives it."""
+    tmp = tmp_path_factory.mktemp("run-a")
+    sim = Simulation(tmp, "run-a", tmp / "run", _overrides(tmp),
+                     observe=tmp / "replies.jsonl")
+    try:
+        sim.wait(timeout=420)
+        yield sim
+    finally:
+        sim.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_replies_carry_only_weights_and_whitelisted_metrics(run_a: Simulation) -> None:
+    expected = json.loads(Path(f"{run_a.observe}.expected.json").read_text())
+    shapes = [shape for shape, _ in expected["weights"]]
+    dtypes = {dtype for _, dtype in expected["weights"]}
+    rows = _read_jsonl(run_a.observe)
+    train = [r for r in rows if r["kind"] == "train" and "error" not in r]
+    evaluate = [r for r in rows if r["kind"] == "evaluate" and "error" not in r]
+    # 8 merchants, one with a broken file, seeded dropouts: 5 + 4 + 5 train replies.
+    assert len(train) == sum(NUM_MERCHANTS - len(_expected_failures(g))
+                             for g in range(1, ROUNDS + 1)) == 14
+    assert len(evaluate) == ROUNDS * (NUM_MERCHANTS - 1)
+    assert expected["ids"] > 100  # the user and item ids searched for in every reply
+    for r in train:
+        assert list(r["arrays"]) == ["arrays"] and list(r["metrics"]) == ["metrics"], r
+        tensors = r["arrays"]["arrays"]
+        assert [shape for _, shape, _ in tensors] == shapes, r
+        assert {dtype for _, _, dtype in tensors} == dtypes
+        assert set(r["metrics"]["metrics"]) <= set(TRAIN_METRICS), r["metrics"]
+        assert set(r["metrics"]["metrics"].values()) <= {"int", "float"}
+        assert r["configs"] == [] and r["leaked"] == [], r
+    for r in evaluate:
+        assert r["arrays"] == {} and list(r["metrics"]) == ["metrics"], r
+        assert set(r["metrics"]["metrics"]) <= set(EVALUATE_METRICS), r["metrics"]
+        assert set(r["metrics"]["metrics"].values()) <= {"int", "float"}
+        assert r["configs"] == [] and r["leaked"] == [], r
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_failing_clients_are_recorded_and_the_run_completes(run_a: Simulation) -> None:
+    rows = _read_jsonl(run_a.run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    for row in rows[1:]:
+        g = row["round"]
+        want = _expected_failures(g)
+        assert row["failed"] == len(want) >= 1, row
+        assert row["sampled"] == NUM_MERCHANTS and row["rejected"] == 0
+        assert row["replied"] == NUM_MERCHANTS - len(want)
+        reasons = _reasons(row)
+        assert [r.split(":")[0] for r in reasons] == [r.split(":")[0] for r in want]
+        broken = [r for r in reasons if r.startswith("merchant data rejected")]
+        assert len(broken) == 1 and "00001.parquet: not a readable Parquet file" in broken[0]
+        assert [r for r in reasons if "dropout" in r] == [r for r in want if "dropout" in r]
+        assert math.isfinite(row["centralised"]["val_loss"])
+        assert math.isfinite(row["client_eval"]["eval_loss"])  # 7 merchants evaluated
+    assert (run_a.run_dir / "model.keras").stat().st_size > 0
+    summary = json.loads((run_a.run_dir / "federation.json").read_text())
+    assert summary["empty_rounds"] == 0 and summary["resumed_from"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_run_resumes_to_the_same_weights(run_a: Simulation, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "round-00002.ckpt"
+    killed = Simulation(tmp_path, "run-b1", run_dir, _overrides(tmp_path))
+    try:
+        deadline = time.monotonic() + 420
+        while not (ckpt.exists() and any(r["round"] == 2 for r in _read_jsonl(
+                run_dir / "metrics.jsonl"))):
+            assert killed.proc.poll() is None, f"ended before the kill\n{_tail(killed.log)}"
+            assert time.monotonic() < deadline, f"no round 2 checkpoint\n{_tail(killed.log)}"
+            time.sleep(0.2)
+    finally:
+        left = killed.stop()
+    assert left == [], f"processes outlived the SIGKILL of their session: {left}"
+    assert latest_checkpoint(run_dir / "checkpoints") == ckpt
+    assert not (run_dir / "final_weights.npz").exists()
+
+    resumed = Simulation(tmp_path, "run-b2", run_dir,
+                         _overrides(tmp_path, "federation.resume=true"))
+    try:
+        resumed.wait(timeout=420)
+    finally:
+        resumed.stop()
+
+    summary = json.loads((run_dir / "federation.json").read_text())
+    assert summary["resumed_from"] == 2
+    a = np.load(run_a.run_dir / "final_weights.npz")
+    b = np.load(run_dir / "final_weights.npz")
+    assert len(a.files) == len(b.files) > 0
+    for key in a.files:
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+    rows_a = _read_jsonl(run_a.run_dir / "metrics.jsonl")
+    rows_b = _read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows_b] == list(range(ROUNDS + 1))  # round 0 not redone
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert rb["centralised"] == ra["centralised"], rb["round"]
+        if rb["round"]:
+            assert _reasons(rb) == _reasons(ra) and rb["replied"] == ra["replied"]
+    summary_a = json.loads((run_a.run_dir / "federation.json").read_text())
+    assert summary["selected_round"] == summary_a["selected_round"]
+
+
+# ---------------------------------------------------------------------------------------
+# `flwr run .` on a local SuperLink
+# ---------------------------------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    with ExitStack() as stack:
+        socks = [stack.enter_context(closing(socket.socket())) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _local_superlink_pids(flwr_home: Path) -> list[int]:
+    """The SuperLink ``flwr run`` started for this FLWR_HOME and its SuperExec."""
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    links = [p for p in pids if "flower-superlink" in _cmdline(p)
+             and f"{flwr_home}/local-superlink/" in _cmdline(p)]
+    execs = [p for p in pids for link in links if "flower-superexec" in _cmdline(p)
+             and f"--parent-pid {link}" in _cmdline(p)]
+    return links + execs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_flwr_run_on_a_local_superlink(tmp_path: Path) -> None:
+    if not (BIN / "flwr").exists() or not (BIN / "flower-superlink").exists():
+        pytest.skip(f"flwr / flower-superlink not installed beside {sys.executable}")
+    flwr_home = tmp_path / "flwr-home"
+    http_port, control_port = _free_ports(2)
+    env = {**_sim_env(flwr_home),  # a SuperLink of our own, whatever else runs here
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
+    pyproject = (PROJECT / "pyproject.toml").read_bytes()
+    log = tmp_path / "flwr-run.log"
+    started = time.monotonic()
+    try:
+        with log.open("wb") as out:
+            done = subprocess.run(
+                [str(BIN / "flwr"), "run", ".", "--stream",
+                 "-c", "federation.num-rounds=1",
+                 "--federation-config",
+                 f"num-supernodes={NUM_MERCHANTS} client-resources-num-cpus=1"],
+                cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                timeout=480, check=False,
+            )
+    finally:
+        servers = _local_superlink_pids(flwr_home)
+        for pid in servers:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(3)
+        for pid in servers:  # each one's session: the simulation and Ray, if still up
+            _kill_session(pid)
+    seconds = time.monotonic() - started
+    assert servers, f"no local SuperLink found for {flwr_home}\n{_tail(log)}"
+    assert _local_superlink_pids(flwr_home) == []
+    assert done.returncode == 0, _tail(log)
+    assert (PROJECT / "pyproject.toml").read_bytes() == pyproject
+    runs = sorted((flwr_home / "runs").glob("flwr-run-quick-*"))
+    assert len(runs) == 1, f"{runs}\n{_tail(log)}"
+    rows = _read_jsonl(runs[0] / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1], _tail(log)
+    assert (rows[1]["sampled"], rows[1]["replied"], rows[1]["failed"]) == (8, 8, 0)
+    assert json.loads((runs[0] / "federation.json").read_text())["rounds"] == 1
+    assert (runs[0] / "model.keras").exists() and (runs[0] / "resolved-config.json").exists()
+    assert seconds < 480
