@@ -11,6 +11,7 @@ import pytest
 
 from common.config import from_flat
 from common.schema import EVENT_TYPES, empty_events, empty_interventions
+from simulations.experiment import experiment_from_flat
 from simulations.synth import (
     Federation,
     SynthConfig,
@@ -291,7 +292,8 @@ def test_presets_load_and_build_configs(tmp_path) -> None:
     sizes = {}
     for name in ("quick", "default", "large"):
         flat = load_preset(name)
-        assert all(k.startswith("synthetic.") for k in flat)
+        assert any(k.startswith("synthetic.") for k in flat)
+        experiment_from_flat(flat)  # every section of the preset validates
         sizes[name] = synth_config_from_preset(flat).num_merchants
     assert sizes["quick"] < sizes["default"] < sizes["large"]
     path = tmp_path / "mine.toml"
