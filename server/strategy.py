@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -149,6 +150,14 @@ class GuardedMixin:
             log.warning("round %d: no client replied with usable weights; the global model "
                         "is unchanged (%d such rounds so far)", g, self.empty_rounds)
             return None, None
+        good, odd = _common_metric_keys(good)
+        for msg in odd:
+            stats.rejected += 1
+            stats.replied -= 1
+            reason = "metric names differ from the other replies'"
+            stats.failures.append(f"node {msg.metadata.src_node_id}: rejected: {reason}")
+            log.warning("round %d: reply of node %s rejected: %s", g, msg.metadata.src_node_id,
+                        reason)
         good.sort(key=_reply_order)
         arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
         if metrics is not None:
@@ -158,13 +167,30 @@ class GuardedMixin:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        replies = [m for m in replies if not m.has_error()]
+        replies = [m for m in replies if not m.has_error()
+                   and len(m.content.metric_records) == 1]
+        replies, _ = _common_metric_keys(replies)
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
         if metrics is not None:
             stats = self.stats.setdefault(self.global_round(server_round), RoundStats())
             stats.client_eval = {k: float(v) for k, v in metrics.items()
                                  if isinstance(v, (int, float))}
         return metrics
+
+
+def _common_metric_keys(replies: list[Message]) -> tuple[list[Message], list[Message]]:
+    """Split replies into those with the most common metric key set and the others.
+
+    Flower's aggregation raises when key sets differ; one odd client must not stop a
+    round.
+    """
+    if not replies:
+        return [], []
+    keys = [frozenset(next(iter(m.content.metric_records.values())).keys()) for m in replies]
+    common = Counter(keys).most_common(1)[0][0]
+    same = [m for m, k in zip(replies, keys, strict=True) if k == common]
+    other = [m for m, k in zip(replies, keys, strict=True) if k != common]
+    return same, other
 
 
 def _reply_order(msg: Message) -> tuple:

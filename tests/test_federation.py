@@ -236,6 +236,23 @@ def test_round_without_usable_replies_returns_nothing_and_is_counted() -> None:
     assert (strategy.stats[6].rejected, strategy.stats[6].replied) == (2, 0)
 
 
+def test_reply_with_odd_metric_names_is_left_out_not_fatal() -> None:
+    strategy = _strategy()
+    ins = _by_node(_instructions(strategy, [1, 2, 3]))
+    rng = np.random.default_rng(7)
+    weights = {n: _weights(rng) for n in ins}
+    replies = [_reply(ins[1], weights[1], {"num-examples": 10, "train_loss": 1.0}),
+               _reply(ins[2], weights[2], {"num-examples": 30, "train_loss": 2.0}),
+               _reply(ins[3], weights[3], {"num-examples": 60, "train_loss": 3.0, "x": 1.0})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = _weighted_average([weights[1], weights[2]], [10, 30])
+    for got, want in zip(arrays.to_numpy_ndarrays(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    stats = strategy.stats[1]
+    assert (stats.replied, stats.rejected) == (2, 1)
+    assert stats.failures == ["node 3: rejected: metric names differ from the other replies'"]
+
+
 def test_sampling_is_seeded_by_global_round_and_ignores_node_order() -> None:
     nodes = list(range(300, 310))
 
@@ -534,7 +551,7 @@ class Simulation:
 
 
 def _overrides(tmp: Path, *extra: str) -> list[str]:
-    return [f"federation.num-rounds={ROUNDS}", "train.epochs=1",
+    return [f"federation.num-rounds={ROUNDS}", "federation.local-epochs=1",
             "federation.fraction-evaluate=1.0", f"simulation.dropout-prob={DROPOUT}",
             f"experiment.seed={SEED}", f"experiment.output-dir={tmp}", *extra]
 
@@ -585,6 +602,7 @@ def test_replies_carry_only_weights_and_whitelisted_metrics(run_a: Simulation) -
     assert len(train) == sum(NUM_MERCHANTS - len(_expected_failures(g))
                              for g in range(1, ROUNDS + 1)) == 14
     assert len(evaluate) == ROUNDS * (NUM_MERCHANTS - 1)
+    assert len(expected["merchants"]) == NUM_MERCHANTS
     assert expected["ids"] > 100  # the user and item ids searched for in every reply
     for r in train:
         assert list(r["arrays"]) == ["arrays"] and list(r["metrics"]) == ["metrics"], r
@@ -613,10 +631,12 @@ def test_failing_clients_are_recorded_and_the_run_completes(run_a: Simulation) -
         assert row["sampled"] == NUM_MERCHANTS and row["rejected"] == 0
         assert row["replied"] == NUM_MERCHANTS - len(want)
         reasons = _reasons(row)
-        assert [r.split(":")[0] for r in reasons] == [r.split(":")[0] for r in want]
-        broken = [r for r in reasons if r.startswith("merchant data rejected")]
-        assert len(broken) == 1 and "00001.parquet: not a readable Parquet file" in broken[0]
-        assert [r for r in reasons if "dropout" in r] == [r for r in want if "dropout" in r]
+        data_error = "merchant data rejected"
+        assert sorted(data_error if r.startswith(data_error) else r for r in reasons) == want
+        broken = [r for r in reasons if r.startswith(data_error)]
+        # The kind of error reaches the server; the file's path and contents do not.
+        assert len(broken) == 1 and "(DataError)" in broken[0], broken
+        assert "00001" not in broken[0] and "/" not in broken[0], broken
         assert math.isfinite(row["centralised"]["val_loss"])
         assert math.isfinite(row["client_eval"]["eval_loss"])  # 7 merchants evaluated
     assert (run_a.run_dir / "model.keras").stat().st_size > 0
@@ -632,8 +652,7 @@ def test_killed_run_resumes_to_the_same_weights(run_a: Simulation, tmp_path: Pat
     killed = Simulation(tmp_path, "run-b1", run_dir, _overrides(tmp_path))
     try:
         deadline = time.monotonic() + 420
-        while not (ckpt.exists() and any(r["round"] == 2 for r in _read_jsonl(
-                run_dir / "metrics.jsonl"))):
+        while not ckpt.exists():  # written after round 2's line in metrics.jsonl
             assert killed.proc.poll() is None, f"ended before the kill\n{_tail(killed.log)}"
             assert time.monotonic() < deadline, f"no round 2 checkpoint\n{_tail(killed.log)}"
             time.sleep(0.2)
@@ -641,6 +660,7 @@ def test_killed_run_resumes_to_the_same_weights(run_a: Simulation, tmp_path: Pat
         left = killed.stop()
     assert left == [], f"processes outlived the SIGKILL of their session: {left}"
     assert latest_checkpoint(run_dir / "checkpoints") == ckpt
+    assert [r["round"] for r in _read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
     assert not (run_dir / "final_weights.npz").exists()
 
     resumed = Simulation(tmp_path, "run-b2", run_dir,
@@ -724,7 +744,10 @@ def test_flwr_run_on_a_local_superlink(tmp_path: Path) -> None:
     finally:
         servers = _local_superlink_pids(flwr_home)
         for pid in servers:
-            os.kill(pid, signal.SIGTERM)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         time.sleep(3)
         for pid in servers:  # each one's session: the simulation and Ray, if still up
             _kill_session(pid)
