@@ -172,7 +172,7 @@ def make_client_app(
         path, fmt, inter = shard_location(context.node_config, settings.client)
         return settings, load_shard(path, fmt, inter, settings.snapshots)
 
-    @app.train()
+    @app.train(mods=train_mods(flat))
     def train(msg: Message, context: Context) -> Message:
         timer = _Timer()
         # The file is checked before TensorFlow is imported: a bad file fails fast.
@@ -241,10 +241,37 @@ def make_client_app(
             "decay_positive_rate": float(y.mean()),
         }
         timer.lap("evaluate")
-        timer.report("evaluate")
+        config = msg.content.config_records.get("config") or {}
+        timer.report(f"evaluate round {config.get('server-round', '?')}")
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
+
+
+def train_mods(flat: Mapping[str, Any] | None) -> list[Callable[..., Message]]:
+    """Mods of the train handler only (on the whole app ``fixedclipping_mod`` would break
+    every evaluate reply).
+
+    With explicit settings, ``privacy.mode = client-fixed`` makes this merchant clip its
+    own update and refuse a server that sends no clipping norm. From a run config the
+    update is clipped whenever the server's DP wrapper sends a norm.
+    """
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    if flat is not None:
+        return [fixedclipping_mod] if flat.get("privacy.mode") == "client-fixed" else []
+    return [_clip_when_asked]
+
+
+def _clip_when_asked(msg: Message, context: Context, call_next: Callable[..., Message]
+                     ) -> Message:
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 @functools.lru_cache(maxsize=8)

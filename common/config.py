@@ -177,6 +177,10 @@ class ModelConfig:
     loss_weight_interest: float = 0.3
     loss_weight_activation: float = 0.5
     interest_loss: str = "huber"
+    # XLA doubles training throughput but compiles for ~25 s in every new process: worth
+    # it when a process trains many rounds (simulation), not when it trains once (a
+    # deployed ClientApp runs each message in a fresh process).
+    jit_compile: bool = True
 
     def __post_init__(self) -> None:
         for name in ("event_embedding", "category_embedding", "lstm_units", "dense_units"):

@@ -32,7 +32,8 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.config import FederationConfig
+from server.config import DPConfig, FederationConfig
+from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
 from server.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class ServerSettings:
     snapshots: SnapshotConfig
     train: TrainConfig
     seed: int
+    privacy: DPConfig = DPConfig()
 
 
 def settings_from_flat(flat: Mapping[str, Any]) -> ServerSettings:
@@ -62,6 +64,7 @@ def settings_from_flat(flat: Mapping[str, Any]) -> ServerSettings:
         snapshots=from_flat(SnapshotConfig, flat, "snapshots"),
         train=from_flat(TrainConfig, flat, "train"),
         seed=int(flat.get("experiment.seed", 0)),
+        privacy=from_flat(DPConfig, flat, "privacy"),
     )
 
 
@@ -86,6 +89,7 @@ def run_federation(grid: Grid, settings: ServerSettings,
                    progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the rounds; write checkpoints, ``metrics.jsonl`` and ``model.keras``."""
     from common.model import build_model, save_model
+    from common.scoring import write_model_settings
     from common.training import predict, score_predictions, validation_loss
 
     fed = settings.federation
@@ -96,6 +100,13 @@ def run_federation(grid: Grid, settings: ServerSettings,
     run_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(settings.model, settings.snapshots, seed=settings.seed)
     strategy = build_strategy(fed, settings.seed)
+    # The DP wrapper (if any) runs the rounds; the guarded strategy inside keeps the stats.
+    dp = settings.privacy
+    population = max(fed.min_available_nodes, len(list(grid.get_node_ids())))
+    runner = wrap_strategy(strategy, dp, fed, population)
+    ledger = PrivacyLedger(dp, population, num_sampled(fed, population),
+                           run_dir / "privacy.jsonl") if dp.enabled else None
+    stop_reason: list[str] = []
     selection = _Selection()
     done = 0
     arrays = ArrayRecord(model.get_weights())
@@ -106,8 +117,12 @@ def run_federation(grid: Grid, settings: ServerSettings,
         restore_strategy_state(strategy, state["strategy"])
         selection = _Selection(**state["selection"])
         log.info("resuming from %s: %d rounds done", found.name, done)
+        if ledger is not None:
+            ledger.replay(done)
     elif fed.resume:
         log.info("resume asked but no checkpoint in %s: starting at round 1", ckpt_dir)
+    if ledger is not None and done == 0 and ledger.path is not None:
+        ledger.path.unlink(missing_ok=True)
     strategy.round_offset = done
     remaining = fed.num_rounds - done
     eval_sets = load_eval_data(fed.eval_data) if fed.eval_data else None
@@ -148,6 +163,10 @@ def run_federation(grid: Grid, settings: ServerSettings,
                          "bytes_down": stats.bytes_down, "bytes_up": stats.bytes_up,
                          "train": stats.train, "client_eval": stats.client_eval,
                          "failures": stats.failures[:20]})
+        if ledger is not None and g > 0 and stats is not None and stats.replied > 0:
+            spent = ledger.record(g, stats.sampled, stats.replied,
+                                  float(getattr(runner, "clipping_norm", dp.clipping_norm)))
+            line["privacy"] = {"epsilon": spent["epsilon"], "delta": spent["delta"]}
         _append_jsonl(metrics_path, line)
         save_checkpoint(ckpt_dir, g, {
             "weights": weights, "strategy": strategy_state(strategy),
@@ -159,6 +178,13 @@ def run_federation(grid: Grid, settings: ServerSettings,
         if fed.patience_rounds and selection.stale >= fed.patience_rounds:
             log.info("validation loss has not improved for %d rounds: stopping after round %d",
                      selection.stale, g)
+            stop_reason.append("patience")
+            raise _Stop
+        if ledger is not None and g < fed.num_rounds and ledger.next_round_exceeds():
+            log.info("privacy budget: round %d would take epsilon past %g (spent %.4g at "
+                     "delta %g): stopping after round %d", g + 1, dp.target_epsilon,
+                     ledger.epsilon, dp.target_delta, g)
+            stop_reason.append("privacy-budget")
             raise _Stop
         return MetricRecord({k: v for k, v in record.items() if math.isfinite(v)}) \
             if record else None
@@ -168,7 +194,7 @@ def run_federation(grid: Grid, settings: ServerSettings,
     if remaining > 0:
         train_config = ConfigRecord({"local-epochs": fed.local_epochs})
         try:
-            result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining,
+            result = runner.start(grid=grid, initial_arrays=arrays, num_rounds=remaining,
                                     timeout=fed.round_timeout, train_config=train_config,
                                     evaluate_fn=evaluate_fn)
             final = result.arrays if result.arrays is not None else arrays
@@ -178,13 +204,19 @@ def run_federation(grid: Grid, settings: ServerSettings,
     chosen = selection.weights if selection.weights is not None else final.to_numpy_ndarrays()
     model.set_weights(chosen)
     save_model(model, run_dir / "model.keras")
+    # The scorer and the monitor read the snapshot settings from model.json beside it.
+    write_model_settings(run_dir / "model.keras", settings.snapshots, None)
     np.savez(run_dir / "final_weights.npz", *final.to_numpy_ndarrays())
     summary = {
         "rounds": fed.num_rounds, "resumed_from": done, "stopped_early": stopped_early,
         "selected_round": selection.round, "selected_val_loss": selection.val_loss,
         "empty_rounds": strategy.empty_rounds, "seconds": time.perf_counter() - started,
-        "strategy": fed.strategy,
+        "strategy": fed.strategy, "stop_reason": stop_reason[0] if stop_reason else None,
     }
+    if ledger is not None:
+        summary["privacy"] = {"mode": dp.mode, "epsilon": ledger.epsilon,
+                              "delta": dp.target_delta, "target_epsilon": dp.target_epsilon,
+                              "noise_multiplier": dp.noise_multiplier}
     (run_dir / "federation.json").write_text(json.dumps(summary, indent=2, default=str))
     log.info("federation finished: %s", summary)
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from common.config import _check
 
@@ -56,3 +57,38 @@ class FederationConfig:
         _check(self.round_timeout > 0, "federation.round-timeout", "must be > 0")
         _check(0 <= self.trim_beta < 0.5, "federation.trim-beta", "must be in [0, 0.5)")
         _check(self.patience_rounds >= 0, "federation.patience-rounds", "must be >= 0")
+
+
+#: ``off``; ``server-fixed``: the server clips each update and adds Gaussian noise;
+#: ``client-fixed``: the merchants clip (``fixedclipping_mod``), the server adds noise;
+#: ``adaptive``: server-side clipping whose norm follows a target quantile (Andrew et al.).
+DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed", "adaptive")
+#: Strategies whose aggregate is a plain mean of the clipped updates, the only case
+#: in which noise of std ``z * C / m`` gives the accounted guarantee.
+DP_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig:
+    """Client-level differential privacy of the model updates (section ``privacy``)."""
+
+    mode: str = "off"
+    noise_multiplier: float = 1.0  # z: noise std is z * clipping-norm / sampled clients
+    clipping_norm: float = 1.0  # L2 bound of one client's update (adaptive: initial bound)
+    target_delta: float = 1e-5
+    target_epsilon: float = 0.0  # > 0: stop before a round would spend more than this
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def __post_init__(self) -> None:
+        _check(self.mode in DP_MODES, "privacy.mode",
+               f"must be one of {', '.join(DP_MODES)}, got {self.mode!r}")
+        _check(self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier),
+               "privacy.noise-multiplier", "must be a finite number > 0")
+        _check(self.clipping_norm > 0 and math.isfinite(self.clipping_norm),
+               "privacy.clipping-norm", "must be a finite number > 0")
+        _check(0 < self.target_delta < 1, "privacy.target-delta", "must be in (0, 1)")
+        _check(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),
+               "privacy.target-epsilon", "must be >= 0 (0 = no budget)")

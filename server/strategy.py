@@ -96,10 +96,13 @@ class GuardedMixin:
 
     seed: int = 0
     round_offset: int = 0
+    #: Differential privacy: every update counts the same (the noise assumes a plain mean).
+    uniform_weights: bool = False
 
     def _init_guard(self, seed: int) -> None:
         self.seed = seed
         self.round_offset = 0
+        self._screened_round: int | None = None
         self.stats: dict[int, RoundStats] = {}
         self.empty_rounds = 0
         self._global: list[np.ndarray] = []
@@ -123,6 +126,28 @@ class GuardedMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         g = self.global_round(server_round)
+        if self._screened_round == g:  # a DP wrapper screened them before clipping
+            self._screened_round = None
+            good = list(replies)
+        else:
+            good = self.screen_train_replies(server_round, replies)
+            self._screened_round = None
+        if not good:
+            return None, None
+        good.sort(key=_reply_order)
+        if self.uniform_weights:
+            good = [_with_unit_weight(m, self.weighted_by_key) for m in good]  # type: ignore[attr-defined]
+        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
+        if metrics is not None:
+            self.stats[g].train = {k: float(v) for k, v in metrics.items()
+                                   if isinstance(v, (int, float))}
+        return arrays, metrics
+
+    def screen_train_replies(self, server_round: int, replies: Iterable[Message]
+                             ) -> list[Message]:
+        """The replies that can be aggregated; the others are counted and logged by node."""
+        g = self.global_round(server_round)
+        self._screened_round = g
         stats = self.stats.setdefault(g, RoundStats())
         good: list[Message] = []
         for msg in replies:
@@ -149,7 +174,7 @@ class GuardedMixin:
             self.empty_rounds += 1
             log.warning("round %d: no client replied with usable weights; the global model "
                         "is unchanged (%d such rounds so far)", g, self.empty_rounds)
-            return None, None
+            return []
         good, odd = _common_metric_keys(good)
         for msg in odd:
             stats.rejected += 1
@@ -158,12 +183,7 @@ class GuardedMixin:
             stats.failures.append(f"node {msg.metadata.src_node_id}: rejected: {reason}")
             log.warning("round %d: reply of node %s rejected: %s", g, msg.metadata.src_node_id,
                         reason)
-        good.sort(key=_reply_order)
-        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
-        if metrics is not None:
-            stats.train = {k: float(v) for k, v in metrics.items()
-                           if isinstance(v, (int, float))}
-        return arrays, metrics
+        return good
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -191,6 +211,13 @@ def _common_metric_keys(replies: list[Message]) -> tuple[list[Message], list[Mes
     same = [m for m, k in zip(replies, keys, strict=True) if k == common]
     other = [m for m, k in zip(replies, keys, strict=True) if k != common]
     return same, other
+
+
+def _with_unit_weight(msg: Message, key: str) -> Message:
+    """The reply with its weight metric set to 1 (the message is changed in place)."""
+    name, record = next(iter(msg.content.metric_records.items()))
+    msg.content[name] = MetricRecord({**dict(record), key: 1})
+    return msg
 
 
 def _reply_order(msg: Message) -> tuple:

@@ -7,6 +7,7 @@ read from this command's output.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -63,3 +64,105 @@ def format_bench(figures: dict[str, Any]) -> str:
             for k, v in figures.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v:>14}" for k, v in rows)
+
+
+def _memory_sampler():
+    """Start a thread sampling system memory in use; returns (stop, peak_bytes_fn)."""
+    import threading
+
+    import psutil
+
+    base = psutil.virtual_memory().used
+    peak = {"value": 0}
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            peak["value"] = max(peak["value"], psutil.virtual_memory().used - base)
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+
+    def finish() -> int:
+        stop.set()
+        thread.join(timeout=2)
+        return int(peak["value"])
+
+    return finish
+
+
+def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100),
+                         rounds: int = 4, out_dir=None) -> list[dict[str, Any]]:
+    """Federated vs centralised wall time on the same data and sample-epochs.
+
+    For each federation size: the centralised model trains ``rounds`` epochs on the
+    pooled training snapshots; the federation runs ``rounds`` rounds of one local epoch
+    with every merchant. Steady-state round time excludes round 1 (Ray actors start,
+    TensorFlow imports, XLA compiles); the ratio uses steady rounds only, and the
+    start-up is reported on its own. Memory is the machine's peak in use above the
+    baseline (all processes, Ray actors included).
+    """
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from common.model import build_model
+    from common.training import fit
+    from simulations.experiment import experiment_from_flat, prepare
+    from simulations.federated import read_metrics, run_federated
+
+    rows = []
+    for n in merchants:
+        flat = {**exp.flat, "synthetic.num-merchants": n, "federation.num-rounds": rounds,
+                "federation.local-epochs": 1, "federation.fraction-evaluate": 0.0,
+                "data.min-merchant-snapshots": 1}
+        e = experiment_from_flat(flat)
+        data = prepare(e)
+        train = data.snapshots.split_part("train")
+        model = build_model(e.model, data.snapshot_config, seed=e.seed)
+        one = dataclasses.replace(e.train, epochs=1, patience=0)
+        fit(model, train, None, one, seed=e.seed)  # compile once, as the clients do
+        cen = dataclasses.replace(e.train, epochs=rounds, patience=rounds)
+        t = time.perf_counter()
+        fit(model, train, None, cen, seed=e.seed)
+        centralised = time.perf_counter() - t
+        run_dir = Path(out_dir or tempfile.mkdtemp(prefix="fedecay-bench-")) / f"fed-{n}"
+        finish = _memory_sampler()
+        t = time.perf_counter()
+        run_federated(e, data, run_dir)
+        total = time.perf_counter() - t
+        peak = finish()
+        lines = read_metrics(run_dir / "metrics.jsonl")
+        per_round = [r["round_seconds"] for r in lines if r["round"] >= 1]
+        steady = per_round[1:] or per_round
+        steady_round = statistics.median(steady)
+        fit_mean = statistics.median([r.get("train", {}).get("fit_seconds", 0.0)
+                                      for r in lines if r["round"] >= 2] or [0.0])
+        cpus = e.simulation.ray_cpus or os.cpu_count() or 1
+        overhead = max(steady_round * cpus / len(data.merchants) - fit_mean, 0.0)
+        rows.append({
+            "merchants": len(data.merchants),
+            "train_snapshots": len(train),
+            "centralised_s_per_epoch": centralised / rounds,
+            "federated_steady_round_s": steady_round,
+            "federated_over_centralised": steady_round / (centralised / rounds),
+            "first_round_s": per_round[0] if per_round else float("nan"),
+            "startup_s": lines[0]["round_seconds"] if lines else float("nan"),
+            "total_federated_s": total,
+            "client_fit_s_median": fit_mean,
+            "per_client_overhead_ms": overhead * 1000,
+            "peak_memory_mb": peak / 2**20,
+        })
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    widths = [max(len(k), 10) for k in keys]
+    head = "  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))
+    body = ["  ".join((f"{r[k]:,.2f}" if isinstance(r[k], float) else str(r[k])).rjust(w)
+                      for k, w in zip(keys, widths, strict=True)) for r in rows]
+    return "\n".join([head, *body])

@@ -6,6 +6,7 @@ Only this layer prints; everything below it logs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -75,6 +76,62 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--seed", type=int, default=None)
     bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.add_argument("--federation", default="",
+                       help="also time federated vs centralised for these merchant counts, "
+                       "e.g. 10,100")
+    bench.add_argument("--rounds", type=int, default=4)
+
+    score = sub.add_parser("score", help="batch scoring: decay risk, interest forecast and "
+                           "the activation action per user")
+    score.add_argument("--model", required=True,
+                       help="model.keras (its settings are read from model.json beside it)")
+    score.add_argument("--events", required=True, help="the events file to score")
+    score.add_argument("--format", default="auto",
+                       help="events format: auto, canonical, taobao, retailrocket, completejourney")
+    score.add_argument("--at", help="cutoff time, ISO-8601 (default: just after the last event)")
+    score.add_argument("--out", help="write all scores to this .csv or .parquet file "
+                       "(default: print the 20 users most at risk)")
+    score.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="model settings (snapshots.*, policy.*) when the model has no "
+                       "model.json, or overrides, e.g. --set policy.risk-threshold=0.3")
+
+    monitor = sub.add_parser("monitor", help="real-time decay monitor: JSON-line events in, "
+                             "alerts out (one JSON line each)")
+    monitor.add_argument("--model", required=True,
+                         help="model.keras (its settings are read from model.json beside it)")
+    monitor.add_argument("--input", default="-", help="JSON-lines events file, or - for stdin")
+    monitor.add_argument("--state", help="folder for the monitor's state (checkpoints; "
+                         "a restart continues from it)")
+    monitor.add_argument("--batch", type=int, default=1000,
+                         help="rescore touched users every N events (and when input pauses)")
+    monitor.add_argument("--max-delay-seconds", type=float, default=0.5,
+                         help="... or when the first unscored event has waited this long")
+    monitor.add_argument("--cooldown-hours", type=float, default=72.0,
+                         help="no second alert for a user within this stream time")
+    monitor.add_argument("--sweep-hours", type=float, default=24.0,
+                         help="rescore every active user this often in stream time (0 = never)")
+    monitor.add_argument("--checkpoint-every", type=int, default=100_000,
+                         help="events between state checkpoints")
+    monitor.add_argument("--follow", action="store_true",
+                         help="keep reading a growing file (like tail -f)")
+    monitor.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="model settings (snapshots.*, policy.*), as for score")
+
+    privacy = sub.add_parser("privacy", help="privacy audits of a run: what left the "
+                             "merchants, and membership inference on the model")
+    psub = privacy.add_subparsers(dest="privacy_command", required=True)
+    egress = psub.add_parser("egress", help="bytes up/down per round and client, and the "
+                             "metric names clients may send (from metrics.jsonl)")
+    egress.add_argument("--run", required=True, help="a federated run folder")
+    egress.add_argument("--json", help="also write the summary to this JSON file")
+    audit = psub.add_parser("audit", help="loss-threshold membership-inference attack: "
+                            "ROC-AUC with a bootstrap interval")
+    audit.add_argument("--run", required=True, help="a run folder with model.keras (or the "
+                       "model file itself)")
+    audit.add_argument("--merchants", type=int, default=4, help="merchants sampled (seeded)")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples")
+    audit.add_argument("--json", help="also write the result to this JSON file")
 
     deploy = sub.add_parser("deploy", help="files a test deployment needs")
     dsub2 = deploy.add_subparsers(dest="deploy_command", required=True)
@@ -146,13 +203,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if extra:
         exp = experiment_from_flat({**exp.flat, **extra})
     if args.resume:
+        # The run's own config.json decides everything: the same data, seeds and rounds.
         run_dir = Path(args.resume).resolve()
-        if not (run_dir / "checkpoints").is_dir():
-            raise ValueError(f"--resume: no checkpoints folder in {run_dir}")
-        exp = experiment_from_flat({**exp.flat, "federation.resume": True})
+        saved = run_dir / "config.json"
+        if not (run_dir / "checkpoints").is_dir() or not saved.exists():
+            raise ValueError(f"--resume: {run_dir} has no checkpoints/ or config.json")
+        flat = json.loads(saved.read_text())
+        exp = experiment_from_flat({**flat, **extra, "federation.resume": True})
     else:
         run_dir = new_run_dir(exp, "simulate")
-    write_json(run_dir / "config.json", dict(exp.flat))
+        write_json(run_dir / "config.json", dict(exp.flat))
     data = prepare(exp)
     _say(f"data: {len(data.merchants)} merchants, {len(data.snapshots):,} snapshots; "
          f"{exp.federation.strategy}, {exp.federation.num_rounds} rounds")
@@ -196,8 +256,147 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     exp = resolve(args.preset, overrides=args.set, seed=args.seed)
     figures = run_bench(exp)
     print(format_bench(figures))
+    if args.federation:
+        from simulations.bench import format_rows, run_federation_bench
+
+        sizes = tuple(int(x) for x in args.federation.split(",") if x.strip())
+        rows = run_federation_bench(exp, sizes, rounds=args.rounds)
+        print()
+        print(format_rows(rows))
+        figures["federation"] = rows
     if args.json:
         write_json(Path(args.json), figures)
+    return 0
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import time
+
+    from common.io import load_events
+    from common.scoring import (
+        load_model_bundle,
+        score_events,
+        score_summary,
+        warm_up,
+        write_scores,
+    )
+
+    bundle = load_model_bundle(args.model, args.set)
+    _err(f"model: {Path(args.model).resolve()} (settings: {', '.join(bundle.sources)})")
+    started = time.perf_counter()
+    log = load_events(args.events, args.format)
+    _err("\n".join(log.report.summary_lines()))
+    loaded = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rscored {done:,}/{total:,} users", end="", file=sys.stderr, flush=True)
+
+    warm_up(bundle.model)
+    compiled = time.perf_counter()
+    scores = score_events(bundle.model, log.events, args.at, bundle.snapshots, bundle.policy,
+                          progress=progress)
+    seconds = time.perf_counter() - compiled
+    _err("")
+    if args.out:
+        path = write_scores(scores, args.out)
+        print(f"wrote {len(scores):,} scores to {path}")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print(scores.sort_values("decay_risk", ascending=False).head(20)
+                  .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    info = score_summary(scores, bundle.policy)
+    mix = "  ".join(f"{k} {v:.1%}" for k, v in info["action_mix"].items()) or "-"
+    _err(f"users scored {info['users']:,}; at risk (>= {bundle.policy.risk_threshold:g}) "
+         f"{info['at_risk_share']:.1%}; actions: {mix}")
+    _err(f"loading {loaded - started:.1f} s; compiling {compiled - loaded:.1f} s; "
+         f"scoring {seconds:.1f} s "
+         f"({info['users'] / max(seconds, 1e-9):,.0f} users/s)")
+    return 0
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    import json
+    import signal
+
+    from common.monitor import Monitor, MonitorConfig, StopStream, run_stream
+    from common.scoring import load_model_bundle
+
+    bundle = load_model_bundle(args.model, args.set)
+    config = MonitorConfig(batch=args.batch, max_delay_seconds=args.max_delay_seconds,
+                           cooldown_hours=args.cooldown_hours,
+                           sweep_hours=args.sweep_hours, checkpoint_every=args.checkpoint_every)
+    closed = []
+
+    def sink(alert: dict) -> None:
+        if closed:
+            return
+        try:
+            sys.stdout.write(json.dumps(alert) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            closed.append(True)  # the reader went away: stop, saving the state
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            raise StopStream from None
+
+    monitor = Monitor(bundle.model, bundle.snapshots, bundle.policy, config, sink=sink)
+    state_dir = Path(args.state).resolve() if args.state else None
+    position = None
+    if state_dir is not None and (state_dir / "monitor.state").exists():
+        position = monitor.load_state(state_dir)
+        _err(f"state: {state_dir} ({len(monitor):,} users, {monitor.stats.events:,} events)")
+    _err(f"model: {Path(args.model).resolve()} (settings: {', '.join(bundle.sources)}); "
+         f"alert threshold {bundle.policy.risk_threshold:g}")
+    monitor.warm_up()
+
+    # Ctrl-C and SIGTERM end the stream between two events; the state is then saved.
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        out = run_stream(monitor, args.input, follow=args.follow, state_dir=state_dir,
+                         position=position, report=_err, should_stop=lambda: bool(stop))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _err(f"events {out['events']:,} in {out['seconds']:.1f} s ({out['events_per_s']:,.0f}/s); "
+         f"users {out['users']:,}; alerts {out['alerts']:,} "
+         f"(held back by cool-down {out['suppressed_by_cooldown']:,}); "
+         + (f"alert latency p50 {out['alert_latency_p50_ms']:.1f} ms, "
+            f"p99 {out['alert_latency_p99_ms']:.1f} ms"
+            if out["alert_latency_p50_ms"] == out["alert_latency_p50_ms"]  # not NaN
+            else "no event-triggered alerts"))
+    reasons = ", ".join(f"{k} {v:,}" for k, v in out["malformed_reasons"].items())
+    _err(f"malformed lines {out['malformed']:,}{f' ({reasons})' if reasons else ''}; "
+         f"duplicates dropped {out['duplicates']:,}; late events {out['late']:,}")
+    if state_dir is not None:
+        _err(f"state saved to {state_dir}")
+    return 0
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from simulations.experiment import write_json
+    from simulations.privacy_audit import (
+        egress_summary,
+        format_audit,
+        format_egress,
+        membership_audit,
+    )
+
+    if args.privacy_command == "egress":
+        out = egress_summary(args.run)
+        print(format_egress(out))
+    else:
+        out = membership_audit(args.run, merchants=args.merchants, seed=args.seed,
+                               n_boot=args.bootstrap)
+        print(format_audit(out))
+    if args.json:
+        write_json(Path(args.json), out)
     return 0
 
 
@@ -279,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         ("compare", None): _cmd_compare,
         ("deploy", None): _cmd_deploy,
         ("bench", None): _cmd_bench,
+        ("score", None): _cmd_score,
+        ("monitor", None): _cmd_monitor,
+        ("privacy", None): _cmd_privacy,
     }
     key = (args.command, getattr(args, "data_command", None))
     try:

@@ -29,14 +29,14 @@ from common.config import (
     from_flat,
 )
 from common.snapshots import SnapshotReport, Snapshots, build_snapshots
-from server.config import FederationConfig
+from server.config import DPConfig, FederationConfig
 from simulations.synth import SynthConfig, generate_federation, load_preset
 
 log = logging.getLogger(__name__)
 
 SECTIONS: tuple[str, ...] = (
     "experiment", "data", "synthetic", "snapshots", "model", "train", "policy", "federation",
-    "simulation",
+    "simulation", "privacy",
 )
 
 
@@ -105,6 +105,7 @@ class Experiment:
     policy: PolicyConfig
     federation: FederationConfig
     simulation: SimulationConfig
+    privacy: DPConfig = DPConfig()
 
     @property
     def seed(self) -> int:
@@ -137,6 +138,7 @@ def experiment_from_flat(flat: Mapping[str, Any]) -> Experiment:
         policy=from_flat(PolicyConfig, flat, "policy"),
         federation=from_flat(FederationConfig, flat, "federation"),
         simulation=from_flat(SimulationConfig, flat, "simulation"),
+        privacy=from_flat(DPConfig, flat, "privacy"),
     )
 
 

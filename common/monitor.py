@@ -1,0 +1,853 @@
+"""The real-time decay monitor: JSON-line events in, activation alerts out.
+
+Per user the monitor keeps, updated in O(1) per event (amortised):
+
+- the interest score ``I`` at the user's latest event, ``I <- I * exp(-dt / tau) + w``
+  (a late event adds ``w * exp(-(t_latest - t) / tau)``);
+- the number of events and the time of the first one (history length, tenure);
+- the recent events, in time order: every event of the observation window plus the
+  last ``max_len + 1`` events (the sequence and the gap before its first step). Older
+  events are dropped as the stream clock moves on.
+
+Users touched by new events are rescored in micro-batches (every ``batch`` events, or
+when the input pauses) at the cutoff "one second after the stream clock's second",
+and every user still in the observation window is rescored every ``sweep_hours`` of
+stream time, because risk grows while a user is silent. The features are those of
+``common.snapshots.features_at`` on the same events and cutoff (the batch scorer's
+:func:`~common.scoring.build_features` on the kept events plus the aggregates); the
+test suite checks monitor == batch scorer.
+
+An alert (one JSON line) is emitted when a user's decay risk reaches
+``policy.risk-threshold`` from below (or on the user's first score), unless the user
+had an alert less than ``cooldown_hours`` of stream time before.
+
+Approximations, all documented in ``docs/operators.md``:
+
+- interest counts every past event; the batch builder skips events older than 30 tau
+  (they add less than e^-30 of their weight);
+- a user with more than ``window_cap`` events inside the observation window keeps only
+  the last ``window_cap`` (counted as ``window_overflow``);
+- exact duplicates are dropped only against the events the monitor still keeps;
+- the budget of the policy is not applied (decisions are per user, as they stream);
+- ties between categories whose interest fell by exactly the same amount may name a
+  different fading category than the batch scorer (category order differs).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import select
+import stat
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from itertools import chain
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from common.config import PolicyConfig, SnapshotConfig, to_flat
+from common.policy import choose_actions
+from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES
+from common.scoring import (
+    UserEvents,
+    build_features,
+    predict_batches,
+    score_frame,
+    unix_ns,
+    warm_up,
+)
+from common.snapshots import DAY, Snapshots, hash_categories
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "monitor.state"
+STATE_SUMMARY = "monitor.json"
+_STATE_VERSION = 1
+_SECOND = 1_000_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EVENT_CODES = {name: i for i, name in enumerate(EVENT_TYPES)}
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_MS_THRESHOLD = 1e11  # numbers above this are unix milliseconds (as common.io)
+_NS_LIMIT = 9.2e18
+_SCORE_BATCH = 8192  # users per feature/predict pass of a sweep
+_READ_BYTES = 64 << 10  # input read at a time: small reads keep alert latency low
+Alert = dict[str, Any]
+PredictFn = Callable[[Snapshots], Mapping[str, np.ndarray]]
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"monitor setting '{key}': {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    """How the monitor batches, alerts and checkpoints (CLI flags of ``fedecay monitor``)."""
+
+    batch: int = 1000  # rescore touched users every this many events (and on pauses)
+    max_delay_seconds: float = 0.5  # ... or when the first unscored event waited this long
+    cooldown_hours: float = 72.0  # no second alert for a user within this stream time
+    sweep_hours: float = 24.0  # rescore every active user this often (stream time); 0 = off
+    checkpoint_every: int = 100_000  # events between state checkpoints
+    window_cap: int = 10_000  # most events kept per user (observation window + sequence)
+    max_future_hours: float = 24.0  # events this far past the wall clock are malformed; 0 = off
+
+    def __post_init__(self) -> None:
+        _check(self.batch >= 1, "batch", "must be >= 1")
+        _check(self.max_delay_seconds > 0, "max-delay-seconds", "must be > 0")
+        _check(self.cooldown_hours >= 0, "cooldown-hours", "must be >= 0")
+        _check(self.sweep_hours >= 0, "sweep-hours", "must be >= 0")
+        _check(self.checkpoint_every >= 1, "checkpoint-every", "must be >= 1")
+        _check(self.window_cap >= 2, "window-cap", "must be >= 2")
+        _check(self.max_future_hours >= 0, "max-future-hours", "must be >= 0")
+
+
+@dataclasses.dataclass
+class MonitorStats:
+    """Counters since the state was created (they survive restarts)."""
+
+    lines: int = 0
+    events: int = 0
+    malformed: int = 0
+    duplicates: int = 0
+    late: int = 0  # events older than the same user's latest (inserted in order)
+    window_overflow: int = 0
+    alerts: int = 0
+    suppressed: int = 0  # crossings inside a user's cool-down
+    rescored: int = 0  # user scores computed
+    rescore_batches: int = 0
+    sweeps: int = 0
+    reasons: Counter = dataclasses.field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["reasons"] = dict(self.reasons)
+        return out
+
+
+class Malformed(ValueError):
+    """A line that is not a valid event; the message says why."""
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _ident(value: Any, name: str) -> str | None:
+    """An id as the canonical loader reads it: stripped text, integral numbers without .0."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Malformed(f"{name}: expected a string or number")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Malformed(f"{name}: not a finite number")
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def _number_ns(value: float | int) -> int:
+    scale = 1_000_000 if abs(value) > _MS_THRESHOLD else _SECOND
+    if isinstance(value, int):
+        ns = value * scale
+    else:
+        whole = math.floor(value)
+        ns = int(whole) * scale + round((value - whole) * scale)
+    if abs(ns) >= _NS_LIMIT:
+        raise Malformed("timestamp: out of range")
+    return ns
+
+
+def parse_timestamp(value: Any) -> int:
+    """Unix ns from ISO-8601 text, unix seconds or milliseconds (naive = UTC)."""
+    if isinstance(value, bool) or value is None:
+        raise Malformed("timestamp: missing")
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise Malformed("timestamp: not a finite number")
+        return _number_ns(value)
+    if not isinstance(value, str):
+        raise Malformed("timestamp: expected ISO-8601 text or a unix time")
+    text = value.strip()
+    iso = len(text) >= 10 and text[4] == "-"  # YYYY-...
+    if not iso and _NUMBER.match(text):
+        number = float(text)
+        return _number_ns(int(text) if text.lstrip("+-").isdigit() else number)
+    try:
+        dot = text.find(".")
+        if dot > 0 and len(text) > dot + 7 and text[dot + 7].isdigit():
+            raise ValueError  # more digits than datetime keeps: let pandas read them
+        stamp = datetime.fromisoformat(text)
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)
+        return (stamp - _EPOCH) // timedelta(microseconds=1) * 1000
+    except ValueError:
+        pass
+    try:
+        ts = pd.Timestamp(text)
+    except (ValueError, OverflowError):
+        raise Malformed(f"timestamp: cannot read {text[:40]!r}") from None
+    if ts is pd.NaT:
+        raise Malformed("timestamp: missing")
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    return int(ts.as_unit("ns").value)
+
+
+def parse_event(line: str | bytes) -> tuple[str, str, int, int, str, float, str]:
+    """One JSON line as (merchant, user, ns, event code, category, value, item).
+
+    Raises :class:`Malformed` naming the field and the problem.
+    """
+    try:
+        rec = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        raise Malformed("not valid JSON") from None
+    if not isinstance(rec, dict):
+        raise Malformed("not a JSON object")
+    user = rec.get("user_id")
+    user = (user.strip() or None) if user.__class__ is str else _ident(user, "user_id")
+    if user is None:
+        raise Malformed("user_id: missing")
+    ns = parse_timestamp(rec.get("timestamp"))
+    name = rec.get("event")
+    code = _EVENT_CODES.get(name.strip().lower()) if isinstance(name, str) else None
+    if code is None:
+        raise Malformed(f"event: expected one of {', '.join(EVENT_TYPES)}, got {name!r}"[:120])
+    raw = rec.get("value")
+    if raw is None or raw == "":
+        value = 0.0
+    elif raw.__class__ is float and raw >= 0 and raw != math.inf:
+        value = raw
+    elif isinstance(raw, bool):
+        raise Malformed("value: expected a number")
+    else:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise Malformed("value: expected a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise Malformed("value: expected a finite number >= 0")
+    merchant, category, item = (rec.get(k) for k in ("merchant_id", "category_id", "item_id"))
+    return (
+        (merchant.strip() if merchant.__class__ is str else _ident(merchant, "merchant_id"))
+        or DEFAULT_MERCHANT,
+        user, ns, code,
+        (category.strip() if category.__class__ is str else _ident(category, "category_id"))
+        or DEFAULT_CATEGORY,
+        value,
+        (item.strip() if item.__class__ is str else _ident(item, "item_id")) or "",
+    )
+
+
+# ------------------------------------------------------------------------- user state
+
+
+class _User:
+    """One user's running state; lists hold the kept events in time order."""
+
+    __slots__ = ("ns", "ev", "cat", "val", "item", "interest", "t_ref", "n", "first_ns",
+                 "risk", "alert_ns", "read_at")
+
+    def __init__(self) -> None:
+        self.ns: list[int] = []
+        self.ev: list[int] = []
+        self.cat: list[int] = []
+        self.val: list[float] = []
+        self.item: list[str] = []
+        self.interest = 0.0  # I at t_ref
+        self.t_ref = 0  # ns of the latest event
+        self.n = 0
+        self.first_ns = 0
+        self.risk: float | None = None
+        self.alert_ns: int | None = None
+        self.read_at: float | None = None  # when the first unscored event was read
+
+    def __getstate__(self) -> tuple:
+        return (self.ns, self.ev, self.cat, self.val, self.item, self.interest, self.t_ref,
+                self.n, self.first_ns, self.risk, self.alert_ns)
+
+    def __setstate__(self, state: tuple) -> None:
+        (self.ns, self.ev, self.cat, self.val, self.item, self.interest, self.t_ref,
+         self.n, self.first_ns, self.risk, self.alert_ns) = state
+        self.read_at = None
+
+    def drop_front(self, k: int) -> None:
+        for lst in (self.ns, self.ev, self.cat, self.val, self.item):
+            del lst[:k]
+
+
+# ----------------------------------------------------------------------------- monitor
+
+
+class Monitor:
+    """Incremental per-user state, micro-batch rescoring and alerts.
+
+    Parameters
+    ----------
+    model : the trained model; may be None when ``predict_fn`` is given.
+    snapshots, policy : the model's settings (``common.scoring.load_model_bundle``).
+    config : batching, cool-down, sweeps and checkpoints.
+    sink : called with every alert (a dict) as it is emitted.
+    predict_fn : Snapshots -> head outputs; default ``predict_batches`` on ``model``.
+    """
+
+    def __init__(self, model: keras.Model | None, snapshots: SnapshotConfig,
+                 policy: PolicyConfig, config: MonitorConfig | None = None, *,
+                 sink: Callable[[Alert], None] | None = None,
+                 predict_fn: PredictFn | None = None) -> None:
+        if model is None and predict_fn is None:
+            raise ValueError("Monitor needs a model or a predict_fn")
+        self.model = model
+        self.snapshots = dataclasses.replace(snapshots, start="", end="")
+        self.policy = policy
+        self.config = config or MonitorConfig()
+        self.sink = sink
+        self._buckets = (64, 256, 1024)
+        self._predict = predict_fn or (
+            lambda snaps: predict_batches(model, snaps, 1024, self._buckets))
+        self._tau_ns = self.snapshots.tau_days * DAY * _SECOND
+        self._obs_ns = int(round(self.snapshots.observation_days * DAY * _SECOND))
+        self._keep = self.snapshots.max_len + 1
+        self._cap = max(self.config.window_cap, self._keep)
+        self._weights = self.snapshots.event_weights
+        self._cooldown_ns = int(self.config.cooldown_hours * 3600 * _SECOND)
+        self._sweep_ns = int(self.config.sweep_hours * 3600 * _SECOND)
+        self._future_ns = int(self.config.max_future_hours * 3600 * _SECOND)
+        self.users: dict[tuple[str, str], _User] = {}
+        self._cat_index: dict[str, int] = {}
+        self._cat_names: list[str] = []
+        self._cat_hash: list[int] = []
+        self.clock_ns: int | None = None  # latest event time seen
+        self._lo_ns = -(2**62)  # events before this are in no future observation window
+        self._last_sweep_ns: int | None = None
+        self._dirty: dict[tuple[str, str], _User] = {}
+        self.pending = 0
+        self.oldest_pending = 0.0  # when the first unscored event was read (perf_counter)
+        self.since_checkpoint = 0
+        self.stats = MonitorStats()
+        self.latencies: deque[float] = deque(maxlen=100_000)  # seconds, event-triggered alerts
+        self.malformed_examples: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def warm_up(self) -> None:
+        """Compile the model for every micro-batch shape now, not at the first alerts."""
+        if self.model is None:
+            return
+        warm_up(self.model, self._buckets)
+
+    # -------------------------------------------------------------------- the stream
+
+    def feed(self, line: str | bytes, read_at: float | None = None) -> None:
+        """Take one input line; rescores when ``batch`` events are pending."""
+        self.stats.lines += 1
+        if not line.strip():
+            return
+        try:
+            merchant, user, ns, code, cat, value, item = parse_event(line)
+            if self._future_ns and ns > time.time_ns() + self._future_ns:
+                raise Malformed(f"timestamp: more than {self.config.max_future_hours:g} h "
+                                "in the future")
+        except Malformed as err:
+            self._malformed(str(err), line)
+            return
+        self.add_event(merchant, user, ns, code, cat, value, item,
+                       time.perf_counter() if read_at is None else read_at)
+
+    def feed_lines(self, lines: Iterable[str | bytes]) -> None:
+        for line in lines:
+            self.feed(line)
+
+    def _malformed(self, reason: str, line: str | bytes) -> None:
+        self.stats.malformed += 1
+        self.stats.reasons[reason.split(":")[0]] += 1
+        if len(self.malformed_examples) < 10:
+            text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+            self.malformed_examples.append(
+                f"line {self.stats.lines}: {reason}: {text.strip()[:120]}")
+
+    def add_event(self, merchant: str, user: str, ns: int, code: int, cat: str, value: float,
+                  item: str = "", read_at: float = 0.0) -> None:
+        """Add one parsed event to its user's state."""
+        key = (merchant, user)
+        st = self.users.get(key)
+        if st is None:
+            st = self.users[key] = _User()
+        c = self._cat_index.get(cat)
+        if c is None:
+            c = self._category(cat)
+        times = st.ns
+        pos = bisect.bisect_right(times, ns)
+        i = pos - 1
+        while i >= 0 and times[i] == ns:  # an exact duplicate of a kept event?
+            if st.ev[i] == code and st.cat[i] == c and st.val[i] == value \
+                    and st.item[i] == item:
+                self.stats.duplicates += 1
+                return
+            i -= 1
+        if pos == len(times):
+            times.append(ns)
+            st.ev.append(code)
+            st.cat.append(c)
+            st.val.append(value)
+            st.item.append(item)
+        else:
+            self.stats.late += 1
+            times.insert(pos, ns)
+            st.ev.insert(pos, code)
+            st.cat.insert(pos, c)
+            st.val.insert(pos, value)
+            st.item.insert(pos, item)
+        self.stats.events += 1
+        w = self._weights[code]
+        if st.n == 0:
+            st.interest, st.t_ref, st.first_ns = w, ns, ns
+        elif ns >= st.t_ref:
+            st.interest = st.interest * math.exp(-(ns - st.t_ref) / self._tau_ns) + w
+            st.t_ref = ns
+        else:
+            st.interest += w * math.exp(-(st.t_ref - ns) / self._tau_ns)
+            st.first_ns = min(st.first_ns, ns)
+        st.n += 1
+        if self.clock_ns is None or ns > self.clock_ns:
+            self.clock_ns = ns
+            if self._last_sweep_ns is None:
+                self._last_sweep_ns = ns
+            self._lo_ns = self.cutoff_ns() - self._obs_ns - _SECOND
+        self._prune(st)
+        if st.read_at is None:
+            st.read_at = read_at
+        self._dirty[key] = st
+        if self.pending == 0:
+            self.oldest_pending = read_at
+        self.pending += 1
+        self.since_checkpoint += 1
+        if self.pending >= self.config.batch:
+            self.flush()
+
+    def _category(self, name: str) -> int:
+        code = len(self._cat_names)
+        self._cat_index[name] = code
+        self._cat_names.append(name)
+        self._cat_hash.append(int(hash_categories(np.array([name], dtype=object),
+                                                  self.snapshots.hash_buckets)[0]))
+        return code
+
+    def _prune(self, st: _User) -> None:
+        """Drop events that no future snapshot looks at, and past the cap."""
+        n = len(st.ns)
+        if n > self._keep and st.ns[0] < self._lo_ns:
+            k = min(bisect.bisect_left(st.ns, self._lo_ns), n - self._keep)
+            if k > 0:
+                st.drop_front(k)
+                n -= k
+        if n > self._cap:
+            self.stats.window_overflow += n - self._cap
+            st.drop_front(n - self._cap)
+
+    def cutoff_ns(self) -> int:
+        """The monitor's cutoff: one second after the stream clock's second."""
+        if self.clock_ns is None:
+            raise ValueError("the monitor has seen no events yet")
+        return (self.clock_ns // _SECOND + 1) * _SECOND
+
+    def flush(self) -> None:
+        """Rescore the users touched since the last rescoring; sweep when one is due."""
+        if self._dirty:
+            users = list(self._dirty.items())
+            self._dirty.clear()
+            self.pending = 0
+            self._rescore(users, "events")
+        if (self._sweep_ns and self.clock_ns is not None and self._last_sweep_ns is not None
+                and self.clock_ns - self._last_sweep_ns >= self._sweep_ns):
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Rescore every user still in the observation window (silent users' risk grows)."""
+        if self.clock_ns is None:
+            return
+        self._last_sweep_ns = self.clock_ns
+        self.stats.sweeps += 1
+        active = []
+        for key, st in self.users.items():
+            self._prune(st)
+            if st.ns and st.ns[-1] >= self._lo_ns:
+                active.append((key, st))
+        for lo in range(0, len(active), _SCORE_BATCH):
+            self._rescore(active[lo:lo + _SCORE_BATCH], "sweep")
+
+    # ------------------------------------------------------------------- scoring
+
+    def _user_events(self, users: list[tuple[tuple[str, str], _User]], at_ns: int
+                     ) -> UserEvents:
+        states = [st for _, st in users]
+        lengths = np.fromiter((len(st.ns) for st in states), np.int64, len(states))
+        total = int(lengths.sum())
+        tau = self._tau_ns
+        return UserEvents(
+            user=np.repeat(np.arange(len(states), dtype=np.int64), lengths),
+            ns=np.fromiter(chain.from_iterable(st.ns for st in states), np.int64, total),
+            event=np.fromiter(chain.from_iterable(st.ev for st in states), np.int8, total),
+            cat=np.fromiter(chain.from_iterable(st.cat for st in states), np.int32, total),
+            value=np.fromiter(chain.from_iterable(st.val for st in states), np.float64, total),
+            user_ids=np.array([k[1] for k, _ in users], dtype=object),
+            merchant_ids=np.array([k[0] for k, _ in users], dtype=object),
+            cat_names=np.array(self._cat_names, dtype=object),
+            cat_hash=np.array(self._cat_hash, dtype=np.int32),
+            interest=np.array([st.interest * math.exp(-(at_ns - st.t_ref) / tau)
+                               for st in states]),
+            n_history=np.array([st.n for st in states], dtype=np.int64),
+            first_ns=np.array([st.first_ns for st in states], dtype=np.int64),
+        )
+
+    def features(self, at: Any = None,
+                 users: list[tuple[tuple[str, str], _User]] | None = None
+                 ) -> tuple[Snapshots, np.ndarray]:
+        """Snapshots of the active users at ``at`` (default: the monitor's cutoff).
+
+        Returns the snapshots (sorted by merchant, user when ``users`` is None) and, per
+        row, the index of the user in ``users``.
+        """
+        at_ns = self._check_cutoff(at)
+        if users is None:
+            users = sorted(self.users.items())
+        ev = self._user_events(users, at_ns)
+        snaps = build_features(ev, at_ns, self.snapshots)
+        index = {(m, u): i for i, (m, u) in
+                 enumerate(zip(ev.merchant_ids, ev.user_ids, strict=True))}
+        rows = np.array([index[(m, u)] for m, u in
+                         zip(snaps.merchant_id, snaps.user_id, strict=True)], dtype=np.int64)
+        return snaps, rows
+
+    def scores(self, at: Any = None) -> pd.DataFrame:
+        """The score table of every active user, as ``common.scoring.score_events``.
+
+        A read-only view: it neither updates risks nor emits alerts.
+        """
+        snaps, _ = self.features(at)
+        return score_frame(snaps.user_id, snaps.merchant_id, self._predict(snaps),
+                           snaps.fading_category, self.snapshots, self.policy)
+
+    def _check_cutoff(self, at: Any) -> int:
+        low = self.cutoff_ns()
+        if at is None:
+            return low
+        stamp = pd.Timestamp(at)
+        stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+        ns = -(-int(stamp.as_unit("ns").value) // _SECOND) * _SECOND
+        if ns < low:
+            raise ValueError(f"cutoff {stamp} is before the monitor's clock "
+                             f"({pd.Timestamp(low, unit='ns', tz='UTC')})")
+        return ns
+
+    def _rescore(self, users: list[tuple[tuple[str, str], _User]], trigger: str) -> None:
+        """Score ``users`` at the cutoff; emit alerts for upward threshold crossings."""
+        at_ns = self.cutoff_ns()
+        read_at = [st.read_at for _, st in users]
+        for _, st in users:
+            st.read_at = None
+        snaps, rows = self.features(at_ns, users)
+        if len(snaps) == 0:
+            return
+        pred = self._predict(snaps)
+        budgetless = dataclasses.replace(self.policy, budget=0)
+        decision = choose_actions(pred["decay"], pred["activation"], budgetless,
+                                  self.snapshots.actions, snaps.fading_category)
+        self.stats.rescored += len(snaps)
+        self.stats.rescore_batches += 1
+        threshold = self.policy.risk_threshold
+        risk = np.asarray(pred["decay"], dtype=np.float64)
+        forecast = np.expm1(np.maximum(np.asarray(pred["interest"], np.float64), 0.0))
+        cutoff = pd.Timestamp(at_ns, unit="ns", tz="UTC").isoformat()
+        for r, i in enumerate(rows):
+            (merchant, user), st = users[i]
+            prev, now = st.risk, float(risk[r])
+            st.risk = now
+            if now < threshold or (prev is not None and prev >= threshold):
+                continue
+            if st.alert_ns is not None and at_ns - st.alert_ns < self._cooldown_ns:
+                self.stats.suppressed += 1
+                continue
+            st.alert_ns = at_ns
+            self.stats.alerts += 1
+            if self.sink is not None:
+                self.sink({
+                    "user_id": user, "merchant_id": merchant, "at": cutoff,
+                    "decay_risk": round(now, 6),
+                    "previous_risk": None if prev is None else round(prev, 6),
+                    "interest_now": round(float(snaps.interest_now[r]), 6),
+                    "interest_forecast": round(float(forecast[r]), 6),
+                    "action": str(decision.action[r]),
+                    "uplift": round(float(decision.uplift[r]), 6),
+                    "expected_gain": round(float(decision.expected_gain[r]), 6),
+                    "category": str(decision.category[r]),
+                    "trigger": trigger,
+                })
+            if trigger == "events" and read_at[i] is not None:
+                self.latencies.append(time.perf_counter() - read_at[i])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return to_flat(self.snapshots, "snapshots")
+
+    def save(self, state_dir: str | Path, position: Mapping[str, Any] | None = None) -> Path:
+        """Write the whole state atomically (temp file, fsync, rename) into ``state_dir``.
+
+        Pending (unscored) events are scored first, so the state has none.
+        """
+        self.flush()
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "version": _STATE_VERSION, "snapshots": self._fingerprint(),
+            "clock_ns": self.clock_ns, "last_sweep_ns": self._last_sweep_ns,
+            "categories": self._cat_names, "users": self.users,
+            "stats": self.stats.as_dict(), "position": dict(position or {}),
+        }
+        path = state_dir / STATE_FILE
+        _atomic_write(path, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+        summary = {k: payload[k] for k in ("version", "clock_ns", "stats", "position")}
+        summary["users"] = len(self.users)
+        summary["clock"] = (None if self.clock_ns is None else
+                            pd.Timestamp(self.clock_ns, unit="ns", tz="UTC").isoformat())
+        _atomic_write(state_dir / STATE_SUMMARY,
+                      (json.dumps(summary, indent=2, default=str) + "\n").encode())
+        self.since_checkpoint = 0
+        return path
+
+    def load_state(self, state_dir: str | Path) -> dict[str, Any]:
+        """Restore what :meth:`save` wrote; returns the saved input position.
+
+        The state file is a pickle: only load state folders this monitor wrote.
+        """
+        path = Path(state_dir) / STATE_FILE
+        try:
+            payload = pickle.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no monitor state in {state_dir} ({STATE_FILE})") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError) as err:
+            raise ValueError(f"{path}: not a monitor state file ({err})") from None
+        if payload.get("version") != _STATE_VERSION:
+            raise ValueError(f"{path}: state version {payload.get('version')}, "
+                             f"expected {_STATE_VERSION}")
+        mine = self._fingerprint()
+        diff = sorted(k for k in mine if payload["snapshots"].get(k) != mine[k])
+        if diff:
+            k = diff[0]
+            raise ValueError(f"{path} was built with {k}={payload['snapshots'].get(k)!r} but "
+                             f"the model's settings say {mine[k]!r}; use a new --state folder")
+        self.users = payload["users"]
+        self.clock_ns = payload["clock_ns"]
+        self._last_sweep_ns = payload["last_sweep_ns"]
+        self._cat_index, self._cat_names, self._cat_hash = {}, [], []
+        for name in payload["categories"]:
+            self._category(name)
+        stats = dict(payload["stats"])
+        reasons = Counter(stats.pop("reasons", {}))
+        self.stats = MonitorStats(**stats, reasons=reasons)
+        if self.clock_ns is not None:
+            self._lo_ns = self.cutoff_ns() - self._obs_ns - _SECOND
+        self._dirty.clear()
+        self.pending = self.since_checkpoint = 0
+        return dict(payload.get("position") or {})
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------ the input
+
+
+class StopStream(Exception):
+    """Raised (e.g. by a sink whose reader went away) to end :func:`run_stream` cleanly."""
+
+
+def _position(path: Path | None, fd: int, offset: int) -> dict[str, Any]:
+    """Where a restart on the same regular file continues (nothing for stdin or pipes)."""
+    if path is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        return {}
+    return {"path": str(path), "inode": os.fstat(fd).st_ino, "offset": offset}
+
+
+def run_stream(monitor: Monitor, source: str | Path, *, follow: bool = False,
+               state_dir: str | Path | None = None, position: Mapping[str, Any] | None = None,
+               report: Callable[[str], None] | None = None, poll: float = 0.2,
+               status_every: float = 30.0,
+               should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Feed JSON lines from ``source`` (a file, or "-" for stdin) into ``monitor``.
+
+    Touched users are rescored every ``batch`` events, when the first unscored event
+    has waited ``max_delay_seconds``, and whenever the input pauses (nothing to read for
+    ``poll`` seconds, or the end of a followed file). The state is
+    saved to ``state_dir`` every ``checkpoint_every`` events and at the end (also on
+    KeyboardInterrupt or :class:`StopStream`), with the byte offset of the last line
+    read, so a restart on the same file continues after it. ``report`` gets progress
+    and problems (the CLI prints them on stderr). ``should_stop`` is asked between
+    reads: a signal handler that sets a flag stops the stream between two events, never
+    inside one.
+    """
+    say = report or (lambda text: log.info("%s", text))
+    path = None if str(source) == "-" else Path(source).resolve()
+    fh = sys.stdin.buffer if path is None else open(path, "rb")  # noqa: SIM115
+    fd = fh.fileno()
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    offset = 0
+    if regular and path is not None and position and position.get("path") == str(path):
+        info = os.fstat(fd)
+        saved = int(position.get("offset", 0))
+        if position.get("inode") == info.st_ino and saved <= info.st_size:
+            offset = saved
+            say(f"resuming {path} at byte {offset:,}")
+        else:
+            say(f"{path} changed since the checkpoint (rotated or truncated): reading it "
+                "from the start")
+    if offset:
+        os.lseek(fd, offset, os.SEEK_SET)
+    started = last_status = time.perf_counter()
+    before = monitor.stats.as_dict()
+    max_delay = monitor.config.max_delay_seconds
+    shown = len(monitor.malformed_examples)
+    buf = b""
+    stopping = should_stop or (lambda: False)
+    try:
+        while not stopping():
+            if not regular:
+                ready, _, _ = select.select([fd], [], [], min(poll, max_delay))
+                if not ready:
+                    monitor.flush()  # the input pauses
+                    continue
+            data = os.read(fd, _READ_BYTES)
+            if not data:
+                if regular and follow:
+                    monitor.flush()
+                    if os.fstat(fd).st_size < offset + len(buf):
+                        say(f"{path} was truncated: reading it from the start")
+                        offset, buf = 0, b""
+                        os.lseek(fd, 0, os.SEEK_SET)
+                    time.sleep(poll)
+                    continue
+                break
+            read_at = time.perf_counter()
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                monitor.feed(line, read_at)
+                offset += len(line) + 1  # the checkpoint's offset: lines fed, no more
+            if monitor.pending and time.perf_counter() - monitor.oldest_pending >= max_delay:
+                monitor.flush()
+            while shown < len(monitor.malformed_examples):
+                say(f"malformed {monitor.malformed_examples[shown]}")
+                shown += 1
+            if state_dir is not None and \
+                    monitor.since_checkpoint >= monitor.config.checkpoint_every:
+                monitor.save(state_dir, _position(path, fd, offset))
+            now = time.perf_counter()
+            if now - last_status >= status_every:
+                last_status = now
+                say(status_line(monitor, monitor.stats.events - before["events"], now - started))
+        if stopping():
+            say("stopping" + (": saving the state" if state_dir is not None else ""))
+        elif buf.strip():  # a last line without a newline
+            monitor.feed(buf, time.perf_counter())
+            offset += len(buf)
+        monitor.flush()
+    except (KeyboardInterrupt, StopStream):
+        say("stopping" + (": saving the state" if state_dir is not None else ""))
+    finally:
+        if state_dir is not None:
+            try:
+                monitor.save(state_dir, _position(path, fd, offset))
+            except StopStream:
+                monitor.save(state_dir, _position(path, fd, offset))
+        if path is not None:
+            fh.close()
+    return summary(monitor, time.perf_counter() - started, before)
+
+
+def status_line(monitor: Monitor, events: int, seconds: float) -> str:
+    st = monitor.stats
+    clock = ("-" if monitor.clock_ns is None
+             else pd.Timestamp(monitor.clock_ns, unit="ns", tz="UTC").strftime("%Y-%m-%d %H:%M"))
+    return (f"events {events:,} ({events / max(seconds, 1e-9):,.0f}/s)  users {len(monitor):,}  "
+            f"alerts {st.alerts:,}  malformed {st.malformed:,}  stream clock {clock}")
+
+
+def summary(monitor: Monitor, seconds: float,
+            since: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Figures of a run (counters since ``since``, a ``stats.as_dict()``): throughput,
+    alerts, problems and alert latency."""
+    lat = np.asarray(monitor.latencies, dtype=np.float64) * 1000
+    now = monitor.stats.as_dict()
+    st = {k: v - (since or {}).get(k, 0) for k, v in now.items() if k != "reasons"}
+    events = st["events"]
+    return {
+        "events": events, "seconds": seconds, "events_per_s": events / max(seconds, 1e-9),
+        "users": len(monitor), "alerts": st["alerts"], "suppressed_by_cooldown": st["suppressed"],
+        "malformed": st["malformed"], "duplicates": st["duplicates"], "late": st["late"],
+        "window_overflow": st["window_overflow"], "rescored": st["rescored"],
+        "sweeps": st["sweeps"],
+        "malformed_reasons": {k: n - (since or {}).get("reasons", {}).get(k, 0)
+                              for k, n in now["reasons"].items()
+                              if n > (since or {}).get("reasons", {}).get(k, 0)},
+        "alert_latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "alert_latency_p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+    }
+
+
+def events_to_jsonl(events: pd.DataFrame) -> list[str]:
+    """A canonical event frame as JSON lines in time order (a replayable stream)."""
+    order = np.argsort(unix_ns(events["timestamp"]), kind="stable")
+    frame = events.iloc[order]
+    ns = unix_ns(frame["timestamp"])
+    unit = "ms" if (ns % 1_000_000 == 0).all() else "us" if (ns % 1000 == 0).all() else "ns"
+    text = frame.to_json(orient="records", lines=True, date_format="iso", date_unit=unit)
+    return text.splitlines()
+
+
+def benchmark_monitor(model: keras.Model | None, events: pd.DataFrame,
+                      snapshots: SnapshotConfig, policy: PolicyConfig,
+                      config: MonitorConfig | None = None, *,
+                      predict_fn: PredictFn | None = None) -> dict[str, Any]:
+    """Replay ``events`` through a fresh monitor as fast as it takes them.
+
+    Parsing, state updates, micro-batch rescoring, sweeps and alert serialisation are
+    timed; converting the frame to JSON lines and compiling the model are not.
+    Latency: from feeding the first unscored event of a user to emitting its alert.
+    """
+    lines = events_to_jsonl(events)
+    out: list[str] = []
+    monitor = Monitor(model, snapshots, policy, config, predict_fn=predict_fn,
+                      sink=lambda alert: out.append(json.dumps(alert)))
+    monitor.warm_up()
+    started = time.perf_counter()
+    for line in lines:
+        monitor.feed(line)
+    monitor.flush()
+    figures = summary(monitor, time.perf_counter() - started)
+    figures["batch"] = monitor.config.batch
+    return figures

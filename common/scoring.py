@@ -1,0 +1,548 @@
+"""Batch scoring with the global model, and the bundle that carries the model's settings.
+
+A model only makes sense with the snapshot settings it was trained with (sequence
+length, hash buckets, tau, event weights, actions): the bundle is ``model.keras`` plus
+a ``model.json`` sidecar of flat ``snapshots.*`` / ``policy.*`` keys.
+
+``score_events`` builds the unlabelled snapshot of every user active before a cutoff,
+predicts the three heads and applies the policy once over all users (a budget is
+global). The snapshots are those of ``common.snapshots.features_at`` (the tests check
+it), built by :func:`build_features` from a description of each user that the monitor
+(``common.monitor``) keeps incrementally too: the recent events a snapshot looks at,
+plus whole-history aggregates. Large logs are turned into features in chunks of whole
+users, so memory follows the chunk, not the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from common.config import PolicyConfig, SnapshotConfig, apply_overrides, from_flat, to_flat
+from common.policy import choose_actions
+from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES, DataError
+from common.snapshots import (
+    _TAU_SPAN,
+    DAY,
+    NUMERIC_FEATURES,
+    SPLITS,
+    STATIC_FEATURES,
+    Snapshots,
+    _features_at,
+    _Log,
+    hash_categories,
+    label_window,
+)
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMNS: tuple[str, ...] = ("user_id", "merchant_id", "decay_risk", "interest_forecast",
+                                  "action", "uplift", "expected_gain", "category")
+#: ``score_events`` progress: (users scored so far, users to score).
+Progress = Callable[[int, int], None]
+BUNDLE_FORMAT = "fedecay-model-bundle"
+_SECOND = 1_000_000_000  # ns
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundle:
+    """A loaded model with the settings it needs; ``sources`` says where they came from."""
+
+    model: keras.Model
+    snapshots: SnapshotConfig
+    policy: PolicyConfig
+    sources: tuple[str, ...]
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """``runs/x/model.keras`` -> ``runs/x/model.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def save_model_bundle(model: keras.Model, snapshot_config: SnapshotConfig,
+                      policy_config: PolicyConfig | None, path: str | Path) -> Path:
+    """Save ``model`` as ``path`` (.keras) and its settings as the ``.json`` sidecar.
+
+    Both files are written atomically (temp file, then rename). Returns the model path.
+    """
+    from common.model import save_model
+
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, path)
+    write_model_settings(path, snapshot_config, policy_config)
+    return path
+
+
+def write_model_settings(model_path: str | Path, snapshot_config: SnapshotConfig,
+                         policy_config: PolicyConfig | None) -> Path:
+    """Write the ``model.json`` sidecar of an already saved model (atomically).
+
+    With ``policy_config`` None only the snapshot settings are written; the policy then
+    comes from the run's ``config.json``, ``--set`` or the defaults at load time.
+    """
+    flat: dict[str, Any] = {"format": BUNDLE_FORMAT, **to_flat(snapshot_config, "snapshots")}
+    if policy_config is not None:
+        flat.update(to_flat(policy_config, "policy"))
+    side = sidecar_path(Path(model_path).resolve())
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, side)
+    return side
+
+
+def _settings_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read model settings ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of flat config keys")
+    return {k: v for k, v in data.items() if k.startswith(("snapshots.", "policy."))}
+
+
+def load_model_bundle(path: str | Path,
+                      overrides: Sequence[str] | None = None) -> ModelBundle:
+    """Load a model and its settings.
+
+    Settings, later ones winning: the defaults; the run's ``config.json`` in the model's
+    folder (``snapshots.*`` / ``policy.*`` keys); the ``model.json`` sidecar;
+    ``overrides`` (``key=value`` strings, as ``--set``). The shape-bearing settings
+    (``max-len``, ``hash-buckets``, the number of actions) are checked against the model.
+    """
+    from common.model import load_model
+
+    path = Path(path).resolve()
+    model = load_model(path)
+    flat: dict[str, Any] = {}
+    sources: list[str] = []
+    for candidate in (path.parent / "config.json", sidecar_path(path)):
+        if candidate.is_file():
+            flat.update(_settings_file(candidate))
+            sources.append(str(candidate))
+    if overrides:
+        flat = apply_overrides(flat, list(overrides))
+        sources.append("--set")
+    if not sources:
+        log.warning("%s: no model.json or config.json beside the model; using default "
+                    "snapshot settings (give the training ones with --set snapshots.KEY=VALUE)",
+                    path)
+    snaps = from_flat(SnapshotConfig, flat, "snapshots")
+    policy = from_flat(PolicyConfig, flat, "policy")
+    check_model_settings(model, snaps, str(path))
+    return ModelBundle(model, snaps, policy, tuple(sources) or ("defaults",))
+
+
+def check_model_settings(model: keras.Model, snaps: SnapshotConfig, name: str = "model") -> None:
+    """Raise ``ValueError`` naming every key whose value cannot fit the model."""
+    fits = {
+        "max-len": (snaps.max_len, int(model.input["events"].shape[1])),
+        "hash-buckets": (snaps.hash_buckets, model.get_layer("category_embedding").input_dim - 1),
+    }
+    wrong = {k: v for k, (mine, v) in fits.items() if mine != v}
+    problems = [f"snapshots.{k} is {fits[k][0]} but {name} was built for {v}"
+                for k, v in wrong.items()]
+    n_actions = int(model.get_layer("activation").units)
+    if n_actions != len(snaps.actions):
+        problems.append(f"snapshots.actions lists {len(snaps.actions)} actions "
+                        f"({','.join(snaps.actions)}) but {name} scores {n_actions}")
+    if problems:
+        fix = " ".join(f"--set snapshots.{k}={v}" for k, v in wrong.items())
+        raise ValueError("config key " + "; ".join(problems)
+                         + (f" (give the training settings: {fix})" if fix else ""))
+
+
+def unix_ns(timestamps: Any) -> np.ndarray:
+    """Unix nanoseconds of a datetime column, whatever its unit (naive = UTC)."""
+    index = pd.DatetimeIndex(timestamps)
+    if index.tz is None:
+        index = index.tz_localize("UTC")
+    return index.as_unit("ns").asi8
+
+
+def cutoff_ns(events: pd.DataFrame, at: Any = None) -> int:
+    """The cutoff as unix ns on a whole second (rounded up); default: just after the log.
+
+    On whole seconds "before the cutoff" means the same for every feature of the
+    snapshot builder (its windows are counted in whole seconds).
+    """
+    if at is None or at == "":
+        last = int(unix_ns(events["timestamp"]).max())
+        return (last // _SECOND + 1) * _SECOND
+    try:
+        stamp = pd.Timestamp(at)
+    except (TypeError, ValueError):
+        raise ValueError(f"--at {at!r}: expected an ISO-8601 time") from None
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    ns = int(stamp.as_unit("ns").value)
+    return -(-ns // _SECOND) * _SECOND
+
+
+def score_frame(user_id: np.ndarray, merchant_id: np.ndarray, pred: Mapping[str, np.ndarray],
+                fading_category: np.ndarray, snap_cfg: SnapshotConfig,
+                policy_cfg: PolicyConfig) -> pd.DataFrame:
+    """Predictions and the policy's decisions as the score table (``SCORE_COLUMNS``)."""
+    risk = np.asarray(pred["decay"], dtype=np.float64)
+    decision = choose_actions(risk, pred["activation"], policy_cfg, snap_cfg.actions,
+                              fading_category)
+    return pd.DataFrame({
+        "user_id": pd.Series(user_id, dtype="string"),
+        "merchant_id": pd.Series(merchant_id, dtype="string"),
+        "decay_risk": risk,
+        # The interest head predicts log1p(I(T + H)); interest is never negative.
+        "interest_forecast": np.expm1(np.maximum(np.asarray(pred["interest"], np.float64), 0.0)),
+        "action": pd.Series(decision.action, dtype="string"),
+        "uplift": decision.uplift.astype(np.float64),
+        "expected_gain": decision.expected_gain.astype(np.float64),
+        "category": pd.Series(decision.category, dtype="string"),
+    })
+
+
+@dataclasses.dataclass
+class UserEvents:
+    """Some users' recent events as numpy columns, with whole-history aggregates.
+
+    The columns must hold, per user, a *suffix* of the user's history before the cutoff
+    that covers the observation window and the last ``max_len + 1`` events (the one
+    before the sequence gives the first step's gap). Everything older only enters the
+    snapshot through the aggregates: ``interest`` (I at the cutoff), ``n_history`` and
+    ``first_ns`` (tenure). The batch scorer and the monitor both describe users this way.
+    """
+
+    user: np.ndarray  # int64 [E] index into user_ids; rows grouped by user, times ascending
+    ns: np.ndarray  # int64 [E] unix ns
+    event: np.ndarray  # int8 [E] index into EVENT_TYPES
+    cat: np.ndarray  # int32 [E] index into cat_names
+    value: np.ndarray  # float64 [E] >= 0
+    user_ids: np.ndarray  # object [U]
+    merchant_ids: np.ndarray  # object [U]
+    cat_names: np.ndarray  # object [C]
+    cat_hash: np.ndarray  # int32 [C] hash_categories(cat_names, hash_buckets)
+    interest: np.ndarray  # float64 [U] I(cutoff) over the whole history
+    n_history: np.ndarray  # int64 [U] events before the cutoff
+    first_ns: np.ndarray  # int64 [U] time of the user's first event
+
+
+_STATIC = {name: STATIC_FEATURES.index(name)
+           for name in ("log_interest", "log_n_history", "log_tenure_days")}
+
+
+def build_features(users: UserEvents, at_ns: int, config: SnapshotConfig) -> Snapshots:
+    """Unlabelled snapshots at ``at_ns`` (a whole second after every event of ``users``).
+
+    The same numbers as ``common.snapshots.features_at`` on the users' full logs: the
+    snapshot builder's own ``_features_at`` runs on the columns (built here without
+    ``_prepare``'s per-event string work), and the three whole-history features are set
+    from the aggregates.
+    """
+    n_users = len(users.user_ids)
+    t0 = pd.Timestamp(int(users.ns.min()) if len(users.ns) else at_ns, unit="ns",
+                      tz="UTC").floor("D")
+    t = (users.ns - t0.value) / 1e9
+    at = (at_ns - t0.value) / 1e9
+    span = int(np.ceil(max(float(t.max(initial=0.0)), at))) + int(label_window(config) * 4) \
+        + 10 * int(DAY)
+    user_start = np.searchsorted(users.user, np.arange(n_users), side="left")
+    gap = np.diff(t, prepend=0.0)
+    gap[user_start[user_start < len(t)]] = 0.0
+    weights = np.asarray(config.event_weights, dtype=np.float64)
+    lg = _Log(
+        user=users.user, t=t, event=users.event, weight=weights[users.event],
+        cat_hash=users.cat_hash[users.cat], cat_code=users.cat, cat_names=users.cat_names,
+        value=users.value, gap=gap, key=users.user * span + np.floor(t).astype(np.int64),
+        span=span, user_start=user_start, user_ids=users.user_ids,
+        merchant_ids=users.merchant_ids, t0=t0, t_end=at,
+    )
+    feats = _features_at(lg, at, config)
+    rows = feats.users
+    interest = users.interest[rows]
+    static = feats.static
+    static[:, _STATIC["log_interest"]] = np.log1p(interest)
+    static[:, _STATIC["log_n_history"]] = np.log1p(users.n_history[rows])
+    static[:, _STATIC["log_tenure_days"]] = np.log1p((at_ns - users.first_ns[rows]) / 1e9 / DAY)
+    n = len(rows)
+    cutoff = pd.Timestamp(at_ns, unit="ns").to_datetime64()
+    return Snapshots(
+        events=feats.events, categories=feats.categories, numeric=feats.numeric,
+        static=static.astype(np.float32), decay=np.zeros(n, np.float32),
+        interest=np.zeros(n, np.float32), interest_now=interest.astype(np.float32),
+        action=np.full(n, -1, np.int32), activation=np.zeros(n, np.float32),
+        propensity=np.ones(n, np.float32), intervention=np.full(n, -1, np.int64),
+        user_id=users.user_ids[rows], merchant_id=users.merchant_ids[rows],
+        cutoff=np.full(n, cutoff, dtype="datetime64[ns]"),
+        split=np.full(n, SPLITS.index("test"), np.int8), fading_category=feats.fading_category,
+    )
+
+
+def predict_batches(model: keras.Model, snaps: Snapshots, batch: int = 1024,
+                    buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Head outputs by ``predict_on_batch`` on fixed batch shapes.
+
+    The same numbers as ``common.training.predict``; a call costs the batches only
+    (``model.predict`` sets up a data pipeline per call, 0.1-0.5 s here), which matters
+    for chunks and micro-batches. Rows are padded up to ``batch`` or the smallest of
+    ``buckets`` that holds them, so XLA compiles once per shape.
+    """
+    n = len(snaps)
+    if n == 0:
+        units = int(model.get_layer("activation").units)
+        return {"decay": np.zeros(0, np.float32), "interest": np.zeros(0, np.float32),
+                "activation": np.zeros((0, units), np.float32)}
+    sizes = sorted({int(b) for b in buckets if 0 < b < batch} | {batch})
+    x_all = snaps.inputs()
+    parts: list[dict[str, np.ndarray]] = []
+    for lo in range(0, n, batch):
+        m = min(batch, n - lo)
+        size = next(s for s in sizes if s >= m)
+        rows = np.arange(lo, lo + size)
+        rows[m:] = lo  # padding rows repeat a real row; their outputs are dropped
+        out = _predict_on_batch(model, {k: v[rows] for k, v in x_all.items()})
+        parts.append({k: np.asarray(v)[:m] for k, v in out.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def warm_up(model: keras.Model, sizes: Sequence[int] = (1024,)) -> None:
+    """Compile the model's prediction for each batch size (XLA: seconds per shape)."""
+    length = int(model.input["events"].shape[1])
+    for size in sizes:
+        _predict_on_batch(model, {
+            "events": np.ones((size, length), np.int32),
+            "categories": np.ones((size, length), np.int32),
+            "numeric": np.zeros((size, length, len(NUMERIC_FEATURES)), np.float32),
+            "static": np.zeros((size, len(STATIC_FEATURES)), np.float32),
+        })
+
+
+def _predict_on_batch(model: keras.Model, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with warnings.catch_warnings():
+        # Keras' numpy conversion of the outputs warns under numpy 2; harmless.
+        warnings.filterwarnings("ignore", message="__array__ implementation",
+                                category=DeprecationWarning)
+        return model.predict_on_batch(x)
+
+
+def _user_chunks(lengths: np.ndarray, chunk_events: int) -> list[tuple[int, int]]:
+    """(first user, end user) ranges of about ``chunk_events`` events; users never split."""
+    ends = np.cumsum(lengths)
+    bounds, first = [], 0
+    while first < len(lengths):
+        base = ends[first - 1] if first else 0
+        end = max(int(np.searchsorted(ends, base + chunk_events, side="right")), first + 1)
+        bounds.append((first, end))
+        first = end
+    return bounds
+
+
+def _codes(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """User codes in (merchant, user) order, and the ids of each code."""
+    uc, uu = pd.factorize(events["user_id"], sort=True)
+    uu = np.asarray(uu, dtype=object).astype(str).astype(object)
+    if "merchant_id" not in events:
+        return uc.astype(np.int64), uu, np.full(len(uu), DEFAULT_MERCHANT, dtype=object)
+    mc, mu = pd.factorize(events["merchant_id"], sort=True)
+    mu = np.asarray(mu, dtype=object).astype(str).astype(object)
+    home = np.zeros(len(uu), dtype=np.int64)
+    home[uc] = mc
+    if (home[uc] == mc).all():  # every user id shops at one merchant: sort the users only
+        rank = np.empty(len(uu), dtype=np.int64)
+        by_pair = np.lexsort((np.arange(len(uu)), home))
+        rank[by_pair] = np.arange(len(uu))
+        return rank[uc], uu[by_pair], mu[home[by_pair]]
+    pair = mc.astype(np.int64) * max(len(uu), 1) + uc
+    code, uniq = pd.factorize(pair, sort=True)  # hashing, then only the uniques are sorted
+    uniq = np.asarray(uniq, dtype=np.int64)
+    return code.astype(np.int64), uu[uniq % max(len(uu), 1)], mu[uniq // max(len(uu), 1)]
+
+
+def _categories(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Category codes (first-appearance order, as the snapshot builder) and names."""
+    if "category_id" not in events:
+        return np.zeros(len(events), np.int32), np.array([DEFAULT_CATEGORY], dtype=object)
+    cat, names = pd.factorize(events["category_id"])  # missing -> -1
+    names = np.asarray(names, dtype=object).astype(str).astype(object)
+    if (cat < 0).any():
+        found = np.flatnonzero(names == DEFAULT_CATEGORY)
+        if len(found):
+            cat = np.where(cat < 0, found[0], cat)
+        else:
+            cat = np.where(cat < 0, len(names), cat)
+            names = np.append(names, np.array([DEFAULT_CATEGORY], dtype=object))
+    return cat.astype(np.int32), names
+
+
+def _user_order(code: np.ndarray, ns: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``rows`` sorted by (user code, time), file order among ties.
+
+    A stable sort by user alone is nearly free on a log already grouped by user (as
+    ``load_events`` returns it) and keeps a time-ordered log's order inside each user;
+    only a log that is neither pays for the full two-key sort.
+    """
+    order = rows[np.argsort(code[rows], kind="stable")]
+    c, t = code[order], ns[order]
+    if len(order) > 1 and ((c[1:] == c[:-1]) & (t[1:] < t[:-1])).any():
+        order = order[np.lexsort((t, c))]
+    return order
+
+
+def batch_features(events: pd.DataFrame, at: Any, snap_cfg: SnapshotConfig, *,
+                   chunk_events: int = 200_000) -> Iterator[tuple[Snapshots, int, int]]:
+    """Unlabelled snapshots of the users active before ``at``, in chunks of whole users.
+
+    Yields (snapshots of a chunk, candidate users done, candidate users). Together the chunks equal
+    ``common.snapshots.features_at(events, at, snap_cfg)`` (the test suite checks it),
+    users in (merchant, user) order, but only the events a snapshot looks at (the
+    observation window and the last ``max_len + 1``) are turned into features: interest,
+    history length and tenure are whole-history aggregates computed in one vectorised
+    pass, and the per-event string work of the snapshot builder is skipped.
+
+    ``at`` is rounded up to a whole second; None = one second after the last event's
+    second, so every event counts.
+    """
+    if len(events) == 0:
+        raise DataError("no events to score")
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events={chunk_events}: expected a positive number of events")
+    at_ns = cutoff_ns(events, at)
+    cfg = dataclasses.replace(snap_cfg, start="", end="")
+    code, user_ids, merchant_ids = _codes(events)
+    ns = unix_ns(events["timestamp"])
+    event = pd.Categorical(events["event"], categories=list(EVENT_TYPES)).codes
+    if (event < 0).any():
+        raise DataError("events with an unknown event type reached the scorer")
+    cat, cat_names = _categories(events)
+    cat_hash = hash_categories(cat_names, cfg.hash_buckets)
+    value = (np.maximum(events["value"].to_numpy(dtype=np.float64, na_value=0.0), 0.0)
+             if "value" in events else np.zeros(len(events)))
+
+    order = _user_order(code, ns, np.flatnonzero(ns < at_ns))
+    # Active = an event in the observation window (one second of slack: the snapshot
+    # builder makes the exact choice). Only active users' events are looked at further.
+    window_start = at_ns - int(round(cfg.observation_days * DAY * _SECOND)) - _SECOND
+    user_code = code[order]
+    ends = np.flatnonzero(np.r_[user_code[1:] != user_code[:-1], True])[: len(order)]
+    active = ns[order[ends]] >= window_start
+    lengths = np.diff(np.r_[0, ends + 1])
+    order = order[np.repeat(active, lengths)]
+    lengths = lengths[active]
+    codes = user_code[ends[active]]
+    starts = np.cumsum(lengths) - lengths
+    ns_o = ns[order]
+    # Whole-history aggregates per user.
+    tau = cfg.tau_days * DAY
+    age = (at_ns - ns_o) / 1e9
+    recent = age <= _TAU_SPAN * tau
+    weights = np.asarray(cfg.event_weights, dtype=np.float64)[event[order[recent]]]
+    group = np.repeat(np.arange(len(lengths)), lengths)
+    interest = np.bincount(group[recent], weights=weights * np.exp(-age[recent] / tau),
+                           minlength=len(lengths))
+    first_ns = ns_o[starts]
+    # Rows a snapshot looks at: the observation window and the last max_len + 1 events.
+    from_end = np.repeat(starts + lengths, lengths) - np.arange(len(order))
+    needed = (from_end <= cfg.max_len + 1) | (ns_o >= window_start)
+    rows = order[needed]
+    kept = np.bincount(group[needed], minlength=len(lengths))
+    offsets = np.cumsum(kept) - kept
+    users = np.arange(len(lengths))
+    log.info("%d users active at %s (%d of %d events needed)", len(users),
+             pd.Timestamp(at_ns, unit="ns", tz="UTC"), len(rows), len(events))
+    if len(users) == 0:
+        yield build_features(_no_users(cat_names, cat_hash), at_ns, cfg), 0, 0
+        return
+    for first, end in _user_chunks(kept, chunk_events):
+        part = rows[offsets[first]:offsets[end - 1] + kept[end - 1]]
+        u = users[first:end]
+        chunk = UserEvents(
+            user=np.repeat(np.arange(end - first), kept[first:end]), ns=ns[part],
+            event=event[part].astype(np.int8), cat=cat[part],
+            value=value[part], user_ids=user_ids[codes[u]], merchant_ids=merchant_ids[codes[u]],
+            cat_names=cat_names, cat_hash=cat_hash, interest=interest[u],
+            n_history=lengths[u], first_ns=first_ns[u],
+        )
+        yield build_features(chunk, at_ns, cfg), end, len(users)
+
+
+def score_events(
+    model: keras.Model,
+    events: pd.DataFrame,
+    at: Any,
+    snap_cfg: SnapshotConfig,
+    policy_cfg: PolicyConfig,
+    *,
+    chunk_events: int = 200_000,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Score every user active in the observation window before ``at``.
+
+    Parameters
+    ----------
+    model : the trained model (see :func:`load_model_bundle`).
+    events : a canonical event frame (``common.io.load_events``).
+    at : the cutoff (anything ``pd.Timestamp`` reads; naive = UTC), rounded up to a whole
+        second; None = one second after the last event's second, so every event counts.
+    snap_cfg, policy_cfg : the settings the model was trained with, and the policy.
+    chunk_events : about this many events are turned into features at a time; all of a
+        user's events are always in the same chunk (see :func:`batch_features`).
+    progress : called with (users done, users to score) after every chunk.
+
+    Returns
+    -------
+    One row per active user, sorted by (merchant_id, user_id): ``SCORE_COLUMNS``. The
+    policy (and its budget) is applied once, over all users.
+    """
+    ids: list[pd.DataFrame] = []
+    preds: list[dict[str, np.ndarray]] = []
+    for snaps, done, total in batch_features(events, at, snap_cfg, chunk_events=chunk_events):
+        preds.append(predict_batches(model, snaps))
+        ids.append(pd.DataFrame({"user_id": snaps.user_id, "merchant_id": snaps.merchant_id,
+                                 "fading": snaps.fading_category}))
+        if progress is not None:
+            progress(done, total)
+    table = pd.concat(ids, ignore_index=True)
+    pred = {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
+    return score_frame(table["user_id"].to_numpy(object), table["merchant_id"].to_numpy(object),
+                       pred, table["fading"].to_numpy(object), snap_cfg, policy_cfg)
+
+
+def _no_users(cat_names: np.ndarray, cat_hash: np.ndarray) -> UserEvents:
+    empty = np.zeros(0, np.int64)
+    return UserEvents(user=empty, ns=empty, event=np.zeros(0, np.int8),
+                      cat=np.zeros(0, np.int32), value=np.zeros(0), user_ids=np.zeros(0, object),
+                      merchant_ids=np.zeros(0, object), cat_names=cat_names, cat_hash=cat_hash,
+                      interest=np.zeros(0), n_history=empty, first_ns=empty)
+
+
+def score_summary(scores: pd.DataFrame, policy_cfg: PolicyConfig) -> dict[str, Any]:
+    """Users scored, the share at risk and the action mix (for the CLI's summary)."""
+    n = len(scores)
+    at_risk = float((scores["decay_risk"] >= policy_cfg.risk_threshold).mean()) if n else 0.0
+    mix = scores["action"].value_counts(normalize=True).to_dict() if n else {}
+    return {"users": n, "at_risk_share": at_risk,
+            "action_mix": {str(k): float(v) for k, v in mix.items()}}
+
+
+def write_scores(scores: pd.DataFrame, path: str | Path) -> Path:
+    """Write the score table as .csv or .parquet (by suffix); returns the resolved path."""
+    path = Path(path).resolve()
+    name = path.name.lower()
+    if not name.endswith((".csv", ".parquet", ".pq")):
+        raise ValueError(f"--out {path}: expected a .csv or .parquet file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if name.endswith(".csv"):
+        scores.to_csv(tmp, index=False)
+    else:
+        scores.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path

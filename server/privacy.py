@@ -1,0 +1,170 @@
+"""Client-level differential privacy: Flower's DP wrappers and a per-round RDP ledger.
+
+``wrap_strategy`` puts one of Flower's central-DP wrappers
+(``DifferentialPrivacy{Server,Client}SideFixedClipping``,
+``DifferentialPrivacyServerSideAdaptiveClipping``) around the guarded strategy. The
+guard's reply checks run *before* the wrapper clips and adds noise, so a NaN or
+mis-shaped reply is rejected by node instead of breaking the clipping, and a failed
+client does not void the round (Flower's wrapper skips any round with an error reply).
+In DP mode the guard weights every clipped update equally: the noise
+``z * C / m`` is calibrated to a plain mean, not to a ``num-examples`` weighting.
+
+Accounting. Flower's accountant attached to a wrapper accepts only
+``no-amplification`` sampling, an unmodified ``FedAvg.aggregate_train`` and equal
+``num-examples`` in every reply; the guarded strategy overrides ``aggregate_train``
+and merchants differ in size, so that path is refused. ``PrivacyLedger`` instead
+composes, in Flower's ``RdpAccountant`` used stand-alone, one Poisson-subsampled
+Gaussian event per released round with ``q = sampled / population`` (the standard
+DP-FedAvg accounting). When fewer replies than the ``m`` the noise was calibrated for
+are averaged, the round's effective noise multiplier is ``z * aggregated / m``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from server.config import DP_STRATEGIES, DPConfig, FederationConfig
+
+log = logging.getLogger(__name__)
+
+WHY_NOT_ATTACHED = (
+    "Flower's accountant attached to a DP wrapper needs 'no-amplification' sampling, an "
+    "unmodified FedAvg.aggregate_train and equal num-examples in every reply; this server "
+    "screens replies in aggregate_train and merchants differ in size, so the ledger "
+    "composes the same Gaussian events in Flower's RdpAccountant stand-alone with Poisson "
+    "sampling q = sampled / population (client-level DP-FedAvg accounting)"
+)
+
+
+def num_sampled(fed: FederationConfig, population: int) -> int:
+    """Clients FedAvg samples per round out of ``population`` (its own formula)."""
+    return max(int(population * fed.fraction_train), fed.min_train_nodes)
+
+
+def _screened(base: type) -> type:
+    """``base`` (a Flower DP wrapper) with the guard's reply checks run before clipping."""
+
+    def aggregate_train(self: Any, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good = self.strategy.screen_train_replies(server_round, replies)
+        if not good:
+            return None, None
+        return base.aggregate_train(self, server_round, good)
+
+    return type(f"Screened{base.__name__}", (base,), {"aggregate_train": aggregate_train})
+
+
+_WRAPPERS: dict[str, type] = {
+    "server-fixed": _screened(flwr_strategy.DifferentialPrivacyServerSideFixedClipping),
+    "client-fixed": _screened(flwr_strategy.DifferentialPrivacyClientSideFixedClipping),
+    "adaptive": _screened(flwr_strategy.DifferentialPrivacyServerSideAdaptiveClipping),
+}
+
+
+def wrap_strategy(strategy: Any, dp: DPConfig, fed: FederationConfig, population: int) -> Any:
+    """The guarded ``strategy`` inside the DP wrapper ``dp.mode`` asks for (or itself)."""
+    if not dp.enabled:
+        return strategy
+    if fed.strategy not in DP_STRATEGIES:
+        raise ValueError(
+            f"config key 'privacy.mode': {dp.mode!r} needs a strategy that averages the "
+            f"clipped updates ({', '.join(DP_STRATEGIES)}); federation.strategy is "
+            f"{fed.strategy!r}, whose aggregate has a different sensitivity")
+    m = num_sampled(fed, population)
+    strategy.uniform_weights = True
+    cls = _WRAPPERS[dp.mode]
+    if dp.mode == "adaptive":
+        try:
+            wrapped = cls(strategy, dp.noise_multiplier, m,
+                          initial_clipping_norm=dp.clipping_norm)
+        except ValueError as err:
+            raise ValueError(f"config key 'privacy.noise-multiplier': {err}") from None
+    else:
+        wrapped = cls(strategy, dp.noise_multiplier, dp.clipping_norm, m)
+    log.info("differential privacy %s: z = %g, clip %g, %d of %d clients per round; %s",
+             dp.mode, dp.noise_multiplier, dp.clipping_norm, m, population, WHY_NOT_ATTACHED)
+    return wrapped
+
+
+class PrivacyLedger:
+    """ε spent so far at δ = ``target-delta``; one line per released round in a JSONL file."""
+
+    def __init__(self, dp: DPConfig, population: int, calibrated_for: int,
+                 path: Path | None = None) -> None:
+        self.dp = dp
+        self.population = population
+        self.calibrated_for = calibrated_for  # m in the noise std z * C / m
+        self.path = path
+        self.accountant = RdpAccountant(PrivacyConfig(
+            target_delta=dp.target_delta, population_size=population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.POISSON))
+        self.epsilon = 0.0
+
+    def event(self, sampled: int, aggregated: int) -> GaussianPrivacyEvent:
+        sampled = min(max(sampled, 1), self.population)
+        z = self.dp.noise_multiplier * aggregated / self.calibrated_for
+        return GaussianPrivacyEvent(noise_multiplier=z, sample_size=sampled,
+                                    population_size=self.population)
+
+    def record(self, server_round: int, sampled: int, aggregated: int,
+               clipping_norm: float) -> dict[str, Any]:
+        """Compose one released round and append its line."""
+        event = self.event(sampled, aggregated)
+        self.accountant.compose(event)
+        self.epsilon = self.accountant.get_epsilon(self.dp.target_delta)
+        line = {
+            "round": server_round, "participants": aggregated, "sampled": sampled,
+            "population": self.population,
+            "sampling_rate": event.sample_size / self.population,
+            "noise_multiplier": event.noise_multiplier,
+            "configured_noise_multiplier": self.dp.noise_multiplier,
+            "clipping_norm": float(clipping_norm), "epsilon": self.epsilon,
+            "delta": self.dp.target_delta, "mode": self.dp.mode,
+            "accounting": "rdp, poisson q = sampled / population (flwr RdpAccountant)",
+        }
+        if self.path is not None:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        return line
+
+    def next_round_exceeds(self) -> bool:
+        """Whether one more full round would spend more than ``target-epsilon``."""
+        return next_round_exceeds(self, self.dp.target_epsilon)
+
+    def replay(self, upto: int) -> int:
+        """Recompose the rounds <= ``upto`` already in the file (resume); drop later ones."""
+        if self.path is None or not self.path.exists():
+            return 0
+        kept = [json.loads(t) for t in self.path.read_text().splitlines() if t.strip()]
+        kept = [line for line in kept if line["round"] <= upto]
+        for line in kept:
+            self.accountant.compose(GaussianPrivacyEvent(
+                noise_multiplier=line["noise_multiplier"], sample_size=line["sampled"],
+                population_size=self.population))
+        self.epsilon = self.accountant.get_epsilon(self.dp.target_delta) if kept else 0.0
+        self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        return len(kept)
+
+
+def next_round_exceeds(ledger: PrivacyLedger, target_epsilon: float) -> bool:
+    """True when a budget is set and one more round with every sampled client replying
+    would take ε past it (checked without changing the ledger)."""
+    if target_epsilon <= 0:
+        return False
+    m = ledger.calibrated_for
+    return ledger.accountant.would_exceed(ledger.event(m, m), max_epsilon=target_epsilon)

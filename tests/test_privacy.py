@@ -1,0 +1,274 @@
+"""Differential privacy: config, Flower's DP wrappers behind the guard, the RDP ledger,
+the budget stop, and the audits (egress, membership inference) on a real DP run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import train_mods
+from server.config import DPConfig, FederationConfig
+from server.privacy import PrivacyLedger, next_round_exceeds, num_sampled, wrap_strategy
+from server.strategy import build_strategy
+from simulations.experiment import experiment_from_flat
+from simulations.privacy_audit import attack_auc, decay_log_loss
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value", "key"), [
+    ("mode", "central", "privacy.mode"),
+    ("noise_multiplier", 0.0, "privacy.noise-multiplier"),
+    ("noise_multiplier", math.inf, "privacy.noise-multiplier"),
+    ("clipping_norm", -1.0, "privacy.clipping-norm"),
+    ("target_delta", 1.0, "privacy.target-delta"),
+    ("target_delta", 0.0, "privacy.target-delta"),
+    ("target_epsilon", -0.5, "privacy.target-epsilon"),
+])
+def test_bad_privacy_values_name_the_key(field: str, value: Any, key: str) -> None:
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        DPConfig(**{field: value})
+
+
+def test_privacy_section_is_part_of_an_experiment() -> None:
+    exp = experiment_from_flat({"privacy.mode": "server-fixed", "privacy.target-epsilon": 8})
+    assert exp.privacy == DPConfig(mode="server-fixed", target_epsilon=8.0)
+    assert not experiment_from_flat({}).privacy.enabled
+    with pytest.raises(ValueError, match="privacy.noise"):
+        experiment_from_flat({"privacy.noise": 1.0})
+
+
+@pytest.mark.parametrize("strategy", ["krum", "fedmedian", "fedadam", "fedavgm"])
+def test_dp_refuses_strategies_whose_aggregate_is_not_a_mean(strategy: str) -> None:
+    fed = FederationConfig(strategy=strategy)
+    with pytest.raises(ValueError, match="'privacy.mode'"):
+        wrap_strategy(build_strategy(fed, 0), DPConfig(mode="server-fixed"), fed, 8)
+
+
+def test_client_clips_on_the_train_handler_only_when_asked() -> None:
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    assert train_mods({"privacy.mode": "client-fixed"}) == [fixedclipping_mod]
+    assert train_mods({"privacy.mode": "server-fixed"}) == []
+    assert train_mods({}) == []
+    assert len(train_mods(None)) == 1  # run config: clip when the server sends a norm
+
+
+# ---------------------------------------------------------------------------------------
+# Wrapper behind the guard (hand-made replies)
+# ---------------------------------------------------------------------------------------
+
+SHAPES = [(2, 3), (3,)]
+
+
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class FakeGrid:
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+def _reply(ins: Message, arrays: list[np.ndarray], n: int) -> Message:
+    return Message(RecordDict({"arrays": ArrayRecord(arrays),
+                               "metrics": MetricRecord({"num-examples": n,
+                                                        "train_loss": 1.0})}), reply_to=ins)
+
+
+def test_server_clipping_sees_only_screened_replies_and_averages_uniformly(
+        server_identity: None) -> None:
+    fed = FederationConfig(min_train_nodes=1, min_available_nodes=1)
+    guarded = build_strategy(fed, 0)
+    clip = 1.0
+    dp = DPConfig(mode="server-fixed", noise_multiplier=1e-9, clipping_norm=clip)
+    runner = wrap_strategy(guarded, dp, fed, population=3)
+    assert num_sampled(fed, 3) == 3 and runner.num_sampled_clients == 3
+    start = [np.zeros(s, np.float32) for s in SHAPES]
+    ins = {m.metadata.dst_node_id: m for m in runner.configure_train(
+        1, ArrayRecord(start), ConfigRecord(), FakeGrid([1, 2, 3]))}
+    small = [np.full(s, 0.01, np.float32) for s in SHAPES]  # norm 0.03: not clipped
+    big = [np.full(s, 10.0, np.float32) for s in SHAPES]  # norm 30: clipped to 1
+    nan = [np.full(s, np.nan, np.float32) for s in SHAPES]
+    replies = [_reply(ins[1], small, 10), _reply(ins[2], big, 1000), _reply(ins[3], nan, 5)]
+
+    arrays, _ = runner.aggregate_train(1, replies)
+
+    stats = guarded.stats[1]
+    assert (stats.sampled, stats.replied, stats.rejected) == (3, 2, 1)
+    assert "NaN" in stats.failures[0]
+    norm_big = math.sqrt(sum(b.size * 100.0 for b in big))
+    # The plain mean of the clipped updates, whatever num-examples said (10 vs 1000).
+    expected = [(a + b * clip / norm_big) / 2 for a, b in zip(small, big, strict=True)]
+    for got, want in zip(arrays.to_numpy_ndarrays(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Ledger and budget
+# ---------------------------------------------------------------------------------------
+
+
+def _direct_epsilon(q: float, z: float, rounds: int, delta: float) -> float:
+    from dp_accounting import dp_event, rdp
+
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)), rounds)
+    return float(acc.get_epsilon(delta))
+
+
+@pytest.mark.parametrize(("population", "sampled", "z"), [(8, 8, 1.0), (40, 10, 1.5)])
+def test_ledger_epsilon_grows_and_matches_dp_accounting(tmp_path: Path, population: int,
+                                                        sampled: int, z: float) -> None:
+    dp = DPConfig(mode="server-fixed", noise_multiplier=z)
+    ledger = PrivacyLedger(dp, population, sampled, tmp_path / "privacy.jsonl")
+    eps = [ledger.record(r, sampled, sampled, 1.0)["epsilon"] for r in range(1, 6)]
+    assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
+    for rounds in (1, 5):
+        assert eps[rounds - 1] == pytest.approx(
+            _direct_epsilon(sampled / population, z, rounds, dp.target_delta), rel=1e-9)
+    lines = [json.loads(t) for t in (tmp_path / "privacy.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2, 3, 4, 5]
+    assert lines[0]["sampling_rate"] == sampled / population
+    # A round that averaged fewer replies than the noise was calibrated for costs more.
+    short = PrivacyLedger(dp, population, sampled)
+    assert short.record(1, sampled, sampled - 2, 1.0)["epsilon"] > eps[0]
+    # Resume: replaying the first two rounds gives round 2's epsilon and trims the file.
+    again = PrivacyLedger(dp, population, sampled, tmp_path / "privacy.jsonl")
+    assert again.replay(upto=2) == 2
+    assert again.epsilon == pytest.approx(eps[1])
+    assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
+
+
+def test_budget_stops_before_the_round_that_would_exceed_it() -> None:
+    z, m = 1.0, 8
+    eps = [_direct_epsilon(1.0, z, r, 1e-5) for r in (1, 2, 3)]
+    target = (eps[1] + eps[2]) / 2  # two rounds fit, a third does not
+    ledger = PrivacyLedger(DPConfig(mode="server-fixed", noise_multiplier=z,
+                                    target_epsilon=target), m, m)
+    decisions = []
+    for r in (1, 2):
+        decisions.append(ledger.next_round_exceeds())
+        ledger.record(r, m, m, 1.0)
+    decisions.append(ledger.next_round_exceeds())
+    assert decisions == [False, False, True]
+    assert ledger.epsilon <= target
+    assert not next_round_exceeds(ledger, 0.0)  # no budget set
+
+
+def test_attack_auc_and_its_interval_on_known_losses() -> None:
+    rng = np.random.default_rng(0)
+    assert decay_log_loss(np.array([1.0, 0.0]), np.array([0.5, 0.5])) == \
+        pytest.approx([math.log(2)] * 2)
+    losses = rng.exponential(size=400)
+    same = attack_auc(losses, losses, seed=1, n_boot=200)  # members and non-members alike
+    assert same["auc"] == 0.5 and same["ci_low"] < 0.5 < same["ci_high"]
+    leaky = attack_auc(rng.exponential(0.2, size=400), rng.exponential(1.0, size=400), seed=1,
+                       n_boot=200)
+    assert leaky["auc"] > 0.8 and leaky["ci_low"] > 0.7
+    assert attack_auc(np.ones(5), np.ones(5) * 2, seed=3) == attack_auc(
+        np.ones(5), np.ones(5) * 2, seed=3)
+
+
+# ---------------------------------------------------------------------------------------
+# A real DP simulation (subprocess in its own session)
+# ---------------------------------------------------------------------------------------
+
+PROJECT = Path(__file__).resolve().parents[1]
+DRIVER = r'''
+import sys
+from pathlib import Path
+from simulations import federated
+from simulations.experiment import prepare, resolve
+exp = resolve("quick", overrides=sys.argv[2:])
+federated.run_federated(exp, prepare(exp), Path(sys.argv[1]))
+print("DRIVER DONE", flush=True)
+'''
+Z, ROUNDS = 1.0, 2
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    tmp = tmp_path_factory.mktemp("dp-run")
+    (tmp / "driver.py").write_text(DRIVER)
+    run_dir = tmp / "run"
+    env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home"), "TF_CPP_MIN_LOG_LEVEL": "3",
+           "TF_ENABLE_ONEDNN_OPTS": "0", "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    log = tmp / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(tmp / "driver.py"), str(run_dir),
+             f"federation.num-rounds={ROUNDS}", "federation.local-epochs=1",
+             "privacy.mode=server-fixed", f"privacy.noise-multiplier={Z}",
+             "privacy.clipping-norm=1.0", f"experiment.output-dir={tmp}"],
+            cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+            time.sleep(1)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    assert rc == 0 and "DRIVER DONE" in log.read_text(errors="replace"), tail
+    yield run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_server_fixed_run_writes_a_finite_growing_ledger(dp_run: Path) -> None:
+    lines = [json.loads(t) for t in (dp_run / "privacy.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == list(range(1, ROUNDS + 1))
+    eps = [line["epsilon"] for line in lines]
+    assert all(math.isfinite(e) and e > 0 for e in eps) and eps[1] > eps[0]
+    assert lines[-1]["participants"] == 8 and lines[-1]["sampling_rate"] == 1.0
+    assert eps[-1] == pytest.approx(_direct_epsilon(1.0, Z, ROUNDS, 1e-5), rel=1e-6)
+    summary = json.loads((dp_run / "federation.json").read_text())
+    assert summary["privacy"]["epsilon"] == pytest.approx(eps[-1])
+    assert summary["stop_reason"] is None
+
+
+@pytest.mark.slow
+def test_egress_summary_of_the_dp_run(dp_run: Path) -> None:
+    from simulations.privacy_audit import egress_summary
+
+    out = egress_summary(dp_run)
+    assert [r["round"] for r in out["rounds"]] == [1, 2]
+    assert all(r["bytes_up"] > 0 and r["bytes_up_per_client"] * r["replied"] == r["bytes_up"]
+               for r in out["rounds"])
+    assert out["unexpected_metrics"] == [] and out["differential_privacy"]
+
+
+@pytest.mark.slow
+def test_membership_audit_on_the_dp_model(dp_run: Path) -> None:
+    from simulations.privacy_audit import membership_audit
+
+    out = membership_audit(dp_run, merchants=3, seed=0, n_boot=200)
+    assert len(out["merchants"]) == 3 and out["members"] > 0 and out["non_members"] > 0
+    assert 0 <= out["ci_low"] <= out["auc"] <= out["ci_high"] <= 1
+    assert "time period" in out["note"]
+    assert membership_audit(dp_run, merchants=3, seed=0, n_boot=200)["ci_low"] == out["ci_low"]

@@ -1,0 +1,384 @@
+"""Batch scoring and the real-time monitor: the same numbers, alerts, state and the CLI.
+
+One small untrained model (8 LSTM units, sequences of 8) and one small synthetic
+federation (3 merchants, 60 days) are shared by the module; a model does not need to
+be good for the monitor and the batch scorer to agree on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.config import ModelConfig, PolicyConfig, SnapshotConfig
+from common.io import validate_events
+from common.model import build_model
+from common.monitor import (
+    STATE_FILE,
+    Malformed,
+    Monitor,
+    MonitorConfig,
+    benchmark_monitor,
+    events_to_jsonl,
+    parse_timestamp,
+    run_stream,
+)
+from common.scoring import (
+    SCORE_COLUMNS,
+    batch_features,
+    load_model_bundle,
+    save_model_bundle,
+    score_events,
+    sidecar_path,
+)
+from common.snapshots import STATIC_FEATURES, Snapshots, features_at
+from simulations.cli import main
+from simulations.synth import generate_federation, load_preset, synth_config_from_preset
+
+SNAP = SnapshotConfig(max_len=8, hash_buckets=16, observation_days=21, tau_days=5)
+POLICY = PolicyConfig(risk_threshold=0.45)
+DAY_NS = 86_400 * 10**9
+
+
+@pytest.fixture(scope="module")
+def events() -> pd.DataFrame:
+    cfg = dataclasses.replace(synth_config_from_preset(load_preset("quick")),
+                              num_merchants=3, users_median=30, min_users=10, days=60)
+    return generate_federation(cfg, seed=1).events
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(ModelConfig(lstm_units=8, dense_units=8), SNAP, seed=0)
+
+
+def _stream(events: pd.DataFrame) -> list[str]:
+    """The log in time order, with late events and exact duplicates mixed in."""
+    lines = events_to_jsonl(events)
+    out: list[str] = []
+    held: list[tuple[int, str]] = []
+    for i, line in enumerate(lines):
+        if i % 50 == 7:
+            held.append((i + 200, line))  # arrives 200 lines late
+            continue
+        out.append(line)
+        if i % 97 == 3:
+            out.append(line)  # sent twice
+        while held and held[0][0] <= i:
+            out.append(held.pop(0)[1])
+    out.extend(line for _, line in held)
+    return out
+
+
+def _cutoff(ns: int) -> pd.Timestamp:
+    return pd.Timestamp(ns, unit="ns", tz="UTC")
+
+
+def _assert_same_features(a: Snapshots, b: Snapshots) -> None:
+    assert list(a.merchant_id) == list(b.merchant_id)
+    assert list(a.user_id) == list(b.user_id)
+    np.testing.assert_array_equal(a.events, b.events)
+    np.testing.assert_array_equal(a.categories, b.categories)
+    np.testing.assert_allclose(a.numeric, b.numeric, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a.static, b.static, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a.interest_now, b.interest_now, rtol=1e-6)
+    assert list(a.fading_category) == list(b.fading_category)
+
+
+def _assert_same_scores(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert list(a.columns) == list(SCORE_COLUMNS) == list(b.columns)
+    assert a["user_id"].tolist() == b["user_id"].tolist()
+    assert a["merchant_id"].tolist() == b["merchant_id"].tolist()
+    for col in ("decay_risk", "interest_forecast", "uplift", "expected_gain"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-5, atol=1e-6, err_msg=col)
+    assert a["action"].tolist() == b["action"].tolist()
+    assert a["category"].tolist() == b["category"].tolist()
+
+
+# ------------------------------------------------------------------ batch features
+
+
+@pytest.mark.parametrize("at", [None, "2025-02-10 13:20:10.5", "2025-03-12", "2024-06-01"])
+def test_batch_features_equal_features_at(events: pd.DataFrame, at) -> None:
+    chunks = [snaps for snaps, _, _ in batch_features(events, at, SNAP, chunk_events=500)]
+    got = Snapshots.concat(chunks)
+    if at is None:
+        at = _cutoff((events["timestamp"].max().value // 10**9 + 1) * 10**9)
+    else:
+        at = pd.Timestamp(at, tz="UTC").ceil("s")
+    if at.year == 2024:
+        # Before the log nobody is active. (features_at itself is not asked here: for a
+        # cutoff before the log's first midnight its time keys go negative.)
+        assert len(got) == 0
+        return
+    ref, _ = features_at(events, at, SNAP)
+    assert len(chunks) > 1 and len(ref) > 50
+    _assert_same_features(got, ref)
+
+
+def test_batch_features_user_ids_shared_across_merchants(events: pd.DataFrame) -> None:
+    # "u07" of m00 and "u07" of m01 are two users; the log is in time order, not by user.
+    shared = events.assign(user_id=events["user_id"].str.split("-").str[1])
+    shared = shared.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    at = pd.Timestamp("2025-02-20 08:00:00", tz="UTC")
+    got = Snapshots.concat([s for s, _, _ in batch_features(shared, at, SNAP, chunk_events=700)])
+    ref, _ = features_at(shared, at, SNAP)
+    assert len(set(ref.user_id)) < len(ref)  # the same id in several merchants
+    _assert_same_features(got, ref)
+
+
+def test_score_events_chunking_progress_and_columns(events: pd.DataFrame, model) -> None:
+    calls: list[tuple[int, int]] = []
+    whole = score_events(model, events, None, SNAP, POLICY)
+    parts = score_events(model, events, None, SNAP, POLICY, chunk_events=2000,
+                         progress=lambda done, total: calls.append((done, total)))
+    _assert_same_scores(whole, parts)
+    assert len(calls) > 2 and calls[-1][0] == calls[-1][1] == len(whole)
+    assert (whole["interest_forecast"] >= 0).all()
+    treated = whole["action"] != "none"
+    assert (whole.loc[~treated, "uplift"] == 0).all()
+    assert (whole.loc[treated, "decay_risk"] >= POLICY.risk_threshold).all()
+    rec = whole["action"] == "recommend"
+    assert (whole.loc[rec, "category"] != "").all()
+
+
+# ----------------------------------------------------------- monitor == batch scorer
+
+
+def test_monitor_equals_batch_scorer(events: pd.DataFrame, model) -> None:
+    alerts: list[dict] = []
+    monitor = Monitor(model, SNAP, POLICY, MonitorConfig(batch=300, window_cap=10_000),
+                      sink=alerts.append)
+    monitor.feed_lines(_stream(events))
+    monitor.flush()
+    assert monitor.stats.late > 0 and monitor.stats.duplicates > 0
+    assert monitor.stats.events == len(events) and monitor.stats.malformed == 0
+    assert monitor.stats.sweeps > 10 and alerts
+    end = monitor.cutoff_ns()
+    for at in (_cutoff(end), _cutoff(end + 9 * DAY_NS + 3600 * 10**9)):
+        snaps, _ = monitor.features(at)
+        ref, _ = features_at(events, at, SNAP)
+        _assert_same_features(snaps, ref)
+        _assert_same_scores(monitor.scores(at), score_events(model, events, at, SNAP, POLICY))
+    with pytest.raises(ValueError, match="before the monitor's clock"):
+        monitor.scores(_cutoff(end - DAY_NS))
+
+
+# ------------------------------------------------------------ alerts and cool-down
+
+
+def _recency_risk(snaps: Snapshots) -> dict[str, np.ndarray]:
+    """Risk 1 - exp(-recency / 2 days); 0.9 for users called hot-*, 0 for calm-*.
+
+    ``recommend`` pays: uplift 0.2, gain 10 * 0.2 - 0.05.
+    """
+    days = np.expm1(snaps.static[:, STATIC_FEATURES.index("log_recency_days")])
+    names = snaps.user_id.astype(str)
+    risk = np.where(np.char.startswith(names, "hot"), 0.9,
+                    np.where(np.char.startswith(names, "calm"), 0.0, 1 - np.exp(-days / 2)))
+    n = len(snaps)
+    return {"decay": risk, "interest": np.full(n, np.log1p(2.0)),
+            "activation": np.tile([0.1, 0.3, 0.2, 0.1], (n, 1))}
+
+
+def _event(user: str, day: float, event: str = "view", category: str = "shoes") -> str:
+    ts = pd.Timestamp("2025-03-01", tz="UTC") + pd.Timedelta(days=day)
+    return json.dumps({"user_id": user, "timestamp": ts.isoformat(), "event": event,
+                       "category_id": category, "merchant_id": "m1", "value": 0})
+
+
+def test_alert_on_upward_crossing_with_cooldown() -> None:
+    alerts: list[dict] = []
+    monitor = Monitor(None, SNAP, PolicyConfig(risk_threshold=0.5),
+                      MonitorConfig(batch=1000, cooldown_hours=72, sweep_hours=24),
+                      sink=alerts.append, predict_fn=_recency_risk)
+
+    def at(day: float, *lines: str) -> list[str]:
+        monitor.feed_lines(lines)
+        monitor.flush()
+        return [a["user_id"] for a in alerts]
+
+    assert at(0, _event("ann", 0), _event("ann", 0.04, "purchase", "bags")) == []  # fresh: low
+    # Two days later (a sweep): ann has been silent for two days, risk 1 - e^-1 = 0.63.
+    assert at(2, _event("calm-bob", 2.0)) == ["ann"]
+    first = alerts[0]
+    assert first["trigger"] == "sweep" and first["previous_risk"] < 0.5 <= first["decay_risk"]
+    assert first["action"] == "recommend" and first["uplift"] == pytest.approx(0.2)
+    assert first["expected_gain"] == pytest.approx(10 * 0.2 - 0.05)
+    assert first["category"] in ("shoes", "bags")
+    assert first["interest_forecast"] == pytest.approx(2.0, rel=1e-5)
+    at(2.05, _event("ann", 2.05))  # ann is back: risk falls under the threshold
+    # Silent again for two days: a new crossing, but within 72 h of the first alert.
+    assert at(4.1, _event("calm-bob", 4.1)) == ["ann"]
+    assert monitor.stats.suppressed == 1
+    at(6.0, _event("ann", 6.0))
+    assert at(8.5, _event("calm-bob", 8.5)) == ["ann", "ann"]  # cool-down over: alerted again
+    # A user above the threshold at the first score is alerted by the event itself.
+    assert at(8.6, _event("hot-1", 8.6))[-1] == "hot-1"
+    assert alerts[-1]["trigger"] == "events" and alerts[-1]["previous_risk"] is None
+    assert len(monitor.latencies) == 1 and monitor.latencies[0] >= 0
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def test_malformed_lines_are_counted_never_raised(tmp_path: Path) -> None:
+    good = [_event("ann", 0), _event("ann", 1, "cart"), _event("calm-bob", 1.5)]
+    bad = [
+        "not json at all",
+        "[1, 2, 3]",
+        json.dumps({"timestamp": "2025-03-01T00:00:00Z", "event": "view"}),
+        json.dumps({"user_id": "u", "timestamp": "yesterday", "event": "view"}),
+        json.dumps({"user_id": "u", "timestamp": "2025-03-01T00:00:00Z", "event": "teleport"}),
+        json.dumps({"user_id": "u", "timestamp": "2025-03-01T00:00:00Z", "event": "view",
+                    "value": -3}),
+        json.dumps({"user_id": "u", "timestamp": "2025-03-01T00:00:00Z", "event": "view",
+                    "value": "abc"}),
+        json.dumps({"user_id": "u", "timestamp": "2999-01-01T00:00:00Z", "event": "view"}),
+        json.dumps({"user_id": ["a"], "timestamp": 1.7e9, "event": "view"}),
+        '{"user_id": "u", "timestamp": ',
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(("\n".join([good[0], *bad[:5], "", good[1], *bad[5:], good[2]]) + "\n")
+                     .encode() + b"\xff\xfe not utf-8\n")
+    reports: list[str] = []
+    monitor = Monitor(None, SNAP, POLICY, sink=lambda a: None, predict_fn=_recency_risk)
+    out = run_stream(monitor, path, report=reports.append)
+    assert out["events"] == 3 and out["malformed"] == len(bad) + 1
+    assert monitor.stats.malformed == len(bad) + 1
+    assert set(out["malformed_reasons"]) >= {"not valid JSON", "not a JSON object", "user_id",
+                                             "timestamp", "event", "value"}
+    assert sum(r.startswith("malformed line") for r in reports) == 10  # the first ten shown
+    assert any("teleport" in r for r in reports)
+
+
+def test_timestamps_parse_like_the_canonical_loader() -> None:
+    texts = ["2025-03-01T10:20:30Z", "2025-03-01T10:20:30.123456789Z",
+             "2025-03-01 10:20:30+02:00", "2025-03-01", "1740824430", "1740824430.25",
+             "1740824430250"]
+    frame = pd.DataFrame({"user_id": "u", "event": "view", "timestamp": texts})
+    expected = validate_events(frame, "test")["timestamp"].dt.as_unit("ns").astype("int64")
+    assert [parse_timestamp(t) for t in texts] == expected.tolist()
+    assert parse_timestamp(1740824430) == 1740824430 * 10**9
+    assert parse_timestamp(1740824430250) == 1740824430250 * 10**6
+    with pytest.raises(Malformed):
+        parse_timestamp(True)
+
+
+# ------------------------------------------------------------- state and restarts
+
+
+def test_restart_from_state_gives_identical_scores(events: pd.DataFrame, model,
+                                                   tmp_path: Path) -> None:
+    lines = events_to_jsonl(events)
+    half = len(lines) // 2
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines[:half]) + "\n")
+    state = tmp_path / "state"
+    config = MonitorConfig(batch=500, checkpoint_every=2000)
+
+    def fresh(alerts: list) -> Monitor:
+        return Monitor(model, SNAP, POLICY, config, sink=alerts.append)
+
+    first_alerts: list = []
+    first = fresh(first_alerts)
+    run_stream(first, path, state_dir=state)
+    assert (state / STATE_FILE).exists() and not list(state.glob("*.tmp"))
+    saved = json.loads((state / "monitor.json").read_text())
+    assert saved["position"]["offset"] == path.stat().st_size
+    assert saved["stats"]["events"] == half
+    # The file grows; a restarted monitor resumes after the last line it had read ...
+    with path.open("a") as fh:
+        fh.write("\n".join(lines[half:]) + "\n")
+    restarted_alerts: list = []
+    restarted = fresh(restarted_alerts)
+    position = restarted.load_state(state)
+    reports: list[str] = []
+    out = run_stream(restarted, path, state_dir=state, position=position,
+                     report=reports.append)
+    assert out["events"] == len(lines) - half and any("resuming" in r for r in reports)
+    # ... exactly as the monitor that wrote the state would have gone on, alert for alert,
+    continued_alerts: list = []
+    first.sink = continued_alerts.append
+    run_stream(first, path, state_dir=tmp_path / "other", position=position)
+    assert restarted_alerts == continued_alerts and restarted_alerts
+    pd.testing.assert_frame_equal(restarted.scores(), first.scores())
+    # ... and ends with the scores of a monitor that read the whole log in one go.
+    straight = fresh([])
+    straight.feed_lines(lines)
+    straight.flush()
+    assert restarted.stats.events == straight.stats.events == len(events)
+    _assert_same_scores(restarted.scores(), straight.scores())
+    # State written for other settings is refused with the key named.
+    other = Monitor(model, dataclasses.replace(SNAP, tau_days=9), POLICY, config)
+    with pytest.raises(ValueError, match="snapshots.tau-days"):
+        other.load_state(state)
+
+
+# --------------------------------------------------------------- bundle and the CLI
+
+
+def test_model_bundle_round_trip_and_checks(model, tmp_path: Path) -> None:
+    path = save_model_bundle(model, SNAP, POLICY, tmp_path / "run" / "model.keras")
+    assert sidecar_path(path).name == "model.json"
+    bundle = load_model_bundle(path)
+    assert bundle.snapshots == dataclasses.replace(SNAP, start="", end="")
+    assert bundle.policy == POLICY
+    assert load_model_bundle(path, ["policy.budget=5"]).policy.budget == 5
+    with pytest.raises(ValueError, match="snapshots.max-len"):
+        load_model_bundle(path, ["snapshots.max-len=16"])
+    sidecar_path(path).unlink()
+    with pytest.raises(ValueError, match="max-len is 32 .*hash-buckets is 64 .*--set"):
+        load_model_bundle(path)  # the defaults do not fit this model
+    assert load_model_bundle(path, ["snapshots.max-len=8", "snapshots.hash-buckets=16"]) \
+        .snapshots.max_len == 8
+
+
+def test_score_and_monitor_commands(events: pd.DataFrame, model, tmp_path: Path,
+                                    capsys) -> None:
+    model_path = save_model_bundle(model, SNAP, POLICY, tmp_path / "model.keras")
+    events_path = tmp_path / "events.parquet"
+    events.to_parquet(events_path)
+    out = tmp_path / "scores.csv"
+    assert main(["score", "--model", str(model_path), "--events", str(events_path),
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr()
+    scores = pd.read_csv(out, keep_default_na=False)
+    assert tuple(scores.columns) == SCORE_COLUMNS
+    expected = score_events(model, events, None, SNAP, POLICY)
+    assert len(scores) == len(expected) > 50
+    np.testing.assert_allclose(scores["decay_risk"], expected["decay_risk"], rtol=1e-5)
+    assert "users scored" in text.err and "users/s" in text.err and "at risk" in text.err
+
+    assert main(["score", "--model", str(model_path), "--events", str(events_path),
+                 "--at", "2025-02-20"]) == 0
+    table = capsys.readouterr().out
+    assert "decay_risk" in table and len(table.strip().splitlines()) == 21
+
+    jsonl = tmp_path / "events.jsonl"
+    jsonl.write_text("\n".join(events_to_jsonl(events.iloc[:3000])) + "\nnot json\n")
+    state = tmp_path / "state"
+    args = ["monitor", "--model", str(model_path), "--input", str(jsonl), "--state", str(state),
+            "--batch", "200"]
+    assert main(args) == 0
+    run = capsys.readouterr()
+    alerts = [json.loads(line) for line in run.out.splitlines()]
+    assert alerts and {"user_id", "decay_risk", "action", "uplift", "category"} <= set(alerts[0])
+    assert "malformed lines 1" in run.err and "alert latency p50" in run.err
+    assert (state / STATE_FILE).exists()
+    assert main(args) == 0  # a restart on the same file: nothing new to read
+    again = capsys.readouterr()
+    assert again.out == "" and "resuming" in again.err and "events 0 " in again.err
+
+
+def test_benchmark_monitor_reports_figures(events: pd.DataFrame) -> None:
+    figures = benchmark_monitor(None, events.iloc[:5000], SNAP, POLICY,
+                                MonitorConfig(batch=250), predict_fn=_recency_risk)
+    assert figures["events"] == 5000 and figures["events_per_s"] > 0
+    assert figures["alerts"] > 0
+    assert figures["alert_latency_p50_ms"] <= figures["alert_latency_p99_ms"]
