@@ -239,7 +239,7 @@ def _flwr(args: list[str], env: dict[str, str]) -> dict:
     """Run ``flwr ... --format json``; it exits 0 even on failure, so read ``success``."""
     done = subprocess.run(
         [str(BIN / "flwr"), *args, "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
+        env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     try:
         return json.loads(done.stdout)
