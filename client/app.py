@@ -152,6 +152,17 @@ def _simulated_fault(settings: ClientSettings, node_config: Mapping[str, Any],
     return None
 
 
+def _global_model(settings: ClientSettings, msg: Message, timer: _Timer) -> Any:
+    """The process's cached model holding the weights the server sent."""
+    from common.model import cached_model
+
+    timer.lap("tensorflow import")
+    model = cached_model(settings.model, settings.snapshots, settings.seed)
+    model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
+    timer.lap("model")
+    return model
+
+
 def make_client_app(
     flat: Mapping[str, Any] | None = None,
     resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
@@ -190,13 +201,9 @@ def make_client_app(
         train_rows, val_rows = snaps.split_part("train"), snaps.split_part("val")
         if len(train_rows) == 0:
             return _error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
-        from common.model import cached_model
         from common.training import fit
 
-        timer.lap("tensorflow import")
-        model = cached_model(settings.model, settings.snapshots, settings.seed)
-        model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
-        timer.lap("model")
+        model = _global_model(settings, msg, timer)
         train_cfg = dataclasses.replace(
             settings.train,
             epochs=int(config.get("local-epochs", settings.train.epochs)),
@@ -224,13 +231,9 @@ def make_client_app(
         test = snaps.split_part("test")
         if len(test) == 0:
             return _error_reply(msg, DATA_ERROR, "no held-out snapshots in this merchant's data")
-        from common.model import cached_model
         from common.training import predict, validation_loss
 
-        timer.lap("tensorflow import")
-        model = cached_model(settings.model, settings.snapshots, settings.seed)
-        model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
-        timer.lap("model")
+        model = _global_model(settings, msg, timer)
         p = np.clip(predict(model, test)["decay"], 1e-7, 1 - 1e-7)
         y = test.decay
         metrics = {
