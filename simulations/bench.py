@@ -70,15 +70,22 @@ def _memory_sampler():
     """Start a thread sampling system memory in use; returns (stop, peak_bytes_fn)."""
     import threading
 
-    import psutil
+    def used() -> int:
+        # MemTotal - MemAvailable from /proc/meminfo (Linux), in bytes.
+        info = {}
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                key, value = line.split(":", 1)
+                info[key] = int(value.split()[0]) * 1024
+        return info["MemTotal"] - info["MemAvailable"]
 
-    base = psutil.virtual_memory().used
+    base = used()
     peak = {"value": 0}
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.is_set():
-            peak["value"] = max(peak["value"], psutil.virtual_memory().used - base)
+            peak["value"] = max(peak["value"], used() - base)
             stop.wait(0.5)
 
     thread = threading.Thread(target=loop, daemon=True)
