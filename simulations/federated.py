@@ -25,16 +25,18 @@ def write_shards(data: PreparedData, shard_dir: Path) -> list[Path]:
     """One events (and interventions) Parquet file per merchant, named by partition id."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    ev_merchant = data.events["merchant_id"].astype(str)
+    # One pass over the log (a mask per merchant would be merchants x events).
+    events = dict(tuple(data.events.groupby(data.events["merchant_id"].astype(str),
+                                            observed=True, sort=False)))
     iv = data.interventions
-    iv_merchant = iv["merchant_id"].astype(str) if len(iv) else None
+    inter = dict(tuple(iv.groupby(iv["merchant_id"].astype(str), observed=True,
+                                  sort=False))) if len(iv) else {}
     for pid, merchant in enumerate(data.merchants):
         path = shard_dir / f"{pid:05d}.parquet"
-        data.events.loc[ev_merchant == merchant].to_parquet(path, index=False)
-        if iv_merchant is not None:
-            part = iv.loc[iv_merchant == merchant]
-            if len(part):
-                part.to_parquet(shard_dir / f"{pid:05d}-interventions.parquet", index=False)
+        events[merchant].to_parquet(path, index=False)
+        if merchant in inter:
+            inter[merchant].to_parquet(shard_dir / f"{pid:05d}-interventions.parquet",
+                                       index=False)
         paths.append(path)
     return paths
 
