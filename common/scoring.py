@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -288,49 +287,22 @@ def build_features(users: UserEvents, at_ns: int, config: SnapshotConfig) -> Sna
 
 def predict_batches(model: keras.Model, snaps: Snapshots, batch: int = 1024,
                     buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
-    """Head outputs by ``predict_on_batch`` on fixed batch shapes.
+    """Head outputs on fixed batch shapes: :func:`common.training.predict`."""
+    from common.training import predict
 
-    The same numbers as ``common.training.predict``; a call costs the batches only
-    (``model.predict`` sets up a data pipeline per call, 0.1-0.5 s here), which matters
-    for chunks and micro-batches. Rows are padded up to ``batch`` or the smallest of
-    ``buckets`` that holds them, so XLA compiles once per shape.
-    """
-    n = len(snaps)
-    if n == 0:
-        units = int(model.get_layer("activation").units)
-        return {"decay": np.zeros(0, np.float32), "interest": np.zeros(0, np.float32),
-                "activation": np.zeros((0, units), np.float32)}
-    sizes = sorted({int(b) for b in buckets if 0 < b < batch} | {batch})
-    x_all = snaps.inputs()
-    parts: list[dict[str, np.ndarray]] = []
-    for lo in range(0, n, batch):
-        m = min(batch, n - lo)
-        size = next(s for s in sizes if s >= m)
-        rows = np.arange(lo, lo + size)
-        rows[m:] = lo  # padding rows repeat a real row; their outputs are dropped
-        out = _predict_on_batch(model, {k: v[rows] for k, v in x_all.items()})
-        parts.append({k: np.asarray(v)[:m] for k, v in out.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return predict(model, snaps, batch, tuple(buckets))
 
 
 def warm_up(model: keras.Model, sizes: Sequence[int] = (1024,)) -> None:
     """Compile the model's prediction for each batch size (XLA: seconds per shape)."""
     length = int(model.input["events"].shape[1])
     for size in sizes:
-        _predict_on_batch(model, {
+        model.predict_on_batch({
             "events": np.ones((size, length), np.int32),
             "categories": np.ones((size, length), np.int32),
             "numeric": np.zeros((size, length, len(NUMERIC_FEATURES)), np.float32),
             "static": np.zeros((size, len(STATIC_FEATURES)), np.float32),
         })
-
-
-def _predict_on_batch(model: keras.Model, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    with warnings.catch_warnings():
-        # Keras' numpy conversion of the outputs warns under numpy 2; harmless.
-        warnings.filterwarnings("ignore", message="__array__ implementation",
-                                category=DeprecationWarning)
-        return model.predict_on_batch(x)
 
 
 def _user_chunks(lengths: np.ndarray, chunk_events: int) -> list[tuple[int, int]]:
