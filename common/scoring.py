@@ -38,6 +38,7 @@ from common.snapshots import (
     Snapshots,
     _features_at,
     _Log,
+    _ranges,
     hash_categories,
     label_window,
 )
@@ -317,25 +318,61 @@ def _user_chunks(lengths: np.ndarray, chunk_events: int) -> list[tuple[int, int]
     return bounds
 
 
-def _codes(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """User codes in (merchant, user) order, and the ids of each code."""
-    uc, uu = pd.factorize(events["user_id"], sort=True)
+def _codes(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per event its user's code; per code the user id, merchant id and rank in
+    (merchant, user) order.
+
+    A log grouped by user whose merchant only changes where the user does (as
+    ``load_events`` and the generator write it) takes the fast way: one hashing pass over
+    the user ids, none over the merchant ids, and codes that rise with the rows, so the
+    per-event sort that follows is a linear scan. Any other log is coded by
+    (merchant, user) pair.
+    """
+    uc, uu = pd.factorize(events["user_id"])
+    uc = uc.astype(np.int64)
     uu = np.asarray(uu, dtype=object).astype(str).astype(object)
     if "merchant_id" not in events:
-        return uc.astype(np.int64), uu, np.full(len(uu), DEFAULT_MERCHANT, dtype=object)
+        merchants = np.full(len(uu), DEFAULT_MERCHANT, dtype=object)
+        return uc, uu, merchants, _rank(merchants, uu)
+    if len(uc) and (uc[1:] >= uc[:-1]).all():
+        starts = np.flatnonzero(np.r_[True, uc[1:] != uc[:-1]])
+        changes = _changes(events["merchant_id"])
+        if np.isin(changes, starts).all():
+            merchants = np.asarray(events["merchant_id"].iloc[starts], dtype=object).astype(str)
+            merchants = merchants.astype(object)
+            return uc, uu, merchants, _rank(merchants, uu)
     mc, mu = pd.factorize(events["merchant_id"], sort=True)
     mu = np.asarray(mu, dtype=object).astype(str).astype(object)
-    home = np.zeros(len(uu), dtype=np.int64)
-    home[uc] = mc
-    if (home[uc] == mc).all():  # every user id shops at one merchant: sort the users only
-        rank = np.empty(len(uu), dtype=np.int64)
-        by_pair = np.lexsort((np.arange(len(uu)), home))
-        rank[by_pair] = np.arange(len(uu))
-        return rank[uc], uu[by_pair], mu[home[by_pair]]
     pair = mc.astype(np.int64) * max(len(uu), 1) + uc
-    code, uniq = pd.factorize(pair, sort=True)  # hashing, then only the uniques are sorted
+    code, uniq = pd.factorize(pair)
     uniq = np.asarray(uniq, dtype=np.int64)
-    return code.astype(np.int64), uu[uniq % max(len(uu), 1)], mu[uniq // max(len(uu), 1)]
+    users, merchants = uu[uniq % max(len(uu), 1)], mu[uniq // max(len(uu), 1)]
+    return code.astype(np.int64), users, merchants, _rank(merchants, users)
+
+
+def _changes(column: pd.Series) -> np.ndarray:
+    """Rows whose value differs from the row before (missing counts as different)."""
+    values = column.array
+    if len(values) < 2:
+        return np.zeros(0, np.int64)
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        arr = pa.array(values)
+        same = pc.equal(arr.slice(1), arr.slice(0, len(arr) - 1)).fill_null(False)
+        return np.flatnonzero(~same.to_numpy(zero_copy_only=False)) + 1
+    except (ImportError, TypeError, ValueError, NotImplementedError):
+        raw = column.to_numpy(dtype=object)
+        return np.flatnonzero(raw[1:] != raw[:-1]) + 1
+
+
+def _rank(merchants: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """Each code's position when the codes are sorted by (merchant id, user id)."""
+    order = pd.DataFrame({"m": merchants, "u": users}).sort_values(["m", "u"]).index
+    rank = np.empty(len(users), dtype=np.int64)
+    rank[order.to_numpy()] = np.arange(len(users))
+    return rank
 
 
 def _categories(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -388,7 +425,7 @@ def batch_features(events: pd.DataFrame, at: Any, snap_cfg: SnapshotConfig, *,
         raise ValueError(f"chunk_events={chunk_events}: expected a positive number of events")
     at_ns = cutoff_ns(events, at)
     cfg = dataclasses.replace(snap_cfg, start="", end="")
-    code, user_ids, merchant_ids = _codes(events)
+    code, user_ids, merchant_ids, rank = _codes(events)
     ns = unix_ns(events["timestamp"])
     event = pd.Categorical(events["event"], categories=list(EVENT_TYPES)).codes
     if (event < 0).any():
@@ -432,11 +469,13 @@ def batch_features(events: pd.DataFrame, at: Any, snap_cfg: SnapshotConfig, *,
     if len(users) == 0:
         yield build_features(_no_users(cat_names, cat_hash), at_ns, cfg), 0, 0
         return
-    for first, end in _user_chunks(kept, chunk_events):
-        part = rows[offsets[first]:offsets[end - 1] + kept[end - 1]]
-        u = users[first:end]
+    # Users are handed out in (merchant, user) order, whatever the order of their codes.
+    by_rank = np.argsort(rank[codes], kind="stable")
+    for first, end in _user_chunks(kept[by_rank], chunk_events):
+        u = by_rank[first:end]
+        part = rows[_ranges(offsets[u], offsets[u] + kept[u])]
         chunk = UserEvents(
-            user=np.repeat(np.arange(end - first), kept[first:end]), ns=ns[part],
+            user=np.repeat(np.arange(end - first), kept[u]), ns=ns[part],
             event=event[part].astype(np.int8), cat=cat[part],
             value=value[part], user_ids=user_ids[codes[u]], merchant_ids=merchant_ids[codes[u]],
             cat_names=cat_names, cat_hash=cat_hash, interest=interest[u],

@@ -121,10 +121,14 @@ def test_batch_features_equal_features_at(events: pd.DataFrame, at) -> None:
     _assert_same_features(got, ref)
 
 
-def test_batch_features_user_ids_shared_across_merchants(events: pd.DataFrame) -> None:
-    # "u07" of m00 and "u07" of m01 are two users; the log is in time order, not by user.
+@pytest.mark.parametrize("order", [["timestamp"], ["user_id", "merchant_id", "timestamp"],
+                                   ["merchant_id", "user_id", "timestamp"]])
+def test_batch_features_user_ids_shared_across_merchants(events: pd.DataFrame,
+                                                         order: list[str]) -> None:
+    # "u07" of m00 and "u07" of m01 are two users, whether the log is in time order,
+    # grouped by user id (the merchant changes inside a group) or by merchant.
     shared = events.assign(user_id=events["user_id"].str.split("-").str[1])
-    shared = shared.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    shared = shared.sort_values(order, kind="stable").reset_index(drop=True)
     at = pd.Timestamp("2025-02-20 08:00:00", tz="UTC")
     got = Snapshots.concat([s for s, _, _ in batch_features(shared, at, SNAP, chunk_events=700)])
     ref, _ = features_at(shared, at, SNAP)
