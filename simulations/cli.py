@@ -68,7 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_source(compare)
     compare.add_argument("--strategies", default="fedavg",
                          help="comma-separated federated strategies (default fedavg)")
-    compare.add_argument("--methods", default="gbdt,centralised,local,federated")
+    compare.add_argument("--methods", default="gbdt,centralised,local,federated",
+                         help="comma-separated subset of gbdt,centralised,local,federated")
+    compare.add_argument("--noise", default="",
+                         help="noise multipliers to sweep, e.g. 0,0.5,1,2: one federated run "
+                         "each with differential privacy (0 = without; mode privacy.mode, "
+                         "server-fixed if off), the AUC-vs-epsilon plot and the membership "
+                         "audit of every model")
+    compare.add_argument("--audit", action="store_true",
+                         help="membership-inference audit of the federated and centralised "
+                         "models (implied by --noise)")
 
     bench = sub.add_parser("bench", help="throughput figures: generation, snapshots, "
                            "training, scoring")
@@ -237,7 +246,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     unknown = set(methods) - {"gbdt", "centralised", "local", "federated"}
     if unknown:
         raise ValueError(f"--methods: unknown {sorted(unknown)}")
-    out = run_comparison(exp, run_dir, strategies=strategies, methods=methods, progress=_say)
+    try:
+        noise = tuple(float(z) for z in args.noise.split(",") if z.strip())
+    except ValueError:
+        raise ValueError(f"--noise {args.noise!r}: expected comma-separated numbers") from None
+    out = run_comparison(exp, run_dir, strategies=strategies, methods=methods, noise=noise,
+                         audit=args.audit or bool(noise), progress=_say)
     print()
     print(out.table)
     gain = out.results.get("gain_from_joining", {})

@@ -37,9 +37,17 @@ def budget_epochs(exp: Experiment) -> int:
 
 def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...] = ("fedavg",),
                    methods: tuple[str, ...] = ("gbdt", "centralised", "local", "federated"),
+                   noise: tuple[float, ...] = (), audit: bool = False,
                    progress: Progress | None = None) -> Comparison:
-    """Run every method on one ``PreparedData`` and write the report."""
+    """Run every method on one ``PreparedData`` and write the report.
+
+    ``noise``: noise multipliers to sweep, one federated run per strategy and value (0 =
+    without differential privacy; otherwise ``privacy.mode``, ``server-fixed`` if off).
+    ``audit``: run the membership-inference audit on every federated model and the
+    centralised one (always on with a sweep).
+    """
     say = progress or (lambda text: log.info("%s", text))
+    variants = _privacy_variants(exp, noise)  # bad values fail before any training
     started = time.perf_counter()
     write_json(run_dir / "config.json", dict(exp.flat))
     data = prepare(exp)
@@ -52,11 +60,16 @@ def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...
         outcomes.append(run_gbdt(exp, data))
     if "centralised" in methods:
         say(f"centralised: up to {epochs} epochs")
-        result, _ = run_centralised(
+        result, model = run_centralised(
             exp, data, epochs=epochs,
             on_epoch=lambda e, row: say(f"centralised epoch {e}/{epochs}: "
                                         f"loss {row['loss']:.4f} val {row.get('val_loss', 0):.4f}"))
         outcomes.append(result)
+        from common.scoring import save_model_bundle
+
+        path = save_model_bundle(model, data.snapshot_config, exp.policy,
+                                 run_dir / "centralised" / "model.keras")
+        result.details["run_dir"] = str(path.parent)
     if "local" in methods:
         say(f"local-only: {len(data.merchants)} merchants, up to {epochs} epochs each")
         outcomes.append(run_local(exp, data, epochs=epochs, progress=say))
@@ -64,18 +77,60 @@ def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...
         from simulations.federated import run_federated
 
         for strategy in strategies:
-            fexp = _with(exp, {"federation.strategy": strategy})
-            say(f"federated ({strategy}): {exp.federation.num_rounds} rounds, "
-                f"{len(data.merchants)} merchants")
-            outcomes.append(run_federated(
-                fexp, data, run_dir / f"federated-{strategy}",
-                progress=lambda line: say(_round_text(line, exp.federation.num_rounds))))
+            for suffix, changes in variants:
+                fexp = _with(exp, {"federation.strategy": strategy, **changes})
+                name = f"federated-{strategy}{suffix}"
+                say(f"{name}: {exp.federation.num_rounds} rounds, {len(data.merchants)} "
+                    "merchants" + (f", noise multiplier {fexp.privacy.noise_multiplier:g}"
+                                   if fexp.privacy.enabled else ""))
+                outcome = run_federated(
+                    fexp, data, run_dir / name,
+                    progress=lambda line: say(_round_text(line, exp.federation.num_rounds)))
+                outcome.name = name
+                outcomes.append(outcome)
+    audits = _membership_audits(outcomes, data, run_dir, say) if audit else {}
     results = _results(exp, data, outcomes, time.perf_counter() - started)
+    for name, found in audits.items():
+        results["methods"][name]["membership"] = found
     write_json(run_dir / "results.json", results)
     plots = write_plots(results, run_dir)
     table = format_table(results)
     (run_dir / "report.md").write_text(report_markdown(results, table, plots))
     return Comparison(run_dir=run_dir, results=results, table=table)
+
+
+def _privacy_variants(exp: Experiment, noise: tuple[float, ...]
+                      ) -> list[tuple[str, dict[str, Any]]]:
+    """(name suffix, config changes) of every federated run: one per noise multiplier."""
+    if not noise:
+        return [("", {})]
+    mode = exp.privacy.mode if exp.privacy.enabled else "server-fixed"
+    variants = []
+    for z in noise:
+        if z < 0 or not np.isfinite(z):
+            raise ValueError(f"--noise {z}: noise multipliers must be finite and >= 0")
+        variants.append(("", {"privacy.mode": "off"}) if z == 0 else
+                        (f"-dp{z:g}", {"privacy.mode": mode, "privacy.noise-multiplier": z}))
+    return variants
+
+
+def _membership_audits(outcomes: list[MethodResult], data: PreparedData, run_dir: Path,
+                       say: Progress) -> dict[str, dict[str, Any]]:
+    """The membership audit of every saved model (federated runs and centralised)."""
+    from simulations.privacy_audit import membership_audit
+
+    found = {}
+    for outcome in outcomes:
+        folder = outcome.details.get("run_dir")
+        if not folder or not (Path(folder) / "model.keras").exists():
+            continue
+        result = membership_audit(folder, data=data)
+        found[outcome.name] = {k: result[k] for k in ("auc", "ci_low", "ci_high", "members",
+                                                      "non_members", "calibrated")}
+        cal = result["calibrated"]
+        say(f"membership audit of {outcome.name}: attack AUC {result['auc']:.4f} "
+            f"[{result['ci_low']:.4f}, {result['ci_high']:.4f}], calibrated {cal['auc']:.4f}")
+    return found
 
 
 def _with(exp: Experiment, changes: dict[str, Any]) -> Experiment:
@@ -106,6 +161,9 @@ def _results(exp: Experiment, data: PreparedData, outcomes: list[MethodResult],
                 for r in outcome.details["rounds"]]
         if outcome.name == "centralised":
             entry["history"] = outcome.details.get("history")
+        privacy = _spent(outcome)
+        if privacy:
+            entry["privacy"] = privacy
         methods[outcome.name] = entry
     return {
         "experiment": dict(exp.flat),
@@ -117,6 +175,21 @@ def _results(exp: Experiment, data: PreparedData, outcomes: list[MethodResult],
         "gain_from_joining": gain_from_joining(methods, sizes),
         "seconds": seconds,
     }
+
+
+def _spent(outcome: MethodResult) -> dict[str, Any] | None:
+    """The privacy summary a DP federation wrote to ``federation.json``, if any."""
+    import json
+
+    folder = outcome.details.get("run_dir")
+    path = Path(folder) / "federation.json" if folder else None
+    if path is None or not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    privacy = summary.get("privacy")
+    if privacy:
+        privacy = {**privacy, "stop_reason": summary.get("stop_reason")}
+    return privacy
 
 
 def gain_from_joining(methods: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
@@ -223,6 +296,9 @@ def write_plots(results: dict[str, Any], run_dir: Path) -> list[str]:
         plt.close(fig)
         made.append("merchant_gain.png")
 
+    if any("privacy" in m for m in methods.values()):
+        made.append(_privacy_plot(methods, run_dir))
+
     names = [n for n, m in methods.items() if "policy" in m]
     if names:
         first = methods[names[0]]["policy"]
@@ -242,6 +318,67 @@ def write_plots(results: dict[str, Any], run_dir: Path) -> list[str]:
         plt.close(fig)
         made.append("policy_value.png")
     return made
+
+
+def _privacy_plot(methods: dict[str, Any], run_dir: Path) -> str:
+    """Decay AUC against epsilon of the DP runs, the non-private runs as lines."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dp = sorted(((m["privacy"]["epsilon"], m["decay"]["roc_auc"], name)
+                 for name, m in methods.items() if "privacy" in m), key=lambda x: x[0])
+    ax.plot([x[0] for x in dp], [x[1] for x in dp], marker="o", label="federated with DP")
+    for eps, auc, name in dp:
+        z = methods[name]["privacy"].get("noise_multiplier")
+        ax.annotate(f"z={z:g}", (eps, auc), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    for name, m in methods.items():
+        if "privacy" not in m and (name.startswith("federated") or name == "centralised"):
+            ax.axhline(m["decay"]["roc_auc"], linestyle="--" if name == "centralised" else ":",
+                       color="grey" if name == "centralised" else "tab:orange",
+                       label=f"{name} (no DP)")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon (delta as configured), log scale")
+    ax.set_ylabel("decay ROC-AUC (held-out test)")
+    ax.set_title("Utility against privacy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "auc_vs_epsilon.png", dpi=110)
+    plt.close(fig)
+    return "auc_vs_epsilon.png"
+
+
+def _privacy_lines(results: dict[str, Any]) -> list[str]:
+    """The report's privacy table: epsilon, utility and attack AUC per method."""
+    rows = [(n, m) for n, m in results["methods"].items()
+            if "privacy" in m or "membership" in m]
+    if not rows:
+        return []
+    lines = ["## Privacy: epsilon, utility and membership attack", "",
+             "| method | noise | epsilon | delta | decay AUC | attack AUC (95% CI) | "
+             "calibrated attack AUC (95% CI) |", "|---|---|---|---|---|---|---|"]
+    for name, m in rows:
+        p = m.get("privacy") or {}
+        a = m.get("membership") or {}
+        c = a.get("calibrated") or {}
+        attack = (f"{a['auc']:.4f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})" if a else "-")
+        calib = (f"{c['auc']:.4f} ({c['ci_low']:.3f}-{c['ci_high']:.3f})" if c else "-")
+        eps = p.get("epsilon")
+        lines.append(f"| {name} | {p.get('noise_multiplier', '-')} | "
+                     f"{_fmt(eps) if eps is not None else 'no DP'} | {p.get('delta', '-')} | "
+                     f"{_fmt(m['decay']['roc_auc'])} | {attack} | {calib} |")
+    stopped = [n for n, m in rows if (m.get("privacy") or {}).get("stop_reason")
+               == "privacy-budget"]
+    lines.append("")
+    if stopped:
+        lines.append("Stopped early by the privacy budget (privacy.target-epsilon): "
+                     + ", ".join(stopped) + ".")
+        lines.append("")
+    lines.append("Members: training snapshots of a seeded sample of merchants; non-members: "
+                 "their held-out (later) snapshots, so a shift over time can move the AUC "
+                 "too. Calibrated: losses standardised per merchant and label.")
+    lines.append("")
+    return lines
 
 
 def report_markdown(results: dict[str, Any], table: str, plots: list[str]) -> str:
@@ -289,6 +426,7 @@ def report_markdown(results: dict[str, Any], table: str, plots: list[str]) -> st
                                                        pol["policy"]) + " |")
             lines.append("")
             break  # reference policies are the same for every method
+    lines += _privacy_lines(results)
     rows = [(n, m["policy"]["policy"]) for n, m in results["methods"].items() if "policy" in m]
     if rows:
         lines.append("## Policy value per method (net value per targeted user)")

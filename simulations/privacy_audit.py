@@ -6,7 +6,11 @@
   2018) on the decay head: a row with low log-loss is guessed to be a training row.
   Members are the training snapshots of a seeded sample of merchants, non-members
   their held-out (test-split) snapshots; the attack's ROC-AUC comes with a seeded
-  bootstrap interval. 0.5 = the attacker learns nothing.
+  bootstrap interval. 0.5 = the attacker learns nothing. A calibrated variant needs no
+  shadow model either: each candidate's loss is standardised among the candidates of
+  the same merchant and label (what an attacker holding the rows can do without knowing
+  who is a member), which removes the difference in difficulty between merchants and
+  between the two labels that a single threshold confuses with membership.
 """
 
 from __future__ import annotations
@@ -117,9 +121,24 @@ def attack_auc(member_loss: np.ndarray, nonmember_loss: np.ndarray, *, seed: int
             "ci_high": float(high), "n_boot": n_boot}
 
 
-def _merchant_snapshots(run: Path, snapshot_config: Any) -> dict[str, Snapshots]:
-    """Each merchant's snapshots: rebuilt from ``shards/`` (federated run) or, failing
-    that, from the run's ``config.json`` (the experiment's own data preparation)."""
+def calibrated_scores(loss: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """One merchant's candidate losses standardised within each label."""
+    out = np.zeros(len(loss))
+    for y in np.unique(label):
+        group = label == y
+        values = loss[group]
+        out[group] = (values - values.mean()) / (values.std() + 1e-12)
+    return out
+
+
+def _merchant_snapshots(run: Path, snapshot_config: Any,
+                        data: Any = None) -> dict[str, Snapshots]:
+    """Each merchant's snapshots: those of ``data`` (a ``PreparedData``) if given, else
+    rebuilt from ``shards/`` (federated run) or, failing that, from the run's
+    ``config.json`` (the experiment's own data preparation)."""
+    if data is not None:
+        ids = data.snapshots.merchant_id.astype(str)
+        return {m: data.snapshots.subset(ids == m) for m in data.merchants}
     shards = sorted((run / "shards").glob("[0-9][0-9][0-9][0-9][0-9].parquet"))
     if shards:
         from client.app import load_shard
@@ -144,8 +163,12 @@ def _merchant_snapshots(run: Path, snapshot_config: Any) -> dict[str, Snapshots]
 
 
 def membership_audit(run_dir: str | Path, *, merchants: int = 4, seed: int = 0,
-                     n_boot: int = 500) -> dict[str, Any]:
-    """Loss-threshold membership inference on ``<run>/model.keras``."""
+                     n_boot: int = 500, data: Any = None) -> dict[str, Any]:
+    """Loss-threshold and calibrated membership inference on ``<run>/model.keras``.
+
+    ``data`` (a ``PreparedData``) supplies the merchants' snapshots when the run folder
+    has no shards (the centralised model of a comparison).
+    """
     from common.scoring import load_model_bundle
     from common.training import predict
 
@@ -155,11 +178,12 @@ def membership_audit(run_dir: str | Path, *, merchants: int = 4, seed: int = 0,
     if not model_path.exists():
         raise FileNotFoundError(f"{model_path} not found")
     bundle = load_model_bundle(model_path)
-    per_merchant = _merchant_snapshots(run, bundle.snapshots)
+    per_merchant = _merchant_snapshots(run, bundle.snapshots, data)
     names = sorted(per_merchant)
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(names, size=min(merchants, len(names)), replace=False).tolist())
     member, nonmember, rows = [], [], []
+    calib_m, calib_n = [], []
     for name in picked:
         snaps = per_merchant[name]
         train, test = snaps.split_part("train"), snaps.split_part("test")
@@ -170,6 +194,10 @@ def membership_audit(run_dir: str | Path, *, merchants: int = 4, seed: int = 0,
         n_loss = decay_log_loss(test.decay, predict(bundle.model, test)["decay"])
         member.append(m_loss)
         nonmember.append(n_loss)
+        labels = np.r_[train.decay, test.decay]
+        z = calibrated_scores(np.r_[m_loss, n_loss], labels)
+        calib_m.append(z[:len(m_loss)])
+        calib_n.append(z[len(m_loss):])
         rows.append({"merchant": name, "members": len(m_loss), "non_members": len(n_loss),
                      "member_loss": float(m_loss.mean()),
                      "non_member_loss": float(n_loss.mean())})
@@ -177,10 +205,12 @@ def membership_audit(run_dir: str | Path, *, merchants: int = 4, seed: int = 0,
         raise ValueError(f"{run}: no sampled merchant has both training and test snapshots")
     m_all, n_all = np.concatenate(member), np.concatenate(nonmember)
     result = attack_auc(m_all, n_all, seed=seed, n_boot=n_boot)
+    calibrated = attack_auc(np.concatenate(calib_m), np.concatenate(calib_n), seed=seed,
+                            n_boot=n_boot)
     return {"run": str(run), "model": str(model_path), "merchants": rows,
             "members": int(len(m_all)), "non_members": int(len(n_all)),
             "member_loss": float(m_all.mean()), "non_member_loss": float(n_all.mean()),
-            **result, "seed": seed, "note": CONFOUNDER_NOTE}
+            **result, "calibrated": calibrated, "seed": seed, "note": CONFOUNDER_NOTE}
 
 
 def format_audit(out: dict[str, Any]) -> str:
@@ -192,5 +222,10 @@ def format_audit(out: dict[str, Any]) -> str:
     lines.append(f"loss-threshold attack ROC-AUC {out['auc']:.4f} "
                  f"(95% bootstrap interval {out['ci_low']:.4f} .. {out['ci_high']:.4f}, "
                  f"{out['n_boot']} resamples; 0.5 = no leak)")
+    cal = out.get("calibrated")
+    if cal:
+        lines.append(f"calibrated attack ROC-AUC {cal['auc']:.4f} (95% interval "
+                     f"{cal['ci_low']:.4f} .. {cal['ci_high']:.4f}; loss standardised per "
+                     "merchant and label)")
     lines.append(f"note: {out['note']}")
     return "\n".join(lines)
