@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="also time federated vs centralised for these merchant counts, "
                        "e.g. 10,100")
     bench.add_argument("--rounds", type=int, default=4)
+    bench.add_argument("--repeat", type=int, default=3,
+                       help="time each throughput figure this many times and keep the best")
 
     score = sub.add_parser("score", help="batch scoring: decay risk, interest forecast and "
                            "the activation action per user")
@@ -268,7 +270,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from simulations.experiment import resolve, write_json
 
     exp = resolve(args.preset, overrides=args.set, seed=args.seed)
-    figures = run_bench(exp)
+    if args.repeat < 1:
+        raise ValueError(f"--repeat {args.repeat}: expected at least 1")
+    figures = run_bench(exp, repeat=args.repeat)
     print(format_bench(figures))
     if args.federation:
         from simulations.bench import format_rows, run_federation_bench

@@ -68,3 +68,18 @@ def test_deploy_commands_write_files(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["deploy", "node-key", str(tmp_path / "keys"), "--name", "m1"]) == 2
     assert "m1" in capsys.readouterr().err
+
+
+def test_bench_prints_and_writes_every_throughput(tmp_path: Path, capsys) -> None:
+    import json
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--preset", "quick", "--set", "synthetic.num-merchants=3",
+               "--set", "train.batch-size=64", "--repeat", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert rc == 0
+    for key in ("generation_events_per_s", "snapshot_events_per_s",
+                "centralised_samples_per_s", "scoring_users_per_s", "predict_only_users_per_s"):
+        assert figures[key] > 0 and key in text
+    assert 0 < figures["scored_users"] <= figures["snapshots"]
