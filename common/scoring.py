@@ -514,7 +514,8 @@ def score_events(
     """
     ids: list[pd.DataFrame] = []
     preds: list[dict[str, np.ndarray]] = []
-    for snaps, done, total in batch_features(events, at, snap_cfg, chunk_events=chunk_events):
+    chunks = batch_features(events, at, snap_cfg, chunk_events=chunk_events)
+    for snaps, done, total in _ahead(chunks):
         preds.append(predict_batches(model, snaps))
         ids.append(pd.DataFrame({"user_id": snaps.user_id, "merchant_id": snaps.merchant_id,
                                  "fading": snaps.fading_category}))
@@ -524,6 +525,53 @@ def score_events(
     pred = {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
     return score_frame(table["user_id"].to_numpy(object), table["merchant_id"].to_numpy(object),
                        pred, table["fading"].to_numpy(object), snap_cfg, policy_cfg)
+
+
+def _ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """``items``, produced by a background thread up to ``depth`` ahead of the consumer.
+
+    The next chunk's features (numpy) are built while TensorFlow predicts this one; both
+    release the GIL for most of their work. An exception in the producer is raised here.
+    """
+    import queue
+    import threading
+
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        """Wait for room unless the consumer has gone; False if it has."""
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((done, err))
+
+    thread = threading.Thread(target=produce, name="fedecay-features", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = box.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _no_users(cat_names: np.ndarray, cat_hash: np.ndarray) -> UserEvents:

@@ -28,6 +28,7 @@ from common.monitor import (
     parse_timestamp,
     run_stream,
 )
+from common.schema import DataError
 from common.scoring import (
     SCORE_COLUMNS,
     batch_features,
@@ -386,3 +387,30 @@ def test_benchmark_monitor_reports_figures(events: pd.DataFrame) -> None:
     assert figures["events"] == 5000 and figures["events_per_s"] > 0
     assert figures["alerts"] > 0
     assert figures["alert_latency_p50_ms"] <= figures["alert_latency_p99_ms"]
+
+
+def test_read_ahead_keeps_order_raises_the_producers_error_and_stops_early() -> None:
+    from common.scoring import _ahead
+
+    assert list(_ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise DataError("chunk 2 is broken")
+
+    got = []
+    with pytest.raises(DataError, match="chunk 2"):
+        for item in _ahead(failing()):
+            got.append(item)
+    assert got == [1]
+    produced = []
+
+    def endless():
+        for i in range(10**6):
+            produced.append(i)
+            yield i
+
+    for item in _ahead(endless()):
+        if item == 3:
+            break  # the consumer leaves: the producer must stop, not fill memory
+    assert len(produced) < 10
