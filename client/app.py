@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -137,18 +138,37 @@ def _data_error(msg: Message, err: Exception) -> Message:
                         "the reason is in this merchant's SuperNode log")
 
 
+def planned_fault(cfg: ClientConfig, seed: int, server_round: int, pid: int) -> str | None:
+    """The simulated fault of partition ``pid`` in ``server_round``: "dropout",
+    "straggler", "crash" or None; one seeded draw each, in that order."""
+    rng = np.random.default_rng([seed, server_round, pid])
+    if rng.random() < cfg.dropout_prob:
+        return "dropout"
+    if rng.random() < cfg.straggler_prob:
+        return "straggler"
+    if rng.random() < cfg.crash_prob:
+        return "crash"
+    return None
+
+
 def _simulated_fault(settings: ClientSettings, node_config: Mapping[str, Any],
                      server_round: int) -> str | None:
-    """Seeded dropout / straggler behaviour of simulated clients."""
+    """Seeded dropout / straggler / crash behaviour of simulated clients."""
     cfg = settings.client
-    if "partition-id" not in node_config or (cfg.dropout_prob == 0 and cfg.straggler_prob == 0):
+    if "partition-id" not in node_config or \
+            cfg.dropout_prob == cfg.straggler_prob == cfg.crash_prob == 0:
         return None
     pid = int(node_config["partition-id"])
-    rng = np.random.default_rng([settings.seed, server_round, pid])
-    if rng.random() < cfg.dropout_prob:
+    fault = planned_fault(cfg, settings.seed, server_round, pid)
+    if fault == "dropout":
         return f"simulated dropout of partition {pid} in round {server_round}"
-    if rng.random() < cfg.straggler_prob:
+    if fault == "straggler":
         time.sleep(cfg.straggler_delay)
+    elif fault == "crash":
+        # What the kernel's OOM killer does: SIGKILL, no clean-up, no reply.
+        log.error("simulated crash of partition %d in round %d: SIGKILL of process %d",
+                  pid, server_round, os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
     return None
 
 
@@ -161,6 +181,47 @@ def _global_model(settings: ClientSettings, msg: Message, timer: _Timer) -> Any:
     model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
     timer.lap("model")
     return model
+
+
+def global_round(config: Mapping[str, Any]) -> int:
+    """The round a train instruction belongs to; "global-round" survives a resume
+    (server-round restarts at 1), and the seeds follow it."""
+    return int(config.get("global-round", config.get("server-round", 0)))
+
+
+def fit_locally(model: Any, settings: ClientSettings, snaps: Snapshots,
+                config: Mapping[str, Any]) -> dict[str, float | int]:
+    """Train ``model`` (holding the global weights) on this merchant's training rows as
+    the server's ``config`` asks; the whitelisted metrics of the reply."""
+    from common.training import fit
+
+    train_rows, val_rows = snaps.split_part("train"), snaps.split_part("val")
+    train_cfg = dataclasses.replace(
+        settings.train,
+        epochs=int(config.get("local-epochs", settings.train.epochs)),
+        proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)),
+    )
+    result = fit(model, train_rows, val_rows, train_cfg,
+                 seed=settings.seed * 100_003 + global_round(config))
+    metrics: dict[str, float | int] = {
+        k: float(v) if np.isfinite(v) else -1.0 for k, v in result.as_metrics().items()}
+    metrics["num-examples"] = int(len(train_rows))
+    return metrics
+
+
+def evaluate_locally(model: Any, test: Snapshots) -> dict[str, float | int]:
+    """The whitelisted metrics of ``model`` on this merchant's held-out rows."""
+    from common.training import predict, validation_loss
+
+    p = np.clip(predict(model, test)["decay"], 1e-7, 1 - 1e-7)
+    y = test.decay
+    return {
+        "num-examples": int(len(test)),
+        "eval_loss": validation_loss(model, test),
+        "decay_log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
+        "decay_accuracy": float(np.mean((p >= 0.5) == (y > 0.5))),
+        "decay_positive_rate": float(y.mean()),
+    }
 
 
 def make_client_app(
@@ -193,29 +254,16 @@ def make_client_app(
             return _data_error(msg, err)
         timer.lap("data")
         config = msg.content["config"]
-        # "global-round" survives a resume (server-round restarts at 1); seeds follow it.
-        server_round = int(config.get("global-round", config.get("server-round", 0)))
+        server_round = global_round(config)
         fault = _simulated_fault(settings, context.node_config, server_round)
         if fault:
             return _error_reply(msg, SIMULATED_DROPOUT, fault)
-        train_rows, val_rows = snaps.split_part("train"), snaps.split_part("val")
-        if len(train_rows) == 0:
+        if len(snaps.split_part("train")) == 0:
             return _error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
-        from common.training import fit
-
         model = _global_model(settings, msg, timer)
-        train_cfg = dataclasses.replace(
-            settings.train,
-            epochs=int(config.get("local-epochs", settings.train.epochs)),
-            proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)),
-        )
-        result = fit(model, train_rows, val_rows, train_cfg,
-                     seed=settings.seed * 100_003 + server_round)
+        metrics = fit_locally(model, settings, snaps, config)
         timer.lap("fit")
         timer.report(f"train round {server_round}")
-        metrics = {"num-examples": len(train_rows), **result.as_metrics()}
-        metrics = {k: float(v) if np.isfinite(v) else -1.0 for k, v in metrics.items()}
-        metrics["num-examples"] = int(len(train_rows))
         reply = RecordDict({"arrays": ArrayRecord(model.get_weights()),
                             "metrics": MetricRecord(metrics)})
         return Message(reply, reply_to=msg)
@@ -231,18 +279,8 @@ def make_client_app(
         test = snaps.split_part("test")
         if len(test) == 0:
             return _error_reply(msg, DATA_ERROR, "no held-out snapshots in this merchant's data")
-        from common.training import predict, validation_loss
-
         model = _global_model(settings, msg, timer)
-        p = np.clip(predict(model, test)["decay"], 1e-7, 1 - 1e-7)
-        y = test.decay
-        metrics = {
-            "num-examples": int(len(test)),
-            "eval_loss": validation_loss(model, test),
-            "decay_log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
-            "decay_accuracy": float(np.mean((p >= 0.5) == (y > 0.5))),
-            "decay_positive_rate": float(y.mean()),
-        }
+        metrics = evaluate_locally(model, test)
         timer.lap("evaluate")
         config = msg.content.config_records.get("config") or {}
         timer.report(f"evaluate round {config.get('server-round', '?')}")

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ModelConfig, SnapshotConfig, TrainConfig, from_flat
 from common.snapshots import Snapshots
 from server.checkpoint import (
+    clear_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     restore_strategy_state,
@@ -103,7 +104,12 @@ def run_federation(grid: Grid, settings: ServerSettings,
     # The DP wrapper (if any) runs the rounds; the guarded strategy inside keeps the stats.
     dp = settings.privacy
     population = max(fed.min_available_nodes, len(list(grid.get_node_ids())))
-    runner = wrap_strategy(strategy, dp, fed, population)
+    if fed.secure_aggregation:  # SecAgg+ runs in Flower's legacy workflow API
+        from server.secagg import build_secagg_strategy
+
+        strategy = runner = build_secagg_strategy(fed, dp, settings.seed, population)
+    else:
+        runner = wrap_strategy(strategy, dp, fed, population)
     ledger = PrivacyLedger(dp, population, num_sampled(fed, population),
                            run_dir / "privacy.jsonl") if dp.enabled else None
     stop_reason: list[str] = []
@@ -119,14 +125,26 @@ def run_federation(grid: Grid, settings: ServerSettings,
         log.info("resuming from %s: %d rounds done", found.name, done)
         if ledger is not None:
             ledger.replay(done)
+        if state.get("clipping_norm") is not None and hasattr(runner, "clipping_norm"):
+            runner.clipping_norm = float(state["clipping_norm"])  # adaptive clipping
     elif fed.resume:
         log.info("resume asked but no checkpoint in %s: starting at round 1", ckpt_dir)
-    if ledger is not None and done == 0 and ledger.path is not None:
-        ledger.path.unlink(missing_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    if done == 0:
+        # A fresh run in a folder used before (``flwr run`` keys it by the configuration)
+        # replaces that run's outputs instead of appending to them.
+        stale = clear_checkpoints(ckpt_dir)
+        if stale or metrics_path.exists():
+            log.info("%s: replacing the outputs of an earlier run (%d checkpoints)",
+                     run_dir, stale)
+        metrics_path.unlink(missing_ok=True)
+        if ledger is not None and ledger.path is not None:
+            ledger.path.unlink(missing_ok=True)
     strategy.round_offset = done
     remaining = fed.num_rounds - done
     eval_sets = load_eval_data(fed.eval_data) if fed.eval_data else None
-    metrics_path = run_dir / "metrics.jsonl"
+    # The clipping norm of the round in progress (adaptive clipping moves it every round).
+    clip = {"used": float(getattr(runner, "clipping_norm", dp.clipping_norm))}
     started = time.perf_counter()
     last = {"time": started}
 
@@ -160,17 +178,20 @@ def run_federation(grid: Grid, settings: ServerSettings,
         if stats is not None:
             line.update({"sampled": stats.sampled, "replied": stats.replied,
                          "failed": stats.failed, "rejected": stats.rejected,
+                         "timed_out": stats.timed_out,
                          "bytes_down": stats.bytes_down, "bytes_up": stats.bytes_up,
                          "train": stats.train, "client_eval": stats.client_eval,
                          "failures": stats.failures[:20]})
         if ledger is not None and g > 0 and stats is not None and stats.replied > 0:
-            spent = ledger.record(g, stats.sampled, stats.replied,
-                                  float(getattr(runner, "clipping_norm", dp.clipping_norm)))
-            line["privacy"] = {"epsilon": spent["epsilon"], "delta": spent["delta"]}
+            spent = ledger.record(g, stats.sampled, stats.replied, clip["used"])
+            line["privacy"] = {"epsilon": spent["epsilon"], "delta": spent["delta"],
+                               "clipping_norm": clip["used"]}
+        clip["used"] = float(getattr(runner, "clipping_norm", dp.clipping_norm))
         _append_jsonl(metrics_path, line)
         save_checkpoint(ckpt_dir, g, {
             "weights": weights, "strategy": strategy_state(strategy),
-            "selection": dataclasses.asdict(selection)}, keep=fed.keep_checkpoints)
+            "selection": dataclasses.asdict(selection),
+            "clipping_norm": getattr(runner, "clipping_norm", None)}, keep=fed.keep_checkpoints)
         if progress is not None:
             progress(line)
         else:
@@ -213,6 +234,8 @@ def run_federation(grid: Grid, settings: ServerSettings,
         "empty_rounds": strategy.empty_rounds, "seconds": time.perf_counter() - started,
         "strategy": fed.strategy, "stop_reason": stop_reason[0] if stop_reason else None,
     }
+    if fed.secure_aggregation:
+        summary["secure_aggregation"] = strategy.describe()
     if ledger is not None:
         summary["privacy"] = {"mode": dp.mode, "epsilon": ledger.epsilon,
                               "delta": dp.target_delta, "target_epsilon": dp.target_epsilon,

@@ -56,6 +56,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return pickle.load(io.BytesIO(body))
 
 
+def clear_checkpoints(directory: Path) -> int:
+    """Remove the checkpoints of an earlier run in ``directory``; returns how many."""
+    found = sorted(Path(directory).glob("round-*.ckpt"))
+    for path in found:
+        path.unlink()
+    return len(found)
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     found = sorted(Path(directory).glob("round-*.ckpt"))
     return found[-1] if found else None

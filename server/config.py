@@ -14,6 +14,15 @@ STRATEGIES: tuple[str, ...] = (
 #: snapshots. ``deployment``: every merchant brings its own file; the server holds no
 #: data and relies on client-side evaluation (``fraction-evaluate`` > 0).
 MODES: tuple[str, ...] = ("simulation", "deployment")
+#: Strategies that work with secure aggregation. SecAgg+ reveals only the weighted sum
+#: of the updates: FedAvg and FedProx aggregate exactly that, and Flower's legacy
+#: FedAvgM / FedAdam / FedYogi (the ones its SecAgg+ workflow drives) apply their
+#: server optimizer to the FedAvg result, so they work on the sum too. FedTrimmedAvg,
+#: FedMedian and Krum rank or compare the individual updates, which the server never sees.
+SECAGG_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
+#: SecAgg+ sums integers modulo 2**32 (Flower's ``modulus_range``); every client's
+#: quantised update lies in [0, quantization-range], so the sum of all must stay below it.
+SECAGG_MODULUS = 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +48,17 @@ class FederationConfig:
     run_dir: str = ""  # where checkpoints, metrics.jsonl and model.keras go (absolute)
     eval_data: str = ""  # simulation: pooled validation + test snapshots (.npz) for evaluate_fn
     keep_checkpoints: int = 2
+    # Secure aggregation (SecAgg+, Flower's legacy workflow); see server/secagg.py.
+    secure_aggregation: bool = False
+    # In (0, 1]: a share of the sampled clients (Flower's float); an odd whole number >= 3:
+    # a count. Each client's secrets are split among this many neighbours (itself included).
+    secagg_num_shares: float = 1.0
+    # In (0.5, 1]: a share of secagg-num-shares; a whole number: a count. Shares needed to
+    # rebuild a client's secret: more protects better, fewer tolerates more dropouts.
+    secagg_reconstruction_threshold: float = 0.6
+    secagg_clipping_range: float = 8.0  # weighted weights are clipped to [-range, range] ...
+    secagg_quantization_range: int = 4_194_304  # ... and quantised to this many levels
+    secagg_max_weight: float = 10_000.0  # largest num-examples a client may weigh in with
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, "federation.mode",
@@ -57,6 +77,52 @@ class FederationConfig:
         _check(self.round_timeout > 0, "federation.round-timeout", "must be > 0")
         _check(0 <= self.trim_beta < 0.5, "federation.trim-beta", "must be in [0, 0.5)")
         _check(self.patience_rounds >= 0, "federation.patience-rounds", "must be >= 0")
+        if self.secure_aggregation:
+            self._check_secagg()
+
+    def _check_secagg(self) -> None:
+        _check(self.strategy in SECAGG_STRATEGIES, "federation.strategy",
+               f"{self.strategy!r} cannot run with federation.secure-aggregation: the server "
+               "only learns the weighted sum of the updates, and this strategy needs each "
+               f"client's own update (use one of {', '.join(SECAGG_STRATEGIES)})")
+        shares, threshold = self.secagg_shares()
+        _check(not isinstance(shares, int) or (shares >= 3 and shares % 2 == 1),
+               "federation.secagg-num-shares", "as a count must be odd and >= 3 (a client "
+               f"shares with itself and as many neighbours on each side), got {shares}")
+        if isinstance(threshold, int):
+            _check(threshold >= 2, "federation.secagg-reconstruction-threshold",
+                   f"as a count must be >= 2, got {threshold}")
+            _check(not isinstance(shares, int) or shares / 2 < threshold < shares,
+                   "federation.secagg-reconstruction-threshold",
+                   f"must be more than half of federation.secagg-num-shares ({shares}) so "
+                   "the server cannot rebuild both secrets of one client, and less than it "
+                   f"so a client may drop out, got {threshold}")
+        else:
+            _check(threshold > 0.5, "federation.secagg-reconstruction-threshold",
+                   "as a share must be in (0.5, 1] so the server cannot rebuild both secrets "
+                   f"of one client, got {threshold}")
+        _check(math.isfinite(self.secagg_clipping_range) and self.secagg_clipping_range > 0,
+               "federation.secagg-clipping-range", "must be a finite number > 0")
+        _check(2 <= self.secagg_quantization_range < SECAGG_MODULUS,
+               "federation.secagg-quantization-range", f"must be in [2, {SECAGG_MODULUS})")
+        _check(math.isfinite(self.secagg_max_weight) and self.secagg_max_weight > 0,
+               "federation.secagg-max-weight", "must be a finite number > 0")
+
+    def secagg_shares(self) -> tuple[int | float, int | float]:
+        """``num_shares`` and ``reconstruction_threshold`` in Flower's terms: a float is a
+        share (of the sampled clients, of the shares), an int a count."""
+        return (_share_or_count(self.secagg_num_shares, "federation.secagg-num-shares"),
+                _share_or_count(self.secagg_reconstruction_threshold,
+                                "federation.secagg-reconstruction-threshold"))
+
+
+def _share_or_count(value: float, key: str) -> int | float:
+    _check(math.isfinite(value) and value > 0, key, f"must be a number > 0, got {value}")
+    if value <= 1:
+        return float(value)
+    _check(float(value).is_integer(), key,
+           f"must be a share in (0, 1] or a whole count, got {value}")
+    return int(value)
 
 
 #: ``off``; ``server-fixed``: the server clips each update and adds Gaussian noise;
@@ -77,6 +143,9 @@ class DPConfig:
     clipping_norm: float = 1.0  # L2 bound of one client's update (adaptive: initial bound)
     target_delta: float = 1e-5
     target_epsilon: float = 0.0  # > 0: stop before a round would spend more than this
+    # adaptive: std of the noise on the clipped-update count (0 = Flower's default,
+    # sampled clients / 20, which needs noise-multiplier < sampled clients / 10)
+    clipped_count_stddev: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -92,3 +161,24 @@ class DPConfig:
         _check(0 < self.target_delta < 1, "privacy.target-delta", "must be in (0, 1)")
         _check(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),
                "privacy.target-epsilon", "must be >= 0 (0 = no budget)")
+        _check(self.clipped_count_stddev >= 0 and math.isfinite(self.clipped_count_stddev),
+               "privacy.clipped-count-stddev", "must be a finite number >= 0 (0 = default)")
+
+
+#: Privacy modes that work with secure aggregation: none, or the merchants clip their own
+#: update (``fixedclipping_mod`` runs before the update is masked) and the server adds
+#: the noise to the sum. Server-side clipping (fixed or adaptive) needs each update.
+SECAGG_DP_MODES: tuple[str, ...] = ("off", "client-fixed")
+
+
+def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
+    """Raise ``ValueError`` for settings of two sections that cannot run together."""
+    if not fed.secure_aggregation:
+        return
+    _check(dp.mode in SECAGG_DP_MODES, "privacy.mode",
+           f"{dp.mode!r} cannot run with federation.secure-aggregation: the server would "
+           "clip each client's update, and under secure aggregation it only sees their sum "
+           "(use 'client-fixed': the merchants clip, the server adds noise to the sum)")
+    _check(not dp.enabled or fed.strategy in DP_STRATEGIES, "privacy.mode",
+           f"{dp.mode!r} needs a strategy that averages the clipped updates "
+           f"({', '.join(DP_STRATEGIES)}); federation.strategy is {fed.strategy!r}")

@@ -90,9 +90,11 @@ def wrap_strategy(strategy: Any, dp: DPConfig, fed: FederationConfig, population
     if dp.mode == "adaptive":
         try:
             wrapped = cls(strategy, dp.noise_multiplier, m,
-                          initial_clipping_norm=dp.clipping_norm)
+                          initial_clipping_norm=dp.clipping_norm,
+                          clipped_count_stddev=dp.clipped_count_stddev or None)
         except ValueError as err:
-            raise ValueError(f"config key 'privacy.noise-multiplier': {err}") from None
+            raise ValueError(f"config key 'privacy.noise-multiplier' (with "
+                             f"privacy.clipped-count-stddev): {err}") from None
     else:
         wrapped = cls(strategy, dp.noise_multiplier, dp.clipping_norm, m)
     log.info("differential privacy %s: z = %g, clip %g, %d of %d clients per round; %s",

@@ -10,7 +10,9 @@ than a copy of ``start``:
   ``num-examples``, logged by node, before anything is averaged;
 - replies sorted by content so the float sum is the same whatever order they came in;
 - per-round bookkeeping: sampled / replied / failed / rejected nodes, bytes each way,
-  rounds where no client replied.
+  rounds where no client replied; a sampled node with no reply at all is counted as
+  failed and timed out (Flower's ``send_and_receive`` stops waiting after the round
+  timeout and never hands its late reply to a later round).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import logging
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -41,11 +44,13 @@ class RoundStats:
     replied: int = 0
     failed: int = 0
     rejected: int = 0
+    timed_out: int = 0  # sampled, no reply within the round timeout (also in ``failed``)
     bytes_down: int = 0
     bytes_up: int = 0
     failures: list[str] = dataclasses.field(default_factory=list)
     client_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     train: dict[str, float] = dataclasses.field(default_factory=dict)
+    awaited: list[int] = dataclasses.field(default_factory=list)  # nodes sent a train message
 
 
 class _SortedGrid:
@@ -78,6 +83,25 @@ def check_reply_records(content: RecordDict, weight_key: str) -> str | None:
     return None
 
 
+def error_summary(reason: str) -> str:
+    """A one-line account of a failed reply's error reason.
+
+    A ClientApp whose Ray actor process died (SIGKILL by the kernel's OOM killer or Ray's
+    memory monitor, a crash) comes back from Flower's simulation engine as a multi-line
+    ``ActorDiedError`` text; other reasons are kept as they are.
+    """
+    if "ActorDiedError" not in reason and "The actor died" not in reason:
+        return reason
+    pid = re.search(r"\bpid: (\d+)", reason)
+    exit_type = re.search(r"Worker exit type: (\w+)", reason)
+    who = f"ClientApp's Ray actor (pid {pid.group(1) if pid else '?'})"
+    if exit_type and exit_type.group(1) == "NODE_OUT_OF_MEMORY":
+        return f"{who} was killed by Ray's memory monitor: the node ran out of memory"
+    how = f", worker exit {exit_type.group(1)}" if exit_type else ""
+    return (f"{who} died{how}: killed by the OOM killer or another signal, or crashed "
+            "(see the Ray log)")
+
+
 def check_reply_arrays(reply: ArrayRecord, reference: list[np.ndarray]) -> str | None:
     """Why a reply's weights cannot be averaged in, or None when they can."""
     arrays = reply.to_numpy_ndarrays()
@@ -98,9 +122,12 @@ class GuardedMixin:
     round_offset: int = 0
     #: Differential privacy: every update counts the same (the noise assumes a plain mean).
     uniform_weights: bool = False
+    #: What ``start`` gets as ``timeout``; named in the reason of a missing reply.
+    round_timeout: float | None = None
 
-    def _init_guard(self, seed: int) -> None:
+    def _init_guard(self, seed: int, round_timeout: float | None = None) -> None:
         self.seed = seed
+        self.round_timeout = round_timeout
         self.round_offset = 0
         self._screened_round: int | None = None
         self.stats: dict[int, RoundStats] = {}
@@ -120,6 +147,7 @@ class GuardedMixin:
                                                 _SortedGrid(grid)))
         stats = self.stats.setdefault(g, RoundStats())
         stats.sampled = len(messages)
+        stats.awaited = sorted(m.metadata.dst_node_id for m in messages)
         stats.bytes_down = array_bytes(arrays) * len(messages)
         return messages
 
@@ -150,12 +178,15 @@ class GuardedMixin:
         self._screened_round = g
         stats = self.stats.setdefault(g, RoundStats())
         good: list[Message] = []
+        answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            answered.add(node)
             if msg.has_error():
                 stats.failed += 1
-                stats.failures.append(f"node {node}: {msg.error.reason}")
-                log.warning("round %d: node %s failed: %s", g, node, msg.error.reason)
+                reason = error_summary(msg.error.reason)
+                stats.failures.append(f"node {node}: {reason}")
+                log.warning("round %d: node %s failed: %s", g, node, reason)
                 continue
             reason = check_reply_records(msg.content, self.weighted_by_key)  # type: ignore[attr-defined]
             record = next(iter(msg.content.array_records.values()), None)
@@ -169,6 +200,7 @@ class GuardedMixin:
                 continue
             stats.bytes_up += array_bytes(record)
             good.append(msg)
+        self._count_missing(g, stats, answered)
         stats.replied = len(good)
         if not good:
             self.empty_rounds += 1
@@ -184,6 +216,18 @@ class GuardedMixin:
             log.warning("round %d: reply of node %s rejected: %s", g, msg.metadata.src_node_id,
                         reason)
         return good
+
+    def _count_missing(self, g: int, stats: RoundStats, answered: set[int]) -> None:
+        """Count sampled nodes that sent nothing: the round stopped waiting for them."""
+        limit = f"{self.round_timeout:g} s" if self.round_timeout else "the round timeout"
+        for node in stats.awaited:
+            if node in answered:
+                continue
+            stats.failed += 1
+            stats.timed_out += 1
+            stats.failures.append(f"node {node}: no reply within round-timeout {limit}")
+            log.warning("round %d: node %s sent no reply within round-timeout %s; the round "
+                        "goes on without it and a late reply is never used", g, node, limit)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -262,5 +306,5 @@ def build_strategy(config: FederationConfig, seed: int) -> Any:
     elif config.strategy == "krum":
         kwargs["num_malicious_nodes"] = config.num_malicious
     strategy = cls(**kwargs)
-    strategy._init_guard(seed)
+    strategy._init_guard(seed, config.round_timeout)
     return strategy

@@ -28,7 +28,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
 from client.app import make_client_app
+from client.secagg import make_secagg_client_app
 from server.app import make_server_app
 
 log = logging.getLogger(__name__)
@@ -181,5 +185,24 @@ def _log_to_console() -> None:
         logger.propagate = False
 
 
+class _EitherClientApp(ClientApp):
+    """The ClientApp ``flwr run`` loads: every message goes to the SecAgg+ ClientApp
+    (Flower's legacy API) when the resolved config asks for secure aggregation, to the
+    Message API ClientApp otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._plain = make_client_app(resolve=resolve_client)
+        self._secure = make_secagg_client_app(resolve=resolve_client)
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        from common.config import from_flat
+        from server.config import FederationConfig
+
+        resolved = resolve_client(context.run_config)
+        secure = from_flat(FederationConfig, resolved, "federation").secure_aggregation
+        return (self._secure if secure else self._plain)(message, context)
+
+
 server_app = make_server_app(prepare=prepare_run)
-client_app = make_client_app(resolve=resolve_client)
+client_app = _EitherClientApp()

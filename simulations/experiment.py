@@ -29,7 +29,7 @@ from common.config import (
     from_flat,
 )
 from common.snapshots import SnapshotReport, Snapshots, build_snapshots
-from server.config import DPConfig, FederationConfig
+from server.config import DPConfig, FederationConfig, check_compatible
 from simulations.synth import SynthConfig, generate_federation, load_preset
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,14 @@ class SimulationConfig:
     dropout_prob: float = 0.0  # a sampled client fails with this probability
     straggler_prob: float = 0.0  # a sampled client is delayed ...
     straggler_delay: float = 0.0  # ... by this many seconds
+    crash_prob: float = 0.0  # a sampled client's process is SIGKILLed (as by the OOM killer)
 
     def __post_init__(self) -> None:
         _check(self.client_cpus > 0, "simulation.client-cpus", "must be > 0")
         _check(0 <= self.dropout_prob <= 1, "simulation.dropout-prob", "must be in [0, 1]")
         _check(0 <= self.straggler_prob <= 1, "simulation.straggler-prob", "must be in [0, 1]")
         _check(self.straggler_delay >= 0, "simulation.straggler-delay", "must be >= 0")
+        _check(0 <= self.crash_prob <= 1, "simulation.crash-prob", "must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,7 @@ def experiment_from_flat(flat: Mapping[str, Any]) -> Experiment:
             raise ValueError(f"unknown config key '{key}' (sections: {', '.join(SECTIONS)})")
     data = from_flat(DataConfig, flat, "data")
     synthetic = None if data.events else from_flat(SynthConfig, flat, "synthetic")
-    return Experiment(
+    exp = Experiment(
         flat=dict(flat),
         experiment=from_flat(ExperimentConfig, flat, "experiment"),
         data=data,
@@ -140,6 +142,8 @@ def experiment_from_flat(flat: Mapping[str, Any]) -> Experiment:
         simulation=from_flat(SimulationConfig, flat, "simulation"),
         privacy=from_flat(DPConfig, flat, "privacy"),
     )
+    check_compatible(exp.federation, exp.privacy)
+    return exp
 
 
 def resolve(

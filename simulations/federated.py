@@ -58,6 +58,7 @@ def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path) -> dic
         "client.dropout-prob": sim.dropout_prob,
         "client.straggler-prob": sim.straggler_prob,
         "client.straggler-delay": sim.straggler_delay,
+        "client.crash-prob": sim.crash_prob,
         "federation.run-dir": str(run_dir),
         "federation.eval-data": str(eval_path),
     })
@@ -80,6 +81,26 @@ def backend_config(exp: Experiment) -> dict[str, Any]:
             "init_args": init}
 
 
+def secure_aggregation(flat: Mapping[str, Any]) -> bool:
+    """Whether the flat config asks for SecAgg+ (``federation.secure-aggregation``)."""
+    from common.config import from_flat
+    from server.config import FederationConfig
+
+    return from_flat(FederationConfig, flat, "federation").secure_aggregation
+
+
+def make_federated_client_app(flat: Mapping[str, Any]) -> Any:
+    """The ClientApp for these settings: the SecAgg+ one (Flower's legacy API) when the
+    federation runs secure aggregation, the Message API one otherwise."""
+    if secure_aggregation(flat):
+        from client.secagg import make_secagg_client_app
+
+        return make_secagg_client_app(flat)
+    from client.app import make_client_app
+
+    return make_client_app(flat)
+
+
 def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
                   progress: Callable[[dict[str, Any]], None] | None = None,
                   overrides: Mapping[str, Any] | None = None) -> MethodResult:
@@ -87,10 +108,10 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     import ray
     from flwr.simulation import run_simulation
 
-    from client.app import make_client_app
     from common.model import load_model
     from common.training import predict
     from server.app import make_server_app
+    from simulations.raypool import replace_dead_actors
 
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,10 +120,11 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    replace_dead_actors()
     try:
         run_simulation(
             server_app=make_server_app(flat, progress=progress),
-            client_app=make_client_app(flat),
+            client_app=make_federated_client_app(flat),
             num_supernodes=len(data.merchants),
             backend_config=backend_config(exp),
         )
@@ -118,7 +140,8 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     train_rows = data.snapshots.split_part("train")
     seen = _sample_epochs(rounds, train_rows)
     return MethodResult(
-        name=f"federated-{exp.federation.strategy}", val=predict(model, val),
+        name=f"federated-{exp.federation.strategy}{'-secagg' if secure_aggregation(flat) else ''}",
+        val=predict(model, val),
         test=predict(model, test), seconds=time.perf_counter() - started,
         sample_epochs=seen, details={"rounds": rounds, "run_dir": str(run_dir)},
     )

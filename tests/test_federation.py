@@ -3,7 +3,7 @@
 Unit tests hand-build Flower replies and compare the strategy's aggregate with the
 weighted average computed here. The slow tests run real simulations (Ray, TensorFlow)
 in subprocesses of their own session, so a stuck run is killed with everything it
-started and its memory is released:
+started and its memory is released (``Simulation``, also used by ``test_faults``):
 
 - run A: 3 rounds, seeded dropout 0.3, partition 1's shard truncated, every reply
   recorded on the way into the strategy (egress whitelist, failures, reference weights);
@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,38 @@ def test_reply_with_odd_metric_names_is_left_out_not_fatal() -> None:
     assert stats.failures == ["node 3: rejected: metric names differ from the other replies'"]
 
 
+def test_sampled_node_without_a_reply_is_named_as_timed_out() -> None:
+    """``send_and_receive`` hands over what came in before the round timeout: the
+    silent node is counted and named, the aggregate is over the on-time replies."""
+    strategy = _strategy(round_timeout=5)
+    ins = _by_node(_instructions(strategy, [1, 2, 3, 4]))
+    rng = np.random.default_rng(8)
+    weights = {n: _weights(rng) for n in (1, 4)}
+    replies = [_reply(ins[4], weights[4], {"num-examples": 30, "train_loss": 2.0}),
+               Message(Error(code=101, reason="simulated dropout"), reply_to=ins[3]),
+               _reply(ins[1], weights[1], {"num-examples": 10, "train_loss": 1.0})]
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    expected = _weighted_average([weights[1], weights[4]], [10, 30])
+    for got, want in zip(arrays.to_numpy_ndarrays(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert metrics["train_loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)
+    stats = strategy.stats[1]
+    assert (stats.sampled, stats.replied, stats.failed, stats.timed_out, stats.rejected) \
+        == (4, 2, 2, 1, 0)
+    assert stats.failures == ["node 3: simulated dropout",
+                              "node 2: no reply within round-timeout 5 s"]
+
+    # Nobody answers in time: the round is empty and every node is named.
+    _instructions(strategy, [1, 2], server_round=2)
+    assert strategy.aggregate_train(2, []) == (None, None)
+    assert strategy.empty_rounds == 1
+    assert (strategy.stats[2].failed, strategy.stats[2].timed_out) == (2, 2)
+    assert strategy.stats[2].failures == ["node 1: no reply within round-timeout 5 s",
+                                          "node 2: no reply within round-timeout 5 s"]
+
+
 def test_sampling_is_seeded_by_global_round_and_ignores_node_order() -> None:
     nodes = list(range(300, 310))
 
@@ -383,6 +415,8 @@ ROUNDS = 3
 DRIVER = r'''
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 spec = json.loads(Path(sys.argv[1]).read_text())
@@ -406,17 +440,28 @@ def corrupting_write_shards(prepared, shard_dir):
 federated.write_shards = corrupting_write_shards
 
 if spec["observe"]:
+    import numpy as np
     from flwr.common.serde import recorddict_to_proto
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     from common.model import build_model
     from server.strategy import GuardedMixin
 
     out = Path(spec["observe"])
+    lock = threading.Lock()
+
+    def record(row):
+        with lock, out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
     ids = sorted(set(data.events["user_id"].astype(str)) | set(data.events["item_id"].astype(str)))
     needles = [i.encode() for i in ids]
 
     def describe(kind, global_round, msg):
-        row = {"kind": kind, "round": global_round, "node": msg.metadata.src_node_id}
+        row = {"kind": kind, "round": global_round, "node": msg.metadata.src_node_id,
+               "reply_to": msg.metadata.reply_to_message_id, "t": time.time()}
         if msg.has_error():
             row["error"] = msg.error.reason
             return row
@@ -430,17 +475,54 @@ if spec["observe"]:
             configs=sorted(content.config_records.keys()),
             leaked=[i for i, n in zip(ids, needles) if n in raw],
         )
+        if spec["keep_weights"] and kind == "train":
+            row["num_examples"] = next(iter(content.metric_records.values()))["num-examples"]
+            row["weights"] = f"{out}.{kind}-{global_round}-{row['node']}.npz"
+            np.savez(row["weights"], *next(iter(content.array_records.values()))
+                     .to_numpy_ndarrays())
         return row
 
     def observed(kind, method):
         def wrapper(self, server_round, replies):
             replies = list(replies)
-            with out.open("a") as fh:
-                for msg in replies:
-                    row = describe(kind, self.global_round(server_round), msg)
-                    fh.write(json.dumps(row) + "\n")
+            for msg in replies:
+                record(describe(kind, self.global_round(server_round), msg))
             return method(self, server_round, replies)
         return wrapper
+
+    # Every instruction pushed and every reply the link state gets, on time or not.
+    push_messages = InMemoryGrid.push_messages
+
+    def pushed(self, messages):
+        messages = list(messages)
+        message_ids = push_messages(self, messages)
+        for msg in messages:
+            config = msg.content.config_records.get("config") or {}
+            record({"kind": "pushed", "type": msg.metadata.message_type,
+                    "round": config.get("server-round"), "node": msg.metadata.dst_node_id,
+                    "id": msg.metadata.message_id, "t": time.time()})
+        return message_ids
+
+    store_message_res = InMemoryLinkState.store_message_res
+
+    def stored(self, message):
+        kept = store_message_res(self, message)
+        record({"kind": "stored", "node": message.metadata.src_node_id,
+                "reply_to": message.metadata.reply_to_message_id,
+                "error": message.has_error(), "kept": kept is not None, "t": time.time()})
+        return kept
+
+    register_nodes = vce_api._register_nodes
+
+    def registered(num_nodes, state_factory):
+        mapping = register_nodes(num_nodes, state_factory)
+        Path(spec["observe"] + ".nodes.json").write_text(json.dumps(
+            {str(node): pid for node, pid in mapping.items()}))
+        return mapping
+
+    InMemoryGrid.push_messages = pushed
+    InMemoryLinkState.store_message_res = stored
+    vce_api._register_nodes = registered
 
     GuardedMixin.aggregate_train = observed("train", GuardedMixin.aggregate_train)
     GuardedMixin.aggregate_evaluate = observed("evaluate", GuardedMixin.aggregate_evaluate)
@@ -451,6 +533,8 @@ if spec["observe"]:
     }))
 
 federated.run_federated(exp, data, Path(spec["run_dir"]))
+if spec["observe"]:
+    record({"kind": "done", "t": time.time()})
 print("DRIVER DONE", flush=True)
 '''
 
@@ -509,14 +593,23 @@ def _tail(log: Path, lines: int = 60) -> str:
 
 
 class Simulation:
-    """One driver subprocess in a session of its own."""
+    """One driver subprocess in a session of its own.
+
+    With ``observe`` the driver records, as JSON lines in that file, every reply handed
+    to the strategy (``train``/``evaluate``), every instruction pushed (``pushed``),
+    every reply the link state received (``stored``) and the end of ``run_federated``
+    (``done``); the node id -> partition id map goes to ``<observe>.nodes.json``;
+    ``keep_weights`` saves each train reply's weights beside it. ``corrupt``: partitions
+    whose shard is truncated before the run.
+    """
 
     def __init__(self, tmp: Path, name: str, run_dir: Path, overrides: list[str],
-                 observe: Path | None = None) -> None:
+                 observe: Path | None = None, corrupt: Sequence[int] = (),
+                 keep_weights: bool = False) -> None:
         self.run_dir, self.log = run_dir, tmp / f"{name}.log"
         self.observe = observe
-        spec = {"overrides": overrides, "run_dir": str(run_dir), "corrupt": [CORRUPT],
-                "observe": str(observe) if observe else None}
+        spec = {"overrides": overrides, "run_dir": str(run_dir), "corrupt": list(corrupt),
+                "observe": str(observe) if observe else None, "keep_weights": keep_weights}
         (tmp / f"{name}.json").write_text(json.dumps(spec))
         (tmp / "driver.py").write_text(DRIVER)
         self._out = self.log.open("ab")
@@ -581,7 +674,7 @@ def run_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulation]:
     """Run A: uninterrupted, every reply recorded as the strategy receives it."""
     tmp = tmp_path_factory.mktemp("run-a")
     sim = Simulation(tmp, "run-a", tmp / "run", _overrides(tmp),
-                     observe=tmp / "replies.jsonl")
+                     observe=tmp / "replies.jsonl", corrupt=[CORRUPT])
     try:
         sim.wait(timeout=420)
         yield sim
@@ -649,7 +742,7 @@ def test_failing_clients_are_recorded_and_the_run_completes(run_a: Simulation) -
 def test_killed_run_resumes_to_the_same_weights(run_a: Simulation, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints" / "round-00002.ckpt"
-    killed = Simulation(tmp_path, "run-b1", run_dir, _overrides(tmp_path))
+    killed = Simulation(tmp_path, "run-b1", run_dir, _overrides(tmp_path), corrupt=[CORRUPT])
     try:
         deadline = time.monotonic() + 420
         while not ckpt.exists():  # written after round 2's line in metrics.jsonl
@@ -664,7 +757,7 @@ def test_killed_run_resumes_to_the_same_weights(run_a: Simulation, tmp_path: Pat
     assert not (run_dir / "final_weights.npz").exists()
 
     resumed = Simulation(tmp_path, "run-b2", run_dir,
-                         _overrides(tmp_path, "federation.resume=true"))
+                         _overrides(tmp_path, "federation.resume=true"), corrupt=[CORRUPT])
     try:
         resumed.wait(timeout=420)
     finally:

@@ -196,36 +196,46 @@ def test_attack_auc_and_its_interval_on_known_losses() -> None:
 # ---------------------------------------------------------------------------------------
 
 PROJECT = Path(__file__).resolve().parents[1]
-DRIVER = r'''
+#: `fedecay compare` with a noise sweep (argv after the script), as a user runs it.
+COMPARE_DRIVER = r'''
+import sys
+from simulations.cli import main
+code = main(sys.argv[1:])
+print("DRIVER DONE", flush=True)
+sys.exit(code)
+'''
+#: One federation per DP mode: argv = run folder root, rounds, then the modes.
+MODES_DRIVER = r'''
 import sys
 from pathlib import Path
 from simulations import federated
 from simulations.experiment import prepare, resolve
-exp = resolve("quick", overrides=sys.argv[2:])
-federated.run_federated(exp, prepare(exp), Path(sys.argv[1]))
+root, rounds = Path(sys.argv[1]), int(sys.argv[2])
+for mode in sys.argv[3:]:
+    exp = resolve("quick", overrides=[
+        "synthetic.num-merchants=4", f"federation.num-rounds={rounds}",
+        "federation.local-epochs=1", f"privacy.mode={mode}", "privacy.noise-multiplier=1.0",
+        "privacy.clipping-norm=0.5", "privacy.clipped-count-stddev=1.0",
+        f"experiment.output-dir={root}"])
+    federated.run_federated(exp, prepare(exp), root / mode)
 print("DRIVER DONE", flush=True)
 '''
 Z, ROUNDS = 1.0, 2
 
 
-@pytest.fixture(scope="module")
-def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    tmp = tmp_path_factory.mktemp("dp-run")
-    (tmp / "driver.py").write_text(DRIVER)
-    run_dir = tmp / "run"
+def _run_driver(tmp: Path, code: str, args: list[str], timeout: float) -> None:
+    """Run ``code`` in a subprocess of its own session; kill the session afterwards."""
+    (tmp / "driver.py").write_text(code)
     env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home"), "TF_CPP_MIN_LOG_LEVEL": "3",
            "TF_ENABLE_ONEDNN_OPTS": "0", "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}
     log = tmp / "run.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(tmp / "driver.py"), str(run_dir),
-             f"federation.num-rounds={ROUNDS}", "federation.local-epochs=1",
-             "privacy.mode=server-fixed", f"privacy.noise-multiplier={Z}",
-             "privacy.clipping-norm=1.0", f"experiment.output-dir={tmp}"],
-            cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, str(tmp / "driver.py"), *args], cwd=tmp,
+                                env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            rc = proc.wait(timeout=300)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
         finally:
@@ -233,9 +243,36 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
             time.sleep(1)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-    assert rc == 0 and "DRIVER DONE" in log.read_text(errors="replace"), tail
-    yield run_dir
+    text = log.read_text(errors="replace")
+    assert rc == 0 and "DRIVER DONE" in text, "\n".join(text.splitlines()[-40:])
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``fedecay compare --noise 0,Z`` on the quick preset: the comparison folder."""
+    tmp = tmp_path_factory.mktemp("dp-sweep")
+    _run_driver(tmp, COMPARE_DRIVER, [
+        "compare", "--preset", "quick", "--methods", "centralised,federated",
+        "--noise", f"0,{Z}", "--set", f"federation.num-rounds={ROUNDS}",
+        "--set", "federation.local-epochs=1", "--set", "privacy.clipping-norm=1.0",
+        "--set", f"experiment.output-dir={tmp / 'runs'}"], timeout=600)
+    (found,) = (tmp / "runs").glob("*-compare-quick")
+    yield found
+
+
+@pytest.fixture(scope="module")
+def dp_run(sweep: Path) -> Path:
+    """The DP federation of the sweep (server-side fixed clipping)."""
+    return sweep / f"federated-fedavg-dp{Z:g}"
+
+
+@pytest.fixture(scope="module")
+def modes_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Client-side fixed clipping (1 round) and adaptive clipping (2 rounds), 4 merchants."""
+    tmp = tmp_path_factory.mktemp("dp-modes")
+    _run_driver(tmp, MODES_DRIVER, [str(tmp), "1", "client-fixed"], timeout=400)
+    _run_driver(tmp, MODES_DRIVER, [str(tmp), "2", "adaptive"], timeout=400)
+    return tmp
 
 
 @pytest.mark.slow
@@ -272,3 +309,48 @@ def test_membership_audit_on_the_dp_model(dp_run: Path) -> None:
     assert 0 <= out["ci_low"] <= out["auc"] <= out["ci_high"] <= 1
     assert "time period" in out["note"]
     assert membership_audit(dp_run, merchants=3, seed=0, n_boot=200)["ci_low"] == out["ci_low"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(700)
+def test_noise_sweep_reports_epsilon_utility_and_attacks(sweep: Path) -> None:
+    results = json.loads((sweep / "results.json").read_text())
+    methods = results["methods"]
+    assert set(methods) == {"centralised", "federated-fedavg", f"federated-fedavg-dp{Z:g}"}
+    dp = methods[f"federated-fedavg-dp{Z:g}"]
+    assert dp["privacy"]["noise_multiplier"] == Z and dp["privacy"]["mode"] == "server-fixed"
+    assert dp["privacy"]["epsilon"] == pytest.approx(_direct_epsilon(1.0, Z, ROUNDS, 1e-5),
+                                                     rel=1e-6)
+    assert "privacy" not in methods["federated-fedavg"]
+    for m in methods.values():  # every saved model is audited, both attacks
+        audit = m["membership"]
+        assert 0 <= audit["ci_low"] <= audit["auc"] <= audit["ci_high"] <= 1
+        assert 0 <= audit["calibrated"]["auc"] <= 1
+    assert (sweep / "auc_vs_epsilon.png").stat().st_size > 0
+    report = (sweep / "report.md").read_text()
+    assert "## Privacy: epsilon, utility and membership attack" in report
+    assert "auc_vs_epsilon.png" in report
+    assert (sweep / "centralised" / "model.keras").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_client_fixed_and_adaptive_clipping_runs(modes_run: Path) -> None:
+    from server.checkpoint import latest_checkpoint, load_checkpoint
+
+    fixed = [json.loads(t) for t in
+             (modes_run / "client-fixed" / "privacy.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in fixed] == [1] and fixed[0]["clipping_norm"] == 0.5
+    assert fixed[0]["epsilon"] == pytest.approx(_direct_epsilon(1.0, 1.0, 1, 1e-5), rel=1e-6)
+    summary = json.loads((modes_run / "client-fixed" / "federation.json").read_text())
+    assert summary["privacy"]["mode"] == "client-fixed"
+
+    adaptive = [json.loads(t) for t in
+                (modes_run / "adaptive" / "privacy.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in adaptive] == [1, 2]
+    # Round 1 clips at the initial norm; the norm then follows the clipped fraction.
+    assert adaptive[0]["clipping_norm"] == 0.5 and adaptive[1]["clipping_norm"] != 0.5
+    state = load_checkpoint(latest_checkpoint(modes_run / "adaptive" / "checkpoints"))
+    assert state["round"] == 2
+    assert math.isfinite(state["clipping_norm"]) and state["clipping_norm"] > 0
+    assert state["clipping_norm"] != adaptive[1]["clipping_norm"]  # the norm of round 3

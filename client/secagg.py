@@ -1,0 +1,198 @@
+"""The merchant's ClientApp under secure aggregation (SecAgg+).
+
+Flower 1.42 runs SecAgg+ only in its legacy API: a ``ClientApp(client_fn=...)`` whose
+``NumPyClient`` trains, with ``secaggplus_mod`` answering the protocol's four stages
+(``setup``, ``share_keys``, ``collect_masked_vectors``, ``unmask``). Only the third
+stage reaches the client: it trains with the project's ``fit`` (``fit_locally``) and
+the mod replaces the weights by their quantised, masked form before anything leaves.
+
+Mods, outermost first:
+
+1. ``outer_mods`` (see every protocol message; tests use them to drop a client);
+2. a guard: a merchant whose file cannot be used leaves at ``setup``, before any keys
+   are made; the seeded simulated faults strike at ``collect_masked_vectors``, i.e.
+   after the keys were shared, which is the dropout SecAgg+ recovers from;
+3. ``secaggplus_mod``;
+4. ``inner_mods`` (see the plain update, as the mod will mask it);
+5. a check that the update survives quantisation: finite, a weight within
+   ``secagg-max-weight`` and weighted values within ``secagg-clipping-range``;
+   otherwise the client refuses rather than corrupt the sum;
+6. client-side DP clipping (``fixedclipping_mod``) when the server asks for it; it
+   sits inside the SecAgg+ mod, so the clipped update is what gets masked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client import NumPyClient
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+    Stage,
+)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from client.app import (
+    DATA_ERROR,
+    SIMULATED_DROPOUT,
+    ClientSettings,
+    _data_error,
+    _error_reply,
+    _settings,
+    _simulated_fault,
+    evaluate_locally,
+    fit_locally,
+    global_round,
+    load_shard,
+    shard_location,
+)
+from common.schema import DataError
+from common.snapshots import Snapshots
+
+log = logging.getLogger(__name__)
+
+Mod = Callable[[Message, Context, Callable[..., Message]], Message]
+
+
+def quantisation_problem(weights: Sequence[np.ndarray], weight: float,
+                         clipping_range: float, quantization_range: int,
+                         max_weight: float) -> str | None:
+    """Why SecAgg+ would corrupt this update, or None when it is safe.
+
+    ``secaggplus_mod`` multiplies the weights by ``round(weight / max_weight * T) / T``,
+    clips them to ``[-clipping_range, clipping_range]`` and quantises them: NaN turns
+    into an arbitrary integer, clipped values bias the sum, and a weight above
+    ``max_weight`` may overflow the sum of weights.
+    """
+    if not all(np.all(np.isfinite(w)) for w in weights):
+        return "the update holds NaN or infinite values"
+    if weight > max_weight:
+        return (f"this client weighs in with {weight:g} examples, more than "
+                f"federation.secagg-max-weight ({max_weight:g})")
+    scale = round(weight / max_weight * quantization_range) / quantization_range
+    peak = max((float(np.max(np.abs(w))) for w in weights if w.size), default=0.0) * scale
+    if peak > clipping_range:
+        return (f"weights scaled by num-examples / max-weight reach {peak:.4g}, beyond "
+                f"federation.secagg-clipping-range ({clipping_range:g}): SecAgg+ would "
+                "clip them; raise the clipping range")
+    return None
+
+
+class MerchantClient(NumPyClient):
+    """Trains and evaluates the shared model on one merchant's snapshots."""
+
+    def __init__(self, settings: ClientSettings, snaps: Snapshots) -> None:
+        self.settings = settings
+        self.snaps = snaps
+
+    def _model(self, parameters: list[np.ndarray]) -> Any:
+        from common.model import cached_model
+
+        model = cached_model(self.settings.model, self.settings.snapshots, self.settings.seed)
+        model.set_weights(parameters)
+        return model
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
+            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        model = self._model(parameters)
+        metrics = fit_locally(model, self.settings, self.snaps, config)
+        # Under DP the noise is calibrated to a plain mean: every client weighs in with 1.
+        weight = 1 if KEY_CLIPPING_NORM in config else int(metrics["num-examples"])
+        log.info("train round %d: %d training snapshots", global_round(config),
+                 metrics["num-examples"])
+        return model.get_weights(), weight, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]
+                 ) -> tuple[float, int, dict[str, Any]]:
+        test = self.snaps.split_part("test")
+        if len(test) == 0:
+            raise DataError("no held-out snapshots in this merchant's data")
+        metrics = evaluate_locally(self._model(parameters), test)
+        return float(metrics["eval_loss"]), int(metrics["num-examples"]), metrics
+
+
+def make_secagg_client_app(
+    flat: Mapping[str, Any] | None = None,
+    resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    *,
+    outer_mods: Sequence[Mod] = (),
+    inner_mods: Sequence[Mod] = (),
+) -> ClientApp:
+    """The SecAgg+ ClientApp, reading its settings as ``client.app.make_client_app`` does
+    (``flat``, or the run config completed by ``resolve``)."""
+
+    def merchant(context: Context) -> tuple[ClientSettings, Snapshots]:
+        config = flat if flat is not None else context.run_config
+        if resolve is not None:
+            config = resolve(config)
+        settings = _settings(config)
+        path, fmt, inter = shard_location(context.node_config, settings.client)
+        return settings, load_shard(path, fmt, inter, settings.snapshots)
+
+    def client_fn(context: Context) -> Any:
+        return MerchantClient(*merchant(context)).to_client()
+
+    def guard(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+        try:
+            settings, snaps = merchant(context)
+        except (DataError, ValueError, FileNotFoundError) as err:
+            return _data_error(msg, err)
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        stage = _stage(msg)
+        if stage == Stage.SETUP and len(snaps.split_part("train")) == 0:
+            return _error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
+        if stage == Stage.COLLECT_MASKED_VECTORS:
+            config = msg.content.config_records.get("fitins.config") or {}
+            fault = _simulated_fault(settings, context.node_config, global_round(config))
+            if fault:
+                return _error_reply(msg, SIMULATED_DROPOUT, fault)
+        return call_next(msg, context)
+
+    clipping = [fixedclipping_mod] if flat is not None and \
+        flat.get("privacy.mode") == "client-fixed" else [_clip_when_asked]
+    mods = [*outer_mods, guard, secaggplus_mod, *inner_mods, _quantisation_guard, *clipping]
+    return ClientApp(client_fn=client_fn, mods=list(mods))
+
+
+def _stage(msg: Message) -> str | None:
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return None if configs is None else str(configs.get(Key.STAGE))
+
+
+def _quantisation_guard(msg: Message, context: Context, call_next: Callable[..., Message]
+                        ) -> Message:
+    """Refuse (raise) an update that SecAgg+ would clip or garble; see module docstring."""
+    reply = call_next(msg, context)
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or state is None:
+        return reply
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    problem = quantisation_problem(
+        parameters_to_ndarrays(fitres.parameters), fitres.num_examples,
+        float(state["clipping_range"]), int(state["target_range"]), float(state["max_weight"]))
+    if problem is not None:
+        log.error("secure aggregation: update refused: %s", problem)
+        raise ValueError(f"update refused before masking: {problem}")
+    return reply
+
+
+def _clip_when_asked(msg: Message, context: Context, call_next: Callable[..., Message]
+                     ) -> Message:
+    """Client-side DP clipping whenever the server's DP wrapper sends a clipping norm."""
+    config = msg.content.config_records.get("fitins.config")
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None \
+            and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
