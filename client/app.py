@@ -224,6 +224,21 @@ def evaluate_locally(model: Any, test: Snapshots) -> dict[str, float | int]:
     }
 
 
+def merchant_data(
+    context: Context,
+    flat: Mapping[str, Any] | None,
+    resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None,
+) -> tuple[ClientSettings, Snapshots]:
+    """This node's settings (``flat``, else the run config completed by ``resolve``) and
+    its merchant's snapshots (cached per process)."""
+    config = flat if flat is not None else context.run_config
+    if resolve is not None:
+        config = resolve(config)
+    settings = _settings(config)
+    path, fmt, inter = shard_location(context.node_config, settings.client)
+    return settings, load_shard(path, fmt, inter, settings.snapshots)
+
+
 def make_client_app(
     flat: Mapping[str, Any] | None = None,
     resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
@@ -237,12 +252,7 @@ def make_client_app(
     app = ClientApp()
 
     def _context(msg: Message, context: Context) -> tuple[ClientSettings, Snapshots]:
-        config = flat if flat is not None else context.run_config
-        if resolve is not None:
-            config = resolve(config)
-        settings = _settings(config)
-        path, fmt, inter = shard_location(context.node_config, settings.client)
-        return settings, load_shard(path, fmt, inter, settings.snapshots)
+        return merchant_data(context, flat, resolve)
 
     @app.train(mods=train_mods(flat))
     def train(msg: Message, context: Context) -> Message:

@@ -49,13 +49,11 @@ from client.app import (
     ClientSettings,
     _data_error,
     _error_reply,
-    _settings,
     _simulated_fault,
     evaluate_locally,
     fit_locally,
     global_round,
-    load_shard,
-    shard_location,
+    merchant_data,
 )
 from common.schema import DataError
 from common.snapshots import Snapshots
@@ -132,20 +130,12 @@ def make_secagg_client_app(
     """The SecAgg+ ClientApp, reading its settings as ``client.app.make_client_app`` does
     (``flat``, or the run config completed by ``resolve``)."""
 
-    def merchant(context: Context) -> tuple[ClientSettings, Snapshots]:
-        config = flat if flat is not None else context.run_config
-        if resolve is not None:
-            config = resolve(config)
-        settings = _settings(config)
-        path, fmt, inter = shard_location(context.node_config, settings.client)
-        return settings, load_shard(path, fmt, inter, settings.snapshots)
-
     def client_fn(context: Context) -> Any:
-        return MerchantClient(*merchant(context)).to_client()
+        return MerchantClient(*merchant_data(context, flat, resolve)).to_client()
 
     def guard(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         try:
-            settings, snaps = merchant(context)
+            settings, snaps = merchant_data(context, flat, resolve)
         except (DataError, ValueError, FileNotFoundError) as err:
             return _data_error(msg, err)
         if msg.metadata.message_type != MessageType.TRAIN:
