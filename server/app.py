@@ -35,7 +35,7 @@ from server.checkpoint import (
 )
 from server.config import DPConfig, FederationConfig
 from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
-from server.strategy import build_strategy
+from server.strategy import ENGINE_FAILED, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ ROUND_METRICS: tuple[str, ...] = ("decay_roc_auc", "decay_pr_auc", "decay_log_lo
 
 class _Stop(Exception):
     """Raised from evaluate_fn when validation loss stopped improving."""
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,10 @@ def run_federation(grid: Grid, settings: ServerSettings,
             progress(line)
         else:
             _log_round(line, fed.num_rounds)
+        if ENGINE_FAILED.is_set():
+            log.error("the simulation engine failed (see above): stopping after round %d", g)
+            stop_reason.append("engine-failed")
+            raise _Stop
         if fed.patience_rounds and selection.stale >= fed.patience_rounds:
             log.info("validation loss has not improved for %d rounds: stopping after round %d",
                      selection.stale, g)

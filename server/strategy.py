@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -34,6 +35,12 @@ from flwr.serverapp import strategy as flwr_strategy
 from server.config import FederationConfig
 
 log = logging.getLogger(__name__)
+
+#: Set by the simulation driver when Flower's Simulation Engine failed (for instance Ray
+#: did not start): ``run_simulation`` raises at once, but the ServerApp thread it started
+#: would go on sending rounds that no client can answer, each ending only at the round
+#: timeout. With it set no round starts and the ServerApp stops (``server.app``).
+ENGINE_FAILED = threading.Event()
 
 
 @dataclasses.dataclass
@@ -140,6 +147,10 @@ class GuardedMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         g = self.global_round(server_round)
+        if ENGINE_FAILED.is_set():
+            log.error("round %d: not started, the simulation engine failed", g)
+            self.stats.setdefault(g, RoundStats())
+            return []
         config["global-round"] = g
         self._global = arrays.to_numpy_ndarrays()
         random.seed(self.seed * 1_000_003 + g)

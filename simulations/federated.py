@@ -110,7 +110,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
 
     from common.model import load_model
     from common.training import predict
-    from server.app import make_server_app
+    from server.app import ENGINE_FAILED, make_server_app
     from simulations.raypool import replace_dead_actors
 
     started = time.perf_counter()
@@ -121,6 +121,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     replace_dead_actors()
+    ENGINE_FAILED.clear()
     try:
         run_simulation(
             server_app=make_server_app(flat, progress=progress),
@@ -128,6 +129,11 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
             num_supernodes=len(data.merchants),
             backend_config=backend_config(exp),
         )
+    except Exception as err:
+        # The ServerApp thread outlives this exception: tell it to stop (see ENGINE_FAILED).
+        ENGINE_FAILED.set()
+        raise RuntimeError(f"the simulation engine failed ({err}); the server stops after "
+                           "the round in progress; the cause is in the log above") from err
     finally:
         if ray.is_initialized() and not exp.simulation.ray_address:
             ray.shutdown()

@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from test_federation import Simulation, _read_jsonl
+from test_federation import Simulation, _kill_session, _read_jsonl, _sim_env, _tail
 
 from client.app import planned_fault
 from client.config import ClientConfig
@@ -232,3 +235,61 @@ def test_client_process_killed_like_the_oom_killer_does(faulty_run: Simulation) 
     assert died == hit["failures"]
     summary = json.loads((faulty_run.run_dir / "federation.json").read_text())
     assert summary["empty_rounds"] == 0 and summary["rounds"] == ROUNDS
+
+
+# ---------------------------------------------------------------------------------------
+# The Simulation Engine itself fails to start
+# ---------------------------------------------------------------------------------------
+
+#: Ray is asked for -1 CPUs, so ``ray.init`` fails inside Flower's engine, as it does
+#: when the raylet times out on an overloaded machine.
+ENGINE_DRIVER = r'''
+import sys
+import time
+from pathlib import Path
+
+from simulations import federated
+from simulations.experiment import prepare, resolve
+
+federated.backend_config = lambda exp: {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"num_cpus": -1, "logging_level": "ERROR"}}
+exp = resolve("quick", overrides=["synthetic.num-merchants=3", "federation.num-rounds=3",
+                                  "federation.round-timeout=600"])
+started = time.monotonic()
+try:
+    federated.run_federated(exp, prepare(exp), Path(sys.argv[1]))
+except RuntimeError as err:
+    print(f"RAISED {err}", flush=True)
+print("DRIVER DONE", flush=True)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_engine_that_fails_to_start_ends_the_run_instead_of_waiting_out_every_round(
+        tmp_path: Path) -> None:
+    (tmp_path / "driver.py").write_text(ENGINE_DRIVER)
+    log = tmp_path / "engine.log"
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(run_dir)],
+                                cwd=tmp_path, env=_sim_env(tmp_path / "flwr-home"),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            # Without the guard the ServerApp thread would wait 3 x 600 s for replies.
+            rc = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            _kill_session(proc.pid)
+    seconds = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    assert rc == 0 and "DRIVER DONE" in text, _tail(log)
+    assert "RAISED the simulation engine failed" in text
+    summary = json.loads((run_dir / "federation.json").read_text())
+    assert summary["stop_reason"] == "engine-failed"
+    rounds = _read_jsonl(run_dir / "metrics.jsonl")
+    assert all(r.get("replied", 0) == 0 for r in rounds) and len(rounds) <= 2
+    assert seconds < 300
