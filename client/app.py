@@ -16,7 +16,9 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -114,10 +116,42 @@ def _process_age() -> float | None:
         return None
 
 
-@functools.lru_cache(maxsize=64)
+#: Bytes of snapshots a process keeps (``FEDECAY_SHARD_CACHE_MB``, default 2048). A Ray
+#: actor serves many merchants: a count-bounded cache smaller than the merchants per
+#: actor rebuilt every shard every round; this one holds as many as fit in memory.
+SHARD_CACHE_BYTES = int(os.environ.get("FEDECAY_SHARD_CACHE_MB", "2048")) * 2**20
+_shards: OrderedDict[tuple[Any, ...], Snapshots] = OrderedDict()
+_shard_bytes = [0]  # bytes held in _shards
+_shards_lock = threading.Lock()
+
+
 def load_shard(path: str, fmt: str, interventions: str | None,
                config: SnapshotConfig) -> Snapshots:
-    """Validate the merchant's file and build its snapshots, once per process."""
+    """Validate the merchant's file and build its snapshots, once per process while
+    they fit in ``SHARD_CACHE_BYTES`` (least recently used shards leave first)."""
+    key = (path, fmt, interventions, config)
+    with _shards_lock:
+        if key in _shards:
+            _shards.move_to_end(key)
+            return _shards[key]
+    snaps = _build_shard(path, fmt, interventions, config)
+    with _shards_lock:
+        if key not in _shards:  # another thread may have built it meanwhile
+            _shards[key] = snaps
+            _shard_bytes[0] += _nbytes(snaps)
+        while len(_shards) > 1 and _shard_bytes[0] > SHARD_CACHE_BYTES:
+            _, dropped = _shards.popitem(last=False)
+            _shard_bytes[0] -= _nbytes(dropped)
+    return snaps
+
+
+def _nbytes(snaps: Snapshots) -> int:
+    return sum(getattr(snaps, f.name).nbytes for f in dataclasses.fields(snaps)
+               if isinstance(getattr(snaps, f.name), np.ndarray))
+
+
+def _build_shard(path: str, fmt: str, interventions: str | None,
+                 config: SnapshotConfig) -> Snapshots:
     from common.io import load_events
 
     loaded = load_events(path, fmt, interventions_path=interventions)

@@ -857,3 +857,38 @@ def test_flwr_run_on_a_local_superlink(tmp_path: Path) -> None:
     assert json.loads((runs[0] / "federation.json").read_text())["rounds"] == 1
     assert (runs[0] / "model.keras").exists() and (runs[0] / "resolved-config.json").exists()
     assert seconds < 480
+
+
+def test_shard_cache_keeps_what_fits_and_drops_the_least_recently_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from client import app as client_app
+    from common.config import SnapshotConfig
+    from simulations.synth import generate_federation, load_preset, synth_config_from_preset
+
+    cfg = dataclasses.replace(synth_config_from_preset(load_preset("quick")),
+                              num_merchants=3, users_median=20, min_users=10, days=90)
+    events = generate_federation(cfg, seed=2).events
+    paths = []
+    for merchant, rows in events.groupby("merchant_id", observed=True):
+        paths.append(str(tmp_path / f"{merchant}.parquet"))
+        rows.to_parquet(paths[-1], index=False)
+    snap_cfg = SnapshotConfig()
+    monkeypatch.setattr(client_app, "_shards", client_app.OrderedDict())
+    monkeypatch.setattr(client_app, "_shard_bytes", [0])
+    first = client_app.load_shard(paths[0], "canonical", None, snap_cfg)
+    assert client_app.load_shard(paths[0], "canonical", None, snap_cfg) is first
+    sizes = [client_app._nbytes(client_app.load_shard(p, "canonical", None, snap_cfg))
+             for p in paths]
+    # Room for any two shards, not three: loading 2 after using 0 drops 1, the least recent.
+    monkeypatch.setattr(client_app, "_shards", client_app.OrderedDict())
+    monkeypatch.setattr(client_app, "_shard_bytes", [0])
+    monkeypatch.setattr(client_app, "SHARD_CACHE_BYTES", sum(sizes) - 1)
+    first = client_app.load_shard(paths[0], "canonical", None, snap_cfg)
+    second = client_app.load_shard(paths[1], "canonical", None, snap_cfg)
+    assert client_app.load_shard(paths[0], "canonical", None, snap_cfg) is first
+    client_app.load_shard(paths[2], "canonical", None, snap_cfg)
+    assert [key[0] for key in client_app._shards] == [paths[0], paths[2]]
+    assert client_app._shard_bytes[0] == sizes[0] + sizes[2]
+    assert client_app.load_shard(paths[1], "canonical", None, snap_cfg) is not second

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from test_federation import FakeGrid, server_identity  # noqa: F401 (autouse fixture)
 
 from client.app import train_mods
 from server.config import DPConfig, FederationConfig
@@ -76,29 +76,13 @@ def test_client_clips_on_the_train_handler_only_when_asked() -> None:
 SHAPES = [(2, 3), (3,)]
 
 
-@pytest.fixture
-def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class FakeGrid:
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-
 def _reply(ins: Message, arrays: list[np.ndarray], n: int) -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(arrays),
                                "metrics": MetricRecord({"num-examples": n,
                                                         "train_loss": 1.0})}), reply_to=ins)
 
 
-def test_server_clipping_sees_only_screened_replies_and_averages_uniformly(
-        server_identity: None) -> None:
+def test_server_clipping_sees_only_screened_replies_and_averages_uniformly() -> None:
     fed = FederationConfig(min_train_nodes=1, min_available_nodes=1)
     guarded = build_strategy(fed, 0)
     clip = 1.0
