@@ -53,6 +53,8 @@ SCORE_COLUMNS: tuple[str, ...] = ("user_id", "merchant_id", "decay_risk", "inter
 #: ``score_events`` progress: (users scored so far, users to score).
 Progress = Callable[[int, int], None]
 BUNDLE_FORMAT = "fedecay-model-bundle"
+#: Rows per prediction call of the batch scorer (a fixed shape: XLA compiles it once).
+PREDICT_BATCH = 1024
 _SECOND = 1_000_000_000  # ns
 
 
@@ -165,11 +167,12 @@ def check_model_settings(model: keras.Model, snaps: SnapshotConfig, name: str = 
 
 
 def unix_ns(timestamps: Any) -> np.ndarray:
-    """Unix nanoseconds of a datetime column, whatever its unit (naive = UTC)."""
-    index = pd.DatetimeIndex(timestamps)
-    if index.tz is None:
-        index = index.tz_localize("UTC")
-    return index.as_unit("ns").asi8
+    """Unix nanoseconds of a datetime column, whatever its unit (naive = UTC).
+
+    A ``datetime64[ns]`` column is read in place, not copied.
+    """
+    index = pd.DatetimeIndex(timestamps, copy=False)
+    return (index if index.unit == "ns" else index.as_unit("ns")).asi8
 
 
 def cutoff_ns(events: pd.DataFrame, at: Any = None) -> int:
@@ -235,8 +238,7 @@ class UserEvents:
     first_ns: np.ndarray  # int64 [U] time of the user's first event
 
 
-_STATIC = {name: STATIC_FEATURES.index(name)
-           for name in ("log_interest", "log_n_history", "log_tenure_days")}
+_STATIC = {name: STATIC_FEATURES.index(name) for name in ("log_n_history", "log_tenure_days")}
 
 
 def build_features(users: UserEvents, at_ns: int, config: SnapshotConfig) -> Snapshots:
@@ -244,8 +246,8 @@ def build_features(users: UserEvents, at_ns: int, config: SnapshotConfig) -> Sna
 
     The same numbers as ``common.snapshots.features_at`` on the users' full logs: the
     snapshot builder's own ``_features_at`` runs on the columns (built here without
-    ``_prepare``'s per-event string work), and the three whole-history features are set
-    from the aggregates.
+    ``_prepare``'s per-event string work) with the users' interest, and the two other
+    whole-history features (history length, tenure) are set from the aggregates.
     """
     n_users = len(users.user_ids)
     t0 = pd.Timestamp(int(users.ns.min()) if len(users.ns) else at_ns, unit="ns",
@@ -265,11 +267,9 @@ def build_features(users: UserEvents, at_ns: int, config: SnapshotConfig) -> Sna
         span=span, user_start=user_start, user_ids=users.user_ids,
         merchant_ids=users.merchant_ids, t0=t0, t_end=at,
     )
-    feats = _features_at(lg, at, config)
+    feats = _features_at(lg, at, config, interest=users.interest)
     rows = feats.users
-    interest = users.interest[rows]
     static = feats.static
-    static[:, _STATIC["log_interest"]] = np.log1p(interest)
     static[:, _STATIC["log_n_history"]] = np.log1p(users.n_history[rows])
     static[:, _STATIC["log_tenure_days"]] = np.log1p((at_ns - users.first_ns[rows]) / 1e9 / DAY)
     n = len(rows)
@@ -277,7 +277,7 @@ def build_features(users: UserEvents, at_ns: int, config: SnapshotConfig) -> Sna
     return Snapshots(
         events=feats.events, categories=feats.categories, numeric=feats.numeric,
         static=static.astype(np.float32), decay=np.zeros(n, np.float32),
-        interest=np.zeros(n, np.float32), interest_now=interest.astype(np.float32),
+        interest=np.zeros(n, np.float32), interest_now=feats.interest_now.astype(np.float32),
         action=np.full(n, -1, np.int32), activation=np.zeros(n, np.float32),
         propensity=np.ones(n, np.float32), intervention=np.full(n, -1, np.int64),
         user_id=users.user_ids[rows], merchant_id=users.merchant_ids[rows],
@@ -286,7 +286,7 @@ def build_features(users: UserEvents, at_ns: int, config: SnapshotConfig) -> Sna
     )
 
 
-def predict_batches(model: keras.Model, snaps: Snapshots, batch: int = 1024,
+def predict_batches(model: keras.Model, snaps: Snapshots, batch: int = PREDICT_BATCH,
                     buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Head outputs on fixed batch shapes: :func:`common.training.predict`."""
     from common.training import predict
@@ -306,118 +306,178 @@ def warm_up(model: keras.Model, sizes: Sequence[int] = (1024,)) -> None:
         })
 
 
-def _user_chunks(lengths: np.ndarray, chunk_events: int) -> list[tuple[int, int]]:
-    """(first user, end user) ranges of about ``chunk_events`` events; users never split."""
+def _user_chunks(lengths: np.ndarray, chunk_events: int,
+                 batch: int = 1) -> list[tuple[int, int]]:
+    """(first user, end user) ranges of about ``chunk_events`` events; users never split.
+
+    A chunk of ``batch`` users or more holds whole batches of them (but the last), so
+    the model's fixed batch shape is filled with real rows, not padding.
+    """
     ends = np.cumsum(lengths)
     bounds, first = [], 0
     while first < len(lengths):
         base = ends[first - 1] if first else 0
         end = max(int(np.searchsorted(ends, base + chunk_events, side="right")), first + 1)
+        if end < len(lengths):
+            end -= (end - first) % batch if end - first >= batch else 0
         bounds.append((first, end))
         first = end
     return bounds
 
 
-def _codes(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per event its user's code; per code the user id, merchant id and rank in
-    (merchant, user) order.
+def _user_runs(events: pd.DataFrame, ns: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Lay the log out user after user: (first row of each user, user ids, merchant ids,
+    users in (merchant, user) order, row order).
 
-    A log grouped by user whose merchant only changes where the user does (as
-    ``load_events`` and the generator write it) takes the fast way: one hashing pass over
-    the user ids, none over the merchant ids, and codes that rise with the rows, so the
-    per-event sort that follows is a linear scan. Any other log is coded by
-    (merchant, user) pair.
+    A log whose users each fill one run of rows, times ascending (as ``load_events`` and
+    the generator write it), is used in place (row order None): only the rows where the
+    user or merchant id changes are looked for, one comparison per row and no hashing.
+    Any other log is coded by (merchant, user) pair and sorted by (user, time), file
+    order among ties; the row order then says how.
     """
-    uc, uu = pd.factorize(events["user_id"])
-    uc = uc.astype(np.int64)
-    uu = np.asarray(uu, dtype=object).astype(str).astype(object)
-    if "merchant_id" not in events:
-        merchants = np.full(len(uu), DEFAULT_MERCHANT, dtype=object)
-        return uc, uu, merchants, _rank(merchants, uu)
-    if len(uc) and (uc[1:] >= uc[:-1]).all():
-        starts = np.flatnonzero(np.r_[True, uc[1:] != uc[:-1]])
-        changes = _changes(events["merchant_id"])
-        if np.isin(changes, starts).all():
-            merchants = np.asarray(events["merchant_id"].iloc[starts], dtype=object).astype(str)
-            merchants = merchants.astype(object)
-            return uc, uu, merchants, _rank(merchants, uu)
-    mc, mu = pd.factorize(events["merchant_id"], sort=True)
-    mu = np.asarray(mu, dtype=object).astype(str).astype(object)
-    pair = mc.astype(np.int64) * max(len(uu), 1) + uc
-    code, uniq = pd.factorize(pair)
-    uniq = np.asarray(uniq, dtype=np.int64)
-    users, merchants = uu[uniq % max(len(uu), 1)], mu[uniq // max(len(uu), 1)]
-    return code.astype(np.int64), users, merchants, _rank(merchants, users)
+    new = _changes(events["user_id"])
+    if "merchant_id" in events:
+        new = np.union1d(new, _changes(events["merchant_id"]))
+    start = np.r_[0, new].astype(np.int64)
+    # Checking the runs costs string work per run: a log whose id changes on most rows
+    # (in time order, say) is sorted straight away.
+    if len(start) <= len(ns) // 4:
+        users = _strings(events["user_id"].iloc[start])
+        merchants = (_strings(events["merchant_id"].iloc[start]) if "merchant_id" in events
+                     else np.full(len(start), DEFAULT_MERCHANT, dtype=object))
+        by_name = _by_name(merchants, users)
+        m, u = merchants[by_name], users[by_name]
+        repeated = ((m[1:] == m[:-1]) & (u[1:] == u[:-1])).any()  # a user in several runs
+        back = np.flatnonzero(ns[1:] < ns[:-1]) + 1
+        if not repeated and np.isin(back, start).all():
+            return start, users, merchants, by_name, None
+    code, users = pd.factorize(events["user_id"])
+    users = _strings(users)
+    merchants = np.full(len(users), DEFAULT_MERCHANT, dtype=object)
+    if "merchant_id" in events:
+        mc, mu = pd.factorize(events["merchant_id"])
+        n = max(len(users), 1)
+        code, pair = pd.factorize(mc.astype(np.int64) * n + code)
+        pair = np.asarray(pair, dtype=np.int64)
+        users, merchants = users[pair % n], _strings(mu)[pair // n]
+    order = np.lexsort((ns, code))
+    code = code[order]
+    start = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+    users, merchants = users[code[start]], merchants[code[start]]
+    return start, users, merchants, _by_name(merchants, users), order
+
+
+def _strings(ids: Any) -> np.ndarray:
+    """Ids as an object array of ``str``."""
+    return np.asarray(ids, dtype=object).astype(str).astype(object)
 
 
 def _changes(column: pd.Series) -> np.ndarray:
     """Rows whose value differs from the row before (missing counts as different)."""
-    values = column.array
-    if len(values) < 2:
+    if len(column) < 2:
         return np.zeros(0, np.int64)
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        codes = column.cat.codes.to_numpy()
+        return np.flatnonzero((codes[1:] != codes[:-1]) | (codes[1:] < 0)) + 1
     try:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        arr = pa.array(values)
-        same = pc.equal(arr.slice(1), arr.slice(0, len(arr) - 1)).fill_null(False)
-        return np.flatnonzero(~same.to_numpy(zero_copy_only=False)) + 1
+        arr = pa.array(column.array)
+        differs = pc.not_equal(arr.slice(1), arr.slice(0, len(arr) - 1)).fill_null(True)
+        return pc.indices_nonzero(differs).to_numpy().astype(np.int64) + 1
     except (ImportError, TypeError, ValueError, NotImplementedError):
         raw = column.to_numpy(dtype=object)
         return np.flatnonzero(raw[1:] != raw[:-1]) + 1
 
 
-def _rank(merchants: np.ndarray, users: np.ndarray) -> np.ndarray:
-    """Each code's position when the codes are sorted by (merchant id, user id)."""
-    order = pd.DataFrame({"m": merchants, "u": users}).sort_values(["m", "u"]).index
-    rank = np.empty(len(users), dtype=np.int64)
-    rank[order.to_numpy()] = np.arange(len(users))
-    return rank
+def _by_name(merchants: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """Positions of the users in (merchant id, user id) order (code point order, as ``str``)."""
+    return np.lexsort((users.astype(str), merchants.astype(str)))
 
 
-def _categories(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Category codes (first-appearance order, as the snapshot builder) and names."""
-    if "category_id" not in events:
-        return np.zeros(len(events), np.int32), np.array([DEFAULT_CATEGORY], dtype=object)
-    cat, names = pd.factorize(events["category_id"])  # missing -> -1
-    names = np.asarray(names, dtype=object).astype(str).astype(object)
-    if (cat < 0).any():
-        found = np.flatnonzero(names == DEFAULT_CATEGORY)
-        if len(found):
-            cat = np.where(cat < 0, found[0], cat)
-        else:
-            cat = np.where(cat < 0, len(names), cat)
-            names = np.append(names, np.array([DEFAULT_CATEGORY], dtype=object))
-    return cat.astype(np.int32), names
+class _Categories:
+    """Category codes of the rows a chunk looks at, in the snapshot builder's order.
 
-
-def _user_order(code: np.ndarray, ns: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``rows`` sorted by (user code, time), file order among ties.
-
-    A stable sort by user alone is nearly free on a log already grouped by user (as
-    ``load_events`` returns it) and keeps a time-ordered log's order inside each user;
-    only a log that is neither pays for the full two-key sort.
+    The snapshot builder codes categories by first appearance in the log, and that order
+    breaks ties between fading categories. Only a chunk's rows are coded here; to rank
+    their categories the log is read from its start only as far as needed to have met
+    each of them (usually a small prefix: categories come up early), not hashed whole.
+    A missing category is ``DEFAULT_CATEGORY``, as in the snapshot builder.
     """
-    order = rows[np.argsort(code[rows], kind="stable")]
-    c, t = code[order], ns[order]
-    if len(order) > 1 and ((c[1:] == c[:-1]) & (t[1:] < t[:-1])).any():
-        order = order[np.lexsort((t, c))]
-    return order
+
+    def __init__(self, events: pd.DataFrame, buckets: int) -> None:
+        self._column = events["category_id"] if "category_id" in events else None
+        self._buckets = buckets
+        self._rank: dict[str, int] = {}  # name -> order of first appearance
+        self._hash = np.zeros(0, np.int32)  # by rank: hash_categories of the name
+        self._read = 0  # rows of the log read for _rank
+        self._default = np.array([DEFAULT_CATEGORY], dtype=object)
+
+    def code(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(code of each row, names by code, hashed names); codes in first-appearance order."""
+        if self._column is None:
+            return (np.zeros(len(rows), np.int32), self._default,
+                    hash_categories(self._default, self._buckets))
+        codes, names = pd.factorize(self._column.iloc[rows])  # missing -> -1
+        names = _strings(names)
+        if (codes < 0).any():
+            if DEFAULT_CATEGORY not in names:
+                names = np.append(names, np.array([DEFAULT_CATEGORY], dtype=object))
+            codes = np.where(codes < 0, np.flatnonzero(names == DEFAULT_CATEGORY)[0], codes)
+        rank = self._ranks(self._column, names)
+        order = np.argsort(rank)
+        return np.argsort(order)[codes].astype(np.int32), names[order], self._hash[rank[order]]
+
+    def _ranks(self, column: pd.Series, names: np.ndarray) -> np.ndarray:
+        """First-appearance rank of each name, reading further into the log if needed."""
+        while self._read < len(column) and any(n not in self._rank for n in names):
+            stop = min(len(column), max(2 * self._read, 1 << 16))
+            met = [DEFAULT_CATEGORY if pd.isna(v) else str(v)
+                   for v in pd.unique(column.iloc[self._read:stop])]
+            new = np.array([n for n in dict.fromkeys(met) if n not in self._rank], dtype=object)
+            if len(new):
+                first = len(self._rank)
+                self._rank.update({name: first + i for i, name in enumerate(new)})
+                self._hash = np.r_[self._hash, hash_categories(new, self._buckets)]
+            self._read = stop
+        return np.array([self._rank[n] for n in names], dtype=np.int64)
+
+
+def _search_runs(ns: np.ndarray, lo: np.ndarray, hi: np.ndarray, value: int) -> np.ndarray:
+    """Per run of ascending times ``ns[lo:hi]``, the first row at or after ``value``
+    (``hi`` if none).
+
+    One binary search over all runs at once: about log2(longest run) numpy steps over
+    the users, no pass over the events.
+    """
+    lo, hi = lo.copy(), hi.copy()
+    while (open_ := lo < hi).any():
+        mid = (lo + hi) // 2
+        below = open_ & (ns[np.where(open_, mid, 0)] < value)
+        lo = np.where(below, mid + 1, lo)
+        hi = np.where(open_ & ~below, mid, hi)
+    return lo
 
 
 def batch_features(events: pd.DataFrame, at: Any, snap_cfg: SnapshotConfig, *,
-                   chunk_events: int = 200_000) -> Iterator[tuple[Snapshots, int, int]]:
+                   chunk_events: int = 200_000,
+                   batch: int = 1) -> Iterator[tuple[Snapshots, int, int]]:
     """Unlabelled snapshots of the users active before ``at``, in chunks of whole users.
 
-    Yields (snapshots of a chunk, candidate users done, candidate users). Together the chunks equal
-    ``common.snapshots.features_at(events, at, snap_cfg)`` (the test suite checks it),
-    users in (merchant, user) order, but only the events a snapshot looks at (the
-    observation window and the last ``max_len + 1``) are turned into features: interest,
-    history length and tenure are whole-history aggregates computed in one vectorised
-    pass, and the per-event string work of the snapshot builder is skipped.
+    Yields (snapshots of a chunk, candidate users done, candidate users). Together the
+    chunks equal ``common.snapshots.features_at(events, at, snap_cfg)`` (the test suite
+    checks it), users in (merchant, user) order. Before the first chunk only the users'
+    runs of rows are found (:func:`_user_runs`) and searched for the cutoff and the
+    observation window; the rest is per chunk, so it overlaps the model's predictions
+    (see :func:`score_events`): interest over each user's history, then features from
+    only the events a snapshot looks at (the observation window and the last
+    ``max_len + 1``), without the snapshot builder's per-event string work.
 
     ``at`` is rounded up to a whole second; None = one second after the last event's
-    second, so every event counts.
+    second, so every event counts. A chunk of ``batch`` users or more holds whole
+    batches of them but the last (:func:`_user_chunks`).
     """
     if len(events) == 0:
         raise DataError("no events to score")
@@ -425,63 +485,55 @@ def batch_features(events: pd.DataFrame, at: Any, snap_cfg: SnapshotConfig, *,
         raise ValueError(f"chunk_events={chunk_events}: expected a positive number of events")
     at_ns = cutoff_ns(events, at)
     cfg = dataclasses.replace(snap_cfg, start="", end="")
-    code, user_ids, merchant_ids, rank = _codes(events)
     ns = unix_ns(events["timestamp"])
     event = pd.Categorical(events["event"], categories=list(EVENT_TYPES)).codes
     if (event < 0).any():
         raise DataError("events with an unknown event type reached the scorer")
-    cat, cat_names = _categories(events)
-    cat_hash = hash_categories(cat_names, cfg.hash_buckets)
-    value = (np.maximum(events["value"].to_numpy(dtype=np.float64, na_value=0.0), 0.0)
+    # NaN for a missing value; fmax makes it 0 on the rows used.
+    value = (events["value"].to_numpy(dtype=np.float64, na_value=np.nan)
              if "value" in events else np.zeros(len(events)))
-
-    order = _user_order(code, ns, np.flatnonzero(ns < at_ns))
+    start, user_ids, merchant_ids, by_name, order = _user_runs(events, ns)
+    if order is not None:
+        ns, event, value = ns[order], event[order], value[order]
+    # User i's events before the cutoff are rows start[i]:before[i].
+    before = _search_runs(ns, start, np.r_[start[1:], len(ns)], at_ns)
     # Active = an event in the observation window (one second of slack: the snapshot
-    # builder makes the exact choice). Only active users' events are looked at further.
+    # builder makes the exact choice). Only active users are looked at further.
     window_start = at_ns - int(round(cfg.observation_days * DAY * _SECOND)) - _SECOND
-    user_code = code[order]
-    ends = np.flatnonzero(np.r_[user_code[1:] != user_code[:-1], True])[: len(order)]
-    active = ns[order[ends]] >= window_start
-    lengths = np.diff(np.r_[0, ends + 1])
-    order = order[np.repeat(active, lengths)]
-    lengths = lengths[active]
-    codes = user_code[ends[active]]
-    starts = np.cumsum(lengths) - lengths
-    ns_o = ns[order]
-    # Whole-history aggregates per user.
-    tau = cfg.tau_days * DAY
-    age = (at_ns - ns_o) / 1e9
-    recent = age <= _TAU_SPAN * tau
-    weights = np.asarray(cfg.event_weights, dtype=np.float64)[event[order[recent]]]
-    group = np.repeat(np.arange(len(lengths)), lengths)
-    interest = np.bincount(group[recent], weights=weights * np.exp(-age[recent] / tau),
-                           minlength=len(lengths))
-    first_ns = ns_o[starts]
+    window = _search_runs(ns, start, before, window_start)
+    active = window < before
+    by_name = by_name[active[by_name]]
     # Rows a snapshot looks at: the observation window and the last max_len + 1 events.
-    from_end = np.repeat(starts + lengths, lengths) - np.arange(len(order))
-    needed = (from_end <= cfg.max_len + 1) | (ns_o >= window_start)
-    rows = order[needed]
-    kept = np.bincount(group[needed], minlength=len(lengths))
-    offsets = np.cumsum(kept) - kept
-    users = np.arange(len(lengths))
-    log.info("%d users active at %s (%d of %d events needed)", len(users),
-             pd.Timestamp(at_ns, unit="ns", tz="UTC"), len(rows), len(events))
-    if len(users) == 0:
-        yield build_features(_no_users(cat_names, cat_hash), at_ns, cfg), 0, 0
+    kept = np.minimum(before - start, np.maximum(before - window, cfg.max_len + 1))
+    tau = cfg.tau_days * DAY
+    weights = np.asarray(cfg.event_weights, dtype=np.float64)
+    log.info("%d users active at %s (%d of %d events needed)", len(by_name),
+             pd.Timestamp(at_ns, unit="ns", tz="UTC"), kept[by_name].sum(), len(events))
+    if len(by_name) == 0:
+        yield build_features(_no_users(cfg.hash_buckets), at_ns, cfg), 0, 0
         return
-    # Users are handed out in (merchant, user) order, whatever the order of their codes.
-    by_rank = np.argsort(rank[codes], kind="stable")
-    for first, end in _user_chunks(kept[by_rank], chunk_events):
-        u = by_rank[first:end]
-        part = rows[_ranges(offsets[u], offsets[u] + kept[u])]
+    categories = _Categories(events, cfg.hash_buckets)
+    for first, end in _user_chunks(kept[by_name], chunk_events, batch):
+        u = by_name[first:end]
+        each = np.arange(end - first)
+        # Interest over the history; rows older than _TAU_SPAN tau add nothing.
+        recent = _search_runs(ns, start[u], before[u], at_ns - int(_TAU_SPAN * tau * _SECOND))
+        history = _ranges(recent, before[u])
+        # exp(-age / tau) with age = (at_ns - ns) / 1e9, in place.
+        decay = np.subtract(at_ns, ns[history]) / 1e9
+        np.exp(np.divide(decay, -tau, out=decay), out=decay)
+        interest = np.bincount(np.repeat(each, before[u] - recent),
+                               weights=np.multiply(weights[event[history]], decay, out=decay),
+                               minlength=len(u))
+        part = _ranges(before[u] - kept[u], before[u])
+        cat, cat_names, cat_hash = categories.code(part if order is None else order[part])
         chunk = UserEvents(
-            user=np.repeat(np.arange(end - first), kept[u]), ns=ns[part],
-            event=event[part].astype(np.int8), cat=cat[part],
-            value=value[part], user_ids=user_ids[codes[u]], merchant_ids=merchant_ids[codes[u]],
-            cat_names=cat_names, cat_hash=cat_hash, interest=interest[u],
-            n_history=lengths[u], first_ns=first_ns[u],
+            user=np.repeat(each, kept[u]), ns=ns[part], event=event[part].astype(np.int8),
+            cat=cat, value=np.fmax(value[part], 0.0), user_ids=user_ids[u],
+            merchant_ids=merchant_ids[u], cat_names=cat_names, cat_hash=cat_hash,
+            interest=interest, n_history=before[u] - start[u], first_ns=ns[start[u]],
         )
-        yield build_features(chunk, at_ns, cfg), end, len(users)
+        yield build_features(chunk, at_ns, cfg), end, len(by_name)
 
 
 def score_events(
@@ -514,7 +566,8 @@ def score_events(
     """
     ids: list[pd.DataFrame] = []
     preds: list[dict[str, np.ndarray]] = []
-    chunks = batch_features(events, at, snap_cfg, chunk_events=chunk_events)
+    chunks = batch_features(events, at, snap_cfg, chunk_events=chunk_events,
+                            batch=PREDICT_BATCH)
     for snaps, done, total in _ahead(chunks):
         preds.append(predict_batches(model, snaps))
         ids.append(pd.DataFrame({"user_id": snaps.user_id, "merchant_id": snaps.merchant_id,
@@ -574,8 +627,10 @@ def _ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
         thread.join(timeout=5)
 
 
-def _no_users(cat_names: np.ndarray, cat_hash: np.ndarray) -> UserEvents:
+def _no_users(buckets: int) -> UserEvents:
     empty = np.zeros(0, np.int64)
+    cat_names = np.array([DEFAULT_CATEGORY], dtype=object)
+    cat_hash = hash_categories(cat_names, buckets)
     return UserEvents(user=empty, ns=empty, event=np.zeros(0, np.int8),
                       cat=np.zeros(0, np.int32), value=np.zeros(0), user_ids=np.zeros(0, object),
                       merchant_ids=np.zeros(0, object), cat_names=cat_names, cat_hash=cat_hash,

@@ -287,8 +287,13 @@ class _Features:
     fading_category: np.ndarray
 
 
-def _features_at(lg: _Log, at: float, config: SnapshotConfig) -> _Features:
-    """Sequences and aggregate features of users active in [at - observation, at)."""
+def _features_at(lg: _Log, at: float, config: SnapshotConfig,
+                 interest: np.ndarray | None = None) -> _Features:
+    """Sequences and aggregate features of users active in [at - observation, at).
+
+    ``interest`` is I(at) of every user of ``lg`` when the caller knows it (the batch
+    scorer's ``lg`` holds only recent events); by default it is computed from ``lg``.
+    """
     tau = config.tau_days * DAY
     all_users = np.arange(len(lg.user_start), dtype=np.int64)
     end = lg.positions(all_users, at)
@@ -318,7 +323,7 @@ def _features_at(lg: _Log, at: float, config: SnapshotConfig) -> _Features:
     )
     numeric = np.where(valid[..., None], numeric, 0.0).astype(np.float32)
 
-    interest_now = _interest(lg, at, tau)[users]
+    interest_now = (_interest(lg, at, tau) if interest is None else interest)[users]
 
     # Aggregates over the observation window.
     n_active = len(users)
@@ -327,8 +332,7 @@ def _features_at(lg: _Log, at: float, config: SnapshotConfig) -> _Features:
     counts = np.bincount(rows * len(EVENT_TYPES) + lg.event[win],
                          minlength=n_active * len(EVENT_TYPES)).reshape(n_active, len(EVENT_TYPES))
     value_sum = np.bincount(rows, weights=lg.value[win], minlength=n_active)
-    pairs = np.unique(rows.astype(np.int64) * (len(lg.cat_names) + 1) + lg.cat_code[win])
-    n_cats = np.bincount(pairs // (len(lg.cat_names) + 1), minlength=n_active)
+    n_cats = _distinct_per_row(rows, lg.cat_code[win], n_active, len(lg.cat_names))
     recency = (at - lg.t[end - 1]) / DAY
     tenure = (at - lg.t[start]) / DAY
     static = np.column_stack([
@@ -344,6 +348,21 @@ def _features_at(lg: _Log, at: float, config: SnapshotConfig) -> _Features:
     fading = _fading_category(lg, idx, valid, at, tau, config.horizon_days * DAY)
     return _Features(users, event_ids.astype(np.int32), cat_ids.astype(np.int32), numeric,
                      static, interest_now, fading)
+
+
+def _distinct_per_row(rows: np.ndarray, codes: np.ndarray, n_rows: int,
+                      n_codes: int) -> np.ndarray:
+    """How many distinct ``codes`` (0..n_codes-1) each of ``n_rows`` rows has.
+
+    A table of seen (row, code) pairs when it is no larger than a few times the input,
+    as with a small catalogue; else the pairs are sorted.
+    """
+    pairs = rows.astype(np.int64) * n_codes + codes
+    if n_rows * n_codes <= 8 * len(pairs):
+        seen = np.zeros(n_rows * n_codes, dtype=bool)
+        seen[pairs] = True
+        return np.count_nonzero(seen.reshape(n_rows, n_codes), axis=1)
+    return np.bincount(np.unique(pairs) // n_codes, minlength=n_rows)
 
 
 def _ranges(begin: np.ndarray, end: np.ndarray) -> np.ndarray:

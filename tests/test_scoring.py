@@ -28,7 +28,7 @@ from common.monitor import (
     parse_timestamp,
     run_stream,
 )
-from common.schema import DataError
+from common.schema import EVENT_DTYPE, STRING, DataError
 from common.scoring import (
     SCORE_COLUMNS,
     batch_features,
@@ -135,6 +135,63 @@ def test_batch_features_user_ids_shared_across_merchants(events: pd.DataFrame,
     ref, _ = features_at(shared, at, SNAP)
     assert len(set(ref.user_id)) < len(ref)  # the same id in several merchants
     _assert_same_features(got, ref)
+
+
+@pytest.mark.parametrize("layout", ["halves", "reversed"])
+def test_batch_features_any_row_layout(events: pd.DataFrame, layout: str) -> None:
+    # Users in two runs of rows (the log's two halves, each grouped by user), or in one
+    # run but latest event first: both leave the in-place fast path for the sort.
+    if layout == "halves":
+        early = events["timestamp"] < pd.Timestamp("2025-02-01", tz="UTC")
+        log = pd.concat([events[early], events[~early]], ignore_index=True)
+    else:
+        log = events.iloc[::-1].sort_values(["merchant_id", "user_id"], kind="stable")
+        log = log.reset_index(drop=True)
+    at = pd.Timestamp("2025-02-20 08:00:00", tz="UTC")
+    got = Snapshots.concat([s for s, _, _ in batch_features(log, at, SNAP, chunk_events=700)])
+    ref, _ = features_at(log, at, SNAP)
+    _assert_same_features(got, ref)
+
+
+def test_batch_features_categorical_ids_equal_strings(events: pd.DataFrame) -> None:
+    coded = events.astype({c: "category" for c in ("user_id", "merchant_id", "category_id")})
+    at = pd.Timestamp("2025-02-20 08:00:00", tz="UTC")
+    got = Snapshots.concat([s for s, _, _ in batch_features(coded, at, SNAP, chunk_events=700)])
+    plain = Snapshots.concat([s for s, _, _ in batch_features(events, at, SNAP,
+                                                               chunk_events=700)])
+    _assert_same_features(got, plain)
+    _assert_same_features(got, features_at(events, at, SNAP)[0])
+
+
+def test_fading_ties_go_to_the_category_first_in_the_log() -> None:
+    # zoe's two views (shoes, then bags) are at the same second: their drops tie. The
+    # snapshot builder breaks ties by first appearance in the whole log, where abe's old
+    # bags view comes first, though abe is not active and zoe met shoes first.
+    at = pd.Timestamp("2025-03-01", tz="UTC")
+    seen = pd.to_datetime(["2025-01-02", "2025-02-25", "2025-02-25"], utc=True)
+    log = pd.DataFrame({
+        "user_id": pd.Series(["abe", "zoe", "zoe"], dtype=STRING),
+        "timestamp": seen,
+        "event": pd.Series(["view"] * 3, dtype=EVENT_DTYPE),
+        "category_id": pd.Series(["bags", "shoes", "bags"], dtype=STRING),
+        "merchant_id": pd.Series(["m1"] * 3, dtype=STRING),
+        "value": 0.0,
+    })
+    got = Snapshots.concat([s for s, _, _ in batch_features(log, at, SNAP)])
+    ref, _ = features_at(log, at, SNAP)
+    assert list(ref.user_id) == ["zoe"] and list(ref.fading_category) == ["bags"]
+    _assert_same_features(got, ref)
+
+
+def test_chunks_hold_whole_batches_of_users() -> None:
+    from common.scoring import _user_chunks
+
+    ten = np.ones(10, np.int64)  # one event per user
+    assert _user_chunks(ten, 7) == [(0, 7), (7, 10)]
+    # 7 users would fit; 6 = two batches of 3. The last chunk takes the rest.
+    assert _user_chunks(ten, 7, batch=3) == [(0, 6), (6, 10)]
+    # Fewer users than a batch fit: the chunk is not rounded to nothing.
+    assert _user_chunks(ten, 2, batch=3) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
 
 
 def test_score_events_chunking_progress_and_columns(events: pd.DataFrame, model) -> None:
