@@ -44,6 +44,9 @@ class FederationConfig:
     num_malicious: int = 0  # Krum
     round_timeout: float = 600.0
     patience_rounds: int = 0  # stop when validation loss has not improved for this many rounds
+    # Evaluate the global model on the pooled held-out data every this many rounds (and
+    # after the last); the model kept is the best evaluated one.
+    eval_every: int = 1
     resume: bool = False
     run_dir: str = ""  # where checkpoints, metrics.jsonl and model.keras go (absolute)
     eval_data: str = ""  # simulation: pooled validation + test snapshots (.npz) for evaluate_fn
@@ -77,6 +80,7 @@ class FederationConfig:
         _check(self.round_timeout > 0, "federation.round-timeout", "must be > 0")
         _check(0 <= self.trim_beta < 0.5, "federation.trim-beta", "must be in [0, 0.5)")
         _check(self.patience_rounds >= 0, "federation.patience-rounds", "must be >= 0")
+        _check(self.eval_every >= 1, "federation.eval-every", "must be >= 1")
         if self.secure_aggregation:
             self._check_secagg()
 

@@ -129,9 +129,11 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
 
     rows = []
     for n in merchants:
+        # The centralised epochs it is compared with validate nothing: the server
+        # evaluates the global model only before the first round and after the last.
         flat = {**exp.flat, "synthetic.num-merchants": n, "federation.num-rounds": rounds,
                 "federation.local-epochs": 1, "federation.fraction-evaluate": 0.0,
-                "data.min-merchant-snapshots": 1}
+                "federation.eval-every": rounds, "data.min-merchant-snapshots": 1}
         e = experiment_from_flat(flat)
         data = prepare(e)
         train = data.snapshots.split_part("train")
