@@ -90,8 +90,10 @@ def _actor_threads(client_cpus: float) -> Iterator[None]:
     TensorFlow sizes them to the whole machine in every process, so actors sharing the
     cores fight over them (a merchant's steps ran 2-3x slower here). Ray's processes
     take the driver's environment when it starts them (Flower's ``init_ray`` overrides
-    ``runtime_env``), so the variables are set while the simulation starts and restored
-    after; values already set by the user win.
+    ``runtime_env``), so the variables are set while the simulation runs and restored
+    after; values already set by the user win. A driver whose TensorFlow starts in that
+    time (``fedecay simulate``: the ServerApp's model) gets the same pools, which keeps
+    the server's evaluation off the actors' cores.
     """
     threads = str(max(1, math.ceil(client_cpus)))
     keys = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
