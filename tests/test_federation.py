@@ -399,6 +399,37 @@ def test_missing_checkpoint_is_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "round-00009.ckpt")
 
 
+class EchoGrid(FakeGrid):
+    """Nodes that send the global weights straight back: a round with no training."""
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None
+                         ) -> list[Message]:
+        return [Message(RecordDict({"arrays": m.content["arrays"],
+                                    "metrics": MetricRecord({"num-examples": 10})}),
+                        reply_to=m) for m in messages]
+
+
+def test_eval_every_scores_the_global_model_on_those_rounds_and_the_last(
+        tmp_path: Path) -> None:
+    from server.app import run_federation, settings_from_flat
+    from simulations.experiment import experiment_from_flat, prepare, resolve
+
+    exp = experiment_from_flat({**resolve("quick").flat, "synthetic.num-merchants": 2})
+    snaps = prepare(exp).snapshots
+    snaps.subset(snaps.split > 0).save(tmp_path / "eval.npz")
+    flat = {**exp.flat, "federation.num-rounds": 5, "federation.eval-every": 2,
+            "federation.min-available-nodes": 2, "federation.min-train-nodes": 2,
+            "federation.run-dir": str(tmp_path / "run"),
+            "federation.eval-data": str(tmp_path / "eval.npz")}
+    summary = run_federation(EchoGrid([1, 2]), settings_from_flat(flat))
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert [bool(r["centralised"]) for r in rows] == [True, False, True, False, True, True]
+    assert all(r["replied"] == 2 for r in rows[1:])  # every round ran and was logged
+    assert summary["selected_round"] in (0, 2, 4, 5)
+
+
 # ---------------------------------------------------------------------------------------
 # Simulations (subprocesses in their own session)
 # ---------------------------------------------------------------------------------------
