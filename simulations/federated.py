@@ -88,7 +88,8 @@ def _actor_threads(client_cpus: float) -> Iterator[None]:
     """Size TensorFlow's thread pools in the Ray actors to the cores each is given.
 
     TensorFlow sizes them to the whole machine in every process, so actors sharing the
-    cores would each start as many threads as there are cores. Ray's processes
+    cores fight over them: on 2 cores with 100 merchants a steady round took 4.5 s
+    without this and 3.3 s with it (client fit 0.08 vs 0.05 s). Ray's processes
     take the driver's environment when it starts them (Flower's ``init_ray`` overrides
     ``runtime_env``), so the variables are set while the simulation runs and restored
     after; values already set by the user win. A driver whose TensorFlow starts in that
