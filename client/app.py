@@ -208,11 +208,11 @@ def _simulated_fault(settings: ClientSettings, node_config: Mapping[str, Any],
 
 def _global_model(settings: ClientSettings, msg: Message, timer: _Timer) -> Any:
     """The process's cached model holding the weights the server sent."""
-    from common.model import cached_model
+    from common.model import cached_model, set_weights_of
 
     timer.lap("tensorflow import")
     model = cached_model(settings.model, settings.snapshots, settings.seed)
-    model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
+    set_weights_of(model, msg.content["arrays"].to_numpy_ndarrays())
     timer.lap("model")
     return model
 
@@ -308,7 +308,9 @@ def make_client_app(
         metrics = fit_locally(model, settings, snaps, config)
         timer.lap("fit")
         timer.report(f"train round {server_round}")
-        reply = RecordDict({"arrays": ArrayRecord(model.get_weights()),
+        from common.model import weights_of
+
+        reply = RecordDict({"arrays": ArrayRecord(weights_of(model)),
                             "metrics": MetricRecord(metrics)})
         return Message(reply, reply_to=msg)
 

@@ -95,10 +95,10 @@ class MerchantClient(NumPyClient):
         self.snaps = snaps
 
     def _model(self, parameters: list[np.ndarray]) -> Any:
-        from common.model import cached_model
+        from common.model import cached_model, set_weights_of
 
         model = cached_model(self.settings.model, self.settings.snapshots, self.settings.seed)
-        model.set_weights(parameters)
+        set_weights_of(model, parameters)
         return model
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
@@ -109,7 +109,9 @@ class MerchantClient(NumPyClient):
         weight = 1 if KEY_CLIPPING_NORM in config else int(metrics["num-examples"])
         log.info("train round %d: %d training snapshots", global_round(config),
                  metrics["num-examples"])
-        return model.get_weights(), weight, metrics
+        from common.model import weights_of
+
+        return weights_of(model), weight, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]
                  ) -> tuple[float, int, dict[str, Any]]:

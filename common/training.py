@@ -23,7 +23,7 @@ import tensorflow as tf
 from common import metrics
 from common.config import TrainConfig
 from common.model import num_actions as model_actions
-from common.model import targets
+from common.model import set_weights_of, targets, weights_of
 from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
@@ -179,13 +179,14 @@ def fit(
             continue
         if row["val_loss"] < best_loss - 1e-5:
             best_loss, best_epoch, stale = row["val_loss"], epoch, 0
-            best_weights = model.get_weights()
+            if epoch < config.epochs:  # after the last epoch the model holds them already
+                best_weights = weights_of(model)
         else:
             stale += 1
             if stale > config.patience:
                 break
     if best_weights is not None and best_epoch < len(history):
-        model.set_weights(best_weights)
+        set_weights_of(model, best_weights)
     final = history[best_epoch - 1] if best_epoch else history[-1]
     return FitResult(
         epochs=len(history),

@@ -90,7 +90,7 @@ class _Selection:
 def run_federation(grid: Grid, settings: ServerSettings,
                    progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the rounds; write checkpoints, ``metrics.jsonl`` and ``model.keras``."""
-    from common.model import build_model, save_model
+    from common.model import build_model, save_model, set_weights_of, weights_of
     from common.scoring import write_model_settings
     from common.training import predict, score_predictions, validation_loss
 
@@ -120,7 +120,7 @@ def run_federation(grid: Grid, settings: ServerSettings,
     stop_reason: list[str] = []
     selection = _Selection()
     done = 0
-    arrays = ArrayRecord(model.get_weights())
+    arrays = ArrayRecord(weights_of(model))
     if fed.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
         state = load_checkpoint(found)
         done = int(state["round"])
@@ -152,17 +152,20 @@ def run_federation(grid: Grid, settings: ServerSettings,
     clip = {"used": float(getattr(runner, "clipping_norm", dp.clipping_norm))}
     started = time.perf_counter()
     last = {"time": started}
+    # The global weights of the last round seen (the model holds the last evaluated).
+    latest = {"weights": arrays.to_numpy_ndarrays()}
 
     def evaluate_fn(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
         g = server_round + done
         if server_round == 0 and done > 0:
             return None  # this round was evaluated before the restart
         weights = global_arrays.to_numpy_ndarrays()
-        model.set_weights(weights)
+        latest["weights"] = weights
         line: dict[str, Any] = {"round": g}
         record: dict[str, float] = {}
         if eval_sets is not None and (g % fed.eval_every == 0 or g >= fed.num_rounds):
             val, test = eval_sets
+            set_weights_of(model, weights)
             val_loss = validation_loss(model, val) if len(val) else float("nan")
             scores = score_predictions(predict(model, test), test)
             record = {k: float(scores[k]) for k in ROUND_METRICS if k in scores}
@@ -230,9 +233,9 @@ def run_federation(grid: Grid, settings: ServerSettings,
             final = result.arrays if result.arrays is not None else arrays
         except _Stop:
             stopped_early = True
-            final = ArrayRecord(model.get_weights())
+            final = ArrayRecord(latest["weights"])
     chosen = selection.weights if selection.weights is not None else final.to_numpy_ndarrays()
-    model.set_weights(chosen)
+    set_weights_of(model, chosen)
     save_model(model, run_dir / "model.keras")
     # The scorer and the monitor read the snapshot settings from model.json beside it.
     write_model_settings(run_dir / "model.keras", settings.snapshots, None)

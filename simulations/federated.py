@@ -137,6 +137,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     from common.model import load_model
     from common.training import predict
     from server.app import ENGINE_FAILED, make_server_app
+    from simulations.handover import hand_over_at_once
     from simulations.raypool import replace_dead_actors
 
     started = time.perf_counter()
@@ -147,6 +148,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     replace_dead_actors()
+    hand_over_at_once()
     ENGINE_FAILED.clear()
     try:
         with _actor_threads(exp.simulation.client_cpus):

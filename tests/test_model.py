@@ -17,6 +17,7 @@ from common.model import (
     masked_activation_loss,
     num_actions,
     save_model,
+    set_weights_of,
     targets,
     weights_of,
 )
@@ -61,6 +62,31 @@ def test_input_and_head_names_and_shapes(model) -> None:
     assert out["activation"].shape == (5, A)
     for head in ("decay", "activation"):  # sigmoid heads
         assert ((out[head] > 0) & (out[head] < 1)).all()
+
+
+def test_compiled_weight_io_matches_keras_and_checks_shapes() -> None:
+    model = build_model(MODEL, SNAP, seed=5)
+    keras_view = model.get_weights()
+    ours = weights_of(model)
+    assert [w.shape for w in ours] == [w.shape for w in keras_view]
+    for a, b in zip(ours, keras_view, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Setting moves the model's weights and leaves arrays read before untouched.
+    moved = [w + np.float32(0.5) for w in keras_view]
+    set_weights_of(model, [w.astype(np.float64) for w in moved])  # cast to the model's dtype
+    for a, b in zip(model.get_weights(), moved, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(ours, keras_view, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="weight arrays for a model with"):
+        set_weights_of(model, moved[:-1])
+    bad = list(moved)
+    bad[0] = bad[0].T if bad[0].ndim == 2 and bad[0].shape[0] != bad[0].shape[1] \
+        else np.zeros(bad[0].shape + (2,), np.float32)
+    with pytest.raises(ValueError, match="has shape"):
+        set_weights_of(model, bad)
+    for a, b in zip(model.get_weights(), moved, strict=True):  # a refused set changes nothing
+        np.testing.assert_array_equal(a, b)
 
 
 def test_equal_seeds_give_equal_weights() -> None:
