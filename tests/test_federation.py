@@ -45,7 +45,13 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.config import FederationConfig
-from server.strategy import array_bytes, build_strategy
+from server.strategy import (
+    ReplyLayout,
+    _checked_record,
+    array_bytes,
+    build_strategy,
+    read_reply_arrays,
+)
 
 # ---------------------------------------------------------------------------------------
 # Hand-made replies
@@ -209,6 +215,38 @@ def test_nan_wrong_shape_malformed_and_error_replies_are_left_out() -> None:
     assert "node 101" not in failures and "node 102" not in failures
     assert stats.bytes_up == 2 * array_bytes(ArrayRecord(good[0]))
     assert strategy.empty_rounds == 0
+
+
+def test_replies_are_read_once_whatever_their_serialized_form() -> None:
+    """A reply serialized like the global weights is read without parsing its headers;
+    any other form is read by Flower's ``numpy()``; an unreadable one is a reason."""
+    rng = np.random.default_rng(4)
+    reference = _weights(rng)
+    layout = ReplyLayout(reference)
+    sent = _weights(rng)
+    values, reason = read_reply_arrays(ArrayRecord(sent), layout)
+    assert reason is None
+    for got, want in zip(values, sent, strict=True):
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype
+    other = [np.asfortranarray(sent[0]).astype(np.float64), sent[1].astype(np.float64)]
+    values, reason = read_reply_arrays(ArrayRecord(other), layout)
+    assert reason is None and values[0].dtype == np.float64
+    np.testing.assert_array_equal(values[0], sent[0])
+    good = ArrayRecord(sent)
+    first = next(iter(good.values()))
+    broken = ArrayRecord()
+    for key, array in good.items():
+        broken[key] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype,
+                            data=array.data[:-4] if array is first else array.data)
+    values, reason = read_reply_arrays(broken, layout)
+    assert values == [] and reason.startswith("tensor 0 cannot be read (ValueError")
+    # What the aggregation gets once read: the values, a fresh copy at every call.
+    checked = _checked_record(good, read_reply_arrays(good, layout)[0])
+    for got, want in zip(checked.to_numpy_ndarrays(), sent, strict=True):
+        np.testing.assert_array_equal(got, want)
+    checked.to_numpy_ndarrays()[0][:] = 7.0
+    np.testing.assert_array_equal(checked.to_numpy_ndarrays()[0], sent[0])
 
 
 def test_round_without_usable_replies_returns_nothing_and_is_counted() -> None:
