@@ -27,6 +27,11 @@ from common.model import set_weights_of, targets, weights_of
 from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
+# Keras' numpy conversion of ``predict_on_batch`` outputs warns under numpy 2 (harmless).
+# Set for the process, not per call: ``catch_warnings`` is not thread-safe, and the
+# ServerApp predicts in its own thread.
+warnings.filterwarnings("ignore", message="__array__ implementation",
+                        category=DeprecationWarning)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -301,11 +306,7 @@ def predict(model: keras.Model, snaps: Snapshots, batch: int = EVAL_BATCH,
         size = next(s for s in sizes if s >= m)
         rows = np.arange(lo, lo + size)
         rows[m:] = lo
-        with warnings.catch_warnings():
-            # Keras' numpy conversion of the outputs warns under numpy 2; harmless.
-            warnings.filterwarnings("ignore", message="__array__ implementation",
-                                    category=DeprecationWarning)
-            out = model.predict_on_batch({k: v[rows] for k, v in x_all.items()})
+        out = model.predict_on_batch({k: v[rows] for k, v in x_all.items()})
         parts.append({k: np.asarray(v)[:m] for k, v in out.items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

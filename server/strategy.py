@@ -9,6 +9,8 @@ than a copy of ``start``:
   model's shapes, or that lack one ArrayRecord and one MetricRecord with a positive
   ``num-examples``, logged by node, before anything is averaged;
 - replies sorted by content so the float sum is the same whatever order they came in;
+- instructions sent largest merchant first (by the rows each last reported);
+- each reply's tensors read once: checked, then handed to the aggregation as read;
 - per-round bookkeeping: sampled / replied / failed / rejected nodes, bytes each way,
   rounds where no client replied; a sampled node with no reply at all is counted as
   failed and timed out (Flower's ``send_and_receive`` stops waiting after the round
@@ -193,6 +195,7 @@ class GuardedMixin:
         self._screened_round: int | None = None
         self.stats: dict[int, RoundStats] = {}
         self.empty_rounds = 0
+        self._examples: dict[int, float] = {}  # training rows each node last reported
         self._layout = ReplyLayout([])
 
     def global_round(self, server_round: int) -> int:
@@ -210,6 +213,10 @@ class GuardedMixin:
         random.seed(self.seed * 1_000_003 + g)
         messages = list(super().configure_train(server_round, arrays, config,  # type: ignore[misc]
                                                 _SortedGrid(grid)))
+        # Largest merchants first (by the rows they reported, new ones before all): the
+        # simulation's workers take messages in this order, and a big merchant left for
+        # last keeps the round waiting on one worker while the others idle.
+        messages.sort(key=lambda m: -self._examples.get(m.metadata.dst_node_id, math.inf))
         stats = self.stats.setdefault(g, RoundStats())
         stats.sampled = len(messages)
         stats.awaited = sorted(m.metadata.dst_node_id for m in messages)
@@ -266,6 +273,8 @@ class GuardedMixin:
                 continue
             stats.bytes_up += array_bytes(record)
             msg.content[key] = _checked_record(record, values)
+            self._examples[node] = float(next(iter(msg.content.metric_records.values()))[
+                self.weighted_by_key])  # type: ignore[attr-defined]
             good.append(msg)
         self._count_missing(g, stats, answered)
         stats.replied = len(good)

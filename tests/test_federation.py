@@ -217,6 +217,23 @@ def test_nan_wrong_shape_malformed_and_error_replies_are_left_out() -> None:
     assert strategy.empty_rounds == 0
 
 
+def test_instructions_go_out_largest_merchant_first() -> None:
+    """Nodes by the rows they last reported, largest first; nodes not heard from yet
+    first of all (the simulation's workers take messages in this order)."""
+    strategy = _strategy()
+    nodes = [31, 32, 33, 34, 35]
+    first = _instructions(strategy, nodes)  # in the order sampled: no sizes known yet
+    assert sorted(m.metadata.dst_node_id for m in first) == nodes
+    rng = np.random.default_rng(5)
+    rows = {31: 5, 32: 50, 33: 20, 34: 80}  # 35 fails: its size stays unknown
+    replies = [_reply(m, _weights(rng), {"num-examples": rows[m.metadata.dst_node_id],
+                                         "train_loss": 1.0})
+               for m in first if m.metadata.dst_node_id in rows]
+    strategy.aggregate_train(1, replies)
+    second = _instructions(strategy, nodes, server_round=2)
+    assert [m.metadata.dst_node_id for m in second] == [35, 34, 32, 33, 31]
+
+
 def test_replies_are_read_once_whatever_their_serialized_form() -> None:
     """A reply serialized like the global weights is read without parsing its headers;
     any other form is read by Flower's ``numpy()``; an unreadable one is a reason."""
