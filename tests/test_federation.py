@@ -978,3 +978,66 @@ def test_shard_cache_keeps_what_fits_and_drops_the_least_recently_used(
     assert [key[0] for key in client_app._shards] == [paths[0], paths[2]]
     assert client_app._shard_bytes[0] == sizes[0] + sizes[2]
     assert client_app.load_shard(paths[1], "canonical", None, snap_cfg) is not second
+
+
+def test_simulation_shards_keep_their_snapshots_beside_them_for_other_processes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+    import os
+
+    from client import app as client_app
+    from common.config import SnapshotConfig
+    from simulations.synth import generate_federation, load_preset, synth_config_from_preset
+
+    cfg = dataclasses.replace(synth_config_from_preset(load_preset("quick")),
+                              num_merchants=1, users_median=20, min_users=10, days=90)
+    path = str(tmp_path / "00000.parquet")
+    generate_federation(cfg, seed=3).events.to_parquet(path, index=False)
+    snap_cfg = SnapshotConfig()
+
+    def fresh_process() -> None:  # another Ray actor: nothing in memory
+        monkeypatch.setattr(client_app, "_shards", client_app.OrderedDict())
+        monkeypatch.setattr(client_app, "_shard_bytes", [0])
+
+    fresh_process()
+    built = client_app.load_shard(path, "canonical", None, snap_cfg, disk_cache=True)
+    saved = sorted(p.name for p in tmp_path.glob("00000.snapshots-*.npz"))
+    assert len(saved) == 1 and not list(tmp_path.glob("*.tmp*"))
+    fresh_process()
+    monkeypatch.setattr(client_app, "_build_shard", lambda *a: pytest.fail("built again"))
+    loaded = client_app.load_shard(path, "canonical", None, snap_cfg, disk_cache=True)
+    for field in dataclasses.fields(built):
+        np.testing.assert_array_equal(getattr(loaded, field.name).astype(str)
+                                      if field.name.endswith("_id") else
+                                      getattr(loaded, field.name),
+                                      getattr(built, field.name).astype(str)
+                                      if field.name.endswith("_id") else
+                                      getattr(built, field.name))
+    monkeypatch.undo()
+    # Other settings, a changed shard or an unreadable file: built (and kept) again.
+    fresh_process()
+    other = dataclasses.replace(snap_cfg, max_len=snap_cfg.max_len // 2)
+    client_app.load_shard(path, "canonical", None, other, disk_cache=True)
+    assert len(list(tmp_path.glob("00000.snapshots-*.npz"))) == 2
+    os.utime(path, ns=(0, 0))
+    fresh_process()
+    client_app.load_shard(path, "canonical", None, snap_cfg, disk_cache=True)
+    assert len(list(tmp_path.glob("00000.snapshots-*.npz"))) == 3
+    newest = max(tmp_path.glob("00000.snapshots-*.npz"), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(b"truncated")
+    fresh_process()
+    again = client_app.load_shard(path, "canonical", None, snap_cfg, disk_cache=True)
+    assert len(again) == len(built)
+    # A merchant's own file (deployment) gets nothing written beside it.
+    own = tmp_path / "own"
+    own.mkdir()
+    mine = str(own / "events.parquet")
+    generate_federation(cfg, seed=4).events.to_parquet(mine, index=False)
+    from flwr.app import Context, RecordDict
+
+    fresh_process()
+    context = Context(run_id=1, node_id=1, node_config={"data-path": mine, "format": "canonical"},
+                      state=RecordDict(), run_config={})
+    _, snaps = client_app.merchant_data(context, {}, None)
+    assert len(snaps) > 0
+    assert sorted(p.name for p in own.iterdir()) == ["events.parquet"]
