@@ -113,7 +113,9 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
     For each federation size: the centralised model trains ``rounds`` epochs on the
     pooled training snapshots; the federation runs ``rounds`` rounds of one local epoch
     with every merchant (or the ``federation.fraction-train`` share of them, compared
-    with that share of a centralised epoch). Steady-state round time excludes round 1
+    with that share of a centralised epoch). Both compute the validation loss once an
+    epoch, as in ``fedecay compare``: the centralised model on the pooled validation
+    snapshots, each client on its own. Steady-state round time excludes round 1
     (Ray actors start, TensorFlow imports, XLA compiles); the ratio uses steady rounds
     only, and the start-up is reported on its own. Memory is the machine's peak in use above the
     baseline (all processes, Ray actors included).
@@ -137,12 +139,13 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
         e = experiment_from_flat(flat)
         data = prepare(e)
         train = data.snapshots.split_part("train")
+        val = data.snapshots.split_part("val")
         model = build_model(e.model, data.snapshot_config, seed=e.seed)
         one = dataclasses.replace(e.train, epochs=1, patience=0)
-        fit(model, train, None, one, seed=e.seed)  # compile once, as the clients do
+        fit(model, train, val, one, seed=e.seed)  # compile once, as the clients do
         cen = dataclasses.replace(e.train, epochs=rounds, patience=rounds)
         t = time.perf_counter()
-        fit(model, train, None, cen, seed=e.seed)
+        fit(model, train, val, cen, seed=e.seed)
         centralised = time.perf_counter() - t
         run_dir = Path(out_dir or tempfile.mkdtemp(prefix="fedecay-bench-")) / f"fed-{n}"
         finish = _memory_sampler()
