@@ -27,11 +27,19 @@ from common.model import set_weights_of, targets, weights_of
 from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
-# Keras' numpy conversion of ``predict_on_batch`` outputs warns under numpy 2 (harmless).
-# Set for the process, not per call: ``catch_warnings`` is not thread-safe, and the
-# ServerApp predicts in its own thread.
-warnings.filterwarnings("ignore", message="__array__ implementation",
-                        category=DeprecationWarning)
+
+
+def quiet_array_warning() -> None:
+    """Silence Keras' numpy conversion warning of ``predict_on_batch`` outputs under
+    numpy 2 (harmless), for the whole process: ``catch_warnings`` per call is not
+    thread-safe (the ServerApp predicts in its own thread). Call it again after
+    importing ``flwr.simulation``, whose import puts a "once" filter for every
+    DeprecationWarning in front of this one."""
+    warnings.filterwarnings("ignore", message="__array__ implementation",
+                            category=DeprecationWarning)
+
+
+quiet_array_warning()
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 

@@ -135,7 +135,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     from flwr.simulation import run_simulation
 
     from common.model import load_model
-    from common.training import predict
+    from common.training import predict, quiet_array_warning
     from server.app import ENGINE_FAILED, make_server_app
     from simulations.handover import hand_over_at_once
     from simulations.raypool import replace_dead_actors
@@ -149,6 +149,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     replace_dead_actors()
     hand_over_at_once()
+    quiet_array_warning()
     ENGINE_FAILED.clear()
     try:
         with _actor_threads(exp.simulation.client_cpus):

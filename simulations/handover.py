@@ -4,10 +4,11 @@ In Flower 1.42 the Simulation Engine moves instructions from its link state to t
 workers' queue in ``add_messages_to_queue``
 (``flwr/server/superlink/fleet/vce/vce_api.py``): every 0.1 s it asks the state, node
 by node, for one undelivered message, and the in-memory state answers each question by
-checking every stored message. A round therefore starts up to 0.1 s late (its actors
-idle meanwhile: at 10 merchants of the quick preset about a fifth of a 0.45 s round),
-and each scan costs nodes × stored messages checks in the driver (10,000 at 100
-merchants, 1,000,000 at 1,000, ten times a second while a round runs).
+checking every stored message. A round's first message therefore waits up to 0.1 s
+for a worker, and each scan costs nodes × stored messages checks in the driver (10,000
+at 100 merchants, 1,000,000 at 1,000, ten times a second while a round runs). In the
+bench with 100 merchants the first round took 30 s with this module against 44 s
+without, and the whole federation 83 s against 104 s (one run each).
 
 This module swaps that function for one that wakes when the state stores a message and
 takes every undelivered message for the simulation's nodes in one pass over the store,
