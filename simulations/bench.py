@@ -172,6 +172,8 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
             "train_snapshots": len(train),
             "centralised_s_per_epoch": centralised / rounds,
             "federated_steady_round_s": steady_round,
+            "centralised_samples_per_s": len(train) * rounds / centralised,
+            "federated_samples_per_s": share * len(train) / steady_round,
             "federated_over_centralised": steady_round / (share * centralised / rounds),
             "first_round_s": per_round[0] if per_round else float("nan"),
             "startup_s": lines[0]["round_seconds"] if lines else float("nan"),

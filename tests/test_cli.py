@@ -83,3 +83,35 @@ def test_bench_prints_and_writes_every_throughput(tmp_path: Path, capsys) -> Non
                 "centralised_samples_per_s", "scoring_users_per_s", "predict_only_users_per_s"):
         assert figures[key] > 0 and key in text
     assert 0 < figures["scored_users"] <= figures["snapshots"]
+
+
+
+@pytest.mark.slow
+def test_bench_times_a_federation_against_centralised_training(tmp_path: Path) -> None:
+    """``--federation``: a real simulation on Ray beside the centralised epochs (in a
+    subprocess of its own session, as the other simulations of the suite)."""
+    import json
+
+    from test_privacy import COMPARE_DRIVER as CLI_DRIVER
+    from test_privacy import _run_driver
+
+    out = tmp_path / "bench.json"
+    _run_driver(tmp_path, CLI_DRIVER, [
+        "bench", "--preset", "quick", "--set", "synthetic.num-merchants=3", "--repeat", "1",
+        "--federation", "3", "--rounds", "3", "--json", str(out)], timeout=600)
+    text = (tmp_path / "run.log").read_text(errors="replace")
+    [row] = json.loads(out.read_text())["federation"]
+    assert row["merchants"] == row["sampled_per_round"] == 3
+    for key in ("centralised_s_per_epoch", "federated_steady_round_s", "first_round_s",
+                "startup_s", "total_federated_s", "client_fit_s_median",
+                "centralised_samples_per_s", "federated_samples_per_s", "peak_memory_mb"):
+        assert row[key] > 0, key
+        assert key in text
+    assert row["federated_over_centralised"] == pytest.approx(
+        row["federated_steady_round_s"] / row["centralised_s_per_epoch"])
+    assert row["federated_samples_per_s"] == pytest.approx(
+        row["train_snapshots"] / row["federated_steady_round_s"])
+    assert row["centralised_samples_per_s"] == pytest.approx(
+        row["train_snapshots"] / row["centralised_s_per_epoch"])
+    assert row["total_federated_s"] > row["first_round_s"] + row["federated_steady_round_s"]
+    assert row["per_client_overhead_ms"] >= 0
