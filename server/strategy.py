@@ -6,7 +6,7 @@ than a copy of ``start``:
 
 - seeded node sampling (node ids sorted, ``random`` seeded per global round);
 - rejection of replies whose weights are non-finite or do not match the global
-  model's shapes, or that lack one ArrayRecord and one MetricRecord with a positive
+  model's dtypes and shapes, or that lack one ArrayRecord and one MetricRecord with a positive
   ``num-examples``, logged by node, before anything is averaged;
 - replies sorted by content so the float sum is the same whatever order they came in;
 - instructions sent largest merchant first (by the rows each last reported);
@@ -20,6 +20,7 @@ than a copy of ``start``:
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import random
@@ -134,7 +135,24 @@ class ReplyLayout:
         if array.stype == SType.NUMPY and len(data) == len(head) + ref.nbytes \
                 and data.startswith(head):
             return np.frombuffer(data, ref.dtype, ref.size, len(head)).reshape(ref.shape)
+        if array.stype != SType.NUMPY:
+            raise TypeError(f"serialization type {array.stype!r}, expected {SType.NUMPY!r}")
+        # Read the header first: a crafted one could claim a shape whose payload numpy
+        # would allocate before finding the data short.
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(stream)
+        if dtype != ref.dtype:
+            raise _Mismatch(f"has dtype {dtype}, expected {ref.dtype}")
+        if tuple(shape) != ref.shape:
+            raise _Mismatch(f"has shape {tuple(shape)}, expected {ref.shape}")
         return array.numpy()
+
+
+class _Mismatch(ValueError):
+    """A reply tensor whose header names another dtype or shape than the global one's."""
 
 
 def read_reply_arrays(reply: ArrayRecord, layout: ReplyLayout
@@ -147,8 +165,16 @@ def read_reply_arrays(reply: ArrayRecord, layout: ReplyLayout
     for i, (array, ref) in enumerate(zip(arrays, layout.reference, strict=True)):
         try:
             a = layout.read(i, array)
-        except (ValueError, TypeError, EOFError) as err:  # what np.load raises
+        except _Mismatch as err:
+            return [], f"tensor {i} {err}"
+        except Exception as err:  # noqa: BLE001 - untrusted bytes: any failure rejects
             return [], f"tensor {i} cannot be read ({type(err).__name__}: {err})"
+        if not isinstance(a, np.ndarray):
+            return [], f"tensor {i} is not an array ({type(a).__name__})"
+        if a.dtype != ref.dtype:
+            # Strings, structures, complex, bool or datetimes would either break the
+            # average or be averaged into something meaningless.
+            return [], f"tensor {i} has dtype {a.dtype}, expected {ref.dtype}"
         if a.shape != ref.shape:
             return [], f"tensor {i} has shape {a.shape}, expected {ref.shape}"
         if not np.all(np.isfinite(a)):

@@ -217,6 +217,29 @@ def test_nan_wrong_shape_malformed_and_error_replies_are_left_out() -> None:
     assert strategy.empty_rounds == 0
 
 
+@pytest.mark.parametrize("bad", [
+    np.ones((2, 3), np.float64), np.ones((2, 3), np.int32), np.ones((2, 3), bool),
+    np.ones((2, 3), np.complex64), np.full((2, 3), "x"),
+    np.zeros((2, 3), "datetime64[s]"), np.zeros((2, 3), [("a", "f4")]),
+])
+def test_reply_of_another_dtype_is_a_rejection_and_the_round_goes_on(bad: np.ndarray
+                                                                      ) -> None:
+    strategy = _strategy(seed=1)
+    ins = _by_node(_instructions(strategy, [1, 2]))
+    rng = np.random.default_rng(3)
+    good = _weights(rng)
+    replies = [_reply(ins[1], good, {"num-examples": 5, "train_loss": 1.0}),
+               _reply(ins[2], [bad, np.ones(3, np.float32)], {"num-examples": 5,
+                                                              "train_loss": 1.0})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    for got, want in zip(arrays.to_numpy_ndarrays(), good, strict=True):
+        np.testing.assert_allclose(got, want)
+    stats = strategy.stats[1]
+    assert (stats.replied, stats.rejected) == (1, 1)
+    assert f"node 2: rejected: tensor 0 has dtype {bad.dtype}, expected float32" in \
+        stats.failures[0]
+
+
 def test_instructions_go_out_largest_merchant_first() -> None:
     """Nodes by the rows they last reported, largest first; nodes not heard from yet
     first of all (the simulation's workers take messages in this order)."""
@@ -246,9 +269,9 @@ def test_replies_are_read_once_whatever_their_serialized_form() -> None:
     for got, want in zip(values, sent, strict=True):
         np.testing.assert_array_equal(got, want)
         assert got.dtype == want.dtype
-    other = [np.asfortranarray(sent[0]).astype(np.float64), sent[1].astype(np.float64)]
+    other = [np.asfortranarray(sent[0]), sent[1]]  # another header: read by numpy()
     values, reason = read_reply_arrays(ArrayRecord(other), layout)
-    assert reason is None and values[0].dtype == np.float64
+    assert reason is None and values[0].dtype == sent[0].dtype
     np.testing.assert_array_equal(values[0], sent[0])
     good = ArrayRecord(sent)
     first = next(iter(good.values()))
