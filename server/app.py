@@ -27,11 +27,11 @@ from common.config import ModelConfig, SnapshotConfig, TrainConfig, from_flat
 from common.snapshots import Snapshots
 from server.checkpoint import (
     clear_checkpoints,
-    latest_checkpoint,
-    load_checkpoint,
+    legacy_checkpoints,
     restore_strategy_state,
     save_checkpoint,
     strategy_state,
+    usable_checkpoints,
 )
 from server.config import DPConfig, FederationConfig
 from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
@@ -121,20 +121,18 @@ def run_federation(grid: Grid, settings: ServerSettings,
     selection = _Selection()
     done = 0
     arrays = ArrayRecord(weights_of(model))
-    if fed.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
-        state = load_checkpoint(found)
+    metrics_path = run_dir / "metrics.jsonl"
+    state = find_resume_state(run_dir) if fed.resume else None
+    if state is not None:
         done = int(state["round"])
         arrays = ArrayRecord([np.asarray(a) for a in state["weights"]])
         restore_strategy_state(strategy, state["strategy"])
         selection = _Selection(**state["selection"])
-        log.info("resuming from %s: %d rounds done", found.name, done)
+        _keep_rounds_upto(metrics_path, done)
         if ledger is not None:
             ledger.replay(done)
         if state.get("clipping_norm") is not None and hasattr(runner, "clipping_norm"):
             runner.clipping_norm = float(state["clipping_norm"])  # adaptive clipping
-    elif fed.resume:
-        log.info("resume asked but no checkpoint in %s: starting at round 1", ckpt_dir)
-    metrics_path = run_dir / "metrics.jsonl"
     if done == 0:
         # A fresh run in a folder used before (``flwr run`` keys it by the configuration)
         # replaces that run's outputs instead of appending to them.
@@ -255,6 +253,66 @@ def run_federation(grid: Grid, settings: ServerSettings,
     (run_dir / "federation.json").write_text(json.dumps(summary, indent=2, default=str))
     log.info("federation finished: %s", summary)
     return summary
+
+
+class ResumeError(ValueError):
+    """A run that cannot be resumed without losing what it already wrote."""
+
+
+def find_resume_state(run_dir: Path) -> dict[str, Any] | None:
+    """The state of the newest intact checkpoint in ``run_dir/checkpoints``.
+
+    Damaged checkpoints are passed over, newest first, each with a warning that names
+    it. None when the folder holds no outputs of an earlier run at all (the run then
+    starts at round 1); :class:`ResumeError` when it does but no checkpoint is usable,
+    so nothing that run wrote is deleted.
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    problems = []
+    for path, state, reason in usable_checkpoints(ckpt_dir):
+        if state is None:
+            log.warning("checkpoint %s is unusable (%s): trying an older one", path, reason)
+            problems.append(f"{path.name}: {reason}")
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint (round %d)",
+                        path.name, state["round"])
+        log.info("resuming from %s: %d rounds done", path.name, state["round"])
+        return state
+    problems += [f"{p.name}: old pickle format, never loaded" for p in
+                 legacy_checkpoints(ckpt_dir)]
+    outputs = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "model.keras",
+                                run_dir / "federation.json") if p.exists()]
+    if problems or outputs:
+        found = "; ".join(problems) or "no checkpoint"
+        raise ResumeError(
+            f"cannot resume {run_dir}: no usable checkpoint in {ckpt_dir} ({found}), but "
+            f"the folder holds an earlier run's outputs ({', '.join(outputs) or 'checkpoints'})"
+            ": nothing was deleted; start a new run in another folder")
+    log.info("resume asked but %s holds no earlier run: starting at round 1", run_dir)
+    return None
+
+
+def _keep_rounds_upto(path: Path, done: int) -> None:
+    """Drop the lines of rounds after ``done`` (written before a checkpoint that was lost)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [t for t in lines if t.endswith("\n") and _round_of(t) <= done]
+    if len(kept) != len(lines):
+        log.warning("%s: dropping %d lines of rounds after %d (redone from the checkpoint)",
+                    path, len(lines) - len(kept), done)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
+def _round_of(line: str) -> float:
+    """A metrics line's round; a line cut by a kill counts as after every round."""
+    try:
+        return float(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _append_jsonl(path: Path, line: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@ Only this layer prints; everything below it logs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -205,23 +204,28 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.experiment import experiment_from_flat, new_run_dir, prepare, write_json
     from simulations.federated import run_federated
 
-    exp = _experiment(args)
     extra = {}
     if args.strategy:
         extra["federation.strategy"] = args.strategy
     if args.ray_address:
         extra["simulation.ray-address"] = args.ray_address
-    if extra:
-        exp = experiment_from_flat({**exp.flat, **extra})
     if args.resume:
-        # The run's own config.json decides everything: the same data, seeds and rounds.
+        # The run's own config.json decides the data, seeds and model; --set may extend
+        # the rounds or change how they run (resume_experiment names what may change).
+        given = [f"--{name}" for name in ("preset", "events", "interventions", "seed")
+                 if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{given[0]} cannot be used with --resume: the run's "
+                             "config.json decides the data and the seed")
+        from common.config import apply_overrides
+        from simulations.federated import resume_experiment
+
         run_dir = Path(args.resume).resolve()
-        saved = run_dir / "config.json"
-        if not (run_dir / "checkpoints").is_dir() or not saved.exists():
-            raise ValueError(f"--resume: {run_dir} has no checkpoints/ or config.json")
-        flat = json.loads(saved.read_text())
-        exp = experiment_from_flat({**flat, **extra, "federation.resume": True})
+        exp = resume_experiment(run_dir, {**apply_overrides({}, args.set), **extra})
     else:
+        exp = _experiment(args)
+        if extra:
+            exp = experiment_from_flat({**exp.flat, **extra})
         run_dir = new_run_dir(exp, "simulate")
         write_json(run_dir / "config.json", dict(exp.flat))
     data = prepare(exp)

@@ -127,6 +127,62 @@ def make_federated_client_app(flat: Mapping[str, Any]) -> Any:
     return make_client_app(flat)
 
 
+#: Settings a resumed run may change: how long it goes on and how it is executed. Every
+#: other one (data, model, seed, strategy, privacy, ...) shaped the checkpoint's weights.
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "federation.num-rounds", "federation.patience-rounds", "federation.round-timeout",
+    "federation.keep-checkpoints", "simulation.client-cpus", "simulation.ray-cpus",
+    "simulation.ray-address",
+)
+
+
+def resume_experiment(run_dir: Path, overrides: Mapping[str, Any]) -> Experiment:
+    """The experiment of a killed run, from its ``config.json``, to go on from the newest
+    intact checkpoint.
+
+    ``overrides`` (flat keys) are applied when they are in :data:`RESUME_MAY_CHANGE`;
+    any other key whose value differs from the run's raises ``ValueError`` naming it.
+    The updated configuration is written back to ``config.json``. Checked before any
+    engine starts: a run that cannot be resumed fails here, with nothing deleted.
+    """
+    import json
+
+    from server.app import ResumeError, find_resume_state
+    from simulations.experiment import experiment_from_flat, write_json
+
+    saved = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise ValueError(f"--resume: {run_dir} is not a run folder")
+    try:
+        flat = json.loads(saved.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--resume: {run_dir} has no config.json (not a simulate run "
+                         "folder)") from None
+    except ValueError as err:
+        raise ValueError(f"--resume: {saved} is not valid JSON ({err})") from None
+    if not isinstance(flat, dict):
+        raise ValueError(f"--resume: {saved} does not hold a configuration object")
+    changed = {k: v for k, v in overrides.items() if flat.get(k) != v}
+    refused = sorted(k for k in changed if k not in RESUME_MAY_CHANGE)
+    if refused:
+        k = refused[0]
+        raise ValueError(
+            f"--resume: {k} cannot change on a resumed run (the run used {flat.get(k)!r}, "
+            f"asked {changed[k]!r}); a resumed run may change only "
+            f"{', '.join(RESUME_MAY_CHANGE)}")
+    flat = {**flat, **changed}
+    exp = experiment_from_flat({**flat, "federation.resume": True})
+    state = find_resume_state(run_dir)
+    done = 0 if state is None else int(state["round"])
+    if done > exp.federation.num_rounds:
+        raise ResumeError(f"--resume: {run_dir} has {done} rounds done, more than "
+                          f"federation.num-rounds={exp.federation.num_rounds}")
+    if changed:
+        log.info("resumed run: %s", ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+        write_json(saved, flat)
+    return exp
+
+
 def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
                   progress: Callable[[dict[str, Any]], None] | None = None,
                   overrides: Mapping[str, Any] | None = None) -> MethodResult:
