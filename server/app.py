@@ -44,11 +44,6 @@ ROUND_METRICS: tuple[str, ...] = ("decay_roc_auc", "decay_pr_auc", "decay_log_lo
                                   "interest_mae", "interest_rmse")
 
 
-class _Stop(Exception):
-    """Raised from evaluate_fn when validation loss stopped improving."""
-
-
-
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
     federation: FederationConfig
@@ -86,101 +81,121 @@ class _Selection:
     weights: list[np.ndarray] | None = None
     stale: int = 0
 
+    def offer(self, g: int, val_loss: float, weights: list[np.ndarray]) -> None:
+        if val_loss < self.val_loss - 1e-6:
+            self.round, self.val_loss, self.weights, self.stale = g, val_loss, weights, 0
+        elif g > 0:
+            self.stale += 1
 
-def run_federation(grid: Grid, settings: ServerSettings,
-                   progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the rounds; write checkpoints, ``metrics.jsonl`` and ``model.keras``."""
-    from common.model import build_model, save_model, set_weights_of, weights_of
-    from common.scoring import write_model_settings
-    from common.training import predict, score_predictions, validation_loss
 
-    fed = settings.federation
-    if not fed.run_dir:
-        raise ValueError("config key 'federation.run-dir' must name the run folder")
-    run_dir = Path(fed.run_dir).resolve()
-    ckpt_dir = run_dir / "checkpoints"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(settings.model, settings.snapshots, seed=settings.seed)
-    strategy = build_strategy(fed, settings.seed)
-    if hasattr(grid, "pull_interval"):
-        # Flower's in-memory grid (simulation) looks for replies every 0.1 s, a third of a
-        # round of ten small merchants here.
-        grid.pull_interval = min(grid.pull_interval, 0.01)
-    # The DP wrapper (if any) runs the rounds; the guarded strategy inside keeps the stats.
-    dp = settings.privacy
+class StopRounds(Exception):
+    """Raised from the round hook to end Flower's ``start`` early; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class _Runner:
+    """The strategy that keeps the round stats and the one that runs the rounds (a DP
+    wrapper around it, or the same object), with the privacy ledger if any."""
+
+    strategy: Any
+    runner: Any
+    ledger: PrivacyLedger | None
+
+    @property
+    def clipping_norm(self) -> float | None:
+        value = getattr(self.runner, "clipping_norm", None)
+        return None if value is None else float(value)
+
+
+def _build_runner(settings: ServerSettings, grid: Grid, run_dir: Path) -> _Runner:
+    fed, dp = settings.federation, settings.privacy
     population = max(fed.min_available_nodes, len(list(grid.get_node_ids())))
     if fed.secure_aggregation:  # SecAgg+ runs in Flower's legacy workflow API
         from server.secagg import build_secagg_strategy
 
         strategy = runner = build_secagg_strategy(fed, dp, settings.seed, population)
     else:
+        strategy = build_strategy(fed, settings.seed)
         runner = wrap_strategy(strategy, dp, fed, population)
     ledger = PrivacyLedger(dp, population, num_sampled(fed, population),
                            run_dir / "privacy.jsonl") if dp.enabled else None
-    stop_reason: list[str] = []
-    selection = _Selection()
-    done = 0
-    arrays = ArrayRecord(weights_of(model))
-    metrics_path = run_dir / "metrics.jsonl"
-    state = find_resume_state(run_dir) if fed.resume else None
-    if state is not None:
-        done = int(state["round"])
-        arrays = ArrayRecord([np.asarray(a) for a in state["weights"]])
-        restore_strategy_state(strategy, state["strategy"])
-        selection = _Selection(**state["selection"])
-        _keep_rounds_upto(metrics_path, done)
-        if ledger is not None:
-            ledger.replay(done)
-        if state.get("clipping_norm") is not None and hasattr(runner, "clipping_norm"):
-            runner.clipping_norm = float(state["clipping_norm"])  # adaptive clipping
-    if done == 0:
-        # A fresh run in a folder used before (``flwr run`` keys it by the configuration)
-        # replaces that run's outputs instead of appending to them.
-        stale = clear_checkpoints(ckpt_dir)
-        if stale or metrics_path.exists():
-            log.info("%s: replacing the outputs of an earlier run (%d checkpoints)",
-                     run_dir, stale)
-        metrics_path.unlink(missing_ok=True)
-        if ledger is not None and ledger.path is not None:
-            ledger.path.unlink(missing_ok=True)
-    strategy.round_offset = done
-    remaining = fed.num_rounds - done
-    eval_sets = load_eval_data(fed.eval_data) if fed.eval_data else None
-    # The clipping norm of the round in progress (adaptive clipping moves it every round).
-    clip = {"used": float(getattr(runner, "clipping_norm", dp.clipping_norm))}
-    started = time.perf_counter()
-    last = {"time": started}
-    # The global weights of the last round seen (the model holds the last evaluated).
-    latest = {"weights": arrays.to_numpy_ndarrays()}
+    return _Runner(strategy, runner, ledger)
 
-    def evaluate_fn(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
-        g = server_round + done
-        if server_round == 0 and done > 0:
+
+class RoundRecorder:
+    """What follows every round, as Flower's ``evaluate_fn``: the global model evaluated on
+    the held-out data, the model selection, the line in ``metrics.jsonl``, the privacy
+    ledger, the checkpoint, progress, and the rules that stop the run early.
+
+    Shared by the Message-API strategies and the SecAgg+ workflow (both call it with the
+    round and the global weights).
+    """
+
+    def __init__(self, settings: ServerSettings, run_dir: Path, parts: _Runner, model: Any,
+                 *, done: int, selection: _Selection, weights: list[np.ndarray],
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        fed = settings.federation
+        self.settings, self.parts, self.model = settings, parts, model
+        self.done, self.selection = done, selection
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.eval_sets = load_eval_data(fed.eval_data) if fed.eval_data else None
+        self.progress = progress
+        self.latest = weights  # the global weights of the last round seen
+        # The clipping norm of the round in progress (adaptive clipping moves it).
+        self.clip_used = self._clipping_norm()
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
+        g = server_round + self.done
+        if server_round == 0 and self.done > 0:
             return None  # this round was evaluated before the restart
         weights = global_arrays.to_numpy_ndarrays()
-        latest["weights"] = weights
-        line: dict[str, Any] = {"round": g}
-        record: dict[str, float] = {}
-        if eval_sets is not None and (g % fed.eval_every == 0 or g >= fed.num_rounds):
-            val, test = eval_sets
-            set_weights_of(model, weights)
-            val_loss = validation_loss(model, val) if len(val) else float("nan")
-            scores = score_predictions(predict(model, test), test)
-            record = {k: float(scores[k]) for k in ROUND_METRICS if k in scores}
-            record["val_loss"] = val_loss
-            if val_loss < selection.val_loss - 1e-6:
-                selection.round, selection.val_loss = g, val_loss
-                selection.weights, selection.stale = weights, 0
-            elif g > 0:
-                selection.stale += 1
-        stats = strategy.stats.get(g)
+        self.latest = weights
+        record = self._evaluate(g, weights)
+        line = self._line(g, record)
+        _append_jsonl(self.metrics_path, line)
+        save_checkpoint(self.ckpt_dir, g, {
+            "weights": weights, "strategy": strategy_state(self.parts.strategy),
+            "selection": dataclasses.asdict(self.selection),
+            "clipping_norm": self.parts.clipping_norm},
+            keep=self.settings.federation.keep_checkpoints)
+        if self.progress is not None:
+            self.progress(line)
+        else:
+            _log_round(line, self.settings.federation.num_rounds)
+        self._check_stop(g)
+        return MetricRecord({k: v for k, v in record.items() if math.isfinite(v)}) \
+            if record else None
+
+    def _evaluate(self, g: int, weights: list[np.ndarray]) -> dict[str, float]:
+        """Centralised metrics of the global model, in the rounds that evaluate it."""
+        from common.model import set_weights_of
+        from common.training import predict, score_predictions, validation_loss
+
+        fed = self.settings.federation
+        if self.eval_sets is None or not (g % fed.eval_every == 0 or g >= fed.num_rounds):
+            return {}
+        val, test = self.eval_sets
+        set_weights_of(self.model, weights)
+        val_loss = validation_loss(self.model, val) if len(val) else float("nan")
+        scores = score_predictions(predict(self.model, test), test)
+        record = {k: float(scores[k]) for k in ROUND_METRICS if k in scores}
+        record["val_loss"] = val_loss
+        self.selection.offer(g, val_loss, weights)
+        return record
+
+    def _line(self, g: int, record: dict[str, float]) -> dict[str, Any]:
         now = time.perf_counter()
-        line.update({
-            "centralised": record,
-            "round_seconds": now - last["time"],
-            "wall_seconds": now - started,
-        })
-        last["time"] = now
+        line: dict[str, Any] = {"round": g, "centralised": record,
+                                "round_seconds": now - self.last,
+                                "wall_seconds": now - self.started}
+        self.last = now
+        stats = self.parts.strategy.stats.get(g)
         if stats is not None:
             line.update({"sampled": stats.sampled, "replied": stats.replied,
                          "failed": stats.failed, "rejected": stats.rejected,
@@ -188,70 +203,127 @@ def run_federation(grid: Grid, settings: ServerSettings,
                          "bytes_down": stats.bytes_down, "bytes_up": stats.bytes_up,
                          "train": stats.train, "client_eval": stats.client_eval,
                          "failures": stats.failures[:20]})
+        ledger = self.parts.ledger
         if ledger is not None and g > 0 and stats is not None and stats.replied > 0:
-            spent = ledger.record(g, stats.sampled, stats.replied, clip["used"])
+            spent = ledger.record(g, stats.sampled, stats.replied, self.clip_used)
             line["privacy"] = {"epsilon": spent["epsilon"], "delta": spent["delta"],
-                               "clipping_norm": clip["used"]}
-        clip["used"] = float(getattr(runner, "clipping_norm", dp.clipping_norm))
-        _append_jsonl(metrics_path, line)
-        save_checkpoint(ckpt_dir, g, {
-            "weights": weights, "strategy": strategy_state(strategy),
-            "selection": dataclasses.asdict(selection),
-            "clipping_norm": getattr(runner, "clipping_norm", None)}, keep=fed.keep_checkpoints)
-        if progress is not None:
-            progress(line)
-        else:
-            _log_round(line, fed.num_rounds)
+                               "clipping_norm": self.clip_used}
+        self.clip_used = self._clipping_norm()
+        return line
+
+    def _clipping_norm(self) -> float:
+        norm = self.parts.clipping_norm
+        return self.settings.privacy.clipping_norm if norm is None else norm
+
+    def _check_stop(self, g: int) -> None:
+        fed, dp, ledger = self.settings.federation, self.settings.privacy, self.parts.ledger
         if ENGINE_FAILED.is_set():
             log.error("the simulation engine failed (see above): stopping after round %d", g)
-            stop_reason.append("engine-failed")
-            raise _Stop
-        if fed.patience_rounds and selection.stale >= fed.patience_rounds:
+            raise StopRounds("engine-failed")
+        if fed.patience_rounds and self.selection.stale >= fed.patience_rounds:
             log.info("validation loss has not improved for %d rounds: stopping after round %d",
-                     selection.stale, g)
-            stop_reason.append("patience")
-            raise _Stop
+                     self.selection.stale, g)
+            raise StopRounds("patience")
         if ledger is not None and g < fed.num_rounds and ledger.next_round_exceeds():
             log.info("privacy budget: round %d would take epsilon past %g (spent %.4g at "
                      "delta %g): stopping after round %d", g + 1, dp.target_epsilon,
                      ledger.epsilon, dp.target_delta, g)
-            stop_reason.append("privacy-budget")
-            raise _Stop
-        return MetricRecord({k: v for k, v in record.items() if math.isfinite(v)}) \
-            if record else None
+            raise StopRounds("privacy-budget")
 
-    stopped_early = False
-    final = arrays
-    if remaining > 0:
-        train_config = ConfigRecord({"local-epochs": fed.local_epochs})
+
+def _start_state(settings: ServerSettings, run_dir: Path, parts: _Runner,
+                 initial: list[np.ndarray]) -> tuple[int, list[np.ndarray], _Selection]:
+    """Rounds done, the weights to start from and the selection so far: from the newest
+    intact checkpoint on resume, else a fresh start that replaces an earlier run's
+    outputs in the same folder (``flwr run`` keys the folder by the configuration)."""
+    metrics_path = run_dir / "metrics.jsonl"
+    state = find_resume_state(run_dir) if settings.federation.resume else None
+    if state is not None:
+        done = int(state["round"])
+        restore_strategy_state(parts.strategy, state["strategy"])
+        _keep_rounds_upto(metrics_path, done)
+        if parts.ledger is not None:
+            parts.ledger.replay(done)
+        if state.get("clipping_norm") is not None and hasattr(parts.runner, "clipping_norm"):
+            parts.runner.clipping_norm = float(state["clipping_norm"])  # adaptive clipping
+        return done, [np.asarray(a) for a in state["weights"]], _Selection(**state["selection"])
+    stale = clear_checkpoints(run_dir / "checkpoints")
+    if stale or metrics_path.exists():
+        log.info("%s: replacing the outputs of an earlier run (%d checkpoints)", run_dir, stale)
+    metrics_path.unlink(missing_ok=True)
+    if parts.ledger is not None and parts.ledger.path is not None:
+        parts.ledger.path.unlink(missing_ok=True)
+    return 0, initial, _Selection()
+
+
+def run_federation(grid: Grid, settings: ServerSettings,
+                   progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the rounds; write checkpoints, ``metrics.jsonl`` and ``model.keras``."""
+    from common.model import build_model, weights_of
+
+    fed = settings.federation
+    if not fed.run_dir:
+        raise ValueError("config key 'federation.run-dir' must name the run folder")
+    run_dir = Path(fed.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(settings.model, settings.snapshots, seed=settings.seed)
+    if hasattr(grid, "pull_interval"):
+        # Flower's in-memory grid (simulation) looks for replies every 0.1 s, a third of a
+        # round of ten small merchants here.
+        grid.pull_interval = min(grid.pull_interval, 0.01)
+    parts = _build_runner(settings, grid, run_dir)
+    done, weights, selection = _start_state(settings, run_dir, parts, weights_of(model))
+    parts.strategy.round_offset = done
+    recorder = RoundRecorder(settings, run_dir, parts, model, done=done, selection=selection,
+                             weights=weights, progress=progress)
+    stop_reason = None
+    final = weights
+    if fed.num_rounds > done:
         try:
-            result = runner.start(grid=grid, initial_arrays=arrays, num_rounds=remaining,
-                                    timeout=fed.round_timeout, train_config=train_config,
-                                    evaluate_fn=evaluate_fn)
-            final = result.arrays if result.arrays is not None else arrays
-        except _Stop:
-            stopped_early = True
-            final = ArrayRecord(latest["weights"])
-    chosen = selection.weights if selection.weights is not None else final.to_numpy_ndarrays()
-    set_weights_of(model, chosen)
+            result = parts.runner.start(
+                grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=fed.num_rounds - done,
+                timeout=fed.round_timeout,
+                train_config=ConfigRecord({"local-epochs": fed.local_epochs}),
+                evaluate_fn=recorder)
+            if result.arrays is not None:
+                final = result.arrays.to_numpy_ndarrays()
+        except StopRounds as stop:
+            stop_reason = stop.reason
+            final = recorder.latest
+    summary = _finish(settings, run_dir, model, parts, selection, final, done=done,
+                      stop_reason=stop_reason, seconds=time.perf_counter() - recorder.started)
+    log.info("federation finished: %s", summary)
+    return summary
+
+
+def _finish(settings: ServerSettings, run_dir: Path, model: Any, parts: _Runner,
+            selection: _Selection, final: list[np.ndarray], *, done: int,
+            stop_reason: str | None, seconds: float) -> dict[str, Any]:
+    """Keep the selected round's model (``model.keras`` + ``model.json``), the last
+    weights and ``federation.json``."""
+    from common.model import save_model, set_weights_of
+    from common.scoring import write_model_settings
+
+    fed, dp = settings.federation, settings.privacy
+    set_weights_of(model, selection.weights if selection.weights is not None else final)
     save_model(model, run_dir / "model.keras")
     # The scorer and the monitor read the snapshot settings from model.json beside it.
     write_model_settings(run_dir / "model.keras", settings.snapshots, None)
-    np.savez(run_dir / "final_weights.npz", *final.to_numpy_ndarrays())
-    summary = {
-        "rounds": fed.num_rounds, "resumed_from": done, "stopped_early": stopped_early,
+    np.savez(run_dir / "final_weights.npz", *final)
+    summary: dict[str, Any] = {
+        "rounds": fed.num_rounds, "resumed_from": done,
+        "stopped_early": stop_reason is not None,
         "selected_round": selection.round, "selected_val_loss": selection.val_loss,
-        "empty_rounds": strategy.empty_rounds, "seconds": time.perf_counter() - started,
-        "strategy": fed.strategy, "stop_reason": stop_reason[0] if stop_reason else None,
+        "empty_rounds": parts.strategy.empty_rounds, "seconds": seconds,
+        "strategy": fed.strategy, "stop_reason": stop_reason,
     }
     if fed.secure_aggregation:
-        summary["secure_aggregation"] = strategy.describe()
-    if ledger is not None:
-        summary["privacy"] = {"mode": dp.mode, "epsilon": ledger.epsilon,
+        summary["secure_aggregation"] = parts.strategy.describe()
+    if parts.ledger is not None:
+        summary["privacy"] = {"mode": dp.mode, "epsilon": parts.ledger.epsilon,
                               "delta": dp.target_delta, "target_epsilon": dp.target_epsilon,
                               "noise_multiplier": dp.noise_multiplier}
     (run_dir / "federation.json").write_text(json.dumps(summary, indent=2, default=str))
-    log.info("federation finished: %s", summary)
     return summary
 
 
