@@ -15,13 +15,19 @@ are concatenated, so the raw text of a large file is never held whole.
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import csv
 import gzip
+import io
 import logging
+import lzma
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -68,8 +74,26 @@ OUTSIDE_WINDOW = "outside window"
 CJ_RETURN = "return (negative sales_value)"
 NO_HOME_STORE = "household without kept transactions"
 
+#: How ``load_events`` treats CSV rows with the wrong number of fields (a cut last line,
+#: a stray separator, an unterminated quote): raise, or drop them and count them.
+BAD_ROWS: tuple[str, ...] = ("error", "skip")
+MALFORMED = "malformed CSV row (wrong number of fields or an unterminated quote)"
+#: Times before this are placeholders (0 = 1970-01-01) or a unit mistake (unix seconds
+#: read as milliseconds land in January 1970), not behaviour. Later than now plus
+#: ``FUTURE_SLACK`` is a clock or year error. Rows outside ``start``/``end`` are
+#: dropped (and counted) before this check, so a window is the way to keep such a log.
+EARLIEST_TIME = pd.Timestamp("1971-01-01", tz="UTC")
+FUTURE_SLACK = pd.Timedelta(days=1)
+#: Largest accepted ``value``: no single event is worth 1e12 in any currency, and far
+#: below it sums and log1p features stay finite in float32/float64.
+MAX_VALUE = 1e12
+
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _CSV_SUFFIXES = (".csv", ".csv.gz")
+#: Compressed CSV suffixes read (pyarrow decodes gzip and bz2 itself; xz, zip in Python).
+_COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
+_PROBE_BYTES = 1 << 16  # bytes of (decompressed) text checked for the encoding up front
+_MAX_SKIPPED_TEXTS = 10_000  # distinct skipped rows remembered to number later lines
 _NS_LIMIT = 9.2e18  # datetime64[ns] covers about +-9.22e18 ns around 1970
 _MS_THRESHOLD = 1e11  # numbers above this are unix milliseconds (1e11 s is the year 5138)
 _SHOW = 5  # offending rows quoted in an error message
@@ -126,17 +150,85 @@ def _add(counts: dict[str, int], key: str, n: int) -> None:
 # --------------------------------------------------------------------- error messages
 
 
+class _Origin(str):
+    """A CSV file's name as shown in messages, plus how its data rows map to file lines.
+
+    It is the plain path string everywhere a source name is expected; error messages
+    use :meth:`lines` to add the physical 1-based line numbers (header and blank lines
+    counted, rows dropped by ``bad_rows='skip'`` stepped over).
+    """
+
+    path: Path
+    header: int
+    encoding: str
+    skipped: set[str]
+
+    def __new__(cls, path: Path, header: int, encoding: str) -> _Origin:
+        self = super().__new__(cls, str(path))
+        self.path, self.header, self.encoding, self.skipped = path, header, encoding, set()
+        return self
+
+    def lines(self, rows: list[int]) -> list[int]:
+        """File lines of 0-based data rows (a rescan: only called on the error path)."""
+        wanted, found = set(rows), {}
+        record, header = -1, self.header
+        try:
+            for number, line in enumerate(_text_lines(self.path, self.encoding), 1):
+                if not line:
+                    continue  # the CSV parser skips blank lines
+                if header:
+                    header -= 1
+                    continue
+                if line in self.skipped:
+                    continue
+                record += 1
+                if record in wanted:
+                    found[record] = number
+                    if len(found) == len(wanted):
+                        break
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
+                DataError):
+            pass  # the reader reports an unreadable file itself
+        return [found.get(r, r + 1 + self.header) for r in rows]
+
+    def line_of(self, text: str) -> int | None:
+        """The first data line whose content is ``text`` (a row the parser rejected)."""
+        header = self.header
+        try:
+            for number, line in enumerate(_text_lines(self.path, self.encoding), 1):
+                if not line:
+                    continue
+                if header:
+                    header -= 1
+                    continue
+                if line == text or line.rstrip("\r") == text.rstrip("\r"):
+                    return number
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
+                DataError):
+            pass
+        return None
+
+
 def _fail(source: str, column: str, bad: np.ndarray, raw: pd.Series, problem: str,
           expected: str, offset: int) -> DataError:
-    """One message naming file, column, the first offending data rows and their values."""
+    """One message naming file, column, the first offending rows, their values and lines.
+
+    Rows are data rows (1-based, header excluded); for a CSV file the physical lines of
+    the file (1-based, header counted) follow.
+    """
     rows = np.flatnonzero(bad)
     shown = ", ".join(
         f"{offset + r + 1} ({_quote(raw.iloc[r])})" for r in rows[:_SHOW]
     )
     more = f" and {len(rows) - _SHOW} more" if len(rows) > _SHOW else ""
     where = "data rows" if len(rows) > 1 else "data row"
-    return DataError(f"{source}: column '{column}' has {problem} at {where} {shown}{more}; "
-                     f"expected {expected}")
+    lines = ""
+    if isinstance(source, _Origin):
+        numbers = source.lines([offset + int(r) for r in rows[:_SHOW]])
+        lines = (f" (file line{'s' if len(numbers) > 1 else ''} "
+                 f"{', '.join(map(str, numbers))})")
+    return DataError(f"{source}: column '{column}' has {problem} at {where} "
+                     f"{shown}{more}{lines}; expected {expected}")
 
 
 def _quote(value: Any) -> str:
@@ -291,26 +383,60 @@ def _id_column(df: pd.DataFrame, name: str, default: str, filled: dict[str, int]
 # ------------------------------------------------------------------ canonicalisation
 
 
+def _plain_values(df: pd.DataFrame, source: str, offset: int) -> None:
+    """Reject cells that are lists, dicts, sets or bytes (frames built in Python)."""
+    for column in df.columns:
+        if df[column].dtype != object or pd.api.types.infer_dtype(
+                df[column], skipna=True) in _PLAIN_KINDS:
+            continue
+        kinds = df[column].map(_nested_kind)
+        bad = kinds.notna().to_numpy()
+        if bad.any():
+            kind = kinds[bad].iloc[0]
+            raise _fail(source, str(column), bad, df[column].astype(str),
+                        f"{kind} value(s)", "one plain value per row (text, a number or "
+                        "a time), not a nested or binary value", offset)
+
+
+_PLAIN_KINDS = {"string", "empty", "integer", "floating", "mixed-integer-float", "decimal",
+                "boolean", "datetime", "datetime64", "date"}
+
+
+def _nested_kind(value: Any) -> str | None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "binary"
+    if isinstance(value, (list, tuple, set, frozenset, dict, np.ndarray)):
+        return "nested (list/dict)"
+    return None
+
+
 def _canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
                   events: Mapping[str, str] = CANONICAL_EVENTS, unit: str | None = None,
                   negative_reason: str | None = None, dropped: dict[str, int] | None = None,
-                  filled: dict[str, int] | None = None) -> pd.DataFrame:
+                  filled: dict[str, int] | None = None,
+                  window: tuple[pd.Timestamp | None, pd.Timestamp | None] = (None, None)
+                  ) -> pd.DataFrame:
     """Check and convert one chunk whose columns already carry canonical names.
 
-    ``negative_reason`` turns negative values from an error into a counted drop.
+    ``negative_reason`` turns negative values from an error into a counted drop. Times
+    outside the plausible range (see :data:`EARLIEST_TIME`) raise unless they fall
+    outside ``window``, whose rows the caller drops and counts.
     """
     dropped = {} if dropped is None else dropped
     filled = {} if filled is None else filled
     _require(source, df.columns, REQUIRED_EVENT_COLUMNS, "the canonical event log")
+    _plain_values(df, source, offset)
     user = _as_string(df["user_id"])
     bad = user.isna().to_numpy()
     if bad.any():
         raise _fail(source, "user_id", bad, df["user_id"], "missing user id(s)",
                     "a non-empty id", offset)
+    timestamp = _parse_timestamps(df["timestamp"], source, "timestamp", offset, unit)
+    _check_plausible(timestamp, df["timestamp"], source, offset, window)
     out = pd.DataFrame(
         {
             "user_id": user,
-            "timestamp": _parse_timestamps(df["timestamp"], source, "timestamp", offset, unit),
+            "timestamp": timestamp,
             "event": _map_names(df["event"], events, EVENT_DTYPE, source, "event", offset,
                                 "event"),
             "item_id": _id_column(df, "item_id", "", filled),
@@ -325,6 +451,11 @@ def _canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
     if negative.any() and negative_reason is None:
         raise _fail(source, "value", negative, df["value"], "negative value(s)",
                     "a value >= 0", offset)
+    huge = (value.abs() > MAX_VALUE).to_numpy()
+    if huge.any():
+        raise _fail(source, "value", huge, df["value"], "implausibly large value(s)",
+                    f"a value of at most {MAX_VALUE:.0e} (larger ones overflow the "
+                    "features); check the unit or the column", offset)
     if "value" in df:
         _add(filled, "value", value.isna().sum())
     out["value"] = value.fillna(0.0)
@@ -332,6 +463,22 @@ def _canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
         _add(dropped, str(negative_reason), negative.sum())
         out = out[~negative]
     return out
+
+
+def _check_plausible(ts: pd.Series, raw: pd.Series, source: str, offset: int,
+                     window: tuple[pd.Timestamp | None, pd.Timestamp | None]) -> None:
+    """Raise for times before :data:`EARLIEST_TIME` or after now + :data:`FUTURE_SLACK`."""
+    latest = pd.Timestamp.now(tz="UTC") + FUTURE_SLACK
+    bad = ((ts < EARLIEST_TIME) | (ts > latest)).to_numpy() & _in_window(ts, *window)
+    if not bad.any():
+        return
+    shown = pd.Series("", index=raw.index, dtype=object)
+    first = np.flatnonzero(bad)[:_SHOW]
+    shown.iloc[first] = [f"{raw.iloc[r]} = {ts.iloc[r]:%Y-%m-%d %H:%M}" for r in first]
+    raise _fail(source, "timestamp", bad, shown, "implausible time(s)",
+                f"a time between {EARLIEST_TIME:%Y-%m-%d} and {latest:%Y-%m-%d %H:%M} UTC "
+                "(now + 1 day); fix or remove these rows, or load a window (start/end) "
+                "that leaves them out", offset)
 
 
 def validate_events(df: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -399,18 +546,153 @@ def _is_parquet(path: Path) -> bool:
     return path.name.lower().endswith(_PARQUET_SUFFIXES)
 
 
+def _compression(path: Path) -> str | None:
+    """gzip, bz2, xz or zip from the file name; None for plain text."""
+    return _COMPRESSION.get(path.suffix.lower())
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile)
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    """The one message for a file whose bytes cannot be read or decompressed."""
+    kind = _compression(path)
+    if kind:
+        return DataError(f"{path}: the {kind} data is truncated or corrupt ({exc}); "
+                         "re-download or re-compress the file")
+    return DataError(f"{path}: cannot be read ({exc})")
+
+
+def _open_bytes(path: Path) -> IO[bytes]:
+    """The file's (decompressed) bytes as a binary stream."""
+    kind = _compression(path)
+    try:
+        if kind == "gzip":
+            return gzip.open(path, "rb")
+        if kind == "bz2":
+            return bz2.open(path, "rb")
+        if kind == "xz":
+            return lzma.open(path, "rb")
+        if kind == "zip":
+            archive = zipfile.ZipFile(path)
+            members = [m for m in archive.namelist() if not m.endswith("/")]
+            if len(members) != 1:
+                raise DataError(f"{path}: a zip archive must hold exactly one CSV file "
+                                f"(found {len(members)})")
+            return archive.open(members[0])
+        return open(path, "rb")
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _text_lines(path: Path, encoding: str) -> Iterator[str]:
+    """Decoded lines without their line ending (universal newlines, bad bytes replaced)."""
+    with _open_bytes(path) as raw, io.TextIOWrapper(
+            raw, encoding=encoding, errors="replace", newline=None) as text:
+        for line in text:
+            yield line.rstrip("\n")
+
+
+def _probe(path: Path) -> str:
+    """The text encoding of a CSV file: utf-8, or utf-16/utf-32 when a BOM says so.
+
+    Raises
+    ------
+    DataError
+        Unreadable or corrupt compressed data, binary content, or text that is not
+        UTF-8 in the first 64 KB (later bytes are checked while parsing).
+    """
+    try:
+        with _open_bytes(path) as fh:
+            head = fh.read(_PROBE_BYTES)
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if b"\x00" in head:
+        raise _binary(path, head)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _PROBE_BYTES)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, head, exc.start) from None
+    return "utf-8"
+
+
+def _binary(path: Path, head: bytes) -> DataError:
+    """Content with NUL bytes: UTF-16 without a BOM, a known binary format, or junk."""
+    odd, even = head[1::2], head[0::2]
+    if len(head) >= 4 and odd.count(0) > 0.4 * len(odd) and even.count(0) < 0.1 * len(even):
+        return _convert(path, "looks like UTF-16 (little-endian) without a byte-order mark",
+                        "UTF-16LE")
+    if len(head) >= 4 and even.count(0) > 0.4 * len(even) and odd.count(0) < 0.1 * len(odd):
+        return _convert(path, "looks like UTF-16 (big-endian) without a byte-order mark",
+                        "UTF-16BE")
+    for magic, what in ((b"PAR1", "a Parquet file: give it a .parquet name"),
+                        (b"PK\x03\x04", "a zip archive (or an Excel workbook): give a "
+                         "zipped CSV a .zip name, export a workbook as CSV"),
+                        (b"\x1f\x8b", "gzip data: give it a .csv.gz name")):
+        if head.startswith(magic):
+            return DataError(f"{path}: is not CSV text, it is {what}")
+    return DataError(f"{path}: is binary data (NUL bytes), not CSV text; expected a "
+                     "UTF-8 CSV file, .csv.gz/.bz2/.xz/.zip, or .parquet")
+
+
+def _not_utf8(path: Path, data: bytes, at: int, line: int | None = None) -> DataError:
+    """The message for bytes that are not UTF-8, with the line and a guessed encoding."""
+    line = data.count(b"\n", 0, at) + 1 if line is None else line
+    start = data.rfind(b"\n", 0, at) + 1
+    end = data.find(b"\n", at)
+    snippet = data[start: end if end >= 0 else start + 80][:80]
+    controls = sum(b < 9 or 13 < b < 32 for b in data)
+    if controls > 0.05 * max(len(data), 1):
+        return DataError(f"{path}: is binary data, not CSV text (line {line}: {snippet!r}); "
+                         "expected a UTF-8 CSV file, .csv.gz/.bz2/.xz/.zip, or .parquet")
+    try:
+        snippet.decode("cp1252")
+        guess, source = "Windows-1252 / Latin-1 (or another 8-bit code page)", "WINDOWS-1252"
+    except UnicodeDecodeError:
+        guess, source = "Latin-1 (or another 8-bit code page)", "LATIN1"
+    return _convert(path, f"line {line} has byte 0x{data[at]:02X} ({snippet!r}); it looks "
+                    f"like {guess}", source)
+
+
+def _convert(path: Path, why: str, source: str) -> DataError:
+    name = path.name.split(".")[0]
+    gz = " (decompress it first)" if _compression(path) else ""
+    return DataError(f"{path}: is not UTF-8 text: {why}. Convert it{gz} with: iconv -f "
+                     f"{source} -t UTF-8 {path.name} > {name}.utf8.csv")
+
+
+def _first_bad_utf8(path: Path) -> DataError:
+    """Find the first line that is not UTF-8 (error path: a rescan of the file)."""
+    with _open_bytes(path) as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return _not_utf8(path, line, exc.start, number)
+    return DataError(f"{path}: is not UTF-8 text; convert it with iconv -t UTF-8")
+
+
 def _head(path: Path, n: int = 5, strip: bool = True) -> list[list[str]]:
     """The first ``n`` non-blank lines, split as CSV (header and format sniffing)."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    encoding = _probe(path)
     rows: list[list[str]] = []
     try:
-        with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as fh:
+        with _open_bytes(path) as raw, io.TextIOWrapper(
+                raw, encoding=encoding, errors="replace", newline="") as fh:
             for row in csv.reader(fh):
                 if any(cell.strip() for cell in row):
                     rows.append([cell.strip() for cell in row] if strip else row)
                 if len(rows) >= n:
                     break
-    except (OSError, csv.Error) as exc:
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+    except csv.Error as exc:
         raise DataError(f"{path}: cannot be read as CSV text ({exc})") from exc
     return rows
 
@@ -478,38 +760,105 @@ def detect_format(path: str | Path) -> str:
 # -------------------------------------------------------------------------- readers
 
 
-def _csv_batches(path: Path, chunksize: int, *, names: tuple[str, ...] | None = None,
+@dataclass
+class _Rules:
+    """How tables are read: rows per chunk, and what malformed CSV rows do."""
+
+    chunksize: int
+    bad_rows: str = "error"
+    dropped: dict[str, int] = field(default_factory=dict)
+    #: set by the CSV reader: the file name that numbers lines in error messages
+    origin: _Origin | None = None
+
+
+def _csv_batches(path: Path, rules: _Rules, *, names: tuple[str, ...] | None = None,
                  usecols: list[str] | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
-    """Yield ``(rows before this chunk, chunk)`` of at most ``chunksize`` rows of text.
+    """Yield ``(rows before this chunk, chunk)`` of at most ``rules.chunksize`` rows.
 
     pyarrow parses blocks of ``_BLOCK_BYTES`` in C++; each block is cut into chunks
     that are converted one at a time. Every column is read as text (so row-level
-    errors can be reported); only empty cells are missing.
+    errors can be reported); only empty cells are missing. A row with the wrong number
+    of fields raises with its file line, or is dropped and counted under
+    :data:`MALFORMED` when ``rules.bad_rows == "skip"``. ``rules.origin`` is set to the
+    source name that error messages turn into file lines.
     """
+    encoding = _probe(path)
     columns = list(names) if names else _csv_header(path)
+    origin = rules.origin = _Origin(path, 0 if names else 1, encoding)
     read = pcsv.ReadOptions(column_names=list(names) if names else None,
-                            block_size=_BLOCK_BYTES)
+                            block_size=_BLOCK_BYTES,
+                            encoding="utf8" if encoding.startswith("utf-8") else encoding)
+    rejected: list[Any] = []
+    skipped = 0
+
+    def on_bad_row(row: Any) -> str:
+        nonlocal skipped
+        if rules.bad_rows != "skip":
+            rejected.append(row)
+            return "error"
+        # an unterminated quote runs on over the following lines: each one is dropped
+        lines = str(row.text).splitlines() or [""]
+        skipped += len(lines)
+        if len(origin.skipped) < _MAX_SKIPPED_TEXTS:
+            origin.skipped.update(lines)
+        return "skip"
+
+    parse = pcsv.ParseOptions(invalid_row_handler=on_bad_row)
     convert = pcsv.ConvertOptions(
         column_types={c: pa.string() for c in columns}, include_columns=usecols,
         null_values=[""], strings_can_be_null=True,
     )
     offset = 0
+    kind = _compression(path)
+    source: Any = _open_bytes(path) if kind in ("xz", "zip") else path
     try:
-        with pcsv.open_csv(path, read_options=read, convert_options=convert) as reader:
+        with pcsv.open_csv(source, read_options=read, parse_options=parse,
+                           convert_options=convert) as reader:
             for batch in reader:
-                for start in range(0, batch.num_rows, chunksize):
-                    piece = batch.slice(start, chunksize)
+                for start in range(0, batch.num_rows, rules.chunksize):
+                    piece = batch.slice(start, rules.chunksize)
                     if offset:
                         logger.info("%s: %s rows read", path.name, f"{offset:,}")
                     yield offset, piece.to_pandas(types_mapper=_STRING_TYPES.get)
                     offset += piece.num_rows
     except pa.ArrowInvalid as exc:
+        if rejected:
+            raise _malformed(origin, rejected[0]) from None
         if "Empty CSV" in str(exc):
             raise DataError(f"{path}: empty file (no header and no data rows)") from exc
+        if "UTF8" in str(exc) or "utf8" in str(exc).lower():
+            raise _first_bad_utf8(path) from None
         raise DataError(f"{path}: not a readable CSV after data row {offset} "
                         f"({str(exc).strip()})") from exc
+    except (UnicodeError, *_READ_ERRORS) as exc:
+        raise _unreadable(path, exc) from exc
+    finally:
+        if not isinstance(source, Path):
+            source.close()
+        _add(rules.dropped, MALFORMED, skipped)
+        if skipped:
+            logger.warning("%s: %d malformed rows skipped", path, skipped)
     if offset == 0:
-        yield 0, pd.DataFrame({c: pd.Series(dtype=STRING) for c in usecols or columns})
+        empty = pd.DataFrame({c: pd.Series(dtype=STRING) for c in usecols or columns})
+        yield 0, empty
+
+
+def _malformed(origin: _Origin, row: Any) -> DataError:
+    lines = str(row.text).splitlines() or [""]
+    line = origin.line_of(lines[0])
+    where = f"line {line}" if line is not None else "a line"
+    text = lines[0]
+    shown = repr(text if len(text) <= 80 else text[:77] + "...")
+    if len(lines) > 1:
+        problem = (f"{where} ({shown}) opens a quote that is not closed: the next "
+                   f"{len(lines) - 1:,} line(s) were read into the same row")
+    else:
+        problem = (f"{where} has {row.actual_columns} field(s), expected "
+                   f"{row.expected_columns} ({shown}): the row is cut or malformed (a "
+                   "missing or extra separator, or an unterminated quote)")
+    return DataError(
+        f"{origin}: {problem}. Fix the line, or read with bad_rows='skip' (CLI: "
+        "--bad-rows skip) to drop such rows and count them")
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -532,7 +881,32 @@ def _columns(path: Path) -> list[str]:
     return [str(c).strip().lower() for c in names]
 
 
-def _read_table(path: Path, chunksize: int, wanted: tuple[str, ...]
+def _plain_type(t: pa.DataType) -> bool:
+    """One text, number or time per row: what a canonical column can hold."""
+    if pa.types.is_dictionary(t):
+        return _plain_type(t.value_type)
+    return (pa.types.is_string(t) or pa.types.is_large_string(t)
+            or pa.types.is_integer(t) or pa.types.is_floating(t)
+            or pa.types.is_timestamp(t) or pa.types.is_date(t)
+            or pa.types.is_boolean(t) or pa.types.is_null(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t))
+
+
+def _check_parquet_types(path: Path, schema: pa.Schema, columns: list[str]) -> None:
+    for name in columns:
+        t = schema.field(name).type
+        if _plain_type(t):
+            continue
+        kind = ("binary" if pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                or pa.types.is_fixed_size_binary(t) else
+                "nested (list/struct/map)" if pa.types.is_nested(t) else "unsupported")
+        raise DataError(
+            f"{path}: column '{name}' is a {kind} column (Parquet type {t}) at rows 1, 2, "
+            "3, ... (every row); expected one plain value per row: text, a number or a "
+            "time. Flatten or decode the column before loading")
+
+
+def _read_table(path: Path, rules: _Rules, wanted: tuple[str, ...]
                 ) -> Iterator[tuple[int, pd.DataFrame]]:
     """Chunks of a headed CSV or Parquet file, columns lower-cased, only ``wanted`` kept."""
     def lower(c: Any) -> str:
@@ -540,7 +914,7 @@ def _read_table(path: Path, chunksize: int, wanted: tuple[str, ...]
 
     if not _is_parquet(path):
         usecols = [c for c in _csv_header(path) if lower(c) in wanted]
-        for offset, chunk in _csv_batches(path, chunksize, usecols=usecols):
+        for offset, chunk in _csv_batches(path, rules, usecols=usecols):
             yield offset, chunk.rename(columns=lower)
         return
     try:
@@ -548,8 +922,17 @@ def _read_table(path: Path, chunksize: int, wanted: tuple[str, ...]
     except Exception as exc:  # pyarrow raises several unrelated types here
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
     columns = [c for c in pfile.schema_arrow.names if lower(c) in wanted]
+    _check_parquet_types(path, pfile.schema_arrow, columns)
     offset = 0
-    for batch in pfile.iter_batches(batch_size=chunksize, columns=columns):
+    batches = pfile.iter_batches(batch_size=rules.chunksize, columns=columns)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except (pa.ArrowException, *_READ_ERRORS) as exc:
+            raise DataError(f"{path}: not a readable Parquet file after row {offset} "
+                            f"({exc})") from exc
         yield offset, batch.to_pandas(types_mapper=_STRING_TYPES.get).rename(columns=lower)
         offset += batch.num_rows
     if offset == 0:
@@ -557,22 +940,23 @@ def _read_table(path: Path, chunksize: int, wanted: tuple[str, ...]
             columns=lower)
 
 
-def _iter_canonical(path: Path, chunksize: int) -> Iterator[tuple[int, pd.DataFrame]]:
-    if not path.name.lower().endswith(_CSV_SUFFIXES + _PARQUET_SUFFIXES):
+def _iter_canonical(path: Path, rules: _Rules) -> Iterator[tuple[int, pd.DataFrame]]:
+    if not path.name.lower().endswith(_CSV_SUFFIXES + _PARQUET_SUFFIXES) \
+            and not _compression(path):
         logger.warning("%s: unknown suffix, reading it as CSV", path)
     _require(str(path), _columns(path), REQUIRED_EVENT_COLUMNS, "format canonical")
-    yield from _read_table(path, chunksize, EVENT_COLUMNS)
+    yield from _read_table(path, rules, EVENT_COLUMNS)
 
 
-def _iter_taobao(path: Path, chunksize: int) -> Iterator[tuple[int, pd.DataFrame]]:
-    for offset, chunk in _csv_batches(path, chunksize, names=TAOBAO_COLUMNS):
+def _iter_taobao(path: Path, rules: _Rules) -> Iterator[tuple[int, pd.DataFrame]]:
+    for offset, chunk in _csv_batches(path, rules, names=TAOBAO_COLUMNS):
         yield offset, chunk.rename(columns={"behavior_type": "event"})
 
 
-def _iter_retailrocket(path: Path, chunksize: int) -> Iterator[tuple[int, pd.DataFrame]]:
+def _iter_retailrocket(path: Path, rules: _Rules) -> Iterator[tuple[int, pd.DataFrame]]:
     _require(str(path), _columns(path), RETAILROCKET_COLUMNS, "format retailrocket")
     renames = {"visitorid": "user_id", "itemid": "item_id"}
-    for offset, chunk in _read_table(path, chunksize, RETAILROCKET_COLUMNS):
+    for offset, chunk in _read_table(path, rules, RETAILROCKET_COLUMNS):
         yield offset, chunk.rename(columns=renames)
 
 
@@ -589,15 +973,25 @@ def _cj_transactions(folder: Path, strict: bool = True) -> Path | None:
     return None
 
 
+def _small_csv(path: Path, **options: Any) -> pd.DataFrame:
+    """A small side table (Complete Journey products, campaigns) read whole, as text."""
+    try:
+        return pd.read_csv(path, dtype=str, encoding=_probe(path), **options)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path}: empty file (no header and no data rows)") from exc
+    except (pd.errors.ParserError, UnicodeError, *_READ_ERRORS) as exc:
+        raise DataError(f"{path}: not a readable CSV ({str(exc).strip()})") from exc
+
+
 def _cj_categories(folder: Path) -> pd.Series:
     """product_id -> product_category, else department, else the default category."""
     path = folder / "products.csv"
     if not path.is_file():
         logger.warning("%s: not found, every product gets category %r", path, DEFAULT_CATEGORY)
         return pd.Series(dtype=STRING)
-    products = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
-                           usecols=lambda c: c in ("product_id", "product_category",
-                                                   "department"))
+    products = _small_csv(path, keep_default_na=False, na_values=[""],
+                          usecols=lambda c: c in ("product_id", "product_category",
+                                                  "department"))
     _require(str(path), products.columns, ("product_id",), "Complete Journey products")
     category = pd.Series(DEFAULT_CATEGORY, index=products.index, dtype=STRING)
     for column in ("department", "product_category"):  # later columns win
@@ -607,12 +1001,12 @@ def _cj_categories(folder: Path) -> pd.Series:
                      dtype=STRING).groupby(level=0).first()
 
 
-def _iter_completejourney(transactions: Path, chunksize: int, households: list[pd.Index]
+def _iter_completejourney(transactions: Path, rules: _Rules, households: list[pd.Index]
                           ) -> Iterator[tuple[int, pd.DataFrame]]:
     """Transactions as purchase events; every household id read goes into ``households``."""
     _require(str(transactions), _columns(transactions), CJ_COLUMNS, "format completejourney")
     categories = _cj_categories(transactions.parent)
-    for offset, chunk in _read_table(transactions, chunksize, CJ_COLUMNS):
+    for offset, chunk in _read_table(transactions, rules, CJ_COLUMNS):
         households.append(pd.Index(chunk["household_id"].dropna().unique()))
         product = chunk["product_id"].astype(STRING)
         yield offset, pd.DataFrame(
@@ -653,10 +1047,10 @@ def _cj_interventions(folder: Path, events: pd.DataFrame, households: pd.Index,
         logger.warning("%s: no campaigns.csv / campaign_descriptions.csv, no interventions",
                        folder)
         return empty_interventions()
-    campaigns = pd.read_csv(campaigns_path, dtype=str)
+    campaigns = _small_csv(campaigns_path)
     _require(str(campaigns_path), campaigns.columns, ("campaign_id", "household_id"),
              "Complete Journey campaigns")
-    descriptions = pd.read_csv(descriptions_path, dtype=str)
+    descriptions = _small_csv(descriptions_path)
     _require(str(descriptions_path), descriptions.columns, ("campaign_id", "start_date"),
              "Complete Journey campaign descriptions")
     start = campaigns["campaign_id"].map(
@@ -729,19 +1123,22 @@ def _finish(frame: pd.DataFrame, dropped: dict[str, int]) -> pd.DataFrame:
     return frame.take(order[~dup]).reset_index(drop=True)
 
 
-def _load_interventions(path: Path, chunksize: int, report: LoadReport) -> pd.DataFrame:
+def _load_interventions(path: Path, chunksize: int, report: LoadReport,
+                        bad_rows: str) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such interventions file")
     parts = []
-    for offset, chunk in _read_table(path, chunksize, INTERVENTION_COLUMNS):
-        parts.append(validate_interventions(chunk, str(path), offset=offset))
+    rules = _Rules(chunksize, bad_rows, report.interventions_dropped)
+    for offset, chunk in _read_table(path, rules, INTERVENTION_COLUMNS):
+        parts.append(validate_interventions(chunk, rules.origin or str(path), offset=offset))
         report.interventions_read += len(chunk)
+    report.interventions_read += report.interventions_dropped.get(MALFORMED, 0)
     return pd.concat(parts, ignore_index=True) if parts else empty_interventions()
 
 
 def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
                 end: Any = None, interventions_path: str | Path | None = None,
-                chunksize: int = 1_000_000) -> EventLog:
+                chunksize: int = 1_000_000, bad_rows: str = "error") -> EventLog:
     """Load a behaviour log in any of :data:`FORMATS` into the canonical frames.
 
     Parameters
@@ -754,6 +1151,9 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         Journey it replaces the campaigns-derived log.
     chunksize : most rows converted at a time (CSV is parsed by pyarrow in 16 MB
         blocks, each cut into chunks of at most ``chunksize`` rows).
+    bad_rows : "error" (default) raises on a CSV row with the wrong number of fields
+        (a cut last line, an unterminated quote), naming its file line; "skip" drops
+        such rows and counts them in the report under :data:`MALFORMED`.
 
     Returns
     -------
@@ -773,6 +1173,8 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         raise ValueError(f"format={format!r}: expected 'auto' or one of {', '.join(FORMATS)}")
     if chunksize < 1:
         raise ValueError(f"chunksize={chunksize}: expected a positive number of rows")
+    if bad_rows not in BAD_ROWS:
+        raise ValueError(f"bad_rows={bad_rows!r}: expected one of {', '.join(BAD_ROWS)}")
     lo, hi = _bound(start, "start"), _bound(end, "end")
     if lo is not None and hi is not None and lo >= hi:
         raise ValueError(f"start={lo} is not before end={hi}")
@@ -789,30 +1191,33 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         raise DataError(f"{path}: format 'taobao' is a headerless CSV, not Parquet")
 
     report = LoadReport(path=str(path), format=format)
+    rules = _Rules(chunksize, bad_rows, report.dropped)
     households: list[pd.Index] = []
     options: dict[str, Any] = {}
     if format == "canonical":
-        chunks = _iter_canonical(path, chunksize)
+        chunks = _iter_canonical(path, rules)
     elif format == "taobao":
-        chunks, options = _iter_taobao(path, chunksize), {"events": TAOBAO_EVENTS, "unit": "s"}
+        chunks, options = _iter_taobao(path, rules), {"events": TAOBAO_EVENTS, "unit": "s"}
     elif format == "retailrocket":
-        chunks = _iter_retailrocket(path, chunksize)
+        chunks = _iter_retailrocket(path, rules)
         options = {"events": RETAILROCKET_EVENTS, "unit": "ms"}
     else:
         transactions = _cj_transactions(path) if path.is_dir() else path
         assert transactions is not None
-        chunks = _iter_completejourney(transactions, chunksize, households)
+        chunks = _iter_completejourney(transactions, rules, households)
         options = {"negative_reason": CJ_RETURN}
         report.path = str(transactions)
 
     parts = []
     for offset, chunk in chunks:
         report.rows_read += len(chunk)
-        frame = _canonicalise(chunk, report.path, offset=offset, dropped=report.dropped,
-                              filled=report.filled, **options)
+        frame = _canonicalise(chunk, rules.origin or report.path, offset=offset,
+                              dropped=report.dropped, filled=report.filled,
+                              window=(lo, hi), **options)
         keep = _in_window(frame["timestamp"], lo, hi)
         _add(report.dropped, OUTSIDE_WINDOW, (~keep).sum())
         parts.append(frame.loc[keep, list(EVENT_COLUMNS)])
+    report.rows_read += report.dropped.get(MALFORMED, 0)  # parsed, then dropped
     if report.rows_read == 0:
         raise DataError(f"{report.path}: no data rows (the file has a header only)")
     events = pd.concat(parts, ignore_index=True) if parts else empty_events()
@@ -821,7 +1226,8 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
     report.rows_kept = len(events)
 
     if interventions_path is not None:
-        interventions = _load_interventions(Path(interventions_path), chunksize, report)
+        interventions = _load_interventions(Path(interventions_path), chunksize, report,
+                                            bad_rows)
     elif format == "completejourney":
         folder = path if path.is_dir() else path.parent
         population = pd.Index(np.unique(np.concatenate([h.to_numpy(str) for h in households])))

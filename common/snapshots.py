@@ -40,6 +40,11 @@ STATIC_FEATURES: tuple[str, ...] = (
 )
 #: Events older than this many tau before a cutoff add less than e^-30 to I(T): skipped.
 _TAU_SPAN = 30.0
+#: Most cutoffs a calendar may have: more means stray rows stretch the log or the stride
+#: is far too small, and building them would run for hours.
+MAX_CUTOFFS = 10_000
+#: An event-free stretch this long inside a log means rows from another period.
+STRAY_GAP_DAYS = 365.0
 
 
 @dataclasses.dataclass
@@ -130,6 +135,8 @@ class SnapshotReport:
     activation_rows: dict[str, int]
     interventions_unmatched: int
     interventions_unobserved: int
+    #: cutoffs per split at which no user was active (they yield no snapshots)
+    empty_cutoffs: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary_lines(self) -> list[str]:
         lines = []
@@ -141,6 +148,10 @@ class SnapshotReport:
                 f"  decay rate {self.decay_rate.get(s, float('nan')):.3f}"
                 f"  with intervention {self.activation_rows.get(s, 0):>6,}"
             )
+        empty = {s: n for s, n in self.empty_cutoffs.items() if n}
+        if empty:
+            lines.append("  cutoffs without any active user: " + ", ".join(
+                f"{s} {n}" for s, n in empty.items()))
         if self.skipped_cutoffs:
             lines.append(f"  cutoffs left out between splits (label windows would cross): "
                          f"{len(self.skipped_cutoffs)}")
@@ -419,6 +430,13 @@ def plan_cutoffs(
     """
     obs, stride = config.observation_days * DAY, config.stride_days * DAY
     label = label_window(config)
+    count = int(np.floor((t_end - label + 1e-6 - obs) / stride)) + 1  # before any arange
+    if count > MAX_CUTOFFS:
+        raise DataError(
+            f"the log spans {t_end / DAY:,.1f} days: with snapshots.stride-days = "
+            f"{config.stride_days:g} that is {count:,} cutoffs, more than {MAX_CUTOFFS:,}; "
+            "look for stray rows far before or after the rest (or set snapshots.start / "
+            "snapshots.end), or raise snapshots.stride-days")
     cutoffs = np.arange(obs, t_end - label + 1e-6, stride)
     needed = config.observation_days + config.horizon_days * 3 + config.stride_days * (
         config.val_cutoffs + config.test_cutoffs)
@@ -442,6 +460,70 @@ def plan_cutoffs(
     return {"train": train, "val": val, "test": test}, skipped
 
 
+def stray_gap(timestamps: pd.Series, min_days: float = STRAY_GAP_DAYS) -> str | None:
+    """Describe the longest event-free stretch of at least ``min_days``, or None.
+
+    A log whose events fall into two periods years apart almost always holds stray
+    rows (a wrong year, a placeholder date); they stretch the calendar into thousands
+    of empty cutoffs. O(rows) with one bincount over days.
+    """
+    ns = pd.DatetimeIndex(timestamps).asi8
+    if len(ns) < 2:
+        return None
+    day = (ns // (86_400 * 10**9)).astype(np.int64)
+    first = int(day.min())
+    counts = np.bincount(day - first)
+    seen = np.flatnonzero(counts)
+    gaps = np.diff(seen)
+    if not len(gaps) or gaps.max() < min_days:
+        return None
+    i = int(np.argmax(gaps))
+    before = int(counts[: seen[i] + 1].sum())
+    after = len(ns) - before
+    end_day = pd.Timestamp((first + seen[i] + 1) * DAY, unit="s", tz="UTC")
+    resume = pd.Timestamp((first + seen[i + 1]) * DAY, unit="s", tz="UTC")
+    if before <= after:
+        stray = (f"the {before:,} events before {end_day:%Y-%m-%d} ({before / len(ns):.2%} "
+                 f"of the log) look stray: fix or remove them, or --set "
+                 f"snapshots.start={resume:%Y-%m-%d}")
+    else:
+        stray = (f"the {after:,} events from {resume:%Y-%m-%d} on ({after / len(ns):.2%} "
+                 f"of the log) look stray: fix or remove them, or --set "
+                 f"snapshots.end={end_day:%Y-%m-%d}")
+    return (f"no events from {end_day:%Y-%m-%d} to {resume:%Y-%m-%d} "
+            f"({int(gaps[i]) - 1:,} days); {stray}")
+
+
+def federation_problems(snaps: Snapshots, report: SnapshotReport,
+                        min_train_snapshots: int) -> list[str]:
+    """Why these snapshots cannot join a federation; empty when they can.
+
+    A merchant needs at least ``min_train_snapshots`` training snapshots (merchants with
+    fewer are left out of a federation) and the log needs snapshots in the validation
+    and test periods, or the model is scored on nothing.
+    """
+    problems = []
+    for i, name in enumerate(SPLITS[1:], 1):
+        if not (snaps.split == i).any():
+            cut = report.cutoffs.get(name, [])
+            problems.append(
+                f"the {'validation' if name == 'val' else 'test'} period has no snapshots "
+                f"(cutoffs {', '.join(cut) or '-'}: no user active in the observation "
+                "window before them); the end of the log is empty or holds a few stray "
+                "late rows: remove them, or lower snapshots.horizon-days / stride-days")
+    train = snaps.split == 0
+    sizes = pd.Series(snaps.merchant_id[train].astype(str)).value_counts()
+    need = max(min_train_snapshots, 1)
+    if not (sizes >= need).any():
+        largest = (f"largest: merchant {sizes.index[0]} with {int(sizes.iloc[0]):,}"
+                   if len(sizes) else "there are none")
+        problems.append(
+            f"no merchant has the {need:,} training snapshots a federation needs "
+            f"(data.min-merchant-snapshots; {largest}); add history, lower "
+            "snapshots.stride-days, or lower data.min-merchant-snapshots")
+    return problems
+
+
 def label_window(config: SnapshotConfig) -> float:
     """Seconds after a cutoff that its labels look at (decay horizon or activation response)."""
     return max(config.horizon_days, config.intervention_window_days + config.response_days) * DAY
@@ -462,35 +544,27 @@ def build_snapshots(
     """
     lg = _prepare(events, config)
     plan, skipped = plan_cutoffs(lg.t_end, config)
-    tau = config.tau_days * DAY
-    horizon = config.horizon_days * DAY
+    # A cutoff with no event in its observation window yields nothing; finding that by
+    # binary search keeps long empty stretches of a calendar cheap.
+    t_sorted = np.sort(lg.t)
+    obs = config.observation_days * DAY
+    empty = dict.fromkeys(SPLITS, 0)
     parts: list[Snapshots] = []
     part_users: list[np.ndarray] = []
     for split_index, name in enumerate(SPLITS):
         for at in plan[name]:
-            feats = _features_at(lg, at, config)
-            future = _interest(lg, at + horizon, tau)[feats.users]
-            n = len(feats.users)
-            parts.append(Snapshots(
-                events=feats.events,
-                categories=feats.categories,
-                numeric=feats.numeric,
-                static=feats.static,
-                decay=(future < config.rho * feats.interest_now).astype(np.float32),
-                interest=np.log1p(future).astype(np.float32),
-                interest_now=feats.interest_now.astype(np.float32),
-                action=np.full(n, -1, dtype=np.int32),
-                activation=np.zeros(n, dtype=np.float32),
-                propensity=np.ones(n, dtype=np.float32),
-                intervention=np.full(n, -1, dtype=np.int64),
-                user_id=lg.user_ids[feats.users],
-                merchant_id=lg.merchant_ids[feats.users],
-                cutoff=np.full(n, (lg.t0 + pd.Timedelta(seconds=at)).tz_localize(None)
-                               .to_datetime64(), dtype="datetime64[ns]"),
-                split=np.full(n, split_index, dtype=np.int8),
-                fading_category=feats.fading_category,
-            ))
-            part_users.append(feats.users)
+            window = np.searchsorted(t_sorted, [at - obs - 1.0, at + 1.0])
+            if window[1] == window[0]:
+                empty[name] += 1
+                continue
+            part, users = _labelled(lg, at, config, split_index)
+            empty[name] += int(len(users) == 0)
+            parts.append(part)
+            part_users.append(users)
+    if not parts:  # every cutoff empty: one empty part gives the arrays their shapes
+        part, users = _labelled(lg, plan["train"][0], config, 0)
+        parts.append(part)
+        part_users.append(users)
     user_codes = np.concatenate(part_users)
     snaps = Snapshots.concat(parts)
     unmatched = unobserved = 0
@@ -507,9 +581,39 @@ def build_snapshots(
                          for i, s in enumerate(SPLITS)},
         interventions_unmatched=unmatched,
         interventions_unobserved=unobserved,
+        empty_cutoffs=empty,
     )
     log.info("built %d snapshots from %d events", len(snaps), len(lg.t))
     return snaps, report
+
+
+def _labelled(lg: _Log, at: float, config: SnapshotConfig, split_index: int
+              ) -> tuple[Snapshots, np.ndarray]:
+    """Labelled snapshots of the users active at cutoff ``at``, and their user codes."""
+    feats = _features_at(lg, at, config)
+    tau = config.tau_days * DAY
+    future = _interest(lg, at + config.horizon_days * DAY, tau)[feats.users]
+    n = len(feats.users)
+    part = Snapshots(
+        events=feats.events,
+        categories=feats.categories,
+        numeric=feats.numeric,
+        static=feats.static,
+        decay=(future < config.rho * feats.interest_now).astype(np.float32),
+        interest=np.log1p(future).astype(np.float32),
+        interest_now=feats.interest_now.astype(np.float32),
+        action=np.full(n, -1, dtype=np.int32),
+        activation=np.zeros(n, dtype=np.float32),
+        propensity=np.ones(n, dtype=np.float32),
+        intervention=np.full(n, -1, dtype=np.int64),
+        user_id=lg.user_ids[feats.users],
+        merchant_id=lg.merchant_ids[feats.users],
+        cutoff=np.full(n, (lg.t0 + pd.Timedelta(seconds=at)).tz_localize(None)
+                       .to_datetime64(), dtype="datetime64[ns]"),
+        split=np.full(n, split_index, dtype=np.int8),
+        fading_category=feats.fading_category,
+    )
+    return part, feats.users
 
 
 def _attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: _Log,

@@ -1,0 +1,326 @@
+"""Bad input off the happy path: every class gives one clear DataError, never a crash.
+
+Each test writes a tiny hand-made file; the property tests feed the loader arbitrary
+bytes and arbitrary small canonical CSVs.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import gzip
+import lzma
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.config import SnapshotConfig
+from common.io import MALFORMED, EventLog, load_events, validate_events
+from common.schema import DataError
+from common.snapshots import (
+    MAX_CUTOFFS,
+    build_snapshots,
+    federation_problems,
+    plan_cutoffs,
+    stray_gap,
+)
+
+HEADER = "user_id,timestamp,event,value\n"
+#: 30 valid rows for three users in November 2017 (file lines 2..31)
+GOOD = "".join(f"u{i % 3},2017-11-{1 + i % 28:02d}T10:00:00Z,view,1\n" for i in range(30))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path: Path, **kwargs: object) -> str:
+    with pytest.raises(DataError) as info:
+        load_events(path, **kwargs)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- implausible values
+
+
+@pytest.mark.parametrize("stamp", ["0", "1950-06-01", "-86400", "2099-01-01T00:00:00Z"])
+def test_implausible_times_name_column_row_and_line(tmp_path: Path, stamp: str) -> None:
+    path = write(tmp_path / "stray.csv", HEADER + GOOD + f"u1,{stamp},view,1\n")
+    message = error_of(path)
+    for pattern in (r"stray\.csv", r"'timestamp'", r"implausible", r"data row 31",
+                    r"file line 32", r"between 1971-01-01 and"):
+        assert re.search(pattern, message), (pattern, message)
+
+
+def test_a_window_leaves_implausible_rows_out_and_counts_them(tmp_path: Path) -> None:
+    path = write(tmp_path / "stray.csv", HEADER + GOOD + "u1,0,view,1\n")
+    log = load_events(path, start="2017-01-01")
+    assert len(log.events) == 30
+    assert log.report.dropped["outside window"] == 1
+
+
+@pytest.mark.parametrize("value, problem", [("1e300", "implausibly large"),
+                                            ("1e13", "implausibly large"),
+                                            ("nan", "non-numeric"), ("inf", "non-numeric"),
+                                            ("-1", "negative")])
+def test_values_that_would_not_give_finite_features(tmp_path: Path, value: str,
+                                                    problem: str) -> None:
+    path = write(tmp_path / "v.csv", HEADER + GOOD + f"u1,2017-11-02,view,{value}\n")
+    message = error_of(path)
+    assert "'value'" in message and problem in message and "file line 32" in message
+
+
+def test_nested_and_binary_parquet_columns(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"user_id": [["a", "b"]] * 3,
+                          "timestamp": pd.Timestamp("2017-11-02", tz="UTC"),
+                          "event": "view"})
+    frame.to_parquet(tmp_path / "nested.parquet")
+    message = error_of(tmp_path / "nested.parquet")
+    assert "'user_id'" in message and "nested" in message and "rows 1, 2, 3" in message
+    frame["user_id"] = [b"\x00\x01"] * 3
+    frame.to_parquet(tmp_path / "binary.parquet")
+    message = error_of(tmp_path / "binary.parquet")
+    assert "'user_id'" in message and "binary" in message
+
+
+def test_nested_and_binary_cells_of_a_frame(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"user_id": ["a", ["b"], "c"], "timestamp": "2017-11-02",
+                          "event": "view"})
+    with pytest.raises(DataError, match=r"'user_id'.*nested.*data row 2"):
+        validate_events(frame, "frame")
+    frame["user_id"] = [b"a", b"b", b"c"]
+    with pytest.raises(DataError, match=r"'user_id'.*binary.*data rows 1"):
+        validate_events(frame, "frame")
+
+
+# ------------------------------------------------------------------- malformed rows
+
+
+def test_cut_last_line_of_a_taobao_log_names_its_line(tmp_path: Path) -> None:
+    rows = "".join(f"{i},1,2,pv,{1511568000 + i}\n" for i in range(20))
+    path = write(tmp_path / "UserBehavior.csv", rows + "5,1,2,p")
+    message = error_of(path)
+    assert "line 21 has 4 field(s), expected 5" in message and "'5,1,2,p'" in message
+    assert "--bad-rows skip" in message
+
+
+def test_malformed_rows_are_skipped_and_counted_on_request(tmp_path: Path) -> None:
+    path = write(tmp_path / "cut.csv", HEADER + GOOD + "u1,2017-11-02,view,1,extra\n"
+                 + "u2,2017-11\n")
+    log = load_events(path, bad_rows="skip")
+    assert len(log.events) == 30
+    assert log.report.dropped[MALFORMED] == 2
+    assert log.report.rows_read == log.report.rows_kept + sum(log.report.dropped.values())
+    assert any("malformed" in line for line in log.report.summary_lines())
+    with pytest.raises(ValueError, match="bad_rows"):
+        load_events(path, bad_rows="ignore")
+
+
+def test_unterminated_quote_names_its_line_and_counts_swallowed_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "quote.csv", HEADER + GOOD + 'u1,"2017-11-02,view,1\n' + GOOD)
+    message = error_of(path)
+    assert "line 32" in message and "quote" in message and "30 line(s)" in message
+    log = load_events(path, bad_rows="skip")
+    assert log.report.dropped[MALFORMED] == 31  # never silently: every line counted
+
+
+def test_line_numbers_count_the_header_and_blank_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "blank.csv", HEADER + "\n\n" + GOOD + "\nu1,yesterday,view,1\n")
+    message = error_of(path)
+    assert "data row 31 ('yesterday') (file line 35)" in message
+
+
+def test_line_numbers_step_over_skipped_rows(tmp_path: Path) -> None:
+    path = write(tmp_path / "mix.csv", HEADER + "u1,2017-11\n" + GOOD + "u1,never,view,1\n")
+    message = error_of(path, bad_rows="skip")
+    assert "data row 31 ('never') (file line 33)" in message
+
+
+# ------------------------------------------------------------- encodings, compression
+
+
+def test_utf16_with_bom_is_decoded(tmp_path: Path) -> None:
+    (tmp_path / "u16.csv").write_bytes((HEADER + GOOD).encode("utf-16"))
+    (tmp_path / "u8bom.csv").write_bytes(codecs.BOM_UTF8 + (HEADER + GOOD).encode())
+    for name in ("u16.csv", "u8bom.csv"):
+        log = load_events(tmp_path / name)
+        assert len(log.events) == 30 and log.report.format == "canonical"
+
+
+def test_other_encodings_say_how_to_convert(tmp_path: Path) -> None:
+    (tmp_path / "latin.csv").write_bytes((HEADER + GOOD + "Jos\xe9,2017-11-02,view,1\n")
+                                         .encode("latin-1"))
+    message = error_of(tmp_path / "latin.csv")
+    assert "is not UTF-8 text" in message and "line 32" in message
+    assert "iconv -f WINDOWS-1252 -t UTF-8" in message and "cannot tell" not in message
+    (tmp_path / "u16le.csv").write_bytes((HEADER + GOOD).encode("utf-16-le"))
+    message = error_of(tmp_path / "u16le.csv")
+    assert "UTF-16" in message and "iconv -f UTF-16LE" in message
+
+
+def test_invalid_utf8_past_the_probe_is_found_while_parsing(tmp_path: Path) -> None:
+    body = GOOD * 3000  # about 100 KB: beyond the 64 KB checked up front
+    (tmp_path / "late.csv").write_bytes((HEADER + body).encode() + b"\xff\xfe,2017-11-02,"
+                                        b"view,1\n")
+    message = error_of(tmp_path / "late.csv")
+    assert "is not UTF-8 text" in message and f"line {body.count(chr(10)) + 2}" in message
+
+
+@pytest.mark.parametrize("suffix, compress", [(".csv.gz", gzip.compress),
+                                              (".csv.bz2", bz2.compress),
+                                              (".csv.xz", lzma.compress)])
+def test_truncated_compressed_files(tmp_path: Path, suffix: str, compress: object) -> None:
+    data = compress((HEADER + GOOD * 200).encode())  # type: ignore[operator]
+    good = tmp_path / f"good{suffix}"
+    good.write_bytes(data)
+    assert len(load_events(good).events) == 30
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    message = error_of(cut)
+    assert cut.name in message and "truncated or corrupt" in message
+
+
+def test_zip_archives(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "log.zip", "w") as archive:
+        archive.writestr("log.csv", HEADER + GOOD)
+    assert len(load_events(tmp_path / "log.zip").events) == 30
+    (tmp_path / "cut.zip").write_bytes((tmp_path / "log.zip").read_bytes()[:40])
+    assert "truncated or corrupt" in error_of(tmp_path / "cut.zip")
+
+
+# -------------------------------------------------------- calendar and readiness
+
+
+def _events(days: list[str], users: int = 6) -> pd.DataFrame:
+    rows = [(f"u{u}", pd.Timestamp(d, tz="UTC") + pd.Timedelta(hours=u), "view")
+            for d in days for u in range(users)]
+    return validate_events(pd.DataFrame(rows, columns=["user_id", "timestamp", "event"]),
+                           "frame")
+
+
+def test_the_calendar_cannot_be_stretched_into_a_hang() -> None:
+    config = SnapshotConfig(stride_days=0.01)
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=r"spans 18,262\.0 days.*stride-days = 0\.01.*more "
+                       rf"than {MAX_CUTOFFS:,}"):
+        plan_cutoffs(18_262 * 86_400.0, config)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_stray_old_rows_are_found_and_cost_little() -> None:
+    days = [str(d.date()) for d in pd.date_range("2017-01-01", "2017-06-30", freq="D")]
+    events = _events(days + ["1980-05-05"])
+    gap = stray_gap(events["timestamp"])
+    assert gap is not None and "the 6 events before 1980-05-06" in gap
+    assert "snapshots.start=2017-01-01" in gap
+    assert stray_gap(_events(days)["timestamp"]) is None
+    started = time.perf_counter()  # 37 years at a 7-day stride: ~1,900 cutoffs, most empty
+    snaps, report = build_snapshots(events, SnapshotConfig())
+    assert time.perf_counter() - started < 30
+    assert report.empty_cutoffs["train"] > 1_800
+
+
+def test_readiness_needs_val_test_and_enough_training_snapshots() -> None:
+    days = [str(d.date()) for d in pd.date_range("2017-01-01", "2017-06-30", freq="D")]
+    snaps, report = build_snapshots(_events(days), SnapshotConfig())
+    assert federation_problems(snaps, report, 20) == []
+    problems = federation_problems(snaps, report, 10_000)
+    assert len(problems) == 1 and "data.min-merchant-snapshots" in problems[0]
+    # a stray late row: the val and test cutoffs move to where nobody is active
+    late, report = build_snapshots(_events(days + ["2017-10-01"], users=1).pipe(
+        lambda one: pd.concat([_events(days), one.tail(1)], ignore_index=True)),
+        SnapshotConfig())
+    problems = federation_problems(late, report, 20)
+    assert any("validation period has no snapshots" in p for p in problems)
+    assert any("test period has no snapshots" in p for p in problems)
+
+
+def test_valid_data_keeps_its_snapshot_counts() -> None:
+    days = [str(d.date()) for d in pd.date_range("2017-01-01", "2017-06-30", freq="D")]
+    events = _events(days)
+    snaps, report = build_snapshots(events, SnapshotConfig())
+    per_cutoff = pd.Series(snaps.cutoff).value_counts()
+    assert (per_cutoff == 6).all() and report.empty_cutoffs == {"train": 0, "val": 0, "test": 0}
+    assert sum(report.snapshots.values()) == len(snaps) == 6 * len(per_cutoff)
+
+
+def test_data_check_exits_2_with_what_is_missing(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.cli import _cmd_data_check, _parser
+
+    def check(*argv: str) -> int:
+        return _cmd_data_check(_parser().parse_args(["data", "check", *argv]))
+
+    days = [str(d.date()) for d in pd.date_range("2017-01-01", "2017-06-30", freq="D")]
+    path = tmp_path / "events.csv"
+    _events(days).to_csv(path, index=False)
+    assert check(str(path)) == 0
+    assert "OK: this file can join a federation" in capsys.readouterr().out
+    assert check(str(path), "--set", "data.min-merchant-snapshots=5000") == 2
+    assert "NOT OK: no merchant has the 5,000 training snapshots" in capsys.readouterr().out
+    stray = pd.concat([_events(days), _events(["1985-01-01"], users=1)])
+    stray.to_csv(path, index=False)
+    assert check(str(path), "--set", "snapshots.stride-days=0.5") == 2
+    assert "NOT OK: no events from 1985-01-02 to 2017-01-01" in capsys.readouterr().out
+    path.write_text(HEADER + GOOD + "u1,2017-11\n")
+    with pytest.raises(DataError, match="line 32 has 2 field"):  # main() prints, exits 2
+        check(str(path))
+    with pytest.raises(DataError, match="too short"):  # the 30 kept rows span 28 days
+        check(str(path), "--bad-rows", "skip")
+    assert "dropped 1 rows: malformed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ property tests
+
+
+def _load_or_data_error(path: Path) -> None:
+    started = time.perf_counter()
+    try:
+        log = load_events(path)
+    except DataError:
+        pass
+    else:
+        assert isinstance(log, EventLog)
+        assert log.report.rows_read == log.report.rows_kept + sum(log.report.dropped.values())
+        assert np.isfinite(log.events["value"]).all()
+    assert time.perf_counter() - started < 10
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=600),
+       suffix=st.sampled_from([".csv", ".csv.gz", ".parquet", ".bz2", ".zip", ".txt"]))
+@pytest.mark.timeout(600)
+def test_arbitrary_bytes_give_an_event_log_or_a_data_error(tmp_path: Path, data: bytes,
+                                                           suffix: str) -> None:
+    path = tmp_path / f"any{suffix}"
+    path.write_bytes(data)
+    _load_or_data_error(path)
+
+
+_CELL = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12),
+    st.sampled_from(["view", "purchase", "PV", "0", "1e300", "-1", "nan", "inf", '"',
+                     "2017-11-25", "1511568000", "1511568000000", "2017-11-25T10:00:00Z",
+                     "", " ", "\\", "\r"]),
+)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.lists(_CELL, min_size=1, max_size=6), max_size=8),
+       header=st.sampled_from([HEADER, "user_id,timestamp,event\n", ""]))
+@pytest.mark.timeout(600)
+def test_small_canonical_csvs_give_an_event_log_or_a_data_error(
+        tmp_path: Path, rows: list[list[str]], header: str) -> None:
+    path = tmp_path / "small.csv"
+    path.write_text(header + "".join(",".join(r) + "\n" for r in rows), encoding="utf-8")
+    _load_or_data_error(path)
