@@ -206,7 +206,8 @@ def test_client_rejects_a_bad_file_before_importing_tensorflow(tmp_path: Path) -
                       "SuperNode log")  # the server does not see the offending values
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [f"ERROR client.app: merchant data rejected: {bad}: column 'event' has "
-                     "unknown or missing event name(s) at data row 1 ('page_view'); expected "
+                     "unknown or missing event name(s) at data row 1 ('page_view') (file line "
+                     "2); expected "
                      "one of view, click, cart, favorite, purchase"], done.stderr
 
 
