@@ -9,8 +9,9 @@ Per user the monitor keeps, updated in O(1) per event (amortised):
   last ``max_len + 1`` events (the sequence and the gap before its first step). Older
   events are dropped as the stream clock moves on.
 
-Users touched by new events are rescored in micro-batches (every ``batch`` events, or
-when the input pauses) at the cutoff "one second after the stream clock's second",
+Users touched by new events are rescored in micro-batches (every ``batch`` events, at
+the end of the input and, for live input only, when the input pauses) at the cutoff
+"one second after the stream clock's second",
 and every user still in the observation window is rescored every ``sweep_hours`` of
 stream time, because risk grows while a user is silent. The features are those of
 ``common.snapshots.features_at`` on the same events and cutoff (the batch scorer's
@@ -19,7 +20,16 @@ test suite checks monitor == batch scorer.
 
 An alert (one JSON line) is emitted when a user's decay risk reaches
 ``policy.risk-threshold`` from below (or on the user's first score), unless the user
-had an alert less than ``cooldown_hours`` of stream time before.
+had an alert less than ``cooldown_hours`` of stream time before. Each alert carries an
+``alert_id`` derived from the merchant, the user and the cutoff (a user gets at most one
+alert per cutoff).
+
+Exactly once: read from a regular file (not followed), every rescoring and checkpoint
+decision is a function of the input alone, and a checkpoint records the size of the
+alert file (:class:`AlertFile`) after syncing it; a restart truncates the file back to
+that size and replays the input from the checkpoint's offset, so the file ends byte for
+byte as an uninterrupted run writes it. The state is plain arrays in an ``.npz`` (never
+a pickle) with a SHA-256 of their contents.
 
 Approximations, all documented in ``docs/operators.md``:
 
@@ -37,20 +47,22 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 import math
 import os
-import pickle
 import re
 import select
 import stat
 import sys
 import time
+import zipfile
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
-from itertools import chain
+from itertools import chain, pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,9 +87,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "monitor.state"
+STATE_FILE = "monitor.npz"
 STATE_SUMMARY = "monitor.json"
-_STATE_VERSION = 1
+LEGACY_STATE_FILE = "monitor.state"  # version 1 (a pickle): refused, never loaded
+_STATE_VERSION = 2
 _SECOND = 1_000_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EVENT_CODES = {name: i for i, name in enumerate(EVENT_TYPES)}
@@ -106,6 +119,7 @@ class MonitorConfig:
     checkpoint_every: int = 100_000  # events between state checkpoints
     window_cap: int = 10_000  # most events kept per user (observation window + sequence)
     max_future_hours: float = 24.0  # events this far past the wall clock are malformed; 0 = off
+    max_line_bytes: int = 1 << 20  # longer input lines are skipped (never held whole)
 
     def __post_init__(self) -> None:
         _check(self.batch >= 1, "batch", "must be >= 1")
@@ -115,6 +129,7 @@ class MonitorConfig:
         _check(self.checkpoint_every >= 1, "checkpoint-every", "must be >= 1")
         _check(self.window_cap >= 2, "window-cap", "must be >= 2")
         _check(self.max_future_hours >= 0, "max-future-hours", "must be >= 0")
+        _check(self.max_line_bytes >= 1, "max-line-bytes", "must be >= 1")
 
 
 @dataclasses.dataclass
@@ -213,8 +228,20 @@ def parse_timestamp(value: Any) -> int:
 def parse_event(line: str | bytes) -> tuple[str, str, int, int, str, float, str]:
     """One JSON line as (merchant, user, ns, event code, category, value, item).
 
-    Raises :class:`Malformed` naming the field and the problem.
+    Raises :class:`Malformed` naming the field and the problem, and nothing else,
+    whatever the line holds (deep nesting, numbers too large for a float, ...).
     """
+    try:
+        return _parse_event(line)
+    except Malformed:
+        raise
+    except RecursionError:
+        raise Malformed("not valid JSON: nested too deeply") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError) as err:
+        raise Malformed(f"unreadable: {type(err).__name__}") from None
+
+
+def _parse_event(line: str | bytes) -> tuple[str, str, int, int, str, float, str]:
     try:
         rec = json.loads(line)
     except (ValueError, UnicodeDecodeError):
@@ -278,15 +305,6 @@ class _User:
         self.risk: float | None = None
         self.alert_ns: int | None = None
         self.read_at: float | None = None  # when the first unscored event was read
-
-    def __getstate__(self) -> tuple:
-        return (self.ns, self.ev, self.cat, self.val, self.item, self.interest, self.t_ref,
-                self.n, self.first_ns, self.risk, self.alert_ns)
-
-    def __setstate__(self, state: tuple) -> None:
-        (self.ns, self.ev, self.cat, self.val, self.item, self.interest, self.t_ref,
-         self.n, self.first_ns, self.risk, self.alert_ns) = state
-        self.read_at = None
 
     def drop_front(self, k: int) -> None:
         for lst in (self.ns, self.ev, self.cat, self.val, self.item):
@@ -375,6 +393,11 @@ class Monitor:
     def feed_lines(self, lines: Iterable[str | bytes]) -> None:
         for line in lines:
             self.feed(line)
+
+    def skip_line(self, reason: str, shown: str = "") -> None:
+        """Count one input line that was not read (e.g. longer than ``max_line_bytes``)."""
+        self.stats.lines += 1
+        self._malformed(reason, shown)
 
     def _malformed(self, reason: str, line: str | bytes) -> None:
         self.stats.malformed += 1
@@ -583,13 +606,15 @@ class Monitor:
             st.risk = now
             if now < threshold or (prev is not None and prev >= threshold):
                 continue
-            if st.alert_ns is not None and at_ns - st.alert_ns < self._cooldown_ns:
-                self.stats.suppressed += 1
+            if st.alert_ns is not None and (at_ns - st.alert_ns < self._cooldown_ns
+                                            or st.alert_ns == at_ns):
+                self.stats.suppressed += 1  # (one alert per user and cutoff at most)
                 continue
             st.alert_ns = at_ns
             self.stats.alerts += 1
             if self.sink is not None:
                 self.sink({
+                    "alert_id": alert_id(merchant, user, cutoff),
                     "user_id": user, "merchant_id": merchant, "at": cutoff,
                     "decay_risk": round(now, 6),
                     "previous_risk": None if prev is None else round(prev, 6),
@@ -612,72 +637,377 @@ class Monitor:
     def save(self, state_dir: str | Path, position: Mapping[str, Any] | None = None) -> Path:
         """Write the whole state atomically (temp file, fsync, rename) into ``state_dir``.
 
-        Pending (unscored) events are scored first, so the state has none.
+        Pending (unscored) users are saved as such, not scored first: a restart goes on
+        exactly as this monitor would have. ``position`` (where the input and the alert
+        file stand) is kept with the state and returned by :meth:`load_state`.
         """
-        self.flush()
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        payload = {
+        arrays = self._state_arrays()
+        meta = {
             "version": _STATE_VERSION, "snapshots": self._fingerprint(),
             "clock_ns": self.clock_ns, "last_sweep_ns": self._last_sweep_ns,
-            "categories": self._cat_names, "users": self.users,
+            "pending": self.pending, "since_checkpoint": self.since_checkpoint,
             "stats": self.stats.as_dict(), "position": dict(position or {}),
+            "sha256": _digest(arrays),
         }
+        blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path = state_dir / STATE_FILE
-        _atomic_write(path, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
-        summary = {k: payload[k] for k in ("version", "clock_ns", "stats", "position")}
+        _atomic_write(path, lambda fh: np.savez(fh, meta=blob, **arrays))
+        summary = {k: meta[k] for k in ("version", "clock_ns", "stats", "position")}
         summary["users"] = len(self.users)
         summary["clock"] = (None if self.clock_ns is None else
                             pd.Timestamp(self.clock_ns, unit="ns", tz="UTC").isoformat())
-        _atomic_write(state_dir / STATE_SUMMARY,
-                      (json.dumps(summary, indent=2, default=str) + "\n").encode())
+        text = json.dumps(summary, indent=2, default=str) + "\n"
+        _atomic_write(state_dir / STATE_SUMMARY, lambda fh: fh.write(text.encode()))
         self.since_checkpoint = 0
         return path
 
-    def load_state(self, state_dir: str | Path) -> dict[str, Any]:
-        """Restore what :meth:`save` wrote; returns the saved input position.
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        """The users (in dict order: sweeps depend on it) and their events as flat arrays."""
+        keys = list(self.users)
+        states = list(self.users.values())
+        n = len(states)
+        lengths = np.fromiter((len(st.ns) for st in states), np.int64, n)
+        total = int(lengths.sum())
+        index = {key: i for i, key in enumerate(keys)}
+        arrays = {
+            "lengths": lengths,
+            "ns": np.fromiter(chain.from_iterable(st.ns for st in states), np.int64, total),
+            "event": np.fromiter(chain.from_iterable(st.ev for st in states), np.int8, total),
+            "cat": np.fromiter(chain.from_iterable(st.cat for st in states), np.int32, total),
+            "value": np.fromiter(chain.from_iterable(st.val for st in states), np.float64,
+                                 total),
+            "interest": np.fromiter((st.interest for st in states), np.float64, n),
+            "t_ref": np.fromiter((st.t_ref for st in states), np.int64, n),
+            "n": np.fromiter((st.n for st in states), np.int64, n),
+            "first_ns": np.fromiter((st.first_ns for st in states), np.int64, n),
+            "risk": np.fromiter((math.nan if st.risk is None else st.risk for st in states),
+                                np.float64, n),
+            "alerted": np.fromiter((st.alert_ns is not None for st in states), np.bool_, n),
+            "alert_ns": np.fromiter((st.alert_ns or 0 for st in states), np.int64, n),
+            "dirty": np.fromiter((index[key] for key in self._dirty), np.int64,
+                                 len(self._dirty)),
+        }
+        for name, strings in (("merchant", (k[0] for k in keys)), ("user", (k[1] for k in keys)),
+                              ("category", self._cat_names),
+                              ("item", chain.from_iterable(st.item for st in states))):
+            arrays[f"{name}_text"], arrays[f"{name}_offsets"] = _pack_strings(strings)
+        return arrays
 
-        The state file is a pickle: only load state folders this monitor wrote.
+    def load_state(self, state_dir: str | Path) -> dict[str, Any]:
+        """Restore what :meth:`save` wrote; returns the saved position.
+
+        Anything but a state this version wrote (a pickle, an archive holding objects, a
+        truncated or altered file, a folder) raises ``ValueError`` naming the file; the
+        monitor is left as it was.
         """
         path = Path(state_dir) / STATE_FILE
-        try:
-            payload = pickle.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no monitor state in {state_dir} ({STATE_FILE})") from None
-        except (pickle.UnpicklingError, EOFError, AttributeError) as err:
-            raise ValueError(f"{path}: not a monitor state file ({err})") from None
-        if payload.get("version") != _STATE_VERSION:
-            raise ValueError(f"{path}: state version {payload.get('version')}, "
-                             f"expected {_STATE_VERSION}")
+        if not path.exists() and not path.is_symlink():
+            if (Path(state_dir) / LEGACY_STATE_FILE).exists():
+                has_state(state_dir)  # raises, naming the old file
+            raise FileNotFoundError(f"no monitor state in {state_dir} ({STATE_FILE})")
+        meta, arrays = _read_state(path)
         mine = self._fingerprint()
-        diff = sorted(k for k in mine if payload["snapshots"].get(k) != mine[k])
+        saved = meta["snapshots"] if isinstance(meta.get("snapshots"), dict) else {}
+        diff = sorted(k for k in mine if saved.get(k) != mine[k])
         if diff:
             k = diff[0]
-            raise ValueError(f"{path} was built with {k}={payload['snapshots'].get(k)!r} but "
+            raise ValueError(f"{path} was built with {k}={saved.get(k)!r} but "
                              f"the model's settings say {mine[k]!r}; use a new --state folder")
-        self.users = payload["users"]
-        self.clock_ns = payload["clock_ns"]
-        self._last_sweep_ns = payload["last_sweep_ns"]
+        try:
+            restored = _restore(arrays, meta)
+        except (ArithmeticError, LookupError, TypeError, ValueError, UnicodeError) as err:
+            raise ValueError(f"{path}: inconsistent monitor state ({err})") from None
+        users, dirty, categories, stats = restored
+        self.users = users
+        self.clock_ns = meta["clock_ns"]
+        self._last_sweep_ns = meta["last_sweep_ns"]
         self._cat_index, self._cat_names, self._cat_hash = {}, [], []
-        for name in payload["categories"]:
+        for name in categories:
             self._category(name)
-        stats = dict(payload["stats"])
-        reasons = Counter(stats.pop("reasons", {}))
-        self.stats = MonitorStats(**stats, reasons=reasons)
+        self.stats = stats
         if self.clock_ns is not None:
             self._lo_ns = self.cutoff_ns() - self._obs_ns - _SECOND
-        self._dirty.clear()
-        self.pending = self.since_checkpoint = 0
-        return dict(payload.get("position") or {})
+        self._dirty = {key: users[key] for key in dirty}
+        self.pending = int(meta["pending"])
+        self.oldest_pending = time.perf_counter()
+        self.since_checkpoint = int(meta["since_checkpoint"])
+        return dict(meta["position"])
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+# ------------------------------------------------------------------ the state file
+
+# Every member of the state archive and its dtype; nothing else is accepted.
+_STATE_ARRAYS = {
+    "meta": "u1", "lengths": "i8", "ns": "i8", "event": "i1", "cat": "i4", "value": "f8",
+    "interest": "f8", "t_ref": "i8", "n": "i8", "first_ns": "i8", "risk": "f8",
+    "alerted": "b1", "alert_ns": "i8", "dirty": "i8",
+    **{f"{name}_{part}": dtype for name in ("merchant", "user", "category", "item")
+       for part, dtype in (("text", "u1"), ("offsets", "i8"))},
+}
+_PER_USER = ("interest", "t_ref", "n", "first_ns", "risk", "alerted", "alert_ns")
+_PER_EVENT = ("ns", "event", "cat", "value")
+
+
+def _pack_strings(strings: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as one UTF-8 byte blob and int64 offsets (no object or fixed-width arrays)."""
+    encoded = [s.encode("utf-8", "surrogatepass") for s in strings]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
+def _unpack_strings(text: np.ndarray, offsets: np.ndarray, count: int, name: str) -> list[str]:
+    if len(offsets) != count + 1 or offsets[0] != 0 or offsets[-1] != len(text) \
+            or (np.diff(offsets) < 0).any():
+        raise ValueError(f"{name}_offsets do not fit {name}_text")
+    data = text.tobytes()
+    bounds = offsets.tolist()
+    return [data[a:b].decode("utf-8", "surrogatepass") for a, b in pairwise(bounds)]
+
+
+def _digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the arrays' names, dtypes, shapes and bytes (in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The meta dict and the arrays of a state file, checked; ValueError naming ``path``."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder where the monitor state file should be")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the monitor state ({err.strerror})") from None
+    if not data.startswith(b"PK\x03\x04"):
+        kind = " (it looks like a pickle, which is never loaded)" if data[:1] == b"\x80" else ""
+        raise ValueError(f"{path}: not a monitor state file: not an .npz archive{kind}")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                if name not in _STATE_ARRAYS or info.compress_type != zipfile.ZIP_STORED \
+                        or info.file_size > len(data):
+                    raise ValueError(f"unexpected member {info.filename!r}")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        raise ValueError(f"{path}: not a readable monitor state ({err})") from None
+    missing = sorted(set(_STATE_ARRAYS) - set(arrays))
+    if missing:
+        raise ValueError(f"{path}: not a monitor state file (no {', '.join(missing)})")
+    for name, a in arrays.items():
+        if a.ndim != 1 or a.dtype != np.dtype(_STATE_ARRAYS[name]):
+            raise ValueError(f"{path}: member {name!r} is {a.dtype}{list(a.shape)}, "
+                             f"expected a 1-d {np.dtype(_STATE_ARRAYS[name])} array")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes())
+    except (ValueError, RecursionError):
+        raise ValueError(f"{path}: not a monitor state file (unreadable metadata)") from None
+    if not isinstance(meta, dict) or meta.get("version") != _STATE_VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: state version {version!r}, this fedecay reads "
+                         f"{_STATE_VERSION}")
+    if meta.get("sha256") != _digest(arrays):
+        raise ValueError(f"{path}: the state's contents do not match their SHA-256 "
+                         "(the file was altered or damaged)")
+    for key, kind in (("clock_ns", (int, type(None))), ("last_sweep_ns", (int, type(None))),
+                      ("pending", int), ("since_checkpoint", int), ("stats", dict),
+                      ("position", dict)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(f"{path}: state metadata {key!r} is missing or of a wrong type")
+    return meta, arrays
+
+
+def _restore(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+             ) -> tuple[dict[tuple[str, str], _User], list[tuple[str, str]], list[str],
+                        MonitorStats]:
+    """Users, dirty keys (in order), category names and counters from checked arrays."""
+    lengths = arrays["lengths"]
+    n, total = len(lengths), int(lengths.sum())
+    if (lengths < 0).any() or any(len(arrays[k]) != n for k in _PER_USER):
+        raise ValueError("per-user arrays of different lengths")
+    if any(len(arrays[k]) != total for k in _PER_EVENT):
+        raise ValueError("event arrays do not add up to the users' lengths")
+    merchants = _unpack_strings(arrays["merchant_text"], arrays["merchant_offsets"], n,
+                                "merchant")
+    user_ids = _unpack_strings(arrays["user_text"], arrays["user_offsets"], n, "user")
+    n_cats = len(arrays["category_offsets"]) - 1
+    categories = _unpack_strings(arrays["category_text"], arrays["category_offsets"], n_cats,
+                                 "category")
+    items = _unpack_strings(arrays["item_text"], arrays["item_offsets"], total, "item")
+    ns, event, cat = arrays["ns"], arrays["event"], arrays["cat"]
+    if total and (event.min() < 0 or event.max() >= len(EVENT_TYPES)
+                  or cat.min() < 0 or cat.max() >= n_cats):
+        raise ValueError("event or category codes out of range")
+    starts = np.cumsum(lengths)
+    within = np.ones(max(total - 1, 0), dtype=bool)
+    within[starts[(starts > 0) & (starts < total)] - 1] = False
+    if (np.diff(ns)[within] < 0).any():
+        raise ValueError("a user's events are not in time order")
+    dirty = arrays["dirty"]
+    if len(dirty) and (dirty.min() < 0 or dirty.max() >= n or len(np.unique(dirty)) < len(dirty)):
+        raise ValueError("pending users out of range")
+    per_user = {k: arrays[k].tolist() for k in _PER_USER}
+    columns = ns.tolist(), event.tolist(), cat.tolist(), arrays["value"].tolist()
+    users: dict[tuple[str, str], _User] = {}
+    lo = 0
+    for i, length in enumerate(lengths.tolist()):
+        st = _User()
+        hi = lo + length
+        st.ns, st.ev, st.cat, st.val = (col[lo:hi] for col in columns)
+        st.item = items[lo:hi]
+        lo = hi
+        st.interest, st.t_ref = per_user["interest"][i], per_user["t_ref"][i]
+        st.n, st.first_ns = per_user["n"][i], per_user["first_ns"][i]
+        risk = per_user["risk"][i]
+        st.risk = None if math.isnan(risk) else risk
+        st.alert_ns = per_user["alert_ns"][i] if per_user["alerted"][i] else None
+        users[(merchants[i], user_ids[i])] = st
+    if len(users) != n:
+        raise ValueError("a user appears twice")
+    keys = list(users)
+    saved = dict(meta["stats"])
+    reasons = saved.pop("reasons", {})
+    fields = {f.name for f in dataclasses.fields(MonitorStats)} - {"reasons"}
+    if set(saved) - fields or not isinstance(reasons, dict) \
+            or not all(isinstance(v, int) for v in (*saved.values(), *reasons.values())):
+        raise ValueError("unexpected counters")
+    stats = MonitorStats(**saved, reasons=Counter({str(k): v for k, v in reasons.items()}))
+    return users, [keys[i] for i in dirty.tolist()], categories, stats
+
+
+def has_state(state_dir: str | Path) -> bool:
+    """Whether ``state_dir`` holds a monitor state to restore.
+
+    Raises ``ValueError`` for a state of an older version (a pickle): it is never loaded,
+    and starting afresh beside it would repeat every alert.
+    """
+    state_dir = Path(state_dir)
+    if (state_dir / STATE_FILE).exists() or (state_dir / STATE_FILE).is_symlink():
+        return True
+    legacy = state_dir / LEGACY_STATE_FILE
+    if legacy.exists() or legacy.is_symlink():
+        raise ValueError(f"{legacy}: a monitor state of an older fedecay (state version 1, "
+                         "a pickle, which this version never loads since it could run code); "
+                         "replay the input into a new --state folder")
+    return False
+
+
+def prepare_state_dir(state_dir: str | Path) -> Path:
+    """``state_dir`` resolved and created; ``ValueError`` if it cannot hold a state."""
+    path = Path(state_dir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"state folder {path}: is a file, not a folder")
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"state folder {path}: cannot create or write it "
+                         f"({err.strerror or err})") from None
+    return path
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """``write(file)`` into a temp file, fsync it, rename it over ``path``, fsync the folder."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        fh.write(data)
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return  # a platform without directory handles
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -------------------------------------------------------------------- the alert file
+
+
+def alert_id(merchant: str, user: str, at: str) -> str:
+    """The alert's id: the first 16 hex digits of SHA-256 over (merchant, user, cutoff)."""
+    key = json.dumps([merchant, user, at]).encode()
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+class AlertFile:
+    """Alerts appended to a file as JSON lines, such that restarts repeat and lose none.
+
+    Open it with :meth:`open`. At each checkpoint :func:`run_stream` calls :meth:`sync`
+    and saves the size it returns with the state; opening the file with that saved
+    position truncates it back to the size, and the replay from the checkpoint writes
+    the same alerts again, byte for byte.
+    """
+
+    def __init__(self, path: Path, fh: Any, size: int) -> None:
+        self.path = path
+        self._fh = fh
+        self.size = size
+
+    @classmethod
+    def open(cls, path: str | Path, position: Mapping[str, Any] | None = None) -> AlertFile:
+        """Open ``path`` for the run that restores ``position`` (None: a fresh run).
+
+        Raises ``ValueError`` when the file cannot match the state: shorter than the
+        state recorded, or not empty when the state records nothing for it.
+        """
+        path = Path(path).expanduser().resolve()
+        if path.is_dir():
+            raise ValueError(f"--out {path}: is a folder")
+        recorded = (position or {}).get("output") or {}
+        size = path.stat().st_size if path.exists() else 0
+        if recorded.get("path") == str(path):
+            keep = int(recorded.get("size", 0))
+            if size < keep:
+                raise ValueError(
+                    f"--out {path}: {size:,} bytes, but the state recorded {keep:,} at its "
+                    "last checkpoint: the file was replaced or cut since; refusing to guess "
+                    "which alerts it holds (restore it, or use a new --state and --out)")
+        elif size:
+            raise ValueError(
+                f"--out {path}: not empty and no --state records it: appending could repeat "
+                "alerts; move it away or empty it (or give the --state it was written with)")
+        else:
+            keep = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "ab")  # noqa: SIM115 (closed by close())
+        except OSError as err:
+            raise ValueError(f"--out {path}: cannot write it ({err.strerror or err})") from None
+        if size > keep:
+            log.info("%s: dropping %d bytes written after the last checkpoint", path,
+                     size - keep)
+            fh.truncate(keep)
+        return cls(path, fh, keep)
+
+    def write(self, alert: Alert) -> None:
+        """Append one alert (a sink for :class:`Monitor`)."""
+        data = (json.dumps(alert) + "\n").encode()
+        self._fh.write(data)
+        self._fh.flush()  # readers of the file see the alert now
+        self.size += len(data)
+
+    def sync(self) -> dict[str, Any]:
+        """Flush and fsync; the position a checkpoint records for this file."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        return {"path": str(self.path), "size": self.size}
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 # ------------------------------------------------------------------------ the input
@@ -687,35 +1017,93 @@ class StopStream(Exception):
     """Raised (e.g. by a sink whose reader went away) to end :func:`run_stream` cleanly."""
 
 
-def _position(path: Path | None, fd: int, offset: int) -> dict[str, Any]:
-    """Where a restart on the same regular file continues (nothing for stdin or pipes)."""
-    if path is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-        return {}
-    return {"path": str(path), "inode": os.fstat(fd).st_ino, "offset": offset}
+class _LineReader:
+    """Splits bytes into lines in linear time, never holding more than ``cap`` bytes.
+
+    :meth:`lines` yields ``(line, size)`` per complete line: ``size`` is the bytes it
+    took in the input (newline included); ``line`` is None for a line longer than ``cap``
+    bytes, whose bytes were dropped as they came.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._parts: list[bytes] = []
+        self.held = 0  # bytes of the unfinished line (kept or skipped)
+        self._skipping = False
+
+    def lines(self, data: bytes) -> Iterator[tuple[bytes | None, int]]:
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            size = self.held + end - start
+            if self._skipping or size > self.cap:
+                line = None
+            else:
+                line = b"".join([*self._parts, data[start:end]]) if self._parts \
+                    else data[start:end]
+            self._parts, self.held, self._skipping = [], 0, False
+            start = end + 1
+            yield line, size + 1
+        rest = len(data) - start
+        if rest:
+            self.held += rest
+            if self._skipping or self.held > self.cap:
+                self._parts, self._skipping = [], True
+            else:
+                self._parts.append(data[start:])
+
+    def rest(self) -> tuple[bytes | None, int]:
+        """The unfinished last line (a file that does not end with a newline), and its size."""
+        line = None if self._skipping else b"".join(self._parts)
+        size = self.held
+        self._parts, self.held, self._skipping = [], 0, False
+        return line, size
+
+    def reset(self) -> None:
+        self._parts, self.held, self._skipping = [], 0, False
+
+
+def _position(path: Path | None, fd: int, offset: int,
+              alerts: AlertFile | None) -> dict[str, Any]:
+    """Where a restart continues: the input (regular files only) and the alert file."""
+    out: dict[str, Any] = {}
+    if path is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+        out = {"path": str(path), "inode": os.fstat(fd).st_ino, "offset": offset}
+    if alerts is not None:
+        out["output"] = alerts.sync()  # the alerts on disk before the state that counts them
+    return out
 
 
 def run_stream(monitor: Monitor, source: str | Path, *, follow: bool = False,
                state_dir: str | Path | None = None, position: Mapping[str, Any] | None = None,
                report: Callable[[str], None] | None = None, poll: float = 0.2,
                status_every: float = 30.0,
-               should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+               should_stop: Callable[[], bool] | None = None,
+               alerts: AlertFile | None = None) -> dict[str, Any]:
     """Feed JSON lines from ``source`` (a file, or "-" for stdin) into ``monitor``.
 
-    Touched users are rescored every ``batch`` events, when the first unscored event
-    has waited ``max_delay_seconds``, and whenever the input pauses (nothing to read for
-    ``poll`` seconds, or the end of a followed file). The state is
-    saved to ``state_dir`` every ``checkpoint_every`` events and at the end (also on
-    KeyboardInterrupt or :class:`StopStream`), with the byte offset of the last line
-    read, so a restart on the same file continues after it. ``report`` gets progress
-    and problems (the CLI prints them on stderr). ``should_stop`` is asked between
-    reads: a signal handler that sets a flag stops the stream between two events, never
-    inside one.
+    Touched users are rescored every ``batch`` events and at the end of the input. For
+    live input (a pipe, stdin, or ``follow``) they are also rescored when the first
+    unscored event has waited ``max_delay_seconds`` and whenever the input pauses (nothing
+    to read for ``poll`` seconds, or the end of a followed file); a regular file that is
+    not followed gets no such wall-clock rescoring, so what the monitor emits depends on
+    the input alone (see :class:`AlertFile`).
+
+    The state is saved to ``state_dir`` when there is none yet, after every
+    ``checkpoint_every`` events (checked after each line) and at the end (also on
+    KeyboardInterrupt, :class:`StopStream` or ``should_stop``), with the byte offset of
+    the last line read, so a restart on the same file continues after it; with
+    ``alerts``, the alert file is synced first and its size saved too. Lines longer than
+    ``max_line_bytes`` are skipped and counted as malformed. ``report`` gets progress and
+    problems (the CLI prints them on stderr). ``should_stop`` is asked between reads: a
+    signal handler that sets a flag stops the stream between two events, never inside
+    one.
     """
     say = report or (lambda text: log.info("%s", text))
     path = None if str(source) == "-" else Path(source).resolve()
     fh = sys.stdin.buffer if path is None else open(path, "rb")  # noqa: SIM115
     fd = fh.fileno()
     regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    live = not regular or follow  # wall-clock rescoring only where latency matters
     offset = 0
     if regular and path is not None and position and position.get("path") == str(path):
         info = os.fstat(fd)
@@ -730,14 +1118,27 @@ def run_stream(monitor: Monitor, source: str | Path, *, follow: bool = False,
         os.lseek(fd, offset, os.SEEK_SET)
     started = last_status = time.perf_counter()
     before = monitor.stats.as_dict()
-    max_delay = monitor.config.max_delay_seconds
+    config = monitor.config
     shown = len(monitor.malformed_examples)
-    buf = b""
+    reader = _LineReader(config.max_line_bytes)
     stopping = should_stop or (lambda: False)
+
+    def take(line: bytes | None, size: int, read_at: float) -> None:
+        if line is None:
+            monitor.skip_line(f"line too long: {size:,} bytes "
+                              f"(max-line-bytes {config.max_line_bytes:,})")
+        else:
+            monitor.feed(line, read_at)
+
+    def checkpoint() -> None:
+        monitor.save(state_dir, _position(path, fd, offset, alerts))
+
+    if state_dir is not None and not has_state(state_dir):
+        checkpoint()  # a crash before the first checkpoint finds this one
     try:
         while not stopping():
             if not regular:
-                ready, _, _ = select.select([fd], [], [], min(poll, max_delay))
+                ready, _, _ = select.select([fd], [], [], min(poll, config.max_delay_seconds))
                 if not ready:
                     monitor.flush()  # the input pauses
                     continue
@@ -745,45 +1146,48 @@ def run_stream(monitor: Monitor, source: str | Path, *, follow: bool = False,
             if not data:
                 if regular and follow:
                     monitor.flush()
-                    if os.fstat(fd).st_size < offset + len(buf):
+                    if os.fstat(fd).st_size < offset + reader.held:
                         say(f"{path} was truncated: reading it from the start")
-                        offset, buf = 0, b""
+                        offset = 0
+                        reader.reset()
                         os.lseek(fd, 0, os.SEEK_SET)
                     time.sleep(poll)
                     continue
                 break
             read_at = time.perf_counter()
-            buf += data
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                monitor.feed(line, read_at)
-                offset += len(line) + 1  # the checkpoint's offset: lines fed, no more
-            if monitor.pending and time.perf_counter() - monitor.oldest_pending >= max_delay:
+            for line, size in reader.lines(data):
+                offset += size  # the checkpoint's offset: lines taken, no more
+                take(line, size - 1, read_at)
+                if state_dir is not None and monitor.since_checkpoint >= config.checkpoint_every:
+                    checkpoint()
+            if live and monitor.pending and \
+                    time.perf_counter() - monitor.oldest_pending >= config.max_delay_seconds:
                 monitor.flush()
             while shown < len(monitor.malformed_examples):
                 say(f"malformed {monitor.malformed_examples[shown]}")
                 shown += 1
-            if state_dir is not None and \
-                    monitor.since_checkpoint >= monitor.config.checkpoint_every:
-                monitor.save(state_dir, _position(path, fd, offset))
             now = time.perf_counter()
             if now - last_status >= status_every:
                 last_status = now
                 say(status_line(monitor, monitor.stats.events - before["events"], now - started))
         if stopping():
             say("stopping" + (": saving the state" if state_dir is not None else ""))
-        elif buf.strip():  # a last line without a newline
-            monitor.feed(buf, time.perf_counter())
-            offset += len(buf)
-        monitor.flush()
+        else:
+            line, size = reader.rest()  # a last line without a newline
+            if size:
+                offset += size
+                if line is None or line.strip():
+                    take(line, size, time.perf_counter())
+        if not stopping() or state_dir is None:
+            monitor.flush()  # the end of the input (or a stop with no state to keep them)
     except (KeyboardInterrupt, StopStream):
         say("stopping" + (": saving the state" if state_dir is not None else ""))
     finally:
+        while shown < len(monitor.malformed_examples):
+            say(f"malformed {monitor.malformed_examples[shown]}")
+            shown += 1
         if state_dir is not None:
-            try:
-                monitor.save(state_dir, _position(path, fd, offset))
-            except StopStream:
-                monitor.save(state_dir, _position(path, fd, offset))
+            checkpoint()
         if path is not None:
             fh.close()
     return summary(monitor, time.perf_counter() - started, before)
