@@ -6,10 +6,12 @@ the baselines and the scorer alike; equal seeds give equal initial weights.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import os
 import warnings
+import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -216,14 +218,47 @@ def save_model(model: keras.Model, path) -> None:
 
 
 def load_model(path) -> keras.Model:
-    """Load a saved ``.keras`` model (custom loss registered above)."""
+    """Load a saved ``.keras`` model (custom loss registered above).
+
+    Raises ``FileNotFoundError`` for a missing file, ``IsADirectoryError`` for a folder
+    and ``ValueError`` ("… is not a readable Keras model (…)") for anything else that
+    is not a model: Keras itself calls a truncated or foreign file "not found".
+    """
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    with warnings.catch_warnings():
-        # The optimizer's slots are not restored until it has stepped once; a loaded
-        # model is for prediction, or is trained with a fresh optimizer state anyway.
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        return keras.saving.load_model(path, compile=True)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.keras")
+        hint = f" (did you mean {inside}?)" if os.path.isfile(inside) else ""
+        raise IsADirectoryError(f"{path} is a folder, not a model file{hint}")
+    with open(path, "rb"):  # a permission problem stays an OSError naming the file
+        pass
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable Keras model (not a zip archive: "
+                         "truncated, or not a .keras file)")
+    try:
+        with warnings.catch_warnings():
+            # The optimizer's slots are not restored until it has stepped once; a loaded
+            # model is for prediction, or is trained with a fresh optimizer state anyway.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return keras.saving.load_model(path, compile=True)
+    except OSError as err:
+        if err.errno in _ENVIRONMENT_ERRNOS:
+            raise  # a full disk or a permission problem is not the file's fault
+        raise _unreadable(path, err) from err
+    except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: str, err: BaseException) -> ValueError:
+    detail = (str(err).strip().splitlines() or [""])[0][:200]
+    return ValueError(f"{path} is not a readable Keras model "
+                      f"({type(err).__name__}{': ' + detail if detail else ''})")
+
+
+# Errors of the machine, not of the model file: let them through as they are.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS,
+                                 errno.EMFILE, errno.ENOMEM})
 
 
 def num_actions(model: keras.Model) -> int:

@@ -15,6 +15,7 @@ users, so memory follows the chunk, not the log.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
@@ -108,7 +109,7 @@ def write_model_settings(model_path: str | Path, snapshot_config: SnapshotConfig
 def _settings_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: cannot read model settings ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of flat config keys")
@@ -143,8 +144,23 @@ def load_model_bundle(path: str | Path,
                     path)
     snaps = from_flat(SnapshotConfig, flat, "snapshots")
     policy = from_flat(PolicyConfig, flat, "policy")
+    _check_is_scorer(model, path)
     check_model_settings(model, snaps, str(path))
     return ModelBundle(model, snaps, policy, tuple(sources) or ("defaults",))
+
+
+def _check_is_scorer(model: keras.Model, path: Path) -> None:
+    """Refuse a readable Keras model that is not one of ours, naming what it lacks."""
+    try:
+        inputs = model.input if isinstance(model.input, dict) else {}
+    except (AttributeError, ValueError):  # a subclassed model that was never called
+        inputs = {}
+    layers = {layer.name for layer in model.layers}
+    missing = [f"input '{k}'" for k in ("events",) if k not in inputs]
+    missing += [f"layer '{k}'" for k in ("category_embedding", "activation") if k not in layers]
+    if missing:
+        raise ValueError(f"{path} is a Keras model but not a fedecay scoring model "
+                         f"(no {', '.join(missing)})")
 
 
 def check_model_settings(model: keras.Model, snaps: SnapshotConfig, name: str = "model") -> None:
@@ -647,16 +663,63 @@ def score_summary(scores: pd.DataFrame, policy_cfg: PolicyConfig) -> dict[str, A
 
 
 def write_scores(scores: pd.DataFrame, path: str | Path) -> Path:
-    """Write the score table as .csv or .parquet (by suffix); returns the resolved path."""
-    path = Path(path).resolve()
-    name = path.name.lower()
-    if not name.endswith((".csv", ".parquet", ".pq")):
-        raise ValueError(f"--out {path}: expected a .csv or .parquet file name")
+    """Write the score table as .csv or .parquet (by suffix); returns the resolved path.
+
+    In a CSV, text cells are quoted and those a spreadsheet would run as a formula are
+    escaped (see :func:`escape_formulas`); Parquet keeps the values as they are.
+    """
+    path = scores_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if name.endswith(".csv"):
-        scores.to_csv(tmp, index=False)
-    else:
-        scores.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        if path.suffix.lower() == ".csv":
+            # Text quoted too: an id holding a bare CR would otherwise split its row.
+            escape_formulas(scores).to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC)
+        else:
+            scores.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
     return path
+
+
+def scores_path(path: str | Path) -> Path:
+    """Check an output path for :func:`write_scores` before any work is done."""
+    path = Path(path).resolve()
+    if not path.name.lower().endswith((".csv", ".parquet", ".pq")):
+        raise ValueError(f"--out {path}: expected a .csv or .parquet file name")
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a folder; give a .csv or .parquet file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"--out {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+#: A cell starting with one of these is a formula to Excel, LibreOffice or Sheets.
+FORMULA_PREFIXES: tuple[str, ...] = ("=", "+", "-", "@", "\t", "\r")
+
+
+def escape_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Prefix ``'`` to text cells that start like a formula (OWASP CSV injection).
+
+    Only text columns are touched: a user id ``=cmd|' /C calc'!A0`` becomes
+    ``'=cmd|' /C calc'!A0``, while a negative uplift stays the number ``-0.25``.
+    """
+    out = frame.copy(deep=False)
+    for column in out.columns:
+        values = out[column]
+        if pd.api.types.is_object_dtype(values):  # mixed: only the str cells are text
+            out[column] = values.map(
+                lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_PREFIXES)
+                else v)
+        elif (pd.api.types.is_string_dtype(values)
+              or isinstance(values.dtype, pd.CategoricalDtype)):
+            text = values.astype("string")
+            risky = text.str.startswith(FORMULA_PREFIXES).fillna(False).astype(bool)
+            if risky.any():
+                out[column] = text.where(~risky, "'" + text)
+    return out

@@ -15,11 +15,13 @@ certificates. A production SuperLink should get its certificate from a real CA.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -144,8 +146,7 @@ def make_certs(
         "server_cert": server_cert.public_bytes(pem),
         "server_key": _private_pem(server_key),
     }
-    for key, path in paths.items():
-        _write(path, contents[key], private=key in _PRIVATE)
+    _install(paths, contents, private=_PRIVATE)
     log.info("wrote a test CA and a server certificate for %s to %s", list(hosts), out_dir)
     return paths
 
@@ -187,8 +188,8 @@ def make_node_key(out_dir: Path, name: str = "node", *, overwrite: bool = False)
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    _write(paths["private_key"], private, private=True)
-    _write(paths["public_key"], public + f" {name}\n".encode(), private=False)
+    _install(paths, {"private_key": private, "public_key": public + f" {name}\n".encode()},
+             private={"private_key"})
     log.info("wrote SuperNode key pair %s(.pub) to %s", name, out_dir)
     return paths
 
@@ -240,26 +241,92 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _target_paths(out_dir: Path, names: dict[str, str], *, overwrite: bool) -> dict[str, Path]:
-    """Resolve the output paths and refuse, before writing anything, to clobber one."""
+    """Resolve the output paths and refuse, before anything is created, to clobber one."""
     out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"out_dir {out_dir} exists and is not a directory")
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = "it" if parent == out_dir else str(parent)
+                raise NotADirectoryError(
+                    f"cannot write into {out_dir}: {what} is a file, not a folder")
+            break
     paths = {key: out_dir / name for key, name in names.items()}
-    if not overwrite:
-        for path in paths.values():
-            if path.exists() or path.is_symlink():
-                raise FileExistsError(
-                    f"{path} already exists; pass overwrite=True to replace it"
-                )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in paths.values():
+        if path.is_dir() and not path.is_symlink():
+            raise IsADirectoryError(f"cannot write {path}: a folder of that name is in the way")
+        if not overwrite and (path.exists() or path.is_symlink()):
+            raise FileExistsError(f"{path} already exists; use --overwrite to replace it")
     return paths
+
+
+def _install(paths: dict[str, Path], contents: dict[str, bytes], *, private: set[str]) -> None:
+    """Put every file in place or none of them.
+
+    A CA certificate whose key was never written is worse than no CA at all. So the
+    files are first written into a hidden folder beside their targets (the same file
+    system, so a rename is atomic), then renamed into place; on any failure what was
+    placed is removed, the files it replaced are put back, and folders this call
+    created are removed again.
+    """
+    out_dir = next(iter(paths.values())).parent
+    created = _make_dirs(out_dir)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".fedecay-", dir=out_dir) as staging:
+            _swap_in(paths, contents, private, Path(staging))
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _swap_in(paths: dict[str, Path], contents: dict[str, bytes], private: set[str],
+             staging: Path) -> None:
+    staged = {key: staging / path.name for key, path in paths.items()}
+    for key, path in staged.items():
+        try:
+            _write(path, contents[key], private=key in private)
+        except OSError as err:  # name the file the user asked for, not the staging copy
+            raise type(err)(err.errno, err.strerror, str(paths[key])) from err
+    placed: list[Path] = []
+    parked: dict[Path, Path] = {}  # replaced file -> where it waits in the staging folder
+    try:
+        for key, path in paths.items():
+            if path.exists() or path.is_symlink():  # a symlink is replaced, not followed
+                parked[path] = staging / f"{path.name}.old"
+                os.replace(path, parked[path])
+            os.replace(staged[key], path)
+            placed.append(path)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path, old in parked.items():
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
+        raise
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """``mkdir -p`` that returns the folders it created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            created.append(path)
+    except BaseException:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    return created
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
     mode = 0o600 if private else 0o644
-    if path.is_symlink():  # never write a key through a link to somewhere else
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as file:
-        os.fchmod(fd, mode)  # the umask, or an older file being overwritten, may differ
+        os.fchmod(fd, mode)  # the umask may differ
         file.write(data)
+        file.flush()
+        os.fsync(fd)

@@ -7,12 +7,16 @@ splits, the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +53,21 @@ class ExperimentConfig:
     seed: int = 0
     output_dir: str = "runs"  # relative paths resolve against the current folder
 
+    def __post_init__(self) -> None:
+        check_path_part(self.name, "experiment.name")
+        _check(bool(str(self.output_dir).strip()), "experiment.output-dir", "must not be empty")
+
     def output_path(self) -> Path:
         return Path(self.output_dir).expanduser().resolve()
+
+
+def check_path_part(value: str, key: str) -> None:
+    """Refuse a value that, joined to a folder, could name a path outside that folder."""
+    _check(isinstance(value, str) and value.strip() != "", key, "must be a non-empty name")
+    bad = ("/", "\\", "\0", os.sep, *((os.altsep,) if os.altsep else ()))
+    _check(not any(c in value for c in bad) and value not in (".", "..")
+           and not Path(value).is_absolute(), key,
+           f"must be a plain name without path separators or '..', got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +176,11 @@ def resolve(
     if events:
         base = load_preset(preset) if preset else {}
         base = {k: v for k, v in base.items() if not k.startswith("synthetic.")}
-        base.update({"data.events": str(Path(events).resolve()), "data.format": format,
-                     "experiment.name": Path(events).stem})
+        events_path = Path(events).resolve()
+        if not events_path.exists():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(events_path))
+        base.update({"data.events": str(events_path), "data.format": format,
+                     "experiment.name": _plain_name(events_path.stem, "events")})
         if interventions:
             base["data.interventions"] = str(Path(interventions).resolve())
     else:
@@ -168,12 +188,18 @@ def resolve(
         if not any(k.startswith("synthetic.") for k in base) and not base.get("data.events"):
             raise ValueError(f"preset '{preset}' has no [synthetic] section and no data.events: "
                              "give the events file with --events")
-        base.setdefault("experiment.name", Path(preset or "quick").stem)
+        base.setdefault("experiment.name", _plain_name(Path(preset or "quick").resolve().stem,
+                                                       "experiment"))
         base["experiment.preset"] = preset or "quick"
     flat = apply_overrides(base, overrides)
     if seed is not None:
         flat["experiment.seed"] = seed
     return experiment_from_flat(flat)
+
+
+def _plain_name(stem: str, fallback: str) -> str:
+    """A file's stem as a run name: never empty, never a path."""
+    return stem if stem and stem not in (".", "..") else fallback
 
 
 @dataclasses.dataclass
@@ -292,23 +318,67 @@ def prepare(exp: Experiment) -> PreparedData:
 
 
 def new_run_dir(exp: Experiment, kind: str) -> Path:
-    """A fresh ``<output-dir>/<timestamp>-<kind>-<name>`` folder, absolute."""
+    """A fresh ``<output-dir>/<timestamp>-<kind>-<name>`` folder, absolute.
+
+    The folder is checked to lie inside ``experiment.output-dir`` (``experiment.name``
+    cannot lead out of it); prefer :func:`run_folder`, which removes the folder again
+    if the command fails before writing a result into it.
+    """
+    check_path_part(kind, "run kind")
     base = exp.experiment.output_path()
+    for parent in (base, *base.parents):
+        if parent.exists():
+            _check(parent.is_dir(), "experiment.output-dir",
+                   f"{base} cannot be created: {parent} is a file, not a folder")
+            break
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = base / f"{stamp}-{kind}-{exp.experiment.name}"
     suffix = 1
     while run.exists():
         suffix += 1
         run = base / f"{stamp}-{kind}-{exp.experiment.name}-{suffix}"
+    _check(run.resolve().parent == base.resolve(), "experiment.name",
+           f"the run folder {run} would lie outside experiment.output-dir {base}")
     run.mkdir(parents=True)
     return run
+
+
+#: Files a run folder holds before any result: a folder with only these is not a run.
+_PREAMBLE = frozenset({"config.json", "config.json.tmp"})
+
+
+@contextlib.contextmanager
+def run_folder(exp: Experiment, kind: str) -> Iterator[Path]:
+    """:func:`new_run_dir` that is removed again if the block fails before a result.
+
+    A failed command (a missing events file, an unknown method) must not leave an
+    empty ``runs/...`` folder behind; a folder with results in it is kept, partial
+    or not, since a report of what did finish is worth keeping.
+    """
+    base_existed = exp.experiment.output_path().exists()
+    run = new_run_dir(exp, kind)
+    try:
+        yield run
+    except BaseException:
+        if run.is_dir() and {p.name for p in run.iterdir()} <= _PREAMBLE:
+            shutil.rmtree(run, ignore_errors=True)
+            log.debug("removed %s: the command failed before writing a result", run)
+            if not base_existed:
+                with contextlib.suppress(OSError):  # only if nothing else is in it
+                    run.parent.rmdir()
+        raise
 
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (NaN as null)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False))
-    tmp.replace(path)
+    text = json.dumps(_jsonable(payload), indent=2, sort_keys=False)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written .tmp behind
+        raise
 
 
 def _jsonable(value: Any) -> Any:
