@@ -6,10 +6,16 @@ Only this layer prints; everything below it logs.
 from __future__ import annotations
 
 import argparse
+import errno
+import gzip
+import json
 import logging
+import lzma
 import os
 import sys
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -28,6 +34,9 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="experiment seed (default: preset's)")
+    p.add_argument("--bad-rows", choices=("error", "skip"), default=None,
+                   help="CSV rows with the wrong number of fields: stop naming their line "
+                   "(error, the default) or drop and count them (skip); data.bad-rows")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--format", default="auto")
     check.add_argument("--interventions")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="snapshot settings, e.g. --set snapshots.horizon-days=7")
+                       help="snapshot settings, e.g. --set snapshots.horizon-days=7, or "
+                       "data.min-merchant-snapshots=40")
+    check.add_argument("--preset", help="take snapshots.* and data.* settings from this "
+                       "preset (quick, default, large, completejourney) or TOML path")
+    check.add_argument("--bad-rows", choices=("error", "skip"), default="error",
+                       help="CSV rows with the wrong number of fields: stop with their line "
+                       "number (error), or drop and count them (skip)")
     train = sub.add_parser("train", help="train one baseline: centralised, local-only or GBDT")
     train.add_argument("--mode", choices=("centralised", "local", "gbdt"), default="centralised")
     _add_source(train)
@@ -98,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--events", required=True, help="the events file to score")
     score.add_argument("--format", default="auto",
                        help="events format: auto, canonical, taobao, retailrocket, completejourney")
+    score.add_argument("--bad-rows", choices=("error", "skip"), default="error",
+                       help="CSV rows with the wrong number of fields: stop naming their line "
+                       "(error) or drop and count them (skip)")
     score.add_argument("--at", help="cutoff time, ISO-8601 (default: just after the last event)")
     score.add_argument("--out", help="write all scores to this .csv or .parquet file "
                        "(default: print the 20 users most at risk)")
@@ -112,16 +130,21 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--input", default="-", help="JSON-lines events file, or - for stdin")
     monitor.add_argument("--state", help="folder for the monitor's state (checkpoints; "
                          "a restart continues from it)")
+    monitor.add_argument("--out", help="append alerts to this file (default: stdout); with "
+                         "--state, a restart after a crash neither repeats nor loses one")
     monitor.add_argument("--batch", type=int, default=1000,
-                         help="rescore touched users every N events (and when input pauses)")
+                         help="rescore touched users every N events (and at the end of input)")
     monitor.add_argument("--max-delay-seconds", type=float, default=0.5,
-                         help="... or when the first unscored event has waited this long")
+                         help="... or, for stdin, pipes and --follow, when the first unscored "
+                         "event has waited this long or the input pauses")
     monitor.add_argument("--cooldown-hours", type=float, default=72.0,
                          help="no second alert for a user within this stream time")
     monitor.add_argument("--sweep-hours", type=float, default=24.0,
                          help="rescore every active user this often in stream time (0 = never)")
     monitor.add_argument("--checkpoint-every", type=int, default=100_000,
                          help="events between state checkpoints")
+    monitor.add_argument("--max-line-bytes", type=int, default=1 << 20,
+                         help="longer input lines are skipped and counted as malformed")
     monitor.add_argument("--follow", action="store_true",
                          help="keep reading a growing file (like tail -f)")
     monitor.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -160,8 +183,11 @@ def _parser() -> argparse.ArgumentParser:
 def _experiment(args: argparse.Namespace):
     from simulations.experiment import resolve
 
+    overrides = list(args.set)
+    if args.bad_rows is not None:
+        overrides.append(f"data.bad-rows={args.bad_rows!r}")
     return resolve(args.preset, events=args.events, format=args.format,
-                   interventions=args.interventions, overrides=args.set, seed=args.seed)
+                   interventions=args.interventions, overrides=overrides, seed=args.seed)
 
 
 def _say(text: str) -> None:
@@ -172,36 +198,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from common.model import save_model
     from simulations.baselines import assess, run_centralised, run_gbdt, run_local
     from simulations.compare import format_table
-    from simulations.experiment import new_run_dir, prepare, write_json
+    from simulations.experiment import prepare, run_folder, write_json
 
     exp = _experiment(args)
-    run_dir = new_run_dir(exp, args.mode)
-    data = prepare(exp)
-    _say(f"data: {len(data.merchants)} merchants, {len(data.snapshots):,} snapshots")
-    model = None
-    if args.mode == "centralised":
-        result, model = run_centralised(
-            exp, data, on_epoch=lambda e, r: _say(
-                f"epoch {e}/{exp.train.epochs}: loss {r['loss']:.4f} "
-                f"val_loss {r.get('val_loss', float('nan')):.4f}"))
-    elif args.mode == "local":
-        result = run_local(exp, data, progress=_say)
-    else:
-        result = run_gbdt(exp, data)
-    metrics = assess(result, data, exp)
-    write_json(run_dir / "config.json", dict(exp.flat))
-    write_json(run_dir / "metrics.json", metrics)
-    if model is not None:
-        save_model(model, run_dir / "model.keras")
+    # Made first so a bad output-dir fails before the training; gone again on failure.
+    with run_folder(exp, args.mode) as run_dir:
+        data = prepare(exp)
+        _say(f"data: {len(data.merchants)} merchants, {len(data.snapshots):,} snapshots")
+        model = None
+        if args.mode == "centralised":
+            result, model = run_centralised(
+                exp, data, on_epoch=lambda e, r: _say(
+                    f"epoch {e}/{exp.train.epochs}: loss {r['loss']:.4f} "
+                    f"val_loss {r.get('val_loss', float('nan')):.4f}"))
+        elif args.mode == "local":
+            result = run_local(exp, data, progress=_say)
+        else:
+            result = run_gbdt(exp, data)
+        metrics = assess(result, data, exp)
+        write_json(run_dir / "config.json", dict(exp.flat))
+        write_json(run_dir / "metrics.json", metrics)
+        if model is not None:
+            save_model(model, run_dir / "model.keras")
     print(format_table({"methods": {result.name: metrics}}))
     print(f"\nrun folder: {run_dir}")
     return 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    import contextlib
+
     from simulations.baselines import assess
     from simulations.compare import _round_text, format_table
-    from simulations.experiment import experiment_from_flat, new_run_dir, prepare, write_json
+    from simulations.experiment import experiment_from_flat, prepare, run_folder, write_json
     from simulations.federated import run_federated
 
     extra = {}
@@ -212,7 +241,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
         # The run's own config.json decides the data, seeds and model; --set may extend
         # the rounds or change how they run (resume_experiment names what may change).
-        given = [f"--{name}" for name in ("preset", "events", "interventions", "seed")
+        given = [f"--{name}".replace("_", "-") for name in ("preset", "events",
+                                                            "interventions", "seed", "bad_rows")
                  if getattr(args, name) is not None]
         if given:
             raise ValueError(f"{given[0]} cannot be used with --resume: the run's "
@@ -220,22 +250,24 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         from common.config import apply_overrides
         from simulations.federated import resume_experiment
 
-        run_dir = Path(args.resume).resolve()
-        exp = resume_experiment(run_dir, {**apply_overrides({}, args.set), **extra})
+        exp = resume_experiment(Path(args.resume).resolve(),
+                                {**apply_overrides({}, args.set), **extra})
+        folder = contextlib.nullcontext(Path(args.resume).resolve())
     else:
         exp = _experiment(args)
         if extra:
             exp = experiment_from_flat({**exp.flat, **extra})
-        run_dir = new_run_dir(exp, "simulate")
-        write_json(run_dir / "config.json", dict(exp.flat))
-    data = prepare(exp)
-    _say(f"data: {len(data.merchants)} merchants, {len(data.snapshots):,} snapshots; "
-         f"{exp.federation.strategy}, {exp.federation.num_rounds} rounds")
-    result = run_federated(exp, data, run_dir,
-                           progress=lambda line: _say(_round_text(line,
-                                                                  exp.federation.num_rounds)))
-    metrics = assess(result, data, exp)
-    write_json(run_dir / "results.json", metrics)
+        folder = run_folder(exp, "simulate")
+    with folder as run_dir:
+        if not args.resume:
+            write_json(run_dir / "config.json", dict(exp.flat))
+        data = prepare(exp)
+        _say(f"data: {len(data.merchants)} merchants, {len(data.snapshots):,} snapshots; "
+             f"{exp.federation.strategy}, {exp.federation.num_rounds} rounds")
+        result = run_federated(exp, data, run_dir, progress=lambda line: _say(
+            _round_text(line, exp.federation.num_rounds)))
+        metrics = assess(result, data, exp)
+        write_json(run_dir / "results.json", metrics)
     print(format_table({"methods": {result.name: metrics}}))
     print(f"\nrun folder: {run_dir}")
     return 0
@@ -243,21 +275,23 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from simulations.compare import run_comparison
-    from simulations.experiment import new_run_dir
+    from simulations.experiment import run_folder
 
     exp = _experiment(args)
-    run_dir = new_run_dir(exp, "compare")
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = set(methods) - {"gbdt", "centralised", "local", "federated"}
-    if unknown:
-        raise ValueError(f"--methods: unknown {sorted(unknown)}")
+    known = ("gbdt", "centralised", "local", "federated")
+    unknown = set(methods) - set(known)
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown {sorted(unknown)} (choose from {', '.join(known)})"
+                         if unknown else f"--methods: name at least one of {', '.join(known)}")
     try:
         noise = tuple(float(z) for z in args.noise.split(",") if z.strip())
     except ValueError:
         raise ValueError(f"--noise {args.noise!r}: expected comma-separated numbers") from None
-    out = run_comparison(exp, run_dir, strategies=strategies, methods=methods, noise=noise,
-                         audit=args.audit or bool(noise), progress=_say)
+    with run_folder(exp, "compare") as run_dir:
+        out = run_comparison(exp, run_dir, strategies=strategies, methods=methods, noise=noise,
+                             audit=args.audit or bool(noise), progress=_say)
     print()
     print(out.table)
     gain = out.results.get("gain_from_joining", {})
@@ -303,14 +337,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
         load_model_bundle,
         score_events,
         score_summary,
+        scores_path,
         warm_up,
         write_scores,
     )
 
+    if args.out:
+        scores_path(args.out)  # a bad --out fails now, not after the scoring
     bundle = load_model_bundle(args.model, args.set)
     _err(f"model: {Path(args.model).resolve()} (settings: {', '.join(bundle.sources)})")
     started = time.perf_counter()
-    log = load_events(args.events, args.format)
+    log = load_events(args.events, args.format, bad_rows=args.bad_rows)
     _err("\n".join(log.report.summary_lines()))
     loaded = time.perf_counter()
 
@@ -343,16 +380,25 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
-    import json
     import signal
 
-    from common.monitor import Monitor, MonitorConfig, StopStream, run_stream
+    from common.monitor import (
+        AlertFile,
+        Monitor,
+        MonitorConfig,
+        StopStream,
+        has_state,
+        prepare_state_dir,
+        run_stream,
+    )
     from common.scoring import load_model_bundle
 
-    bundle = load_model_bundle(args.model, args.set)
     config = MonitorConfig(batch=args.batch, max_delay_seconds=args.max_delay_seconds,
                            cooldown_hours=args.cooldown_hours,
-                           sweep_hours=args.sweep_hours, checkpoint_every=args.checkpoint_every)
+                           sweep_hours=args.sweep_hours, checkpoint_every=args.checkpoint_every,
+                           max_line_bytes=args.max_line_bytes)
+    state_dir = prepare_state_dir(args.state) if args.state else None  # errors before the model
+    bundle = load_model_bundle(args.model, args.set)
     closed = []
 
     def sink(alert: dict) -> None:
@@ -367,11 +413,14 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
             raise StopStream from None
 
     monitor = Monitor(bundle.model, bundle.snapshots, bundle.policy, config, sink=sink)
-    state_dir = Path(args.state).resolve() if args.state else None
     position = None
-    if state_dir is not None and (state_dir / "monitor.state").exists():
+    if state_dir is not None and has_state(state_dir):
         position = monitor.load_state(state_dir)
         _err(f"state: {state_dir} ({len(monitor):,} users, {monitor.stats.events:,} events)")
+    alerts = AlertFile.open(args.out, position) if args.out else None
+    if alerts is not None:
+        monitor.sink = alerts.write
+        _err(f"alerts: {alerts.path} (from byte {alerts.size:,})")
     _err(f"model: {Path(args.model).resolve()} (settings: {', '.join(bundle.sources)}); "
          f"alert threshold {bundle.policy.risk_threshold:g}")
     monitor.warm_up()
@@ -382,10 +431,13 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         out = run_stream(monitor, args.input, follow=args.follow, state_dir=state_dir,
-                         position=position, report=_err, should_stop=lambda: bool(stop))
+                         position=position, report=_err, should_stop=lambda: bool(stop),
+                         alerts=alerts)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if alerts is not None:
+            alerts.close()
     _err(f"events {out['events']:,} in {out['seconds']:.1f} s ({out['events_per_s']:,.0f}/s); "
          f"users {out['users']:,}; alerts {out['alerts']:,} "
          f"(held back by cool-down {out['suppressed_by_cooldown']:,}); "
@@ -455,12 +507,18 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
+    """Load, summarise and snapshot one file; exit 2 unless it can join a federation."""
     from common.config import SnapshotConfig, apply_overrides, from_flat
     from common.io import load_events
-    from common.snapshots import build_snapshots
+    from common.snapshots import build_snapshots, federation_problems, stray_gap
+    from simulations.experiment import DataConfig
+    from simulations.synth import load_preset
 
-    snap_cfg = from_flat(SnapshotConfig, apply_overrides({}, args.set), "snapshots")
-    log = load_events(args.file, args.format, interventions_path=args.interventions)
+    flat = apply_overrides(load_preset(args.preset) if args.preset else {}, args.set)
+    snap_cfg = from_flat(SnapshotConfig, flat, "snapshots")
+    data_cfg = from_flat(DataConfig, flat, "data")
+    log = load_events(args.file, args.format, interventions_path=args.interventions,
+                      bad_rows=args.bad_rows)
     ev = log.events
     print("\n".join(log.report.summary_lines()))
     ts = ev["timestamp"]
@@ -471,11 +529,77 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     print(f"date range  {ts.min():%Y-%m-%d %H:%M} .. {ts.max():%Y-%m-%d %H:%M} UTC")
     print("event mix   " + "  ".join(f"{k} {v:.1%}" for k, v in mix.items()))
     print(f"interventions {len(log.interventions):,}")
-    _, report = build_snapshots(ev, snap_cfg, log.interventions)
+    gap = None if snap_cfg.start or snap_cfg.end else stray_gap(ts)
+    if gap:
+        print(f"NOT OK: {gap}")
+        return 2
+    snaps, report = build_snapshots(ev, snap_cfg, log.interventions)
     print("snapshots (decay label: I(T+H) < rho * I(T))")
     print("\n".join(report.summary_lines()))
+    problems = federation_problems(snaps, report, data_cfg.min_merchant_snapshots)
+    if problems:
+        print("\n".join(f"NOT OK: {p}" for p in problems))
+        return 2
     print("OK: this file can join a federation")
     return 0
+
+
+# What went wrong, as the verb of "cannot <verb> <path>: <reason>", by errno.
+_OS_VERBS = {
+    errno.ENOENT: "open", errno.EISDIR: "open", errno.ENOTDIR: "use", errno.EACCES: "access",
+    errno.EPERM: "access", errno.ENOSPC: "write", errno.EROFS: "write", errno.EDQUOT: "write",
+    errno.EEXIST: "create", errno.ENAMETOOLONG: "use", errno.EPIPE: "write",
+}
+_OS_HINTS = {
+    errno.EISDIR: " (a folder where a file was expected)",
+    errno.ENOTDIR: " (a part of the path is a file, not a folder)",
+}
+
+
+def os_error_text(err: OSError) -> str:
+    """One line for an OSError: ``cannot <verb> <path>: <reason>``.
+
+    An OSError raised with a message of our own (no errno) is shown as it is.
+    """
+    if err.strerror is None:
+        return str(err)
+    verb = _OS_VERBS.get(err.errno or 0, "use")
+    hint = _OS_HINTS.get(err.errno or 0, "")
+    if err.filename is None:
+        return f"cannot {verb}: {err.strerror}{hint}"
+    path = os.fsdecode(err.filename) if isinstance(err.filename, bytes) else err.filename
+    if err.filename2 is not None:
+        return f"cannot {verb} {path} (to {err.filename2}): {err.strerror}{hint}"
+    return f"cannot {verb} {path}: {err.strerror}{hint}"
+
+
+_INPUT_FLAGS = (("events", "--events"), ("file", "file"), ("model", "--model"),
+                ("interventions", "--interventions"), ("input", "--input"),
+                ("preset", "--preset"), ("run", "--run"))
+
+
+def _inputs(args: argparse.Namespace) -> str:
+    """The input files a command was given, for errors that do not carry a path."""
+    given = [f"{flag} {getattr(args, attr)}" for attr, flag in _INPUT_FLAGS
+             if getattr(args, attr, None) not in (None, "", "-")
+             and (attr != "preset" or Path(getattr(args, attr)).exists())]
+    return "; ".join(given) or "the input"
+
+
+def _user_error(err: Exception, args: argparse.Namespace) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug."""
+    if isinstance(err, UnicodeDecodeError):  # before ValueError: it is one
+        return (f"cannot read {_inputs(args)}: not UTF-8 text (byte "
+                f"{err.object[err.start:err.start + 1].hex()} at offset {err.start})")
+    if isinstance(err, gzip.BadGzipFile | EOFError | zlib.error | lzma.LZMAError
+                  | zipfile.BadZipFile):
+        return (f"cannot read {_inputs(args)}: the compressed file is truncated or corrupt "
+                f"({type(err).__name__}: {err})")
+    if isinstance(err, DataError | ValueError):  # so is TOMLDecodeError
+        return str(err)
+    if isinstance(err, OSError):
+        return os_error_text(err)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,8 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     key = (args.command, getattr(args, "data_command", None))
     try:
         return handlers[key](args)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        text = _user_error(err, args)
+        if text is None:  # not the user's input nor the machine: a bug, so show where
+            print(f"error: internal error ({type(err).__name__}), a bug in fedecay; "
+                  "please report it with the traceback below", file=sys.stderr, flush=True)
+            raise
+        print(f"error: {text}", file=sys.stderr)
         return 2
 
 

@@ -82,8 +82,11 @@ class DataConfig:
     num_partitions: int = 0
     dirichlet_alpha: float = 0.5
     min_merchant_snapshots: int = 20  # merchants with fewer training snapshots are left out
+    bad_rows: str = "error"  # CSV rows with the wrong number of fields: "error" or "skip"
 
     def __post_init__(self) -> None:
+        _check(self.bad_rows in ("error", "skip"), "data.bad-rows",
+               f"must be 'error' or 'skip', got {self.bad_rows!r}")
         _check(self.partitioner in ("", "iid", "dirichlet"), "data.partitioner",
                "must be '', 'iid' or 'dirichlet'")
         _check(self.num_partitions >= 0, "data.num-partitions", "must be >= 0")
@@ -243,7 +246,8 @@ def load_source(exp: Experiment) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
     from common.io import load_events
 
     loaded = load_events(exp.data.events, exp.data.format,
-                         interventions_path=exp.data.interventions or None)
+                         interventions_path=exp.data.interventions or None,
+                         bad_rows=exp.data.bad_rows)
     for line in loaded.report.summary_lines():
         log.info("%s", line)
     events = loaded.events

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import EVALUATE_METRICS, TRAIN_METRICS
 from server.checkpoint import (
-    CheckpointError,
     latest_checkpoint,
-    load_checkpoint,
-    restore_strategy_state,
-    save_checkpoint,
-    strategy_state,
 )
 from server.config import FederationConfig
 from server.strategy import (
