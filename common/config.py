@@ -8,6 +8,7 @@ Unknown keys and out-of-range values raise ``ValueError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -60,11 +61,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         try:
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return hint(value)
-        except (TypeError, ValueError):
+            out = hint(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(
                 f"config key '{key}': expected {hint.__name__}, got {value!r}"
             ) from None
+        if hint is float and not math.isfinite(out):
+            # inf or nan would pass range checks such as "> 0" and turn scores into inf/nan.
+            raise ValueError(f"config key '{key}': expected a finite number, got {value!r}")
+        return out
     return value
 
 

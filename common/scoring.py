@@ -116,6 +116,22 @@ def _settings_file(path: Path) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k.startswith(("snapshots.", "policy."))}
 
 
+#: The settings a scoring model takes from ``--set``; anything else would be ignored.
+MODEL_SECTIONS: tuple[str, ...] = ("snapshots", "policy")
+
+
+def check_model_overrides(overrides: Sequence[str] | None) -> None:
+    """Refuse ``--set`` keys a scoring model does not use, or values out of range, by
+    name (``score`` and ``monitor`` read only ``snapshots.*`` and ``policy.*``)."""
+    flat = apply_overrides({}, list(overrides or []))
+    for key in flat:
+        if key.split(".", 1)[0] not in MODEL_SECTIONS or "." not in key:
+            raise ValueError(f"--set {key}: a model's settings are only snapshots.* and "
+                             "policy.* keys")
+    from_flat(SnapshotConfig, flat, "snapshots")
+    from_flat(PolicyConfig, flat, "policy")
+
+
 def load_model_bundle(path: str | Path,
                       overrides: Sequence[str] | None = None) -> ModelBundle:
     """Load a model and its settings.
@@ -127,6 +143,7 @@ def load_model_bundle(path: str | Path,
     """
     from common.model import load_model
 
+    check_model_overrides(overrides)  # before the model: a typo answers at once
     path = Path(path).resolve()
     model = load_model(path)
     flat: dict[str, Any] = {}

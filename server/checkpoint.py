@@ -34,7 +34,7 @@ _META, _DIGEST = "__meta__", "__sha256__"
 _LEGACY_GLOB = "round-*.ckpt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupt or not of this format."""
 
 

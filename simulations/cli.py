@@ -329,6 +329,27 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _cutoff(at: str | None) -> str | None:
+    """``--at`` checked before anything loads: ISO-8601, in the range an event may have."""
+    if at is None:
+        return None
+    import pandas as pd
+
+    from common.io import EARLIEST_TIME, FUTURE_SLACK
+
+    try:
+        stamp = pd.Timestamp(at)
+    except (ValueError, TypeError, OverflowError):
+        raise ValueError(f"--at {at!r}: expected an ISO-8601 time, e.g. "
+                         "2025-03-01T00:00:00Z") from None
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    latest = pd.Timestamp.now(tz="UTC") + FUTURE_SLACK
+    if not EARLIEST_TIME <= stamp <= latest:
+        raise ValueError(f"--at {at}: expected a time between {EARLIEST_TIME:%Y-%m-%d} and "
+                         f"{latest:%Y-%m-%d %H:%M} UTC")
+    return at
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import time
 
@@ -343,7 +364,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     )
 
     if args.out:
-        scores_path(args.out)  # a bad --out fails now, not after the scoring
+        out = scores_path(args.out)  # a bad --out fails now, not after the scoring
+        if out.exists() and Path(args.events).exists() and out.samefile(args.events):
+            raise ValueError(f"--out {args.out} is the --events file: scores would replace "
+                             "the log; choose another file")
+    at = _cutoff(args.at)
     bundle = load_model_bundle(args.model, args.set)
     _err(f"model: {Path(args.model).resolve()} (settings: {', '.join(bundle.sources)})")
     started = time.perf_counter()
@@ -356,10 +381,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     warm_up(bundle.model)
     compiled = time.perf_counter()
-    scores = score_events(bundle.model, log.events, args.at, bundle.snapshots, bundle.policy,
+    scores = score_events(bundle.model, log.events, at, bundle.snapshots, bundle.policy,
                           progress=progress)
     seconds = time.perf_counter() - compiled
     _err("")
+    if len(scores) == 0:
+        ts = log.events["timestamp"]
+        raise ValueError(
+            f"no user of {args.events} has events in the "
+            f"{bundle.snapshots.observation_days:g} days before the cutoff "
+            f"{at or 'after the last event'} (the log spans {ts.min():%Y-%m-%d} .. "
+            f"{ts.max():%Y-%m-%d}): nothing to score; choose --at inside the log")
     if args.out:
         path = write_scores(scores, args.out)
         print(f"wrote {len(scores):,} scores to {path}")
@@ -496,7 +528,10 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
         write_federation,
     )
 
+    from simulations.experiment import experiment_from_flat
+
     flat = apply_overrides(load_preset(args.preset), args.set)
+    experiment_from_flat(flat)  # every key of every section, as the other commands check
     fed = generate_federation(synth_config_from_preset(flat), seed=args.seed)
     paths = write_federation(fed, Path(args.out))
     print(fed.summary())
@@ -631,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     key = (args.command, getattr(args, "data_command", None))
     try:
         return handlers[key](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         text = _user_error(err, args)
         if text is None:  # not the user's input nor the machine: a bug, so show where

@@ -116,11 +116,18 @@ class SynthConfig:
         _check(0 <= self.churn_rate < 1, key("churn_rate"), "must be in [0, 1)")
         _check(0 < self.campaign_share <= 1, key("campaign_share"), "must be in (0, 1]")
         try:
-            pd.Timestamp(self.start)
+            start = pd.Timestamp(self.start)
         except (TypeError, ValueError):
             raise ValueError(
                 f"config key 'synthetic.start': expected a date like 2025-01-01, got {self.start!r}"
             ) from None
+        from common.io import EARLIEST_TIME
+
+        # The generated log must pass the loader's plausibility check it will meet next.
+        _check(start.tz_localize(None) >= EARLIEST_TIME.tz_localize(None)
+               and start.tz_localize(None) + pd.Timedelta(days=self.days) <= pd.Timestamp.now(),
+               key("start"), f"with synthetic.days={self.days} the log must lie between "
+               f"{EARLIEST_TIME:%Y-%m-%d} and today, got {self.start!r}")
         _check(len(self.actions) >= 2 and self.actions[0] == "none", key("actions"),
                f"must list 'none' first and at least one action, got {self.actions}")
         _check(len(set(self.actions)) == len(self.actions), key("actions"), "has duplicates")

@@ -194,7 +194,7 @@ def test_client_slower_than_the_round_timeout(faulty_run: Simulation) -> None:
 
     # Each round's global weights are FedAvg of exactly that round's on-time replies.
     for g in range(1, ROUNDS + 1):
-        ckpt = faulty_run.run_dir / "checkpoints" / f"round-{g:05d}.ckpt"
+        ckpt = faulty_run.run_dir / "checkpoints" / f"round-{g:05d}.npz"
         got = load_checkpoint(ckpt)["weights"]
         want = _weighted_mean([r for r in train if r["round"] == g])
         assert len(got) == len(want)

@@ -438,6 +438,45 @@ def test_score_and_monitor_commands(events: pd.DataFrame, model, tmp_path: Path,
     assert again.out == "" and "resuming" in again.err and "events 0 " in again.err
 
 
+def test_score_refuses_what_it_would_get_wrong(events: pd.DataFrame, model, tmp_path: Path,
+                                               capsys) -> None:
+    """A cutoff with nobody active, --out over the log, keys the model does not use, an
+    infinite value: each one line and exit 2, never a quiet empty or changed result."""
+    model_path = save_model_bundle(model, SNAP, POLICY, tmp_path / "model.keras")
+    events_path = tmp_path / "events.csv"
+    events.to_csv(events_path, index=False)
+    before = events_path.read_bytes()
+    base = ["score", "--model", str(model_path), "--events", str(events_path)]
+    cases = [
+        (["--at", "2024-01-01"], "has events in the 21 days before the cutoff 2024-01-01"),
+        (["--at", "2200-01-01"], "--at 2200-01-01: expected a time between 1971-01-01"),
+        (["--at", "someday"], "--at 'someday': expected an ISO-8601 time"),
+        (["--out", str(events_path)], "is the --events file"),
+        (["--set", "polcy.risk-threshold=0.9"], "only snapshots.* and policy.* keys"),
+        (["--set", "train.epochs=5"], "only snapshots.* and policy.* keys"),
+        (["--set", "policy.value=inf"], "'policy.value': expected a finite number"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    assert events_path.read_bytes() == before
+    # Keys of other sections are refused before the model is even read.
+    assert main(["score", "--model", str(tmp_path / "missing.keras"), "--events",
+                 str(events_path), "--set", "federation.num-rounds=abc"]) == 2
+    assert "only snapshots.* and policy.* keys" in capsys.readouterr().err
+
+
+def test_data_synth_checks_every_key_and_a_plausible_calendar(tmp_path: Path,
+                                                              capsys) -> None:
+    for setting, message in [("synthtic.num-merchants=3", "unknown config key 'synthtic"),
+                             ("synthetic.start=1900-01-01", "'synthetic.start'")]:
+        assert main(["data", "synth", "--preset", "quick", "--out", str(tmp_path / "x"),
+                     "--set", setting]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_benchmark_monitor_reports_figures(events: pd.DataFrame) -> None:
     figures = benchmark_monitor(None, events.iloc[:5000], SNAP, POLICY,
                                 MonitorConfig(batch=250), predict_fn=_recency_risk)

@@ -490,7 +490,7 @@ class Run:
 
     def weights_after(self, global_round: int) -> list[np.ndarray]:
         return load_checkpoint(self.run_dir / "checkpoints" /
-                               f"round-{global_round:05d}.ckpt")["weights"]
+                               f"round-{global_round:05d}.npz")["weights"]
 
 
 def _overrides(tmp: Path, rounds: int, *extra: str) -> list[str]:
