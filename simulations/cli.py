@@ -521,14 +521,13 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from common.config import apply_overrides
+    from simulations.experiment import experiment_from_flat
     from simulations.synth import (
         generate_federation,
         load_preset,
         synth_config_from_preset,
         write_federation,
     )
-
-    from simulations.experiment import experiment_from_flat
 
     flat = apply_overrides(load_preset(args.preset), args.set)
     experiment_from_flat(flat)  # every key of every section, as the other commands check
