@@ -22,6 +22,8 @@ import gzip
 import io
 import logging
 import lzma
+import os
+import stat
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -359,6 +361,20 @@ def _parse_numbers(raw: pd.Series, source: str, column: str, offset: int) -> pd.
     return pd.Series(values, index=raw.index)
 
 
+def _no_repeats(source: Any, columns: Any, where: str) -> None:
+    """Raise when a column name (stripped, lower-cased) appears more than once."""
+    seen: dict[str, list[int]] = {}
+    for number, column in enumerate(columns, start=1):
+        seen.setdefault(str(column).strip().lower(), []).append(number)
+    for name, numbers in seen.items():
+        if len(numbers) > 1:
+            times = "twice" if len(numbers) == 2 else f"{len(numbers)} times"
+            listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+            raise DataError(f"{source}: column '{name}' appears {times} in the {where} "
+                            f"(columns {listed}); expected each column name once. Rename "
+                            "or remove the repeated column")
+
+
 def _require(source: str, columns: Any, needed: tuple[str, ...], what: str) -> None:
     missing = [c for c in needed if c not in set(columns)]
     if missing:
@@ -499,6 +515,7 @@ def validate_events(df: pd.DataFrame, source: str) -> pd.DataFrame:
         Missing required column, missing user id, unparsable timestamp, unknown event
         name, non-numeric or negative value.
     """
+    _no_repeats(source, df.columns, "frame's columns")
     df = df.rename(columns=lambda c: str(c).strip().lower())
     out = _canonicalise(df.reset_index(drop=True), source)
     return out[list(EVENT_COLUMNS)].reset_index(drop=True)
@@ -514,6 +531,7 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
         Missing column, missing user id, unparsable timestamp, unknown action, or a
         propensity outside (0, 1].
     """
+    _no_repeats(source, df.columns, "frame's columns")
     df = df.rename(columns=lambda c: str(c).strip().lower())
     _require(source, df.columns, ("user_id", "timestamp", "action"), "the interventions log")
     user = _as_string(df["user_id"])
@@ -540,6 +558,23 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
 
 
 # ------------------------------------------------------------------------ detection
+
+
+def _regular_or_folder(path: Path) -> None:
+    """Refuse a pipe, device or socket before anything opens it (a FIFO would block).
+
+    The loader opens a file several times (probe, sniff, parse), which a pipe cannot
+    replay. Raises FileNotFoundError when nothing is at ``path``.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file or folder") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from exc
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DataError(f"{path}: is a pipe (or a device/socket), not a regular file: "
+                        "save it to a file first")
 
 
 def _is_parquet(path: Path) -> bool:
@@ -741,12 +776,14 @@ def detect_format(path: str | Path) -> str:
         Empty file, or nothing fits; the message lists the formats.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+    _regular_or_folder(path)
     found = _sniff(path)
     if found is None:
+        first = [] if path.is_dir() else _head(path, 1)
+        if not path.is_dir() and not first:
+            raise DataError(f"{path}: empty file (no header and no data rows)")
         seen = "a folder without transactions" if path.is_dir() else (
-            "first line: " + ",".join(_head(path, 1)[0]))
+            "first line: " + ",".join(first[0]))
         raise DataError(
             f"{path}: cannot tell the format ({seen}); expected one of "
             f"{', '.join(FORMATS)}: canonical (header with user_id,timestamp,event), "
@@ -866,6 +903,7 @@ def _csv_header(path: Path) -> list[str]:
     rows = _head(path, 1, strip=False)
     if not rows:
         raise DataError(f"{path}: empty file (no header and no data rows)")
+    _no_repeats(path, rows[0], "header")
     return rows[0]
 
 
@@ -876,6 +914,7 @@ def _columns(path: Path) -> list[str]:
             names = pq.read_schema(path).names
         except Exception as exc:  # pyarrow raises several unrelated types here
             raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+        _no_repeats(path, names, "Parquet schema")
     else:
         names = _csv_header(path)
     return [str(c).strip().lower() for c in names]
@@ -921,6 +960,7 @@ def _read_table(path: Path, rules: _Rules, wanted: tuple[str, ...]
         pfile = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several unrelated types here
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    _no_repeats(path, pfile.schema_arrow.names, "Parquet schema")
     columns = [c for c in pfile.schema_arrow.names if lower(c) in wanted]
     _check_parquet_types(path, pfile.schema_arrow, columns)
     offset = 0
@@ -1127,6 +1167,7 @@ def _load_interventions(path: Path, chunksize: int, report: LoadReport,
                         bad_rows: str) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such interventions file")
+    _regular_or_folder(path)
     parts = []
     rules = _Rules(chunksize, bad_rows, report.interventions_dropped)
     for offset, chunk in _read_table(path, rules, INTERVENTION_COLUMNS):
@@ -1167,8 +1208,7 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         column, unparsable timestamp, unknown event name or negative value.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+    _regular_or_folder(path)
     if format not in FORMATS + ("auto",):
         raise ValueError(f"format={format!r}: expected 'auto' or one of {', '.join(FORMATS)}")
     if chunksize < 1:

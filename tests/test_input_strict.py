@@ -10,6 +10,7 @@ import bz2
 import codecs
 import gzip
 import lzma
+import os
 import re
 import time
 import zipfile
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.config import SnapshotConfig
-from common.io import MALFORMED, EventLog, load_events, validate_events
+from common.io import MALFORMED, EventLog, detect_format, load_events, validate_events
 from common.schema import DataError
 from common.snapshots import (
     MAX_CUTOFFS,
@@ -276,6 +277,104 @@ def test_data_check_exits_2_with_what_is_missing(tmp_path: Path,
     with pytest.raises(DataError, match="too short"):  # the 30 kept rows span 28 days
         check(str(path), "--bad-rows", "skip")
     assert "dropped 1 rows: malformed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------ repeated column names
+
+
+@pytest.mark.parametrize("header, name, where", [
+    ("user_id,timestamp,event,item_id,category_id,merchant_id,value,value", "value",
+     "columns 7 and 8"),
+    ("user_id,timestamp,event,user_id,value", "user_id", "columns 1 and 4"),
+    ("user_id,timestamp,event,Value, VALUE ,value", "value", "columns 4, 5 and 6"),
+])
+def test_a_column_named_twice_in_a_csv_header(tmp_path: Path, header: str, name: str,
+                                              where: str) -> None:
+    cells = len(header.split(","))
+    row = ",".join(["u1", "2017-11-02T10:00:00Z", "view"] + ["1"] * (cells - 3))
+    path = write(tmp_path / "twice.csv", header + "\n" + row + "\n")
+    message = error_of(path)
+    assert re.search(rf"twice\.csv: column '{name}' appears .* in the header \({where}\)",
+                     message), message
+    assert "\n" not in message
+
+
+def test_a_column_named_twice_in_a_retailrocket_header(tmp_path: Path) -> None:
+    path = write(tmp_path / "rr.csv", "timestamp,visitorid,event,itemid,transactionid,itemid\n"
+                 "1433221332117,257597,view,355908,,1\n")
+    assert "column 'itemid' appears twice in the header (columns 4 and 6)" in error_of(path)
+
+
+def test_a_field_named_twice_in_a_parquet_schema(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table([["u1"], ["2017-11-02T10:00:00Z"], ["view"], [1.0], [2.0]],
+                     names=["user_id", "timestamp", "event", "value", "value"])
+    pq.write_table(table, tmp_path / "twice.parquet")
+    message = error_of(tmp_path / "twice.parquet")
+    assert "twice.parquet: column 'value' appears twice in the Parquet schema " \
+        "(columns 4 and 5)" in message
+
+
+def test_a_frame_with_a_column_label_twice() -> None:
+    frame = pd.DataFrame([["u1", "2017-11-02", "view", 1, 2]],
+                         columns=["user_id", "timestamp", "event", "value", "value"])
+    with pytest.raises(DataError, match=r"^frame: column 'value' appears twice .*"
+                                        r"\(columns 4 and 5\)"):
+        validate_events(frame, "frame")
+    frame.columns = ["user_id", "timestamp", "event", "USER_ID", "value"]
+    with pytest.raises(DataError, match=r"column 'user_id' appears twice .*columns 1 and 4"):
+        validate_events(frame, "frame")
+
+
+# ----------------------------------------------------------- pipes, devices, sockets
+
+PIPE = r"is a pipe \(or a device/socket\), not a regular file: save it to a file first"
+
+
+@pytest.mark.timeout(30)
+def test_a_named_fifo_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "f.csv"
+    os.mkfifo(fifo)  # nobody writes: opening it would block forever
+    with pytest.raises(DataError, match=rf"f\.csv: {PIPE}"):
+        load_events(fifo)
+    with pytest.raises(DataError, match=PIPE):
+        detect_format(fifo)
+    with pytest.raises(DataError, match=PIPE):
+        load_events(write(tmp_path / "ok.csv", HEADER + GOOD), interventions_path=fifo)
+
+
+@pytest.mark.timeout(30)
+def test_process_substitution_pipe_is_refused(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, (HEADER + GOOD).encode())
+        os.close(write_end)
+        path = Path(f"/dev/fd/{read_end}")
+        if not path.exists():
+            pytest.skip("no /dev/fd on this system")
+        with pytest.raises(DataError, match=PIPE):
+            detect_format(path)
+        with pytest.raises(DataError, match=PIPE):
+            load_events(path)
+    finally:
+        os.close(read_end)
+
+
+def test_a_device_is_refused_and_a_missing_path_stays_not_found(tmp_path: Path) -> None:
+    if Path("/dev/null").exists():
+        with pytest.raises(DataError, match=PIPE):
+            load_events("/dev/null")
+    with pytest.raises(FileNotFoundError):
+        detect_format(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", " , ,\n"])
+def test_detect_format_of_an_empty_file_is_a_data_error(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path / "empty.csv", text)
+    with pytest.raises(DataError, match="empty file"):
+        detect_format(path)
 
 
 # ------------------------------------------------------------------ property tests
