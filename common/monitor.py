@@ -70,6 +70,7 @@ import numpy as np
 import pandas as pd
 
 from common.config import PolicyConfig, SnapshotConfig, to_flat
+from common.io import EARLIEST_TIME
 from common.policy import choose_actions
 from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES
 from common.scoring import (
@@ -90,8 +91,11 @@ log = logging.getLogger(__name__)
 STATE_FILE = "monitor.npz"
 STATE_SUMMARY = "monitor.json"
 LEGACY_STATE_FILE = "monitor.state"  # version 1 (a pickle): refused, never loaded
-_STATE_VERSION = 2
+_STATE_VERSION = 3  # 3: the SHA-256 covers the meta JSON too (2 covered the arrays only)
 _SECOND = 1_000_000_000
+_EARLIEST_NS = int(EARLIEST_TIME.as_unit("ns").value)  # the batch loader's bound (1971-01-01)
+_EARLIEST_TEXT = f"{EARLIEST_TIME:%Y-%m-%d}"
+_DAY_NS = 86_400 * _SECOND
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EVENT_CODES = {name: i for i, name in enumerate(EVENT_TYPES)}
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -191,7 +195,18 @@ def _number_ns(value: float | int) -> int:
 
 
 def parse_timestamp(value: Any) -> int:
-    """Unix ns from ISO-8601 text, unix seconds or milliseconds (naive = UTC)."""
+    """Unix ns from ISO-8601 text, unix seconds or milliseconds (naive = UTC).
+
+    Times before :data:`common.io.EARLIEST_TIME` (1971-01-01) are malformed, as the
+    batch loader refuses them: placeholders (0) or unit mistakes, not behaviour.
+    """
+    ns = _parse_timestamp(value)
+    if ns < _EARLIEST_NS:
+        raise Malformed(f"timestamp: before {_EARLIEST_TEXT}")
+    return ns
+
+
+def _parse_timestamp(value: Any) -> int:
     if isinstance(value, bool) or value is None:
         raise Malformed("timestamp: missing")
     if isinstance(value, (int, float)):
@@ -281,6 +296,22 @@ def _parse_event(line: str | bytes) -> tuple[str, str, int, int, str, float, str
         value,
         (item.strip() if item.__class__ is str else _ident(item, "item_id")) or "",
     )
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+                     r"\ufeff\ud800-\udfff]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character as ``\\xNN`` (``\\uNNNN`` above 0xff).
+
+    C0 and C1 controls (ESC included), DEL, line/paragraph separators, bidi overrides,
+    zero-width characters and lone surrogates: whoever writes the input cannot move the
+    operator's cursor, recolour or rewrite the terminal, or hide text in what is shown.
+    Ordinary text, backslashes included, is left as it is.
+    """
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) <= 0xff
+                       else f"\\u{ord(m[0]):04x}", text)
 
 
 # ------------------------------------------------------------------------- user state
@@ -405,7 +436,7 @@ class Monitor:
         if len(self.malformed_examples) < 10:
             text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
             self.malformed_examples.append(
-                f"line {self.stats.lines}: {reason}: {text.strip()[:120]}")
+                escape_controls(f"line {self.stats.lines}: {reason}: {text.strip()[:120]}"))
 
     def add_event(self, merchant: str, user: str, ns: int, code: int, cat: str, value: float,
                   item: str = "", read_at: float = 0.0) -> None:
@@ -649,8 +680,8 @@ class Monitor:
             "clock_ns": self.clock_ns, "last_sweep_ns": self._last_sweep_ns,
             "pending": self.pending, "since_checkpoint": self.since_checkpoint,
             "stats": self.stats.as_dict(), "position": dict(position or {}),
-            "sha256": _digest(arrays),
         }
+        meta["sha256"] = _digest(arrays, meta)
         blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path = state_dir / STATE_FILE
         _atomic_write(path, lambda fh: np.savez(fh, meta=blob, **arrays))
@@ -707,7 +738,9 @@ class Monitor:
             if (Path(state_dir) / LEGACY_STATE_FILE).exists():
                 has_state(state_dir)  # raises, naming the old file
             raise FileNotFoundError(f"no monitor state in {state_dir} ({STATE_FILE})")
-        meta, arrays = _read_state(path)
+        latest = (time.time_ns() + max(_DAY_NS, self._future_ns) if self._future_ns
+                  else int(_NS_LIMIT))  # the latest clock this monitor could have reached
+        meta, arrays = _read_state(path, latest)
         mine = self._fingerprint()
         saved = meta["snapshots"] if isinstance(meta.get("snapshots"), dict) else {}
         diff = sorted(k for k in mine if saved.get(k) != mine[k])
@@ -767,18 +800,105 @@ def _unpack_strings(text: np.ndarray, offsets: np.ndarray, count: int, name: str
     return [data[a:b].decode("utf-8", "surrogatepass") for a, b in pairwise(bounds)]
 
 
-def _digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over the arrays' names, dtypes, shapes and bytes (in name order)."""
+def _digest(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> str:
+    """SHA-256 over the arrays' names, dtypes, shapes and bytes (in name order), then
+    over the meta JSON (all but ``sha256``, keys sorted, compact)."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
         h.update(a.tobytes())
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    h.update(b"meta:" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()
 
 
-def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The meta dict and the arrays of a state file, checked; ValueError naming ``path``."""
+def _shown(value: Any) -> str:
+    text = escape_controls(repr(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_meta(meta: Mapping[str, Any], where: str, latest_ns: int | None = None) -> None:
+    """Raise ``ValueError`` ("<where>: meta field position.offset is -50, expected an
+    integer >= 0") unless every field of a state's meta has the type and range
+    :meth:`Monitor.save` writes. Times are unix ns from 1971-01-01 to ``latest_ns``
+    (default: now + 1 day) or null; offsets, sizes and counters are integers >= 0.
+    """
+    latest = time.time_ns() + _DAY_NS if latest_ns is None else int(latest_ns)
+
+    def fail(name: str, value: Any, expected: str) -> None:
+        raise ValueError(f"{where}: meta field {name} is {_shown(value)}, expected {expected}")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def count(name: str, value: Any) -> None:
+        if not is_int(value) or value < 0:
+            fail(name, value, "an integer >= 0")
+
+    def text(name: str, value: Any) -> None:
+        if not isinstance(value, str):
+            fail(name, value, "a string")
+
+    def table(name: str, value: Any, keys: Iterable[str], required: bool) -> dict:
+        if not isinstance(value, dict):
+            fail(name, value, "a JSON object")
+        allowed = set(keys)
+        extra = sorted(map(str, set(value) - allowed))
+        if extra:
+            fail(f"{name}.{extra[0]}", value[extra[0]], f"no such field (one of "
+                 f"{', '.join(sorted(allowed))})")
+        missing = sorted(allowed - set(value)) if required else []
+        if missing:
+            raise ValueError(f"{where}: meta field {name}.{missing[0]} is missing")
+        return value
+
+    table("meta", dict(meta), ("version", "snapshots", "clock_ns", "last_sweep_ns", "pending",
+                               "since_checkpoint", "stats", "position", "sha256"), True)
+    if not isinstance(meta["snapshots"], dict):
+        fail("snapshots", meta["snapshots"], "a JSON object")
+    text("sha256", meta["sha256"])
+    span = (f"null or an integer time (unix ns) from {_EARLIEST_TEXT} to "
+            f"{pd.Timestamp(min(latest, int(_NS_LIMIT)), unit='ns'):%Y-%m-%d %H:%M} UTC")
+    for key in ("clock_ns", "last_sweep_ns"):
+        value = meta[key]
+        if value is not None and (not is_int(value) or not _EARLIEST_NS <= value <= latest):
+            fail(key, value, span)
+    clock, last_sweep = meta["clock_ns"], meta["last_sweep_ns"]
+    if (clock is None) != (last_sweep is None) or (clock is not None and last_sweep > clock):
+        fail("last_sweep_ns", last_sweep, "null with clock_ns, else a time <= clock_ns "
+             f"({clock!r})")
+    count("pending", meta["pending"])
+    count("since_checkpoint", meta["since_checkpoint"])
+    fields = [f.name for f in dataclasses.fields(MonitorStats)]
+    stats = table("stats", meta["stats"], fields, True)
+    for name in fields:
+        if name != "reasons":
+            count(f"stats.{name}", stats[name])
+    reasons = stats["reasons"]
+    if not isinstance(reasons, dict):
+        fail("stats.reasons", reasons, "a JSON object")
+    for name, value in reasons.items():
+        count(f"stats.reasons.{escape_controls(name)[:40]}", value)
+    position = table("position", meta["position"], ("path", "inode", "offset", "output"),
+                     False)
+    if "path" in position:
+        text("position.path", position["path"])
+    for key in ("inode", "offset"):
+        if key in position:
+            count(f"position.{key}", position[key])
+    if "output" in position:
+        output = table("position.output", position["output"], ("path", "size"), True)
+        text("position.output.path", output["path"])
+        count("position.output.size", output["size"])
+
+
+def _read_state(path: Path, latest_ns: int | None = None
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The meta dict and the arrays of a state file, checked; ValueError naming ``path``.
+
+    ``latest_ns``: the latest stream clock accepted (see :func:`check_meta`).
+    """
     if path.is_dir():
         raise ValueError(f"{path}: a folder where the monitor state file should be")
     try:
@@ -810,18 +930,22 @@ def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = json.loads(arrays.pop("meta").tobytes())
     except (ValueError, RecursionError):
         raise ValueError(f"{path}: not a monitor state file (unreadable metadata)") from None
-    if not isinstance(meta, dict) or meta.get("version") != _STATE_VERSION:
-        version = meta.get("version") if isinstance(meta, dict) else None
-        raise ValueError(f"{path}: state version {version!r}, this fedecay reads "
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a monitor state file (metadata is not a JSON object)")
+    version = meta.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) \
+            and 2 <= version < _STATE_VERSION:
+        raise ValueError(f"{path}: a monitor state of an older fedecay (state version "
+                         f"{version}, whose SHA-256 does not cover its metadata; this fedecay "
+                         f"reads version {_STATE_VERSION}); replay the input into a new "
+                         "--state folder")
+    if version != _STATE_VERSION:
+        raise ValueError(f"{path}: state version {_shown(version)}, this fedecay reads "
                          f"{_STATE_VERSION}")
-    if meta.get("sha256") != _digest(arrays):
+    if meta.get("sha256") != _digest(arrays, meta):
         raise ValueError(f"{path}: the state's contents do not match their SHA-256 "
                          "(the file was altered or damaged)")
-    for key, kind in (("clock_ns", (int, type(None))), ("last_sweep_ns", (int, type(None))),
-                      ("pending", int), ("since_checkpoint", int), ("stats", dict),
-                      ("position", dict)):
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise ValueError(f"{path}: state metadata {key!r} is missing or of a wrong type")
+    check_meta(meta, str(path), latest_ns)
     return meta, arrays
 
 
@@ -843,6 +967,10 @@ def _restore(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
                                  "category")
     items = _unpack_strings(arrays["item_text"], arrays["item_offsets"], total, "item")
     ns, event, cat = arrays["ns"], arrays["event"], arrays["cat"]
+    for name in ("ns", "t_ref", "first_ns"):
+        times = arrays[name]
+        if len(times) and (times.min() < _EARLIEST_NS or times.max() >= _NS_LIMIT):
+            raise ValueError(f"{name} holds times before {_EARLIEST_TEXT} or out of range")
     if total and (event.min() < 0 or event.max() >= len(EVENT_TYPES)
                   or cat.min() < 0 or cat.max() >= n_cats):
         raise ValueError("event or category codes out of range")

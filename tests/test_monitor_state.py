@@ -23,6 +23,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,8 +39,10 @@ from common.monitor import (
     Malformed,
     Monitor,
     MonitorConfig,
+    _digest,
     _LineReader,
     alert_id,
+    check_meta,
     has_state,
     parse_event,
     prepare_state_dir,
@@ -160,6 +163,119 @@ def test_old_state_is_named_and_refused(tmp_path: Path) -> None:
         has_state(folder)
     with pytest.raises(ValueError, match="older fedecay"):
         _monitor([]).load_state(folder)
+
+
+def _rewrite_meta(path: Path, *, resign: bool, **edits: Any) -> None:
+    """Edit meta fields (``position__offset=-50`` sets meta["position"]["offset"]; the
+    value ``...`` deletes the field); ``resign`` recomputes the SHA-256 as the code does,
+    as someone who knows the format could."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays.pop("meta").tobytes())
+    for dotted, value in edits.items():
+        *parents, last = dotted.split("__")
+        target = meta
+        for key in parents:
+            target = target.setdefault(key, {})
+        if value is ...:
+            del target[last]
+        else:
+            target[last] = value
+    if resign:
+        meta["sha256"] = _digest(arrays, meta)
+    np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+
+
+def _refused(state: Path, match: str, **config: Any) -> str:
+    monitor = _monitor([], **config)
+    with pytest.raises(ValueError, match=match) as err:
+        monitor.load_state(state)
+    message = str(err.value)
+    assert message.startswith(str(state / STATE_FILE)) and "\n" not in message
+    assert len(monitor) == 0 and monitor.clock_ns is None  # left as it was
+    return message
+
+
+def test_meta_edits_fail_the_checksum(state: Path) -> None:
+    path = state / STATE_FILE
+    good = path.read_bytes()
+    for edit in [{"position__offset": -50}, {"position__offset": 8},  # plausible, still caught
+                 {"position__output": {"path": "/o", "size": -1}}, {"clock_ns": 2**63 - 1},
+                 {"stats__alerts": 0}, {"pending": 0}, {"snapshots__extra": 1}]:
+        path.write_bytes(good)
+        _rewrite_meta(path, resign=False, **edit)
+        _refused(state, "do not match their SHA-256")
+    path.write_bytes(good)
+    _rewrite_meta(path, resign=True)  # re-signing an unchanged meta: still loads
+    assert _monitor([]).load_state(state) == {"path": "/x", "inode": 1, "offset": 7}
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"position__offset": -50}, "meta field position.offset is -50, expected an integer >= 0"),
+    ({"position__offset": 7.0}, "meta field position.offset is 7.0, expected an integer >= 0"),
+    ({"position__inode": "1"}, "meta field position.inode is '1', expected an integer >= 0"),
+    ({"position__path": 3}, "meta field position.path is 3, expected a string"),
+    ({"position__output": {"path": "/o", "size": -1}},
+     "meta field position.output.size is -1, expected an integer >= 0"),
+    ({"position__output": {"path": "/o"}}, "meta field position.output.size is missing"),
+    ({"position__output": [1]}, "meta field position.output is \\[1\\], expected a JSON object"),
+    ({"position__evil": 1}, "meta field position.evil is 1, expected no such field"),
+    ({"position": "x"}, "meta field position is 'x', expected a JSON object"),
+    ({"clock_ns": 2**63 - 1}, "meta field clock_ns is 9223372036854775807, expected null or "
+     "an integer time \\(unix ns\\) from 1971-01-01 to "),
+    ({"clock_ns": 0}, "meta field clock_ns is 0, expected null or an integer time"),
+    ({"clock_ns": -(2**70)}, "meta field clock_ns is -1180591620717411303424, expected"),
+    ({"clock_ns": "2025-01-01"}, "meta field clock_ns is '2025-01-01', expected null or"),
+    ({"clock_ns": None}, "meta field last_sweep_ns is .*, expected null with clock_ns"),
+    ({"last_sweep_ns": True}, "meta field last_sweep_ns is True, expected null or an integer"),
+    ({"last_sweep_ns": 2**62}, "meta field last_sweep_ns is 4611686018427387904, expected"),
+    ({"pending": -1}, "meta field pending is -1, expected an integer >= 0"),
+    ({"since_checkpoint": ...}, "meta field meta.since_checkpoint is missing"),
+    ({"stats__events": -1}, "meta field stats.events is -1, expected an integer >= 0"),
+    ({"stats__alerts": 1.5}, "meta field stats.alerts is 1.5, expected an integer >= 0"),
+    ({"stats__sweeps": ...}, "meta field stats.sweeps is missing"),
+    ({"stats__bogus": 1}, "meta field stats.bogus is 1, expected no such field"),
+    ({"stats__reasons": {"x\x1b[2J": -2}},
+     "meta field stats.reasons.x\\\\x1b\\[2J is -2, expected an integer >= 0"),
+    ({"stats__reasons": []}, "meta field stats.reasons is \\[\\], expected a JSON object"),
+    ({"snapshots": 5}, "meta field snapshots is 5, expected a JSON object"),
+])
+def test_implausible_meta_fields_are_named(state: Path, edit: dict, message: str) -> None:
+    path = state / STATE_FILE
+    _rewrite_meta(path, resign=True, **edit)  # passes the checksum: the check names the field
+    _refused(state, message)
+    # The same check, called directly on the meta dict.
+    with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(npz["meta"].tobytes())
+    with pytest.raises(ValueError, match=f"^here: {message}"):
+        check_meta(meta, "here")
+
+
+def test_meta_check_accepts_what_save_writes(tmp_path: Path) -> None:
+    position = {"path": "/in", "inode": 5, "offset": 0, "output": {"path": "/o", "size": 0}}
+    for lines in ([], _lines(50)):
+        monitor = _monitor([])
+        monitor.feed_lines(lines)
+        monitor.save(tmp_path / "s", position)
+        with np.load(tmp_path / "s" / STATE_FILE, allow_pickle=False) as npz:
+            check_meta(json.loads(npz["meta"].tobytes()), "s")
+        assert _monitor([]).load_state(tmp_path / "s") == position
+    # A clock past now + 1 day is refused, unless the monitor accepts such events.
+    _rewrite_meta(tmp_path / "s" / STATE_FILE, resign=True, clock_ns=4_102_444_800 * 10**9,
+                  last_sweep_ns=4_102_444_800 * 10**9)  # 2100-01-01
+    _refused(tmp_path / "s", "meta field clock_ns is 4102444800000000000, expected")
+    _refused(tmp_path / "s", "meta field clock_ns", max_future_hours=24)
+    assert _monitor([], max_future_hours=0).load_state(tmp_path / "s") == position
+    assert _monitor([], max_future_hours=10**6).load_state(tmp_path / "s") == position
+
+
+def test_version_2_state_is_named_and_refused(state: Path) -> None:
+    _rewrite_meta(state / STATE_FILE, resign=False, version=2)
+    message = _refused(state, "older fedecay .*state version 2.*new --state folder")
+    assert "reads version 3" in message
+    _rewrite_meta(state / STATE_FILE, resign=False, version="3\x1b[31m")
+    message = _refused(state, "state version '3\\\\x1b\\[31m', this fedecay reads 3")
+    assert "\x1b" not in message
 
 
 def test_state_folder_that_is_a_file_is_refused_up_front(tmp_path: Path, capsys) -> None:
@@ -334,6 +450,64 @@ def test_parse_event_hostile_examples() -> None:
                  + "}", b"\xff\xfe{", '{"user_id": "\\ud800", "event": "view"}']:
         with pytest.raises(Malformed):
             parse_event(line)
+
+
+def test_events_before_1971_are_malformed_as_the_batch_loader_refuses_them() -> None:
+    old = [{"user_id": "old1", "timestamp": "1900-01-02T00:00:00Z", "event": "purchase",
+            "value": 5},
+           {"user_id": "old2", "timestamp": 0, "event": "view"},
+           {"user_id": "old3", "timestamp": "0", "event": "view"},
+           {"user_id": "old4", "timestamp": 31_535_999.5, "event": "view"},  # 1970-12-31
+           {"user_id": "old5", "timestamp": "1970-12-31T23:59:59.999999999Z", "event": "view"},
+           {"user_id": "old6", "timestamp": -86_400, "event": "view"},
+           {"user_id": "old7", "timestamp": "1500-06-01", "event": "view"}]
+    for rec in old:
+        with pytest.raises(Malformed, match="^timestamp: before 1971-01-01$"):
+            parse_event(json.dumps(rec))
+    first = {"user_id": "ok", "timestamp": "1971-01-01T00:00:00Z", "event": "view"}
+    assert parse_event(json.dumps(first))[2] == 31_536_000 * 10**9  # the bound itself is fine
+    monitor = _monitor([])
+    monitor.feed_lines([json.dumps(rec) for rec in old] + _lines(3))
+    assert monitor.stats.malformed == len(old) and monitor.stats.events == 3
+    assert monitor.stats.reasons == {"timestamp": len(old)}
+    assert all(": timestamp: before 1971-01-01: " in ex for ex in monitor.malformed_examples)
+    assert all(user.startswith("u") for _, user in monitor.users)
+
+
+def _unsafe(text: str) -> list[str]:
+    return [c for c in text if ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f
+            or c in "\u2028\u2029\u202e\u200b\ufeff" or 0xd800 <= ord(c) <= 0xdfff]
+
+
+def test_malformed_examples_never_carry_control_characters(tmp_path: Path) -> None:
+    hostile = [
+        '{"user_id": "a", \x1b[31mred\x1b[0m',  # not JSON, raw ESC sequences
+        '{"user_id": "b", "timestamp": "2025-01-01", "event": "view\x1b]0;pwned\x07"}',
+        "\x1b[2J\x1b[H\rfake: all good\x08\x7f\x9b31m\u202etxt.exe\u2028\ufeff\x00",
+        json.dumps({"user_id": "c", "timestamp": "2025-01-01", "event": "\x1b[1mview"}),
+    ]
+    monitor = _monitor([])
+    monitor.feed_lines(hostile)
+    monitor.feed(b"\x1b[5m\xff\xfe\x9b{")  # bytes, invalid UTF-8 too
+    monitor.feed("\ud800\x1b oops")  # a lone surrogate cannot reach stderr either
+    monitor.skip_line("line too long", "\x1b[31m")
+    examples = monitor.malformed_examples
+    assert len(examples) == len(hostile) + 3
+    for example in examples:
+        assert not _unsafe(example), example
+        example.encode("utf-8")  # printable as it is
+    assert examples[0] == ('line 1: not valid JSON: {"user_id": "a", \\x1b[31mred\\x1b[0m')
+    assert "\\x1b[2J\\x1b[H\\x0dfake: all good\\x08\\x7f\\x9b31m\\u202etxt.exe" in examples[2]
+    assert examples[3].startswith("line 4: event: expected one of view, click, cart, favorite, "
+                                  "purchase, got '\\x1b[1mview': {\"user_id\": \"c\", ")
+    # ... and so are the lines run_stream reports (the CLI prints them on stderr).
+    path = tmp_path / "events.jsonl"
+    path.write_bytes("\n".join(hostile).encode("utf-8") + b"\n\x1b[31m\x9b\n")
+    reports: list[str] = []
+    run_stream(_monitor([]), path, report=reports.append)
+    shown = [r for r in reports if r.startswith("malformed")]
+    assert len(shown) == len(hostile) + 1
+    assert not any(_unsafe(r) for r in reports)
 
 
 @settings(max_examples=200, deadline=2000)
