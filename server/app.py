@@ -331,24 +331,26 @@ class ResumeError(ValueError):
     """A run that cannot be resumed without losing what it already wrote."""
 
 
-def find_resume_state(run_dir: Path) -> dict[str, Any] | None:
+def find_resume_state(run_dir: Path, *, report: bool = True) -> dict[str, Any] | None:
     """The state of the newest intact checkpoint in ``run_dir/checkpoints``.
 
     Damaged checkpoints are passed over, newest first, each with a warning that names
     it. None when the folder holds no outputs of an earlier run at all (the run then
     starts at round 1); :class:`ResumeError` when it does but no checkpoint is usable,
-    so nothing that run wrote is deleted.
+    so nothing that run wrote is deleted. ``report=False`` checks without logging (a
+    caller that checks before the run starts, which then reports once).
     """
+    say = log.warning if report else log.debug
     ckpt_dir = run_dir / "checkpoints"
     problems = []
     for path, state, reason in usable_checkpoints(ckpt_dir):
         if state is None:
-            log.warning("checkpoint %s is unusable (%s): trying an older one", path, reason)
+            say("checkpoint %s is unusable (%s): trying an older one", path, reason)
             problems.append(f"{path.name}: {reason}")
             continue
         if problems:
-            log.warning("resuming from %s, the newest intact checkpoint (round %d)",
-                        path.name, state["round"])
+            say("resuming from %s, the newest intact checkpoint (round %d)", path.name,
+                state["round"])
         log.info("resuming from %s: %d rounds done", path.name, state["round"])
         return state
     problems += [f"{p.name}: old pickle format, never loaded" for p in

@@ -172,7 +172,7 @@ def resume_experiment(run_dir: Path, overrides: Mapping[str, Any]) -> Experiment
             f"{', '.join(RESUME_MAY_CHANGE)}")
     flat = {**flat, **changed}
     exp = experiment_from_flat({**flat, "federation.resume": True})
-    state = find_resume_state(run_dir)
+    state = find_resume_state(run_dir, report=False)  # the server reports it once
     done = 0 if state is None else int(state["round"])
     if done > exp.federation.num_rounds:
         raise ResumeError(f"--resume: {run_dir} has {done} rounds done, more than "
