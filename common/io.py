@@ -53,6 +53,13 @@ from common.schema import (
     empty_events,
     empty_interventions,
 )
+from common.timestamps import (
+    EARLIEST_TIME,
+    FUTURE_SLACK,
+    NUMBER,
+    iso_to_ns,
+    numbers_to_ns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +87,6 @@ NO_HOME_STORE = "household without kept transactions"
 #: a stray separator, an unterminated quote): raise, or drop them and count them.
 BAD_ROWS: tuple[str, ...] = ("error", "skip")
 MALFORMED = "malformed CSV row (wrong number of fields or an unterminated quote)"
-#: Times before this are placeholders (0 = 1970-01-01) or a unit mistake (unix seconds
-#: read as milliseconds land in January 1970), not behaviour. Later than now plus
-#: ``FUTURE_SLACK`` is a clock or year error. Rows outside ``start``/``end`` are
-#: dropped (and counted) before this check, so a window is the way to keep such a log.
-EARLIEST_TIME = pd.Timestamp("1971-01-01", tz="UTC")
-FUTURE_SLACK = pd.Timedelta(days=1)
 #: Largest accepted ``value``: no single event is worth 1e12 in any currency, and far
 #: below it sums and log1p features stay finite in float32/float64.
 MAX_VALUE = 1e12
@@ -96,11 +97,8 @@ _CSV_SUFFIXES = (".csv", ".csv.gz")
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
 _PROBE_BYTES = 1 << 16  # bytes of (decompressed) text checked for the encoding up front
 _MAX_SKIPPED_TEXTS = 10_000  # distinct skipped rows remembered to number later lines
-_NS_LIMIT = 9.2e18  # datetime64[ns] covers about +-9.22e18 ns around 1970
-_MS_THRESHOLD = 1e11  # numbers above this are unix milliseconds (1e11 s is the year 5138)
 _SHOW = 5  # offending rows quoted in an error message
 _BLOCK_BYTES = 16 << 20  # CSV bytes parsed at a time (chunks are cut from these blocks)
-_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _STRING_TYPES = {pa.string(): STRING, pa.large_string(): STRING}
 
 
@@ -274,7 +272,7 @@ def _numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         values = pc.cast(arr, pa.float64())  # fast path: every non-null cell is a number
         return values.to_numpy(zero_copy_only=False), _valid(arr)
     except pa.ArrowInvalid:
-        looks = pc.fill_null(pc.match_substring_regex(arr, _NUMBER), False)
+        looks = pc.fill_null(pc.match_substring_regex(arr, NUMBER), False)
         values = pc.cast(pc.if_else(looks, arr, pa.scalar(None, arr.type)), pa.float64())
         return values.to_numpy(zero_copy_only=False), looks.to_numpy(zero_copy_only=False)
 
@@ -303,24 +301,10 @@ def _parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
         values, is_num = _numbers(text)
     ns = np.full(len(raw), np.iinfo(np.int64).min, dtype=np.int64)  # NaT
     if is_num.any():
-        if unit is None:
-            scale = np.where(np.abs(values) > _MS_THRESHOLD, 10**6, 10**9)
-        else:
-            scale = np.full(len(raw), {"s": 10**9, "ms": 10**6}[unit])
-        with np.errstate(invalid="ignore"):
-            ok = is_num & (np.abs(values * scale) < _NS_LIMIT)
-        # integer part times an integer scale stays exact; only fractions are rounded
-        whole = np.floor(np.where(ok, values, 0.0))
-        frac = np.where(ok, values, 0.0) - whole
-        exact = whole.astype(np.int64) * scale + np.round(frac * scale).astype(np.int64)
+        exact, ok = numbers_to_ns(values, is_num, unit)
         ns = np.where(ok, exact, ns)
     if text is not None and not is_num.all():
-        rest = pd.Series(STRING.__from_arrow__(text.filter(pa.array(~is_num))))
-        iso = pd.to_datetime(rest, format="ISO8601", utc=True, errors="coerce")
-        # parsed at a coarser unit, so years past 2262 must become NaT before going to ns
-        fits = iso.between(pd.Timestamp.min.tz_localize("UTC"),
-                           pd.Timestamp.max.tz_localize("UTC"))
-        ns[~is_num] = iso.where(fits).dt.as_unit("ns").array.asi8
+        ns[~is_num] = iso_to_ns(pd.Series(STRING.__from_arrow__(text.filter(pa.array(~is_num)))))
     parsed = pd.Series(pd.to_datetime(ns, unit="ns", utc=True), index=raw.index)
     bad = parsed.isna().to_numpy()
     if bad.any():

@@ -61,7 +61,6 @@ import time
 import zipfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import UTC, datetime, timedelta
 from itertools import chain, pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,8 +68,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from common import timestamps
 from common.config import PolicyConfig, SnapshotConfig, to_flat
-from common.io import EARLIEST_TIME
 from common.policy import choose_actions
 from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES
 from common.scoring import (
@@ -82,6 +81,7 @@ from common.scoring import (
     warm_up,
 )
 from common.snapshots import DAY, Snapshots, hash_categories
+from common.timestamps import EARLIEST_NS, NS_LIMIT
 
 if TYPE_CHECKING:
     import keras
@@ -93,14 +93,9 @@ STATE_SUMMARY = "monitor.json"
 LEGACY_STATE_FILE = "monitor.state"  # version 1 (a pickle): refused, never loaded
 _STATE_VERSION = 3  # 3: the SHA-256 covers the meta JSON too (2 covered the arrays only)
 _SECOND = 1_000_000_000
-_EARLIEST_NS = int(EARLIEST_TIME.as_unit("ns").value)  # the batch loader's bound (1971-01-01)
-_EARLIEST_TEXT = f"{EARLIEST_TIME:%Y-%m-%d}"
+_EARLIEST_TEXT = timestamps.earliest_text()
 _DAY_NS = 86_400 * _SECOND
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EVENT_CODES = {name: i for i, name in enumerate(EVENT_TYPES)}
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_MS_THRESHOLD = 1e11  # numbers above this are unix milliseconds (as common.io)
-_NS_LIMIT = 9.2e18
 _SCORE_BATCH = 8192  # users per feature/predict pass of a sweep
 _READ_BYTES = 64 << 10  # input read at a time: small reads keep alert latency low
 Alert = dict[str, Any]
@@ -182,62 +177,20 @@ def _ident(value: Any, name: str) -> str | None:
     return str(value)
 
 
-def _number_ns(value: float | int) -> int:
-    scale = 1_000_000 if abs(value) > _MS_THRESHOLD else _SECOND
-    if isinstance(value, int):
-        ns = value * scale
-    else:
-        whole = math.floor(value)
-        ns = int(whole) * scale + round((value - whole) * scale)
-    if abs(ns) >= _NS_LIMIT:
-        raise Malformed("timestamp: out of range")
-    return ns
-
-
 def parse_timestamp(value: Any) -> int:
     """Unix ns from ISO-8601 text, unix seconds or milliseconds (naive = UTC).
 
-    Times before :data:`common.io.EARLIEST_TIME` (1971-01-01) are malformed, as the
-    batch loader refuses them: placeholders (0) or unit mistakes, not behaviour.
+    The rules are :func:`common.timestamps.parse_timestamp`'s. Times before
+    :data:`common.timestamps.EARLIEST_TIME` (1971-01-01) are malformed, as the batch
+    loader refuses them: placeholders (0) or unit mistakes, not behaviour.
     """
-    ns = _parse_timestamp(value)
-    if ns < _EARLIEST_NS:
+    try:
+        ns = timestamps.parse_timestamp(value)
+    except timestamps.TimestampError as err:
+        raise Malformed(str(err)) from None
+    if ns < EARLIEST_NS:
         raise Malformed(f"timestamp: before {_EARLIEST_TEXT}")
     return ns
-
-
-def _parse_timestamp(value: Any) -> int:
-    if isinstance(value, bool) or value is None:
-        raise Malformed("timestamp: missing")
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise Malformed("timestamp: not a finite number")
-        return _number_ns(value)
-    if not isinstance(value, str):
-        raise Malformed("timestamp: expected ISO-8601 text or a unix time")
-    text = value.strip()
-    iso = len(text) >= 10 and text[4] == "-"  # YYYY-...
-    if not iso and _NUMBER.match(text):
-        number = float(text)
-        return _number_ns(int(text) if text.lstrip("+-").isdigit() else number)
-    try:
-        dot = text.find(".")
-        if dot > 0 and len(text) > dot + 7 and text[dot + 7].isdigit():
-            raise ValueError  # more digits than datetime keeps: let pandas read them
-        stamp = datetime.fromisoformat(text)
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=UTC)
-        return (stamp - _EPOCH) // timedelta(microseconds=1) * 1000
-    except ValueError:
-        pass
-    try:
-        ts = pd.Timestamp(text)
-    except (ValueError, OverflowError):
-        raise Malformed(f"timestamp: cannot read {text[:40]!r}") from None
-    if ts is pd.NaT:
-        raise Malformed("timestamp: missing")
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return int(ts.as_unit("ns").value)
 
 
 def parse_event(line: str | bytes) -> tuple[str, str, int, int, str, float, str]:
@@ -739,7 +692,7 @@ class Monitor:
                 has_state(state_dir)  # raises, naming the old file
             raise FileNotFoundError(f"no monitor state in {state_dir} ({STATE_FILE})")
         latest = (time.time_ns() + max(_DAY_NS, self._future_ns) if self._future_ns
-                  else int(_NS_LIMIT))  # the latest clock this monitor could have reached
+                  else int(NS_LIMIT))  # the latest clock this monitor could have reached
         meta, arrays = _read_state(path, latest)
         mine = self._fingerprint()
         saved = meta["snapshots"] if isinstance(meta.get("snapshots"), dict) else {}
@@ -859,10 +812,10 @@ def check_meta(meta: Mapping[str, Any], where: str, latest_ns: int | None = None
         fail("snapshots", meta["snapshots"], "a JSON object")
     text("sha256", meta["sha256"])
     span = (f"null or an integer time (unix ns) from {_EARLIEST_TEXT} to "
-            f"{pd.Timestamp(min(latest, int(_NS_LIMIT)), unit='ns'):%Y-%m-%d %H:%M} UTC")
+            f"{pd.Timestamp(min(latest, int(NS_LIMIT)), unit='ns'):%Y-%m-%d %H:%M} UTC")
     for key in ("clock_ns", "last_sweep_ns"):
         value = meta[key]
-        if value is not None and (not is_int(value) or not _EARLIEST_NS <= value <= latest):
+        if value is not None and (not is_int(value) or not EARLIEST_NS <= value <= latest):
             fail(key, value, span)
     clock, last_sweep = meta["clock_ns"], meta["last_sweep_ns"]
     if (clock is None) != (last_sweep is None) or (clock is not None and last_sweep > clock):
@@ -969,7 +922,7 @@ def _restore(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
     ns, event, cat = arrays["ns"], arrays["event"], arrays["cat"]
     for name in ("ns", "t_ref", "first_ns"):
         times = arrays[name]
-        if len(times) and (times.min() < _EARLIEST_NS or times.max() >= _NS_LIMIT):
+        if len(times) and (times.min() < EARLIEST_NS or times.max() >= NS_LIMIT):
             raise ValueError(f"{name} holds times before {_EARLIEST_TEXT} or out of range")
     if total and (event.min() < 0 or event.max() >= len(EVENT_TYPES)
                   or cat.min() < 0 or cat.max() >= n_cats):

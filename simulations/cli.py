@@ -335,7 +335,7 @@ def _cutoff(at: str | None) -> str | None:
         return None
     import pandas as pd
 
-    from common.io import EARLIEST_TIME, FUTURE_SLACK
+    from common.timestamps import EARLIEST_TIME, FUTURE_SLACK
 
     try:
         stamp = pd.Timestamp(at)
@@ -507,7 +507,7 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from simulations.deploy import make_certs, make_node_key
+    from server.certs import make_certs, make_node_key
 
     if args.deploy_command == "certs":
         hosts = tuple(args.host) if args.host else ("127.0.0.1", "localhost")

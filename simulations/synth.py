@@ -121,7 +121,7 @@ class SynthConfig:
             raise ValueError(
                 f"config key 'synthetic.start': expected a date like 2025-01-01, got {self.start!r}"
             ) from None
-        from common.io import EARLIEST_TIME
+        from common.timestamps import EARLIEST_TIME
 
         # The generated log must pass the loader's plausibility check it will meet next.
         _check(start.tz_localize(None) >= EARLIEST_TIME.tz_localize(None)
