@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from client.config import ClientConfig
+from common import atomic
 from common.config import ModelConfig, SnapshotConfig, TrainConfig, from_flat
 from common.schema import DataError
 from common.snapshots import Snapshots, build_snapshots
@@ -187,13 +188,11 @@ def _load_saved(path: Path) -> Snapshots | None:
 def _save_beside(snaps: Snapshots, path: Path) -> None:
     """Write atomically (a process-private temp file, then rename); a failure only costs
     the other processes a rebuild."""
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp.npz")
     try:
-        snaps.save(tmp)
-        os.replace(tmp, path)
+        with atomic.replacing(path, durable=False) as tmp:
+            snaps.save(tmp)
     except OSError as err:
         log.warning("cannot keep %s (%s): other processes build it too", path.name, err)
-        tmp.unlink(missing_ok=True)
 
 
 def _nbytes(snaps: Snapshots) -> int:

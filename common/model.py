@@ -20,6 +20,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
 
+from common import atomic
 from common.config import ModelConfig, SnapshotConfig  # noqa: E402
 from common.schema import EVENT_TYPES  # noqa: E402
 from common.snapshots import NUMERIC_FEATURES, STATIC_FEATURES, Snapshots  # noqa: E402
@@ -211,10 +212,8 @@ def _weight_io(model: keras.Model):
 
 def save_model(model: keras.Model, path) -> None:
     """Save as ``.keras`` atomically (write a temp file, then rename)."""
-    path = os.fspath(path)
-    tmp = path + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        model.save(tmp)
 
 
 def load_model(path) -> keras.Model:

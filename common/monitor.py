@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from common import timestamps
+from common import atomic, timestamps
 from common.config import PolicyConfig, SnapshotConfig, to_flat
 from common.policy import choose_actions
 from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES
@@ -637,13 +637,14 @@ class Monitor:
         meta["sha256"] = _digest(arrays, meta)
         blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path = state_dir / STATE_FILE
-        _atomic_write(path, lambda fh: np.savez(fh, meta=blob, **arrays))
+        with atomic.replacing(path) as tmp:
+            np.savez(tmp, meta=blob, **arrays)
         summary = {k: meta[k] for k in ("version", "clock_ns", "stats", "position")}
         summary["users"] = len(self.users)
         summary["clock"] = (None if self.clock_ns is None else
                             pd.Timestamp(self.clock_ns, unit="ns", tz="UTC").isoformat())
         text = json.dumps(summary, indent=2, default=str) + "\n"
-        _atomic_write(state_dir / STATE_SUMMARY, lambda fh: fh.write(text.encode()))
+        atomic.write_text(state_dir / STATE_SUMMARY, text)
         self.since_checkpoint = 0
         return path
 
@@ -995,24 +996,6 @@ def prepare_state_dir(state_dir: str | Path) -> Path:
         raise ValueError(f"state folder {path}: cannot create or write it "
                          f"({err.strerror or err})") from None
     return path
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """``write(file)`` into a temp file, fsync it, rename it over ``path``, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return  # a platform without directory handles
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -------------------------------------------------------------------- the alert file

@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from common import atomic
 from common.config import PolicyConfig, SnapshotConfig, apply_overrides, from_flat, to_flat
 from common.policy import choose_actions
 from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES, DataError
@@ -100,10 +100,7 @@ def write_model_settings(model_path: str | Path, snapshot_config: SnapshotConfig
     if policy_config is not None:
         flat.update(to_flat(policy_config, "policy"))
     side = sidecar_path(Path(model_path).resolve())
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, side)
-    return side
+    return atomic.write_text(side, json.dumps(flat, indent=2, sort_keys=True) + "\n")
 
 
 def _settings_file(path: Path) -> dict[str, Any]:
@@ -687,17 +684,12 @@ def write_scores(scores: pd.DataFrame, path: str | Path) -> Path:
     """
     path = scores_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic.replacing(path) as tmp:  # a full disk leaves no half-written file behind
         if path.suffix.lower() == ".csv":
             # Text quoted too: an id holding a bare CR would otherwise split its row.
             escape_formulas(scores).to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC)
         else:
             scores.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
-        raise
     return path
 
 

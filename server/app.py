@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from common import atomic
 from common.config import ModelConfig, SnapshotConfig, TrainConfig, from_flat
 from common.snapshots import Snapshots
 from server.checkpoint import (
@@ -35,7 +37,7 @@ from server.checkpoint import (
 )
 from server.config import DPConfig, FederationConfig
 from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
-from server.strategy import ENGINE_FAILED, build_strategy
+from server.strategy import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,8 @@ class _Runner:
         return None if value is None else float(value)
 
 
-def _build_runner(settings: ServerSettings, grid: Grid, run_dir: Path) -> _Runner:
+def _build_runner(settings: ServerSettings, grid: Grid, run_dir: Path,
+                  engine_failed: threading.Event | None = None) -> _Runner:
     fed, dp = settings.federation, settings.privacy
     population = max(fed.min_available_nodes, len(list(grid.get_node_ids())))
     if fed.secure_aggregation:  # SecAgg+ runs in Flower's legacy workflow API
@@ -119,7 +122,7 @@ def _build_runner(settings: ServerSettings, grid: Grid, run_dir: Path) -> _Runne
 
         strategy = runner = build_secagg_strategy(fed, dp, settings.seed, population)
     else:
-        strategy = build_strategy(fed, settings.seed)
+        strategy = build_strategy(fed, settings.seed, engine_failed=engine_failed)
         runner = wrap_strategy(strategy, dp, fed, population)
     ledger = PrivacyLedger(dp, population, num_sampled(fed, population),
                            run_dir / "privacy.jsonl") if dp.enabled else None
@@ -137,7 +140,8 @@ class RoundRecorder:
 
     def __init__(self, settings: ServerSettings, run_dir: Path, parts: _Runner, model: Any,
                  *, done: int, selection: _Selection, weights: list[np.ndarray],
-                 progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 progress: Callable[[dict[str, Any]], None] | None = None,
+                 engine_failed: threading.Event | None = None) -> None:
         fed = settings.federation
         self.settings, self.parts, self.model = settings, parts, model
         self.done, self.selection = done, selection
@@ -145,6 +149,7 @@ class RoundRecorder:
         self.ckpt_dir = run_dir / "checkpoints"
         self.eval_sets = load_eval_data(fed.eval_data) if fed.eval_data else None
         self.progress = progress
+        self.engine_failed = engine_failed
         self.latest = weights  # the global weights of the last round seen
         # The clipping norm of the round in progress (adaptive clipping moves it).
         self.clip_used = self._clipping_norm()
@@ -217,7 +222,7 @@ class RoundRecorder:
 
     def _check_stop(self, g: int) -> None:
         fed, dp, ledger = self.settings.federation, self.settings.privacy, self.parts.ledger
-        if ENGINE_FAILED.is_set():
+        if self.engine_failed is not None and self.engine_failed.is_set():
             log.error("the simulation engine failed (see above): stopping after round %d", g)
             raise StopRounds("engine-failed")
         if fed.patience_rounds and self.selection.stale >= fed.patience_rounds:
@@ -257,8 +262,12 @@ def _start_state(settings: ServerSettings, run_dir: Path, parts: _Runner,
 
 
 def run_federation(grid: Grid, settings: ServerSettings,
-                   progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the rounds; write checkpoints, ``metrics.jsonl`` and ``model.keras``."""
+                   progress: Callable[[dict[str, Any]], None] | None = None,
+                   engine_failed: threading.Event | None = None) -> dict[str, Any]:
+    """Run the rounds; write checkpoints, ``metrics.jsonl`` and ``model.keras``.
+
+    Once ``engine_failed`` is set no round starts and the rounds stop.
+    """
     from common.model import build_model, weights_of
 
     fed = settings.federation
@@ -271,11 +280,11 @@ def run_federation(grid: Grid, settings: ServerSettings,
         # Flower's in-memory grid (simulation) looks for replies every 0.1 s, a third of a
         # round of ten small merchants here.
         grid.pull_interval = min(grid.pull_interval, 0.01)
-    parts = _build_runner(settings, grid, run_dir)
+    parts = _build_runner(settings, grid, run_dir, engine_failed)
     done, weights, selection = _start_state(settings, run_dir, parts, weights_of(model))
     parts.strategy.round_offset = done
     recorder = RoundRecorder(settings, run_dir, parts, model, done=done, selection=selection,
-                             weights=weights, progress=progress)
+                             weights=weights, progress=progress, engine_failed=engine_failed)
     stop_reason = None
     final = weights
     if fed.num_rounds > done:
@@ -376,9 +385,7 @@ def _keep_rounds_upto(path: Path, done: int) -> None:
     if len(kept) != len(lines):
         log.warning("%s: dropping %d lines of rounds after %d (redone from the checkpoint)",
                     path, len(lines) - len(kept), done)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        atomic.write_text(path, "".join(kept))
 
 
 def _round_of(line: str) -> float:
@@ -409,11 +416,16 @@ def _log_round(line: dict[str, Any], total: int) -> None:
 
 def make_server_app(flat: Mapping[str, Any] | None = None,
                     prepare: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
-                    progress: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+                    progress: Callable[[dict[str, Any]], None] | None = None,
+                    engine_failed: threading.Event | None = None) -> ServerApp:
     """A ServerApp with settings from ``flat`` or, if None, the run config.
 
     ``prepare`` may complete the run config before the rounds start (the simulation
-    layer uses it to write merchant shards and evaluation data).
+    layer uses it to write merchant shards and evaluation data). ``engine_failed`` is
+    the event the driver of Flower's Simulation Engine sets when the engine failed (Ray
+    did not start, say): ``run_simulation`` raises at once, but the ServerApp thread it
+    started would go on sending rounds no client can answer, each ending only at the
+    round timeout. Once it is set no round starts and the ServerApp stops.
     """
     app = ServerApp()
 
@@ -422,7 +434,8 @@ def make_server_app(flat: Mapping[str, Any] | None = None,
         config = dict(flat if flat is not None else context.run_config)
         if prepare is not None:
             config = dict(prepare(config))
-        run_federation(grid, settings_from_flat(config), progress=progress)
+        run_federation(grid, settings_from_flat(config), progress=progress,
+                       engine_failed=engine_failed)
 
     return app
 app = make_server_app()

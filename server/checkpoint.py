@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import zipfile
 from collections.abc import Iterator
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+
+from common import atomic
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,8 @@ def save_checkpoint(directory: Path, round_number: int, payload: dict[str, Any],
     members[_META] = np.frombuffer(meta, np.uint8)
     members[_DIGEST] = np.frombuffer(_digest(meta, arrays).encode(), np.uint8)
     path = checkpoint_path(directory, round_number)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        np.savez(fh, **members)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        np.savez(tmp, **members)
     for old in list_checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)
     return path

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common import atomic
 from common.config import (
     ModelConfig,
     PolicyConfig,
@@ -375,14 +376,7 @@ def run_folder(exp: Experiment, kind: str) -> Iterator[Path]:
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (NaN as null)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    text = json.dumps(_jsonable(payload), indent=2, sort_keys=False)
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written .tmp behind
-        raise
+    atomic.write_text(path, json.dumps(_jsonable(payload), indent=2, sort_keys=False))
 
 
 def _jsonable(value: Any) -> Any:
