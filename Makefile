@@ -77,9 +77,12 @@ test: setup
 check: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
+# Both checks run; lint fails when either finds something.
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy common client server
+	@status=0; \
+	echo "ruff check ."; $(VENV)/bin/ruff check . || status=1; \
+	echo "mypy common client server"; $(VENV)/bin/mypy common client server || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .flwr .pytest_cache .mypy_cache
