@@ -28,11 +28,12 @@ What differs from the plain path, by construction:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -182,7 +183,11 @@ def _stage(content: RecordDict) -> str:
 
 
 class _SortedClientManager(SimpleClientManager):
-    """Samples from the node ids in sorted order, so seeded sampling ignores arrival order."""
+    """Samples from the node ids in sorted order, so seeded sampling ignores arrival order.
+
+    It draws from the ``random`` module, as the SecAgg+ workflow does, and is called
+    only inside :func:`_seeded_module_random`.
+    """
 
     def sample(self, num_clients: int, min_num_clients: int | None = None,
                criterion: Any = None) -> list[ClientProxy]:
@@ -197,6 +202,26 @@ class _SortedClientManager(SimpleClientManager):
                      num_clients)
             return []
         return [self.clients[c] for c in random.sample(cids, num_clients)]
+
+
+@contextlib.contextmanager
+def _seeded_module_random(seed: int) -> Iterator[None]:
+    """The ``random`` module seeded with ``seed`` inside the block; its earlier state is
+    put back on leaving.
+
+    Flower 1.42's SecAgg+ workflow takes no RNG: right after the strategy samples the
+    round's clients it shuffles them with the ``random`` module, and that shuffle decides
+    which neighbours hold shares of each other's secrets, and so whether a round with
+    dropouts can still be unmasked. Seeding the module for the length of one round keeps
+    a run's rounds reproducible (sample, shuffle, evaluation sample, in that order)
+    without leaving the process's RNG changed.
+    """
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved)
 
 
 class _ClientSideFixedClipping(legacy.DifferentialPrivacyClientSideFixedClipping):
@@ -273,7 +298,6 @@ class SecAggMixin:
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: Any) -> list[tuple[ClientProxy, Any]]:
         g = self.global_round(server_round)
-        random.seed(self.seed * 1_000_003 + g)
         instructions = super().configure_fit(server_round, parameters,  # type: ignore[misc]
                                              client_manager)
         self.stats.setdefault(g, RoundStats()).sampled = len(instructions)
@@ -379,13 +403,14 @@ class SecAggMixin:
                 return  # stopped: let the workflow run out its remaining rounds idle
             r = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
             g = self.global_round(r)
-            try:
-                secagg(grid, context)
-            except Exception:  # a malformed masked vector or share must not end the run
-                log.exception("round %d: secure aggregation failed; the global model is "
-                              "unchanged", g)
-            self._close_round(g, metered.rounds.pop(str(r), _RoundMeter()))
-            default_evaluate_workflow(grid, context)  # clients' evaluation, as Strategy.start
+            with _seeded_module_random(self.seed * 1_000_003 + g):
+                try:
+                    secagg(grid, context)
+                except Exception:  # a malformed masked vector or share must not end the run
+                    log.exception("round %d: secure aggregation failed; the global model is "
+                                  "unchanged", g)
+                self._close_round(g, metered.rounds.pop(str(r), _RoundMeter()))
+                default_evaluate_workflow(grid, context)  # clients' evaluation, as Strategy.start
 
         wrapped: Any = self
         if self.dp.enabled:

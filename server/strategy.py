@@ -4,7 +4,8 @@
 FedMedian or Krum from ``flwr.serverapp.strategy`` and adds, through hooks rather
 than a copy of ``start``:
 
-- seeded node sampling (node ids sorted, ``random`` seeded per global round);
+- seeded node sampling: node ids sorted, drawn from the strategy's own ``random.Random``
+  seeded per global round (Flower's ``sample_nodes`` draws from the ``random`` module);
 - rejection of replies whose weights are non-finite or do not match the global
   model's dtypes and shapes, or that lack one ArrayRecord and one MetricRecord with a positive
   ``num-examples``, logged by node, before anything is averaged;
@@ -26,12 +27,21 @@ import math
 import random
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import SType
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
@@ -39,13 +49,6 @@ from flwr.serverapp import strategy as flwr_strategy
 from server.config import FederationConfig
 
 log = logging.getLogger(__name__)
-
-#: Set by the simulation driver when Flower's Simulation Engine failed (for instance Ray
-#: did not start): ``run_simulation`` raises at once, but the ServerApp thread it started
-#: would go on sending rounds that no client can answer, each ending only at the round
-#: timeout. With it set no round starts and the ServerApp stops (``server.app``).
-ENGINE_FAILED = threading.Event()
-
 
 @dataclasses.dataclass
 class RoundStats:
@@ -75,6 +78,52 @@ class _SortedGrid:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+class _OwnedSampling(flwr_strategy.FedAvg):
+    """FedAvg's ``configure_train`` and ``configure_evaluate`` with the nodes drawn from
+    ``round_rng``, the strategy's own RNG, where Flower's ``sample_nodes`` draws from the
+    ``random`` module. ``build_strategy`` places it right after the chosen strategy and
+    before FedAvg, so that strategy's own steps (FedProx's ``proximal-mu``, FedOpt's copy
+    of the arrays) still run first. Same seed, same nodes as ``sample_nodes`` after
+    ``random.seed``.
+    """
+
+    round_rng: random.Random
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes, "train")
+        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
+
+    def _sample(self, grid: Grid, fraction: float, minimum: int, what: str) -> list[int]:
+        """``flwr.serverapp.strategy.strategy_utils.sample_nodes``, drawing from
+        ``round_rng``: wait for the nodes needed, then sample the share asked for."""
+        size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
+        needed = max(self.min_available_nodes, size)
+        while len(nodes := list(grid.get_node_ids())) < needed:
+            log.info("waiting for nodes to connect: %d connected, %d needed", len(nodes),
+                     needed)
+            time.sleep(1)
+        sampled = self.round_rng.sample(nodes, size)
+        log.info("configure_%s: sampled %d nodes (out of %d)", what, len(sampled), len(nodes))
+        return sampled
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  nodes: list[int], message_type: str) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=message_type, dst_node_id=node)
+                for node in nodes]
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -213,16 +262,21 @@ class GuardedMixin:
     uniform_weights: bool = False
     #: What ``start`` gets as ``timeout``; named in the reason of a missing reply.
     round_timeout: float | None = None
+    #: Set by whoever runs Flower's Simulation Engine when it failed: no round starts.
+    engine_failed: threading.Event | None = None
 
-    def _init_guard(self, seed: int, round_timeout: float | None = None) -> None:
+    def _init_guard(self, seed: int, round_timeout: float | None = None,
+                    engine_failed: threading.Event | None = None) -> None:
         self.seed = seed
         self.round_timeout = round_timeout
+        self.engine_failed = engine_failed
         self.round_offset = 0
         self._screened_round: int | None = None
         self.stats: dict[int, RoundStats] = {}
         self.empty_rounds = 0
         self._examples: dict[int, float] = {}  # training rows each node last reported
         self._layout = ReplyLayout([])
+        self.round_rng = random.Random(seed)  # replaced at the start of every round
 
     def global_round(self, server_round: int) -> int:
         return server_round + self.round_offset
@@ -230,13 +284,13 @@ class GuardedMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         g = self.global_round(server_round)
-        if ENGINE_FAILED.is_set():
+        if self.engine_failed is not None and self.engine_failed.is_set():
             log.error("round %d: not started, the simulation engine failed", g)
             self.stats.setdefault(g, RoundStats())
             return []
         config["global-round"] = g
         self._layout = ReplyLayout(arrays.to_numpy_ndarrays())
-        random.seed(self.seed * 1_000_003 + g)
+        self.round_rng = random.Random(self.seed * 1_000_003 + g)
         messages = list(super().configure_train(server_round, arrays, config,  # type: ignore[misc]
                                                 _SortedGrid(grid)))
         # Largest merchants first (by the rows they reported, new ones before all): the
@@ -386,10 +440,16 @@ _BASES: dict[str, type] = {
 }
 
 
-def build_strategy(config: FederationConfig, seed: int) -> Any:
-    """The configured Flower strategy with the guard hooks in front of it."""
+def build_strategy(config: FederationConfig, seed: int, *,
+                   engine_failed: threading.Event | None = None) -> Any:
+    """The configured Flower strategy with the guard hooks in front of it.
+
+    ``engine_failed``, when given and set, stops rounds from starting (see
+    ``server.app.make_server_app``).
+    """
     base = _BASES[config.strategy]
-    cls = type(f"Guarded{base.__name__}", (GuardedMixin, base), {})
+    sampling = (_OwnedSampling,) if base is flwr_strategy.FedAvg else (base, _OwnedSampling)
+    cls = type(f"Guarded{base.__name__}", (GuardedMixin, *sampling), {})
     kwargs: dict[str, Any] = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
@@ -408,5 +468,5 @@ def build_strategy(config: FederationConfig, seed: int) -> Any:
     elif config.strategy == "krum":
         kwargs["num_malicious_nodes"] = config.num_malicious
     strategy = cls(**kwargs)
-    strategy._init_guard(seed, config.round_timeout)
+    strategy._init_guard(seed, config.round_timeout, engine_failed)
     return strategy

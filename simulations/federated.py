@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -192,7 +193,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
 
     from common.model import load_model
     from common.training import predict, quiet_array_warning
-    from server.app import ENGINE_FAILED, make_server_app
+    from server.app import make_server_app
     from simulations.handover import hand_over_at_once
     from simulations.raypool import replace_dead_actors
 
@@ -206,18 +207,18 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     replace_dead_actors()
     hand_over_at_once()
     quiet_array_warning()
-    ENGINE_FAILED.clear()
+    engine_failed = threading.Event()
     try:
         with _actor_threads(exp.simulation.client_cpus):
             run_simulation(
-                server_app=make_server_app(flat, progress=progress),
+                server_app=make_server_app(flat, progress=progress, engine_failed=engine_failed),
                 client_app=make_federated_client_app(flat),
                 num_supernodes=len(data.merchants),
                 backend_config=backend_config(exp),
             )
     except Exception as err:
-        # The ServerApp thread outlives this exception: tell it to stop (see ENGINE_FAILED).
-        ENGINE_FAILED.set()
+        # The ServerApp thread outlives this exception: tell it to stop.
+        engine_failed.set()
         raise RuntimeError(f"the simulation engine failed ({err}); the server stops after "
                            "the round in progress; the cause is in the log above") from err
     finally:
