@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from simulations.deploy import CERT_FILES, make_certs, make_node_key
+from server.certs import CERT_FILES, make_certs, make_node_key
 
 # ---------------------------------------------------------------------------------------
 # Unit tests

@@ -34,9 +34,9 @@ from test_deploy import BIN, _free_ports, _listening, _started, _tail, _wait_for
 
 from common.config import SnapshotConfig
 from common.io import write_events
+from server.certs import make_certs, make_node_key
 from server.config import FederationConfig
 from simulations.apps import deployment_config, deployment_run_dir, is_deployment, prepare_run
-from simulations.deploy import make_certs, make_node_key
 from simulations.experiment import shared_calendar
 from simulations.synth import generate_federation, load_preset, synth_config_from_preset
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import simulations.deploy as deploy
+import server.certs as certs
 import simulations.experiment as experiment
 from common.scoring import escape_formulas, write_scores
 from simulations.cli import main, os_error_text
@@ -229,7 +229,7 @@ def test_existing_certs_name_the_overwrite_flag(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_certs_failing_midway_leave_nothing(tmp_path: Path, capsys, monkeypatch,
                                             code: int) -> None:
-    real = deploy._write
+    real = certs._write
     calls = []
 
     def third_fails(path: Path, data: bytes, *, private: bool) -> None:
@@ -238,7 +238,7 @@ def test_certs_failing_midway_leave_nothing(tmp_path: Path, capsys, monkeypatch,
             raise OSError(code, os.strerror(code), str(path))
         real(path, data, private=private)
 
-    monkeypatch.setattr(deploy, "_write", third_fails)
+    monkeypatch.setattr(certs, "_write", third_fails)
     target = tmp_path / "new" / "certs"
     # The message names the file's final path, not the hidden staging folder.
     _fails(["deploy", "certs", str(target)], capsys, os.strerror(code),
@@ -249,7 +249,7 @@ def test_certs_failing_midway_leave_nothing(tmp_path: Path, capsys, monkeypatch,
 
 def test_certs_overwrite_failing_midway_keeps_the_old_set(tmp_path: Path, capsys,
                                                           monkeypatch) -> None:
-    first = deploy.make_certs(tmp_path)
+    first = certs.make_certs(tmp_path)
     before = {k: p.read_bytes() for k, p in first.items()}
     real = os.replace
     calls = []
@@ -260,11 +260,11 @@ def test_certs_overwrite_failing_midway_keeps_the_old_set(tmp_path: Path, capsys
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
         real(src, dst)
 
-    monkeypatch.setattr(deploy.os, "replace", fourth_fails)
+    monkeypatch.setattr(certs.os, "replace", fourth_fails)
     _fails(["deploy", "certs", str(tmp_path), "--overwrite"], capsys, "Input/output error")
     monkeypatch.undo()
     assert {k: p.read_bytes() for k, p in first.items()} == before  # the CA and its key match
-    assert _listing(tmp_path) == set(deploy.CERT_FILES.values())  # no staging folder left
+    assert _listing(tmp_path) == set(certs.CERT_FILES.values())  # no staging folder left
 
 
 def test_node_key_failing_midway_leaves_nothing(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -273,7 +273,7 @@ def test_node_key_failing_midway_leaves_nothing(tmp_path: Path, capsys, monkeypa
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         Path(path).write_bytes(data)
 
-    monkeypatch.setattr(deploy, "_write", full)
+    monkeypatch.setattr(certs, "_write", full)
     _fails(["deploy", "node-key", str(tmp_path), "--name", "m1"], capsys,
            "No space left on device")
     assert not any(tmp_path.iterdir())
@@ -283,7 +283,7 @@ def test_a_bug_still_shows_its_traceback(monkeypatch, capsys) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(deploy, "make_certs", broken)
+    monkeypatch.setattr(certs, "make_certs", broken)
     with pytest.raises(RuntimeError, match="boom"):
         main(["deploy", "certs", "unused"])
     assert "internal error (RuntimeError), a bug in fedecay" in capsys.readouterr().err
