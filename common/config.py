@@ -112,6 +112,23 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    """Seeded faults injected into sampled clients (the same knobs in ``client`` and
+    ``simulation``); subclasses call :meth:`check_faults` with their section name."""
+
+    dropout_prob: float = 0.0  # a sampled client fails with this probability
+    straggler_prob: float = 0.0  # a sampled client is delayed ...
+    straggler_delay: float = 0.0  # ... by this many seconds
+    crash_prob: float = 0.0  # a sampled client's process is SIGKILLed (as by the OOM killer)
+
+    def check_faults(self, section: str) -> None:
+        for name in ("dropout_prob", "straggler_prob", "crash_prob"):
+            _check(0 <= getattr(self, name) <= 1, f"{section}.{name.replace('_', '-')}",
+                   "must be in [0, 1]")
+        _check(self.straggler_delay >= 0, f"{section}.straggler-delay", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class SnapshotConfig:
     """How event logs become labelled snapshots (section ``snapshots``)."""
 

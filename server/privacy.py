@@ -37,6 +37,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from common import atomic
 from server.config import DP_STRATEGIES, DPConfig, FederationConfig
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,12 @@ class PrivacyLedger:
         return line
 
     def next_round_exceeds(self) -> bool:
-        """Whether one more full round would spend more than ``target-epsilon``."""
-        return next_round_exceeds(self, self.dp.target_epsilon)
+        """True when a budget (``target-epsilon``) is set and one more round with every
+        sampled client replying would take ε past it (checked without changing the ledger)."""
+        if self.dp.target_epsilon <= 0:
+            return False
+        m = self.calibrated_for
+        return self.accountant.would_exceed(self.event(m, m), max_epsilon=self.dp.target_epsilon)
 
     def replay(self, upto: int) -> int:
         """Recompose the rounds <= ``upto`` already in the file (resume); drop later ones."""
@@ -159,14 +164,6 @@ class PrivacyLedger:
                 noise_multiplier=line["noise_multiplier"], sample_size=line["sampled"],
                 population_size=self.population))
         self.epsilon = self.accountant.get_epsilon(self.dp.target_delta) if kept else 0.0
-        self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        atomic.write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         return len(kept)
 
-
-def next_round_exceeds(ledger: PrivacyLedger, target_epsilon: float) -> bool:
-    """True when a budget is set and one more round with every sampled client replying
-    would take ε past it (checked without changing the ledger)."""
-    if target_epsilon <= 0:
-        return False
-    m = ledger.calibrated_for
-    return ledger.accountant.would_exceed(ledger.event(m, m), max_epsilon=target_epsilon)

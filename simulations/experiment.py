@@ -25,6 +25,7 @@ import pandas as pd
 
 from common import atomic
 from common.config import (
+    FaultConfig,
     ModelConfig,
     PolicyConfig,
     SnapshotConfig,
@@ -95,23 +96,16 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SimulationConfig:
-    """Section ``simulation``: how the Simulation Engine runs clients."""
+class SimulationConfig(FaultConfig):
+    """Section ``simulation``: how the Simulation Engine runs clients, and its faults."""
 
     client_cpus: float = 1.0
     ray_cpus: int = 0  # 0 = all cores of this machine
     ray_address: str = ""  # attach to an existing Ray cluster
-    dropout_prob: float = 0.0  # a sampled client fails with this probability
-    straggler_prob: float = 0.0  # a sampled client is delayed ...
-    straggler_delay: float = 0.0  # ... by this many seconds
-    crash_prob: float = 0.0  # a sampled client's process is SIGKILLed (as by the OOM killer)
 
     def __post_init__(self) -> None:
         _check(self.client_cpus > 0, "simulation.client-cpus", "must be > 0")
-        _check(0 <= self.dropout_prob <= 1, "simulation.dropout-prob", "must be in [0, 1]")
-        _check(0 <= self.straggler_prob <= 1, "simulation.straggler-prob", "must be in [0, 1]")
-        _check(self.straggler_delay >= 0, "simulation.straggler-delay", "must be >= 0")
-        _check(0 <= self.crash_prob <= 1, "simulation.crash-prob", "must be in [0, 1]")
+        self.check_faults("simulation")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,9 +141,6 @@ class SynthConfig:
         _check(abs(sum(self.propensities) - 1) < 1e-6, key("propensities"),
                f"must sum to 1, got {sum(self.propensities):.6g}")
 
-    def action_effect(self, action: str) -> float:
-        return 0.0 if action == "none" else float(getattr(self, f"effect_{action}"))
-
 
 @dataclass
 class Federation:

@@ -21,7 +21,7 @@ from test_federation import FakeGrid, server_identity  # noqa: F401 (autouse fix
 
 from client.app import train_mods
 from server.config import DPConfig, FederationConfig
-from server.privacy import PrivacyLedger, next_round_exceeds, num_sampled, wrap_strategy
+from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
 from server.strategy import build_strategy
 from simulations.experiment import experiment_from_flat
 from simulations.privacy_audit import attack_auc, decay_log_loss
@@ -158,7 +158,10 @@ def test_budget_stops_before_the_round_that_would_exceed_it() -> None:
     decisions.append(ledger.next_round_exceeds())
     assert decisions == [False, False, True]
     assert ledger.epsilon <= target
-    assert not next_round_exceeds(ledger, 0.0)  # no budget set
+    unbounded = PrivacyLedger(DPConfig(mode="server-fixed", noise_multiplier=z), m, m)
+    for r in range(1, 50):
+        unbounded.record(r, m, m, 1.0)
+    assert not unbounded.next_round_exceeds()  # no budget set: never stops
 
 
 def test_attack_auc_and_its_interval_on_known_losses() -> None:
