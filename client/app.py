@@ -117,42 +117,78 @@ def _process_age() -> float | None:
         return None
 
 
-#: Bytes of snapshots a process keeps (``FEDECAY_SHARD_CACHE_MB``, default 2048). A Ray
-#: actor serves many merchants: a count-bounded cache smaller than the merchants per
-#: actor rebuilt every shard every round; this one holds as many as fit in memory.
-SHARD_CACHE_BYTES = int(os.environ.get("FEDECAY_SHARD_CACHE_MB", "2048")) * 2**20
-_shards: OrderedDict[tuple[Any, ...], Snapshots] = OrderedDict()
-_shard_bytes = [0]  # bytes held in _shards
-_shards_lock = threading.Lock()
+#: Where the size of a process's shard cache comes from, in MiB.
+SHARD_CACHE_ENV = "FEDECAY_SHARD_CACHE_MB"
 
 
-def load_shard(path: str, fmt: str, interventions: str | None,
-               config: SnapshotConfig, *, disk_cache: bool = False) -> Snapshots:
-    """Validate the merchant's file and build its snapshots, once per process while
-    they fit in ``SHARD_CACHE_BYTES`` (least recently used shards leave first).
+def shard_cache_bytes(environ: Mapping[str, str] = os.environ) -> int:
+    """Bytes of snapshots a process keeps: ``FEDECAY_SHARD_CACHE_MB`` (default 2048).
 
-    With ``disk_cache`` (the simulation's shards) the snapshots are also written beside
-    the shard, so the other processes load them instead of building them again.
+    A Ray actor serves many merchants: a count-bounded cache smaller than the merchants
+    per actor rebuilt every shard every round; a byte bound keeps as many as fit.
     """
-    key = (path, fmt, interventions, config)
-    with _shards_lock:
-        if key in _shards:
-            _shards.move_to_end(key)
-            return _shards[key]
-    cached = _snapshot_file(path, interventions, config) if disk_cache else None
-    snaps = _load_saved(cached) if cached is not None else None
-    if snaps is None:
-        snaps = _build_shard(path, fmt, interventions, config)
-        if cached is not None:
-            _save_beside(snaps, cached)
-    with _shards_lock:
-        if key not in _shards:  # another thread may have built it meanwhile
-            _shards[key] = snaps
-            _shard_bytes[0] += _nbytes(snaps)
-        while len(_shards) > 1 and _shard_bytes[0] > SHARD_CACHE_BYTES:
-            _, dropped = _shards.popitem(last=False)
-            _shard_bytes[0] -= _nbytes(dropped)
-    return snaps
+    raw = environ.get(SHARD_CACHE_ENV, "2048")
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = -1
+    if mib < 0:
+        raise ValueError(f"{SHARD_CACHE_ENV} must be a whole number of MiB >= 0, got {raw!r}")
+    return mib * 2**20
+
+
+class ShardCache:
+    """Merchants' snapshots kept in memory up to ``max_bytes`` (least recently used
+    shards leave first; the newest is always kept). Safe to share between threads."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0  # bytes of the snapshots held
+        self._shards: OrderedDict[tuple[Any, ...], Snapshots] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keys(self) -> list[tuple[Any, ...]]:
+        """(path, format, interventions, config) of the shards held, oldest use first."""
+        with self._lock:
+            return list(self._shards)
+
+    def load(self, path: str, fmt: str, interventions: str | None,
+             config: SnapshotConfig, *, disk_cache: bool = False) -> Snapshots:
+        """Validate the merchant's file and build its snapshots, or return them from the
+        cache.
+
+        With ``disk_cache`` (the simulation's shards) the snapshots are also written
+        beside the shard, so the other processes load them instead of building them again.
+        """
+        key = (path, fmt, interventions, config)
+        with self._lock:
+            if key in self._shards:
+                self._shards.move_to_end(key)
+                return self._shards[key]
+        cached = _snapshot_file(path, interventions, config) if disk_cache else None
+        snaps = _load_saved(cached) if cached is not None else None
+        if snaps is None:
+            snaps = _build_shard(path, fmt, interventions, config)
+            if cached is not None:
+                _save_beside(snaps, cached)
+        with self._lock:
+            if key not in self._shards:  # another thread may have built it meanwhile
+                self._shards[key] = snaps
+                self.nbytes += _nbytes(snaps)
+            while len(self._shards) > 1 and self.nbytes > self.max_bytes:
+                _, dropped = self._shards.popitem(last=False)
+                self.nbytes -= _nbytes(dropped)
+        return snaps
+
+
+@functools.cache
+def process_shard_cache(max_bytes: int) -> ShardCache:
+    """This process's shard cache of that size, made on first use.
+
+    Flower hands a Ray actor the ClientApp anew with every message, so a cache inside
+    the app would start empty each time; the process outlives the messages.
+    """
+    return ShardCache(max_bytes)
 
 
 def _snapshot_file(path: str, interventions: str | None, config: SnapshotConfig) -> Path:
@@ -312,9 +348,10 @@ def merchant_data(
     context: Context,
     flat: Mapping[str, Any] | None,
     resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None,
+    shards: ShardCache,
 ) -> tuple[ClientSettings, Snapshots]:
     """This node's settings (``flat``, else the run config completed by ``resolve``) and
-    its merchant's snapshots (cached per process)."""
+    its merchant's snapshots (through ``shards``)."""
     config = flat if flat is not None else context.run_config
     if resolve is not None:
         config = resolve(config)
@@ -322,8 +359,8 @@ def merchant_data(
     path, fmt, inter = shard_location(context.node_config, settings.client)
     # Only the simulation's shards (files the driver wrote in its run folder) get a
     # snapshot file beside them; a merchant's own data folder is left as it is.
-    return settings, load_shard(path, fmt, inter, settings.snapshots,
-                                disk_cache="data-path" not in context.node_config)
+    return settings, shards.load(path, fmt, inter, settings.snapshots,
+                                 disk_cache="data-path" not in context.node_config)
 
 
 def make_client_app(
@@ -334,12 +371,14 @@ def make_client_app(
 
     ``run_simulation`` hands apps an empty run config, so simulations driven from
     Python pass the resolved settings explicitly; ``resolve`` may complete a run
-    config (``flwr run``) before it is read.
+    config (``flwr run``) before it is read. The shard cache's size is read now
+    (:func:`shard_cache_bytes`); the cache itself is the process's.
     """
     app = ClientApp()
+    cache_bytes = shard_cache_bytes()
 
     def _context(msg: Message, context: Context) -> tuple[ClientSettings, Snapshots]:
-        return merchant_data(context, flat, resolve)
+        return merchant_data(context, flat, resolve, process_shard_cache(cache_bytes))
 
     @app.train(mods=train_mods(flat))
     def train(msg: Message, context: Context) -> Message:

@@ -54,6 +54,8 @@ from client.app import (
     fit_locally,
     global_round,
     merchant_data,
+    process_shard_cache,
+    shard_cache_bytes,
 )
 from common.schema import DataError
 from common.snapshots import Snapshots
@@ -130,14 +132,18 @@ def make_secagg_client_app(
     inner_mods: Sequence[Mod] = (),
 ) -> ClientApp:
     """The SecAgg+ ClientApp, reading its settings as ``client.app.make_client_app`` does
-    (``flat``, or the run config completed by ``resolve``)."""
+    (``flat``, or the run config completed by ``resolve``) and with the process's shard
+    cache of the size read now."""
+    cache_bytes = shard_cache_bytes()
 
     def client_fn(context: Context) -> Any:
-        return MerchantClient(*merchant_data(context, flat, resolve)).to_client()
+        shards = process_shard_cache(cache_bytes)
+        return MerchantClient(*merchant_data(context, flat, resolve, shards)).to_client()
 
     def guard(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         try:
-            settings, snaps = merchant_data(context, flat, resolve)
+            settings, snaps = merchant_data(context, flat, resolve,
+                                            process_shard_cache(cache_bytes))
         except (DataError, ValueError, FileNotFoundError) as err:
             return _data_error(msg, err)
         if msg.metadata.message_type != MessageType.TRAIN:

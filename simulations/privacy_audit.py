@@ -141,12 +141,13 @@ def _merchant_snapshots(run: Path, snapshot_config: Any,
         return {m: data.snapshots.subset(ids == m) for m in data.merchants}
     shards = sorted((run / "shards").glob("[0-9][0-9][0-9][0-9][0-9].parquet"))
     if shards:
-        from client.app import load_shard
+        from client.app import ShardCache, shard_cache_bytes
 
+        cache = ShardCache(shard_cache_bytes())
         out = {}
         for path in shards:
             inter = path.with_name(path.stem + "-interventions.parquet")
-            out[path.stem] = load_shard(str(path), "canonical",
+            out[path.stem] = cache.load(str(path), "canonical",
                                         str(inter) if inter.exists() else None,
                                         snapshot_config)
         return out

@@ -872,10 +872,10 @@ def test_flwr_run_on_a_local_superlink(tmp_path: Path) -> None:
 
 
 def test_shard_cache_keeps_what_fits_and_drops_the_least_recently_used(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     import dataclasses
 
-    from client import app as client_app
+    from client.app import ShardCache
     from common.config import SnapshotConfig
     from simulations.synth import generate_federation, load_preset, synth_config_from_preset
 
@@ -887,23 +887,41 @@ def test_shard_cache_keeps_what_fits_and_drops_the_least_recently_used(
         paths.append(str(tmp_path / f"{merchant}.parquet"))
         rows.to_parquet(paths[-1], index=False)
     snap_cfg = SnapshotConfig()
-    monkeypatch.setattr(client_app, "_shards", client_app.OrderedDict())
-    monkeypatch.setattr(client_app, "_shard_bytes", [0])
-    first = client_app.load_shard(paths[0], "canonical", None, snap_cfg)
-    assert client_app.load_shard(paths[0], "canonical", None, snap_cfg) is first
-    sizes = [client_app._nbytes(client_app.load_shard(p, "canonical", None, snap_cfg))
-             for p in paths]
+    sizes = []
+    for p in paths:
+        alone = ShardCache(max_bytes=2**40)
+        first = alone.load(p, "canonical", None, snap_cfg)
+        assert alone.load(p, "canonical", None, snap_cfg) is first
+        sizes.append(alone.nbytes)
+    assert min(sizes) > 0
     # Room for any two shards, not three: loading 2 after using 0 drops 1, the least recent.
-    monkeypatch.setattr(client_app, "_shards", client_app.OrderedDict())
-    monkeypatch.setattr(client_app, "_shard_bytes", [0])
-    monkeypatch.setattr(client_app, "SHARD_CACHE_BYTES", sum(sizes) - 1)
-    first = client_app.load_shard(paths[0], "canonical", None, snap_cfg)
-    second = client_app.load_shard(paths[1], "canonical", None, snap_cfg)
-    assert client_app.load_shard(paths[0], "canonical", None, snap_cfg) is first
-    client_app.load_shard(paths[2], "canonical", None, snap_cfg)
-    assert [key[0] for key in client_app._shards] == [paths[0], paths[2]]
-    assert client_app._shard_bytes[0] == sizes[0] + sizes[2]
-    assert client_app.load_shard(paths[1], "canonical", None, snap_cfg) is not second
+    cache = ShardCache(max_bytes=sum(sizes) - 1)
+    first = cache.load(paths[0], "canonical", None, snap_cfg)
+    second = cache.load(paths[1], "canonical", None, snap_cfg)
+    assert cache.load(paths[0], "canonical", None, snap_cfg) is first
+    cache.load(paths[2], "canonical", None, snap_cfg)
+    assert [key[0] for key in cache.keys()] == [paths[0], paths[2]]
+    assert cache.nbytes == sizes[0] + sizes[2]
+    assert cache.load(paths[1], "canonical", None, snap_cfg) is not second
+    # Too small for any shard: the newest is kept all the same.
+    tiny = ShardCache(max_bytes=0)
+    for p in paths:
+        tiny.load(p, "canonical", None, snap_cfg)
+    assert [key[0] for key in tiny.keys()] == [paths[2]]
+
+
+def test_shard_cache_size_comes_from_the_environment_when_the_app_is_built() -> None:
+    from client.app import process_shard_cache, shard_cache_bytes
+
+    assert shard_cache_bytes({}) == 2048 * 2**20
+    assert shard_cache_bytes({"FEDECAY_SHARD_CACHE_MB": "3"}) == 3 * 2**20
+    for bad in ("", "1.5", "-1", "lots"):
+        with pytest.raises(ValueError, match=f"FEDECAY_SHARD_CACHE_MB .* got {bad!r}"):
+            shard_cache_bytes({"FEDECAY_SHARD_CACHE_MB": bad})
+    # One cache per process and size: what every message of a Ray actor shares.
+    assert process_shard_cache(5 * 2**20) is process_shard_cache(5 * 2**20)
+    assert process_shard_cache(5 * 2**20).max_bytes == 5 * 2**20
+    assert process_shard_cache(6 * 2**20) is not process_shard_cache(5 * 2**20)
 
 
 def test_simulation_shards_keep_their_snapshots_beside_them_for_other_processes(
@@ -921,17 +939,14 @@ def test_simulation_shards_keep_their_snapshots_beside_them_for_other_processes(
     generate_federation(cfg, seed=3).events.to_parquet(path, index=False)
     snap_cfg = SnapshotConfig()
 
-    def fresh_process() -> None:  # another Ray actor: nothing in memory
-        monkeypatch.setattr(client_app, "_shards", client_app.OrderedDict())
-        monkeypatch.setattr(client_app, "_shard_bytes", [0])
+    def fresh_process() -> client_app.ShardCache:  # another Ray actor: nothing in memory
+        return client_app.ShardCache(max_bytes=2**40)
 
-    fresh_process()
-    built = client_app.load_shard(path, "canonical", None, snap_cfg, disk_cache=True)
+    built = fresh_process().load(path, "canonical", None, snap_cfg, disk_cache=True)
     saved = sorted(p.name for p in tmp_path.glob("00000.snapshots-*.npz"))
     assert len(saved) == 1 and not list(tmp_path.glob("*.tmp*"))
-    fresh_process()
     monkeypatch.setattr(client_app, "_build_shard", lambda *a: pytest.fail("built again"))
-    loaded = client_app.load_shard(path, "canonical", None, snap_cfg, disk_cache=True)
+    loaded = fresh_process().load(path, "canonical", None, snap_cfg, disk_cache=True)
     for field in dataclasses.fields(built):
         np.testing.assert_array_equal(getattr(loaded, field.name).astype(str)
                                       if field.name.endswith("_id") else
@@ -941,18 +956,15 @@ def test_simulation_shards_keep_their_snapshots_beside_them_for_other_processes(
                                       getattr(built, field.name))
     monkeypatch.undo()
     # Other settings, a changed shard or an unreadable file: built (and kept) again.
-    fresh_process()
     other = dataclasses.replace(snap_cfg, max_len=snap_cfg.max_len // 2)
-    client_app.load_shard(path, "canonical", None, other, disk_cache=True)
+    fresh_process().load(path, "canonical", None, other, disk_cache=True)
     assert len(list(tmp_path.glob("00000.snapshots-*.npz"))) == 2
     os.utime(path, ns=(0, 0))
-    fresh_process()
-    client_app.load_shard(path, "canonical", None, snap_cfg, disk_cache=True)
+    fresh_process().load(path, "canonical", None, snap_cfg, disk_cache=True)
     assert len(list(tmp_path.glob("00000.snapshots-*.npz"))) == 3
     newest = max(tmp_path.glob("00000.snapshots-*.npz"), key=lambda p: p.stat().st_mtime_ns)
     newest.write_bytes(b"truncated")
-    fresh_process()
-    again = client_app.load_shard(path, "canonical", None, snap_cfg, disk_cache=True)
+    again = fresh_process().load(path, "canonical", None, snap_cfg, disk_cache=True)
     assert len(again) == len(built)
     # A merchant's own file (deployment) gets nothing written beside it.
     own = tmp_path / "own"
@@ -961,9 +973,8 @@ def test_simulation_shards_keep_their_snapshots_beside_them_for_other_processes(
     generate_federation(cfg, seed=4).events.to_parquet(mine, index=False)
     from flwr.app import Context, RecordDict
 
-    fresh_process()
     context = Context(run_id=1, node_id=1, node_config={"data-path": mine, "format": "canonical"},
                       state=RecordDict(), run_config={})
-    _, snaps = client_app.merchant_data(context, {}, None)
+    _, snaps = client_app.merchant_data(context, {}, None, fresh_process())
     assert len(snaps) > 0
     assert sorted(p.name for p in own.iterdir()) == ["events.parquet"]
