@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import metrics
+from common import keras_seam, metrics
 from common.config import TrainConfig
 from common.model import num_actions as model_actions
 from common.model import set_weights_of, targets, weights_of
@@ -88,8 +88,9 @@ class _Proximal(keras.Model):
             total = loss + 0.5 * self.mu * prox
         grads = tape.gradient(total, self.inner.trainable_weights)
         self.inner.optimizer.apply_gradients(zip(grads, self.inner.trainable_weights, strict=True))
-        self._loss_tracker.update_state(loss)
-        return {"loss": self._loss_tracker.result()}
+        tracker = keras_seam.loss_tracker(self)
+        tracker.update_state(loss)
+        return {"loss": tracker.result()}
 
 
 @functools.lru_cache(maxsize=4)
@@ -118,17 +119,15 @@ def _state_reset(model: keras.Model) -> Callable[[tf.Tensor], None]:
     opt = model.optimizer
     if not opt.built:
         opt.build(model.trainable_variables)
-    keep = {id(v) for v in (getattr(opt, "_learning_rate", None),) if isinstance(v, keras.Variable)}
-    zeroed = [v for v in opt.variables if id(v) not in keep and "learning_rate" not in v.path]
-    generators = [(i, gen) for i, layer in enumerate(model._flatten_layers())
-                  if (gen := getattr(layer, "seed_generator", None)) is not None]
+    zeroed = keras_seam.optimizer_state_variables(opt)
+    seed_states = keras_seam.seed_states(model)
 
     @tf.function
     def reset(seed: tf.Tensor) -> None:
         for v in zeroed:
             v.assign(tf.zeros(v.shape, dtype=v.dtype))
-        for i, gen in generators:
-            gen.state.assign(tf.cast(tf.stack([seed, i]), gen.state.dtype))
+        for i, state in seed_states:
+            state.assign(tf.cast(tf.stack([seed, i]), state.dtype))
 
     return reset
 

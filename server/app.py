@@ -276,10 +276,11 @@ def run_federation(grid: Grid, settings: ServerSettings,
     run_dir = Path(fed.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(settings.model, settings.snapshots, seed=settings.seed)
-    if hasattr(grid, "pull_interval"):
-        # Flower's in-memory grid (simulation) looks for replies every 0.1 s, a third of a
-        # round of ten small merchants here.
-        grid.pull_interval = min(grid.pull_interval, 0.01)
+    # Flower's in-memory grid (simulation) looks for replies every 0.1 s, a third of a
+    # round of ten small merchants here.
+    from server.flower_seam import shorten_reply_polling
+
+    shorten_reply_polling(grid, 0.01)
     parts = _build_runner(settings, grid, run_dir, engine_failed)
     done, weights, selection = _start_state(settings, run_dir, parts, weights_of(model))
     parts.strategy.round_offset = done

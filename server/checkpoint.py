@@ -23,11 +23,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from common import atomic
+from server.flower_seam import OPTIMIZER_STATE, read_optimizer_state, write_optimizer_state
 
 log = logging.getLogger(__name__)
 
 #: Strategy attributes that hold server-side optimizer state (FedAdam/FedYogi/FedAvgM).
-STATE_ATTRIBUTES: tuple[str, ...] = ("current_arrays", "m_t", "v_t", "momentum_vector")
+STATE_ATTRIBUTES: tuple[str, ...] = OPTIMIZER_STATE
 FORMAT = "fedecay-checkpoint-2"
 _NAME = re.compile(r"^round-(\d{5,})\.npz$")
 _META, _DIGEST = "__meta__", "__sha256__"
@@ -204,13 +205,11 @@ def clear_checkpoints(directory: Path) -> int:
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
     """The server optimizer's state (whatever the strategy keeps), for a checkpoint."""
-    return {name: value for name in STATE_ATTRIBUTES
-            if (value := getattr(strategy, name, None)) is not None}
+    return read_optimizer_state(strategy)
 
 
 def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
     unknown = set(state) - set(STATE_ATTRIBUTES)
     if unknown:
         raise CheckpointError(f"checkpoint names unknown strategy state {sorted(unknown)}")
-    for name, value in state.items():
-        setattr(strategy, name, value)
+    write_optimizer_state(strategy, state)

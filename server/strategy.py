@@ -46,6 +46,7 @@ from flwr.common.constant import SType
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
+from server import flower_seam
 from server.config import FederationConfig
 
 log = logging.getLogger(__name__)
@@ -168,21 +169,19 @@ class ReplyLayout:
     its headers: ``numpy()`` parses each header with ``ast.literal_eval``, ~36 us a
     tensor, which made reading the replies most of the server's aggregation time.
     A tensor whose header is byte for byte the expected one has exactly the expected
-    dtype and shape; any other goes through ``numpy()``.
+    dtype and shape; any other goes through ``numpy()``, and so does every tensor when
+    ``server.flower_seam`` does not know the installed Flower's byte layout.
     """
 
     def __init__(self, reference: list[np.ndarray]) -> None:
         self.reference = [np.ascontiguousarray(r) for r in reference]
-        self.heads = []
-        for ref in self.reference:
-            data = Array(ref).data
-            self.heads.append(data[:len(data) - ref.nbytes])
+        self.heads = [flower_seam.npy_header(ref) for ref in self.reference]
 
     def read(self, i: int, array: Array) -> np.ndarray:
         ref, head = self.reference[i], self.heads[i]
         data = array.data
-        if array.stype == SType.NUMPY and len(data) == len(head) + ref.nbytes \
-                and data.startswith(head):
+        if head is not None and array.stype == SType.NUMPY \
+                and len(data) == len(head) + ref.nbytes and data.startswith(head):
             return np.frombuffer(data, ref.dtype, ref.size, len(head)).reshape(ref.shape)
         if array.stype != SType.NUMPY:
             raise TypeError(f"serialization type {array.stype!r}, expected {SType.NUMPY!r}")
@@ -232,24 +231,11 @@ def read_reply_arrays(reply: ArrayRecord, layout: ReplyLayout
     return values, None
 
 
-class _CheckedArray(Array):
-    """A reply's tensor already read and checked: ``numpy()`` returns a copy of the
-    values read (what Flower's aggregation and DP clipping call, once more per tensor)
-    instead of deserializing it again."""
-
-    def __init__(self, source: Array, value: np.ndarray) -> None:
-        super().__init__(dtype=source.dtype, shape=source.shape, stype=source.stype,
-                         data=source.data)
-        self.__dict__["_value"] = value
-
-    def numpy(self) -> np.ndarray:
-        return self.__dict__["_value"].copy()
-
-
 def _checked_record(record: ArrayRecord, values: list[np.ndarray]) -> ArrayRecord:
+    """The reply's tensors, each giving its values already read and checked."""
     checked = ArrayRecord()  # item by item: the constructor would copy into plain Arrays
     for (key, array), value in zip(record.items(), values, strict=True):
-        checked[key] = _CheckedArray(array, value)
+        checked[key] = flower_seam.array_returning(array, value)
     return checked
 
 

@@ -14,8 +14,9 @@ This module swaps that function for one that wakes when the state stores a messa
 takes every undelivered message for the simulation's nodes in one pass over the store,
 with the same expiry and federation checks and the same ``delivered_at`` stamp as
 Flower's. It relies on the in-memory state's internals (``lock``,
-``message_ins_store``, ``_check_stored_messages``); with any other state, or a Flower
-whose state lacks them, Flower's own function runs.
+``message_ins_store``, ``_check_stored_messages``), reached only through
+``simulations.flower_seam``; with any other state, or another Flower version than the
+seam's, Flower's own function runs.
 """
 
 from __future__ import annotations
@@ -25,60 +26,28 @@ import threading
 from queue import Queue
 from typing import Any
 
+from simulations import flower_seam
+
 log = logging.getLogger(__name__)
 
 #: Longest wait between two passes when no message is stored (as Flower's scan).
 IDLE_WAIT_S = 0.1
-_INTERNALS = ("lock", "message_ins_store", "_check_stored_messages", "store_message_ins")
-
-
-def _undelivered(state: Any, nodes: set[int]) -> list[Any]:
-    """Every message for ``nodes`` not yet delivered, marked delivered, in storing order."""
-    from flwr.supercore.date import now
-
-    with state.lock:
-        waiting = [mid for mid, m in state.message_ins_store.items()
-                   if m.metadata.delivered_at == "" and m.metadata.dst_node_id in nodes]
-        if not waiting:
-            return []
-        # Drops the expired ones and those whose nodes left the federation.
-        state._check_stored_messages(set(waiting))
-        found = [m for mid in waiting if (m := state.message_ins_store.get(mid))]
-        stamp = now().isoformat()
-        for m in found:
-            m.metadata.delivered_at = stamp
-    return found
-
-
-def _waking_on_store(state: Any) -> threading.Event:
-    """An event set whenever ``state`` stores a message (the state itself is unchanged)."""
-    stored = threading.Event()
-    store = state.store_message_ins
-
-    def store_message_ins(message: Any) -> str | None:
-        message_id = store(message)
-        stored.set()
-        return message_id
-
-    # An instance attribute: the state's own methods call it through ``self`` too.
-    state.store_message_ins = store_message_ins
-    return stored
 
 
 def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any,
                           f_stop: threading.Event) -> None:
     """Flower's ``add_messages_to_queue`` without the fixed wait and the per-node scan."""
-    if not all(hasattr(state, name) for name in _INTERNALS):
+    if not flower_seam.has_in_memory_store(state):
         log.warning("the simulation's link state (%s) is not Flower 1.42's in-memory "
                     "one: messages are handed over by Flower's 0.1 s scan",
                     type(state).__name__)
         _FLOWER_SCAN(state, queue, nodes_mapping, f_stop)
         return
     nodes = set(nodes_mapping.keys())
-    stored = _waking_on_store(state)
+    stored = flower_seam.wake_on_store(state)
     while not f_stop.is_set():
         stored.clear()  # a message stored during the pass wakes the next wait at once
-        for message in _undelivered(state, nodes):
+        for message in flower_seam.take_undelivered(state, nodes):
             queue.put(message)
         stored.wait(IDLE_WAIT_S)
 
@@ -89,17 +58,10 @@ _FLOWER_SCAN: Any = None
 def hand_over_at_once() -> None:
     """Make the Simulation Engine (in this process) use this module's hand-over.
 
-    Idempotent; call it before ``run_simulation``.
+    Idempotent; call it before ``run_simulation``. With another Flower version than
+    ``simulations.flower_seam``'s, Flower's own hand-over stays (one warning).
     """
     global _FLOWER_SCAN
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    current = getattr(vce_api, "add_messages_to_queue", None)
-    if current is None:  # another Flower version: leave it alone
-        log.warning("flwr's vce_api has no add_messages_to_queue: messages are handed "
-                    "over by Flower's own engine")
-        return
-    if current is add_messages_to_queue:
-        return
-    _FLOWER_SCAN = current
-    vce_api.add_messages_to_queue = add_messages_to_queue
+    replaced = flower_seam.swap_message_handover(add_messages_to_queue)
+    if replaced is not None and replaced is not add_messages_to_queue:
+        _FLOWER_SCAN = replaced

@@ -9,7 +9,9 @@ back to the pool (``flwr/server/superlink/fleet/vce/backend/raybackend.py``,
 Every later message given to it fails at once with ``ActorDiedError`` (seen with 4
 clients on 2 actors: one kill in round 1 failed one more message of that round and 3
 of round 2's 4). This pool swaps in a fresh actor before the dead one goes back, so
-only the message that was running is lost.
+only the message that was running is lost. The pool's internals are reached only
+through ``simulations.flower_seam``: with another Flower version than the seam's,
+Flower's own pool stays (one warning).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
+
+from simulations import flower_seam
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,8 @@ def _replacing_pool(base: type) -> type:
             try:
                 return super().fetch_result_and_return_actor_to_pool(future)
             except ray.exceptions.ActorDiedError as err:
-                # Flower's caller then puts ``_future_to_actor[future]`` back in the pool.
-                self._future_to_actor[future] = self.create_actor_fn()
+                # Flower's caller then puts the future's actor back in the pool.
+                flower_seam.replace_actor_of(self, future, self.create_actor_fn())
                 pid = re.search(r"\bpid: (\d+)", str(err))
                 log.warning("a ClientApp's Ray actor died (pid %s; killed by the OOM killer "
                             "or a signal, or crashed): its message fails, a new actor takes "
@@ -47,14 +51,4 @@ def replace_dead_actors() -> None:
 
     Idempotent; call it before ``run_simulation``.
     """
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    base = getattr(raybackend, "BasicActorPool", None)
-    if base is None:  # another Flower version: leave it alone
-        log.warning("flwr's raybackend has no BasicActorPool: dead actors are not replaced")
-        return
-    if getattr(base, "replaces_dead_actors", False):
-        return
-    pool = _replacing_pool(base)
-    pool.replaces_dead_actors = True  # type: ignore[attr-defined]
-    raybackend.BasicActorPool = pool
+    flower_seam.swap_actor_pool(_replacing_pool)
