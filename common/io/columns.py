@@ -1,0 +1,170 @@
+"""Column converters: text, ids, numbers, times and names, each checked row by row.
+
+Every converter takes the raw column of one chunk and either returns it in its canonical
+dtype or raises one :class:`~common.schema.DataError` naming the offending rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from common.io.errors import column_error
+from common.io.results import add_count
+from common.schema import STRING, DataError
+from common.timestamps import NUMBER, iso_to_ns, numbers_to_ns
+
+#: pyarrow -> pandas types for ``to_pandas``: text becomes pyarrow-backed strings.
+STRING_TYPES = {pa.string(): STRING, pa.large_string(): STRING}
+
+
+def lower_name(column: Any) -> str:
+    """A column name as matched: stripped and lower-cased."""
+    return str(column).strip().lower()
+
+
+def as_arrow(s: pd.Series) -> pa.Array:
+    """The column as one pyarrow array of strings (zero-copy for pyarrow-backed text)."""
+    if not isinstance(s.dtype, pd.StringDtype):
+        s = s.astype(STRING)
+    arr = pa.array(s)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _text(s: pd.Series) -> pa.Array:
+    """Stripped strings; empty cells become null."""
+    arr = pc.utf8_trim_whitespace(as_arrow(s))
+    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
+
+
+def _valid(arr: pa.Array) -> np.ndarray:
+    return arr.is_valid().to_numpy(zero_copy_only=False)
+
+
+def as_string(s: pd.Series) -> pd.Series:
+    """IDs as stripped pyarrow strings (empty -> missing); integral floats lose '.0'."""
+    if pd.api.types.is_float_dtype(s.dtype):
+        values = s.to_numpy(dtype="float64", na_value=np.nan)
+        finite = values[~np.isnan(values)]
+        if np.all((finite == np.round(finite)) & (np.abs(finite) < 2.0**53)):
+            s = s.astype("Int64")
+    return pd.Series(STRING.__from_arrow__(_text(s)), index=s.index)
+
+
+def _numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Float values of number-looking strings (NaN elsewhere) and the mask of those."""
+    try:
+        values = pc.cast(arr, pa.float64())  # fast path: every non-null cell is a number
+        return values.to_numpy(zero_copy_only=False), _valid(arr)
+    except pa.ArrowInvalid:
+        looks = pc.fill_null(pc.match_substring_regex(arr, NUMBER), False)
+        values = pc.cast(pc.if_else(looks, arr, pa.scalar(None, arr.type)), pa.float64())
+        return values.to_numpy(zero_copy_only=False), looks.to_numpy(zero_copy_only=False)
+
+
+def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
+                     unit: str | None = None) -> pd.Series:
+    """Parse to ``datetime64[ns, UTC]``: datetimes, ISO-8601 strings or unix numbers.
+
+    Numbers are seconds, or milliseconds above 1e11, unless ``unit`` ("s" or "ms")
+    fixes it. Naive times are taken as UTC.
+    """
+    if isinstance(raw.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(raw):
+        parsed = raw.dt.tz_localize("UTC") if raw.dt.tz is None else raw.dt.tz_convert("UTC")
+        parsed = parsed.astype("datetime64[ns, UTC]")
+        bad = parsed.isna().to_numpy()
+        if bad.any():
+            raise column_error(source, column, bad, raw, "missing timestamp(s)", "a time", offset)
+        return parsed
+
+    if pd.api.types.is_numeric_dtype(raw.dtype) and not pd.api.types.is_bool_dtype(raw):
+        text = None
+        values = raw.to_numpy(dtype="float64", na_value=np.nan)
+        is_num = ~np.isnan(values)
+    else:
+        text = _text(raw)
+        values, is_num = _numbers(text)
+    ns = np.full(len(raw), np.iinfo(np.int64).min, dtype=np.int64)  # NaT
+    if is_num.any():
+        exact, ok = numbers_to_ns(values, is_num, unit)
+        ns = np.where(ok, exact, ns)
+    if text is not None and not is_num.all():
+        ns[~is_num] = iso_to_ns(pd.Series(STRING.__from_arrow__(text.filter(pa.array(~is_num)))))
+    parsed = pd.Series(pd.to_datetime(ns, unit="ns", utc=True), index=raw.index)
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        expected = (f"unix {'seconds' if unit == 's' else 'milliseconds'}" if unit
+                    else "ISO-8601 strings, unix seconds or unix milliseconds")
+        raise column_error(source, column, bad, raw, "unparsable timestamp(s)", expected, offset)
+    return parsed
+
+
+def map_names(raw: pd.Series, mapping: Mapping[str, str], dtype: pd.CategoricalDtype,
+              source: str, column: str, offset: int, what: str) -> pd.Series:
+    """Map names (case-insensitive, stripped) through ``mapping`` onto a categorical."""
+    keys = list(mapping)
+    found = pc.index_in(pc.utf8_lower(_text(raw)), value_set=pa.array(keys))
+    codes = pc.fill_null(found, -1).to_numpy(zero_copy_only=False)
+    bad = codes < 0
+    if bad.any():
+        raise column_error(source, column, bad, raw, f"unknown or missing {what} name(s)",
+                           "one of " + ", ".join(keys), offset)
+    categories = list(dtype.categories)
+    lookup = np.array([categories.index(mapping[k]) for k in keys], dtype=np.int8)
+    return pd.Series(pd.Categorical.from_codes(lookup[codes], dtype=dtype), index=raw.index)
+
+
+def parse_numbers(raw: pd.Series, source: str, column: str, offset: int) -> pd.Series:
+    """Float64; missing stays NaN, text or infinities raise."""
+    if pd.api.types.is_numeric_dtype(raw.dtype) and not pd.api.types.is_bool_dtype(raw):
+        values = raw.to_numpy(dtype="float64", na_value=np.nan)
+        present = ~np.isnan(values)
+    else:
+        text = _text(raw)
+        values, _ = _numbers(text)
+        present = _valid(text)
+    bad = present & ~np.isfinite(values)
+    if bad.any():
+        raise column_error(source, column, bad, raw, "non-numeric value(s)", "a finite number",
+                           offset)
+    return pd.Series(values, index=raw.index)
+
+
+def no_repeats(source: Any, columns: Any, where: str) -> None:
+    """Raise when a column name (stripped, lower-cased) appears more than once."""
+    seen: dict[str, list[int]] = {}
+    for number, column in enumerate(columns, start=1):
+        seen.setdefault(str(column).strip().lower(), []).append(number)
+    for name, numbers in seen.items():
+        if len(numbers) > 1:
+            times = "twice" if len(numbers) == 2 else f"{len(numbers)} times"
+            listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+            raise DataError(f"{source}: column '{name}' appears {times} in the {where} "
+                            f"(columns {listed}); expected each column name once. Rename "
+                            "or remove the repeated column")
+
+
+def require_columns(source: str, columns: Any, needed: tuple[str, ...], what: str) -> None:
+    missing = [c for c in needed if c not in set(columns)]
+    if missing:
+        raise DataError(
+            f"{source}: missing required column(s) {', '.join(map(repr, missing))} for "
+            f"{what} (found: {', '.join(map(str, columns)) or 'no columns'})"
+        )
+
+
+def id_column(df: pd.DataFrame, name: str, default: str, filled: dict[str, int]
+              ) -> pd.Series:
+    if name not in df:
+        return pd.Series(default, index=df.index, dtype=STRING)
+    s = as_string(df[name])
+    missing = s.isna()
+    if missing.any():
+        add_count(filled, name, missing.sum())
+        s = s.fillna(default)
+    return s

@@ -1,0 +1,102 @@
+"""Error messages that name the file, the column, the offending rows and their file lines."""
+
+from __future__ import annotations
+
+import lzma
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.io.files import text_lines
+from common.schema import DataError
+
+SHOW_ROWS = 5  # offending rows quoted in an error message
+
+
+class Origin(str):
+    """A CSV file's name as shown in messages, plus how its data rows map to file lines.
+
+    It is the plain path string everywhere a source name is expected; error messages
+    use :meth:`lines` to add the physical 1-based line numbers (header and blank lines
+    counted, rows dropped by ``bad_rows='skip'`` stepped over).
+    """
+
+    path: Path
+    header: int
+    encoding: str
+    skipped: set[str]
+
+    def __new__(cls, path: Path, header: int, encoding: str) -> Origin:
+        self = super().__new__(cls, str(path))
+        self.path, self.header, self.encoding, self.skipped = path, header, encoding, set()
+        return self
+
+    def lines(self, rows: list[int]) -> list[int]:
+        """File lines of 0-based data rows (a rescan: only called on the error path)."""
+        wanted, found = set(rows), {}
+        record, header = -1, self.header
+        try:
+            for number, line in enumerate(text_lines(self.path, self.encoding), 1):
+                if not line:
+                    continue  # the CSV parser skips blank lines
+                if header:
+                    header -= 1
+                    continue
+                if line in self.skipped:
+                    continue
+                record += 1
+                if record in wanted:
+                    found[record] = number
+                    if len(found) == len(wanted):
+                        break
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
+                DataError):
+            pass  # the reader reports an unreadable file itself
+        return [found.get(r, r + 1 + self.header) for r in rows]
+
+    def line_of(self, text: str) -> int | None:
+        """The first data line whose content is ``text`` (a row the parser rejected)."""
+        header = self.header
+        try:
+            for number, line in enumerate(text_lines(self.path, self.encoding), 1):
+                if not line:
+                    continue
+                if header:
+                    header -= 1
+                    continue
+                if line == text or line.rstrip("\r") == text.rstrip("\r"):
+                    return number
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
+                DataError):
+            pass
+        return None
+
+
+def column_error(source: str, column: str, bad: np.ndarray, raw: pd.Series, problem: str,
+                 expected: str, offset: int) -> DataError:
+    """One message naming file, column, the first offending rows, their values and lines.
+
+    Rows are data rows (1-based, header excluded); for a CSV file the physical lines of
+    the file (1-based, header counted) follow.
+    """
+    rows = np.flatnonzero(bad)
+    shown = ", ".join(
+        f"{offset + r + 1} ({_quote(raw.iloc[r])})" for r in rows[:SHOW_ROWS]
+    )
+    more = f" and {len(rows) - SHOW_ROWS} more" if len(rows) > SHOW_ROWS else ""
+    where = "data rows" if len(rows) > 1 else "data row"
+    lines = ""
+    if isinstance(source, Origin):
+        numbers = source.lines([offset + int(r) for r in rows[:SHOW_ROWS]])
+        lines = (f" (file line{'s' if len(numbers) > 1 else ''} "
+                 f"{', '.join(map(str, numbers))})")
+    return DataError(f"{source}: column '{column}' has {problem} at {where} "
+                     f"{shown}{more}{lines}; expected {expected}")
+
+
+def _quote(value: Any) -> str:
+    return "missing" if pd.isna(value) else repr(str(value))

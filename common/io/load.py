@@ -1,0 +1,203 @@
+"""``load_events``: check the arguments, pick the reader, and account for every row."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+
+from common.io.canonical import iter_canonical
+from common.io.columns import as_arrow
+from common.io.completejourney import (
+    CJ_RETURN,
+    cj_interventions,
+    cj_transactions,
+    iter_completejourney,
+)
+from common.io.csv_reader import BAD_ROWS, ReadRules
+from common.io.files import is_parquet, regular_or_folder
+from common.io.results import (
+    DUPLICATE,
+    MALFORMED,
+    OUTSIDE_WINDOW,
+    EventLog,
+    LoadReport,
+    add_count,
+)
+from common.io.retailrocket import RETAILROCKET_EVENTS, iter_retailrocket
+from common.io.sniff import FORMATS, detect_format, sniff
+from common.io.tables import read_table
+from common.io.taobao import TAOBAO_EVENTS, iter_taobao
+from common.io.validation import canonicalise, in_window, validate_interventions
+from common.schema import (
+    EVENT_COLUMNS,
+    INTERVENTION_COLUMNS,
+    DataError,
+    empty_events,
+    empty_interventions,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _bound(value: Any, name: str) -> pd.Timestamp | None:
+    if value is None:
+        return None
+    try:
+        stamp = pd.Timestamp(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}={value!r}: expected a date/time") from exc
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return stamp.as_unit("ns")
+
+
+def _finish(frame: pd.DataFrame, dropped: dict[str, int]) -> pd.DataFrame:
+    """Sort by (user_id, timestamp) keeping file order in ties, drop exact duplicates."""
+    n = len(frame)
+    users = pc.dictionary_encode(as_arrow(frame["user_id"]))
+    rank = pc.rank(users.dictionary, sort_keys="ascending").to_numpy(zero_copy_only=False)
+    user = rank[users.indices.to_numpy(zero_copy_only=False)]
+    ts = frame["timestamp"].array.asi8
+    order = np.lexsort((ts, user))  # stable
+    # exact duplicates share (user, time), so after sorting they sit in one run of equal
+    # keys; only rows in such runs need the (slow) full-row comparison
+    same = (user[order][1:] == user[order][:-1]) & (ts[order][1:] == ts[order][:-1])
+    candidate = np.zeros(n, dtype=bool)
+    candidate[1:] |= same
+    candidate[:-1] |= same
+    dup = np.zeros(n, dtype=bool)
+    if candidate.any():
+        dup[candidate] = frame.iloc[order[candidate]].duplicated(keep="first").to_numpy()
+    add_count(dropped, DUPLICATE, dup.sum())
+    return frame.take(order[~dup]).reset_index(drop=True)
+
+
+def _load_interventions(path: Path, chunksize: int, report: LoadReport,
+                        bad_rows: str) -> pd.DataFrame:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such interventions file")
+    regular_or_folder(path)
+    parts = []
+    rules = ReadRules(chunksize, bad_rows, report.interventions_dropped)
+    for offset, chunk in read_table(path, rules, INTERVENTION_COLUMNS):
+        parts.append(validate_interventions(chunk, rules.origin or str(path), offset=offset))
+        report.interventions_read += len(chunk)
+    report.interventions_read += report.interventions_dropped.get(MALFORMED, 0)
+    return pd.concat(parts, ignore_index=True) if parts else empty_interventions()
+
+
+def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
+                end: Any = None, interventions_path: str | Path | None = None,
+                chunksize: int = 1_000_000, bad_rows: str = "error") -> EventLog:
+    """Load a behaviour log in any of :data:`FORMATS` into the canonical frames.
+
+    Parameters
+    ----------
+    path : the log file (CSV, CSV.gz or Parquet), or the Complete Journey folder.
+    format : one of :data:`FORMATS`, or "auto" to detect it from the content.
+    start, end : keep events in ``[start, end)`` (naive times are UTC); the rest are
+        counted under "outside window". Interventions get the same window.
+    interventions_path : a canonical interventions file (CSV or Parquet); for Complete
+        Journey it replaces the campaigns-derived log.
+    chunksize : most rows converted at a time (CSV is parsed by pyarrow in 16 MB
+        blocks, each cut into chunks of at most ``chunksize`` rows).
+    bad_rows : "error" (default) raises on a CSV row with the wrong number of fields
+        (a cut last line, an unterminated quote), naming its file line; "skip" drops
+        such rows and counts them in the report under :data:`MALFORMED`.
+
+    Returns
+    -------
+    EventLog with events sorted by ``(user_id, timestamp)``, interventions (empty when
+    none) and a report of rows read, kept, dropped (by reason) and filled.
+
+    Raises
+    ------
+    DataError
+        Unreadable or empty file, a format that does not match the content, a missing
+        column, unparsable timestamp, unknown event name or negative value.
+    """
+    path = Path(path)
+    regular_or_folder(path)
+    if format not in FORMATS + ("auto",):
+        raise ValueError(f"format={format!r}: expected 'auto' or one of {', '.join(FORMATS)}")
+    if chunksize < 1:
+        raise ValueError(f"chunksize={chunksize}: expected a positive number of rows")
+    if bad_rows not in BAD_ROWS:
+        raise ValueError(f"bad_rows={bad_rows!r}: expected one of {', '.join(BAD_ROWS)}")
+    lo, hi = _bound(start, "start"), _bound(end, "end")
+    if lo is not None and hi is not None and lo >= hi:
+        raise ValueError(f"start={lo} is not before end={hi}")
+
+    looks = sniff(path)
+    if format == "auto":
+        format = looks if looks is not None else detect_format(path)  # detect_format raises
+    elif looks is not None and looks != format:
+        raise DataError(f"{path}: format={format!r} was requested but the content looks like "
+                        f"{looks}; pass format={looks!r} or format='auto'")
+    if path.is_dir() and format != "completejourney":
+        raise DataError(f"{path}: is a folder; only format 'completejourney' reads a folder")
+    if format == "taobao" and is_parquet(path):
+        raise DataError(f"{path}: format 'taobao' is a headerless CSV, not Parquet")
+
+    report = LoadReport(path=str(path), format=format)
+    rules = ReadRules(chunksize, bad_rows, report.dropped)
+    households: list[pd.Index] = []
+    options: dict[str, Any] = {}
+    if format == "canonical":
+        chunks = iter_canonical(path, rules)
+    elif format == "taobao":
+        chunks, options = iter_taobao(path, rules), {"events": TAOBAO_EVENTS, "unit": "s"}
+    elif format == "retailrocket":
+        chunks = iter_retailrocket(path, rules)
+        options = {"events": RETAILROCKET_EVENTS, "unit": "ms"}
+    else:
+        transactions = cj_transactions(path) if path.is_dir() else path
+        assert transactions is not None
+        chunks = iter_completejourney(transactions, rules, households)
+        options = {"negative_reason": CJ_RETURN}
+        report.path = str(transactions)
+
+    parts = []
+    for offset, chunk in chunks:
+        report.rows_read += len(chunk)
+        frame = canonicalise(chunk, rules.origin or report.path, offset=offset,
+                             dropped=report.dropped, filled=report.filled,
+                             window=(lo, hi), **options)
+        keep = in_window(frame["timestamp"], lo, hi)
+        add_count(report.dropped, OUTSIDE_WINDOW, (~keep).sum())
+        parts.append(frame.loc[keep, list(EVENT_COLUMNS)])
+    report.rows_read += report.dropped.get(MALFORMED, 0)  # parsed, then dropped
+    if report.rows_read == 0:
+        raise DataError(f"{report.path}: no data rows (the file has a header only)")
+    events = pd.concat(parts, ignore_index=True) if parts else empty_events()
+    parts.clear()  # the chunks are copied into ``events``; free them before sorting
+    events = _finish(events, report.dropped)
+    report.rows_kept = len(events)
+
+    if interventions_path is not None:
+        interventions = _load_interventions(Path(interventions_path), chunksize, report,
+                                            bad_rows)
+    elif format == "completejourney":
+        folder = path if path.is_dir() else path.parent
+        population = pd.Index(np.unique(np.concatenate([h.to_numpy(str) for h in households])))
+        interventions = cj_interventions(folder, events, population, report)
+    else:
+        interventions = empty_interventions()
+    if len(interventions):
+        keep = in_window(interventions["timestamp"], lo, hi)
+        add_count(report.interventions_dropped, OUTSIDE_WINDOW, (~keep).sum())
+        interventions = _finish(interventions[keep], report.interventions_dropped)
+        share = interventions["action"].map(
+            interventions["action"].value_counts(normalize=True)).astype("float64")
+        interventions["propensity"] = interventions["propensity"].fillna(share)
+    report.interventions_kept = len(interventions)
+
+    if report.rows_kept == 0:
+        logger.warning("%s: no events left after dropping %s", report.path, report.dropped)
+    for line in report.summary_lines():
+        logger.info("%s", line)
+    return EventLog(events=events, interventions=interventions, report=report)

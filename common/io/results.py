@@ -1,0 +1,54 @@
+"""What a load returns: the events, the interventions and a report of every row read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+#: Reasons rows are dropped on purpose (keys of :attr:`LoadReport.dropped`).
+DUPLICATE = "exact duplicate"
+OUTSIDE_WINDOW = "outside window"
+MALFORMED = "malformed CSV row (wrong number of fields or an unterminated quote)"
+
+
+@dataclass
+class LoadReport:
+    """What a load read, kept, dropped (reason -> rows) and filled (column -> rows)."""
+
+    path: str
+    format: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    filled: dict[str, int] = field(default_factory=dict)
+    interventions_read: int = 0
+    interventions_kept: int = 0
+    interventions_dropped: dict[str, int] = field(default_factory=dict)
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable lines, one fact each."""
+        lines = [f"{self.path} ({self.format}): {self.rows_read:,} rows read, "
+                 f"{self.rows_kept:,} kept"]
+        lines += [f"  dropped {n:,} rows: {why}" for why, n in self.dropped.items() if n]
+        lines += [f"  filled {n:,} missing {col}" for col, n in self.filled.items() if n]
+        if self.interventions_read:
+            lines.append(f"  interventions: {self.interventions_read:,} read, "
+                         f"{self.interventions_kept:,} kept")
+            lines += [f"    dropped {n:,} interventions: {why}"
+                      for why, n in self.interventions_dropped.items() if n]
+        return lines
+
+
+@dataclass(eq=False)
+class EventLog:
+    """A loaded log: canonical events, interventions (may be empty) and the report."""
+
+    events: pd.DataFrame
+    interventions: pd.DataFrame
+    report: LoadReport
+
+
+def add_count(counts: dict[str, int], key: str, n: int) -> None:
+    if n:
+        counts[key] = counts.get(key, 0) + int(n)

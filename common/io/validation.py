@@ -1,0 +1,206 @@
+"""Check a chunk against the canonical contract and convert it to canonical dtypes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.io.columns import (
+    as_string,
+    id_column,
+    map_names,
+    no_repeats,
+    parse_numbers,
+    parse_timestamps,
+    require_columns,
+)
+from common.io.errors import SHOW_ROWS, column_error
+from common.io.results import add_count
+from common.schema import (
+    DEFAULT_ACTIONS,
+    DEFAULT_CATEGORY,
+    DEFAULT_MERCHANT,
+    EVENT_COLUMNS,
+    EVENT_DTYPE,
+    EVENT_TYPES,
+    INTERVENTION_COLUMNS,
+    REQUIRED_EVENT_COLUMNS,
+    action_dtype,
+)
+from common.timestamps import EARLIEST_TIME, FUTURE_SLACK
+
+CANONICAL_EVENTS: Mapping[str, str] = {name: name for name in EVENT_TYPES}
+#: Largest accepted ``value``: no single event is worth 1e12 in any currency, and far
+#: below it sums and log1p features stay finite in float32/float64.
+MAX_VALUE = 1e12
+
+
+def _plain_values(df: pd.DataFrame, source: str, offset: int) -> None:
+    """Reject cells that are lists, dicts, sets or bytes (frames built in Python)."""
+    for column in df.columns:
+        if df[column].dtype != object or pd.api.types.infer_dtype(
+                df[column], skipna=True) in _PLAIN_KINDS:
+            continue
+        kinds = df[column].map(_nested_kind)
+        bad = kinds.notna().to_numpy()
+        if bad.any():
+            kind = kinds[bad].iloc[0]
+            raise column_error(source, str(column), bad, df[column].astype(str),
+                               f"{kind} value(s)", "one plain value per row (text, a number or "
+                               "a time), not a nested or binary value", offset)
+
+
+_PLAIN_KINDS = {"string", "empty", "integer", "floating", "mixed-integer-float", "decimal",
+                "boolean", "datetime", "datetime64", "date"}
+
+
+def _nested_kind(value: Any) -> str | None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "binary"
+    if isinstance(value, (list, tuple, set, frozenset, dict, np.ndarray)):
+        return "nested (list/dict)"
+    return None
+
+
+def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
+                 events: Mapping[str, str] = CANONICAL_EVENTS, unit: str | None = None,
+                 negative_reason: str | None = None, dropped: dict[str, int] | None = None,
+                 filled: dict[str, int] | None = None,
+                 window: tuple[pd.Timestamp | None, pd.Timestamp | None] = (None, None)
+                 ) -> pd.DataFrame:
+    """Check and convert one chunk whose columns already carry canonical names.
+
+    ``negative_reason`` turns negative values from an error into a counted drop. Times
+    outside the plausible range (see :data:`EARLIEST_TIME`) raise unless they fall
+    outside ``window``, whose rows the caller drops and counts.
+    """
+    dropped = {} if dropped is None else dropped
+    filled = {} if filled is None else filled
+    require_columns(source, df.columns, REQUIRED_EVENT_COLUMNS, "the canonical event log")
+    _plain_values(df, source, offset)
+    user = as_string(df["user_id"])
+    bad = user.isna().to_numpy()
+    if bad.any():
+        raise column_error(source, "user_id", bad, df["user_id"], "missing user id(s)",
+                           "a non-empty id", offset)
+    timestamp = parse_timestamps(df["timestamp"], source, "timestamp", offset, unit)
+    _check_plausible(timestamp, df["timestamp"], source, offset, window)
+    out = pd.DataFrame(
+        {
+            "user_id": user,
+            "timestamp": timestamp,
+            "event": map_names(df["event"], events, EVENT_DTYPE, source, "event", offset,
+                               "event"),
+            "item_id": id_column(df, "item_id", "", filled),
+            "category_id": id_column(df, "category_id", DEFAULT_CATEGORY, filled),
+            "merchant_id": id_column(df, "merchant_id", DEFAULT_MERCHANT, filled),
+        },
+        index=df.index,
+    )
+    value = (parse_numbers(df["value"], source, "value", offset) if "value" in df
+             else pd.Series(0.0, index=df.index))
+    negative = (value < 0).to_numpy()
+    if negative.any() and negative_reason is None:
+        raise column_error(source, "value", negative, df["value"], "negative value(s)",
+                           "a value >= 0", offset)
+    huge = (value.abs() > MAX_VALUE).to_numpy()
+    if huge.any():
+        raise column_error(source, "value", huge, df["value"], "implausibly large value(s)",
+                           f"a value of at most {MAX_VALUE:.0e} (larger ones overflow the "
+                           "features); check the unit or the column", offset)
+    if "value" in df:
+        add_count(filled, "value", value.isna().sum())
+    out["value"] = value.fillna(0.0)
+    if negative.any():
+        add_count(dropped, str(negative_reason), negative.sum())
+        out = out[~negative]
+    return out
+
+
+def _check_plausible(ts: pd.Series, raw: pd.Series, source: str, offset: int,
+                     window: tuple[pd.Timestamp | None, pd.Timestamp | None]) -> None:
+    """Raise for times before :data:`EARLIEST_TIME` or after now + :data:`FUTURE_SLACK`."""
+    latest = pd.Timestamp.now(tz="UTC") + FUTURE_SLACK
+    bad = ((ts < EARLIEST_TIME) | (ts > latest)).to_numpy() & in_window(ts, *window)
+    if not bad.any():
+        return
+    shown = pd.Series("", index=raw.index, dtype=object)
+    first = np.flatnonzero(bad)[:SHOW_ROWS]
+    shown.iloc[first] = [f"{raw.iloc[r]} = {ts.iloc[r]:%Y-%m-%d %H:%M}" for r in first]
+    raise column_error(source, "timestamp", bad, shown, "implausible time(s)",
+                       f"a time between {EARLIEST_TIME:%Y-%m-%d} and {latest:%Y-%m-%d %H:%M} UTC "
+                       "(now + 1 day); fix or remove these rows, or load a window (start/end) "
+                       "that leaves them out", offset)
+
+
+def validate_events(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Check a frame against the canonical contract and coerce it to canonical dtypes.
+
+    Parameters
+    ----------
+    df : columns named as the canonical log; extra columns are ignored.
+    source : name used in error messages (usually the file path).
+
+    Returns
+    -------
+    The canonical frame (``EVENT_COLUMNS`` in order, ``RangeIndex``), rows in input order.
+
+    Raises
+    ------
+    DataError
+        Missing required column, missing user id, unparsable timestamp, unknown event
+        name, non-numeric or negative value.
+    """
+    no_repeats(source, df.columns, "frame's columns")
+    df = df.rename(columns=lambda c: str(c).strip().lower())
+    out = canonicalise(df.reset_index(drop=True), source)
+    return out[list(EVENT_COLUMNS)].reset_index(drop=True)
+
+
+def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
+                           actions: tuple[str, ...] = DEFAULT_ACTIONS) -> pd.DataFrame:
+    """Check and coerce an interventions frame (propensity NaN is kept for later fill).
+
+    Raises
+    ------
+    DataError
+        Missing column, missing user id, unparsable timestamp, unknown action, or a
+        propensity outside (0, 1].
+    """
+    no_repeats(source, df.columns, "frame's columns")
+    df = df.rename(columns=lambda c: str(c).strip().lower())
+    require_columns(source, df.columns, ("user_id", "timestamp", "action"), "the interventions log")
+    user = as_string(df["user_id"])
+    if user.isna().any():
+        raise column_error(source, "user_id", user.isna().to_numpy(), df["user_id"],
+                           "missing user id(s)", "a non-empty id", offset)
+    propensity = (parse_numbers(df["propensity"], source, "propensity", offset)
+                  if "propensity" in df else pd.Series(np.nan, index=df.index))
+    bad = (propensity.notna() & ~propensity.between(0.0, 1.0, inclusive="right")).to_numpy()
+    if bad.any():
+        raise column_error(source, "propensity", bad, df["propensity"], "out-of-range value(s)",
+                           "a probability in (0, 1]", offset)
+    return pd.DataFrame(
+        {
+            "user_id": user,
+            "timestamp": parse_timestamps(df["timestamp"], source, "timestamp", offset),
+            "action": map_names(df["action"], {a: a for a in actions}, action_dtype(actions),
+                                source, "action", offset, "action"),
+            "propensity": propensity,
+            "merchant_id": id_column(df, "merchant_id", DEFAULT_MERCHANT, {}),
+        },
+        index=df.index,
+    )[list(INTERVENTION_COLUMNS)]
+
+
+def in_window(ts: pd.Series, start: pd.Timestamp | None, end: pd.Timestamp | None
+              ) -> np.ndarray:
+    keep = np.ones(len(ts), dtype=bool)
+    if start is not None:
+        keep &= (ts >= start).to_numpy()
+    if end is not None:
+        keep &= (ts < end).to_numpy()
+    return keep
