@@ -10,13 +10,22 @@ from queue import Empty, Queue
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
+from server.flower_seam import server_task_identity
 from simulations import handover
 
 
-def link(num_nodes: int, monkeypatch):
+@pytest.fixture(autouse=True)
+def superlink_identity():
+    """The identity of the ServerApp in a simulation: its messages come from the link."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    with server_task_identity(run_id=1, node_id=SUPERLINK_NODE_ID, task_id=1):
+        yield
+
+
+def link(num_nodes: int):
     """An in-memory link state with a run and ``num_nodes`` nodes, as ``run_simulation``
     sets it up, and the ServerApp's grid on it."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.proto.task_pb2 import Task
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.linkstate import LinkStateFactory
@@ -24,7 +33,6 @@ def link(num_nodes: int, monkeypatch):
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
     from flwr.superlink.federation import NoOpFederationManager
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
@@ -34,8 +42,6 @@ def link(num_nodes: int, monkeypatch):
     run = Run.create_empty(run_id=1)
     run.primary_task_id = 7
     run.federation_id = NOOP_FEDERATION_ID
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
-        monkeypatch.setattr(TaskIdentity, name, value)
     state.run_ids[run.run_id] = RunRecord(run=run)
     state.task_store[7] = Task(task_id=7, run_id=run.run_id)
     nodes = vce_api._register_nodes(num_nodes, factory)
@@ -74,7 +80,7 @@ def running(monkeypatch):
     """The hand-over thread on a fresh link; yields (state, grid, nodes, queue)."""
     # A long idle wait: whatever arrives in the tests below was woken by the store.
     monkeypatch.setattr(handover, "IDLE_WAIT_S", 60.0)
-    state, grid, nodes = link(6, monkeypatch)
+    state, grid, nodes = link(6)
     queue, stop, thread = start(state, nodes)
     yield state, grid, nodes, queue
     stop.set()
@@ -97,8 +103,8 @@ def test_every_message_is_handed_over_once_as_soon_as_it_is_stored(running) -> N
         state.delete_messages(ids)
 
 
-def test_expired_messages_are_dropped_not_handed_over(monkeypatch) -> None:
-    state, grid, nodes = link(2, monkeypatch)
+def test_expired_messages_are_dropped_not_handed_over() -> None:
+    state, grid, nodes = link(2)
     first, second = list(nodes)
     expired = push(grid, [first], ttl=0.2)
     time.sleep(0.3)
