@@ -1,9 +1,12 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files (shared helpers: ``helpers.py``)."""
 
 from __future__ import annotations
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+
+#: Scripts the slow tests run in a subprocess of their own (``helpers.run_driver``).
+collect_ignore = ["drivers"]
 
 
 @pytest.fixture

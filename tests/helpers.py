@@ -1,0 +1,271 @@
+"""Helpers shared by several test files: logs, ports, subprocess sessions, drivers.
+
+Fixtures shared by several files live in ``conftest.py``. The scripts the slow tests run
+in a subprocess of their own live in ``drivers/`` and are started by path
+(``run_driver``, ``Simulation``), so that ruff reads them like any other module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flwr, ray, ...
+PROJECT = Path(__file__).resolve().parents[1]
+DRIVERS = Path(__file__).resolve().parent / "drivers"
+
+# ---------------------------------------------------------------------------------------
+# Logs, ports, waiting
+# ---------------------------------------------------------------------------------------
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    """The end of a log, headed by its path: the message of a failed assertion."""
+    text = log.read_text(errors="replace") if log.exists() else "(no log)"
+    return f"--- {log} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on loopback."""
+    # Hold all sockets until every port is picked, so the ports differ.
+    with ExitStack() as stack:
+        socks = [stack.enter_context(closing(socket.socket())) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def listening(port: int) -> bool:
+    with closing(socket.socket()) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+    """Poll ``check`` until it holds; fail with the tail of ``log`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail(log)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Flower's command-line tools
+# ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def launched(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """Run ``cmd`` with output to ``log``; stop it by its PID on the way out."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+
+
+def flwr_json(args: list[str], env: dict[str, str], timeout: float = 120) -> dict:
+    """``flwr ... --format json`` (it exits 0 even on failure: read ``success``).
+
+    The CLI takes tens of seconds to start on a busy two-core machine.
+    """
+    try:
+        done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"success": False, "error-message": f"flwr {args[0]} timed out"}
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"success": False, "error-message": done.stdout + done.stderr}
+
+
+def sim_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of a simulation subprocess: its own FLWR_HOME, quiet TF and Flower."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(flwr_home),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Subprocesses in a session of their own
+# ---------------------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, session id) of a process, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[3])
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            if stat[1] == sid and stat[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def kill_session(sid: int, grace: float = 10.0) -> list[int]:
+    """SIGKILL what is left of a session we started; returns the pids that were left."""
+    left = session_members(sid)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def driver(name: str) -> Path:
+    """The path of ``drivers/<name>.py``."""
+    path = DRIVERS / f"{name}.py"
+    assert path.is_file(), f"no driver script {path}"
+    return path
+
+
+@dataclass(frozen=True)
+class DriverRun:
+    """How a driver subprocess ended: exit code (None: killed at the timeout), log, time."""
+
+    rc: int | None
+    log: Path
+    seconds: float
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def check(self) -> None:
+        """A clean exit after the driver's last line (``DRIVER DONE``)."""
+        assert self.rc == 0, f"driver exited with {self.rc}\n{tail(self.log)}"
+        assert "DRIVER DONE" in self.text(), tail(self.log)
+
+
+def run_driver(name: str, args: Sequence[str], *, cwd: Path, log: Path,
+               timeout: float) -> DriverRun:
+    """Run ``drivers/<name>.py args`` in a session of its own, output to ``log``.
+
+    Waits up to ``timeout`` s, then SIGKILLs whatever is left of the session (the driver
+    itself when it overran, Ray's processes in any case). FLWR_HOME is ``cwd/flwr-home``.
+    """
+    started_at = time.monotonic()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, str(driver(name)), *args], cwd=cwd,
+                                env=sim_env(cwd / "flwr-home"), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            kill_session(proc.pid)
+            proc.wait(timeout=30)
+    return DriverRun(rc, log, time.monotonic() - started_at)
+
+
+class Simulation:
+    """One ``drivers/federation.py`` subprocess in a session of its own.
+
+    With ``observe`` the driver records, as JSON lines in that file, every reply handed
+    to the strategy (``train``/``evaluate``), every instruction pushed (``pushed``),
+    every reply the link state received (``stored``) and the end of ``run_federated``
+    (``done``); the node id -> partition id map goes to ``<observe>.nodes.json``;
+    ``keep_weights`` saves each train reply's weights beside it. ``corrupt``: partitions
+    whose shard is truncated before the run.
+    """
+
+    def __init__(self, tmp: Path, name: str, run_dir: Path, overrides: list[str],
+                 observe: Path | None = None, corrupt: Sequence[int] = (),
+                 keep_weights: bool = False) -> None:
+        self.run_dir, self.log = run_dir, tmp / f"{name}.log"
+        self.observe = observe
+        spec = {"overrides": overrides, "run_dir": str(run_dir), "corrupt": list(corrupt),
+                "observe": str(observe) if observe else None, "keep_weights": keep_weights}
+        (tmp / f"{name}.json").write_text(json.dumps(spec))
+        self._out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(driver("federation")), str(tmp / f"{name}.json")],
+            cwd=tmp, env=sim_env(tmp / "flwr-home"), stdout=self._out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.started = time.monotonic()
+
+    def wait(self, timeout: float) -> float:
+        """Wait for a clean exit; fail with the log's tail otherwise."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"simulation still running after {timeout:.0f} s\n{tail(self.log)}")
+        seconds = time.monotonic() - self.started
+        assert rc == 0, f"simulation exited with {rc}\n{tail(self.log)}"
+        assert "DRIVER DONE" in self.log.read_text(errors="replace"), tail(self.log)
+        return seconds
+
+    def stop(self) -> list[int]:
+        """SIGKILL the whole session (driver, Ray, actors); the pids found alive after."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        time.sleep(2)  # Ray's processes notice their parent's death
+        left = kill_session(self.proc.pid)
+        self._out.close()
+        return left
+
+
+# ---------------------------------------------------------------------------------------
+# Test doubles
+# ---------------------------------------------------------------------------------------
+
+
+class FakeGrid:
+    """Just enough of a Grid for ``configure_train``: the connected node ids."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
