@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
+
+from server.flower_seam import server_task_identity
 
 #: Scripts the slow tests run in a subprocess of their own (``helpers.run_driver``).
 collect_ignore = ["drivers"]
 
 
 @pytest.fixture
-def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+def server_identity() -> Iterator[None]:
     """Instruction messages take their run and node id from the running ServerApp."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    with server_task_identity(run_id=1, node_id=1, task_id=1):
+        yield
