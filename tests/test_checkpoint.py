@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from helpers import FakeGrid
 
 from server.checkpoint import (
     CheckpointError,
@@ -187,14 +188,8 @@ def test_clear_checkpoints_removes_both_formats(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-class StepGrid:
+class StepGrid(FakeGrid):
     """Nodes that reply with the global weights plus one: each round moves the model."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None
                          ) -> list[Message]:

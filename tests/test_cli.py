@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import run_driver
 
 from common.config import SnapshotConfig, apply_overrides, from_flat
 from simulations.cli import main
@@ -92,14 +93,13 @@ def test_bench_times_a_federation_against_centralised_training(tmp_path: Path) -
     subprocess of its own session, as the other simulations of the suite)."""
     import json
 
-    from test_privacy import COMPARE_DRIVER as CLI_DRIVER
-    from test_privacy import _run_driver
-
     out = tmp_path / "bench.json"
-    _run_driver(tmp_path, CLI_DRIVER, [
+    run = run_driver("cli_main", [
         "bench", "--preset", "quick", "--set", "synthetic.num-merchants=3", "--repeat", "1",
-        "--federation", "3", "--rounds", "3", "--json", str(out)], timeout=600)
-    text = (tmp_path / "run.log").read_text(errors="replace")
+        "--federation", "3", "--rounds", "3", "--json", str(out)],
+        cwd=tmp_path, log=tmp_path / "run.log", timeout=600)
+    run.check()
+    text = run.text()
     [row] = json.loads(out.read_text())["federation"]
     assert row["merchants"] == row["sampled_per_round"] == 3
     for key in ("centralised_s_per_epoch", "federated_steady_round_s", "first_round_s",

@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
 import os
-import socket
 import stat
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from helpers import BIN, flwr_json, free_ports, launched, listening, tail, wait_for
 
 from server.certs import CERT_FILES, make_certs, make_node_key
 
@@ -185,66 +180,7 @@ def test_node_key_rejects_bad_names(tmp_path: Path, name: str) -> None:
 # Integration: a real SuperLink with TLS and SuperNode authentication
 # ---------------------------------------------------------------------------------------
 
-BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flwr, ...
 CONNECTION = "fedecay-test"
-
-
-def _free_ports(n: int) -> list[int]:
-    # Hold all sockets until every port is picked, so the ports differ.
-    with ExitStack() as stack:
-        socks = [stack.enter_context(closing(socket.socket())) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-def _wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{_tail(log)}")
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    text = log.read_text(errors="replace") if log.exists() else "(no log)"
-    return f"--- {log.name} ---\n" + "\n".join(text.splitlines()[-lines:])
-
-
-def _listening(port: int) -> bool:
-    with closing(socket.socket()) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@contextmanager
-def _started(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """Run ``cmd`` with output to ``log``; stop it by its PID on the way out."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-
-
-def _flwr(args: list[str], env: dict[str, str]) -> dict:
-    """Run ``flwr ... --format json``; it exits 0 even on failure, so read ``success``."""
-    done = subprocess.run(
-        [str(BIN / "flwr"), *args, "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )
-    try:
-        return json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return {"success": False, "error-message": done.stdout + done.stderr}
 
 
 @pytest.mark.slow
@@ -257,7 +193,7 @@ def test_superlink_accepts_registered_node_only(tmp_path: Path) -> None:
     other_ca = make_certs(tmp_path / "other-ca")["ca_cert"]
     known = make_node_key(tmp_path / "keys", "merchant-a")
     stranger = make_node_key(tmp_path / "keys", "stranger")
-    link_port, port_a, port_b = _free_ports(3)
+    link_port, port_a, port_b = free_ports(3)
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     env = {
@@ -298,36 +234,36 @@ def test_superlink_accepts_registered_node_only(tmp_path: Path) -> None:
         "--host", "127.0.0.1",
         "--port", str(link_port),
     ]
-    with _started(superlink_cmd, link_log, env) as link:
-        _wait_for(
-            lambda: link.poll() is not None or _listening(link_port), 60, "the SuperLink", link_log
+    with launched(superlink_cmd, link_log, env) as link:
+        wait_for(
+            lambda: link.poll() is not None or listening(link_port), 60, "the SuperLink", link_log
         )
-        assert link.poll() is None, _tail(link_log)
+        assert link.poll() is None, tail(link_log)
 
         # TLS is real: the same address with another CA is refused, the DNS SAN works.
-        assert not _flwr(["supernode", "list", "wrong-ca"], env)["success"]
-        assert _flwr(["supernode", "list", "by-name"], env)["success"]
+        assert not flwr_json(["supernode", "list", "wrong-ca"], env)["success"]
+        assert flwr_json(["supernode", "list", "by-name"], env)["success"]
 
-        registered = _flwr(["supernode", "register", str(known["public_key"]), CONNECTION], env)
+        registered = flwr_json(["supernode", "register", str(known["public_key"]), CONNECTION], env)
         assert registered["success"], registered
         node_id = str(registered["node-id"])
 
         with (
-            _started(supernode(known, port_a, "shard-a"), log_a, env) as node_a,
-            _started(supernode(stranger, port_b, "shard-b"), log_b, env) as node_b,
+            launched(supernode(known, port_a, "shard-a"), log_a, env) as node_a,
+            launched(supernode(stranger, port_b, "shard-b"), log_b, env) as node_b,
         ):
-            _wait_for(lambda: node_b.poll() is not None, 45, "the stranger's exit", log_b)
+            wait_for(lambda: node_b.poll() is not None, 45, "the stranger's exit", log_b)
             refused = log_b.read_text(errors="replace")
             assert node_b.returncode != 0
-            assert "[code: 2004] Failed to activate SuperNode." in refused, _tail(log_b)
+            assert "[code: 2004] Failed to activate SuperNode." in refused, tail(log_b)
             assert "No SuperNode found with the given public key" in link_log.read_text()
 
             def online() -> list[dict]:
-                listed = _flwr(["supernode", "list"], env)
+                listed = flwr_json(["supernode", "list"], env)
                 assert listed["success"], listed
                 return [n for n in listed["nodes"] if n["status"] == "online"]
 
-            _wait_for(lambda: bool(online()), 30, "the registered SuperNode online", log_a)
+            wait_for(lambda: bool(online()), 30, "the registered SuperNode online", log_a)
             assert [n["node-id"] for n in online()] == [node_id]
-            assert node_a.poll() is None, _tail(log_a)
+            assert node_a.poll() is None, tail(log_a)
             assert f"SuperNode ID: {node_id}" in log_a.read_text(errors="replace")

@@ -30,7 +30,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_deploy import BIN, _free_ports, _listening, _started, _tail, _wait_for
+from helpers import (
+    BIN,
+    PROJECT,
+    driver,
+    flwr_json,
+    free_ports,
+    launched,
+    listening,
+    tail,
+    wait_for,
+)
 
 from common.config import SnapshotConfig
 from common.io import write_events
@@ -40,7 +50,7 @@ from simulations.apps import deployment_config, deployment_run_dir, is_deploymen
 from simulations.experiment import shared_calendar
 from simulations.synth import generate_federation, load_preset, synth_config_from_preset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT
 CONNECTION = "fedecay-deploy"
 ROUNDS = 2
 #: The three smallest merchants of the quick preset, seed 0, and the format each uses.
@@ -110,22 +120,6 @@ def _stop_leftovers(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _flwr(args: list[str], env: dict[str, str], timeout: float = 120) -> dict:
-    """``flwr ... --format json`` (it exits 0 even on failure: read ``success``).
-
-    The CLI takes tens of seconds to start on a busy two-core machine.
-    """
-    try:
-        done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"success": False, "error-message": f"flwr {args[0]} timed out"}
-    try:
-        return json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return {"success": False, "error-message": done.stdout + done.stderr}
-
-
 # ---------------------------------------------------------------------------------------
 # Deployment mode of the apps
 # ---------------------------------------------------------------------------------------
@@ -175,30 +169,11 @@ def test_server_side_of_a_deployment_prepares_no_data(tmp_path: Path,
         prepare_run({**run, "snapshots.start-day": "2025-01-01"})
 
 
-CLIENT_SCRIPT = """
-import sys, time
-from flwr.app import ArrayRecord, ConfigRecord, Context, Metadata, RecordDict
-from flwr.app.message.message import make_message
-from simulations.apps import client_app
-
-run_config = {"experiment.preset": "quick", "experiment.seed": 0,
-              "federation.mode": "deployment"}
-context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config,
-                  node_config={"data-path": sys.argv[1], "format": "canonical"})
-meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7,
-                reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600,
-                message_type="train")
-content = RecordDict({"arrays": ArrayRecord([]), "config": ConfigRecord({"server-round": 1})})
-reply = client_app(make_message(meta, content), context)
-print(reply.error.code, reply.error.reason, "tensorflow" in sys.modules, sep="|")
-"""
-
-
 def test_client_rejects_a_bad_file_before_importing_tensorflow(tmp_path: Path) -> None:
     bad = tmp_path / "events.csv"
     bad.write_text("user_id,timestamp,event\nu1,2025-01-01T10:00:00Z,page_view\n"
                    "u1,2025-01-02T10:00:00Z,purchase\n")
-    done = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, str(bad)], cwd=ROOT,
+    done = subprocess.run([sys.executable, str(driver("deployment_client")), str(bad)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, check=False)
     code, reason, tf_imported = done.stdout.strip().split("|")
     assert (code, tf_imported) == ("100", "False"), done.stderr
@@ -233,7 +208,7 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
     certs = make_certs(tmp_path / "certs")
     names = [*MERCHANTS, "bad"]
     keys = {name: make_node_key(tmp_path / "keys", name) for name in [*names, "stranger"]}
-    link_port, *node_ports = _free_ports(1 + len(keys))
+    link_port, *node_ports = free_ports(1 + len(keys))
     ports = dict(zip(keys, node_ports, strict=True))
     home = tmp_path / "coordinator"
     home.mkdir()
@@ -281,17 +256,17 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
     with ExitStack() as stack:  # every process is stopped by its PID on the way out
         leftovers: set[int] = set()
         stack.callback(lambda: _stop_leftovers(leftovers))  # runs last
-        link = stack.enter_context(_started(superlink_cmd, link_log, env))
-        _wait_for(lambda: link.poll() is not None or _listening(link_port), 60,
+        link = stack.enter_context(launched(superlink_cmd, link_log, env))
+        wait_for(lambda: link.poll() is not None or listening(link_port), 60,
                   "the SuperLink", link_log)
-        assert link.poll() is None, _tail(link_log)
+        assert link.poll() is None, tail(link_log)
         with ThreadPoolExecutor(len(names)) as pool:  # the CLI starts slowly: in parallel
-            registered = dict(zip(names, pool.map(lambda n: _flwr(
+            registered = dict(zip(names, pool.map(lambda n: flwr_json(
                 ["supernode", "register", str(keys[n]["public_key"]), CONNECTION, "--name", n],
                 env), names), strict=True))
         assert all(done["success"] for done in registered.values()), registered
         node_ids = {name: int(done["node-id"]) for name, done in registered.items()}
-        nodes = {name: stack.enter_context(_started(*supernode(name)))
+        nodes = {name: stack.enter_context(launched(*supernode(name)))
                  for name in keys}
         started_pids = {link.pid, *(node.pid for node in nodes.values())}
         # Runs first: note the children before their parents are stopped.
@@ -299,9 +274,9 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
 
         # Round 1 samples the nodes online when it starts: wait for all four.
         for name in names:
-            _wait_for(lambda n=name: f"SuperNode ID: {node_ids[n]}" in logs[n].read_text(
+            wait_for(lambda n=name: f"SuperNode ID: {node_ids[n]}" in logs[n].read_text(
                 errors="replace"), 90, f"node {name} online", logs[name])
-        listed = _flwr(["supernode", "list"], env)
+        listed = flwr_json(["supernode", "list"], env)
         assert listed["success"], listed
         online = {int(n["node-id"]) for n in listed["nodes"] if n["status"] == "online"}
         assert online == set(node_ids.values()), listed
@@ -322,22 +297,22 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
             )
         run_dir = home / "runs" / "deploy-test"  # relative run-dir: under $FLWR_HOME/runs
         metrics = run_dir / "metrics.jsonl"
-        context = "\n".join([_tail(run_log), *(_tail(logs[n], 15) for n in names)])
+        context = "\n".join([tail(run_log), *(tail(logs[n], 15) for n in names)])
         assert run.returncode == 0, context
         assert (run_dir / "federation.json").exists(), context
         assert (run_dir / "model.keras").exists(), context
-        listed = _flwr(["list"], env)
+        listed = flwr_json(["list"], env)
         assert listed["success"], listed
         assert [r["status"] for r in listed["runs"]] == ["finished:completed"], listed
 
         # The node whose key was never registered was refused and exited long ago.
-        _wait_for(lambda: nodes["stranger"].poll() is not None, 60, "the stranger's exit",
+        wait_for(lambda: nodes["stranger"].poll() is not None, 60, "the stranger's exit",
                   logs["stranger"])
         assert nodes["stranger"].returncode != 0
         assert "Failed to activate SuperNode" in logs["stranger"].read_text(errors="replace")
         assert "No SuperNode found with the given public key" in link_log.read_text()
         for name in names:  # a bad file fails the node's replies, not the node
-            assert nodes[name].poll() is None, _tail(logs[name])
+            assert nodes[name].poll() is None, tail(logs[name])
         elapsed = time.monotonic() - started
 
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -363,15 +338,15 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
         text = logs[name].read_text(errors="replace")
         for r in range(1, ROUNDS + 1):
             assert re.search(rf"train round {r}: handler began [\d.]+ s after process start",
-                             text), _tail(logs[name])
-            assert re.search(rf"evaluate round {r}: handler began [\d.]+ s", text), _tail(
+                             text), tail(logs[name])
+            assert re.search(rf"evaluate round {r}: handler began [\d.]+ s", text), tail(
                 logs[name])
-        assert "rejected" not in text, _tail(logs[name])
+        assert "rejected" not in text, tail(logs[name])
     bad = logs["bad"].read_text(errors="replace")
     rejected = [line for line in bad.splitlines() if "merchant data rejected" in line]
-    assert len(rejected) == 2 * ROUNDS, _tail(logs["bad"])  # train + evaluate, each round
+    assert len(rejected) == 2 * ROUNDS, tail(logs["bad"])  # train + evaluate, each round
     for line in rejected:
         assert "bad-events.csv: column 'event' has unknown or missing event name(s)" in line
         assert "'page_view'" in line and "expected one of view, click" in line
-    assert "Traceback" not in bad and "handler began" not in bad, _tail(logs["bad"])
+    assert "Traceback" not in bad and "handler began" not in bad, tail(logs["bad"])
     print(f"deployment test: {elapsed:.0f} s with processes, run log {run_log}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import free_ports, listening
 
 from simulations.experiment import DataConfig, partition_users, prepare, resolve
 
@@ -64,18 +64,12 @@ def test_prepare_gives_every_method_the_same_snapshots() -> None:
     assert rows.any() and np.isfinite(truth[rows]).all() and np.isnan(truth[~rows]).all()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_simulate_attaches_to_an_existing_ray_cluster(tmp_path: Path) -> None:
     """`fedecay simulate --ray-address` on a local `ray start --head` with a bounded life."""
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "TF_CPP_MIN_LOG_LEVEL": "3",
            "TF_ENABLE_ONEDNN_OPTS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    port = _free_port()
+    [port] = free_ports(1)
     ray_bin = Path(sys.executable).parent / "ray"
     # Ray's unix socket paths must stay short: pytest's tmp_path is too deep for them.
     ray_tmp = tempfile.mkdtemp(prefix="fdray")
@@ -87,9 +81,8 @@ def test_simulate_attaches_to_an_existing_ray_cluster(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+            if listening(port):
+                break
             time.sleep(1)
         else:
             pytest.fail("ray head did not start within 90 s")

@@ -2,7 +2,7 @@
 and a ClientApp process SIGKILLed the way the kernel's OOM killer kills it.
 
 The unit tests cover the seeded fault plan and the server's account of a dead actor.
-The slow tests share one real simulation (``test_federation.Simulation``: a subprocess
+The slow tests share one real simulation (``helpers.Simulation``: a subprocess
 in a session of its own, killed with everything it started; ~3 min on 2 busy cores):
 3 merchants, 4 rounds, one merchant asleep past the round timeout in round 1, another
 one's process SIGKILLed in round 3; the driver records every instruction pushed, every
@@ -14,16 +14,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from test_federation import Simulation, _kill_session, _read_jsonl, _sim_env, _tail
+from helpers import Simulation, read_jsonl, run_driver
 
 from client.app import planned_fault
 from client.config import ClientConfig
@@ -138,7 +135,7 @@ def _observed(sim: Simulation) -> tuple[list[dict[str, Any]], dict[int, int]]:
     """The driver's records and its partition id -> node id map."""
     assert sim.observe is not None
     nodes = json.loads(Path(f"{sim.observe}.nodes.json").read_text())
-    return _read_jsonl(sim.observe), {pid: int(node) for node, pid in nodes.items()}
+    return read_jsonl(sim.observe), {pid: int(node) for node, pid in nodes.items()}
 
 
 def _weighted_mean(rows: list[dict[str, Any]]) -> list[np.ndarray]:
@@ -155,7 +152,7 @@ def _weighted_mean(rows: list[dict[str, Any]]) -> list[np.ndarray]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_client_slower_than_the_round_timeout(faulty_run: Simulation) -> None:
-    rows = _read_jsonl(faulty_run.run_dir / "metrics.jsonl")
+    rows = read_jsonl(faulty_run.run_dir / "metrics.jsonl")
     records, node = _observed(faulty_run)
     slow = node[SLOW]
     log = faulty_run.log.read_text(errors="replace")
@@ -205,7 +202,7 @@ def test_client_slower_than_the_round_timeout(faulty_run: Simulation) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_client_process_killed_like_the_oom_killer_does(faulty_run: Simulation) -> None:
-    rows = _read_jsonl(faulty_run.run_dir / "metrics.jsonl")
+    rows = read_jsonl(faulty_run.run_dir / "metrics.jsonl")
     _, node = _observed(faulty_run)
     killed = node[KILLED]
     log = faulty_run.log.read_text(errors="replace")
@@ -241,55 +238,22 @@ def test_client_process_killed_like_the_oom_killer_does(faulty_run: Simulation) 
 # The Simulation Engine itself fails to start
 # ---------------------------------------------------------------------------------------
 
-#: Ray is asked for -1 CPUs, so ``ray.init`` fails inside Flower's engine, as it does
-#: when the raylet times out on an overloaded machine.
-ENGINE_DRIVER = r'''
-import sys
-import time
-from pathlib import Path
-
-from simulations import federated
-from simulations.experiment import prepare, resolve
-
-federated.backend_config = lambda exp: {
-    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-    "init_args": {"num_cpus": -1, "logging_level": "ERROR"}}
-exp = resolve("quick", overrides=["synthetic.num-merchants=3", "federation.num-rounds=3",
-                                  "federation.round-timeout=600"])
-started = time.monotonic()
-try:
-    federated.run_federated(exp, prepare(exp), Path(sys.argv[1]))
-except RuntimeError as err:
-    print(f"RAISED {err}", flush=True)
-print("DRIVER DONE", flush=True)
-'''
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_engine_that_fails_to_start_ends_the_run_instead_of_waiting_out_every_round(
         tmp_path: Path) -> None:
-    (tmp_path / "driver.py").write_text(ENGINE_DRIVER)
-    log = tmp_path / "engine.log"
+    """``drivers/engine_failure.py`` asks Ray for -1 CPUs: ``ray.init`` fails inside
+    Flower's engine, as it does when the raylet times out on an overloaded machine.
+    Without the guard the ServerApp thread would wait 3 x 600 s for replies."""
     run_dir = tmp_path / "run"
-    started = time.monotonic()
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(run_dir)],
-                                cwd=tmp_path, env=_sim_env(tmp_path / "flwr-home"),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            # Without the guard the ServerApp thread would wait 3 x 600 s for replies.
-            rc = proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            _kill_session(proc.pid)
-    seconds = time.monotonic() - started
-    text = log.read_text(errors="replace")
-    assert rc == 0 and "DRIVER DONE" in text, _tail(log)
+    run = run_driver("engine_failure", [str(run_dir)], cwd=tmp_path,
+                     log=tmp_path / "engine.log", timeout=300)
+    run.check()
+    text = run.text()
     assert "RAISED the simulation engine failed" in text
     summary = json.loads((run_dir / "federation.json").read_text())
     assert summary["stop_reason"] == "engine-failed"
-    rounds = _read_jsonl(run_dir / "metrics.jsonl")
+    rounds = read_jsonl(run_dir / "metrics.jsonl")
     assert all(r.get("replied", 0) == 0 for r in rounds) and len(rounds) <= 2
-    assert seconds < 300
+    assert run.seconds < 300

@@ -3,7 +3,7 @@
 Unit tests hand-build Flower replies and compare the strategy's aggregate with the
 weighted average computed here. The slow tests run real simulations (Ray, TensorFlow)
 in subprocesses of their own session, so a stuck run is killed with everything it
-started and its memory is released (``Simulation``, also used by ``test_faults``):
+started and its memory is released (``helpers.Simulation``, run by ``test_faults`` too):
 
 - run A: 3 rounds, seeded dropout 0.3, partition 1's shard truncated, every reply
   recorded on the way into the strategy (egress whitelist, failures, reference weights);
@@ -20,12 +20,10 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, closing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,17 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
-from flwr.supercore.task_identity import TaskIdentity
+from helpers import (
+    BIN,
+    PROJECT,
+    FakeGrid,
+    Simulation,
+    free_ports,
+    kill_session,
+    read_jsonl,
+    sim_env,
+    tail,
+)
 
 from client.app import EVALUATE_METRICS, TRAIN_METRICS
 from server.checkpoint import (
@@ -53,24 +61,8 @@ from server.strategy import (
 # ---------------------------------------------------------------------------------------
 
 SHAPES = [(2, 3), (3,)]
-
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Instruction messages take their run and node id from the running ServerApp."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class FakeGrid:
-    """Just enough of a Grid for ``configure_train``: the connected node ids."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
+#: Instruction messages take their run and node id from the running ServerApp.
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def _strategy(seed: int = 0, **kwargs: Any) -> Any:
@@ -415,254 +407,16 @@ def test_eval_every_scores_the_global_model_on_those_rounds_and_the_last(
 # Simulations (subprocesses in their own session)
 # ---------------------------------------------------------------------------------------
 
-BIN = Path(sys.executable).parent
-PROJECT = Path(__file__).resolve().parents[1]
 SEED = 0
 NUM_MERCHANTS = 8  # the quick preset
 DROPOUT = 0.3
 CORRUPT = 1  # this partition's shard is truncated before the run
 ROUNDS = 3
 
-#: Runs one simulation through ``run_federated``; the spec comes as a JSON file.
-DRIVER = r'''
-import json
-import sys
-import threading
-import time
-from pathlib import Path
-
-spec = json.loads(Path(sys.argv[1]).read_text())
-
-from simulations import federated
-from simulations.experiment import prepare, resolve
-
-exp = resolve("quick", overrides=spec["overrides"])
-data = prepare(exp)
-write_shards = federated.write_shards
-
-
-def corrupting_write_shards(prepared, shard_dir):
-    paths = write_shards(prepared, shard_dir)
-    for pid in spec["corrupt"]:
-        raw = paths[pid].read_bytes()
-        paths[pid].write_bytes(raw[: len(raw) // 3])
-    return paths
-
-
-federated.write_shards = corrupting_write_shards
-
-if spec["observe"]:
-    import numpy as np
-    from flwr.common.serde import recorddict_to_proto
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    from common.model import build_model
-    from server.strategy import GuardedMixin
-
-    out = Path(spec["observe"])
-    lock = threading.Lock()
-
-    def record(row):
-        with lock, out.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-    ids = sorted(set(data.events["user_id"].astype(str)) | set(data.events["item_id"].astype(str)))
-    needles = [i.encode() for i in ids]
-
-    def describe(kind, global_round, msg):
-        row = {"kind": kind, "round": global_round, "node": msg.metadata.src_node_id,
-               "reply_to": msg.metadata.reply_to_message_id, "t": time.time()}
-        if msg.has_error():
-            row["error"] = msg.error.reason
-            return row
-        content = msg.content
-        raw = recorddict_to_proto(content).SerializeToString()
-        row.update(
-            arrays={name: [[k, list(a.shape), a.dtype] for k, a in rec.items()]
-                    for name, rec in content.array_records.items()},
-            metrics={name: {k: type(v).__name__ for k, v in rec.items()}
-                     for name, rec in content.metric_records.items()},
-            configs=sorted(content.config_records.keys()),
-            leaked=[i for i, n in zip(ids, needles) if n in raw],
-        )
-        if spec["keep_weights"] and kind == "train":
-            row["num_examples"] = next(iter(content.metric_records.values()))["num-examples"]
-            row["weights"] = f"{out}.{kind}-{global_round}-{row['node']}.npz"
-            np.savez(row["weights"], *next(iter(content.array_records.values()))
-                     .to_numpy_ndarrays())
-        return row
-
-    def observed(kind, method):
-        def wrapper(self, server_round, replies):
-            replies = list(replies)
-            for msg in replies:
-                record(describe(kind, self.global_round(server_round), msg))
-            return method(self, server_round, replies)
-        return wrapper
-
-    # Every instruction pushed and every reply the link state gets, on time or not.
-    push_messages = InMemoryGrid.push_messages
-
-    def pushed(self, messages):
-        messages = list(messages)
-        message_ids = push_messages(self, messages)
-        for msg in messages:
-            config = msg.content.config_records.get("config") or {}
-            record({"kind": "pushed", "type": msg.metadata.message_type,
-                    "round": config.get("server-round"), "node": msg.metadata.dst_node_id,
-                    "id": msg.metadata.message_id, "t": time.time()})
-        return message_ids
-
-    store_message_res = InMemoryLinkState.store_message_res
-
-    def stored(self, message):
-        kept = store_message_res(self, message)
-        record({"kind": "stored", "node": message.metadata.src_node_id,
-                "reply_to": message.metadata.reply_to_message_id,
-                "error": message.has_error(), "kept": kept is not None, "t": time.time()})
-        return kept
-
-    register_nodes = vce_api._register_nodes
-
-    def registered(num_nodes, state_factory):
-        mapping = register_nodes(num_nodes, state_factory)
-        Path(spec["observe"] + ".nodes.json").write_text(json.dumps(
-            {str(node): pid for node, pid in mapping.items()}))
-        return mapping
-
-    InMemoryGrid.push_messages = pushed
-    InMemoryLinkState.store_message_res = stored
-    vce_api._register_nodes = registered
-
-    GuardedMixin.aggregate_train = observed("train", GuardedMixin.aggregate_train)
-    GuardedMixin.aggregate_evaluate = observed("evaluate", GuardedMixin.aggregate_evaluate)
-    model = build_model(exp.model, data.snapshot_config, seed=exp.seed)
-    Path(spec["observe"] + ".expected.json").write_text(json.dumps({
-        "weights": [[list(w.shape), str(w.dtype)] for w in model.get_weights()],
-        "ids": len(ids), "merchants": data.merchants,
-    }))
-
-federated.run_federated(exp, data, Path(spec["run_dir"]))
-if spec["observe"]:
-    record({"kind": "done", "t": time.time()})
-print("DRIVER DONE", flush=True)
-'''
-
-
-def _sim_env(flwr_home: Path) -> dict[str, str]:
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    return {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(flwr_home),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "TF_ENABLE_ONEDNN_OPTS": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, session id) of a process, None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return fields[0], int(fields[3])
-
-
-def _session_members(sid: int) -> list[int]:
-    """Live (not zombie) processes of session ``sid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            if stat[1] == sid and stat[0] != "Z":
-                members.append(int(entry.name))
-    return members
-
-
-def _kill_session(sid: int, grace: float = 10.0) -> list[int]:
-    """SIGKILL what is left of a session we started; returns the pids that were left."""
-    left = _session_members(sid)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while _session_members(sid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
-def _tail(log: Path, lines: int = 60) -> str:
-    text = log.read_text(errors="replace") if log.exists() else "(no log)"
-    return f"--- {log} ---\n" + "\n".join(text.splitlines()[-lines:])
-
-
-class Simulation:
-    """One driver subprocess in a session of its own.
-
-    With ``observe`` the driver records, as JSON lines in that file, every reply handed
-    to the strategy (``train``/``evaluate``), every instruction pushed (``pushed``),
-    every reply the link state received (``stored``) and the end of ``run_federated``
-    (``done``); the node id -> partition id map goes to ``<observe>.nodes.json``;
-    ``keep_weights`` saves each train reply's weights beside it. ``corrupt``: partitions
-    whose shard is truncated before the run.
-    """
-
-    def __init__(self, tmp: Path, name: str, run_dir: Path, overrides: list[str],
-                 observe: Path | None = None, corrupt: Sequence[int] = (),
-                 keep_weights: bool = False) -> None:
-        self.run_dir, self.log = run_dir, tmp / f"{name}.log"
-        self.observe = observe
-        spec = {"overrides": overrides, "run_dir": str(run_dir), "corrupt": list(corrupt),
-                "observe": str(observe) if observe else None, "keep_weights": keep_weights}
-        (tmp / f"{name}.json").write_text(json.dumps(spec))
-        (tmp / "driver.py").write_text(DRIVER)
-        self._out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(tmp / "driver.py"), str(tmp / f"{name}.json")],
-            cwd=tmp, env=_sim_env(tmp / "flwr-home"), stdout=self._out,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.started = time.monotonic()
-
-    def wait(self, timeout: float) -> float:
-        """Wait for a clean exit; fail with the log's tail otherwise."""
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            pytest.fail(f"simulation still running after {timeout:.0f} s\n{_tail(self.log)}")
-        seconds = time.monotonic() - self.started
-        assert rc == 0, f"simulation exited with {rc}\n{_tail(self.log)}"
-        assert "DRIVER DONE" in self.log.read_text(errors="replace"), _tail(self.log)
-        return seconds
-
-    def stop(self) -> list[int]:
-        """SIGKILL the whole session (driver, Ray, actors); the pids found alive after."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        time.sleep(2)  # Ray's processes notice their parent's death
-        left = _kill_session(self.proc.pid)
-        self._out.close()
-        return left
-
-
 def _overrides(tmp: Path, *extra: str) -> list[str]:
     return [f"federation.num-rounds={ROUNDS}", "federation.local-epochs=1",
             "federation.fraction-evaluate=1.0", f"simulation.dropout-prob={DROPOUT}",
             f"experiment.seed={SEED}", f"experiment.output-dir={tmp}", *extra]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _reasons(row: dict[str, Any]) -> list[str]:
@@ -700,7 +454,7 @@ def test_replies_carry_only_weights_and_whitelisted_metrics(run_a: Simulation) -
     expected = json.loads(Path(f"{run_a.observe}.expected.json").read_text())
     shapes = [shape for shape, _ in expected["weights"]]
     dtypes = {dtype for _, dtype in expected["weights"]}
-    rows = _read_jsonl(run_a.observe)
+    rows = read_jsonl(run_a.observe)
     train = [r for r in rows if r["kind"] == "train" and "error" not in r]
     evaluate = [r for r in rows if r["kind"] == "evaluate" and "error" not in r]
     # 8 merchants, one with a broken file, seeded dropouts: 5 + 4 + 5 train replies.
@@ -727,7 +481,7 @@ def test_replies_carry_only_weights_and_whitelisted_metrics(run_a: Simulation) -
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_failing_clients_are_recorded_and_the_run_completes(run_a: Simulation) -> None:
-    rows = _read_jsonl(run_a.run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_a.run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
     for row in rows[1:]:
         g = row["round"]
@@ -758,14 +512,14 @@ def test_killed_run_resumes_to_the_same_weights(run_a: Simulation, tmp_path: Pat
     try:
         deadline = time.monotonic() + 420
         while not ckpt.exists():  # written after round 2's line in metrics.jsonl
-            assert killed.proc.poll() is None, f"ended before the kill\n{_tail(killed.log)}"
-            assert time.monotonic() < deadline, f"no round 2 checkpoint\n{_tail(killed.log)}"
+            assert killed.proc.poll() is None, f"ended before the kill\n{tail(killed.log)}"
+            assert time.monotonic() < deadline, f"no round 2 checkpoint\n{tail(killed.log)}"
             time.sleep(0.2)
     finally:
         left = killed.stop()
     assert left == [], f"processes outlived the SIGKILL of their session: {left}"
     assert latest_checkpoint(run_dir / "checkpoints") == ckpt
-    assert [r["round"] for r in _read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
+    assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
     assert not (run_dir / "final_weights.npz").exists()
 
     resumed = Simulation(tmp_path, "run-b2", run_dir,
@@ -782,8 +536,8 @@ def test_killed_run_resumes_to_the_same_weights(run_a: Simulation, tmp_path: Pat
     assert len(a.files) == len(b.files) > 0
     for key in a.files:
         np.testing.assert_array_equal(b[key], a[key], err_msg=key)
-    rows_a = _read_jsonl(run_a.run_dir / "metrics.jsonl")
-    rows_b = _read_jsonl(run_dir / "metrics.jsonl")
+    rows_a = read_jsonl(run_a.run_dir / "metrics.jsonl")
+    rows_b = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows_b] == list(range(ROUNDS + 1))  # round 0 not redone
     for ra, rb in zip(rows_a, rows_b, strict=True):
         assert rb["centralised"] == ra["centralised"], rb["round"]
@@ -796,14 +550,6 @@ def test_killed_run_resumes_to_the_same_weights(run_a: Simulation, tmp_path: Pat
 # ---------------------------------------------------------------------------------------
 # `flwr run .` on a local SuperLink
 # ---------------------------------------------------------------------------------------
-
-
-def _free_ports(n: int) -> list[int]:
-    with ExitStack() as stack:
-        socks = [stack.enter_context(closing(socket.socket())) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
 
 
 def _cmdline(pid: int) -> str:
@@ -829,8 +575,8 @@ def test_flwr_run_on_a_local_superlink(tmp_path: Path) -> None:
     if not (BIN / "flwr").exists() or not (BIN / "flower-superlink").exists():
         pytest.skip(f"flwr / flower-superlink not installed beside {sys.executable}")
     flwr_home = tmp_path / "flwr-home"
-    http_port, control_port = _free_ports(2)
-    env = {**_sim_env(flwr_home),  # a SuperLink of our own, whatever else runs here
+    http_port, control_port = free_ports(2)
+    env = {**sim_env(flwr_home),  # a SuperLink of our own, whatever else runs here
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
     pyproject = (PROJECT / "pyproject.toml").read_bytes()
@@ -855,16 +601,16 @@ def test_flwr_run_on_a_local_superlink(tmp_path: Path) -> None:
                 pass
         time.sleep(3)
         for pid in servers:  # each one's session: the simulation and Ray, if still up
-            _kill_session(pid)
+            kill_session(pid)
     seconds = time.monotonic() - started
-    assert servers, f"no local SuperLink found for {flwr_home}\n{_tail(log)}"
+    assert servers, f"no local SuperLink found for {flwr_home}\n{tail(log)}"
     assert _local_superlink_pids(flwr_home) == []
-    assert done.returncode == 0, _tail(log)
+    assert done.returncode == 0, tail(log)
     assert (PROJECT / "pyproject.toml").read_bytes() == pyproject
     runs = sorted((flwr_home / "runs").glob("flwr-run-quick-*"))
-    assert len(runs) == 1, f"{runs}\n{_tail(log)}"
-    rows = _read_jsonl(runs[0] / "metrics.jsonl")
-    assert [r["round"] for r in rows] == [0, 1], _tail(log)
+    assert len(runs) == 1, f"{runs}\n{tail(log)}"
+    rows = read_jsonl(runs[0] / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1], tail(log)
     assert (rows[1]["sampled"], rows[1]["replied"], rows[1]["failed"]) == (8, 8, 0)
     assert json.loads((runs[0] / "federation.json").read_text())["rounds"] == 1
     assert (runs[0] / "model.keras").exists() and (runs[0] / "resolved-config.json").exists()

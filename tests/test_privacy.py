@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from test_federation import FakeGrid, server_identity  # noqa: F401 (autouse fixture)
+from helpers import FakeGrid, run_driver
 
 from client.app import train_mods
 from server.config import DPConfig, FederationConfig
@@ -74,6 +69,8 @@ def test_client_clips_on_the_train_handler_only_when_asked() -> None:
 # ---------------------------------------------------------------------------------------
 
 SHAPES = [(2, 3), (3,)]
+#: Instruction messages take their run and node id from the running ServerApp.
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def _reply(ins: Message, arrays: list[np.ndarray], n: int) -> Message:
@@ -182,67 +179,19 @@ def test_attack_auc_and_its_interval_on_known_losses() -> None:
 # A real DP simulation (subprocess in its own session)
 # ---------------------------------------------------------------------------------------
 
-PROJECT = Path(__file__).resolve().parents[1]
-#: `fedecay compare` with a noise sweep (argv after the script), as a user runs it.
-COMPARE_DRIVER = r'''
-import sys
-from simulations.cli import main
-code = main(sys.argv[1:])
-print("DRIVER DONE", flush=True)
-sys.exit(code)
-'''
-#: One federation per DP mode: argv = run folder root, rounds, then the modes.
-MODES_DRIVER = r'''
-import sys
-from pathlib import Path
-from simulations import federated
-from simulations.experiment import prepare, resolve
-root, rounds = Path(sys.argv[1]), int(sys.argv[2])
-for mode in sys.argv[3:]:
-    exp = resolve("quick", overrides=[
-        "synthetic.num-merchants=4", f"federation.num-rounds={rounds}",
-        "federation.local-epochs=1", f"privacy.mode={mode}", "privacy.noise-multiplier=1.0",
-        "privacy.clipping-norm=0.5", "privacy.clipped-count-stddev=1.0",
-        f"experiment.output-dir={root}"])
-    federated.run_federated(exp, prepare(exp), root / mode)
-print("DRIVER DONE", flush=True)
-'''
 Z, ROUNDS = 1.0, 2
-
-
-def _run_driver(tmp: Path, code: str, args: list[str], timeout: float) -> None:
-    """Run ``code`` in a subprocess of its own session; kill the session afterwards."""
-    (tmp / "driver.py").write_text(code)
-    env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home"), "TF_CPP_MIN_LOG_LEVEL": "3",
-           "TF_ENABLE_ONEDNN_OPTS": "0", "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    log = tmp / "run.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, str(tmp / "driver.py"), *args], cwd=tmp,
-                                env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-            time.sleep(1)
-    text = log.read_text(errors="replace")
-    assert rc == 0 and "DRIVER DONE" in text, "\n".join(text.splitlines()[-40:])
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """``fedecay compare --noise 0,Z`` on the quick preset: the comparison folder."""
     tmp = tmp_path_factory.mktemp("dp-sweep")
-    _run_driver(tmp, COMPARE_DRIVER, [
+    run_driver("cli_main", [
         "compare", "--preset", "quick", "--methods", "centralised,federated",
         "--noise", f"0,{Z}", "--set", f"federation.num-rounds={ROUNDS}",
         "--set", "federation.local-epochs=1", "--set", "privacy.clipping-norm=1.0",
-        "--set", f"experiment.output-dir={tmp / 'runs'}"], timeout=600)
+        "--set", f"experiment.output-dir={tmp / 'runs'}"],
+        cwd=tmp, log=tmp / "run.log", timeout=600).check()
     (found,) = (tmp / "runs").glob("*-compare-quick")
     yield found
 
@@ -257,8 +206,9 @@ def dp_run(sweep: Path) -> Path:
 def modes_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Client-side fixed clipping (1 round) and adaptive clipping (2 rounds), 4 merchants."""
     tmp = tmp_path_factory.mktemp("dp-modes")
-    _run_driver(tmp, MODES_DRIVER, [str(tmp), "1", "client-fixed"], timeout=400)
-    _run_driver(tmp, MODES_DRIVER, [str(tmp), "2", "adaptive"], timeout=400)
+    for rounds, mode in (("1", "client-fixed"), ("2", "adaptive")):
+        run_driver("dp_modes", [str(tmp), rounds, mode], cwd=tmp, log=tmp / f"{mode}.log",
+                   timeout=400).check()
     return tmp
 
 
