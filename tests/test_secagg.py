@@ -23,11 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +33,7 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from helpers import read_jsonl, run_driver
 
 from client.secagg import make_secagg_client_app, quantisation_problem
 from common.config import apply_overrides
@@ -342,139 +338,24 @@ MERCHANTS = 5
 DROPPED = 2  # partition that fails in SecAgg+ round 2 ...
 DROP_STAGE = "collect_masked_vectors"  # ... after the key shares went out
 
-DRIVER = r'''
-import functools
-import json
-import sys
-from pathlib import Path
-
-import numpy as np
-
-spec = json.loads(Path(sys.argv[1]).read_text())
-record_dir = Path(spec["record_dir"])
-record_dir.mkdir(parents=True, exist_ok=True)
-drop = spec.get("drop")
-
-from simulations import federated
-from simulations.experiment import prepare, resolve
-
-
-def record(msg, context, call_next):
-    """Save the plain update a client is about to send (inside secaggplus_mod)."""
-    reply = call_next(msg, context)
-    if msg.metadata.message_type != "train" or reply.has_error():
-        return reply
-    content = reply.content
-    if "arrays" in content.array_records:  # Message API
-        weights = content["arrays"].to_numpy_ndarrays()
-        n = int(content["metrics"]["num-examples"])
-        g = int(msg.content["config"]["global-round"])
-    else:  # legacy FitRes
-        from flwr.common import parameters_to_ndarrays
-        from flwr.compat.common import recorddict_compat as compat
-
-        fitres = compat.recorddict_to_fitres(content, keep_input=True)
-        weights, n = parameters_to_ndarrays(fitres.parameters), fitres.num_examples
-        g = int(msg.content.config_records["fitins.config"]["global-round"])
-    pid = int(context.node_config["partition-id"])
-    np.savez(record_dir / f"r{g}-p{pid}.npz", *weights, num_examples=n)
-    return reply
-
-
-def dropout(msg, context, call_next):
-    """Partition drop["pid"] fails at stage drop["stage"] of round drop["round"]."""
-    from flwr.app import Error, Message
-
-    configs = msg.content.config_records.get("secaggplus_configs")
-    if (drop and msg.metadata.message_type == "train" and configs is not None
-            and configs.get("stage") == drop["stage"]
-            and int(msg.metadata.group_id) == drop["round"]
-            and int(context.node_config["partition-id"]) == drop["pid"]):
-        return Message(Error(code=101, reason=f"test dropout of partition {drop['pid']} at "
-                             f"stage {drop['stage']}"), reply_to=msg)
-    return call_next(msg, context)
-
-
-import client.app
-import client.secagg
-
-plain_mods = client.app.train_mods
-client.app.train_mods = lambda flat: [record, *plain_mods(flat)]
-client.secagg.make_secagg_client_app = functools.partial(
-    client.secagg.make_secagg_client_app, outer_mods=[dropout], inner_mods=[record])
-
-exp = resolve("quick", overrides=spec["overrides"])
-data = prepare(exp)
-federated.run_federated(exp, data, Path(spec["run_dir"]))
-print("DRIVER DONE", flush=True)
-'''
-
-
-def _sim_env(flwr_home: Path) -> dict[str, str]:
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    return {**os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_HOME": str(flwr_home), "TF_CPP_MIN_LOG_LEVEL": "3",
-            "TF_ENABLE_ONEDNN_OPTS": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0"}
-
-
-def _session_members(sid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
-def _tail(log: Path, lines: int = 60) -> str:
-    text = log.read_text(errors="replace") if log.exists() else "(no log)"
-    return f"--- {log} ---\n" + "\n".join(text.splitlines()[-lines:])
-
 
 class Run:
-    """One simulation driver in a session of its own; everything in it is killed after."""
+    """One ``drivers/secagg.py`` run in a session of its own; everything in it is killed
+    after."""
 
     def __init__(self, tmp: Path, overrides: list[str], drop: dict | None = None) -> None:
         self.tmp, self.run_dir, self.records = tmp, tmp / "run", tmp / "records"
-        self.log = tmp / "driver.log"
         spec = {"overrides": overrides, "run_dir": str(self.run_dir),
                 "record_dir": str(self.records), "drop": drop}
         (tmp / "spec.json").write_text(json.dumps(spec))
-        (tmp / "driver.py").write_text(DRIVER)
-        started = time.monotonic()
-        with self.log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, str(tmp / "driver.py"),
-                                     str(tmp / "spec.json")], cwd=tmp,
-                                    env=_sim_env(tmp / "flwr-home"), stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                self.rc = proc.wait(timeout=420)
-            except subprocess.TimeoutExpired:
-                self.rc = None
-            finally:
-                for pid in _session_members(proc.pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                proc.wait(timeout=30)
-        self.seconds = time.monotonic() - started
+        self.driver = run_driver("secagg", [str(tmp / "spec.json")], cwd=tmp,
+                                 log=tmp / "driver.log", timeout=420)
 
     def check(self) -> None:
-        assert self.rc == 0, f"driver exited with {self.rc}\n{_tail(self.log)}"
-        assert "DRIVER DONE" in self.log.read_text(errors="replace"), _tail(self.log)
+        self.driver.check()
 
     def metrics(self) -> list[dict[str, Any]]:
-        path = self.run_dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.run_dir / "metrics.jsonl")
 
     def updates(self, global_round: int) -> dict[int, tuple[list[np.ndarray], int]]:
         """Each partition's recorded update of ``global_round`` and its weight."""
