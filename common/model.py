@@ -22,8 +22,9 @@ from keras import layers, ops  # noqa: E402
 
 from common import atomic
 from common.config import ModelConfig, SnapshotConfig  # noqa: E402
+from common.features import NUMERIC_FEATURES, STATIC_FEATURES  # noqa: E402
 from common.schema import EVENT_TYPES  # noqa: E402
-from common.snapshots import NUMERIC_FEATURES, STATIC_FEATURES, Snapshots  # noqa: E402
+from common.snapshots import Snapshots  # noqa: E402
 
 HEADS: tuple[str, ...] = ("decay", "interest", "activation")
 

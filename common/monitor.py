@@ -14,8 +14,9 @@ the end of the input and, for live input only, when the input pauses) at the cut
 "one second after the stream clock's second",
 and every user still in the observation window is rescored every ``sweep_hours`` of
 stream time, because risk grows while a user is silent. The features are those of
-``common.snapshots.features_at`` on the same events and cutoff (the batch scorer's
-:func:`~common.scoring.build_features` on the kept events plus the aggregates); the
+``common.snapshots.unlabelled_snapshots`` on the same events and cutoff (the batch
+scorer's :func:`~client.batch_features.build_features` on the kept events plus the
+aggregates); the
 test suite checks monitor == batch scorer.
 
 An alert (one JSON line) is emitted when a user's decay risk reaches
@@ -68,19 +69,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from client.batch_features import UserEvents, build_features, unix_ns
+from client.scoring import predict_batches, score_frame, warm_up
 from common import atomic, timestamps
 from common.config import PolicyConfig, SnapshotConfig, to_flat
+from common.features import DAY, hash_categories
 from common.policy import choose_actions
 from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES
-from common.scoring import (
-    UserEvents,
-    build_features,
-    predict_batches,
-    score_frame,
-    unix_ns,
-    warm_up,
-)
-from common.snapshots import DAY, Snapshots, hash_categories
+from common.snapshots import Snapshots
 from common.timestamps import EARLIEST_NS, NS_LIMIT
 
 if TYPE_CHECKING:
@@ -304,7 +300,7 @@ class Monitor:
     Parameters
     ----------
     model : the trained model; may be None when ``predict_fn`` is given.
-    snapshots, policy : the model's settings (``common.scoring.load_model_bundle``).
+    snapshots, policy : the model's settings (``common.bundle.load_model_bundle``).
     config : batching, cool-down, sweeps and checkpoints.
     sink : called with every alert (a dict) as it is emitted.
     predict_fn : Snapshots -> head outputs; default ``predict_batches`` on ``model``.
@@ -545,7 +541,7 @@ class Monitor:
         return snaps, rows
 
     def scores(self, at: Any = None) -> pd.DataFrame:
-        """The score table of every active user, as ``common.scoring.score_events``.
+        """The score table of every active user, as ``client.scoring.score_events``.
 
         A read-only view: it neither updates risks nor emits alerts.
         """

@@ -6,9 +6,10 @@ as padded arrays, aggregate features, the interest score ``I(T)``, the decay lab
 ``I(T + H) < rho * I(T)``, the interest target ``log1p(I(T + H))`` and, when the user
 received an intervention in ``[T, T + window)``, the activation target.
 
-Everything is vectorised over events: per cutoff a handful of numpy passes, no Python
-loop per user or event. A user is the pair (merchant, user id): a household shopping
-in two stores is two users, one per merchant, as in a federation.
+The features come from ``common.features``; this module plans the cutoffs, adds the
+labels and the logged interventions, and splits by time. A user is the pair (merchant,
+user id): a household shopping in two stores is two users, one per merchant, as in a
+federation.
 """
 
 from __future__ import annotations
@@ -22,24 +23,20 @@ import numpy as np
 import pandas as pd
 
 from common.config import SnapshotConfig
-from common.schema import DEFAULT_CATEGORY, EVENT_TYPES, DataError
+from common.features import (
+    DAY,
+    Features,
+    SortedLog,
+    features_at,
+    interest_at,
+    label_window,
+    utc,
+)
+from common.schema import EVENT_TYPES, DataError
 
 log = logging.getLogger(__name__)
 
-DAY = 86_400.0
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-NUMERIC_FEATURES: tuple[str, ...] = ("log_gap_hours", "log_hours_to_cutoff", "log_value")
-STATIC_FEATURES: tuple[str, ...] = (
-    "log_interest",
-    *(f"log_n_{ev}" for ev in EVENT_TYPES),
-    "log_recency_days",
-    "log_value_sum",
-    "log_n_history",
-    "log_tenure_days",
-    "log_n_categories",
-)
-#: Events older than this many tau before a cutoff add less than e^-30 to I(T): skipped.
-_TAU_SPAN = 30.0
 #: Most cutoffs a calendar may have: more means stray rows stretch the log or the stride
 #: is far too small, and building them would run for hours.
 MAX_CUTOFFS = 10_000
@@ -93,6 +90,26 @@ class Snapshots:
             "numeric": self.numeric,
             "static": self.static,
         }
+
+    @classmethod
+    def unlabelled(cls, feats: Features, user_id: np.ndarray, merchant_id: np.ndarray,
+                   cutoff: np.datetime64) -> Snapshots:
+        """Snapshots of ``feats`` to score: labels zero, no action, in the test split.
+
+        ``user_id`` and ``merchant_id`` name the rows of ``feats``; ``cutoff`` is naive UTC.
+        """
+        n = len(feats.users)
+        return cls(
+            events=feats.events, categories=feats.categories, numeric=feats.numeric,
+            static=feats.static.astype(np.float32), decay=np.zeros(n, np.float32),
+            interest=np.zeros(n, np.float32), interest_now=feats.interest_now.astype(np.float32),
+            action=np.full(n, -1, np.int32), activation=np.zeros(n, np.float32),
+            propensity=np.ones(n, np.float32), intervention=np.full(n, -1, np.int64),
+            user_id=user_id, merchant_id=merchant_id,
+            cutoff=np.full(n, cutoff, dtype="datetime64[ns]"),
+            split=np.full(n, SPLITS.index("test"), np.int8),
+            fading_category=feats.fading_category,
+        )
 
     @classmethod
     def concat(cls, parts: Sequence[Snapshots]) -> Snapshots:
@@ -161,262 +178,6 @@ class SnapshotReport:
                 f" response window past the end of the log: {self.interventions_unobserved:,}"
             )
         return lines
-
-
-def hash_categories(categories: np.ndarray | pd.Series, buckets: int) -> np.ndarray:
-    """Stable hash of category strings into 1..buckets (0 is the padding id).
-
-    Hashing lets merchants share a model without sharing a category vocabulary; the
-    hash (pandas' SipHash with its fixed key) is the same in every process and machine.
-    """
-    values = pd.Series(categories, dtype="object").fillna(DEFAULT_CATEGORY).astype(str)
-    uniques, inverse = np.unique(values.to_numpy(dtype=object), return_inverse=True)
-    hashed = pd.util.hash_array(uniques.astype(object)) % np.uint64(buckets)
-    return (hashed.astype(np.int64) + 1)[inverse].astype(np.int32)
-
-
-@dataclasses.dataclass
-class _Log:
-    """Events as sorted numpy columns, users as integer codes."""
-
-    user: np.ndarray  # int64 code of (merchant, user), sorted
-    t: np.ndarray  # float64 seconds since t0
-    event: np.ndarray  # int8 0..4
-    weight: np.ndarray  # float64
-    cat_hash: np.ndarray  # int32 1..B
-    cat_code: np.ndarray  # int32 index into cat_names
-    cat_names: np.ndarray
-    value: np.ndarray  # float64
-    gap: np.ndarray  # float64 seconds since the user's previous event (0 for the first)
-    key: np.ndarray  # int64 sort key user * span + second
-    span: int
-    user_start: np.ndarray  # int64 [U] first row of each user
-    user_ids: np.ndarray  # object [U]
-    merchant_ids: np.ndarray  # object [U]
-    t0: pd.Timestamp
-    t_end: float  # seconds since t0 of the last event
-
-    def positions(self, users: np.ndarray, seconds: float) -> np.ndarray:
-        """Per user, the first row at or after ``seconds`` (rows before it are < seconds)."""
-        sec = int(np.ceil(seconds))
-        return np.searchsorted(self.key, users * self.span + sec, side="left")
-
-
-def _prepare(events: pd.DataFrame, config: SnapshotConfig) -> _Log:
-    if len(events) == 0:
-        raise DataError("no events to build snapshots from")
-    ts = pd.DatetimeIndex(events["timestamp"])
-    t0 = _utc(config.start) if config.start else ts.min().floor("D")
-    seconds = (ts - t0).total_seconds().to_numpy(dtype=np.float64)
-    t_end = (_utc(config.end) - t0).total_seconds() if config.end else float(seconds.max())
-    if config.start or config.end:
-        # Events outside the shared calendar are not part of this federation's period.
-        inside = (seconds >= 0) & (seconds <= t_end)
-        if not inside.all():
-            log.info("%d events outside the calendar %s .. %s left out",
-                     int((~inside).sum()), config.start or "-", config.end or "-")
-            events = events.loc[inside].reset_index(drop=True)
-            ts, seconds = ts[inside], seconds[inside]
-        if len(events) == 0:
-            raise DataError(f"no events inside the calendar {config.start} .. {config.end}")
-    merchant = (
-        events["merchant_id"].astype(str).to_numpy(dtype=object)
-        if "merchant_id" in events else np.full(len(events), "local", dtype=object)
-    )
-    users = events["user_id"].astype(str).to_numpy(dtype=object)
-    pair = pd.MultiIndex.from_arrays([merchant, users])
-    user_code, uniques = pd.factorize(pair, sort=True)
-    span = int(np.ceil(max(seconds.max(), t_end))) + int(label_window(config) * 4) + 10 * int(DAY)
-    key = user_code.astype(np.int64) * span + np.floor(seconds).astype(np.int64)
-    order = np.argsort(key, kind="stable")
-
-    codes = pd.Categorical(events["event"], categories=list(EVENT_TYPES)).codes
-    if (codes < 0).any():
-        raise DataError("events with an unknown event type reached the snapshot builder")
-    categories = (
-        events["category_id"] if "category_id" in events
-        else pd.Series(DEFAULT_CATEGORY, index=events.index)
-    )
-    cat_code, cat_names = pd.factorize(categories.astype(object).fillna(DEFAULT_CATEGORY))
-    cat_names = np.asarray(cat_names, dtype=object)
-    value = (
-        events["value"].to_numpy(dtype=np.float64, na_value=0.0)
-        if "value" in events else np.zeros(len(events))
-    )
-
-    user = user_code[order].astype(np.int64)
-    t = seconds[order]
-    n_users = len(uniques)
-    user_start = np.searchsorted(user, np.arange(n_users), side="left")
-    gap = np.diff(t, prepend=0.0)
-    gap[user_start] = 0.0
-    event = codes[order].astype(np.int8)
-    weights = np.asarray(config.event_weights, dtype=np.float64)
-    hashed_names = hash_categories(cat_names, config.hash_buckets)
-    return _Log(
-        user=user,
-        t=t,
-        event=event,
-        weight=weights[event],
-        cat_hash=hashed_names[cat_code[order]],
-        cat_code=cat_code[order].astype(np.int32),
-        cat_names=cat_names,
-        value=np.maximum(value[order], 0.0),
-        gap=gap,
-        key=key[order],
-        span=span,
-        user_start=user_start,
-        user_ids=np.asarray(uniques.get_level_values(1), dtype=object),
-        merchant_ids=np.asarray(uniques.get_level_values(0), dtype=object),
-        t0=t0,
-        t_end=t_end,
-    )
-
-
-def _utc(value: str) -> pd.Timestamp:
-    ts = pd.Timestamp(value)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
-def _interest(lg: _Log, at: float, tau: float) -> np.ndarray:
-    """I(at) for every user: sum of w * exp(-(at - t) / tau) over events before ``at``."""
-    rows = (lg.t < at) & (lg.t >= at - _TAU_SPAN * tau)
-    contrib = lg.weight[rows] * np.exp(-(at - lg.t[rows]) / tau)
-    return np.bincount(lg.user[rows], weights=contrib, minlength=len(lg.user_start))
-
-
-@dataclasses.dataclass
-class _Features:
-    """Features of the active users at one cutoff (no labels)."""
-
-    users: np.ndarray
-    events: np.ndarray
-    categories: np.ndarray
-    numeric: np.ndarray
-    static: np.ndarray
-    interest_now: np.ndarray
-    fading_category: np.ndarray
-
-
-def _features_at(lg: _Log, at: float, config: SnapshotConfig,
-                 interest: np.ndarray | None = None) -> _Features:
-    """Sequences and aggregate features of users active in [at - observation, at).
-
-    ``interest`` is I(at) of every user of ``lg`` when the caller knows it (the batch
-    scorer's ``lg`` holds only recent events); by default it is computed from ``lg``.
-    """
-    tau = config.tau_days * DAY
-    all_users = np.arange(len(lg.user_start), dtype=np.int64)
-    end = lg.positions(all_users, at)
-    begin = lg.positions(all_users, at - config.observation_days * DAY)
-    active = end > begin
-    users = all_users[active]
-    end, begin = end[active], begin[active]
-    start = lg.user_start[users]
-
-    length = config.max_len
-    idx = end[:, None] - length + np.arange(length)[None, :]
-    valid = idx >= start[:, None]
-    idx = np.where(valid, idx, 0)
-    event_ids = np.where(valid, lg.event[idx].astype(np.int32) + 1, 0)
-    cat_ids = np.where(valid, lg.cat_hash[idx], 0)
-    t_seq = lg.t[idx]
-    first = valid & ~np.roll(valid, 1, axis=1)
-    first[:, 0] = valid[:, 0]
-    gap = np.where(first & (idx == start[:, None]), 0.0, lg.gap[idx])
-    numeric = np.stack(
-        [
-            np.log1p(np.maximum(gap, 0.0) / 3600.0),
-            np.log1p(np.maximum(at - t_seq, 0.0) / 3600.0),
-            np.log1p(lg.value[idx]),
-        ],
-        axis=-1,
-    )
-    numeric = np.where(valid[..., None], numeric, 0.0).astype(np.float32)
-
-    interest_now = (_interest(lg, at, tau) if interest is None else interest)[users]
-
-    # Aggregates over the observation window.
-    n_active = len(users)
-    rows = np.repeat(np.arange(n_active), end - begin)
-    win = _ranges(begin, end)
-    counts = np.bincount(rows * len(EVENT_TYPES) + lg.event[win],
-                         minlength=n_active * len(EVENT_TYPES)).reshape(n_active, len(EVENT_TYPES))
-    value_sum = np.bincount(rows, weights=lg.value[win], minlength=n_active)
-    n_cats = _distinct_per_row(rows, lg.cat_code[win], n_active, len(lg.cat_names))
-    recency = (at - lg.t[end - 1]) / DAY
-    tenure = (at - lg.t[start]) / DAY
-    static = np.column_stack([
-        np.log1p(interest_now),
-        np.log1p(counts),
-        np.log1p(recency),
-        np.log1p(value_sum),
-        np.log1p(end - start),
-        np.log1p(tenure),
-        np.log1p(n_cats),
-    ]).astype(np.float32)
-
-    fading = _fading_category(lg, idx, valid, at, tau, config.horizon_days * DAY)
-    return _Features(users, event_ids.astype(np.int32), cat_ids.astype(np.int32), numeric,
-                     static, interest_now, fading)
-
-
-def _distinct_per_row(rows: np.ndarray, codes: np.ndarray, n_rows: int,
-                      n_codes: int) -> np.ndarray:
-    """How many distinct ``codes`` (0..n_codes-1) each of ``n_rows`` rows has.
-
-    A table of seen (row, code) pairs when it is no larger than a few times the input,
-    as with a small catalogue; else the pairs are sorted.
-    """
-    pairs = rows.astype(np.int64) * n_codes + codes
-    if n_rows * n_codes <= 8 * len(pairs):
-        seen = np.zeros(n_rows * n_codes, dtype=bool)
-        seen[pairs] = True
-        return np.count_nonzero(seen.reshape(n_rows, n_codes), axis=1)
-    return np.bincount(np.unique(pairs) // n_codes, minlength=n_rows)
-
-
-def _ranges(begin: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(b, e) for every pair, vectorised."""
-    lengths = end - begin
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(begin - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return np.arange(total, dtype=np.int64) + offsets
-
-
-def _fading_category(lg: _Log, idx: np.ndarray, valid: np.ndarray, at: float, tau: float,
-                     lookback: float) -> np.ndarray:
-    """Per row, the category (of the sequence) whose interest dropped most over ``lookback``."""
-    n, length = idx.shape
-    if n == 0:
-        return np.zeros(0, dtype=object)
-    t = lg.t[idx]
-    w = lg.weight[idx]
-    now = w * np.exp(-(at - t) / tau)
-    before_at = at - lookback
-    then = np.where(t < before_at, w * np.exp(-(before_at - t) / tau), 0.0)
-    drop = np.where(valid, then - now, 0.0)
-    # Sum drops per (row, category) by sorting each row's short sequence by category.
-    cat = np.where(valid, lg.cat_code[idx], -1)
-    order = np.argsort(cat, axis=1, kind="stable")
-    cat_sorted = np.take_along_axis(cat, order, axis=1)
-    csum = np.cumsum(np.take_along_axis(drop, order, axis=1), axis=1)
-    group_end = np.ones_like(valid)
-    group_end[:, :-1] = cat_sorted[:, :-1] != cat_sorted[:, 1:]
-    # Cumulative sum at the previous group end, by forward-filling group-end positions.
-    last_end = np.where(group_end, np.arange(length), -1)
-    last_end = np.maximum.accumulate(last_end, axis=1)
-    prev = np.concatenate([np.full((n, 1), -1), last_end[:, :-1]], axis=1)
-    before = np.where(prev >= 0, np.take_along_axis(csum, np.maximum(prev, 0), axis=1), 0.0)
-    sums = np.where(group_end & (cat_sorted >= 0), csum - before, -np.inf)
-    best = np.argmax(sums, axis=1)
-    best_cat = cat_sorted[np.arange(n), best]
-    out = np.full(n, "", dtype=object)
-    ok = best_cat >= 0
-    out[ok] = lg.cat_names[best_cat[ok]]
-    return out
 
 
 def plan_cutoffs(
@@ -524,11 +285,6 @@ def federation_problems(snaps: Snapshots, report: SnapshotReport,
     return problems
 
 
-def label_window(config: SnapshotConfig) -> float:
-    """Seconds after a cutoff that its labels look at (decay horizon or activation response)."""
-    return max(config.horizon_days, config.intervention_window_days + config.response_days) * DAY
-
-
 def build_snapshots(
     events: pd.DataFrame,
     config: SnapshotConfig,
@@ -542,7 +298,7 @@ def build_snapshots(
     config : snapshot parameters.
     interventions : optional canonical interventions frame.
     """
-    lg = _prepare(events, config)
+    lg = SortedLog.from_events(events, config)
     plan, skipped = plan_cutoffs(lg.t_end, config)
     # A cutoff with no event in its observation window yields nothing; finding that by
     # binary search keeps long empty stretches of a calendar cheap.
@@ -587,12 +343,12 @@ def build_snapshots(
     return snaps, report
 
 
-def _labelled(lg: _Log, at: float, config: SnapshotConfig, split_index: int
+def _labelled(lg: SortedLog, at: float, config: SnapshotConfig, split_index: int
               ) -> tuple[Snapshots, np.ndarray]:
     """Labelled snapshots of the users active at cutoff ``at``, and their user codes."""
-    feats = _features_at(lg, at, config)
+    feats = features_at(lg, at, config)
     tau = config.tau_days * DAY
-    future = _interest(lg, at + config.horizon_days * DAY, tau)[feats.users]
+    future = interest_at(lg, at + config.horizon_days * DAY, tau)[feats.users]
     n = len(feats.users)
     part = Snapshots(
         events=feats.events,
@@ -616,7 +372,7 @@ def _labelled(lg: _Log, at: float, config: SnapshotConfig, split_index: int
     return part, feats.users
 
 
-def _attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: _Log,
+def _attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: SortedLog,
                           interventions: pd.DataFrame, config: SnapshotConfig) -> tuple[int, int]:
     """Fill action / activation / propensity of snapshots that received an intervention."""
     actions = list(config.actions)
@@ -677,26 +433,16 @@ def _attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: _Log,
     return unmatched, unobserved
 
 
-def features_at(events: pd.DataFrame, at: pd.Timestamp | str,
-                config: SnapshotConfig) -> tuple[Snapshots, np.ndarray]:
+def unlabelled_snapshots(events: pd.DataFrame, at: pd.Timestamp | str,
+                         config: SnapshotConfig) -> tuple[Snapshots, np.ndarray]:
     """Unlabelled snapshots of every user active before ``at``, for scoring.
 
+    The reference the batch scorer (``client.batch_features``) is tested against.
     Returns the snapshots (labels zero) and the user ids.
     """
-    lg = _prepare(events, config)
-    cutoff = _utc(str(at))
-    sec = (cutoff - lg.t0).total_seconds()
-    feats = _features_at(lg, sec, config)
-    n = len(feats.users)
-    snaps = Snapshots(
-        events=feats.events, categories=feats.categories, numeric=feats.numeric,
-        static=feats.static, decay=np.zeros(n, np.float32), interest=np.zeros(n, np.float32),
-        interest_now=feats.interest_now.astype(np.float32),
-        action=np.full(n, -1, np.int32), activation=np.zeros(n, np.float32),
-        propensity=np.ones(n, np.float32), intervention=np.full(n, -1, np.int64),
-        user_id=lg.user_ids[feats.users],
-        merchant_id=lg.merchant_ids[feats.users],
-        cutoff=np.full(n, cutoff.tz_localize(None).to_datetime64(), dtype="datetime64[ns]"),
-        split=np.full(n, SPLITS.index("test"), np.int8), fading_category=feats.fading_category,
-    )
+    lg = SortedLog.from_events(events, config)
+    cutoff = utc(str(at))
+    feats = features_at(lg, (cutoff - lg.t0).total_seconds(), config)
+    snaps = Snapshots.unlabelled(feats, lg.user_ids[feats.users], lg.merchant_ids[feats.users],
+                                 cutoff.tz_localize(None).to_datetime64())
     return snaps, snaps.user_id

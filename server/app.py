@@ -311,8 +311,8 @@ def _finish(settings: ServerSettings, run_dir: Path, model: Any, parts: _Runner,
             stop_reason: str | None, seconds: float) -> dict[str, Any]:
     """Keep the selected round's model (``model.keras`` + ``model.json``), the last
     weights and ``federation.json``."""
+    from common.bundle import write_model_settings
     from common.model import save_model, set_weights_of
-    from common.scoring import write_model_settings
 
     fed, dp = settings.federation, settings.privacy
     set_weights_of(model, selection.weights if selection.weights is not None else final)

@@ -27,8 +27,8 @@ def _best(fn, repeat: int) -> tuple[float, Any]:
 
 def run_bench(exp: Experiment, repeat: int = 3) -> dict[str, Any]:
     """Generation, snapshot building, centralised training and batch scoring throughput."""
+    from client.scoring import score_events, warm_up
     from common.model import build_model
-    from common.scoring import score_events, warm_up
     from common.snapshots import build_snapshots
     from common.training import fit, predict
     from simulations.experiment import shared_calendar

@@ -353,15 +353,9 @@ def _cutoff(at: str | None) -> str | None:
 def _cmd_score(args: argparse.Namespace) -> int:
     import time
 
+    from client.scoring import score_events, score_summary, scores_path, warm_up, write_scores
+    from common.bundle import load_model_bundle
     from common.io import load_events
-    from common.scoring import (
-        load_model_bundle,
-        score_events,
-        score_summary,
-        scores_path,
-        warm_up,
-        write_scores,
-    )
 
     if args.out:
         out = scores_path(args.out)  # a bad --out fails now, not after the scoring
@@ -414,6 +408,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_monitor(args: argparse.Namespace) -> int:
     import signal
 
+    from common.bundle import load_model_bundle
     from common.monitor import (
         AlertFile,
         Monitor,
@@ -423,7 +418,6 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
         prepare_state_dir,
         run_stream,
     )
-    from common.scoring import load_model_bundle
 
     config = MonitorConfig(batch=args.batch, max_delay_seconds=args.max_delay_seconds,
                            cooldown_hours=args.cooldown_hours,

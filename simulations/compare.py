@@ -65,7 +65,7 @@ def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...
             on_epoch=lambda e, row: say(f"centralised epoch {e}/{epochs}: "
                                         f"loss {row['loss']:.4f} val {row.get('val_loss', 0):.4f}"))
         outcomes.append(result)
-        from common.scoring import save_model_bundle
+        from common.bundle import save_model_bundle
 
         path = save_model_bundle(model, data.snapshot_config, exp.policy,
                                  run_dir / "centralised" / "model.keras")

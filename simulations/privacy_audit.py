@@ -170,7 +170,7 @@ def membership_audit(run_dir: str | Path, *, merchants: int = 4, seed: int = 0,
     ``data`` (a ``PreparedData``) supplies the merchants' snapshots when the run folder
     has no shards (the centralised model of a comparison).
     """
-    from common.scoring import load_model_bundle
+    from common.bundle import load_model_bundle
     from common.training import predict
 
     run = Path(run_dir).resolve()

@@ -21,7 +21,7 @@ import pytest
 
 import server.certs as certs
 import simulations.experiment as experiment
-from common.scoring import escape_formulas, write_scores
+from client.scoring import escape_formulas, write_scores
 from simulations.cli import main, os_error_text
 from simulations.experiment import resolve, run_folder
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from common.config import ModelConfig, SnapshotConfig
+from common.features import NUMERIC_FEATURES, STATIC_FEATURES
 from common.model import (
     HEADS,
     build_model,
@@ -21,7 +22,7 @@ from common.model import (
     targets,
     weights_of,
 )
-from common.snapshots import NUMERIC_FEATURES, STATIC_FEATURES, Snapshots
+from common.snapshots import Snapshots
 
 MODEL = ModelConfig(lstm_units=8, dense_units=8)
 SNAP = SnapshotConfig(max_len=8, hash_buckets=16)

@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.config import PolicyConfig, SnapshotConfig
+from common.features import STATIC_FEATURES
 from common.monitor import (
     LEGACY_STATE_FILE,
     STATE_FILE,
@@ -48,7 +49,7 @@ from common.monitor import (
     prepare_state_dir,
     run_stream,
 )
-from common.snapshots import STATIC_FEATURES, Snapshots
+from common.snapshots import Snapshots
 from simulations.cli import main
 
 SNAP = SnapshotConfig(max_len=8, hash_buckets=16, observation_days=21, tau_days=5)
@@ -365,9 +366,9 @@ def _fedecay(*args: str) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_restart_writes_the_same_alert_file(tmp_path: Path
                                                                        ) -> None:
+    from common.bundle import save_model_bundle
     from common.config import ModelConfig
     from common.model import build_model
-    from common.scoring import save_model_bundle
 
     model = save_model_bundle(build_model(ModelConfig(lstm_units=8, dense_units=8), SNAP,
                                           seed=0), SNAP, POLICY, tmp_path / "model.keras")

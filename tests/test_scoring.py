@@ -15,10 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import ModelConfig, PolicyConfig, SnapshotConfig
-from common.io import validate_events
-from common.model import build_model
-from common.monitor import (
+from client.batch_features import batch_features, user_chunks
+from client.monitor import (
     STATE_FILE,
     Malformed,
     Monitor,
@@ -28,16 +26,14 @@ from common.monitor import (
     parse_timestamp,
     run_stream,
 )
+from client.scoring import SCORE_COLUMNS, prefetch, score_events
+from common.bundle import load_model_bundle, save_model_bundle, sidecar_path
+from common.config import ModelConfig, PolicyConfig, SnapshotConfig
+from common.features import STATIC_FEATURES
+from common.io import validate_events
+from common.model import build_model
 from common.schema import EVENT_DTYPE, STRING, DataError
-from common.scoring import (
-    SCORE_COLUMNS,
-    batch_features,
-    load_model_bundle,
-    save_model_bundle,
-    score_events,
-    sidecar_path,
-)
-from common.snapshots import STATIC_FEATURES, Snapshots, features_at
+from common.snapshots import Snapshots, unlabelled_snapshots
 from simulations.cli import main
 from simulations.synth import generate_federation, load_preset, synth_config_from_preset
 
@@ -113,11 +109,11 @@ def test_batch_features_equal_features_at(events: pd.DataFrame, at) -> None:
     else:
         at = pd.Timestamp(at, tz="UTC").ceil("s")
     if at.year == 2024:
-        # Before the log nobody is active. (features_at itself is not asked here: for a
+        # Before the log nobody is active. (unlabelled_snapshots is not asked here: for a
         # cutoff before the log's first midnight its time keys go negative.)
         assert len(got) == 0
         return
-    ref, _ = features_at(events, at, SNAP)
+    ref, _ = unlabelled_snapshots(events, at, SNAP)
     assert len(chunks) > 1 and len(ref) > 50
     _assert_same_features(got, ref)
 
@@ -132,7 +128,7 @@ def test_batch_features_user_ids_shared_across_merchants(events: pd.DataFrame,
     shared = shared.sort_values(order, kind="stable").reset_index(drop=True)
     at = pd.Timestamp("2025-02-20 08:00:00", tz="UTC")
     got = Snapshots.concat([s for s, _, _ in batch_features(shared, at, SNAP, chunk_events=700)])
-    ref, _ = features_at(shared, at, SNAP)
+    ref, _ = unlabelled_snapshots(shared, at, SNAP)
     assert len(set(ref.user_id)) < len(ref)  # the same id in several merchants
     _assert_same_features(got, ref)
 
@@ -149,7 +145,7 @@ def test_batch_features_any_row_layout(events: pd.DataFrame, layout: str) -> Non
         log = log.reset_index(drop=True)
     at = pd.Timestamp("2025-02-20 08:00:00", tz="UTC")
     got = Snapshots.concat([s for s, _, _ in batch_features(log, at, SNAP, chunk_events=700)])
-    ref, _ = features_at(log, at, SNAP)
+    ref, _ = unlabelled_snapshots(log, at, SNAP)
     _assert_same_features(got, ref)
 
 
@@ -160,7 +156,7 @@ def test_batch_features_categorical_ids_equal_strings(events: pd.DataFrame) -> N
     plain = Snapshots.concat([s for s, _, _ in batch_features(events, at, SNAP,
                                                                chunk_events=700)])
     _assert_same_features(got, plain)
-    _assert_same_features(got, features_at(events, at, SNAP)[0])
+    _assert_same_features(got, unlabelled_snapshots(events, at, SNAP)[0])
 
 
 def test_fading_ties_go_to_the_category_first_in_the_log() -> None:
@@ -178,20 +174,18 @@ def test_fading_ties_go_to_the_category_first_in_the_log() -> None:
         "value": 0.0,
     })
     got = Snapshots.concat([s for s, _, _ in batch_features(log, at, SNAP)])
-    ref, _ = features_at(log, at, SNAP)
+    ref, _ = unlabelled_snapshots(log, at, SNAP)
     assert list(ref.user_id) == ["zoe"] and list(ref.fading_category) == ["bags"]
     _assert_same_features(got, ref)
 
 
 def test_chunks_hold_whole_batches_of_users() -> None:
-    from common.scoring import _user_chunks
-
     ten = np.ones(10, np.int64)  # one event per user
-    assert _user_chunks(ten, 7) == [(0, 7), (7, 10)]
+    assert user_chunks(ten, 7) == [(0, 7), (7, 10)]
     # 7 users would fit; 6 = two batches of 3. The last chunk takes the rest.
-    assert _user_chunks(ten, 7, batch=3) == [(0, 6), (6, 10)]
+    assert user_chunks(ten, 7, batch=3) == [(0, 6), (6, 10)]
     # Fewer users than a batch fit: the chunk is not rounded to nothing.
-    assert _user_chunks(ten, 2, batch=3) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert user_chunks(ten, 2, batch=3) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
 
 
 def test_score_events_chunking_progress_and_columns(events: pd.DataFrame, model) -> None:
@@ -224,7 +218,7 @@ def test_monitor_equals_batch_scorer(events: pd.DataFrame, model) -> None:
     end = monitor.cutoff_ns()
     for at in (_cutoff(end), _cutoff(end + 9 * DAY_NS + 3600 * 10**9)):
         snaps, _ = monitor.features(at)
-        ref, _ = features_at(events, at, SNAP)
+        ref, _ = unlabelled_snapshots(events, at, SNAP)
         _assert_same_features(snaps, ref)
         _assert_same_scores(monitor.scores(at), score_events(model, events, at, SNAP, POLICY))
     with pytest.raises(ValueError, match="before the monitor's clock"):
@@ -486,9 +480,7 @@ def test_benchmark_monitor_reports_figures(events: pd.DataFrame) -> None:
 
 
 def test_read_ahead_keeps_order_raises_the_producers_error_and_stops_early() -> None:
-    from common.scoring import _ahead
-
-    assert list(_ahead(iter(range(50)))) == list(range(50))
+    assert list(prefetch(iter(range(50)))) == list(range(50))
 
     def failing():
         yield 1
@@ -496,7 +488,7 @@ def test_read_ahead_keeps_order_raises_the_producers_error_and_stops_early() -> 
 
     got = []
     with pytest.raises(DataError, match="chunk 2"):
-        for item in _ahead(failing()):
+        for item in prefetch(failing()):
             got.append(item)
     assert got == [1]
     produced = []
@@ -506,7 +498,7 @@ def test_read_ahead_keeps_order_raises_the_producers_error_and_stops_early() -> 
             produced.append(i)
             yield i
 
-    for item in _ahead(endless()):
+    for item in prefetch(endless()):
         if item == 3:
             break  # the consumer leaves: the producer must stop, not fill memory
     assert len(produced) < 10

@@ -26,18 +26,9 @@ import pandas as pd
 import pytest
 
 from common.config import SnapshotConfig
+from common.features import DAY, NUMERIC_FEATURES, STATIC_FEATURES, hash_categories, label_window
 from common.schema import EVENT_DTYPE, EVENT_TYPES, STRING, DataError, action_dtype
-from common.snapshots import (
-    DAY,
-    NUMERIC_FEATURES,
-    SPLITS,
-    STATIC_FEATURES,
-    Snapshots,
-    build_snapshots,
-    hash_categories,
-    label_window,
-    plan_cutoffs,
-)
+from common.snapshots import SPLITS, Snapshots, build_snapshots, plan_cutoffs
 from simulations.synth import generate_federation, load_preset, synth_config_from_preset
 
 START = pd.Timestamp("2025-01-01", tz="UTC")
@@ -451,7 +442,7 @@ def test_hash_categories_is_stable_and_in_range() -> None:
 def test_hash_categories_is_the_same_in_another_process() -> None:
     names = ["shoes", "bags", "toys", "c-017"]
     here = hash_categories(np.array(names, dtype=object), 64).tolist()
-    code = ("import numpy as np; from common.snapshots import hash_categories; "
+    code = ("import numpy as np; from common.features import hash_categories; "
             f"print(hash_categories(np.array({names!r}, dtype=object), 64).tolist())")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -14,8 +14,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from common.config import ModelConfig, SnapshotConfig, TrainConfig
+from common.features import NUMERIC_FEATURES, STATIC_FEATURES
 from common.model import build_model, weights_of
-from common.snapshots import NUMERIC_FEATURES, STATIC_FEATURES, Snapshots
+from common.snapshots import Snapshots
 from common.training import (
     decay_sample_weights,
     evaluate,

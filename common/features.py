@@ -1,0 +1,330 @@
+"""Per-user features at a cutoff, shared by training, batch scoring and the monitor.
+
+A :class:`SortedLog` holds events as numpy columns sorted by (user, time);
+:func:`features_at` turns the users active in the observation window before a cutoff
+into the model's inputs: the last ``max_len`` events as padded sequences
+(``NUMERIC_FEATURES`` per step) and aggregates (``STATIC_FEATURES``), with the interest
+score ``I(T)`` and the category whose interest fell most. The snapshot builder
+(``common.snapshots``) adds labels to them; the batch scorer (``client.batch_features``)
+builds the log from each user's recent events only and passes the interest in.
+
+Everything is vectorised over events: a handful of numpy passes per cutoff, no Python
+loop per user or event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pandas as pd
+
+from common.config import SnapshotConfig
+from common.schema import DEFAULT_CATEGORY, EVENT_TYPES, DataError
+
+log = logging.getLogger(__name__)
+
+DAY = 86_400.0
+NUMERIC_FEATURES: tuple[str, ...] = ("log_gap_hours", "log_hours_to_cutoff", "log_value")
+STATIC_FEATURES: tuple[str, ...] = (
+    "log_interest",
+    *(f"log_n_{ev}" for ev in EVENT_TYPES),
+    "log_recency_days",
+    "log_value_sum",
+    "log_n_history",
+    "log_tenure_days",
+    "log_n_categories",
+)
+#: Events older than this many tau before a cutoff add less than e^-30 to I(T): skipped.
+TAU_SPAN = 30.0
+
+
+def hash_categories(categories: np.ndarray | pd.Series, buckets: int) -> np.ndarray:
+    """Stable hash of category strings into 1..buckets (0 is the padding id).
+
+    Hashing lets merchants share a model without sharing a category vocabulary; the
+    hash (pandas' SipHash with its fixed key) is the same in every process and machine.
+    """
+    values = pd.Series(categories, dtype="object").fillna(DEFAULT_CATEGORY).astype(str)
+    uniques, inverse = np.unique(values.to_numpy(dtype=object), return_inverse=True)
+    hashed = pd.util.hash_array(uniques.astype(object)) % np.uint64(buckets)
+    return (hashed.astype(np.int64) + 1)[inverse].astype(np.int32)
+
+
+def label_window(config: SnapshotConfig) -> float:
+    """Seconds after a cutoff that its labels look at (decay horizon or activation response)."""
+    return max(config.horizon_days, config.intervention_window_days + config.response_days) * DAY
+
+
+def key_span(last_second: float, config: SnapshotConfig) -> int:
+    """Seconds per user in :attr:`SortedLog.key`: past the last event or cutoff and
+    every label window after it, so one user's keys never reach the next user's."""
+    return int(np.ceil(last_second)) + int(label_window(config) * 4) + 10 * int(DAY)
+
+
+@dataclasses.dataclass
+class SortedLog:
+    """Events as numpy columns sorted by (user, time), users as integer codes."""
+
+    user: np.ndarray  # int64 code of (merchant, user), sorted
+    t: np.ndarray  # float64 seconds since t0
+    event: np.ndarray  # int8 0..4
+    weight: np.ndarray  # float64
+    cat_hash: np.ndarray  # int32 1..B
+    cat_code: np.ndarray  # int32 index into cat_names
+    cat_names: np.ndarray
+    value: np.ndarray  # float64
+    gap: np.ndarray  # float64 seconds since the user's previous event (0 for the first)
+    key: np.ndarray  # int64 sort key user * span + second
+    span: int
+    user_start: np.ndarray  # int64 [U] first row of each user
+    user_ids: np.ndarray  # object [U]
+    merchant_ids: np.ndarray  # object [U]
+    t0: pd.Timestamp
+    t_end: float  # seconds since t0 of the last event
+
+    def positions(self, users: np.ndarray, seconds: float) -> np.ndarray:
+        """Per user, the first row at or after ``seconds`` (rows before it are < seconds)."""
+        sec = int(np.ceil(seconds))
+        return np.searchsorted(self.key, users * self.span + sec, side="left")
+
+    @classmethod
+    def from_events(cls, events: pd.DataFrame, config: SnapshotConfig) -> SortedLog:
+        """The log of a canonical event frame (see ``common.schema``).
+
+        ``t0`` is ``config.start`` or the first event's midnight; with ``config.start`` or
+        ``config.end`` set, events outside that calendar are left out. A user is the pair
+        (merchant, user id), coded in sorted order.
+        """
+        if len(events) == 0:
+            raise DataError("no events to build snapshots from")
+        ts = pd.DatetimeIndex(events["timestamp"])
+        t0 = utc(config.start) if config.start else ts.min().floor("D")
+        seconds = (ts - t0).total_seconds().to_numpy(dtype=np.float64)
+        t_end = (utc(config.end) - t0).total_seconds() if config.end else float(seconds.max())
+        if config.start or config.end:
+            # Events outside the shared calendar are not part of this federation's period.
+            inside = (seconds >= 0) & (seconds <= t_end)
+            if not inside.all():
+                log.info("%d events outside the calendar %s .. %s left out",
+                         int((~inside).sum()), config.start or "-", config.end or "-")
+                events = events.loc[inside].reset_index(drop=True)
+                ts, seconds = ts[inside], seconds[inside]
+            if len(events) == 0:
+                raise DataError(f"no events inside the calendar {config.start} .. {config.end}")
+        merchant = (
+            events["merchant_id"].astype(str).to_numpy(dtype=object)
+            if "merchant_id" in events else np.full(len(events), "local", dtype=object)
+        )
+        users = events["user_id"].astype(str).to_numpy(dtype=object)
+        pair = pd.MultiIndex.from_arrays([merchant, users])
+        user_code, uniques = pd.factorize(pair, sort=True)
+        span = key_span(max(seconds.max(), t_end), config)
+        key = user_code.astype(np.int64) * span + np.floor(seconds).astype(np.int64)
+        order = np.argsort(key, kind="stable")
+
+        codes = pd.Categorical(events["event"], categories=list(EVENT_TYPES)).codes
+        if (codes < 0).any():
+            raise DataError("events with an unknown event type reached the snapshot builder")
+        categories = (
+            events["category_id"] if "category_id" in events
+            else pd.Series(DEFAULT_CATEGORY, index=events.index)
+        )
+        cat_code, cat_names = pd.factorize(categories.astype(object).fillna(DEFAULT_CATEGORY))
+        cat_names = np.asarray(cat_names, dtype=object)
+        value = (
+            events["value"].to_numpy(dtype=np.float64, na_value=0.0)
+            if "value" in events else np.zeros(len(events))
+        )
+
+        user = user_code[order].astype(np.int64)
+        t = seconds[order]
+        n_users = len(uniques)
+        user_start = np.searchsorted(user, np.arange(n_users), side="left")
+        gap = np.diff(t, prepend=0.0)
+        gap[user_start] = 0.0
+        event = codes[order].astype(np.int8)
+        weights = np.asarray(config.event_weights, dtype=np.float64)
+        hashed_names = hash_categories(cat_names, config.hash_buckets)
+        return cls(
+            user=user,
+            t=t,
+            event=event,
+            weight=weights[event],
+            cat_hash=hashed_names[cat_code[order]],
+            cat_code=cat_code[order].astype(np.int32),
+            cat_names=cat_names,
+            value=np.maximum(value[order], 0.0),
+            gap=gap,
+            key=key[order],
+            span=span,
+            user_start=user_start,
+            user_ids=np.asarray(uniques.get_level_values(1), dtype=object),
+            merchant_ids=np.asarray(uniques.get_level_values(0), dtype=object),
+            t0=t0,
+            t_end=t_end,
+        )
+
+
+def utc(value: str) -> pd.Timestamp:
+    """A time as a UTC ``pd.Timestamp`` (naive = UTC)."""
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def interest_at(lg: SortedLog, at: float, tau: float) -> np.ndarray:
+    """I(at) for every user: sum of w * exp(-(at - t) / tau) over events before ``at``.
+
+    Parameters
+    ----------
+    lg : the log.
+    at : seconds since ``lg.t0``.
+    tau : decay time constant in seconds; events older than ``TAU_SPAN * tau`` are skipped.
+
+    Returns
+    -------
+    float64 [U], indexed by user code.
+    """
+    rows = (lg.t < at) & (lg.t >= at - TAU_SPAN * tau)
+    contrib = lg.weight[rows] * np.exp(-(at - lg.t[rows]) / tau)
+    return np.bincount(lg.user[rows], weights=contrib, minlength=len(lg.user_start))
+
+
+@dataclasses.dataclass
+class Features:
+    """Features of the active users at one cutoff (no labels); every array has N rows."""
+
+    users: np.ndarray  # int64 [N] user codes of the log
+    events: np.ndarray  # int32 [N, L]; 0 pads, 1..5 = EVENT_TYPES (pre-padded: latest last)
+    categories: np.ndarray  # int32 [N, L]; 0 pads, 1..hash_buckets
+    numeric: np.ndarray  # float32 [N, L, 3]; NUMERIC_FEATURES
+    static: np.ndarray  # float32 [N, S]; STATIC_FEATURES
+    interest_now: np.ndarray  # float64 [N]; I(at)
+    fading_category: np.ndarray  # object [N]; category whose interest fell most
+
+
+def features_at(lg: SortedLog, at: float, config: SnapshotConfig,
+                interest: np.ndarray | None = None) -> Features:
+    """Sequences and aggregate features of users active in [at - observation, at).
+
+    Parameters
+    ----------
+    lg : the log; ``at`` is in seconds since ``lg.t0``.
+    at : the cutoff; only events strictly before it count.
+    config : sequence length, windows, tau and hash buckets.
+    interest : I(at) of every user of ``lg`` when the caller knows it (the batch
+        scorer's ``lg`` holds only recent events); by default computed from ``lg``.
+    """
+    tau = config.tau_days * DAY
+    all_users = np.arange(len(lg.user_start), dtype=np.int64)
+    end = lg.positions(all_users, at)
+    begin = lg.positions(all_users, at - config.observation_days * DAY)
+    active = end > begin
+    users = all_users[active]
+    end, begin = end[active], begin[active]
+    start = lg.user_start[users]
+
+    length = config.max_len
+    idx = end[:, None] - length + np.arange(length)[None, :]
+    valid = idx >= start[:, None]
+    idx = np.where(valid, idx, 0)
+    event_ids = np.where(valid, lg.event[idx].astype(np.int32) + 1, 0)
+    cat_ids = np.where(valid, lg.cat_hash[idx], 0)
+    t_seq = lg.t[idx]
+    first = valid & ~np.roll(valid, 1, axis=1)
+    first[:, 0] = valid[:, 0]
+    gap = np.where(first & (idx == start[:, None]), 0.0, lg.gap[idx])
+    numeric = np.stack(
+        [
+            np.log1p(np.maximum(gap, 0.0) / 3600.0),
+            np.log1p(np.maximum(at - t_seq, 0.0) / 3600.0),
+            np.log1p(lg.value[idx]),
+        ],
+        axis=-1,
+    )
+    numeric = np.where(valid[..., None], numeric, 0.0).astype(np.float32)
+
+    interest_now = (interest_at(lg, at, tau) if interest is None else interest)[users]
+
+    # Aggregates over the observation window.
+    n_active = len(users)
+    rows = np.repeat(np.arange(n_active), end - begin)
+    win = ranges(begin, end)
+    counts = np.bincount(rows * len(EVENT_TYPES) + lg.event[win],
+                         minlength=n_active * len(EVENT_TYPES)).reshape(n_active, len(EVENT_TYPES))
+    value_sum = np.bincount(rows, weights=lg.value[win], minlength=n_active)
+    n_cats = _distinct_per_row(rows, lg.cat_code[win], n_active, len(lg.cat_names))
+    recency = (at - lg.t[end - 1]) / DAY
+    tenure = (at - lg.t[start]) / DAY
+    static = np.column_stack([
+        np.log1p(interest_now),
+        np.log1p(counts),
+        np.log1p(recency),
+        np.log1p(value_sum),
+        np.log1p(end - start),
+        np.log1p(tenure),
+        np.log1p(n_cats),
+    ]).astype(np.float32)
+
+    fading = _fading_category(lg, idx, valid, at, tau, config.horizon_days * DAY)
+    return Features(users, event_ids.astype(np.int32), cat_ids.astype(np.int32), numeric,
+                    static, interest_now, fading)
+
+
+def ranges(begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(b, e) for every pair, vectorised."""
+    lengths = end - begin
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(begin - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return np.arange(total, dtype=np.int64) + offsets
+
+
+def _distinct_per_row(rows: np.ndarray, codes: np.ndarray, n_rows: int,
+                      n_codes: int) -> np.ndarray:
+    """How many distinct ``codes`` (0..n_codes-1) each of ``n_rows`` rows has.
+
+    A table of seen (row, code) pairs when it is no larger than a few times the input,
+    as with a small catalogue; else the pairs are sorted.
+    """
+    pairs = rows.astype(np.int64) * n_codes + codes
+    if n_rows * n_codes <= 8 * len(pairs):
+        seen = np.zeros(n_rows * n_codes, dtype=bool)
+        seen[pairs] = True
+        return np.count_nonzero(seen.reshape(n_rows, n_codes), axis=1)
+    return np.bincount(np.unique(pairs) // n_codes, minlength=n_rows)
+
+
+def _fading_category(lg: SortedLog, idx: np.ndarray, valid: np.ndarray, at: float, tau: float,
+                     lookback: float) -> np.ndarray:
+    """Per row, the category (of the sequence) whose interest dropped most over ``lookback``."""
+    n, length = idx.shape
+    if n == 0:
+        return np.zeros(0, dtype=object)
+    t = lg.t[idx]
+    w = lg.weight[idx]
+    now = w * np.exp(-(at - t) / tau)
+    before_at = at - lookback
+    then = np.where(t < before_at, w * np.exp(-(before_at - t) / tau), 0.0)
+    drop = np.where(valid, then - now, 0.0)
+    # Sum drops per (row, category) by sorting each row's short sequence by category.
+    cat = np.where(valid, lg.cat_code[idx], -1)
+    order = np.argsort(cat, axis=1, kind="stable")
+    cat_sorted = np.take_along_axis(cat, order, axis=1)
+    csum = np.cumsum(np.take_along_axis(drop, order, axis=1), axis=1)
+    group_end = np.ones_like(valid)
+    group_end[:, :-1] = cat_sorted[:, :-1] != cat_sorted[:, 1:]
+    # Cumulative sum at the previous group end, by forward-filling group-end positions.
+    last_end = np.where(group_end, np.arange(length), -1)
+    last_end = np.maximum.accumulate(last_end, axis=1)
+    prev = np.concatenate([np.full((n, 1), -1), last_end[:, :-1]], axis=1)
+    before = np.where(prev >= 0, np.take_along_axis(csum, np.maximum(prev, 0), axis=1), 0.0)
+    sums = np.where(group_end & (cat_sorted >= 0), csum - before, -np.inf)
+    best = np.argmax(sums, axis=1)
+    best_cat = cat_sorted[np.arange(n), best]
+    out = np.full(n, "", dtype=object)
+    ok = best_cat >= 0
+    out[ok] = lg.cat_names[best_cat[ok]]
+    return out
