@@ -22,6 +22,7 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
+from typing import Any
 
 
 @functools.cache
@@ -75,8 +76,9 @@ def _warn_once(pin: Pin, found: str | None) -> None:
 def source_digest(target: str) -> str:
     """SHA-256 of the source of ``target``, named as ``"package.module:Qual.name"``."""
     module_name, _, qualname = target.partition(":")
-    obj = importlib.import_module(module_name)
+    obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    obj = inspect.unwrap(obj.fget if isinstance(obj, property) else obj)
+    if isinstance(obj, property):
+        obj = obj.fget
     return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()

@@ -157,7 +157,7 @@ def swap_actor_pool(subclass: Callable[[type], type]) -> bool:
     if not getattr(base, "_fedecay_pool", False):
         pool = subclass(base)
         pool._fedecay_pool = True  # type: ignore[attr-defined]
-        raybackend.BasicActorPool = pool
+        raybackend.BasicActorPool = pool  # type: ignore[misc,assignment]
     return True
 
 
