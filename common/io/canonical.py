@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def iter_canonical(path: Path, rules: ReadRules) -> Iterator[tuple[int, pd.DataFrame]]:
+    """Chunks of a canonical CSV or Parquet log; the required columns are checked first."""
     if not path.name.lower().endswith(CSV_SUFFIXES + PARQUET_SUFFIXES) \
             and not compression(path):
         logger.warning("%s: unknown suffix, reading it as CSV", path)
@@ -30,7 +31,19 @@ def write_events(df: pd.DataFrame, path: str | Path) -> Path:
     """Write a canonical event frame as Parquet (.parquet/.pq) or CSV (.csv/.csv.gz).
 
     The frame is validated first, so what is written reads back unchanged. Parent
-    folders are created. Returns the resolved path.
+    folders are created.
+
+    Returns
+    -------
+    Path
+        The resolved path written.
+
+    Raises
+    ------
+    ValueError
+        A file name that is none of the suffixes above.
+    DataError
+        A frame that breaks the canonical contract (see :func:`validate_events`).
     """
     path = Path(path).resolve()
     name = path.name.lower()

@@ -29,6 +29,10 @@ NO_HOME_STORE = "household without kept transactions"
 
 
 def cj_transactions(folder: Path, strict: bool = True) -> Path | None:
+    """The folder's transactions file, the full one before the sample.
+
+    None when there is none, or a :class:`~common.schema.DataError` when ``strict``.
+    """
     for name in CJ_TRANSACTION_FILES:
         if (folder / name).is_file():
             return folder / name

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import lzma
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from common.io.files import text_lines
+from common.io.files import READ_ERRORS, text_lines
 from common.schema import DataError
 
 SHOW_ROWS = 5  # offending rows quoted in an error message
@@ -53,8 +50,7 @@ class Origin(str):
                     found[record] = number
                     if len(found) == len(wanted):
                         break
-        except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
-                DataError):
+        except (*READ_ERRORS, DataError):
             pass  # the reader reports an unreadable file itself
         return [found.get(r, r + 1 + self.header) for r in rows]
 
@@ -70,8 +66,7 @@ class Origin(str):
                     continue
                 if line == text or line.rstrip("\r") == text.rstrip("\r"):
                     return number
-        except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
-                DataError):
+        except (*READ_ERRORS, DataError):
             pass
         return None
 

@@ -14,7 +14,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from common.schema import DataError
 
@@ -43,6 +43,7 @@ def regular_or_folder(path: Path) -> None:
 
 
 def is_parquet(path: Path) -> bool:
+    """A Parquet file by its name (.parquet or .pq)."""
     return path.name.lower().endswith(PARQUET_SUFFIXES)
 
 
@@ -68,7 +69,7 @@ def open_bytes(path: Path) -> IO[bytes]:
     kind = compression(path)
     try:
         if kind == "gzip":
-            return gzip.open(path, "rb")
+            return cast(IO[bytes], gzip.open(path, "rb"))  # a GzipFile is one
         if kind == "bz2":
             return bz2.open(path, "rb")
         if kind == "xz":

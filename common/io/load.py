@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 def _bound(value: Any, name: str) -> pd.Timestamp | None:
+    """``value`` as a UTC timestamp in ns (naive times are UTC); None stays None."""
     if value is None:
         return None
     try:
@@ -78,6 +79,7 @@ def _finish(frame: pd.DataFrame, dropped: dict[str, int]) -> pd.DataFrame:
 
 def _load_interventions(path: Path, chunksize: int, report: LoadReport,
                         bad_rows: str) -> pd.DataFrame:
+    """A canonical interventions file, counted into ``report``."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such interventions file")
     regular_or_folder(path)
@@ -97,25 +99,37 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
 
     Parameters
     ----------
-    path : the log file (CSV, CSV.gz or Parquet), or the Complete Journey folder.
-    format : one of :data:`FORMATS`, or "auto" to detect it from the content.
-    start, end : keep events in ``[start, end)`` (naive times are UTC); the rest are
-        counted under "outside window". Interventions get the same window.
-    interventions_path : a canonical interventions file (CSV or Parquet); for Complete
-        Journey it replaces the campaigns-derived log.
-    chunksize : most rows converted at a time (CSV is parsed by pyarrow in 16 MB
-        blocks, each cut into chunks of at most ``chunksize`` rows).
-    bad_rows : "error" (default) raises on a CSV row with the wrong number of fields
-        (a cut last line, an unterminated quote), naming its file line; "skip" drops
-        such rows and counts them in the report under :data:`MALFORMED`.
+    path : str or Path
+        The log file (CSV, CSV.gz or Parquet), or the Complete Journey folder.
+    format : str
+        One of :data:`FORMATS`, or "auto" to detect it from the content.
+    start, end : date/time, optional
+        Keep events in ``[start, end)`` (naive times are UTC); the rest are counted
+        under "outside window". Interventions get the same window.
+    interventions_path : str or Path, optional
+        A canonical interventions file (CSV or Parquet); for Complete Journey it
+        replaces the campaigns-derived log.
+    chunksize : int
+        Most rows converted at a time (CSV is parsed by pyarrow in 16 MB blocks, each
+        cut into chunks of at most ``chunksize`` rows).
+    bad_rows : {"error", "skip"}
+        "error" raises on a CSV row with the wrong number of fields (a cut last line,
+        an unterminated quote), naming its file line; "skip" drops such rows and
+        counts them in the report under :data:`MALFORMED`.
 
     Returns
     -------
-    EventLog with events sorted by ``(user_id, timestamp)``, interventions (empty when
-    none) and a report of rows read, kept, dropped (by reason) and filled.
+    EventLog
+        Events sorted by ``(user_id, timestamp)``, interventions (empty when none) and
+        a report of rows read, kept, dropped (by reason) and filled.
 
     Raises
     ------
+    FileNotFoundError
+        Nothing at ``path`` or at ``interventions_path``.
+    ValueError
+        An unknown ``format`` or ``bad_rows``, ``chunksize`` below 1, an unparsable
+        ``start``/``end``, or ``start`` not before ``end``.
     DataError
         Unreadable or empty file, a format that does not match the content, a missing
         column, unparsable timestamp, unknown event name or negative value.

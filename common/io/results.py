@@ -50,5 +50,6 @@ class EventLog:
 
 
 def add_count(counts: dict[str, int], key: str, n: int) -> None:
+    """Add ``n`` rows to ``counts[key]``; a zero count adds no key."""
     if n:
         counts[key] = counts.get(key, 0) + int(n)

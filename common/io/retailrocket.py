@@ -19,6 +19,7 @@ RETAILROCKET_EVENTS: Mapping[str, str] = {
 
 
 def iter_retailrocket(path: Path, rules: ReadRules) -> Iterator[tuple[int, pd.DataFrame]]:
+    """Chunks of RetailRocket events, ``visitorid`` and ``itemid`` renamed canonically."""
     require_columns(str(path), column_names(path), RETAILROCKET_COLUMNS, "format retailrocket")
     renames = {"visitorid": "user_id", "itemid": "item_id"}
     for offset, chunk in read_table(path, rules, RETAILROCKET_COLUMNS):

@@ -16,5 +16,6 @@ TAOBAO_EVENTS: Mapping[str, str] = {
 
 
 def iter_taobao(path: Path, rules: ReadRules) -> Iterator[tuple[int, pd.DataFrame]]:
+    """Chunks of a headerless Taobao CSV, ``behavior_type`` renamed to ``event``."""
     for offset, chunk in csv_batches(path, rules, names=TAOBAO_COLUMNS):
         yield offset, chunk.rename(columns={"behavior_type": "event"})

@@ -141,12 +141,16 @@ def validate_events(df: pd.DataFrame, source: str) -> pd.DataFrame:
 
     Parameters
     ----------
-    df : columns named as the canonical log; extra columns are ignored.
-    source : name used in error messages (usually the file path).
+    df : pandas.DataFrame
+        Columns named as the canonical log; extra columns are ignored.
+    source : str
+        Name used in error messages (usually the file path).
 
     Returns
     -------
-    The canonical frame (``EVENT_COLUMNS`` in order, ``RangeIndex``), rows in input order.
+    pandas.DataFrame
+        The canonical frame (``EVENT_COLUMNS`` in order, ``RangeIndex``), rows in input
+        order.
 
     Raises
     ------
@@ -163,6 +167,22 @@ def validate_events(df: pd.DataFrame, source: str) -> pd.DataFrame:
 def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
                            actions: tuple[str, ...] = DEFAULT_ACTIONS) -> pd.DataFrame:
     """Check and coerce an interventions frame (propensity NaN is kept for later fill).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Columns named as the canonical interventions log; extra columns are ignored.
+    source : str
+        Name used in error messages (usually the file path).
+    offset : int
+        Data rows before ``df`` in its file, so messages number rows as the file does.
+    actions : tuple of str
+        The accepted action names.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``INTERVENTION_COLUMNS`` in order, with the index of ``df``.
 
     Raises
     ------
@@ -198,6 +218,7 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
 
 def in_window(ts: pd.Series, start: pd.Timestamp | None, end: pd.Timestamp | None
               ) -> np.ndarray:
+    """Mask of the rows with ``start <= ts < end``; a bound of None leaves that side open."""
     keep = np.ones(len(ts), dtype=bool)
     if start is not None:
         keep &= (ts >= start).to_numpy()
