@@ -408,8 +408,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_monitor(args: argparse.Namespace) -> int:
     import signal
 
-    from common.bundle import load_model_bundle
-    from common.monitor import (
+    from client.monitor import (
         AlertFile,
         Monitor,
         MonitorConfig,
@@ -418,6 +417,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
         prepare_state_dir,
         run_stream,
     )
+    from common.bundle import load_model_bundle
 
     config = MonitorConfig(batch=args.batch, max_delay_seconds=args.max_delay_seconds,
                            cooldown_hours=args.cooldown_hours,

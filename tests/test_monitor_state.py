@@ -31,17 +31,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.config import PolicyConfig, SnapshotConfig
-from common.features import STATIC_FEATURES
-from common.monitor import (
+from client.monitor import (
     LEGACY_STATE_FILE,
     STATE_FILE,
     AlertFile,
     Malformed,
     Monitor,
     MonitorConfig,
-    _digest,
-    _LineReader,
     alert_id,
     check_meta,
     has_state,
@@ -49,6 +45,10 @@ from common.monitor import (
     prepare_state_dir,
     run_stream,
 )
+from client.monitor.state import digest
+from client.monitor.stream import LineReader
+from common.config import PolicyConfig, SnapshotConfig
+from common.features import STATIC_FEATURES
 from common.snapshots import Snapshots
 from simulations.cli import main
 
@@ -183,7 +183,7 @@ def _rewrite_meta(path: Path, *, resign: bool, **edits: Any) -> None:
         else:
             target[last] = value
     if resign:
-        meta["sha256"] = _digest(arrays, meta)
+        meta["sha256"] = digest(arrays, meta)
     np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
 
 
@@ -517,7 +517,7 @@ def test_malformed_examples_never_carry_control_characters(tmp_path: Path) -> No
 def test_line_reader_splits_like_bytes_split_and_caps(pieces: list[bytes], cap: int,
                                                        step: int) -> None:
     data = b"".join(pieces)
-    reader = _LineReader(cap)
+    reader = LineReader(cap)
     got = []
     for lo in range(0, len(data), step):
         got.extend(reader.lines(data[lo:lo + step]))
@@ -549,6 +549,6 @@ def test_a_huge_line_is_skipped_counted_and_never_held(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "state" / "monitor.json").read_text())
     assert saved["position"]["offset"] == path.stat().st_size
     # At the cap a line is read; one byte over, skipped.
-    reader = _LineReader(len(good[0]))
+    reader = LineReader(len(good[0]))
     assert [line for line, _ in reader.lines(good[0].encode() + b"\n" + good[0].encode()
                                              + b"x\n")] == [good[0].encode(), None]
