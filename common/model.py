@@ -13,18 +13,15 @@ import os
 import warnings
 import zipfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from keras import layers, ops  # noqa: E402
+import keras
+import numpy as np
+from keras import layers, ops
 
 from common import atomic
-from common.config import ModelConfig, SnapshotConfig  # noqa: E402
-from common.features import NUMERIC_FEATURES, STATIC_FEATURES  # noqa: E402
-from common.schema import EVENT_TYPES  # noqa: E402
-from common.snapshots import Snapshots  # noqa: E402
+from common.config import ModelConfig, SnapshotConfig
+from common.features import NUMERIC_FEATURES, STATIC_FEATURES
+from common.schema import EVENT_TYPES
+from common.snapshots import Snapshots
 
 HEADS: tuple[str, ...] = ("decay", "interest", "activation")
 
@@ -213,7 +210,11 @@ def _weight_io(model: keras.Model):
 
 def save_model(model: keras.Model, path) -> None:
     """Save as ``.keras`` atomically (write a temp file, then rename)."""
-    with atomic.replacing(path) as tmp:
+    with atomic.replacing(path) as tmp, warnings.catch_warnings():
+        # Keras converts its variables with np.array(v); under numpy 2 that warns that
+        # their __array__ takes no copy keyword (harmless).
+        warnings.filterwarnings("ignore", message="__array__ implementation",
+                                category=DeprecationWarning)
         model.save(tmp)
 
 

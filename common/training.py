@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 
 import keras
@@ -28,18 +27,6 @@ from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 
-
-def quiet_array_warning() -> None:
-    """Silence Keras' numpy conversion warning of ``predict_on_batch`` outputs under
-    numpy 2 (harmless), for the whole process: ``catch_warnings`` per call is not
-    thread-safe (the ServerApp predicts in its own thread). Call it again after
-    importing ``flwr.simulation``, whose import puts a "once" filter for every
-    DeprecationWarning in front of this one."""
-    warnings.filterwarnings("ignore", message="__array__ implementation",
-                            category=DeprecationWarning)
-
-
-quiet_array_warning()
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 

@@ -30,9 +30,11 @@ from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 
 from client.app import make_client_app
 from client.secagg import make_secagg_client_app
+from common.runtime import quiet_tensorflow
 from server.app import make_server_app
 
 log = logging.getLogger(__name__)
@@ -192,6 +194,7 @@ class _EitherClientApp(ClientApp):
 
     def __init__(self) -> None:
         super().__init__()
+        quiet_tensorflow()  # before a handler imports TensorFlow
         self._plain = make_client_app(resolve=resolve_client)
         self._secure = make_secagg_client_app(resolve=resolve_client)
 
@@ -204,5 +207,12 @@ class _EitherClientApp(ClientApp):
         return (self._secure if secure else self._plain)(message, context)
 
 
-server_app = make_server_app(prepare=prepare_run)
+def _server_app() -> ServerApp:
+    """The ServerApp ``flwr run`` loads, in a process that then imports TensorFlow for
+    its evaluation."""
+    quiet_tensorflow()
+    return make_server_app(prepare=prepare_run)
+
+
+server_app = _server_app()
 client_app = _EitherClientApp()

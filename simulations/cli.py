@@ -18,10 +18,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-from common.schema import DataError  # noqa: E402
+from common.runtime import quiet_tensorflow
+from common.schema import DataError
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
@@ -631,6 +629,7 @@ def _user_error(err: Exception, args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_tensorflow()  # before any command imports TensorFlow
     args = _parser().parse_args(argv)
     # Progress is printed by the commands; logs show warnings unless -v.
     level = logging.DEBUG if args.verbose else logging.WARNING

@@ -85,11 +85,14 @@ def backend_config(exp: Experiment) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _actor_threads(client_cpus: float) -> Iterator[None]:
-    """Size TensorFlow's thread pools in the Ray actors to the cores each is given.
+def _actor_environment(client_cpus: float) -> Iterator[None]:
+    """The environment Ray's processes start with: TensorFlow's thread pools sized to
+    the cores each actor is given, TensorFlow's start-up logs quiet
+    (:data:`common.runtime.QUIET_TENSORFLOW`), and Ray's notice about accelerator
+    variables off.
 
-    TensorFlow sizes them to the whole machine in every process, so actors sharing the
-    cores fight over them: on 2 cores with 100 merchants a steady round took 4.5 s
+    TensorFlow sizes its pools to the whole machine in every process, so actors sharing
+    the cores fight over them: on 2 cores with 100 merchants a steady round took 4.5 s
     without this and 3.3 s with it (client fit 0.08 vs 0.05 s). Ray's processes
     take the driver's environment when it starts them (Flower's ``init_ray`` overrides
     ``runtime_env``), so the variables are set while the simulation runs and restored
@@ -97,10 +100,13 @@ def _actor_threads(client_cpus: float) -> Iterator[None]:
     time (``fedecay simulate``: the ServerApp's model) gets the same pools, which keeps
     the server's evaluation off the actors' cores.
     """
+    from common.runtime import QUIET_TENSORFLOW
+
     threads = str(max(1, math.ceil(client_cpus)))
-    keys = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
-    added = [k for k in keys if k not in os.environ]
-    os.environ.update({k: threads for k in added})
+    wanted = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads,
+              **QUIET_TENSORFLOW, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    added = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(added)
     try:
         yield
     finally:
@@ -192,7 +198,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     from flwr.simulation import run_simulation
 
     from common.model import load_model
-    from common.training import predict, quiet_array_warning
+    from common.training import predict
     from server.app import make_server_app
     from simulations.handover import hand_over_at_once
     from simulations.raypool import replace_dead_actors
@@ -201,15 +207,11 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     run_dir.mkdir(parents=True, exist_ok=True)
     flat = simulation_config(exp, data, run_dir)
     flat.update(overrides or {})
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     replace_dead_actors()
     hand_over_at_once()
-    quiet_array_warning()
     engine_failed = threading.Event()
     try:
-        with _actor_threads(exp.simulation.client_cpus):
+        with _actor_environment(exp.simulation.client_cpus):
             run_simulation(
                 server_app=make_server_app(flat, progress=progress, engine_failed=engine_failed),
                 client_app=make_federated_client_app(flat),
