@@ -403,6 +403,49 @@ def test_eval_every_scores_the_global_model_on_those_rounds_and_the_last(
     assert summary["selected_round"] in (0, 2, 4, 5)
 
 
+def test_sampling_draws_from_the_strategys_own_rng_and_leaves_the_module_alone() -> None:
+    import random
+
+    nodes = list(range(300, 310))
+    random.seed(7)
+    state = random.getstate()
+    strategy = _strategy(seed=3, fraction_train=0.5, fraction_evaluate=0.3,
+                         min_available_nodes=1)
+    train = [m.metadata.dst_node_id for m in _instructions(strategy, nodes[::-1], 2)]
+    reference = ArrayRecord([np.zeros(s, np.float32) for s in SHAPES])
+    evaluate = [m.metadata.dst_node_id for m in strategy.configure_evaluate(
+        2, reference, ConfigRecord(), FakeGrid(nodes))]
+    assert random.getstate() == state
+    # What the module's RNG seeded with seed * 1_000_003 + round drew (the earlier code):
+    # the train sample from the sorted ids, then the evaluate sample.
+    expected = random.Random(3 * 1_000_003 + 2)
+    assert sorted(train) == sorted(expected.sample(nodes, 5))
+    assert evaluate == expected.sample(nodes, 3)
+
+
+def test_engine_failure_is_the_runs_own_event(tmp_path: Path) -> None:
+    import threading
+
+    from server.app import run_federation, settings_from_flat
+    from simulations.experiment import experiment_from_flat, resolve
+
+    failed = threading.Event()
+    strategy = build_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1),
+                              seed=0, engine_failed=failed)
+    assert len(_instructions(strategy, [1, 2])) == 2
+    failed.set()
+    assert _instructions(strategy, [1, 2], server_round=2) == []
+    assert len(_instructions(_strategy(), [1, 2])) == 2  # another run's strategy goes on
+    # Set before the rounds: round 0 is recorded, then the run stops.
+    exp = experiment_from_flat(resolve("quick").flat)
+    flat = {**exp.flat, "federation.num-rounds": 3, "federation.min-available-nodes": 2,
+            "federation.min-train-nodes": 2, "federation.run-dir": str(tmp_path / "run")}
+    summary = run_federation(EchoGrid([1, 2]), settings_from_flat(flat), engine_failed=failed)
+    assert summary["stop_reason"] == "engine-failed"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["round"] for r in rows] == [0]
+
+
 # ---------------------------------------------------------------------------------------
 # Simulations (subprocesses in their own session)
 # ---------------------------------------------------------------------------------------

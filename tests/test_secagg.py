@@ -38,10 +38,12 @@ from helpers import read_jsonl, run_driver
 from client.secagg import make_secagg_client_app, quantisation_problem
 from common.config import apply_overrides
 from server.checkpoint import load_checkpoint
-from server.config import FederationConfig, check_compatible
+from server.config import DPConfig, FederationConfig, check_compatible
 from server.secagg import (
     _ClientSideFixedClipping,
     _MeteredGrid,
+    _seeded_module_random,
+    _SortedClientManager,
     _weighted_metrics,
     build_secagg_strategy,
     check_round_size,
@@ -125,6 +127,36 @@ def test_effective_shares_follow_the_workflows_rules(shares: float, threshold: f
                                                      sampled: int, expected: tuple) -> None:
     fed = _fed(secagg_num_shares=shares, secagg_reconstruction_threshold=threshold)
     assert effective_shares(fed, sampled) == expected
+
+
+def test_a_round_seeds_the_random_module_only_while_it_runs() -> None:
+    """Sample and SecAgg+'s neighbour shuffle follow the seed and round (as the earlier
+    ``random.seed`` in ``configure_fit`` did); the caller's RNG state comes back."""
+    import random
+
+    class Proxy:
+        def __init__(self, node_id: int) -> None:
+            self.cid, self.node_id = str(node_id), node_id
+
+    nodes = [905, 17, 333, 4, 61, 250]
+    strategy = build_secagg_strategy(_fed(fraction_train=0.5, min_train_nodes=2,
+                                          min_available_nodes=2), DPConfig(), seed=4,
+                                     population=len(nodes))
+    manager = _SortedClientManager()
+    for node in nodes:
+        manager.register(Proxy(node))
+    params = ndarrays_to_parameters([np.zeros(3, np.float32)])
+    random.seed(11)
+    state = random.getstate()
+    with _seeded_module_random(4 * 1_000_003 + 2):
+        sampled = [p.node_id for p, _ in strategy.configure_fit(2, params, manager)]
+        shuffled = list(sampled)
+        random.shuffle(shuffled)  # what SecAggPlusWorkflow.setup_stage does next
+    assert random.getstate() == state
+    expected = random.Random(4 * 1_000_003 + 2)
+    assert sampled == expected.sample(sorted(nodes), 3)
+    expected.shuffle(sampled)
+    assert shuffled == sampled
 
 
 def test_round_size_checks_name_the_key() -> None:
