@@ -173,13 +173,14 @@ def test_zip_that_is_not_a_keras_model(tmp_path: Path, capsys) -> None:
 
 
 def test_model_that_is_a_folder(tmp_path: Path, capsys) -> None:
+    # A folder is a run folder: the model in it is used, and one without any is named.
     run = tmp_path / "run"
     run.mkdir()
     _fails(["score", "--model", str(run), "--events", str(tmp_path / "e.csv")],
-           capsys, str(run), "is a folder")
+           capsys, str(run), "holds no model")
     (run / "model.keras").write_bytes(b"")
     _fails(["score", "--model", str(run), "--events", str(tmp_path / "e.csv")],
-           capsys, f"did you mean {run / 'model.keras'}")
+           capsys, str(run / "model.keras"), "is not a readable Keras model")
 
 
 def test_keras_model_that_is_not_a_scorer(tmp_path: Path, capsys) -> None:

@@ -1,0 +1,244 @@
+"""Fail fast: what a command can check before TensorFlow loads or a folder is made.
+
+Each function raises ``ValueError`` (or an ``OSError`` naming the path) with one line
+saying what is wrong; the command line prints it with exit code 2. Nothing here imports
+TensorFlow: the configuration is validated by the config dataclasses themselves
+(``simulations.experiment``, ``common.config``, ``simulations.synth``), which do not.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import json
+import math
+import os
+import stat
+import zipfile
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from simulations.experiment import Experiment
+
+#: Choices the options list in their help; tests/test_cli_fail_fast.py checks they match
+#: the libraries' own (common.io FORMATS, BAD_ROWS; server.config STRATEGIES), which are
+#: not imported here because importing them takes pandas (about a second).
+FORMATS: tuple[str, ...] = ("auto", "canonical", "taobao", "retailrocket", "completejourney")
+BAD_ROWS: tuple[str, ...] = ("error", "skip")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",
+                               "fedtrimmedavg", "fedmedian", "krum")
+METHODS: tuple[str, ...] = ("gbdt", "centralised", "local", "federated")
+#: The earliest time an event may have (common.timestamps.EARLIEST_TIME) and how far
+#: past the clock (FUTURE_SLACK); checked equal by the same test.
+EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)
+FUTURE_SLACK = timedelta(days=1)
+
+
+def names(value: str, known: Sequence[str], flag: str) -> tuple[str, ...]:
+    """A comma-separated list of names from ``known``; a typo is named with a guess."""
+    given = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not given:
+        raise ValueError(f"{flag}: name at least one of {', '.join(known)}")
+    for name in given:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            guess = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{flag}: unknown {name!r}{guess}; choose from {', '.join(known)}")
+    return given
+
+
+def numbers(value: str, flag: str, *, kind: type = float, low: float = 0) -> tuple[Any, ...]:
+    """A comma-separated list of finite numbers >= ``low`` (``kind`` int or float)."""
+    out = []
+    for item in (v.strip() for v in value.split(",") if v.strip()):
+        try:
+            number = kind(item)
+        except ValueError:
+            raise ValueError(f"{flag} {value!r}: expected comma-separated "
+                             f"{'whole ' if kind is int else ''}numbers") from None
+        if not math.isfinite(number) or number < low:
+            raise ValueError(f"{flag} {item}: expected a finite number >= {low:g}")
+        out.append(number)
+    return tuple(out)
+
+
+def cutoff(at: str | None) -> str | None:
+    """``--at``: an ISO-8601 time between 1971-01-01 and tomorrow (naive = UTC)."""
+    if at is None:
+        return None
+    try:
+        stamp = datetime.fromisoformat(at.strip())
+    except ValueError:
+        raise ValueError(f"--at {at!r}: expected an ISO-8601 time, e.g. "
+                         "2025-03-01T00:00:00Z") from None
+    stamp = stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
+    latest = datetime.now(UTC) + FUTURE_SLACK
+    if not EARLIEST <= stamp <= latest:
+        raise ValueError(f"--at {at}: expected a time between {EARLIEST:%Y-%m-%d} and "
+                         f"{latest:%Y-%m-%d %H:%M} UTC")
+    return at
+
+
+def input_path(path: str | Path, flag: str, *, folder_ok: bool = False) -> Path:
+    """An input that exists, can be read, and is a regular file (or a folder if allowed)."""
+    resolved = Path(path).expanduser().resolve()
+    try:
+        mode = os.stat(resolved).st_mode
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror, str(resolved)) from None
+    if stat.S_ISDIR(mode):
+        if not folder_ok:
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(resolved))
+        if not os.access(resolved, os.R_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(resolved))
+        return resolved
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{flag} {resolved}: is a pipe (or a device/socket), not a regular "
+                         "file: save it to a file first")
+    with open(resolved, "rb"):  # a permission problem names the file
+        pass
+    return resolved
+
+
+def output_file(path: str | Path, flag: str, suffixes: Sequence[str]) -> Path:
+    """An output file name with one of ``suffixes``, not a folder, not under a file."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.name.lower().endswith(tuple(suffixes)):
+        raise ValueError(f"{flag} {path}: expected a {' or '.join(suffixes)} file name")
+    if resolved.is_dir():
+        raise ValueError(f"{flag} {resolved} is a folder; give a {' or '.join(suffixes)} "
+                         "file name")
+    writable_parent(resolved.parent, flag)
+    return resolved
+
+
+def writable_parent(folder: Path, flag: str) -> None:
+    """The nearest existing folder of ``folder`` is a folder we may write in."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(parent))
+            return
+
+
+def output_folder(path: str | Path, flag: str) -> Path:
+    """An output folder: not a file, and creatable (nothing is created here)."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise ValueError(f"{flag} {resolved}: is a file, not a folder")
+    writable_parent(resolved, flag)
+    return resolved
+
+
+# ----------------------------------------------------------------------- configuration
+
+
+def experiment(preset: str | None, *, events: str | None = None, format: str = "auto",
+               interventions: str | None = None, sets: Sequence[str] = (),
+               seed: int | None = None, bad_rows: str | None = None,
+               extra: dict[str, Any] | None = None) -> Experiment:
+    """The experiment of train/simulate/compare/bench, every key validated, its input
+    files readable and its output folder creatable; nothing is loaded or created."""
+    from simulations.experiment import experiment_from_flat, resolve
+
+    if events:
+        input_path(events, "--events", folder_ok=format in ("auto", "completejourney"))
+    if interventions:
+        input_path(interventions, "--interventions")
+    overrides = list(sets)
+    if bad_rows is not None:
+        overrides.append(f"data.bad-rows={bad_rows!r}")
+    exp = resolve(preset, events=events, format=format, interventions=interventions,
+                  overrides=overrides, seed=seed)
+    if extra:
+        exp = experiment_from_flat({**exp.flat, **extra})
+    writable_parent(exp.experiment.output_path(), "config key 'experiment.output-dir'")
+    return exp
+
+
+def synth_settings(preset: str, sets: Sequence[str]) -> dict[str, Any]:
+    """A preset plus ``--set``, every key of every section checked as the training
+    commands check them (``data synth``)."""
+    from common.config import apply_overrides
+    from simulations.experiment import experiment_from_flat
+    from simulations.synth import load_preset
+
+    flat = apply_overrides(load_preset(preset), list(sets))
+    experiment_from_flat(flat)
+    return flat
+
+
+def section_settings(preset: str | None, sets: Sequence[str], sections: Sequence[str],
+                     command: str) -> dict[str, Any]:
+    """Flat keys of a preset and ``--set`` for a command that reads only ``sections``.
+
+    A ``--set`` key of another section would be ignored, so it is refused by name (the
+    preset's other sections are simply not used).
+    """
+    from common.config import apply_overrides
+    from simulations.experiment import SECTIONS, experiment_from_flat
+    from simulations.synth import load_preset
+
+    given = apply_overrides({}, list(sets))
+    for key in given:
+        section = key.split(".", 1)[0]
+        if "." not in key or section not in SECTIONS:
+            raise ValueError(f"unknown config key '{key}' (sections: {', '.join(SECTIONS)})")
+        if section not in sections:
+            raise ValueError(f"--set {key}: {command} uses only "
+                             f"{' and '.join(f'{s}.*' for s in sections)} keys")
+    flat = {**(load_preset(preset) if preset else {}), **given}
+    experiment_from_flat({k: v for k, v in flat.items() if k.split(".", 1)[0] in sections})
+    return flat
+
+
+def model_sets(sets: Sequence[str]) -> None:
+    """``--set`` of score/monitor: only the model's snapshots.* and policy.* keys."""
+    from common.bundle import check_model_overrides
+
+    check_model_overrides(list(sets))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def model_file(path: Path) -> Path:
+    """A fedecay model file, checked by reading its archive's ``config.json``
+    (no TensorFlow): a zip, a Keras model, with the inputs and heads a scorer needs."""
+    input_path(path, "--model")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable Keras model (not a zip archive: "
+                         "truncated, or not a .keras file)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (KeyError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path} is not a readable Keras model (no readable config.json "
+                         f"in the archive: {type(err).__name__})") from None
+    body = config.get("config") if isinstance(config, dict) else None
+    body = body if isinstance(body, dict) else {}
+    layers = {str(layer.get("name") or (layer.get("config") or {}).get("name"))
+              for layer in body.get("layers") or [] if isinstance(layer, dict)}
+    inputs = body.get("input_layers") or []
+    input_names = (set(inputs) if isinstance(inputs, dict)
+                   else {str(i[0]) for i in inputs if isinstance(i, list) and i})
+    missing = [f"input '{k}'" for k in ("events",) if k not in input_names]
+    missing += [f"layer '{k}'" for k in ("category_embedding", "activation") if k not in layers]
+    if missing:
+        raise ValueError(f"{path} is a Keras model but not a fedecay scoring model "
+                         f"(no {', '.join(missing)})")
+    return path
+
+
+def state_folder(path: str | Path) -> Path:
+    """``monitor --state``: a folder (or nothing yet) we may create and write in."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise ValueError(f"state folder {resolved}: is a file, not a folder")
+    writable_parent(resolved, f"state folder {resolved}")
+    return resolved

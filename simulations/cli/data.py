@@ -1,0 +1,108 @@
+"""``fedecay data synth|check``: generate a synthetic federation, check an events file."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import checks
+from .console import current
+from .errors import guarded
+from .options import BadRowsOption, FormatOption, SetOption
+
+app = typer.Typer(help="Generate or check behaviour data.", no_args_is_help=True)
+
+
+@app.command("synth")
+@guarded
+def synth(
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for the five .parquet files "
+                                      "(created if missing).", show_default=False)],
+    preset: Annotated[str, typer.Option(metavar="NAME|FILE", help="Preset name (quick, default, large) or a "
+                                        "TOML file; its [synthetic] section is used.")] = "quick",
+    seed: Annotated[int, typer.Option(metavar="N", help="Generator seed.")] = 0,
+    set_: SetOption = None,
+) -> None:
+    """Generate a synthetic federation (events, interventions, truth, users, merchants)."""
+    console = current()
+    flat = checks.synth_settings(preset, set_ or [])
+    out = checks.output_folder(out, "--out")
+    from simulations.synth import generate_federation, synth_config_from_preset, write_federation
+
+    with console.task("generating the synthetic federation", unit="step") as task:
+        fed = generate_federation(synth_config_from_preset(flat), seed=seed)
+        task.advance(events=len(fed.events))
+        paths = write_federation(fed, out)
+    print(fed.summary())
+    print()
+    for name, path in paths.items():
+        print(f"wrote {name:<14} {path}")
+    console.next(f"fedecay data check {_q(paths['events'])} --interventions "
+                 f"{_q(paths['interventions'])}")
+
+
+@app.command("check")
+@guarded
+def check(
+    file: Annotated[Path, typer.Argument(metavar="FILE", show_default=False)],
+    format: FormatOption = "auto",
+    interventions: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="Canonical interventions file.", show_default="none")] = None,
+    preset: Annotated[str | None, typer.Option(
+        metavar="NAME|FILE", help="Take the snapshots.* and data.* settings from this preset (name or TOML file).",
+        show_default="built-in defaults")] = None,
+    set_: SetOption = None,
+    bad_rows: BadRowsOption = "error",
+) -> int:
+    """Validate an events file and show what a merchant brings to the federation.
+    FILE is the events file (CSV, CSV.gz, Parquet) or the Complete Journey folder. Says
+    OK only when it yields what a federation needs (exit 0), else NOT OK with what is
+    missing (exit 2).
+    """
+    console = current()
+    flat = checks.section_settings(preset, set_ or [], ("snapshots", "data"), "data check")
+    checks.input_path(file, "file", folder_ok=format in ("auto", "completejourney"))
+    if interventions is not None:
+        checks.input_path(interventions, "--interventions")
+    from common.config import SnapshotConfig, from_flat
+    from common.io import load_events
+    from common.snapshots import build_snapshots, federation_problems, stray_gap
+    from simulations.experiment import DataConfig
+
+    snap_cfg = from_flat(SnapshotConfig, flat, "snapshots")
+    data_cfg = from_flat(DataConfig, flat, "data")
+    log = load_events(file, format, interventions_path=interventions, bad_rows=bad_rows)
+    ev = log.events
+    print("\n".join(log.report.summary_lines()))
+    ts = ev["timestamp"]
+    mix = ev["event"].value_counts(normalize=True)
+    mix = mix[mix > 0]
+    print(f"users       {ev['user_id'].nunique():,}")
+    print(f"merchants   {ev['merchant_id'].nunique():,}")
+    print(f"date range  {ts.min():%Y-%m-%d %H:%M} .. {ts.max():%Y-%m-%d %H:%M} UTC")
+    print("event mix   " + "  ".join(f"{k} {v:.1%}" for k, v in mix.items()))
+    print(f"interventions {len(log.interventions):,}")
+    gap = None if snap_cfg.start or snap_cfg.end else stray_gap(ts)
+    if gap:
+        print(f"NOT OK: {gap}")
+        return 2
+    snaps, report = build_snapshots(ev, snap_cfg, log.interventions)
+    print("snapshots (decay label: I(T+H) < rho * I(T))")
+    print("\n".join(report.summary_lines()))
+    problems = federation_problems(snaps, report, data_cfg.min_merchant_snapshots)
+    if problems:
+        print("\n".join(f"NOT OK: {p}" for p in problems))
+        return 2
+    print("OK: this file can join a federation")
+    source = f"--events {_q(file)}" + ("" if format == "auto" else f" --format {format}")
+    if interventions is not None:
+        source += f" --interventions {_q(interventions)}"
+    console.next(f"fedecay compare {source}" + (f" --preset {_q(preset)}" if preset else ""))
+    return 0
+
+
+def _q(path: object) -> str:
+    return shlex.quote(str(path))

@@ -1,0 +1,318 @@
+"""``fedecay train|simulate|compare|bench``: the commands that train and compare models.
+
+Each checks every argument and key (:mod:`.checks`) before TensorFlow loads and before
+its run folder exists, and ends with the next useful command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import click
+import typer
+
+from . import checks
+from .console import Console, current, quiet_flower
+from .errors import guarded
+from .options import (
+    EventsOption,
+    FormatOption,
+    InterventionsOption,
+    PresetOption,
+    SeedOption,
+    SetOption,
+    SourceBadRowsOption,
+)
+
+if TYPE_CHECKING:
+    from simulations.experiment import Experiment
+
+
+def _q(path: object) -> str:
+    return shlex.quote(str(path))
+
+
+def _source(preset: str | None, events: Path | None, format: str, interventions: Path | None,
+            sets: list[str] | None, seed: int | None, bad_rows: str | None,
+            extra: dict[str, Any] | None = None) -> Experiment:
+    return checks.experiment(preset, events=str(events) if events else None, format=format,
+                             interventions=str(interventions) if interventions else None,
+                             sets=sets or [], seed=seed, bad_rows=bad_rows, extra=extra)
+
+
+def _epoch_reporter(console: Console, name: str, total: int
+                    ) -> tuple[Any, Callable[[int, dict[str, float]], None]]:
+    """A progress step for ``total`` epochs and the ``on_epoch`` that advances it."""
+    task = console.task(name, total=total, unit="epochs")
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        task.advance(**{k: float(v) for k, v in row.items() if k in ("loss", "val_loss")})
+
+    return task, on_epoch
+
+
+def _round_reporter(console: Console, name: str, total: int
+                    ) -> tuple[Any, Callable[[dict[str, Any]], None]]:
+    """A progress step for ``total`` rounds and the callback ``run_federated`` calls
+    with each round's metrics line (round 0 is the initial model: no step)."""
+    task = console.task(name, total=total, unit="rounds")
+
+    def on_round(line: dict[str, Any]) -> None:
+        fields: dict[str, Any] = {"clients": f"{line.get('replied', '-')}/"
+                                             f"{line.get('sampled', '-')}"}
+        auc = (line.get("centralised") or {}).get("decay_roc_auc")
+        if auc is not None:
+            fields["auc"] = float(auc)
+        task.advance(1 if line.get("round", 0) > 0 else 0, **fields)
+
+    return task, on_round
+
+
+def _score_hint(run: Path, model_name: str | None, events: str | None,
+                seed: int, preset: str | None) -> list[str]:
+    """``fedecay score`` on the run's model, with events the model's merchants have."""
+    method = f" --method {model_name}" if model_name else ""
+    if events:
+        return [f"fedecay score --model {_q(run)}{method} --events {_q(events)}"]
+    shard = next(iter(sorted(run.glob("**/shards/00000.parquet"))), None)
+    if shard is not None:
+        return [f"fedecay score --model {_q(run)}{method} --events {_q(shard)}"]
+    data = run.parent / f"{run.name}-data"
+    return [f"fedecay data synth --preset {_q(preset or 'quick')} --seed {seed} "
+            f"--out {_q(data)}",
+            f"fedecay score --model {_q(run)}{method} --events {_q(data / 'events.parquet')}"]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the commands to the root app."""
+    app.command("train")(train)
+    app.command("simulate")(simulate)
+    app.command("compare")(compare)
+    app.command("bench")(bench)
+
+
+@guarded
+def train(
+    mode: Annotated[str, typer.Option(metavar="MODE", click_type=click.Choice(("centralised", "local", "gbdt")),
+                                      help="Which baseline.")] = "centralised",
+    preset: PresetOption = None,
+    events: EventsOption = None,
+    format: FormatOption = "auto",
+    interventions: InterventionsOption = None,
+    set_: SetOption = None,
+    seed: SeedOption = None,
+    bad_rows: SourceBadRowsOption = None,
+) -> None:
+    """Train one baseline for train.epochs epochs: centralised, local-only or GBDT."""
+    console = current()
+    exp = _source(preset, events, format, interventions, set_, seed, bad_rows)
+    from simulations.baselines import assess, run_centralised, run_gbdt, run_local
+    from simulations.compare import format_table
+    from simulations.experiment import prepare, run_folder, write_json
+
+    # Made only now, when everything checkable is checked; gone again on failure.
+    with run_folder(exp, mode) as run_dir:
+        with console.task("data", unit="step") as task:
+            data = prepare(exp)
+            task.advance(merchants=len(data.merchants), snapshots=len(data.snapshots))
+        model = None
+        if mode == "centralised":
+            task, on_epoch = _epoch_reporter(console, "centralised", exp.train.epochs)
+            with task:
+                result, model = run_centralised(exp, data, on_epoch=on_epoch)
+        elif mode == "local":
+            result = run_local(exp, data, progress=console)
+        else:
+            with console.task("gbdt", unit="model") as task:
+                result = run_gbdt(exp, data)
+                task.advance()
+        metrics = assess(result, data, exp)
+        write_json(run_dir / "config.json", dict(exp.flat))
+        write_json(run_dir / "metrics.json", metrics)
+        if model is not None:
+            from common.model import save_model
+
+            save_model(model, run_dir / "model.keras")
+    print(format_table({"methods": {result.name: metrics}}))
+    print(f"\nrun folder: {run_dir}")
+    if model is not None:
+        console.next(*_score_hint(run_dir, None, exp.data.events or None, exp.seed,
+                                  exp.experiment.preset or None))
+    else:
+        source = (f"--events {_q(exp.data.events)}" if exp.data.events
+                  else f"--preset {_q(exp.experiment.preset or 'quick')}")
+        console.next(f"fedecay compare {source}  (every method on the same snapshots)")
+
+
+@guarded
+def simulate(
+    preset: PresetOption = None,
+    events: EventsOption = None,
+    format: FormatOption = "auto",
+    interventions: InterventionsOption = None,
+    set_: SetOption = None,
+    seed: SeedOption = None,
+    bad_rows: SourceBadRowsOption = None,
+    strategy: Annotated[str | None, typer.Option(
+        click_type=click.Choice(checks.STRATEGIES), show_default="the preset's (fedavg)",
+        help="Federated strategy; federation.strategy.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        metavar="HOST:PORT", show_default="start Ray locally", help="Attach to an existing Ray cluster "
+        "(host:port); simulation.ray-address.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        metavar="RUN_DIR", show_default="none", help="Continue a killed run from its newest "
+        "intact checkpoint; --set may change only the rounds and how they run.")] = None,
+) -> None:
+    """Run the federation on Flower's Simulation Engine (rounds, checkpoints, metrics)."""
+    console = current()
+    extra = {}
+    if strategy:
+        extra["federation.strategy"] = strategy
+    if ray_address:
+        extra["simulation.ray-address"] = ray_address
+    folder: Any
+    if resume is not None:
+        # The run's own config.json decides the data, seeds and model.
+        given = [flag for flag, value in (("--preset", preset), ("--events", events),
+                                          ("--interventions", interventions),
+                                          ("--seed", seed), ("--bad-rows", bad_rows))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} cannot be used with --resume: the run's "
+                             "config.json decides the data and the seed")
+        from common.config import apply_overrides
+        from simulations.federated import resume_experiment
+
+        run_dir = resume.expanduser().resolve()
+        exp = resume_experiment(run_dir, {**apply_overrides({}, set_ or []), **extra})
+        folder = contextlib.nullcontext(run_dir)
+    else:
+        exp = _source(preset, events, format, interventions, set_, seed, bad_rows, extra)
+        from simulations.experiment import run_folder
+
+        folder = run_folder(exp, "simulate")
+    from simulations.baselines import assess
+    from simulations.compare import format_table
+    from simulations.experiment import prepare, write_json
+    from simulations.federated import run_federated
+
+    quiet_flower(console.verbose)
+    with folder as run_dir:
+        if resume is None:
+            write_json(run_dir / "config.json", dict(exp.flat))
+        with console.task("data", unit="step") as task:
+            data = prepare(exp)
+            task.advance(merchants=len(data.merchants), snapshots=len(data.snapshots))
+        task, on_round = _round_reporter(
+            console, f"federated-{exp.federation.strategy}", exp.federation.num_rounds)
+        with task:
+            result = run_federated(exp, data, run_dir, progress=on_round)
+        metrics = assess(result, data, exp)
+        write_json(run_dir / "results.json", metrics)
+    print(format_table({"methods": {result.name: metrics}}))
+    print(f"\nrun folder: {run_dir}")
+    console.next(*_score_hint(run_dir, None, exp.data.events or None, exp.seed, None),
+                 f"fedecay privacy egress --run {_q(run_dir)}")
+
+
+@guarded
+def compare(
+    preset: PresetOption = None,
+    events: EventsOption = None,
+    format: FormatOption = "auto",
+    interventions: InterventionsOption = None,
+    set_: SetOption = None,
+    seed: SeedOption = None,
+    bad_rows: SourceBadRowsOption = None,
+    strategies: Annotated[str, typer.Option(
+        metavar="NAMES", help=f"Comma-separated federated strategies: {', '.join(checks.STRATEGIES)}.")
+    ] = "fedavg",
+    methods: Annotated[str, typer.Option(
+        metavar="NAMES", help="Comma-separated subset of gbdt, centralised, local, federated.")
+    ] = "gbdt,centralised,local,federated",
+    noise: Annotated[str, typer.Option(
+        metavar="Z,Z,...", show_default="none", help="Noise multipliers to sweep, e.g. 0,0.5,1,2: one federated "
+        "run each with differential privacy (0 = without), the AUC-vs-epsilon plot and the "
+        "membership audit of every model.")] = "",
+    audit: Annotated[bool, typer.Option(
+        "--audit", help="Membership-inference audit of the federated and centralised models (implied "
+        "by --noise).")] = False,
+) -> None:
+    """Federated vs centralised vs local-only vs GBDT on the same snapshots and budget."""
+    console = current()
+    chosen_strategies = checks.names(strategies, checks.STRATEGIES, "--strategies")
+    chosen_methods = checks.names(methods, checks.METHODS, "--methods")
+    levels = checks.numbers(noise, "--noise")
+    exp = _source(preset, events, format, interventions, set_, seed, bad_rows)
+    from simulations.compare import run_comparison
+    from simulations.experiment import run_folder
+
+    if "federated" in chosen_methods:
+        quiet_flower(console.verbose)
+    with run_folder(exp, "compare") as run_dir:
+        out = run_comparison(exp, run_dir, strategies=chosen_strategies,
+                             methods=chosen_methods, noise=levels,
+                             audit=audit or bool(levels), progress=console)
+    print()
+    print(out.table)
+    gain = out.results.get("gain_from_joining", {})
+    for name, g in gain.items():
+        q1 = g["by_size_quartile"].get("q1")
+        print(f"{name}: mean AUC gain over local-only {g['mean']:+.4f}; smallest quartile "
+              f"{q1:+.4f}")
+    print(f"\nreport: {run_dir / 'report.md'}")
+    from .runs import run_models
+
+    models = run_models(run_dir)
+    federated = [name for name in models if name.startswith("federated")]
+    if federated or models:
+        name = None if len(federated) == 1 else (federated or list(models))[0]
+        console.next(*_score_hint(run_dir, name, exp.data.events or None, exp.seed,
+                                  exp.experiment.preset or None))
+
+
+@guarded
+def bench(
+    preset: Annotated[str, typer.Option(metavar="NAME|FILE",
+                                        help="Preset name or TOML file.")] = "default",
+    set_: SetOption = None,
+    seed: SeedOption = None,
+    json_: Annotated[Path | None, typer.Option(
+        "--json", metavar="FILE", show_default="none", help="Also write the figures to this .json file.")
+    ] = None,
+    federation: Annotated[str, typer.Option(
+        metavar="N,N,...", show_default="none", help="Also time federated vs centralised for these merchant "
+        "counts, e.g. 10,100.")] = "",
+    rounds: Annotated[int, typer.Option(min=1, metavar="ROUNDS", help="Rounds of each --federation run.")] = 4,
+    repeat: Annotated[int, typer.Option(
+        min=1, metavar="TIMES", help="Time each throughput figure this many times and keep the best.")] = 3,
+) -> None:
+    """Throughput: generation, snapshots, training and scoring (events/s, samples/s, users/s)."""
+    console = current()
+    out = checks.output_file(json_, "--json", (".json",)) if json_ is not None else None
+    sizes = checks.numbers(federation, "--federation", kind=int, low=1)
+    exp = checks.experiment(preset, sets=set_ or [], seed=seed)
+    from simulations.bench import format_bench, run_bench
+    from simulations.experiment import write_json
+
+    with console.task("bench", unit="figures") as task:
+        figures = run_bench(exp, repeat=repeat)
+        task.advance(len(figures))
+    print(format_bench(figures))
+    if sizes:
+        from simulations.bench import format_rows, run_federation_bench
+
+        quiet_flower(console.verbose)
+        rows = run_federation_bench(exp, sizes, rounds=rounds)
+        print()
+        print(format_rows(rows))
+        figures["federation"] = rows
+    if out is not None:
+        write_json(out, figures)
+        print(f"\nwrote {out}")
+    console.next(f"fedecay compare --preset {_q(preset)}  (the methods' accuracy on the "
+                 "same data)")

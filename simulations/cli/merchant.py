@@ -1,0 +1,272 @@
+"""``fedecay score|monitor``: what a merchant does with a trained model.
+
+``--model`` takes a model file or a run folder of train/simulate/compare (``--method``
+picks among its models). Everything about the arguments, the model file's kind and the
+input files is checked before TensorFlow loads; the CLI draws the scoring progress and
+the monitor's throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from . import checks
+from .console import Console, current
+from .errors import guarded
+from .options import BadRowsOption, FormatOption, MethodOption, SetOption
+from .runs import model_in
+
+ModelOption = Annotated[Path, typer.Option(
+    metavar="RUN_DIR|FILE", show_default=False, help="A run folder of train, simulate or compare, or a model.keras "
+    "(its settings come from model.json or config.json beside it).")]
+ModelSetOption = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", show_default="the model's own settings",
+    help="Model settings (snapshots.*, policy.*), e.g. --set policy.risk-threshold=0.3 "
+         "(repeatable).")]
+
+
+def _q(path: object) -> str:
+    return shlex.quote(str(path))
+
+
+def _err(text: str) -> None:
+    """A result line that belongs on stderr (stdout holds the scores or alerts)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _model(model: Path, method: str | None, sets: list[str]) -> tuple[str, Path]:
+    """The model ``--model``/``--method`` name, its kind checked without TensorFlow."""
+    checks.model_sets(sets)
+    name, path = model_in(model, method)
+    checks.model_file(path)
+    return name, path
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score")(score)
+    app.command("monitor")(monitor)
+
+
+@guarded
+def score(
+    model: ModelOption,
+    events: Annotated[Path, typer.Option(metavar="FILE", show_default=False,
+                                         help="The events file to score.")],
+    method: MethodOption = None,
+    format: FormatOption = "auto",
+    bad_rows: BadRowsOption = "error",
+    at: Annotated[str | None, typer.Option(
+        metavar="TIME", show_default="just after the last event",
+        help="Cutoff time, ISO-8601 (naive = UTC), e.g. 2025-03-01T00:00:00Z.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        metavar="FILE", show_default="print the 20 users most at risk",
+        help="Write every user's scores to this .csv or .parquet file.")] = None,
+    set_: ModelSetOption = None,
+) -> None:
+    """Batch scoring: decay risk, interest forecast and the activation action per user."""
+    console = current()
+    sets = set_ or []
+    checks.model_sets(sets)
+    if out is not None:
+        from client.scoring import scores_path
+
+        out = scores_path(out)  # a bad --out fails now, not after the scoring
+        checks.writable_parent(out.parent, "--out")
+        if out.exists() and events.exists() and out.samefile(events):
+            raise ValueError(f"--out {out} is the --events file: scores would replace "
+                             "the log; choose another file")
+    cutoff = checks.cutoff(at)
+    name, model_path = _model(model, method, sets)
+    checks.input_path(events, "--events", folder_ok=format in ("auto", "completejourney"))
+    from client.scoring import score_events, score_summary, warm_up, write_scores
+    from common.bundle import load_model_bundle
+    from common.io import load_events
+
+    started = time.perf_counter()
+    with console.task("loading the model", unit="step") as task:
+        bundle = load_model_bundle(model_path, sets)
+        task.advance()
+    console.say(f"model: {model_path} ({name}; settings: {', '.join(bundle.sources)})")
+    log = load_events(events, format, bad_rows=bad_rows)
+    console.say("\n".join(log.report.summary_lines()))
+    loaded = time.perf_counter()
+    warm_up(bundle.model)
+    compiled = time.perf_counter()
+    scores = _score_with_progress(console, score_events, bundle, log.events, cutoff)
+    seconds = time.perf_counter() - compiled
+    if len(scores) == 0:
+        ts = log.events["timestamp"]
+        raise ValueError(
+            f"no user of {events} has events in the "
+            f"{bundle.snapshots.observation_days:g} days before the cutoff "
+            f"{cutoff or 'after the last event'} (the log spans {ts.min():%Y-%m-%d} .. "
+            f"{ts.max():%Y-%m-%d}): nothing to score; choose --at inside the log")
+    if out is not None:
+        path = write_scores(scores, out)
+        print(f"wrote {len(scores):,} scores to {path}")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print(scores.sort_values("decay_risk", ascending=False).head(20)
+                  .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    info = score_summary(scores, bundle.policy)
+    mix = "  ".join(f"{k} {v:.1%}" for k, v in info["action_mix"].items()) or "-"
+    _err(f"users scored {info['users']:,}; at risk (>= {bundle.policy.risk_threshold:g}) "
+         f"{info['at_risk_share']:.1%}; actions: {mix}")
+    _err(f"loading {loaded - started:.1f} s; compiling {compiled - loaded:.1f} s; "
+         f"scoring {seconds:.1f} s ({info['users'] / max(seconds, 1e-9):,.0f} users/s)")
+    console.next(f"fedecay monitor --model {_q(model_path)} --input EVENTS.jsonl "
+                 "--state monitor-state  (the same model on a live stream of JSON lines)")
+
+
+def _score_with_progress(console: Console, score_events: Any, bundle: Any, events: Any,
+                         cutoff: str | None) -> Any:
+    """``score_events`` with a progress step in users (its total known at the first chunk)."""
+    task = console.task("scoring", total=None, unit="users")
+    last = [0]
+
+    def progress(done: int, total: int) -> None:
+        if getattr(task, "total", total) != total:
+            task.total = total  # type: ignore[attr-defined]
+        task.advance(done - last[0])
+        last[0] = done
+
+    with task:
+        return score_events(bundle.model, events, cutoff, bundle.snapshots, bundle.policy,
+                            progress=progress)
+
+
+@guarded
+def monitor(
+    model: ModelOption,
+    method: MethodOption = None,
+    input: Annotated[str, typer.Option(
+        metavar="FILE|-", help="JSON-lines events file, or - for stdin.")] = "-",
+    state: Annotated[Path | None, typer.Option(
+        metavar="DIR", show_default="none: a restart starts afresh",
+        help="Folder for the monitor's state; a restart continues from it.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        metavar="FILE", show_default="stdout", help="Append alerts to this file; with --state a restart "
+        "after a crash neither repeats nor loses one.")] = None,
+    batch: Annotated[int, typer.Option(
+        min=1, metavar="EVENTS", help="Rescore touched users every N events (and at the end of input).")] = 1000,
+    max_delay_seconds: Annotated[float, typer.Option(
+        click_type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="... or, for stdin, pipes and --follow, when the first "
+        "unscored event has waited this long (seconds).")] = 0.5,
+    cooldown_hours: Annotated[float, typer.Option(
+        min=0, metavar="HOURS", help="No second alert for a user within this much stream time (hours).")] = 72.0,
+    sweep_hours: Annotated[float, typer.Option(
+        min=0, metavar="HOURS", help="Rescore every active user this often in stream time (hours; 0 = never).")
+    ] = 24.0,
+    checkpoint_every: Annotated[int, typer.Option(
+        min=1, metavar="EVENTS", help="Events between state checkpoints.")] = 100_000,
+    max_line_bytes: Annotated[int, typer.Option(
+        min=1, metavar="BYTES", help="Longer input lines are skipped and counted as malformed (bytes).")
+    ] = 1 << 20,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="Keep reading a growing file (like tail -f).")] = False,
+    set_: ModelSetOption = None,
+) -> None:
+    """Real-time decay monitor: JSON-line events in, alerts out (one JSON line each)."""
+    import signal
+
+    console = current()
+    sets = set_ or []
+    state_dir = checks.state_folder(state) if state is not None else None
+    name, model_path = _model(model, method, sets)
+    if input != "-":
+        checks.input_path(input, "--input")
+    if out is not None:
+        out = out.expanduser().resolve()
+        if out.is_dir():
+            raise ValueError(f"--out {out}: is a folder")
+        checks.writable_parent(out.parent, "--out")
+    from client.monitor import (
+        AlertFile,
+        Monitor,
+        MonitorConfig,
+        StopStream,
+        has_state,
+        prepare_state_dir,
+        run_stream,
+    )
+    from common.bundle import load_model_bundle
+
+    config = MonitorConfig(batch=batch, max_delay_seconds=max_delay_seconds,
+                           cooldown_hours=cooldown_hours, sweep_hours=sweep_hours,
+                           checkpoint_every=checkpoint_every, max_line_bytes=max_line_bytes)
+    if state_dir is not None:
+        state_dir = prepare_state_dir(state_dir)  # made now that every argument is checked
+    with console.task("loading the model", unit="step") as task:
+        bundle = load_model_bundle(model_path, sets)
+        task.advance()
+    closed = []
+
+    def sink(alert: dict) -> None:
+        if closed:
+            return
+        try:
+            sys.stdout.write(json.dumps(alert) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            closed.append(True)  # the reader went away: stop, saving the state
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            raise StopStream from None
+
+    engine = Monitor(bundle.model, bundle.snapshots, bundle.policy, config, sink=sink)
+    position = None
+    if state_dir is not None and has_state(state_dir):
+        position = engine.load_state(state_dir)
+        console.say(f"state: {state_dir} ({len(engine):,} users, "
+                    f"{engine.stats.events:,} events)")
+    alerts = AlertFile.open(out, position) if out is not None else None
+    if alerts is not None:
+        engine.sink = alerts.write
+        console.say(f"alerts: {alerts.path} (from byte {alerts.size:,})")
+    console.say(f"model: {model_path} ({name}; settings: {', '.join(bundle.sources)}); "
+                f"alert threshold {bundle.policy.risk_threshold:g}")
+    engine.warm_up()
+
+    def figures() -> dict[str, Any]:
+        return {"events": engine.stats.events, "users": len(engine),
+                "alerts": engine.stats.alerts, "malformed": engine.stats.malformed}
+
+    # Ctrl-C and SIGTERM end the stream between two events; the state is then saved.
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with console.watch("monitor", figures):
+            result = run_stream(engine, input, follow=follow, state_dir=state_dir,
+                                position=position, report=console.say,
+                                should_stop=lambda: bool(stop), alerts=alerts)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if alerts is not None:
+            alerts.close()
+    _err(f"events {result['events']:,} in {result['seconds']:.1f} s "
+         f"({result['events_per_s']:,.0f}/s); users {result['users']:,}; alerts "
+         f"{result['alerts']:,} (held back by cool-down {result['suppressed_by_cooldown']:,}); "
+         + (f"alert latency p50 {result['alert_latency_p50_ms']:.1f} ms, "
+            f"p99 {result['alert_latency_p99_ms']:.1f} ms"
+            if result["alert_latency_p50_ms"] == result["alert_latency_p50_ms"]  # not NaN
+            else "no event-triggered alerts"))
+    reasons = ", ".join(f"{k} {v:,}" for k, v in result["malformed_reasons"].items())
+    _err(f"malformed lines {result['malformed']:,}{f' ({reasons})' if reasons else ''}; "
+         f"duplicates dropped {result['duplicates']:,}; late events {result['late']:,}")
+    if state_dir is not None:
+        _err(f"state saved to {state_dir}")
+        console.next("the same command again continues from the saved state")
+    else:
+        console.next("add --state DIR so that a restart continues where this run stopped")

@@ -1,0 +1,105 @@
+"""Run folders as an interface: the model or federation a later command needs from them.
+
+What ``train``, ``simulate`` and ``compare`` write (see README, *Outputs*):
+
+- ``train --mode centralised``: ``<run>/model.keras`` (settings in ``config.json``);
+- ``simulate``: the federation folder itself, ``<run>/model.keras`` + ``metrics.jsonl``;
+- ``compare``: ``<run>/centralised/model.keras`` and one ``<run>/federated-<strategy>[-dpZ]/``
+  federation folder per federated run.
+
+``score``, ``monitor`` and ``privacy`` take any of them (or a model file) and pick by
+``--method``: ``federated`` (the default) matches the one federated model, ``centralised``
+or a subfolder's name (``federated-fedprox``) match exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL_FILE = "model.keras"
+METRICS_FILE = "metrics.jsonl"
+#: ``--method`` when not given: the model the federation trained.
+DEFAULT_METHOD = "federated"
+
+
+def _own_name(folder: Path) -> str:
+    """The method of a model saved at the top of a run folder (simulate or train)."""
+    is_federation = (folder / METRICS_FILE).is_file() or (folder / "federation.json").is_file()
+    if not is_federation:
+        return "centralised"
+    try:
+        strategy = json.loads((folder / "config.json").read_text()).get("federation.strategy")
+    except (OSError, ValueError, AttributeError):
+        strategy = None
+    return f"federated-{strategy}" if isinstance(strategy, str) and strategy else "federated"
+
+
+def run_models(folder: Path) -> dict[str, Path]:
+    """Every model in a run folder, by method name (see module doc)."""
+    found = {}
+    if (folder / MODEL_FILE).is_file():
+        found[_own_name(folder)] = folder / MODEL_FILE
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if (sub / MODEL_FILE).is_file():
+            found[sub.name] = sub / MODEL_FILE
+    return found
+
+
+def run_federations(folder: Path) -> dict[str, Path]:
+    """Every federation folder (one with ``metrics.jsonl``) in a run folder, by name."""
+    found = {}
+    if (folder / METRICS_FILE).is_file():
+        found[_own_name(folder)] = folder
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if (sub / METRICS_FILE).is_file():
+            found[sub.name] = sub
+    return found
+
+
+def pick(found: dict[str, Path], method: str | None, folder: Path, what: str) -> tuple[str, Path]:
+    """The entry of ``found`` that ``method`` names (None: the default, or the only one).
+
+    Raises ``ValueError`` listing what the folder holds when the choice is not there or
+    is ambiguous.
+    """
+    wanted = method or DEFAULT_METHOD
+    available = ", ".join(found) or "none"
+    if wanted in found:
+        return wanted, found[wanted]
+    prefixed = [name for name in found if name.startswith(f"{wanted}-")]
+    if len(prefixed) == 1:
+        return prefixed[0], found[prefixed[0]]
+    if method is None and len(found) == 1:
+        [(name, path)] = found.items()
+        return name, path
+    if not found:
+        raise ValueError(f"{folder} holds no {what}: give a run folder written by train "
+                         "--mode centralised, simulate or compare, or the file itself")
+    if len(prefixed) > 1:
+        raise ValueError(f"{folder} holds several {wanted} {what}s ({', '.join(prefixed)}): "
+                         "choose one with --method")
+    raise ValueError(f"{folder} has no {wanted} {what} (available: {available}); choose one "
+                     "with --method")
+
+
+def model_in(path: str | Path, method: str | None) -> tuple[str, Path]:
+    """``(method, model file)`` for ``--model`` / ``--run``: a model file as it is, or
+    the one ``method`` picks in a run folder."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        if method is not None:
+            raise ValueError(f"--method {method}: only with a run folder, and {path} is a file")
+        return path.stem, path
+    return pick(run_models(path), method, path, "model")
+
+
+def federation_in(path: str | Path, method: str | None) -> tuple[str, Path]:
+    """``(method, federation folder)`` for ``privacy egress --run``."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise NotADirectoryError(f"--run {path}: expected a run folder of simulate or compare")
+    if method is not None and not method.startswith(DEFAULT_METHOD):
+        raise ValueError(f"--method {method}: only a federation sends anything "
+                         "(federated or federated-<strategy>)")
+    return pick(run_federations(path), method, path, "federation")
