@@ -16,7 +16,11 @@ _FILES = ("events", "interventions", "truth", "users", "merchants")
 
 
 def write_federation(fed: Federation, out_dir: str | Path) -> dict[str, Path]:
-    """Write the five frames as Parquet files into ``out_dir``; returns name -> path."""
+    """Write the five frames as ``<name>.parquet`` files into ``out_dir``.
+
+    The folder is created if missing and existing files are overwritten. Returns the
+    absolute path of each file by frame name.
+    """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -28,7 +32,10 @@ def write_federation(fed: Federation, out_dir: str | Path) -> dict[str, Path]:
 
 
 def read_federation(out_dir: str | Path) -> Federation:
-    """Read what :func:`write_federation` wrote, with the canonical dtypes restored."""
+    """Read what :func:`write_federation` wrote, with the canonical dtypes restored.
+
+    Raises ``ValueError`` naming the folder and the file when a frame is missing.
+    """
     out = Path(out_dir)
     frames = {}
     for name in _FILES:
