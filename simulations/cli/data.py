@@ -19,10 +19,13 @@ app = typer.Typer(help="Generate or check behaviour data.", no_args_is_help=True
 @app.command("synth")
 @guarded
 def synth(
-    out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for the five .parquet files "
-                                      "(created if missing).", show_default=False)],
-    preset: Annotated[str, typer.Option(metavar="NAME|FILE", help="Preset name (quick, default, large) or a "
-                                        "TOML file; its [synthetic] section is used.")] = "quick",
+    out: Annotated[Path, typer.Option(
+        metavar="DIR", show_default=False,
+        help="Output folder for the five .parquet files (created if missing).")],
+    preset: Annotated[str, typer.Option(
+        metavar="NAME|FILE",
+        help="Preset name (quick, default, large) or a TOML file; its [synthetic] section "
+             "is used.")] = "quick",
     seed: Annotated[int, typer.Option(metavar="N", help="Generator seed.")] = 0,
     set_: SetOption = None,
 ) -> None:
@@ -52,7 +55,8 @@ def check(
     interventions: Annotated[Path | None, typer.Option(
         metavar="FILE", help="Canonical interventions file.", show_default="none")] = None,
     preset: Annotated[str | None, typer.Option(
-        metavar="NAME|FILE", help="Take the snapshots.* and data.* settings from this preset (name or TOML file).",
+        metavar="NAME|FILE",
+        help="Take the snapshots.* and data.* settings from this preset (name or TOML file).",
         show_default="built-in defaults")] = None,
     set_: SetOption = None,
     bad_rows: BadRowsOption = "error",

@@ -49,8 +49,8 @@ def certs(
 @guarded
 def node_key(
     dir: Annotated[Path, typer.Argument(metavar="DIR", show_default=False)],
-    name: Annotated[str, typer.Option(metavar="NAME", help="File name of the key pair (NAME, NAME.pub).")
-                    ] = "node",
+    name: Annotated[str, typer.Option(
+        metavar="NAME", help="File name of the key pair (NAME, NAME.pub).")] = "node",
     overwrite: OverwriteOption = False,
 ) -> None:
     """An ECDSA P-384 key pair that authenticates one SuperNode, written into DIR."""

@@ -97,8 +97,9 @@ def register(app: typer.Typer) -> None:
 
 @guarded
 def train(
-    mode: Annotated[str, typer.Option(metavar="MODE", click_type=click.Choice(("centralised", "local", "gbdt")),
-                                      help="Which baseline.")] = "centralised",
+    mode: Annotated[str, typer.Option(
+        click_type=click.Choice(("centralised", "local", "gbdt")),
+        help="Which baseline.")] = "centralised",
     preset: PresetOption = None,
     events: EventsOption = None,
     format: FormatOption = "auto",
@@ -161,11 +162,12 @@ def simulate(
         click_type=click.Choice(checks.STRATEGIES), show_default="the preset's (fedavg)",
         help="Federated strategy; federation.strategy.")] = None,
     ray_address: Annotated[str | None, typer.Option(
-        metavar="HOST:PORT", show_default="start Ray locally", help="Attach to an existing Ray cluster "
-        "(host:port); simulation.ray-address.")] = None,
+        metavar="HOST:PORT", show_default="start Ray locally",
+        help="Attach to an existing Ray cluster; simulation.ray-address.")] = None,
     resume: Annotated[Path | None, typer.Option(
-        metavar="RUN_DIR", show_default="none", help="Continue a killed run from its newest "
-        "intact checkpoint; --set may change only the rounds and how they run.")] = None,
+        metavar="RUN_DIR", show_default="none",
+        help="Continue a killed run from its newest intact checkpoint; --set may change "
+             "only the rounds and how they run.")] = None,
 ) -> None:
     """Run the federation on Flower's Simulation Engine (rounds, checkpoints, metrics)."""
     console = current()
@@ -229,18 +231,21 @@ def compare(
     seed: SeedOption = None,
     bad_rows: SourceBadRowsOption = None,
     strategies: Annotated[str, typer.Option(
-        metavar="NAMES", help=f"Comma-separated federated strategies: {', '.join(checks.STRATEGIES)}.")
+        metavar="NAMES",
+        help=f"Comma-separated federated strategies: {', '.join(checks.STRATEGIES)}.")
     ] = "fedavg",
     methods: Annotated[str, typer.Option(
-        metavar="NAMES", help="Comma-separated subset of gbdt, centralised, local, federated.")
-    ] = "gbdt,centralised,local,federated",
+        metavar="NAMES", help="Comma-separated subset of gbdt, centralised, local, "
+                              "federated.")] = "gbdt,centralised,local,federated",
     noise: Annotated[str, typer.Option(
-        metavar="Z,Z,...", show_default="none", help="Noise multipliers to sweep, e.g. 0,0.5,1,2: one federated "
-        "run each with differential privacy (0 = without), the AUC-vs-epsilon plot and the "
-        "membership audit of every model.")] = "",
+        metavar="Z,Z,...", show_default="none",
+        help="Noise multipliers to sweep, e.g. 0,0.5,1,2: one federated run each with "
+             "differential privacy (0 = without), the AUC-vs-epsilon plot and the "
+             "membership audit of every model.")] = "",
     audit: Annotated[bool, typer.Option(
-        "--audit", help="Membership-inference audit of the federated and centralised models (implied "
-        "by --noise).")] = False,
+        "--audit",
+        help="Membership-inference audit of the federated and centralised models "
+             "(implied by --noise).")] = False,
 ) -> None:
     """Federated vs centralised vs local-only vs GBDT on the same snapshots and budget."""
     console = current()
@@ -277,19 +282,22 @@ def compare(
 
 @guarded
 def bench(
-    preset: Annotated[str, typer.Option(metavar="NAME|FILE",
-                                        help="Preset name or TOML file.")] = "default",
+    preset: Annotated[str, typer.Option(
+        metavar="NAME|FILE", help="Preset name or TOML file.")] = "default",
     set_: SetOption = None,
     seed: SeedOption = None,
     json_: Annotated[Path | None, typer.Option(
-        "--json", metavar="FILE", show_default="none", help="Also write the figures to this .json file.")
-    ] = None,
+        "--json", metavar="FILE", show_default="none",
+        help="Also write the figures to this .json file.")] = None,
     federation: Annotated[str, typer.Option(
-        metavar="N,N,...", show_default="none", help="Also time federated vs centralised for these merchant "
-        "counts, e.g. 10,100.")] = "",
-    rounds: Annotated[int, typer.Option(min=1, metavar="ROUNDS", help="Rounds of each --federation run.")] = 4,
+        metavar="N,N,...", show_default="none",
+        help="Also time federated vs centralised for these merchant counts, e.g. "
+             "10,100.")] = "",
+    rounds: Annotated[int, typer.Option(
+        min=1, metavar="ROUNDS", help="Rounds of each --federation run.")] = 4,
     repeat: Annotated[int, typer.Option(
-        min=1, metavar="TIMES", help="Time each throughput figure this many times and keep the best.")] = 3,
+        min=1, metavar="TIMES",
+        help="Time each throughput figure this many times and keep the best.")] = 3,
 ) -> None:
     """Throughput: generation, snapshots, training and scoring (events/s, samples/s, users/s)."""
     console = current()

@@ -22,12 +22,13 @@ import typer
 from . import checks
 from .console import Console, current
 from .errors import guarded
-from .options import BadRowsOption, FormatOption, MethodOption, SetOption
+from .options import BadRowsOption, FormatOption, MethodOption
 from .runs import model_in
 
 ModelOption = Annotated[Path, typer.Option(
-    metavar="RUN_DIR|FILE", show_default=False, help="A run folder of train, simulate or compare, or a model.keras "
-    "(its settings come from model.json or config.json beside it).")]
+    metavar="RUN_DIR|FILE", show_default=False,
+    help="A run folder of train, simulate or compare, or a model.keras (its settings "
+         "come from model.json or config.json beside it).")]
 ModelSetOption = Annotated[list[str] | None, typer.Option(
     "--set", metavar="KEY=VALUE", show_default="the model's own settings",
     help="Model settings (snapshots.*, policy.*), e.g. --set policy.risk-threshold=0.3 "
@@ -156,23 +157,28 @@ def monitor(
         metavar="DIR", show_default="none: a restart starts afresh",
         help="Folder for the monitor's state; a restart continues from it.")] = None,
     out: Annotated[Path | None, typer.Option(
-        metavar="FILE", show_default="stdout", help="Append alerts to this file; with --state a restart "
-        "after a crash neither repeats nor loses one.")] = None,
+        metavar="FILE", show_default="stdout",
+        help="Append alerts to this file; with --state a restart after a crash neither "
+             "repeats nor loses one.")] = None,
     batch: Annotated[int, typer.Option(
-        min=1, metavar="EVENTS", help="Rescore touched users every N events (and at the end of input).")] = 1000,
+        min=1, metavar="EVENTS",
+        help="Rescore touched users every N events (and at the end of input).")] = 1000,
     max_delay_seconds: Annotated[float, typer.Option(
-        click_type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="... or, for stdin, pipes and --follow, when the first "
-        "unscored event has waited this long (seconds).")] = 0.5,
+        click_type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+        help="... or, for stdin, pipes and --follow, when the first unscored event has "
+             "waited this long (seconds).")] = 0.5,
     cooldown_hours: Annotated[float, typer.Option(
-        min=0, metavar="HOURS", help="No second alert for a user within this much stream time (hours).")] = 72.0,
+        min=0, metavar="HOURS",
+        help="No second alert for a user within this much stream time (hours).")] = 72.0,
     sweep_hours: Annotated[float, typer.Option(
-        min=0, metavar="HOURS", help="Rescore every active user this often in stream time (hours; 0 = never).")
-    ] = 24.0,
+        min=0, metavar="HOURS",
+        help="Rescore every active user this often in stream time (hours; 0 = never)."
+    )] = 24.0,
     checkpoint_every: Annotated[int, typer.Option(
         min=1, metavar="EVENTS", help="Events between state checkpoints.")] = 100_000,
     max_line_bytes: Annotated[int, typer.Option(
-        min=1, metavar="BYTES", help="Longer input lines are skipped and counted as malformed (bytes).")
-    ] = 1 << 20,
+        min=1, metavar="BYTES",
+        help="Longer input lines are skipped and counted as malformed (bytes).")] = 1 << 20,
     follow: Annotated[bool, typer.Option(
         "--follow", help="Keep reading a growing file (like tail -f).")] = False,
     set_: ModelSetOption = None,

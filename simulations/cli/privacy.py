@@ -24,7 +24,8 @@ app = typer.Typer(help="Privacy audits of a run: what left the merchants, and me
                   "inference on the model.", no_args_is_help=True)
 
 JsonOption = Annotated[Path | None, typer.Option(
-    "--json", metavar="FILE", show_default="none", help="Also write the result to this .json file.")]
+    "--json", metavar="FILE", show_default="none",
+    help="Also write the result to this .json file.")]
 
 
 def _q(path: object) -> str:
@@ -74,14 +75,16 @@ def _audit_data(model_dir: Path) -> Any:
 @guarded
 def audit(
     run: Annotated[Path, typer.Option(
-        metavar="RUN_DIR|FILE", show_default=False, help="A run folder of train, simulate or compare, or a "
-        "model.keras beside its run's shards/ or config.json.")],
+        metavar="RUN_DIR|FILE", show_default=False,
+        help="A run folder of train, simulate or compare, or a model.keras beside its "
+             "run's shards/ or config.json.")],
     method: MethodOption = None,
-    merchants: Annotated[int, typer.Option(min=1, metavar="N", help="Merchants sampled (seeded).")] = 4,
-    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the merchants' sample and the "
-                                      "bootstrap.")] = 0,
-    bootstrap: Annotated[int, typer.Option(min=1, metavar="N", help="Bootstrap resamples of the "
-                                           "interval.")] = 500,
+    merchants: Annotated[int, typer.Option(
+        min=1, metavar="N", help="Merchants sampled (seeded).")] = 4,
+    seed: Annotated[int, typer.Option(
+        metavar="N", help="Seed of the merchants' sample and the bootstrap.")] = 0,
+    bootstrap: Annotated[int, typer.Option(
+        min=1, metavar="N", help="Bootstrap resamples of the interval.")] = 500,
     json_: JsonOption = None,
 ) -> None:
     """Membership-inference attacks (loss threshold, calibrated): ROC-AUC with a bootstrap

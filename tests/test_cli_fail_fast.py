@@ -1,0 +1,230 @@
+"""The command line fails fast: bad arguments answer in one line before TensorFlow loads
+or a folder is made; run folders are an interface; progress is one line per step in logs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from simulations.cli import checks, main, split_flags
+from simulations.cli.console import Console
+from simulations.cli.runs import federation_in, model_in
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# The CLI in a fresh interpreter; reports its exit code and whether TensorFlow was imported.
+DRIVER = (
+    "import json, sys\n"
+    "from simulations.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print(json.dumps({'code': code, 'tensorflow': 'tensorflow' in sys.modules}))\n"
+)
+
+
+def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={"PATH": "/usr/bin:/bin",
+                                                       "PYTHONPATH": str(PROJECT)})
+    seconds = time.perf_counter() - started
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr, seconds
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--preset", "quik"], "unknown preset 'quik'"),
+    (["train", "--mode", "gbdt", "--events", "missing.csv"], "No such file or directory"),
+    (["compare", "--methods", "gdbt"], "did you mean gbdt?"),
+    (["compare", "--strategies", "fedavg,fedprx"], "did you mean fedprox?"),
+    (["simulate", "--set", "federation.num-rounds=0"], "federation.num-rounds"),
+    (["data", "synth", "--out", "data", "--set", "synthtic.num-merchants=3"],
+     "unknown config key 'synthtic.num-merchants'"),
+    (["data", "check", "events.csv", "--set", "train.epochs=3"],
+     "data check uses only snapshots.* and data.* keys"),
+    (["score", "--model", "run", "--events", "events.csv", "--out", "s.txt"],
+     "expected a .csv or .parquet file name"),
+    (["score", "--model", "run", "--events", "events.csv", "--at", "someday"],
+     "expected an ISO-8601 time"),
+    (["score", "--model", "run", "--events", "events.csv", "--method", "federated-fedprox"],
+     "available: centralised, federated-fedavg"),
+    (["score", "--model", "run/centralised/model.keras", "--events", "missing.csv"],
+     "missing.csv: No such file or directory"),
+    (["score", "--model", "run", "--events", "events.csv", "--set", "train.epochs=3"],
+     "only snapshots.* and policy.* keys"),
+    (["privacy", "egress", "--run", "run", "--json", "out.txt"], "expected a .json file"),
+    (["train", "--bogus"], "No such option '--bogus'"),
+    (["bench", "--federation", "10,x"], "--federation"),
+])
+def test_bad_commands_answer_in_one_line_before_tensorflow(tmp_path: Path, args: list[str],
+                                                          expected: str) -> None:
+    (tmp_path / "events.csv").write_text("user_id,timestamp,event\n")
+    _fake_compare_run(tmp_path / "run")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result, err, seconds = _fedecay(args, tmp_path)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert result == {"code": 2, "tensorflow": False}, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert seconds < 10, seconds  # about 1 s on an idle 2-core machine
+
+
+def _fake_model(path: Path) -> Path:
+    """A .keras archive whose config.json names what a scorer has (no weights: the fast
+    checks read only the config)."""
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {"class_name": "Functional", "config": {
+        "input_layers": {"events": ["events", 0, 0]},
+        "layers": [{"name": n, "config": {"name": n}}
+                   for n in ("events", "category_embedding", "activation")]}}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", json.dumps(config))
+    return path
+
+
+def _fake_compare_run(run: Path, strategies: tuple[str, ...] = ("fedavg",)) -> Path:
+    """The layout ``compare`` writes: config.json, centralised/ and federated-<strategy>/."""
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"experiment.preset": "quick"}))
+    _fake_model(run / "centralised" / "model.keras")
+    for strategy in strategies:
+        _fake_model(run / f"federated-{strategy}" / "model.keras")
+        (run / f"federated-{strategy}" / "metrics.jsonl").write_text('{"round": 0}\n')
+    return run
+
+
+def test_the_checks_name_the_libraries_own_choices() -> None:
+    from common.io import BAD_ROWS, FORMATS
+    from common.timestamps import EARLIEST_TIME, FUTURE_SLACK
+    from server.config import STRATEGIES
+
+    assert checks.FORMATS == ("auto", *FORMATS)
+    assert checks.BAD_ROWS == tuple(BAD_ROWS)
+    assert checks.STRATEGIES == STRATEGIES
+    assert checks.EARLIEST == EARLIEST_TIME.to_pydatetime()
+    assert checks.FUTURE_SLACK == FUTURE_SLACK.to_pytimedelta()
+
+
+def test_verbose_and_quiet_anywhere_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert split_flags(["train", "--preset", "quick", "-v"]) == (
+        ["train", "--preset", "quick"], True, False)
+    assert split_flags(["-q", "score", "--", "-v"]) == (["score", "--", "-v"], False, True)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("fedecay ")
+    assert main(["compare", "--methods", "gdbt", "-v"]) == 2  # -v after the command
+    assert "did you mean gbdt?" in capsys.readouterr().err
+    assert main(["-v", "-q", "compare"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_every_option_shows_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    import click
+    import typer
+
+    from simulations.cli import app
+
+    def commands(group: click.Group, path: str):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, f"{path} {name}")
+            else:
+                yield f"{path} {name}", command
+
+    root = typer.main.get_command(app)
+    assert isinstance(root, click.Group)
+    for name, command in commands(root, "fedecay"):
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag or param.required:
+                continue
+            assert param.show_default not in (False, None), (name, param.name)
+            assert param.help, (name, param.name)
+
+
+# ---------------------------------------------------------------------------- run folders
+
+
+def test_a_model_is_picked_from_any_run_folder(tmp_path: Path) -> None:
+    compare = _fake_compare_run(tmp_path / "compare")
+    assert model_in(compare, None) == ("federated-fedavg", compare / "federated-fedavg"
+                                       / "model.keras")
+    assert model_in(compare, "centralised")[1] == compare / "centralised" / "model.keras"
+    assert federation_in(compare, None) == ("federated-fedavg", compare / "federated-fedavg")
+    two = _fake_compare_run(tmp_path / "two", ("fedavg", "fedprox"))
+    with pytest.raises(ValueError, match="several federated models .federated-fedavg, "
+                                         "federated-fedprox.: choose one with --method"):
+        model_in(two, None)
+    assert model_in(two, "federated-fedprox")[0] == "federated-fedprox"
+    with pytest.raises(ValueError, match=r"no krum model \(available: centralised, "
+                                         r"federated-fedavg, federated-fedprox\)"):
+        model_in(two, "krum")
+    with pytest.raises(ValueError, match="only a federation sends anything"):
+        federation_in(two, "centralised")
+    # simulate: the federation folder itself; train: the centralised model.
+    simulate = tmp_path / "simulate"
+    _fake_model(simulate / "model.keras")
+    (simulate / "metrics.jsonl").write_text("{}\n")
+    (simulate / "config.json").write_text(json.dumps({"federation.strategy": "fedprox"}))
+    assert model_in(simulate, None)[0] == "federated-fedprox"
+    assert federation_in(simulate, "federated")[1] == simulate
+    train = tmp_path / "train"
+    _fake_model(train / "model.keras")
+    (train / "metrics.json").write_text("{}")
+    assert model_in(train, None) == ("centralised", train / "model.keras")
+    with pytest.raises(ValueError, match="has no federated model .available: centralised"):
+        model_in(train, "federated")
+    with pytest.raises(ValueError, match="--method centralised: only with a run folder"):
+        model_in(train / "model.keras", "centralised")
+
+
+def test_a_keras_model_that_is_not_a_scorer_is_named_without_tensorflow(tmp_path: Path
+                                                                        ) -> None:
+    import zipfile
+
+    path = tmp_path / "other.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", json.dumps({"config": {"layers": [
+            {"name": "dense", "config": {"name": "dense"}}], "input_layers": [["x", 0, 0]]}}))
+    with pytest.raises(ValueError, match="not a fedecay scoring model .no input 'events', "
+                                         "layer 'category_embedding', layer 'activation'"):
+        checks.model_file(path)
+    assert checks.model_file(_fake_model(tmp_path / "ok.keras")) == tmp_path / "ok.keras"
+
+
+def test_progress_is_one_line_per_step_off_a_terminal(capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    console = Console(live=False)
+    with console.task("federated-fedavg", total=3, unit="rounds") as task:
+        task.advance(0, auc=0.71)  # round 0: the initial model, no step done
+        task.advance(auc=0.7336, clients="3/3")
+        task.advance(2)
+    console("local-only 1/3 merchants")  # engine calls that report text
+    console.next("fedecay score --model runs/x --events e.csv")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("federated-fedavg 0/3 rounds  auc=0.71  (")
+    assert err[1].startswith("federated-fedavg 1/3 rounds  auc=0.7336  clients=3/3  (")
+    assert err[2].startswith("federated-fedavg 3/3 rounds  (")
+    assert err[3:] == ["local-only 1/3 merchants",
+                       "next: fedecay score --model runs/x --events e.csv"]
+    quiet = Console(quiet=True, live=False)
+    with quiet.task("x", total=1) as task:
+        task.advance(auc=1.0)
+    quiet("text")
+    quiet.next("fedecay x")
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_draws_rich_bars_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    console = Console(live=True)
+    with console.task("centralised", total=2, unit="epochs") as task:
+        task.advance(loss=1.43)
+        console.say("a note above the bars")
+        task.advance(loss=1.02)
+    assert console._bars is None  # the display stopped with the last step
+    err = capsys.readouterr().err
+    assert "centralised" in err and "2/2" in err and "loss=1.02" in err
+    assert "a note above the bars" in err
