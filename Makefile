@@ -27,10 +27,11 @@ $(UV):
 # uv installs the locked set into .venv, then the project itself without resolving again;
 # `uv pip check` fails when pyproject.toml asks for a package or a range the lock does not
 # satisfy (then run `make lock`). Rebuilt when pyproject.toml or the lock changes (the
-# stamp is older than them).
+# stamp is older than them). --compile-bytecode as pip does: without .pyc files (and with
+# PYTHONDONTWRITEBYTECODE set) every process would compile TensorFlow again on import.
 $(STAMP): pyproject.toml $(LOCK) | $(UV)
 	@echo "installing $(LOCK) into $(VENV) (a few hundred MB on a fresh machine)"
-	$(UV) pip install --quiet --python $(VENV)/bin/python -r $(LOCK)
+	$(UV) pip install --quiet --compile-bytecode --python $(VENV)/bin/python -r $(LOCK)
 	$(UV) pip install --quiet --python $(VENV)/bin/python --no-deps -e .
 	$(UV) pip check --python $(VENV)/bin/python
 	@touch $(STAMP)
