@@ -46,7 +46,7 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["data", "check", "events.csv", "--set", "train.epochs=3"],
      "data check uses only snapshots.* and data.* keys"),
     (["score", "--model", "run", "--events", "events.csv", "--out", "s.txt"],
-     "expected a .csv or .parquet file name"),
+     "expected a .csv, .parquet or .pq file name"),
     (["score", "--model", "run", "--events", "events.csv", "--at", "someday"],
      "expected an ISO-8601 time"),
     (["score", "--model", "run", "--events", "events.csv", "--method", "federated-fedprox"],
@@ -99,6 +99,7 @@ def _fake_compare_run(run: Path, strategies: tuple[str, ...] = ("fedavg",)) -> P
 
 
 def test_the_checks_name_the_libraries_own_choices() -> None:
+    from client.scoring import scores_path
     from common.io import BAD_ROWS, FORMATS
     from common.timestamps import EARLIEST_TIME, FUTURE_SLACK
     from server.config import STRATEGIES
@@ -108,6 +109,10 @@ def test_the_checks_name_the_libraries_own_choices() -> None:
     assert checks.STRATEGIES == STRATEGIES
     assert checks.EARLIEST == EARLIEST_TIME.to_pydatetime()
     assert checks.FUTURE_SLACK == FUTURE_SLACK.to_pytimedelta()
+    for suffix in checks.SCORE_FILES:
+        assert scores_path(f"scores{suffix}").name == f"scores{suffix}"
+    with pytest.raises(ValueError, match="expected a .csv or .parquet file name"):
+        scores_path("scores.txt")
 
 
 def test_verbose_and_quiet_anywhere_and_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,8 @@ BAD_ROWS: tuple[str, ...] = ("error", "skip")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",
                                "fedtrimmedavg", "fedmedian", "krum")
 METHODS: tuple[str, ...] = ("gbdt", "centralised", "local", "federated")
+#: File names ``score --out`` writes (client.scoring.scores_path accepts the same).
+SCORE_FILES: tuple[str, ...] = (".csv", ".parquet", ".pq")
 #: The earliest time an event may have (common.timestamps.EARLIEST_TIME) and how far
 #: past the clock (FUTURE_SLACK); checked equal by the same test.
 EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)
@@ -106,11 +108,11 @@ def input_path(path: str | Path, flag: str, *, folder_ok: bool = False) -> Path:
 def output_file(path: str | Path, flag: str, suffixes: Sequence[str]) -> Path:
     """An output file name with one of ``suffixes``, not a folder, not under a file."""
     resolved = Path(path).expanduser().resolve()
+    names = " or ".join(filter(None, (", ".join(suffixes[:-1]), suffixes[-1])))
     if not resolved.name.lower().endswith(tuple(suffixes)):
-        raise ValueError(f"{flag} {path}: expected a {' or '.join(suffixes)} file name")
+        raise ValueError(f"{flag} {path}: expected a {names} file name")
     if resolved.is_dir():
-        raise ValueError(f"{flag} {resolved} is a folder; give a {' or '.join(suffixes)} "
-                         "file name")
+        raise ValueError(f"{flag} {resolved} is a folder; give a {names} file name")
     writable_parent(resolved.parent, flag)
     return resolved
 

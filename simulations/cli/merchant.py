@@ -44,9 +44,8 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _model(model: Path, method: str | None, sets: list[str]) -> tuple[str, Path]:
+def _model(model: Path, method: str | None) -> tuple[str, Path]:
     """The model ``--model``/``--method`` name, its kind checked without TensorFlow."""
-    checks.model_sets(sets)
     name, path = model_in(model, method)
     checks.model_file(path)
     return name, path
@@ -76,19 +75,20 @@ def score(
     """Batch scoring: decay risk, interest forecast and the activation action per user."""
     console = current()
     sets = set_ or []
-    checks.model_sets(sets)
-    if out is not None:
-        from client.scoring import scores_path
-
-        out = scores_path(out)  # a bad --out fails now, not after the scoring
-        checks.writable_parent(out.parent, "--out")
+    if sets:
+        checks.model_sets(sets)
+    if out is not None:  # a bad --out fails now, not after the scoring
+        out = checks.output_file(out, "--out", checks.SCORE_FILES)
         if out.exists() and events.exists() and out.samefile(events):
             raise ValueError(f"--out {out} is the --events file: scores would replace "
                              "the log; choose another file")
     cutoff = checks.cutoff(at)
-    name, model_path = _model(model, method, sets)
+    name, model_path = _model(model, method)
     checks.input_path(events, "--events", folder_ok=format in ("auto", "completejourney"))
-    from client.scoring import score_events, score_summary, warm_up, write_scores
+    from client.scoring import score_events, score_summary, scores_path, warm_up, write_scores
+
+    if out is not None:
+        scores_path(out)  # the writer's own rule, in case it is stricter than the check
     from common.bundle import load_model_bundle
     from common.io import load_events
 
@@ -189,7 +189,9 @@ def monitor(
     console = current()
     sets = set_ or []
     state_dir = checks.state_folder(state) if state is not None else None
-    name, model_path = _model(model, method, sets)
+    if sets:
+        checks.model_sets(sets)
+    name, model_path = _model(model, method)
     if input != "-":
         checks.input_path(input, "--input")
     if out is not None:
