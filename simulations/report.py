@@ -1,0 +1,414 @@
+"""The comparison's report: the terminal table, PNG plots, ``report.md`` and ``report.html``.
+
+Both report files are rendered from one list of blocks (headings, paragraphs, tables,
+plots, the configuration), so they say the same: ``report.md`` for a repository or a
+notebook (real Markdown tables, plots linked beside it), ``report.html`` to open or mail
+on its own (plots embedded as base64 PNG, the configuration in a collapsed table).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import atomic
+
+COLUMNS = (("decay AUC", "decay", "roc_auc"), ("PR-AUC", "decay", "pr_auc"),
+           ("F1", "decay", "f1"), ("lift@10%", "decay", "top_decile_lift"),
+           ("interest MAE", "interest", "mae"))
+
+
+def fmt(value: Any, spec: str = ".4f") -> str:
+    """A number for a table; ``-`` for none, NaN or infinity."""
+    if value is None:
+        return "-"
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return format(f, spec) if np.isfinite(f) else "-"
+
+
+def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table: header and one row per method."""
+    head = ["method"] + [c[0] for c in COLUMNS] + ["worst-decile AUC", "policy value",
+                                                   "regret", "seconds"]
+    rows = []
+    for name, m in results["methods"].items():
+        row = [name] + [fmt(m.get(sec, {}).get(key)) for _, sec, key in COLUMNS]
+        row.append(fmt(m.get("merchant_spread", {}).get("worst_decile")))
+        pol = m.get("policy", {}).get("policy", {})
+        row.append(fmt(pol.get("net_truth", pol.get("net_snips"))))
+        row.append(fmt(pol.get("net_regret")))
+        row.append(fmt(m["seconds"], ".0f"))
+        rows.append(row)
+    return head, rows
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """The comparison table as aligned text (what the command line prints)."""
+    head, body = table_rows(results)
+    rows = [head, *body]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- plots
+
+def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
+    """PNG plots: AUC per round, per-merchant gain, policy value per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    methods = results["methods"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in methods.items():
+        if "rounds" in m:
+            r = [x for x in m["rounds"] if x.get("decay_roc_auc") is not None]
+            ax.plot([x["round"] for x in r], [x["decay_roc_auc"] for x in r], marker="o",
+                    label=name)
+    for name, style in (("centralised", "--"), ("gbdt", ":")):
+        if name in methods:
+            ax.axhline(methods[name]["decay"]["roc_auc"], linestyle=style, color="grey",
+                       label=f"{name} (final)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("decay ROC-AUC (held-out test)")
+    ax.set_title("Global model per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "auc_per_round.png", dpi=110)
+    plt.close(fig)
+    made.append("auc_per_round.png")
+
+    local = methods.get("local-only", {}).get("per_merchant_auc")
+    feds = [n for n in methods if n.startswith("federated")]
+    if local and feds:
+        sizes = results["data"]["merchant_train_sizes"]
+        fed = methods[feds[0]]["per_merchant_auc"]
+        ms = [m for m in fed if m in local and np.isfinite(fed[m] or np.nan)
+              and np.isfinite(local[m] or np.nan)]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sc = ax.scatter([local[m] for m in ms], [fed[m] for m in ms],
+                        c=[np.log10(max(sizes.get(m, 1), 1)) for m in ms], cmap="viridis")
+        lo = min([local[m] for m in ms] + [fed[m] for m in ms] + [0.5])
+        ax.plot([lo, 1], [lo, 1], color="grey", linestyle="--")
+        ax.set_xlabel("local-only AUC")
+        ax.set_ylabel(f"{feds[0]} AUC")
+        ax.set_title("Per merchant: above the line gains from joining")
+        fig.colorbar(sc, label="log10 training snapshots")
+        fig.tight_layout()
+        fig.savefig(run_dir / "merchant_gain.png", dpi=110)
+        plt.close(fig)
+        made.append("merchant_gain.png")
+
+    if any("privacy" in m for m in methods.values()):
+        made.append(_privacy_plot(methods, run_dir))
+
+    names = [n for n, m in methods.items() if "policy" in m]
+    if names:
+        first = methods[names[0]]["policy"]
+        refs = [k for k in first if k != "policy"]
+        key = "net_truth" if "net_truth" in first["policy"] else "net_snips"
+        labels = names + refs
+        values = [methods[n]["policy"]["policy"].get(key, np.nan) for n in names] + \
+                 [first[k].get(key, np.nan) for k in refs]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar(range(len(labels)), values,
+               color=["tab:blue"] * len(names) + ["tab:grey"] * len(refs))
+        ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel(f"policy value ({key})")
+        ax.set_title("Activation policy value per method")
+        fig.tight_layout()
+        fig.savefig(run_dir / "policy_value.png", dpi=110)
+        plt.close(fig)
+        made.append("policy_value.png")
+    return made
+
+
+def _privacy_plot(methods: Mapping[str, Any], run_dir: Path) -> str:
+    """Decay AUC against epsilon of the DP runs, the non-private runs as lines."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dp = sorted(((m["privacy"]["epsilon"], m["decay"]["roc_auc"], name)
+                 for name, m in methods.items() if "privacy" in m), key=lambda x: x[0])
+    ax.plot([x[0] for x in dp], [x[1] for x in dp], marker="o", label="federated with DP")
+    for eps, auc, name in dp:
+        z = methods[name]["privacy"].get("noise_multiplier")
+        ax.annotate(f"z={z:g}", (eps, auc), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    for name, m in methods.items():
+        if "privacy" not in m and (name.startswith("federated") or name == "centralised"):
+            ax.axhline(m["decay"]["roc_auc"], linestyle="--" if name == "centralised" else ":",
+                       color="grey" if name == "centralised" else "tab:orange",
+                       label=f"{name} (no DP)")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon (delta as configured), log scale")
+    ax.set_ylabel("decay ROC-AUC (held-out test)")
+    ax.set_title("Utility against privacy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "auc_vs_epsilon.png", dpi=110)
+    plt.close(fig)
+    return "auc_vs_epsilon.png"
+
+
+# ------------------------------------------------------------------------ blocks
+
+@dataclasses.dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Bullets:
+    items: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    head: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plot:
+    file: str  # beside the report
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    params: tuple[tuple[str, str], ...]
+
+
+Block = Heading | Paragraph | Bullets | Table | Plot | Config
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    return Table(tuple(head), tuple(tuple(str(c) for c in r) for r in rows))
+
+
+def report_blocks(results: Mapping[str, Any], plots: Sequence[str],
+                  config: Mapping[str, Any] | None = None) -> list[Block]:
+    """What the report says, in order; ``config``: the resolved configuration."""
+    exp = results["experiment"]
+    data = results["data"]
+    per_split = ", ".join(f"{k} {v:,}" for k, v in data["snapshots"].items())
+    rates = ", ".join(f"{k} {fmt(v, '.3f')}" for k, v in data["decay_rate"].items())
+    blocks: list[Block] = [
+        Heading(f"fedecay comparison: {exp.get('experiment.name', '')}", 1),
+        Bullets((
+            f"merchants: {data['merchants']}; snapshots per split: {per_split}",
+            f"decay label rate per split: {rates}",
+            f"calendar: {results['calendar']['start']} .. {results['calendar']['end']}",
+            f"epoch budget of every neural method: {results['budget_epochs']} "
+            "(federation: rounds x local epochs)",
+            f"seed: {exp.get('experiment.seed', 0)}; total time {results['seconds']:.0f} s",
+        )),
+        Paragraph("Metrics on the held-out test period (last cutoff) of every merchant; "
+                  "thresholds for F1 chosen on validation. Policy value: net value per "
+                  "targeted user (value x P(re-engage) - cost), true values from the "
+                  "generator where known."),
+        _table(*table_rows(results)),
+    ]
+    blocks += _gain_blocks(results)
+    blocks += _policy_blocks(results)
+    blocks += _privacy_blocks(results)
+    blocks += [Plot(p) for p in plots]
+    if config:
+        blocks.append(Heading("Configuration"))
+        blocks.append(Config(tuple((k, str(v)) for k, v in config.items())))
+    return blocks
+
+
+def _gain_blocks(results: Mapping[str, Any]) -> list[Block]:
+    gain = results.get("gain_from_joining")
+    if not gain:
+        return []
+    rows = []
+    for name, g in gain.items():
+        q = g["by_size_quartile"]
+        rows.append([name, fmt(g["mean"], "+.4f"), *(fmt(q.get(f"q{i}"), "+.4f")
+                                                     for i in range(1, 5)),
+                     f"{fmt(g['share_gaining'], '.0%')} of {g['merchants']}"])
+    return [Heading("Gain from joining (federated AUC - local-only AUC per merchant)"),
+            _table(["method", "mean", "q1 (smallest)", "q2", "q3", "q4 (largest)",
+                    "merchants gaining"], rows)]
+
+
+def _policy_blocks(results: Mapping[str, Any]) -> list[Block]:
+    blocks: list[Block] = []
+    for name, m in results["methods"].items():
+        if "policy" in m:  # reference policies are the same for every method
+            pol = m["policy"]
+            keys = list(pol["policy"])
+            blocks += [Heading(f"Reference policies (policy row: {name})"),
+                       _table(["policy", *keys], [[p, *(fmt(v.get(k)) for k in keys)]
+                                                  for p, v in pol.items()])]
+            break
+    rows = [(n, m["policy"]["policy"]) for n, m in results["methods"].items() if "policy" in m]
+    if rows:
+        blocks += [Heading("Policy value per method (net value per targeted user)"),
+                   _table(["method", "net_truth", "net_snips", "net_regret"],
+                          [[n, fmt(v.get("net_truth")), fmt(v.get("net_snips")),
+                            fmt(v.get("net_regret"))] for n, v in rows])]
+    return blocks
+
+
+def _privacy_blocks(results: Mapping[str, Any]) -> list[Block]:
+    """Epsilon, utility and attack AUC per method."""
+    found = [(n, m) for n, m in results["methods"].items() if "privacy" in m or "membership" in m]
+    if not found:
+        return []
+    rows = []
+    for name, m in found:
+        p = m.get("privacy") or {}
+        a = m.get("membership") or {}
+        c = a.get("calibrated") or {}
+        attack = f"{fmt(a['auc'])} ({fmt(a['ci_low'], '.3f')}-{fmt(a['ci_high'], '.3f')})" \
+            if a else "-"
+        calib = f"{fmt(c['auc'])} ({fmt(c['ci_low'], '.3f')}-{fmt(c['ci_high'], '.3f')})" \
+            if c else "-"
+        eps = p.get("epsilon")
+        rows.append([name, fmt(p.get("noise_multiplier"), "g"),
+                     fmt(eps) if eps is not None else "no DP", fmt(p.get("delta"), "g"),
+                     fmt(m["decay"]["roc_auc"]), attack, calib])
+    blocks: list[Block] = [
+        Heading("Privacy: epsilon, utility and membership attack"),
+        _table(["method", "noise", "epsilon", "delta", "decay AUC", "attack AUC (95% CI)",
+                "calibrated attack AUC (95% CI)"], rows)]
+    stopped = [n for n, m in found if (m.get("privacy") or {}).get("stop_reason")
+               == "privacy-budget"]
+    if stopped:
+        blocks.append(Paragraph("Stopped early by the privacy budget "
+                                f"(privacy.target-epsilon): {', '.join(stopped)}."))
+    blocks.append(Paragraph(
+        "Members: training snapshots of a seeded sample of merchants; non-members: their "
+        "held-out (later) snapshots, so a shift over time can move the AUC too. "
+        "Calibrated: losses standardised per merchant and label."))
+    return blocks
+
+
+# --------------------------------------------------------------------- rendering
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: Sequence[Block]) -> str:
+    """GitHub-flavoured Markdown; plots as links to the PNGs beside the file, the
+    configuration left to ``config.json``."""
+    out: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out += [f"{'#' * b.level} {b.text}", ""]
+        elif isinstance(b, Paragraph):
+            out += [b.text, ""]
+        elif isinstance(b, Bullets):
+            out += [f"- {item}" for item in b.items] + [""]
+        elif isinstance(b, Table):
+            out.append("| " + " | ".join(_md_cell(c) for c in b.head) + " |")
+            out.append("|" + "|".join("---" if i == 0 else "---:"
+                                      for i in range(len(b.head))) + "|")
+            out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b.rows]
+            out.append("")
+        elif isinstance(b, Plot):
+            out += [f"![{b.file}]({b.file})", ""]
+        elif isinstance(b, Config):
+            out += ["The resolved configuration is in `config.json`; every key with its "
+                    "value in effect is in `report.html`.", ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222;
+       padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tbody tr:nth-child(even) { background: #fafafa; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #666; font-size: 0.85em; }
+details summary { cursor: pointer; }
+"""
+
+
+def _cell(text: str, header: bool = False) -> str:
+    tag = "th" if header else "td"
+    attrs = ' class="num"' if not header and _is_number(text) else ""
+    return f"<{tag}{attrs}>{html.escape(text)}</{tag}>"
+
+
+def _is_number(text: str) -> bool:
+    head = text.split(" ")[0].rstrip("%")
+    try:
+        float(head)
+    except ValueError:
+        return text == "-"
+    return True
+
+
+def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["<table>", "<thead><tr>" + "".join(_cell(c, True) for c in head) + "</tr></thead>",
+             "<tbody>"]
+    lines += ["<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows]
+    return "\n".join([*lines, "</tbody>", "</table>"])
+
+
+def to_html(blocks: Sequence[Block], folder: Path) -> str:
+    """One self-contained page: the plots in ``folder`` embedded as base64 PNG."""
+    title = next((b.text for b in blocks if isinstance(b, Heading) and b.level == 1),
+                 "fedecay report")
+    body: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            body.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+        elif isinstance(b, Paragraph):
+            body.append(f"<p>{html.escape(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            body.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in b.items)
+                        + "</ul>")
+        elif isinstance(b, Table):
+            body.append(_html_table(b.head, b.rows))
+        elif isinstance(b, Plot):
+            data = base64.b64encode((folder / b.file).read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(b.file)}" '
+                        f'src="data:image/png;base64,{data}"><figcaption>'
+                        f"{html.escape(b.file)}</figcaption></figure>")
+        elif isinstance(b, Config):
+            body.append(f"<details><summary>{len(b.params)} keys (also in config.json)"
+                        "</summary>\n" + _html_table(["key", "value"], b.params)
+                        + "\n</details>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def write_report(results: Mapping[str, Any], run_dir: Path,
+                 config: Mapping[str, Any] | None = None) -> list[Path]:
+    """The plots, ``report.md`` and ``report.html`` in ``run_dir``; the files written."""
+    plots = write_plots(results, run_dir)
+    blocks = report_blocks(results, plots, config)
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    atomic.write_text(md, to_markdown(blocks))
+    atomic.write_text(page, to_html(blocks, run_dir))
+    return [*(run_dir / p for p in plots), md, page]
