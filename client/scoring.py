@@ -9,9 +9,10 @@ over all users (a budget is global). The model and its settings come from the bu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from common import atomic
 from common.config import PolicyConfig, SnapshotConfig
 from common.features import NUMERIC_FEATURES, STATIC_FEATURES
 from common.policy import choose_actions
+from common.progress import SILENT, Progress, Task
 from common.snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -32,8 +34,6 @@ log = logging.getLogger(__name__)
 
 SCORE_COLUMNS: tuple[str, ...] = ("user_id", "merchant_id", "decay_risk", "interest_forecast",
                                   "action", "uplift", "expected_gain", "category")
-#: ``score_events`` progress: (users scored so far, users to score).
-Progress = Callable[[int, int], None]
 #: Rows per prediction call of the batch scorer (a fixed shape: XLA compiles it once).
 PREDICT_BATCH = 1024
 
@@ -86,7 +86,7 @@ def score_events(
     policy_cfg: PolicyConfig,
     *,
     chunk_events: int = 200_000,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
 ) -> pd.DataFrame:
     """Score every user active in the observation window before ``at``.
 
@@ -100,7 +100,8 @@ def score_events(
     chunk_events : about this many events are turned into features at a time; all of a
         user's events are always in the same chunk (see
         ``client.batch_features.batch_features``).
-    progress : called with (users done, users to score) after every chunk.
+    progress : a step in users (its total known once the first chunk is built),
+        advanced after every chunk.
 
     Returns
     -------
@@ -111,12 +112,18 @@ def score_events(
     preds: list[dict[str, np.ndarray]] = []
     chunks = batch_features(events, at, snap_cfg, chunk_events=chunk_events,
                             batch=PREDICT_BATCH)
-    for snaps, done, total in prefetch(chunks):
-        preds.append(predict_batches(model, snaps))
-        ids.append(pd.DataFrame({"user_id": snaps.user_id, "merchant_id": snaps.merchant_id,
-                                 "fading": snaps.fading_category}))
-        if progress is not None:
-            progress(done, total)
+    with contextlib.ExitStack() as steps:
+        task: Task | None = None
+        scored = 0
+        for snaps, done, total in prefetch(chunks):
+            if task is None:
+                task = steps.enter_context(progress.task("scoring users", total, "users"))
+            preds.append(predict_batches(model, snaps))
+            ids.append(pd.DataFrame({"user_id": snaps.user_id,
+                                     "merchant_id": snaps.merchant_id,
+                                     "fading": snaps.fading_category}))
+            task.advance(done - scored)
+            scored = done
     table = pd.concat(ids, ignore_index=True)
     pred = {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
     return score_frame(table["user_id"].to_numpy(object), table["merchant_id"].to_numpy(object),

@@ -32,6 +32,7 @@ from common.features import (
     label_window,
     utc,
 )
+from common.progress import SILENT, Progress
 from common.schema import EVENT_TYPES, DataError
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,8 @@ def build_snapshots(
     events: pd.DataFrame,
     config: SnapshotConfig,
     interventions: pd.DataFrame | None = None,
+    *,
+    progress: Progress = SILENT,
 ) -> tuple[Snapshots, SnapshotReport]:
     """Build labelled, time-split snapshots from a canonical event log.
 
@@ -297,6 +300,7 @@ def build_snapshots(
     events : canonical event frame (see ``common.schema``).
     config : snapshot parameters.
     interventions : optional canonical interventions frame.
+    progress : reports the cutoffs done.
     """
     lg = SortedLog.from_events(events, config)
     plan, skipped = plan_cutoffs(lg.t_end, config)
@@ -307,16 +311,21 @@ def build_snapshots(
     empty = dict.fromkeys(SPLITS, 0)
     parts: list[Snapshots] = []
     part_users: list[np.ndarray] = []
-    for split_index, name in enumerate(SPLITS):
-        for at in plan[name]:
-            window = np.searchsorted(t_sorted, [at - obs - 1.0, at + 1.0])
-            if window[1] == window[0]:
-                empty[name] += 1
-                continue
-            part, users = _labelled(lg, at, config, split_index)
-            empty[name] += int(len(users) == 0)
-            parts.append(part)
-            part_users.append(users)
+    cutoffs, made = sum(len(plan[name]) for name in SPLITS), 0
+    with progress.task("building snapshots", total=cutoffs, unit="cutoffs") as task:
+        for split_index, name in enumerate(SPLITS):
+            for at in plan[name]:
+                window = np.searchsorted(t_sorted, [at - obs - 1.0, at + 1.0])
+                if window[1] == window[0]:
+                    empty[name] += 1
+                    task.advance(1)
+                    continue
+                part, users = _labelled(lg, at, config, split_index)
+                empty[name] += int(len(users) == 0)
+                parts.append(part)
+                part_users.append(users)
+                made += len(part)
+                task.advance(1, snapshots=made)
     if not parts:  # every cutoff empty: one empty part gives the arrays their shapes
         part, users = _labelled(lg, plan["train"][0], config, 0)
         parts.append(part)

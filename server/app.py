@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import atomic
 from common.config import ModelConfig, SnapshotConfig, TrainConfig, from_flat
+from common.progress import SILENT, Progress, Task
 from common.snapshots import Snapshots
 from server.checkpoint import (
     clear_checkpoints,
@@ -135,12 +136,15 @@ class RoundRecorder:
     ledger, the checkpoint, progress, and the rules that stop the run early.
 
     Shared by the Message-API strategies and the SecAgg+ workflow (both call it with the
-    round and the global weights).
+    round and the global weights). ``task`` advances by one per round (round 0, the
+    initial model, by none), with the global decay AUC and the clients that replied;
+    ``on_round`` gets every ``metrics.jsonl`` line as it is written.
     """
 
     def __init__(self, settings: ServerSettings, run_dir: Path, parts: _Runner, model: Any,
                  *, done: int, selection: _Selection, weights: list[np.ndarray],
-                 progress: Callable[[dict[str, Any]], None] | None = None,
+                 task: Task | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
                  engine_failed: threading.Event | None = None) -> None:
         fed = settings.federation
         self.settings, self.parts, self.model = settings, parts, model
@@ -148,7 +152,8 @@ class RoundRecorder:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.ckpt_dir = run_dir / "checkpoints"
         self.eval_sets = load_eval_data(fed.eval_data) if fed.eval_data else None
-        self.progress = progress
+        self.task = task if task is not None else SILENT.task("rounds")
+        self.on_round = on_round
         self.engine_failed = engine_failed
         self.latest = weights  # the global weights of the last round seen
         # The clipping norm of the round in progress (adaptive clipping moves it).
@@ -169,10 +174,10 @@ class RoundRecorder:
             "selection": dataclasses.asdict(self.selection),
             "clipping_norm": self.parts.clipping_norm},
             keep=self.settings.federation.keep_checkpoints)
-        if self.progress is not None:
-            self.progress(line)
-        else:
-            _log_round(line, self.settings.federation.num_rounds)
+        if self.on_round is not None:
+            self.on_round(line)
+        _log_round(line, self.settings.federation.num_rounds)
+        self.task.advance(1 if server_round > 0 else 0, **round_fields(line))
         self._check_stop(g)
         return MetricRecord({k: v for k, v in record.items() if math.isfinite(v)}) \
             if record else None
@@ -261,12 +266,14 @@ def _start_state(settings: ServerSettings, run_dir: Path, parts: _Runner,
     return 0, initial, _Selection()
 
 
-def run_federation(grid: Grid, settings: ServerSettings,
-                   progress: Callable[[dict[str, Any]], None] | None = None,
-                   engine_failed: threading.Event | None = None) -> dict[str, Any]:
+def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SILENT,
+                   engine_failed: threading.Event | None = None, *,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the rounds; write checkpoints, ``metrics.jsonl`` and ``model.keras``.
 
-    Once ``engine_failed`` is set no round starts and the rounds stop.
+    ``progress`` shows the rounds done of ``federation.num-rounds``; ``on_round`` gets
+    each round's ``metrics.jsonl`` line. Once ``engine_failed`` is set no round starts
+    and the rounds stop.
     """
     from common.model import build_model, weights_of
 
@@ -284,22 +291,26 @@ def run_federation(grid: Grid, settings: ServerSettings,
     parts = _build_runner(settings, grid, run_dir, engine_failed)
     done, weights, selection = _start_state(settings, run_dir, parts, weights_of(model))
     parts.strategy.round_offset = done
-    recorder = RoundRecorder(settings, run_dir, parts, model, done=done, selection=selection,
-                             weights=weights, progress=progress, engine_failed=engine_failed)
     stop_reason = None
     final = weights
-    if fed.num_rounds > done:
-        try:
-            result = parts.runner.start(
-                grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=fed.num_rounds - done,
-                timeout=fed.round_timeout,
-                train_config=ConfigRecord({"local-epochs": fed.local_epochs}),
-                evaluate_fn=recorder)
-            if result.arrays is not None:
-                final = result.arrays.to_numpy_ndarrays()
-        except StopRounds as stop:
-            stop_reason = stop.reason
-            final = recorder.latest
+    with progress.task("federated rounds", total=fed.num_rounds, unit="rounds") as task:
+        if done:
+            task.advance(done, resumed=True)
+        recorder = RoundRecorder(settings, run_dir, parts, model, done=done,
+                                 selection=selection, weights=weights, task=task,
+                                 on_round=on_round, engine_failed=engine_failed)
+        if fed.num_rounds > done:
+            try:
+                result = parts.runner.start(
+                    grid=grid, initial_arrays=ArrayRecord(weights),
+                    num_rounds=fed.num_rounds - done, timeout=fed.round_timeout,
+                    train_config=ConfigRecord({"local-epochs": fed.local_epochs}),
+                    evaluate_fn=recorder)
+                if result.arrays is not None:
+                    final = result.arrays.to_numpy_ndarrays()
+            except StopRounds as stop:
+                stop_reason = stop.reason
+                final = recorder.latest
     summary = _finish(settings, run_dir, model, parts, selection, final, done=done,
                       stop_reason=stop_reason, seconds=time.perf_counter() - recorder.started)
     log.info("federation finished: %s", summary)
@@ -408,6 +419,17 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def round_fields(line: dict[str, Any]) -> dict[str, Any]:
+    """What a round's progress shows: the global decay AUC and the clients that replied."""
+    fields: dict[str, Any] = {}
+    auc = line.get("centralised", {}).get("decay_roc_auc")
+    if auc is not None:
+        fields["auc"] = round(float(auc), 4)
+    if line.get("sampled") is not None:
+        fields["clients"] = f"{line.get('replied', 0)}/{line['sampled']}"
+    return fields
+
+
 def _log_round(line: dict[str, Any], total: int) -> None:
     auc = line.get("centralised", {}).get("decay_roc_auc")
     auc_text = f", global decay AUC {auc:.4f}" if auc is not None else ""
@@ -417,9 +439,12 @@ def _log_round(line: dict[str, Any], total: int) -> None:
 
 def make_server_app(flat: Mapping[str, Any] | None = None,
                     prepare: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
-                    progress: Callable[[dict[str, Any]], None] | None = None,
-                    engine_failed: threading.Event | None = None) -> ServerApp:
+                    progress: Progress = SILENT,
+                    engine_failed: threading.Event | None = None, *,
+                    on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
     """A ServerApp with settings from ``flat`` or, if None, the run config.
+
+    ``progress`` and ``on_round``: see :func:`run_federation`.
 
     ``prepare`` may complete the run config before the rounds start (the simulation
     layer uses it to write merchant shards and evaluation data). ``engine_failed`` is
@@ -436,7 +461,7 @@ def make_server_app(flat: Mapping[str, Any] | None = None,
         if prepare is not None:
             config = dict(prepare(config))
         run_federation(grid, settings_from_flat(config), progress=progress,
-                       engine_failed=engine_failed)
+                       engine_failed=engine_failed, on_round=on_round)
 
     return app
 app = make_server_app()

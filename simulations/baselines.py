@@ -9,15 +9,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from common import metrics
 from common.policy import choose_actions
+from common.progress import SILENT, Progress
 from common.snapshots import Snapshots
 from simulations.experiment import Experiment, PreparedData
+from simulations.tracking import NO_TRACKING, Tracker, epoch_scalars
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,12 @@ def _train_val(data: PreparedData, merchant: str | None = None) -> tuple[Snapsho
 
 
 def run_centralised(exp: Experiment, data: PreparedData, *, epochs: int | None = None,
-                    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                    progress: Progress = SILENT, tracker: Tracker = NO_TRACKING,
                     ) -> tuple[MethodResult, Any]:
-    """Pool every merchant's training snapshots and train the shared model once."""
+    """Pool every merchant's training snapshots and train the shared model once.
+
+    Each epoch advances ``progress`` (with the losses) and goes to ``tracker``.
+    """
     from common.model import build_model
     from common.training import fit, predict
 
@@ -91,7 +95,13 @@ def run_centralised(exp: Experiment, data: PreparedData, *, epochs: int | None =
     _, val_all, test = splits(data)
     model = build_model(exp.model, data.snapshot_config, seed=exp.seed)
     cfg = dataclasses.replace(exp.train, epochs=epochs or exp.train.epochs)
-    res = fit(model, train, val, cfg, seed=exp.seed, on_epoch=on_epoch)
+    with progress.task("centralised", total=cfg.epochs, unit="epochs") as task:
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            scalars = epoch_scalars(row)
+            tracker.log_metrics(epoch, "centralised", **scalars)
+            task.advance(1, **{k.replace("/", "_"): v for k, v in scalars.items()})
+
+        res = fit(model, train, val, cfg, seed=exp.seed, on_epoch=on_epoch)
     result = MethodResult(
         name="centralised", val=predict(model, val_all), test=predict(model, test),
         seconds=time.perf_counter() - started, sample_epochs=float(res.epochs * len(train)),
@@ -101,8 +111,12 @@ def run_centralised(exp: Experiment, data: PreparedData, *, epochs: int | None =
 
 
 def run_local(exp: Experiment, data: PreparedData, *, epochs: int | None = None,
-              progress: Callable[[str], None] | None = None) -> MethodResult:
-    """Each merchant trains alone (same initial weights and seed) and predicts its own rows."""
+              progress: Progress = SILENT, tracker: Tracker = NO_TRACKING) -> MethodResult:
+    """Each merchant trains alone (same initial weights and seed) and predicts its own rows.
+
+    ``progress`` advances per merchant; ``tracker`` gets each epoch's losses averaged
+    over the merchants that trained it, weighted by their training rows.
+    """
     from common.model import cached_model
     from common.training import fit, predict
 
@@ -116,25 +130,45 @@ def run_local(exp: Experiment, data: PreparedData, *, epochs: int | None = None,
     test_pred = _empty_predictions(len(test), num_actions)
     seen = 0.0
     per_merchant: dict[str, dict[str, float]] = {}
-    for i, merchant in enumerate(data.merchants):
-        train, val = _train_val(data, merchant)
-        if len(train) == 0:
-            continue
-        model.set_weights(initial)
-        res = fit(model, train, val, cfg, seed=exp.seed)
-        seen += res.epochs * len(train)
-        per_merchant[merchant] = {"epochs": res.epochs, "train_rows": len(train)}
-        for snaps, pred in ((val_all, val_pred), (test, test_pred)):
-            rows = snaps.merchant_id == merchant
-            if rows.any():
-                out = predict(model, snaps.subset(rows))
-                for k, v in out.items():
-                    pred[k][rows] = v
-        if progress is not None:
-            progress(f"local-only {i + 1}/{len(data.merchants)} merchants")
+    epoch_rows: list[dict[str, float]] = []  # per epoch: row-weighted loss sums and weights
+    with progress.task("local-only", total=len(data.merchants), unit="merchants") as task:
+        for merchant in data.merchants:
+            train, val = _train_val(data, merchant)
+            if len(train) == 0:
+                task.advance(1, merchant=merchant)
+                continue
+            model.set_weights(initial)
+            res = fit(model, train, val, cfg, seed=exp.seed)
+            seen += res.epochs * len(train)
+            per_merchant[merchant] = {"epochs": res.epochs, "train_rows": len(train)}
+            _add_epochs(epoch_rows, res.history, len(train))
+            for snaps, pred in ((val_all, val_pred), (test, test_pred)):
+                rows = snaps.merchant_id == merchant
+                if rows.any():
+                    out = predict(model, snaps.subset(rows))
+                    for k, v in out.items():
+                        pred[k][rows] = v
+            task.advance(1, merchant=merchant, epochs=res.epochs, loss=res.train_loss)
+    for epoch, sums in enumerate(epoch_rows, start=1):
+        tracker.log_metrics(epoch, "local-only", **epoch_scalars({
+            "loss": sums["loss"] / sums["rows"],
+            "val_loss": sums["val_loss"] / sums["val_rows"] if sums["val_rows"] else np.nan}))
     return MethodResult(name="local-only", val=val_pred, test=test_pred,
                         seconds=time.perf_counter() - started, sample_epochs=seen,
                         details={"merchants": per_merchant})
+
+
+def _add_epochs(sums: list[dict[str, float]], history: list[dict[str, float]],
+                rows: int) -> None:
+    """Add one merchant's per-epoch losses, weighted by its training rows, to ``sums``."""
+    for i, row in enumerate(history):
+        if i == len(sums):
+            sums.append({"loss": 0.0, "rows": 0.0, "val_loss": 0.0, "val_rows": 0.0})
+        sums[i]["loss"] += row["loss"] * rows
+        sums[i]["rows"] += rows
+        if np.isfinite(row.get("val_loss", np.nan)):
+            sums[i]["val_loss"] += row["val_loss"] * rows
+            sums[i]["val_rows"] += rows
 
 
 def _empty_predictions(n: int, num_actions: int) -> Predictions:
@@ -148,11 +182,13 @@ def gbdt_features(snaps: Snapshots) -> np.ndarray:
     return snaps.static
 
 
-def run_gbdt(exp: Experiment, data: PreparedData) -> MethodResult:
+def run_gbdt(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
+             ) -> MethodResult:
     """Gradient-boosted trees on aggregate features, pooled like the centralised model.
 
     Decay: ``HistGradientBoostingClassifier``. Interest: ``HistGradientBoostingRegressor``.
     Activation: a T-learner, one classifier per action on the rows logged with it.
+    ``progress`` advances per model fitted.
     """
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
@@ -161,20 +197,24 @@ def run_gbdt(exp: Experiment, data: PreparedData) -> MethodResult:
     x_train = gbdt_features(train)
     common_args = {"max_iter": 200, "learning_rate": 0.05, "early_stopping": True,
                    "validation_fraction": 0.15, "random_state": exp.seed}
-    decay = HistGradientBoostingClassifier(**common_args).fit(x_train, train.decay)
-    interest = HistGradientBoostingRegressor(**common_args).fit(x_train, train.interest)
-    per_action = []
-    for a in range(len(data.actions)):
-        rows = train.action == a
-        y = train.activation[rows]
-        if rows.sum() >= 30 and 0 < y.mean() < 1:
-            args = dict(common_args, max_iter=100, early_stopping=False)
-            per_action.append(HistGradientBoostingClassifier(**args).fit(x_train[rows], y))
-        else:  # too few logged rows: the observed rate (or the overall one)
-            rate = float(y.mean()) if rows.any() else float(train.activation[train.action >= 0]
-                                                            .mean() if (train.action >= 0).any()
-                                                            else 0.5)
-            per_action.append(rate)
+    per_action: list[Any] = []
+    with progress.task("gbdt", total=2 + len(data.actions), unit="models") as task:
+        decay = HistGradientBoostingClassifier(**common_args).fit(x_train, train.decay)
+        task.advance(1, model="decay", trees=int(decay.n_iter_))
+        interest = HistGradientBoostingRegressor(**common_args).fit(x_train, train.interest)
+        task.advance(1, model="interest")
+        for a in range(len(data.actions)):
+            rows = train.action == a
+            y = train.activation[rows]
+            if rows.sum() >= 30 and 0 < y.mean() < 1:
+                args = dict(common_args, max_iter=100, early_stopping=False)
+                per_action.append(HistGradientBoostingClassifier(**args).fit(x_train[rows], y))
+            else:  # too few logged rows: the observed rate (or the overall one)
+                logged = train.action >= 0
+                rate = float(y.mean()) if rows.any() else float(
+                    train.activation[logged].mean() if logged.any() else 0.5)
+                per_action.append(rate)
+            task.advance(1, model=data.actions[a])
 
     def predict(snaps: Snapshots) -> Predictions:
         x = gbdt_features(snaps)

@@ -33,7 +33,9 @@ from common.config import (
     _check,
     apply_overrides,
     from_flat,
+    to_flat,
 )
+from common.progress import SILENT, Progress
 from common.snapshots import SnapshotReport, Snapshots, build_snapshots
 from server.config import DPConfig, FederationConfig, check_compatible
 from simulations.synth import SynthConfig, generate_federation, load_preset
@@ -54,10 +56,15 @@ class ExperimentConfig:
     preset: str = ""
     seed: int = 0
     output_dir: str = "runs"  # relative paths resolve against the current folder
+    # "tensorboard" or "tensorboard,mlflow" (see simulations.tracking)
+    tracking: str = "tensorboard"
 
     def __post_init__(self) -> None:
+        from simulations.tracking import tracking_backends
+
         check_path_part(self.name, "experiment.name")
         _check(bool(str(self.output_dir).strip()), "experiment.output-dir", "must not be empty")
+        tracking_backends(self.tracking, "experiment.tracking")
 
     def output_path(self) -> Path:
         return Path(self.output_dir).expanduser().resolve()
@@ -134,6 +141,15 @@ class Experiment:
                 if k.split(".")[0] in ("data", "synthetic", "snapshots")}
         keys["experiment.seed"] = self.seed
         return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def resolved(self) -> dict[str, Any]:
+        """Every key with the value in effect, defaults filled in (what trackers log)."""
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            part = getattr(self, section)
+            if part is not None:
+                out.update(to_flat(part, section))
+        return out
 
 
 def experiment_from_flat(flat: Mapping[str, Any]) -> Experiment:
@@ -292,12 +308,15 @@ def shared_calendar(events: pd.DataFrame, config: SnapshotConfig) -> SnapshotCon
     return dataclasses.replace(config, start=start, end=end)
 
 
-def prepare(exp: Experiment) -> PreparedData:
+def prepare(exp: Experiment, *, progress: Progress = SILENT) -> PreparedData:
     """Load or generate the data and build the snapshots every method shares."""
     started = time.perf_counter()
-    events, interventions, truth = load_source(exp)
+    what = "generating events" if exp.synthetic is not None else "loading events"
+    with progress.task(what, total=1, unit="logs") as task:
+        events, interventions, truth = load_source(exp)
+        task.advance(1, events=len(events))
     snap_cfg = shared_calendar(events, exp.snapshots)
-    snaps, report = build_snapshots(events, snap_cfg, interventions)
+    snaps, report = build_snapshots(events, snap_cfg, interventions, progress=progress)
     sizes = pd.Series(snaps.merchant_id[snaps.split == 0].astype(str)).value_counts()
     keep = sorted(sizes[sizes >= max(exp.data.min_merchant_snapshots, 1)].index.tolist())
     dropped = sorted(set(events["merchant_id"].astype(str).unique()) - set(keep))
@@ -342,8 +361,9 @@ def new_run_dir(exp: Experiment, kind: str) -> Path:
     return run
 
 
-#: Files a run folder holds before any result: a folder with only these is not a run.
-_PREAMBLE = frozenset({"config.json", "config.json.tmp"})
+#: Files a run folder holds before any result: a folder with only these is not a run
+#: (``mlruns``: the MLflow store, opened with the run).
+_PREAMBLE = frozenset({"config.json", "config.json.tmp", "mlruns"})
 
 
 @contextlib.contextmanager

@@ -13,13 +13,15 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.progress import SILENT, Progress
 from common.snapshots import Snapshots
 from simulations.baselines import MethodResult, splits
 from simulations.experiment import Experiment, PreparedData
+from simulations.tracking import NO_TRACKING, Tracker, round_scalars
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,13 @@ def write_shards(data: PreparedData, shard_dir: Path) -> list[Path]:
     return paths
 
 
-def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path) -> dict[str, Any]:
+def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path, *,
+                      progress: Progress = SILENT) -> dict[str, Any]:
     """The flat run config every app gets: the experiment plus paths and the calendar."""
     shard_dir = run_dir / "shards"
-    write_shards(data, shard_dir)
+    with progress.task("writing shards", total=len(data.merchants), unit="merchants") as task:
+        write_shards(data, shard_dir)
+        task.advance(len(data.merchants))
     eval_path = run_dir / "eval.npz"
     s = data.snapshots
     s.subset(s.split > 0).save(eval_path)
@@ -139,7 +144,7 @@ def make_federated_client_app(flat: Mapping[str, Any]) -> Any:
 RESUME_MAY_CHANGE: tuple[str, ...] = (
     "federation.num-rounds", "federation.patience-rounds", "federation.round-timeout",
     "federation.keep-checkpoints", "simulation.client-cpus", "simulation.ray-cpus",
-    "simulation.ray-address",
+    "simulation.ray-address", "experiment.tracking",
 )
 
 
@@ -190,10 +195,41 @@ def resume_experiment(run_dir: Path, overrides: Mapping[str, Any]) -> Experiment
     return exp
 
 
+@contextlib.contextmanager
+def _ray_start_up(progress: Progress) -> Iterator[None]:
+    """Ray's start-up as a step of ``progress``: done once Ray is initialised (looked at
+    every 0.1 s while the block runs; the engine starts Ray in its own thread). The
+    actors' own start (TensorFlow, the first compile) is part of round 1."""
+    import ray
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        with progress.task("starting Ray", total=1, unit="engine") as task:
+            while not stop.wait(0.1):
+                if ray.is_initialized():
+                    task.advance(1)
+                    return
+
+    watcher = threading.Thread(target=watch, name="fedecay-ray-start", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
 def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
-                  progress: Callable[[dict[str, Any]], None] | None = None,
+                  progress: Progress = SILENT, tracker: Tracker = NO_TRACKING,
+                  name: str | None = None,
                   overrides: Mapping[str, Any] | None = None) -> MethodResult:
-    """Federated training of the shared model; predictions of the selected global model."""
+    """Federated training of the shared model; predictions of the selected global model.
+
+    ``progress`` shows the shards written, Ray's start-up and the rounds; every round's
+    line goes to ``tracker`` as method ``name`` (default ``federated-<strategy>``, with
+    ``-secagg`` under secure aggregation).
+    """
     import ray
     from flwr.simulation import run_simulation
 
@@ -205,15 +241,22 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
 
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    flat = simulation_config(exp, data, run_dir)
+    flat = simulation_config(exp, data, run_dir, progress=progress)
     flat.update(overrides or {})
+    name = name or (f"federated-{exp.federation.strategy}"
+                    f"{'-secagg' if secure_aggregation(flat) else ''}")
+
+    def on_round(line: dict[str, Any]) -> None:
+        tracker.log_metrics(int(line["round"]), name, **round_scalars(line))
+
     replace_dead_actors()
     hand_over_at_once()
     engine_failed = threading.Event()
     try:
-        with _actor_environment(exp.simulation.client_cpus):
+        with _actor_environment(exp.simulation.client_cpus), _ray_start_up(progress):
             run_simulation(
-                server_app=make_server_app(flat, progress=progress, engine_failed=engine_failed),
+                server_app=make_server_app(flat, progress=progress, engine_failed=engine_failed,
+                                           on_round=on_round),
                 client_app=make_federated_client_app(flat),
                 num_supernodes=len(data.merchants),
                 backend_config=backend_config(exp),
@@ -235,8 +278,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     train_rows = data.snapshots.split_part("train")
     seen = _sample_epochs(rounds, train_rows)
     return MethodResult(
-        name=f"federated-{exp.federation.strategy}{'-secagg' if secure_aggregation(flat) else ''}",
-        val=predict(model, val),
+        name=name, val=predict(model, val),
         test=predict(model, test), seconds=time.perf_counter() - started,
         sample_epochs=seen, details={"rounds": rounds, "run_dir": str(run_dir)},
     )

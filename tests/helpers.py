@@ -269,3 +269,37 @@ class FakeGrid:
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
+
+
+# ---------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------
+
+
+class RecordingProgress:
+    """A :class:`common.progress.Progress` that keeps every step and advance:
+    ``steps[description]`` is ``{"total": ..., "unit": ..., "advances": [(amount,
+    fields), ...], "closed": bool}``."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, dict[str, Any]] = {}
+
+    def task(self, description: str, total: float | None = None, unit: str = "") -> Any:
+        step = {"total": total, "unit": unit, "advances": [], "closed": False}
+        self.steps[description] = step
+
+        class _Task:
+            def advance(self, amount: float = 1.0, **fields: Any) -> None:
+                step["advances"].append((amount, fields))
+
+            def __enter__(self) -> _Task:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                step["closed"] = True
+
+        return _Task()
+
+    def done(self, description: str) -> float:
+        """Units advanced in the step ``description``."""
+        return sum(a for a, _ in self.steps[description]["advances"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import RecordingProgress
 
 from client.batch_features import batch_features, user_chunks
 from client.monitor import (
@@ -189,12 +190,14 @@ def test_chunks_hold_whole_batches_of_users() -> None:
 
 
 def test_score_events_chunking_progress_and_columns(events: pd.DataFrame, model) -> None:
-    calls: list[tuple[int, int]] = []
+    progress = RecordingProgress()
     whole = score_events(model, events, None, SNAP, POLICY)
     parts = score_events(model, events, None, SNAP, POLICY, chunk_events=2000,
-                         progress=lambda done, total: calls.append((done, total)))
+                         progress=progress)
     _assert_same_scores(whole, parts)
-    assert len(calls) > 2 and calls[-1][0] == calls[-1][1] == len(whole)
+    step = progress.steps["scoring users"]
+    assert len(step["advances"]) > 2 and step["closed"]
+    assert step["total"] == progress.done("scoring users") == len(whole)
     assert (whole["interest_forecast"] >= 0).all()
     treated = whole["action"] != "none"
     assert (whole.loc[~treated, "uplift"] == 0).all()
