@@ -62,7 +62,8 @@ flwr-config: $(STAMP)
 	fi
 
 # Re-resolve the lock after changing the dependencies in pyproject.toml; pins that still
-# fit stay. The lock holds the dev and mlflow extras, so `make setup` installs both. `make lock LOCK_FLAGS=--upgrade` moves everything to the newest allowed.
+# fit stay. The lock holds the dev and mlflow extras, so `make setup` installs both.
+# `make lock LOCK_FLAGS=--upgrade` moves everything to the newest allowed.
 lock: | $(UV)
 	$(UV) pip compile pyproject.toml --extra dev --extra mlflow -o $(LOCK) --python-version 3.11 \
 	  --python-platform x86_64-unknown-linux-gnu --generate-hashes \
