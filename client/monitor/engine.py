@@ -200,7 +200,7 @@ class Monitor:
             if self._last_sweep_ns is None:
                 self._last_sweep_ns = ns
             self._lo_ns = self.cutoff_ns() - self._obs_ns - _SECOND
-        self._prune(st)
+        self.stats.window_overflow += st.prune(self._lo_ns, self._keep, self._cap)
         if st.read_at is None:
             st.read_at = read_at
         self._dirty[key] = st
@@ -218,18 +218,6 @@ class Monitor:
         self._cat_hash.append(int(hash_categories(np.array([name], dtype=object),
                                                   self.snapshots.hash_buckets)[0]))
         return code
-
-    def _prune(self, st: UserState) -> None:
-        """Drop events that no future snapshot looks at, and past the cap."""
-        n = len(st.ns)
-        if n > self._keep and st.ns[0] < self._lo_ns:
-            k = min(bisect.bisect_left(st.ns, self._lo_ns), n - self._keep)
-            if k > 0:
-                st.drop_front(k)
-                n -= k
-        if n > self._cap:
-            self.stats.window_overflow += n - self._cap
-            st.drop_front(n - self._cap)
 
     def cutoff_ns(self) -> int:
         """The monitor's cutoff: one second after the stream clock's second."""
@@ -256,7 +244,7 @@ class Monitor:
         self.stats.sweeps += 1
         active = []
         for key, st in self.users.items():
-            self._prune(st)
+            self.stats.window_overflow += st.prune(self._lo_ns, self._keep, self._cap)
             if st.ns and st.ns[-1] >= self._lo_ns:
                 active.append((key, st))
         for lo in range(0, len(active), _SCORE_BATCH):

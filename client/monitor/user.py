@@ -12,6 +12,7 @@ Per user the monitor keeps, updated in O(1) per event (amortised):
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from itertools import chain
@@ -48,6 +49,23 @@ class UserState:
         """Forget the ``k`` oldest kept events (the aggregates keep counting them)."""
         for lst in (self.ns, self.ev, self.cat, self.val, self.item):
             del lst[:k]
+
+    def prune(self, lo_ns: int, keep: int, cap: int) -> int:
+        """Drop the events no future snapshot looks at, then those past the cap.
+
+        Events before ``lo_ns`` go, but the last ``keep`` always stay (the sequence);
+        then all but the last ``cap``. Returns how many the cap dropped.
+        """
+        n = len(self.ns)
+        if n > keep and self.ns[0] < lo_ns:
+            k = min(bisect.bisect_left(self.ns, lo_ns), n - keep)
+            if k > 0:
+                self.drop_front(k)
+                n -= k
+        if n > cap:
+            self.drop_front(n - cap)
+            return n - cap
+        return 0
 
 
 def user_events(users: Sequence[tuple[UserKey, UserState]], at_ns: int, tau_ns: float,
