@@ -103,10 +103,12 @@ def test_the_checks_name_the_libraries_own_choices() -> None:
     from common.io import BAD_ROWS, FORMATS
     from common.timestamps import EARLIEST_TIME, FUTURE_SLACK
     from server.config import STRATEGIES
+    from simulations.single import TRAIN_MODES
 
     assert checks.FORMATS == ("auto", *FORMATS)
     assert checks.BAD_ROWS == tuple(BAD_ROWS)
     assert checks.STRATEGIES == STRATEGIES
+    assert checks.TRAIN_MODES == TRAIN_MODES
     assert checks.EARLIEST == EARLIEST_TIME.to_pydatetime()
     assert checks.FUTURE_SLACK == FUTURE_SLACK.to_pytimedelta()
     for suffix in checks.SCORE_FILES:

@@ -35,6 +35,7 @@ app = typer.Typer(
     name="fedecay",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    suggest_commands=False,  # click suggests a close command name itself
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(data.app, name="data")

@@ -31,6 +31,7 @@ BAD_ROWS: tuple[str, ...] = ("error", "skip")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",
                                "fedtrimmedavg", "fedmedian", "krum")
 METHODS: tuple[str, ...] = ("gbdt", "centralised", "local", "federated")
+TRAIN_MODES: tuple[str, ...] = ("centralised", "local", "gbdt")  # simulations.single's
 #: File names ``score --out`` writes (client.scoring.scores_path accepts the same).
 SCORE_FILES: tuple[str, ...] = (".csv", ".parquet", ".pq")
 #: The earliest time an event may have (common.timestamps.EARLIEST_TIME) and how far

@@ -46,11 +46,13 @@ class _PlainTask:
 
     def advance(self, amount: float = 1.0, **fields: Any) -> None:
         self.done += amount
-        count = f"{self.done:g}" + (f"/{self.total:g}" if self.total else "")
-        unit = f" {self._unit}" if self._unit else ""
+        count = ""  # a step of one thing (loading a model) needs no count
+        if self.total is not None or self._unit:
+            count = f" {self.done:g}" + (f"/{self.total:g}" if self.total is not None else "")
+            count += f" {self._unit}" if self._unit else ""
         info = f"  {fields_text(fields)}" if fields else ""
         seconds = time.perf_counter() - self._started
-        self._console.say(f"{self._description} {count}{unit}{info}  ({seconds:.1f} s)")
+        self._console.say(f"{self._description}{count}{info}  ({seconds:.1f} s)")
 
     def __enter__(self) -> _PlainTask:
         return self

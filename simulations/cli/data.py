@@ -35,7 +35,7 @@ def synth(
     out = checks.output_folder(out, "--out")
     from simulations.synth import generate_federation, synth_config_from_preset, write_federation
 
-    with console.task("generating the synthetic federation", unit="step") as task:
+    with console.task("generating the synthetic federation") as task:
         fed = generate_federation(synth_config_from_preset(flat), seed=seed)
         task.advance(events=len(fed.events))
         paths = write_federation(fed, out)

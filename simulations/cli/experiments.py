@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -16,7 +15,7 @@ import click
 import typer
 
 from . import checks
-from .console import Console, current, quiet_flower
+from .console import current, quiet_flower
 from .errors import guarded
 from .options import (
     EventsOption,
@@ -44,34 +43,6 @@ def _source(preset: str | None, events: Path | None, format: str, interventions:
                              sets=sets or [], seed=seed, bad_rows=bad_rows, extra=extra)
 
 
-def _epoch_reporter(console: Console, name: str, total: int
-                    ) -> tuple[Any, Callable[[int, dict[str, float]], None]]:
-    """A progress step for ``total`` epochs and the ``on_epoch`` that advances it."""
-    task = console.task(name, total=total, unit="epochs")
-
-    def on_epoch(epoch: int, row: dict[str, float]) -> None:
-        task.advance(**{k: float(v) for k, v in row.items() if k in ("loss", "val_loss")})
-
-    return task, on_epoch
-
-
-def _round_reporter(console: Console, name: str, total: int
-                    ) -> tuple[Any, Callable[[dict[str, Any]], None]]:
-    """A progress step for ``total`` rounds and the callback ``run_federated`` calls
-    with each round's metrics line (round 0 is the initial model: no step)."""
-    task = console.task(name, total=total, unit="rounds")
-
-    def on_round(line: dict[str, Any]) -> None:
-        fields: dict[str, Any] = {"clients": f"{line.get('replied', '-')}/"
-                                             f"{line.get('sampled', '-')}"}
-        auc = (line.get("centralised") or {}).get("decay_roc_auc")
-        if auc is not None:
-            fields["auc"] = float(auc)
-        task.advance(1 if line.get("round", 0) > 0 else 0, **fields)
-
-    return task, on_round
-
-
 def _score_hint(run: Path, model_name: str | None, events: str | None,
                 seed: int, preset: str | None) -> list[str]:
     """``fedecay score`` on the run's model, with events the model's merchants have."""
@@ -81,7 +52,7 @@ def _score_hint(run: Path, model_name: str | None, events: str | None,
     shard = next(iter(sorted(run.glob("**/shards/00000.parquet"))), None)
     if shard is not None:
         return [f"fedecay score --model {_q(run)}{method} --events {_q(shard)}"]
-    data = run.parent / f"{run.name}-data"
+    data = run / "data"  # the same synthetic log (preset and seed) the model trained on
     return [f"fedecay data synth --preset {_q(preset or 'quick')} --seed {seed} "
             f"--out {_q(data)}",
             f"fedecay score --model {_q(run)}{method} --events {_q(data / 'events.parquet')}"]
@@ -98,7 +69,7 @@ def register(app: typer.Typer) -> None:
 @guarded
 def train(
     mode: Annotated[str, typer.Option(
-        click_type=click.Choice(("centralised", "local", "gbdt")),
+        click_type=click.Choice(checks.TRAIN_MODES),
         help="Which baseline.")] = "centralised",
     preset: PresetOption = None,
     events: EventsOption = None,
@@ -111,37 +82,17 @@ def train(
     """Train one baseline for train.epochs epochs: centralised, local-only or GBDT."""
     console = current()
     exp = _source(preset, events, format, interventions, set_, seed, bad_rows)
-    from simulations.baselines import assess, run_centralised, run_gbdt, run_local
-    from simulations.compare import format_table
-    from simulations.experiment import prepare, run_folder, write_json
+    from simulations.experiment import run_folder
+    from simulations.single import train_method
 
     # Made only now, when everything checkable is checked; gone again on failure.
     with run_folder(exp, mode) as run_dir:
-        with console.task("data", unit="step") as task:
-            data = prepare(exp)
-            task.advance(merchants=len(data.merchants), snapshots=len(data.snapshots))
-        model = None
-        if mode == "centralised":
-            task, on_epoch = _epoch_reporter(console, "centralised", exp.train.epochs)
-            with task:
-                result, model = run_centralised(exp, data, on_epoch=on_epoch)
-        elif mode == "local":
-            result = run_local(exp, data, progress=console)
-        else:
-            with console.task("gbdt", unit="model") as task:
-                result = run_gbdt(exp, data)
-                task.advance()
-        metrics = assess(result, data, exp)
-        write_json(run_dir / "config.json", dict(exp.flat))
-        write_json(run_dir / "metrics.json", metrics)
-        if model is not None:
-            from common.model import save_model
-
-            save_model(model, run_dir / "model.keras")
-    print(format_table({"methods": {result.name: metrics}}))
-    print(f"\nrun folder: {run_dir}")
-    if model is not None:
-        console.next(*_score_hint(run_dir, None, exp.data.events or None, exp.seed,
+        run = train_method(exp, run_dir, mode, progress=console)
+    console.close()
+    print(run.table)
+    print(f"\nrun folder: {run.run_dir}")
+    if run.model is not None:
+        console.next(*_score_hint(run.run_dir, None, exp.data.events or None, exp.seed,
                                   exp.experiment.preset or None))
     else:
         source = (f"--events {_q(exp.data.events)}" if exp.data.events
@@ -197,28 +148,16 @@ def simulate(
         from simulations.experiment import run_folder
 
         folder = run_folder(exp, "simulate")
-    from simulations.baselines import assess
-    from simulations.compare import format_table
-    from simulations.experiment import prepare, write_json
-    from simulations.federated import run_federated
+    from simulations.single import simulate_federation
 
     quiet_flower(console.verbose)
     with folder as run_dir:
-        if resume is None:
-            write_json(run_dir / "config.json", dict(exp.flat))
-        with console.task("data", unit="step") as task:
-            data = prepare(exp)
-            task.advance(merchants=len(data.merchants), snapshots=len(data.snapshots))
-        task, on_round = _round_reporter(
-            console, f"federated-{exp.federation.strategy}", exp.federation.num_rounds)
-        with task:
-            result = run_federated(exp, data, run_dir, progress=on_round)
-        metrics = assess(result, data, exp)
-        write_json(run_dir / "results.json", metrics)
-    print(format_table({"methods": {result.name: metrics}}))
-    print(f"\nrun folder: {run_dir}")
-    console.next(*_score_hint(run_dir, None, exp.data.events or None, exp.seed, None),
-                 f"fedecay privacy egress --run {_q(run_dir)}")
+        run = simulate_federation(exp, run_dir, progress=console, resumed=resume is not None)
+    console.close()
+    print(run.table)
+    print(f"\nrun folder: {run.run_dir}")
+    console.next(*_score_hint(run.run_dir, None, exp.data.events or None, exp.seed, None),
+                 f"fedecay privacy egress --run {_q(run.run_dir)}")
 
 
 @guarded
@@ -262,6 +201,7 @@ def compare(
         out = run_comparison(exp, run_dir, strategies=chosen_strategies,
                              methods=chosen_methods, noise=levels,
                              audit=audit or bool(levels), progress=console)
+    console.close()
     print()
     print(out.table)
     gain = out.results.get("gain_from_joining", {})
@@ -307,9 +247,9 @@ def bench(
     from simulations.bench import format_bench, run_bench
     from simulations.experiment import write_json
 
-    with console.task("bench", unit="figures") as task:
+    with console.task("throughput figures") as task:
         figures = run_bench(exp, repeat=repeat)
-        task.advance(len(figures))
+        task.advance()
     print(format_bench(figures))
     if sizes:
         from simulations.bench import format_rows, run_federation_bench

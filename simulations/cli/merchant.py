@@ -20,7 +20,7 @@ import click
 import typer
 
 from . import checks
-from .console import Console, current
+from .console import current
 from .errors import guarded
 from .options import BadRowsOption, FormatOption, MethodOption
 from .runs import model_in
@@ -93,7 +93,7 @@ def score(
     from common.io import load_events
 
     started = time.perf_counter()
-    with console.task("loading the model", unit="step") as task:
+    with console.task("loading the model") as task:
         bundle = load_model_bundle(model_path, sets)
         task.advance()
     console.say(f"model: {model_path} ({name}; settings: {', '.join(bundle.sources)})")
@@ -102,7 +102,9 @@ def score(
     loaded = time.perf_counter()
     warm_up(bundle.model)
     compiled = time.perf_counter()
-    scores = _score_with_progress(console, score_events, bundle, log.events, cutoff)
+    scores = score_events(bundle.model, log.events, cutoff, bundle.snapshots, bundle.policy,
+                          progress=console)
+    console.close()
     seconds = time.perf_counter() - compiled
     if len(scores) == 0:
         ts = log.events["timestamp"]
@@ -126,25 +128,9 @@ def score(
          f"{info['at_risk_share']:.1%}; actions: {mix}")
     _err(f"loading {loaded - started:.1f} s; compiling {compiled - loaded:.1f} s; "
          f"scoring {seconds:.1f} s ({info['users'] / max(seconds, 1e-9):,.0f} users/s)")
-    console.next(f"fedecay monitor --model {_q(model_path)} --input EVENTS.jsonl "
+    choice = f" --method {method}" if method else ""
+    console.next(f"fedecay monitor --model {_q(model)}{choice} --input EVENTS.jsonl "
                  "--state monitor-state  (the same model on a live stream of JSON lines)")
-
-
-def _score_with_progress(console: Console, score_events: Any, bundle: Any, events: Any,
-                         cutoff: str | None) -> Any:
-    """``score_events`` with a progress step in users (its total known at the first chunk)."""
-    task = console.task("scoring", total=None, unit="users")
-    last = [0]
-
-    def progress(done: int, total: int) -> None:
-        if getattr(task, "total", total) != total:
-            task.total = total  # type: ignore[attr-defined]
-        task.advance(done - last[0])
-        last[0] = done
-
-    with task:
-        return score_events(bundle.model, events, cutoff, bundle.snapshots, bundle.policy,
-                            progress=progress)
 
 
 @guarded
@@ -215,7 +201,7 @@ def monitor(
                            checkpoint_every=checkpoint_every, max_line_bytes=max_line_bytes)
     if state_dir is not None:
         state_dir = prepare_state_dir(state_dir)  # made now that every argument is checked
-    with console.task("loading the model", unit="step") as task:
+    with console.task("loading the model") as task:
         bundle = load_model_bundle(model_path, sets)
         task.advance()
     closed = []

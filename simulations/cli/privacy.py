@@ -97,7 +97,7 @@ def audit(
     from simulations.privacy_audit import format_audit, membership_audit
 
     quiet_flower(console.verbose)
-    with console.task(f"membership audit of {name}", unit="step") as task:
+    with console.task(f"membership audit of {name}") as task:
         result = membership_audit(model_path, merchants=merchants, seed=seed,
                                   n_boot=bootstrap, data=_audit_data(model_path.parent))
         task.advance(auc=result["auc"])
