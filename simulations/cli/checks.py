@@ -147,12 +147,12 @@ def experiment(preset: str | None, *, events: str | None = None, format: str = "
                extra: dict[str, Any] | None = None) -> Experiment:
     """The experiment of train/simulate/compare/bench, every key validated, its input
     files readable and its output folder creatable; nothing is loaded or created."""
-    from simulations.experiment import experiment_from_flat, resolve
-
     if events:
         input_path(events, "--events", folder_ok=format in ("auto", "completejourney"))
     if interventions:
         input_path(interventions, "--interventions")
+    from simulations.experiment import experiment_from_flat, resolve
+
     overrides = list(sets)
     if bad_rows is not None:
         overrides.append(f"data.bad-rows={bad_rows!r}")

@@ -58,7 +58,7 @@ def egress(
                  + (f" --method {name}" if method else ""))
 
 
-def _audit_data(model_dir: Path) -> Any:
+def _audit_data(model_dir: Path, progress: Any) -> Any:
     """The snapshots of a comparison's centralised model: its folder has no shards and
     no config.json, the comparison's config.json is one folder up."""
     if (model_dir / "shards").is_dir() or (model_dir / "config.json").is_file():
@@ -68,7 +68,7 @@ def _audit_data(model_dir: Path) -> Any:
         return None
     from simulations.experiment import experiment_from_flat, prepare
 
-    return prepare(experiment_from_flat(json.loads(config.read_text())))
+    return prepare(experiment_from_flat(json.loads(config.read_text())), progress=progress)
 
 
 @app.command("audit")
@@ -99,7 +99,7 @@ def audit(
     quiet_flower(console.verbose)
     with console.task(f"membership audit of {name}") as task:
         result = membership_audit(model_path, merchants=merchants, seed=seed,
-                                  n_boot=bootstrap, data=_audit_data(model_path.parent))
+                                  n_boot=bootstrap, data=_audit_data(model_path.parent, console))
         task.advance(auc=result["auc"])
     print(f"{name}: {model_path}")
     print(format_audit(result))
