@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
-from common.config import _check
+from common.config import ModelConfig, SnapshotConfig, TrainConfig, _check, from_flat
 
 STRATEGIES: tuple[str, ...] = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum",
@@ -186,3 +188,27 @@ def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
     _check(not dp.enabled or fed.strategy in DP_STRATEGIES, "privacy.mode",
            f"{dp.mode!r} needs a strategy that averages the clipped updates "
            f"({', '.join(DP_STRATEGIES)}); federation.strategy is {fed.strategy!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """Everything the ServerApp reads from the run config, one typed section each."""
+
+    federation: FederationConfig
+    model: ModelConfig
+    snapshots: SnapshotConfig
+    train: TrainConfig
+    seed: int
+    privacy: DPConfig = DPConfig()
+
+
+def settings_from_flat(flat: Mapping[str, Any]) -> ServerSettings:
+    """The server's settings from a flat run config (``section.key`` names)."""
+    return ServerSettings(
+        federation=from_flat(FederationConfig, flat, "federation"),
+        model=from_flat(ModelConfig, flat, "model"),
+        snapshots=from_flat(SnapshotConfig, flat, "snapshots"),
+        train=from_flat(TrainConfig, flat, "train"),
+        seed=int(flat.get("experiment.seed", 0)),
+        privacy=from_flat(DPConfig, flat, "privacy"),
+    )

@@ -159,7 +159,7 @@ def resume_experiment(run_dir: Path, overrides: Mapping[str, Any]) -> Experiment
     """
     import json
 
-    from server.app import ResumeError, find_resume_state
+    from server.resume import ResumeError, find_resume_state
     from simulations.experiment import experiment_from_flat, write_json
 
     saved = run_dir / "config.json"

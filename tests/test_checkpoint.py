@@ -217,7 +217,8 @@ def eval_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _run(flat: dict[str, Any], run_dir: Path, rounds: int, resume: bool = False
          ) -> dict[str, Any]:
-    from server.app import run_federation, settings_from_flat
+    from server.app import run_federation
+    from server.config import settings_from_flat
 
     settings = settings_from_flat({**flat, "federation.num-rounds": rounds,
                                    "federation.run-dir": str(run_dir),
@@ -258,7 +259,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_extends_the_run(
 @pytest.mark.parametrize("damage", ["emptied", "all corrupt", "old format"])
 def test_resume_without_a_usable_checkpoint_refuses_and_deletes_nothing(
         eval_setup: dict[str, Any], tmp_path: Path, damage: str) -> None:
-    from server.app import ResumeError
+    from server.resume import ResumeError
 
     run = tmp_path / "run"
     _run(eval_setup, run, rounds=2)

@@ -25,7 +25,7 @@ from helpers import Simulation, read_jsonl, run_driver
 from client.app import planned_fault
 from client.config import ClientConfig
 from server.checkpoint import load_checkpoint
-from server.strategy import error_summary
+from server.rounds import error_summary
 
 # ---------------------------------------------------------------------------------------
 # The seeded fault plan

@@ -48,13 +48,8 @@ from server.checkpoint import (
     latest_checkpoint,
 )
 from server.config import FederationConfig
-from server.strategy import (
-    ReplyLayout,
-    _checked_record,
-    array_bytes,
-    build_strategy,
-    read_reply_arrays,
-)
+from server.replies import ReplyLayout, array_bytes, checked_record, read_reply_arrays
+from server.strategy import build_strategy
 
 # ---------------------------------------------------------------------------------------
 # Hand-made replies
@@ -120,7 +115,7 @@ def test_fedavg_aggregate_is_the_example_weighted_average() -> None:
     # The unweighted mean is far from it: the weights do matter in this example.
     assert not np.allclose(got[0], np.mean([w[0] for w in weights], axis=0), atol=1e-3)
     assert metrics["train_loss"] == pytest.approx((10 * 0.5 + 30 * 1.0 + 60 * 2.0) / 100)
-    stats = strategy.stats[1]
+    stats = strategy.rounds.stats[1]
     assert (stats.sampled, stats.replied, stats.failed, stats.rejected) == (3, 3, 0, 0)
     one = array_bytes(ArrayRecord([np.zeros(s, np.float32) for s in SHAPES]))
     assert stats.bytes_down == stats.bytes_up == 3 * one
@@ -186,7 +181,7 @@ def test_nan_wrong_shape_malformed_and_error_replies_are_left_out() -> None:
     for g, e in zip(arrays.to_numpy_ndarrays(), _weighted_average(good, [4, 12]), strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
     assert metrics["train_loss"] == pytest.approx((4 * 1.0 + 12 * 2.0) / 16)
-    stats = strategy.stats[1]
+    stats = strategy.rounds.stats[1]
     assert (stats.sampled, stats.replied, stats.rejected, stats.failed) == (9, 2, 6, 1)
     failures = "\n".join(stats.failures)
     for node, reason in [
@@ -201,7 +196,7 @@ def test_nan_wrong_shape_malformed_and_error_replies_are_left_out() -> None:
         assert f"node {node}: {reason}" in failures
     assert "node 101" not in failures and "node 102" not in failures
     assert stats.bytes_up == 2 * array_bytes(ArrayRecord(good[0]))
-    assert strategy.empty_rounds == 0
+    assert strategy.rounds.empty_rounds == 0
 
 
 @pytest.mark.parametrize("bad", [
@@ -221,7 +216,7 @@ def test_reply_of_another_dtype_is_a_rejection_and_the_round_goes_on(bad: np.nda
     arrays, _ = strategy.aggregate_train(1, replies)
     for got, want in zip(arrays.to_numpy_ndarrays(), good, strict=True):
         np.testing.assert_allclose(got, want)
-    stats = strategy.stats[1]
+    stats = strategy.rounds.stats[1]
     assert (stats.replied, stats.rejected) == (1, 1)
     assert f"node 2: rejected: tensor 0 has dtype {bad.dtype}, expected float32" in \
         stats.failures[0]
@@ -269,7 +264,7 @@ def test_replies_are_read_once_whatever_their_serialized_form() -> None:
     values, reason = read_reply_arrays(broken, layout)
     assert values == [] and reason.startswith("tensor 0 cannot be read (ValueError")
     # What the aggregation gets once read: the values, a fresh copy at every call.
-    checked = _checked_record(good, read_reply_arrays(good, layout)[0])
+    checked = checked_record(good, read_reply_arrays(good, layout)[0])
     for got, want in zip(checked.to_numpy_ndarrays(), sent, strict=True):
         np.testing.assert_array_equal(got, want)
     checked.to_numpy_ndarrays()[0][:] = 7.0
@@ -278,7 +273,7 @@ def test_replies_are_read_once_whatever_their_serialized_form() -> None:
 
 def test_round_without_usable_replies_returns_nothing_and_is_counted() -> None:
     strategy = _strategy(seed=3)
-    strategy.round_offset = 4  # a resumed run: server round 1 is global round 5
+    strategy.rounds.offset = 4  # a resumed run: server round 1 is global round 5
     ins = _by_node(_instructions(strategy, [1, 2]))
     config = next(iter(ins.values())).content["config"]
     assert (config["server-round"], config["global-round"]) == (1, 5)
@@ -286,9 +281,9 @@ def test_round_without_usable_replies_returns_nothing_and_is_counted() -> None:
               for n in ins]
 
     assert strategy.aggregate_train(1, failed) == (None, None)
-    assert strategy.empty_rounds == 1
-    assert 1 not in strategy.stats
-    stats = strategy.stats[5]
+    assert strategy.rounds.empty_rounds == 1
+    assert 1 not in strategy.rounds.stats
+    stats = strategy.rounds.stats[5]
     assert (stats.sampled, stats.replied, stats.failed, stats.rejected) == (2, 0, 2, 0)
     assert sorted(stats.failures) == ["node 1: simulated dropout 1",
                                       "node 2: simulated dropout 2"]
@@ -297,8 +292,8 @@ def test_round_without_usable_replies_returns_nothing_and_is_counted() -> None:
     nan = [np.full(s, np.nan, np.float32) for s in SHAPES]
     rejected = [_reply(ins[n], nan, {"num-examples": 5, "train_loss": 1.0}) for n in ins]
     assert strategy.aggregate_train(2, rejected) == (None, None)
-    assert strategy.empty_rounds == 2
-    assert (strategy.stats[6].rejected, strategy.stats[6].replied) == (2, 0)
+    assert strategy.rounds.empty_rounds == 2
+    assert (strategy.rounds.stats[6].rejected, strategy.rounds.stats[6].replied) == (2, 0)
 
 
 def test_reply_with_odd_metric_names_is_left_out_not_fatal() -> None:
@@ -313,7 +308,7 @@ def test_reply_with_odd_metric_names_is_left_out_not_fatal() -> None:
     expected = _weighted_average([weights[1], weights[2]], [10, 30])
     for got, want in zip(arrays.to_numpy_ndarrays(), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6)
-    stats = strategy.stats[1]
+    stats = strategy.rounds.stats[1]
     assert (stats.replied, stats.rejected) == (2, 1)
     assert stats.failures == ["node 3: rejected: metric names differ from the other replies'"]
 
@@ -335,7 +330,7 @@ def test_sampled_node_without_a_reply_is_named_as_timed_out() -> None:
     for got, want in zip(arrays.to_numpy_ndarrays(), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     assert metrics["train_loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)
-    stats = strategy.stats[1]
+    stats = strategy.rounds.stats[1]
     assert (stats.sampled, stats.replied, stats.failed, stats.timed_out, stats.rejected) \
         == (4, 2, 2, 1, 0)
     assert stats.failures == ["node 3: simulated dropout",
@@ -344,9 +339,9 @@ def test_sampled_node_without_a_reply_is_named_as_timed_out() -> None:
     # Nobody answers in time: the round is empty and every node is named.
     _instructions(strategy, [1, 2], server_round=2)
     assert strategy.aggregate_train(2, []) == (None, None)
-    assert strategy.empty_rounds == 1
-    assert (strategy.stats[2].failed, strategy.stats[2].timed_out) == (2, 2)
-    assert strategy.stats[2].failures == ["node 1: no reply within round-timeout 5 s",
+    assert strategy.rounds.empty_rounds == 1
+    assert (strategy.rounds.stats[2].failed, strategy.rounds.stats[2].timed_out) == (2, 2)
+    assert strategy.rounds.stats[2].failures == ["node 1: no reply within round-timeout 5 s",
                                           "node 2: no reply within round-timeout 5 s"]
 
 
@@ -355,7 +350,7 @@ def test_sampling_is_seeded_by_global_round_and_ignores_node_order() -> None:
 
     def sampled(seed: int, order: list[int], server_round: int, offset: int = 0) -> list[int]:
         strategy = _strategy(seed=seed, fraction_train=0.5)
-        strategy.round_offset = offset
+        strategy.rounds.offset = offset
         return sorted(m.metadata.dst_node_id
                       for m in _instructions(strategy, order, server_round))
 
@@ -384,7 +379,8 @@ class EchoGrid(FakeGrid):
 
 def test_eval_every_scores_the_global_model_on_those_rounds_and_the_last(
         tmp_path: Path) -> None:
-    from server.app import run_federation, settings_from_flat
+    from server.app import run_federation
+    from server.config import settings_from_flat
     from simulations.experiment import experiment_from_flat, prepare, resolve
 
     exp = experiment_from_flat({**resolve("quick").flat, "synthetic.num-merchants": 2})
@@ -426,7 +422,8 @@ def test_sampling_draws_from_the_strategys_own_rng_and_leaves_the_module_alone()
 def test_engine_failure_is_the_runs_own_event(tmp_path: Path) -> None:
     import threading
 
-    from server.app import run_federation, settings_from_flat
+    from server.app import run_federation
+    from server.config import settings_from_flat
     from simulations.experiment import experiment_from_flat, resolve
 
     failed = threading.Event()

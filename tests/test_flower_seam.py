@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord
 
 from common import keras_seam, pinned
 from server import flower_seam as server_seam
-from server.strategy import ReplyLayout, read_reply_arrays
+from server.replies import ReplyLayout, read_reply_arrays
 from simulations import flower_seam as simulation_seam
 from simulations import handover, raypool
 

@@ -96,7 +96,7 @@ def test_server_clipping_sees_only_screened_replies_and_averages_uniformly() -> 
 
     arrays, _ = runner.aggregate_train(1, replies)
 
-    stats = guarded.stats[1]
+    stats = guarded.rounds.stats[1]
     assert (stats.sampled, stats.replied, stats.rejected) == (3, 2, 1)
     assert "NaN" in stats.failures[0]
     norm_big = math.sqrt(sum(b.size * 100.0 for b in big))

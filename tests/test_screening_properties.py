@@ -10,7 +10,7 @@ from flwr.common.constant import SType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.strategy import ReplyLayout, read_reply_arrays
+from server.replies import ReplyLayout, read_reply_arrays
 
 REFERENCE = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32)]
 LAYOUT = ReplyLayout(REFERENCE)

@@ -39,16 +39,16 @@ from client.secagg import make_secagg_client_app, quantisation_problem
 from common.config import apply_overrides
 from server.checkpoint import load_checkpoint
 from server.config import DPConfig, FederationConfig, check_compatible
+from server.rounds import RoundBook
+from server.sampling import SortedClientManager, seeded_module_random
 from server.secagg import (
-    _ClientSideFixedClipping,
-    _MeteredGrid,
-    _seeded_module_random,
-    _SortedClientManager,
-    _weighted_metrics,
+    ClientSideFixedClipping,
     build_secagg_strategy,
     check_round_size,
     effective_shares,
+    weighted_metrics,
 )
+from server.secagg_grid import MeteredGrid
 from simulations.experiment import experiment_from_flat
 
 # ---------------------------------------------------------------------------------------
@@ -142,13 +142,13 @@ def test_a_round_seeds_the_random_module_only_while_it_runs() -> None:
     strategy = build_secagg_strategy(_fed(fraction_train=0.5, min_train_nodes=2,
                                           min_available_nodes=2), DPConfig(), seed=4,
                                      population=len(nodes))
-    manager = _SortedClientManager()
+    manager = SortedClientManager()
     for node in nodes:
         manager.register(Proxy(node))
     params = ndarrays_to_parameters([np.zeros(3, np.float32)])
     random.seed(11)
     state = random.getstate()
-    with _seeded_module_random(4 * 1_000_003 + 2):
+    with seeded_module_random(4 * 1_000_003 + 2):
         sampled = [p.node_id for p, _ in strategy.configure_fit(2, params, manager)]
         shuffled = list(sampled)
         random.shuffle(shuffled)  # what SecAggPlusWorkflow.setup_stage does next
@@ -252,8 +252,8 @@ def test_fedavg_passes_the_secagg_aggregate_through_and_weights_metrics() -> Non
         assert g.dtype == np.float32
         np.testing.assert_array_equal(g, a.astype(np.float32))
     assert metrics == {"train_loss": pytest.approx(2.5)}
-    assert strategy.stats[1].replied == 2 and strategy.stats[1].train == metrics
-    assert _weighted_metrics([(1, {"a": 2.0, "b": 1}), (3, {"a": 4.0})]) == {"a": 3.5}
+    assert strategy.rounds.stats[1].replied == 2 and strategy.rounds.stats[1].train == metrics
+    assert weighted_metrics([(1, {"a": 2.0, "b": 1}), (3, {"a": 4.0})]) == {"a": 3.5}
 
 
 def test_fedavgm_steps_from_the_global_weights_towards_the_aggregate() -> None:
@@ -283,17 +283,17 @@ def test_fedadam_bias_correction_follows_the_global_round() -> None:
     got = parameters_to_ndarrays(strategy.aggregate_fit(1, [_fitres(a, 5)], [])[0])
     np.testing.assert_allclose(got[0], step(1), rtol=1e-5)
     resumed = _strategy("fedadam", w0, server_learning_rate=eta)
-    resumed.round_offset = 3  # server round 1 of a run resumed after 3 rounds
+    resumed.rounds.offset = 3  # server round 1 of a run resumed after 3 rounds
     got = parameters_to_ndarrays(resumed.aggregate_fit(1, [_fitres(a, 5)], [])[0])
     np.testing.assert_allclose(got[0], step(4), rtol=1e-5)
-    assert 4 in resumed.stats and 1 not in resumed.stats
+    assert 4 in resumed.rounds.stats and 1 not in resumed.rounds.stats
 
 
 def test_client_side_dp_adds_the_calibrated_noise_even_when_a_client_failed() -> None:
     reference = [np.zeros((200, 50), np.float32)]
     strategy = _strategy("fedavg", reference)
     z, clip, m = 1.0, 2.0, 4
-    wrapper = _ClientSideFixedClipping(strategy, z, clip, m)
+    wrapper = ClientSideFixedClipping(strategy, z, clip, m)
     results = [_fitres([np.zeros((200, 50))], 1) for _ in range(3)]
     params, _ = wrapper.aggregate_fit(1, results, [RuntimeError("dropped")])
     noise = parameters_to_ndarrays(params)[0]
@@ -326,7 +326,9 @@ class _FakeGrid:
 
 @pytest.mark.usefixtures("server_identity")  # as inside a running ServerApp
 def test_metered_grid_counts_bytes_and_names_failed_nodes_with_their_stage() -> None:
-    grid = _MeteredGrid(_FakeGrid())
+    book = RoundBook()
+    book.offset = 3  # group 4 is server round 4: global round 7 of a resumed run
+    grid = MeteredGrid(_FakeGrid(), book)
 
     def send(stage: str, payload: bytes) -> None:
         content = RecordDict({"secaggplus_configs": ConfigRecord({"stage": stage,
@@ -336,14 +338,15 @@ def test_metered_grid_counts_bytes_and_names_failed_nodes_with_their_stage() -> 
 
     send("setup", b"x" * 100)
     send("unmask", b"")
-    meter = grid.rounds["4"]
-    assert meter.down == 300 and meter.up == 2 * 16
+    meter = book.stats[7]
+    assert meter.bytes_down == 300 and meter.bytes_up == 2 * 16
     assert meter.timed_out == 1  # node 3 at setup; at unmask its update was summed already
+    assert meter.failed == 0  # settled when the round closes: sampled less summed
     assert meter.failures == ["node 2: gone (secagg stage setup)",
                               "node 3: no reply within 5 s (secagg stage setup)",
                               "node 2: gone (secagg stage unmask)",
                               "node 3: no reply within 5 s (secagg stage unmask)"]
-    assert set(meter.seconds) == {"setup", "unmask"}
+    assert set(meter.stage_seconds) == {"setup", "unmask"}
 
 
 @pytest.mark.parametrize("secure", [True, False])

@@ -79,7 +79,7 @@ def observe(spec: dict, exp, data):
         def wrapper(self, server_round, replies):
             replies = list(replies)
             for msg in replies:
-                record(describe(kind, self.global_round(server_round), msg))
+                record(describe(kind, self.rounds.global_round(server_round), msg))
             return method(self, server_round, replies)
         return wrapper
 

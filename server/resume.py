@@ -1,0 +1,120 @@
+"""Where a run starts: the newest intact checkpoint of an earlier run on resume, else a
+fresh start that replaces an earlier run's outputs in the same folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import atomic
+from server.checkpoint import (
+    clear_checkpoints,
+    legacy_checkpoints,
+    restore_strategy_state,
+    usable_checkpoints,
+)
+from server.recorder import Selection
+from server.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+class ResumeError(ValueError):
+    """A run that cannot be resumed without losing what it already wrote."""
+
+
+def start_state(run_dir: Path, resume: bool, parts: Runner, initial: list[np.ndarray]
+                ) -> tuple[int, list[np.ndarray], Selection]:
+    """Rounds done, the weights to start from and the model selection so far.
+
+    With ``resume``, from the newest intact checkpoint in ``run_dir`` (the strategy's
+    optimizer state, the privacy ledger and the adaptive clipping norm restored, later
+    ``metrics.jsonl`` lines dropped); else, or when the folder holds no earlier run, a
+    fresh start from ``initial`` that deletes an earlier run's checkpoints, metrics and
+    ledger (``flwr run`` keys the folder by the configuration).
+    """
+    state = find_resume_state(run_dir) if resume else None
+    if state is not None:
+        return _resumed(run_dir, state, parts)
+    metrics_path = run_dir / "metrics.jsonl"
+    stale = clear_checkpoints(run_dir / "checkpoints")
+    if stale or metrics_path.exists():
+        log.info("%s: replacing the outputs of an earlier run (%d checkpoints)", run_dir, stale)
+    metrics_path.unlink(missing_ok=True)
+    if parts.ledger is not None and parts.ledger.path is not None:
+        parts.ledger.path.unlink(missing_ok=True)
+    return 0, initial, Selection()
+
+
+def _resumed(run_dir: Path, state: dict[str, Any], parts: Runner
+             ) -> tuple[int, list[np.ndarray], Selection]:
+    """Put the checkpoint's state back into ``parts`` and the run folder."""
+    done = int(state["round"])
+    restore_strategy_state(parts.strategy, state["strategy"])
+    keep_rounds_upto(run_dir / "metrics.jsonl", done)
+    if parts.ledger is not None:
+        parts.ledger.replay(done)
+    if state.get("clipping_norm") is not None and hasattr(parts.runner, "clipping_norm"):
+        parts.runner.clipping_norm = float(state["clipping_norm"])  # adaptive clipping
+    return done, [np.asarray(a) for a in state["weights"]], Selection(**state["selection"])
+
+
+def find_resume_state(run_dir: Path, *, report: bool = True) -> dict[str, Any] | None:
+    """The state of the newest intact checkpoint in ``run_dir/checkpoints``.
+
+    Damaged checkpoints are passed over, newest first, each with a warning that names
+    it. None when the folder holds no outputs of an earlier run at all (the run then
+    starts at round 1); :class:`ResumeError` when it does but no checkpoint is usable,
+    so nothing that run wrote is deleted. ``report=False`` checks without logging (a
+    caller that checks before the run starts, which then reports once).
+    """
+    say = log.warning if report else log.debug
+    ckpt_dir = run_dir / "checkpoints"
+    problems = []
+    for path, state, reason in usable_checkpoints(ckpt_dir):
+        if state is None:
+            say("checkpoint %s is unusable (%s): trying an older one", path, reason)
+            problems.append(f"{path.name}: {reason}")
+            continue
+        if problems:
+            say("resuming from %s, the newest intact checkpoint (round %d)", path.name,
+                state["round"])
+        log.info("resuming from %s: %d rounds done", path.name, state["round"])
+        return state
+    problems += [f"{p.name}: old pickle format, never loaded" for p in
+                 legacy_checkpoints(ckpt_dir)]
+    outputs = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "model.keras",
+                                run_dir / "federation.json") if p.exists()]
+    if problems or outputs:
+        found = "; ".join(problems) or "no checkpoint"
+        raise ResumeError(
+            f"cannot resume {run_dir}: no usable checkpoint in {ckpt_dir} ({found}), but "
+            f"the folder holds an earlier run's outputs ({', '.join(outputs) or 'checkpoints'})"
+            ": nothing was deleted; start a new run in another folder")
+    log.info("resume asked but %s holds no earlier run: starting at round 1", run_dir)
+    return None
+
+
+def keep_rounds_upto(path: Path, done: int) -> None:
+    """Drop the lines of rounds after ``done`` (written before a checkpoint that was lost)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [t for t in lines if t.endswith("\n") and _round_of(t) <= done]
+    if len(kept) != len(lines):
+        log.warning("%s: dropping %d lines of rounds after %d (redone from the checkpoint)",
+                    path, len(lines) - len(kept), done)
+        atomic.write_text(path, "".join(kept))
+
+
+def _round_of(line: str) -> float:
+    """A metrics line's round; a line cut by a kill counts as after every round."""
+    try:
+        return float(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -1,0 +1,55 @@
+"""The strategy a run uses, as the ServerApp needs it: the object that keeps the round
+bookkeeping, the object that runs the rounds, and the privacy ledger."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Any
+
+from server.config import ServerSettings
+from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
+from server.rounds import RoundBook
+from server.strategy import build_strategy
+
+
+@dataclasses.dataclass
+class Runner:
+    """The strategy that keeps the round bookkeeping and the one that runs the rounds (a
+    DP wrapper around it, or the same object), with the privacy ledger if any."""
+
+    strategy: Any
+    runner: Any
+    ledger: PrivacyLedger | None
+
+    @property
+    def rounds(self) -> RoundBook:
+        """The run's per-round bookkeeping."""
+        book: RoundBook = self.strategy.rounds
+        return book
+
+    @property
+    def clipping_norm(self) -> float | None:
+        """The DP wrapper's clipping norm now (adaptive clipping moves it), if any."""
+        value = getattr(self.runner, "clipping_norm", None)
+        return None if value is None else float(value)
+
+
+def build_runner(settings: ServerSettings, population: int, run_dir: Path,
+                 engine_failed: threading.Event | None = None) -> Runner:
+    """The configured strategy for ``population`` connected clients: the guarded Message
+    API strategy inside the DP wrapper ``privacy.mode`` asks for, or the SecAgg+
+    workflow's; the ledger writes ``run_dir/privacy.jsonl``."""
+    fed, dp = settings.federation, settings.privacy
+    if fed.secure_aggregation:  # SecAgg+ runs in Flower's legacy workflow API
+        from server.secagg import build_secagg_strategy
+
+        strategy = runner = build_secagg_strategy(fed, dp, settings.seed, population,
+                                                  engine_failed=engine_failed)
+    else:
+        strategy = build_strategy(fed, settings.seed, engine_failed=engine_failed)
+        runner = wrap_strategy(strategy, dp, fed, population)
+    ledger = PrivacyLedger(dp, population, num_sampled(fed, population),
+                           run_dir / "privacy.jsonl") if dp.enabled else None
+    return Runner(strategy, runner, ledger)

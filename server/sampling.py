@@ -1,0 +1,133 @@
+"""Seeded node sampling for both ways of running rounds.
+
+Flower samples the round's nodes from the ``random`` module, in the order the nodes
+connected. Here the node ids are sorted first, and each global round draws from its own
+seed (:func:`round_seed`): the Message API strategies from an RNG of their own
+(:class:`OwnedSampling` over a :class:`SortedGrid`), the SecAgg+ workflow, which takes
+no RNG, from the ``random`` module seeded for the length of the round
+(:class:`SortedClientManager` inside :func:`seeded_module_random`). Same seed, same
+nodes, whatever order they connected in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategy
+
+log = logging.getLogger(__name__)
+
+
+def round_seed(seed: int, global_round: int) -> int:
+    """The seed of one global round's sampling (and SecAgg+ shuffle)."""
+    return seed * 1_000_003 + global_round
+
+
+class SortedGrid:
+    """A Grid whose node ids come sorted, so seeded sampling does not depend on order."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class OwnedSampling(flwr_strategy.FedAvg):
+    """FedAvg's ``configure_train`` and ``configure_evaluate`` with the nodes drawn from
+    ``round_rng``, the strategy's own RNG, where Flower's ``sample_nodes`` draws from the
+    ``random`` module. ``server.strategy.build_strategy`` places it right after the chosen
+    strategy and before FedAvg, so that strategy's own steps (FedProx's ``proximal-mu``,
+    FedOpt's copy of the arrays) still run first. Same seed, same nodes as
+    ``sample_nodes`` after ``random.seed``.
+    """
+
+    round_rng: random.Random
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes, "train")
+        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
+
+    def _sample(self, grid: Grid, fraction: float, minimum: int, what: str) -> list[int]:
+        """``flwr.serverapp.strategy.strategy_utils.sample_nodes``, drawing from
+        ``round_rng``: wait for the nodes needed, then sample the share asked for."""
+        size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
+        needed = max(self.min_available_nodes, size)
+        while len(nodes := list(grid.get_node_ids())) < needed:
+            log.info("waiting for nodes to connect: %d connected, %d needed", len(nodes),
+                     needed)
+            time.sleep(1)
+        sampled = self.round_rng.sample(nodes, size)
+        log.info("configure_%s: sampled %d nodes (out of %d)", what, len(sampled), len(nodes))
+        return sampled
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  nodes: list[int], message_type: str) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=message_type, dst_node_id=node)
+                for node in nodes]
+
+
+class SortedClientManager(SimpleClientManager):
+    """Samples from the node ids in sorted order, so seeded sampling ignores arrival order.
+
+    It draws from the ``random`` module, as the SecAgg+ workflow does, and is called
+    only inside :func:`seeded_module_random`.
+    """
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None,
+               criterion: Any = None) -> list[ClientProxy]:
+        if min_num_clients is None:
+            min_num_clients = num_clients
+        self.wait_for(min_num_clients)
+        cids = sorted(self.clients, key=int)
+        if criterion is not None:
+            cids = [c for c in cids if criterion.select(self.clients[c])]
+        if num_clients > len(cids):
+            log.info("sampling failed: %d clients available, %d requested", len(cids),
+                     num_clients)
+            return []
+        return [self.clients[c] for c in random.sample(cids, num_clients)]
+
+
+@contextlib.contextmanager
+def seeded_module_random(seed: int) -> Iterator[None]:
+    """The ``random`` module seeded with ``seed`` inside the block; its earlier state is
+    put back on leaving.
+
+    Flower 1.42's SecAgg+ workflow takes no RNG: right after the strategy samples the
+    round's clients it shuffles them with the ``random`` module, and that shuffle decides
+    which neighbours hold shares of each other's secrets, and so whether a round with
+    dropouts can still be unmasked. Seeding the module for the length of one round keeps
+    a run's rounds reproducible (sample, shuffle, evaluation sample, in that order)
+    without leaving the process's RNG changed.
+    """
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved)
