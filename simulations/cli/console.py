@@ -70,14 +70,6 @@ class _BarTask:
         self._bars = console.bars()
         self._id = self._bars.add_task(description, total=total, unit=unit, info="")
 
-    @property
-    def total(self) -> float | None:
-        return self._bars.tasks[self._id].total if self._id < len(self._bars.tasks) else None
-
-    @total.setter
-    def total(self, value: float | None) -> None:
-        self._bars.update(self._id, total=value)
-
     def advance(self, amount: float = 1.0, **fields: Any) -> None:
         update: dict[str, Any] = {"advance": amount}
         if fields:
@@ -88,7 +80,7 @@ class _BarTask:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        task = self._bars.tasks[self._id]
+        task = next(t for t in self._bars.tasks if t.id == self._id)
         if exc[0] is None and task.total is None:
             self._bars.update(self._id, total=task.completed or 1, completed=task.completed or 1)
         self._bars.stop_task(self._id)
