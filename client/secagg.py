@@ -45,18 +45,17 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.app import (
     DATA_ERROR,
-    SIMULATED_DROPOUT,
-    ClientSettings,
-    _data_error,
-    _error_reply,
-    _simulated_fault,
+    DATA_ERRORS,
+    data_error_reply,
+    error_reply,
     evaluate_locally,
     fit_locally,
     global_round,
     merchant_data,
-    process_shard_cache,
-    shard_cache_bytes,
 )
+from client.config import ClientSettings
+from client.faults import SIMULATED_DROPOUT, simulated_fault
+from client.shards import process_shard_cache, shard_cache_bytes
 from common.schema import DataError
 from common.snapshots import Snapshots
 
@@ -144,18 +143,19 @@ def make_secagg_client_app(
         try:
             settings, snaps = merchant_data(context, flat, resolve,
                                             process_shard_cache(cache_bytes))
-        except (DataError, ValueError, FileNotFoundError) as err:
-            return _data_error(msg, err)
+        except DATA_ERRORS as err:
+            return data_error_reply(msg, err)
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         stage = _stage(msg)
         if stage == Stage.SETUP and len(snaps.split_part("train")) == 0:
-            return _error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
+            return error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
         if stage == Stage.COLLECT_MASKED_VECTORS:
-            config = msg.content.config_records.get("fitins.config") or {}
-            fault = _simulated_fault(settings, context.node_config, global_round(config))
+            config: Mapping[str, Any] = msg.content.config_records.get("fitins.config") or {}
+            fault = simulated_fault(settings.client, settings.seed, context.node_config,
+                                    global_round(config))
             if fault:
-                return _error_reply(msg, SIMULATED_DROPOUT, fault)
+                return error_reply(msg, SIMULATED_DROPOUT, fault)
         return call_next(msg, context)
 
     clipping = [fixedclipping_mod] if flat is not None and \
@@ -177,9 +177,11 @@ def _quantisation_guard(msg: Message, context: Context, call_next: Callable[...,
     if msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or state is None:
         return reply
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    settings: Mapping[str, Any] = state  # the mod's own scalars
     problem = quantisation_problem(
         parameters_to_ndarrays(fitres.parameters), fitres.num_examples,
-        float(state["clipping_range"]), int(state["target_range"]), float(state["max_weight"]))
+        float(settings["clipping_range"]), int(settings["target_range"]),
+        float(settings["max_weight"]))
     if problem is not None:
         log.error("secure aggregation: update refused: %s", problem)
         raise ValueError(f"update refused before masking: {problem}")

@@ -141,7 +141,7 @@ def _merchant_snapshots(run: Path, snapshot_config: Any,
         return {m: data.snapshots.subset(ids == m) for m in data.merchants}
     shards = sorted((run / "shards").glob("[0-9][0-9][0-9][0-9][0-9].parquet"))
     if shards:
-        from client.app import ShardCache, shard_cache_bytes
+        from client.shards import ShardCache, shard_cache_bytes
 
         cache = ShardCache(shard_cache_bytes())
         out = {}

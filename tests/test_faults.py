@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from helpers import Simulation, read_jsonl, run_driver
 
-from client.app import planned_fault
 from client.config import ClientConfig
+from client.faults import planned_fault
 from server.checkpoint import load_checkpoint
 from server.rounds import error_summary
 

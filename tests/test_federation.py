@@ -661,7 +661,7 @@ def test_shard_cache_keeps_what_fits_and_drops_the_least_recently_used(
         tmp_path: Path) -> None:
     import dataclasses
 
-    from client.app import ShardCache
+    from client.shards import ShardCache
     from common.config import SnapshotConfig
     from simulations.synth import generate_federation, load_preset, synth_config_from_preset
 
@@ -697,7 +697,7 @@ def test_shard_cache_keeps_what_fits_and_drops_the_least_recently_used(
 
 
 def test_shard_cache_size_comes_from_the_environment_when_the_app_is_built() -> None:
-    from client.app import process_shard_cache, shard_cache_bytes
+    from client.shards import process_shard_cache, shard_cache_bytes
 
     assert shard_cache_bytes({}) == 2048 * 2**20
     assert shard_cache_bytes({"FEDECAY_SHARD_CACHE_MB": "3"}) == 3 * 2**20
@@ -716,6 +716,7 @@ def test_simulation_shards_keep_their_snapshots_beside_them_for_other_processes(
     import os
 
     from client import app as client_app
+    from client import shards
     from common.config import SnapshotConfig
     from simulations.synth import generate_federation, load_preset, synth_config_from_preset
 
@@ -725,13 +726,13 @@ def test_simulation_shards_keep_their_snapshots_beside_them_for_other_processes(
     generate_federation(cfg, seed=3).events.to_parquet(path, index=False)
     snap_cfg = SnapshotConfig()
 
-    def fresh_process() -> client_app.ShardCache:  # another Ray actor: nothing in memory
-        return client_app.ShardCache(max_bytes=2**40)
+    def fresh_process() -> shards.ShardCache:  # another Ray actor: nothing in memory
+        return shards.ShardCache(max_bytes=2**40)
 
     built = fresh_process().load(path, "canonical", None, snap_cfg, disk_cache=True)
     saved = sorted(p.name for p in tmp_path.glob("00000.snapshots-*.npz"))
     assert len(saved) == 1 and not list(tmp_path.glob("*.tmp*"))
-    monkeypatch.setattr(client_app, "_build_shard", lambda *a: pytest.fail("built again"))
+    monkeypatch.setattr(shards, "_build_shard", lambda *a: pytest.fail("built again"))
     loaded = fresh_process().load(path, "canonical", None, snap_cfg, disk_cache=True)
     for field in dataclasses.fields(built):
         np.testing.assert_array_equal(getattr(loaded, field.name).astype(str)

@@ -52,16 +52,16 @@ def _object_npz(path: Path, marker: Path, names: list[str]) -> Path:
 def test_planted_snapshot_files_are_rebuilt_or_refused_never_run(tmp_path: Path) -> None:
     import dataclasses
 
-    from client.app import _load_saved
+    from client.shards import load_saved
     from common.snapshots import Snapshots
 
     marker = tmp_path / "ran"
     names = [f.name for f in dataclasses.fields(Snapshots)]
     cache = _object_npz(tmp_path / "00000.snapshots-0123456789abcdef.npz", marker, names)
-    assert _load_saved(cache) is None  # the client builds the snapshots again
+    assert load_saved(cache) is None  # the client builds the snapshots again
     raw = tmp_path / "00001.snapshots-0123456789abcdef.npz"
     raw.write_bytes(pickle.dumps(Payload(marker)))
-    assert _load_saved(raw) is None
+    assert load_saved(raw) is None
     with pytest.raises(ValueError):
         Snapshots.load(_object_npz(tmp_path / "eval.npz", marker, names))
     assert not marker.exists()
