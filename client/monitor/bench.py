@@ -1,6 +1,6 @@
 """The monitor's throughput and alert latency, measured in process.
 
-Figures, not pass/fail; measured results are kept in ``docs/operators.md``.
+Figures, not pass/fail: example runs and their figures are in ``docs/operators.md``.
 """
 
 from __future__ import annotations
