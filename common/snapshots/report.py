@@ -1,0 +1,78 @@
+"""What the snapshot builder did, and whether its snapshots can join a federation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+
+from common.snapshots.container import SPLITS, Snapshots
+
+
+@dataclasses.dataclass
+class SnapshotReport:
+    """What the builder did: cutoffs per split, counts and label rates."""
+
+    cutoffs: dict[str, list[str]]
+    skipped_cutoffs: list[str]
+    snapshots: dict[str, int]
+    decay_rate: dict[str, float]
+    activation_rows: dict[str, int]
+    interventions_unmatched: int
+    interventions_unobserved: int
+    #: cutoffs per split at which no user was active (they yield no snapshots)
+    empty_cutoffs: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        for s in SPLITS:
+            cut = self.cutoffs.get(s, [])
+            span = f"{cut[0]} .. {cut[-1]}" if cut else "-"
+            lines.append(
+                f"  {s:<5} cutoffs {len(cut):>2} ({span})  snapshots {self.snapshots.get(s, 0):>8,}"
+                f"  decay rate {self.decay_rate.get(s, float('nan')):.3f}"
+                f"  with intervention {self.activation_rows.get(s, 0):>6,}"
+            )
+        empty = {s: n for s, n in self.empty_cutoffs.items() if n}
+        if empty:
+            lines.append("  cutoffs without any active user: " + ", ".join(
+                f"{s} {n}" for s, n in empty.items()))
+        if self.skipped_cutoffs:
+            lines.append(f"  cutoffs left out between splits (label windows would cross): "
+                         f"{len(self.skipped_cutoffs)}")
+        if self.interventions_unmatched or self.interventions_unobserved:
+            lines.append(
+                f"  interventions without an active snapshot: {self.interventions_unmatched:,};"
+                f" response window past the end of the log: {self.interventions_unobserved:,}"
+            )
+        return lines
+
+
+def federation_problems(snaps: Snapshots, report: SnapshotReport,
+                        min_train_snapshots: int) -> list[str]:
+    """Why these snapshots cannot join a federation; empty when they can.
+
+    A merchant needs at least ``min_train_snapshots`` training snapshots (merchants with
+    fewer are left out of a federation) and the log needs snapshots in the validation
+    and test periods, or the model is scored on nothing.
+    """
+    problems = []
+    for i, name in enumerate(SPLITS[1:], 1):
+        if not (snaps.split == i).any():
+            cut = report.cutoffs.get(name, [])
+            problems.append(
+                f"the {'validation' if name == 'val' else 'test'} period has no snapshots "
+                f"(cutoffs {', '.join(cut) or '-'}: no user active in the observation "
+                "window before them); the end of the log is empty or holds a few stray "
+                "late rows: remove them, or lower snapshots.horizon-days / stride-days")
+    train = snaps.split == 0
+    sizes = pd.Series(snaps.merchant_id[train].astype(str)).value_counts()
+    need = max(min_train_snapshots, 1)
+    if not (sizes >= need).any():
+        largest = (f"largest: merchant {sizes.index[0]} with {int(sizes.iloc[0]):,}"
+                   if len(sizes) else "there are none")
+        problems.append(
+            f"no merchant has the {need:,} training snapshots a federation needs "
+            f"(data.min-merchant-snapshots; {largest}); add history, lower "
+            "snapshots.stride-days, or lower data.min-merchant-snapshots")
+    return problems
