@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,9 +69,22 @@ def assess(result: MethodResult, data: PreparedData, exp: Experiment) -> dict[st
         costs = np.array([exp.policy.cost(a) for a in data.actions])
         out["policy"] = metrics.policy_report(
             decision.action_index, test.action[rows], test.activation[rows],
-            test.propensity[rows], truth, data.actions, value=exp.policy.value, costs=costs)
+            test.propensity[rows], truth, data.actions, value=exp.policy.value, costs=costs,
+            seed=exp.seed)
+        out["policy_support"] = policy_support(test.action[rows], data.actions)
         out["policy_mix"] = {a: float(np.mean(decision.action == a)) for a in data.actions}
     return out
+
+
+def policy_support(logged: np.ndarray, actions: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """What the log can support: rows per logged action and whether it has controls.
+
+    Without ``none`` rows nothing compares an action with doing nothing, so no uplift
+    and no policy value can be estimated off-policy from the log.
+    """
+    counts = {a: int(np.count_nonzero(logged == i)) for i, a in enumerate(actions)}
+    return {"logged_rows": int(np.count_nonzero(logged >= 0)), "per_action": counts,
+            "has_control": counts.get("none", 0) > 0}
 
 
 def _train_val(data: PreparedData, merchant: str | None = None) -> tuple[Snapshots, Snapshots]:
@@ -178,8 +192,43 @@ def _empty_predictions(n: int, num_actions: int) -> Predictions:
 
 
 def gbdt_features(snaps: Snapshots) -> np.ndarray:
-    """Aggregate features: recency, frequency, value, interest score, event mix."""
+    """Aggregate features of the non-neural baselines (GBDT, LR): :func:`aggregate_names`."""
     return snaps.static
+
+
+def aggregate_names() -> list[str]:
+    """Names of the columns of :func:`gbdt_features`, in order."""
+    from common.features import STATIC_FEATURES
+
+    return list(STATIC_FEATURES)
+
+
+def _per_action(train: Snapshots, x_train: np.ndarray, actions: list[str],
+                make: Callable[[], Any], done: Callable[[str], None]) -> list[Any]:
+    """T-learner for activation: one classifier per action on the rows logged with it.
+
+    An action with fewer than 30 logged rows or a single outcome gets its observed rate
+    (or the overall one) as a constant ``float``. ``done`` is called with each action.
+    """
+    per_action: list[Any] = []
+    for a, action in enumerate(actions):
+        rows = train.action == a
+        y = train.activation[rows]
+        if rows.sum() >= 30 and 0 < y.mean() < 1:
+            per_action.append(make().fit(x_train[rows], y))
+        else:
+            logged = train.action >= 0
+            per_action.append(float(y.mean()) if rows.any() else float(
+                train.activation[logged].mean() if logged.any() else 0.5))
+        done(action)
+    return per_action
+
+
+def _predict_activation(per_action: list[Any], x: np.ndarray) -> np.ndarray:
+    return np.column_stack([
+        m.predict_proba(x)[:, 1] if not isinstance(m, float) else np.full(len(x), m)
+        for m in per_action
+    ]).reshape(len(x), len(per_action)).astype(np.float32)
 
 
 def run_gbdt(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
@@ -197,35 +246,98 @@ def run_gbdt(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
     x_train = gbdt_features(train)
     common_args = {"max_iter": 200, "learning_rate": 0.05, "early_stopping": True,
                    "validation_fraction": 0.15, "random_state": exp.seed}
-    per_action: list[Any] = []
+    action_args = dict(common_args, max_iter=100, early_stopping=False)
     with progress.task("gbdt", total=2 + len(data.actions), unit="models") as task:
         decay = HistGradientBoostingClassifier(**common_args).fit(x_train, train.decay)
         task.advance(1, model="decay", trees=int(decay.n_iter_))
         interest = HistGradientBoostingRegressor(**common_args).fit(x_train, train.interest)
         task.advance(1, model="interest")
-        for a in range(len(data.actions)):
-            rows = train.action == a
-            y = train.activation[rows]
-            if rows.sum() >= 30 and 0 < y.mean() < 1:
-                args = dict(common_args, max_iter=100, early_stopping=False)
-                per_action.append(HistGradientBoostingClassifier(**args).fit(x_train[rows], y))
-            else:  # too few logged rows: the observed rate (or the overall one)
-                logged = train.action >= 0
-                rate = float(y.mean()) if rows.any() else float(
-                    train.activation[logged].mean() if logged.any() else 0.5)
-                per_action.append(rate)
-            task.advance(1, model=data.actions[a])
+        per_action = _per_action(train, x_train, list(data.actions),
+                                 lambda: HistGradientBoostingClassifier(**action_args),
+                                 lambda a: task.advance(1, model=a))
 
     def predict(snaps: Snapshots) -> Predictions:
         x = gbdt_features(snaps)
-        act = np.column_stack([
-            m.predict_proba(x)[:, 1] if not isinstance(m, float) else np.full(len(x), m)
-            for m in per_action
-        ]).astype(np.float32)
         return {"decay": decay.predict_proba(x)[:, 1].astype(np.float32),
-                "interest": interest.predict(x).astype(np.float32), "activation": act}
+                "interest": interest.predict(x).astype(np.float32),
+                "activation": _predict_activation(per_action, x)}
 
+    hyper = {"decay": {**common_args, "iterations_used": int(decay.n_iter_),
+                       "stopped_early": bool(decay.n_iter_ < common_args["max_iter"])},
+             "interest": {**common_args, "iterations_used": int(interest.n_iter_)},
+             "activation": {**action_args, "kind": "T-learner, one model per action "
+                            "with >= 30 logged rows"}}
     return MethodResult(name="gbdt", val=predict(val_all), test=predict(test),
                         seconds=time.perf_counter() - started,
                         sample_epochs=float(decay.n_iter_ * len(train)),
-                        details={"trees": int(decay.n_iter_)})
+                        details={"trees": int(decay.n_iter_),
+                                 "inputs": aggregate_inputs(), "hyperparameters": hyper})
+
+
+def run_lr(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
+           ) -> MethodResult:
+    """Standardised linear models on the same aggregates as the GBDT, pooled.
+
+    Decay: ``StandardScaler`` + ``LogisticRegression`` (L2, C = 1). Interest: the same
+    scaler + ``Ridge`` (alpha = 1). Activation: the GBDT's T-learner with logistic
+    regressions. Seeded through ``random_state`` (lbfgs itself is deterministic).
+    """
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    started = time.perf_counter()
+    train, val_all, test = splits(data)
+    x_train = gbdt_features(train)
+    lr_args = {"C": 1.0, "solver": "lbfgs", "max_iter": 1000,
+               "random_state": exp.seed}
+
+    def classifier() -> Any:
+        return make_pipeline(StandardScaler(), LogisticRegression(**lr_args))
+
+    with progress.task("lr", total=2 + len(data.actions), unit="models") as task:
+        decay = classifier().fit(x_train, train.decay)
+        task.advance(1, model="decay")
+        interest = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(x_train, train.interest)
+        task.advance(1, model="interest")
+        per_action = _per_action(train, x_train, list(data.actions), classifier,
+                                 lambda a: task.advance(1, model=a))
+
+    def predict(snaps: Snapshots) -> Predictions:
+        x = gbdt_features(snaps)
+        return {"decay": decay.predict_proba(x)[:, 1].astype(np.float32),
+                "interest": interest.predict(x).astype(np.float32),
+                "activation": _predict_activation(per_action, x)}
+
+    iterations = int(np.max(decay[-1].n_iter_))
+    hyper = {"decay": {"scaler": "StandardScaler", **lr_args, "iterations_used": iterations},
+             "interest": {"scaler": "StandardScaler", "model": "Ridge", "alpha": 1.0},
+             "activation": {"scaler": "StandardScaler", **lr_args,
+                            "kind": "T-learner, one model per action with >= 30 logged rows"}}
+    return MethodResult(name="lr", val=predict(val_all), test=predict(test),
+                        seconds=time.perf_counter() - started,
+                        sample_epochs=float(iterations * len(train)),
+                        details={"inputs": aggregate_inputs(), "hyperparameters": hyper})
+
+
+def aggregate_inputs() -> dict[str, Any]:
+    """What GBDT and LR read: one row of aggregates per snapshot."""
+    return {"kind": "aggregates at the cutoff", "features": aggregate_names()}
+
+
+def neural_inputs(exp: Experiment, data: PreparedData) -> dict[str, Any]:
+    """What the LSTM reads: the sequence spec and its static aggregates."""
+    from common.features import NUMERIC_FEATURES, STATIC_FEATURES
+
+    cfg = data.snapshot_config
+    return {"kind": "event sequence + aggregates",
+            "sequence": {"max_len": cfg.max_len,
+                         "per_event": ["event type (embedding)",
+                                       f"category hashed into {cfg.hash_buckets} buckets "
+                                       "(embedding)", *NUMERIC_FEATURES]},
+            "static": list(STATIC_FEATURES)}
+
+
+def neural_hyperparameters(exp: Experiment) -> dict[str, Any]:
+    """The model's and the fit function's settings (the federation's are in results)."""
+    return {"model": dataclasses.asdict(exp.model), "train": dataclasses.asdict(exp.train)}

@@ -1,4 +1,4 @@
-"""Federated vs centralised vs local-only vs GBDT on the same snapshots, seeds and budget.
+"""Federated, centralised and local-only LSTM vs GBDT and LR on the same snapshots and budget.
 
 Writes ``results.json``, ``report.md``, ``report.html`` and PNG plots to the run folder
 (:mod:`simulations.report`), tracks every method (:mod:`simulations.tracking`) and
@@ -16,8 +16,18 @@ from typing import Any
 import numpy as np
 
 from common.progress import SILENT, Progress
-from simulations.baselines import MethodResult, assess, run_centralised, run_gbdt, run_local
+from simulations.baselines import (
+    MethodResult,
+    assess,
+    neural_hyperparameters,
+    neural_inputs,
+    run_centralised,
+    run_gbdt,
+    run_local,
+    run_lr,
+)
 from simulations.experiment import Experiment, PreparedData, prepare, write_json
+from simulations.methods import AGGREGATE_METHODS, METHODS
 from simulations.report import format_table, write_report
 from simulations.tracking import Tracker, final_scalars, open_tracking
 
@@ -38,7 +48,7 @@ def budget_epochs(exp: Experiment) -> int:
 
 
 def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...] = ("fedavg",),
-                   methods: tuple[str, ...] = ("gbdt", "centralised", "local", "federated"),
+                   methods: tuple[str, ...] = METHODS,
                    noise: tuple[float, ...] = (), audit: bool = False,
                    progress: Progress = SILENT) -> Comparison:
     """Run every method on one ``PreparedData`` and write the report.
@@ -78,6 +88,8 @@ def _run_methods(exp: Experiment, data: PreparedData, run_dir: Path, methods: tu
     outcomes: list[MethodResult] = []
     if "gbdt" in methods:
         outcomes.append(run_gbdt(exp, data, progress=progress))
+    if "lr" in methods:
+        outcomes.append(run_lr(exp, data, progress=progress))
     if "centralised" in methods:
         result, model = run_centralised(exp, data, epochs=epochs, progress=progress,
                                         tracker=tracker)
@@ -185,6 +197,7 @@ def _results(exp: Experiment, data: PreparedData, outcomes: list[MethodResult],
                 for r in outcome.details["rounds"]]
         if outcome.name == "centralised":
             entry["history"] = outcome.details.get("history")
+        entry["inputs"], entry["hyperparameters"] = _inputs_and_settings(exp, data, outcome)
         privacy = _spent(outcome)
         if privacy:
             entry["privacy"] = privacy
@@ -197,8 +210,46 @@ def _results(exp: Experiment, data: PreparedData, outcomes: list[MethodResult],
         "budget_epochs": budget_epochs(exp),
         "methods": methods,
         "gain_from_joining": gain_from_joining(methods, sizes),
+        "neural_lead": neural_lead(methods),
         "seconds": seconds,
     }
+
+
+def _inputs_and_settings(exp: Experiment, data: PreparedData, outcome: MethodResult
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a method reads and the settings it trained with (the baselines say their own)."""
+    details = outcome.details
+    if "inputs" in details:
+        return details["inputs"], details.get("hyperparameters", {})
+    settings = neural_hyperparameters(exp)
+    settings["train"]["epochs"] = budget_epochs(exp)  # every neural method's budget
+    if outcome.name == "centralised":
+        settings["train"]["epochs_used"] = details.get("epochs")
+        settings["train"]["best_epoch"] = details.get("best_epoch")
+    if outcome.name.startswith("federated"):
+        fed = exp.federation
+        settings["federation"] = {"strategy": outcome.name.split("-")[1],
+                                  "num_rounds": fed.num_rounds, "local_epochs": fed.local_epochs,
+                                  "fraction_train": fed.fraction_train}
+        settings["train"]["epochs"] = fed.local_epochs  # per round
+    return neural_inputs(exp, data), settings
+
+
+def neural_lead(methods: dict[str, Any]) -> dict[str, Any]:
+    """Decay AUC of the best neural method (centralised, local-only, federated LSTM)
+    minus that of the best non-neural one (GBDT, LR); ``{}`` when a side is missing."""
+    def best(names: list[str]) -> tuple[str, float] | None:
+        scored = [(n, float(methods[n]["decay"]["roc_auc"])) for n in names
+                  if np.isfinite(methods[n]["decay"].get("roc_auc", np.nan))]
+        return max(scored, key=lambda x: x[1]) if scored else None
+
+    neural = best([n for n in methods if n not in AGGREGATE_METHODS])
+    other = best([n for n in methods if n in AGGREGATE_METHODS])
+    if neural is None or other is None:
+        return {}
+    return {"best_neural": neural[0], "best_neural_auc": neural[1],
+            "best_non_neural": other[0], "best_non_neural_auc": other[1],
+            "difference": neural[1] - other[1]}
 
 
 def _spent(outcome: MethodResult) -> dict[str, Any] | None:

@@ -44,7 +44,7 @@ def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         row = [name] + [fmt(m.get(sec, {}).get(key)) for _, sec, key in COLUMNS]
         row.append(fmt(m.get("merchant_spread", {}).get("worst_decile")))
         pol = m.get("policy", {}).get("policy", {})
-        row.append(fmt(pol.get("net_truth", pol.get("net_snips"))))
+        row.append(fmt(pol.get("net_truth", None if policy_caveat(m) else pol.get("net_snips"))))
         row.append(fmt(pol.get("net_regret")))
         row.append(fmt(m["seconds"], ".0f"))
         rows.append(row)
@@ -59,7 +59,18 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    lead = lead_sentence(results)
+    return "\n".join(lines + ([lead] if lead else []))
+
+
+def lead_sentence(results: Mapping[str, Any]) -> str:
+    """How much the best neural method beats the best non-neural one ("" if not both)."""
+    lead = results.get("neural_lead") or {}
+    if not lead:
+        return ""
+    return (f"best neural ({lead['best_neural']}) - best non-neural "
+            f"({lead['best_non_neural']}): {fmt(lead['difference'], '+.4f')} decay AUC "
+            f"({fmt(lead['best_neural_auc'])} vs {fmt(lead['best_non_neural_auc'])})")
 
 
 # ------------------------------------------------------------------------- plots
@@ -79,7 +90,7 @@ def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
             r = [x for x in m["rounds"] if x.get("decay_roc_auc") is not None]
             ax.plot([x["round"] for x in r], [x["decay_roc_auc"] for x in r], marker="o",
                     label=name)
-    for name, style in (("centralised", "--"), ("gbdt", ":")):
+    for name, style in (("centralised", "--"), ("gbdt", ":"), ("lr", "-.")):
         if name in methods:
             ax.axhline(methods[name]["decay"]["roc_auc"], linestyle=style, color="grey",
                        label=f"{name} (final)")
@@ -229,14 +240,54 @@ def report_blocks(results: Mapping[str, Any], plots: Sequence[str],
                   "generator where known."),
         _table(*table_rows(results)),
     ]
+    lead = lead_sentence(results)
+    if lead:
+        blocks.append(Paragraph(lead[0].upper() + lead[1:] + "."))
     blocks += _gain_blocks(results)
     blocks += _policy_blocks(results)
     blocks += _privacy_blocks(results)
+    blocks += _inputs_blocks(results)
     blocks += [Plot(p) for p in plots]
     if config:
         blocks.append(Heading("Configuration"))
         blocks.append(Config(tuple((k, str(v)) for k, v in config.items())))
     return blocks
+
+
+def _inputs_blocks(results: Mapping[str, Any]) -> list[Block]:
+    """Per method: what it reads and the settings it trained with."""
+    rows = []
+    for name, m in results["methods"].items():
+        inputs, settings = m.get("inputs"), m.get("hyperparameters")
+        if not inputs:
+            continue
+        rows.append([name, _describe_inputs(inputs), _describe_settings(settings or {})])
+    if not rows:
+        return []
+    return [Heading("Inputs and settings of each method"),
+            _table(["method", "inputs", "settings"], rows)]
+
+
+def _describe_inputs(inputs: Mapping[str, Any]) -> str:
+    parts = []
+    seq = inputs.get("sequence")
+    if seq:
+        parts.append(f"last {seq['max_len']} events: {', '.join(seq['per_event'])}")
+    feats = inputs.get("features") or inputs.get("static") or []
+    parts.append(f"{len(feats)} aggregates: {', '.join(feats)}")
+    return "; ".join(parts)
+
+
+def _describe_settings(settings: Mapping[str, Any]) -> str:
+    """``part: key=value, ...`` per part, skipping empty values."""
+    parts = []
+    for part, values in settings.items():
+        if isinstance(values, Mapping):
+            items = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+            parts.append(f"{part}: {items}")
+        else:
+            parts.append(f"{part}={values}")
+    return "; ".join(parts)
 
 
 def _gain_blocks(results: Mapping[str, Any]) -> list[Block]:
@@ -254,22 +305,60 @@ def _gain_blocks(results: Mapping[str, Any]) -> list[Block]:
                     "merchants gaining"], rows)]
 
 
+def policy_caveat(method: Mapping[str, Any]) -> str:
+    """Why a method's off-policy value is not worth a number ("" when it is, or when the
+    generator's true value is known)."""
+    pol = method.get("policy", {}).get("policy", {})
+    if not pol or "net_truth" in pol:
+        return ""
+    support = method.get("policy_support") or {}
+    if support and not support.get("has_control"):
+        logged = ", ".join(f"{a} {n:,}" for a, n in support.get("per_action", {}).items() if n)
+        return (f"the log has no control (none) rows (logged: {logged or 'nothing'}), so no "
+                "uplift and no off-policy value can be estimated")
+    if pol.get("matched", 1) == 0:
+        return (f"the policy never chose the logged action on the {pol.get('logged', 0):,} "
+                "logged rows (no overlap), so its off-policy value is undefined")
+    return ""
+
+
+def _interval(v: Mapping[str, Any], key: str) -> str:
+    low, high = v.get(f"{key}_low"), v.get(f"{key}_high")
+    return f"{fmt(low)}-{fmt(high)}" if low is not None else "-"
+
+
 def _policy_blocks(results: Mapping[str, Any]) -> list[Block]:
+    caveats = [(n, policy_caveat(m)) for n, m in results["methods"].items() if "policy" in m]
+    if caveats and all(c for _, c in caveats):
+        reasons = dict.fromkeys(c for _, c in caveats)
+        return [Heading("Policy value"),
+                Paragraph("No policy value: " + "; ".join(
+                    f"{r} ({', '.join(n for n, c in caveats if c == r)})" for r in reasons)
+                    + ".")]
     blocks: list[Block] = []
     for name, m in results["methods"].items():
         if "policy" in m:  # reference policies are the same for every method
             pol = m["policy"]
-            keys = list(pol["policy"])
+            keys = [k for k in pol["policy"] if not k.endswith(("_low", "_high"))]
             blocks += [Heading(f"Reference policies (policy row: {name})"),
-                       _table(["policy", *keys], [[p, *(fmt(v.get(k)) for k in keys)]
-                                                  for p, v in pol.items()])]
+                       _table(["policy", *keys],
+                              [[p, *(fmt(v.get(k), ".0f" if k in ("logged", "matched")
+                                         else ".4f") for k in keys)]
+                               for p, v in pol.items()])]
             break
     rows = [(n, m["policy"]["policy"]) for n, m in results["methods"].items() if "policy" in m]
     if rows:
         blocks += [Heading("Policy value per method (net value per targeted user)"),
-                   _table(["method", "net_truth", "net_snips", "net_regret"],
+                   _table(["method", "net_truth", "net_snips", "net_snips 95% CI",
+                           "matched / logged rows", "net_regret"],
                           [[n, fmt(v.get("net_truth")), fmt(v.get("net_snips")),
+                            _interval(v, "net_snips"),
+                            f"{v.get('matched', '-')} / {v.get('logged', '-')}",
                             fmt(v.get("net_regret"))] for n, v in rows])]
+        blocks += [Paragraph(f"{n}: {c}.") for n, c in caveats if c]
+        blocks.append(Paragraph("Off-policy values (IPS, SNIPS) rest on the logged rows "
+                                "whose action the policy would also have chosen (matched); "
+                                "intervals: seeded percentile bootstrap over logged rows."))
     return blocks
 
 

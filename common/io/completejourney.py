@@ -1,4 +1,21 @@
-"""Dunnhumby's Complete Journey: transactions as purchases, campaigns as interventions."""
+"""Dunnhumby's Complete Journey: transactions as purchases, campaigns as interventions.
+
+What the interventions can and cannot support. ``campaigns.csv`` lists the households a
+campaign *targeted*; it logs no untargeted household and no random assignment. So every
+intervention row is a ``coupon`` and there is no ``none`` control row:
+
+- they can train and evaluate the activation head's ``coupon`` output (did a targeted
+  household re-engage within the response window), i.e. P(re-engage | coupon) among
+  the households the retailer chose;
+- they cannot estimate uplift (coupon against nothing), a Qini coefficient, or the
+  off-policy value (IPS/SNIPS) of a policy that ever chooses ``none`` or another action:
+  the comparison's report says so instead of printing a number;
+- treating the active households a campaign did not target as its controls would need
+  targeting to be as good as random given the features; the retailer chose them on
+  purpose (``campaign_descriptions`` types A-C), so this adapter does not, and the
+  ``propensity`` it writes (the targeted share of all households) is a base rate, not
+  the probability a logging policy gave each household.
+"""
 
 from __future__ import annotations
 

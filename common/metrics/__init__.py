@@ -13,12 +13,19 @@ from common.metrics.arrays import NAN
 from common.metrics.decay import choose_threshold, decay_metrics, top_decile_lift
 from common.metrics.interest import interest_metrics
 from common.metrics.merchants import per_merchant, spread
-from common.metrics.policy import ips_value, policy_report, policy_value_truth, snips_value
+from common.metrics.policy import (
+    bootstrap_off_policy,
+    ips_value,
+    policy_report,
+    policy_value_truth,
+    snips_value,
+)
 from common.metrics.uplift import activation_metrics, qini_coefficient
 
 __all__ = [
     "NAN",
     "activation_metrics",
+    "bootstrap_off_policy",
     "choose_threshold",
     "decay_metrics",
     "interest_metrics",

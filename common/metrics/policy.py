@@ -1,4 +1,9 @@
-"""Policy values: off-policy estimates (IPS, SNIPS) from the log, and the true value."""
+"""Policy values: off-policy estimates (IPS, SNIPS) from the log, and the true value.
+
+An off-policy estimate is only as good as the log's overlap with the policy: every
+estimate comes with the rows it rests on (``logged``, ``matched``) and a seeded
+bootstrap interval over the logged rows.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,37 @@ def _off_policy(pi_logged: np.ndarray, logged: np.ndarray, outcome: np.ndarray,
     ips = float(wy.mean())
     snips = float(wy.sum() / w.sum()) if w.sum() > 0 else NAN
     return ips, snips
+
+
+def bootstrap_off_policy(pi_logged: np.ndarray, logged: np.ndarray, outcome: np.ndarray,
+                         propensity: np.ndarray, *, seed: int = 0, draws: int = 200,
+                         level: float = 0.95) -> dict[str, float]:
+    """Percentile bootstrap interval of IPS and SNIPS, resampling the logged rows.
+
+    Returns ``ips_low``, ``ips_high``, ``snips_low``, ``snips_high`` (``nan`` without a
+    logged row a policy agrees with). The same ``seed`` draws the same resamples for
+    every policy, so the intervals of two policies are paired.
+    """
+    rows = np.flatnonzero(logged >= 0)
+    w = pi_logged[rows] / propensity[rows]
+    if len(rows) == 0 or not np.any(w > 0):
+        return {"ips_low": NAN, "ips_high": NAN, "snips_low": NAN, "snips_high": NAN}
+    wy = w * outcome[rows]
+    n = len(rows)
+    rng = np.random.default_rng(seed)
+    ips, snips = np.empty(draws), np.full(draws, np.nan)
+    for b in range(draws):
+        pick = rng.integers(0, n, n)
+        total = w[pick].sum()
+        ips[b] = wy[pick].sum() / n
+        if total > 0:
+            snips[b] = wy[pick].sum() / total
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(ips, [tail, 100 - tail])
+    s_low, s_high = (np.nanpercentile(snips, [tail, 100 - tail]) if np.isfinite(snips).any()
+                     else (NAN, NAN))
+    return {"ips_low": float(low), "ips_high": float(high), "snips_low": float(s_low),
+            "snips_high": float(s_high)}
 
 
 def _logged_arrays(chosen: Any, logged: Any, outcome: Any, propensity: Any
@@ -77,6 +113,7 @@ def policy_report(
     actions: Sequence[str] = DEFAULT_ACTIONS,
     value: float | None = None,
     costs: Any | None = None,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Value of a policy and of the comparison policies, in re-engagement probability.
 
@@ -92,6 +129,11 @@ def policy_report(
     net = ``value * P - mean cost of the actions taken`` (over the rows the estimate
     uses). The oracle's net value is that of the row-wise best *net* action, so it
     can differ from the action maximising P. The oracle has no IPS/SNIPS (``nan``).
+
+    Each entry also says what its estimates rest on: ``logged`` (rows with a logged
+    action), ``matched`` (logged rows the policy could have chosen the logged action
+    on; 0 = no overlap, the estimates mean nothing) and a 95 % bootstrap interval
+    (``ips_low`` ... ``snips_high``, and ``net_*`` ones with net values; ``seed``).
     """
     c, lg, y, p = _logged_arrays(chosen, logged, outcome, propensity)
     n_actions = len(actions)
@@ -118,12 +160,17 @@ def policy_report(
     def entry(pi_logged: np.ndarray, mean_cost_log: float, true_value: float,
               mean_cost_all: float) -> dict[str, float]:
         ips, snips = _off_policy(pi_logged, lg, y, p)
-        out = {"ips": ips, "snips": snips}
+        out = {"ips": ips, "snips": snips, "logged": int(has_log.sum()),
+               "matched": int(np.count_nonzero(pi_logged[has_log] > 0))}
+        interval = bootstrap_off_policy(pi_logged, lg, y, p, seed=seed)
+        out.update(interval)
         if tr is not None:
             out["truth"] = true_value
         if net:
             out["net_ips"] = worth * ips - mean_cost_log
             out["net_snips"] = worth * snips - mean_cost_log
+            for key, bound in interval.items():
+                out[f"net_{key}"] = worth * bound - mean_cost_log
             if tr is not None:
                 out["net_truth"] = worth * true_value - mean_cost_all
         return out
@@ -144,7 +191,8 @@ def policy_report(
     for j, name in enumerate(actions):
         report[f"always_{name}"] = deterministic(np.full(len(c), j))
     if tr is not None:
-        oracle = {"ips": NAN, "snips": NAN, "truth": mean(tr.max(axis=1))}
+        oracle = {"ips": NAN, "snips": NAN, "truth": mean(tr.max(axis=1)),
+                  "logged": int(has_log.sum()), "matched": 0}
         if net:
             oracle["net_ips"] = oracle["net_snips"] = NAN
             oracle["net_truth"] = mean((worth * tr - cost).max(axis=1))

@@ -20,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simulations.methods import METHODS as METHODS  # light: no pandas, no TensorFlow
+
 if TYPE_CHECKING:
     from simulations.experiment import Experiment
 
@@ -30,7 +32,6 @@ FORMATS: tuple[str, ...] = ("auto", "canonical", "taobao", "retailrocket", "comp
 BAD_ROWS: tuple[str, ...] = ("error", "skip")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",
                                "fedtrimmedavg", "fedmedian", "krum")
-METHODS: tuple[str, ...] = ("gbdt", "centralised", "local", "federated")
 TRAIN_MODES: tuple[str, ...] = ("centralised", "local", "gbdt")  # simulations.single's
 #: File names ``score --out`` writes (client.scoring.scores_path accepts the same).
 SCORE_FILES: tuple[str, ...] = (".csv", ".parquet", ".pq")

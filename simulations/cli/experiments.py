@@ -174,8 +174,9 @@ def compare(
         help=f"Comma-separated federated strategies: {', '.join(checks.STRATEGIES)}.")
     ] = "fedavg",
     methods: Annotated[str, typer.Option(
-        metavar="NAMES", help="Comma-separated subset of gbdt, centralised, local, "
-                              "federated.")] = "gbdt,centralised,local,federated",
+        metavar="NAMES", help=f"Comma-separated subset of {', '.join(checks.METHODS)} "
+                              "(gbdt and lr read the aggregates, the others train the "
+                              "LSTM).")] = ",".join(checks.METHODS),
     noise: Annotated[str, typer.Option(
         metavar="Z,Z,...", show_default="none",
         help="Noise multipliers to sweep, e.g. 0,0.5,1,2: one federated run each with "
@@ -186,7 +187,7 @@ def compare(
         help="Membership-inference audit of the federated and centralised models "
              "(implied by --noise).")] = False,
 ) -> None:
-    """Federated vs centralised vs local-only vs GBDT on the same snapshots and budget."""
+    """Federated vs centralised vs local-only vs GBDT and LR on the same snapshots and budget."""
     console = current()
     chosen_strategies = checks.names(strategies, checks.STRATEGIES, "--strategies")
     chosen_methods = checks.names(methods, checks.METHODS, "--methods")

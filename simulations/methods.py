@@ -1,0 +1,11 @@
+"""The comparison's methods, in the report's order: the one list the CLI checks against.
+
+Kept free of heavy imports so the command line can validate ``--methods`` before
+pandas or TensorFlow load.
+"""
+
+from __future__ import annotations
+
+METHODS: tuple[str, ...] = ("gbdt", "lr", "centralised", "local", "federated")
+#: The non-neural methods: they read the snapshots' aggregates; the others train the LSTM.
+AGGREGATE_METHODS: tuple[str, ...] = ("gbdt", "lr")
