@@ -158,10 +158,9 @@ def weights_of(model: keras.Model) -> list[np.ndarray]:
 def set_weights_of(model: keras.Model, arrays: list[np.ndarray]) -> None:
     """Assign ``arrays`` to the model's weights (as ``set_weights``) in one compiled call.
 
-    Keras assigns variable by variable in eager mode: a client pays that twice a
-    message (the global weights in, its own out), 5-10 ms in a Ray actor here, a
-    sixth of a small merchant's training. A wrong count or shape raises ValueError,
-    as Keras' ``set_weights`` does.
+    Keras assigns variable by variable in eager mode, which a client would pay twice a
+    message (the global weights in, its own out; figures in ``docs/performance.md``).
+    A wrong count or shape raises ValueError, as Keras' ``set_weights`` does.
     """
     _weight_io(model)[0](arrays)
 

@@ -244,8 +244,8 @@ def _run_steps(model: keras.Model, kind: str, x: dict[str, np.ndarray],
     order; the mean loss over the batches.
 
     One compiled call does every batch: Keras' ``fit`` and ``evaluate`` build a data
-    pipeline and callbacks per call (0.1-0.2 s here), more than a merchant's whole epoch
-    of compute, and ``fit`` adds a few ms per step on top.
+    pipeline and callbacks per call, which costs more than a small merchant's whole
+    epoch of compute (``docs/performance.md``), and ``fit`` adds time per step on top.
     """
     steps = len(sample_weight["decay"]) // batch
 
@@ -282,8 +282,8 @@ def predict(model: keras.Model, snaps: Snapshots, batch: int = EVAL_BATCH,
     """Head outputs: ``decay`` [N], ``interest`` [N], ``activation`` [N, A].
 
     Runs ``predict_on_batch`` on fixed batch shapes: ``model.predict`` sets up a data
-    pipeline per call (0.1-0.5 s here), which the server pays every round and a client
-    every evaluate message. Rows are padded up to ``batch`` or the smallest of
+    pipeline per call, which the server would pay every round and a client every
+    evaluate message (``docs/performance.md``). Rows are padded up to ``batch`` or the smallest of
     ``buckets`` that holds them (padding repeats a real row and is dropped), so XLA
     compiles once per shape.
     """
