@@ -21,8 +21,8 @@ import tensorflow as tf
 
 from common import keras_seam, metrics
 from common.config import TrainConfig
+from common.model import model_inputs, set_weights_of, targets, weights_of
 from common.model import num_actions as model_actions
-from common.model import set_weights_of, targets, weights_of
 from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def fit(
     if len(train) == 0:
         raise ValueError("fit: no training snapshots")
     num_actions = model_actions(model)
-    x_all, y_all = train.inputs(), targets(train, num_actions)
+    x_all, y_all = model_inputs(model, train), targets(train, num_actions)
     weights = decay_sample_weights(train, config.class_weight)
     has_val = val is not None and len(val) > 0
     _state_reset(model)(tf.constant(seed, tf.int64))
@@ -167,7 +167,7 @@ def fit(
         sw = {"decay": w, "interest": real, "activation": real}
         loss = _run_steps(trainer, "train", x, y, sw, config.batch_size)
         row = {"epoch": float(epoch), "loss": loss}
-        if has_val:
+        if has_val and val is not None:
             row["val_loss"] = validation_loss(model, val)
         history.append(row)
         if on_epoch is not None:
@@ -228,7 +228,7 @@ def validation_loss(model: keras.Model, snaps: Snapshots) -> float:
     """
     num_actions = model_actions(model)
     idx, live = _padded_order(np.arange(len(snaps)), VAL_BATCH)
-    x = {k: v[idx] for k, v in snaps.inputs().items()}
+    x = {k: v[idx] for k, v in model_inputs(model, snaps).items()}
     y = {k: v[idx] for k, v in targets(snaps, num_actions).items()}
     y["activation"][~live] = -1.0
     w = live.astype(np.float32)
@@ -293,7 +293,7 @@ def predict(model: keras.Model, snaps: Snapshots, batch: int = EVAL_BATCH,
         return {"decay": np.zeros(0, np.float32), "interest": np.zeros(0, np.float32),
                 "activation": np.zeros((0, num_actions), np.float32)}
     sizes = sorted({int(b) for b in buckets if 0 < b < batch} | {batch})
-    x_all = snaps.inputs()
+    x_all = model_inputs(model, snaps)
     parts: list[dict[str, np.ndarray]] = []
     for lo in range(0, n, batch):
         m = min(batch, n - lo)

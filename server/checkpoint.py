@@ -110,7 +110,7 @@ def save_checkpoint(directory: Path, round_number: int, payload: dict[str, Any],
     members[_DIGEST] = np.frombuffer(_digest(meta, arrays).encode(), np.uint8)
     path = checkpoint_path(directory, round_number)
     with atomic.replacing(path) as tmp:
-        np.savez(tmp, **members)
+        np.savez(tmp, allow_pickle=False, **members)
     for old in list_checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)
     return path

@@ -56,7 +56,7 @@ def num_sampled(fed: FederationConfig, population: int) -> int:
     return max(int(population * fed.fraction_train), fed.min_train_nodes)
 
 
-def _screened(base: type) -> type:
+def _screened(base: Any) -> type:
     """``base`` (a Flower DP wrapper) with the guard's reply checks run before clipping."""
 
     def aggregate_train(self: Any, server_round: int, replies: Iterable[Message]
