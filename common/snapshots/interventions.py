@@ -19,7 +19,6 @@ def attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: SortedLog
     ``intervention-window-days``; the first one counts. Returns (interventions with no
     such snapshot, interventions whose response window runs past the end of the log).
     """
-    actions = list(config.actions)
     merchant = (interventions["merchant_id"].astype(str).to_numpy(dtype=object)
                 if "merchant_id" in interventions
                 else np.full(len(interventions), "local", dtype=object))
@@ -28,14 +27,7 @@ def attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: SortedLog
     lookup = pd.MultiIndex.from_arrays([lg.merchant_ids, lg.user_ids])
     code = lookup.get_indexer(pair).astype(np.int64)
     t_int = (pd.DatetimeIndex(interventions["timestamp"]) - lg.t0).total_seconds().to_numpy()
-    action = pd.Index(actions).get_indexer(interventions["action"].astype(str))
-    if (action < 0).any():
-        bad = sorted(set(interventions["action"].astype(str)[action < 0]))[:5]
-        raise DataError(f"interventions: unknown action(s) {bad}; configured actions: {actions}")
-    prop = interventions["propensity"].to_numpy(dtype=np.float64, na_value=np.nan) \
-        if "propensity" in interventions else np.full(len(interventions), np.nan)
-    shares = np.bincount(action, minlength=len(actions)) / max(len(action), 1)
-    prop = np.where(np.isfinite(prop) & (prop > 0), prop, shares[action])
+    action, prop = _actions_and_propensities(interventions, list(config.actions))
 
     window = config.intervention_window_days * DAY
     response = config.response_days * DAY
@@ -60,18 +52,37 @@ def attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: SortedLog
     chosen = np.flatnonzero(matched)[first_idx][keep]
     target_rows = rows_sorted[keep]
 
-    # Re-engagement: a qualifying event in (t_int, t_int + response].
-    engage = lg.event == EVENT_TYPES.index("purchase") if config.reengage_event == "purchase" \
-        else np.ones(len(lg.event), dtype=bool)
-    ekey = lg.key[engage]
-    c = code[chosen]
-    lo = np.searchsorted(ekey, c * lg.span + np.floor(t_int[chosen]).astype(np.int64), side="right")
-    hi = np.searchsorted(ekey, c * lg.span + np.floor(t_int[chosen] + response).astype(np.int64),
-                         side="right")
     snaps.action[target_rows] = action[chosen]
-    snaps.activation[target_rows] = (hi > lo).astype(np.float32)
+    snaps.activation[target_rows] = _reengaged(lg, code[chosen], t_int[chosen], response,
+                                               config).astype(np.float32)
     snaps.propensity[target_rows] = prop[chosen].astype(np.float32)
     snaps.intervention[target_rows] = chosen
     unobserved = int((ok & ~observed).sum())
     unmatched = int((~ok).sum())
     return unmatched, unobserved
+
+
+def _actions_and_propensities(interventions: pd.DataFrame, actions: list[str]
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """Each intervention's action index and logging propensity; a missing or invalid
+    propensity is the action's share of all interventions."""
+    action = pd.Index(actions).get_indexer(interventions["action"].astype(str))
+    if (action < 0).any():
+        bad = sorted(set(interventions["action"].astype(str)[action < 0]))[:5]
+        raise DataError(f"interventions: unknown action(s) {bad}; configured actions: {actions}")
+    prop = interventions["propensity"].to_numpy(dtype=np.float64, na_value=np.nan) \
+        if "propensity" in interventions else np.full(len(interventions), np.nan)
+    shares = np.bincount(action, minlength=len(actions)) / max(len(action), 1)
+    return action, np.where(np.isfinite(prop) & (prop > 0), prop, shares[action])
+
+
+def _reengaged(lg: SortedLog, code: np.ndarray, t_int: np.ndarray, response: float,
+               config: SnapshotConfig) -> np.ndarray:
+    """Whether each user ``code`` had a qualifying event in ``(t_int, t_int + response]``."""
+    engage = lg.event == EVENT_TYPES.index("purchase") if config.reengage_event == "purchase" \
+        else np.ones(len(lg.event), dtype=bool)
+    ekey = lg.key[engage]
+    lo = np.searchsorted(ekey, code * lg.span + np.floor(t_int).astype(np.int64), side="right")
+    hi = np.searchsorted(ekey, code * lg.span + np.floor(t_int + response).astype(np.int64),
+                         side="right")
+    return hi > lo
