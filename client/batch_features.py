@@ -21,11 +21,11 @@ import pandas as pd
 from common.config import SnapshotConfig
 from common.features import (
     DAY,
-    STATIC_FEATURES,
     TAU_SPAN,
     SortedLog,
     features_at,
     hash_categories,
+    kept_days,
     key_span,
     ranges,
 )
@@ -69,7 +69,8 @@ class UserEvents:
     """Some users' recent events as numpy columns, with whole-history aggregates.
 
     The columns must hold, per user, a *suffix* of the user's history before the cutoff
-    that covers the observation window and the last ``max_len + 1`` events (the one
+    that covers ``common.features.kept_days`` (the observation window and the cadence
+    features' count windows) and the last ``max_len + 1`` events (the one
     before the sequence gives the first step's gap). Everything older only enters the
     snapshot through the aggregates: ``interest`` (I at the cutoff), ``n_history`` and
     ``first_ns`` (tenure). The batch scorer and the monitor both describe users this way.
@@ -89,17 +90,13 @@ class UserEvents:
     first_ns: np.ndarray  # int64 [U] time of the user's first event
 
 
-_STATIC = {name: STATIC_FEATURES.index(name) for name in ("log_n_history", "log_tenure_days")}
-
-
 def build_features(users: UserEvents, at_ns: int, config: SnapshotConfig) -> Snapshots:
     """Unlabelled snapshots at ``at_ns`` (a whole second after every event of ``users``).
 
     The same numbers as ``common.snapshots.unlabelled_snapshots`` on the users' full
     logs: :func:`common.features.features_at` runs on the columns (a ``SortedLog`` built
     here without ``SortedLog.from_events``' per-event string work) with the users'
-    interest, and the two other whole-history features (history length, tenure) are set
-    from the aggregates.
+    interest, history length and first event's time (tenure, mean gap over the history).
     """
     n_users = len(users.user_ids)
     t0 = pd.Timestamp(int(users.ns.min()) if len(users.ns) else at_ns, unit="ns",
@@ -118,11 +115,9 @@ def build_features(users: UserEvents, at_ns: int, config: SnapshotConfig) -> Sna
         span=span, user_start=user_start, user_ids=users.user_ids,
         merchant_ids=users.merchant_ids, t0=t0, t_end=at,
     )
-    feats = features_at(lg, at, config, interest=users.interest)
+    feats = features_at(lg, at, config, interest=users.interest, n_history=users.n_history,
+                        first_t=(users.first_ns - t0.value) / 1e9)
     rows = feats.users
-    feats.static[:, _STATIC["log_n_history"]] = np.log1p(users.n_history[rows])
-    feats.static[:, _STATIC["log_tenure_days"]] = np.log1p(
-        (at_ns - users.first_ns[rows]) / 1e9 / DAY)
     return Snapshots.unlabelled(feats, users.user_ids[rows], users.merchant_ids[rows],
                                 pd.Timestamp(at_ns, unit="ns").to_datetime64())
 
@@ -325,8 +320,11 @@ def batch_features(events: pd.DataFrame, at: Any, snap_cfg: SnapshotConfig, *,
     window = _search_runs(ns, start, before, window_start)
     active = window < before
     by_name = by_name[active[by_name]]
-    # Rows a snapshot looks at: the observation window and the last max_len + 1 events.
-    kept = np.minimum(before - start, np.maximum(before - window, cfg.max_len + 1))
+    # Rows a snapshot looks at: kept_days (the observation window and the count windows
+    # of the cadence features) and the last max_len + 1 events.
+    keep_from = _search_runs(ns, start, before,
+                             at_ns - int(round(kept_days(cfg) * DAY * _SECOND)) - _SECOND)
+    kept = np.minimum(before - start, np.maximum(before - keep_from, cfg.max_len + 1))
     tau = cfg.tau_days * DAY
     weights = np.asarray(cfg.event_weights, dtype=np.float64)
     log.info("%d users active at %s (%d of %d events needed)", len(by_name),

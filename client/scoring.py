@@ -22,7 +22,7 @@ import pandas as pd
 from client.batch_features import batch_features
 from common import atomic
 from common.config import PolicyConfig, SnapshotConfig
-from common.features import NUMERIC_FEATURES, STATIC_FEATURES
+from common.features import NUMERIC_FEATURES
 from common.policy import choose_actions
 from common.progress import SILENT, Progress, Task
 from common.snapshots import Snapshots
@@ -74,7 +74,7 @@ def warm_up(model: keras.Model, sizes: Sequence[int] = (1024,)) -> None:
             "events": np.ones((size, length), np.int32),
             "categories": np.ones((size, length), np.int32),
             "numeric": np.zeros((size, length, len(NUMERIC_FEATURES)), np.float32),
-            "static": np.zeros((size, len(STATIC_FEATURES)), np.float32),
+            "static": np.zeros((size, int(model.input["static"].shape[-1])), np.float32),
         })
 
 

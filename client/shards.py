@@ -25,6 +25,7 @@ import numpy as np
 from client.config import ClientConfig
 from common import atomic
 from common.config import SnapshotConfig
+from common.features import AGGREGATE_FEATURES
 from common.schema import DataError
 from common.snapshots import Snapshots, build_snapshots
 
@@ -136,7 +137,7 @@ def snapshot_file(path: str, interventions: str | None, config: SnapshotConfig) 
     each actor builds every merchant's snapshots itself, at many times the cost of
     loading them.
     """
-    stamp = [repr(config)]
+    stamp = [repr(config), ",".join(AGGREGATE_FEATURES)]  # new features: new file
     for name in (path, interventions):
         if name:
             st = os.stat(name)

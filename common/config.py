@@ -199,6 +199,9 @@ class ModelConfig:
     loss_weight_interest: float = 0.3
     loss_weight_activation: float = 0.5
     interest_loss: str = "huber"
+    # Off by default so the LSTM's inputs (and figures) stay as they were; GBDT and LR
+    # read the cadence aggregates (common.features.CADENCE_FEATURES) either way.
+    cadence_features: bool = False
     # XLA doubles training throughput but compiles for ~25 s in every new process: worth
     # it when a process trains many rounds (simulation), not when it trains once (a
     # deployed ClientApp runs each message in a fresh process).

@@ -36,8 +36,39 @@ STATIC_FEATURES: tuple[str, ...] = (
     "log_tenure_days",
     "log_n_categories",
 )
+#: Purchase cadence at the cutoff, after ``STATIC_FEATURES`` in ``Features.static``. Gaps
+#: in days, each ``log1p``-ed. "window": gaps between consecutive events inside the
+#: observation window; "recent": the last ``max_len`` gaps before the cutoff (the events
+#: the batch scorer and the monitor keep, so every path computes the same number);
+#: "history" mean: (last - first event) / (events - 1), exact over the whole history.
+#: A statistic without a gap (a single event) is the observation window's length, its
+#: spread 0. GBDT and LR read them; the LSTM only with ``model.cadence-features``.
+CADENCE_FEATURES: tuple[str, ...] = (
+    "log_gap_window_mean_days",
+    "log_gap_window_median_days",
+    "log_gap_window_std_days",
+    "log_gap_last_days",
+    "log_gap_history_mean_days",
+    "log_gap_recent_median_days",
+    "log_gap_recent_std_days",
+    "log_recency_over_gap",  # recency / recent median gap (floored at one hour)
+    "log_n_last_7d",
+    "log_n_last_30d",
+    "log_value_per_event",  # value sum / events in the observation window
+)
+#: Every aggregate column of ``Features.static``, in order.
+AGGREGATE_FEATURES: tuple[str, ...] = (*STATIC_FEATURES, *CADENCE_FEATURES)
+#: The count windows of the cadence features, in days.
+COUNT_WINDOWS_DAYS: tuple[float, ...] = (7.0, 30.0)
 #: Events older than this many tau before a cutoff add less than e^-30 to I(T): skipped.
 TAU_SPAN = 30.0
+
+
+def kept_days(config: SnapshotConfig) -> float:
+    """Days before a cutoff whose events a snapshot reads besides its last ``max_len + 1``:
+    the observation window or the longest count window. The batch scorer and the monitor
+    keep them."""
+    return max(config.observation_days, *COUNT_WINDOWS_DAYS)
 
 
 def hash_categories(categories: np.ndarray | pd.Series, buckets: int) -> np.ndarray:
@@ -199,13 +230,14 @@ class Features:
     events: np.ndarray  # int32 [N, L]; 0 pads, 1..5 = EVENT_TYPES (pre-padded: latest last)
     categories: np.ndarray  # int32 [N, L]; 0 pads, 1..hash_buckets
     numeric: np.ndarray  # float32 [N, L, 3]; NUMERIC_FEATURES
-    static: np.ndarray  # float32 [N, S]; STATIC_FEATURES
+    static: np.ndarray  # float32 [N, S]; AGGREGATE_FEATURES (STATIC, then CADENCE)
     interest_now: np.ndarray  # float64 [N]; I(at)
     fading_category: np.ndarray  # object [N]; category whose interest fell most
 
 
 def features_at(lg: SortedLog, at: float, config: SnapshotConfig,
-                interest: np.ndarray | None = None) -> Features:
+                interest: np.ndarray | None = None, n_history: np.ndarray | None = None,
+                first_t: np.ndarray | None = None) -> Features:
     """Sequences and aggregate features of users active in [at - observation, at).
 
     Parameters
@@ -215,6 +247,9 @@ def features_at(lg: SortedLog, at: float, config: SnapshotConfig,
     config : sequence length, windows, tau and hash buckets.
     interest : I(at) of every user of ``lg`` when the caller knows it (the batch
         scorer's ``lg`` holds only recent events); by default computed from ``lg``.
+    n_history, first_t : per user of ``lg``, the events before ``at`` and the first
+        event's time (seconds since ``lg.t0``) over the whole history, when ``lg``
+        holds only recent events; by default from ``lg``.
     """
     tau = config.tau_days * DAY
     all_users = np.arange(len(lg.user_start), dtype=np.int64)
@@ -256,20 +291,75 @@ def features_at(lg: SortedLog, at: float, config: SnapshotConfig,
     value_sum = np.bincount(rows, weights=lg.value[win], minlength=n_active)
     n_cats = _distinct_per_row(rows, lg.cat_code[win], n_active, len(lg.cat_names))
     recency = (at - lg.t[end - 1]) / DAY
-    tenure = (at - lg.t[start]) / DAY
+    history = (end - start) if n_history is None else n_history[users]
+    first = lg.t[start] if first_t is None else first_t[users]
+    tenure = (at - first) / DAY
     static = np.column_stack([
         np.log1p(interest_now),
         np.log1p(counts),
         np.log1p(recency),
         np.log1p(value_sum),
-        np.log1p(end - start),
+        np.log1p(history),
         np.log1p(tenure),
         np.log1p(n_cats),
+        _cadence(lg, at, config, begin, end, start, rows, win, value_sum, recency,
+                 history, first),
     ]).astype(np.float32)
 
     fading = _fading_category(lg, idx, valid, at, tau, config.horizon_days * DAY)
     return Features(users, event_ids.astype(np.int32), cat_ids.astype(np.int32), numeric,
                     static, interest_now, fading)
+
+
+def _cadence(lg: SortedLog, at: float, config: SnapshotConfig, begin: np.ndarray,
+             end: np.ndarray, start: np.ndarray, rows: np.ndarray, win: np.ndarray,
+             value_sum: np.ndarray, recency: np.ndarray, history: np.ndarray,
+             first: np.ndarray) -> np.ndarray:
+    """``CADENCE_FEATURES`` of the active users (rows of the window's events ``win``)."""
+    n = len(end)
+    empty = config.observation_days  # a statistic without a gap
+    # Window gaps: each window event after the user's first one in the window.
+    inner = win > np.repeat(begin, end - begin)
+    w_rows, w_gap = rows[inner], (lg.t[win[inner]] - lg.t[win[inner] - 1]) / DAY
+    w_mean, w_median, w_std = _row_stats(w_rows, w_gap, n, empty)
+    # Recent gaps: the last max_len events whose previous event is in the user's log.
+    r_begin = np.maximum(start + 1, end - config.max_len)
+    r_begin = np.minimum(r_begin, end)
+    recent = ranges(r_begin, end)
+    r_rows = np.repeat(np.arange(n), end - r_begin)
+    r_gap = (lg.t[recent] - lg.t[recent - 1]) / DAY
+    _, r_median, r_std = _row_stats(r_rows, r_gap, n, empty)
+    has_last = end - 1 > start
+    last = np.where(has_last, (lg.t[end - 1] - lg.t[np.maximum(end - 2, 0)]) / DAY, empty)
+    span = (lg.t[end - 1] - first) / DAY
+    h_mean = np.where(history > 1, span / np.maximum(history - 1, 1), empty)
+    over_gap = recency / np.maximum(r_median, 1.0 / 24.0)
+    counts = [end - lg.positions(lg.user[end - 1], at - days * DAY)
+              for days in COUNT_WINDOWS_DAYS]
+    per_event = value_sum / np.maximum(end - begin, 1)
+    return np.log1p(np.column_stack([
+        w_mean, w_median, w_std, last, h_mean, r_median, r_std, over_gap, *counts, per_event,
+    ]))
+
+
+def _row_stats(rows: np.ndarray, values: np.ndarray, n_rows: int, empty: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: mean, median and standard deviation of its ``values`` (``rows`` grouped,
+    ascending); rows without a value get ``empty`` (and spread 0)."""
+    count = np.bincount(rows, minlength=n_rows)
+    total = np.bincount(rows, weights=values, minlength=n_rows)
+    some = count > 0
+    mean = np.where(some, total / np.maximum(count, 1), empty)
+    sq = np.bincount(rows, weights=(values - mean[rows]) ** 2, minlength=n_rows)
+    std = np.sqrt(sq / np.maximum(count, 1))
+    order = np.lexsort((values, rows))
+    ordered = values[order]
+    offset = np.cumsum(count) - count
+    lo = np.minimum(offset + (count - 1) // 2, max(len(values) - 1, 0))
+    hi = np.minimum(offset + count // 2, max(len(values) - 1, 0))
+    median = (np.where(some, (ordered[lo] + ordered[hi]) / 2, empty) if len(values)
+              else np.full(n_rows, empty))
+    return mean, median, std
 
 
 def ranges(begin: np.ndarray, end: np.ndarray) -> np.ndarray:

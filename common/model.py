@@ -19,7 +19,7 @@ from keras import layers, ops
 
 from common import atomic
 from common.config import ModelConfig, SnapshotConfig
-from common.features import NUMERIC_FEATURES, STATIC_FEATURES
+from common.features import CADENCE_FEATURES, NUMERIC_FEATURES, STATIC_FEATURES
 from common.schema import EVENT_TYPES
 from common.snapshots import Snapshots
 
@@ -57,6 +57,12 @@ class StepMask(layers.Layer):
         return input_shape
 
 
+def static_width(config: ModelConfig) -> int:
+    """Aggregate columns the model reads: ``STATIC_FEATURES``, and the cadence features
+    after them with ``model.cadence-features`` (the first columns of ``Snapshots.static``)."""
+    return len(STATIC_FEATURES) + (len(CADENCE_FEATURES) if config.cadence_features else 0)
+
+
 def build_model(config: ModelConfig, snapshots: SnapshotConfig, seed: int = 0) -> keras.Model:
     """Build and compile the decay/activation LSTM.
 
@@ -72,7 +78,7 @@ def build_model(config: ModelConfig, snapshots: SnapshotConfig, seed: int = 0) -
     events_in = keras.Input((length,), dtype="int32", name="events")
     categories_in = keras.Input((length,), dtype="int32", name="categories")
     numeric_in = keras.Input((length, len(NUMERIC_FEATURES)), dtype="float32", name="numeric")
-    static_in = keras.Input((len(STATIC_FEATURES),), dtype="float32", name="static")
+    static_in = keras.Input((static_width(config),), dtype="float32", name="static")
 
     ev = layers.Embedding(
         len(EVENT_TYPES) + 1, config.event_embedding, mask_zero=True, name="event_embedding",
@@ -264,3 +270,11 @@ _ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.
 def num_actions(model: keras.Model) -> int:
     """How many actions the activation head scores."""
     return int(model.get_layer("activation").units)
+
+
+def model_inputs(model: keras.Model, snaps: Snapshots) -> dict[str, np.ndarray]:
+    """``snaps.inputs()`` with as many aggregate columns as ``model`` reads (the cadence
+    features only with ``model.cadence-features``; older models read the first ones)."""
+    x = snaps.inputs()
+    width = int(model.input["static"].shape[-1])
+    return {**x, "static": x["static"][:, :width]}

@@ -198,9 +198,9 @@ def gbdt_features(snaps: Snapshots) -> np.ndarray:
 
 def aggregate_names() -> list[str]:
     """Names of the columns of :func:`gbdt_features`, in order."""
-    from common.features import STATIC_FEATURES
+    from common.features import AGGREGATE_FEATURES
 
-    return list(STATIC_FEATURES)
+    return list(AGGREGATE_FEATURES)
 
 
 def _per_action(train: Snapshots, x_train: np.ndarray, actions: list[str],
@@ -327,7 +327,8 @@ def aggregate_inputs() -> dict[str, Any]:
 
 def neural_inputs(exp: Experiment, data: PreparedData) -> dict[str, Any]:
     """What the LSTM reads: the sequence spec and its static aggregates."""
-    from common.features import NUMERIC_FEATURES, STATIC_FEATURES
+    from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES
+    from common.model import static_width
 
     cfg = data.snapshot_config
     return {"kind": "event sequence + aggregates",
@@ -335,7 +336,7 @@ def neural_inputs(exp: Experiment, data: PreparedData) -> dict[str, Any]:
                          "per_event": ["event type (embedding)",
                                        f"category hashed into {cfg.hash_buckets} buckets "
                                        "(embedding)", *NUMERIC_FEATURES]},
-            "static": list(STATIC_FEATURES)}
+            "static": list(AGGREGATE_FEATURES[:static_width(exp.model)])}
 
 
 def neural_hyperparameters(exp: Experiment) -> dict[str, Any]:

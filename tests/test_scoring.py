@@ -30,7 +30,7 @@ from client.monitor import (
 from client.scoring import SCORE_COLUMNS, prefetch, score_events
 from common.bundle import load_model_bundle, save_model_bundle, sidecar_path
 from common.config import ModelConfig, PolicyConfig, SnapshotConfig
-from common.features import STATIC_FEATURES
+from common.features import AGGREGATE_FEATURES, CADENCE_FEATURES, STATIC_FEATURES
 from common.io import validate_events
 from common.model import build_model
 from common.schema import EVENT_DTYPE, STRING, DataError
@@ -84,6 +84,10 @@ def _assert_same_features(a: Snapshots, b: Snapshots) -> None:
     np.testing.assert_array_equal(a.categories, b.categories)
     np.testing.assert_allclose(a.numeric, b.numeric, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(a.static, b.static, rtol=1e-6, atol=1e-6)
+    # The cadence features are among them, and informative on this log.
+    assert a.static.shape[1] == len(AGGREGATE_FEATURES)
+    cadence = a.static[:, len(STATIC_FEATURES):]
+    assert len(a) < 2 or (cadence.std(axis=0) > 0).sum() >= len(CADENCE_FEATURES) - 1
     np.testing.assert_allclose(a.interest_now, b.interest_now, rtol=1e-6)
     assert list(a.fading_category) == list(b.fading_category)
 

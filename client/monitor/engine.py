@@ -35,7 +35,7 @@ from client.monitor.stats import MonitorStats
 from client.monitor.user import UserKey, UserState, user_events
 from client.scoring import predict_batches, score_frame, warm_up
 from common.config import PolicyConfig, SnapshotConfig, to_flat
-from common.features import DAY, hash_categories
+from common.features import DAY, hash_categories, kept_days
 from common.policy import choose_actions
 from common.snapshots import Snapshots
 from common.timestamps import NS_LIMIT
@@ -82,6 +82,9 @@ class Monitor:
             lambda snaps: predict_batches(model, snaps, 1024, self._buckets))
         self._tau_ns = self.snapshots.tau_days * DAY * _SECOND
         self._obs_ns = int(round(self.snapshots.observation_days * DAY * _SECOND))
+        # Events kept besides the last max_len + 1: the observation window and the count
+        # windows of the cadence features (common.features.kept_days), as the batch scorer.
+        self._kept_ns = int(round(kept_days(self.snapshots) * DAY * _SECOND))
         self._keep = self.snapshots.max_len + 1
         self._cap = max(self.config.window_cap, self._keep)
         self._weights = self.snapshots.event_weights
@@ -94,6 +97,7 @@ class Monitor:
         self._cat_hash: list[int] = []
         self.clock_ns: int | None = None  # latest event time seen
         self._lo_ns = -(2**62)  # events before this are in no future observation window
+        self._prune_ns = -(2**62)  # events before this are read by no future snapshot
         self._last_sweep_ns: int | None = None
         self._dirty: dict[UserKey, UserState] = {}
         self.pending = 0
@@ -200,7 +204,8 @@ class Monitor:
             if self._last_sweep_ns is None:
                 self._last_sweep_ns = ns
             self._lo_ns = self.cutoff_ns() - self._obs_ns - _SECOND
-        self.stats.window_overflow += st.prune(self._lo_ns, self._keep, self._cap)
+            self._prune_ns = self.cutoff_ns() - self._kept_ns - _SECOND
+        self.stats.window_overflow += st.prune(self._prune_ns, self._keep, self._cap)
         if st.read_at is None:
             st.read_at = read_at
         self._dirty[key] = st
@@ -244,7 +249,7 @@ class Monitor:
         self.stats.sweeps += 1
         active = []
         for key, st in self.users.items():
-            self.stats.window_overflow += st.prune(self._lo_ns, self._keep, self._cap)
+            self.stats.window_overflow += st.prune(self._prune_ns, self._keep, self._cap)
             if st.ns and st.ns[-1] >= self._lo_ns:
                 active.append((key, st))
         for lo in range(0, len(active), _SCORE_BATCH):
@@ -402,6 +407,7 @@ class Monitor:
         self.stats = stats
         if self.clock_ns is not None:
             self._lo_ns = self.cutoff_ns() - self._obs_ns - _SECOND
+            self._prune_ns = self.cutoff_ns() - self._kept_ns - _SECOND
         self._dirty = {key: users[key] for key in dirty}
         self.pending = int(meta["pending"])
         self.oldest_pending = time.perf_counter()

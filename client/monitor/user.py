@@ -5,7 +5,8 @@ Per user the monitor keeps, updated in O(1) per event (amortised):
 - the interest score ``I`` at the user's latest event, ``I <- I * exp(-dt / tau) + w``
   (a late event adds ``w * exp(-(t_latest - t) / tau)``);
 - the number of events and the time of the first one (history length, tenure);
-- the recent events, in time order: every event of the observation window plus the
+- the recent events, in time order: every event of the last ``kept_days`` (the
+  observation window and the cadence features' count windows) plus the
   last ``max_len + 1`` events (the sequence and the gap before its first step). Older
   events are dropped as the stream clock moves on.
 """
