@@ -127,7 +127,7 @@ def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
     if any("privacy" in m for m in methods.values()):
         made.append(_privacy_plot(methods, run_dir))
 
-    names = [n for n, m in methods.items() if "policy" in m]
+    names = [n for n, m in methods.items() if "policy" in m and not policy_caveat(m)]
     if names:
         first = methods[names[0]]["policy"]
         refs = [k for k in first if k != "policy"]
