@@ -213,7 +213,7 @@ def modes_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(700)
 def test_server_fixed_run_writes_a_finite_growing_ledger(dp_run: Path) -> None:
     lines = [json.loads(t) for t in (dp_run / "privacy.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == list(range(1, ROUNDS + 1))
