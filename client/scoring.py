@@ -3,8 +3,9 @@
 :func:`score_events` builds the unlabelled snapshot of every user active before a
 cutoff (``client.batch_features``), predicts the three heads and applies the policy once
 over all users (a budget is global). The model and its settings come from the bundle
-(``common.bundle.load_model_bundle``); the score table goes to CSV or Parquet with
-:func:`write_scores`.
+(``common.bundle.load_model_bundle``): the LSTM, or a GBDT/LR model
+(``common.tabular.TabularModel``) that predicts the same three outputs from the
+snapshots' aggregates. The score table goes to CSV or Parquet with :func:`write_scores`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from common.features import NUMERIC_FEATURES
 from common.policy import choose_actions
 from common.progress import SILENT, Progress, Task
 from common.snapshots import Snapshots
+from common.tabular import TabularModel
 
 if TYPE_CHECKING:
     import keras
@@ -79,7 +81,7 @@ def warm_up(model: keras.Model, sizes: Sequence[int] = (1024,)) -> None:
 
 
 def score_events(
-    model: keras.Model,
+    model: keras.Model | TabularModel,
     events: pd.DataFrame,
     at: Any,
     snap_cfg: SnapshotConfig,
@@ -92,7 +94,8 @@ def score_events(
 
     Parameters
     ----------
-    model : the trained model (see ``common.bundle.load_model_bundle``).
+    model : the trained model (see ``common.bundle.load_model_bundle``); a GBDT/LR
+        model reads only the snapshots' aggregates.
     events : a canonical event frame (``common.io.load_events``).
     at : the cutoff (anything ``pd.Timestamp`` reads; naive = UTC), rounded up to a whole
         second; None = one second after the last event's second, so every event counts.
@@ -118,7 +121,8 @@ def score_events(
         for snaps, done, total in prefetch(chunks):
             if task is None:
                 task = steps.enter_context(progress.task("scoring users", total, "users"))
-            preds.append(predict_batches(model, snaps))
+            preds.append(model.predict(snaps) if isinstance(model, TabularModel)
+                         else predict_batches(model, snaps))
             ids.append(pd.DataFrame({"user_id": snaps.user_id,
                                      "merchant_id": snaps.merchant_id,
                                      "fading": snaps.fading_category}))

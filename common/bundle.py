@@ -1,10 +1,14 @@
-"""The model bundle: ``model.keras`` plus the settings it only makes sense with.
+"""The model bundle: a model file plus the settings it only makes sense with.
 
 A model needs the snapshot settings it was trained with (sequence length, hash buckets,
 tau, event weights, actions) and, for scoring, a policy. The bundle keeps them in a
 ``model.json`` sidecar of flat ``snapshots.*`` / ``policy.*`` keys beside the model. The
 server writes the sidecar of the global model it saves; a merchant's batch scorer and
 monitor load both.
+
+The model file is ``model.keras`` for the LSTM (kind ``lstm``) or ``model.skops`` for
+the GBDT and LR baselines (kinds ``gbdt``, ``lr``: ``common.tabular``); the sidecar's
+``kind`` key names it (a sidecar without one is an LSTM's).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from common.config import PolicyConfig, SnapshotConfig, apply_overrides, from_fl
 if TYPE_CHECKING:
     import keras
 
+    from common.tabular import TabularModel
+
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "fedecay-model-bundle"
@@ -31,10 +37,11 @@ BUNDLE_FORMAT = "fedecay-model-bundle"
 class ModelBundle:
     """A loaded model with the settings it needs; ``sources`` says where they came from."""
 
-    model: keras.Model
+    model: keras.Model | TabularModel
     snapshots: SnapshotConfig
     policy: PolicyConfig
     sources: tuple[str, ...]
+    kind: str = "lstm"  # or a common.tabular.TABULAR_KINDS name
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -57,14 +64,26 @@ def save_model_bundle(model: keras.Model, snapshot_config: SnapshotConfig,
     return path
 
 
+def save_tabular_bundle(model: TabularModel, snapshot_config: SnapshotConfig,
+                        policy_config: PolicyConfig | None, folder: str | Path) -> Path:
+    """Save a GBDT or LR model as ``folder/model.skops`` and its ``model.json`` sidecar
+    (kind ``model.kind``). Returns the model path."""
+    from common.tabular import MODEL_FILE, save_tabular
+
+    path = save_tabular(model, Path(folder) / MODEL_FILE)
+    write_model_settings(path, snapshot_config, policy_config, kind=model.kind)
+    return path
+
+
 def write_model_settings(model_path: str | Path, snapshot_config: SnapshotConfig,
-                         policy_config: PolicyConfig | None) -> Path:
+                         policy_config: PolicyConfig | None, *, kind: str = "lstm") -> Path:
     """Write the ``model.json`` sidecar of an already saved model (atomically).
 
     With ``policy_config`` None only the snapshot settings are written; the policy then
     comes from the run's ``config.json``, ``--set`` or the defaults at load time.
     """
-    flat: dict[str, Any] = {"format": BUNDLE_FORMAT, **to_flat(snapshot_config, "snapshots")}
+    flat: dict[str, Any] = {"format": BUNDLE_FORMAT, "kind": kind,
+                            **to_flat(snapshot_config, "snapshots")}
     if policy_config is not None:
         flat.update(to_flat(policy_config, "policy"))
     side = sidecar_path(Path(model_path).resolve())
@@ -106,11 +125,17 @@ def load_model_bundle(path: str | Path,
     ``overrides`` (``key=value`` strings, as ``--set``). The shape-bearing settings
     (``max-len``, ``hash-buckets``, the number of actions) are checked against the model.
     """
-    from common.model import load_model
-
     check_model_overrides(overrides)  # before the model: a typo answers at once
     path = Path(path).resolve()
-    model = load_model(path)
+    model: keras.Model | TabularModel
+    if path.suffix == ".skops":
+        from common.tabular import load_tabular
+
+        model = load_tabular(path)
+    else:
+        from common.model import load_model
+
+        model = load_model(path)
     flat: dict[str, Any] = {}
     sources: list[str] = []
     for candidate in (path.parent / "config.json", sidecar_path(path)):
@@ -126,6 +151,12 @@ def load_model_bundle(path: str | Path,
                     path)
     snaps = from_flat(SnapshotConfig, flat, "snapshots")
     policy = from_flat(PolicyConfig, flat, "policy")
+    if path.suffix == ".skops":
+        if len(model.activation) != len(snaps.actions):
+            raise ValueError(f"config key snapshots.actions lists {len(snaps.actions)} actions "
+                             f"({','.join(snaps.actions)}) but {path} scores "
+                             f"{len(model.activation)}")
+        return ModelBundle(model, snaps, policy, tuple(sources) or ("defaults",), model.kind)
     _check_is_scorer(model, path)
     check_model_settings(model, snaps, str(path))
     return ModelBundle(model, snaps, policy, tuple(sources) or ("defaults",))

@@ -18,6 +18,7 @@ from common import metrics
 from common.policy import choose_actions
 from common.progress import SILENT, Progress
 from common.snapshots import Snapshots
+from common.tabular import TabularModel
 from simulations.experiment import Experiment, PreparedData
 from simulations.tracking import NO_TRACKING, Tracker, epoch_scalars
 
@@ -36,6 +37,8 @@ class MethodResult:
     seconds: float
     sample_epochs: float  # training rows seen, counted over every epoch and merchant
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The fitted GBDT or LR models (``common.tabular.TabularModel``), to save; else None.
+    model: Any = dataclasses.field(default=None, repr=False)
 
 
 def splits(data: PreparedData) -> tuple[Snapshots, Snapshots, Snapshots]:
@@ -192,8 +195,11 @@ def _empty_predictions(n: int, num_actions: int) -> Predictions:
 
 
 def gbdt_features(snaps: Snapshots) -> np.ndarray:
-    """Aggregate features of the non-neural baselines (GBDT, LR): :func:`aggregate_names`."""
-    return snaps.static
+    """Aggregate features of the non-neural baselines (GBDT, LR): :func:`aggregate_names`
+    (``common.tabular.aggregate_features``, which the scorer reads too)."""
+    from common.tabular import aggregate_features
+
+    return aggregate_features(snaps)
 
 
 def aggregate_names() -> list[str]:
@@ -224,13 +230,6 @@ def _per_action(train: Snapshots, x_train: np.ndarray, actions: list[str],
     return per_action
 
 
-def _predict_activation(per_action: list[Any], x: np.ndarray) -> np.ndarray:
-    return np.column_stack([
-        m.predict_proba(x)[:, 1] if not isinstance(m, float) else np.full(len(x), m)
-        for m in per_action
-    ]).reshape(len(x), len(per_action)).astype(np.float32)
-
-
 def run_gbdt(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
              ) -> MethodResult:
     """Gradient-boosted trees on aggregate features, pooled like the centralised model.
@@ -256,22 +255,19 @@ def run_gbdt(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
                                  lambda: HistGradientBoostingClassifier(**action_args),
                                  lambda a: task.advance(1, model=a))
 
-    def predict(snaps: Snapshots) -> Predictions:
-        x = gbdt_features(snaps)
-        return {"decay": decay.predict_proba(x)[:, 1].astype(np.float32),
-                "interest": interest.predict(x).astype(np.float32),
-                "activation": _predict_activation(per_action, x)}
 
     hyper = {"decay": {**common_args, "iterations_used": int(decay.n_iter_),
                        "stopped_early": bool(decay.n_iter_ < common_args["max_iter"])},
              "interest": {**common_args, "iterations_used": int(interest.n_iter_)},
              "activation": {**action_args, "kind": "T-learner, one model per action "
                             "with >= 30 logged rows"}}
-    return MethodResult(name="gbdt", val=predict(val_all), test=predict(test),
+    model = TabularModel("gbdt", decay, interest, tuple(per_action))
+    return MethodResult(name="gbdt", val=model.predict(val_all), test=model.predict(test),
                         seconds=time.perf_counter() - started,
                         sample_epochs=float(decay.n_iter_ * len(train)),
                         details={"trees": int(decay.n_iter_),
-                                 "inputs": aggregate_inputs(), "hyperparameters": hyper})
+                                 "inputs": aggregate_inputs(), "hyperparameters": hyper},
+                        model=model)
 
 
 def run_lr(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
@@ -303,21 +299,18 @@ def run_lr(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
         per_action = _per_action(train, x_train, list(data.actions), classifier,
                                  lambda a: task.advance(1, model=a))
 
-    def predict(snaps: Snapshots) -> Predictions:
-        x = gbdt_features(snaps)
-        return {"decay": decay.predict_proba(x)[:, 1].astype(np.float32),
-                "interest": interest.predict(x).astype(np.float32),
-                "activation": _predict_activation(per_action, x)}
 
     iterations = int(np.max(decay[-1].n_iter_))
     hyper = {"decay": {"scaler": "StandardScaler", **lr_args, "iterations_used": iterations},
              "interest": {"scaler": "StandardScaler", "model": "Ridge", "alpha": 1.0},
              "activation": {"scaler": "StandardScaler", **lr_args,
                             "kind": "T-learner, one model per action with >= 30 logged rows"}}
-    return MethodResult(name="lr", val=predict(val_all), test=predict(test),
+    model = TabularModel("lr", decay, interest, tuple(per_action))
+    return MethodResult(name="lr", val=model.predict(val_all), test=model.predict(test),
                         seconds=time.perf_counter() - started,
                         sample_epochs=float(iterations * len(train)),
-                        details={"inputs": aggregate_inputs(), "hyperparameters": hyper})
+                        details={"inputs": aggregate_inputs(), "hyperparameters": hyper},
+                        model=model)
 
 
 def aggregate_inputs() -> dict[str, Any]:

@@ -86,10 +86,14 @@ def _run_methods(exp: Experiment, data: PreparedData, run_dir: Path, methods: tu
     """Every method asked for, in the report's order, on the same data and budget."""
     epochs = budget_epochs(exp)
     outcomes: list[MethodResult] = []
-    if "gbdt" in methods:
-        outcomes.append(run_gbdt(exp, data, progress=progress))
-    if "lr" in methods:
-        outcomes.append(run_lr(exp, data, progress=progress))
+    from common.bundle import save_tabular_bundle
+
+    for name, run in (("gbdt", run_gbdt), ("lr", run_lr)):
+        if name in methods:
+            outcome = run(exp, data, progress=progress)
+            save_tabular_bundle(outcome.model, data.snapshot_config, exp.policy,
+                                run_dir / name)
+            outcomes.append(outcome)
     if "centralised" in methods:
         result, model = run_centralised(exp, data, epochs=epochs, progress=progress,
                                         tracker=tracker)
@@ -124,7 +128,7 @@ def final_step(outcome: MethodResult) -> int:
 
 
 #: The model files of a method's folder that trackers keep as artifacts.
-MODEL_FILES = ("model.keras", "model.json")
+MODEL_FILES = ("model.keras", "model.skops", "model.json")
 
 
 def track_artifacts(tracker: Tracker, run_dir: Path, files: list[Path], *,

@@ -39,7 +39,8 @@ class SingleRun:
 def train_method(exp: Experiment, run_dir: Path, mode: str, *,
                  progress: Progress = SILENT) -> SingleRun:
     """Train one baseline for ``train.epochs``: ``config.json``, ``metrics.json`` and (for
-    ``centralised``) ``model.keras`` in ``run_dir``."""
+    ``centralised``) ``model.keras`` in ``run_dir``; ``gbdt`` saves ``gbdt/model.skops``
+    and its ``model.json`` (``common.bundle.save_tabular_bundle``)."""
     from simulations.baselines import run_centralised, run_gbdt, run_local
 
     if mode not in TRAIN_MODES:
@@ -58,7 +59,11 @@ def train_method(exp: Experiment, run_dir: Path, mode: str, *,
         elif mode == "local":
             result = run_local(exp, data, progress=progress, tracker=tracker)
         else:
+            from common.bundle import save_tabular_bundle
+
             result = run_gbdt(exp, data, progress=progress)
+            model_path = save_tabular_bundle(result.model, data.snapshot_config, exp.policy,
+                                             run_dir / result.name)
         metrics = assess(result, data, exp)
         write_json(run_dir / "metrics.json", metrics)
         _track_end(tracker, run_dir, result, metrics, run_dir / "metrics.json")

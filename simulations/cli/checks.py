@@ -211,10 +211,47 @@ def model_sets(sets: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------- models
 
 
+#: The GBDT/LR file's format and kinds (common.tabular's; not imported: it takes sklearn).
+TABULAR_FORMAT = "fedecay-tabular-model"
+TABULAR_KINDS: tuple[str, ...] = ("gbdt", "lr")
+
+
+def model_kind(path: Path) -> str:
+    """``lstm`` for a ``.keras`` model, else the kind a ``.skops`` model's archive names."""
+    if path.suffix != ".skops":
+        return "lstm"
+    with zipfile.ZipFile(path) as archive:
+        content = json.loads(archive.read("schema.json"))["content"]
+    return str(json.loads(content["kind"]["content"]))
+
+
+def tabular_file(path: Path) -> Path:
+    """A GBDT/LR model file, checked by reading its archive's ``schema.json`` (no
+    scikit-learn, no TensorFlow): a skops zip holding a fedecay model of a known kind."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable skops model (not a zip archive: "
+                         "truncated, or not a .skops file)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            content = json.loads(archive.read("schema.json"))["content"]
+        fields = {k: json.loads(content[k]["content"]) for k in ("format", "kind")}
+    except (KeyError, TypeError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path} is not a fedecay skops model (no readable format and "
+                         f"kind in its schema.json: {type(err).__name__})") from None
+    if fields["format"] != TABULAR_FORMAT or fields["kind"] not in TABULAR_KINDS:
+        raise ValueError(f"{path} is a skops file but not a fedecay model (format "
+                         f"{fields['format']!r}, kind {fields['kind']!r}; expected "
+                         f"{TABULAR_FORMAT!r} of kind {' or '.join(TABULAR_KINDS)})")
+    return path
+
+
 def model_file(path: Path) -> Path:
-    """A fedecay model file, checked by reading its archive's ``config.json``
-    (no TensorFlow): a zip, a Keras model, with the inputs and heads a scorer needs."""
+    """A fedecay model file, checked without TensorFlow: a ``.skops`` GBDT/LR model
+    (:func:`tabular_file`), or a Keras zip whose ``config.json`` has the inputs and
+    heads a scorer needs."""
     input_path(path, "--model")
+    if path.suffix == ".skops":
+        return tabular_file(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a readable Keras model (not a zip archive: "
                          "truncated, or not a .keras file)")

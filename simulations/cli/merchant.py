@@ -27,8 +27,8 @@ from .runs import model_in
 
 ModelOption = Annotated[Path, typer.Option(
     metavar="RUN_DIR|FILE", show_default=False,
-    help="A run folder of train, simulate or compare, or a model.keras (its settings "
-         "come from model.json or config.json beside it).")]
+    help="A run folder of train, simulate or compare, or a model.keras or model.skops "
+         "(GBDT/LR; its settings come from model.json or config.json beside it).")]
 ModelSetOption = Annotated[list[str] | None, typer.Option(
     "--set", metavar="KEY=VALUE", show_default="the model's own settings",
     help="Model settings (snapshots.*, policy.*), e.g. --set policy.risk-threshold=0.3 "
@@ -96,11 +96,13 @@ def score(
     with console.task("loading the model") as task:
         bundle = load_model_bundle(model_path, sets)
         task.advance()
-    console.say(f"model: {model_path} ({name}; settings: {', '.join(bundle.sources)})")
+    console.say(f"model: {model_path} ({name}, {bundle.kind}; settings: "
+                f"{', '.join(bundle.sources)})")
     log = load_events(events, format, bad_rows=bad_rows)
     console.say("\n".join(log.report.summary_lines()))
     loaded = time.perf_counter()
-    warm_up(bundle.model)
+    if bundle.kind == "lstm":  # GBDT/LR models compile nothing
+        warm_up(bundle.model)
     compiled = time.perf_counter()
     scores = score_events(bundle.model, log.events, cutoff, bundle.snapshots, bundle.policy,
                           progress=console)
@@ -129,6 +131,10 @@ def score(
     _err(f"loading {loaded - started:.1f} s; compiling {compiled - loaded:.1f} s; "
          f"scoring {seconds:.1f} s ({info['users'] / max(seconds, 1e-9):,.0f} users/s)")
     choice = f" --method {method}" if method else ""
+    if bundle.kind != "lstm":  # the monitor runs the LSTM models only
+        console.next(f"fedecay score --model {_q(model)}{choice} --events {_q(events)} "
+                     "--out scores.csv  (every user's scores in a file)")
+        return
     console.next(f"fedecay monitor --model {_q(model)}{choice} --input EVENTS.jsonl "
                  "--state monitor-state  (the same model on a live stream of JSON lines)")
 
@@ -178,6 +184,11 @@ def monitor(
     if sets:
         checks.model_sets(sets)
     name, model_path = _model(model, method)
+    kind = checks.model_kind(model_path)
+    if kind != "lstm":
+        raise ValueError(f"monitor: --model {model_path} is a {kind} model; the monitor runs "
+                         "the LSTM models only (choose --method federated or centralised); "
+                         "fedecay score takes it")
     if input != "-":
         checks.input_path(input, "--input")
     if out is not None:

@@ -3,13 +3,16 @@
 What ``train``, ``simulate`` and ``compare`` write (see README, *Outputs*):
 
 - ``train --mode centralised``: ``<run>/model.keras`` (settings in ``config.json``);
+- ``train --mode gbdt``: ``<run>/gbdt/model.skops`` + ``model.json``;
 - ``simulate``: the federation folder itself, ``<run>/model.keras`` + ``metrics.jsonl``;
-- ``compare``: ``<run>/centralised/model.keras`` and one ``<run>/federated-<strategy>[-dpZ]/``
-  federation folder per federated run.
+- ``compare``: ``<run>/centralised/model.keras``, ``<run>/gbdt/model.skops`` and
+  ``<run>/lr/model.skops``, and one ``<run>/federated-<strategy>[-dpZ]/`` federation
+  folder per federated run.
 
 ``score``, ``monitor`` and ``privacy`` take any of them (or a model file) and pick by
 ``--method``: ``federated`` (the default) matches the one federated model, ``centralised``
-or a subfolder's name (``federated-fedprox``) match exactly.
+or a subfolder's name (``federated-fedprox``, ``gbdt``) match exactly. A method's own
+folder (``<run>/gbdt``) is a run folder holding one model.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import json
 from pathlib import Path
 
 MODEL_FILE = "model.keras"
+#: The GBDT's and LR's model file (common.tabular.MODEL_FILE; not imported: sklearn).
+TABULAR_FILE = "model.skops"
 METRICS_FILE = "metrics.jsonl"
 #: ``--method`` when not given: the model the federation trained.
 DEFAULT_METHOD = "federated"
@@ -25,6 +30,8 @@ DEFAULT_METHOD = "federated"
 
 def _own_name(folder: Path) -> str:
     """The method of a model saved at the top of a run folder (simulate or train)."""
+    if (folder / TABULAR_FILE).is_file():
+        return folder.name
     is_federation = (folder / METRICS_FILE).is_file() or (folder / "federation.json").is_file()
     if not is_federation:
         return "centralised"
@@ -38,11 +45,13 @@ def _own_name(folder: Path) -> str:
 def run_models(folder: Path) -> dict[str, Path]:
     """Every model in a run folder, by method name (see module doc)."""
     found = {}
-    if (folder / MODEL_FILE).is_file():
-        found[_own_name(folder)] = folder / MODEL_FILE
+    for name in (MODEL_FILE, TABULAR_FILE):
+        if (folder / name).is_file():
+            found[_own_name(folder)] = folder / name
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if (sub / MODEL_FILE).is_file():
-            found[sub.name] = sub / MODEL_FILE
+        for name in (MODEL_FILE, TABULAR_FILE):
+            if (sub / name).is_file():
+                found[sub.name] = sub / name
     return found
 
 
@@ -75,7 +84,7 @@ def pick(found: dict[str, Path], method: str | None, folder: Path, what: str) ->
         return name, path
     if not found:
         raise ValueError(f"{folder} holds no {what}: give a run folder written by train "
-                         "--mode centralised, simulate or compare, or the file itself")
+                         "--mode centralised|gbdt, simulate or compare, or the file itself")
     if len(prefixed) > 1:
         raise ValueError(f"{folder} holds several {wanted} {what}s ({', '.join(prefixed)}): "
                          "choose one with --method")
