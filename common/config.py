@@ -16,9 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pandas as pd
-
-from common.schema import DEFAULT_ACTIONS, EVENT_TYPES
+from common.vocabulary import DEFAULT_ACTIONS, EVENT_TYPES
 
 T = TypeVar("T")
 
@@ -106,7 +104,7 @@ def to_flat(obj: Any, section: str) -> dict[str, Any]:
     return flat
 
 
-def _check(cond: bool, key: str, message: str) -> None:
+def check_key(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ValueError(f"config key '{key}': {message}")
 
@@ -123,9 +121,9 @@ class FaultConfig:
 
     def check_faults(self, section: str) -> None:
         for name in ("dropout_prob", "straggler_prob", "crash_prob"):
-            _check(0 <= getattr(self, name) <= 1, f"{section}.{name.replace('_', '-')}",
+            check_key(0 <= getattr(self, name) <= 1, f"{section}.{name.replace('_', '-')}",
                    "must be in [0, 1]")
-        _check(self.straggler_delay >= 0, f"{section}.straggler-delay", "must be >= 0")
+        check_key(self.straggler_delay >= 0, f"{section}.straggler-delay", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +157,8 @@ class SnapshotConfig:
         for name in ("start", "end"):
             value = getattr(self, name)
             if value:
+                import pandas as pd  # only when a date is set: config checks stay light
+
                 try:
                     pd.Timestamp(value)
                 except ValueError:
@@ -166,17 +166,17 @@ class SnapshotConfig:
                                      f"got {value!r}") from None
         for name in ("observation_days", "horizon_days", "stride_days", "tau_days",
                      "intervention_window_days", "response_days"):
-            _check(getattr(self, name) > 0, f"snapshots.{name.replace('_', '-')}", "must be > 0")
-        _check(0 < self.rho < 1, "snapshots.rho", f"must be in (0, 1), got {self.rho}")
+            check_key(getattr(self, name) > 0, f"snapshots.{name.replace('_', '-')}", "must be > 0")
+        check_key(0 < self.rho < 1, "snapshots.rho", f"must be in (0, 1), got {self.rho}")
         for ev in EVENT_TYPES:
-            _check(getattr(self, f"weight_{ev}") >= 0, f"snapshots.weight-{ev}", "must be >= 0")
-        _check(self.max_len >= 1, "snapshots.max-len", "must be >= 1")
-        _check(self.hash_buckets >= 1, "snapshots.hash-buckets", "must be >= 1")
-        _check(self.reengage_event in ("purchase", "any"), "snapshots.reengage-event",
+            check_key(getattr(self, f"weight_{ev}") >= 0, f"snapshots.weight-{ev}", "must be >= 0")
+        check_key(self.max_len >= 1, "snapshots.max-len", "must be >= 1")
+        check_key(self.hash_buckets >= 1, "snapshots.hash-buckets", "must be >= 1")
+        check_key(self.reengage_event in ("purchase", "any"), "snapshots.reengage-event",
                f"must be 'purchase' or 'any', got {self.reengage_event!r}")
-        _check(self.val_cutoffs >= 1, "snapshots.val-cutoffs", "must be >= 1")
-        _check(self.test_cutoffs >= 1, "snapshots.test-cutoffs", "must be >= 1")
-        _check(len(self.actions) >= 2 and self.actions[0] == "none", "snapshots.actions",
+        check_key(self.val_cutoffs >= 1, "snapshots.val-cutoffs", "must be >= 1")
+        check_key(self.test_cutoffs >= 1, "snapshots.test-cutoffs", "must be >= 1")
+        check_key(len(self.actions) >= 2 and self.actions[0] == "none", "snapshots.actions",
                "must list 'none' first and at least one action")
 
     @property
@@ -209,10 +209,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("event_embedding", "category_embedding", "lstm_units", "dense_units"):
-            _check(getattr(self, name) >= 1, f"model.{name.replace('_', '-')}", "must be >= 1")
-        _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
-        _check(self.learning_rate > 0, "model.learning-rate", "must be > 0")
-        _check(self.interest_loss in ("huber", "mse"), "model.interest-loss",
+            check_key(getattr(self, name) >= 1, f"model.{name.replace('_', '-')}", "must be >= 1")
+        check_key(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        check_key(self.learning_rate > 0, "model.learning-rate", "must be > 0")
+        check_key(self.interest_loss in ("huber", "mse"), "model.interest-loss",
                "must be 'huber' or 'mse'")
 
 
@@ -228,10 +228,10 @@ class TrainConfig:
     verbose: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "train.batch-size", "must be >= 1")
-        _check(self.patience >= 0, "train.patience", "must be >= 0")
-        _check(self.proximal_mu >= 0, "train.proximal-mu", "must be >= 0")
+        check_key(self.epochs >= 1, "train.epochs", "must be >= 1")
+        check_key(self.batch_size >= 1, "train.batch-size", "must be >= 1")
+        check_key(self.patience >= 0, "train.patience", "must be >= 0")
+        check_key(self.proximal_mu >= 0, "train.proximal-mu", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,9 +246,9 @@ class PolicyConfig:
     cost_push: float = 0.1
 
     def __post_init__(self) -> None:
-        _check(0 <= self.risk_threshold <= 1, "policy.risk-threshold", "must be in [0, 1]")
-        _check(self.budget >= 0, "policy.budget", "must be >= 0")
-        _check(self.value >= 0, "policy.value", "must be >= 0")
+        check_key(0 <= self.risk_threshold <= 1, "policy.risk-threshold", "must be in [0, 1]")
+        check_key(self.budget >= 0, "policy.budget", "must be >= 0")
+        check_key(self.value >= 0, "policy.value", "must be >= 0")
 
     def cost(self, action: str) -> float:
         return float(getattr(self, f"cost_{action}", 0.0))

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-#: Event types in funnel order. Their position + 1 is the id the model sees (0 pads).
-EVENT_TYPES: tuple[str, ...] = ("view", "click", "cart", "favorite", "purchase")
-
-#: Activation actions; ``none`` is the control arm and always comes first.
-DEFAULT_ACTIONS: tuple[str, ...] = ("none", "recommend", "coupon", "push")
+from common.vocabulary import DEFAULT_ACTIONS, EVENT_TYPES
 
 REQUIRED_EVENT_COLUMNS: tuple[str, ...] = ("user_id", "timestamp", "event")
 OPTIONAL_EVENT_COLUMNS: tuple[str, ...] = ("item_id", "category_id", "merchant_id", "value")

@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from common.config import ModelConfig, SnapshotConfig, TrainConfig, _check, from_flat
+from common.config import ModelConfig, SnapshotConfig, TrainConfig, check_key, from_flat
 
 STRATEGIES: tuple[str, ...] = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum",
@@ -66,52 +66,52 @@ class FederationConfig:
     secagg_max_weight: float = 10_000.0  # largest num-examples a client may weigh in with
 
     def __post_init__(self) -> None:
-        _check(self.mode in MODES, "federation.mode",
+        check_key(self.mode in MODES, "federation.mode",
                f"must be one of {', '.join(MODES)}, got {self.mode!r}")
-        _check(not (self.mode == "deployment" and self.eval_data), "federation.eval-data",
+        check_key(not (self.mode == "deployment" and self.eval_data), "federation.eval-data",
                "must be empty in deployment (the server holds no merchant data)")
-        _check(self.strategy in STRATEGIES, "federation.strategy",
+        check_key(self.strategy in STRATEGIES, "federation.strategy",
                f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        _check(self.num_rounds >= 1, "federation.num-rounds", "must be >= 1")
-        _check(self.local_epochs >= 1, "federation.local-epochs", "must be >= 1")
-        _check(0 < self.fraction_train <= 1, "federation.fraction-train", "must be in (0, 1]")
-        _check(0 <= self.fraction_evaluate <= 1, "federation.fraction-evaluate",
+        check_key(self.num_rounds >= 1, "federation.num-rounds", "must be >= 1")
+        check_key(self.local_epochs >= 1, "federation.local-epochs", "must be >= 1")
+        check_key(0 < self.fraction_train <= 1, "federation.fraction-train", "must be in (0, 1]")
+        check_key(0 <= self.fraction_evaluate <= 1, "federation.fraction-evaluate",
                "must be in [0, 1]")
-        _check(self.min_train_nodes >= 1, "federation.min-train-nodes", "must be >= 1")
-        _check(self.min_available_nodes >= 1, "federation.min-available-nodes", "must be >= 1")
-        _check(self.round_timeout > 0, "federation.round-timeout", "must be > 0")
-        _check(0 <= self.trim_beta < 0.5, "federation.trim-beta", "must be in [0, 0.5)")
-        _check(self.patience_rounds >= 0, "federation.patience-rounds", "must be >= 0")
-        _check(self.eval_every >= 1, "federation.eval-every", "must be >= 1")
+        check_key(self.min_train_nodes >= 1, "federation.min-train-nodes", "must be >= 1")
+        check_key(self.min_available_nodes >= 1, "federation.min-available-nodes", "must be >= 1")
+        check_key(self.round_timeout > 0, "federation.round-timeout", "must be > 0")
+        check_key(0 <= self.trim_beta < 0.5, "federation.trim-beta", "must be in [0, 0.5)")
+        check_key(self.patience_rounds >= 0, "federation.patience-rounds", "must be >= 0")
+        check_key(self.eval_every >= 1, "federation.eval-every", "must be >= 1")
         if self.secure_aggregation:
             self._check_secagg()
 
     def _check_secagg(self) -> None:
-        _check(self.strategy in SECAGG_STRATEGIES, "federation.strategy",
+        check_key(self.strategy in SECAGG_STRATEGIES, "federation.strategy",
                f"{self.strategy!r} cannot run with federation.secure-aggregation: the server "
                "only learns the weighted sum of the updates, and this strategy needs each "
                f"client's own update (use one of {', '.join(SECAGG_STRATEGIES)})")
         shares, threshold = self.secagg_shares()
-        _check(not isinstance(shares, int) or (shares >= 3 and shares % 2 == 1),
+        check_key(not isinstance(shares, int) or (shares >= 3 and shares % 2 == 1),
                "federation.secagg-num-shares", "as a count must be odd and >= 3 (a client "
                f"shares with itself and as many neighbours on each side), got {shares}")
         if isinstance(threshold, int):
-            _check(threshold >= 2, "federation.secagg-reconstruction-threshold",
+            check_key(threshold >= 2, "federation.secagg-reconstruction-threshold",
                    f"as a count must be >= 2, got {threshold}")
-            _check(not isinstance(shares, int) or shares / 2 < threshold < shares,
+            check_key(not isinstance(shares, int) or shares / 2 < threshold < shares,
                    "federation.secagg-reconstruction-threshold",
                    f"must be more than half of federation.secagg-num-shares ({shares}) so "
                    "the server cannot rebuild both secrets of one client, and less than it "
                    f"so a client may drop out, got {threshold}")
         else:
-            _check(threshold > 0.5, "federation.secagg-reconstruction-threshold",
+            check_key(threshold > 0.5, "federation.secagg-reconstruction-threshold",
                    "as a share must be in (0.5, 1] so the server cannot rebuild both secrets "
                    f"of one client, got {threshold}")
-        _check(math.isfinite(self.secagg_clipping_range) and self.secagg_clipping_range > 0,
+        check_key(math.isfinite(self.secagg_clipping_range) and self.secagg_clipping_range > 0,
                "federation.secagg-clipping-range", "must be a finite number > 0")
-        _check(2 <= self.secagg_quantization_range < SECAGG_MODULUS,
+        check_key(2 <= self.secagg_quantization_range < SECAGG_MODULUS,
                "federation.secagg-quantization-range", f"must be in [2, {SECAGG_MODULUS})")
-        _check(math.isfinite(self.secagg_max_weight) and self.secagg_max_weight > 0,
+        check_key(math.isfinite(self.secagg_max_weight) and self.secagg_max_weight > 0,
                "federation.secagg-max-weight", "must be a finite number > 0")
 
     def secagg_shares(self) -> tuple[int | float, int | float]:
@@ -123,10 +123,10 @@ class FederationConfig:
 
 
 def _share_or_count(value: float, key: str) -> int | float:
-    _check(math.isfinite(value) and value > 0, key, f"must be a number > 0, got {value}")
+    check_key(math.isfinite(value) and value > 0, key, f"must be a number > 0, got {value}")
     if value <= 1:
         return float(value)
-    _check(float(value).is_integer(), key,
+    check_key(float(value).is_integer(), key,
            f"must be a share in (0, 1] or a whole count, got {value}")
     return int(value)
 
@@ -158,16 +158,16 @@ class DPConfig:
         return self.mode != "off"
 
     def __post_init__(self) -> None:
-        _check(self.mode in DP_MODES, "privacy.mode",
+        check_key(self.mode in DP_MODES, "privacy.mode",
                f"must be one of {', '.join(DP_MODES)}, got {self.mode!r}")
-        _check(self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier),
+        check_key(self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier),
                "privacy.noise-multiplier", "must be a finite number > 0")
-        _check(self.clipping_norm > 0 and math.isfinite(self.clipping_norm),
+        check_key(self.clipping_norm > 0 and math.isfinite(self.clipping_norm),
                "privacy.clipping-norm", "must be a finite number > 0")
-        _check(0 < self.target_delta < 1, "privacy.target-delta", "must be in (0, 1)")
-        _check(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),
+        check_key(0 < self.target_delta < 1, "privacy.target-delta", "must be in (0, 1)")
+        check_key(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),
                "privacy.target-epsilon", "must be >= 0 (0 = no budget)")
-        _check(self.clipped_count_stddev >= 0 and math.isfinite(self.clipped_count_stddev),
+        check_key(self.clipped_count_stddev >= 0 and math.isfinite(self.clipped_count_stddev),
                "privacy.clipped-count-stddev", "must be a finite number >= 0 (0 = default)")
 
 
@@ -181,11 +181,11 @@ def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
     """Raise ``ValueError`` for settings of two sections that cannot run together."""
     if not fed.secure_aggregation:
         return
-    _check(dp.mode in SECAGG_DP_MODES, "privacy.mode",
+    check_key(dp.mode in SECAGG_DP_MODES, "privacy.mode",
            f"{dp.mode!r} cannot run with federation.secure-aggregation: the server would "
            "clip each client's update, and under secure aggregation it only sees their sum "
            "(use 'client-fixed': the merchants clip, the server adds noise to the sum)")
-    _check(not dp.enabled or fed.strategy in DP_STRATEGIES, "privacy.mode",
+    check_key(not dp.enabled or fed.strategy in DP_STRATEGIES, "privacy.mode",
            f"{dp.mode!r} needs a strategy that averages the clipped updates "
            f"({', '.join(DP_STRATEGIES)}); federation.strategy is {fed.strategy!r}")
 

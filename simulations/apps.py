@@ -54,7 +54,7 @@ def _anchored(path: Path) -> Path:
 
 
 def _experiment(run_config: Mapping[str, Any]):
-    from simulations.experiment import experiment_from_flat
+    from simulations.settings import experiment_from_flat
     from simulations.synth import load_preset
 
     run = dict(run_config)
@@ -132,7 +132,7 @@ def prepare_run(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _prepare_deployment(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    from simulations.experiment import experiment_from_flat
+    from simulations.settings import experiment_from_flat
 
     flat = deployment_config(run_config)
     run_dir = deployment_run_dir(flat)

@@ -19,7 +19,8 @@ from common.policy import choose_actions
 from common.progress import SILENT, Progress
 from common.snapshots import Snapshots
 from common.tabular import TabularModel
-from simulations.experiment import Experiment, PreparedData
+from simulations.experiment import PreparedData
+from simulations.settings import Experiment
 from simulations.tracking import NO_TRACKING, Tracker, epoch_scalars
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.experiment import Experiment
+from simulations.settings import Experiment
 
 
 def _best(fn, repeat: int) -> tuple[float, Any]:
@@ -126,8 +126,9 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
 
     from common.model import build_model
     from common.training import fit
-    from simulations.experiment import experiment_from_flat, prepare
+    from simulations.experiment import prepare
     from simulations.federated import read_metrics, run_federated
+    from simulations.settings import experiment_from_flat
 
     rows = []
     for n in merchants:

@@ -26,9 +26,10 @@ from simulations.baselines import (
     run_local,
     run_lr,
 )
-from simulations.experiment import Experiment, PreparedData, prepare, write_json
+from simulations.experiment import PreparedData, prepare, write_json
 from simulations.methods import AGGREGATE_METHODS, METHODS
 from simulations.report import format_table, write_report
+from simulations.settings import Experiment
 from simulations.tracking import Tracker, final_scalars, open_tracking
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def _membership_audits(outcomes: list[MethodResult], data: PreparedData,
 
 
 def _with(exp: Experiment, changes: dict[str, Any]) -> Experiment:
-    from simulations.experiment import experiment_from_flat
+    from simulations.settings import experiment_from_flat
 
     return experiment_from_flat({**exp.flat, **changes})
 

@@ -20,7 +20,8 @@ from typing import Any
 from common.progress import SILENT, Progress
 from common.snapshots import Snapshots
 from simulations.baselines import MethodResult, splits
-from simulations.experiment import Experiment, PreparedData
+from simulations.experiment import PreparedData
+from simulations.settings import Experiment
 from simulations.tracking import NO_TRACKING, Tracker, round_scalars
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ def resume_experiment(run_dir: Path, overrides: Mapping[str, Any]) -> Experiment
     import json
 
     from server.resume import ResumeError, find_resume_state
-    from simulations.experiment import experiment_from_flat, write_json
+    from simulations.experiment import write_json
+    from simulations.settings import experiment_from_flat
 
     saved = run_dir / "config.json"
     if not run_dir.is_dir():

@@ -155,7 +155,8 @@ def _merchant_snapshots(run: Path, snapshot_config: Any,
     if not config.exists():
         raise FileNotFoundError(f"{run} has neither shards/ nor config.json: cannot rebuild "
                                 "the training data")
-    from simulations.experiment import experiment_from_flat, prepare
+    from simulations.experiment import prepare
+    from simulations.settings import experiment_from_flat
 
     data = prepare(experiment_from_flat(json.loads(config.read_text())))
     s = data.snapshots

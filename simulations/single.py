@@ -14,8 +14,9 @@ from typing import Any
 from common.progress import SILENT, Progress
 from simulations.baselines import MethodResult, assess
 from simulations.compare import final_step, track_artifacts
-from simulations.experiment import Experiment, prepare, write_json
+from simulations.experiment import prepare, write_json
 from simulations.report import format_table
+from simulations.settings import Experiment
 from simulations.tracking import Tracker, final_scalars, open_tracking
 
 #: ``fedecay train --mode``.

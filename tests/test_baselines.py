@@ -7,8 +7,9 @@ import pytest
 
 from simulations.baselines import aggregate_names, assess, run_gbdt, run_lr
 from simulations.compare import neural_lead
-from simulations.experiment import Experiment, PreparedData, prepare, resolve
+from simulations.experiment import PreparedData, prepare
 from simulations.methods import METHODS
+from simulations.settings import Experiment, resolve
 
 
 @pytest.fixture(scope="module")

@@ -204,7 +204,8 @@ class StepGrid(FakeGrid):
 
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from simulations.experiment import experiment_from_flat, prepare, resolve
+    from simulations.experiment import prepare
+    from simulations.settings import experiment_from_flat, resolve
 
     folder = tmp_path_factory.mktemp("eval")
     exp = experiment_from_flat({**resolve("quick").flat, "synthetic.num-merchants": 2})
@@ -293,7 +294,8 @@ def test_resume_in_an_empty_folder_starts_at_round_one(eval_setup: dict[str, Any
 
 @pytest.fixture
 def killed_run(tmp_path: Path) -> Path:
-    from simulations.experiment import resolve, write_json
+    from simulations.experiment import write_json
+    from simulations.settings import resolve
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -10,7 +10,7 @@ from helpers import run_driver
 
 from common.config import SnapshotConfig, apply_overrides, from_flat
 from simulations.cli import main
-from simulations.experiment import experiment_from_flat, resolve
+from simulations.settings import experiment_from_flat, resolve
 
 
 def test_data_synth_writes_parquet_and_check_accepts_it(tmp_path: Path, capsys) -> None:

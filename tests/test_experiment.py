@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from helpers import free_ports, listening
 
-from simulations.experiment import DataConfig, partition_users, prepare, resolve
+from simulations.experiment import partition_users, prepare
+from simulations.settings import DataConfig, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -381,7 +381,8 @@ def test_eval_every_scores_the_global_model_on_those_rounds_and_the_last(
         tmp_path: Path) -> None:
     from server.app import run_federation
     from server.config import settings_from_flat
-    from simulations.experiment import experiment_from_flat, prepare, resolve
+    from simulations.experiment import prepare
+    from simulations.settings import experiment_from_flat, resolve
 
     exp = experiment_from_flat({**resolve("quick").flat, "synthetic.num-merchants": 2})
     snaps = prepare(exp).snapshots
@@ -424,7 +425,7 @@ def test_engine_failure_is_the_runs_own_event(tmp_path: Path) -> None:
 
     from server.app import run_federation
     from server.config import settings_from_flat
-    from simulations.experiment import experiment_from_flat, resolve
+    from simulations.settings import experiment_from_flat, resolve
 
     failed = threading.Event()
     strategy = build_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1),

@@ -23,7 +23,8 @@ import server.certs as certs
 import simulations.experiment as experiment
 from client.scoring import escape_formulas, write_scores
 from simulations.cli import main, os_error_text
-from simulations.experiment import resolve, run_folder
+from simulations.experiment import run_folder
+from simulations.settings import resolve
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *expected: str) -> str:

@@ -78,7 +78,7 @@ def mlflow_run(store: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
 
 
 def test_tracking_values_are_checked_by_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    from simulations.experiment import resolve
+    from simulations.settings import resolve
 
     assert tracking_backends("tensorboard") == ("tensorboard",)
     for bad in ("mlflow", "", "tensorboard,wandb", "none"):

@@ -18,8 +18,8 @@ from client.app import train_mods
 from server.config import DPConfig, FederationConfig
 from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
 from server.strategy import build_strategy
-from simulations.experiment import experiment_from_flat
 from simulations.privacy_audit import attack_auc, decay_log_loss
+from simulations.settings import experiment_from_flat
 
 # ---------------------------------------------------------------------------------------
 # Config

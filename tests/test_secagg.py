@@ -49,7 +49,7 @@ from server.secagg import (
     weighted_metrics,
 )
 from server.secagg_grid import MeteredGrid
-from simulations.experiment import experiment_from_flat
+from simulations.settings import experiment_from_flat
 
 # ---------------------------------------------------------------------------------------
 # Config

@@ -11,7 +11,7 @@ import pytest
 
 from common.config import from_flat
 from common.schema import EVENT_TYPES, empty_events, empty_interventions
-from simulations.experiment import experiment_from_flat
+from simulations.settings import experiment_from_flat
 from simulations.synth import (
     Federation,
     SynthConfig,

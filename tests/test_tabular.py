@@ -121,7 +121,8 @@ def test_train_gbdt_then_score_gives_the_in_memory_risks(tmp_path: Path, capsys)
     from common.io import load_events
     from common.snapshots import unlabelled_snapshots
     from simulations.baselines import run_gbdt
-    from simulations.experiment import experiment_from_flat, prepare
+    from simulations.experiment import prepare
+    from simulations.settings import experiment_from_flat
 
     runs = tmp_path / "runs"
     assert main(["train", "--mode", "gbdt", "--preset", "quick", *SETS,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from simulations.methods import METHODS as METHODS  # light: no pandas, no TensorFlow
 
 if TYPE_CHECKING:
-    from simulations.experiment import Experiment
+    from simulations.settings import Experiment
 
 #: Choices the options list in their help; tests/test_cli_fail_fast.py checks they match
 #: the libraries' own (common.io FORMATS, BAD_ROWS; server.config STRATEGIES), which are
@@ -152,7 +152,7 @@ def experiment(preset: str | None, *, events: str | None = None, format: str = "
         input_path(events, "--events", folder_ok=format in ("auto", "completejourney"))
     if interventions:
         input_path(interventions, "--interventions")
-    from simulations.experiment import experiment_from_flat, resolve
+    from simulations.settings import experiment_from_flat, resolve
 
     overrides = list(sets)
     if bad_rows is not None:
@@ -169,7 +169,7 @@ def synth_settings(preset: str, sets: Sequence[str]) -> dict[str, Any]:
     """A preset plus ``--set``, every key of every section checked as the training
     commands check them (``data synth``)."""
     from common.config import apply_overrides
-    from simulations.experiment import experiment_from_flat
+    from simulations.settings import experiment_from_flat
     from simulations.synth import load_preset
 
     flat = apply_overrides(load_preset(preset), list(sets))
@@ -185,7 +185,7 @@ def section_settings(preset: str | None, sets: Sequence[str], sections: Sequence
     preset's other sections are simply not used).
     """
     from common.config import apply_overrides
-    from simulations.experiment import SECTIONS, experiment_from_flat
+    from simulations.settings import SECTIONS, experiment_from_flat
     from simulations.synth import load_preset
 
     given = apply_overrides({}, list(sets))

@@ -74,7 +74,7 @@ def check(
     from common.config import SnapshotConfig, from_flat
     from common.io import load_events
     from common.snapshots import build_snapshots, federation_problems, stray_gap
-    from simulations.experiment import DataConfig
+    from simulations.settings import DataConfig
 
     snap_cfg = from_flat(SnapshotConfig, flat, "snapshots")
     data_cfg = from_flat(DataConfig, flat, "data")

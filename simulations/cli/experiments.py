@@ -28,7 +28,7 @@ from .options import (
 )
 
 if TYPE_CHECKING:
-    from simulations.experiment import Experiment
+    from simulations.settings import Experiment
 
 
 def _q(path: object) -> str:

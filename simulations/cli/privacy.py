@@ -66,7 +66,8 @@ def _audit_data(model_dir: Path, progress: Any) -> Any:
     config = model_dir.parent / "config.json"
     if not config.is_file():
         return None
-    from simulations.experiment import experiment_from_flat, prepare
+    from simulations.experiment import prepare
+    from simulations.settings import experiment_from_flat
 
     return prepare(experiment_from_flat(json.loads(config.read_text())), progress=progress)
 

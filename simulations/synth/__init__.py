@@ -12,16 +12,30 @@ One concept a module: :mod:`.config` (:class:`SynthConfig`), :mod:`.world`,
 :mod:`.files` (Parquet) and :mod:`.presets`.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from simulations.synth.config import KNOWN_ACTIONS, SynthConfig
-from simulations.synth.federation import Federation
-from simulations.synth.files import read_federation, write_federation
-from simulations.synth.generate import benchmark, generate_federation
 from simulations.synth.presets import (
     PRESETS_DIR,
     available_presets,
     load_preset,
     synth_config_from_preset,
 )
+
+# The generator's modules take numpy and pandas: they load on first use (PEP 562), so
+# checking a preset or a synthetic.* key stays light (the CLI does it before heavy work).
+_LAZY = {"Federation": "federation", "read_federation": "files", "write_federation": "files",
+         "benchmark": "generate", "generate_federation": "generate"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "KNOWN_ACTIONS",

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pandas as pd
-
-from common.config import _check
-from common.schema import DEFAULT_ACTIONS
+from common.config import check_key
+from common.vocabulary import DEFAULT_ACTIONS
 
 #: Actions the simulator knows a response model for; ``none`` is the control.
 KNOWN_ACTIONS: tuple[str, ...] = ("none", "recommend", "coupon", "push")
@@ -55,39 +53,45 @@ class SynthConfig:
 
         for name in ("num_merchants", "users_median", "min_users", "num_categories",
                      "items_per_category", "days", "campaign_every_days", "response_days"):
-            _check(getattr(self, name) >= 1, key(name), f"must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            check_key(value >= 1, key(name), f"must be >= 1, got {value}")
         for name in ("alpha", "user_concentration", "price_median", "half_life_days_median",
                      "sessions_per_day", "interest_cap"):
-            _check(getattr(self, name) > 0, key(name), f"must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            check_key(value > 0, key(name), f"must be > 0, got {value}")
         for name in ("size_sigma", "price_sigma", "decay_spread", "half_life_sigma",
                      "activity_sigma", "boost_session", "boost_purchase"):
-            _check(getattr(self, name) >= 0, key(name), f"must be >= 0, got {getattr(self, name)}")
-        _check(self.views_per_session >= 1, key("views_per_session"), "must be >= 1")
-        _check(0 <= self.arrival_share <= 1, key("arrival_share"), "must be in [0, 1]")
-        _check(0 <= self.churn_rate < 1, key("churn_rate"), "must be in [0, 1)")
-        _check(0 < self.campaign_share <= 1, key("campaign_share"), "must be in (0, 1]")
+            value = getattr(self, name)
+            check_key(value >= 0, key(name), f"must be >= 0, got {value}")
+        check_key(self.views_per_session >= 1, key("views_per_session"), "must be >= 1")
+        check_key(0 <= self.arrival_share <= 1, key("arrival_share"), "must be in [0, 1]")
+        check_key(0 <= self.churn_rate < 1, key("churn_rate"), "must be in [0, 1)")
+        check_key(0 < self.campaign_share <= 1, key("campaign_share"), "must be in (0, 1]")
+        import pandas as pd  # here, not at import: unknown keys are found without it
+
+        from common.timestamps import EARLIEST_TIME
+
         try:
             start = pd.Timestamp(self.start)
         except (TypeError, ValueError):
             raise ValueError(
                 f"config key 'synthetic.start': expected a date like 2025-01-01, got {self.start!r}"
             ) from None
-        from common.timestamps import EARLIEST_TIME
 
         # The generated log must pass the loader's plausibility check it will meet next.
-        _check(start.tz_localize(None) >= EARLIEST_TIME.tz_localize(None)
+        check_key(start.tz_localize(None) >= EARLIEST_TIME.tz_localize(None)
                and start.tz_localize(None) + pd.Timedelta(days=self.days) <= pd.Timestamp.now(),
                key("start"), f"with synthetic.days={self.days} the log must lie between "
                f"{EARLIEST_TIME:%Y-%m-%d} and today, got {self.start!r}")
-        _check(len(self.actions) >= 2 and self.actions[0] == "none", key("actions"),
+        check_key(len(self.actions) >= 2 and self.actions[0] == "none", key("actions"),
                f"must list 'none' first and at least one action, got {self.actions}")
-        _check(len(set(self.actions)) == len(self.actions), key("actions"), "has duplicates")
+        check_key(len(set(self.actions)) == len(self.actions), key("actions"), "has duplicates")
         unknown = [a for a in self.actions if a not in KNOWN_ACTIONS]
-        _check(not unknown, key("actions"),
+        check_key(not unknown, key("actions"),
                f"unknown {unknown}; the simulator models {', '.join(KNOWN_ACTIONS)}")
-        _check(len(self.propensities) == len(self.actions), key("propensities"),
+        check_key(len(self.propensities) == len(self.actions), key("propensities"),
                f"needs one value per action ({len(self.actions)}), got {len(self.propensities)}")
-        _check(all(0 < p <= 1 for p in self.propensities), key("propensities"),
+        check_key(all(0 < p <= 1 for p in self.propensities), key("propensities"),
                "each must be in (0, 1]")
-        _check(abs(sum(self.propensities) - 1) < 1e-6, key("propensities"),
+        check_key(abs(sum(self.propensities) - 1) < 1e-6, key("propensities"),
                f"must sum to 1, got {sum(self.propensities):.6g}")

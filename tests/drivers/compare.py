@@ -12,7 +12,8 @@ from pathlib import Path
 
 from common.runtime import quiet_tensorflow
 from simulations.compare import run_comparison
-from simulations.experiment import resolve, run_folder
+from simulations.experiment import run_folder
+from simulations.settings import resolve
 
 
 class JsonlProgress:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from simulations import federated
-from simulations.experiment import prepare, resolve
+from simulations.experiment import prepare
+from simulations.settings import resolve
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from simulations import federated
-from simulations.experiment import prepare, resolve
+from simulations.experiment import prepare
+from simulations.settings import resolve
 
 
 def corrupt_shards(partitions: list[int]) -> None:

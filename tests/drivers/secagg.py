@@ -17,7 +17,8 @@ import numpy as np
 import client.app
 import client.secagg
 from simulations import federated
-from simulations.experiment import prepare, resolve
+from simulations.experiment import prepare
+from simulations.settings import resolve
 
 
 def make_mods(record_dir: Path, drop: dict | None) -> tuple:
