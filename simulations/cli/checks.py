@@ -2,8 +2,9 @@
 
 Each function raises ``ValueError`` (or an ``OSError`` naming the path) with one line
 saying what is wrong; the command line prints it with exit code 2. Nothing here imports
-TensorFlow: the configuration is validated by the config dataclasses themselves
-(``simulations.experiment``, ``common.config``, ``simulations.synth``), which do not.
+TensorFlow or pandas: the configuration is validated by the config dataclasses themselves
+(``simulations.settings``, ``common.config``, ``server.config``, ``simulations.synth.config``),
+which import neither.
 """
 
 from __future__ import annotations
