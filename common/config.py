@@ -105,6 +105,7 @@ def to_flat(obj: Any, section: str) -> dict[str, Any]:
 
 
 def check_key(cond: bool, key: str, message: str) -> None:
+    """Raise ``ValueError("config key '<key>': <message>")`` unless ``cond`` holds."""
     if not cond:
         raise ValueError(f"config key '{key}': {message}")
 
@@ -120,6 +121,8 @@ class FaultConfig:
     crash_prob: float = 0.0  # a sampled client's process is SIGKILLed (as by the OOM killer)
 
     def check_faults(self, section: str) -> None:
+        """Check that the three probabilities are in [0, 1] and the delay is >= 0; the
+        errors name the keys under ``section``."""
         for name in ("dropout_prob", "straggler_prob", "crash_prob"):
             check_key(0 <= getattr(self, name) <= 1, f"{section}.{name.replace('_', '-')}",
                    "must be in [0, 1]")
@@ -181,6 +184,7 @@ class SnapshotConfig:
 
     @property
     def event_weights(self) -> tuple[float, ...]:
+        """The ``weight-<event>`` values in ``EVENT_TYPES`` order."""
         return tuple(getattr(self, f"weight_{ev}") for ev in EVENT_TYPES)
 
 
@@ -251,6 +255,8 @@ class PolicyConfig:
         check_key(self.value >= 0, "policy.value", "must be >= 0")
 
     def cost(self, action: str) -> float:
+        """The ``cost-<action>`` of treating one user with ``action``; 0 for an action
+        without a cost key (such as ``none``)."""
         return float(getattr(self, f"cost_{action}", 0.0))
 
 

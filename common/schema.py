@@ -32,6 +32,7 @@ class DataError(ValueError):
 
 
 def action_dtype(actions: tuple[str, ...] = DEFAULT_ACTIONS) -> pd.CategoricalDtype:
+    """The categorical dtype of the ``action`` column, with ``actions`` as its categories."""
     return pd.CategoricalDtype(list(actions))
 
 

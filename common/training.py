@@ -44,6 +44,7 @@ class FitResult:
     history: list[dict[str, float]]
 
     def as_metrics(self) -> dict[str, float]:
+        """Train and validation loss, epochs and fit seconds as a flat dict of floats."""
         return {"train_loss": self.train_loss, "val_loss": self.val_loss,
                 "epochs": float(self.epochs), "fit_seconds": self.seconds}
 
@@ -61,6 +62,7 @@ class _Proximal(keras.Model):
         return self.inner(inputs, training=training)
 
     def set_anchor(self) -> None:
+        """Copy the wrapped model's current trainable weights into the proximal anchor."""
         for a, w in zip(self.anchor, self.inner.trainable_weights, strict=True):
             a.assign(w)
 

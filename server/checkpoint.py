@@ -93,6 +93,7 @@ def _digest(meta: bytes, arrays: list[np.ndarray]) -> str:
 
 
 def checkpoint_path(directory: Path, round_number: int) -> Path:
+    """``directory/round-NNNNN.npz``, the round number zero-padded to five digits."""
     return Path(directory) / f"round-{round_number:05d}.npz"
 
 
@@ -182,6 +183,7 @@ def legacy_checkpoints(directory: Path) -> list[Path]:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint of the highest round in ``directory`` (not verified), or None."""
     found = list_checkpoints(directory)
     return found[0] if found else None
 
@@ -209,6 +211,8 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
 
 
 def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
+    """Give ``strategy`` the optimizer state of :func:`strategy_state`; raise
+    :class:`CheckpointError` when ``state`` names attributes outside ``STATE_ATTRIBUTES``."""
     unknown = set(state) - set(STATE_ATTRIBUTES)
     if unknown:
         raise CheckpointError(f"checkpoint names unknown strategy state {sorted(unknown)}")

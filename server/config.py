@@ -155,6 +155,7 @@ class DPConfig:
 
     @property
     def enabled(self) -> bool:
+        """Whether ``mode`` is other than ``off``."""
         return self.mode != "off"
 
     def __post_init__(self) -> None:

@@ -119,6 +119,17 @@ class PrivacyLedger:
         self.epsilon = 0.0
 
     def event(self, sampled: int, aggregated: int) -> GaussianPrivacyEvent:
+        """The Gaussian event of one released round.
+
+        Parameters
+        ----------
+        sampled
+            Clients sampled in the round; clamped to [1, population].
+        aggregated
+            Clients whose updates were averaged: the noise was calibrated for
+            ``calibrated_for``, so the effective noise multiplier is
+            ``noise-multiplier * aggregated / calibrated_for``.
+        """
         sampled = min(max(sampled, 1), self.population)
         z = self.dp.noise_multiplier * aggregated / self.calibrated_for
         return GaussianPrivacyEvent(noise_multiplier=z, sample_size=sampled,

@@ -100,6 +100,9 @@ class SortedClientManager(SimpleClientManager):
 
     def sample(self, num_clients: int, min_num_clients: int | None = None,
                criterion: Any = None) -> list[ClientProxy]:
+        """Wait for ``min_num_clients`` (default ``num_clients``), then draw ``num_clients``
+        of the ids in sorted order that pass ``criterion`` with ``random.sample``; empty
+        when fewer are available."""
         if min_num_clients is None:
             min_num_clients = num_clients
         self.wait_for(min_num_clients)

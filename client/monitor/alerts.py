@@ -100,4 +100,5 @@ class AlertFile:
         return {"path": str(self.path), "size": self.size}
 
     def close(self) -> None:
+        """Close the file (no fsync: call :meth:`sync` first to make the alerts durable)."""
         self._fh.close()

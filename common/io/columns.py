@@ -150,6 +150,8 @@ def no_repeats(source: Any, columns: Any, where: str) -> None:
 
 
 def require_columns(source: str, columns: Any, needed: tuple[str, ...], what: str) -> None:
+    """Raise :class:`DataError` naming ``source``, the missing ones and the columns found
+    when any of ``needed`` is not in ``columns``; ``what`` says what they are needed for."""
     missing = [c for c in needed if c not in set(columns)]
     if missing:
         raise DataError(
@@ -160,6 +162,25 @@ def require_columns(source: str, columns: Any, needed: tuple[str, ...], what: st
 
 def id_column(df: pd.DataFrame, name: str, default: str, filled: dict[str, int]
               ) -> pd.Series:
+    """Column ``name`` of ``df`` as IDs (:func:`as_string`), missing values set to ``default``.
+
+    Parameters
+    ----------
+    df
+        The frame read from the input.
+    name
+        The ID column; when ``df`` lacks it, every row gets ``default``.
+    default
+        The ID given to rows without one.
+    filled
+        Counts per column of the missing values filled in; ``name``'s count grows by
+        this column's (a column that is absent counts nothing).
+
+    Returns
+    -------
+    pd.Series
+        Pyarrow strings on ``df``'s index.
+    """
     if name not in df:
         return pd.Series(default, index=df.index, dtype=STRING)
     s = as_string(df[name])

@@ -42,13 +42,16 @@ class Snapshots:
         return Snapshots(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
     def split_part(self, name: str) -> Snapshots:
+        """The rows in split ``name`` (one of ``SPLITS``)."""
         return self.subset(self.split == SPLITS.index(name))
 
     def merchant(self, merchant_id: str) -> Snapshots:
+        """The rows of merchant ``merchant_id``."""
         return self.subset(self.merchant_id == merchant_id)
 
     @property
     def activation_mask(self) -> np.ndarray:
+        """float32 [N]: 1 where an intervention was logged (``action >= 0``), else 0."""
         return (self.action >= 0).astype(np.float32)
 
     def inputs(self) -> dict[str, np.ndarray]:
@@ -82,6 +85,7 @@ class Snapshots:
 
     @classmethod
     def concat(cls, parts: Sequence[Snapshots]) -> Snapshots:
+        """The rows of ``parts`` one after another, in order."""
         return cls(**{
             f.name: np.concatenate([getattr(p, f.name) for p in parts])
             for f in dataclasses.fields(cls)
@@ -100,6 +104,8 @@ class Snapshots:
 
     @classmethod
     def load(cls, path: str | Path) -> Snapshots:
+        """Read a file written by :meth:`save` (``.npz`` is added when ``path`` lacks it and
+        does not exist); the ID and category columns come back as object arrays."""
         path = Path(path)
         if path.suffix != ".npz" and not path.exists():
             path = path.with_name(path.name + ".npz")

@@ -24,6 +24,10 @@ class SnapshotReport:
     empty_cutoffs: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary_lines(self) -> list[str]:
+        """Indented lines for the log: per split the cutoffs, their span, snapshots, decay
+        rate and rows with an intervention; then, when any, the cutoffs without an active
+        user, the cutoffs left out between splits and the unmatched or unobserved
+        interventions."""
         lines = []
         for s in SPLITS:
             cut = self.cutoffs.get(s, [])
