@@ -115,3 +115,12 @@ def test_bench_times_a_federation_against_centralised_training(tmp_path: Path) -
         row["train_snapshots"] / row["centralised_s_per_epoch"])
     assert row["total_federated_s"] > row["first_round_s"] + row["federated_steady_round_s"]
     assert row["per_client_overhead_ms"] >= 0
+
+
+def test_tracking_flag_sets_the_config_key_and_refuses_other_values(capsys) -> None:
+    from simulations.cli.options import tracking_keys
+
+    assert tracking_keys(None) == {}
+    assert tracking_keys("mlflow") == {"experiment.tracking": "tensorboard,mlflow"}
+    assert main(["train", "--tracking", "wandb"]) == 2
+    assert "wandb" in capsys.readouterr().err

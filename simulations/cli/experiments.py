@@ -25,6 +25,8 @@ from .options import (
     SeedOption,
     SetOption,
     SourceBadRowsOption,
+    TrackingOption,
+    tracking_keys,
 )
 
 if TYPE_CHECKING:
@@ -78,10 +80,12 @@ def train(
     set_: SetOption = None,
     seed: SeedOption = None,
     bad_rows: SourceBadRowsOption = None,
+    tracking: TrackingOption = None,
 ) -> None:
     """Train one baseline for train.epochs epochs: centralised, local-only or GBDT."""
     console = current()
-    exp = _source(preset, events, format, interventions, set_, seed, bad_rows)
+    exp = _source(preset, events, format, interventions, set_, seed, bad_rows,
+                  tracking_keys(tracking))
     from simulations.experiment import run_folder
     from simulations.single import train_method
 
@@ -119,10 +123,11 @@ def simulate(
         metavar="RUN_DIR", show_default="none",
         help="Continue a killed run from its newest intact checkpoint; --set may change "
              "only the rounds and how they run.")] = None,
+    tracking: TrackingOption = None,
 ) -> None:
     """Run the federation on Flower's Simulation Engine (rounds, checkpoints, metrics)."""
     console = current()
-    extra = {}
+    extra = tracking_keys(tracking)
     if strategy:
         extra["federation.strategy"] = strategy
     if ray_address:
@@ -186,13 +191,15 @@ def compare(
         "--audit",
         help="Membership-inference audit of the federated and centralised models "
              "(implied by --noise).")] = False,
+    tracking: TrackingOption = None,
 ) -> None:
     """Federated vs centralised vs local-only vs GBDT and LR on the same snapshots and budget."""
     console = current()
     chosen_strategies = checks.names(strategies, checks.STRATEGIES, "--strategies")
     chosen_methods = checks.names(methods, checks.METHODS, "--methods")
     levels = checks.numbers(noise, "--noise")
-    exp = _source(preset, events, format, interventions, set_, seed, bad_rows)
+    exp = _source(preset, events, format, interventions, set_, seed, bad_rows,
+                  tracking_keys(tracking))
     from simulations.compare import run_comparison
     from simulations.experiment import run_folder
 

@@ -39,3 +39,15 @@ MethodOption = Annotated[str | None, typer.Option(
     metavar="NAME", show_default="federated, or the run's only model",
     help="Which model of a run folder: federated, centralised, or a subfolder of compare "
          "such as federated-fedprox.")]
+TrackingOption = Annotated[str | None, typer.Option(
+    "--tracking", click_type=click.Choice(("tensorboard", "mlflow")),
+    show_default="the config's experiment.tracking (tensorboard)",
+    help="Where the run's metrics go besides its folder: TensorBoard event files always; "
+         "mlflow adds an MLflow file store in <run>/mlruns (experiment.tracking).")]
+
+
+def tracking_keys(tracking: str | None) -> dict[str, str]:
+    """The ``experiment.tracking`` override ``--tracking`` asks for (none when not given)."""
+    if tracking is None:
+        return {}
+    return {"experiment.tracking": "tensorboard,mlflow" if tracking == "mlflow" else tracking}
