@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from helpers import PROJECT, run_driver
 
-from simulations.report import report_blocks, to_html, to_markdown
+from simulations.render import to_html, to_markdown
+from simulations.report import report_blocks
 from simulations.tracking import (
     MLFLOW_DIR,
     MlflowTracker,

@@ -7,7 +7,8 @@ import pytest
 
 from common.metrics import bootstrap_off_policy, policy_report
 from simulations.baselines import policy_support
-from simulations.report import policy_caveat, report_blocks, table_rows, to_markdown
+from simulations.render import to_markdown
+from simulations.report import policy_caveat, report_blocks, table_rows
 
 ACTIONS = ("none", "recommend", "coupon", "push")
 
