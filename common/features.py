@@ -352,13 +352,13 @@ def _row_stats(rows: np.ndarray, values: np.ndarray, n_rows: int, empty: float
     mean = np.where(some, total / np.maximum(count, 1), empty)
     sq = np.bincount(rows, weights=(values - mean[rows]) ** 2, minlength=n_rows)
     std = np.sqrt(sq / np.maximum(count, 1))
-    order = np.lexsort((values, rows))
-    ordered = values[order]
-    offset = np.cumsum(count) - count
-    lo = np.minimum(offset + (count - 1) // 2, max(len(values) - 1, 0))
-    hi = np.minimum(offset + count // 2, max(len(values) - 1, 0))
-    median = (np.where(some, (ordered[lo] + ordered[hi]) / 2, empty) if len(values)
-              else np.full(n_rows, empty))
+    # pandas' grouped median selects within each group: several times faster than a
+    # lexsort of every gap at every cutoff, and the same values (even counts: the mean
+    # of the two middle ones).
+    median = np.full(n_rows, float(empty))
+    if len(values):
+        grouped = pd.Series(values).groupby(rows).median()
+        median[grouped.index.to_numpy()] = grouped.to_numpy()
     return mean, median, std
 
 
