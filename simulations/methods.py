@@ -9,3 +9,5 @@ from __future__ import annotations
 METHODS: tuple[str, ...] = ("gbdt", "lr", "centralised", "local", "federated")
 #: The non-neural methods: they read the snapshots' aggregates; the others train the LSTM.
 AGGREGATE_METHODS: tuple[str, ...] = ("gbdt", "lr")
+#: ``fedecay train --mode``.
+TRAIN_MODES: tuple[str, ...] = ("centralised", "local", "gbdt")

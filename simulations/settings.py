@@ -27,6 +27,7 @@ from common.config import (
     from_flat,
     to_flat,
 )
+from common.vocabulary import BAD_ROWS
 from server.config import DPConfig, FederationConfig, check_compatible
 from simulations.synth.config import SynthConfig
 from simulations.synth.presets import load_preset
@@ -83,7 +84,7 @@ class DataConfig:
     bad_rows: str = "error"  # CSV rows with the wrong number of fields: "error" or "skip"
 
     def __post_init__(self) -> None:
-        check_key(self.bad_rows in ("error", "skip"), "data.bad-rows",
+        check_key(self.bad_rows in BAD_ROWS, "data.bad-rows",
                f"must be 'error' or 'skip', got {self.bad_rows!r}")
         check_key(self.partitioner in ("", "iid", "dirichlet"), "data.partitioner",
                "must be '', 'iid' or 'dirichlet'")

@@ -15,12 +15,10 @@ from common.progress import SILENT, Progress
 from simulations.baselines import MethodResult, assess
 from simulations.compare import final_step, track_artifacts
 from simulations.experiment import prepare, write_json
+from simulations.methods import TRAIN_MODES
 from simulations.report import format_table
 from simulations.settings import Experiment
 from simulations.tracking import Tracker, final_scalars, open_tracking
-
-#: ``fedecay train --mode``.
-TRAIN_MODES: tuple[str, ...] = ("centralised", "local", "gbdt")
 
 
 @dataclasses.dataclass

@@ -26,7 +26,6 @@ from common.io.completejourney import (
     CJ_TRANSACTION_FILES,
     NO_HOME_STORE,
 )
-from common.io.csv_reader import BAD_ROWS
 from common.io.load import load_events
 from common.io.results import DUPLICATE, MALFORMED, OUTSIDE_WINDOW, EventLog, LoadReport
 from common.io.retailrocket import RETAILROCKET_COLUMNS, RETAILROCKET_EVENTS
@@ -38,6 +37,7 @@ from common.io.validation import (
     validate_events,
     validate_interventions,
 )
+from common.vocabulary import BAD_ROWS
 
 __all__ = [
     "BAD_ROWS",

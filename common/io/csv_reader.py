@@ -28,9 +28,6 @@ from common.schema import STRING, DataError
 
 logger = logging.getLogger(__name__)
 
-#: How ``load_events`` treats CSV rows with the wrong number of fields (a cut last line,
-#: a stray separator, an unterminated quote): raise, or drop them and count them.
-BAD_ROWS: tuple[str, ...] = ("error", "skip")
 _MAX_SKIPPED_TEXTS = 10_000  # distinct skipped rows remembered to number later lines
 _BLOCK_BYTES = 16 << 20  # CSV bytes parsed at a time (chunks are cut from these blocks)
 

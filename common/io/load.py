@@ -18,7 +18,7 @@ from common.io.completejourney import (
     cj_transactions,
     iter_completejourney,
 )
-from common.io.csv_reader import BAD_ROWS, ReadRules
+from common.io.csv_reader import ReadRules
 from common.io.files import is_parquet, regular_or_folder
 from common.io.results import (
     DUPLICATE,
@@ -40,6 +40,7 @@ from common.schema import (
     empty_events,
     empty_interventions,
 )
+from common.vocabulary import BAD_ROWS
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,7 @@ from common.io.completejourney import cj_transactions
 from common.io.files import head_rows, is_parquet, regular_or_folder
 from common.io.taobao import TAOBAO_EVENTS
 from common.schema import EVENT_COLUMNS, DataError
-
-FORMATS: tuple[str, ...] = ("canonical", "taobao", "retailrocket", "completejourney")
+from common.vocabulary import FORMATS
 
 
 def _numberish(cell: str) -> bool:

@@ -21,19 +21,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simulations.methods import METHODS as METHODS  # light: no pandas, no TensorFlow
+# Light modules (no pandas, no TensorFlow): the choices come from where they are defined.
+from common.vocabulary import BAD_ROWS as BAD_ROWS
+from common.vocabulary import FORMATS as LOG_FORMATS
+from server.config import STRATEGIES as STRATEGIES
+from simulations.methods import METHODS as METHODS
+from simulations.methods import TRAIN_MODES as TRAIN_MODES
 
 if TYPE_CHECKING:
     from simulations.settings import Experiment
 
-#: Choices the options list in their help; tests/test_cli_fail_fast.py checks they match
-#: the libraries' own (common.io FORMATS, BAD_ROWS; server.config STRATEGIES), which are
-#: not imported here because importing them takes pandas (about a second).
-FORMATS: tuple[str, ...] = ("auto", "canonical", "taobao", "retailrocket", "completejourney")
-BAD_ROWS: tuple[str, ...] = ("error", "skip")
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",
-                               "fedtrimmedavg", "fedmedian", "krum")
-TRAIN_MODES: tuple[str, ...] = ("centralised", "local", "gbdt")  # simulations.single's
+#: ``--format``: the loader's formats, or ``auto`` to tell them apart by content.
+FORMATS: tuple[str, ...] = ("auto", *LOG_FORMATS)
 #: File names ``score --out`` writes (client.scoring.scores_path accepts the same).
 SCORE_FILES: tuple[str, ...] = (".csv", ".parquet", ".pq")
 #: The earliest time an event may have (common.timestamps.EARLIEST_TIME) and how far
