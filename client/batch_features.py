@@ -55,6 +55,12 @@ def cutoff_ns(events: pd.DataFrame, at: Any = None) -> int:
     if at is None or at == "":
         last = int(unix_ns(events["timestamp"]).max())
         return (last // _SECOND + 1) * _SECOND
+    return cutoff_at(at)
+
+
+def cutoff_at(at: Any) -> int:
+    """A cutoff given as ISO-8601 text or a timestamp (naive = UTC) as unix ns, rounded up
+    to a whole second as :func:`cutoff_ns` does."""
     try:
         stamp = pd.Timestamp(at)
     except (TypeError, ValueError):

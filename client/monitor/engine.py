@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from client.batch_features import build_features
+from client.batch_features import build_features, cutoff_at
 from client.monitor.alerts import Alert, alert_id
 from client.monitor.config import MonitorConfig
 from client.monitor.events import Malformed, escape_controls, parse_event
@@ -293,12 +293,10 @@ class Monitor:
         low = self.cutoff_ns()
         if at is None:
             return low
-        stamp = pd.Timestamp(at)
-        stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-        ns = -(-int(stamp.as_unit("ns").value) // _SECOND) * _SECOND
+        ns = cutoff_at(at)
         if ns < low:
-            raise ValueError(f"cutoff {stamp} is before the monitor's clock "
-                             f"({pd.Timestamp(low, unit='ns', tz='UTC')})")
+            asked, clock = (pd.Timestamp(t, unit="ns", tz="UTC") for t in (ns, low))
+            raise ValueError(f"cutoff {asked} is before the monitor's clock ({clock})")
         return ns
 
     def _rescore(self, users: list[tuple[UserKey, UserState]], trigger: str) -> None:
