@@ -106,10 +106,7 @@ def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
     ax.set_ylabel("decay ROC-AUC (held-out test)")
     ax.set_title("Global model per round")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "auc_per_round.png", dpi=110)
-    plt.close(fig)
-    made.append("auc_per_round.png")
+    made.append(_save(fig, run_dir, "auc_per_round.png"))
 
     local = methods.get("local-only", {}).get("per_merchant_auc")
     feds = [n for n in methods if n.startswith("federated")]
@@ -127,10 +124,7 @@ def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
         ax.set_ylabel(f"{feds[0]} AUC")
         ax.set_title("Per merchant: above the line gains from joining")
         fig.colorbar(sc, label="log10 training snapshots")
-        fig.tight_layout()
-        fig.savefig(run_dir / "merchant_gain.png", dpi=110)
-        plt.close(fig)
-        made.append("merchant_gain.png")
+        made.append(_save(fig, run_dir, "merchant_gain.png"))
 
     if any("privacy" in m for m in methods.values()):
         made.append(_privacy_plot(methods, run_dir))
@@ -149,10 +143,7 @@ def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
         ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=8)
         ax.set_ylabel(f"policy value ({key})")
         ax.set_title("Activation policy value per method")
-        fig.tight_layout()
-        fig.savefig(run_dir / "policy_value.png", dpi=110)
-        plt.close(fig)
-        made.append("policy_value.png")
+        made.append(_save(fig, run_dir, "policy_value.png"))
     return made
 
 
@@ -178,10 +169,17 @@ def _privacy_plot(methods: Mapping[str, Any], run_dir: Path) -> str:
     ax.set_ylabel("decay ROC-AUC (held-out test)")
     ax.set_title("Utility against privacy")
     ax.legend(fontsize=8)
+    return _save(fig, run_dir, "auc_vs_epsilon.png")
+
+
+def _save(fig: Any, run_dir: Path, name: str) -> str:
+    """Write ``fig`` to ``run_dir / name`` and free it; the file name."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(run_dir / "auc_vs_epsilon.png", dpi=110)
+    fig.savefig(run_dir / name, dpi=110)
     plt.close(fig)
-    return "auc_vs_epsilon.png"
+    return name
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
