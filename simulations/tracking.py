@@ -75,23 +75,6 @@ class Tracker(Protocol):
         """Write out everything; the tracker is not used again."""
 
 
-class _NoTracking:
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, step: int, method: str, **values: float) -> None:
-        pass
-
-    def log_artifact(self, path: Path, folder: str = "") -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-#: Records nothing: the default wherever a ``tracker`` argument is optional.
-NO_TRACKING: Tracker = _NoTracking()
-
 
 def _finite(values: Mapping[str, Any]) -> dict[str, float]:
     out = {}
@@ -300,6 +283,10 @@ class Trackers:
     def close(self) -> None:
         for b in self.backends:
             b.close()
+
+
+#: Records nothing: the default wherever a ``tracker`` argument is optional.
+NO_TRACKING: Tracker = Trackers([])
 
 
 @contextlib.contextmanager
