@@ -9,12 +9,10 @@ ids or rows.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -22,6 +20,7 @@ from client.config import ClientSettings, cached_settings
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.shards import ShardCache, process_shard_cache, shard_cache_bytes, shard_location
 from client.timer import HandlerTimer
+from client.work import evaluate_reply, global_round, train_reply
 from common.schema import DataError
 from common.snapshots import Snapshots
 
@@ -50,58 +49,6 @@ def data_error_reply(msg: Message, err: Exception) -> Message:
     log.error("merchant data rejected: %s", err)
     return error_reply(msg, DATA_ERROR, f"merchant data rejected ({type(err).__name__}); "
                        "the reason is in this merchant's SuperNode log")
-
-
-def _global_model(settings: ClientSettings, arrays: ArrayRecord, timer: HandlerTimer) -> Any:
-    """The process's cached model holding the weights the server sent."""
-    from common.model import cached_model, set_weights_of
-
-    timer.lap("tensorflow import")
-    model = cached_model(settings.model, settings.snapshots, settings.seed)
-    set_weights_of(model, arrays.to_numpy_ndarrays())
-    timer.lap("model")
-    return model
-
-
-def global_round(config: Mapping[str, Any]) -> int:
-    """The round a train instruction belongs to; "global-round" survives a resume
-    (server-round restarts at 1), and the seeds follow it."""
-    return int(config.get("global-round", config.get("server-round", 0)))
-
-
-def fit_locally(model: Any, settings: ClientSettings, snaps: Snapshots,
-                config: Mapping[str, Any]) -> dict[str, float | int]:
-    """Train ``model`` (holding the global weights) on this merchant's training rows as
-    the server's ``config`` asks; the whitelisted metrics of the reply."""
-    from common.training import fit
-
-    train_rows, val_rows = snaps.split_part("train"), snaps.split_part("val")
-    train_cfg = dataclasses.replace(
-        settings.train,
-        epochs=int(config.get("local-epochs", settings.train.epochs)),
-        proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)),
-    )
-    result = fit(model, train_rows, val_rows, train_cfg,
-                 seed=settings.seed * 100_003 + global_round(config))
-    metrics: dict[str, float | int] = {
-        k: float(v) if np.isfinite(v) else -1.0 for k, v in result.as_metrics().items()}
-    metrics["num-examples"] = int(len(train_rows))
-    return metrics
-
-
-def evaluate_locally(model: Any, test: Snapshots) -> dict[str, float | int]:
-    """The whitelisted metrics of ``model`` on this merchant's held-out rows."""
-    from common.training import predict, validation_loss
-
-    p = np.clip(predict(model, test)["decay"], 1e-7, 1 - 1e-7)
-    y = test.decay
-    return {
-        "num-examples": int(len(test)),
-        "eval_loss": validation_loss(model, test),
-        "decay_log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
-        "decay_accuracy": float(np.mean((p >= 0.5) == (y > 0.5))),
-        "decay_positive_rate": float(y.mean()),
-    }
 
 
 def merchant_data(
@@ -140,13 +87,11 @@ def handle_train(msg: Message, context: Context, data: MerchantData) -> Message:
         return error_reply(msg, SIMULATED_DROPOUT, fault)
     if len(snaps.split_part("train")) == 0:
         return error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
-    model = _global_model(settings, msg.content.array_records["arrays"], timer)
-    metrics = fit_locally(model, settings, snaps, config)
-    timer.lap("fit")
+    weights, metrics = train_reply(settings, snaps,
+                                   msg.content.array_records["arrays"].to_numpy_ndarrays(),
+                                   config, timer)
     log.info("%s", timer.summary(f"train round {server_round}"))
-    from common.model import weights_of
-
-    reply = RecordDict({"arrays": ArrayRecord(weights_of(model)),
+    reply = RecordDict({"arrays": ArrayRecord(weights),
                         "metrics": MetricRecord(dict(metrics))})
     return Message(reply, reply_to=msg)
 
@@ -163,9 +108,8 @@ def handle_evaluate(msg: Message, context: Context, data: MerchantData) -> Messa
     test = snaps.split_part("test")
     if len(test) == 0:
         return error_reply(msg, DATA_ERROR, "no held-out snapshots in this merchant's data")
-    model = _global_model(settings, msg.content.array_records["arrays"], timer)
-    metrics = evaluate_locally(model, test)
-    timer.lap("evaluate")
+    metrics = evaluate_reply(settings, test,
+                             msg.content.array_records["arrays"].to_numpy_ndarrays(), timer)
     config = msg.content.config_records.get("config")
     server_round = config.get("server-round", "?") if config is not None else "?"
     log.info("%s", timer.summary(f"evaluate round {server_round!s}"))

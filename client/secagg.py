@@ -3,7 +3,7 @@
 Flower 1.42 runs SecAgg+ only in its legacy API: a ``ClientApp(client_fn=...)`` whose
 ``NumPyClient`` trains, with ``secaggplus_mod`` answering the protocol's four stages
 (``setup``, ``share_keys``, ``collect_masked_vectors``, ``unmask``). Only the third
-stage reaches the client: it trains with the project's ``fit`` (``fit_locally``) and
+stage reaches the client: it trains with the project's ``fit`` (``client.work.fit_locally``) and
 the mod replaces the weights by their quantised, masked form before anything leaves.
 
 Mods, outermost first:
@@ -48,14 +48,12 @@ from client.app import (
     DATA_ERRORS,
     data_error_reply,
     error_reply,
-    evaluate_locally,
-    fit_locally,
-    global_round,
     merchant_data,
 )
 from client.config import ClientSettings
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.shards import process_shard_cache, shard_cache_bytes
+from client.work import evaluate_locally, fit_locally, global_round
 from common.schema import DataError
 from common.snapshots import Snapshots
 
