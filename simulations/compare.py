@@ -27,6 +27,7 @@ from simulations.baselines import (
     run_lr,
 )
 from simulations.experiment import PreparedData, prepare, write_json
+from simulations.fairness import fairness_of
 from simulations.methods import AGGREGATE_METHODS, METHODS
 from simulations.report import format_table, write_report
 from simulations.settings import Experiment
@@ -70,6 +71,7 @@ def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...
                                 tracker)
         audits = _membership_audits(outcomes, data, progress) if audit else {}
         results = _results(exp, data, outcomes, time.perf_counter() - started)
+        results["fairness"] = fairness_of(outcomes, data, exp)
         for name, found in audits.items():
             results["methods"][name]["membership"] = found
         write_json(run_dir / "results.json", results)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from common import atomic
+from simulations.fairness import fairness_blocks, write_fairness_plot
 from simulations.render import (
     Block,
     Bullets,
@@ -84,7 +85,8 @@ def lead_sentence(results: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------- plots
 
 def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
-    """PNG plots: AUC per round, per-merchant gain, policy value per method."""
+    """PNG plots: AUC per round, per-merchant gain, policy value per method, AUC per
+    segment (:mod:`simulations.fairness`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +146,8 @@ def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
         ax.set_ylabel(f"policy value ({key})")
         ax.set_title("Activation policy value per method")
         made.append(_save(fig, run_dir, "policy_value.png"))
-    return made
+    fairness = write_fairness_plot(results.get("fairness"), run_dir, _save)
+    return made + ([fairness] if fairness else [])
 
 
 def _privacy_plot(methods: Mapping[str, Any], run_dir: Path) -> str:
@@ -215,6 +218,7 @@ def report_blocks(results: Mapping[str, Any], plots: Sequence[str],
     blocks += _gain_blocks(results)
     blocks += _policy_blocks(results)
     blocks += _privacy_blocks(results)
+    blocks += fairness_blocks(results.get("fairness"))
     blocks += _inputs_blocks(results)
     blocks += [Plot(p) for p in plots]
     if config:

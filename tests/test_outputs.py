@@ -366,8 +366,10 @@ def test_report_files_of_the_comparison(compared: Path) -> None:
     md = (compared / "report.md").read_text()
     assert "```" not in md and "np.float" not in md
     assert "| federated-fedavg |" in md and "![merchant_gain.png](merchant_gain.png)" in md
+    assert "## Fairness: decay AUC, calibration and policy reach per segment" in md
+    assert "| customer new |" in md and "![fairness.png](fairness.png)" in md
     page = (compared / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<td>federation.num-rounds</td>" in page
+    assert page.count("data:image/png;base64,") == 4 and "<td>federation.num-rounds</td>" in page
 
 
 @pytest.mark.slow
