@@ -1,0 +1,185 @@
+"""Global attributions: permutation importance on hand-built data, the merchants'
+weighted aggregate computed by hand, the reply's whitelist, and a real federation that
+writes ``attributions.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from common.attribution import (
+    ATTRIBUTION_METRICS,
+    aggregate_metrics,
+    global_attributions,
+)
+from common.config import ModelConfig, SnapshotConfig
+from common.feature_groups import GROUP_NAMES
+from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES
+from common.snapshots import Snapshots
+from common.tabular import TabularModel
+
+L = 6
+INTEREST = AGGREGATE_FEATURES.index("log_interest")
+
+
+def hand_built(n: int = 400, seed: int = 0) -> Snapshots:
+    """``n`` rows whose decay label is [log_interest < 0]; every other input is noise."""
+    rng = np.random.default_rng(seed)
+    static = rng.normal(size=(n, len(AGGREGATE_FEATURES))).astype(np.float32)
+    y = (static[:, INTEREST] < 0).astype(np.float32)
+    return Snapshots(
+        events=rng.integers(1, 6, (n, L)).astype(np.int32),
+        categories=rng.integers(1, 9, (n, L)).astype(np.int32),
+        numeric=rng.normal(size=(n, L, len(NUMERIC_FEATURES))).astype(np.float32),
+        static=static, decay=y, interest=np.zeros(n, np.float32),
+        interest_now=np.ones(n, np.float32), action=np.full(n, -1, np.int32),
+        activation=np.zeros(n, np.float32), propensity=np.ones(n, np.float32),
+        intervention=np.full(n, -1, np.int64),
+        user_id=np.array([f"u{i}" for i in range(n)], object),
+        merchant_id=np.full(n, "m", object),
+        cutoff=np.full(n, np.datetime64("2025-03-01"), "datetime64[ns]"),
+        split=np.full(n, 1, np.int8), fading_category=np.full(n, "c1", object))
+
+
+class InterestOnly:
+    """A decay classifier that reads only ``log_interest``: P = sigmoid(-4 x)."""
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        p = 1 / (1 + np.exp(4 * x[:, INTEREST]))
+        return np.column_stack([1 - p, p])
+
+
+class Constant:
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros(len(x))
+
+
+def tabular() -> TabularModel:
+    return TabularModel("gbdt", InterestOnly(), Constant(), (0.5,))
+
+
+def test_only_the_informative_group_matters_for_a_tabular_model() -> None:
+    snaps = hand_built()
+    att = global_attributions(tabular(), snaps, repeats=3, seed=1)
+    interest = att.groups["interest"]
+    assert interest.log_loss_rise > 0.3 and interest.auc_drop > 0.3
+    for name in GROUP_NAMES:
+        if name != "interest":
+            g = att.groups[name]
+            assert g.log_loss_rise == 0.0 and g.auc_drop == 0.0, name
+            assert g.grad_input is None
+    # GBDT and LR read no sequence: event_mix is not read at all, and says so.
+    assert not att.groups["event_mix"].reads and att.groups["activity"].reads
+    assert att.base_auc == pytest.approx(1.0) and att.rows == att.auc_rows == 400
+    # Seeded: the same seed gives the same numbers, another seed others.
+    again = global_attributions(tabular(), snaps, repeats=3, seed=1)
+    other = global_attributions(tabular(), snaps, repeats=3, seed=2)
+    assert again == att
+    assert other.groups["interest"].log_loss_rise != interest.log_loss_rise
+
+
+def test_the_stacked_predictions_equal_one_call_per_permutation() -> None:
+    """Permuted copies are predicted stacked; one small stack per copy gives the same."""
+    from common.attribution import inputs_read, permutation_importance
+
+    snaps, model = hand_built(120), tabular()
+    calls: list[int] = []
+
+    def predict(s: Snapshots) -> np.ndarray:
+        calls.append(len(s))
+        return model.predict(s)["decay"]
+
+    big = permutation_importance(predict, snaps, inputs_read(model), repeats=2, seed=3)
+    assert calls == [120 * (1 + 2 * 5)]  # base + 2 repeats x the 5 groups GBDT reads
+    small = permutation_importance(predict, snaps, inputs_read(model), repeats=2, seed=3,
+                                   stack_rows=1)
+    assert big == small
+
+
+def test_reply_metrics_are_whitelisted_and_aggregate_by_hand() -> None:
+    att = global_attributions(tabular(), hand_built(), repeats=2, seed=0)
+    metrics = att.as_metrics()
+    assert set(metrics) <= set(ATTRIBUTION_METRICS)
+    assert "attr_grad_interest" not in metrics  # a tabular model has no gradients
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
+
+    a = {"attr_n": 10, "attr_auc_n": 10, "attr_base_log_loss": 0.5, "attr_base_auc": 0.8,
+         "attr_perm_interest": 0.2, "attr_auc_interest": 0.10, "attr_grad_interest": 1.0}
+    b = {"attr_n": 30, "attr_auc_n": 0, "attr_base_log_loss": 0.7, "attr_base_auc": 0.0,
+         "attr_perm_interest": 0.6, "attr_auc_interest": 0.0, "attr_grad_interest": 3.0}
+    out = aggregate_metrics([a, b])
+    assert out["rows"] == 40 and out["auc_rows"] == 10 and out["merchants"] == 2
+    assert out["base_log_loss"] == pytest.approx((10 * 0.5 + 30 * 0.7) / 40)
+    assert out["base_auc"] == pytest.approx(0.8)  # b has one class: no AUC weight
+    interest = out["groups"]["interest"]
+    assert interest["log_loss_rise"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)  # 0.5
+    assert interest["auc_drop"] == pytest.approx(0.10)
+    assert interest["grad_input"] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)  # 2.5
+    assert out["groups"]["activity"] == {"log_loss_rise": None, "auc_drop": None,
+                                         "grad_input": None}
+
+
+@pytest.fixture(scope="module")
+def lstm() -> Any:
+    from common.model import build_model
+
+    snap = SnapshotConfig(max_len=L, hash_buckets=8)
+    return build_model(ModelConfig(lstm_units=4, dense_units=4, jit_compile=False), snap,
+                       seed=0)
+
+
+def test_an_lstm_blind_to_its_aggregates_gives_them_no_importance(lstm: Any) -> None:
+    from common.model import set_weights_of, weights_of
+
+    snaps = hand_built(200)
+    kept = weights_of(lstm)
+    try:
+        kernel = lstm.get_layer("static_dense").kernel
+        kernel.assign(np.zeros(kernel.shape, np.float32))  # the static input is cut off
+        att = global_attributions(lstm, snaps, repeats=2, seed=0)
+    finally:
+        set_weights_of(lstm, kept)
+    for name in ("activity", "interest"):  # aggregates only
+        g = att.groups[name]
+        assert g.log_loss_rise == pytest.approx(0.0, abs=1e-6), name
+        assert g.auc_drop == pytest.approx(0.0, abs=1e-6) and g.grad_input == 0.0, name
+    seq = att.groups["event_mix"]
+    assert seq.reads and seq.grad_input is None  # ids through an embedding: no gradient
+    assert abs(seq.log_loss_rise) > 0  # the sequence still moves the risk
+    assert att.groups["recency"].grad_input > 0
+    assert set(att.as_metrics()) <= set(ATTRIBUTION_METRICS)
+
+
+def test_permuted_group_keeps_every_other_input_in_place() -> None:
+    from common.attribution import InputsRead, permute_group
+    from common.feature_groups import FEATURE_GROUPS
+
+    snaps = hand_built(50)
+    order = np.random.default_rng(0).permutation(50)
+    recency = next(g for g in FEATURE_GROUPS if g.name == "recency")
+    out = permute_group(snaps, recency, order, InputsRead(True, 10))
+    np.testing.assert_array_equal(out.events, snaps.events)
+    np.testing.assert_array_equal(out.numeric[:, :, 2], snaps.numeric[:, :, 2])  # value
+    np.testing.assert_array_equal(out.numeric[:, :, :2], snaps.numeric[order][:, :, :2])
+    cols = [6, 9]  # recency's columns below width 10; the cadence ones are not read
+    np.testing.assert_array_equal(out.static[:, cols], snaps.static[order][:, cols])
+    rest = [c for c in range(snaps.static.shape[1]) if c not in cols]
+    np.testing.assert_array_equal(out.static[:, rest], snaps.static[:, rest])
+    assert out.decay is snaps.decay  # labels untouched
+
+
+def test_auc_of_many_rows_at_once_matches_scikit_learn_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from common.attribution import _auc_rows
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.3).astype(float)
+    probs = np.round(rng.random((5, 300)), 1)  # many ties
+    np.testing.assert_allclose(_auc_rows(y, probs), [roc_auc_score(y, p) for p in probs])
+    assert np.isnan(_auc_rows(np.ones(4), probs[:, :4])).all()
