@@ -18,9 +18,10 @@ from flwr.clientapp import ClientApp
 
 from client.config import ClientSettings, cached_settings
 from client.faults import SIMULATED_DROPOUT, simulated_fault
+from client.handoff import ChannelError, ask_trainer, trainer_socket
 from client.shards import ShardCache, process_shard_cache, shard_cache_bytes, shard_location
 from client.timer import HandlerTimer
-from client.work import evaluate_reply, global_round, train_reply
+from client.work import PRE_TRAINING_METRICS, evaluate_reply, global_round, train_reply
 from common.schema import DataError
 from common.snapshots import Snapshots
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 #: Metric names a client may send; anything else is a defect (see the egress tests).
 TRAIN_METRICS: tuple[str, ...] = ("num-examples", "train_loss", "val_loss", "epochs",
-                                  "fit_seconds")
+                                  "fit_seconds", *PRE_TRAINING_METRICS)
 EVALUATE_METRICS: tuple[str, ...] = ("num-examples", "eval_loss", "decay_log_loss",
                                      "decay_accuracy", "decay_positive_rate")
 #: Error code of a reply whose merchant data could not be used.
@@ -37,6 +38,11 @@ DATA_ERROR = 100
 DATA_ERRORS = (DataError, ValueError, FileNotFoundError)
 #: Where a message's merchant comes from: its settings and snapshots.
 MerchantData = Callable[[Context], tuple[ClientSettings, Snapshots]]
+#: The warm trainer's reply to a message ("train" or "evaluate"), None to work here.
+WarmTrainer = Callable[[Message, Context, str, HandlerTimer], "Message | None"]
+#: Texts of the errors a warm trainer may reply with (it sends only their kind).
+_TRAINER_ERRORS = {"no-train-rows": "no training snapshots in this merchant's data",
+                   "no-test-rows": "no held-out snapshots in this merchant's data"}
 
 
 def error_reply(msg: Message, code: int, reason: str) -> Message:
@@ -59,10 +65,7 @@ def merchant_data(
 ) -> tuple[ClientSettings, Snapshots]:
     """This node's settings (``flat``, else the run config completed by ``resolve``) and
     its merchant's snapshots (through ``shards``)."""
-    config = flat if flat is not None else context.run_config
-    if resolve is not None:
-        config = resolve(config)
-    settings = cached_settings(config)
+    settings = cached_settings(resolved_config(context, flat, resolve))
     path, fmt, inter = shard_location(context.node_config, settings.client)
     # Only the simulation's shards (files the driver wrote in its run folder) get a
     # snapshot file beside them; a merchant's own data folder is left as it is.
@@ -70,10 +73,61 @@ def merchant_data(
                                  disk_cache="data-path" not in context.node_config)
 
 
-def handle_train(msg: Message, context: Context, data: MerchantData) -> Message:
+def resolved_config(context: Context, flat: Mapping[str, Any] | None,
+                    resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None
+                    ) -> Mapping[str, Any]:
+    """The run's flat settings: ``flat``, else the run config completed by ``resolve``."""
+    config = flat if flat is not None else context.run_config
+    return resolve(config) if resolve is not None else config
+
+
+def warm_reply(msg: Message, context: Context, kind: str, run_config: Mapping[str, Any],
+               timer: HandlerTimer) -> Message | None:
+    """The reply of this merchant's warm trainer (:mod:`client.trainer`), checked
+    against the whitelists; None when no trainer listens or the hand-off failed (both
+    logged): the caller then does the work in this process."""
+    sock = trainer_socket(context.node_config)
+    if sock is None:
+        if "data-path" in context.node_config:
+            log.info("no warm trainer listening for this node: %s in this process", kind)
+        return None
+    config: Mapping[str, Any] = msg.content.config_records.get("config") or {}
+    if kind == "train":
+        settings = cached_settings(run_config)
+        fault = simulated_fault(settings.client, settings.seed, context.node_config,
+                                global_round(config))
+        if fault:
+            return error_reply(msg, SIMULATED_DROPOUT, fault)
+    weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
+    try:
+        got = ask_trainer(sock, kind, context.node_config, run_config, config, weights,
+                          TRAIN_METRICS if kind == "train" else EVALUATE_METRICS)
+    except (ChannelError, OSError) as err:
+        log.warning("warm trainer at %s not used (%s): %s in this process", sock, err, kind)
+        return None
+    timer.lap("hand-off")
+    trainer = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in got.laps)
+    what = (f"train round {global_round(config)}" if kind == "train"
+            else f"evaluate round {config.get('server-round', '?')!s}")
+    log.info("%s (trainer: %s)", timer.summary(what), trainer)
+    if got.error is not None:
+        text = _TRAINER_ERRORS.get(got.error)
+        return error_reply(msg, DATA_ERROR, text or f"merchant data rejected ({got.error}); "
+                           "the reason is in this merchant's trainer log")
+    records: dict[str, Any] = {"metrics": MetricRecord(dict(got.metrics))}
+    if got.weights is not None:
+        records = {"arrays": ArrayRecord(got.weights), **records}
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context, data: MerchantData,
+                 warm: WarmTrainer | None = None) -> Message:
     """Train the global model on this merchant's rows: its weights and metrics, or an
-    error (data, simulated dropout, no training rows)."""
+    error (data, simulated dropout, no training rows). ``warm`` hands the work to the
+    merchant's warm trainer when one listens."""
     timer = HandlerTimer()
+    if warm is not None and (handed := warm(msg, context, "train", timer)) is not None:
+        return handed
     # The file is checked before TensorFlow is imported: a bad file fails fast.
     try:
         settings, snaps = data(context)
@@ -96,10 +150,13 @@ def handle_train(msg: Message, context: Context, data: MerchantData) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, data: MerchantData) -> Message:
+def handle_evaluate(msg: Message, context: Context, data: MerchantData,
+                    warm: WarmTrainer | None = None) -> Message:
     """Evaluate the global model on this merchant's held-out rows: the metrics, or an
-    error (data, no held-out rows)."""
+    error (data, no held-out rows); through the warm trainer when one listens."""
     timer = HandlerTimer()
+    if warm is not None and (handed := warm(msg, context, "evaluate", timer)) is not None:
+        return handed
     try:
         settings, snaps = data(context)
     except DATA_ERRORS as err:
@@ -133,13 +190,17 @@ def make_client_app(
     def data(context: Context) -> tuple[ClientSettings, Snapshots]:
         return merchant_data(context, flat, resolve, process_shard_cache(cache_bytes))
 
+    def warm(msg: Message, context: Context, kind: str, timer: HandlerTimer
+             ) -> Message | None:
+        return warm_reply(msg, context, kind, resolved_config(context, flat, resolve), timer)
+
     @app.train(mods=train_mods(flat))
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, data)
+        return handle_train(msg, context, data, warm)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, data)
+        return handle_evaluate(msg, context, data, warm)
 
     return app
 

@@ -68,10 +68,44 @@ def evaluate_locally(model: Any, test: Snapshots) -> dict[str, float | int]:
     return {
         "num-examples": int(len(test)),
         "eval_loss": validation_loss(model, test),
-        "decay_log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
+        "decay_log_loss": decay_log_loss(p, y),
         "decay_accuracy": float(np.mean((p >= 0.5) == (y > 0.5))),
         "decay_positive_rate": float(y.mean()),
     }
+
+
+#: The train config key by which the server asks for :func:`pre_training_metrics`.
+PRE_EVALUATE_KEY = "pre-evaluate"
+#: Metrics of the incoming global model that a train reply carries when asked.
+PRE_TRAINING_METRICS: tuple[str, ...] = ("pre_val_loss", "val_examples", "pre_eval_loss",
+                                         "pre_decay_log_loss", "test_examples")
+
+
+def decay_log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary log loss of decay probabilities ``p`` (clipped) against labels ``y``."""
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def pre_training_metrics(model: Any, snaps: Snapshots) -> dict[str, float | int]:
+    """The loss of ``model`` (the incoming global model) on this merchant's validation
+    and test rows, and how many there are.
+
+    What the server weighs by ``val_examples`` to select a round in deployment. A part
+    without rows gives loss 0.0 and count 0 (weight 0), so every reply has the same keys.
+    """
+    from common.training import predict, validation_loss
+
+    val, test = snaps.split_part("val"), snaps.split_part("test")
+    metrics: dict[str, float | int] = {
+        "pre_val_loss": validation_loss(model, val) if len(val) else 0.0,
+        "val_examples": int(len(val)),
+        "pre_eval_loss": validation_loss(model, test) if len(test) else 0.0,
+        "pre_decay_log_loss": (decay_log_loss(predict(model, test)["decay"], test.decay)
+                               if len(test) else 0.0),
+        "test_examples": int(len(test)),
+    }
+    return {k: v if np.isfinite(v) else -1.0 for k, v in metrics.items()}
 
 
 def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.ndarray],
@@ -80,13 +114,20 @@ def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.nda
     """Train the global model ``weights`` on this merchant's training rows.
 
     The caller has checked the merchant's data, simulated faults and that there are
-    training rows. Returns the locally trained weights and the reply's whitelisted
-    metrics.
+    training rows. When ``config`` holds a true :data:`PRE_EVALUATE_KEY`, the incoming
+    model is first scored on the validation and test rows (:func:`pre_training_metrics`),
+    so one message a round serves both training and model selection. Returns the
+    locally trained weights and the reply's whitelisted metrics.
     """
     from common.model import weights_of
 
     model = global_model(settings, weights, timer)
-    metrics = fit_locally(model, settings, snaps, config)
+    pre: dict[str, float | int] = {}
+    if config.get(PRE_EVALUATE_KEY):
+        pre = pre_training_metrics(model, snaps)
+        if timer is not None:
+            timer.lap("pre-training evaluation")
+    metrics = {**fit_locally(model, settings, snaps, config), **pre}
     if timer is not None:
         timer.lap("fit")
     return weights_of(model), metrics

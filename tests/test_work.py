@@ -1,0 +1,121 @@
+"""One message per round: a train reply scores the incoming global model before training.
+
+A tiny model on hand-made snapshots: the pre-training metrics of ``train_reply`` must be
+what an evaluate of the same weights on the same rows gives, computed here by hand from
+the model's own predictions, and asking for them must not change the trained weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from client.app import TRAIN_METRICS
+from client.config import ClientConfig, ClientSettings
+from common.config import ModelConfig, SnapshotConfig, TrainConfig
+from common.features import NUMERIC_FEATURES, STATIC_FEATURES
+from common.model import build_model, weights_of
+from common.snapshots import Snapshots
+from common.snapshots.container import SPLITS
+
+SNAP = SnapshotConfig(max_len=4, hash_buckets=8)
+SETTINGS = ClientSettings(snapshots=SNAP, model=ModelConfig(lstm_units=4, dense_units=4),
+                          train=TrainConfig(epochs=1, batch_size=16),
+                          client=ClientConfig(), seed=5)
+
+
+def _snapshots(n: int, split: str, seed: int) -> Snapshots:
+    rng = np.random.default_rng(seed)
+    L, A = SNAP.max_len, len(SNAP.actions)
+    action = np.where(rng.random(n) < 0.3, rng.integers(0, A, n), -1).astype(np.int32)
+    return Snapshots(
+        events=rng.integers(1, 6, (n, L)).astype(np.int32),
+        categories=rng.integers(1, SNAP.hash_buckets + 1, (n, L)).astype(np.int32),
+        numeric=rng.normal(size=(n, L, len(NUMERIC_FEATURES))).astype(np.float32),
+        static=rng.normal(size=(n, len(STATIC_FEATURES))).astype(np.float32),
+        decay=(rng.random(n) < 0.4).astype(np.float32),
+        interest=rng.random(n).astype(np.float32),
+        interest_now=np.ones(n, np.float32),
+        action=action,
+        activation=np.where(action >= 0, rng.random(n) < 0.3, 0).astype(np.float32),
+        propensity=np.where(action >= 0, 1 / A, 1).astype(np.float32),
+        intervention=np.full(n, -1, np.int64),
+        user_id=np.array([f"u{i}" for i in range(n)], dtype=object),
+        merchant_id=np.array(["m"] * n, dtype=object),
+        cutoff=np.zeros(n, "datetime64[ns]"),
+        split=np.full(n, SPLITS.index(split), np.int8),
+        fading_category=np.array([""] * n, dtype=object),
+    )
+
+
+SNAPS = Snapshots.concat([_snapshots(40, "train", 1), _snapshots(13, "val", 2),
+                          _snapshots(11, "test", 3)])
+
+
+@pytest.fixture(scope="module")
+def global_weights() -> list[np.ndarray]:
+    return weights_of(build_model(SETTINGS.model, SNAP, seed=11))
+
+
+def test_pre_training_metrics_are_an_evaluate_of_the_incoming_weights(
+        global_weights: list[np.ndarray]) -> None:
+    from client.work import evaluate_reply, train_reply
+    from common.training import predict, validation_loss
+
+    config = {"global-round": 3, "local-epochs": 1, "pre-evaluate": True}
+    trained, metrics = train_reply(SETTINGS, SNAPS, global_weights, config)
+    evaluated = evaluate_reply(SETTINGS, SNAPS.split_part("test"), global_weights)
+
+    reference = build_model(SETTINGS.model, SNAP, seed=0)  # another model, same weights
+    reference.set_weights(global_weights)
+    val, test = SNAPS.split_part("val"), SNAPS.split_part("test")
+    p = np.clip(predict(reference, test)["decay"], 1e-7, 1 - 1e-7)
+    by_hand = -np.mean([math.log(pi) if yi else math.log(1 - pi)
+                        for pi, yi in zip(p, test.decay, strict=True)])
+
+    assert metrics["val_examples"] == 13 and metrics["test_examples"] == 11
+    assert metrics["pre_val_loss"] == pytest.approx(validation_loss(reference, val), rel=1e-5)
+    assert metrics["pre_eval_loss"] == pytest.approx(evaluated["eval_loss"], rel=1e-5)
+    assert metrics["pre_decay_log_loss"] == pytest.approx(by_hand, rel=1e-5)
+    assert metrics["pre_decay_log_loss"] == pytest.approx(evaluated["decay_log_loss"], rel=1e-5)
+    # The incoming model was scored, not the trained one: training moved the weights.
+    assert not all(np.array_equal(a, b) for a, b in zip(trained, global_weights, strict=True))
+    assert set(metrics) <= set(TRAIN_METRICS), set(metrics) - set(TRAIN_METRICS)
+
+
+def test_asking_for_the_pre_training_metrics_leaves_the_training_as_it_was(
+        global_weights: list[np.ndarray]) -> None:
+    from client.work import PRE_TRAINING_METRICS, train_reply
+
+    config = {"global-round": 2, "local-epochs": 1}
+    plain_w, plain = train_reply(SETTINGS, SNAPS, global_weights, config)
+    both_w, both = train_reply(SETTINGS, SNAPS, global_weights, {**config, "pre-evaluate": 1})
+    assert not set(PRE_TRAINING_METRICS) & set(plain)
+    assert set(both) == set(plain) | set(PRE_TRAINING_METRICS)
+    for a, b in zip(plain_w, both_w, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert {k: both[k] for k in plain if k != "fit_seconds"} == \
+        {k: v for k, v in plain.items() if k != "fit_seconds"}
+
+
+def test_a_merchant_without_validation_rows_weighs_nothing(
+        global_weights: list[np.ndarray]) -> None:
+    from client.work import pre_training_metrics
+    from common.model import cached_model, set_weights_of
+
+    model = cached_model(SETTINGS.model, SNAP, SETTINGS.seed)
+    set_weights_of(model, global_weights)
+    only_train = SNAPS.split_part("train")
+    metrics = pre_training_metrics(model, only_train)
+    assert metrics == {"pre_val_loss": 0.0, "val_examples": 0, "pre_eval_loss": 0.0,
+                       "pre_decay_log_loss": 0.0, "test_examples": 0}
+
+
+def test_decay_log_loss_by_hand() -> None:
+    from client.work import decay_log_loss
+
+    p, y = np.array([0.8, 0.25, 1.0]), np.array([1.0, 0.0, 0.0])
+    expected = -(math.log(0.8) + math.log(0.75) + math.log(1e-7)) / 3
+    assert decay_log_loss(p, y) == pytest.approx(expected, rel=1e-6)
