@@ -40,6 +40,9 @@ from simulations.render import Block, Heading, Paragraph, Table
 if TYPE_CHECKING:
     from common.config import PolicyConfig
     from common.snapshots import Snapshots
+    from simulations.baselines import MethodResult
+    from simulations.experiment import PreparedData
+    from simulations.settings import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +316,8 @@ def write_fairness_plot(block: Mapping[str, Any] | None, run_dir: Path,
     return save(fig, run_dir, "fairness.png")
 
 
-def fairness_of(outcomes: Sequence[Any], data: Any, exp: Any) -> dict[str, Any]:
+def fairness_of(outcomes: Sequence[MethodResult], data: PreparedData, exp: Experiment
+                ) -> dict[str, Any]:
     """:func:`fairness` of a comparison's ``MethodResult`` list on ``data``'s test split."""
     test = data.snapshots.split_part("test")
     return fairness(test, {o.name: o.test for o in outcomes}, exp.policy, data.actions,

@@ -192,3 +192,13 @@ def test_predictions_of_the_wrong_length_name_the_method() -> None:
     with pytest.raises(ValueError, match="gbdt: expected 160 test decay predictions"):
         fairness(snaps, {"gbdt": {"decay": risk[:10], "activation": _activation(10)}},
                  PolicyConfig(), ACTIONS, OBSERVATION_DAYS)
+
+
+def test_an_empty_test_period_gives_dashes_not_a_crash() -> None:
+    snaps, risk = hand_built()
+    empty = snaps.subset(np.zeros(len(snaps), bool))
+    block = fairness(empty, {"lr": {"decay": risk[:0], "activation": _activation(0)}},
+                     PolicyConfig(), ACTIONS, OBSERVATION_DAYS)
+    assert block["methods"]["lr"]["overall"]["rows"] == 0 and not block["flags"]
+    _, rows = segment_rows(block)
+    assert rows[0] == ["all", "0", f"{DASH} / {DASH} / {DASH}"]
