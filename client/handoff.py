@@ -89,7 +89,12 @@ def ask_trainer(sock: Path, kind: str, node_config: Mapping[str, Any],
         conn.settimeout(REPLY_TIMEOUT)
         try:
             channel.send_message(conn, request, weights)
-        except OSError as err:
+        except OSError as err:  # a refusal closes the connection early: read it
+            try:
+                header = channel.recv_header(conn, "trainer reply")
+            except (OSError, ChannelError):
+                raise ChannelError(f"sending to {sock}: {err}") from None
+            _checked(header, None, kind, weights, allowed_metrics, 0.0)
             raise ChannelError(f"sending to {sock}: {err}") from None
         header = channel.recv_header(conn, "trainer reply")
         arrays = channel.recv_arrays(conn, "trainer reply weights")

@@ -25,6 +25,10 @@ class HandlerTimer:
         self._laps.append((name, now - self._last))
         self._last = now
 
+    def laps(self) -> list[tuple[str, float]]:
+        """(name, seconds) of each lap so far."""
+        return list(self._laps)
+
     def summary(self, what: str) -> str:
         """``what``, the process's age when the handler began, and each lap's seconds."""
         age = "?" if self._age is None else f"{self._age:.1f} s"

@@ -308,9 +308,10 @@ class TrainerServer:
             self._refuse(conn, str(err))
             return
         conn.settimeout(None)
+        request.pop("token")  # the work never sees it
         header, arrays = self.work(request, weights)
-        channel.send_message(conn, header, arrays)
         self.served += 1
+        channel.send_message(conn, header, arrays)
 
     def _check(self, request: Mapping[str, Any]) -> str | None:
         if request.get("protocol") != channel.PROTOCOL:

@@ -1,4 +1,7 @@
-"""``fedecay score|monitor``: what a merchant does with a trained model.
+"""``fedecay score|monitor|merchant serve``: what a merchant runs.
+
+``score`` and ``monitor`` use a trained model; ``merchant serve`` is the warm trainer
+beside the merchant's SuperNode (:mod:`client.trainer`).
 
 ``--model`` takes a model file or a run folder of train/simulate/compare (``--method``
 picks among its models). Everything about the arguments, the model file's kind and the
@@ -51,9 +54,50 @@ def _model(model: Path, method: str | None) -> tuple[str, Path]:
     return name, path
 
 
+serve_app = typer.Typer(help="The merchant's side of a deployment (the warm trainer).",
+                        no_args_is_help=True)
+
+
 def register(app: typer.Typer) -> None:
     app.command("score")(score)
     app.command("monitor")(monitor)
+    app.add_typer(serve_app, name="merchant")
+
+
+@serve_app.command("serve")
+@guarded
+def serve(
+    data_path: Annotated[Path, typer.Option(
+        metavar="FILE", show_default=False,
+        help="The merchant's events file: the same data-path as the SuperNode's "
+             "--node-config.")],
+    format: FormatOption = "auto",
+    interventions_path: Annotated[Path | None, typer.Option(
+        metavar="FILE", show_default="none",
+        help="Canonical interventions file (the node config's interventions-path).")] = None,
+    socket: Annotated[Path | None, typer.Option(
+        metavar="PATH", show_default="derived from --data-path (see docs/deployment.md)",
+        help="Where to listen; give the SuperNode the same path as node config "
+             "trainer-socket.")] = None,
+) -> None:
+    """Warm trainer beside flower-supernode: reads the file once, keeps TensorFlow, the
+    snapshots and the model, and serves this merchant's train and evaluate messages."""
+    console = current()
+    path = checks.input_path(data_path, "--data-path", folder_ok=format in
+                             ("auto", "completejourney"))
+    inter = checks.input_path(interventions_path, "--interventions-path") \
+        if interventions_path is not None else None
+    from client.channel import default_socket, private_dir
+    from client.trainer import MerchantFile
+    from client.trainer import serve as serve_trainer
+
+    sock = socket.expanduser().absolute() if socket is not None else default_socket(path)
+    private_dir(sock.parent)  # a folder others can enter is refused before the file is read
+    # Paths as the node config gives them: the ClientApp compares them resolved.
+    data = MerchantFile(str(path), format, str(inter) if inter is not None else None)
+    served = serve_trainer(data, sock, report=console.say)
+    console.close()
+    print(f"trainer stopped after {served:,} requests; {sock} removed")
 
 
 @guarded

@@ -1,0 +1,323 @@
+"""The warm trainer's channel: who may connect, what it accepts, what it replies.
+
+The quick tests serve a stand-in for the training (``EchoWork``: it returns the weights
+it got plus one, and fixed metrics) so the channel's rules are checked without
+TensorFlow; the slow test serves the real work on a merchant's file and checks the
+ClientApp's reply through the trainer against the one it computes itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import driver, wait_for
+
+from client import channel
+from client.channel import ChannelError
+from client.handoff import ask_trainer, trainer_socket
+from client.trainer import MerchantFile, TrainerServer, running
+
+TRAIN = ("num-examples", "train_loss")
+WEIGHTS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
+
+
+class EchoWork:
+    """The work stand-in: weights + 1 and fixed metrics, or a reply set by the test."""
+
+    def __init__(self) -> None:
+        self.requests: list[Mapping[str, Any]] = []
+        self.reply: tuple[dict[str, Any], list[np.ndarray] | None] | None = None
+
+    def __call__(self, request: Mapping[str, Any], weights: list[np.ndarray] | None
+                 ) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+        self.requests.append(request)
+        if self.reply is not None:
+            return self.reply
+        out = [w + 1 for w in weights or []] if request["kind"] == "train" else None
+        return {"status": "ok", "metrics": {"num-examples": 3, "train_loss": 0.5},
+                "laps": [["fit", 0.01]]}, out
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "events.csv"
+    path.write_text("user_id,timestamp,event\n")
+    return path
+
+
+@pytest.fixture
+def sock(tmp_path: Path) -> Path:
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    return folder / "t.sock"
+
+
+@pytest.fixture
+def echo(sock: Path, data_file: Path) -> Iterator[tuple[TrainerServer, EchoWork]]:
+    work = EchoWork()
+    server = TrainerServer(sock, MerchantFile(str(data_file)), work)
+    with running(server):
+        yield server, work
+
+
+def node(data_file: Path, sock: Path) -> dict[str, Any]:
+    return {"data-path": str(data_file), channel.SOCKET_KEY: str(sock)}
+
+
+def ask(data_file: Path, sock: Path, kind: str = "train",
+        allowed: tuple[str, ...] = TRAIN) -> Any:
+    return ask_trainer(sock, kind, node(data_file, sock), {"experiment.seed": 0},
+                       {"server-round": 1}, WEIGHTS, allowed)
+
+
+def raw_request(sock: Path, frames: list[bytes]) -> dict[str, Any]:
+    """Send ``frames`` as they are; the trainer's reply header ({} when it hung up)."""
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(sock))
+        for frame in frames:
+            conn.sendall(frame)
+        try:
+            return channel.recv_header(conn, "reply")
+        except ChannelError:
+            return {}
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("!4sQ", b"FDC1", len(payload)) + payload
+
+
+def request_header(sock: Path, data_file: Path, **extra: Any) -> dict[str, Any]:
+    return {"protocol": channel.PROTOCOL, "kind": "train", "data-path": str(data_file),
+            "format": "auto", "interventions-path": None, "run-config": {}, "config": {},
+            "token": channel.read_token(channel.token_path(sock)), **extra}
+
+
+# ---------------------------------------------------------------------------------------
+# The happy path and the files
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_request_comes_back_trained(echo, data_file: Path, sock: Path) -> None:
+    server, work = echo
+    got = ask(data_file, sock)
+    assert got.error is None and got.metrics == {"num-examples": 3, "train_loss": 0.5}
+    assert [w.tolist() for w in got.weights] == [(w + 1).tolist() for w in WEIGHTS]
+    assert got.laps == [("fit", 0.01)]
+    assert work.requests[0]["run-config"] == {"experiment.seed": 0}
+    assert "token" not in work.requests[0] and server.served == 1
+    assert ask(data_file, sock, "evaluate").weights is None
+
+
+def test_socket_token_and_folder_are_private(echo, sock: Path) -> None:
+    assert stat.S_IMODE(sock.stat().st_mode) & 0o077 == 0
+    token = channel.token_path(sock)
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert len(channel.read_token(token)) == 64
+    token.chmod(0o644)
+    with pytest.raises(ChannelError, match="mode 0600"):
+        channel.read_token(token)
+
+
+def test_a_folder_others_can_enter_is_refused(tmp_path: Path) -> None:
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    with pytest.raises(ChannelError, match="chmod 700"):
+        channel.private_dir(open_dir)
+
+
+def test_default_socket_follows_the_resolved_data_path(tmp_path: Path) -> None:
+    env = {channel.RUNTIME_DIR_ENV: str(tmp_path)}
+    (tmp_path / "d").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "d")
+    a = channel.default_socket(tmp_path / "d" / "events.csv", env)
+    assert a == channel.default_socket(link / "events.csv", env)
+    assert a != channel.default_socket(tmp_path / "d" / "other.csv", env)
+    assert a.parent == tmp_path and len(str(a)) < 108  # AF_UNIX path limit
+    assert channel.socket_for({"partition-id": 1}, env) is None  # simulation nodes
+    assert channel.socket_for({"data-path": "x", channel.SOCKET_KEY: "/s/t.sock"}) == \
+        Path("/s/t.sock")
+
+
+def test_no_trainer_no_socket(data_file: Path, sock: Path) -> None:
+    assert trainer_socket(node(data_file, sock)) is None
+    assert trainer_socket({"partition-id": 0}) is None
+
+
+# ---------------------------------------------------------------------------------------
+# Refusals: each is answered, and the trainer goes on serving
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_wrong_token_is_refused(echo, data_file: Path, sock: Path) -> None:
+    server, work = echo
+    header = request_header(sock, data_file, token="0" * 64)
+    reply = raw_request(sock, [frame(json.dumps(header).encode()), frame(b"")])
+    assert reply == {"status": "refused", "reason": f"wrong token (read it from "
+                                                    f"{channel.token_path(sock)})"}
+    assert work.requests == []
+    channel.token_path(sock).write_text("f" * 64)  # a token someone else wrote
+    with pytest.raises(ChannelError, match="refused the request: wrong token"):
+        ask(data_file, sock)
+    channel.write_token(channel.token_path(sock))  # a fresh one is not the trainer's either
+    with pytest.raises(ChannelError, match="wrong token"):
+        ask(data_file, sock)
+    assert work.requests == [] and server.served == 0
+
+
+def test_another_uid_is_refused(sock: Path, data_file: Path) -> None:
+    work = EchoWork()
+    server = TrainerServer(sock, MerchantFile(str(data_file)), work,
+                           allowed_uid=os.getuid() + 1)
+    with running(server):
+        with pytest.raises(ChannelError, match=f"uid {os.getuid()} may not use this trainer"):
+            ask(data_file, sock)
+    assert work.requests == []
+
+
+def test_peer_uid_reads_the_kernels_credentials() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert channel.peer_uid(a) == channel.peer_uid(b) == os.getuid()
+
+
+def test_oversized_and_malformed_frames_are_refused(echo, data_file: Path, sock: Path) -> None:
+    server, work = echo
+    huge = struct.pack("!4sQ", b"FDC1", 2**40)  # claims a terabyte, sends nothing more
+    assert raw_request(sock, [huge])["reason"] == (
+        f"request: frame of {2**40:,} bytes exceeds the limit of "
+        f"{channel.MAX_HEADER_BYTES:,} bytes")
+    assert "not a fedecay trainer frame" in raw_request(sock, [b"GET / HTTP/1.1\r\n\r\n"])[
+        "reason"]
+    assert "header is not JSON" in raw_request(sock, [frame(b"\x80\x04pickle")])["reason"]
+    header = json.dumps(request_header(sock, data_file)).encode()
+    big_weights = struct.pack("!4sQ", b"FDC1", channel.MAX_WEIGHTS_BYTES + 1)
+    assert "exceeds the limit" in raw_request(sock, [frame(header), big_weights])["reason"]
+    pickled = np.lib.format.__name__  # any non-npz payload
+    assert "not a valid .npz" in raw_request(sock, [frame(header), frame(pickled.encode())])[
+        "reason"]
+    obj = channel.arrays_to_npz([np.array([{"a": 1}], dtype=object)])
+    assert "not a valid .npz" in raw_request(sock, [frame(header), frame(obj)])["reason"]
+    other = json.dumps(request_header(sock, data_file, **{"data-path": "/elsewhere.csv"}))
+    assert "this trainer serves" in raw_request(sock, [frame(other.encode())])["reason"]
+    assert work.requests == []
+    assert ask(data_file, sock).error is None  # still serving
+
+
+def test_a_client_that_dies_mid_request_does_not_stop_the_trainer(
+        echo, data_file: Path, sock: Path) -> None:
+    server, _ = echo
+    header = json.dumps(request_header(sock, data_file)).encode()
+    weights = frame(channel.arrays_to_npz(WEIGHTS))
+    for cut in (3, len(header) // 2, len(header) + 12 + len(weights) // 2):
+        with socket.socket(socket.AF_UNIX) as conn:  # sends part of a request and is gone
+            conn.connect(str(sock))
+            conn.sendall((frame(header) + weights)[:cut])
+    with socket.socket(socket.AF_UNIX) as conn:  # sends all, leaves before the reply
+        conn.connect(str(sock))
+        conn.sendall(frame(header) + weights)
+    assert ask(data_file, sock).error is None
+    assert server.served >= 1
+
+
+# ---------------------------------------------------------------------------------------
+# The reply's whitelist, checked by the ClientApp's side
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reply", "message"), [
+    (({"status": "ok", "metrics": {"num-examples": 3, "user_id": 7}}, WEIGHTS),
+     "metrics outside the whitelist: \\['user_id'\\]"),
+    (({"status": "ok", "metrics": {"num-examples": "u123"}}, WEIGHTS), "is not a number"),
+    (({"status": "ok", "metrics": {"num-examples": True}}, WEIGHTS), "is not a number"),
+    (({"status": "ok", "metrics": {}}, [WEIGHTS[0]]), "tensors unlike the 2 sent"),
+    (({"status": "ok", "metrics": {}}, [WEIGHTS[0], np.ones(5, np.float32)]), "unlike"),
+    (({"status": "ok", "metrics": {}}, [w.astype(np.float64) for w in WEIGHTS]), "unlike"),
+    (({"status": "ok", "metrics": {}}, [*WEIGHTS, np.arange(3)]), "unlike"),
+    (({"status": "error", "error": "rows u1,u2 are bad"}, None), "unexpected error"),
+    (({"status": "done"}, None), "unknown status"),
+])
+def test_replies_outside_the_whitelist_are_refused(echo, data_file: Path, sock: Path,
+                                                   reply: Any, message: str) -> None:
+    echo[1].reply = reply
+    with pytest.raises(ChannelError, match=message):
+        ask(data_file, sock)
+
+
+def test_an_evaluate_reply_carries_no_tensors(echo, data_file: Path, sock: Path) -> None:
+    echo[1].reply = ({"status": "ok", "metrics": {"num-examples": 1}}, WEIGHTS)
+    with pytest.raises(ChannelError, match="carries no tensors"):
+        ask(data_file, sock, "evaluate")
+
+
+# ---------------------------------------------------------------------------------------
+# One trainer per socket; a restart after a kill
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_second_trainer_on_the_same_socket_is_refused(echo, data_file: Path,
+                                                        sock: Path) -> None:
+    second = TrainerServer(sock, MerchantFile(str(data_file)), EchoWork())
+    with pytest.raises(ChannelError, match=f"another trainer \\(pid {os.getpid()}\\) "
+                                           "already serves"):
+        second.start()
+    assert ask(data_file, sock).error is None  # the first one is untouched
+
+
+def test_restart_after_a_kill_replaces_the_stale_socket(tmp_path: Path, data_file: Path,
+                                                        sock: Path) -> None:
+    log = tmp_path / "stub.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, str(driver("stub_trainer")), str(sock),
+                                 str(data_file)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: sock.is_socket() and channel.token_path(sock).exists(), 60,
+                 "the stub trainer", log)
+        assert ask(data_file, sock).error is None
+        old_token = channel.read_token(channel.token_path(sock))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert sock.is_socket()  # left behind: nobody listens
+    with pytest.raises(ChannelError, match="stale socket"):
+        ask(data_file, sock)
+    with running(TrainerServer(sock, MerchantFile(str(data_file)), EchoWork())):
+        assert channel.read_token(channel.token_path(sock)) != old_token
+        assert ask(data_file, sock).error is None
+    assert not sock.exists() and not channel.token_path(sock).exists()
+
+
+def test_sigterm_stops_the_trainer_and_removes_its_files(tmp_path: Path, data_file: Path,
+                                                         sock: Path) -> None:
+    log = tmp_path / "stub.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, str(driver("stub_trainer")), str(sock),
+                                 str(data_file)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: sock.is_socket(), 60, "the stub trainer", log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert not sock.exists() and not channel.token_path(sock).exists()
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline and "stopped" not in log.read_text():
+        time.sleep(0.05)
+    assert "stopped" in log.read_text()
