@@ -321,3 +321,108 @@ def test_sigterm_stops_the_trainer_and_removes_its_files(tmp_path: Path, data_fi
     while time.monotonic() < deadline and "stopped" not in log.read_text():
         time.sleep(0.05)
     assert "stopped" in log.read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# The real work: the ClientApp's reply through the trainer is the one it computes itself
+# ---------------------------------------------------------------------------------------
+
+
+def _message(kind: str, weights: list[np.ndarray], config: dict[str, Any]) -> Any:
+    from flwr.app import ArrayRecord, ConfigRecord, Metadata, RecordDict
+    from flwr.app.message.message import make_message
+
+    meta = Metadata(run_id=1, message_id=f"m-{kind}", src_node_id=1, dst_node_id=7,
+                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600,
+                    message_type=kind)
+    return make_message(meta, RecordDict({"arrays": ArrayRecord(weights),
+                                          "config": ConfigRecord(config)}))
+
+
+def _records(reply: Any) -> dict[str, Any]:
+    """What a reply carries, as the egress test of the simulation records it."""
+    content = reply.content
+    return {
+        "arrays": {name: [(tuple(a.shape), str(a.dtype)) for a in rec.to_numpy_ndarrays()]
+                   for name, rec in content.array_records.items()},
+        "metrics": {name: {k: type(v).__name__ for k, v in rec.items()}
+                    for name, rec in content.metric_records.items()},
+        "configs": list(content.config_records),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_replies_through_the_trainer_match_the_clientapps_own(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.app import (
+        EVALUATE_METRICS,
+        TRAIN_METRICS,
+        handle_evaluate,
+        handle_train,
+        merchant_data,
+        resolved_config,
+        warm_reply,
+    )
+    from client.shards import ShardCache
+    from client.timer import HandlerTimer
+    from client.trainer import WarmWork
+    from client.work import PRE_EVALUATE_KEY
+    from common.config import SnapshotConfig
+    from common.io import write_events
+    from common.model import build_model, weights_of
+    from simulations.apps import deployment_config
+    from simulations.experiment import shared_calendar
+    from simulations.synth import generate_federation, load_preset, synth_config_from_preset
+
+    fed = generate_federation(synth_config_from_preset(load_preset("quick")), seed=0)
+    part = fed.events[fed.events["merchant_id"].astype(str) == "m04"]
+    path = write_events(part, tmp_path / "m04.csv")
+    calendar = shared_calendar(fed.events, SnapshotConfig())
+    run_config = {"experiment.preset": "quick", "federation.mode": "deployment",
+                  "snapshots.start": str(calendar.start), "snapshots.end": str(calendar.end)}
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    sock = folder / "m04.sock"
+    node_config = {"data-path": str(path), "format": "canonical",
+                   channel.SOCKET_KEY: str(sock)}
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config,
+                      node_config=node_config)
+    flat = resolved_config(context, None, deployment_config)
+
+    def data(ctx: Any) -> Any:
+        return merchant_data(ctx, None, deployment_config, ShardCache(2**30))
+
+    settings = data(context)[0]
+    start = weights_of(build_model(settings.model, settings.snapshots, seed=3))
+    config = {"server-round": 2, "local-epochs": 1, PRE_EVALUATE_KEY: True}
+    ids = set(part["user_id"].astype(str)) | set(part["item_id"].astype(str))
+
+    work = WarmWork(MerchantFile(str(path), "canonical"))
+    work.load()
+    server = TrainerServer(sock, work.data, work)
+    with running(server):
+        for kind, handle, allowed in (("train", handle_train, TRAIN_METRICS),
+                                      ("evaluate", handle_evaluate, EVALUATE_METRICS)):
+            msg = _message(kind, start, config)
+            own = handle(msg, context, data)  # no warm trainer: the work in this process
+            handed = warm_reply(msg, context, kind, flat, HandlerTimer())
+            assert handed is not None and not handed.has_error(), kind
+            assert _records(handed) == _records(own), kind
+            got, want = handed.content.metric_records["metrics"], \
+                own.content.metric_records["metrics"]
+            assert set(got) <= set(allowed) and set(got) == set(want)
+            if kind == "train":
+                assert {"pre_val_loss", "pre_eval_loss"} <= set(got)  # one message a round
+            for name in want:
+                if name != "fit_seconds":
+                    assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-5), name
+            if kind == "train":
+                for a, b in zip(handed.content.array_records["arrays"].to_numpy_ndarrays(),
+                                own.content.array_records["arrays"].to_numpy_ndarrays(),
+                                strict=True):
+                    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+            text = json.dumps({k: str(v) for k, v in got.items()})
+            assert not [i for i in ids if len(i) > 3 and i in text]
+        assert server.served == 2
