@@ -133,12 +133,31 @@ def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.nda
     return weights_of(model), metrics
 
 
+#: The evaluate config key by which the server asks for the validation loss too.
+SCORE_VALIDATION_KEY = "score-validation"
+#: What an evaluate reply adds when asked (:data:`SCORE_VALIDATION_KEY`).
+VALIDATION_METRICS: tuple[str, ...] = ("pre_val_loss", "val_examples")
+
+
 def evaluate_reply(settings: ClientSettings, test: Snapshots, weights: list[np.ndarray],
-                   timer: HandlerTimer | None = None) -> dict[str, float | int]:
+                   timer: HandlerTimer | None = None, *, val: Snapshots | None = None
+                   ) -> dict[str, float | int]:
     """The whitelisted metrics of the global model ``weights`` on the held-out rows
-    ``test`` (the caller has checked there are some)."""
+    ``test`` (the caller has checked there are some).
+
+    With ``val`` (what the caller passes when the evaluate config holds a true
+    :data:`SCORE_VALIDATION_KEY`: the server's last round, whose model no later train
+    reply scores), also the model's loss on those validation rows and their count,
+    named as in a train reply's pre-training metrics.
+    """
     model = global_model(settings, weights, timer)
     metrics = evaluate_locally(model, test)
+    if val is not None:
+        from common.training import validation_loss
+
+        loss = validation_loss(model, val) if len(val) else 0.0
+        metrics["pre_val_loss"] = loss if np.isfinite(loss) else -1.0
+        metrics["val_examples"] = int(len(val))
     if timer is not None:
         timer.lap("evaluate")
     return metrics

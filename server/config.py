@@ -14,8 +14,14 @@ STRATEGIES: tuple[str, ...] = (
 )
 #: ``simulation``: the ServerApp prepares the data and evaluates on pooled held-out
 #: snapshots. ``deployment``: every merchant brings its own file; the server holds no
-#: data and relies on client-side evaluation (``fraction-evaluate`` > 0).
+#: data: each train reply scores the incoming global model on the merchant's validation
+#: and test rows (``pre-evaluate``), which selects the round kept; separate evaluate
+#: messages (``fraction-evaluate`` > 0) are optional.
 MODES: tuple[str, ...] = ("simulation", "deployment")
+#: Whether train replies score the incoming global model before training: ``auto`` is
+#: ``on`` in deployment (where it selects the round kept) and ``off`` in simulation
+#: (the server scores every round on its pooled held-out data).
+PRE_EVALUATE: tuple[str, ...] = ("auto", "on", "off")
 #: Strategies that work with secure aggregation. SecAgg+ reveals only the weighted sum
 #: of the updates: FedAvg and FedProx aggregate exactly that, and Flower's legacy
 #: FedAvgM / FedAdam / FedYogi (the ones its SecAgg+ workflow drives) apply their
@@ -46,6 +52,7 @@ class FederationConfig:
     num_malicious: int = 0  # Krum
     round_timeout: float = 600.0
     patience_rounds: int = 0  # stop when validation loss has not improved for this many rounds
+    pre_evaluate: str = "auto"  # see PRE_EVALUATE
     # Evaluate the global model on the pooled held-out data every this many rounds (and
     # after the last); the model kept is the best evaluated one.
     eval_every: int = 1
@@ -83,8 +90,17 @@ class FederationConfig:
         check_key(0 <= self.trim_beta < 0.5, "federation.trim-beta", "must be in [0, 0.5)")
         check_key(self.patience_rounds >= 0, "federation.patience-rounds", "must be >= 0")
         check_key(self.eval_every >= 1, "federation.eval-every", "must be >= 1")
+        check_key(self.pre_evaluate in PRE_EVALUATE, "federation.pre-evaluate",
+                  f"must be one of {', '.join(PRE_EVALUATE)}, got {self.pre_evaluate!r}")
         if self.secure_aggregation:
             self._check_secagg()
+
+    @property
+    def pre_evaluates(self) -> bool:
+        """Whether train replies score the incoming global model (see ``PRE_EVALUATE``)."""
+        if self.pre_evaluate == "auto":
+            return self.mode == "deployment"
+        return self.pre_evaluate == "on"
 
     def _check_secagg(self) -> None:
         check_key(self.strategy in SECAGG_STRATEGIES, "federation.strategy",

@@ -38,7 +38,8 @@ def load_eval_data(path: str) -> tuple[Snapshots, Snapshots]:
 
 @dataclasses.dataclass
 class Selection:
-    """Best round so far by validation loss."""
+    """Best round so far by validation loss: the server's held-out data (simulation) or
+    the train replies' federated validation loss (deployment)."""
 
     round: int = -1
     val_loss: float = math.inf
@@ -63,7 +64,8 @@ class StopRounds(Exception):
 
 class RoundRecorder:
     """What follows every round, as Flower's ``evaluate_fn``: the global model evaluated on
-    the held-out data, the model selection, the line in ``metrics.jsonl``, the privacy
+    the held-out data (or, without any, scored by the next round's train replies), the
+    model selection, the line in ``metrics.jsonl``, the privacy
     ledger, the checkpoint, progress, and the rules that stop the run early.
 
     Shared by the Message-API strategies and the SecAgg+ workflow (both call it with the
@@ -95,7 +97,9 @@ class RoundRecorder:
         if server_round == 0 and self.done > 0:
             return None  # this round was evaluated before the restart
         weights = global_arrays.to_numpy_ndarrays()
-        self.latest = weights
+        previous, self.latest = self.latest, weights
+        if self.eval_sets is None:
+            self._select_federated(g, previous)
         record = self._evaluate(g, weights)
         line = self._line(g, record)
         _append_jsonl(self.metrics_path, line)
@@ -124,6 +128,28 @@ class RoundRecorder:
         record["val_loss"] = val_loss
         self.selection.offer(g, val_loss, weights)
         return record
+
+    def _select_federated(self, g: int, previous: list[np.ndarray]) -> None:
+        """Without held-out data (deployment): offer the global model round ``g``
+        started from, ``previous``, scored by round ``g``'s train replies on the
+        merchants' validation rows (their loss weighted by their rows).
+
+        The last round's model, which no train reply scores, is offered too when that
+        round's evaluate replies scored it (``GuardedMixin.configure_evaluate``). A
+        round whose replies carry no validation score offers nothing.
+        """
+        stats = self.parts.rounds.get(g)
+        if g == 0 or stats is None:
+            return
+        for scored, scores, weights in ((g - 1, stats.federated, previous),
+                                        (g, stats.federated_final, self.latest)):
+            if "val_loss" not in scores:
+                continue
+            self.selection.offer(scored, scores["val_loss"], weights)
+            log.info("round %d: federated validation loss of round %d's model %.5f over %d "
+                     "rows (best: round %d, %.5f)", g, scored, scores["val_loss"],
+                     int(scores.get("val_examples", 0)), self.selection.round,
+                     self.selection.val_loss)
 
     def _line(self, g: int, record: dict[str, float]) -> dict[str, Any]:
         """Round ``g``'s ``metrics.jsonl`` line; composes the round in the privacy ledger."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,11 @@ class RoundStats:
     failures: list[str] = dataclasses.field(default_factory=list)
     client_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     train: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: The previous round's global model scored by this round's train replies before
+    #: they trained (:func:`federated_scores`); empty unless the server asked for it.
+    federated: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: The last round only: its own global model scored by evaluate replies.
+    federated_final: dict[str, float] = dataclasses.field(default_factory=dict)
     awaited: list[int] = dataclasses.field(default_factory=list)  # nodes sent a train message
     #: SecAgg+ only: wall time of each protocol stage's send and receive.
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -46,6 +52,8 @@ class RoundStats:
                 "rejected": self.rejected, "timed_out": self.timed_out,
                 "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
                 "train": self.train, "client_eval": self.client_eval,
+                "federated": self.federated,
+                **({"federated_final": self.federated_final} if self.federated_final else {}),
                 "failures": self.failures[:20]}
 
 
@@ -141,12 +149,64 @@ class RoundBook:
                     g, why, self.empty_rounds)
 
     def train_metrics(self, g: int, metrics: Mapping[str, Any]) -> None:
-        """The aggregated train metrics of round ``g`` (the numeric ones)."""
-        self.round(g).train = numeric(metrics)
+        """The aggregated train metrics of round ``g`` (the numeric ones; the
+        pre-training scores, which Flower weighs by training rows, are left to
+        :meth:`pre_training`)."""
+        self.round(g).train = {k: v for k, v in numeric(metrics).items()
+                               if k not in PRE_TRAINING_KEYS}
+
+    def pre_training(self, g: int, replies: Iterable[Mapping[str, Any]]) -> None:
+        """Score the global model round ``g`` started from with its replies' metrics."""
+        self.round(g).federated = federated_scores(replies)
+
+    def final_scores(self, g: int, replies: Iterable[Mapping[str, Any]]) -> None:
+        """Score round ``g``'s own global model with its evaluate replies' metrics."""
+        self.round(g).federated_final = federated_scores(replies)
 
     def client_metrics(self, g: int, metrics: Mapping[str, Any]) -> None:
-        """The aggregated client-side evaluation metrics of round ``g`` (the numeric ones)."""
-        self.round(g).client_eval = numeric(metrics)
+        """The aggregated client-side evaluation metrics of round ``g`` (the numeric ones;
+        the validation scores are left to :meth:`final_scores`)."""
+        self.round(g).client_eval = {k: v for k, v in numeric(metrics).items()
+                                     if k not in PRE_TRAINING_KEYS}
+
+
+#: Train reply metrics scoring the incoming global model (``client.work``): each loss
+#: and the count of rows it is the mean over.
+PRE_TRAINING_LOSSES: dict[str, tuple[str, str]] = {
+    "val_loss": ("pre_val_loss", "val_examples"),
+    "eval_loss": ("pre_eval_loss", "test_examples"),
+    "decay_log_loss": ("pre_decay_log_loss", "test_examples"),
+}
+PRE_TRAINING_KEYS = frozenset(k for pair in PRE_TRAINING_LOSSES.values() for k in pair)
+
+
+def federated_scores(replies: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """The incoming global model's losses over all replying merchants' rows.
+
+    Each loss is the mean of the replies' losses weighted by their row counts
+    (``val_examples`` for the validation loss, ``test_examples`` for the test losses),
+    so it is the loss on the pooled rows; a reply without rows (or with a non-finite
+    or negative loss) weighs nothing. Returns ``val_loss``, ``eval_loss`` and
+    ``decay_log_loss`` where some rows back them, with the row counts
+    ``val_examples`` / ``test_examples``; empty when no reply carries the scores.
+    """
+    totals: dict[str, float] = {}
+    rows: dict[str, float] = {}
+    for metrics in replies:
+        for name, (loss_key, count_key) in PRE_TRAINING_LOSSES.items():
+            loss, count = metrics.get(loss_key), metrics.get(count_key)
+            if not isinstance(loss, (int, float)) or not isinstance(count, (int, float)):
+                continue
+            if not (math.isfinite(loss) and loss >= 0 and math.isfinite(count) and count > 0):
+                continue
+            totals[name] = totals.get(name, 0.0) + float(loss) * float(count)
+            rows[name] = rows.get(name, 0.0) + float(count)
+    scores = {name: totals[name] / rows[name] for name in totals}
+    if "val_loss" in rows:
+        scores["val_examples"] = rows["val_loss"]
+    if "eval_loss" in rows:
+        scores["test_examples"] = rows["eval_loss"]
+    return scores
 
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:

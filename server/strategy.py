@@ -12,6 +12,10 @@ than a copy of ``start``:
   positive ``num-examples``, logged by node, before anything is averaged
   (``server.replies``);
 - replies sorted by content so the float sum is the same whatever order they came in;
+- with ``federation.pre-evaluate``, every train instruction asks the merchant to score
+  the incoming global model first; the round's replies give its federated validation
+  loss (``server.rounds.federated_scores``), which selects the round kept in deployment;
+  the last round's model is scored by evaluate messages asking for the validation loss;
 - instructions sent largest merchant first (by the rows each last reported);
 - each reply's tensors read once: checked, then handed to the aggregation as read;
 - per-round bookkeeping in a ``server.rounds.RoundBook``: sampled / replied / failed /
@@ -29,7 +33,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
@@ -49,6 +53,10 @@ from server.sampling import OwnedSampling, SortedGrid, round_seed
 
 log = logging.getLogger(__name__)
 
+#: The evaluate config key asking for the validation loss too (``client.work``; the
+#: server never imports the client).
+SCORE_VALIDATION_KEY = "score-validation"
+
 
 class GuardedMixin:
     """Hooks added in front of a Flower strategy (see the module docstring)."""
@@ -62,9 +70,16 @@ class GuardedMixin:
     weighted_by_key: str
 
     def _init_guard(self, seed: int, round_timeout: float | None = None,
-                    engine_failed: threading.Event | None = None) -> None:
+                    engine_failed: threading.Event | None = None, *,
+                    pre_evaluate: bool = False, final_round: int = 0) -> None:
         self.seed = seed
         self.round_timeout = round_timeout
+        #: Ask every train reply to score the incoming global model before training
+        #: (``client.work.pre_training_metrics``); kept per round in ``rounds``.
+        self.pre_evaluate = pre_evaluate
+        #: The run's last global round: with ``pre_evaluate`` its model, which no later
+        #: train reply scores, is scored by evaluate messages (see ``configure_evaluate``).
+        self.final_round = final_round
         self.rounds = RoundBook(engine_failed)
         self._screened_round: int | None = None
         self._examples: dict[int, float] = {}  # training rows each node last reported
@@ -77,6 +92,8 @@ class GuardedMixin:
         if not self.rounds.may_start(g):
             return []
         config["global-round"] = g
+        if self.pre_evaluate:
+            config["pre-evaluate"] = True
         self._layout = ReplyLayout(arrays.to_numpy_ndarrays())
         self.round_rng = random.Random(round_seed(self.seed, g))
         messages = list(super().configure_train(server_round, arrays, config,  # type: ignore[misc]
@@ -101,6 +118,9 @@ class GuardedMixin:
         if not good:
             return None, None
         good.sort(key=reply_order)
+        if self.pre_evaluate:
+            self.rounds.pre_training(g, [next(iter(m.content.metric_records.values()))
+                                         for m in good])
         if self.uniform_weights:
             good = [with_unit_weight(m, self.weighted_by_key) for m in good]
         arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
@@ -163,10 +183,33 @@ class GuardedMixin:
         self._examples[msg.metadata.src_node_id] = float(weight)  # type: ignore[arg-type]
         return None
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Flower's client-side evaluation (``fraction-evaluate``); with ``pre_evaluate``
+        the last round's evaluate messages also ask for the validation loss, and go to
+        the nodes that trained in it when ``fraction-evaluate`` sends none."""
+        g = self.rounds.global_round(server_round)
+        final = self.pre_evaluate and g == self.final_round and self.rounds.may_start(g)
+        if final:
+            config[SCORE_VALIDATION_KEY] = True
+        messages = list(super().configure_evaluate(server_round, arrays, config,  # type: ignore[misc]
+                                                   grid))
+        if final and not messages:
+            nodes = self.rounds.round(g).awaited
+            log.info("round %d: the last round's model goes to the %d nodes that trained "
+                     "in it to be scored on their validation rows", g, len(nodes))
+            messages = self._messages(server_round, arrays, config, nodes,  # type: ignore[attr-defined]
+                                      MessageType.EVALUATE)
+        return messages
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         replies = [m for m in replies if not m.has_error()
                    and len(m.content.metric_records) == 1]
+        if self.pre_evaluate:
+            self.rounds.final_scores(self.rounds.global_round(server_round),
+                                     [next(iter(m.content.metric_records.values()))
+                                      for m in replies])
         replies, _ = common_metric_keys(replies)
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
         if metrics is not None:
@@ -218,5 +261,6 @@ def build_strategy(config: FederationConfig, seed: int, *,
     elif config.strategy == "krum":
         kwargs["num_malicious_nodes"] = config.num_malicious
     strategy = cls(**kwargs)
-    strategy._init_guard(seed, config.round_timeout, engine_failed)
+    strategy._init_guard(seed, config.round_timeout, engine_failed,
+                         pre_evaluate=config.pre_evaluates, final_round=config.num_rounds)
     return strategy
