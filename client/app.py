@@ -21,7 +21,14 @@ from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.handoff import ChannelError, ask_trainer, trainer_socket
 from client.shards import ShardCache, process_shard_cache, shard_cache_bytes, shard_location
 from client.timer import HandlerTimer
-from client.work import PRE_TRAINING_METRICS, evaluate_reply, global_round, train_reply
+from client.work import (
+    PRE_TRAINING_METRICS,
+    SCORE_VALIDATION_KEY,
+    VALIDATION_METRICS,
+    evaluate_reply,
+    global_round,
+    train_reply,
+)
 from common.schema import DataError
 from common.snapshots import Snapshots
 
@@ -31,7 +38,8 @@ log = logging.getLogger(__name__)
 TRAIN_METRICS: tuple[str, ...] = ("num-examples", "train_loss", "val_loss", "epochs",
                                   "fit_seconds", *PRE_TRAINING_METRICS)
 EVALUATE_METRICS: tuple[str, ...] = ("num-examples", "eval_loss", "decay_log_loss",
-                                     "decay_accuracy", "decay_positive_rate")
+                                     "decay_accuracy", "decay_positive_rate",
+                                     *VALIDATION_METRICS)
 #: Error code of a reply whose merchant data could not be used.
 DATA_ERROR = 100
 #: What reading a merchant's file may raise: the reply then names only its kind.
@@ -165,9 +173,12 @@ def handle_evaluate(msg: Message, context: Context, data: MerchantData,
     test = snaps.split_part("test")
     if len(test) == 0:
         return error_reply(msg, DATA_ERROR, "no held-out snapshots in this merchant's data")
-    metrics = evaluate_reply(settings, test,
-                             msg.content.array_records["arrays"].to_numpy_ndarrays(), timer)
     config = msg.content.config_records.get("config")
+    # The server's last round: its model is scored on the validation rows too.
+    val = snaps.split_part("val") if config and config.get(SCORE_VALIDATION_KEY) else None
+    metrics = evaluate_reply(settings, test,
+                             msg.content.array_records["arrays"].to_numpy_ndarrays(), timer,
+                             val=val)
     server_round = config.get("server-round", "?") if config is not None else "?"
     log.info("%s", timer.summary(f"evaluate round {server_round!s}"))
     return Message(RecordDict({"metrics": MetricRecord(dict(metrics))}), reply_to=msg)
