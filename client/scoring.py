@@ -26,6 +26,7 @@ from common.config import PolicyConfig, SnapshotConfig
 from common.features import NUMERIC_FEATURES
 from common.policy import choose_actions
 from common.progress import SILENT, Progress, Task
+from common.reasons import REASON_COLUMNS, CategoryNames, Reference, reason_columns, reference_sums
 from common.snapshots import Snapshots
 from common.tabular import TabularModel
 
@@ -35,16 +36,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCORE_COLUMNS: tuple[str, ...] = ("user_id", "merchant_id", "decay_risk", "interest_forecast",
-                                  "action", "uplift", "expected_gain", "category")
+                                  "action", "uplift", "expected_gain", "category",
+                                  *REASON_COLUMNS)
 #: Rows per prediction call of the batch scorer (a fixed shape: XLA compiles it once).
 PREDICT_BATCH = 1024
 
 
 def score_frame(user_id: np.ndarray, merchant_id: np.ndarray, pred: Mapping[str, np.ndarray],
                 fading_category: np.ndarray, snap_cfg: SnapshotConfig,
-                policy_cfg: PolicyConfig) -> pd.DataFrame:
-    """Predictions and the policy's decisions as the score table (``SCORE_COLUMNS``)."""
+                policy_cfg: PolicyConfig,
+                reasons: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Predictions and the policy's decisions as the score table (``SCORE_COLUMNS``);
+    ``reasons`` holds ``REASON_COLUMNS`` (``common.reasons.reason_columns``), empty
+    text when None."""
     risk = np.asarray(pred["decay"], dtype=np.float64)
+    empty = pd.Series("", index=range(len(risk)), dtype="string")
     decision = choose_actions(risk, pred["activation"], policy_cfg, snap_cfg.actions,
                               fading_category)
     return pd.DataFrame({
@@ -57,6 +63,8 @@ def score_frame(user_id: np.ndarray, merchant_id: np.ndarray, pred: Mapping[str,
         "uplift": decision.uplift.astype(np.float64),
         "expected_gain": decision.expected_gain.astype(np.float64),
         "category": pd.Series(decision.category, dtype="string"),
+        **{c: empty if reasons is None else pd.Series(reasons[c], dtype="string")
+           for c in REASON_COLUMNS},
     })
 
 
@@ -89,6 +97,7 @@ def score_events(
     *,
     chunk_events: int = 200_000,
     progress: Progress = SILENT,
+    reasons: bool = True,
 ) -> pd.DataFrame:
     """Score every user active in the observation window before ``at``.
 
@@ -105,6 +114,9 @@ def score_events(
         ``client.batch_features.batch_features``).
     progress : a step in users (its total known once the first chunk is built),
         advanced after every chunk.
+    reasons : explain the users at risk (decay risk >= ``policy.risk-threshold``): the
+        ``REASON_COLUMNS`` (see ``common.reasons``), from attributions against the mean
+        scored user; empty for the others, and for everyone when False.
 
     Returns
     -------
@@ -113,6 +125,7 @@ def score_events(
     """
     ids: list[pd.DataFrame] = []
     preds: list[dict[str, np.ndarray]] = []
+    at_risk = _AtRisk(policy_cfg.risk_threshold) if reasons else None
     chunks = batch_features(events, at, snap_cfg, chunk_events=chunk_events,
                             batch=PREDICT_BATCH)
     with contextlib.ExitStack() as steps:
@@ -123,6 +136,8 @@ def score_events(
                 task = steps.enter_context(progress.task("scoring users", total, "users"))
             preds.append(model.predict(snaps) if isinstance(model, TabularModel)
                          else predict_batches(model, snaps))
+            if at_risk is not None:
+                at_risk.add(snaps, preds[-1]["decay"])
             ids.append(pd.DataFrame({"user_id": snaps.user_id,
                                      "merchant_id": snaps.merchant_id,
                                      "fading": snaps.fading_category}))
@@ -130,8 +145,53 @@ def score_events(
             scored = done
     table = pd.concat(ids, ignore_index=True)
     pred = {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
+    columns = None
+    if at_risk is not None and at_risk.rows:
+        with progress.task("explaining users at risk", 1, "steps") as step:
+            columns = at_risk.reasons(model, len(table), events, snap_cfg)
+            step.advance()
     return score_frame(table["user_id"].to_numpy(object), table["merchant_id"].to_numpy(object),
-                       pred, table["fading"].to_numpy(object), snap_cfg, policy_cfg)
+                       pred, table["fading"].to_numpy(object), snap_cfg, policy_cfg, columns)
+
+
+class _AtRisk:
+    """The users at risk of the chunks scored so far, and the mean user's sums (the
+    attributions' reference: the same whatever the chunk sizes)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.parts: list[Snapshots] = []
+        self.rows: list[np.ndarray] = []
+        self.seen = 0
+        self.sums: list[tuple[np.ndarray, float, np.ndarray, float]] = []
+
+    def add(self, snaps: Snapshots, risk: np.ndarray) -> None:
+        rows = np.flatnonzero(np.asarray(risk) >= self.threshold)
+        if len(rows):
+            self.parts.append(snaps.subset(rows))
+            self.rows.append(rows + self.seen)
+        self.seen += len(snaps)
+        self.sums.append(reference_sums(snaps))
+
+    def reasons(self, model: Any, n: int, events: pd.DataFrame,
+                snap_cfg: SnapshotConfig) -> dict[str, np.ndarray]:
+        numeric, steps, static, count = (sum(parts) for parts in zip(*self.sums, strict=True))
+        reference = Reference.from_sums(numeric, steps, static, count)
+        names = CategoryNames(_category_names(events), snap_cfg.hash_buckets)
+        rows = np.concatenate(self.rows)
+        part = reason_columns(model, Snapshots.concat(self.parts), np.arange(len(rows)),
+                              snap_cfg, reference, names)
+        out = {c: np.full(n, "", dtype=object) for c in REASON_COLUMNS}
+        for c in REASON_COLUMNS:
+            out[c][rows] = part[c]
+        return out
+
+
+def _category_names(events: pd.DataFrame) -> np.ndarray:
+    """The distinct category names of a log (none without a ``category_id`` column)."""
+    if "category_id" not in events:
+        return np.zeros(0, dtype=object)
+    return events["category_id"].dropna().unique().astype(str)
 
 
 def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:

@@ -37,6 +37,7 @@ from client.scoring import predict_batches, score_frame, warm_up
 from common.config import PolicyConfig, SnapshotConfig, to_flat
 from common.features import DAY, hash_categories, kept_days
 from common.policy import choose_actions
+from common.reasons import CategoryNames, Reference, reason_columns
 from common.snapshots import Snapshots
 from common.timestamps import NS_LIMIT
 
@@ -95,6 +96,8 @@ class Monitor:
         self._cat_index: dict[str, int] = {}
         self._cat_names: list[str] = []
         self._cat_hash: list[int] = []
+        self._names = CategoryNames((), self.snapshots.hash_buckets)
+        self._names_count = 0
         self.clock_ns: int | None = None  # latest event time seen
         self._lo_ns = -(2**62)  # events before this are in no future observation window
         self._prune_ns = -(2**62)  # events before this are read by no future snapshot
@@ -318,6 +321,7 @@ class Monitor:
         risk = np.asarray(pred["decay"], dtype=np.float64)
         forecast = np.expm1(np.maximum(np.asarray(pred["interest"], np.float64), 0.0))
         cutoff = pd.Timestamp(at_ns, unit="ns", tz="UTC").isoformat()
+        alerting: list[tuple[int, int, float | None, float]] = []
         for r, i in enumerate(rows):
             (merchant, user), st = users[i]
             prev, now = st.risk, float(risk[r])
@@ -330,6 +334,10 @@ class Monitor:
                 continue
             st.alert_ns = at_ns
             self.stats.alerts += 1
+            alerting.append((r, int(i), prev, now))
+        why = self._reasons(snaps, [a[0] for a in alerting]) if self.sink else {}
+        for k, (r, i, prev, now) in enumerate(alerting):
+            (merchant, user), _ = users[i]
             if self.sink is not None:
                 self.sink({
                     "alert_id": alert_id(merchant, user, cutoff),
@@ -343,9 +351,23 @@ class Monitor:
                     "expected_gain": round(float(decision.expected_gain[r]), 6),
                     "category": str(decision.category[r]),
                     "trigger": trigger,
+                    **{c: str(why[c][k]) for c in why},
                 })
             if trigger == "events" and read_at[i] is not None:
                 self.latencies.append(time.perf_counter() - read_at[i])
+
+    def _reasons(self, snaps: Snapshots, rows: list[int]) -> dict[str, np.ndarray]:
+        """``common.reasons.REASON_COLUMNS`` of ``rows`` of a rescored batch (the reference
+        customer: the batch's mean; a batch is a function of the input, so a replay
+        explains alike). None without a Keras model (a ``predict_fn`` only)."""
+        if not rows or self.model is None:
+            return {}
+        if self._names_count != len(self._cat_names):  # names are only ever appended
+            self._names = CategoryNames(self._cat_names, self.snapshots.hash_buckets)
+            self._names_count = len(self._cat_names)
+        part = reason_columns(self.model, snaps, np.asarray(rows), self.snapshots,
+                              Reference.mean_of(snaps), self._names)
+        return {c: v[rows] for c, v in part.items()}
 
     # ------------------------------------------------------------------ checkpoints
 
