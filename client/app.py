@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.attribution import attribution_reply, wants_attributions
 from client.config import ClientSettings, cached_settings
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.handoff import ChannelError, ask_trainer, trainer_socket
@@ -29,6 +30,7 @@ from client.work import (
     global_round,
     train_reply,
 )
+from common.attribution import ATTRIBUTION_METRICS
 from common.schema import DataError
 from common.snapshots import Snapshots
 
@@ -39,7 +41,8 @@ TRAIN_METRICS: tuple[str, ...] = ("num-examples", "train_loss", "val_loss", "epo
                                   "fit_seconds", *PRE_TRAINING_METRICS)
 EVALUATE_METRICS: tuple[str, ...] = ("num-examples", "eval_loss", "decay_log_loss",
                                      "decay_accuracy", "decay_positive_rate",
-                                     *VALIDATION_METRICS)
+                                     *VALIDATION_METRICS,
+                                     *ATTRIBUTION_METRICS)
 #: Error code of a reply whose merchant data could not be used.
 DATA_ERROR = 100
 #: What reading a merchant's file may raise: the reply then names only its kind.
@@ -163,13 +166,18 @@ def handle_evaluate(msg: Message, context: Context, data: MerchantData,
     """Evaluate the global model on this merchant's held-out rows: the metrics, or an
     error (data, no held-out rows); through the warm trainer when one listens."""
     timer = HandlerTimer()
-    if warm is not None and (handed := warm(msg, context, "evaluate", timer)) is not None:
+    # Attributions (client.attribution) are computed here, never by the warm trainer.
+    explain = wants_attributions(msg.content.config_records.get("config"))
+    if warm is not None and not explain \
+            and (handed := warm(msg, context, "evaluate", timer)) is not None:
         return handed
     try:
         settings, snaps = data(context)
     except DATA_ERRORS as err:
         return data_error_reply(msg, err)
     timer.lap("data")
+    if explain:
+        return attribution_reply(msg, settings, snaps)
     test = snaps.split_part("test")
     if len(test) == 0:
         return error_reply(msg, DATA_ERROR, "no held-out snapshots in this merchant's data")

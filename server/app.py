@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.progress import SILENT, Progress
+from server.attribution import explain_kept_model
 from server.config import FederationConfig, ServerSettings, settings_from_flat
 from server.recorder import RoundRecorder, Selection, StopRounds
 from server.resume import start_state
@@ -67,6 +68,9 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
                                  selection=selection, weights=weights, task=task,
                                  on_round=on_round)
         final, stop_reason = _run_rounds(grid, fed, parts, recorder, weights)
+    if not parts.rounds.engine_down:
+        explain_kept_model(grid, settings, selection, final, run_dir,
+                           last_round=max(parts.rounds.stats, default=done))
     summary = _finish(settings, run_dir, model, parts, selection, final, done=done,
                       stop_reason=stop_reason, seconds=time.perf_counter() - recorder.started)
     log.info("federation finished: %s", summary)

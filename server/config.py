@@ -71,6 +71,12 @@ class FederationConfig:
     secagg_clipping_range: float = 8.0  # weighted weights are clipped to [-range, range] ...
     secagg_quantization_range: int = 4_194_304  # ... and quantised to this many levels
     secagg_max_weight: float = 10_000.0  # largest num-examples a client may weigh in with
+    # After the last round, every merchant computes per-group attributions of the kept
+    # model on its own validation period and sends only those scalars (server/attribution.py).
+    # Off here: in deployment each message starts a ClientApp process; the simulation
+    # driver turns it on.
+    attributions: bool = False
+    attribution_repeats: int = 3  # permutations per feature group
 
     def __post_init__(self) -> None:
         check_key(self.mode in MODES, "federation.mode",
@@ -92,6 +98,8 @@ class FederationConfig:
         check_key(self.eval_every >= 1, "federation.eval-every", "must be >= 1")
         check_key(self.pre_evaluate in PRE_EVALUATE, "federation.pre-evaluate",
                   f"must be one of {', '.join(PRE_EVALUATE)}, got {self.pre_evaluate!r}")
+        check_key(1 <= self.attribution_repeats <= 20, "federation.attribution-repeats",
+                  "must be in [1, 20]")
         if self.secure_aggregation:
             self._check_secagg()
 

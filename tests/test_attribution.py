@@ -183,3 +183,114 @@ def test_auc_of_many_rows_at_once_matches_scikit_learn_with_ties() -> None:
     probs = np.round(rng.random((5, 300)), 1)  # many ties
     np.testing.assert_allclose(_auc_rows(y, probs), [roc_auc_score(y, p) for p in probs])
     assert np.isnan(_auc_rows(np.ones(4), probs[:, :4])).all()
+
+
+class AttributionGrid:
+    """Nodes 1 and 2 reply canned attribution scalars, node 3 an error, node 4 a name
+    outside the whitelist; the instructions are kept."""
+
+    def __init__(self, replies: dict[int, dict[str, Any]]) -> None:
+        self.replies, self.sent = replies, []
+
+    def get_node_ids(self) -> list[int]:
+        return [4, 3, 2, 1]
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        from flwr.app import Error, Message, MetricRecord, RecordDict
+
+        self.sent = list(messages)
+        out = []
+        for m in self.sent:
+            node = m.metadata.dst_node_id
+            if node == 3:
+                out.append(Message(Error(code=100, reason="attributions: no validation "
+                                         "snapshots in this merchant's data"), reply_to=m))
+            else:
+                out.append(Message(RecordDict({"metrics": MetricRecord(self.replies[node])}),
+                                   reply_to=m))
+        return out
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_the_server_weights_two_merchants_by_rows_and_rejects_the_rest(
+        tmp_path: Path) -> None:
+    from server.attribution import attribution_round
+    from server.config import FederationConfig
+
+    one = {"attr_n": 20, "attr_auc_n": 20, "attr_base_log_loss": 0.4, "attr_base_auc": 0.9,
+           "attr_perm_recency": 0.30, "attr_auc_recency": 0.2, "attr_grad_recency": 1.0}
+    two = {"attr_n": 60, "attr_auc_n": 60, "attr_base_log_loss": 0.6, "attr_base_auc": 0.7,
+           "attr_perm_recency": 0.10, "attr_auc_recency": 0.0, "attr_grad_recency": 2.0}
+    grid = AttributionGrid({1: one, 2: two, 4: {**one, "user_id_hash": 7.0}})
+    weights = [np.ones((2, 2), np.float32)]
+    out = attribution_round(grid, FederationConfig(attributions=True, attribution_repeats=2),
+                            weights, tmp_path, seed=5, model_round=3)
+
+    assert [m.metadata.dst_node_id for m in grid.sent] == [1, 2, 3, 4]
+    config = grid.sent[0].content.config_records["config"]
+    assert dict(config) == {"attributions": True, "attribution-repeats": 2,
+                            "attribution-seed": 5, "server-round": 3}
+    written = json.loads((tmp_path / "attributions.json").read_text())
+    assert written == json.loads(json.dumps(out))
+    assert written["status"] == "ok" and written["merchants"] == 2 and written["asked"] == 4
+    assert written["rows"] == 80 and written["model_round"] == 3
+    recency = written["groups"]["recency"]
+    assert recency["log_loss_rise"] == pytest.approx((20 * 0.30 + 60 * 0.10) / 80)  # 0.15
+    assert recency["auc_drop"] == pytest.approx((20 * 0.2 + 60 * 0.0) / 80)  # 0.05
+    assert recency["grad_input"] == pytest.approx((20 * 1.0 + 60 * 2.0) / 80)  # 1.75
+    assert written["base_auc"] == pytest.approx(0.75)
+    assert sorted(written["failures"]) == [
+        "node 3: attributions: no validation snapshots in this merchant's data",
+        "node 4: rejected: metric names outside the whitelist: user_id_hash"]
+    assert set(written["reply_metrics"]) <= set(ATTRIBUTION_METRICS)
+
+
+def test_no_attribution_round_when_off_or_under_secagg(tmp_path: Path) -> None:
+    from server.attribution import attribution_round
+    from server.config import FederationConfig
+
+    grid = AttributionGrid({})
+    assert attribution_round(grid, FederationConfig(), [], tmp_path, seed=0,
+                             model_round=1) is None
+    fed = FederationConfig(attributions=True, secure_aggregation=True)
+    out = attribution_round(grid, fed, [], tmp_path, seed=0, model_round=1)
+    assert out is not None and out["status"] == "unavailable" and "SecAgg+" in out["reason"]
+    assert json.loads((tmp_path / "attributions.json").read_text()) == out
+    assert grid.sent == []  # nothing asked of the merchants
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_federation_writes_the_merchants_attributions(tmp_path: Path) -> None:
+    """One round on the quick preset: every merchant replies only whitelisted scalars and
+    the run folder holds their aggregate."""
+    from helpers import Simulation, read_jsonl
+
+    from client.app import EVALUATE_METRICS
+
+    run_dir = tmp_path / "run"
+    sim = Simulation(tmp_path, "attr", run_dir,
+                     ["federation.num-rounds=1", "federation.local-epochs=1",
+                      "experiment.seed=0", f"experiment.output-dir={tmp_path}"],
+                     observe=tmp_path / "replies.jsonl")
+    try:
+        sim.wait(timeout=240)
+    finally:
+        sim.stop()
+    replies = [r for r in read_jsonl(tmp_path / "replies.jsonl") if r["kind"] == "attributions"]
+    assert len(replies) == 8  # the quick preset's merchants
+    for r in replies:
+        assert "error" not in r, r
+        assert r["arrays"] == {} and list(r["metrics"]) == ["metrics"], r
+        assert set(r["metrics"]["metrics"]) <= set(EVALUATE_METRICS), r["metrics"]
+        assert set(r["metrics"]["metrics"]) <= set(ATTRIBUTION_METRICS), r["metrics"]
+        assert r["configs"] == [] and r["leaked"] == [], r
+    out = json.loads((run_dir / "attributions.json").read_text())
+    assert out["status"] == "ok" and out["merchants"] == 8 and out["failures"] == []
+    summary = json.loads((run_dir / "federation.json").read_text())
+    assert out["model_round"] == summary["selected_round"]
+    assert out["rows"] > 0 and set(out["groups"]) == set(GROUP_NAMES)
+    for name, g in out["groups"].items():
+        assert math.isfinite(g["log_loss_rise"]), name
+    assert out["groups"]["event_mix"]["grad_input"] is None  # ids: no gradient
+    assert out["groups"]["recency"]["grad_input"] > 0

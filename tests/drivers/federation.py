@@ -2,8 +2,9 @@
 
 Spec keys: ``overrides`` (of the quick preset), ``run_dir``, ``corrupt`` (partitions
 whose shard is truncated after it is written), ``observe`` (a JSON-lines file for every
-reply, instruction and stored message, or null) and ``keep_weights`` (save each train
-reply's weights beside ``observe``). Prints ``DRIVER DONE`` at the end.
+reply, the attribution round's too, instruction and stored message, or null) and
+``keep_weights`` (save each train reply's weights beside ``observe``). Prints
+``DRIVER DONE`` at the end.
 """
 
 import json
@@ -118,6 +119,17 @@ def observe(spec: dict, exp, data):
     InMemoryLinkState.store_message_res = stored
     vce_api._register_nodes = registered
 
+    from server import attribution
+
+    summarise_replies = attribution.summarise_replies
+
+    def summarised(replies, asked):  # the attribution round's replies
+        replies = list(replies)
+        for msg in replies:
+            record(describe("attributions", None, msg))
+        return summarise_replies(replies, asked)
+
+    attribution.summarise_replies = summarised
     GuardedMixin.aggregate_train = observed("train", GuardedMixin.aggregate_train)
     GuardedMixin.aggregate_evaluate = observed("evaluate", GuardedMixin.aggregate_evaluate)
     model = build_model(exp.model, data.snapshot_config, seed=exp.seed)
