@@ -56,6 +56,11 @@ def egress_summary(run_dir: str | Path) -> dict[str, Any]:
         })
     seen_train = sorted({k for r in rows for k in (r.get("train") or {})})
     seen_eval = sorted({k for r in rows for k in (r.get("client_eval") or {})})
+    # The attribution round's replies (server/attribution.py) are evaluate replies too.
+    attributions = run / "attributions.json"
+    if attributions.exists():
+        seen_eval = sorted(set(seen_eval)
+                           | set(json.loads(attributions.read_text()).get("reply_metrics", [])))
     privacy = run / "privacy.jsonl"
     return {
         "run": str(run), "rounds": rounds,

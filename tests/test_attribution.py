@@ -294,3 +294,18 @@ def test_a_federation_writes_the_merchants_attributions(tmp_path: Path) -> None:
         assert math.isfinite(g["log_loss_rise"]), name
     assert out["groups"]["event_mix"]["grad_input"] is None  # ids: no gradient
     assert out["groups"]["recency"]["grad_input"] > 0
+
+
+def test_the_egress_audit_checks_the_attribution_replies_names(tmp_path: Path) -> None:
+    from simulations.privacy_audit import egress_summary
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(
+        {"round": 1, "sampled": 2, "replied": 2, "bytes_down": 8, "bytes_up": 8,
+         "train": {"train_loss": 0.5}, "client_eval": {}}) + "\n")
+    names = ["attr_n", "attr_perm_recency"]
+    (tmp_path / "attributions.json").write_text(json.dumps({"reply_metrics": names}))
+    out = egress_summary(tmp_path)
+    assert set(names) <= set(out["seen_evaluate_metrics"]) and out["unexpected_metrics"] == []
+    (tmp_path / "attributions.json").write_text(json.dumps(
+        {"reply_metrics": [*names, "user_ids"]}))
+    assert egress_summary(tmp_path)["unexpected_metrics"] == ["user_ids"]
