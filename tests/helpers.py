@@ -10,17 +10,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, closing, contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Shared with the deployment benchmark, which launches the same processes.
+from simulations.loopback import flwr_json, free_ports, launched, listening, tail
+
+__all__ = ["flwr_json", "free_ports", "launched", "listening", "tail"]
 
 BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flwr, ray, ...
 PROJECT = Path(__file__).resolve().parents[1]
@@ -31,30 +34,8 @@ DRIVERS = Path(__file__).resolve().parent / "drivers"
 # ---------------------------------------------------------------------------------------
 
 
-def tail(log: Path, lines: int = 60) -> str:
-    """The end of a log, headed by its path: the message of a failed assertion."""
-    text = log.read_text(errors="replace") if log.exists() else "(no log)"
-    return f"--- {log} ---\n" + "\n".join(text.splitlines()[-lines:])
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on loopback."""
-    # Hold all sockets until every port is picked, so the ports differ.
-    with ExitStack() as stack:
-        socks = [stack.enter_context(closing(socket.socket())) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-def listening(port: int) -> bool:
-    with closing(socket.socket()) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
@@ -70,39 +51,6 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path) ->
 # ---------------------------------------------------------------------------------------
 # Flower's command-line tools
 # ---------------------------------------------------------------------------------------
-
-
-@contextmanager
-def launched(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """Run ``cmd`` with output to ``log``; stop it by its PID on the way out."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-
-
-def flwr_json(args: list[str], env: dict[str, str], timeout: float = 120) -> dict:
-    """``flwr ... --format json`` (it exits 0 even on failure: read ``success``).
-
-    The CLI takes tens of seconds to start on a busy two-core machine.
-    """
-    try:
-        done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"success": False, "error-message": f"flwr {args[0]} timed out"}
-    try:
-        return json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return {"success": False, "error-message": done.stdout + done.stderr}
 
 
 def sim_env(flwr_home: Path) -> dict[str, str]:

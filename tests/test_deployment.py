@@ -5,10 +5,14 @@ SuperNodes, each holding one merchant's events in another format (canonical CSV,
 canonical Parquet, Taobao's headerless CSV); a fourth node whose key was never
 registered, and a fifth, registered node whose file names unknown events. ``flwr run .``
 submits two rounds in ``federation.mode = "deployment"`` with client-side evaluation.
+Two of the three merchants run a warm trainer (``fedecay merchant serve``) beside their
+SuperNode; the third and the bad node work in their ClientApp processes. The processes
+are launched by :mod:`simulations.loopback`, which the deployment benchmark shares.
 
 Checked: the stranger is refused; the run finishes; ``metrics.jsonl`` holds both
 rounds with three replies each, the bad node's failure and the clients' evaluation;
-every good merchant trained and evaluated in both rounds (its own log says so); the bad
+every good merchant trained and evaluated in both rounds (its own log says so, and says
+whether its trainer did the work; the trainers are still up after the run); the bad
 node's log carries one line per message naming the file problem, while the server
 only learns the kind of error (no rows or values cross the network).
 """
@@ -16,45 +20,38 @@ only learns the kind of error (no rows or values cross the network).
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from io import BytesIO
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from helpers import (
-    BIN,
     PROJECT,
     driver,
     flwr_json,
-    free_ports,
-    launched,
-    listening,
     tail,
     wait_for,
 )
 
 from common.config import SnapshotConfig
 from common.io import write_events
-from server.certs import make_certs, make_node_key
 from server.config import FederationConfig
 from simulations.apps import deployment_config, deployment_run_dir, is_deployment, prepare_run
 from simulations.experiment import shared_calendar
+from simulations.loopback import LoopbackFederation, Node, missing_tools
 from simulations.synth import generate_federation, load_preset, synth_config_from_preset
 
 ROOT = PROJECT
-CONNECTION = "fedecay-deploy"
 ROUNDS = 2
 #: The three smallest merchants of the quick preset, seed 0, and the format each uses.
 MERCHANTS = {"m04": "csv", "m03": "parquet", "m01": "taobao"}
+#: The merchants that run a warm trainer beside their SuperNode (the others do not).
+WARM = ("m04", "m01")
 TAOBAO_BEHAVIOUR = {"view": "pv", "click": "pv", "cart": "cart", "favorite": "fav",
                     "purchase": "buy"}
 
@@ -90,34 +87,6 @@ def write_merchant_files(out: Path) -> tuple[dict[str, tuple[Path, str]], Snapsh
     bad.to_csv(bad_path, index=False)
     files["bad"] = (bad_path, "canonical")
     return files, shared_calendar(fed.events, SnapshotConfig())
-
-
-def _children(pids: set[int]) -> set[int]:
-    """Every live descendant of ``pids`` (Flower spawns SuperExec, ServerApp, ClientApps)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), set(pids)
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
-def _stop_leftovers(pids: set[int]) -> None:
-    """Stop, by PID, the Flower processes that outlived the ones this test started."""
-    for pid in sorted(pids):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue  # already gone
-        if b"flwr" in cmdline or b"flower" in cmdline:
-            os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,7 +149,9 @@ def test_client_rejects_a_bad_file_before_importing_tensorflow(tmp_path: Path) -
     assert reason == ("merchant data rejected (DataError); the reason is in this merchant's "
                       "SuperNode log")  # the server does not see the offending values
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines == [f"ERROR client.app: merchant data rejected: {bad}: column 'event' has "
+    assert lines == ["INFO client.app: no warm trainer listening for this node: train in "
+                     "this process",
+                     f"ERROR client.app: merchant data rejected: {bad}: column 'event' has "
                      "unknown or missing event name(s) at data row 1 ('page_view') (file line "
                      "2); expected "
                      "one of view, click, cart, favorite, purchase"], done.stderr
@@ -200,105 +171,32 @@ def test_fab_leaves_out_environment_and_outputs() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
-    for tool in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
-        if not (BIN / tool).exists():
-            pytest.skip(f"{tool} not installed beside {sys.executable}")
+    if missing_tools():
+        pytest.skip(f"{missing_tools()} not installed beside {sys.executable}")
     started = time.monotonic()
     files, calendar = write_merchant_files(tmp_path / "data")
-    certs = make_certs(tmp_path / "certs")
+    nodes = {name: Node(path, fmt, trainer=name in WARM) for name, (path, fmt) in files.items()}
+    nodes["stranger"] = Node(*files["m04"], registered=False)
     names = [*MERCHANTS, "bad"]
-    keys = {name: make_node_key(tmp_path / "keys", name) for name in [*names, "stranger"]}
-    link_port, *node_ports = free_ports(1 + len(keys))
-    ports = dict(zip(keys, node_ports, strict=True))
-    home = tmp_path / "coordinator"
-    home.mkdir()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "TF_ENABLE_ONEDNN_OPTS": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{link_port}"\n'
-        f'root-certificates = "{certs["ca_cert"]}"\n'
-    )
-    logs = {name: tmp_path / f"node-{name}.log" for name in keys}
-    link_log, run_log = tmp_path / "superlink.log", tmp_path / "flwr-run.log"
-
-    def supernode(name: str) -> tuple[list[str], Path, dict[str, str]]:
-        node_home = tmp_path / "nodes" / name  # each merchant has its own machine
-        node_home.mkdir(parents=True)
-        path, fmt = files.get(name, files["m04"])
-        cmd = [
-            str(BIN / "flower-supernode"),
-            "--superlink", f"127.0.0.1:{link_port}",
-            "--root-certificates", str(certs["ca_cert"]),
-            "--auth-supernode-private-key", str(keys[name]["private_key"]),
-            "--node-config", f"data-path='{path}' format='{fmt}'",
-            "--port", str(ports[name]),
-        ]
-        return cmd, logs[name], {**env, "FLWR_HOME": str(node_home)}
-
-    superlink_cmd = [
-        str(BIN / "flower-superlink"),
-        "--ssl-ca-certfile", str(certs["ca_cert"]),
-        "--ssl-certfile", str(certs["server_cert"]),
-        "--ssl-keyfile", str(certs["server_key"]),
-        "--enable-supernode-auth",
-        "--host", "127.0.0.1",
-        "--port", str(link_port),
-    ]
-    with ExitStack() as stack:  # every process is stopped by its PID on the way out
-        leftovers: set[int] = set()
-        stack.callback(lambda: _stop_leftovers(leftovers))  # runs last
-        link = stack.enter_context(launched(superlink_cmd, link_log, env))
-        wait_for(lambda: link.poll() is not None or listening(link_port), 60,
-                  "the SuperLink", link_log)
-        assert link.poll() is None, tail(link_log)
-        with ThreadPoolExecutor(len(names)) as pool:  # the CLI starts slowly: in parallel
-            registered = dict(zip(names, pool.map(lambda n: flwr_json(
-                ["supernode", "register", str(keys[n]["public_key"]), CONNECTION, "--name", n],
-                env), names), strict=True))
-        assert all(done["success"] for done in registered.values()), registered
-        node_ids = {name: int(done["node-id"]) for name, done in registered.items()}
-        nodes = {name: stack.enter_context(launched(*supernode(name)))
-                 for name in keys}
-        started_pids = {link.pid, *(node.pid for node in nodes.values())}
-        # Runs first: note the children before their parents are stopped.
-        stack.callback(lambda: leftovers.update(_children(started_pids)))
-
-        # Round 1 samples the nodes online when it starts: wait for all four.
-        for name in names:
-            wait_for(lambda n=name: f"SuperNode ID: {node_ids[n]}" in logs[n].read_text(
-                errors="replace"), 90, f"node {name} online", logs[name])
+    with LoopbackFederation(tmp_path / "fed", nodes) as fed:  # stops every process
+        env, logs, node_ids = fed.env, fed.logs, fed.node_ids
+        fed.start()
         listed = flwr_json(["supernode", "list"], env)
         assert listed["success"], listed
         online = {int(n["node-id"]) for n in listed["nodes"] if n["status"] == "online"}
         assert online == set(node_ids.values()), listed
 
-        run_config = " ".join([
-            "federation.mode='deployment'",
-            f"federation.num-rounds={ROUNDS}",
-            "federation.fraction-evaluate=1.0",
-            "federation.run-dir='deploy-test'",
-            f"snapshots.start='{calendar.start}'",
-            f"snapshots.end='{calendar.end}'",
-        ])
-        with run_log.open("wb") as out:
-            run = subprocess.run(
-                [str(BIN / "flwr"), "run", ".", CONNECTION, "-c", run_config, "--stream"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=420,
-                check=False,
-            )
-        run_dir = home / "runs" / "deploy-test"  # relative run-dir: under $FLWR_HOME/runs
+        run_log = tmp_path / "flwr-run.log"
+        run_dir = fed.run_dir("deploy-test")  # relative run-dir: under $FLWR_HOME/runs
         metrics = run_dir / "metrics.jsonl"
+        try:
+            fed.run(["federation.mode='deployment'", f"federation.num-rounds={ROUNDS}",
+                     "federation.fraction-evaluate=1.0", "federation.run-dir='deploy-test'",
+                     f"snapshots.start='{calendar.start}'", f"snapshots.end='{calendar.end}'"],
+                    run_log, timeout=420)
+        except RuntimeError as err:
+            pytest.fail("\n".join([str(err), *(tail(logs[n], 15) for n in names)]))
         context = "\n".join([tail(run_log), *(tail(logs[n], 15) for n in names)])
-        assert run.returncode == 0, context
         assert (run_dir / "federation.json").exists(), context
         assert (run_dir / "model.keras").exists(), context
         listed = flwr_json(["list"], env)
@@ -306,13 +204,16 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
         assert [r["status"] for r in listed["runs"]] == ["finished:completed"], listed
 
         # The node whose key was never registered was refused and exited long ago.
-        wait_for(lambda: nodes["stranger"].poll() is not None, 60, "the stranger's exit",
-                  logs["stranger"])
-        assert nodes["stranger"].returncode != 0
+        stranger = fed.nodes["stranger"]
+        wait_for(lambda: stranger.poll() is not None, 60, "the stranger's exit",
+                 logs["stranger"])
+        assert stranger.returncode != 0
         assert "Failed to activate SuperNode" in logs["stranger"].read_text(errors="replace")
-        assert "No SuperNode found with the given public key" in link_log.read_text()
+        assert "No SuperNode found with the given public key" in fed.link_log.read_text()
         for name in names:  # a bad file fails the node's replies, not the node
-            assert nodes[name].poll() is None, tail(logs[name])
+            assert fed.nodes[name].poll() is None, tail(logs[name])
+        for name in WARM:  # the trainers outlive the ClientApps they served
+            assert fed.trainers[name].poll() is None, tail(fed.trainer_logs[name])
         elapsed = time.monotonic() - started
 
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -336,12 +237,20 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
 
     for name in MERCHANTS:
         text = logs[name].read_text(errors="replace")
+        # A warm node hands every message to its trainer; a cold one says it works alone.
+        handed = r" \(trainer: data [\d.]+ s" if name in WARM else "$"
         for r in range(1, ROUNDS + 1):
-            assert re.search(rf"train round {r}: handler began [\d.]+ s after process start",
-                             text), tail(logs[name])
-            assert re.search(rf"evaluate round {r}: handler began [\d.]+ s", text), tail(
-                logs[name])
-        assert "rejected" not in text, tail(logs[name])
+            assert re.search(rf"train round {r}: handler began [\d.]+ s after process start;"
+                             rf"[^\n]*{handed}", text, re.M), tail(logs[name])
+            assert re.search(rf"evaluate round {r}: handler began [\d.]+ s[^\n]*{handed}",
+                             text, re.M), tail(logs[name])
+        assert ("no warm trainer listening" in text) == (name not in WARM), tail(logs[name])
+        assert "not used" not in text and "rejected" not in text, tail(logs[name])
+    for name in WARM:  # the trainer built the snapshots once and served every message
+        served = fed.trainer_logs[name].read_text(errors="replace")
+        assert served.count("train round") == ROUNDS, tail(fed.trainer_logs[name])
+        assert served.count("evaluate round") == ROUNDS, tail(fed.trainer_logs[name])
+        assert "Traceback" not in served and "refused" not in served
     bad = logs["bad"].read_text(errors="replace")
     rejected = [line for line in bad.splitlines() if "merchant data rejected" in line]
     assert len(rejected) == 2 * ROUNDS, tail(logs["bad"])  # train + evaluate, each round
