@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from common.progress import SILENT, Progress
+from simulations.attributions import attributions_of
 from simulations.baselines import (
     MethodResult,
     assess,
@@ -72,6 +73,7 @@ def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...
         audits = _membership_audits(outcomes, data, progress) if audit else {}
         results = _results(exp, data, outcomes, time.perf_counter() - started)
         results["fairness"] = fairness_of(outcomes, data, exp)
+        results["attributions"] = attributions_of(outcomes, data, exp, progress)
         for name, found in audits.items():
             results["methods"][name]["membership"] = found
         write_json(run_dir / "results.json", results)

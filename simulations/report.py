@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from common import atomic
+from simulations.attributions import attribution_blocks, write_attribution_plot
 from simulations.fairness import fairness_blocks, write_fairness_plot
 from simulations.render import (
     Block,
@@ -147,7 +148,8 @@ def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
         ax.set_title("Activation policy value per method")
         made.append(_save(fig, run_dir, "policy_value.png"))
     fairness = write_fairness_plot(results.get("fairness"), run_dir, _save)
-    return made + ([fairness] if fairness else [])
+    attributions = write_attribution_plot(results.get("attributions"), run_dir, _save)
+    return made + [p for p in (fairness, attributions) if p]
 
 
 def _privacy_plot(methods: Mapping[str, Any], run_dir: Path) -> str:
@@ -219,6 +221,7 @@ def report_blocks(results: Mapping[str, Any], plots: Sequence[str],
     blocks += _policy_blocks(results)
     blocks += _privacy_blocks(results)
     blocks += fairness_blocks(results.get("fairness"))
+    blocks += attribution_blocks(results.get("attributions"))
     blocks += _inputs_blocks(results)
     blocks += [Plot(p) for p in plots]
     if config:

@@ -309,3 +309,44 @@ def test_the_egress_audit_checks_the_attribution_replies_names(tmp_path: Path) -
     (tmp_path / "attributions.json").write_text(json.dumps(
         {"reply_metrics": [*names, "user_ids"]}))
     assert egress_summary(tmp_path)["unexpected_metrics"] == ["user_ids"]
+
+
+def test_the_comparison_table_beside_gbdt_and_lr(tmp_path: Path) -> None:
+    """The report's section from the federation's file, a GBDT-like model and a real LR;
+    LR's native importance puts the informative group first."""
+    from types import SimpleNamespace
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from simulations.attributions import attribution_blocks, attributions_of
+    from simulations.render import to_markdown
+
+    snaps = hand_built(300)
+    lr = TabularModel("lr", make_pipeline(StandardScaler(), LogisticRegression()).fit(
+        snaps.static, snaps.decay), Constant(), (0.5,))
+    fed = tmp_path / "federated-fedavg"
+    fed.mkdir()
+    merchants = aggregate_metrics([global_attributions(tabular(), snaps).as_metrics()])
+    (fed / "attributions.json").write_text(json.dumps({**merchants, "status": "ok"}))
+    outcomes = [SimpleNamespace(name="gbdt", details={}, model=tabular()),
+                SimpleNamespace(name="lr", details={}, model=lr),
+                SimpleNamespace(name="local-only", details={}, model=None),
+                SimpleNamespace(name="federated-fedavg", details={"run_dir": str(fed)},
+                                model=None)]
+    exp = SimpleNamespace(seed=0, federation=SimpleNamespace(attribution_repeats=2))
+    found = attributions_of(outcomes, SimpleNamespace(snapshots=snaps), exp)
+
+    assert list(found["methods"]) == ["gbdt", "lr", "federated-fedavg"]
+    gbdt, fedavg = found["methods"]["gbdt"], found["methods"]["federated-fedavg"]
+    assert gbdt["log_loss_rise"]["interest"] > 0.3 and gbdt["log_loss_rise"]["event_mix"] == 0
+    assert fedavg["merchants"] == 1
+    assert fedavg["log_loss_rise"]["interest"] == pytest.approx(
+        merchants["groups"]["interest"]["log_loss_rise"])
+    native = found["methods"]["lr"]["native"]
+    assert max(native, key=native.get) == "interest" and sum(native.values()) == \
+        pytest.approx(1.0)
+    md = to_markdown(attribution_blocks(found))
+    assert "| federated-fedavg | 1 merchants' validation periods |" in md
+    assert "Native importance" in md and "| lr |" in md

@@ -369,7 +369,9 @@ def test_report_files_of_the_comparison(compared: Path) -> None:
     assert "## Fairness: decay AUC, calibration and policy reach per segment" in md
     assert "| customer new |" in md and "![fairness.png](fairness.png)" in md
     page = (compared / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "<td>federation.num-rounds</td>" in page
+    assert "## Global attributions per feature group" in md
+    assert "![attributions.png](attributions.png)" in md
+    assert page.count("data:image/png;base64,") == 5 and "<td>federation.num-rounds</td>" in page
 
 
 @pytest.mark.slow
