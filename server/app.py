@@ -49,14 +49,12 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
     The summary written to ``federation.json``.
     """
     from common.model import build_model, weights_of
-    from server.flower_seam import shorten_reply_polling
+    from server.flower_seam import pace_reply_polling
 
     fed = settings.federation
     run_dir = _run_folder(fed)
     model = build_model(settings.model, settings.snapshots, seed=settings.seed)
-    # Flower's in-memory grid (simulation) looks for replies every 0.1 s, a third of a
-    # round of ten small merchants here.
-    shorten_reply_polling(grid, 0.01)
+    pace_reply_polling(grid, 0.01)
     population = max(fed.min_available_nodes, len(list(grid.get_node_ids())))
     parts = build_runner(settings, population, run_dir, engine_failed)
     done, weights, selection = start_state(run_dir, fed.resume, parts, weights_of(model))
