@@ -30,11 +30,13 @@ from typing import Any
 
 from common.progress import SILENT, Progress
 
+#: Flower's latency knobs the benchmark's processes get (see docs/deployment.md).
+FLOWER_KNOBS = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 #: Laps of a handler that are local training and scoring; the others are set-up.
 TRAINING_LAPS = ("fit", "pre-training evaluation", "evaluate")
 _LINE = re.compile(r"(?P<kind>train|evaluate) round (?P<round>\d+): handler began "
-                   r"(?P<age>[\d.]+) s after process start; (?P<laps>[^(\n]*)"
-                   r"(?: \(trainer: (?P<trainer>[^)\n]*)\))?")
+                   r"(?P<age>[\d.]+) s after process start; (?P<laps>[^(\n]*?)"
+                   r"(?: \(trainer: (?P<trainer>[^)\n]*)\))?$", re.M)
 _LAP = re.compile(r"(?P<name>[\w -]+?) (?P<seconds>[\d.]+) s")
 
 
@@ -61,27 +63,26 @@ def message_stages(line: re.Match[str]) -> dict[str, float]:
 
 def round_stages(node_logs: Sequence[Path], metrics: Sequence[dict[str, Any]]
                  ) -> list[dict[str, Any]]:
-    """Per round: its seconds and the stages of the slowest merchant's train message."""
-    lines: dict[int, list[dict[str, float]]] = {}
+    """Per round: its seconds and the stages of its critical path, the slowest merchant's
+    train message plus, when the round sent any, the slowest evaluate message."""
+    lines: dict[tuple[int, str], list[dict[str, float]]] = {}
     for log in node_logs:
         for match in _LINE.finditer(log.read_text(errors="replace")):
-            if match["kind"] == "train":
-                lines.setdefault(int(match["round"]), []).append(message_stages(match))
+            key = (int(match["round"]), match["kind"])
+            lines.setdefault(key, []).append(message_stages(match))
     rows = []
     for entry in metrics:
-        r = int(entry["round"])
+        r, seconds = int(entry["round"]), float(entry["round_seconds"])
         if r < 1:
             continue
-        stages = max(lines.get(r, [{}]), key=lambda s: sum(s.values()), default={})
-        busy = sum(stages.values())
-        rows.append({"round": r, "round_s": float(entry["round_seconds"]),
-                     "start": stages.get("start", float("nan")),
-                     "setup": stages.get("setup", float("nan")),
-                     "hand-off": stages.get("hand-off", float("nan")),
-                     "training": stages.get("training", float("nan")),
-                     "messaging": float(entry["round_seconds"]) - busy if stages
-                     else float("nan"),
-                     "warm": sum(1 for s in lines.get(r, []) if s["hand-off"] > 0)})
+        path = [max(lines[(r, kind)], key=lambda s: sum(s.values()))
+                for kind in ("train", "evaluate") if (r, kind) in lines]
+        stages = {k: sum(s[k] for s in path) if path else float("nan")
+                  for k in ("start", "setup", "hand-off", "training")}
+        rows.append({"round": r, "round_s": seconds, **stages,
+                     "messaging": seconds - sum(stages.values()),
+                     "messages": len(path),
+                     "warm": sum(1 for s in lines.get((r, "train"), []) if s["hand-off"] > 0)})
     return rows
 
 
@@ -124,7 +125,8 @@ def run_deployment_bench(counts: Sequence[int], warm: Sequence[bool], runs: int 
             load = os.getloadavg()[0]
             nodes = {f"m{i}": Node(path, "canonical", trainer=w)
                      for i, path in enumerate(files[:n])}
-            with LoopbackFederation(base / name, nodes, extra_env) as fed:
+            with LoopbackFederation(base / name, nodes,
+                                    {**FLOWER_KNOBS, **(extra_env or {})}) as fed:
                 t = time.monotonic()
                 fed.start()
                 startup = time.monotonic() - t
@@ -143,7 +145,7 @@ def run_deployment_bench(counts: Sequence[int], warm: Sequence[bool], runs: int 
             for key in ("round_s", "start", "setup", "hand-off", "training", "messaging"):
                 summary[key] = statistics.median([r[key] for r in later]) if later \
                     else float("nan")
-            summary["rounds"] = rows
+            summary["rounds"], summary["logs"] = rows, str(base / name)
             results.append(summary)
             task.advance(round_s=summary["round_s"])
     return results

@@ -246,10 +246,24 @@ def bench(
     repeat: Annotated[int, typer.Option(
         min=1, metavar="TIMES",
         help="Time each throughput figure this many times and keep the best.")] = 3,
+    deployment: Annotated[str, typer.Option(
+        metavar="N,N,...", show_default="none",
+        help="Instead: time rounds of a real TLS deployment on loopback with these merchant "
+             "counts (docs/deployment.md), e.g. 1,3.")] = "",
+    trainer: Annotated[str, typer.Option(
+        click_type=click.Choice(("both", "warm", "cold")),
+        help="With --deployment: merchants with a warm trainer, without, or both.")] = "both",
+    runs: Annotated[int, typer.Option(
+        min=1, metavar="TIMES", help="With --deployment: runs of each setting.")] = 2,
 ) -> None:
-    """Throughput: generation, snapshots, training and scoring (events/s, samples/s, users/s)."""
+    """Throughput: generation, snapshots, training and scoring (events/s, samples/s, users/s);
+    with --deployment, seconds per round of a real deployment by stage."""
     console = current()
     out = checks.output_file(json_, "--json", (".json",)) if json_ is not None else None
+    if deployment:
+        _bench_deployment(checks.numbers(deployment, "--deployment", kind=int, low=1),
+                          trainer, runs, rounds, out)
+        return
     sizes = checks.numbers(federation, "--federation", kind=int, low=1)
     exp = checks.experiment(preset, sets=set_ or [], seed=seed)
     from simulations.bench import format_bench, run_bench
@@ -272,3 +286,22 @@ def bench(
         print(f"\nwrote {out}")
     console.next(f"fedecay compare --preset {_q(preset)}  (the methods' accuracy on the "
                  "same data)")
+
+
+def _bench_deployment(counts: tuple[int, ...], trainer: str, runs: int, rounds: int,
+                      out: Path | None) -> None:
+    """``bench --deployment``: rounds of a loopback deployment, a table of stages."""
+    from simulations.deploy_bench import format_table, run_deployment_bench
+    from simulations.experiment import write_json
+    from simulations.loopback import missing_tools
+
+    if missing_tools():
+        raise ValueError(f"--deployment needs Flower's tools beside this Python: "
+                         f"{', '.join(missing_tools())} missing")
+    warm = {"both": (True, False), "warm": (True,), "cold": (False,)}[trainer]
+    results = run_deployment_bench(counts, warm, runs=runs, rounds=rounds,
+                                   progress=current())
+    print(format_table(results))
+    if out is not None:
+        write_json(out, {"deployment": results})
+        print(f"\nwrote {out}")
