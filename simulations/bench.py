@@ -73,39 +73,6 @@ def format_bench(figures: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v:>14}" for k, v in rows)
 
 
-def _memory_sampler():
-    """Start a thread sampling system memory in use; returns (stop, peak_bytes_fn)."""
-    import threading
-
-    def used() -> int:
-        # MemTotal - MemAvailable from /proc/meminfo (Linux), in bytes.
-        info = {}
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                key, value = line.split(":", 1)
-                info[key] = int(value.split()[0]) * 1024
-        return info["MemTotal"] - info["MemAvailable"]
-
-    base = used()
-    peak = {"value": 0}
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            peak["value"] = max(peak["value"], used() - base)
-            stop.wait(0.5)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-
-    def finish() -> int:
-        stop.set()
-        thread.join(timeout=2)
-        return int(peak["value"])
-
-    return finish
-
-
 def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100),
                          rounds: int = 4, out_dir=None) -> list[dict[str, Any]]:
     """Federated vs centralised wall time on the same data and sample-epochs.
@@ -117,8 +84,9 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
     epoch, as in ``fedecay compare``: the centralised model on the pooled validation
     snapshots, each client on its own. Steady-state round time excludes round 1
     (Ray actors start, TensorFlow imports, XLA compiles); the ratio uses steady rounds
-    only, and the start-up is reported on its own. Memory is the machine's peak in use above the
-    baseline (all processes, Ray actors included).
+    only, and the start-up is reported on its own. Memory is the peak proportional set
+    size of this process and every process it started (Ray's actors included;
+    :mod:`simulations.memory`), so other work on the machine does not count.
     """
     import statistics
     import tempfile
@@ -128,6 +96,7 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
     from common.training import fit
     from simulations.experiment import prepare
     from simulations.federated import read_metrics, run_federated
+    from simulations.memory import TreeSampler
     from simulations.settings import experiment_from_flat
 
     rows = []
@@ -149,11 +118,11 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
         fit(model, train, val, cen, seed=e.seed)
         centralised = time.perf_counter() - t
         run_dir = Path(out_dir or tempfile.mkdtemp(prefix="fedecay-bench-")) / f"fed-{n}"
-        finish = _memory_sampler()
-        t = time.perf_counter()
-        run_federated(e, data, run_dir)
-        total = time.perf_counter() - t
-        peak = finish()
+        with TreeSampler() as memory:
+            t = time.perf_counter()
+            run_federated(e, data, run_dir)
+            total = time.perf_counter() - t
+        peaks = memory.peaks
         lines = read_metrics(run_dir / "metrics.jsonl")
         per_round = [r["round_seconds"] for r in lines if r["round"] >= 1]
         steady = per_round[1:] or per_round
@@ -181,7 +150,10 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
             "total_federated_s": total,
             "client_fit_s_median": fit_mean,
             "per_client_overhead_ms": overhead * 1000,
-            "peak_memory_mb": peak / 2**20,
+            "peak_memory_mb": peaks.total / 2**20,
+            "peak_driver_mb": peaks.driver / 2**20,
+            "peak_actor_mb": peaks.actor / 2**20,
+            "actors": peaks.actors,
         })
     return rows
 
