@@ -1,0 +1,178 @@
+"""Reasons per customer: a hand-built customer's figures, IG completeness, determinism and
+the score table's reason columns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from client.scoring import SCORE_COLUMNS, score_events
+from common.config import ModelConfig, PolicyConfig, SnapshotConfig
+from common.feature_groups import FEATURE_GROUPS, GROUP_NAMES
+from common.model import build_model
+from common.reasons import (
+    REASON_CODES,
+    REASON_COLUMNS,
+    CategoryNames,
+    Reference,
+    customer_facts,
+    explain,
+    integrated_gradients,
+    reasons_of,
+)
+from common.snapshots import unlabelled_snapshots
+from simulations.synth import generate_federation, load_preset, synth_config_from_preset
+
+SNAP = SnapshotConfig(max_len=16, hash_buckets=64, observation_days=28, tau_days=7,
+                      horizon_days=14)
+CUTOFF = pd.Timestamp("2025-03-01", tz="UTC")
+
+
+def _hand_built() -> pd.DataFrame:
+    """One customer: a purchase of c17 every 2 days from 40 to 22 days before the cutoff
+    (10 purchases), its last purchase 22 days ago ... then only views of c3 (6 of them,
+    every 3 days from 19.5 to 4.5 days before)."""
+    rows = [(40 - 2 * k, "purchase", "c17", 10.0) for k in range(10)]  # 40 .. 22 days
+    rows += [(19.5 - 3 * k, "view", "c3", 0.0) for k in range(6)]  # 19.5 .. 4.5 days
+    return pd.DataFrame({
+        "user_id": "u1", "merchant_id": "m1",
+        "timestamp": [CUTOFF - pd.Timedelta(days=d) for d, *_ in rows],
+        "event": [e for _, e, _, _ in rows], "category_id": [c for *_, c, _ in rows],
+        "value": [v for *_, v in rows],
+    })
+
+
+def _interest(days_before: np.ndarray, weight: float, at: float) -> float:
+    """Sum of weight * exp(-(at - t) / tau) over events before ``at`` (days before the
+    cutoff: ``at`` = 0 now, 14 at the horizon before)."""
+    age = days_before - at
+    return float((weight * np.exp(-age[age > 0] / SNAP.tau_days)).sum())
+
+
+def test_hand_built_customer_gets_its_reasons() -> None:
+    events = _hand_built()
+    snaps, _ = unlabelled_snapshots(events, CUTOFF, SNAP)
+    assert len(snaps) == 1 and snaps.fading_category[0] == "c17"
+    facts = customer_facts(snaps, SNAP, CategoryNames(events["category_id"], SNAP.hash_buckets))
+    assert facts.purchase_days[0] == pytest.approx(22.0, abs=1e-3)
+    assert facts.recency_days[0] == pytest.approx(4.5, abs=1e-3)
+    # Per category, by hand: purchases weigh 8, views 1.
+    bought = np.array([40 - 2 * k for k in range(10)], float)
+    viewed = np.array([19.5 - 3 * k for k in range(6)])
+    then_17, now_17 = _interest(bought, 8.0, 14.0), _interest(bought, 8.0, 0.0)
+    # Only the last 16 events are in the sequence: the 10 purchases and 6 views all are.
+    assert facts.cat_name[0, 0] == "c17"
+    assert facts.cat_then[0, 0] == pytest.approx(then_17, rel=1e-4)
+    assert facts.cat_now[0, 0] == pytest.approx(now_17, rel=1e-4)
+    assert facts.interest_then[0] == pytest.approx(then_17 + _interest(viewed, 1.0, 14.0),
+                                                   rel=1e-4)
+    # Attributions that put recency, categories and activity first.
+    groups = np.zeros((1, len(GROUP_NAMES)), np.float32)
+    for g, v in (("recency", 0.3), ("categories", 0.2), ("activity", 0.1), ("value", -0.1)):
+        groups[0, GROUP_NAMES.index(g)] = v
+    reasons = reasons_of(facts, groups)
+    assert reasons.codes[0] == ("inactive", "category_faded", "activity_drop")
+    drop = round(100 * (then_17 - now_17) / then_17)
+    # 1 event in the last 7 days vs 9 in the 3 weeks before it (the window starts at 28 days
+    # before the cutoff, included).
+    in_7d = int((viewed < 7).sum())
+    before = (int(((viewed >= 7) & (viewed <= 28)).sum()) + int((bought <= 28).sum())) / 3
+    assert reasons.texts[0][0] == "no purchase for 22 days"
+    assert reasons.texts[0][1] == f"interest in category c17 faded (\u2212{drop} %)"
+    assert reasons.texts[0][2].startswith(
+        f"activity down {round(100 * (before - in_7d) / before)} % on the previous weeks")
+    assert f"{then_17:.1f}\u2192{now_17:.1f}" in reasons.fading[0].split("|")[0]
+    assert reasons.fading[0].startswith("c17 ")
+    # Only groups that push the risk up speak (at least one always does).
+    lowering = -np.abs(groups) - 0.01
+    lowering[0, GROUP_NAMES.index("value")] = -0.001
+    assert reasons_of(facts, lowering).codes[0] == ("spend_drop",)  # 40.00 before, 0 now
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple:
+    cfg = dataclasses.replace(synth_config_from_preset(load_preset("quick")),
+                              num_merchants=2, users_median=30, min_users=10, days=60)
+    events = generate_federation(cfg, seed=3).events
+    at = events["timestamp"].max() + pd.Timedelta(seconds=1)
+    snap = dataclasses.replace(SNAP, max_len=8, hash_buckets=16)
+    snaps, _ = unlabelled_snapshots(events, at, snap)
+    return events, snap, snaps
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_integrated_gradients_are_complete(small, bidirectional: bool) -> None:
+    _, snap, snaps = small
+    model = build_model(ModelConfig(lstm_units=8, dense_units=8, bidirectional=bidirectional),
+                        snap, seed=1)
+    ref = Reference.mean_of(snaps)
+    width = int(model.input["static"].shape[-1])
+    attr = integrated_gradients(model, snaps, Reference(ref.numeric, ref.static[:width]),
+                                steps=64, batch=64)
+    risk = model.predict_on_batch(snaps.inputs() | {"static": snaps.static[:, :width]})["decay"]
+    np.testing.assert_allclose(attr.risk, risk, atol=1e-5)
+    gap = np.abs(attr.risk - attr.reference_risk)
+    assert gap.mean() > 1e-3  # the test says something
+    # Sum of attributions = f(x) - f(reference), up to the quadrature's error.
+    assert np.abs(attr.delta).mean() < 0.05 * gap.mean() + 1e-4
+    # A step's attribution is zero at padding.
+    assert np.all(attr.steps[snaps.events == 0] == 0)
+
+
+def test_reasons_are_deterministic_for_a_seed(small) -> None:
+    events, snap, snaps = small
+    names = CategoryNames(events["category_id"], snap.hash_buckets)
+    ref = Reference.mean_of(snaps)
+    runs = [explain(build_model(ModelConfig(lstm_units=8, dense_units=8), snap, seed=5),
+                    snaps, snap, ref, names).columns() for _ in range(2)]
+    assert runs[0] == runs[1]
+    codes = {c for row in runs[0]["reason_codes"] for c in row.split("|")}
+    assert codes and codes <= set(REASON_CODES)
+
+
+def test_score_output_has_reasons_for_users_at_risk(small) -> None:
+    events, snap, _ = small
+    model = build_model(ModelConfig(lstm_units=8, dense_units=8), snap, seed=2)
+    risk = score_events(model, events, None, snap, PolicyConfig(), reasons=False)["decay_risk"]
+    threshold = float(np.median(risk))
+    scores = score_events(model, events, None, snap, PolicyConfig(risk_threshold=threshold))
+    assert tuple(scores.columns) == SCORE_COLUMNS and set(REASON_COLUMNS) <= set(SCORE_COLUMNS)
+    at_risk = scores["decay_risk"] >= threshold
+    assert 0 < at_risk.sum() < len(scores)
+    assert (scores.loc[at_risk, "reason_codes"] != "").all()
+    assert (scores.loc[~at_risk, ["reasons", "reason_codes", "fading_categories"]] == "").all(
+        axis=None)
+    for codes, text in zip(scores.loc[at_risk, "reason_codes"], scores.loc[at_risk, "reasons"],
+                           strict=True):
+        assert 1 <= len(codes.split("|")) == len(text.split("; ")) <= 3
+        assert set(codes.split("|")) <= set(REASON_CODES)
+
+
+def test_tabular_models_get_reasons_by_occlusion(small) -> None:
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+
+    from common.reasons import group_attributions
+    from common.tabular import TabularModel
+
+    events, snap, snaps = small
+    x = snaps.static
+    label = (x[:, 6] > np.median(x[:, 6])).astype(int)  # log_recency_days
+    model = TabularModel("lr", LogisticRegression().fit(x, label),
+                         LinearRegression().fit(x, x[:, 0]),
+                         tuple(0.1 for _ in snap.actions))
+    ref = Reference.mean_of(snaps)
+    groups = group_attributions(model, snaps, ref)
+    # By hand for one group: the risk minus the risk with its columns at the reference.
+    g = GROUP_NAMES.index("recency")
+    cols = list(FEATURE_GROUPS[g].aggregate_columns(x.shape[1]))
+    moved = x.copy()
+    moved[:, cols] = ref.static[cols]
+    expected = (model.decay.predict_proba(x)[:, 1] - model.decay.predict_proba(moved)[:, 1])
+    np.testing.assert_allclose(groups[:, g], expected, atol=1e-6)
+    assert np.all(groups[:, GROUP_NAMES.index("event_mix")] == 0)  # no aggregate
+    scores = score_events(model, events, None, snap, PolicyConfig(risk_threshold=0.5))
+    at_risk = scores["decay_risk"] >= 0.5
+    assert at_risk.any() and (scores.loc[at_risk, "reason_codes"] != "").all()
