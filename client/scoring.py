@@ -175,8 +175,9 @@ class _AtRisk:
 
     def reasons(self, model: Any, n: int, events: pd.DataFrame,
                 snap_cfg: SnapshotConfig) -> dict[str, np.ndarray]:
-        numeric, steps, static, count = (sum(parts) for parts in zip(*self.sums, strict=True))
-        reference = Reference.from_sums(numeric, steps, static, count)
+        numeric, steps, static, count = zip(*self.sums, strict=True)
+        reference = Reference.from_sums(np.sum(numeric, axis=0), float(sum(steps)),
+                                        np.sum(static, axis=0), float(sum(count)))
         names = CategoryNames(_category_names(events), snap_cfg.hash_buckets)
         rows = np.concatenate(self.rows)
         part = reason_columns(model, Snapshots.concat(self.parts), np.arange(len(rows)),

@@ -353,13 +353,14 @@ class Monitor:
                     "trigger": trigger,
                     **{c: str(why[c][k]) for c in why},
                 })
-            if trigger == "events" and read_at[i] is not None:
-                self.latencies.append(time.perf_counter() - read_at[i])
+            started = read_at[i]
+            if trigger == "events" and started is not None:
+                self.latencies.append(time.perf_counter() - started)
 
     def _reasons(self, snaps: Snapshots, rows: list[int]) -> dict[str, np.ndarray]:
         """``common.reasons.REASON_COLUMNS`` of ``rows`` of a rescored batch (the reference
         customer: the batch's mean; a batch is a function of the input, so a replay
-        explains alike). None without a Keras model (a ``predict_fn`` only)."""
+        explains alike). Empty without a Keras model (a ``predict_fn`` only)."""
         if not rows or self.model is None:
             return {}
         if self._names_count != len(self._cat_names):  # names are only ever appended

@@ -181,9 +181,11 @@ def reasons_of(facts: Facts, groups: np.ndarray, top: int = TOP_REASONS) -> Reas
                          f"{(len(facts), len(GROUP_NAMES))}")
     # Stable order: by attribution, ties by GROUP_NAMES order.
     order = np.argsort(-groups, axis=1, kind="stable")
-    codes, texts = [], []
+    codes: list[tuple[str, ...]] = []
+    texts: list[tuple[str, ...]] = []
     for i in range(len(facts)):
-        c_i, t_i = [], []
+        c_i: list[str] = []
+        t_i: list[str] = []
         for g in order[i, :top]:
             if c_i and groups[i, g] <= 0:
                 break
