@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +205,54 @@ class Simulation:
         left = kill_session(self.proc.pid)
         self._out.close()
         return left
+
+
+# ---------------------------------------------------------------------------------------
+# Ray nodes
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """A running ``ray start --block`` and the node's temp dir (its logs, export events)."""
+
+    proc: subprocess.Popen
+    temp_dir: Path
+
+
+@contextmanager
+def ray_node(args: Sequence[str], log: Path, env: dict[str, str],
+             timeout: float = 120) -> Iterator[RayNode]:
+    """One Ray node, ``ray start --block ARGS``, in a session of its own, output to ``log``.
+
+    Yields once the node says it has started (for a worker node: joined the head); fails
+    with the log's tail after ``timeout`` s. On the way out the session gets SIGTERM
+    (``ray start --block`` then stops its GCS, raylet and workers), SIGKILL for whatever
+    is left after 30 s, and the node's temp dir is removed. The temp dir is a short
+    ``/tmp/fdray*``: Ray's unix socket paths do not fit under pytest's ``tmp_path``.
+    """
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fdray"))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
+             f"--temp-dir={ray_tmp}", *args],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is not None
+                 or "Ray runtime started" in log.read_text(errors="replace"),
+                 timeout, "ray start", log)
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}\n{tail(log)}"
+        yield RayNode(proc, ray_tmp)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_session(proc.pid)
+        proc.wait(timeout=10)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import free_ports, listening
+from helpers import free_ports, ray_node
 
 from simulations.experiment import partition_users, prepare
 from simulations.settings import DataConfig, resolve
@@ -67,26 +64,14 @@ def test_prepare_gives_every_method_the_same_snapshots() -> None:
 
 @pytest.mark.slow
 def test_simulate_attaches_to_an_existing_ray_cluster(tmp_path: Path) -> None:
-    """`fedecay simulate --ray-address` on a local `ray start --head` with a bounded life."""
+    """`fedecay simulate --ray-address` on a local `ray start --head` with a bounded life
+    (two nodes: tests/test_ray_cluster.py)."""
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "TF_CPP_MIN_LOG_LEVEL": "3",
            "TF_ENABLE_ONEDNN_OPTS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    [port] = free_ports(1)
-    ray_bin = Path(sys.executable).parent / "ray"
-    # Ray's unix socket paths must stay short: pytest's tmp_path is too deep for them.
-    ray_tmp = tempfile.mkdtemp(prefix="fdray")
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-         "--include-dashboard=false", f"--temp-dir={ray_tmp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if listening(port):
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("ray head did not start within 90 s")
+    port, client_server = free_ports(2)
+    with ray_node(["--head", f"--port={port}", f"--ray-client-server-port={client_server}",
+                   "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                   "--include-dashboard=false"], tmp_path / "head.log", env):
         out = subprocess.run(
             [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "quick",
              "--ray-address", f"127.0.0.1:{port}",
@@ -98,11 +83,3 @@ def test_simulate_attaches_to_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert "federated rounds 1/1 rounds" in out.stderr and "clients=3/3" in out.stderr
         runs = list((tmp_path / "runs").glob("*-simulate-quick/metrics.jsonl"))
         assert len(runs) == 1
-    finally:
-        os.killpg(head.pid, 15)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
-            head.wait(timeout=10)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
