@@ -55,10 +55,18 @@ def run_bench(exp: Experiment, repeat: int = 3) -> dict[str, Any]:
     # Batch scoring as `fedecay score` does it: every user active at the end of the log,
     # features from the raw events, the three heads and the policy.
     warm_up(model)
+    plain, _ = _best(lambda: score_events(model, fed.events, None, cfg, exp.policy,
+                                          reasons=False), repeat)
     seconds, scores = _best(lambda: score_events(model, fed.events, None, cfg, exp.policy),
                             repeat)
     figures["scoring_users_per_s"] = len(scores) / seconds
     figures["scored_users"] = len(scores)
+    # With reasons (the default) only the users at risk are explained: their rate is
+    # the extra time the reasons take.
+    explained = int((scores["reason_codes"] != "").sum())
+    figures["scoring_users_per_s_without_reasons"] = len(scores) / plain
+    figures["explained_users"] = explained
+    figures["explained_users_per_s"] = explained / max(seconds - plain, 1e-9)
     test = snaps.split_part("test")
     predict(model, test)
     seconds, _ = _best(lambda: predict(model, test), repeat)

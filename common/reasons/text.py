@@ -204,9 +204,11 @@ def fading_lists(facts: Facts) -> list[str]:
     """Per customer, "name then→now" of its fading categories, "|"-joined."""
     out = []
     for i in range(len(facts)):
-        parts = [f"{facts.cat_name[i, c]} {facts.cat_then[i, c]:.1f}\u2192"
-                 f"{facts.cat_now[i, c]:.1f}"
-                 for c in range(facts.cat_bucket.shape[1]) if facts.cat_bucket[i, c] > 0]
+        # A drop that rounds away (0.0→0.0) says nothing.
+        parts = [f"{facts.cat_name[i, c]} {then:.1f}\u2192{now:.1f}"
+                 for c in range(facts.cat_bucket.shape[1])
+                 for then, now in [(facts.cat_then[i, c], facts.cat_now[i, c])]
+                 if facts.cat_bucket[i, c] > 0 and f"{then:.1f}" != f"{now:.1f}"]
         out.append("|".join(parts))
     return out
 

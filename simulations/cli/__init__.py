@@ -2,10 +2,10 @@
 
 One module per command group: :mod:`.data` (``data synth|check``), :mod:`.experiments`
 (``train``, ``simulate``, ``compare``, ``bench``), :mod:`.merchant` (``score``,
-``monitor``), :mod:`.privacy` (``privacy egress|audit``), :mod:`.deploy` (``deploy
-certs|node-key``); :mod:`.checks` fails fast on bad arguments before TensorFlow loads,
-:mod:`.errors` turns user errors into one line (exit code 2), :mod:`.console` draws
-progress, :mod:`.runs` finds the model in a run folder.
+``monitor``), :mod:`.explain` (``explain``), :mod:`.privacy` (``privacy egress|audit``),
+:mod:`.deploy` (``deploy certs|node-key``); :mod:`.checks` fails fast on bad arguments
+before TensorFlow loads, :mod:`.errors` turns user errors into one line (exit code 2),
+:mod:`.console` draws progress, :mod:`.runs` finds the model in a run folder.
 
 ``main(argv)`` returns the exit code (0 done, 2 a user error or data check's NOT OK,
 130 interrupted); a bug raises with its traceback.
@@ -21,7 +21,7 @@ import typer
 
 from common.runtime import quiet_tensorflow
 
-from . import data, deploy, experiments, merchant, privacy
+from . import data, deploy, experiments, explain, merchant, privacy
 from .console import Console, configure_logging
 from .errors import INTERRUPTED, USER_ERROR, fail, os_error_text, usage_error_text
 
@@ -41,6 +41,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 experiments.register(app)
 merchant.register(app)
+explain.register(app)
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(deploy.app, name="deploy")
 
