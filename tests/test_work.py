@@ -80,6 +80,11 @@ def test_pre_training_metrics_are_an_evaluate_of_the_incoming_weights(
     assert metrics["pre_eval_loss"] == pytest.approx(evaluated["eval_loss"], rel=1e-5)
     assert metrics["pre_decay_log_loss"] == pytest.approx(by_hand, rel=1e-5)
     assert metrics["pre_decay_log_loss"] == pytest.approx(evaluated["decay_log_loss"], rel=1e-5)
+    # The last round's evaluate message asks for the same validation score.
+    scored = evaluate_reply(SETTINGS, test, global_weights, val=val)
+    assert scored["pre_val_loss"] == pytest.approx(metrics["pre_val_loss"], rel=1e-5)
+    assert scored["val_examples"] == 13
+    assert set(scored) - set(evaluated) == {"pre_val_loss", "val_examples"}
     # The incoming model was scored, not the trained one: training moved the weights.
     assert not all(np.array_equal(a, b) for a, b in zip(trained, global_weights, strict=True))
     assert set(metrics) <= set(TRAIN_METRICS), set(metrics) - set(TRAIN_METRICS)
