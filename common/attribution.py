@@ -137,11 +137,12 @@ def inputs_read(model: Any) -> InputsRead:
 
 def decay_predictor(model: Any) -> DecayPredictor:
     """The decay risk of ``model`` on snapshots, in batches (``common.training.predict``
-    for the LSTM, the model's own ``predict`` for a ``TabularModel``)."""
-    from common.tabular import TabularModel
+    for the LSTM, the decay classifier of a ``TabularModel``)."""
+    from common.tabular import TabularModel, aggregate_features
 
-    if isinstance(model, TabularModel):
-        return lambda snaps: model.predict(snaps)["decay"]
+    if isinstance(model, TabularModel):  # the decay classifier only, not every head
+        return lambda snaps: (model.decay.predict_proba(aggregate_features(snaps))[:, 1]
+                              if len(snaps) else np.zeros(0, np.float32))
     from common.training import predict
 
     return lambda snaps: predict(model, snaps)["decay"]
