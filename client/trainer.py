@@ -180,6 +180,7 @@ class TrainerServer:
         self._token = ""
         self._stop = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._count = threading.Lock()
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -310,7 +311,8 @@ class TrainerServer:
         conn.settimeout(None)
         request.pop("token")  # the work never sees it
         header, arrays = self.work(request, weights)
-        self.served += 1
+        with self._count:
+            self.served += 1
         channel.send_message(conn, header, arrays)
 
     def _check(self, request: Mapping[str, Any]) -> str | None:
