@@ -38,6 +38,7 @@ from common.config import PolicyConfig, SnapshotConfig, to_flat
 from common.features import DAY, hash_categories, kept_days
 from common.policy import choose_actions
 from common.reasons import CategoryNames, Reference, reason_columns
+from common.reasons.ig import warm_up_ig
 from common.snapshots import Snapshots
 from common.timestamps import NS_LIMIT
 
@@ -118,6 +119,8 @@ class Monitor:
         if self.model is None:
             return
         warm_up(self.model, self._buckets)
+        if self.sink is not None:  # alerts carry reasons: compile their IG too
+            warm_up_ig(self.model)
 
     # -------------------------------------------------------------------- the stream
 

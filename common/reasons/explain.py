@@ -15,7 +15,7 @@ import numpy as np
 from common.config import SnapshotConfig
 from common.feature_groups import FEATURE_GROUPS
 from common.reasons.facts import CategoryNames, customer_facts
-from common.reasons.ig import IG_STEPS, Reference, integrated_gradients
+from common.reasons.ig import IG_STEPS, SCORE_IG_STEPS, Reference, integrated_gradients
 from common.reasons.text import Reasons, reasons_of
 from common.snapshots import Snapshots
 from common.tabular import TabularModel
@@ -67,14 +67,14 @@ def explain(model: Any, snaps: Snapshots, config: SnapshotConfig, reference: Ref
 
 
 def reason_columns(model: Any, snaps: Snapshots, rows: np.ndarray, config: SnapshotConfig,
-                   reference: Reference, names: CategoryNames | None = None
-                   ) -> dict[str, np.ndarray]:
+                   reference: Reference, names: CategoryNames | None = None, *,
+                   steps: int = SCORE_IG_STEPS) -> dict[str, np.ndarray]:
     """``REASON_COLUMNS`` for every row of ``snaps``: the reasons of ``rows`` (indices),
-    empty text for the others."""
+    empty text for the others (IG with ``steps`` points: the scorer's default)."""
     out = {c: np.full(len(snaps), "", dtype=object) for c in REASON_COLUMNS}
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows):
         for column, values in explain(model, snaps.subset(rows), config, reference,
-                                      names).columns().items():
+                                      names, steps=steps).columns().items():
             out[column][rows] = values
     return out

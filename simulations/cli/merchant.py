@@ -146,7 +146,10 @@ def score(
     console.say("\n".join(log.report.summary_lines()))
     loaded = time.perf_counter()
     if bundle.kind == "lstm":  # GBDT/LR models compile nothing
+        from common.reasons.ig import warm_up_ig
+
         warm_up(bundle.model)
+        warm_up_ig(bundle.model)  # the reasons' integrated gradients (XLA)
     compiled = time.perf_counter()
     scores = score_events(bundle.model, log.events, cutoff, bundle.snapshots, bundle.policy,
                           progress=console)
