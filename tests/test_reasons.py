@@ -176,3 +176,21 @@ def test_tabular_models_get_reasons_by_occlusion(small) -> None:
     scores = score_events(model, events, None, snap, PolicyConfig(risk_threshold=0.5))
     at_risk = scores["decay_risk"] >= 0.5
     assert at_risk.any() and (scores.loc[at_risk, "reason_codes"] != "").all()
+
+
+def test_deleting_events_shifts_the_sequence_and_mends_the_gap() -> None:
+    from simulations.explain import delete_steps, rank_stability
+
+    snaps, _ = unlabelled_snapshots(_hand_built(), CUTOFF, SNAP)
+    drop = np.zeros_like(snaps.events, dtype=bool)
+    drop[0, -2] = True  # the view 7.5 days before the cutoff
+    out = delete_steps(snaps, drop)
+    assert (out.events[0] > 0).sum() == (snaps.events[0] > 0).sum() - 1
+    np.testing.assert_array_equal(out.events[0, 1:-1], snaps.events[0, :-2])
+    assert out.events[0, 0] == 0 and out.events[0, -1] == snaps.events[0, -1]
+    # The last view's gap is now from the view 10.5 days before: 6 days, in log1p hours.
+    assert np.expm1(out.numeric[0, -1, 0]) == pytest.approx(6 * 24, rel=1e-4)
+    a = np.array([[0.3, 0.1, -0.2, 0.0, 0.5, 0.2], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    same = rank_stability(a, a * 2)
+    assert same["spearman_mean"] == pytest.approx(1.0) and same["top_group_agreement"] == 1.0
+    assert rank_stability(a, -a)["spearman_mean"] == pytest.approx(-1.0)
