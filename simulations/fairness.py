@@ -274,13 +274,21 @@ def fairness_blocks(block: Mapping[str, Any] | None) -> list[Block]:
     ]
     flags = block["flags"]
     if flags:
-        words = [f"{f['method']} on {f['segment']} ({f['rows']:,} rows): AUC "
-                 f"{_num(f['auc'], '.3f')}, {_num(f['below'], '.3f')} below its overall "
-                 f"{_num(f['overall'], '.3f')}" for f in flags]
-        blocks.append(Paragraph(f"Flagged ({len(flags)}): " + "; ".join(words) + "."))
+        words = []
+        for method in dict.fromkeys(f["method"] for f in flags):
+            mine = [f for f in flags if f["method"] == method]
+            words.append(f"{method} (overall {_num(mine[0]['overall'], '.3f')}): " + ", ".join(
+                f"{f['segment']} {_num(f['auc'], '.3f')} ({_num(-f['below'], '+.3f')}, "
+                f"{f['rows']:,} rows)" for f in mine))
+        blocks.append(Paragraph(f"Flagged, {len(flags)} segments: " + "; ".join(words) + "."))
     else:
         blocks.append(Paragraph(f"No segment is more than {block['gap']:g} AUC below its "
                                 "method's overall AUC."))
+    blocks.append(Paragraph(
+        "Read the AUC of a segmentation whose variable itself predicts decay (activity, "
+        "value) against its sibling segments as well as against the overall: within one "
+        "segment the easy ranking across segments no longer counts, so every segment can "
+        "sit below the overall AUC without any group being served worse than another."))
     return blocks
 
 

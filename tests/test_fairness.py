@@ -169,8 +169,10 @@ def test_report_section_and_plot(tmp_path: Path) -> None:
     blocks = fairness_blocks(block)
     assert any(isinstance(b, Table) for b in blocks)
     words = [b.text for b in blocks if isinstance(b, Paragraph) and b.text.startswith("Flagged")]
-    assert words and "reversed-on-new on customer new (80 rows): AUC 0.000, 0.750 below" \
-        in words[0]
+    assert words == ["Flagged, 5 segments: reversed-on-new (overall 0.750): customer new 0.000 "
+                     "(-0.750, 80 rows), activity q1 0.000 (-0.750, 40 rows), activity q2 "
+                     "0.000 (-0.750, 40 rows), value q1 0.000 (-0.750, 80 rows), merchant "
+                     "size q4 0.000 (-0.750, 80 rows)."]
     md = to_markdown(blocks)
     assert "| value q3 | 40 (0) |" in md and "edges 0, 25, 62.5" in md
     assert fairness_blocks({}) == [] and fairness_blocks(None) == []
