@@ -115,7 +115,11 @@ def _run_methods(exp: Experiment, data: PreparedData, run_dir: Path, methods: tu
 
         for strategy in strategies:
             for suffix, changes in variants:
-                fexp = _with(exp, {"federation.strategy": strategy, **changes})
+                # The report shows the merchants' global attributions: one more evaluate
+                # message per merchant after the last round, unless the user said no.
+                fexp = _with(exp, {"federation.strategy": strategy,
+                                   "federation.attributions": exp.flat.get(
+                                       "federation.attributions", True), **changes})
                 name = f"federated-{strategy}{suffix}"
                 outcomes.append(run_federated(fexp, data, run_dir / name, progress=progress,
                                               tracker=tracker, name=name))

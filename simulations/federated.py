@@ -71,9 +71,6 @@ def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path, *,
         "federation.run-dir": str(run_dir),
         "federation.eval-data": str(eval_path),
     })
-    # In simulation the attribution round is one more evaluate message per merchant: ask
-    # for it after the last round unless the scenario says otherwise (server/attribution.py).
-    flat.setdefault("federation.attributions", True)
     # Everyone must be sampled unless the scenario says otherwise.
     n = len(data.merchants)
     flat.setdefault("federation.min-available-nodes", n)

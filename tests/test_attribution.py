@@ -259,43 +259,6 @@ def test_no_attribution_round_when_off_or_under_secagg(tmp_path: Path) -> None:
     assert grid.sent == []  # nothing asked of the merchants
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_federation_writes_the_merchants_attributions(tmp_path: Path) -> None:
-    """One round on the quick preset: every merchant replies only whitelisted scalars and
-    the run folder holds their aggregate."""
-    from helpers import Simulation, read_jsonl
-
-    from client.app import EVALUATE_METRICS
-
-    run_dir = tmp_path / "run"
-    sim = Simulation(tmp_path, "attr", run_dir,
-                     ["federation.num-rounds=1", "federation.local-epochs=1",
-                      "experiment.seed=0", f"experiment.output-dir={tmp_path}"],
-                     observe=tmp_path / "replies.jsonl")
-    try:
-        sim.wait(timeout=240)
-    finally:
-        sim.stop()
-    replies = [r for r in read_jsonl(tmp_path / "replies.jsonl") if r["kind"] == "attributions"]
-    assert len(replies) == 8  # the quick preset's merchants
-    for r in replies:
-        assert "error" not in r, r
-        assert r["arrays"] == {} and list(r["metrics"]) == ["metrics"], r
-        assert set(r["metrics"]["metrics"]) <= set(EVALUATE_METRICS), r["metrics"]
-        assert set(r["metrics"]["metrics"]) <= set(ATTRIBUTION_METRICS), r["metrics"]
-        assert r["configs"] == [] and r["leaked"] == [], r
-    out = json.loads((run_dir / "attributions.json").read_text())
-    assert out["status"] == "ok" and out["merchants"] == 8 and out["failures"] == []
-    summary = json.loads((run_dir / "federation.json").read_text())
-    assert out["model_round"] == summary["selected_round"]
-    assert out["rows"] > 0 and set(out["groups"]) == set(GROUP_NAMES)
-    for name, g in out["groups"].items():
-        assert math.isfinite(g["log_loss_rise"]), name
-    assert out["groups"]["event_mix"]["grad_input"] is None  # ids: no gradient
-    assert out["groups"]["recency"]["grad_input"] > 0
-
-
 def test_the_egress_audit_checks_the_attribution_replies_names(tmp_path: Path) -> None:
     from simulations.privacy_audit import egress_summary
 

@@ -44,6 +44,8 @@ from helpers import (
 )
 
 from client.app import EVALUATE_METRICS, TRAIN_METRICS
+from common.attribution import ATTRIBUTION_METRICS
+from common.feature_groups import GROUP_NAMES
 from server.checkpoint import (
     latest_checkpoint,
 )
@@ -457,6 +459,7 @@ ROUNDS = 3
 def _overrides(tmp: Path, *extra: str) -> list[str]:
     return [f"federation.num-rounds={ROUNDS}", "federation.local-epochs=1",
             "federation.fraction-evaluate=1.0", f"simulation.dropout-prob={DROPOUT}",
+            "federation.attributions=true",
             f"experiment.seed={SEED}", f"experiment.output-dir={tmp}", *extra]
 
 
@@ -517,6 +520,32 @@ def test_replies_carry_only_weights_and_whitelisted_metrics(run_a: Simulation) -
         assert set(r["metrics"]["metrics"]) <= set(EVALUATE_METRICS), r["metrics"]
         assert set(r["metrics"]["metrics"].values()) <= {"int", "float"}
         assert r["configs"] == [] and r["leaked"] == [], r
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_merchants_global_attributions_are_scalars_weighted_into_one_file(
+        run_a: Simulation) -> None:
+    """After the last round each merchant explains the kept model on its own validation
+    rows; the replies hold only whitelisted scalars and the run folder their aggregate."""
+    replies = [r for r in read_jsonl(run_a.observe) if r["kind"] == "attributions"]
+    answered = [r for r in replies if "error" not in r]
+    assert len(replies) == NUM_MERCHANTS and len(answered) == NUM_MERCHANTS - 1  # CORRUPT
+    for r in answered:
+        assert r["arrays"] == {} and list(r["metrics"]) == ["metrics"], r
+        assert set(r["metrics"]["metrics"]) <= set(ATTRIBUTION_METRICS), r["metrics"]
+        assert set(r["metrics"]["metrics"]) <= set(EVALUATE_METRICS)
+        assert r["configs"] == [] and r["leaked"] == [], r
+    out = json.loads((run_a.run_dir / "attributions.json").read_text())
+    assert out["status"] == "ok" and out["merchants"] == NUM_MERCHANTS - 1
+    (failure,) = out["failures"]  # the merchant whose file is broken
+    assert re.sub(r"^node \d+: ", "", failure).startswith("merchant data rejected"), failure
+    summary = json.loads((run_a.run_dir / "federation.json").read_text())
+    assert out["model_round"] == summary["selected_round"]
+    assert out["rows"] > 0 and set(out["groups"]) == set(GROUP_NAMES)
+    assert all(math.isfinite(g["log_loss_rise"]) for g in out["groups"].values())
+    assert out["groups"]["event_mix"]["grad_input"] is None  # ids: no gradient
+    assert out["groups"]["recency"]["grad_input"] > 0
 
 
 @pytest.mark.slow
