@@ -54,6 +54,19 @@ def _model(model: Path, method: str | None) -> tuple[str, Path]:
     return name, path
 
 
+def _request_log() -> None:
+    """A service's log: the trainer's line per request (INFO) on stderr with the time,
+    as a SuperNode shows its messages."""
+    import logging
+
+    logger = logging.getLogger("client")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 serve_app = typer.Typer(help="The merchant's side of a deployment (the warm trainer).",
                         no_args_is_help=True)
 
@@ -92,6 +105,8 @@ def serve(
     from client.trainer import serve as serve_trainer
 
     sock = socket.expanduser().absolute() if socket is not None else default_socket(path)
+    if not console.quiet:
+        _request_log()
     private_dir(sock.parent)  # a folder others can enter is refused before the file is read
     # Paths as the node config gives them: the ClientApp compares them resolved.
     data = MerchantFile(str(path), format, str(inter) if inter is not None else None)
@@ -115,6 +130,11 @@ def score(
         metavar="FILE", show_default="print the 20 users most at risk",
         help="Write every user's scores to this .csv or .parquet file.")] = None,
     set_: ModelSetOption = None,
+    reasons: Annotated[str, typer.Option(
+        click_type=click.Choice(("targeted", "at-risk", "none")),
+        help="Whose reasons to give (reasons, reason_codes, fading_categories): the "
+             "users the policy targets (an action other than none), every user at risk, "
+             "or nobody.")] = "targeted",
 ) -> None:
     """Batch scoring: decay risk, interest forecast and the activation action per user."""
     console = current()
@@ -146,13 +166,10 @@ def score(
     console.say("\n".join(log.report.summary_lines()))
     loaded = time.perf_counter()
     if bundle.kind == "lstm":  # GBDT/LR models compile nothing
-        from common.reasons.ig import warm_up_ig
-
-        warm_up(bundle.model)
-        warm_up_ig(bundle.model)  # the reasons' integrated gradients (XLA)
+        warm_up(bundle.model)  # the reasons' attributions compile when first needed
     compiled = time.perf_counter()
     scores = score_events(bundle.model, log.events, cutoff, bundle.snapshots, bundle.policy,
-                          progress=console)
+                          progress=console, reasons=reasons)
     console.close()
     seconds = time.perf_counter() - compiled
     if len(scores) == 0:
@@ -175,8 +192,11 @@ def score(
     mix = "  ".join(f"{k} {v:.1%}" for k, v in info["action_mix"].items()) or "-"
     _err(f"users scored {info['users']:,}; at risk (>= {bundle.policy.risk_threshold:g}) "
          f"{info['at_risk_share']:.1%}; actions: {mix}")
+    explained, why_s = scores.attrs.get("explained", 0), scores.attrs.get("explain_seconds", 0.0)
     _err(f"loading {loaded - started:.1f} s; compiling {compiled - loaded:.1f} s; "
-         f"scoring {seconds:.1f} s ({info['users'] / max(seconds, 1e-9):,.0f} users/s)")
+         f"scoring {seconds:.1f} s ({info['users'] / max(seconds, 1e-9):,.0f} users/s), of "
+         f"which reasons for {explained:,} {reasons} users {why_s:.1f} s"
+         + (" (their first call compiles)" if explained and bundle.kind == "lstm" else ""))
     choice = f" --method {method}" if method else ""
     if bundle.kind != "lstm":  # the monitor runs the LSTM models only
         console.next(f"fedecay score --model {_q(model)}{choice} --events {_q(events)} "
