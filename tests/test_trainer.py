@@ -426,3 +426,25 @@ def test_replies_through_the_trainer_match_the_clientapps_own(tmp_path: Path) ->
             text = json.dumps({k: str(v) for k, v in got.items()})
             assert not [i for i in ids if len(i) > 3 and i in text]
         assert server.served == 2
+
+
+def test_serve_refuses_a_bad_file_before_listening(tmp_path: Path, sock: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.cli import main
+
+    bad = tmp_path / "events.csv"
+    bad.write_text("user_id,timestamp,event\nu1,2025-01-01T10:00:00Z,page_view\n")
+    assert main(["merchant", "serve", "--data-path", str(bad), "--format", "canonical",
+                 "--socket", str(sock)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {bad}: column 'event' has unknown or missing event "
+                              "name(s)"), err
+    assert not sock.exists() and not channel.token_path(sock).exists()
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    data = tmp_path / "ok.csv"
+    data.write_text("user_id,timestamp,event\n")
+    assert main(["merchant", "serve", "--data-path", str(data),
+                 "--socket", str(open_dir / "t.sock")]) == 2
+    assert "chmod 700" in capsys.readouterr().err
