@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 SCORE_COLUMNS: tuple[str, ...] = ("user_id", "merchant_id", "decay_risk", "interest_forecast",
                                   "action", "uplift", "expected_gain", "category",
                                   *REASON_COLUMNS)
+#: Whom ``score_events`` explains (its ``reasons`` argument; ``fedecay score --reasons``).
+REASON_MODES: tuple[str, ...] = ("targeted", "at-risk", "none")
 #: Rows per prediction call of the batch scorer (a fixed shape: XLA compiles it once).
 PREDICT_BATCH = 1024
 
@@ -97,7 +100,7 @@ def score_events(
     *,
     chunk_events: int = 200_000,
     progress: Progress = SILENT,
-    reasons: bool = True,
+    reasons: str = "targeted",
 ) -> pd.DataFrame:
     """Score every user active in the observation window before ``at``.
 
@@ -114,18 +117,25 @@ def score_events(
         ``client.batch_features.batch_features``).
     progress : a step in users (its total known once the first chunk is built),
         advanced after every chunk.
-    reasons : explain the users at risk (decay risk >= ``policy.risk-threshold``): the
-        ``REASON_COLUMNS`` (see ``common.reasons``), from attributions against the mean
-        scored user; empty for the others, and for everyone when False.
+    reasons : whom the ``REASON_COLUMNS`` (see ``common.reasons``) explain, from
+        attributions against the mean scored user (``REASON_MODES``): ``"targeted"`` the
+        users the policy gives an action (not ``none``), ``"at-risk"`` every user with
+        decay risk >= ``policy.risk-threshold``, ``"none"`` nobody. Empty text for the
+        others. Nothing is attributed (or compiled) when no user needs a reason.
 
     Returns
     -------
     One row per active user, sorted by (merchant_id, user_id): ``SCORE_COLUMNS``. The
-    policy (and its budget) is applied once, over all users.
+    policy (and its budget) is applied once, over all users. ``attrs["explained"]`` holds
+    the users explained and ``attrs["explain_seconds"]`` the time their reasons took.
     """
+    if reasons not in REASON_MODES:
+        raise ValueError(f"reasons: expected one of {', '.join(REASON_MODES)}, got {reasons!r}")
     ids: list[pd.DataFrame] = []
     preds: list[dict[str, np.ndarray]] = []
-    at_risk = _AtRisk(policy_cfg.risk_threshold) if reasons else None
+    # Targets are a subset of the users at risk (and known only once the policy has
+    # seen everyone): keep the snapshots of the users at risk until then.
+    at_risk = _AtRisk(policy_cfg.risk_threshold) if reasons != "none" else None
     chunks = batch_features(events, at, snap_cfg, chunk_events=chunk_events,
                             batch=PREDICT_BATCH)
     with contextlib.ExitStack() as steps:
@@ -145,13 +155,25 @@ def score_events(
             scored = done
     table = pd.concat(ids, ignore_index=True)
     pred = {k: np.concatenate([p[k] for p in preds]) for k in preds[0]}
-    columns = None
-    if at_risk is not None and at_risk.rows:
-        with progress.task("explaining users at risk", 1, "steps") as step:
-            columns = at_risk.reasons(model, len(table), events, snap_cfg)
-            step.advance()
-    return score_frame(table["user_id"].to_numpy(object), table["merchant_id"].to_numpy(object),
-                       pred, table["fading"].to_numpy(object), snap_cfg, policy_cfg, columns)
+    frame = score_frame(table["user_id"].to_numpy(object),
+                        table["merchant_id"].to_numpy(object), pred,
+                        table["fading"].to_numpy(object), snap_cfg, policy_cfg)
+    frame.attrs.update(explained=0, explain_seconds=0.0)
+    if at_risk is None:
+        return frame
+    # Targets are users at risk the policy gives an action (its budget included).
+    keep = at_risk.select(None if reasons == "at-risk"
+                          else (frame["action"] != "none").to_numpy())
+    if not len(keep):
+        return frame  # nothing attributed, nothing compiled
+    started = time.perf_counter()
+    with progress.task(f"explaining {len(keep):,} {reasons} users", 1, "steps") as step:
+        columns = at_risk.reasons(model, keep, events, snap_cfg)
+        step.advance()
+    for c in REASON_COLUMNS:
+        frame[c] = pd.Series(columns[c], dtype="string")
+    frame.attrs.update(explained=len(keep), explain_seconds=time.perf_counter() - started)
+    return frame
 
 
 class _AtRisk:
@@ -173,19 +195,30 @@ class _AtRisk:
         self.seen += len(snaps)
         self.sums.append(reference_sums(snaps))
 
-    def reasons(self, model: Any, n: int, events: pd.DataFrame,
+    def select(self, wanted: np.ndarray | None) -> np.ndarray:
+        """Indices among the users at risk of those ``wanted`` marks (bool over every
+        user scored; None: all of them)."""
+        rows = self._rows()
+        return np.arange(len(rows)) if wanted is None else np.flatnonzero(wanted[rows])
+
+    def reasons(self, model: Any, keep: np.ndarray, events: pd.DataFrame,
                 snap_cfg: SnapshotConfig) -> dict[str, np.ndarray]:
+        """``REASON_COLUMNS`` of every user scored: the reasons of the users at risk
+        ``keep`` indexes (:meth:`select`), empty text for the others."""
         numeric, steps, static, count = zip(*self.sums, strict=True)
         reference = Reference.from_sums(np.sum(numeric, axis=0), float(sum(steps)),
                                         np.sum(static, axis=0), float(sum(count)))
         names = CategoryNames(_category_names(events), snap_cfg.hash_buckets)
-        rows = np.concatenate(self.rows)
-        part = reason_columns(model, Snapshots.concat(self.parts), np.arange(len(rows)),
-                              snap_cfg, reference, names)
-        out = {c: np.full(n, "", dtype=object) for c in REASON_COLUMNS}
+        part = reason_columns(model, Snapshots.concat(self.parts), keep, snap_cfg,
+                              reference, names)
+        out = {c: np.full(self.seen, "", dtype=object) for c in REASON_COLUMNS}
         for c in REASON_COLUMNS:
-            out[c][rows] = part[c]
+            out[c][self._rows()[keep]] = part[c][keep]
         return out
+
+    def _rows(self) -> np.ndarray:
+        """Rows (among every user scored) of the users at risk."""
+        return np.concatenate(self.rows) if self.rows else np.zeros(0, np.int64)
 
 
 def _category_names(events: pd.DataFrame) -> np.ndarray:

@@ -136,9 +136,10 @@ def test_reasons_are_deterministic_for_a_seed(small) -> None:
 def test_score_output_has_reasons_for_users_at_risk(small) -> None:
     events, snap, _ = small
     model = build_model(ModelConfig(lstm_units=8, dense_units=8), snap, seed=2)
-    risk = score_events(model, events, None, snap, PolicyConfig(), reasons=False)["decay_risk"]
+    risk = score_events(model, events, None, snap, PolicyConfig(), reasons="none")["decay_risk"]
     threshold = float(np.median(risk))
-    scores = score_events(model, events, None, snap, PolicyConfig(risk_threshold=threshold))
+    scores = score_events(model, events, None, snap, PolicyConfig(risk_threshold=threshold),
+                          reasons="at-risk")
     assert tuple(scores.columns) == SCORE_COLUMNS and set(REASON_COLUMNS) <= set(SCORE_COLUMNS)
     at_risk = scores["decay_risk"] >= threshold
     assert 0 < at_risk.sum() < len(scores)
@@ -149,6 +150,57 @@ def test_score_output_has_reasons_for_users_at_risk(small) -> None:
                            strict=True):
         assert 1 <= len(codes.split("|")) == len(text.split("; ")) <= 3
         assert set(codes.split("|")) <= set(REASON_CODES)
+
+
+def test_score_explains_only_targeted_users_by_default(small, monkeypatch) -> None:
+    import client.scoring as scoring
+
+    events, snap, _ = small
+    model = build_model(ModelConfig(lstm_units=8, dense_units=8), snap, seed=2)
+    risk = score_events(model, events, None, snap, PolicyConfig(), reasons="none")["decay_risk"]
+    # At risk: half the users; targeted: the budget's 5 of them with the largest gain.
+    policy = PolicyConfig(risk_threshold=float(np.median(risk)), budget=5, cost_recommend=0,
+                          cost_coupon=0, cost_push=0)
+    calls: list[int] = []
+    explain_rows = scoring.reason_columns
+
+    def counted(model, snaps, rows, *args, **kwargs):
+        calls.append(len(rows))
+        return explain_rows(model, snaps, rows, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "reason_columns", counted)
+    targeted = score_events(model, events, None, snap, policy)
+    at_risk = score_events(model, events, None, snap, policy, reasons="at-risk")
+    chosen = targeted["action"] != "none"
+    risky = targeted["decay_risk"] >= policy.risk_threshold
+    assert chosen.sum() == 5 and risky.sum() > 5
+    assert calls == [5, risky.sum()]  # only the targets were attributed
+    assert targeted.attrs["explained"] == 5 and at_risk.attrs["explained"] == risky.sum()
+    assert (targeted.loc[chosen, "reason_codes"] != "").all()
+    assert (targeted.loc[~chosen, list(REASON_COLUMNS)] == "").all(axis=None)
+    # The same reasons as when every user at risk is explained (same reference).
+    pd.testing.assert_frame_equal(targeted.loc[chosen], at_risk.loc[chosen])
+
+
+def test_score_without_reasons_attributes_nothing(small, monkeypatch) -> None:
+    import client.scoring as scoring
+    import common.reasons.ig as ig
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no reason may be computed")
+
+    monkeypatch.setattr(scoring, "reason_columns", refuse)
+    monkeypatch.setattr(ig, "_compiled", refuse)
+    events, snap, _ = small
+    model = build_model(ModelConfig(lstm_units=8, dense_units=8), snap, seed=2)
+    for reasons, policy in (("none", PolicyConfig(risk_threshold=0.0)),
+                            # targeted, but no action pays: nobody is targeted
+                            ("targeted", PolicyConfig(risk_threshold=0.0, value=0.0))):
+        scores = score_events(model, events, None, snap, policy, reasons=reasons)
+        assert len(scores) and scores.attrs["explained"] == 0
+        assert (scores[list(REASON_COLUMNS)] == "").all(axis=None)
+    with pytest.raises(ValueError, match="reasons: expected one of targeted, at-risk, none"):
+        score_events(model, events, None, snap, PolicyConfig(), reasons="everyone")
 
 
 def test_tabular_models_get_reasons_by_occlusion(small) -> None:
@@ -173,7 +225,8 @@ def test_tabular_models_get_reasons_by_occlusion(small) -> None:
     expected = (model.decay.predict_proba(x)[:, 1] - model.decay.predict_proba(moved)[:, 1])
     np.testing.assert_allclose(groups[:, g], expected, atol=1e-6)
     assert np.all(groups[:, GROUP_NAMES.index("event_mix")] == 0)  # no aggregate
-    scores = score_events(model, events, None, snap, PolicyConfig(risk_threshold=0.5))
+    scores = score_events(model, events, None, snap, PolicyConfig(risk_threshold=0.5),
+                          reasons="at-risk")
     at_risk = scores["decay_risk"] >= 0.5
     assert at_risk.any() and (scores.loc[at_risk, "reason_codes"] != "").all()
 
