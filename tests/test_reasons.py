@@ -247,3 +247,26 @@ def test_deleting_events_shifts_the_sequence_and_mends_the_gap() -> None:
     same = rank_stability(a, a * 2)
     assert same["spearman_mean"] == pytest.approx(1.0) and same["top_group_agreement"] == 1.0
     assert rank_stability(a, -a)["spearman_mean"] == pytest.approx(-1.0)
+
+
+def test_quadrature_agreement_against_many_points(small) -> None:
+    from simulations.explain import quadrature_agreement
+
+    events, snap, snaps = small
+    model = build_model(ModelConfig(lstm_units=8, dense_units=8), snap, seed=4)
+    full = Reference.mean_of(snaps)
+    ref = Reference(full.numeric, full.static[:int(model.input["static"].shape[-1])])
+    facts = customer_facts(snaps, snap, CategoryNames(events["category_id"], snap.hash_buckets))
+    rows = quadrature_agreement(model, snaps, ref, facts, points=(1, 4), exact=16)
+    assert [r["points"] for r in rows] == [1, 4, 16]
+    exact = rows[-1]
+    assert exact["top_reason_agreement"] == exact["top3_reasons_agreement"] == 1.0
+    # By hand for the midpoint rule: its reasons against the 16-point rule's.
+    one = integrated_gradients(model, snaps, ref, steps=1)
+    many = integrated_gradients(model, snaps, ref, steps=16)
+    top = [a[:1] == b[:1] for a, b in zip(reasons_of(facts, one.groups).codes,
+                                          reasons_of(facts, many.groups).codes, strict=True)]
+    assert rows[0]["top_reason_agreement"] == pytest.approx(np.mean(top))
+    assert rows[0]["completeness_gap"] == pytest.approx(np.abs(one.delta).mean(), rel=1e-5)
+    # More points, a smaller gap.
+    assert rows[0]["completeness_gap"] > rows[1]["completeness_gap"] > exact["completeness_gap"]
