@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.progress import SILENT, Progress
 from server.attribution import explain_kept_model
 from server.config import FederationConfig, ServerSettings, settings_from_flat
+from server.pacing import PacedGrid
 from server.recorder import RoundRecorder, Selection, StopRounds
 from server.resume import start_state
 from server.runner import Runner, build_runner
@@ -49,12 +50,11 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
     The summary written to ``federation.json``.
     """
     from common.model import build_model, weights_of
-    from server.flower_seam import pace_reply_polling
 
     fed = settings.federation
     run_dir = _run_folder(fed)
     model = build_model(settings.model, settings.snapshots, seed=settings.seed)
-    pace_reply_polling(grid, 0.01)
+    grid = PacedGrid(grid)  # type: ignore[assignment]  # a Grid by delegation
     population = max(fed.min_available_nodes, len(list(grid.get_node_ids())))
     parts = build_runner(settings, population, run_dir, engine_failed)
     done, weights, selection = start_state(run_dir, fed.resume, parts, weights_of(model))

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,20 +21,10 @@ from common.pinned import Pin
 log = logging.getLogger(__name__)
 
 PIN = Pin("flwr", "1.42.0", __name__,
-          ("pace_reply_polling", "npy_header", "array_returning", "read_optimizer_state",
+          ("npy_header", "array_returning", "read_optimizer_state",
            "write_optimizer_state", "server_task_identity"))
 
 _STRATEGY = "flwr.serverapp.strategy"
-
-#: ``pace_reply_polling`` sets the in-memory grid's ``pull_interval`` after it was
-#: built and wraps its ``pull_messages``; ``send_and_receive`` calls
-#: ``self.pull_messages`` and sleeps ``self.pull_interval`` between two pulls.
-REPLY_POLLING_SOURCES = {
-    "flwr.superlink.grid.inmemory_grid:InMemoryGrid.__init__":
-        "028fa3ed6b4181bb6685e4d7f940fcfcc218b9eaeed379d6b4cceb7b300bb410",
-    "flwr.superlink.grid.inmemory_grid:InMemoryGrid.send_and_receive":
-        "0229edfa5741b92857a8f53744a145900bd8726e339627d46c69418d45429a0a",
-}
 
 #: ``npy_header``: an ``Array`` of numpy's serialization type is ``np.save``'s bytes,
 #: a header then the raw values, and ``numpy()`` reads them back with ``np.load``.
@@ -91,47 +80,12 @@ TASK_IDENTITY_SOURCES = {
 
 #: Every patch of this module and the Flower sources it depends on.
 PATCHES = {
-    "pace_reply_polling": REPLY_POLLING_SOURCES,
     "npy_header": NPY_LAYOUT_SOURCES,
     "array_returning": READ_ARRAY_SOURCES,
     "read_optimizer_state": OPTIMIZER_STATE_SOURCES,
     "write_optimizer_state": OPTIMIZER_STATE_SOURCES,
     "server_task_identity": TASK_IDENTITY_SOURCES,
 }
-
-
-# ------------------------------------------------------------------------------ grid
-
-def pace_reply_polling(grid: Any, fastest: float, busy_share: float = 0.05,
-                       slowest: float = 1.0, clock: Callable[[], float] = time.perf_counter
-                       ) -> None:
-    """Make Flower's in-memory grid (simulation) look for replies as often as is cheap.
-
-    Flower's grid looks every 0.1 s, a third of a round of ten small merchants here.
-    Each look checks every reply still awaited while holding the link state's lock, so
-    with 1,000 merchants one look costs tens of milliseconds and looking every
-    ``fastest`` seconds would keep the driver's core busy and the workers waiting for the
-    lock. After each look the wait before the next is set to the look's own time divided
-    by ``busy_share`` (between ``fastest`` and ``slowest``): looking then takes about
-    that share of a core, and the wait shrinks as the replies come in. A grid that
-    already looks more often than ``fastest`` keeps its interval; other grids are left
-    as they are.
-    """
-    if not (hasattr(grid, "pull_interval") and hasattr(grid, "pull_messages")
-            and PIN.holds()):
-        return
-    floor = min(grid.pull_interval, fastest)
-    grid.pull_interval = floor
-    pull = grid.pull_messages
-
-    def paced_pull(message_ids: Any) -> Any:
-        started = clock()
-        replies = pull(message_ids)
-        took = clock() - started
-        grid.pull_interval = min(max(took / busy_share, floor), slowest)
-        return replies
-
-    grid.pull_messages = paced_pull
 
 
 # ------------------------------------------------------------------------- tensors

@@ -131,15 +131,6 @@ def test_with_another_flower_replies_are_read_through_array_numpy(other_versions
 def test_with_another_flower_the_server_keeps_flowers_own_state(other_versions) -> None:
     from flwr.serverapp.strategy import FedAdam
 
-    class Grid:
-        pull_interval = 0.1
-
-        def pull_messages(self, message_ids):
-            return []
-
-    grid = Grid()
-    server_seam.pace_reply_polling(grid, 0.01)
-    assert grid.pull_interval == 0.1 and "pull_messages" not in vars(grid)
     strategy = FedAdam()
     strategy.m_t = {"w": np.ones(2)}
     assert server_seam.read_optimizer_state(strategy) == {}
@@ -220,32 +211,6 @@ def test_an_array_read_once_gives_copies_of_its_values_without_parsing() -> None
     record = ArrayRecord()
     record["w"] = read
     assert record["w"] is read
-
-
-def test_the_in_memory_grid_looks_for_replies_as_often_as_is_cheap(monkeypatch) -> None:
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
-                               ObjectStoreFactory())
-    grid = InMemoryGrid(state_factory=factory)
-    # A look that takes 30 ms (1,000 awaited replies), then one of 0.1 ms (a few left).
-    looks = iter([0.0, 0.03, 0.03, 0.0301, 0.0301, 0.2301])
-    monkeypatch.setattr(InMemoryGrid, "pull_messages", lambda self, ids: ["reply"])
-    server_seam.pace_reply_polling(grid, 0.01, busy_share=0.05, clock=lambda: next(looks))
-    assert grid.pull_interval == 0.01
-    assert grid.pull_messages({"a"}) == ["reply"]
-    assert grid.pull_interval == pytest.approx(0.6)  # 30 ms is 5 % of 0.6 s
-    grid.pull_messages({"a"})
-    assert grid.pull_interval == 0.01  # never below the fastest asked
-    grid.pull_messages({"a"})
-    assert grid.pull_interval == 1.0  # nor above the slowest
-    fast = InMemoryGrid(state_factory=factory, pull_interval=0.001)
-    server_seam.pace_reply_polling(fast, 0.01)
-    assert fast.pull_interval == 0.001
 
 
 def test_the_optimizer_state_goes_from_one_strategy_to_another() -> None:
