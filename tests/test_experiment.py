@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import free_ports, ray_node
 
 from simulations.experiment import partition_users, prepare
 from simulations.settings import DataConfig, resolve
@@ -60,26 +56,3 @@ def test_prepare_gives_every_method_the_same_snapshots() -> None:
     truth = a.truth_matrix(a.snapshots)
     rows = a.snapshots.action >= 0
     assert rows.any() and np.isfinite(truth[rows]).all() and np.isnan(truth[~rows]).all()
-
-
-@pytest.mark.slow
-def test_simulate_attaches_to_an_existing_ray_cluster(tmp_path: Path) -> None:
-    """`fedecay simulate --ray-address` on a local `ray start --head` with a bounded life
-    (two nodes: tests/test_ray_cluster.py)."""
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "TF_CPP_MIN_LOG_LEVEL": "3",
-           "TF_ENABLE_ONEDNN_OPTS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    port, client_server = free_ports(2)
-    with ray_node(["--head", f"--port={port}", f"--ray-client-server-port={client_server}",
-                   "--num-cpus=2", "--node-ip-address=127.0.0.1",
-                   "--include-dashboard=false"], tmp_path / "head.log", env):
-        out = subprocess.run(
-            [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "quick",
-             "--ray-address", f"127.0.0.1:{port}",
-             "--set", "federation.num-rounds=1", "--set", "synthetic.num-merchants=3",
-             "--set", f"experiment.output-dir={tmp_path / 'runs'}"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        # Off a terminal the progress is one line per round on stderr.
-        assert "federated rounds 1/1 rounds" in out.stderr and "clients=3/3" in out.stderr
-        runs = list((tmp_path / "runs").glob("*-simulate-quick/metrics.jsonl"))
-        assert len(runs) == 1

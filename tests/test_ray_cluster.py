@@ -74,6 +74,9 @@ def test_simulate_places_clients_on_both_nodes_of_a_two_node_cluster(tmp_path: P
             cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
         simulated = time.monotonic()
         assert out.returncode == 0, out.stderr[-3000:] + tail(tmp_path / "head.log")
+        # Off a terminal the progress is one line per round on stderr.
+        assert f"federated rounds {ROUNDS}/{ROUNDS} rounds" in out.stderr
+        assert f"clients={MERCHANTS}/{MERCHANTS}" in out.stderr
         [metrics] = (tmp_path / "runs").glob("*-simulate-quick/metrics.jsonl")
         rounds = [r for r in read_jsonl(metrics) if r["round"] >= 1]
         assert [r["replied"] for r in rounds] == [MERCHANTS] * ROUNDS
