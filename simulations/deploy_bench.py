@@ -110,7 +110,7 @@ def run_deployment_bench(counts: Sequence[int], warm: Sequence[bool], runs: int 
     """Time ``rounds`` rounds of every (merchant count, warm trainer) ``runs`` times.
 
     Returns one row per run: the configuration, the load average before it, round 1's
-    seconds and the median of the later rounds for each stage.
+    seconds, the last round's, and the steady rounds' stages (:func:`summarise`).
     """
     from simulations.loopback import LoopbackFederation, Node, read_json_lines
 
@@ -135,30 +135,40 @@ def run_deployment_bench(counts: Sequence[int], warm: Sequence[bool], runs: int 
                           f"federation.min-train-nodes={n}",
                           f"federation.min-available-nodes={n}",
                           f"snapshots.start='{start}'", f"snapshots.end='{end}'"]
+                (base / name / "load").write_text(f"{load:.2f}\n")
                 seconds = fed.run(config, base / name / "flwr-run.log")
                 metrics = read_json_lines(fed.run_dir(name) / "metrics.jsonl")
                 rows = round_stages(list(fed.logs.values()), metrics)
-            later = rows[1:] or rows
-            summary = {"merchants": n, "trainer": "warm" if w else "cold", "run": k,
-                       "load": load, "startup_s": startup, "flwr_run_s": seconds,
-                       "round1_s": rows[0]["round_s"] if rows else float("nan")}
-            for key in ("round_s", "start", "setup", "hand-off", "training", "messaging"):
-                summary[key] = statistics.median([r[key] for r in later]) if later \
-                    else float("nan")
+            summary: dict[str, Any] = {
+                "merchants": n, "trainer": "warm" if w else "cold", "run": k, "load": load,
+                "startup_s": startup, "flwr_run_s": seconds, **summarise(rows)}
             summary["rounds"], summary["logs"] = rows, str(base / name)
             results.append(summary)
             task.advance(round_s=summary["round_s"])
     return results
 
 
+def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Round 1 (the trainer's first build and tracing), the last round (which also sends
+    the final evaluate messages), and the medians of the rounds between: one message
+    per merchant, the steady state."""
+    nan = float("nan")
+    middle = rows[1:-1] or rows[1:]
+    out = {"round1_s": rows[0]["round_s"] if rows else nan,
+           "last_s": rows[-1]["round_s"] if len(rows) > 1 else nan}
+    for key in ("round_s", "start", "setup", "hand-off", "training", "messaging"):
+        out[key] = statistics.median([r[key] for r in middle]) if middle else nan
+    return out
+
+
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table: one row per run, rounds after the first as medians."""
+    """A Markdown table: one row per run; the stages are those of the steady rounds."""
     head = ("| merchants | trainer | run | load | round 1 s | round s | start | setup | "
-            "hand-off | training | messaging |")
-    rows = [head, "|" + "---|" * 11]
+            "hand-off | training | messaging | last round s |")
+    rows = [head, "|" + "---|" * 12]
     for r in results:
         rows.append(f"| {r['merchants']} | {r['trainer']} | {r['run']} | {r['load']:.1f} | "
                     f"{r['round1_s']:.1f} | {r['round_s']:.1f} | {r['start']:.1f} | "
                     f"{r['setup']:.1f} | {r['hand-off']:.2f} | {r['training']:.1f} | "
-                    f"{r['messaging']:.1f} |")
+                    f"{r['messaging']:.1f} | {r['last_s']:.1f} |")
     return "\n".join(rows)
