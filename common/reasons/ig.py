@@ -25,10 +25,12 @@ from common.snapshots import Snapshots
 
 #: Quadrature points per row; the completeness gap is reported, not assumed.
 IG_STEPS = 8
-#: Points when scoring (score, monitor): about twice the throughput of IG_STEPS for a
-#: completeness gap about 1.4 times as large (docs in README, "Why a customer is flagged").
+#: Points when scoring (score, monitor): the fewest whose top reason agrees with a
+#: 32-point rule's for >= 95 % of customers (measured in docs/performance.md with
+#: ``fedecay explain --quadrature``).
 SCORE_IG_STEPS = 4
-#: Rows per compiled call (rows x IG_STEPS go through the model at once).
+#: Rows per compiled call (rows x points go through the model at once); larger batches
+#: were no faster (docs/performance.md) and pad a few targeted users to more rows.
 IG_BATCH = 256
 
 
@@ -147,8 +149,8 @@ def group_sums(ev: np.ndarray, cat: np.ndarray, num: np.ndarray,
 
 @functools.lru_cache(maxsize=4)
 def _compiled(model, steps: int, batch: int, jit: bool = True):
-    """The compiled IG of ``model`` on ``batch`` rows (one trace per model and shape);
-    XLA (``jit``) about doubles its throughput on CPU."""
+    """The compiled IG of ``model`` on ``batch`` rows (one trace per model and shape),
+    with XLA when ``jit`` (its compile and throughput: docs/performance.md)."""
     import tensorflow as tf
 
     nodes, weights = np.polynomial.legendre.leggauss(steps)
