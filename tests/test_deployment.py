@@ -169,7 +169,7 @@ def test_fab_leaves_out_environment_and_outputs() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
     if missing_tools():
         pytest.skip(f"{missing_tools()} not installed beside {sys.executable}")
@@ -179,8 +179,8 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
     nodes["stranger"] = Node(*files["m04"], registered=False)
     names = [*MERCHANTS, "bad"]
     with LoopbackFederation(tmp_path / "fed", nodes) as fed:  # stops every process
-        env, logs, node_ids = fed.env, fed.logs, fed.node_ids
         fed.start()
+        env, logs, node_ids = fed.env, fed.logs, fed.node_ids
         listed = flwr_json(["supernode", "list"], env)
         assert listed["success"], listed
         online = {int(n["node-id"]) for n in listed["nodes"] if n["status"] == "online"}
@@ -193,7 +193,7 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
             fed.run(["federation.mode='deployment'", f"federation.num-rounds={ROUNDS}",
                      "federation.fraction-evaluate=1.0", "federation.run-dir='deploy-test'",
                      f"snapshots.start='{calendar.start}'", f"snapshots.end='{calendar.end}'"],
-                    run_log, timeout=420)
+                    run_log, timeout=600)
         except RuntimeError as err:
             pytest.fail("\n".join([str(err), *(tail(logs[n], 15) for n in names)]))
         context = "\n".join([tail(run_log), *(tail(logs[n], 15) for n in names)])
