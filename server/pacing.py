@@ -44,6 +44,9 @@ class PacedGrid:
                          timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages`` and pull their replies until all came or ``timeout`` s passed
         (None: until all came), as Flower's grids do."""
+        if not (hasattr(self._grid, "push_messages") and hasattr(self._grid, "pull_messages")):
+            # Not a Flower Grid (a stand-in with its own send_and_receive): as it is.
+            return self._grid.send_and_receive(messages, timeout=timeout)
         awaited = set(self._grid.push_messages(messages))
         del messages
         end = None if timeout is None else self._clock() + timeout

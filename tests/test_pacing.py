@@ -65,3 +65,12 @@ def test_everything_else_is_the_wrapped_grids_and_bad_bounds_are_refused() -> No
         PacedGrid(grid, fastest=2.0, slowest=1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="busy_share"):
         PacedGrid(grid, busy_share=0.0)  # type: ignore[arg-type]
+
+
+def test_a_grid_without_push_and_pull_keeps_its_own_send_and_receive() -> None:
+    class Echo:
+        def send_and_receive(self, messages, *, timeout=None):
+            return [("echo", m, timeout) for m in messages]
+
+    assert list(PacedGrid(Echo()).send_and_receive([1], timeout=5)) == [  # type: ignore[arg-type]
+        ("echo", 1, 5)]
