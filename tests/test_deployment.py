@@ -229,6 +229,15 @@ def test_deployment_with_tls_auth_and_merchant_files(tmp_path: Path) -> None:
         assert 0 < line["client_eval"]["eval_loss"] < 10, line
         assert 0 <= line["client_eval"]["decay_accuracy"] <= 1, line
 
+    # The round kept has the lowest federated validation loss: round r's train replies
+    # score round r-1's model, the last round's evaluate replies the last model.
+    scored = {line["round"] - 1: line["federated"]["val_loss"] for line in lines[1:]}
+    if "val_loss" in lines[-1].get("federated_final", {}):
+        scored[ROUNDS] = lines[-1]["federated_final"]["val_loss"]
+    assert all(line["federated"]["val_examples"] > 0 for line in lines[1:]), lines
+    summary = json.loads((run_dir / "federation.json").read_text())
+    assert summary["selected_round"] == min(scored, key=scored.__getitem__), (summary, scored)
+
     resolved = json.loads((run_dir / "resolved-config.json").read_text())
     assert resolved["federation.mode"] == "deployment"
     assert resolved["federation.eval-data"] == ""
