@@ -5,6 +5,7 @@ for the per-group importances of the global model it holds (``common.attribution
 its own validation period. The reply holds only those scalars
 (``common.attribution.ATTRIBUTION_METRICS``, part of ``client.app.EVALUATE_METRICS``):
 rows used and one number per feature group and measure, never a row, an id or a label.
+A merchant with fewer than :data:`MIN_VALIDATION_ROWS` validation rows refuses.
 
 :func:`attribution_metrics` takes and returns no Flower type, so a long-running trainer
 beside the SuperNode can call it as the ClientApp does.
@@ -20,16 +21,19 @@ import numpy as np
 
 from client.config import ClientSettings
 from common.attribution import DEFAULT_REPEATS
+from common.protocol import ATTRIBUTION_REPEATS_KEY as REPEATS_KEY
+from common.protocol import ATTRIBUTION_SEED_KEY as SEED_KEY
+from common.protocol import ATTRIBUTIONS_KEY
 from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 
-#: The instruction's config keys: whether to compute them, permutations per group, seed.
-ATTRIBUTIONS_KEY = "attributions"
-REPEATS_KEY = "attribution-repeats"
-SEED_KEY = "attribution-seed"
 #: Most permutations a server may ask for (each costs one prediction of the period).
 MAX_REPEATS = 20
+#: Fewest validation rows this merchant explains a model on: with a handful of rows
+#: the reply's base log-loss and AUC all but give the rows' labels away (one row's
+#: log-loss names its label).
+MIN_VALIDATION_ROWS = 20
 
 
 def wants_attributions(config: Mapping[str, Any] | None) -> bool:
@@ -43,8 +47,8 @@ def attribution_metrics(settings: ClientSettings, snaps: Snapshots,
     """The whitelisted attribution scalars of the global model ``weights`` on this
     merchant's validation rows.
 
-    ``ValueError`` when there are no validation rows, or ``config`` asks for a number of
-    repeats outside [1, MAX_REPEATS].
+    ``ValueError`` when there are fewer than :data:`MIN_VALIDATION_ROWS` validation rows,
+    or ``config`` asks for a number of repeats outside [1, MAX_REPEATS].
     """
     from common.attribution import global_attributions
     from common.model import cached_model, set_weights_of
@@ -52,6 +56,10 @@ def attribution_metrics(settings: ClientSettings, snaps: Snapshots,
     val = snaps.split_part("val")
     if len(val) == 0:
         raise ValueError("no validation snapshots in this merchant's data")
+    if len(val) < MIN_VALIDATION_ROWS:
+        raise ValueError(f"{len(val)} validation snapshots, fewer than the "
+                         f"{MIN_VALIDATION_ROWS} a reply needs so that its scalars do not "
+                         "give individual labels away")
     repeats = int(config.get(REPEATS_KEY, DEFAULT_REPEATS))
     if not 1 <= repeats <= MAX_REPEATS:
         raise ValueError(f"'{REPEATS_KEY}' must be in [1, {MAX_REPEATS}], got {repeats}")

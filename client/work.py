@@ -9,20 +9,33 @@ model's weight tensors and scalar metrics, never ids or rows.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from client.config import ClientSettings
 from client.timer import HandlerTimer
+from common.protocol import (
+    GLOBAL_ROUND_KEY,
+    PRE_EVALUATE_KEY,
+    PRE_TRAINING_LOSSES,
+    PRE_TRAINING_METRICS,
+    SCORE_VALIDATION_KEY,
+    VALIDATION_METRICS,
+)
 from common.snapshots import Snapshots
+
+# The protocol's names are re-exported: the ClientApp imports them from here.
+__all__ = ["PRE_EVALUATE_KEY", "PRE_TRAINING_METRICS", "SCORE_VALIDATION_KEY",
+           "VALIDATION_METRICS", "evaluate_locally", "evaluate_reply", "fit_locally",
+           "global_model", "global_round", "pre_training_metrics", "train_reply"]
 
 
 def global_round(config: Mapping[str, Any]) -> int:
     """The round a train instruction belongs to; "global-round" survives a resume
     (server-round restarts at 1), and the seeds follow it."""
-    return int(config.get("global-round", config.get("server-round", 0)))
+    return int(config.get(GLOBAL_ROUND_KEY, config.get("server-round", 0)))
 
 
 def global_model(settings: ClientSettings, weights: list[np.ndarray],
@@ -61,51 +74,47 @@ def fit_locally(model: Any, settings: ClientSettings, snaps: Snapshots,
 
 def evaluate_locally(model: Any, test: Snapshots) -> dict[str, float | int]:
     """The whitelisted metrics of ``model`` on this merchant's held-out rows."""
+    from common.metrics import binary_log_loss
     from common.training import predict, validation_loss
 
-    p = np.clip(predict(model, test)["decay"], 1e-7, 1 - 1e-7)
+    p = predict(model, test)["decay"]
     y = test.decay
     return {
         "num-examples": int(len(test)),
         "eval_loss": validation_loss(model, test),
-        "decay_log_loss": decay_log_loss(p, y),
+        "decay_log_loss": binary_log_loss(y, p),
         "decay_accuracy": float(np.mean((p >= 0.5) == (y > 0.5))),
         "decay_positive_rate": float(y.mean()),
     }
-
-
-#: The train config key by which the server asks for :func:`pre_training_metrics`.
-PRE_EVALUATE_KEY = "pre-evaluate"
-#: Metrics of the incoming global model that a train reply carries when asked.
-PRE_TRAINING_METRICS: tuple[str, ...] = ("pre_val_loss", "val_examples", "pre_eval_loss",
-                                         "pre_decay_log_loss", "test_examples")
-
-
-def decay_log_loss(p: np.ndarray, y: np.ndarray) -> float:
-    """Mean binary log loss of decay probabilities ``p`` (clipped) against labels ``y``."""
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def pre_training_metrics(model: Any, snaps: Snapshots) -> dict[str, float | int]:
     """The loss of ``model`` (the incoming global model) on this merchant's validation
     and test rows, and how many there are.
 
-    What the server weighs by ``val_examples`` to select a round in deployment. A part
-    without rows gives loss 0.0 and count 0 (weight 0), so every reply has the same keys.
+    Named as ``common.protocol.PRE_TRAINING_LOSSES`` says, the table the server reads
+    them by: it weighs ``pre_val_loss`` by ``val_examples`` to select a round in
+    deployment. A part without rows gives loss 0.0 and count 0 (weight 0), so every
+    reply has the same keys.
     """
+    from common.metrics import binary_log_loss
     from common.training import predict, validation_loss
 
     val, test = snaps.split_part("val"), snaps.split_part("test")
-    metrics: dict[str, float | int] = {
-        "pre_val_loss": validation_loss(model, val) if len(val) else 0.0,
-        "val_examples": int(len(val)),
-        "pre_eval_loss": validation_loss(model, test) if len(test) else 0.0,
-        "pre_decay_log_loss": (decay_log_loss(predict(model, test)["decay"], test.decay)
-                               if len(test) else 0.0),
-        "test_examples": int(len(test)),
-    }
-    return {k: v if np.isfinite(v) else -1.0 for k, v in metrics.items()}
+
+    def decay_log_loss(m: Any, part: Snapshots) -> float:
+        return binary_log_loss(part.decay, predict(m, part)["decay"])
+
+    scored: dict[str, tuple[Snapshots, Callable[[Any, Snapshots], float]]] = {
+        "val_loss": (val, validation_loss), "eval_loss": (test, validation_loss),
+        "decay_log_loss": (test, decay_log_loss)}
+    metrics: dict[str, float | int] = {}
+    for name, (loss_key, rows_key) in PRE_TRAINING_LOSSES.items():
+        part, loss = scored[name]
+        value = loss(model, part) if len(part) else 0.0
+        metrics[loss_key] = value if np.isfinite(value) else -1.0
+        metrics[rows_key] = int(len(part))
+    return metrics
 
 
 def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.ndarray],
@@ -133,12 +142,6 @@ def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.nda
     return weights_of(model), metrics
 
 
-#: The evaluate config key by which the server asks for the validation loss too.
-SCORE_VALIDATION_KEY = "score-validation"
-#: What an evaluate reply adds when asked (:data:`SCORE_VALIDATION_KEY`).
-VALIDATION_METRICS: tuple[str, ...] = ("pre_val_loss", "val_examples")
-
-
 def evaluate_reply(settings: ClientSettings, test: Snapshots, weights: list[np.ndarray],
                    timer: HandlerTimer | None = None, *, val: Snapshots | None = None
                    ) -> dict[str, float | int]:
@@ -155,9 +158,10 @@ def evaluate_reply(settings: ClientSettings, test: Snapshots, weights: list[np.n
     if val is not None:
         from common.training import validation_loss
 
+        loss_key, rows_key = VALIDATION_METRICS
         loss = validation_loss(model, val) if len(val) else 0.0
-        metrics["pre_val_loss"] = loss if np.isfinite(loss) else -1.0
-        metrics["val_examples"] = int(len(val))
+        metrics[loss_key] = loss if np.isfinite(loss) else -1.0
+        metrics[rows_key] = int(len(val))
     if timer is not None:
         timer.lap("evaluate")
     return metrics

@@ -39,12 +39,13 @@ from common.snapshots import Snapshots
 #: Rows predicted per call: permuted copies are stacked up to this many rows.
 STACK_ROWS = 16_384
 DEFAULT_REPEATS = 3
-_EPS = 1e-7
 
 #: Scalars of a merchant's reply: the rows used, the rows whose AUC counts (0 when its
 #: validation period holds one class only), the base log-loss and AUC, and per group the
 #: log-loss rise, the AUC drop and mean |gradient x input|.
 ROW_METRICS: tuple[str, ...] = ("attr_n", "attr_auc_n", "attr_base_log_loss", "attr_base_auc")
+#: The row counts :func:`aggregate_metrics` weights by: every usable reply holds both.
+WEIGHT_METRICS: tuple[str, ...] = ("attr_n", "attr_auc_n")
 ATTRIBUTION_METRICS: tuple[str, ...] = (
     *ROW_METRICS,
     *(f"attr_perm_{g}" for g in GROUP_NAMES),
@@ -168,8 +169,10 @@ def global_attributions(model: Any, snaps: Snapshots, *, repeats: int = DEFAULT_
     grads: dict[str, float] = {}
     if gradients and reads.sequences and len(snaps):
         grads = gradient_times_input(model, snaps, groups=groups)
+    from common.metrics.arrays import two_classes
+
     y = snaps.decay
-    auc_rows = len(y) if _two_classes(y) else 0
+    auc_rows = len(y) if two_classes(y) else 0
     return Attributions(
         rows=len(snaps), auc_rows=auc_rows, base_log_loss=perm.base_log_loss,
         base_auc=perm.base_auc, repeats=repeats, seed=seed,
@@ -258,16 +261,13 @@ def _mean_std(x: np.ndarray) -> tuple[float, float]:
     return float(np.mean(x)), float(np.std(x))
 
 
-def _two_classes(y: np.ndarray) -> bool:
-    return len(y) > 0 and 0 < float(np.sum(y > 0.5)) < len(y)
-
-
 def _log_loss_rows(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """Decay log-loss of each row of ``probs`` [V, N] against labels ``y`` [N]."""
+    from common.metrics import log_losses
+
     if probs.shape[1] == 0:
         return np.full(len(probs), np.nan)
-    p = np.clip(probs, _EPS, 1 - _EPS)
-    return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p), axis=1)
+    return log_losses(y, probs).mean(axis=1)
 
 
 def _auc_rows(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -364,13 +364,14 @@ def aggregate_metrics(replies: Sequence[Mapping[str, float | int]]) -> dict[str,
     (or all with weight 0) is None.
     """
     def weighted(key: str, weight: str) -> float | None:
-        pairs = [(float(r[weight]), float(r[key])) for r in replies
-                 if key in r and float(r[weight]) > 0]
+        # A reply without the weight weighs nothing (server.attribution rejects such).
+        pairs = [(float(r.get(weight, 0)), float(r[key])) for r in replies
+                 if key in r and float(r.get(weight, 0)) > 0]
         total = sum(w for w, _ in pairs)
         return sum(w * v for w, v in pairs) / total if total > 0 else None
 
     return {
-        "rows": int(sum(int(r["attr_n"]) for r in replies)),
+        "rows": int(sum(int(r.get("attr_n", 0)) for r in replies)),
         "auc_rows": int(sum(int(r.get("attr_auc_n", 0)) for r in replies)),
         "merchants": len(replies),
         "base_log_loss": weighted("attr_base_log_loss", "attr_n"),

@@ -9,9 +9,11 @@ computed on its own validation period; the server checks every reply (names in
 aggregates them weighted by rows (``common.attribution.aggregate_metrics``) and writes
 ``attributions.json`` in the run folder, all or nothing.
 
-Under SecAgg+ the merchants run Flower's legacy ClientApp, which has no such
-instruction, and an individual merchant's numbers would reach the server unmasked: the
-round is skipped, with a logged note and the reason in ``attributions.json``.
+The round is skipped, with a logged note and the reason in ``attributions.json``,
+under SecAgg+ (the merchants run Flower's legacy ClientApp, which has no such
+instruction, and an individual merchant's numbers would reach the server unmasked) and
+under differential privacy (``privacy.mode`` other than ``off``: the scalars would
+leave each merchant without noise and outside the privacy ledger's account).
 """
 
 from __future__ import annotations
@@ -29,16 +31,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common import atomic
-from common.attribution import ATTRIBUTION_METRICS, aggregate_metrics
-from server.config import FederationConfig, ServerSettings
+from common.attribution import ATTRIBUTION_METRICS, WEIGHT_METRICS, aggregate_metrics
+from common.protocol import (
+    ATTRIBUTION_REPEATS_KEY,
+    ATTRIBUTION_SEED_KEY,
+    ATTRIBUTIONS_KEY,
+)
+from server.config import DPConfig, FederationConfig, ServerSettings
 from server.recorder import Selection
 from server.rounds import error_summary
 
 log = logging.getLogger(__name__)
 
 ATTRIBUTIONS_FILE = "attributions.json"
-#: What the merchants' replies are weighted by.
-ROWS = "attr_n"
+#: What the merchants' replies are weighted by (the AUC figures by the AUC rows).
+ROWS, AUC_ROWS = WEIGHT_METRICS
 
 
 def explain_kept_model(grid: Grid, settings: ServerSettings, selection: Selection,
@@ -52,7 +59,8 @@ def explain_kept_model(grid: Grid, settings: ServerSettings, selection: Selectio
         return attribution_round(grid, settings.federation,
                                  selection.weights if selection.weights is not None else final,
                                  run_dir, seed=settings.seed,
-                                 model_round=selection.round if kept else last_round)
+                                 model_round=selection.round if kept else last_round,
+                                 privacy=settings.privacy)
     except Exception:  # noqa: BLE001 - the run itself is done and saved
         log.exception("attributions: the attribution round failed; no %s written",
                       ATTRIBUTIONS_FILE)
@@ -60,26 +68,28 @@ def explain_kept_model(grid: Grid, settings: ServerSettings, selection: Selectio
 
 
 def attribution_round(grid: Grid, fed: FederationConfig, weights: list[np.ndarray],
-                      run_dir: Path, *, seed: int, model_round: int) -> dict[str, Any] | None:
+                      run_dir: Path, *, seed: int, model_round: int,
+                      privacy: DPConfig | None = None) -> dict[str, Any] | None:
     """Ask every connected merchant for attributions of ``weights`` (the model kept from
     round ``model_round``), aggregate the replies and write ``attributions.json``.
 
-    Returns what was written, or None when ``federation.attributions`` is off.
+    Returns what was written, or None when ``federation.attributions`` is off. Under
+    SecAgg+ or differential privacy (``privacy``) nothing is asked: the file says why.
     """
     if not fed.attributions:
         return None
     path = run_dir / ATTRIBUTIONS_FILE
-    if fed.secure_aggregation:
-        reason = ("not computed under SecAgg+: the merchants run Flower's legacy ClientApp "
-                  "and a merchant's attribution scalars would reach the server unmasked")
+    reason = unavailable_reason(fed, privacy)
+    if reason is not None:
         log.info("attributions: %s", reason)
         out: dict[str, Any] = {"status": "unavailable", "reason": reason}
         atomic.write_text(path, json.dumps(out, indent=2) + "\n")
         return out
     started = time.perf_counter()
     nodes = sorted(grid.get_node_ids())
-    config = ConfigRecord({"attributions": True, "attribution-repeats": fed.attribution_repeats,
-                           "attribution-seed": seed, "server-round": model_round})
+    config = ConfigRecord({ATTRIBUTIONS_KEY: True,
+                           ATTRIBUTION_REPEATS_KEY: fed.attribution_repeats,
+                           ATTRIBUTION_SEED_KEY: seed, "server-round": model_round})
     content = RecordDict({"arrays": ArrayRecord(weights), "config": config})
     messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
                 for n in nodes]
@@ -91,6 +101,18 @@ def attribution_round(grid: Grid, fed: FederationConfig, weights: list[np.ndarra
     log.info("attributions: %d of %d merchants replied (%d validation rows), %.1f s; %s",
              out["merchants"], len(nodes), out["rows"], out["seconds"], path)
     return out
+
+
+def unavailable_reason(fed: FederationConfig, privacy: DPConfig | None) -> str | None:
+    """Why no merchant may be asked for attributions, or None when they may."""
+    if fed.secure_aggregation:
+        return ("not computed under SecAgg+: the merchants run Flower's legacy ClientApp "
+                "and a merchant's attribution scalars would reach the server unmasked")
+    if privacy is not None and privacy.enabled:
+        return (f"not computed under differential privacy (privacy.mode = {privacy.mode}): "
+                "a merchant's attribution scalars would leave it without noise and outside "
+                "the privacy ledger's account")
+    return None
 
 
 def summarise_replies(replies: Iterable[Message], asked: int) -> dict[str, Any]:
@@ -118,7 +140,8 @@ def summarise_replies(replies: Iterable[Message], asked: int) -> dict[str, Any]:
 
 def check_attribution_reply(msg: Message) -> tuple[dict[str, float | int], str | None]:
     """A reply's scalars, and why they cannot be used (None when they can): one
-    MetricRecord, no arrays, only whitelisted names, finite numbers, rows > 0."""
+    MetricRecord, no arrays, only whitelisted names, finite numbers, and the row counts
+    the aggregate weighs by (``WEIGHT_METRICS``): rows > 0, AUC rows in [0, rows]."""
     content = msg.content
     if len(content.array_records) or len(content.metric_records) != 1:
         return {}, (f"{len(content.array_records)} ArrayRecords and "
@@ -132,8 +155,14 @@ def check_attribution_reply(msg: Message) -> tuple[dict[str, float | int], str |
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return {}, f"metric '{key}' is {value!r}, expected a finite number"
         values[key] = value
-    if not values.get(ROWS, 0) > 0:
-        return {}, f"metric '{ROWS}' is {values.get(ROWS)!r}, expected a positive count"
+    missing = [key for key in WEIGHT_METRICS if key not in values]
+    if missing:
+        return {}, f"row counts missing: {', '.join(missing)}"
+    if not values[ROWS] > 0:
+        return {}, f"metric '{ROWS}' is {values[ROWS]!r}, expected a positive count"
+    if not 0 <= values[AUC_ROWS] <= values[ROWS]:
+        return {}, (f"metric '{AUC_ROWS}' is {values[AUC_ROWS]!r}, expected a count in "
+                    f"[0, {ROWS}]")
     return values, None
 
 

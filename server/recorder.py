@@ -146,9 +146,11 @@ class RoundRecorder:
             if "val_loss" not in scores:
                 continue
             self.selection.offer(scored, scores["val_loss"], weights)
+            # Merchants differ between rounds when fraction-train < 1: say how many.
             log.info("round %d: federated validation loss of round %d's model %.5f over %d "
-                     "rows (best: round %d, %.5f)", g, scored, scores["val_loss"],
-                     int(scores.get("val_examples", 0)), self.selection.round,
+                     "rows of %d merchants (best: round %d, %.5f)", g, scored,
+                     scores["val_loss"], int(scores.get("val_examples", 0)),
+                     int(scores.get("merchants", 0)), self.selection.round,
                      self.selection.val_loss)
 
     def _line(self, g: int, record: dict[str, float]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from common.protocol import PRE_TRAINING_LOSSES
+
 log = logging.getLogger(__name__)
 
 
@@ -94,6 +96,12 @@ class RoundBook:
     def engine_down(self) -> bool:
         """Whether the simulation engine was reported failed."""
         return self.engine_failed is not None and self.engine_failed.is_set()
+
+    @property
+    def halted(self) -> bool:
+        """Whether no round may start any more: the rounds were stopped, or the
+        simulation engine failed. Unlike :meth:`may_start`, logs and records nothing."""
+        return self.stopped_by is not None or self.engine_down
 
     def may_start(self, g: int) -> bool:
         """False when round ``g`` must not start: the rounds were stopped, or the
@@ -170,13 +178,8 @@ class RoundBook:
                                      if k not in PRE_TRAINING_KEYS}
 
 
-#: Train reply metrics scoring the incoming global model (``client.work``): each loss
-#: and the count of rows it is the mean over.
-PRE_TRAINING_LOSSES: dict[str, tuple[str, str]] = {
-    "val_loss": ("pre_val_loss", "val_examples"),
-    "eval_loss": ("pre_eval_loss", "test_examples"),
-    "decay_log_loss": ("pre_decay_log_loss", "test_examples"),
-}
+#: The reply metrics scoring the incoming global model (``common.protocol``, which
+#: ``client.work`` writes them by), left out of the train and evaluate means.
 PRE_TRAINING_KEYS = frozenset(k for pair in PRE_TRAINING_LOSSES.values() for k in pair)
 
 
@@ -188,10 +191,13 @@ def federated_scores(replies: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     so it is the loss on the pooled rows; a reply without rows (or with a non-finite
     or negative loss) weighs nothing. Returns ``val_loss``, ``eval_loss`` and
     ``decay_log_loss`` where some rows back them, with the row counts
-    ``val_examples`` / ``test_examples``; empty when no reply carries the scores.
+    ``val_examples`` / ``test_examples`` and ``merchants``, the replies behind the
+    validation loss (with a fraction of the merchants sampled each round, rounds are
+    scored on different merchants); empty when no reply carries the scores.
     """
     totals: dict[str, float] = {}
     rows: dict[str, float] = {}
+    backing: dict[str, int] = {}
     for metrics in replies:
         for name, (loss_key, count_key) in PRE_TRAINING_LOSSES.items():
             loss, count = metrics.get(loss_key), metrics.get(count_key)
@@ -201,9 +207,11 @@ def federated_scores(replies: Iterable[Mapping[str, Any]]) -> dict[str, float]:
                 continue
             totals[name] = totals.get(name, 0.0) + float(loss) * float(count)
             rows[name] = rows.get(name, 0.0) + float(count)
+            backing[name] = backing.get(name, 0) + 1
     scores = {name: totals[name] / rows[name] for name in totals}
     if "val_loss" in rows:
         scores["val_examples"] = rows["val_loss"]
+        scores["merchants"] = float(backing["val_loss"])
     if "eval_loss" in rows:
         scores["test_examples"] = rows["eval_loss"]
     return scores

@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
+from common.protocol import GLOBAL_ROUND_KEY, PRE_EVALUATE_KEY, SCORE_VALIDATION_KEY
 from server.config import FederationConfig
 from server.replies import (
     ReplyLayout,
@@ -52,10 +53,6 @@ from server.rounds import RoundBook, error_summary
 from server.sampling import OwnedSampling, SortedGrid, round_seed
 
 log = logging.getLogger(__name__)
-
-#: The evaluate config key asking for the validation loss too (``client.work``; the
-#: server never imports the client).
-SCORE_VALIDATION_KEY = "score-validation"
 
 
 class GuardedMixin:
@@ -91,9 +88,9 @@ class GuardedMixin:
         g = self.rounds.global_round(server_round)
         if not self.rounds.may_start(g):
             return []
-        config["global-round"] = g
+        config[GLOBAL_ROUND_KEY] = g
         if self.pre_evaluate:
-            config["pre-evaluate"] = True
+            config[PRE_EVALUATE_KEY] = True
         self._layout = ReplyLayout(arrays.to_numpy_ndarrays())
         self.round_rng = random.Random(round_seed(self.seed, g))
         messages = list(super().configure_train(server_round, arrays, config,  # type: ignore[misc]
@@ -189,7 +186,8 @@ class GuardedMixin:
         the last round's evaluate messages also ask for the validation loss, and go to
         the nodes that trained in it when ``fraction-evaluate`` sends none."""
         g = self.rounds.global_round(server_round)
-        final = self.pre_evaluate and g == self.final_round and self.rounds.may_start(g)
+        # Not may_start: configure_train already logged a halted round and opened its stats.
+        final = self.pre_evaluate and g == self.final_round and not self.rounds.halted
         if final:
             config[SCORE_VALIDATION_KEY] = True
         messages = list(super().configure_evaluate(server_round, arrays, config,  # type: ignore[misc]

@@ -131,7 +131,10 @@ def attribution_blocks(found: Mapping[str, Any] | None) -> list[Block]:
         "log-loss and the fall in decay AUC say how much the model relies on them. "
         "Federated: each merchant computed them on its own validation period with the kept "
         "global model and sent only these per-group numbers; the server weighted them by "
-        f"rows. Others: the pooled validation period ({found['rows']:,} rows). GBDT and LR "
+        "rows, so its AUC figures are row-weighted means of within-merchant AUCs, while "
+        "the other rows' AUC is one pooled AUC whose permutations also move inputs across "
+        "merchants (the two are not on the same scale). "
+        f"Others: the pooled validation period ({found['rows']:,} rows). GBDT and LR "
         "read no sequence, so event_mix is 0 for them by construction; gradient x input "
         "covers the LSTM's float inputs only (event types and categories enter as ids)."))
     blocks += [Paragraph(f"{n}: attributions unavailable ({m['unavailable']}).")

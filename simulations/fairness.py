@@ -19,10 +19,10 @@ interpolation); q1 holds ``x <= e1``, q2 ``e1 < x <= e2``, q3 ``e2 < x <= e3``, 
 
 Per segment and method: ROC-AUC of the decay head (``nan``, shown "—", with fewer than
 :data:`MIN_ROWS` rows or one class only), the expected calibration error
-(:func:`expected_calibration_error`) and the share of rows the activation policy
-(:func:`common.policy.choose_actions`, run once on every test row) targets with an
-action other than ``none``. A segment whose AUC is more than :data:`FLAG_GAP` below the
-method's AUC on every test row is flagged.
+(:func:`common.metrics.decay.expected_calibration_error`) and the share of rows the
+activation policy (:func:`common.policy.choose_actions`, run once on every test row)
+targets with an action other than ``none``. A segment whose AUC is more than
+:data:`FLAG_GAP` below the method's AUC on every test row is flagged.
 """
 
 from __future__ import annotations
@@ -50,36 +50,15 @@ log = logging.getLogger(__name__)
 MIN_ROWS = 20
 #: A segment this far below its method's overall AUC is flagged.
 FLAG_GAP = 0.05
-#: Equal-width bins of the calibration error.
-ECE_BINS = 10
 DASH = "—"
-
-
-def expected_calibration_error(y_true: Any, p: Any, bins: int = ECE_BINS) -> float:
-    """ECE: sum over ``bins`` equal-width bins of [0, 1] of (rows in bin / rows) x
-    |positive rate in bin - mean predicted risk in bin|.
-
-    Bin ``b`` holds ``b / bins <= p < (b + 1) / bins``, the last one also ``p == 1``;
-    empty bins add nothing. ``nan`` without rows.
-    """
-    y = np.asarray(y_true, dtype=float)
-    s = np.asarray(p, dtype=float)
-    if y.ndim != 1 or s.shape != y.shape:
-        raise ValueError(f"y_true and p: expected two 1-D arrays of equal length, got "
-                         f"shapes {y.shape} and {s.shape}")
-    if len(y) == 0:
-        return float("nan")
-    which = np.clip(np.floor(np.clip(s, 0.0, 1.0) * bins).astype(int), 0, bins - 1)
-    rows = np.bincount(which, minlength=bins)
-    gap = np.abs(np.bincount(which, weights=y, minlength=bins)
-                 - np.bincount(which, weights=s, minlength=bins))  # = rows x |rate - mean p|
-    return float(gap.sum() / len(y)) if rows.sum() else float("nan")
 
 
 def segment_auc(y_true: Any, p: Any, min_rows: int = MIN_ROWS) -> float:
     """ROC-AUC of ``p`` for ``y_true``; ``nan`` with fewer than ``min_rows`` rows or one class."""
+    from common.metrics.arrays import two_classes  # common.metrics imports scikit-learn
+
     y = np.asarray(y_true, dtype=float)
-    if len(y) < max(min_rows, 1) or not 0 < y.sum() < len(y):
+    if len(y) < max(min_rows, 1) or not two_classes(y):
         return float("nan")
     from sklearn.metrics import roc_auc_score
 
@@ -161,6 +140,8 @@ def segmentations(test: Snapshots, observation_days: float) -> list[Segmentation
 
 
 def _cell(y: np.ndarray, p: np.ndarray, targeted: np.ndarray) -> dict[str, Any]:
+    from common.metrics.decay import expected_calibration_error
+
     return {"auc": segment_auc(y, p), "ece": expected_calibration_error(y, p),
             "targeted": float(targeted.mean()) if len(y) else float("nan"),
             "rows": len(y), "positives": int(y.sum())}
@@ -176,6 +157,7 @@ def fairness(test: Snapshots, predictions: Mapping[str, Mapping[str, np.ndarray]
     per segment), per method the overall and per-segment AUC / ECE / targeted share, and
     the flags (segments more than ``gap`` below their method's overall AUC).
     """
+    from common.metrics.decay import ECE_BINS
     from common.policy import choose_actions
 
     cuts = segmentations(test, observation_days)

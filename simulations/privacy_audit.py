@@ -102,12 +102,6 @@ def format_egress(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def decay_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Per-row binary log-loss of the decay head."""
-    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
-    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
-
-
 def attack_auc(member_loss: np.ndarray, nonmember_loss: np.ndarray, *, seed: int = 0,
                n_boot: int = 500) -> dict[str, float]:
     """ROC-AUC of "low loss = member" with a bootstrap 95 % interval (classes resampled
@@ -177,6 +171,7 @@ def membership_audit(run_dir: str | Path, *, merchants: int = 4, seed: int = 0,
     has no shards (the centralised model of a comparison).
     """
     from common.bundle import load_model_bundle
+    from common.metrics import log_losses
     from common.training import predict
 
     run = Path(run_dir).resolve()
@@ -197,8 +192,8 @@ def membership_audit(run_dir: str | Path, *, merchants: int = 4, seed: int = 0,
         if len(train) == 0 or len(test) == 0:
             log.info("merchant %s has no training or no held-out snapshots: skipped", name)
             continue
-        m_loss = decay_log_loss(train.decay, predict(bundle.model, train)["decay"])
-        n_loss = decay_log_loss(test.decay, predict(bundle.model, test)["decay"])
+        m_loss = log_losses(train.decay, predict(bundle.model, train)["decay"])
+        n_loss = log_losses(test.decay, predict(bundle.model, test)["decay"])
         member.append(m_loss)
         nonmember.append(n_loss)
         labels = np.r_[train.decay, test.decay]

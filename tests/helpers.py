@@ -260,6 +260,34 @@ def ray_node(args: Sequence[str], log: Path, env: dict[str, str],
 # ---------------------------------------------------------------------------------------
 
 
+def hand_snapshots(rng: Any, *, events: Any, categories: Any, numeric: Any, static: Any,
+                   decay: Any, interest: Any, n_actions: int, split: int = 0) -> Any:
+    """Snapshots of one merchant "m" around the given inputs and labels (``n`` rows):
+    30 % of the rows logged with a uniform random action (propensity 1 / ``n_actions``)
+    and 30 % of those activated, drawn from ``rng``; every row in split ``split`` (an
+    index into ``SPLITS``), no intervention, users u0..u{n-1}."""
+    import numpy as np
+
+    from common.snapshots import Snapshots
+
+    n = len(decay)
+    action = np.where(rng.random(n) < 0.3, rng.integers(0, n_actions, n), -1).astype(np.int32)
+    return Snapshots(
+        events=events, categories=categories, numeric=numeric, static=static,
+        decay=np.asarray(decay, np.float32), interest=np.asarray(interest, np.float32),
+        interest_now=np.ones(n, np.float32),
+        action=action,
+        activation=np.where(action >= 0, rng.random(n) < 0.3, 0).astype(np.float32),
+        propensity=np.where(action >= 0, 1 / n_actions, 1).astype(np.float32),
+        intervention=np.full(n, -1, np.int64),
+        user_id=np.array([f"u{i}" for i in range(n)], dtype=object),
+        merchant_id=np.array(["m"] * n, dtype=object),
+        cutoff=np.zeros(n, "datetime64[ns]"),
+        split=np.full(n, split, np.int8),
+        fading_category=np.array([""] * n, dtype=object),
+    )
+
+
 class FakeGrid:
     """Just enough of a Grid for ``configure_train``: the connected node ids."""
 

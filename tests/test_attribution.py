@@ -245,6 +245,59 @@ def test_the_server_weights_two_merchants_by_rows_and_rejects_the_rest(
     assert set(written["reply_metrics"]) <= set(ATTRIBUTION_METRICS)
 
 
+@pytest.mark.usefixtures("server_identity")
+def test_a_reply_without_its_auc_rows_is_rejected_and_the_others_written(
+        tmp_path: Path) -> None:
+    """One reply lacking ``attr_auc_n`` (a row count the aggregate weighs by) is named
+    among the failures; the file holds the other two merchants' aggregate."""
+    from server.attribution import attribution_round
+    from server.config import FederationConfig
+
+    one = {"attr_n": 20, "attr_auc_n": 20, "attr_base_log_loss": 0.4, "attr_base_auc": 0.9,
+           "attr_perm_recency": 0.30, "attr_auc_recency": 0.2}
+    two = {"attr_n": 60, "attr_auc_n": 60, "attr_base_log_loss": 0.6, "attr_base_auc": 0.7,
+           "attr_perm_recency": 0.10, "attr_auc_recency": 0.0}
+    no_auc_rows = {k: v for k, v in one.items() if k != "attr_auc_n"}
+    grid = AttributionGrid({1: one, 2: two, 4: no_auc_rows})
+    out = attribution_round(grid, FederationConfig(attributions=True), [], tmp_path,
+                            seed=0, model_round=1)
+    written = json.loads((tmp_path / "attributions.json").read_text())
+    assert out is not None and written == json.loads(json.dumps(out))
+    assert written["status"] == "ok" and written["merchants"] == 2 and written["rows"] == 80
+    assert written["groups"]["recency"]["auc_drop"] == pytest.approx(20 * 0.2 / 80)
+    assert "node 4: rejected: row counts missing: attr_auc_n" in written["failures"]
+    # The aggregate alone does not fail on such a reply either: it weighs nothing there.
+    alone = aggregate_metrics([one, no_auc_rows])
+    assert alone["base_auc"] == pytest.approx(0.9) and alone["rows"] == 40
+
+
+def test_no_attribution_round_under_differential_privacy(tmp_path: Path) -> None:
+    from server.attribution import attribution_round
+    from server.config import DP_MODES, DPConfig, FederationConfig
+
+    fed = FederationConfig(attributions=True)
+    for mode in DP_MODES[1:]:
+        grid = AttributionGrid({})
+        out = attribution_round(grid, fed, [], tmp_path, seed=0, model_round=1,
+                                privacy=DPConfig(mode=mode))
+        assert out is not None and out["status"] == "unavailable", mode
+        assert "differential privacy" in out["reason"] and mode in out["reason"]
+        assert json.loads((tmp_path / "attributions.json").read_text()) == out
+        assert grid.sent == []
+
+
+def test_a_merchant_with_few_validation_rows_refuses_naming_the_minimum() -> None:
+    from client.attribution import MIN_VALIDATION_ROWS, attribution_metrics
+    from client.config import ClientConfig, ClientSettings
+    from common.config import TrainConfig
+
+    settings = ClientSettings(snapshots=SnapshotConfig(max_len=L), model=ModelConfig(),
+                              train=TrainConfig(), client=ClientConfig(), seed=0)
+    few = hand_built(MIN_VALIDATION_ROWS - 1)  # every row in the validation period
+    with pytest.raises(ValueError, match=f"fewer than the {MIN_VALIDATION_ROWS}"):
+        attribution_metrics(settings, few, [], {})
+
+
 def test_no_attribution_round_when_off_or_under_secagg(tmp_path: Path) -> None:
     from server.attribution import attribution_round
     from server.config import FederationConfig

@@ -1,4 +1,5 @@
-"""The fairness report: ECE and per-segment AUC by hand, quartile edges, flags, "—"."""
+"""The fairness report: per-segment AUC by hand, quartile edges, flags, "—" (the
+calibration error's tests are in tests/test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from common.features import AGGREGATE_FEATURES
 from common.snapshots import Snapshots
 from simulations.fairness import (
     DASH,
-    expected_calibration_error,
     fairness,
     fairness_blocks,
     quartile_edges,
@@ -31,20 +31,6 @@ OBSERVATION_DAYS = 28.0
 
 
 # ---------------------------------------------------------------------------- metrics
-
-
-def test_ece_by_hand() -> None:
-    # one row in each of bins 0, 1, 8, 9: (0.05 + 0.85 + 0.15 + 0.05) / 4
-    assert expected_calibration_error([0, 1, 1, 1], [0.05, 0.15, 0.85, 0.95]) == \
-        pytest.approx(0.275)
-    # two rows in bin 1: rate 0.5, mean risk 0.15
-    assert expected_calibration_error([0, 1], [0.12, 0.18]) == pytest.approx(0.35)
-    # calibrated within its bin; p == 1 falls into the last bin
-    assert expected_calibration_error([1, 0, 0, 0], [0.25] * 4) == pytest.approx(0.0)
-    assert expected_calibration_error([1], [1.0]) == pytest.approx(0.0)
-    assert math.isnan(expected_calibration_error([], []))
-    with pytest.raises(ValueError, match="equal length"):
-        expected_calibration_error([0, 1], [0.5])
 
 
 def test_segment_auc_by_hand() -> None:

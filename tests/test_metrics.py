@@ -11,10 +11,13 @@ import pytest
 
 from common.metrics import (
     activation_metrics,
+    binary_log_loss,
     choose_threshold,
     decay_metrics,
+    expected_calibration_error,
     interest_metrics,
     ips_value,
+    log_losses,
     per_merchant,
     policy_report,
     policy_value_truth,
@@ -84,6 +87,36 @@ def test_choose_threshold_ties_take_the_highest() -> None:
 
 def test_choose_threshold_without_positives_returns_default() -> None:
     assert choose_threshold([0, 0, 0], [0.1, 0.2, 0.3]) == 0.5
+
+
+def test_log_loss_by_hand_clipped_and_row_wise() -> None:
+    p, y = np.array([0.8, 0.25, 1.0]), np.array([1.0, 0.0, 0.0])
+    # A certain wrong prediction is clipped to 1 - 1e-7: it costs -log(1e-7), not inf.
+    expected = -(math.log(0.8) + math.log(0.75) + math.log(1e-7)) / 3
+    assert binary_log_loss(y, p) == pytest.approx(expected, rel=1e-6)
+    assert log_losses(np.array([1.0, 0.0]), np.array([0.5, 0.5])) == \
+        pytest.approx([math.log(2)] * 2)
+    # Several rows of predictions of the same labels at once: one loss per element.
+    rows = log_losses(y, np.stack([p, np.full(3, 0.5)]))
+    assert rows.shape == (2, 3)
+    assert rows.mean(axis=1) == pytest.approx([expected, math.log(2)], rel=1e-6)
+    assert math.isnan(binary_log_loss([], []))
+    with pytest.raises(ValueError, match="last axis"):
+        log_losses([0, 1], [0.5])
+
+
+def test_ece_by_hand() -> None:
+    # one row in each of bins 0, 1, 8, 9: (0.05 + 0.85 + 0.15 + 0.05) / 4
+    assert expected_calibration_error([0, 1, 1, 1], [0.05, 0.15, 0.85, 0.95]) == \
+        pytest.approx(0.275)
+    # two rows in bin 1: rate 0.5, mean risk 0.15
+    assert expected_calibration_error([0, 1], [0.12, 0.18]) == pytest.approx(0.35)
+    # calibrated within its bin; p == 1 falls into the last bin
+    assert expected_calibration_error([1, 0, 0, 0], [0.25] * 4) == pytest.approx(0.0)
+    assert expected_calibration_error([1], [1.0]) == pytest.approx(0.0)
+    assert math.isnan(expected_calibration_error([], []))
+    with pytest.raises(ValueError, match="equal length"):
+        expected_calibration_error([0, 1], [0.5])
 
 
 def test_one_class_gives_nan_not_error() -> None:

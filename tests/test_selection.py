@@ -111,8 +111,8 @@ def test_federated_scores_weigh_each_merchants_loss_by_its_rows() -> None:
                {"num-examples": 4}]  # pre-evaluation off: ignored
     scores = federated_scores(replies)
     assert scores == pytest.approx({"val_loss": (2 + 24) / 40, "val_examples": 40,
-                                    "eval_loss": (1 + 6) / 4, "decay_log_loss": 2.6 / 4,
-                                    "test_examples": 4})
+                                    "merchants": 2, "eval_loss": (1 + 6) / 4,
+                                    "decay_log_loss": 2.6 / 4, "test_examples": 4})
     assert federated_scores([{"num-examples": 4}]) == {}
 
 
@@ -133,6 +133,8 @@ def test_deployment_keeps_the_round_with_the_lowest_weighted_validation_loss(
     assert [r["federated"]["val_loss"] for r in rows[1:]] == pytest.approx([1.0, 0.65, 0.6])
     assert rows[-1]["federated_final"]["val_loss"] == pytest.approx(0.725)
     assert all(r["federated"]["val_examples"] == 40 for r in rows[1:])
+    assert all(r["federated"]["merchants"] == 2 for r in rows[1:])
+    assert rows[-1]["federated_final"]["merchants"] == 2
     assert not any("pre_val_loss" in r["train"] for r in rows[1:])
     # Every train message asked for the score; only the last round sent evaluate
     # messages (fraction-evaluate is 0), to both merchants, asking for validation.
@@ -183,3 +185,29 @@ def test_pre_evaluate_is_on_by_default_in_deployment_only() -> None:
     assert FederationConfig(pre_evaluate="on").pre_evaluates
     with pytest.raises(ValueError, match="federation.pre-evaluate"):
         FederationConfig(pre_evaluate="yes")
+
+
+def test_the_last_round_of_a_halted_run_is_not_logged_or_opened_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """configure_evaluate of a run whose engine failed asks for no validation score,
+    and neither logs the failure a second time nor opens a stats entry for the round."""
+    import logging
+    import threading
+
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from server.config import FederationConfig
+    from server.strategy import build_strategy
+
+    failed = threading.Event()
+    failed.set()
+    fed = FederationConfig(mode="deployment", num_rounds=1, min_available_nodes=2,
+                           min_train_nodes=2)
+    strategy = build_strategy(fed, seed=0, engine_failed=failed)
+    config = ConfigRecord({})
+    with caplog.at_level(logging.ERROR, logger="server"):
+        messages = list(strategy.configure_evaluate(
+            1, ArrayRecord([np.zeros(2, np.float32)]), config, FakeGrid([1, 2])))
+    assert messages == [] and "score-validation" not in config
+    assert strategy.rounds.get(1) is None
+    assert not [r for r in caplog.records if "engine failed" in r.getMessage()]

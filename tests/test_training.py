@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import hand_snapshots
 from sklearn.metrics import roc_auc_score
 
 from common.config import ModelConfig, SnapshotConfig, TrainConfig
@@ -41,27 +42,14 @@ def make_snapshots(n: int, seed: int, *, noise: float = 0.1, flip: bool = False)
     decay = (static[:, SIGNAL] > 0) ^ (rng.random(n) < noise)
     if flip:
         decay = ~decay
-    action = np.where(rng.random(n) < 0.3, rng.integers(0, A, n), -1).astype(np.int32)
-    return Snapshots(
+    return hand_snapshots(
+        rng,
         events=np.where(valid, rng.integers(1, 6, (n, L)), 0).astype(np.int32),
         categories=np.where(valid, rng.integers(1, SNAP.hash_buckets + 1, (n, L)), 0)
         .astype(np.int32),
         numeric=np.where(valid[..., None], rng.normal(size=(n, L, len(NUMERIC_FEATURES))), 0)
         .astype(np.float32),
-        static=static,
-        decay=decay.astype(np.float32),
-        interest=(1.0 + 0.5 * static[:, 0]).astype(np.float32),
-        interest_now=np.ones(n, np.float32),
-        action=action,
-        activation=np.where(action >= 0, rng.random(n) < 0.3, 0).astype(np.float32),
-        propensity=np.where(action >= 0, 1 / A, 1).astype(np.float32),
-        intervention=np.full(n, -1, np.int64),
-        user_id=np.array([f"u{i}" for i in range(n)], dtype=object),
-        merchant_id=np.array(["m"] * n, dtype=object),
-        cutoff=np.zeros(n, "datetime64[ns]"),
-        split=np.zeros(n, np.int8),
-        fading_category=np.array([""] * n, dtype=object),
-    )
+        static=static, decay=decay, interest=1.0 + 0.5 * static[:, 0], n_actions=A)
 
 
 # 1500 is not a multiple of the batch: fit pads the last batch with zero-weight rows.

@@ -11,8 +11,9 @@ import math
 
 import numpy as np
 import pytest
+from helpers import hand_snapshots
 
-from client.app import TRAIN_METRICS
+from client.app import EVALUATE_METRICS, TRAIN_METRICS
 from client.config import ClientConfig, ClientSettings
 from common.config import ModelConfig, SnapshotConfig, TrainConfig
 from common.features import NUMERIC_FEATURES, STATIC_FEATURES
@@ -28,26 +29,15 @@ SETTINGS = ClientSettings(snapshots=SNAP, model=ModelConfig(lstm_units=4, dense_
 
 def _snapshots(n: int, split: str, seed: int) -> Snapshots:
     rng = np.random.default_rng(seed)
-    L, A = SNAP.max_len, len(SNAP.actions)
-    action = np.where(rng.random(n) < 0.3, rng.integers(0, A, n), -1).astype(np.int32)
-    return Snapshots(
+    L = SNAP.max_len
+    return hand_snapshots(
+        rng,
         events=rng.integers(1, 6, (n, L)).astype(np.int32),
         categories=rng.integers(1, SNAP.hash_buckets + 1, (n, L)).astype(np.int32),
         numeric=rng.normal(size=(n, L, len(NUMERIC_FEATURES))).astype(np.float32),
         static=rng.normal(size=(n, len(STATIC_FEATURES))).astype(np.float32),
-        decay=(rng.random(n) < 0.4).astype(np.float32),
-        interest=rng.random(n).astype(np.float32),
-        interest_now=np.ones(n, np.float32),
-        action=action,
-        activation=np.where(action >= 0, rng.random(n) < 0.3, 0).astype(np.float32),
-        propensity=np.where(action >= 0, 1 / A, 1).astype(np.float32),
-        intervention=np.full(n, -1, np.int64),
-        user_id=np.array([f"u{i}" for i in range(n)], dtype=object),
-        merchant_id=np.array(["m"] * n, dtype=object),
-        cutoff=np.zeros(n, "datetime64[ns]"),
-        split=np.full(n, SPLITS.index(split), np.int8),
-        fading_category=np.array([""] * n, dtype=object),
-    )
+        decay=rng.random(n) < 0.4, interest=rng.random(n),
+        n_actions=len(SNAP.actions), split=SPLITS.index(split))
 
 
 SNAPS = Snapshots.concat([_snapshots(40, "train", 1), _snapshots(13, "val", 2),
@@ -62,7 +52,9 @@ def global_weights() -> list[np.ndarray]:
 def test_pre_training_metrics_are_an_evaluate_of_the_incoming_weights(
         global_weights: list[np.ndarray]) -> None:
     from client.work import evaluate_reply, train_reply
+    from common.protocol import VALIDATION_METRICS
     from common.training import predict, validation_loss
+    from server.rounds import federated_scores
 
     config = {"global-round": 3, "local-epochs": 1, "pre-evaluate": True}
     trained, metrics = train_reply(SETTINGS, SNAPS, global_weights, config)
@@ -84,10 +76,17 @@ def test_pre_training_metrics_are_an_evaluate_of_the_incoming_weights(
     scored = evaluate_reply(SETTINGS, test, global_weights, val=val)
     assert scored["pre_val_loss"] == pytest.approx(metrics["pre_val_loss"], rel=1e-5)
     assert scored["val_examples"] == 13
-    assert set(scored) - set(evaluated) == {"pre_val_loss", "val_examples"}
+    assert set(scored) - set(evaluated) == set(VALIDATION_METRICS)
     # The incoming model was scored, not the trained one: training moved the weights.
     assert not all(np.array_equal(a, b) for a, b in zip(trained, global_weights, strict=True))
     assert set(metrics) <= set(TRAIN_METRICS), set(metrics) - set(TRAIN_METRICS)
+    assert set(scored) <= set(EVALUATE_METRICS), set(scored) - set(EVALUATE_METRICS)
+    # What the server makes of the reply (both sides read common.protocol's table).
+    assert federated_scores([metrics]) == pytest.approx({
+        "val_loss": metrics["pre_val_loss"], "val_examples": 13, "merchants": 1,
+        "eval_loss": metrics["pre_eval_loss"], "test_examples": 11,
+        "decay_log_loss": metrics["pre_decay_log_loss"]})
+    assert federated_scores([scored])["val_loss"] == pytest.approx(metrics["pre_val_loss"])
 
 
 def test_asking_for_the_pre_training_metrics_leaves_the_training_as_it_was(
@@ -116,11 +115,3 @@ def test_a_merchant_without_validation_rows_weighs_nothing(
     metrics = pre_training_metrics(model, only_train)
     assert metrics == {"pre_val_loss": 0.0, "val_examples": 0, "pre_eval_loss": 0.0,
                        "pre_decay_log_loss": 0.0, "test_examples": 0}
-
-
-def test_decay_log_loss_by_hand() -> None:
-    from client.work import decay_log_loss
-
-    p, y = np.array([0.8, 0.25, 1.0]), np.array([1.0, 0.0, 0.0])
-    expected = -(math.log(0.8) + math.log(0.75) + math.log(1e-7)) / 3
-    assert decay_log_loss(p, y) == pytest.approx(expected, rel=1e-6)

@@ -10,7 +10,14 @@ One concept a module: :mod:`.decay` (binary classification), :mod:`.interest`
 """
 
 from common.metrics.arrays import NAN
-from common.metrics.decay import choose_threshold, decay_metrics, top_decile_lift
+from common.metrics.decay import (
+    binary_log_loss,
+    choose_threshold,
+    decay_metrics,
+    expected_calibration_error,
+    log_losses,
+    top_decile_lift,
+)
 from common.metrics.interest import interest_metrics
 from common.metrics.merchants import per_merchant, spread
 from common.metrics.policy import (
@@ -25,11 +32,14 @@ from common.metrics.uplift import activation_metrics, qini_coefficient
 __all__ = [
     "NAN",
     "activation_metrics",
+    "binary_log_loss",
     "bootstrap_off_policy",
     "choose_threshold",
     "decay_metrics",
+    "expected_calibration_error",
     "interest_metrics",
     "ips_value",
+    "log_losses",
     "per_merchant",
     "policy_report",
     "policy_value_truth",

@@ -1,0 +1,37 @@
+"""The names the server and the merchants agree on: instruction config keys and the
+reply metrics that select a round.
+
+The server (``server.strategy``, ``server.rounds``, ``server.attribution``) writes these
+keys and reads these metrics; the merchant (``client.work``, ``client.attribution``)
+reads the keys and writes the metrics. Both import them from here, so renaming one side
+cannot silently break model selection (``tests/test_selection.py`` checks the two sides
+against each other).
+"""
+
+from __future__ import annotations
+
+#: Train config key: the global round (it survives a resume; ``server-round`` restarts).
+GLOBAL_ROUND_KEY = "global-round"
+#: Train config key: score the incoming global model before training.
+PRE_EVALUATE_KEY = "pre-evaluate"
+#: Evaluate config key: add the validation loss to the reply (the last round's model).
+SCORE_VALIDATION_KEY = "score-validation"
+
+#: Evaluate config keys of the attribution round (``client.attribution``): whether to
+#: compute attributions, permutations per group, the permutations' seed.
+ATTRIBUTIONS_KEY = "attributions"
+ATTRIBUTION_REPEATS_KEY = "attribution-repeats"
+ATTRIBUTION_SEED_KEY = "attribution-seed"
+
+#: What the server's federated score is called -> (the reply metric holding the incoming
+#: model's loss, the reply metric counting the rows it is the mean over).
+PRE_TRAINING_LOSSES: dict[str, tuple[str, str]] = {
+    "val_loss": ("pre_val_loss", "val_examples"),
+    "eval_loss": ("pre_eval_loss", "test_examples"),
+    "decay_log_loss": ("pre_decay_log_loss", "test_examples"),
+}
+#: Every metric a train reply carries when asked for :data:`PRE_EVALUATE_KEY`.
+PRE_TRAINING_METRICS: tuple[str, ...] = tuple(dict.fromkeys(
+    k for pair in PRE_TRAINING_LOSSES.values() for k in pair))
+#: What an evaluate reply adds when asked for :data:`SCORE_VALIDATION_KEY`.
+VALIDATION_METRICS: tuple[str, ...] = PRE_TRAINING_LOSSES["val_loss"]
