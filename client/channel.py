@@ -22,6 +22,7 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -162,23 +163,43 @@ def send_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(_PREFIX.pack(_MAGIC, len(payload)) + payload)
 
 
-def recv_frame(sock: socket.socket, limit: int, what: str) -> bytes:
+def recv_frame(sock: socket.socket, limit: int, what: str,
+               timeout: float | None = None) -> bytes:
     """One frame of at most ``limit`` bytes; a wrong magic or a larger length is refused
-    before the payload is read."""
-    head = _recv_exactly(sock, _PREFIX.size, what)
-    magic, size = _PREFIX.unpack(head)
-    if magic != _MAGIC:
-        raise ChannelError(f"{what}: not a fedecay trainer frame (starts {magic!r})")
-    if size > limit:
-        raise ChannelError(f"{what}: frame of {size:,} bytes exceeds the limit of "
-                           f"{limit:,} bytes")
-    return _recv_exactly(sock, size, what)
+    before the payload is read.
+
+    ``timeout`` bounds the whole frame, not each read: a peer that sends a byte now and
+    then is refused once it is spent (the socket's own timeout applies otherwise).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    was = sock.gettimeout()
+    try:
+        head = _recv_exactly(sock, _PREFIX.size, what, deadline, timeout)
+        magic, size = _PREFIX.unpack(head)
+        if magic != _MAGIC:
+            raise ChannelError(f"{what}: not a fedecay trainer frame (starts {magic!r})")
+        if size > limit:
+            raise ChannelError(f"{what}: frame of {size:,} bytes exceeds the limit of "
+                               f"{limit:,} bytes")
+        return _recv_exactly(sock, size, what, deadline, timeout)
+    finally:
+        if deadline is not None:
+            sock.settimeout(was)
 
 
-def _recv_exactly(sock: socket.socket, size: int, what: str) -> bytes:
+def _recv_exactly(sock: socket.socket, size: int, what: str, deadline: float | None,
+                  timeout: float | None) -> bytes:
     buf = bytearray()
     while len(buf) < size:
-        chunk = sock.recv(min(size - len(buf), 1 << 20))
+        try:
+            if deadline is not None:
+                sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            chunk = sock.recv(min(size - len(buf), 1 << 20))
+        except TimeoutError:
+            if deadline is None:
+                raise
+            raise ChannelError(f"{what}: frame not received within {timeout:g} s "
+                               f"({len(buf):,} of {size:,} bytes came)") from None
         if not chunk:
             raise ChannelError(f"{what}: the peer closed the connection after "
                                f"{len(buf):,} of {size:,} bytes")
@@ -189,13 +210,20 @@ def _recv_exactly(sock: socket.socket, size: int, what: str) -> bytes:
 def send_message(sock: socket.socket, header: Mapping[str, Any],
                  arrays: list[np.ndarray] | None) -> None:
     """A JSON header and the ``arrays`` (none: an empty frame)."""
+    send_payload(sock, header, b"" if arrays is None else arrays_to_npz(arrays))
+
+
+def send_payload(sock: socket.socket, header: Mapping[str, Any], payload: bytes) -> None:
+    """A JSON header and weights already packed by :func:`arrays_to_npz`."""
     send_frame(sock, json.dumps(dict(header)).encode())
-    send_frame(sock, b"" if arrays is None else arrays_to_npz(arrays))
+    send_frame(sock, payload)
 
 
-def recv_header(sock: socket.socket, what: str) -> dict[str, Any]:
-    """The JSON header frame: an object, else refused."""
-    raw = recv_frame(sock, MAX_HEADER_BYTES, what)
+def recv_header(sock: socket.socket, what: str,
+                timeout: float | None = None) -> dict[str, Any]:
+    """The JSON header frame (within ``timeout`` s, see :func:`recv_frame`): an object,
+    else refused."""
+    raw = recv_frame(sock, MAX_HEADER_BYTES, what, timeout)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -205,23 +233,31 @@ def recv_header(sock: socket.socket, what: str) -> dict[str, Any]:
     return header
 
 
-def recv_arrays(sock: socket.socket, what: str,
-                limit: int = MAX_WEIGHTS_BYTES) -> list[np.ndarray] | None:
-    """The weights frame as arrays (None when empty)."""
-    raw = recv_frame(sock, limit, what)
-    return npz_to_arrays(raw, what) if raw else None
+def recv_arrays(sock: socket.socket, what: str, limit: int = MAX_WEIGHTS_BYTES,
+                timeout: float | None = None) -> list[np.ndarray] | None:
+    """The weights frame as arrays (None when empty), packed and unpacked within
+    ``limit`` bytes."""
+    raw = recv_frame(sock, limit, what, timeout)
+    return npz_to_arrays(raw, what, limit) if raw else None
 
 
 def arrays_to_npz(arrays: list[np.ndarray]) -> bytes:
-    """``arrays`` in order as ``.npz`` bytes (``arr_0``, ``arr_1``, …)."""
+    """``arrays`` in order as ``.npz`` bytes (``arr_0``, ``arr_1``, …), stored
+    uncompressed."""
     buf = io.BytesIO()
     np.savez(buf, *[np.asarray(a) for a in arrays])
     return buf.getvalue()
 
 
-def npz_to_arrays(raw: bytes, what: str) -> list[np.ndarray]:
-    """The arrays of ``.npz`` bytes in order; object arrays and other names refused."""
+def npz_to_arrays(raw: bytes, what: str, limit: int = MAX_WEIGHTS_BYTES
+                  ) -> list[np.ndarray]:
+    """The arrays of ``.npz`` bytes in order; object arrays and other names refused.
+
+    The members must be stored, not deflated, and their unpacked sizes must sum to at
+    most ``limit`` bytes: a small frame cannot unpack into a large one.
+    """
     try:
+        _check_members(zipfile.ZipFile(io.BytesIO(raw)).infolist(), what, limit)
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             names = list(npz.files)
             want = [f"arr_{i}" for i in range(len(names))]
@@ -230,5 +266,17 @@ def npz_to_arrays(raw: bytes, what: str) -> list[np.ndarray]:
             return [npz[name] for name in want]
     except ChannelError:
         raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+    except (ValueError, OSError, EOFError, KeyError, NotImplementedError, RuntimeError,
+            zipfile.BadZipFile) as err:
         raise ChannelError(f"{what}: not a valid .npz of numeric arrays ({err})") from None
+
+
+def _check_members(members: list[zipfile.ZipInfo], what: str, limit: int) -> None:
+    for info in members:
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise ChannelError(f"{what}: {info.filename} is compressed or encrypted; "
+                               "the channel takes stored .npz members only")
+    unpacked = sum(info.file_size for info in members)
+    if unpacked > limit:
+        raise ChannelError(f"{what}: the arrays hold {unpacked:,} bytes unpacked, more "
+                           f"than the limit of {limit:,} bytes")

@@ -3,14 +3,17 @@
 Light on purpose: no TensorFlow, no pandas. :func:`ask_trainer` sends the global
 weights, the server's instruction and the run's resolved settings, and checks the reply
 before anything of it can reach the server: exactly the tensors it sent (count, shapes,
-dtypes), metric names from the whitelist with int or float values, an error only as
-one of :data:`client.trainer.ERROR_KINDS`.
+dtypes, in a frame no larger than 1.1 times the one sent), metric names from the
+whitelist with finite int or float values, laps as ``[name, seconds]`` pairs, an error
+only as one of :data:`ERROR_KINDS`. Any other reply raises :class:`ChannelError`, and
+the ClientApp then does the work itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import math
 import os
 import socket
 import time
@@ -27,6 +30,8 @@ from client.channel import ChannelError
 CONNECT_TIMEOUT = 5.0
 #: Seconds to wait for the trainer's reply (training included).
 REPLY_TIMEOUT = 1800.0
+#: Bytes a reply's weights frame may hold beyond 1.1 times the frame it answers.
+REPLY_SLACK_BYTES = 64 << 10
 #: Error kinds a trainer may reply with; anything else is a broken reply.
 ERROR_KINDS = ("DataError", "ValueError", "FileNotFoundError", "no-train-rows",
                "no-test-rows")
@@ -87,8 +92,9 @@ def ask_trainer(sock: Path, kind: str, node_config: Mapping[str, Any],
         if uid != os.getuid():
             raise ChannelError(f"{sock} is served by uid {uid}, not by this user")
         conn.settimeout(REPLY_TIMEOUT)
+        payload = channel.arrays_to_npz(weights)
         try:
-            channel.send_message(conn, request, weights)
+            channel.send_payload(conn, request, payload)
         except OSError as err:  # a refusal closes the connection early: read it
             try:
                 header = channel.recv_header(conn, "trainer reply")
@@ -96,8 +102,12 @@ def ask_trainer(sock: Path, kind: str, node_config: Mapping[str, Any],
                 raise ChannelError(f"sending to {sock}: {err}") from None
             _checked(header, None, kind, weights, allowed_metrics, 0.0)
             raise ChannelError(f"sending to {sock}: {err}") from None
-        header = channel.recv_header(conn, "trainer reply")
-        arrays = channel.recv_arrays(conn, "trainer reply weights")
+        header = channel.recv_header(conn, "trainer reply", REPLY_TIMEOUT)
+        # The reply's tensors are the ones sent, trained: as large, give or take the
+        # .npz's own bytes.
+        arrays = channel.recv_arrays(conn, "trainer reply weights",
+                                     int(len(payload) * 1.1) + REPLY_SLACK_BYTES,
+                                     REPLY_TIMEOUT)
     return _checked(header, arrays, kind, weights, allowed_metrics,
                     time.perf_counter() - started)
 
@@ -119,15 +129,42 @@ def _checked(header: Mapping[str, Any], arrays: list[np.ndarray] | None, kind: s
         extra = sorted(set(metrics) - set(allowed)) if isinstance(metrics, dict) else metrics
         raise ChannelError(f"trainer reply: metrics outside the whitelist: {extra!r}")
     for name, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not _is_number(value):
             raise ChannelError(f"trainer reply: metric {name!r} is not a number")
+        if not _finite(value):
+            # The trainer runs client.work, which sends -1.0 for a non-finite loss: a
+            # NaN here is a broken trainer, so the work is done again in this process.
+            raise ChannelError(f"trainer reply: metric {name!r} is not finite or out of "
+                               f"range ({str(value)[:40]})")
     if kind == "train":
         _check_like(arrays, sent)
     elif arrays is not None:
         raise ChannelError("trainer reply: an evaluate reply carries no tensors")
-    laps = [(str(n), float(s)) for n, s in header.get("laps", [])
-            if isinstance(s, int | float)]
-    return TrainerReply(arrays, dict(metrics), None, laps, seconds)
+    return TrainerReply(arrays, dict(metrics), None, _laps(header.get("laps", [])),
+                        seconds)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite(value: int | float) -> bool:
+    """A finite float, or an int that fits a metric record's int64."""
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return math.isfinite(value)
+
+
+def _laps(laps: object) -> list[tuple[str, float]]:
+    """The trainer's laps: a list of ``[name, seconds]`` pairs with finite seconds."""
+    def lap(item: object) -> bool:
+        return (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and _is_number(item[1]) and _finite(item[1]))
+
+    if not isinstance(laps, list) or not all(lap(item) for item in laps):
+        raise ChannelError(f"trainer reply: laps must be [name, seconds] pairs, not "
+                           f"{str(laps)[:80]}")
+    return [(name, float(seconds)) for name, seconds in laps]
 
 
 def _check_like(arrays: list[np.ndarray] | None, sent: list[np.ndarray]) -> None:

@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -37,8 +38,10 @@ from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 
-#: Seconds a connection may take to send each frame of its request.
+#: Seconds a connection may take to send each frame of its request (the whole frame).
 READ_TIMEOUT = 60.0
+#: Seconds a connection may take to read the reply.
+SEND_TIMEOUT = 60.0
 #: Connections served at once beyond which new ones are refused as busy.
 MAX_CONNECTIONS = 8
 #: Snapshot sets kept (one per distinct snapshot settings of the runs served).
@@ -121,7 +124,7 @@ class WarmWork:
 
     def __call__(self, request: Mapping[str, Any], weights: list[np.ndarray] | None) -> Reply:
         """Serve one checked request: train or evaluate the global ``weights``."""
-        from client.work import evaluate_reply, global_round, train_reply
+        from client.work import SCORE_VALIDATION_KEY, evaluate_reply, global_round, train_reply
         from common.schema import DataError
 
         timer = HandlerTimer()
@@ -143,10 +146,20 @@ class WarmWork:
                 test = snaps.split_part("test")
                 if len(test) == 0:
                     return {"status": "error", "error": "no-test-rows"}, None
-                out, metrics = None, evaluate_reply(settings, test, weights or [], timer)
+                # The server's last round: its model is scored on the validation rows too.
+                val = snaps.split_part("val") if config.get(SCORE_VALIDATION_KEY) else None
+                out, metrics = None, evaluate_reply(settings, test, weights or [], timer,
+                                                    val=val)
                 what = f"evaluate round {config.get('server-round', '?')}"
-        log.info("%s", timer.summary(what))
+        log.info("%s", request_timing(what, timer.laps()))
         return {"status": "ok", "metrics": metrics, "laps": timer.laps()}, out
+
+
+def request_timing(what: str, laps: list[tuple[str, float]]) -> str:
+    """The trainer's line for one request: its own seconds and their laps (the
+    ClientApp's line gives its process's age; the trainer's age would say nothing)."""
+    spent = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in laps)
+    return f"{what}: {sum(s for _, s in laps):.2f} s in the trainer; {spent}"
 
 
 class TrainerServer:
@@ -175,9 +188,11 @@ class TrainerServer:
         self.data, self.work = data, work
         self.allowed_uid = os.getuid() if allowed_uid is None else allowed_uid
         self.served = 0  # requests answered with the work's reply
+        self.refused = 0  # connections turned away (peer, request or busy)
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
         self._token = ""
+        self._bound: tuple[int, int] | None = None
         self._stop = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._count = threading.Lock()
@@ -204,12 +219,31 @@ class TrainerServer:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        try:
+            self._stale_socket()  # a path that is not a socket is refused before listening
+        except ChannelError:
+            self.close()
+            raise
+
+    def _stale_socket(self) -> bool:
+        """Whether a socket file is left at the path (by a trainer that was killed: the
+        lock says none serves it); refused when something else is there."""
+        try:
+            info = self.sock_path.lstat()
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISSOCK(info.st_mode):
+            what = "a symlink" if stat.S_ISLNK(info.st_mode) else \
+                "a folder" if stat.S_ISDIR(info.st_mode) else "a file"
+            raise ChannelError(f"{self.sock_path} exists and is not a socket ({what}): "
+                               "not replacing it; remove it or choose another socket path")
+        return True
 
     def listen(self) -> None:
         """Write a fresh token and listen; a stale socket file (left by a trainer that
-        was killed) is replaced."""
+        was killed) is replaced, anything else at the path is refused."""
         assert self._lock_fd is not None, "claim() first"
-        if self.sock_path.exists() or self.sock_path.is_symlink():
+        if self._stale_socket():
             log.info("replacing the stale socket %s", self.sock_path)
             self.sock_path.unlink()
         self._token = channel.write_token(self.token_path)
@@ -219,9 +253,18 @@ class TrainerServer:
             listener.bind(str(self.sock_path))
         finally:
             os.umask(old)
+        self._bound = self._identity()
         listener.listen(16)
         listener.settimeout(0.5)  # so that stop() is noticed
         self._listener = listener
+
+    def _identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the socket file, None when it is gone."""
+        try:
+            info = self.sock_path.lstat()
+        except FileNotFoundError:
+            return None
+        return info.st_dev, info.st_ino
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return."""
@@ -232,8 +275,10 @@ class TrainerServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                self.sock_path.unlink()
+            if self._bound is not None and self._identity() == self._bound:
+                # Only the socket this trainer bound: never a file put there since.
+                with contextlib.suppress(FileNotFoundError):
+                    self.sock_path.unlink()
             with contextlib.suppress(FileNotFoundError):
                 self.token_path.unlink()
         if self._lock_fd is not None:
@@ -262,7 +307,7 @@ class TrainerServer:
                 continue
             if not self._slots.acquire(blocking=False):
                 with contextlib.closing(conn):
-                    self._refuse(conn, f"busy: {MAX_CONNECTIONS} requests under way")
+                    self._turn_away(conn, f"busy: {MAX_CONNECTIONS} requests under way")
                 continue
             threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
 
@@ -280,40 +325,33 @@ class TrainerServer:
             self._slots.release()
 
     def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(READ_TIMEOUT)
-        uid = channel.peer_uid(conn)
-        if uid != self.allowed_uid:
-            log.warning("refused a connection from uid %d (only uid %d may connect)",
-                        uid, self.allowed_uid)
-            self._refuse(conn, f"uid {uid} may not use this trainer")
-            return
         try:
-            request = channel.recv_header(conn, "request")
+            request, weights = self._read_request(conn)
         except ChannelError as err:
-            log.warning("refused a request: %s", err)
-            self._refuse(conn, str(err))
+            self._turn_away(conn, str(err))
             return
-        if not channel.same_token(request.get("token"), self._token):
-            log.warning("refused a request with a wrong token")
-            self._refuse(conn, f"wrong token (read it from {self.token_path})")
-            return
-        problem = self._check(request)
-        if problem:
-            log.warning("refused a request: %s", problem)
-            self._refuse(conn, problem)
-            return
-        try:
-            weights = channel.recv_arrays(conn, "request weights")
-        except ChannelError as err:
-            log.warning("refused a request: %s", err)
-            self._refuse(conn, str(err))
-            return
-        conn.settimeout(None)
-        request.pop("token")  # the work never sees it
         header, arrays = self.work(request, weights)
         with self._count:
             self.served += 1
+        conn.settimeout(SEND_TIMEOUT)
         channel.send_message(conn, header, arrays)
+
+    def _read_request(self, conn: socket.socket
+                      ) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+        """The checked request and its weights (the token removed: the work never sees
+        it); ChannelError names why one is refused. Each frame must arrive within
+        :data:`READ_TIMEOUT` s, however slowly the peer sends it."""
+        uid = channel.peer_uid(conn)
+        if uid != self.allowed_uid:
+            raise ChannelError(f"uid {uid} may not use this trainer (only uid "
+                               f"{self.allowed_uid} may connect)")
+        request = channel.recv_header(conn, "request", READ_TIMEOUT)
+        if not channel.same_token(request.pop("token", None), self._token):
+            raise ChannelError(f"wrong token (read it from {self.token_path})")
+        problem = self._check(request)
+        if problem:
+            raise ChannelError(problem)
+        return request, channel.recv_arrays(conn, "request weights", timeout=READ_TIMEOUT)
 
     def _check(self, request: Mapping[str, Any]) -> str | None:
         if request.get("protocol") != channel.PROTOCOL:
@@ -329,9 +367,13 @@ class TrainerServer:
                     f"not {request.get('data-path')} (format {request.get('format')})")
         return None
 
-    @staticmethod
-    def _refuse(conn: socket.socket, reason: str) -> None:
+    def _turn_away(self, conn: socket.socket, reason: str) -> None:
+        """Log and count a refusal, and tell the peer why (when it still listens)."""
+        log.warning("refused a request: %s", reason)
+        with self._count:
+            self.refused += 1
         with contextlib.suppress(OSError):
+            conn.settimeout(SEND_TIMEOUT)
             channel.send_message(conn, {"status": "refused", "reason": reason}, None)
 
 

@@ -8,6 +8,8 @@ ClientApp's reply through the trainer against the one it computes itself.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -232,7 +234,40 @@ def test_a_client_that_dies_mid_request_does_not_stop_the_trainer(
         conn.connect(str(sock))
         conn.sendall(frame(header) + weights)
     assert ask(data_file, sock).error is None
-    assert server.served >= 1
+    # Every connection is accounted for: the three partial ones refused, never served.
+    wait_for(lambda: server.served + server.refused == 5, 10, "the five connections",
+             Path(os.devnull))
+    assert (server.served, server.refused) == (2, 3)
+    assert len(echo[1].requests) == 2
+
+
+def test_a_slow_drip_peer_loses_its_slot(echo, data_file: Path, sock: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read limit is per frame: a byte every 0.1 s does not keep the connection."""
+    server, work = echo
+    monkeypatch.setattr("client.trainer.READ_TIMEOUT", 0.6)
+    header = frame(json.dumps(request_header(sock, data_file)).encode())
+    started = time.monotonic()
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(str(sock))
+        conn.settimeout(0.1)
+        reply = b""
+        for byte in header[:80]:  # 8 s of drip, unless the trainer hangs up
+            try:
+                conn.sendall(bytes([byte]))
+                reply += conn.recv(4096)
+                break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        conn.settimeout(5)
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(4096):
+                reply += chunk
+    assert time.monotonic() - started < 3
+    assert b"not received within 0.6 s" in reply
+    assert server.refused == 1 and work.requests == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,12 +286,66 @@ def test_a_client_that_dies_mid_request_does_not_stop_the_trainer(
     (({"status": "ok", "metrics": {}}, [*WEIGHTS, np.arange(3)]), "unlike"),
     (({"status": "error", "error": "rows u1,u2 are bad"}, None), "unexpected error"),
     (({"status": "done"}, None), "unknown status"),
+    (({"status": "ok", "metrics": {"train_loss": float("nan")}}, WEIGHTS), "not finite"),
+    (({"status": "ok", "metrics": {"train_loss": float("-inf")}}, WEIGHTS), "not finite"),
+    (({"status": "ok", "metrics": {"num-examples": 10**30}}, WEIGHTS), "not finite"),
+    (({"status": "ok", "metrics": {}, "laps": [1]}, WEIGHTS), "laps"),
+    (({"status": "ok", "metrics": {}, "laps": 5}, WEIGHTS), "laps"),
+    (({"status": "ok", "metrics": {}, "laps": "ab"}, WEIGHTS), "laps"),
+    (({"status": "ok", "metrics": {}, "laps": [["fit", "1"]]}, WEIGHTS), "laps"),
+    (({"status": "ok", "metrics": {}, "laps": [[3, 1.0]]}, WEIGHTS), "laps"),
+    (({"status": "ok", "metrics": {}, "laps": [["fit", 1.0, 2]]}, WEIGHTS), "laps"),
+    (({"status": "ok", "metrics": {}, "laps": [["fit", float("nan")]]}, WEIGHTS), "laps"),
+    (({"status": "ok", "metrics": {}, "laps": [["fit", True]]}, WEIGHTS), "laps"),
+    (({"status": "ok", "metrics": {}}, [WEIGHTS[0], np.ones(100_000, np.float32)]),
+     "exceeds the limit of"),
 ])
 def test_replies_outside_the_whitelist_are_refused(echo, data_file: Path, sock: Path,
                                                    reply: Any, message: str) -> None:
     echo[1].reply = reply
     with pytest.raises(ChannelError, match=message):
         ask(data_file, sock)
+
+
+def test_a_malformed_reply_falls_back_to_the_clientapps_own_work(
+        echo, data_file: Path, sock: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.app import warm_reply
+    from client.timer import HandlerTimer
+
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config=node(data_file, sock))
+    msg = _message("evaluate", WEIGHTS, {"server-round": 1})
+    for laps in ([1], 5, "ab"):
+        echo[1].reply = ({"status": "ok", "metrics": {"num-examples": 1}, "laps": laps}, None)
+        assert warm_reply(msg, context, "evaluate", {}, HandlerTimer()) is None, laps
+    echo[1].reply = ({"status": "ok", "metrics": {"num-examples": 1},
+                      "laps": [["evaluate", 0.25]]}, None)
+    handed = warm_reply(msg, context, "evaluate", {}, HandlerTimer())
+    assert handed is not None and dict(handed.content.metric_records["metrics"]) == {
+        "num-examples": 1}
+
+
+def test_weights_must_be_stored_and_within_the_limit(echo, data_file: Path,
+                                                     sock: Path) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, np.zeros(1 << 20, np.float32))  # 4 MiB in about 4 KB
+    packed = buf.getvalue()
+    assert len(packed) < 10_000
+    with pytest.raises(ChannelError, match="arr_0.npy is compressed"):
+        channel.npz_to_arrays(packed, "weights")
+    header = json.dumps(request_header(sock, data_file)).encode()
+    reply = raw_request(sock, [frame(header), frame(packed)])
+    assert "request weights: arr_0.npy is compressed" in reply["reason"]
+    stored = channel.arrays_to_npz(WEIGHTS)
+    # Each .npy member: a 128-byte header, then 6 or 4 float32 values (24 and 16 bytes).
+    with pytest.raises(ChannelError, match="hold 296 bytes unpacked, more than the limit "
+                                           "of 295 bytes"):
+        channel.npz_to_arrays(stored, "weights", limit=295)
+    got = channel.npz_to_arrays(stored, "weights", limit=296)
+    assert [a.tolist() for a in got] == [w.tolist() for w in WEIGHTS]
+    assert echo[1].requests == []
 
 
 def test_an_evaluate_reply_carries_no_tensors(echo, data_file: Path, sock: Path) -> None:
@@ -279,8 +368,11 @@ def test_a_second_trainer_on_the_same_socket_is_refused(echo, data_file: Path,
     assert ask(data_file, sock).error is None  # the first one is untouched
 
 
-def test_restart_after_a_kill_replaces_the_stale_socket(tmp_path: Path, data_file: Path,
-                                                        sock: Path) -> None:
+@pytest.fixture
+def stub_trainer(tmp_path: Path, data_file: Path, sock: Path
+                 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """The stub trainer (``drivers/stub_trainer.py``) serving ``sock`` in its own process,
+    and its log; killed on the way out if the test left it running."""
     log = tmp_path / "stub.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, str(driver("stub_trainer")), str(sock),
@@ -288,11 +380,20 @@ def test_restart_after_a_kill_replaces_the_stale_socket(tmp_path: Path, data_fil
     try:
         wait_for(lambda: sock.is_socket() and channel.token_path(sock).exists(), 60,
                  "the stub trainer", log)
-        assert ask(data_file, sock).error is None
-        old_token = channel.read_token(channel.token_path(sock))
+        yield proc, log
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_restart_after_a_kill_replaces_the_stale_socket(stub_trainer, data_file: Path,
+                                                        sock: Path) -> None:
+    proc, _ = stub_trainer
+    assert ask(data_file, sock).error is None
+    old_token = channel.read_token(channel.token_path(sock))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
     assert sock.is_socket()  # left behind: nobody listens
     with pytest.raises(ChannelError, match="stale socket"):
         ask(data_file, sock)
@@ -302,25 +403,40 @@ def test_restart_after_a_kill_replaces_the_stale_socket(tmp_path: Path, data_fil
     assert not sock.exists() and not channel.token_path(sock).exists()
 
 
-def test_sigterm_stops_the_trainer_and_removes_its_files(tmp_path: Path, data_file: Path,
-                                                         sock: Path) -> None:
-    log = tmp_path / "stub.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, str(driver("stub_trainer")), str(sock),
-                                 str(data_file)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: sock.is_socket(), 60, "the stub trainer", log)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+def test_sigterm_stops_the_trainer_and_removes_its_files(stub_trainer, sock: Path) -> None:
+    proc, log = stub_trainer
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0, log.read_text()
     assert not sock.exists() and not channel.token_path(sock).exists()
     deadline = time.monotonic() + 1
     while time.monotonic() < deadline and "stopped" not in log.read_text():
         time.sleep(0.05)
     assert "stopped" in log.read_text()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_file_that_is_not_a_socket_is_never_replaced(
+        tmp_path: Path, data_file: Path, sock: Path, kind: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    if kind == "file":
+        sock.write_text("keep me")
+    else:
+        sock.symlink_to(precious)
+    server = TrainerServer(sock, MerchantFile(str(data_file)), EchoWork())
+    with pytest.raises(ChannelError, match=f"{sock} exists and is not a socket"):
+        server.start()
+    server.close()
+    assert sock.is_symlink() == (kind == "symlink") and sock.read_text() == "keep me"
+    assert precious.read_text() == "keep me" and not channel.token_path(sock).exists()
+
+    from simulations.cli import main
+
+    assert main(["merchant", "serve", "--data-path", str(data_file), "--socket",
+                 str(sock)]) == 2
+    assert f"{sock} exists and is not a socket" in capsys.readouterr().err
+    assert sock.read_text() == "keep me"
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,7 +469,8 @@ def _records(reply: Any) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_replies_through_the_trainer_match_the_clientapps_own(tmp_path: Path) -> None:
+def test_replies_through_the_trainer_match_the_clientapps_own(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from flwr.app import Context, RecordDict
 
     from client.app import (
@@ -368,7 +485,7 @@ def test_replies_through_the_trainer_match_the_clientapps_own(tmp_path: Path) ->
     from client.shards import ShardCache
     from client.timer import HandlerTimer
     from client.trainer import WarmWork
-    from client.work import PRE_EVALUATE_KEY
+    from client.work import PRE_EVALUATE_KEY, SCORE_VALIDATION_KEY
     from common.config import SnapshotConfig
     from common.io import write_events
     from common.model import build_model, weights_of
@@ -396,12 +513,15 @@ def test_replies_through_the_trainer_match_the_clientapps_own(tmp_path: Path) ->
 
     settings = data(context)[0]
     start = weights_of(build_model(settings.model, settings.snapshots, seed=3))
-    config = {"server-round": 2, "local-epochs": 1, PRE_EVALUATE_KEY: True}
+    # The server's last round asks the evaluate reply for the validation loss too.
+    config = {"server-round": 2, "local-epochs": 1, PRE_EVALUATE_KEY: True,
+              SCORE_VALIDATION_KEY: True}
     ids = set(part["user_id"].astype(str)) | set(part["item_id"].astype(str))
 
     work = WarmWork(MerchantFile(str(path), "canonical"))
     work.load()
     server = TrainerServer(sock, work.data, work)
+    caplog.set_level("INFO", logger="client.trainer")
     with running(server):
         for kind, handle, allowed in (("train", handle_train, TRAIN_METRICS),
                                       ("evaluate", handle_evaluate, EVALUATE_METRICS)):
@@ -415,6 +535,9 @@ def test_replies_through_the_trainer_match_the_clientapps_own(tmp_path: Path) ->
             assert set(got) <= set(allowed) and set(got) == set(want)
             if kind == "train":
                 assert {"pre_val_loss", "pre_eval_loss"} <= set(got)  # one message a round
+            else:
+                assert {"pre_val_loss", "val_examples"} <= set(got)
+                assert got["val_examples"] == want["val_examples"] > 0
             for name in want:
                 if name != "fit_seconds":
                     assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-5), name
@@ -426,6 +549,11 @@ def test_replies_through_the_trainer_match_the_clientapps_own(tmp_path: Path) ->
             text = json.dumps({k: str(v) for k, v in got.items()})
             assert not [i for i in ids if len(i) > 3 and i in text]
         assert server.served == 2
+    # The trainer's lines give each request's own time, not the trainer's age.
+    lines = [r.getMessage() for r in caplog.records if r.name == "client.trainer"
+             and " round 2: " in r.getMessage()]
+    assert len(lines) == 2 and all(" s in the trainer; data " in line for line in lines)
+    assert not [line for line in lines if "process start" in line]
 
 
 def test_serve_refuses_a_bad_file_before_listening(tmp_path: Path, sock: Path,
