@@ -34,6 +34,7 @@ from client.channel import ChannelError
 from client.config import cached_settings
 from client.timer import HandlerTimer
 from common.config import SnapshotConfig
+from common.protocol import SCORE_VALIDATION_KEY
 from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class WarmWork:
 
     def __call__(self, request: Mapping[str, Any], weights: list[np.ndarray] | None) -> Reply:
         """Serve one checked request: train or evaluate the global ``weights``."""
-        from client.work import SCORE_VALIDATION_KEY, evaluate_reply, global_round, train_reply
+        from client.work import evaluate_reply, global_round, train_reply
         from common.schema import DataError
 
         timer = HandlerTimer()

@@ -485,10 +485,10 @@ def test_replies_through_the_trainer_match_the_clientapps_own(
     from client.shards import ShardCache
     from client.timer import HandlerTimer
     from client.trainer import WarmWork
-    from client.work import PRE_EVALUATE_KEY, SCORE_VALIDATION_KEY
     from common.config import SnapshotConfig
     from common.io import write_events
     from common.model import build_model, weights_of
+    from common.protocol import PRE_EVALUATE_KEY, SCORE_VALIDATION_KEY
     from simulations.apps import deployment_config
     from simulations.experiment import shared_calendar
     from simulations.synth import generate_federation, load_preset, synth_config_from_preset
