@@ -270,3 +270,17 @@ def test_quadrature_agreement_against_many_points(small) -> None:
     assert rows[0]["completeness_gap"] == pytest.approx(np.abs(one.delta).mean(), rel=1e-5)
     # More points, a smaller gap.
     assert rows[0]["completeness_gap"] > rows[1]["completeness_gap"] > exact["completeness_gap"]
+
+
+def test_overdue_needs_a_usual_gap_of_a_day_at_least() -> None:
+    """Items of one basket make gaps of minutes: a day's absence is then not 'overdue'."""
+    from types import SimpleNamespace
+
+    from common.reasons.text import _overdue
+
+    facts = SimpleNamespace(overdue=np.array([28.6, 3.0, 1.5]),
+                            usual_gap_days=np.array([0.01, 4.0, 4.0]),
+                            recency_days=np.array([1.0, 12.0, 6.0]))
+    assert _overdue(facts, 0) is None  # type: ignore[arg-type]
+    assert _overdue(facts, 1) == "last visit 12 days ago, 3.0\u00d7 the usual gap of 4 days"  # type: ignore[arg-type]
+    assert _overdue(facts, 2) is None  # type: ignore[arg-type]

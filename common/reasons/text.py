@@ -23,6 +23,9 @@ TOP_REASONS = 3
 MIN_DROP = 0.2
 #: "Overdue" from this multiple of the customer's usual gap between events.
 OVERDUE_RATIO = 2.0
+#: Shortest usual gap an "overdue" reason compares with: several events at one visit
+#: (a basket's items) make gaps of minutes, against which any absence looks overdue.
+OVERDUE_MIN_GAP_DAYS = 1.0
 #: "No purchase" from this many days.
 INACTIVE_DAYS = 7.0
 
@@ -109,7 +112,7 @@ def _inactive(f: Facts, i: int) -> str | None:
 
 
 def _overdue(f: Facts, i: int) -> str | None:
-    if f.overdue[i] < OVERDUE_RATIO:
+    if f.overdue[i] < OVERDUE_RATIO or f.usual_gap_days[i] < OVERDUE_MIN_GAP_DAYS:
         return None
     return (f"last visit {_days(f.recency_days[i])} ago, {f.overdue[i]:.1f}\u00d7 the usual "
             f"gap of {_days(f.usual_gap_days[i])}")
