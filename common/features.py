@@ -36,7 +36,18 @@ STATIC_FEATURES: tuple[str, ...] = (
     "log_tenure_days",
     "log_n_categories",
 )
-#: Purchase cadence at the cutoff, after ``STATIC_FEATURES`` in ``Features.static``. Gaps
+#: How a customer answers: the funnel's rates and how focused the customer is, over the
+#: observation window, after ``STATIC_FEATURES`` in ``Features.static``. Rates are
+#: smoothed, ``log((a + 1) / (b + 2))``, so a log without views or favourites gives a
+#: constant. Customers differ in what moves them (a push, a coupon, a recommendation), and
+#: these are what of it their behaviour shows; the LSTM, GBDT and LR read them.
+RESPONSE_FEATURES: tuple[str, ...] = (
+    "top_category_share",  # share of the window's events in its most frequent category
+    "log_click_per_view",
+    "log_favorite_per_click",  # favourites per click that was not carted
+    "log_purchase_per_cart",
+)
+#: Purchase cadence at the cutoff, after ``RESPONSE_FEATURES`` in ``Features.static``. Gaps
 #: in days, each ``log1p``-ed. "window": gaps between consecutive events inside the
 #: observation window; "recent": the last ``max_len`` gaps before the cutoff (the events
 #: the batch scorer and the monitor keep, so every path computes the same number);
@@ -57,7 +68,8 @@ CADENCE_FEATURES: tuple[str, ...] = (
     "log_value_per_event",  # value sum / events in the observation window
 )
 #: Every aggregate column of ``Features.static``, in order.
-AGGREGATE_FEATURES: tuple[str, ...] = (*STATIC_FEATURES, *CADENCE_FEATURES)
+AGGREGATE_FEATURES: tuple[str, ...] = (*STATIC_FEATURES, *RESPONSE_FEATURES,
+                                      *CADENCE_FEATURES)
 #: The count windows of the cadence features, in days.
 COUNT_WINDOWS_DAYS: tuple[float, ...] = (7.0, 30.0)
 #: Events older than this many tau before a cutoff add less than e^-30 to I(T): skipped.
@@ -121,12 +133,15 @@ class SortedLog:
         return np.searchsorted(self.key, users * self.span + sec, side="left")
 
     @classmethod
-    def from_events(cls, events: pd.DataFrame, config: SnapshotConfig) -> SortedLog:
+    def from_events(cls, events: pd.DataFrame, config: SnapshotConfig,
+                    category_names: np.ndarray | None = None) -> SortedLog:
         """The log of a canonical event frame (see ``common.schema``).
 
         ``t0`` is ``config.start`` or the first event's midnight; with ``config.start`` or
         ``config.end`` set, events outside that calendar are left out. A user is the pair
-        (merchant, user id), coded in sorted order.
+        (merchant, user id), coded in sorted order. Categories are coded in order of
+        first appearance, or as their index in ``category_names`` when given (a part of
+        a larger log, coded as in the whole: :func:`category_order` of it).
         """
         if len(events) == 0:
             raise DataError("no events to build snapshots from")
@@ -162,7 +177,14 @@ class SortedLog:
             events["category_id"] if "category_id" in events
             else pd.Series(DEFAULT_CATEGORY, index=events.index)
         )
-        cat_code, cat_names = pd.factorize(categories.astype(object).fillna(DEFAULT_CATEGORY))
+        named = categories.astype(object).fillna(DEFAULT_CATEGORY)
+        if category_names is None:
+            cat_code, cat_names = pd.factorize(named)
+        else:
+            cat_names = category_names
+            cat_code = pd.Index(cat_names).get_indexer(named)
+            if (cat_code < 0).any():
+                raise ValueError("category_names lacks categories of these events")
         cat_names = np.asarray(cat_names, dtype=object)
         value = (
             events["value"].to_numpy(dtype=np.float64, na_value=0.0)
@@ -196,6 +218,16 @@ class SortedLog:
             t0=t0,
             t_end=t_end,
         )
+
+
+def category_order(events: pd.DataFrame) -> np.ndarray | None:
+    """The category names of ``events`` in the order :meth:`SortedLog.from_events` codes
+    them (first appearance, a missing one as ``DEFAULT_CATEGORY``); None without a
+    ``category_id`` column. Computed without an object per event."""
+    if "category_id" not in events:
+        return None
+    seen = pd.Series(events["category_id"].unique()).astype(object).fillna(DEFAULT_CATEGORY)
+    return np.asarray(pd.unique(seen.to_numpy(dtype=object)), dtype=object)
 
 
 def utc(value: str) -> pd.Timestamp:
@@ -302,6 +334,7 @@ def features_at(lg: SortedLog, at: float, config: SnapshotConfig,
         np.log1p(history),
         np.log1p(tenure),
         np.log1p(n_cats),
+        _response(counts, rows, lg.cat_code[win], len(lg.cat_names)),
         _cadence(lg, at, config, begin, end, start, rows, win, value_sum, recency,
                  history, first),
     ]).astype(np.float32)
@@ -309,6 +342,29 @@ def features_at(lg: SortedLog, at: float, config: SnapshotConfig,
     fading = _fading_category(lg, idx, valid, at, tau, config.horizon_days * DAY)
     return Features(users, event_ids.astype(np.int32), cat_ids.astype(np.int32), numeric,
                     static, interest_now, fading)
+
+
+def _response(counts: np.ndarray, rows: np.ndarray, codes: np.ndarray,
+              n_codes: int) -> np.ndarray:
+    """``RESPONSE_FEATURES`` from the window's event ``counts`` [N, event types] and the
+    category ``codes`` of its events (``rows`` grouped, ascending)."""
+    view, click, cart, fav, buy = (counts[:, EVENT_TYPES.index(e)].astype(np.float64)
+                                   for e in EVENT_TYPES)
+
+    def rate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.log((a + 1.0) / (b + 2.0))
+
+    n = len(counts)
+    pairs = rows.astype(np.int64) * n_codes + codes
+    if n * n_codes <= 8 * len(pairs):
+        top = np.bincount(pairs, minlength=n * n_codes).reshape(n, n_codes).max(axis=1)
+    else:
+        uniq, per = np.unique(pairs, return_counts=True)
+        top = np.zeros(n, dtype=np.int64)
+        np.maximum.at(top, uniq // n_codes, per)
+    share = top / np.maximum(counts.sum(axis=1), 1)
+    return np.column_stack([share, rate(click, view), rate(fav, np.maximum(click - cart, 0)),
+                            rate(buy, cart)])
 
 
 def _cadence(lg: SortedLog, at: float, config: SnapshotConfig, begin: np.ndarray,

@@ -122,15 +122,27 @@ def shared_calendar(events: pd.DataFrame, config: SnapshotConfig) -> SnapshotCon
     return dataclasses.replace(config, start=start, end=end)
 
 
-def prepare(exp: Experiment, *, progress: Progress = SILENT) -> PreparedData:
-    """Load or generate the data and build the snapshots every method shares."""
+#: Events a chunk of merchants brings to the snapshot builder at most (unless one
+#: merchant has more): its working arrays, a few hundred bytes an event, stay under ~1 GB
+#: whatever the number of merchants (:mod:`common.snapshots.chunks`).
+CHUNK_EVENTS = 2_000_000
+
+
+def prepare(exp: Experiment, *, progress: Progress = SILENT,
+            chunk_events: int = CHUNK_EVENTS) -> PreparedData:
+    """Load or generate the data and build the snapshots every method shares.
+
+    The snapshots are built in chunks of whole merchants of about ``chunk_events``
+    events (0: the whole log at once); the result is the same either way.
+    """
     started = time.perf_counter()
     what = "generating events" if exp.synthetic is not None else "loading events"
     with progress.task(what, total=1, unit="logs") as task:
         events, interventions, truth = load_source(exp)
         task.advance(1, events=len(events))
     snap_cfg = shared_calendar(events, exp.snapshots)
-    snaps, report = build_snapshots(events, snap_cfg, interventions, progress=progress)
+    snaps, report = build_snapshots(events, snap_cfg, interventions, progress=progress,
+                                    chunk_events=chunk_events)
     sizes = pd.Series(snaps.merchant_id[snaps.split == 0].astype(str)).value_counts()
     keep = sorted(sizes[sizes >= max(exp.data.min_merchant_snapshots, 1)].index.tolist())
     dropped = sorted(set(events["merchant_id"].astype(str).unique()) - set(keep))

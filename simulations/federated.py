@@ -17,7 +17,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from common.progress import SILENT, Progress
+import numpy as np
+
+from common import atomic
+from common.progress import SILENT, Progress, Task
 from common.snapshots import Snapshots
 from simulations.baselines import MethodResult, splits
 from simulations.experiment import PreparedData
@@ -27,24 +30,47 @@ from simulations.tracking import NO_TRACKING, Tracker, round_scalars
 log = logging.getLogger(__name__)
 
 
-def write_shards(data: PreparedData, shard_dir: Path) -> list[Path]:
-    """One events (and interventions) Parquet file per merchant, named by partition id."""
+def write_shards(data: PreparedData, shard_dir: Path, task: Task | None = None) -> list[Path]:
+    """One events (and interventions) Parquet file per merchant, named by partition id.
+
+    Merchant by merchant: each one's rows are taken from the pooled log, written and
+    freed, so the log is never held twice; each file is written whole or not at all
+    (:func:`common.atomic.replacing`). ``task`` advances by one a merchant.
+    """
     shard_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    # One pass over the log (a mask per merchant would be merchants x events).
-    events = dict(tuple(data.events.groupby(data.events["merchant_id"].astype(str),
-                                            observed=True, sort=False)))
+    events = _rows_by_merchant(data.events)
     iv = data.interventions
-    inter = dict(tuple(iv.groupby(iv["merchant_id"].astype(str), observed=True,
-                                  sort=False))) if len(iv) else {}
+    inter = _rows_by_merchant(iv) if len(iv) else {}
+    paths = []
     for pid, merchant in enumerate(data.merchants):
         path = shard_dir / f"{pid:05d}.parquet"
-        events[merchant].to_parquet(path, index=False)
+        _write_parquet(data.events.take(events[merchant]), path)
         if merchant in inter:
-            inter[merchant].to_parquet(shard_dir / f"{pid:05d}-interventions.parquet",
-                                       index=False)
+            _write_parquet(iv.take(inter[merchant]),
+                           shard_dir / f"{pid:05d}-interventions.parquet")
         paths.append(path)
+        if task is not None:
+            task.advance(1)
     return paths
+
+
+def _rows_by_merchant(frame: Any) -> dict[str, np.ndarray]:
+    """Row positions of each merchant (by its id as a string), in the frame's order:
+    one pass over the log (a mask per merchant would be merchants x events), without a
+    string object per row."""
+    groups = frame.groupby("merchant_id", observed=True, sort=False).indices
+    rows: dict[str, np.ndarray] = {}
+    for key, positions in groups.items():
+        name = str(key)
+        rows[name] = np.sort(np.concatenate([rows[name], positions])) if name in rows \
+            else positions
+    return rows
+
+
+def _write_parquet(frame: Any, path: Path) -> None:
+    # Not fsynced: a shard is rewritten by the next run; the rename keeps it whole.
+    with atomic.replacing(path, durable=False) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path, *,
@@ -52,8 +78,7 @@ def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path, *,
     """The flat run config every app gets: the experiment plus paths and the calendar."""
     shard_dir = run_dir / "shards"
     with progress.task("writing shards", total=len(data.merchants), unit="merchants") as task:
-        write_shards(data, shard_dir)
-        task.advance(len(data.merchants))
+        write_shards(data, shard_dir, task)
     eval_path = run_dir / "eval.npz"
     s = data.snapshots
     s.subset(s.split > 0).save(eval_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 
 from common.config import SnapshotConfig
 from common.features import DAY, SortedLog, features_at, interest_at, utc
-from common.progress import SILENT, Progress
+from common.progress import SILENT, Progress, Task
 from common.snapshots.container import SPLITS, Snapshots
 from common.snapshots.cutoffs import plan_cutoffs
 from common.snapshots.interventions import attach_interventions
@@ -24,6 +25,7 @@ def build_snapshots(
     interventions: pd.DataFrame | None = None,
     *,
     progress: Progress = SILENT,
+    chunk_events: int = 0,
 ) -> tuple[Snapshots, SnapshotReport]:
     """Build labelled, time-split snapshots from a canonical event log.
 
@@ -32,55 +34,91 @@ def build_snapshots(
     events : canonical event frame (see ``common.schema``).
     config : snapshot parameters.
     interventions : optional canonical interventions frame.
-    progress : reports the cutoffs done.
+    progress : reports the cutoffs done (the merchants done when built in chunks).
+    chunk_events : when > 0 and the calendar is fixed (``config.start`` and
+        ``config.end``), build whole merchants at a time, about this many events a
+        chunk, so the builder's working arrays (a few hundred bytes an event) never
+        cover the whole log; the result is the same (:mod:`common.snapshots.chunks`).
     """
+    if chunk_events > 0:
+        from common.snapshots.chunks import build_in_chunks
+
+        return build_in_chunks(events, config, interventions, chunk_events=chunk_events,
+                               progress=progress)
     lg = SortedLog.from_events(events, config)
     plan, skipped = plan_cutoffs(lg.t_end, config)
+    with progress.task("building snapshots", total=sum(len(plan[s]) for s in SPLITS),
+                       unit="cutoffs") as task:
+        built = build_log(lg, plan, config, interventions, task)
+    report = make_report(built.snapshots, lg.t0, plan, skipped, built.empty,
+                         (built.unmatched, built.unobserved))
+    log.info("built %d snapshots from %d events", len(built.snapshots), len(lg.t))
+    return built.snapshots, report
+
+
+@dataclasses.dataclass
+class BuiltLog:
+    """The snapshots of one log, with what merging several logs' snapshots needs."""
+
+    snapshots: Snapshots
+    slot: np.ndarray  # int32 [N]: each row's cutoff, numbered in plan order (train, val, test)
+    empty: np.ndarray  # bool [cutoffs]: cutoffs without an active user, in plan order
+    unmatched: int  # interventions without a snapshot to attach to
+    unobserved: int  # interventions whose response window runs past the log
+
+
+def build_log(lg: SortedLog, plan: dict[str, list[float]], config: SnapshotConfig,
+              interventions: pd.DataFrame | None, task: Task) -> BuiltLog:
+    """Every cutoff's labelled snapshots of ``lg``, interventions attached; ``task``
+    advances by one a cutoff."""
     # A cutoff with no event in its observation window yields nothing; finding that by
     # binary search keeps long empty stretches of a calendar cheap.
     t_sorted = np.sort(lg.t)
     obs = config.observation_days * DAY
-    empty = dict.fromkeys(SPLITS, 0)
+    ats = [at for name in SPLITS for at in plan[name]]
+    splits = [i for i, name in enumerate(SPLITS) for _ in plan[name]]
+    empty = np.zeros(len(ats), dtype=bool)
     parts: list[Snapshots] = []
     part_users: list[np.ndarray] = []
-    cutoffs, made = sum(len(plan[name]) for name in SPLITS), 0
-    with progress.task("building snapshots", total=cutoffs, unit="cutoffs") as task:
-        for split_index, name in enumerate(SPLITS):
-            for at in plan[name]:
-                window = np.searchsorted(t_sorted, [at - obs - 1.0, at + 1.0])
-                if window[1] == window[0]:
-                    empty[name] += 1
-                    task.advance(1)
-                    continue
-                part, users = _labelled(lg, at, config, split_index)
-                empty[name] += int(len(users) == 0)
-                parts.append(part)
-                part_users.append(users)
-                made += len(part)
-                task.advance(1, snapshots=made)
+    slots: list[np.ndarray] = []
+    made = 0
+    for slot, (at, split_index) in enumerate(zip(ats, splits, strict=True)):
+        window = np.searchsorted(t_sorted, [at - obs - 1.0, at + 1.0])
+        if window[1] == window[0]:
+            empty[slot] = True
+            task.advance(1)
+            continue
+        part, users = _labelled(lg, at, config, split_index)
+        empty[slot] = len(users) == 0
+        parts.append(part)
+        part_users.append(users)
+        slots.append(np.full(len(users), slot, dtype=np.int32))
+        made += len(part)
+        task.advance(1, snapshots=made)
     if not parts:  # every cutoff empty: one empty part gives the arrays their shapes
         part, users = _labelled(lg, plan["train"][0], config, 0)
         parts.append(part)
         part_users.append(users)
+        slots.append(np.zeros(0, dtype=np.int32))
     user_codes = np.concatenate(part_users)
     snaps = Snapshots.concat(parts)
     unmatched = unobserved = 0
     if interventions is not None and len(interventions):
         unmatched, unobserved = attach_interventions(snaps, user_codes, lg, interventions, config)
-    report = _report(snaps, lg, plan, skipped, empty, (unmatched, unobserved))
-    log.info("built %d snapshots from %d events", len(snaps), len(lg.t))
-    return snaps, report
+    return BuiltLog(snaps, np.concatenate(slots), empty, unmatched, unobserved)
 
 
-def _report(snaps: Snapshots, lg: SortedLog, plan: dict[str, list[float]],
-            skipped: list[float], empty: dict[str, int],
-            interventions_left: tuple[int, int]) -> SnapshotReport:
-    """The builder's report: cutoff dates, snapshots and label rates per split, and the
-    interventions (unmatched, unobserved) left out."""
+def make_report(snaps: Snapshots, t0: pd.Timestamp, plan: dict[str, list[float]],
+                skipped: list[float], empty: np.ndarray,
+                interventions_left: tuple[int, int]) -> SnapshotReport:
+    """The builder's report: cutoff dates, snapshots and label rates per split, empty
+    cutoffs (``empty``: per cutoff in plan order) and the interventions (unmatched,
+    unobserved) left out."""
 
     def day(cutoff: float) -> str:
-        return str((lg.t0 + pd.Timedelta(seconds=cutoff)).date())
+        return str((t0 + pd.Timedelta(seconds=cutoff)).date())
 
+    bounds = np.cumsum([0, *(len(plan[s]) for s in SPLITS)])
     return SnapshotReport(
         cutoffs={s: [day(c) for c in plan[s]] for s in SPLITS},
         skipped_cutoffs=[day(c) for c in skipped],
@@ -91,7 +129,8 @@ def _report(snaps: Snapshots, lg: SortedLog, plan: dict[str, list[float]],
                          for i, s in enumerate(SPLITS)},
         interventions_unmatched=interventions_left[0],
         interventions_unobserved=interventions_left[1],
-        empty_cutoffs=empty,
+        empty_cutoffs={s: int(empty[bounds[i]:bounds[i + 1]].sum())
+                       for i, s in enumerate(SPLITS)},
     )
 
 

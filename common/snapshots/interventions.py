@@ -27,7 +27,7 @@ def attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: SortedLog
     lookup = pd.MultiIndex.from_arrays([lg.merchant_ids, lg.user_ids])
     code = lookup.get_indexer(pair).astype(np.int64)
     t_int = (pd.DatetimeIndex(interventions["timestamp"]) - lg.t0).total_seconds().to_numpy()
-    action, prop = _actions_and_propensities(interventions, list(config.actions))
+    action, prop = actions_and_propensities(interventions, list(config.actions))
 
     window = config.intervention_window_days * DAY
     response = config.response_days * DAY
@@ -62,7 +62,7 @@ def attach_interventions(snaps: Snapshots, user_codes: np.ndarray, lg: SortedLog
     return unmatched, unobserved
 
 
-def _actions_and_propensities(interventions: pd.DataFrame, actions: list[str]
+def actions_and_propensities(interventions: pd.DataFrame, actions: list[str]
                               ) -> tuple[np.ndarray, np.ndarray]:
     """Each intervention's action index and logging propensity; a missing or invalid
     propensity is the action's share of all interventions."""
