@@ -31,6 +31,22 @@ class PolicyDecision:
     category: np.ndarray  # object: the fading category for "recommend", else ""
 
 
+def treatment_order(best_gain: Any, decay_risk: Any, risk_threshold: float = 0.0
+                    ) -> np.ndarray:
+    """Rows worth treating, in the order a budget takes them.
+
+    The rows whose risk passes ``risk_threshold`` and whose best expected gain (net of
+    the action's cost) is positive, by gain (descending), then risk (descending), then
+    row order. ``choose_actions`` treats the first ``budget`` of them; the value-vs-budget
+    curve (``common.metrics.budget_curve``) walks the same list.
+    """
+    gain = np.asarray(best_gain, dtype=float)
+    risk = np.asarray(decay_risk, dtype=float)
+    candidates = np.flatnonzero((risk >= risk_threshold) & (gain > 0))
+    # lexsort: last key is primary -> gain desc, then risk desc, then row order (stable)
+    return candidates[np.lexsort((-risk[candidates], -gain[candidates]))]
+
+
 def choose_actions(
     decay_risk: Any,
     activation: Any,
@@ -78,13 +94,9 @@ def choose_actions(
     best = np.argmax(gains, axis=1) if n else np.zeros(0, dtype=int)
     rows = np.arange(n)
     best_gain = gains[rows, best]
-    treat = (risk >= config.risk_threshold) & (best_gain > 0)
-    if config.budget > 0 and treat.sum() > config.budget:
-        candidates = np.flatnonzero(treat)
-        # lexsort: last key is primary -> gain desc, then risk desc, then row order
-        order = np.lexsort((-risk[candidates], -best_gain[candidates]))
-        treat = np.zeros(n, dtype=bool)
-        treat[candidates[order[: config.budget]]] = True
+    treat = np.zeros(n, dtype=bool)
+    order = treatment_order(best_gain, risk, config.risk_threshold)
+    treat[order[: config.budget] if config.budget > 0 else order] = True
 
     index = np.where(treat, best + 1, 0)
     names = np.asarray(actions, dtype=str)[index]

@@ -1,9 +1,10 @@
-"""The non-neural models (GBDT, LR): their features, predictions and safe file format.
+"""The non-neural models (GBDT, LR, T- and X-learner): features, predictions, file format.
 
-Both read one row of aggregates per snapshot (:func:`aggregate_features`) and hold a
+All read one row of aggregates per snapshot (:func:`aggregate_features`) and hold a
 decay classifier, an interest regressor (it predicts ``log1p(I(T + H))``, as the LSTM's
 head) and one activation classifier per action (a T-learner; an action with too few
-logged rows has its observed rate as a plain ``float``). :class:`TabularModel` predicts
+logged rows has its observed rate as a plain ``float``); the X-learner adds one effect
+per non-control action (``common.uplift_learners``). :class:`TabularModel` predicts
 the same three outputs as ``common.training.predict``, so the assessment, the batch
 scorer and the policy treat every model alike.
 
@@ -22,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from common.features import AGGREGATE_FEATURES
+from common.uplift_learners import EFFECT_KEYS, predict_t_learner, predict_x_learner
 
 #: The model kinds saved as ``model.skops`` (``simulations.methods.AGGREGATE_METHODS``).
-TABULAR_KINDS: tuple[str, ...] = ("gbdt", "lr")
+TABULAR_KINDS: tuple[str, ...] = ("gbdt", "lr", "t-learner", "x-learner")
 MODEL_FILE = "model.skops"
 TABULAR_FORMAT = "fedecay-tabular-model"
 #: Outside skops's default trusted set. scikit-learn indexes its ``nodes`` array without
@@ -48,6 +50,8 @@ class TabularModel:
     interest: Any
     activation: tuple[Any, ...]  # one classifier or constant rate per action
     features: tuple[str, ...] = AGGREGATE_FEATURES
+    #: X-learner only: per non-control action ``{"treated", "control", "weight"}``.
+    effects: tuple[dict[str, Any], ...] = ()
 
     def predict(self, snaps: Any) -> dict[str, np.ndarray]:
         """``decay`` [N], ``interest`` [N] and ``activation`` [N, A], float32."""
@@ -58,15 +62,13 @@ class TabularModel:
                     "activation": np.zeros((0, actions), np.float32)}
         return {"decay": self.decay.predict_proba(x)[:, 1].astype(np.float32),
                 "interest": self.interest.predict(x).astype(np.float32),
-                "activation": predict_activation(self.activation, x)}
+                "activation": (predict_x_learner(self.activation, self.effects, x)
+                               if self.effects else predict_activation(self.activation, x))}
 
 
 def predict_activation(per_action: Any, x: np.ndarray) -> np.ndarray:
     """[N, A] re-engagement probabilities of a T-learner (a float is a constant rate)."""
-    return np.column_stack([
-        np.full(len(x), m) if isinstance(m, float) else m.predict_proba(x)[:, 1]
-        for m in per_action
-    ]).reshape(len(x), len(per_action)).astype(np.float32)
+    return predict_t_learner(per_action, x)
 
 
 def save_tabular(model: TabularModel, path: str | Path) -> Path:
@@ -79,7 +81,7 @@ def save_tabular(model: TabularModel, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": TABULAR_FORMAT, "kind": model.kind, "features": list(model.features),
                "decay": model.decay, "interest": model.interest,
-               "activation": list(model.activation)}
+               "activation": list(model.activation), "effects": list(model.effects)}
     with atomic.replacing(path) as tmp:
         sio.dump(payload, tmp)
     return path
@@ -119,19 +121,43 @@ def load_tabular(path: str | Path) -> TabularModel:
                          f"version computes {len(AGGREGATE_FEATURES)} "
                          f"({', '.join(AGGREGATE_FEATURES)}): train it again")
     activation = tuple(payload.get("activation") or ())
+    effects = _effects(payload.get("effects") or (), kind, len(activation), path)
     width = len(features)
+    regressors = [(f"effects[{i}].{k}", e[k]) for i, e in enumerate(effects)
+                  for k in ("treated", "control")]
     for name, est in [("decay", payload.get("decay")), ("interest", payload.get("interest")),
-                      *((f"activation[{i}]", m) for i, m in enumerate(activation))]:
-        if name.startswith("activation") and isinstance(est, float):
+                      *((f"activation[{i}]", m) for i, m in enumerate(activation)),
+                      *regressors]:
+        if name.startswith(("activation", "effects")) and isinstance(est, float):
             continue
-        if not hasattr(est, "predict_proba" if name != "interest" else "predict"):
+        wanted = "predict_proba" if name == "decay" or name.startswith("activation") \
+            else "predict"
+        if not hasattr(est, wanted):
             raise ValueError(f"{path}: {name} is {type(est).__name__}, not a fitted model")
         if getattr(est, "n_features_in_", width) != width:
             raise ValueError(f"{path}: {name} reads {est.n_features_in_} features, "
                              f"expected {width}")
         _check_trees(est, width, f"{path}: {name}")
     return TabularModel(kind=kind, decay=payload["decay"], interest=payload["interest"],
-                        activation=activation, features=features)
+                        activation=activation, features=features, effects=effects)
+
+
+def _effects(raw: Any, kind: str, actions: int, path: Path) -> tuple[dict[str, Any], ...]:
+    """The X-learner's effects of a loaded file, checked for shape (not yet for trees)."""
+    effects = tuple(raw)
+    if kind != "x-learner":
+        if effects:
+            raise ValueError(f"{path}: a {kind} model with X-learner effects")
+        return ()
+    if len(effects) != actions - 1:
+        raise ValueError(f"{path}: {len(effects)} X-learner effects for {actions} actions "
+                         f"(expected {actions - 1})")
+    for i, e in enumerate(effects):
+        if not isinstance(e, dict) or set(e) != set(EFFECT_KEYS) \
+                or not isinstance(e["weight"], float) or not 0 <= e["weight"] <= 1:
+            raise ValueError(f"{path}: effects[{i}] is not {{{', '.join(EFFECT_KEYS)}}} "
+                             "with a weight in [0, 1]")
+    return effects
 
 
 def _check_trees(estimator: Any, width: int, where: str) -> None:

@@ -48,7 +48,9 @@ def splits(data: PreparedData) -> tuple[Snapshots, Snapshots, Snapshots]:
 
 
 def assess(result: MethodResult, data: PreparedData, exp: Experiment) -> dict[str, Any]:
-    """Metrics of a method on the held-out test period, thresholds chosen on validation."""
+    """Metrics of a method on the held-out test period, thresholds chosen on validation;
+    with the generator's truth also ``capture`` and ``budget_curve``
+    (:func:`simulations.capture.policy_capture`)."""
     _, val, test = splits(data)
     threshold = metrics.choose_threshold(val.decay, result.val["decay"])
     out: dict[str, Any] = {"method": result.name, "seconds": result.seconds,
@@ -76,6 +78,11 @@ def assess(result: MethodResult, data: PreparedData, exp: Experiment) -> dict[st
             test.propensity[rows], truth, data.actions, value=exp.policy.value, costs=costs,
             seed=exp.seed)
         out["policy_support"] = policy_support(test.action[rows], data.actions)
+        if truth is not None:  # only a synthetic log knows every action's true value
+            from simulations.capture import policy_capture
+
+            out.update(policy_capture(result.test["decay"][rows], act[rows], truth,
+                                      exp.policy, data.actions))
         out["policy_mix"] = {a: float(np.mean(decision.action == a)) for a in data.actions}
     return out
 
@@ -212,23 +219,27 @@ def aggregate_names() -> list[str]:
 
 def _per_action(train: Snapshots, x_train: np.ndarray, actions: list[str],
                 make: Callable[[], Any], done: Callable[[str], None]) -> list[Any]:
-    """T-learner for activation: one classifier per action on the rows logged with it.
+    """T-learner for activation (``common.uplift_learners.fit_t_learner``): one classifier
+    per action on the rows logged with it; ``done`` is called with each action."""
+    from common.uplift_learners import fit_t_learner
 
-    An action with fewer than 30 logged rows or a single outcome gets its observed rate
-    (or the overall one) as a constant ``float``. ``done`` is called with each action.
-    """
-    per_action: list[Any] = []
-    for a, action in enumerate(actions):
-        rows = train.action == a
-        y = train.activation[rows]
-        if rows.sum() >= 30 and 0 < y.mean() < 1:
-            per_action.append(make().fit(x_train[rows], y))
-        else:
-            logged = train.action >= 0
-            per_action.append(float(y.mean()) if rows.any() else float(
-                train.activation[logged].mean() if logged.any() else 0.5))
-        done(action)
-    return per_action
+    return list(fit_t_learner(x_train, train.action, train.activation, actions, make,
+                              done=done))
+
+
+#: The GBDT's decay and interest models (the T- and X-learner methods share them).
+GBDT_ARGS: dict[str, Any] = {"max_iter": 200, "learning_rate": 0.05, "early_stopping": True,
+                             "validation_fraction": 0.15}
+
+
+def fit_gbdt_decay_interest(train: Snapshots, x_train: np.ndarray, seed: int) -> tuple[Any, Any]:
+    """The GBDT's decay classifier and interest regressor on the training aggregates."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    args = dict(GBDT_ARGS, random_state=seed)
+    decay = HistGradientBoostingClassifier(**args).fit(x_train, train.decay)
+    interest = HistGradientBoostingRegressor(**args).fit(x_train, train.interest)
+    return decay, interest
 
 
 def run_gbdt(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
@@ -239,19 +250,16 @@ def run_gbdt(exp: Experiment, data: PreparedData, *, progress: Progress = SILENT
     Activation: a T-learner, one classifier per action on the rows logged with it.
     ``progress`` advances per model fitted.
     """
-    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+    from sklearn.ensemble import HistGradientBoostingClassifier
 
     started = time.perf_counter()
     train, val_all, test = splits(data)
     x_train = gbdt_features(train)
-    common_args = {"max_iter": 200, "learning_rate": 0.05, "early_stopping": True,
-                   "validation_fraction": 0.15, "random_state": exp.seed}
+    common_args = dict(GBDT_ARGS, random_state=exp.seed)
     action_args = dict(common_args, max_iter=100, early_stopping=False)
     with progress.task("gbdt", total=2 + len(data.actions), unit="models") as task:
-        decay = HistGradientBoostingClassifier(**common_args).fit(x_train, train.decay)
-        task.advance(1, model="decay", trees=int(decay.n_iter_))
-        interest = HistGradientBoostingRegressor(**common_args).fit(x_train, train.interest)
-        task.advance(1, model="interest")
+        decay, interest = fit_gbdt_decay_interest(train, x_train, exp.seed)
+        task.advance(2, model="decay, interest", trees=int(decay.n_iter_))
         per_action = _per_action(train, x_train, list(data.actions),
                                  lambda: HistGradientBoostingClassifier(**action_args),
                                  lambda a: task.advance(1, model=a))

@@ -33,6 +33,7 @@ from simulations.methods import AGGREGATE_METHODS, METHODS
 from simulations.report import format_table, write_report
 from simulations.settings import Experiment
 from simulations.tracking import Tracker, final_scalars, open_tracking
+from simulations.uplift_baselines import UPLIFT_METHODS, run_uplift
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,11 @@ def _run_methods(exp: Experiment, data: PreparedData, run_dir: Path, methods: tu
             save_tabular_bundle(outcome.model, data.snapshot_config, exp.policy,
                                 run_dir / name)
             outcomes.append(outcome)
+    gbdt = next((o.model for o in outcomes if o.name == "gbdt"), None)
+    for name in (m for m in UPLIFT_METHODS if m in methods):
+        outcome = run_uplift(name, exp, data, progress=progress, base=gbdt)
+        save_tabular_bundle(outcome.model, data.snapshot_config, exp.policy, run_dir / name)
+        outcomes.append(outcome)
     if "centralised" in methods:
         result, model = run_centralised(exp, data, epochs=epochs, progress=progress,
                                         tracker=tracker)

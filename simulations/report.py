@@ -16,6 +16,7 @@ import numpy as np
 
 from common import atomic
 from simulations.attributions import attribution_blocks, write_attribution_plot
+from simulations.capture import capture_blocks, write_budget_plot
 from simulations.fairness import fairness_blocks, write_fairness_plot
 from simulations.render import (
     Block,
@@ -48,7 +49,7 @@ def fmt(value: Any, spec: str = ".4f") -> str:
 def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The comparison table: header and one row per method."""
     head = ["method"] + [c[0] for c in COLUMNS] + ["worst-decile AUC", "policy value",
-                                                   "regret", "seconds"]
+                                                   "regret", "capture", "seconds"]
     rows = []
     for name, m in results["methods"].items():
         row = [name] + [fmt(m.get(sec, {}).get(key)) for _, sec, key in COLUMNS]
@@ -56,6 +57,7 @@ def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         pol = m.get("policy", {}).get("policy", {})
         row.append(fmt(pol.get("net_truth", None if policy_caveat(m) else pol.get("net_snips"))))
         row.append(fmt(pol.get("net_regret")))
+        row.append(fmt(m.get("capture", {}).get("capture"), ".3f"))
         row.append(fmt(m["seconds"], ".0f"))
         rows.append(row)
     return head, rows
@@ -147,6 +149,9 @@ def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
         ax.set_ylabel(f"policy value ({key})")
         ax.set_title("Activation policy value per method")
         made.append(_save(fig, run_dir, "policy_value.png"))
+    budget = write_budget_plot(results, run_dir, _save)
+    if budget:
+        made.append(budget)
     fairness = write_fairness_plot(results.get("fairness"), run_dir, _save)
     attributions = write_attribution_plot(results.get("attributions"), run_dir, _save)
     return made + [p for p in (fairness, attributions) if p]
@@ -218,6 +223,7 @@ def report_blocks(results: Mapping[str, Any], plots: Sequence[str],
     if lead:
         blocks.append(Paragraph(lead[0].upper() + lead[1:] + "."))
     blocks += _gain_blocks(results)
+    blocks += capture_blocks(results)
     blocks += _policy_blocks(results)
     blocks += _privacy_blocks(results)
     blocks += fairness_blocks(results.get("fairness"))

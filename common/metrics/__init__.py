@@ -6,10 +6,12 @@ control rows, an empty merchant) is ``nan``; it never raises. Shape errors do ra
 
 One concept a module: :mod:`.decay` (binary classification), :mod:`.interest`
 (regression), :mod:`.uplift` (Qini), :mod:`.policy` (IPS, SNIPS, true value, regret),
+:mod:`.capture` (share of the achievable gain, value against budget),
 :mod:`.merchants` (per merchant and spread) and :mod:`.arrays` (the shared checks).
 """
 
 from common.metrics.arrays import NAN
+from common.metrics.capture import budget_curve, capture, capture_values
 from common.metrics.decay import (
     binary_log_loss,
     choose_threshold,
@@ -33,7 +35,10 @@ __all__ = [
     "NAN",
     "activation_metrics",
     "binary_log_loss",
+    "budget_curve",
     "bootstrap_off_policy",
+    "capture",
+    "capture_values",
     "choose_threshold",
     "decay_metrics",
     "expected_calibration_error",

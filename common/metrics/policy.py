@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from common.metrics.arrays import NAN, same_length, vector
+from common.metrics.capture import capture
 from common.schema import DEFAULT_ACTIONS
 
 
@@ -123,7 +124,9 @@ def policy_report(
     ``oracle`` (row-wise best action).
 
     Each entry holds ``ips`` and ``snips`` (rows with ``logged == -1`` left out) and,
-    with ``truth``, ``truth`` and ``regret`` (oracle minus this policy). When ``value``
+    with ``truth``, ``truth``, ``regret`` (oracle minus this policy) and ``capture``
+    (:mod:`common.metrics.capture`, on the net true values when they are given: 0 for
+    the best ``always_<a>``, 1 for the oracle, ``nan`` when the two are equal). When ``value``
     and ``costs`` ([A], cost per action; both or neither) are given, ``net_ips``,
     ``net_snips`` and, with truth, ``net_truth`` and ``net_regret`` are added, where
     net = ``value * P - mean cost of the actions taken`` (over the rows the estimate
@@ -204,4 +207,14 @@ def policy_report(
         if net:
             oracle["net_regret"] = 0.0
         report["oracle"] = oracle
+        _add_capture(report, actions, "net_truth" if net else "truth")
     return report
+
+
+def _add_capture(report: dict[str, dict[str, float]], actions: Sequence[str], key: str
+                 ) -> None:
+    """``capture`` of every entry on ``key`` (:func:`common.metrics.capture.capture`),
+    against the best ``always_<a>`` and the oracle."""
+    best = max(report[f"always_{a}"][key] for a in actions)
+    for entry_ in report.values():
+        entry_["capture"] = capture(entry_[key], best, report["oracle"][key])

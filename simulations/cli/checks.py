@@ -213,7 +213,7 @@ def model_sets(sets: Sequence[str]) -> None:
 
 #: The GBDT/LR file's format and kinds (common.tabular's; not imported: it takes sklearn).
 TABULAR_FORMAT = "fedecay-tabular-model"
-TABULAR_KINDS: tuple[str, ...] = ("gbdt", "lr")
+TABULAR_KINDS: tuple[str, ...] = ("gbdt", "lr", "t-learner", "x-learner")
 
 
 def model_kind(path: Path) -> str:
