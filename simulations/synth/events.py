@@ -66,14 +66,20 @@ def expand_events(cfg: SynthConfig, w: World, s: dict[str, np.ndarray],
     block_start = np.cumsum(k) - k
     p = np.arange(len(e_view)) - block_start[e_view]
     etype = np.where(p >= n_funnel[e_view], 4, np.where(p == 2, 2 + fav[e_view], p))
+    del p, block_start  # the peak is a few arrays an event: free each once used
     e_sess = view_sess[e_view]
     e_item = np.where(etype == 4, buy_item[e_sess], item[e_view])
+    del e_view, item, cat, buy_item
 
+    first = np.cumsum(k) - k  # each view's first event
+    first = first[view_start]
     lo, mean, cap = _GAPS_MS[:, etype]
     gap = np.minimum(lo + mean * rng.standard_exponential(len(etype), dtype=np.float32), cap)
+    del lo, mean, cap
     csum = np.cumsum(gap.astype(np.int64))
-    first = block_start[view_start]
+    del gap
     offset = csum - csum[first][e_sess]
+    del csum
     ts_ms = s["day"][e_sess] * DAY_MS + s["ms"][e_sess] + offset
     value = np.zeros(len(etype))
     bought = np.flatnonzero(etype == 4)

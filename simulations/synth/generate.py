@@ -83,30 +83,40 @@ def generate_federation(config: SynthConfig, seed: int) -> Federation:
     ev = expand_events(config, w, history.sessions, rng)
     ids = _Ids.of(config, w)
     start = start_ns(config)
-    events = _events_frame(ev, w, ids, start)
-    interventions, truth = _intervention_frames(config, history.interventions, w, ids, start)
     users, merchants = _population_frames(config, w, history, ev, ids)
+    n_events = len(ev["user"])
+    events = _events_frame(ev, w, ids, start)  # takes the arrays out of ev
+    interventions, truth = _intervention_frames(config, history.interventions, w, ids, start)
     log.info("synthetic federation: %s merchants, %s users, %s events in %.2f s (seed %s)",
-             config.num_merchants, len(w.merchant), len(events), time.perf_counter() - t0,
+             config.num_merchants, len(w.merchant), n_events, time.perf_counter() - t0,
              seed)
     return Federation(events, interventions, truth, users, merchants)
 
 
 def _events_frame(ev: dict[str, np.ndarray], w: World, ids: _Ids, start: int) -> pd.DataFrame:
-    """The event log in the loader's schema, sorted by merchant, user and time."""
+    """The event log in the loader's schema, sorted by merchant, user and time.
+
+    Each array is taken out of ``ev`` as its column is made, so the arrays and the
+    frame are not both held whole."""
     # Users are numbered by (merchant, local id), so one key sorts by merchant, user, time.
     shift = max(int(ev["ts_ms"].max(initial=0)).bit_length(), 1)
     order = np.argsort((ev["user"] << shift) | ev["ts_ms"], kind="stable")
-    eu = ev["user"][order]
-    return pd.DataFrame({
+
+    def take(name: str) -> np.ndarray:
+        return ev.pop(name)[order]
+
+    eu = take("user")
+    columns = {
         "user_id": _strings(ids.users, eu),
-        "timestamp": timestamps(start, ev["ts_ms"][order]),
-        "event": pd.Categorical.from_codes(ev["event"][order], dtype=EVENT_DTYPE),
-        "item_id": _strings(ids.items, ev["item"][order]),
-        "category_id": _strings(ids.categories, ev["cat"][order]),
+        "timestamp": timestamps(start, take("ts_ms")),
+        "event": pd.Categorical.from_codes(take("event"), dtype=EVENT_DTYPE),
+        "item_id": _strings(ids.items, take("item")),
+        "category_id": _strings(ids.categories, take("cat")),
         "merchant_id": _strings(ids.merchants, w.merchant[eu]),
-        "value": ev["value"][order],
-    })
+    }
+    del eu
+    columns["value"] = take("value")
+    return pd.DataFrame(columns, copy=False)
 
 
 def _intervention_frames(cfg: SynthConfig, iv: dict[str, np.ndarray], w: World, ids: _Ids,
