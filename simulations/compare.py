@@ -86,6 +86,50 @@ def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...
     return Comparison(run_dir=run_dir, results=results, table=format_table(results))
 
 
+def run_seeds(exp: Experiment, run_dir: Path, seeds: tuple[int, ...],
+              **options: Any) -> Comparison:
+    """:func:`run_comparison` once per seed (``experiment.seed``: the data, splits and
+    every model), each in ``run_dir/seed-<s>``, then capture and net value per method
+    over the seeds (mean, sample sd, each seed's) in ``seeds.json`` and ``seeds.md``.
+    ``options`` go to every :func:`run_comparison`."""
+    from common import atomic
+    from simulations.capture import seed_blocks, seed_summary
+    from simulations.render import Heading, Paragraph, to_markdown
+
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"--seeds {','.join(map(str, seeds))}: expected distinct seeds")
+    per_seed = {}
+    tables = []
+    for seed in seeds:
+        folder = run_dir / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        out = run_comparison(_with(exp, {"experiment.seed": seed}), folder, **options)
+        per_seed[seed] = out.results
+        tables.append(f"seed {seed}\n{out.table}")
+    summary = seed_summary(per_seed)
+    write_json(run_dir / "seeds.json", {"seeds": list(seeds), "methods": summary})
+    blocks = [Heading(f"fedecay comparison over seeds {', '.join(map(str, seeds))}", 1),
+              Paragraph("Each seed's report is in seed-<s>/report.md."), *seed_blocks(summary)]
+    if not summary:
+        blocks.append(Paragraph("No capture: no method has the generator's true values."))
+    atomic.write_text(run_dir / "seeds.md", to_markdown(blocks))
+    return Comparison(run_dir=run_dir, results={"seeds": summary, "per_seed": per_seed},
+                      table="\n\n".join([*tables, format_seed_table(summary)]))
+
+
+def format_seed_table(summary: dict[str, Any]) -> str:
+    """Capture per method over seeds as aligned text ("" without capture)."""
+    if not summary:
+        return ""
+    rows = [["method", "seeds", "capture mean", "sd", "net value mean", "sd"]]
+    rows += [[n, str(v["seeds"]), f"{v['capture_mean']:.3f}", f"{v['capture_std']:.3f}",
+              f"{v['value_mean']:.3f}", f"{v['value_std']:.3f}"] for n, v in summary.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in rows)
+
+
 def _run_methods(exp: Experiment, data: PreparedData, run_dir: Path, methods: tuple[str, ...],
                  strategies: tuple[str, ...], variants: list[tuple[str, dict[str, Any]]],
                  progress: Progress, tracker: Tracker) -> list[MethodResult]:

@@ -149,3 +149,36 @@ def test_seed_summary_mean_and_spread() -> None:
     assert out["gbdt"]["seeds"] == 3
     assert out["gbdt"]["capture_mean"] == pytest.approx(0.2)
     assert out["gbdt"]["capture_std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+
+
+@pytest.mark.slow
+def test_compare_over_seeds_reports_capture_per_seed_and_summary(tmp_path, capsys) -> None:
+    import json
+
+    from simulations.cli import main
+
+    runs = tmp_path / "runs"
+    sets = ["--set", "synthetic.num-merchants=2", "--set", "synthetic.users-median=60",
+            "--set", f"experiment.output-dir={runs}"]
+    assert main(["compare", "--preset", "quick", *sets, "--seed", "1", "--seeds", "0,1"]) == 2
+    assert "--seed and --seeds" in capsys.readouterr().err
+    assert main(["compare", "--preset", "quick", *sets, "--methods", "gbdt,x-learner",
+                 "--seeds", "0,1"]) == 0
+    [run] = runs.iterdir()
+    summary = json.loads((run / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["methods"]) == {"gbdt", "x-learner"}
+    for seed in (0, 1):
+        folder = run / f"seed-{seed}"
+        results = json.loads((folder / "results.json").read_text())
+        assert results["experiment"]["experiment.seed"] == seed
+        for name in ("gbdt", "x-learner"):
+            m = results["methods"][name]
+            assert m["capture"]["capture"] == pytest.approx(m["policy"]["policy"]["capture"])
+            assert summary["methods"][name]["capture"][seed] == pytest.approx(
+                m["capture"]["capture"])
+            assert len(m["budget_curve"]["policy"]) == len(m["budget_curve"]["share"])
+        assert (folder / "value_vs_budget.png").stat().st_size > 0
+        assert "## Capture" in (folder / "report.md").read_text()
+        assert (folder / "x-learner" / "model.skops").is_file()
+    assert "Capture over seeds" in (run / "seeds.md").read_text()
+    assert "capture mean" in capsys.readouterr().out

@@ -191,6 +191,10 @@ def compare(
         "--audit",
         help="Membership-inference audit of the federated and centralised models "
              "(implied by --noise).")] = False,
+    seeds: Annotated[str, typer.Option(
+        metavar="S,S,...", show_default="none (--seed only)",
+        help="Run the whole comparison once per seed (data, splits, models), each in "
+             "seed-<s>/, and report capture per method over the seeds (seeds.md).")] = "",
     tracking: TrackingOption = None,
 ) -> None:
     """Federated vs centralised vs local-only vs GBDT and LR on the same snapshots and budget."""
@@ -198,20 +202,27 @@ def compare(
     chosen_strategies = checks.names(strategies, checks.STRATEGIES, "--strategies")
     chosen_methods = checks.names(methods, checks.METHODS, "--methods")
     levels = checks.numbers(noise, "--noise")
+    several = checks.numbers(seeds, "--seeds", kind=int)
+    if several and seed is not None:
+        raise ValueError("--seed and --seeds: give one or the other")
     exp = _source(preset, events, format, interventions, set_, seed, bad_rows,
                   tracking_keys(tracking))
-    from simulations.compare import run_comparison
+    from simulations.compare import run_comparison, run_seeds
     from simulations.experiment import run_folder
 
     if "federated" in chosen_methods:
         quiet_flower(console.verbose)
+    options = {"strategies": chosen_strategies, "methods": chosen_methods, "noise": levels,
+               "audit": audit or bool(levels), "progress": console}
     with run_folder(exp, "compare") as run_dir:
-        out = run_comparison(exp, run_dir, strategies=chosen_strategies,
-                             methods=chosen_methods, noise=levels,
-                             audit=audit or bool(levels), progress=console)
+        out = (run_seeds(exp, run_dir, several, **options) if several
+               else run_comparison(exp, run_dir, **options))
     console.close()
     print()
     print(out.table)
+    if several:
+        print(f"\nsummary: {run_dir / 'seeds.md'}")
+        return
     gain = out.results.get("gain_from_joining", {})
     for name, g in gain.items():
         q1 = g["by_size_quartile"].get("q1")
