@@ -214,10 +214,11 @@ def test_report_markdown_has_real_tables_and_no_python_reprs() -> None:
     assert "```" not in md and "np.float" not in md and "{" not in md and "nan" not in md
     lines = md.splitlines()
     head = lines.index("| method | decay AUC | PR-AUC | F1 | lift@10% | interest MAE | "
-                       "worst-decile AUC | policy value | regret | seconds |")
-    assert lines[head + 1] == "|---|" + "---:|" * 9
+                       "worst-decile AUC | policy value | regret | capture | seconds |")
+    assert lines[head + 1] == "|---|" + "---:|" * 10
     assert lines[head + 2] == ("| gbdt | 0.8123 | 0.7000 | - | 2.5000 | 0.5000 | 0.6900 | "
-                               "3.2500 | 0.5000 | 1 |")
+                               "3.2500 | 0.5000 | - | 1 |")
+    assert "No capture and no value-vs-budget curve" in md  # no truth in these results
     assert lines[head + 3].startswith("| odd\\|name | 0.8123 |")  # a pipe cannot split a row
     assert "- merchants: 3; snapshots per split: train 573, val 178, test 172" in lines
     assert "- decay label rate per split: train 0.400, val 0.300, test -" in lines
@@ -371,7 +372,9 @@ def test_report_files_of_the_comparison(compared: Path) -> None:
     page = (compared / "report.html").read_text()
     assert "## Global attributions per feature group" in md
     assert "![attributions.png](attributions.png)" in md
-    assert page.count("data:image/png;base64,") == 5 and "<td>federation.num-rounds</td>" in page
+    assert "## Capture (share of the achievable gain)" in md
+    assert "![value_vs_budget.png](value_vs_budget.png)" in md
+    assert page.count("data:image/png;base64,") == 6 and "<td>federation.num-rounds</td>" in page
 
 
 @pytest.mark.slow
