@@ -185,7 +185,7 @@ def check_model_settings(model: keras.Model, snaps: SnapshotConfig, name: str = 
     wrong = {k: v for k, (mine, v) in fits.items() if mine != v}
     problems = [f"snapshots.{k} is {fits[k][0]} but {name} was built for {v}"
                 for k, v in wrong.items()]
-    n_actions = int(model.get_layer("activation").units)
+    n_actions = int(model.get_layer("activation").output.shape[-1])
     if n_actions != len(snaps.actions):
         problems.append(f"snapshots.actions lists {len(snaps.actions)} actions "
                         f"({','.join(snaps.actions)}) but {name} scores {n_actions}")

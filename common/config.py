@@ -202,6 +202,13 @@ class ModelConfig:
     loss_weight_decay: float = 1.0
     loss_weight_interest: float = 0.3
     loss_weight_activation: float = 0.5
+    # How the activation head learns P(re-engage | action) (common.model): "contrast" =
+    # a control logit every campaign row trains plus each action's shift from it;
+    # "separate" = one logit per action, each trained on its own rows only.
+    activation_head: str = "contrast"
+    # The activation head also reads the aggregates (RESPONSE_FEATURES among them)
+    # directly, beside the shared trunk.
+    activation_wide: bool = True
     interest_loss: str = "huber"
     # Off by default so the LSTM's inputs (and figures) stay as they were; GBDT and LR
     # read the cadence aggregates (common.features.CADENCE_FEATURES) either way.
@@ -218,6 +225,8 @@ class ModelConfig:
         check_key(self.learning_rate > 0, "model.learning-rate", "must be > 0")
         check_key(self.interest_loss in ("huber", "mse"), "model.interest-loss",
                "must be 'huber' or 'mse'")
+        check_key(self.activation_head in ("contrast", "separate"), "model.activation-head",
+                  f"must be 'contrast' or 'separate', got {self.activation_head!r}")
 
 
 @dataclasses.dataclass(frozen=True)

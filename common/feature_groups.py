@@ -8,9 +8,9 @@ inputs: channels of the sequence inputs and columns of the aggregates
 
 | group | sequence inputs | aggregates |
 |---|---|---|
-| ``event_mix`` | the event types of the last events | — |
+| ``event_mix`` | the event types of the last events | the funnel's rates |
 | ``activity`` | — | event counts by type, in the last 7/30 days, over the history |
-| ``categories`` | the hashed categories of the last events | distinct categories |
+| ``categories`` | the hashed categories of the last events | distinct, the top one's share |
 | ``recency`` | gaps between events, time before the cutoff | recency, tenure, cadence |
 | ``value`` | the value of each event | value sum, value per event |
 | ``interest`` | — | the interest score ``I(T)`` |
@@ -50,11 +50,13 @@ def _numeric(*names: str) -> tuple[int, ...]:
 
 
 FEATURE_GROUPS: tuple[FeatureGroup, ...] = (
-    FeatureGroup("event_mix", sequence=("events",)),
+    FeatureGroup("event_mix", sequence=("events",), aggregates=(
+        "log_click_per_view", "log_favorite_per_click", "log_purchase_per_cart")),
     FeatureGroup("activity", aggregates=(
         *(f"log_n_{ev}" for ev in EVENT_TYPES), "log_n_history", "log_n_last_7d",
         "log_n_last_30d")),
-    FeatureGroup("categories", sequence=("categories",), aggregates=("log_n_categories",)),
+    FeatureGroup("categories", sequence=("categories",),
+                 aggregates=("log_n_categories", "top_category_share")),
     FeatureGroup("recency", numeric=_numeric("log_gap_hours", "log_hours_to_cutoff"),
                  aggregates=(
                      "log_recency_days", "log_tenure_days", "log_gap_window_mean_days",

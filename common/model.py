@@ -19,7 +19,13 @@ from keras import layers, ops
 
 from common import atomic
 from common.config import ModelConfig, SnapshotConfig
-from common.features import CADENCE_FEATURES, NUMERIC_FEATURES, STATIC_FEATURES
+from common.features import (
+    AGGREGATE_FEATURES,
+    CADENCE_FEATURES,
+    NUMERIC_FEATURES,
+    RESPONSE_FEATURES,
+    STATIC_FEATURES,
+)
 from common.schema import EVENT_TYPES
 from common.snapshots import Snapshots
 
@@ -57,10 +63,51 @@ class StepMask(layers.Layer):
         return input_shape
 
 
+@keras.saving.register_keras_serializable(package="fedecay")
+class ContrastActivation(layers.Layer):
+    """P(re-engage | action) from a control logit and each action's shift from it.
+
+    Inputs ``[base [N, 1], shift [N, A - 1]]``; output ``sigmoid([base, base + shift])``.
+    Under the masked loss every campaign row trains ``base`` (the control's logit and
+    the common part of every action's), and an action's rows train its shift: the
+    uplift on the logit scale, what the policy ranks by.
+    """
+
+    def call(self, inputs):
+        base, shift = inputs
+        return ops.sigmoid(ops.concatenate([base, base + shift], axis=-1))
+
+    def compute_output_shape(self, input_shapes):
+        base, shift = input_shapes
+        return (base[0], base[1] + shift[1])
+
+
+#: Widths of ``Snapshots.static`` prefixes a model may read: before the response
+#: features (older models), with them, and with the cadence features too.
+STATIC_LAYOUTS: tuple[int, ...] = (
+    len(STATIC_FEATURES), len(STATIC_FEATURES) + len(RESPONSE_FEATURES), len(AGGREGATE_FEATURES))
+
+
 def static_width(config: ModelConfig) -> int:
-    """Aggregate columns the model reads: ``STATIC_FEATURES``, and the cadence features
-    after them with ``model.cadence-features`` (the first columns of ``Snapshots.static``)."""
-    return len(STATIC_FEATURES) + (len(CADENCE_FEATURES) if config.cadence_features else 0)
+    """Aggregate columns the model reads (the first columns of ``Snapshots.static``):
+    ``STATIC_FEATURES`` and ``RESPONSE_FEATURES``, and the cadence features after them
+    with ``model.cadence-features``."""
+    return (len(STATIC_FEATURES) + len(RESPONSE_FEATURES)
+            + (len(CADENCE_FEATURES) if config.cadence_features else 0))
+
+
+def _activation_head(config: ModelConfig, trunk, static_in, num_actions: int, glorot):
+    """The activation output: ``config.activation_head`` over the trunk (and, with
+    ``config.activation_wide``, the aggregates themselves)."""
+    h = (layers.Concatenate(name="activation_in")([trunk, static_in])
+         if config.activation_wide else trunk)
+    if config.activation_head == "separate":
+        return layers.Dense(num_actions, activation="sigmoid", name="activation",
+                            kernel_initializer=glorot())(h)
+    base = layers.Dense(1, name="activation_base", kernel_initializer=glorot())(h)
+    shift = layers.Dense(num_actions - 1, name="activation_shift",
+                         kernel_initializer=glorot())(h)
+    return ContrastActivation(name="activation")([base, shift])
 
 
 def build_model(config: ModelConfig, snapshots: SnapshotConfig, seed: int = 0) -> keras.Model:
@@ -110,8 +157,8 @@ def build_model(config: ModelConfig, snapshots: SnapshotConfig, seed: int = 0) -
                          kernel_initializer=glorot())(trunk)),
         "interest": layers.Reshape((), name="interest")(
             layers.Dense(1, name="interest_dense", kernel_initializer=glorot())(trunk)),
-        "activation": layers.Dense(len(snapshots.actions), activation="sigmoid",
-                                   name="activation", kernel_initializer=glorot())(trunk),
+        "activation": _activation_head(config, trunk, static_in, len(snapshots.actions),
+                                       glorot),
     }
     model = keras.Model(
         inputs={"events": events_in, "categories": categories_in, "numeric": numeric_in,
@@ -269,7 +316,7 @@ _ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.
 
 def num_actions(model: keras.Model) -> int:
     """How many actions the activation head scores."""
-    return int(model.get_layer("activation").units)
+    return int(model.get_layer("activation").output.shape[-1])
 
 
 def model_inputs(model: keras.Model, snaps: Snapshots) -> dict[str, np.ndarray]:
@@ -277,4 +324,8 @@ def model_inputs(model: keras.Model, snaps: Snapshots) -> dict[str, np.ndarray]:
     features only with ``model.cadence-features``; older models read the first ones)."""
     x = snaps.inputs()
     width = int(model.input["static"].shape[-1])
+    if width not in STATIC_LAYOUTS:
+        raise ValueError(f"the model reads {width} aggregate columns; this version lays "
+                         f"them out as {len(STATIC_FEATURES)}, {STATIC_LAYOUTS[1]} or "
+                         f"{STATIC_LAYOUTS[2]} (AGGREGATE_FEATURES): train it again")
     return {**x, "static": x["static"][:, :width]}

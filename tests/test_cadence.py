@@ -11,6 +11,7 @@ from common.features import (
     AGGREGATE_FEATURES,
     CADENCE_FEATURES,
     DAY,
+    RESPONSE_FEATURES,
     STATIC_FEATURES,
     SortedLog,
     features_at,
@@ -30,7 +31,8 @@ def _log(days: list[float], values: list[float]) -> SortedLog:
 def _cadence(lg: SortedLog, at_day: float) -> dict[str, float]:
     feats = features_at(lg, at_day * DAY, CFG)
     assert feats.static.shape == (1, len(AGGREGATE_FEATURES))
-    row = np.expm1(feats.static[0, len(STATIC_FEATURES):].astype(np.float64))
+    row = np.expm1(feats.static[0, AGGREGATE_FEATURES.index(CADENCE_FEATURES[0]):]
+                 .astype(np.float64))
     return dict(zip(CADENCE_FEATURES, row, strict=True))
 
 
@@ -63,5 +65,5 @@ def test_lstm_reads_the_cadence_features_only_when_asked() -> None:
     from common.config import ModelConfig
     from common.model import static_width
 
-    assert static_width(ModelConfig()) == len(STATIC_FEATURES)
+    assert static_width(ModelConfig()) == len(STATIC_FEATURES) + len(RESPONSE_FEATURES)
     assert static_width(ModelConfig(cadence_features=True)) == len(AGGREGATE_FEATURES)

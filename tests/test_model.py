@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.config import ModelConfig, SnapshotConfig
-from common.features import NUMERIC_FEATURES, STATIC_FEATURES
+from common.features import NUMERIC_FEATURES
 from common.model import (
     HEADS,
     build_model,
@@ -19,6 +19,7 @@ from common.model import (
     num_actions,
     save_model,
     set_weights_of,
+    static_width,
     targets,
     weights_of,
 )
@@ -43,7 +44,7 @@ def random_inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     cats = np.where(valid, rng.integers(1, SNAP.hash_buckets + 1, (n, L)), 0).astype(np.int32)
     numeric = np.where(valid[..., None], rng.normal(size=(n, L, len(NUMERIC_FEATURES))), 0.0)
     return {"events": events, "categories": cats, "numeric": numeric.astype(np.float32),
-            "static": rng.normal(size=(n, len(STATIC_FEATURES))).astype(np.float32)}
+            "static": rng.normal(size=(n, static_width(MODEL))).astype(np.float32)}
 
 
 def predict(model, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

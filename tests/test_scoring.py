@@ -86,7 +86,7 @@ def _assert_same_features(a: Snapshots, b: Snapshots) -> None:
     np.testing.assert_allclose(a.static, b.static, rtol=1e-6, atol=1e-6)
     # The cadence features are among them, and informative on this log.
     assert a.static.shape[1] == len(AGGREGATE_FEATURES)
-    cadence = a.static[:, len(STATIC_FEATURES):]
+    cadence = a.static[:, AGGREGATE_FEATURES.index(CADENCE_FEATURES[0]):]
     assert len(a) < 2 or (cadence.std(axis=0) > 0).sum() >= len(CADENCE_FEATURES) - 1
     np.testing.assert_allclose(a.interest_now, b.interest_now, rtol=1e-6)
     assert list(a.fading_category) == list(b.fading_category)

@@ -15,7 +15,7 @@ from helpers import hand_snapshots
 from sklearn.metrics import roc_auc_score
 
 from common.config import ModelConfig, SnapshotConfig, TrainConfig
-from common.features import NUMERIC_FEATURES, STATIC_FEATURES
+from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES, STATIC_FEATURES
 from common.model import build_model, weights_of
 from common.snapshots import Snapshots
 from common.training import (
@@ -38,7 +38,7 @@ def make_snapshots(n: int, seed: int, *, noise: float = 0.1, flip: bool = False)
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, L + 1, n)
     valid = np.arange(L)[None, :] >= (L - lengths)[:, None]
-    static = rng.normal(size=(n, len(STATIC_FEATURES))).astype(np.float32)
+    static = rng.normal(size=(n, len(AGGREGATE_FEATURES))).astype(np.float32)
     decay = (static[:, SIGNAL] > 0) ^ (rng.random(n) < noise)
     if flip:
         decay = ~decay

@@ -16,7 +16,7 @@ from helpers import hand_snapshots
 from client.app import EVALUATE_METRICS, TRAIN_METRICS
 from client.config import ClientConfig, ClientSettings
 from common.config import ModelConfig, SnapshotConfig, TrainConfig
-from common.features import NUMERIC_FEATURES, STATIC_FEATURES
+from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES
 from common.model import build_model, weights_of
 from common.snapshots import Snapshots
 from common.snapshots.container import SPLITS
@@ -35,7 +35,7 @@ def _snapshots(n: int, split: str, seed: int) -> Snapshots:
         events=rng.integers(1, 6, (n, L)).astype(np.int32),
         categories=rng.integers(1, SNAP.hash_buckets + 1, (n, L)).astype(np.int32),
         numeric=rng.normal(size=(n, L, len(NUMERIC_FEATURES))).astype(np.float32),
-        static=rng.normal(size=(n, len(STATIC_FEATURES))).astype(np.float32),
+        static=rng.normal(size=(n, len(AGGREGATE_FEATURES))).astype(np.float32),
         decay=rng.random(n) < 0.4, interest=rng.random(n),
         n_actions=len(SNAP.actions), split=SPLITS.index(split))
 
