@@ -15,6 +15,7 @@ import csv
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from common.features import NUMERIC_FEATURES
 from common.policy import choose_actions
 from common.progress import SILENT, Progress, Task
 from common.reasons import REASON_COLUMNS, CategoryNames, Reference, reason_columns, reference_sums
+from common.reasons.ig import SCORE_IG_STEPS
 from common.snapshots import Snapshots
 from common.tabular import TabularModel
 
@@ -41,6 +43,9 @@ SCORE_COLUMNS: tuple[str, ...] = ("user_id", "merchant_id", "decay_risk", "inter
                                   *REASON_COLUMNS)
 #: Whom ``score_events`` explains (its ``reasons`` argument; ``fedecay score --reasons``).
 REASON_MODES: tuple[str, ...] = ("targeted", "at-risk", "none")
+#: Quadrature points ``score_events`` accepts for the reasons (``fedecay score
+#: --reasons-points``); ``SCORE_IG_STEPS`` is the default.
+REASON_POINTS: tuple[int, ...] = (1, 2, 4, 8)
 #: Rows per prediction call of the batch scorer (a fixed shape: XLA compiles it once).
 PREDICT_BATCH = 1024
 
@@ -101,6 +106,7 @@ def score_events(
     chunk_events: int = 200_000,
     progress: Progress = SILENT,
     reasons: str = "targeted",
+    reason_points: int = SCORE_IG_STEPS,
 ) -> pd.DataFrame:
     """Score every user active in the observation window before ``at``.
 
@@ -122,6 +128,8 @@ def score_events(
         users the policy gives an action (not ``none``), ``"at-risk"`` every user with
         decay risk >= ``policy.risk-threshold``, ``"none"`` nobody. Empty text for the
         others. Nothing is attributed (or compiled) when no user needs a reason.
+    reason_points : the attributions' quadrature points (``REASON_POINTS``; an LSTM's
+        only): fewer is faster and further from the exact integral (docs/performance.md).
 
     Returns
     -------
@@ -131,6 +139,8 @@ def score_events(
     """
     if reasons not in REASON_MODES:
         raise ValueError(f"reasons: expected one of {', '.join(REASON_MODES)}, got {reasons!r}")
+    if reason_points not in REASON_POINTS:
+        raise ValueError(f"reason points: expected one of {REASON_POINTS}, got {reason_points!r}")
     ids: list[pd.DataFrame] = []
     preds: list[dict[str, np.ndarray]] = []
     # Targets are a subset of the users at risk (and known only once the policy has
@@ -139,6 +149,9 @@ def score_events(
     chunks = batch_features(events, at, snap_cfg, chunk_events=chunk_events,
                             batch=PREDICT_BATCH)
     with contextlib.ExitStack() as steps:
+        if at_risk is not None:  # the log's category names, found while users are scored
+            names = steps.enter_context(ThreadPoolExecutor(1, "fedecay-names"))
+            at_risk.names = names.submit(_category_names, events)
         task: Task | None = None
         scored = 0
         for snaps, done, total in prefetch(chunks):
@@ -168,7 +181,7 @@ def score_events(
         return frame  # nothing attributed, nothing compiled
     started = time.perf_counter()
     with progress.task(f"explaining {len(keep):,} {reasons} users", 1, "steps") as step:
-        columns = at_risk.reasons(model, keep, events, snap_cfg)
+        columns = at_risk.reasons(model, keep, events, snap_cfg, reason_points)
         step.advance()
     for c in REASON_COLUMNS:
         frame[c] = pd.Series(columns[c], dtype="string")
@@ -186,6 +199,7 @@ class _AtRisk:
         self.rows: list[np.ndarray] = []
         self.seen = 0
         self.sums: list[tuple[np.ndarray, float, np.ndarray, float]] = []
+        self.names: Future[np.ndarray] | None = None  # the log's category names
 
     def add(self, snaps: Snapshots, risk: np.ndarray) -> None:
         rows = np.flatnonzero(np.asarray(risk) >= self.threshold)
@@ -202,15 +216,17 @@ class _AtRisk:
         return np.arange(len(rows)) if wanted is None else np.flatnonzero(wanted[rows])
 
     def reasons(self, model: Any, keep: np.ndarray, events: pd.DataFrame,
-                snap_cfg: SnapshotConfig) -> dict[str, np.ndarray]:
+                snap_cfg: SnapshotConfig, points: int) -> dict[str, np.ndarray]:
         """``REASON_COLUMNS`` of every user scored: the reasons of the users at risk
-        ``keep`` indexes (:meth:`select`), empty text for the others."""
+        ``keep`` indexes (:meth:`select`), empty text for the others (IG with ``points``
+        quadrature points)."""
         numeric, steps, static, count = zip(*self.sums, strict=True)
         reference = Reference.from_sums(np.sum(numeric, axis=0), float(sum(steps)),
                                         np.sum(static, axis=0), float(sum(count)))
-        names = CategoryNames(_category_names(events), snap_cfg.hash_buckets)
+        found = self.names.result() if self.names is not None else _category_names(events)
+        names = CategoryNames(found, snap_cfg.hash_buckets)
         part = reason_columns(model, Snapshots.concat(self.parts), keep, snap_cfg,
-                              reference, names)
+                              reference, names, steps=points)
         out = {c: np.full(self.seen, "", dtype=object) for c in REASON_COLUMNS}
         for c in REASON_COLUMNS:
             out[c][self._rows()[keep]] = part[c][keep]

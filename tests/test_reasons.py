@@ -224,7 +224,9 @@ def test_tabular_models_get_reasons_by_occlusion(small) -> None:
     moved[:, cols] = ref.static[cols]
     expected = (model.decay.predict_proba(x)[:, 1] - model.decay.predict_proba(moved)[:, 1])
     np.testing.assert_allclose(groups[:, g], expected, atol=1e-6)
-    assert np.all(groups[:, GROUP_NAMES.index("event_mix")] == 0)  # no aggregate
+    for g, group in enumerate(FEATURE_GROUPS):  # a group without aggregates moves nothing
+        if not group.aggregate_columns(x.shape[1]):
+            assert np.all(groups[:, g] == 0), group.name
     scores = score_events(model, events, None, snap, PolicyConfig(risk_threshold=0.5),
                           reasons="at-risk")
     at_risk = scores["decay_risk"] >= 0.5
@@ -284,3 +286,38 @@ def test_overdue_needs_a_usual_gap_of_a_day_at_least() -> None:
     assert _overdue(facts, 0) is None  # type: ignore[arg-type]
     assert _overdue(facts, 1) == "last visit 12 days ago, 3.0\u00d7 the usual gap of 4 days"  # type: ignore[arg-type]
     assert _overdue(facts, 2) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_scorers_attributions_are_the_full_ones(small, bidirectional: bool) -> None:
+    from common.reasons.ig import group_ig
+
+    _, snap, snaps = small
+    model = build_model(ModelConfig(lstm_units=8, dense_units=8, bidirectional=bidirectional),
+                        snap, seed=4)
+    width = int(model.input["static"].shape[-1])
+    ref = Reference.mean_of(snaps)
+    ref = Reference(ref.numeric, ref.static[:width])
+    for steps in (1, 4):
+        full = integrated_gradients(model, snaps, ref, steps=steps, batch=32).groups
+        fast = group_ig(model, snaps, ref, steps=steps, batch=32)
+        assert np.abs(full).max() > 1e-4  # the test says something
+        np.testing.assert_allclose(fast, full, rtol=1e-4, atol=1e-6)
+
+
+def test_reasons_in_chunks_are_the_reasons_at_once(small) -> None:
+    from common.reasons import reason_columns
+
+    events, snap, snaps = small
+    model = build_model(ModelConfig(lstm_units=8, dense_units=8), snap, seed=6)
+    names = CategoryNames(events["category_id"], snap.hash_buckets)
+    ref = Reference.mean_of(snaps)
+    rows = np.arange(1, len(snaps), 2)
+    whole = reason_columns(model, snaps, rows, snap, ref, names, chunk=len(snaps))
+    parts = reason_columns(model, snaps, rows, snap, ref, names, chunk=3)
+    for column in REASON_COLUMNS:
+        assert (whole[column][rows] != "").all() and (whole[column][::2] == "").all() \
+            or column == "fading_categories"
+        np.testing.assert_array_equal(parts[column], whole[column])
+    with pytest.raises(ValueError, match="reason points"):
+        score_events(model, events, None, snap, PolicyConfig(), reason_points=3)

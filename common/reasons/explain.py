@@ -15,13 +15,15 @@ import numpy as np
 from common.config import SnapshotConfig
 from common.feature_groups import FEATURE_GROUPS
 from common.reasons.facts import CategoryNames, customer_facts
-from common.reasons.ig import IG_STEPS, SCORE_IG_STEPS, Reference, integrated_gradients
+from common.reasons.ig import IG_STEPS, SCORE_IG_STEPS, Reference, group_ig
 from common.reasons.text import Reasons, reasons_of
 from common.snapshots import Snapshots
 from common.tabular import TabularModel
 
 #: The score table's reason columns, in order.
 REASON_COLUMNS: tuple[str, ...] = ("reasons", "reason_codes", "fading_categories")
+#: Rows explained at a time by :func:`reason_columns`.
+EXPLAIN_CHUNK = 2048
 
 
 def group_attributions(model: Any, snaps: Snapshots, reference: Reference, *,
@@ -31,8 +33,8 @@ def group_attributions(model: Any, snaps: Snapshots, reference: Reference, *,
     if isinstance(model, TabularModel):
         return occlusion(model, snaps, reference.static)
     width = int(model.input["static"].shape[-1])
-    ref = Reference(reference.numeric, reference.static[:width])
-    return integrated_gradients(model, snaps, ref, steps=steps).groups
+    return group_ig(model, snaps, Reference(reference.numeric, reference.static[:width]),
+                    steps=steps)
 
 
 def occlusion(model: TabularModel, snaps: Snapshots, reference_static: np.ndarray
@@ -68,13 +70,27 @@ def explain(model: Any, snaps: Snapshots, config: SnapshotConfig, reference: Ref
 
 def reason_columns(model: Any, snaps: Snapshots, rows: np.ndarray, config: SnapshotConfig,
                    reference: Reference, names: CategoryNames | None = None, *,
-                   steps: int = SCORE_IG_STEPS) -> dict[str, np.ndarray]:
+                   steps: int = SCORE_IG_STEPS, chunk: int = EXPLAIN_CHUNK
+                   ) -> dict[str, np.ndarray]:
     """``REASON_COLUMNS`` for every row of ``snaps``: the reasons of ``rows`` (indices),
-    empty text for the others (IG with ``steps`` points: the scorer's default)."""
+    empty text for the others (IG with ``steps`` points: the scorer's default).
+
+    ``chunk`` rows at a time: the next chunk's attributions are computed (TensorFlow, in
+    a worker thread) while this chunk's figures are turned into words (Python).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     out = {c: np.full(len(snaps), "", dtype=object) for c in REASON_COLUMNS}
     rows = np.asarray(rows, dtype=np.int64)
-    if len(rows):
-        for column, values in explain(model, snaps.subset(rows), config, reference,
-                                      names, steps=steps).columns().items():
-            out[column][rows] = values
+    parts = [snaps.subset(rows[lo:lo + chunk]) for lo in range(0, len(rows), chunk)]
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fedecay-attributions")
+    try:
+        pending = [pool.submit(group_attributions, model, part, reference, steps=steps)
+                   for part in parts]
+        for lo, part, future in zip(range(0, len(rows), chunk), parts, pending, strict=True):
+            facts = customer_facts(part, config, names)
+            for column, values in reasons_of(facts, future.result()).columns().items():
+                out[column][rows[lo:lo + chunk]] = values
+    finally:
+        pool.shutdown(cancel_futures=True)  # an error here stops the chunks not started
     return out

@@ -96,20 +96,11 @@ def integrated_gradients(model, snaps: Snapshots, reference: Reference, *,
     steps : Gauss-Legendre points.
     batch : rows per compiled call (the last call is padded with a repeated row).
     """
-    width = int(model.input["static"].shape[-1])
-    if reference.static.shape != (width,):
-        raise ValueError(f"reference has {reference.static.shape[0]} aggregate columns, "
-                         f"the model reads {width}")
-    n, length = snaps.events.shape
+    width = _check_width(model, reference)
+    length = snaps.events.shape[1]
     fn = _compiled(model, steps, batch)
-    parts = []
-    for lo in range(0, n, batch):
-        m = min(batch, n - lo)
-        rows = np.arange(lo, lo + batch)
-        rows[m:] = lo
-        out = fn(snaps.events[rows], snaps.categories[rows], snaps.numeric[rows],
-                 snaps.static[rows, :width], reference.numeric, reference.static[:width])
-        parts.append([np.asarray(o)[:m] for o in out])
+    parts = [[np.asarray(o)[:m] for o in fn(*inputs)]
+             for m, inputs in _batches(snaps, reference, width, batch)]
     if not parts:
         return Attributions(np.zeros((0, len(GROUP_NAMES)), np.float32),
                             np.zeros((0, length), np.float32), np.zeros(0, np.float32),
@@ -119,12 +110,52 @@ def integrated_gradients(model, snaps: Snapshots, reference: Reference, *,
                         risk, ref_risk, stat)
 
 
+def group_ig(model, snaps: Snapshots, reference: Reference, *, steps: int = SCORE_IG_STEPS,
+             batch: int = IG_BATCH) -> np.ndarray:
+    """``[N, len(GROUP_NAMES)]``: the groups of :func:`integrated_gradients` alone.
+
+    The scorer's rule: the same path and points, but nothing else is computed (no risk
+    at either end, no per-step figures), which makes it the cheaper call.
+    """
+    width = _check_width(model, reference)
+    n_num = len(NUMERIC_FEATURES)
+    fn = _compiled(model, steps, batch, groups_only=True)
+    parts = [[np.asarray(o)[:m] for o in fn(*inputs)]
+             for m, inputs in _batches(snaps, reference, width, batch)]
+    if not parts:
+        return np.zeros((0, len(GROUP_NAMES)), np.float32)
+    ev, cat, num, stat = (np.concatenate(p) for p in zip(*parts, strict=True))
+    # Sums over the steps, as one step each: group_sums adds steps up either way.
+    return group_sums(ev[:, None], cat[:, None], num.reshape(-1, 1, n_num), stat)
+
+
+def _check_width(model, reference: Reference) -> int:
+    width = int(model.input["static"].shape[-1])
+    if reference.static.shape != (width,):
+        raise ValueError(f"reference has {reference.static.shape[0]} aggregate columns, "
+                         f"the model reads {width}")
+    return width
+
+
+def _batches(snaps: Snapshots, reference: Reference, width: int, batch: int):
+    """(real rows, compiled call's inputs) per ``batch`` rows; the last batch is padded
+    with a repeated row."""
+    n = len(snaps.events)
+    for lo in range(0, n, batch):
+        m = min(batch, n - lo)
+        rows = np.arange(lo, lo + batch)
+        rows[m:] = lo
+        yield m, (snaps.events[rows], snaps.categories[rows], snaps.numeric[rows],
+                  snaps.static[rows, :width], reference.numeric, reference.static[:width])
+
+
 def warm_up_ig(model, *, steps: int = SCORE_IG_STEPS, batch: int = IG_BATCH) -> None:
-    """Compile the IG of ``model`` now (XLA takes seconds), not at the first explanation."""
+    """Compile the scorer's IG of ``model`` (:func:`group_ig`) now (XLA takes seconds),
+    not at the first explanation."""
     length = int(model.input["events"].shape[1])
     width = int(model.input["static"].shape[-1])
     n_num = len(NUMERIC_FEATURES)
-    _compiled(model, steps, batch)(
+    _compiled(model, steps, batch, groups_only=True)(
         np.ones((batch, length), np.int32), np.ones((batch, length), np.int32),
         np.zeros((batch, length, n_num), np.float32), np.zeros((batch, width), np.float32),
         np.zeros(n_num, np.float32), np.zeros(width, np.float32))
@@ -148,9 +179,10 @@ def group_sums(ev: np.ndarray, cat: np.ndarray, num: np.ndarray,
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled(model, steps: int, batch: int, jit: bool = True):
+def _compiled(model, steps: int, batch: int, jit: bool = True, groups_only: bool = False):
     """The compiled IG of ``model`` on ``batch`` rows (one trace per model and shape),
-    with XLA when ``jit`` (its compile and throughput: docs/performance.md)."""
+    with XLA when ``jit`` (its compile and throughput: docs/performance.md).
+    ``groups_only``: per-input sums over the steps, and no risk at either end."""
     import tensorflow as tf
 
     nodes, weights = np.polynomial.legendre.leggauss(steps)
@@ -201,6 +233,9 @@ def _compiled(model, steps: int, batch: int, jit: bool = True):
             g = tf.reshape(g, [k, batch, *x_i.shape[1:]])
             w = tf.reshape(quad, [k] + [1] * len(x_i.shape))
             attr.append(tf.reduce_sum(w * g, axis=0) * (x_i - b_i))
+        if groups_only:
+            return (tf.reduce_sum(attr[0], axis=[1, 2]), tf.reduce_sum(attr[1], axis=[1, 2]),
+                    tf.reduce_sum(attr[2], axis=1), attr[3])
         risk = decay(*x, mask)
         ref_risk = decay(*base, mask)
         return (tf.reduce_sum(attr[0], axis=-1), tf.reduce_sum(attr[1], axis=-1),

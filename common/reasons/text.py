@@ -10,6 +10,7 @@ per group. The codes (``REASON_CODES``) are stable, so they can be counted.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -77,7 +78,7 @@ def _mix(f: Facts, i: int) -> str | None:
 
 def _activity_drop(f: Facts, i: int) -> str | None:
     before, now = f.weekly_before[i], f.events_7d[i]
-    if not np.isfinite(before) or _drop(before, now) < MIN_DROP:
+    if not math.isfinite(before) or _drop(before, now) < MIN_DROP:
         return None
     return (f"activity down {_drop(before, now):.0%} on the previous weeks "
             f"({_plural(now, 'event')} in the last 7 days vs {_num(before)} a week before)"
@@ -89,10 +90,10 @@ def _low_activity(f: Facts, i: int) -> str | None:
 
 
 def _category(f: Facts, i: int) -> str | None:
-    then, now = f.cat_then[i, 0], f.cat_now[i, 0]
-    if f.cat_bucket[i, 0] == 0 or _drop(then, now) < MIN_DROP:
+    then, now = f.cat_then[i][0], f.cat_now[i][0]
+    if f.cat_bucket[i][0] == 0 or _drop(then, now) < MIN_DROP:
         return None
-    return f"interest in category {f.cat_name[i, 0]} faded (\u2212{_drop(then, now):.0%})" \
+    return f"interest in category {f.cat_name[i][0]} faded (\u2212{_drop(then, now):.0%})" \
         .replace("%", " %")
 
 
@@ -103,7 +104,7 @@ def _few_categories(f: Facts, i: int) -> str | None:
 
 def _inactive(f: Facts, i: int) -> str | None:
     days = f.purchase_days[i]
-    if np.isnan(days):  # none among the events the snapshot holds
+    if math.isnan(days):  # none among the events the snapshot holds
         return (f"no purchase in the last {_plural(f.seq_n[i], 'event')} "
                 f"({_days(f.seq_days[i])})")
     if days < INACTIVE_DAYS:
@@ -124,7 +125,7 @@ def _last_visit(f: Facts, i: int) -> str | None:
 
 def _spend_drop(f: Facts, i: int) -> str | None:
     before, now = f.value_weekly_before[i], f.value_7d[i]
-    if not np.isfinite(before) or _drop(before, now) < MIN_DROP:
+    if not math.isfinite(before) or _drop(before, now) < MIN_DROP:
         return None
     return (f"spend down {_drop(before, now):.0%} on the previous weeks ({now:.2f} in the "
             f"last 7 days vs {before:.2f} a week before)").replace("%", " %")
@@ -183,35 +184,43 @@ def reasons_of(facts: Facts, groups: np.ndarray, top: int = TOP_REASONS) -> Reas
         raise ValueError(f"group attributions of shape {groups.shape}, expected "
                          f"{(len(facts), len(GROUP_NAMES))}")
     # Stable order: by attribution, ties by GROUP_NAMES order.
-    order = np.argsort(-groups, axis=1, kind="stable")
+    order = np.argsort(-groups, axis=1, kind="stable")[:, :top].tolist()
+    values = groups.tolist()
+    rules = [RULES[name] for name in GROUP_NAMES]
+    plain = facts.as_lists()
     codes: list[tuple[str, ...]] = []
     texts: list[tuple[str, ...]] = []
-    for i in range(len(facts)):
+    for i, (picked, value) in enumerate(zip(order, values, strict=True)):
         c_i: list[str] = []
         t_i: list[str] = []
-        for g in order[i, :top]:
-            if c_i and groups[i, g] <= 0:
+        for g in picked:
+            if c_i and value[g] <= 0:
                 break
-            for code, rule in RULES[GROUP_NAMES[g]]:
-                text = rule(facts, i)
+            for code, rule in rules[g]:
+                text = rule(plain, i)
                 if text is not None:
                     c_i.append(code)
                     t_i.append(text)
                     break
         codes.append(tuple(c_i))
         texts.append(tuple(t_i))
-    return Reasons(codes, texts, fading_lists(facts))
+    return Reasons(codes, texts, fading_lists(plain))
 
 
 def fading_lists(facts: Facts) -> list[str]:
-    """Per customer, "name then→now" of its fading categories, "|"-joined."""
+    """Per customer, "name then→now" of its fading categories, "|"-joined (``facts``
+    with arrays or :meth:`~common.reasons.facts.Facts.as_lists`)."""
+    if isinstance(facts.cat_bucket, np.ndarray):
+        facts = facts.as_lists()
     out = []
-    for i in range(len(facts)):
-        # A drop that rounds away (0.0→0.0) says nothing.
-        parts = [f"{facts.cat_name[i, c]} {then:.1f}\u2192{now:.1f}"
-                 for c in range(facts.cat_bucket.shape[1])
-                 for then, now in [(facts.cat_then[i, c], facts.cat_now[i, c])]
-                 if facts.cat_bucket[i, c] > 0 and f"{then:.1f}" != f"{now:.1f}"]
+    for names, buckets, thens, nows in zip(facts.cat_name, facts.cat_bucket, facts.cat_then,
+                                           facts.cat_now, strict=True):
+        parts = []
+        for name, bucket, then, now in zip(names, buckets, thens, nows, strict=True):
+            was, now_text = f"{then:.1f}", f"{now:.1f}"
+            # A drop that rounds away (0.0→0.0) says nothing.
+            if bucket > 0 and was != now_text:
+                parts.append(f"{name} {was}\u2192{now_text}")
         out.append("|".join(parts))
     return out
 

@@ -135,6 +135,11 @@ def score(
         help="Whose reasons to give (reasons, reason_codes, fading_categories): the "
              "users the policy targets (an action other than none), every user at risk, "
              "or nobody.")] = "targeted",
+    reasons_points: Annotated[str, typer.Option(
+        click_type=click.Choice(("1", "2", "4", "8")), metavar="POINTS",
+        help="Quadrature points of the reasons' integrated gradients (an LSTM's only): "
+             "fewer is faster, further from the exact attributions (docs/performance.md).",
+    )] = "4",
 ) -> None:
     """Batch scoring: decay risk, interest forecast and the activation action per user."""
     console = current()
@@ -169,7 +174,8 @@ def score(
         warm_up(bundle.model)  # the reasons' attributions compile when first needed
     compiled = time.perf_counter()
     scores = score_events(bundle.model, log.events, cutoff, bundle.snapshots, bundle.policy,
-                          progress=console, reasons=reasons)
+                          progress=console, reasons=reasons,
+                          reason_points=int(reasons_points))
     console.close()
     seconds = time.perf_counter() - compiled
     if len(scores) == 0:
