@@ -33,9 +33,9 @@ def _timed(fn) -> tuple[float, Any]:
 
 def run_bench(exp: Experiment, repeat: int = 3) -> dict[str, Any]:
     """Generation, snapshot building, centralised training and batch scoring throughput."""
-    from client.scoring import score_events, warm_up
+    from client.scoring import REASON_POINTS, score_events, warm_up
     from common.model import build_model
-    from common.reasons.ig import warm_up_ig
+    from common.reasons.ig import SCORE_IG_STEPS, warm_up_ig
     from common.snapshots import build_snapshots
     from common.training import fit, predict
     from simulations.experiment import shared_calendar
@@ -81,6 +81,13 @@ def run_bench(exp: Experiment, repeat: int = 3) -> dict[str, Any]:
         figures[f"{name}_share"] = explained / max(n, 1)
         # Users explained per second of the reasons' own time (None: nobody to explain).
         figures[f"{name}_explained_per_s"] = explained / why if explained else None
+    # The same targets with the other quadrature rules (fedecay score --reasons-points).
+    for points in (k for k in REASON_POINTS if k != SCORE_IG_STEPS):
+        warm_up_ig(model, steps=points)
+        why = min(score_events(model, fed.events, None, cfg, exp.policy, reason_points=points)
+                  .attrs["explain_seconds"] for _ in range(repeat))
+        figures[f"targeted_explained_per_s_{points}_points"] = (
+            figures["targeted_users"] / why if figures["targeted_users"] else None)
     test = snaps.split_part("test")
     predict(model, test)
     seconds, _ = _best(lambda: predict(model, test), repeat)
