@@ -31,6 +31,7 @@ from client.work import (
     train_reply,
 )
 from common.attribution import ATTRIBUTION_METRICS
+from common.protocol import CUSTOMER_METRICS
 from common.schema import DataError
 from common.snapshots import Snapshots
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: Metric names a client may send; anything else is a defect (see the egress tests).
 TRAIN_METRICS: tuple[str, ...] = ("num-examples", "train_loss", "val_loss", "epochs",
-                                  "fit_seconds", *PRE_TRAINING_METRICS)
+                                  "fit_seconds", *PRE_TRAINING_METRICS, *CUSTOMER_METRICS)
 EVALUATE_METRICS: tuple[str, ...] = ("num-examples", "eval_loss", "decay_log_loss",
                                      "decay_accuracy", "decay_positive_rate",
                                      *VALIDATION_METRICS,

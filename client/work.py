@@ -17,6 +17,7 @@ import numpy as np
 from client.config import ClientSettings
 from client.timer import HandlerTimer
 from common.protocol import (
+    CUSTOMER_RATE_KEY,
     GLOBAL_ROUND_KEY,
     PRE_EVALUATE_KEY,
     PRE_TRAINING_LOSSES,
@@ -130,6 +131,10 @@ def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.nda
     """
     from common.model import weights_of
 
+    if CUSTOMER_RATE_KEY in config:  # customer-level DP: clipped per-customer updates
+        from client.customer_dp import customer_train_reply
+
+        return customer_train_reply(settings, snaps, weights, config, timer)
     model = global_model(settings, weights, timer)
     pre: dict[str, float | int] = {}
     if config.get(PRE_EVALUATE_KEY):

@@ -35,3 +35,14 @@ PRE_TRAINING_METRICS: tuple[str, ...] = tuple(dict.fromkeys(
     k for pair in PRE_TRAINING_LOSSES.values() for k in pair))
 #: What an evaluate reply adds when asked for :data:`SCORE_VALIDATION_KEY`.
 VALIDATION_METRICS: tuple[str, ...] = PRE_TRAINING_LOSSES["val_loss"]
+
+#: Train config keys of customer-level DP (``client.customer_dp``): q, each customer's
+#: chance to be sampled; C, the bound of one customer's update; eta, its learning rate.
+CUSTOMER_RATE_KEY = "customer-rate"
+CUSTOMER_CLIP_KEY = "customer-clipping-norm"
+CUSTOMER_LR_KEY = "customer-learning-rate"
+#: Reply metrics of customer-level DP: customers in the sum, and customers with training
+#: snapshots at the merchant (the server may estimate the federation's count from them).
+CUSTOMERS_SAMPLED = "customers-sampled"
+CUSTOMERS_TOTAL = "customers"
+CUSTOMER_METRICS: tuple[str, ...] = (CUSTOMERS_SAMPLED, CUSTOMERS_TOTAL)

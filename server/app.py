@@ -137,8 +137,9 @@ def _summary(settings: ServerSettings, parts: Runner, selection: Selection, *, d
         summary["secure_aggregation"] = parts.strategy.describe()
     if parts.ledger is not None:
         summary["privacy"] = {"mode": dp.mode, "epsilon": parts.ledger.epsilon,
-                              "delta": dp.target_delta, "target_epsilon": dp.target_epsilon,
-                              "noise_multiplier": dp.noise_multiplier}
+                              "delta": parts.ledger.delta, "target_epsilon": dp.target_epsilon,
+                              "noise_multiplier": dp.noise_multiplier,
+                              **parts.ledger.summary_fields()}
     return summary
 
 

@@ -164,23 +164,59 @@ DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed", "adaptive")
 DP_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 
 
+#: Whose contribution the guarantee bounds: ``merchant`` (the modes above: one merchant's
+#: whole update) or ``customer`` (one customer of one merchant: all of that customer's
+#: events there; ``server/customer_dp.py``).
+DP_UNITS: tuple[str, ...] = ("merchant", "customer")
+#: Where the noise of customer-level DP is added. Only ``central`` (the server adds it)
+#: exists yet; ``distributed`` (shares under SecAgg+) and ``local`` are planned.
+DP_PLACEMENTS: tuple[str, ...] = ("central",)
+#: The merchant-level default of ``target-delta`` (customer level: 1 / (10 customers)).
+MERCHANT_DELTA = 1e-5
+
+
 @dataclasses.dataclass(frozen=True)
 class DPConfig:
-    """Client-level differential privacy of the model updates (section ``privacy``)."""
+    """Differential privacy of the model updates (section ``privacy``)."""
 
     mode: str = "off"
     noise_multiplier: float = 1.0  # z: noise std is z * clipping-norm / sampled clients
     clipping_norm: float = 1.0  # L2 bound of one client's update (adaptive: initial bound)
-    target_delta: float = 1e-5
+    # 0 = the default: 1e-5 per merchant; 1 / (10 customers) per customer
+    target_delta: float = 0.0
     target_epsilon: float = 0.0  # > 0: stop before a round would spend more than this
     # adaptive: std of the noise on the clipped-update count (0 = Flower's default,
     # sampled clients / 20, which needs noise-multiplier < sampled clients / 10)
     clipped_count_stddev: float = 0.0
+    unit: str = "merchant"  # see DP_UNITS
+    placement: str = "central"  # customer unit: see DP_PLACEMENTS
+    customer_rate: float = 0.1  # customer unit: q, each customer's chance to be in a round
+    # customer unit: customers in the federation, a declared public figure; 0 = estimated
+    # from the merchants' counts in round 1 (see server/customer_dp.py)
+    customers: int = 0
+    customer_learning_rate: float = 1.0  # customer unit: eta in update = -eta * gradient
+    server_learning_rate: float = 1.0  # customer unit: step along the noised mean update
 
     @property
     def enabled(self) -> bool:
-        """Whether ``mode`` is other than ``off``."""
+        """Whether a merchant-level ``mode`` (other than ``off``) is on."""
         return self.mode != "off"
+
+    @property
+    def customer_level(self) -> bool:
+        """Whether the unit is the customer (``privacy.unit = customer``)."""
+        return self.unit == "customer"
+
+    def delta(self, customers: int | None = None) -> float:
+        """δ: ``target-delta`` when set; else 1e-5 per merchant, or 1 / (10 ``customers``)
+        per customer (None while the count is unknown)."""
+        if self.target_delta > 0:
+            return self.target_delta
+        if not self.customer_level:
+            return MERCHANT_DELTA
+        if not customers:
+            raise ValueError("delta: the number of customers is not known yet")
+        return 1.0 / (10.0 * customers)
 
     def __post_init__(self) -> None:
         check_key(self.mode in DP_MODES, "privacy.mode",
@@ -189,11 +225,31 @@ class DPConfig:
                "privacy.noise-multiplier", "must be a finite number > 0")
         check_key(self.clipping_norm > 0 and math.isfinite(self.clipping_norm),
                "privacy.clipping-norm", "must be a finite number > 0")
-        check_key(0 < self.target_delta < 1, "privacy.target-delta", "must be in (0, 1)")
+        check_key(0 <= self.target_delta < 1, "privacy.target-delta",
+                  "must be in (0, 1), or 0 for the default")
         check_key(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),
                "privacy.target-epsilon", "must be >= 0 (0 = no budget)")
         check_key(self.clipped_count_stddev >= 0 and math.isfinite(self.clipped_count_stddev),
                "privacy.clipped-count-stddev", "must be a finite number >= 0 (0 = default)")
+        check_key(self.unit in DP_UNITS, "privacy.unit",
+                  f"must be one of {', '.join(DP_UNITS)}, got {self.unit!r}")
+        if self.customer_level:
+            self._check_customer_level()
+
+    def _check_customer_level(self) -> None:
+        check_key(self.placement in DP_PLACEMENTS, "privacy.placement",
+                  f"{self.placement!r} is not available: only 'central' (the server adds "
+                  "the noise and is trusted) is implemented; 'distributed' and 'local' "
+                  "are planned")
+        check_key(self.mode == "off", "privacy.mode",
+                  f"must be 'off' with privacy.unit = customer (got {self.mode!r}): "
+                  "merchant-level and customer-level DP cannot run at once")
+        check_key(0 < self.customer_rate <= 1, "privacy.customer-rate",
+                  f"must be in (0, 1], got {self.customer_rate}")
+        check_key(self.customers >= 0, "privacy.customers",
+                  "must be >= 0 (0 = estimated in round 1)")
+        for key in ("customer_learning_rate", "server_learning_rate"):
+            check_key(getattr(self, key) > 0, f"privacy.{key.replace('_', '-')}", "must be > 0")
 
 
 #: Privacy modes that work with secure aggregation: none, or the merchants clip their own
@@ -204,6 +260,13 @@ SECAGG_DP_MODES: tuple[str, ...] = ("off", "client-fixed")
 
 def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
     """Raise ``ValueError`` for settings of two sections that cannot run together."""
+    if dp.customer_level:
+        check_key(not fed.secure_aggregation, "privacy.unit",
+                  "'customer' cannot run with federation.secure-aggregation yet: the "
+                  "central placement needs the server to add the noise to the plain sum")
+        check_key(fed.strategy in DP_STRATEGIES, "privacy.unit",
+                  f"'customer' needs a strategy that sums the clipped updates "
+                  f"({', '.join(DP_STRATEGIES)}); federation.strategy is {fed.strategy!r}")
     if not fed.secure_aggregation:
         return
     check_key(dp.mode in SECAGG_DP_MODES, "privacy.mode",

@@ -104,7 +104,7 @@ def wrap_strategy(strategy: Any, dp: DPConfig, fed: FederationConfig, population
 
 
 class PrivacyLedger:
-    """ε spent so far at δ = ``target-delta``; one line per released round in a JSONL file."""
+    """Merchant-level ε spent so far at δ = :attr:`delta`; a line per released round (JSONL)."""
 
     def __init__(self, dp: DPConfig, population: int, calibrated_for: int,
                  path: Path | None = None) -> None:
@@ -113,10 +113,19 @@ class PrivacyLedger:
         self.calibrated_for = calibrated_for  # m in the noise std z * C / m
         self.path = path
         self.accountant = RdpAccountant(PrivacyConfig(
-            target_delta=dp.target_delta, population_size=population,
+            target_delta=dp.delta(), population_size=population,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.POISSON))
         self.epsilon = 0.0
+
+    @property
+    def delta(self) -> float:
+        """The δ at which ε is stated (``privacy.target-delta``, 1e-5 by default)."""
+        return self.dp.delta()
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What ``federation.json`` adds about the unit (merchant level here)."""
+        return {"unit": "merchant", "unit_text": "one merchant: its whole update in a round"}
 
     def event(self, sampled: int, aggregated: int) -> GaussianPrivacyEvent:
         """The Gaussian event of one released round.
@@ -140,7 +149,7 @@ class PrivacyLedger:
         """Compose one released round and append its line."""
         event = self.event(sampled, aggregated)
         self.accountant.compose(event)
-        self.epsilon = self.accountant.get_epsilon(self.dp.target_delta)
+        self.epsilon = self.accountant.get_epsilon(self.dp.delta())
         line = {
             "round": server_round, "participants": aggregated, "sampled": sampled,
             "population": self.population,
@@ -148,7 +157,7 @@ class PrivacyLedger:
             "noise_multiplier": event.noise_multiplier,
             "configured_noise_multiplier": self.dp.noise_multiplier,
             "clipping_norm": float(clipping_norm), "epsilon": self.epsilon,
-            "delta": self.dp.target_delta, "mode": self.dp.mode,
+            "delta": self.dp.delta(), "mode": self.dp.mode,
             "accounting": "rdp, poisson q = sampled / population (flwr RdpAccountant)",
         }
         if self.path is not None:
@@ -174,7 +183,7 @@ class PrivacyLedger:
             self.accountant.compose(GaussianPrivacyEvent(
                 noise_multiplier=line["noise_multiplier"], sample_size=line["sampled"],
                 population_size=self.population))
-        self.epsilon = self.accountant.get_epsilon(self.dp.target_delta) if kept else 0.0
+        self.epsilon = self.accountant.get_epsilon(self.dp.delta()) if kept else 0.0
         atomic.write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         return len(kept)
 

@@ -195,7 +195,7 @@ class RoundRecorder:
         if ledger is not None and g < fed.num_rounds and ledger.next_round_exceeds():
             log.info("privacy budget: round %d would take epsilon past %g (spent %.4g at "
                      "delta %g): stopping after round %d", g + 1, dp.target_epsilon,
-                     ledger.epsilon, dp.target_delta, g)
+                     ledger.epsilon, ledger.delta, g)
             raise StopRounds("privacy-budget")
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from server.config import ServerSettings
+from server.customer_dp import wrap_customer_dp
+from server.dp_accounting import CustomerLedger
 from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
 from server.rounds import RoundBook
 from server.strategy import build_strategy
@@ -17,11 +19,12 @@ from server.strategy import build_strategy
 @dataclasses.dataclass
 class Runner:
     """The strategy that keeps the round bookkeeping and the one that runs the rounds (a
-    DP wrapper around it, or the same object), with the privacy ledger if any."""
+    DP wrapper around it, or the same object), with the privacy ledger if any
+    (merchant or customer level)."""
 
     strategy: Any
     runner: Any
-    ledger: PrivacyLedger | None
+    ledger: PrivacyLedger | CustomerLedger | None
 
     @property
     def rounds(self) -> RoundBook:
@@ -49,7 +52,11 @@ def build_runner(settings: ServerSettings, population: int, run_dir: Path,
                                                   engine_failed=engine_failed)
     else:
         strategy = build_strategy(fed, settings.seed, engine_failed=engine_failed)
+        if dp.customer_level:
+            runner, ledger = wrap_customer_dp(strategy, dp, fed, population,
+                                              run_dir / "privacy.jsonl")
+            return Runner(strategy, runner, ledger)
         runner = wrap_strategy(strategy, dp, fed, population)
-    ledger = PrivacyLedger(dp, population, num_sampled(fed, population),
-                           run_dir / "privacy.jsonl") if dp.enabled else None
-    return Runner(strategy, runner, ledger)
+    merchant_ledger = PrivacyLedger(dp, population, num_sampled(fed, population),
+                                    run_dir / "privacy.jsonl") if dp.enabled else None
+    return Runner(strategy, runner, merchant_ledger)

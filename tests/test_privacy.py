@@ -32,7 +32,7 @@ from simulations.settings import experiment_from_flat
     ("noise_multiplier", math.inf, "privacy.noise-multiplier"),
     ("clipping_norm", -1.0, "privacy.clipping-norm"),
     ("target_delta", 1.0, "privacy.target-delta"),
-    ("target_delta", 0.0, "privacy.target-delta"),
+    ("target_delta", -1e-5, "privacy.target-delta"),
     ("target_epsilon", -0.5, "privacy.target-epsilon"),
 ])
 def test_bad_privacy_values_name_the_key(field: str, value: Any, key: str) -> None:
@@ -128,7 +128,7 @@ def test_ledger_epsilon_grows_and_matches_dp_accounting(tmp_path: Path, populati
     assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
     for rounds in (1, 5):
         assert eps[rounds - 1] == pytest.approx(
-            _direct_epsilon(sampled / population, z, rounds, dp.target_delta), rel=1e-9)
+            _direct_epsilon(sampled / population, z, rounds, dp.delta()), rel=1e-9)
     lines = [json.loads(t) for t in (tmp_path / "privacy.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2, 3, 4, 5]
     assert lines[0]["sampling_rate"] == sampled / population

@@ -1,0 +1,174 @@
+"""Customer-level DP with central noise: the server side (``privacy.unit = customer``).
+
+Each train instruction carries q (``privacy.customer-rate``), C (``privacy.clipping-norm``)
+and the customers' learning rate eta; each merchant replies with the sum of its sampled
+customers' clipped updates (``client.customer_dp``). The server sums the replies
+(screened by the guard first), adds Gaussian noise N(0, (z C)^2) to every coordinate of
+the sum, divides by the *expected* number of sampled customers and steps the global
+weights along that mean (``privacy.server-learning-rate``)::
+
+    w <- w + lr_s * (sum_merchants sum_customers clip(u_c) + N(0, (z C)^2 I)) / D
+    D  = q * customers * (merchants sampled a round / merchants)
+
+Why the denominator is safe. D is fixed for the run and never depends on who was
+sampled: the released update is the Gaussian mechanism on a sum of sensitivity C,
+post-processed, so ε is what ``server.dp_accounting`` says. (Dividing by the number
+actually sampled would leak it.) ``customers`` is ``privacy.customers`` when declared
+(a public figure: nothing about the data enters D) or, when 0, estimated once in
+round 1 from the merchants' counts (sum of the replies' ``customers``, scaled by
+merchants / replies) and then fixed, kept in the ledger for a resume. That count is
+a merchant-level statistic outside ε (one customer moves D by a factor 1 + 1/customers);
+declare it to keep it out.
+
+The noise is drawn from operating-system entropy, never from ``experiment.seed``: noise
+anyone can regenerate protects nothing. The server is trusted (it sees every merchant's
+clipped sum): the threat model of the central placement.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.protocol import (
+    CUSTOMER_CLIP_KEY,
+    CUSTOMER_LR_KEY,
+    CUSTOMER_RATE_KEY,
+    CUSTOMERS_SAMPLED,
+    CUSTOMERS_TOTAL,
+)
+from server.config import DPConfig, FederationConfig, check_compatible
+from server.dp_accounting import UNIT_TEXT, CustomerLedger
+from server.privacy import num_sampled
+from server.replies import reply_order
+
+log = logging.getLogger(__name__)
+
+
+class CentralCustomerDP(Strategy):
+    """The guarded strategy with customer-level aggregation and central noise."""
+
+    def __init__(self, strategy: Any, dp: DPConfig, fed: FederationConfig, population: int,
+                 ledger: CustomerLedger, rng: np.random.Generator | None = None) -> None:
+        self.strategy = strategy
+        self.dp = dp
+        self.ledger = ledger
+        self.population = max(int(population), 1)
+        #: Expected share of the merchants in a round (FedAvg's own sample size).
+        self.merchant_share = num_sampled(fed, population) / self.population
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.clipping_norm = dp.clipping_norm
+        self._current: list[np.ndarray] = []
+
+    def summary(self) -> None:
+        log.info("customer-level DP (%s): q %g, z %g, C %g; unit: %s", self.dp.placement,
+                 self.dp.customer_rate, self.dp.noise_multiplier, self.clipping_norm,
+                 UNIT_TEXT)
+        self.strategy.summary()
+
+    @property
+    def expected_sampled(self) -> float | None:
+        """D: the customers a round samples on average (None until their count is known)."""
+        if self.ledger.customers is None:
+            return None
+        return self.dp.customer_rate * self.ledger.customers * self.merchant_share
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._current = arrays.to_numpy_ndarrays()
+        config[CUSTOMER_RATE_KEY] = self.dp.customer_rate
+        config[CUSTOMER_CLIP_KEY] = self.clipping_norm
+        config[CUSTOMER_LR_KEY] = self.dp.customer_learning_rate
+        messages: Iterable[Message] = self.strategy.configure_train(server_round, arrays,
+                                                                    config, grid)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        g = self.strategy.rounds.global_round(server_round)
+        good = self.strategy.screen_train_replies(server_round, replies)
+        if not good:
+            return None, None
+        good.sort(key=reply_order)
+        counts = [_metrics(m) for m in good]
+        if self.ledger.customers is None:
+            self.ledger.learn_customers(round(
+                sum(c.get(CUSTOMERS_TOTAL, 0) for c in counts) * self.population / len(good)))
+            log.info("customer-level DP: %d customers in the federation, estimated from "
+                     "the %d merchants of round %d (privacy.customers = 0)",
+                     self.ledger.customers, len(good), g)
+        if self.ledger.would_exceed():
+            log.warning("round %d: releasing it would take epsilon past privacy.target-"
+                        "epsilon %g (spent %.4g): the round's update is withheld", g,
+                        self.dp.target_epsilon, self.ledger.epsilon)
+            return None, None
+        summed = _sum_updates(good)
+        _, metrics = self.strategy.aggregate_train(server_round, good)  # bookkeeping
+        new = self.noised_step(summed)
+        sampled = int(sum(c.get(CUSTOMERS_SAMPLED, 0) for c in counts))
+        self.ledger.released(g, sampled, len(good))
+        log.info("round %d: %d customers of %d merchants; noise std %g on the sum, "
+                 "divided by %.1f expected", g, sampled, len(good),
+                 self.dp.noise_multiplier * self.clipping_norm, self.expected_sampled)
+        return ArrayRecord(new), metrics
+
+    def noised_step(self, summed: list[np.ndarray]) -> list[np.ndarray]:
+        """The global weights after the step along ``(summed + noise) / D``."""
+        denominator = self.expected_sampled
+        if denominator is None or not self._current:
+            raise RuntimeError("noised_step before configure_train / the customers' count")
+        std = self.dp.noise_multiplier * self.clipping_norm
+        step = self.dp.server_learning_rate / max(denominator, 1.0)
+        return [(w + step * (s + self.rng.normal(0.0, std, s.shape))).astype(w.dtype)
+                for w, s in zip(self._current, summed, strict=True)]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages: Iterable[Message] = self.strategy.configure_evaluate(server_round, arrays,
+                                                                       config, grid)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        metrics: MetricRecord | None = self.strategy.aggregate_evaluate(server_round, replies)
+        return metrics
+
+
+def _metrics(msg: Message) -> dict[str, float]:
+    record = next(iter(msg.content.metric_records.values()))
+    return {k: float(v) for k, v in record.items()  # type: ignore[arg-type]
+            if k in (CUSTOMERS_SAMPLED, CUSTOMERS_TOTAL)}
+
+
+def _sum_updates(replies: list[Message]) -> list[np.ndarray]:
+    """The sum of the replies' arrays (as the guard read and checked them), in float64."""
+    total: list[np.ndarray] | None = None
+    for msg in replies:
+        arrays = next(iter(msg.content.array_records.values())).to_numpy_ndarrays()
+        if total is None:
+            total = [a.astype(np.float64) for a in arrays]
+        else:
+            for t, a in zip(total, arrays, strict=True):
+                t += a
+    assert total is not None
+    return total
+
+
+def wrap_customer_dp(strategy: Any, dp: DPConfig, fed: FederationConfig, population: int,
+                     path: Path | None) -> tuple[CentralCustomerDP, CustomerLedger]:
+    """The guarded ``strategy`` inside customer-level DP, and its ledger at ``path``."""
+    check_compatible(fed, dp)
+    ledger = CustomerLedger(dp, path)
+    wrapped = CentralCustomerDP(strategy, dp, fed, population, ledger)
+    log.info("customer-level DP, central noise: q = %g, z = %g, C = %g, eta = %g, server "
+             "learning rate %g; the server adds the noise and is trusted", dp.customer_rate,
+             dp.noise_multiplier, dp.clipping_norm, dp.customer_learning_rate,
+             dp.server_learning_rate)
+    return wrapped, ledger

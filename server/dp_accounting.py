@@ -1,0 +1,169 @@
+"""Customer-level privacy accounting with dp-accounting, and its ledger ``privacy.jsonl``.
+
+Every released round is one Poisson-subsampled Gaussian mechanism on the customers:
+each customer is in the round with chance q (its merchant samples it), its update is
+clipped to C, and the server adds N(0, (z C)^2) to the sum. The neighbouring relation
+is adding or removing one customer of one merchant (all of that customer's events
+there). The noise does not depend on how many merchants replied, so every round costs
+the same. ε over the rounds is computed by both of dp-accounting's accountants, RDP
+and PLD (privacy loss distributions, usually tighter); the smaller is reported, both
+are kept.
+
+The merchants' own sampling (``federation.fraction-train``) is not counted as
+amplification: the server chooses it from a seed, so it is no secret from the server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from common import atomic
+from server.config import DPConfig
+
+UNIT_TEXT = "one customer of one merchant: all of that customer's events there"
+THREAT_MODEL = {
+    "central": "the server adds the noise: it sees each merchant's clipped sum and is "
+               "trusted; anyone who sees only the models gets the guarantee",
+}
+
+
+def customer_epsilons(rate: float, noise: float, rounds: int, delta: float
+                      ) -> tuple[float, float]:
+    """ε (RDP, PLD) after ``rounds`` Poisson-subsampled Gaussian rounds at rate ``rate``
+    and noise multiplier ``noise``, at ``delta``; (0, 0) for no round."""
+    if rounds <= 0:
+        return 0.0, 0.0
+    import logging
+
+    from dp_accounting import dp_event, pld, rdp
+
+    event = dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(noise))
+    absl = logging.getLogger("absl")  # RDP warns for each fractional order it skips
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        by_rdp = rdp.RdpAccountant()
+        by_rdp.compose(event, rounds)
+        eps_rdp = float(by_rdp.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
+    try:
+        by_pld = pld.PLDAccountant()
+        by_pld.compose(event, rounds)
+        eps_pld = float(by_pld.get_epsilon(delta))
+    except (ValueError, MemoryError, OverflowError):
+        # Tiny noise: the loss distribution is too wide to discretise; RDP still answers.
+        eps_pld = math.inf
+    return eps_rdp, eps_pld
+
+
+class CustomerLedger:
+    """ε per customer so far; one line per released round in ``path``.
+
+    The aggregator (``server.customer_dp``) notes the customers' count when it is known
+    (:meth:`learn_customers`), asks :meth:`would_exceed` before it releases a round and
+    notes each release (:meth:`released`); the round recorder then calls :meth:`record`.
+    """
+
+    def __init__(self, dp: DPConfig, path: Path | None = None) -> None:
+        self.dp = dp
+        self.path = path
+        self.customers: int | None = dp.customers or None
+        self.rounds = 0
+        self.epsilon = self.epsilon_rdp = self.epsilon_pld = 0.0
+        self._released: dict[int, tuple[int, int]] = {}  # round -> (sampled, merchants)
+
+    @property
+    def delta(self) -> float:
+        """The δ ε is stated at (nan until the customers' count is known)."""
+        return self.dp.delta(self.customers) if self.customers else math.nan
+
+    def learn_customers(self, customers: int) -> None:
+        """Fix the federation's customer count (once; later calls are ignored)."""
+        if self.customers is None:
+            self.customers = max(int(customers), 1)
+
+    def epsilons(self, rounds: int) -> tuple[float, float]:
+        """ε (RDP, PLD) after ``rounds`` released rounds."""
+        return customer_epsilons(self.dp.customer_rate, self.dp.noise_multiplier, rounds,
+                                 self.dp.delta(self.customers))
+
+    def would_exceed(self) -> bool:
+        """True when ``target-epsilon`` is set and one more round would pass it (False
+        while the customers' count, hence δ, is unknown: the aggregator asks again once
+        it knows it, before releasing anything)."""
+        if self.dp.target_epsilon <= 0 or self.customers is None:
+            return False
+        return min(self.epsilons(self.rounds + 1)) > self.dp.target_epsilon
+
+    next_round_exceeds = would_exceed
+
+    def released(self, server_round: int, sampled: int, merchants: int) -> None:
+        """Note that round ``server_round`` released a noised sum of ``sampled``
+        customers' updates from ``merchants`` merchants."""
+        self._released[server_round] = (int(sampled), int(merchants))
+
+    def record(self, server_round: int, sampled: int, aggregated: int,
+               clipping_norm: float) -> dict[str, Any]:
+        """Compose round ``server_round`` if it released an update and append its line;
+        ``sampled`` and ``aggregated`` (merchants) are the round book's, kept for the
+        line. A round that released nothing spends nothing."""
+        if server_round not in self._released:
+            return {"epsilon": self.epsilon, "delta": self.delta}
+        customers_sampled, merchants = self._released.pop(server_round)
+        self.rounds += 1
+        self._set_epsilon()
+        line = {
+            "round": server_round, "unit": self.dp.unit, "placement": self.dp.placement,
+            "sampling_rate": self.dp.customer_rate,
+            "noise_multiplier": self.dp.noise_multiplier,
+            "clipping_norm": float(clipping_norm), "customers_sampled": customers_sampled,
+            "customers": self.customers, "merchants_sampled": sampled,
+            "merchants_replied": merchants, "released_rounds": self.rounds,
+            "delta": self.delta, "epsilon_rdp": self.epsilon_rdp,
+            "epsilon_pld": self.epsilon_pld, "epsilon": self.epsilon,
+            "accounting": "dp-accounting: Poisson-subsampled Gaussian, add/remove one "
+                          "customer; epsilon = min(RDP, PLD)",
+        }
+        if self.path is not None:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        return line
+
+    def _set_epsilon(self) -> None:
+        self.epsilon_rdp, self.epsilon_pld = self.epsilons(self.rounds)
+        self.epsilon = min(self.epsilon_rdp, self.epsilon_pld)
+
+    def replay(self, upto: int) -> int:
+        """Recompose the rounds <= ``upto`` already in the file (resume) with the
+        customers' count they were accounted with; drop later lines."""
+        if self.path is None or not self.path.exists():
+            return 0
+        lines = [json.loads(t) for t in self.path.read_text().splitlines() if t.strip()]
+        kept = [line for line in lines if line["round"] <= upto]
+        for line in kept:
+            if line.get("unit") != "customer" or line["sampling_rate"] != \
+                    self.dp.customer_rate or line["noise_multiplier"] != \
+                    self.dp.noise_multiplier:
+                raise ValueError(f"{self.path}: round {line['round']} was accounted with "
+                                 "other privacy settings (privacy.unit, customer-rate or "
+                                 "noise-multiplier differ): resume with the same ones")
+        if kept and kept[-1].get("customers"):
+            self.learn_customers(int(kept[-1]["customers"]))
+        self.rounds = len(kept)
+        if kept:
+            self._set_epsilon()
+        atomic.write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
+        return len(kept)
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What ``federation.json`` says about the unit and the accounting."""
+        return {"mode": f"customer-{self.dp.placement}", "unit": "customer",
+                "unit_text": UNIT_TEXT, "placement": self.dp.placement,
+                "threat_model": THREAT_MODEL[self.dp.placement],
+                "sampling_rate": self.dp.customer_rate, "customers": self.customers,
+                "released_rounds": self.rounds, "epsilon_rdp": self.epsilon_rdp,
+                "epsilon_pld": self.epsilon_pld}

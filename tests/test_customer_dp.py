@@ -1,0 +1,351 @@
+"""Customer-level DP (issue 17, central placement): config, the clipped per-customer
+sum, the seeded customer sampling, the server's noised step, the dp-accounting ledger,
+its replay on resume, the budget, and a simulation end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from helpers import FakeGrid, hand_snapshots, run_driver
+
+from client.customer_dp import sampled_customers
+from common.config import ModelConfig, SnapshotConfig
+from common.customer_updates import clipped_customer_sum, pack_customers, row_losses
+from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES
+from common.model import build_model, model_inputs, targets
+from common.protocol import (
+    CUSTOMER_CLIP_KEY,
+    CUSTOMER_LR_KEY,
+    CUSTOMER_RATE_KEY,
+    CUSTOMERS_SAMPLED,
+    CUSTOMERS_TOTAL,
+)
+from common.snapshots import Snapshots
+from server.config import DPConfig, FederationConfig, check_compatible
+from server.customer_dp import wrap_customer_dp
+from server.dp_accounting import CustomerLedger, customer_epsilons
+from server.strategy import build_strategy
+from simulations.settings import experiment_from_flat
+
+SNAP = SnapshotConfig(max_len=8, hash_buckets=16)
+MODEL = ModelConfig(lstm_units=8, dense_units=8)
+L, A = SNAP.max_len, len(SNAP.actions)
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flat", "key"), [
+    ({"privacy.unit": "household"}, "privacy.unit"),
+    ({"privacy.unit": "customer", "privacy.customer-rate": 0.0}, "privacy.customer-rate"),
+    ({"privacy.unit": "customer", "privacy.customer-rate": 1.5}, "privacy.customer-rate"),
+    ({"privacy.unit": "customer", "privacy.placement": "distributed"}, "privacy.placement"),
+    ({"privacy.unit": "customer", "privacy.placement": "local"}, "privacy.placement"),
+    ({"privacy.unit": "customer", "privacy.mode": "server-fixed"}, "privacy.mode"),
+    ({"privacy.unit": "customer", "federation.secure-aggregation": True}, "privacy.unit"),
+    ({"privacy.unit": "customer", "federation.strategy": "krum"}, "privacy.unit"),
+    ({"privacy.unit": "customer", "privacy.customers": -3}, "privacy.customers"),
+    ({"privacy.target-delta": -0.1}, "privacy.target-delta"),
+])
+def test_bad_customer_dp_config_fails_fast_naming_the_key(flat: dict[str, Any],
+                                                          key: str) -> None:
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        experiment_from_flat(flat)
+
+
+def test_customer_unit_config_and_its_delta() -> None:
+    exp = experiment_from_flat({"privacy.unit": "customer", "privacy.customer-rate": 1.0})
+    dp = exp.privacy
+    assert dp.customer_level and not dp.enabled and dp.customer_rate == 1.0
+    assert dp.delta(20_000) == pytest.approx(5e-6)  # 1 / (10 customers)
+    assert DPConfig(unit="customer", target_delta=1e-7).delta(20_000) == 1e-7
+    assert DPConfig(mode="server-fixed").delta() == 1e-5  # merchant level: unchanged
+    check_compatible(FederationConfig(strategy="fedprox"), dp)
+
+
+# ---------------------------------------------------------------------------------------
+# The clipped per-customer sum (hand-built batches)
+# ---------------------------------------------------------------------------------------
+
+
+def _snapshots(users: list[str], seed: int) -> Snapshots:
+    rng = np.random.default_rng(seed)
+    n = len(users)
+    lengths = rng.integers(1, L + 1, n)
+    valid = np.arange(L)[None, :] >= (L - lengths)[:, None]
+    snaps = hand_snapshots(
+        rng,
+        events=np.where(valid, rng.integers(1, 6, (n, L)), 0).astype(np.int32),
+        categories=np.where(valid, rng.integers(1, SNAP.hash_buckets + 1, (n, L)), 0)
+        .astype(np.int32),
+        numeric=np.where(valid[..., None], rng.normal(size=(n, L, len(NUMERIC_FEATURES))), 0)
+        .astype(np.float32),
+        static=rng.normal(size=(n, len(AGGREGATE_FEATURES))).astype(np.float32),
+        decay=rng.random(n) < 0.5, interest=rng.normal(1.0, 1.0, n), n_actions=A)
+    snaps.user_id = np.array(users, dtype=object)
+    return snaps
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return build_model(MODEL, SNAP, seed=0)
+
+
+def _norm(arrays: list[np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+
+
+def test_a_customer_with_50_snapshots_moves_the_sum_by_at_most_the_clipping_norm(
+        model: Any) -> None:
+    others = [f"c{i}" for i in range(12) for _ in range(1 + i % 3)]
+    without = _snapshots(others, seed=1)
+    big = _snapshots(["whale"] * 50, seed=2)
+    big.decay = 1.0 - big.decay  # labels the model gets wrong: a large gradient
+    with_big = Snapshots.concat([without, big])
+    clip, lr = 0.05, 1.0
+    a = clipped_customer_sum(model, MODEL, without, clipping_norm=clip, learning_rate=lr,
+                             rows=16)
+    b = clipped_customer_sum(model, MODEL, with_big, clipping_norm=clip, learning_rate=lr,
+                             rows=16)  # the whale has more rows than a batch: raised to 50
+    alone = clipped_customer_sum(model, MODEL, big, clipping_norm=1e9, learning_rate=lr)
+    assert alone.mean_norm > 10 * clip  # unclipped, the whale would move it far more
+    diff = _norm([y - x for x, y in zip(a.update, b.update, strict=True)])
+    assert diff <= clip * (1 + 1e-4)
+    assert diff == pytest.approx(clip, rel=1e-3)  # clipped to exactly C
+    assert (a.customers, b.customers, b.rows) == (12, 13, len(others) + 50)
+    assert b.clipped >= 1
+
+
+def test_unclipped_sum_is_minus_eta_times_the_gradient_of_the_summed_loss(model: Any) -> None:
+    snaps = _snapshots([f"c{i // 3}" for i in range(21)], seed=3)
+    lr = 0.5
+    got = clipped_customer_sum(model, MODEL, snaps, clipping_norm=1e9, learning_rate=lr,
+                               rows=8)
+    x = {k: tf.constant(v) for k, v in model_inputs(model, snaps).items()}
+    y = {k: tf.constant(v) for k, v in targets(snaps, A).items()}
+    weights = (MODEL.loss_weight_decay, MODEL.loss_weight_interest,
+               MODEL.loss_weight_activation, True)
+    with tf.GradientTape() as tape:
+        losses = row_losses(model(x, training=False), y, weights)
+        total = tf.reduce_sum(losses)
+    grads = tape.gradient(total, model.weights)
+    for g, u in zip(grads, got.update, strict=True):
+        np.testing.assert_allclose(u, -lr * tf.convert_to_tensor(g).numpy(), rtol=2e-3,
+                                   atol=2e-6)
+    # The per-row terms are Keras' compiled losses, per row (its activation term divides
+    # by the batch's logged rows instead of all rows).
+    out = model(x, training=False)
+    compiled = model.compute_loss(x=x, y=y, y_pred=out)
+    heads = tf.reduce_mean(row_losses(out, y, (weights[0], weights[1], 0.0, True)))
+    logged = float(np.sum(snaps.action >= 0))
+    act = tf.reduce_sum(row_losses(out, y, (0.0, 0.0, 1.0, True))) / logged
+    assert float(heads + weights[2] * act) == pytest.approx(float(compiled), rel=1e-4)
+    assert got.clipped == 0 and got.customers == 7
+    empty = clipped_customer_sum(model, MODEL, snaps.subset(np.zeros(21, bool)),
+                                 clipping_norm=1.0, learning_rate=lr)
+    assert empty.customers == 0 and _norm(empty.update) == 0
+
+
+def test_batches_hold_whole_customers() -> None:
+    codes = np.array([3, 0, 0, 1, 2, 2, 2, 3, 1, 0])
+    batches, size = pack_customers(codes, rows=4)
+    assert size == 4 and sorted(np.concatenate(batches).tolist()) == list(range(10))
+    for batch in batches:
+        assert len(batch) <= size
+        for c in set(codes[batch].tolist()):  # every row of a customer in one batch
+            assert set(np.flatnonzero(codes == c)) <= set(batch.tolist())
+    assert pack_customers(np.array([0] * 7 + [1]), rows=4)[1] == 7
+
+
+def test_customer_sampling_is_poisson_seeded_per_round_and_merchant() -> None:
+    ids = np.array([f"u{i}" for i in range(4000)] * 2, dtype=object)  # two rows each
+    a = sampled_customers(ids, 0.1, seed=0, server_round=1, merchant="m1")
+    assert len(a) == len(set(a.tolist())) and abs(len(a) - 400) < 4 * math.sqrt(360)
+    assert np.array_equal(a, sampled_customers(ids, 0.1, 0, 1, "m1"))
+    assert not np.array_equal(a, sampled_customers(ids, 0.1, 0, 2, "m1"))
+    assert not np.array_equal(a, sampled_customers(ids, 0.1, 0, 1, "m2"))
+    assert len(sampled_customers(ids, 1.0, 0, 1, "m1")) == 4000
+
+
+# ---------------------------------------------------------------------------------------
+# Accounting and ledger
+# ---------------------------------------------------------------------------------------
+
+
+def _direct(q: float, z: float, rounds: int, delta: float) -> tuple[float, float]:
+    from dp_accounting import dp_event, pld, rdp
+
+    event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z))
+    by_rdp, by_pld = rdp.RdpAccountant(), pld.PLDAccountant()
+    by_rdp.compose(event, rounds)
+    by_pld.compose(event, rounds)
+    return float(by_rdp.get_epsilon(delta)), float(by_pld.get_epsilon(delta))
+
+
+@pytest.mark.parametrize(("q", "z", "rounds"), [(0.05, 1.0, 20), (0.5, 2.0, 3), (1.0, 4.0, 1)])
+def test_accountant_epsilon_equals_dp_accounting(q: float, z: float, rounds: int) -> None:
+    delta = 1 / (10 * 30_000)
+    assert customer_epsilons(q, z, rounds, delta) == pytest.approx(_direct(q, z, rounds,
+                                                                           delta), rel=1e-9)
+    eps_rdp, eps_pld = customer_epsilons(q, z, rounds, delta)
+    assert 0 < eps_pld <= eps_rdp  # PLD is the tighter here
+
+
+def _ledger(path: Path | None, **dp: Any) -> CustomerLedger:
+    return CustomerLedger(DPConfig(unit="customer", **{"customer_rate": 0.1,
+                                                       "noise_multiplier": 1.0, **dp}), path)
+
+
+def test_ledger_lines_and_replay_on_resume(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path)
+    ledger.learn_customers(5000)
+    eps = []
+    for r in (1, 2, 3):
+        ledger.released(r, 480 + r, 7)
+        eps.append(ledger.record(r, 8, 7, 1.0)["epsilon"])
+    assert ledger.record(4, 8, 0, 1.0)["epsilon"] == eps[-1]  # released nothing: free
+    lines = [json.loads(t) for t in path.read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2, 3]
+    first = lines[0]
+    assert (first["sampling_rate"], first["noise_multiplier"], first["clipping_norm"],
+            first["customers_sampled"], first["customers"]) == (0.1, 1.0, 1.0, 481, 5000)
+    assert first["delta"] == pytest.approx(1 / 50_000)
+    rdp2, pld2 = _direct(0.1, 1.0, 2, 1 / 50_000)
+    assert (lines[1]["epsilon_rdp"], lines[1]["epsilon_pld"]) == pytest.approx((rdp2, pld2))
+    assert lines[1]["epsilon"] == pytest.approx(min(rdp2, pld2)) and eps[1] == lines[1]["epsilon"]
+    # Resume after round 2: the count comes back from the file, later lines go.
+    again = _ledger(path)
+    assert again.replay(upto=2) == 2
+    assert again.customers == 5000 and again.epsilon == pytest.approx(eps[1])
+    assert len(path.read_text().splitlines()) == 2
+    again.released(3, 500, 7)
+    assert again.record(3, 8, 7, 1.0)["epsilon"] == pytest.approx(eps[2])
+    with pytest.raises(ValueError, match="other privacy settings"):
+        _ledger(path, noise_multiplier=2.0).replay(upto=3)
+
+
+def test_budget_withholds_the_round_that_would_pass_it() -> None:
+    delta = 1 / 10_000
+    eps = [min(_direct(0.2, 1.0, r, delta)) for r in (1, 2, 3)]
+    ledger = _ledger(None, customer_rate=0.2, target_epsilon=(eps[1] + eps[2]) / 2)
+    assert not ledger.would_exceed()  # the count (so delta) is unknown yet
+    ledger.learn_customers(1000)
+    decisions = []
+    for r in (1, 2, 3):
+        decisions.append(ledger.would_exceed())
+        if not decisions[-1]:
+            ledger.released(r, 200, 4)
+            ledger.record(r, 4, 4, 1.0)
+    assert decisions == [False, False, True] and ledger.epsilon <= ledger.dp.target_epsilon
+
+
+# ---------------------------------------------------------------------------------------
+# The server's aggregation (hand-made replies)
+# ---------------------------------------------------------------------------------------
+
+SHAPES = [(2, 3), (3,)]
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+def _reply(ins: Message, arrays: list[np.ndarray], sampled: int, total: int) -> Message:
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(
+        {"num-examples": 10 * total, CUSTOMERS_SAMPLED: sampled, CUSTOMERS_TOTAL: total,
+         "fit_seconds": 0.1})}), reply_to=ins)
+
+
+def _server(tmp_path: Path, **dp: Any) -> tuple[Any, CustomerLedger, dict[int, Message],
+                                                 list[np.ndarray]]:
+    fed = FederationConfig(min_train_nodes=1, min_available_nodes=1)
+    config = DPConfig(unit="customer", **{"customer_rate": 0.5, "clipping_norm": 1.0, **dp})
+    runner, ledger = wrap_customer_dp(build_strategy(fed, 0), config, fed, 3,
+                                      tmp_path / "privacy.jsonl")
+    start = [np.ones(s, np.float32) for s in SHAPES]
+    ins = {m.metadata.dst_node_id: m for m in runner.configure_train(
+        1, ArrayRecord(start), ConfigRecord(), FakeGrid([1, 2, 3]))}
+    return runner, ledger, ins, start
+
+
+def test_server_adds_the_sums_and_divides_by_the_expected_sample(tmp_path: Path) -> None:
+    runner, ledger, ins, start = _server(tmp_path, noise_multiplier=1e-9,
+                                         server_learning_rate=2.0)
+    config = next(iter(ins.values())).content.config_records["config"]
+    assert (config[CUSTOMER_RATE_KEY], config[CUSTOMER_CLIP_KEY], config[CUSTOMER_LR_KEY]) \
+        == (0.5, 1.0, 1.0)
+    sums = [[np.full(s, v, np.float32) for s in SHAPES] for v in (0.3, -0.1, 0.4)]
+    nan = [np.full(s, np.nan, np.float32) for s in SHAPES]
+    replies = [_reply(ins[1], sums[0], 3, 40), _reply(ins[2], sums[1], 2, 20),
+               _reply(ins[3], nan, 9, 90)]  # screened out by the guard
+    arrays, _ = runner.aggregate_train(1, replies)
+    # Customers estimated from the two usable replies, scaled to 3 merchants: 90.
+    assert ledger.customers == 90 and runner.expected_sampled == pytest.approx(45.0)
+    for got, a, b, w in zip(arrays.to_numpy_ndarrays(), sums[0], sums[1], start, strict=True):
+        np.testing.assert_allclose(got, w + 2.0 * (a + b) / 45.0, rtol=1e-6)
+    line = ledger.record(1, 3, 2, 1.0)
+    assert line["customers_sampled"] == 5 and line["merchants_replied"] == 2
+
+
+def test_server_noise_has_std_z_times_c_on_the_sum(tmp_path: Path) -> None:
+    runner, ledger, ins, start = _server(tmp_path, noise_multiplier=2.0, customers=8)
+    runner.rng = np.random.default_rng(7)  # a test may fix it; a run draws OS entropy
+    big = [np.zeros((400, 50), np.float32)]
+    runner._current = [np.zeros((400, 50), np.float32)]
+    step = runner.noised_step(big)[0] * runner.expected_sampled  # D = 0.5 * 8 * 1
+    assert step.std() == pytest.approx(2.0 * 1.0, rel=0.03) and abs(step.mean()) < 0.05
+
+
+def test_server_withholds_a_round_past_the_budget(tmp_path: Path) -> None:
+    runner, ledger, ins, start = _server(tmp_path, noise_multiplier=0.5, customers=100,
+                                         target_epsilon=0.01)
+    zero = [np.zeros(s, np.float32) for s in SHAPES]
+    arrays, _ = runner.aggregate_train(1, [_reply(ins[n], zero, 1, 30) for n in (1, 2, 3)])
+    assert arrays is None and ledger.record(1, 3, 3, 1.0)["epsilon"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: a tiny simulated federation (subprocess in its own session)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def customer_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    tmp = tmp_path_factory.mktemp("customer-dp")
+    run_driver("cli_main", [
+        "simulate", "--preset", "quick", "--set", "privacy.unit=customer",
+        "--set", "privacy.customer-rate=0.5", "--set", "privacy.noise-multiplier=1.0",
+        "--set", "privacy.clipping-norm=1.0", "--set", "federation.num-rounds=4",
+        "--set", f"experiment.output-dir={tmp / 'runs'}"],
+        cwd=tmp, log=tmp / "run.log", timeout=600).check()
+    (found,) = (tmp / "runs").glob("*-simulate-quick*")
+    yield found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(700)
+def test_customer_level_simulation_trains_and_writes_the_ledger(customer_run: Path) -> None:
+    (fed_dir,) = {p.parent for p in customer_run.rglob("privacy.jsonl")}
+    lines = [json.loads(t) for t in (fed_dir / "privacy.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2, 3, 4]
+    eps = [line["epsilon"] for line in lines]
+    assert all(b > a > 0 for a, b in zip(eps, eps[1:], strict=False))
+    customers = lines[0]["customers"]
+    assert eps[-1] == pytest.approx(min(_direct(0.5, 1.0, 4, 1 / (10 * customers))))
+    assert all(line["customers_sampled"] > 0 for line in lines)
+    metrics = [json.loads(t) for t in (fed_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [m["centralised"]["val_loss"] for m in metrics if "val_loss" in m["centralised"]]
+    auc = [m["centralised"]["decay_roc_auc"] for m in metrics
+           if "decay_roc_auc" in m["centralised"]]
+    assert min(val[1:]) < val[0] or max(auc) > 0.5  # it trains
+    summary = json.loads((fed_dir / "federation.json").read_text())
+    assert summary["privacy"]["unit"] == "customer"
+    assert "all of that customer's events there" in summary["privacy"]["unit_text"]
+    assert summary["privacy"]["epsilon"] == pytest.approx(eps[-1])
