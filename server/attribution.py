@@ -108,8 +108,9 @@ def unavailable_reason(fed: FederationConfig, privacy: DPConfig | None) -> str |
     if fed.secure_aggregation:
         return ("not computed under SecAgg+: the merchants run Flower's legacy ClientApp "
                 "and a merchant's attribution scalars would reach the server unmasked")
-    if privacy is not None and privacy.enabled:
-        return (f"not computed under differential privacy (privacy.mode = {privacy.mode}): "
+    if privacy is not None and (privacy.enabled or privacy.customer_level):
+        setting = "unit = customer" if privacy.customer_level else f"mode = {privacy.mode}"
+        return (f"not computed under differential privacy (privacy.{setting}): "
                 "a merchant's attribution scalars would leave it without noise and outside "
                 "the privacy ledger's account")
     return None

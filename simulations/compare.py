@@ -58,7 +58,8 @@ def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...
     """Run every method on one ``PreparedData`` and write the report.
 
     ``noise``: noise multipliers to sweep, one federated run per strategy and value (0 =
-    without differential privacy; otherwise ``privacy.mode``, ``server-fixed`` if off).
+    without differential privacy; otherwise ``privacy.mode``, ``server-fixed`` if off;
+    customer-level DP with ``privacy.unit = customer``).
     ``audit``: run the membership-inference audit on every federated model and the
     centralised one (always on with a sweep). ``progress`` shows every long step;
     ``experiment.tracking`` decides where the metrics go besides ``results.json``.
@@ -211,12 +212,18 @@ def _privacy_variants(exp: Experiment, noise: tuple[float, ...]
     if not noise:
         return [("", {})]
     mode = exp.privacy.mode if exp.privacy.enabled else "server-fixed"
+    # privacy.unit = customer: the noise sweeps customer-level DP (z = 0: no DP at all).
+    customer = exp.privacy.customer_level
+    dp_on = {"privacy.unit": "customer"} if customer else {"privacy.mode": mode}
+    dp_off = {"privacy.unit": "merchant", "privacy.mode": "off"} if customer else \
+        {"privacy.mode": "off"}
     variants = []
     for z in noise:
         if z < 0 or not np.isfinite(z):
             raise ValueError(f"--noise {z}: noise multipliers must be finite and >= 0")
-        variants.append(("", {"privacy.mode": "off"}) if z == 0 else
-                        (f"-dp{z:g}", {"privacy.mode": mode, "privacy.noise-multiplier": z}))
+        variants.append(("", dp_off) if z == 0 else
+                        (f"-{'cdp' if customer else 'dp'}{z:g}",
+                         {**dp_on, "privacy.noise-multiplier": z}))
     return variants
 
 
