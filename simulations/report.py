@@ -371,6 +371,11 @@ def _privacy_blocks(results: Mapping[str, Any]) -> list[Block]:
     if stopped:
         blocks.append(Paragraph("Stopped early by the privacy budget "
                                 f"(privacy.target-epsilon): {', '.join(stopped)}."))
+    units = {((m.get("privacy") or {}).get("unit_text"),
+              (m.get("privacy") or {}).get("threat_model")) for _, m in found}
+    for text, threat in sorted(u for u in units if u[0]):
+        blocks.append(Paragraph(f"Privacy unit: {text}." + (f" Threat model: {threat}."
+                                                            if threat else "")))
     blocks.append(Paragraph(
         "Members: training snapshots of a seeded sample of merchants; non-members: their "
         "held-out (later) snapshots, so a shift over time can move the AUC too. "

@@ -322,7 +322,7 @@ def customer_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     run_driver("cli_main", [
         "simulate", "--preset", "quick", "--set", "privacy.unit=customer",
         "--set", "privacy.customer-rate=0.5", "--set", "privacy.noise-multiplier=1.0",
-        "--set", "privacy.clipping-norm=1.0", "--set", "federation.num-rounds=4",
+        "--set", "privacy.clipping-norm=1.0", "--set", "federation.num-rounds=3",
         "--set", f"experiment.output-dir={tmp / 'runs'}"],
         cwd=tmp, log=tmp / "run.log", timeout=600).check()
     (found,) = (tmp / "runs").glob("*-simulate-quick*")
@@ -334,11 +334,11 @@ def customer_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def test_customer_level_simulation_trains_and_writes_the_ledger(customer_run: Path) -> None:
     (fed_dir,) = {p.parent for p in customer_run.rglob("privacy.jsonl")}
     lines = [json.loads(t) for t in (fed_dir / "privacy.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [1, 2, 3, 4]
+    assert [line["round"] for line in lines] == [1, 2, 3]
     eps = [line["epsilon"] for line in lines]
     assert all(b > a > 0 for a, b in zip(eps, eps[1:], strict=False))
     customers = lines[0]["customers"]
-    assert eps[-1] == pytest.approx(min(_direct(0.5, 1.0, 4, 1 / (10 * customers))))
+    assert eps[-1] == pytest.approx(min(_direct(0.5, 1.0, 3, 1 / (10 * customers))))
     assert all(line["customers_sampled"] > 0 for line in lines)
     metrics = [json.loads(t) for t in (fed_dir / "metrics.jsonl").read_text().splitlines()]
     val = [m["centralised"]["val_loss"] for m in metrics if "val_loss" in m["centralised"]]
@@ -349,3 +349,17 @@ def test_customer_level_simulation_trains_and_writes_the_ledger(customer_run: Pa
     assert summary["privacy"]["unit"] == "customer"
     assert "all of that customer's events there" in summary["privacy"]["unit_text"]
     assert summary["privacy"]["epsilon"] == pytest.approx(eps[-1])
+
+
+def test_report_names_the_unit_and_the_threat_model() -> None:
+    from simulations.report import _privacy_blocks
+
+    ledger = _ledger(None)
+    ledger.learn_customers(1000)
+    privacy = {"epsilon": 2.0, "delta": ledger.delta, "noise_multiplier": 1.0,
+               **ledger.summary_fields()}
+    blocks = _privacy_blocks({"methods": {"federated-fedavg-cdp1": {
+        "privacy": privacy, "decay": {"roc_auc": 0.7}}}})
+    text = " ".join(str(b) for b in blocks)
+    assert "one customer of one merchant: all of that customer's events there" in text
+    assert "trusted" in text
