@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from helpers import FakeGrid, hand_snapshots, run_driver
 
 from client.customer_dp import sampled_customers
-from common.config import ModelConfig, SnapshotConfig
+from common.config import ModelConfig, SnapshotConfig, TrainConfig
 from common.customer_updates import clipped_customer_sum, pack_customers, row_losses
 from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES
 from common.model import build_model, model_inputs, targets
@@ -363,3 +363,38 @@ def test_report_names_the_unit_and_the_threat_model() -> None:
     text = " ".join(str(b) for b in blocks)
     assert "one customer of one merchant: all of that customer's events there" in text
     assert "trusted" in text
+
+
+def test_resume_replays_the_customer_ledger_through_the_server(tmp_path: Path) -> None:
+    """The real resume path (``server.resume.start_state``) on a customer-level run
+    killed after round 3 whose newest checkpoint is round 2."""
+    from server.checkpoint import save_checkpoint, strategy_state
+    from server.config import ServerSettings
+    from server.resume import start_state
+    from server.runner import build_runner
+
+    settings = ServerSettings(
+        federation=FederationConfig(num_rounds=5, min_available_nodes=1, min_train_nodes=1),
+        model=MODEL, snapshots=SNAP, train=TrainConfig(),
+        seed=0, privacy=DPConfig(unit="customer", customer_rate=0.1))
+    parts = build_runner(settings, 4, tmp_path)
+    ledger = parts.ledger
+    assert isinstance(ledger, CustomerLedger) and parts.clipping_norm == 1.0
+    ledger.learn_customers(2000)
+    for r in (1, 2, 3):
+        ledger.released(r, 200, 4)
+        ledger.record(r, 4, 4, 1.0)
+    weights = [np.full(s, 0.5, np.float32) for s in SHAPES]
+    save_checkpoint(tmp_path / "checkpoints", 2, {
+        "weights": weights, "strategy": strategy_state(parts.strategy),
+        "selection": {"round": 2, "val_loss": 1.0, "weights": None, "stale": 0},
+        "clipping_norm": parts.clipping_norm})
+    (tmp_path / "metrics.jsonl").write_text("")
+
+    again = build_runner(settings, 4, tmp_path)
+    done, got, _ = start_state(tmp_path, True, again, [np.zeros(s) for s in SHAPES])
+    assert done == 2 and np.array_equal(got[0], weights[0])
+    assert again.ledger is not None and again.ledger.customers == 2000
+    assert again.ledger.epsilon == pytest.approx(min(_direct(0.1, 1.0, 2, 1 / 20_000)))
+    assert again.runner.expected_sampled == pytest.approx(0.1 * 2000)
+    assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
