@@ -5,9 +5,11 @@ snapshots alone::
 
     u_c = -eta * grad_w sum_{s of c} loss(w; s)
 
-with ``loss`` the model's compiled per-row loss (decay cross-entropy, interest Huber or
-squared error, the logged action's cross-entropy, weighted as ``model.loss-weight-*``),
-the model in inference mode (no dropout, so ``u_c`` depends on ``c``'s rows only). Each
+with ``loss`` the model's per-row loss (decay cross-entropy, interest Huber or squared
+error, the logged action's cross-entropy, weighted as ``model.loss-weight-*``; Keras'
+compiled loss averages the same terms over a batch, the activation term over the logged
+rows only), the model in inference mode (no dropout, so ``u_c`` depends on ``c``'s rows
+only). Each
 ``u_c`` is scaled to L2 norm at most ``C`` over all weights together, and the merchant
 sends ``sum_c clip(u_c)``: adding, removing or changing one customer moves that sum by at
 most ``C``, whatever the number of that customer's snapshots.
