@@ -20,7 +20,7 @@ from client.customer_dp import sampled_customers
 from common.config import ModelConfig, SnapshotConfig, TrainConfig
 from common.customer_updates import clipped_customer_sum, pack_customers, row_losses
 from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES
-from common.model import build_model, model_inputs, targets
+from common.model import build_model, model_inputs, targets, weights_of
 from common.protocol import (
     CUSTOMER_CLIP_KEY,
     CUSTOMER_LR_KEY,
@@ -398,3 +398,23 @@ def test_resume_replays_the_customer_ledger_through_the_server(tmp_path: Path) -
     assert again.ledger.epsilon == pytest.approx(min(_direct(0.1, 1.0, 2, 1 / 20_000)))
     assert again.runner.expected_sampled == pytest.approx(0.1 * 2000)
     assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
+
+
+def test_merchant_reply_sends_the_clipped_sum_and_whitelisted_counts_only(model: Any) -> None:
+    from client.app import TRAIN_METRICS
+    from client.config import ClientConfig, ClientSettings
+    from client.work import train_reply
+    from common.protocol import GLOBAL_ROUND_KEY
+
+    settings = ClientSettings(snapshots=SNAP, model=MODEL, train=TrainConfig(batch_size=16),
+                              client=ClientConfig(), seed=4)
+    snaps = _snapshots([f"c{i // 2}" for i in range(40)], seed=5)  # 20 customers
+    config = {CUSTOMER_RATE_KEY: 0.5, CUSTOMER_CLIP_KEY: 0.1, CUSTOMER_LR_KEY: 1.0,
+              GLOBAL_ROUND_KEY: 3}
+    arrays, metrics = train_reply(settings, snaps, weights_of(model), config)
+    assert set(metrics) <= set(TRAIN_METRICS) and "train_loss" not in metrics
+    chosen = sampled_customers(snaps.user_id, 0.5, 4, 3, "m")
+    assert metrics[CUSTOMERS_SAMPLED] == len(chosen) and metrics[CUSTOMERS_TOTAL] == 20
+    assert metrics["num-examples"] == 40
+    assert [a.shape for a in arrays] == [w.shape for w in weights_of(model)]
+    assert 0 < _norm(arrays) <= 0.1 * len(chosen) * (1 + 1e-4)
