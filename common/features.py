@@ -262,7 +262,7 @@ class Features:
     events: np.ndarray  # int32 [N, L]; 0 pads, 1..5 = EVENT_TYPES (pre-padded: latest last)
     categories: np.ndarray  # int32 [N, L]; 0 pads, 1..hash_buckets
     numeric: np.ndarray  # float32 [N, L, 3]; NUMERIC_FEATURES
-    static: np.ndarray  # float32 [N, S]; AGGREGATE_FEATURES (STATIC, then CADENCE)
+    static: np.ndarray  # float32 [N, S]; AGGREGATE_FEATURES (STATIC, RESPONSE, then CADENCE)
     interest_now: np.ndarray  # float64 [N]; I(at)
     fading_category: np.ndarray  # object [N]; category whose interest fell most
 

@@ -82,6 +82,14 @@ def reason_columns(model: Any, snaps: Snapshots, rows: np.ndarray, config: Snaps
 
     out = {c: np.full(len(snaps), "", dtype=object) for c in REASON_COLUMNS}
     rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) <= chunk:  # one chunk (a monitor's batch of alerts): nothing to overlap
+        if len(rows):
+            part = snaps.subset(rows)
+            groups = group_attributions(model, part, reference, steps=steps)
+            for column, values in reasons_of(customer_facts(part, config, names),
+                                             groups).columns().items():
+                out[column][rows] = values
+        return out
     parts = [snaps.subset(rows[lo:lo + chunk]) for lo in range(0, len(rows), chunk)]
     pool = ThreadPoolExecutor(1, thread_name_prefix="fedecay-attributions")
     try:

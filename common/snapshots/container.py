@@ -20,7 +20,7 @@ class Snapshots:
     events: np.ndarray  # int32 [N, L]; 0 pads, 1..5 = EVENT_TYPES (pre-padded: latest last)
     categories: np.ndarray  # int32 [N, L]; 0 pads, 1..hash_buckets
     numeric: np.ndarray  # float32 [N, L, 3]; NUMERIC_FEATURES
-    static: np.ndarray  # float32 [N, S]; STATIC_FEATURES
+    static: np.ndarray  # float32 [N, S]; AGGREGATE_FEATURES (a model reads a prefix)
     decay: np.ndarray  # float32 [N]; 1 = interest fades
     interest: np.ndarray  # float32 [N]; log1p(I(T + H))
     interest_now: np.ndarray  # float32 [N]; I(T)
