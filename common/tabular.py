@@ -56,6 +56,8 @@ class TabularModel:
     def predict(self, snaps: Any) -> dict[str, np.ndarray]:
         """``decay`` [N], ``interest`` [N] and ``activation`` [N, A], float32."""
         x = aggregate_features(snaps)
+        if self.features != AGGREGATE_FEATURES:  # a model saved by an earlier version
+            x = x[:, [AGGREGATE_FEATURES.index(name) for name in self.features]]
         n, actions = len(x), len(self.activation)
         if n == 0:
             return {"decay": np.zeros(0, np.float32), "interest": np.zeros(0, np.float32),
@@ -115,11 +117,15 @@ def load_tabular(path: str | Path) -> TabularModel:
     kind = payload.get("kind")
     if kind not in TABULAR_KINDS:
         raise ValueError(f"{path}: model kind {kind!r}; expected one of {', '.join(TABULAR_KINDS)}")
-    features = tuple(payload.get("features") or ())
-    if features != AGGREGATE_FEATURES:
-        raise ValueError(f"{path}: trained on {len(features)} aggregate features but this "
-                         f"version computes {len(AGGREGATE_FEATURES)} "
-                         f"({', '.join(AGGREGATE_FEATURES)}): train it again")
+    features = tuple(str(name) for name in payload.get("features") or ())
+    # Columns are read by name, so a model saved before new aggregates were added (or
+    # with them in another order) still reads its own; one that needs an aggregate this
+    # version does not compute cannot.
+    unknown = [name for name in features if name not in AGGREGATE_FEATURES]
+    if not features or unknown or len(set(features)) != len(features):
+        raise ValueError(f"{path}: trained on aggregate features "
+                         f"{', '.join(unknown) or '(none or repeated)'} that this version "
+                         f"does not compute ({', '.join(AGGREGATE_FEATURES)}): train it again")
     activation = tuple(payload.get("activation") or ())
     effects = _effects(payload.get("effects") or (), kind, len(activation), path)
     width = len(features)

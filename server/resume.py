@@ -40,6 +40,7 @@ def start_state(run_dir: Path, resume: bool, parts: Runner, initial: list[np.nda
     """
     state = find_resume_state(run_dir) if resume else None
     if state is not None:
+        _check_layout(run_dir, state, initial)
         return _resumed(run_dir, state, parts)
     metrics_path = run_dir / "metrics.jsonl"
     stale = clear_checkpoints(run_dir / "checkpoints")
@@ -49,6 +50,23 @@ def start_state(run_dir: Path, resume: bool, parts: Runner, initial: list[np.nda
     if parts.ledger is not None and parts.ledger.path is not None:
         parts.ledger.path.unlink(missing_ok=True)
     return 0, initial, Selection()
+
+
+def _check_layout(run_dir: Path, state: dict[str, Any], initial: list[np.ndarray]) -> None:
+    """Refuse a checkpoint whose weights do not fit the model this version builds (one
+    written before the model's layout changed), before anything of the run is touched."""
+    saved = [tuple(np.shape(a)) for a in state["weights"]]
+    built = [tuple(np.shape(a)) for a in initial]
+    if saved != built:
+        # The first array that differs (a shorter list differs where it ends).
+        first = next((i for i, (a, b) in enumerate(zip(saved, built, strict=False))
+                      if a != b), min(len(saved), len(built)))
+        raise ResumeError(
+            f"{run_dir}: the checkpoint of round {state['round']} holds {len(saved)} weight "
+            f"arrays that do not fit the {len(built)} of the model this version and these "
+            f"settings build (array {first}: {saved[first] if first < len(saved) else '-'} "
+            f"vs {built[first] if first < len(built) else '-'}); it was written with another "
+            "model layout or settings: run without --resume into a new folder")
 
 
 def _resumed(run_dir: Path, state: dict[str, Any], parts: Runner

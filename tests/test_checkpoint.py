@@ -281,6 +281,19 @@ def test_resume_without_a_usable_checkpoint_refuses_and_deletes_nothing(
 
 
 @pytest.mark.usefixtures("server_identity")
+def test_resume_refuses_a_checkpoint_of_another_model_layout(eval_setup: dict[str, Any],
+                                                            tmp_path: Path) -> None:
+    from server.resume import ResumeError
+
+    run = tmp_path / "run"
+    _run({**eval_setup, "model.activation-head": "separate"}, run, rounds=1)
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ResumeError, match="do not fit .* another model layout"):
+        _run(eval_setup, run, rounds=2, resume=True)  # the contrast head's weights differ
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.usefixtures("server_identity")
 def test_resume_in_an_empty_folder_starts_at_round_one(eval_setup: dict[str, Any],
                                                        tmp_path: Path) -> None:
     summary = _run(eval_setup, tmp_path / "new", rounds=1, resume=True)
