@@ -29,6 +29,8 @@ import numpy as np
 
 #: Fewest rows a group needs for a fitted model rather than its mean.
 MIN_ROWS = 30
+#: Fewest rows of each outcome an action needs for a classifier (else its rate).
+MIN_CLASS_ROWS = 2
 #: The keys of one action's X-learner effect (``fit_x_learner``).
 EFFECT_KEYS = ("treated", "control", "weight")
 
@@ -43,9 +45,9 @@ def fit_t_learner(x: np.ndarray, action: np.ndarray, outcome: np.ndarray,
                   ) -> tuple[Any, ...]:
     """One classifier (or constant rate) per action; ``action == -1`` rows are unused.
 
-    An action with fewer than ``min_rows`` logged rows or a single outcome gets its
-    observed rate (the overall logged rate without any row). ``done`` is called with
-    each action's name.
+    An action with fewer than ``min_rows`` logged rows, or fewer than ``MIN_CLASS_ROWS``
+    of either outcome, gets its observed rate (the overall logged rate without any row).
+    ``done`` is called with each action's name.
     """
     logged = action >= 0
     overall = float(outcome[logged].mean()) if logged.any() else 0.5
@@ -53,7 +55,9 @@ def fit_t_learner(x: np.ndarray, action: np.ndarray, outcome: np.ndarray,
     for a, name in enumerate(actions):
         rows = action == a
         y = outcome[rows]
-        if rows.sum() >= min_rows and 0 < y.mean() < 1:
+        # Each outcome at least twice: a classifier that early-stops on a stratified
+        # validation split cannot split a class of one.
+        if rows.sum() >= min_rows and min(y.sum(), len(y) - y.sum()) >= MIN_CLASS_ROWS:
             per_action.append(make_classifier().fit(x[rows], y))
         else:
             per_action.append(float(y.mean()) if rows.any() else overall)

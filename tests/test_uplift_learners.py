@@ -89,6 +89,23 @@ def test_constant_groups_fall_back_to_their_mean() -> None:
         predict_x_learner(per_action, effects[:1], x[:2])
 
 
+@pytest.mark.parametrize("positives", [1, 2])
+def test_an_outcome_seen_once_gets_its_rate_not_a_crash(positives: int) -> None:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from simulations.baselines import GBDT_ARGS
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, WIDTH)).astype(np.float32)
+    action = np.zeros(40, int)
+    outcome = np.r_[np.ones(positives), np.zeros(40 - positives)].astype(np.float32)
+    per_action = fit_t_learner(x, action, outcome, ACTIONS[:1],
+                               lambda: HistGradientBoostingClassifier(**GBDT_ARGS))
+    # The early-stopping classifier cannot split a class of one: the rate stands in.
+    assert isinstance(per_action[0], float) == (positives == 1)
+    assert predict_t_learner(per_action, x).shape == (40, 1)
+
+
 def _model(fitted: tuple[tuple, tuple], kind: str) -> TabularModel:
     from sklearn.linear_model import LinearRegression, LogisticRegression
 
