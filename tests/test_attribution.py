@@ -18,7 +18,7 @@ from common.attribution import (
     global_attributions,
 )
 from common.config import ModelConfig, SnapshotConfig
-from common.feature_groups import GROUP_NAMES
+from common.feature_groups import FEATURE_GROUPS, GROUP_NAMES
 from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES
 from common.snapshots import Snapshots
 from common.tabular import TabularModel
@@ -73,8 +73,10 @@ def test_only_the_informative_group_matters_for_a_tabular_model() -> None:
             g = att.groups[name]
             assert g.log_loss_rise == 0.0 and g.auc_drop == 0.0, name
             assert g.grad_input is None
-    # GBDT and LR read no sequence: event_mix is not read at all, and says so.
-    assert not att.groups["event_mix"].reads and att.groups["activity"].reads
+    # GBDT and LR read no sequence: a group is read when it has aggregate columns.
+    for group in FEATURE_GROUPS:
+        assert att.groups[group.name].reads == bool(
+            group.aggregate_columns(snaps.static.shape[1])), group.name
     assert att.base_auc == pytest.approx(1.0) and att.rows == att.auc_rows == 400
     # Seeded: the same seed gives the same numbers, another seed others.
     again = global_attributions(tabular(), snaps, repeats=3, seed=1)
@@ -95,7 +97,8 @@ def test_the_stacked_predictions_equal_one_call_per_permutation() -> None:
         return model.predict(s)["decay"]
 
     big = permutation_importance(predict, snaps, inputs_read(model), repeats=2, seed=3)
-    assert calls == [120 * (1 + 2 * 5)]  # base + 2 repeats x the 5 groups GBDT reads
+    # base + 2 repeats x the 6 groups GBDT reads (every group has aggregates)
+    assert calls == [120 * (1 + 2 * 6)]
     small = permutation_importance(predict, snaps, inputs_read(model), repeats=2, seed=3,
                                    stack_rows=1)
     assert big == small
@@ -149,7 +152,9 @@ def test_an_lstm_blind_to_its_aggregates_gives_them_no_importance(lstm: Any) -> 
         assert g.log_loss_rise == pytest.approx(0.0, abs=1e-6), name
         assert g.auc_drop == pytest.approx(0.0, abs=1e-6) and g.grad_input == 0.0, name
     seq = att.groups["event_mix"]
-    assert seq.reads and seq.grad_input is None  # ids through an embedding: no gradient
+    # Its ids go through an embedding (no gradient); its aggregates, the funnel's rates,
+    # are cut off with the rest.
+    assert seq.reads and seq.grad_input == 0.0
     assert abs(seq.log_loss_rise) > 0  # the sequence still moves the risk
     assert att.groups["recency"].grad_input > 0
     assert set(att.as_metrics()) <= set(ATTRIBUTION_METRICS)
