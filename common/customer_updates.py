@@ -12,13 +12,18 @@ rows only), the model in inference mode (no dropout, so ``u_c`` depends on ``c``
 only). Each
 ``u_c`` is scaled to L2 norm at most ``C`` over all weights together, and the merchant
 sends ``sum_c clip(u_c)``: adding, removing or changing one customer moves that sum by at
-most ``C``, whatever the number of that customer's snapshots.
+most ``C``, whatever the number of that customer's snapshots. A customer whose update
+(or its norm) is not finite (an infinite or NaN feature or label) is left out of the sum
+and counted: one such customer would otherwise turn the merchant's whole sum into NaN,
+and the server would drop the merchant, moving the release by far more than ``C``.
 
 Vectorised: per-row gradients by ``tf.vectorized_map`` over a twin of the model whose
 recurrent layers are unrolled (pfor cannot take the gradient through the LSTM's
 ``while_loop``), a segment sum by customer, then the clipping, over batches of whole
-customers of a fixed row count, so memory stays at ``rows x weights`` floats and the
-step is traced once per shape. Nothing here knows about Flower.
+customers of a fixed row count: ``rows``, raised for a customer with more rows than
+that to the next multiple of ``rows``. Memory is that row count x weights floats (so a
+single customer with many snapshots raises it), and the step is traced once per row
+count (a few multiples of ``rows`` at most). Nothing here knows about Flower.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from common.model import model_inputs, targets
 from common.model import num_actions as model_actions
 from common.snapshots import Snapshots
 
-#: Rows per compiled step (a customer with more rows raises it for that call).
+#: Rows per compiled step (a customer with more rows raises it, to a multiple of it).
 DEFAULT_ROWS = 256
 _EPS = 1e-7  # Keras' probability clipping in its cross-entropy
 
@@ -48,8 +53,9 @@ class CustomerSum:
     update: list[np.ndarray]  # laid out like ``model.weights``
     customers: int  # customers whose updates are in the sum
     clipped: int  # of them, how many had a norm above C
-    rows: int  # their training snapshots
-    mean_norm: float  # mean unclipped norm (nan without customers)
+    rows: int  # the training snapshots passed in
+    mean_norm: float  # mean unclipped norm of those in the sum (nan without any)
+    dropped: int = 0  # customers left out: their update or its norm was not finite
 
 
 def customer_codes(user_id: np.ndarray) -> tuple[np.ndarray, int]:
@@ -60,11 +66,13 @@ def customer_codes(user_id: np.ndarray) -> tuple[np.ndarray, int]:
 
 def pack_customers(codes: np.ndarray, rows: int) -> tuple[list[np.ndarray], int]:
     """Row indices in batches of whole customers, at most ``rows`` per batch (raised to
-    the largest customer's row count when one has more); returns the batches and the
-    row count every batch is padded to."""
+    the next multiple of ``rows`` at or above the largest customer's row count when one
+    has more, so few distinct sizes are ever compiled); returns the batches and the row
+    count every batch is padded to."""
     order = np.argsort(codes, kind="stable")
     _, starts, counts = np.unique(codes[order], return_index=True, return_counts=True)
-    size = max(int(rows), int(counts.max(initial=1)))
+    rows = max(int(rows), 1)
+    size = rows * max(1, -(-int(counts.max(initial=1)) // rows))
     batches: list[np.ndarray] = []
     begin = end = 0
     for start, count in zip(starts, counts, strict=True):
@@ -90,7 +98,8 @@ def clipped_customer_sum(model: keras.Model, config: ModelConfig, snaps: Snapsho
     snaps : the sampled customers' training snapshots; ``user_id`` names the customer.
     clipping_norm : C, the L2 bound of one customer's update over all weights.
     learning_rate : eta in ``u_c = -eta * gradient``.
-    rows : rows per compiled step (bounds memory: rows x weights floats).
+    rows : rows per compiled step (memory: rows x weights floats, or the next multiple
+        of ``rows`` above the largest customer's row count).
     """
     weights = list(model.weights)
     zero = [np.zeros(tuple(v.shape), np.float32) for v in weights]
@@ -105,20 +114,23 @@ def clipped_customer_sum(model: keras.Model, config: ModelConfig, snaps: Snapsho
     step = _clip_step(twin, _loss_weights(config), size)
     total = np.zeros(sum(int(np.prod(v.shape)) for v in trainable), np.float64)
     norms: list[np.ndarray] = []
+    dropped = 0
     for batch in batches:
         local = np.unique(codes[batch], return_inverse=True)[1].astype(np.int32)
         pad = size - len(batch)
         idx = np.concatenate([batch, np.full(pad, batch[0])])
         seg = np.concatenate([local, np.full(pad, size, np.int32)])  # padding: dropped
-        summed, norm = step({k: v[idx] for k, v in x_all.items()},
+        summed, norm, bad = step({k: v[idx] for k, v in x_all.items()},
                             {k: v[idx] for k, v in y_all.items()}, seg,
                             tf.constant(clipping_norm / learning_rate, tf.float32))
         total += summed.numpy()
+        dropped += int(bad.numpy())
         norms.append(norm.numpy()[:local.max() + 1] * learning_rate)
     every = np.concatenate(norms)
+    kept = every[np.isfinite(every)]
     update = _layout(-learning_rate * total, weights, trainable)
-    return CustomerSum(update, n, int((every > clipping_norm).sum()), len(snaps),
-                       float(every.mean()))
+    return CustomerSum(update, n - dropped, int((kept > clipping_norm).sum()), len(snaps),
+                       float(kept.mean()) if len(kept) else float("nan"), dropped)
 
 
 def _loss_weights(config: ModelConfig) -> tuple[float, float, float, bool]:
@@ -148,9 +160,10 @@ def row_losses(out: dict[str, tf.Tensor], y: dict[str, tf.Tensor],
 
 @functools.lru_cache(maxsize=8)
 def _clip_step(twin: keras.Model, loss_weights: tuple[float, float, float, bool],
-               size: int) -> Callable[..., tuple[tf.Tensor, tf.Tensor]]:
+               size: int) -> Callable[..., tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
     """The compiled step of one batch of ``size`` rows: the sum over its customers of
-    each customer's gradient scaled to norm <= ``bound`` (C / eta), and the norms."""
+    each customer's gradient scaled to norm <= ``bound`` (C / eta), the norms, and how
+    many customers were left out because their gradient or its norm was not finite."""
     trainable = twin.trainable_variables
 
     def row_gradient(row: tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]) -> tf.Tensor:
@@ -168,8 +181,13 @@ def _clip_step(twin: keras.Model, loss_weights: tuple[float, float, float, bool]
         per_row = tf.vectorized_map(row_gradient, (x, y))  # [size, P]
         per_customer = tf.math.unsorted_segment_sum(per_row, seg, size + 1)[:size]
         norms = tf.norm(per_customer, axis=1)
+        # A NaN or infinite norm (or entry) cannot be clipped (NaN scale, 0 x inf): drop
+        # that customer with tf.where (a product by 0 would keep the NaN).
+        finite = tf.math.is_finite(norms) & tf.reduce_all(tf.math.is_finite(per_customer), 1)
         scale = tf.minimum(1.0, bound / tf.maximum(norms, 1e-12))
-        return tf.reduce_sum(per_customer * scale[:, None], 0), norms
+        clipped = tf.where(finite[:, None], per_customer * scale[:, None], 0.0)
+        bad = tf.reduce_sum(tf.cast(~finite, tf.int32))  # empty slots hold zeros: finite
+        return tf.reduce_sum(clipped, 0), norms, bad
 
     return step
 
