@@ -1,14 +1,20 @@
 """A merchant's train reply under customer-level DP (``privacy.unit = customer``).
 
-Each round the merchant Poisson-samples its customers (each with chance q, a generator
-seeded by the run's seed, the global round and the merchant), computes every sampled
+Each round the merchant Poisson-samples its customers (each with chance q) from a
+generator on operating-system entropy, so nobody else can recompute the sample: the
+subsampling amplification in ε rests on that. Only when the server's instruction asks
+for it (``privacy.seeded-sampling``, simulation only) is the generator seeded by the
+run's seed, the global round and the merchant. The merchant computes every sampled
 customer's update from that customer's training snapshots only, clips it to C and
-replies with the sum (``common.customer_updates``), the number of customers in it and
-its count of customers. It sends no loss: the server's noise covers the sum alone.
+replies with the sum (``common.customer_updates``), the number of customers in it, the
+number left out for a non-finite update and its count of customers. It sends no loss,
+not even the pre-training scores (the server does not ask for them under customer-level
+DP, and they are not added if it does): the server's noise covers the sum alone.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections.abc import Mapping
@@ -18,25 +24,35 @@ import numpy as np
 
 from client.config import ClientSettings
 from client.timer import HandlerTimer
-from client.work import global_model, global_round, pre_training_metrics
+from client.work import global_model, global_round
 from common.protocol import (
     CUSTOMER_CLIP_KEY,
     CUSTOMER_LR_KEY,
     CUSTOMER_RATE_KEY,
+    CUSTOMER_SEEDED_KEY,
+    CUSTOMERS_DROPPED,
     CUSTOMERS_SAMPLED,
     CUSTOMERS_TOTAL,
-    PRE_EVALUATE_KEY,
 )
 from common.snapshots import Snapshots
 
+log = logging.getLogger(__name__)
 
-def sampled_customers(user_id: np.ndarray, rate: float, seed: int, server_round: int,
-                      merchant: str) -> np.ndarray:
+
+def sampling_rng(seeded: bool, seed: int, server_round: int, merchant: str
+                 ) -> np.random.Generator:
+    """The customer sample's generator: OS entropy, or (``seeded``, simulation only) one
+    seeded by ``seed``, the round and the merchant."""
+    if not seeded:
+        return np.random.default_rng()
+    return np.random.default_rng([seed, server_round, zlib.crc32(merchant.encode())])
+
+
+def sampled_customers(user_id: np.ndarray, rate: float, rng: np.random.Generator
+                      ) -> np.ndarray:
     """The sorted distinct ids of ``user_id``, each kept with probability ``rate``
-    (Poisson sampling), from a generator seeded by ``seed``, the round and the merchant."""
+    (Poisson sampling) by ``rng``."""
     ids = np.unique(np.asarray(user_id).astype(str))
-    key = zlib.crc32(merchant.encode())
-    rng = np.random.default_rng([seed, server_round, key])
     return ids[rng.random(len(ids)) < rate]
 
 
@@ -46,28 +62,31 @@ def customer_train_reply(settings: ClientSettings, snaps: Snapshots,
                          ) -> tuple[list[np.ndarray], dict[str, float | int]]:
     """The clipped sum of the sampled customers' updates at the global ``weights`` and
     the reply's metrics (``num-examples``: training rows, as every train reply;
-    ``customers-sampled``; ``customers``; ``fit_seconds``; the pre-training scores when
-    ``config`` asks for them)."""
+    ``customers-sampled``; ``customers-dropped``; ``customers``; ``fit_seconds``)."""
     from common.customer_updates import clipped_customer_sum
 
     started = time.perf_counter()
     rate = float(config[CUSTOMER_RATE_KEY])
     train = snaps.split_part("train")
     merchant = str(train.merchant_id[0]) if len(train) else ""
-    chosen = sampled_customers(train.user_id, rate, settings.seed, global_round(config),
-                               merchant)
+    rng = sampling_rng(bool(config.get(CUSTOMER_SEEDED_KEY)), settings.seed,
+                       global_round(config), merchant)
+    chosen = sampled_customers(train.user_id, rate, rng)
     rows = np.isin(train.user_id.astype(str), chosen)
     model = global_model(settings, weights, timer)
-    pre = pre_training_metrics(model, snaps) if config.get(PRE_EVALUATE_KEY) else {}
     summed = clipped_customer_sum(
         model, settings.model, train.subset(rows),
         clipping_norm=float(config[CUSTOMER_CLIP_KEY]),
         learning_rate=float(config[CUSTOMER_LR_KEY]),
         rows=settings.train.batch_size)
+    if summed.dropped:
+        log.warning("round %d: %d sampled customers left out of the sum: their update "
+                    "was not finite", global_round(config), summed.dropped)
     if timer is not None:
         timer.lap("customer updates")
     metrics: dict[str, float | int] = {
         "num-examples": int(len(train)), CUSTOMERS_SAMPLED: summed.customers,
+        CUSTOMERS_DROPPED: summed.dropped,
         CUSTOMERS_TOTAL: int(len(np.unique(train.user_id.astype(str)))),
-        "fit_seconds": time.perf_counter() - started, **pre}
+        "fit_seconds": time.perf_counter() - started}
     return summed.update, metrics

@@ -41,8 +41,13 @@ VALIDATION_METRICS: tuple[str, ...] = PRE_TRAINING_LOSSES["val_loss"]
 CUSTOMER_RATE_KEY = "customer-rate"
 CUSTOMER_CLIP_KEY = "customer-clipping-norm"
 CUSTOMER_LR_KEY = "customer-learning-rate"
-#: Reply metrics of customer-level DP: customers in the sum, and customers with training
-#: snapshots at the merchant (the server may estimate the federation's count from them).
+#: Train config key, simulation only (``privacy.seeded-sampling``): seed the customer
+#: sample from ``experiment.seed``, the round and the merchant. Absent: OS entropy.
+CUSTOMER_SEEDED_KEY = "customer-seeded-sampling"
+#: Reply metrics of customer-level DP: customers in the sum, customers with training
+#: snapshots at the merchant (the server may estimate the federation's count from them),
+#: and sampled customers left out because their update was not finite.
 CUSTOMERS_SAMPLED = "customers-sampled"
 CUSTOMERS_TOTAL = "customers"
-CUSTOMER_METRICS: tuple[str, ...] = (CUSTOMERS_SAMPLED, CUSTOMERS_TOTAL)
+CUSTOMERS_DROPPED = "customers-dropped"
+CUSTOMER_METRICS: tuple[str, ...] = (CUSTOMERS_SAMPLED, CUSTOMERS_TOTAL, CUSTOMERS_DROPPED)

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.progress import SILENT, Progress
 from server.attribution import explain_kept_model
 from server.config import FederationConfig, ServerSettings, settings_from_flat
+from server.dp_accounting import strict_json
 from server.pacing import PacedGrid
 from server.recorder import RoundRecorder, Selection, StopRounds
 from server.resume import start_state
@@ -136,10 +137,11 @@ def _summary(settings: ServerSettings, parts: Runner, selection: Selection, *, d
     if fed.secure_aggregation:
         summary["secure_aggregation"] = parts.strategy.describe()
     if parts.ledger is not None:
-        summary["privacy"] = {"mode": dp.mode, "epsilon": parts.ledger.epsilon,
-                              "delta": parts.ledger.delta, "target_epsilon": dp.target_epsilon,
-                              "noise_multiplier": dp.noise_multiplier,
-                              **parts.ledger.summary_fields()}
+        # Strict JSON: δ is NaN while the customers' count is unknown, ε_PLD may be inf.
+        summary["privacy"] = strict_json({
+            "mode": dp.mode, "epsilon": parts.ledger.epsilon, "delta": parts.ledger.delta,
+            "target_epsilon": dp.target_epsilon, "noise_multiplier": dp.noise_multiplier,
+            **parts.ledger.summary_fields()})
     return summary
 
 

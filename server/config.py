@@ -196,6 +196,11 @@ class DPConfig:
     customers: int = 0
     customer_learning_rate: float = 1.0  # customer unit: eta in update = -eta * gradient
     server_learning_rate: float = 1.0  # customer unit: step along the noised mean update
+    # customer unit, simulation only: each merchant seeds its customer sample from
+    # experiment.seed, the round and the merchant (reproducible runs). Off: OS entropy,
+    # the only way the subsampling amplification in ε holds, as the seed is in the run
+    # config the server hands out.
+    seeded_sampling: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -233,8 +238,21 @@ class DPConfig:
                "privacy.clipped-count-stddev", "must be a finite number >= 0 (0 = default)")
         check_key(self.unit in DP_UNITS, "privacy.unit",
                   f"must be one of {', '.join(DP_UNITS)}, got {self.unit!r}")
+        self._check_customer_keys()
         if self.customer_level:
             self._check_customer_level()
+
+    def _check_customer_keys(self) -> None:
+        """The ``privacy.customer-*`` keys' ranges, whatever the unit (a typo caught now
+        rather than when the unit is switched)."""
+        check_key(0 < self.customer_rate <= 1, "privacy.customer-rate",
+                  f"must be in (0, 1], got {self.customer_rate}")
+        check_key(self.customers >= 0, "privacy.customers",
+                  "must be >= 0 (0 = estimated in round 1)")
+        for key in ("customer_learning_rate", "server_learning_rate"):
+            value = getattr(self, key)
+            check_key(value > 0 and math.isfinite(value), f"privacy.{key.replace('_', '-')}",
+                      f"must be a finite number > 0, got {value}")
 
     def _check_customer_level(self) -> None:
         check_key(self.placement in DP_PLACEMENTS, "privacy.placement",
@@ -244,12 +262,6 @@ class DPConfig:
         check_key(self.mode == "off", "privacy.mode",
                   f"must be 'off' with privacy.unit = customer (got {self.mode!r}): "
                   "merchant-level and customer-level DP cannot run at once")
-        check_key(0 < self.customer_rate <= 1, "privacy.customer-rate",
-                  f"must be in (0, 1], got {self.customer_rate}")
-        check_key(self.customers >= 0, "privacy.customers",
-                  "must be >= 0 (0 = estimated in round 1)")
-        for key in ("customer_learning_rate", "server_learning_rate"):
-            check_key(getattr(self, key) > 0, f"privacy.{key.replace('_', '-')}", "must be > 0")
 
 
 #: Privacy modes that work with secure aggregation: none, or the merchants clip their own
@@ -267,6 +279,11 @@ def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
         check_key(fed.strategy in DP_STRATEGIES, "privacy.unit",
                   f"'customer' needs a strategy that sums the clipped updates "
                   f"({', '.join(DP_STRATEGIES)}); federation.strategy is {fed.strategy!r}")
+        default_mu = FederationConfig.proximal_mu
+        check_key(fed.proximal_mu == default_mu, "federation.proximal-mu",
+                  f"has no effect with privacy.unit = customer (a merchant takes no local "
+                  f"steps, so there is no proximal term): leave it at {default_mu}, got "
+                  f"{fed.proximal_mu}")
     if not fed.secure_aggregation:
         return
     check_key(dp.mode in SECAGG_DP_MODES, "privacy.mode",

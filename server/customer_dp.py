@@ -17,8 +17,16 @@ actually sampled would leak it.) ``customers`` is ``privacy.customers`` when dec
 (a public figure: nothing about the data enters D) or, when 0, estimated once in
 round 1 from the merchants' counts (sum of the replies' ``customers``, scaled by
 merchants / replies) and then fixed, kept in the ledger for a resume. That count is
-a merchant-level statistic outside ε (one customer moves D by a factor 1 + 1/customers);
-declare it to keep it out.
+a merchant-level statistic outside ε (one customer moves D by a factor 1 + 1/customers),
+and the default δ = 1 / (10 customers) then rests on the merchants' word (one that
+under-reports loosens δ): a warning names ``privacy.customers``; declare it to keep both
+out.
+
+No per-round score leaves a merchant: the server does not ask for the pre-training
+losses (``federation.pre-evaluate`` is forced off), so in deployment the model kept is
+the last round's, and in simulation the one the server's own held-out data selects.
+The ledger does not publish how many customers a round sampled (that count is logged
+at debug level only).
 
 The noise is drawn from operating-system entropy, never from ``experiment.seed``: noise
 anyone can regenerate protects nothing. The server is trusted (it sees every merchant's
@@ -41,6 +49,8 @@ from common.protocol import (
     CUSTOMER_CLIP_KEY,
     CUSTOMER_LR_KEY,
     CUSTOMER_RATE_KEY,
+    CUSTOMER_SEEDED_KEY,
+    CUSTOMERS_DROPPED,
     CUSTOMERS_SAMPLED,
     CUSTOMERS_TOTAL,
 )
@@ -86,6 +96,8 @@ class CentralCustomerDP(Strategy):
         config[CUSTOMER_RATE_KEY] = self.dp.customer_rate
         config[CUSTOMER_CLIP_KEY] = self.clipping_norm
         config[CUSTOMER_LR_KEY] = self.dp.customer_learning_rate
+        if self.dp.seeded_sampling:
+            config[CUSTOMER_SEEDED_KEY] = True
         messages: Iterable[Message] = self.strategy.configure_train(server_round, arrays,
                                                                     config, grid)
         return messages
@@ -101,9 +113,11 @@ class CentralCustomerDP(Strategy):
         if self.ledger.customers is None:
             self.ledger.learn_customers(round(
                 sum(c.get(CUSTOMERS_TOTAL, 0) for c in counts) * self.population / len(good)))
-            log.info("customer-level DP: %d customers in the federation, estimated from "
-                     "the %d merchants of round %d (privacy.customers = 0)",
-                     self.ledger.customers, len(good), g)
+            log.warning("customer-level DP: %d customers in the federation, estimated "
+                        "from the counts the %d merchants of round %d reported; delta = "
+                        "%.3g and the denominator rest on them (a merchant that under-"
+                        "reports loosens delta): declare privacy.customers to fix both",
+                        self.ledger.customers, len(good), g, self.ledger.delta)
         if self.ledger.would_exceed():
             log.warning("round %d: releasing it would take epsilon past privacy.target-"
                         "epsilon %g (spent %.4g): the round's update is withheld", g,
@@ -113,10 +127,16 @@ class CentralCustomerDP(Strategy):
         _, metrics = self.strategy.aggregate_train(server_round, good)  # bookkeeping
         new = self.noised_step(summed)
         sampled = int(sum(c.get(CUSTOMERS_SAMPLED, 0) for c in counts))
-        self.ledger.released(g, sampled, len(good))
-        log.info("round %d: %d customers of %d merchants; noise std %g on the sum, "
-                 "divided by %.1f expected", g, sampled, len(good),
+        dropped = int(sum(c.get(CUSTOMERS_DROPPED, 0) for c in counts))
+        self.ledger.released(g, len(good))
+        log.info("round %d: %d merchants; noise std %g on the sum, divided by %.1f "
+                 "expected customers", g, len(good),
                  self.dp.noise_multiplier * self.clipping_norm, self.expected_sampled)
+        log.debug("round %d: %d customers in the sum (not published: it is outside "
+                  "epsilon)", g, sampled)
+        if dropped:
+            log.warning("round %d: %d sampled customers left out by their merchants: their "
+                        "update was not finite", g, dropped)
         return ArrayRecord(new), metrics
 
     def noised_step(self, summed: list[np.ndarray]) -> list[np.ndarray]:
@@ -144,7 +164,7 @@ class CentralCustomerDP(Strategy):
 def _metrics(msg: Message) -> dict[str, float]:
     record = next(iter(msg.content.metric_records.values()))
     return {k: float(v) for k, v in record.items()  # type: ignore[arg-type]
-            if k in (CUSTOMERS_SAMPLED, CUSTOMERS_TOTAL)}
+            if k in (CUSTOMERS_SAMPLED, CUSTOMERS_TOTAL, CUSTOMERS_DROPPED)}
 
 
 def _sum_updates(replies: list[Message]) -> list[np.ndarray]:
@@ -165,6 +185,21 @@ def wrap_customer_dp(strategy: Any, dp: DPConfig, fed: FederationConfig, populat
                      path: Path | None) -> tuple[CentralCustomerDP, CustomerLedger]:
     """The guarded ``strategy`` inside customer-level DP, and its ledger at ``path``."""
     check_compatible(fed, dp)
+    if fed.local_epochs != FederationConfig.local_epochs:
+        log.warning("federation.local-epochs = %d is ignored with privacy.unit = customer: "
+                    "each customer's update is one gradient step at the global weights",
+                    fed.local_epochs)
+    if fed.strategy == "fedprox":
+        log.warning("federation.proximal-mu has no effect with privacy.unit = customer: a "
+                    "merchant takes no local steps (fedprox runs as fedavg)")
+    if getattr(strategy, "pre_evaluate", False):
+        log.info("customer-level DP: train replies carry no pre-training losses "
+                 "(federation.pre-evaluate off): they would leave outside epsilon")
+        strategy.pre_evaluate = False
+    if dp.seeded_sampling:
+        log.warning("privacy.seeded-sampling: merchants seed their customer sample from "
+                    "the run config; epsilon assumes a sample the server cannot recompute, "
+                    "so it holds only in simulation")
     ledger = CustomerLedger(dp, path)
     wrapped = CentralCustomerDP(strategy, dp, fed, population, ledger)
     log.info("customer-level DP, central noise: q = %g, z = %g, C = %g, eta = %g, server "

@@ -11,6 +11,12 @@ are kept.
 
 The merchants' own sampling (``federation.fraction-train``) is not counted as
 amplification: the server chooses it from a seed, so it is no secret from the server.
+The customers' sampling is, at q: it holds when the merchants draw it from OS entropy
+(the default); with ``privacy.seeded-sampling`` (simulation only) the lines say
+``"sampling": "seeded"`` and ε assumes a sample the server could in fact recompute.
+
+The lines carry no count of the customers a round sampled (outside ε) and are strict
+JSON (a non-finite number is written ``null``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,20 @@ THREAT_MODEL = {
     "central": "the server adds the noise: it sees each merchant's clipped sum and is "
                "trusted; anyone who sees only the models gets the guarantee",
 }
+SEEDED_NOTE = ("customer sampling seeded from the run config (privacy.seeded-sampling): "
+               "epsilon assumes a sample the server cannot recompute, so it holds only in "
+               "simulation")
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as None (JSON has no NaN or Infinity)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def customer_epsilons(rate: float, noise: float, rounds: int, delta: float
@@ -74,7 +94,7 @@ class CustomerLedger:
         self.customers: int | None = dp.customers or None
         self.rounds = 0
         self.epsilon = self.epsilon_rdp = self.epsilon_pld = 0.0
-        self._released: dict[int, tuple[int, int]] = {}  # round -> (sampled, merchants)
+        self._released: dict[int, int] = {}  # round -> merchants whose sums were added
 
     @property
     def delta(self) -> float:
@@ -101,10 +121,16 @@ class CustomerLedger:
 
     next_round_exceeds = would_exceed
 
-    def released(self, server_round: int, sampled: int, merchants: int) -> None:
-        """Note that round ``server_round`` released a noised sum of ``sampled``
+    @property
+    def sampling(self) -> str:
+        """How the merchants draw the customer sample: ``secret`` (OS entropy) or
+        ``seeded`` (simulation only; see :data:`SEEDED_NOTE`)."""
+        return "seeded" if self.dp.seeded_sampling else "secret"
+
+    def released(self, server_round: int, merchants: int) -> None:
+        """Note that round ``server_round`` released a noised sum of the sampled
         customers' updates from ``merchants`` merchants."""
-        self._released[server_round] = (int(sampled), int(merchants))
+        self._released[server_round] = int(merchants)
 
     def record(self, server_round: int, sampled: int, aggregated: int,
                clipping_norm: float) -> dict[str, Any]:
@@ -113,14 +139,14 @@ class CustomerLedger:
         line. A round that released nothing spends nothing."""
         if server_round not in self._released:
             return {"epsilon": self.epsilon, "delta": self.delta}
-        customers_sampled, merchants = self._released.pop(server_round)
+        merchants = self._released.pop(server_round)
         self.rounds += 1
         self._set_epsilon()
         line = {
             "round": server_round, "unit": self.dp.unit, "placement": self.dp.placement,
             "sampling_rate": self.dp.customer_rate,
             "noise_multiplier": self.dp.noise_multiplier,
-            "clipping_norm": float(clipping_norm), "customers_sampled": customers_sampled,
+            "clipping_norm": float(clipping_norm), "sampling": self.sampling,
             "customers": self.customers, "merchants_sampled": sampled,
             "merchants_replied": merchants, "released_rounds": self.rounds,
             "delta": self.delta, "epsilon_rdp": self.epsilon_rdp,
@@ -130,7 +156,7 @@ class CustomerLedger:
         }
         if self.path is not None:
             with self.path.open("a") as fh:
-                fh.write(json.dumps(line) + "\n")
+                fh.write(json.dumps(strict_json(line), allow_nan=False) + "\n")
         return line
 
     def _set_epsilon(self) -> None:
@@ -156,14 +182,18 @@ class CustomerLedger:
         self.rounds = len(kept)
         if kept:
             self._set_epsilon()
-        atomic.write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
+        atomic.write_text(self.path, "".join(json.dumps(strict_json(line), allow_nan=False)
+                                             + "\n" for line in kept))
         return len(kept)
 
     def summary_fields(self) -> dict[str, Any]:
         """What ``federation.json`` says about the unit and the accounting."""
+        threat = THREAT_MODEL[self.dp.placement]
+        if self.dp.seeded_sampling:
+            threat = f"{threat}; {SEEDED_NOTE}"
         return {"mode": f"customer-{self.dp.placement}", "unit": "customer",
                 "unit_text": UNIT_TEXT, "placement": self.dp.placement,
-                "threat_model": THREAT_MODEL[self.dp.placement],
+                "threat_model": threat, "sampling": self.sampling,
                 "sampling_rate": self.dp.customer_rate, "customers": self.customers,
                 "released_rounds": self.rounds, "epsilon_rdp": self.epsilon_rdp,
                 "epsilon_pld": self.epsilon_pld}

@@ -1,5 +1,6 @@
 """Customer-level DP (issue 17, central placement): config, the clipped per-customer
-sum, the seeded customer sampling, the server's noised step, the dp-accounting ledger,
+sum (a non-finite customer left out), the customer sampling (secret by default,
+seeded in simulation only), the server's noised step, the dp-accounting ledger,
 its replay on resume, the budget, and a simulation end to end."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tensorflow as tf
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from helpers import FakeGrid, hand_snapshots, run_driver
 
-from client.customer_dp import sampled_customers
+from client.customer_dp import sampled_customers, sampling_rng
 from common.config import ModelConfig, SnapshotConfig, TrainConfig
 from common.customer_updates import clipped_customer_sum, pack_customers, row_losses
 from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES
@@ -25,8 +26,11 @@ from common.protocol import (
     CUSTOMER_CLIP_KEY,
     CUSTOMER_LR_KEY,
     CUSTOMER_RATE_KEY,
+    CUSTOMER_SEEDED_KEY,
+    CUSTOMERS_DROPPED,
     CUSTOMERS_SAMPLED,
     CUSTOMERS_TOTAL,
+    PRE_EVALUATE_KEY,
 )
 from common.snapshots import Snapshots
 from server.config import DPConfig, FederationConfig, check_compatible
@@ -55,6 +59,13 @@ L, A = SNAP.max_len, len(SNAP.actions)
     ({"privacy.unit": "customer", "federation.strategy": "krum"}, "privacy.unit"),
     ({"privacy.unit": "customer", "privacy.customers": -3}, "privacy.customers"),
     ({"privacy.target-delta": -0.1}, "privacy.target-delta"),
+    # The customer-* keys are range-checked whatever the unit.
+    ({"privacy.customer-rate": 0.0}, "privacy.customer-rate"),
+    ({"privacy.customers": -1}, "privacy.customers"),
+    ({"privacy.customer-learning-rate": -1.0}, "privacy.customer-learning-rate"),
+    ({"privacy.server-learning-rate": float("inf")}, "privacy.server-learning-rate"),
+    ({"privacy.unit": "customer", "federation.strategy": "fedprox",
+      "federation.proximal-mu": 0.5}, "federation.proximal-mu"),
 ])
 def test_bad_customer_dp_config_fails_fast_naming_the_key(flat: dict[str, Any],
                                                           key: str) -> None:
@@ -163,17 +174,49 @@ def test_batches_hold_whole_customers() -> None:
         assert len(batch) <= size
         for c in set(codes[batch].tolist()):  # every row of a customer in one batch
             assert set(np.flatnonzero(codes == c)) <= set(batch.tolist())
-    assert pack_customers(np.array([0] * 7 + [1]), rows=4)[1] == 7
+    # A customer with more rows than a batch raises it to the next multiple of the batch
+    # size, so a few sizes cover every customer (each size is one more trace).
+    assert pack_customers(np.array([0] * 7 + [1]), rows=4)[1] == 8
+    assert pack_customers(np.array([0] * 8 + [1]), rows=4)[1] == 8
+    assert pack_customers(np.array([0] * 9 + [1]), rows=4)[1] == 12
 
 
-def test_customer_sampling_is_poisson_seeded_per_round_and_merchant() -> None:
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_a_customer_with_a_non_finite_update_is_left_out_and_counted(model: Any,
+                                                                     bad: float) -> None:
+    users = [f"c{i // 2}" for i in range(12)]  # 6 customers, two rows each
+    snaps = _snapshots(users, seed=6)
+    clean = clipped_customer_sum(model, MODEL, snaps, clipping_norm=0.1, learning_rate=1.0,
+                                 rows=8)
+    evil = _snapshots(["evil"], seed=7)
+    evil.numeric[:] = bad  # every event of that customer
+    evil.static[:] = bad
+    poisoned = Snapshots.concat([snaps, evil])
+    got = clipped_customer_sum(model, MODEL, poisoned, clipping_norm=0.1, learning_rate=1.0,
+                               rows=8)
+    assert (got.dropped, got.customers, clean.dropped) == (1, 6, 0)
+    assert all(np.isfinite(u).all() for u in got.update) and math.isfinite(got.mean_norm)
+    for a, b in zip(got.update, clean.update, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _seeded(ids: np.ndarray, rate: float, seed: int, server_round: int,
+            merchant: str) -> np.ndarray:
+    return sampled_customers(ids, rate, sampling_rng(True, seed, server_round, merchant))
+
+
+def test_customer_sampling_is_poisson_and_seeded_only_when_asked() -> None:
     ids = np.array([f"u{i}" for i in range(4000)] * 2, dtype=object)  # two rows each
-    a = sampled_customers(ids, 0.1, seed=0, server_round=1, merchant="m1")
+    a = _seeded(ids, 0.1, seed=0, server_round=1, merchant="m1")
     assert len(a) == len(set(a.tolist())) and abs(len(a) - 400) < 4 * math.sqrt(360)
-    assert np.array_equal(a, sampled_customers(ids, 0.1, 0, 1, "m1"))
-    assert not np.array_equal(a, sampled_customers(ids, 0.1, 0, 2, "m1"))
-    assert not np.array_equal(a, sampled_customers(ids, 0.1, 0, 1, "m2"))
-    assert len(sampled_customers(ids, 1.0, 0, 1, "m1")) == 4000
+    assert np.array_equal(a, _seeded(ids, 0.1, 0, 1, "m1"))
+    assert not np.array_equal(a, _seeded(ids, 0.1, 0, 2, "m1"))
+    assert not np.array_equal(a, _seeded(ids, 0.1, 0, 1, "m2"))
+    assert len(_seeded(ids, 1.0, 0, 1, "m1")) == 4000
+    # By default the sample comes from OS entropy: the run's seed does not recompute it.
+    secret = [sampled_customers(ids, 0.1, sampling_rng(False, 0, 1, "m1")) for _ in range(2)]
+    assert not np.array_equal(secret[0], a) and not np.array_equal(secret[0], secret[1])
+    assert all(abs(len(x) - 400) < 4 * math.sqrt(360) for x in secret)
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,14 +254,15 @@ def test_ledger_lines_and_replay_on_resume(tmp_path: Path) -> None:
     ledger.learn_customers(5000)
     eps = []
     for r in (1, 2, 3):
-        ledger.released(r, 480 + r, 7)
+        ledger.released(r, 7)
         eps.append(ledger.record(r, 8, 7, 1.0)["epsilon"])
     assert ledger.record(4, 8, 0, 1.0)["epsilon"] == eps[-1]  # released nothing: free
     lines = [json.loads(t) for t in path.read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2, 3]
     first = lines[0]
     assert (first["sampling_rate"], first["noise_multiplier"], first["clipping_norm"],
-            first["customers_sampled"], first["customers"]) == (0.1, 1.0, 1.0, 481, 5000)
+            first["customers"], first["sampling"]) == (0.1, 1.0, 1.0, 5000, "secret")
+    assert "customers_sampled" not in first  # outside epsilon: not published
     assert first["delta"] == pytest.approx(1 / 50_000)
     rdp2, pld2 = _direct(0.1, 1.0, 2, 1 / 50_000)
     assert (lines[1]["epsilon_rdp"], lines[1]["epsilon_pld"]) == pytest.approx((rdp2, pld2))
@@ -228,7 +272,7 @@ def test_ledger_lines_and_replay_on_resume(tmp_path: Path) -> None:
     assert again.replay(upto=2) == 2
     assert again.customers == 5000 and again.epsilon == pytest.approx(eps[1])
     assert len(path.read_text().splitlines()) == 2
-    again.released(3, 500, 7)
+    again.released(3, 7)
     assert again.record(3, 8, 7, 1.0)["epsilon"] == pytest.approx(eps[2])
     with pytest.raises(ValueError, match="other privacy settings"):
         _ledger(path, noise_multiplier=2.0).replay(upto=3)
@@ -244,7 +288,7 @@ def test_budget_withholds_the_round_that_would_pass_it() -> None:
     for r in (1, 2, 3):
         decisions.append(ledger.would_exceed())
         if not decisions[-1]:
-            ledger.released(r, 200, 4)
+            ledger.released(r, 4)
             ledger.record(r, 4, 4, 1.0)
     assert decisions == [False, False, True] and ledger.epsilon <= ledger.dp.target_epsilon
 
@@ -291,7 +335,8 @@ def test_server_adds_the_sums_and_divides_by_the_expected_sample(tmp_path: Path)
     for got, a, b, w in zip(arrays.to_numpy_ndarrays(), sums[0], sums[1], start, strict=True):
         np.testing.assert_allclose(got, w + 2.0 * (a + b) / 45.0, rtol=1e-6)
     line = ledger.record(1, 3, 2, 1.0)
-    assert line["customers_sampled"] == 5 and line["merchants_replied"] == 2
+    assert "customers_sampled" not in line and line["merchants_replied"] == 2
+    assert CUSTOMER_SEEDED_KEY not in config and PRE_EVALUATE_KEY not in config
 
 
 def test_server_noise_has_std_z_times_c_on_the_sum(tmp_path: Path) -> None:
@@ -339,7 +384,6 @@ def test_customer_level_simulation_trains_and_writes_the_ledger(customer_run: Pa
     assert all(b > a > 0 for a, b in zip(eps, eps[1:], strict=False))
     customers = lines[0]["customers"]
     assert eps[-1] == pytest.approx(min(_direct(0.5, 1.0, 3, 1 / (10 * customers))))
-    assert all(line["customers_sampled"] > 0 for line in lines)
     metrics = [json.loads(t) for t in (fed_dir / "metrics.jsonl").read_text().splitlines()]
     val = [m["centralised"]["val_loss"] for m in metrics if "val_loss" in m["centralised"]]
     auc = [m["centralised"]["decay_roc_auc"] for m in metrics
@@ -382,7 +426,7 @@ def test_resume_replays_the_customer_ledger_through_the_server(tmp_path: Path) -
     assert isinstance(ledger, CustomerLedger) and parts.clipping_norm == 1.0
     ledger.learn_customers(2000)
     for r in (1, 2, 3):
-        ledger.released(r, 200, 4)
+        ledger.released(r, 4)
         ledger.record(r, 4, 4, 1.0)
     weights = [np.full(s, 0.5, np.float32) for s in SHAPES]
     save_checkpoint(tmp_path / "checkpoints", 2, {
@@ -410,11 +454,123 @@ def test_merchant_reply_sends_the_clipped_sum_and_whitelisted_counts_only(model:
                               client=ClientConfig(), seed=4)
     snaps = _snapshots([f"c{i // 2}" for i in range(40)], seed=5)  # 20 customers
     config = {CUSTOMER_RATE_KEY: 0.5, CUSTOMER_CLIP_KEY: 0.1, CUSTOMER_LR_KEY: 1.0,
-              GLOBAL_ROUND_KEY: 3}
+              GLOBAL_ROUND_KEY: 3, CUSTOMER_SEEDED_KEY: True}  # to know the sample
     arrays, metrics = train_reply(settings, snaps, weights_of(model), config)
     assert set(metrics) <= set(TRAIN_METRICS) and "train_loss" not in metrics
-    chosen = sampled_customers(snaps.user_id, 0.5, 4, 3, "m")
+    chosen = _seeded(snaps.user_id, 0.5, 4, 3, "m")
     assert metrics[CUSTOMERS_SAMPLED] == len(chosen) and metrics[CUSTOMERS_TOTAL] == 20
     assert metrics["num-examples"] == 40
     assert [a.shape for a in arrays] == [w.shape for w in weights_of(model)]
     assert 0 < _norm(arrays) <= 0.1 * len(chosen) * (1 + 1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Review findings: what leaves the merchant, the ledger's JSON, the sampling mode
+# ---------------------------------------------------------------------------------------
+
+
+def test_merchant_reply_sends_no_pre_training_loss_even_when_asked(model: Any) -> None:
+    from client.app import TRAIN_METRICS
+    from client.config import ClientConfig, ClientSettings
+    from client.work import train_reply
+    from common.protocol import GLOBAL_ROUND_KEY, PRE_TRAINING_METRICS
+
+    settings = ClientSettings(snapshots=SNAP, model=MODEL, train=TrainConfig(batch_size=16),
+                              client=ClientConfig(), seed=4)
+    snaps = Snapshots.concat([_snapshots([f"c{i // 2}" for i in range(20)], seed=5),
+                              _snapshots([f"c{i}" for i in range(6)], seed=6)])
+    snaps.split[20:23], snaps.split[23:] = 1, 2  # validation and test rows to score
+    config = {CUSTOMER_RATE_KEY: 0.5, CUSTOMER_CLIP_KEY: 0.1, CUSTOMER_LR_KEY: 1.0,
+              GLOBAL_ROUND_KEY: 3, PRE_EVALUATE_KEY: True}
+    _, metrics = train_reply(settings, snaps, weights_of(model), config)
+    assert set(metrics) <= set(TRAIN_METRICS)
+    assert not set(metrics) & set(PRE_TRAINING_METRICS)
+    assert metrics[CUSTOMERS_DROPPED] == 0
+
+
+def test_server_does_not_ask_for_pre_training_losses_in_deployment(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fed = FederationConfig(mode="deployment", min_train_nodes=1, min_available_nodes=1,
+                           local_epochs=2)
+    assert fed.pre_evaluates  # what a deployment would ask for without customer-level DP
+    dp = DPConfig(unit="customer", customer_rate=0.5, seeded_sampling=True)
+    with caplog.at_level("WARNING"):
+        runner, _ = wrap_customer_dp(build_strategy(fed, 0), dp, fed, 3, None)
+    assert "federation.local-epochs" in caplog.text  # ignored: said once, naming the key
+    msgs = list(runner.configure_train(1, ArrayRecord([np.ones(3, np.float32)]),
+                                       ConfigRecord(), FakeGrid([1, 2, 3])))
+    config = msgs[0].content.config_records["config"]
+    assert PRE_EVALUATE_KEY not in config and config[CUSTOMER_SEEDED_KEY] is True
+
+
+def test_estimated_customer_count_warns_naming_the_key(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    runner, ledger, ins, _ = _server(tmp_path)
+    zero = [np.zeros(s, np.float32) for s in SHAPES]
+    with caplog.at_level("WARNING"):
+        runner.aggregate_train(1, [_reply(ins[n], zero, 1, 30) for n in (1, 2, 3)])
+    assert ledger.customers == 90 and "privacy.customers" in caplog.text
+
+
+def test_seeded_sampling_is_marked_in_the_ledger_and_the_summary(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path, seeded_sampling=True)
+    ledger.learn_customers(1000)
+    ledger.released(1, 3)
+    assert ledger.record(1, 3, 3, 1.0)["sampling"] == "seeded"
+    assert json.loads(path.read_text())["sampling"] == "seeded"
+    fields = ledger.summary_fields()
+    assert fields["sampling"] == "seeded" and "only in simulation" in fields["threat_model"]
+    assert _ledger(None).summary_fields()["sampling"] == "secret"
+
+
+def test_ledger_and_summary_are_strict_json(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.dp_accounting as accounting
+    from server.app import _summary
+    from server.config import ServerSettings
+    from server.recorder import Selection
+
+    monkeypatch.setattr(accounting, "customer_epsilons", lambda *a: (5.0, math.inf))
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path)
+    ledger.learn_customers(1000)
+    ledger.released(1, 3)
+    ledger.record(1, 3, 3, 1.0)
+    text = path.read_text()
+    assert "Infinity" not in text and json.loads(text)["epsilon_pld"] is None
+    unknown = _ledger(None)  # customers not known yet: delta is NaN
+    parts = type("Parts", (), {"ledger": unknown, "rounds": type("B", (), {
+        "empty_rounds": 0})(), "strategy": None})()
+    settings = ServerSettings(federation=FederationConfig(), model=MODEL, snapshots=SNAP,
+                              train=TrainConfig(), seed=0, privacy=unknown.dp)
+    summary = _summary(settings, parts, Selection(), done=0,  # type: ignore[arg-type]
+                       stop_reason=None, seconds=1.0)
+    dumped = json.dumps(summary["privacy"], allow_nan=False)  # raises on NaN / inf
+    assert json.loads(dumped)["delta"] is None
+
+
+def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """ε of the Gaussian mechanism with sensitivity 1 and noise std ``sigma`` at
+    ``delta``, exactly (Balle & Wang 2018, Theorem 8), by bisection on
+    δ(ε) = Φ(1/(2σ) - εσ) - e^ε Φ(-1/(2σ) - εσ)."""
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    def delta_of(eps: float) -> float:
+        return phi(0.5 / sigma - eps * sigma) - math.exp(eps) * phi(-0.5 / sigma - eps * sigma)
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize(("z", "delta"), [(1.0, 1e-5), (2.0, 1e-6), (4.0, 1 / 300_000)])
+def test_one_full_round_matches_the_analytic_gaussian_mechanism(z: float,
+                                                                delta: float) -> None:
+    exact = _analytic_gaussian_epsilon(z, delta)
+    eps_rdp, eps_pld = customer_epsilons(1.0, z, 1, delta)
+    assert eps_pld == pytest.approx(exact, rel=1e-3)  # PLD: exact up to discretisation
+    assert exact <= eps_rdp <= 1.2 * exact  # RDP: an upper bound, looser
