@@ -125,6 +125,11 @@ class CentralCustomerDP(Strategy):
             return None, None
         summed = _sum_updates(good)
         _, metrics = self.strategy.aggregate_train(server_round, good)  # bookkeeping
+        if metrics is not None and CUSTOMERS_SAMPLED in metrics:
+            # The round's sample size stays out of metrics.jsonl too (outside epsilon).
+            metrics = MetricRecord({k: v for k, v in metrics.items()
+                                    if k != CUSTOMERS_SAMPLED})
+            self.strategy.rounds.train_metrics(g, metrics)
         new = self.noised_step(summed)
         sampled = int(sum(c.get(CUSTOMERS_SAMPLED, 0) for c in counts))
         dropped = int(sum(c.get(CUSTOMERS_DROPPED, 0) for c in counts))

@@ -329,7 +329,9 @@ def test_server_adds_the_sums_and_divides_by_the_expected_sample(tmp_path: Path)
     nan = [np.full(s, np.nan, np.float32) for s in SHAPES]
     replies = [_reply(ins[1], sums[0], 3, 40), _reply(ins[2], sums[1], 2, 20),
                _reply(ins[3], nan, 9, 90)]  # screened out by the guard
-    arrays, _ = runner.aggregate_train(1, replies)
+    arrays, metrics = runner.aggregate_train(1, replies)
+    assert CUSTOMERS_SAMPLED not in metrics  # nor in metrics.jsonl: outside epsilon
+    assert CUSTOMERS_SAMPLED not in runner.strategy.rounds.round(1).train
     # Customers estimated from the two usable replies, scaled to 3 merchants: 90.
     assert ledger.customers == 90 and runner.expected_sampled == pytest.approx(45.0)
     for got, a, b, w in zip(arrays.to_numpy_ndarrays(), sums[0], sums[1], start, strict=True):
