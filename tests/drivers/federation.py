@@ -22,8 +22,8 @@ def corrupt_shards(partitions: list[int]) -> None:
     """Truncate these partitions' shards right after they are written."""
     write_shards = federated.write_shards
 
-    def corrupting_write_shards(prepared, shard_dir):
-        paths = write_shards(prepared, shard_dir)
+    def corrupting_write_shards(prepared, shard_dir, task=None):
+        paths = write_shards(prepared, shard_dir, task)
         for pid in partitions:
             raw = paths[pid].read_bytes()
             paths[pid].write_bytes(raw[: len(raw) // 3])
