@@ -272,6 +272,10 @@ SECAGG_DP_MODES: tuple[str, ...] = ("off", "client-fixed")
 
 def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
     """Raise ``ValueError`` for settings of two sections that cannot run together."""
+    check_key(not dp.seeded_sampling or (dp.customer_level and fed.mode == "simulation"),
+              "privacy.seeded-sampling",
+              "is for simulations with privacy.unit = customer only: a seeded sample is one "
+              "the server can recompute, so epsilon's subsampling would not hold")
     if dp.customer_level:
         check_key(not fed.secure_aggregation, "privacy.unit",
                   "'customer' cannot run with federation.secure-aggregation yet: the "

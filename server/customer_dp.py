@@ -61,6 +61,9 @@ from server.replies import reply_order
 
 log = logging.getLogger(__name__)
 
+#: The aggregated train metrics written to ``metrics.jsonl`` under customer-level DP.
+PUBLISHED_TRAIN_METRICS: frozenset[str] = frozenset({"num-examples", CUSTOMERS_TOTAL})
+
 
 class CentralCustomerDP(Strategy):
     """The guarded strategy with customer-level aggregation and central noise."""
@@ -125,10 +128,12 @@ class CentralCustomerDP(Strategy):
             return None, None
         summed = _sum_updates(good)
         _, metrics = self.strategy.aggregate_train(server_round, good)  # bookkeeping
-        if metrics is not None and CUSTOMERS_SAMPLED in metrics:
-            # The round's sample size stays out of metrics.jsonl too (outside epsilon).
+        if metrics is not None:
+            # Only the merchants' customer counts reach metrics.jsonl: the sample size,
+            # the customers dropped and the fit time (which grows with the sample) stay
+            # out, as they are outside epsilon.
             metrics = MetricRecord({k: v for k, v in metrics.items()
-                                    if k != CUSTOMERS_SAMPLED})
+                                    if k in PUBLISHED_TRAIN_METRICS})
             self.strategy.rounds.train_metrics(g, metrics)
         new = self.noised_step(summed)
         sampled = int(sum(c.get(CUSTOMERS_SAMPLED, 0) for c in counts))

@@ -66,6 +66,10 @@ L, A = SNAP.max_len, len(SNAP.actions)
     ({"privacy.server-learning-rate": float("inf")}, "privacy.server-learning-rate"),
     ({"privacy.unit": "customer", "federation.strategy": "fedprox",
       "federation.proximal-mu": 0.5}, "federation.proximal-mu"),
+    # A sample the server can recompute: simulations of customer-level DP only.
+    ({"privacy.seeded-sampling": True}, "privacy.seeded-sampling"),
+    ({"privacy.unit": "customer", "privacy.seeded-sampling": True,
+      "federation.mode": "deployment"}, "privacy.seeded-sampling"),
 ])
 def test_bad_customer_dp_config_fails_fast_naming_the_key(flat: dict[str, Any],
                                                           key: str) -> None:
@@ -331,7 +335,8 @@ def test_server_adds_the_sums_and_divides_by_the_expected_sample(tmp_path: Path)
                _reply(ins[3], nan, 9, 90)]  # screened out by the guard
     arrays, metrics = runner.aggregate_train(1, replies)
     assert CUSTOMERS_SAMPLED not in metrics  # nor in metrics.jsonl: outside epsilon
-    assert CUSTOMERS_SAMPLED not in runner.strategy.rounds.round(1).train
+    # Only the merchants' counts are published: no sample size, no fit time.
+    assert set(runner.strategy.rounds.round(1).train) <= {"num-examples", CUSTOMERS_TOTAL}
     # Customers estimated from the two usable replies, scaled to 3 merchants: 90.
     assert ledger.customers == 90 and runner.expected_sampled == pytest.approx(45.0)
     for got, a, b, w in zip(arrays.to_numpy_ndarrays(), sums[0], sums[1], start, strict=True):
@@ -500,14 +505,14 @@ def test_server_does_not_ask_for_pre_training_losses_in_deployment(
     fed = FederationConfig(mode="deployment", min_train_nodes=1, min_available_nodes=1,
                            local_epochs=2)
     assert fed.pre_evaluates  # what a deployment would ask for without customer-level DP
-    dp = DPConfig(unit="customer", customer_rate=0.5, seeded_sampling=True)
+    dp = DPConfig(unit="customer", customer_rate=0.5)
     with caplog.at_level("WARNING"):
         runner, _ = wrap_customer_dp(build_strategy(fed, 0), dp, fed, 3, None)
     assert "federation.local-epochs" in caplog.text  # ignored: said once, naming the key
     msgs = list(runner.configure_train(1, ArrayRecord([np.ones(3, np.float32)]),
                                        ConfigRecord(), FakeGrid([1, 2, 3])))
     config = msgs[0].content.config_records["config"]
-    assert PRE_EVALUATE_KEY not in config and config[CUSTOMER_SEEDED_KEY] is True
+    assert PRE_EVALUATE_KEY not in config and CUSTOMER_SEEDED_KEY not in config
 
 
 def test_estimated_customer_count_warns_naming_the_key(
