@@ -98,8 +98,11 @@ class CustomerLedger:
 
     @property
     def delta(self) -> float:
-        """The δ ε is stated at (nan until the customers' count is known)."""
-        return self.dp.delta(self.customers) if self.customers else math.nan
+        """The δ ε is stated at: ``privacy.target-delta`` when set, else 1 / (10
+        customers), nan until the customers' count is known."""
+        if self.dp.target_delta > 0 or self.customers:
+            return self.dp.delta(self.customers)
+        return math.nan
 
     def learn_customers(self, customers: int) -> None:
         """Fix the federation's customer count (once; later calls are ignored)."""
@@ -113,9 +116,9 @@ class CustomerLedger:
 
     def would_exceed(self) -> bool:
         """True when ``target-epsilon`` is set and one more round would pass it (False
-        while the customers' count, hence δ, is unknown: the aggregator asks again once
-        it knows it, before releasing anything)."""
-        if self.dp.target_epsilon <= 0 or self.customers is None:
+        while δ is unknown, i.e. neither ``target-delta`` nor the customers' count is:
+        the aggregator asks again once it knows the count, before releasing anything)."""
+        if self.dp.target_epsilon <= 0 or math.isnan(self.delta):
             return False
         return min(self.epsilons(self.rounds + 1)) > self.dp.target_epsilon
 
@@ -177,6 +180,12 @@ class CustomerLedger:
                 raise ValueError(f"{self.path}: round {line['round']} was accounted with "
                                  "other privacy settings (privacy.unit, customer-rate or "
                                  "noise-multiplier differ): resume with the same ones")
+            if line.get("sampling") != self.sampling:
+                raise ValueError(
+                    f"{self.path}: round {line['round']} was accounted with "
+                    f"{line.get('sampling')!r} customer sampling and this run's is "
+                    f"{self.sampling!r} (privacy.seeded-sampling differs): epsilon would mix "
+                    "a secret and a recomputable sample; resume with the same setting")
         if kept and kept[-1].get("customers"):
             self.learn_customers(int(kept[-1]["customers"]))
         self.rounds = len(kept)

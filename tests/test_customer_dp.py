@@ -586,3 +586,23 @@ def test_one_full_round_matches_the_analytic_gaussian_mechanism(z: float,
     eps_rdp, eps_pld = customer_epsilons(1.0, z, 1, delta)
     assert eps_pld == pytest.approx(exact, rel=1e-3)  # PLD: exact up to discretisation
     assert exact <= eps_rdp <= 1.2 * exact  # RDP: an upper bound, looser
+
+
+def test_ledger_delta_is_the_configured_one_before_the_count_is_known() -> None:
+    assert math.isnan(_ledger(None).delta)  # the default 1 / (10 customers): unknown yet
+    ledger = _ledger(None, target_delta=1e-6)
+    assert ledger.delta == 1e-6 and ledger.summary_fields()["customers"] is None
+    ledger.learn_customers(1000)
+    assert ledger.delta == 1e-6  # set: the count does not change it
+
+
+def test_replay_refuses_a_resume_with_another_sampling_mode(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path, seeded_sampling=True)
+    ledger.learn_customers(1000)
+    ledger.released(1, 3)
+    ledger.record(1, 3, 3, 1.0)
+    with pytest.raises(ValueError, match="privacy.seeded-sampling") as err:
+        _ledger(path).replay(upto=1)
+    assert "'seeded'" in str(err.value) and "'secret'" in str(err.value)
+    assert _ledger(path, seeded_sampling=True).replay(upto=1) == 1
