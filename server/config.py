@@ -283,6 +283,10 @@ def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
         check_key(fed.strategy in DP_STRATEGIES, "privacy.unit",
                   f"'customer' needs a strategy that sums the clipped updates "
                   f"({', '.join(DP_STRATEGIES)}); federation.strategy is {fed.strategy!r}")
+        check_key(fed.pre_evaluate != "on", "federation.pre-evaluate",
+                  "'on' cannot run with privacy.unit = customer: the pre-training losses "
+                  "would leave the merchants outside epsilon (leave it at 'auto', which "
+                  "is off under customer-level DP, or set 'off')")
         default_mu = FederationConfig.proximal_mu
         check_key(fed.proximal_mu == default_mu, "federation.proximal-mu",
                   f"has no effect with privacy.unit = customer (a merchant takes no local "

@@ -202,9 +202,7 @@ def wrap_customer_dp(strategy: Any, dp: DPConfig, fed: FederationConfig, populat
     if fed.strategy == "fedprox":
         log.warning("federation.proximal-mu has no effect with privacy.unit = customer: a "
                     "merchant takes no local steps (fedprox runs as fedavg)")
-    if getattr(strategy, "pre_evaluate", False):
-        log.info("customer-level DP: train replies carry no pre-training losses "
-                 "(federation.pre-evaluate off): they would leave outside epsilon")
+    if getattr(strategy, "pre_evaluate", False):  # 'auto' in deployment ('on' refused)
         strategy.pre_evaluate = False
     if dp.seeded_sampling:
         log.warning("privacy.seeded-sampling: merchants seed their customer sample from "

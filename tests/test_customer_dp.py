@@ -58,6 +58,9 @@ L, A = SNAP.max_len, len(SNAP.actions)
     ({"privacy.unit": "customer", "federation.secure-aggregation": True}, "privacy.unit"),
     ({"privacy.unit": "customer", "federation.strategy": "krum"}, "privacy.unit"),
     ({"privacy.unit": "customer", "privacy.customers": -3}, "privacy.customers"),
+    # The pre-training losses would leave outside epsilon: an explicit 'on' is refused.
+    ({"privacy.unit": "customer", "federation.pre-evaluate": "on"},
+     "federation.pre-evaluate"),
     ({"privacy.target-delta": -0.1}, "privacy.target-delta"),
     # The customer-* keys are range-checked whatever the unit.
     ({"privacy.customer-rate": 0.0}, "privacy.customer-rate"),
