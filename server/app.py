@@ -32,6 +32,11 @@ from server.runner import Runner, build_runner
 
 log = logging.getLogger(__name__)
 
+#: ``federation.json``'s ``selection`` under customer-level DP when no round is selected.
+NO_SELECTION = ("no round is selected under customer-level DP without held-out data on "
+                "the server: the merchants' losses do not leave them (they would be "
+                "outside epsilon), so the last round's model is kept")
+
 
 def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SILENT,
                    engine_failed: threading.Event | None = None, *,
@@ -134,6 +139,8 @@ def _summary(settings: ServerSettings, parts: Runner, selection: Selection, *, d
         "empty_rounds": parts.rounds.empty_rounds, "seconds": seconds,
         "strategy": fed.strategy, "stop_reason": stop_reason,
     }
+    if dp.customer_level and selection.round < 0:  # deployment: nothing to select by
+        summary.update(selected_round=None, selected_val_loss=None, selection=NO_SELECTION)
     if fed.secure_aggregation:
         summary["secure_aggregation"] = parts.strategy.describe()
     if parts.ledger is not None:

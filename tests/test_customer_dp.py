@@ -5,6 +5,7 @@ its replay on resume, the budget, and a simulation end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -563,6 +564,13 @@ def test_ledger_and_summary_are_strict_json(tmp_path: Path,
                        stop_reason=None, seconds=1.0)
     dumped = json.dumps(summary["privacy"], allow_nan=False)  # raises on NaN / inf
     assert json.loads(dumped)["delta"] is None
+    # Deployment: no round selected (no loss leaves a merchant): nulls and a note.
+    deployed = dataclasses.replace(settings, federation=FederationConfig(mode="deployment"))
+    summary = _summary(deployed, parts, Selection(), done=0,  # type: ignore[arg-type]
+                       stop_reason=None, seconds=1.0)
+    again = json.loads(json.dumps(summary, allow_nan=False))
+    assert again["selected_round"] is None and again["selected_val_loss"] is None
+    assert "losses do not leave" in again["selection"]
 
 
 def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
