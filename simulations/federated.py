@@ -8,6 +8,7 @@ and ClientApps with the resolved configuration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -71,6 +72,61 @@ def _write_parquet(frame: Any, path: Path) -> None:
     # Not fsynced: a shard is rewritten by the next run; the rename keeps it whole.
     with atomic.replacing(path, durable=False) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+@dataclasses.dataclass
+class Staged:
+    """What the rounds need once the driver has written a federation's inputs: the flat
+    run config (shard folder, ``eval.npz``), the number of merchants and the training
+    rows' count. No reference to the pooled log, the snapshots or any per-merchant frame,
+    so a caller that lets go of its :class:`PreparedData` (``release_data``) does not hold
+    them while the rounds run."""
+
+    flat: dict[str, Any]
+    merchants: int
+    train_rows: int
+    eval_path: Path
+
+
+def stage_federation(exp: Experiment, data: PreparedData, run_dir: Path, *,
+                     progress: Progress = SILENT) -> Staged:
+    """Write the shards and ``eval.npz`` into ``run_dir``; the config every app gets."""
+    flat = simulation_config(exp, data, run_dir, progress=progress)
+    return Staged(flat=flat, merchants=len(data.merchants),
+                  train_rows=int(np.count_nonzero(data.snapshots.split == 0)),
+                  eval_path=Path(flat["federation.eval-data"]))
+
+
+def release_data(data: PreparedData) -> None:
+    """Let go of what only the staging needed, in place: the pooled log, the interventions
+    and every snapshot (the held-out ones are in ``eval.npz``; :func:`restore_held_out`
+    reads them back). ``data`` keeps its merchants, actions, calendar, report and truth."""
+    data.events = data.events.iloc[:0].copy()
+    data.interventions = data.interventions.iloc[:0].copy()
+    data.snapshots = data.snapshots.subset(np.zeros(len(data.snapshots), dtype=bool))
+    return_freed_memory()
+
+
+def restore_held_out(data: PreparedData, staged: Staged) -> None:
+    """Give a released ``data`` its held-out (validation and test) snapshots back from
+    ``eval.npz``: the same rows in the same order as before, what :func:`assess` reads."""
+    data.snapshots = Snapshots.load(staged.eval_path)
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``), so
+    the driver's memory shrinks once large frames are freed; nothing elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path, *,
@@ -249,29 +305,62 @@ def _ray_start_up(progress: Progress) -> Iterator[None]:
 
 def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
                   progress: Progress = SILENT, tracker: Tracker = NO_TRACKING,
-                  name: str | None = None,
-                  overrides: Mapping[str, Any] | None = None) -> MethodResult:
+                  name: str | None = None, overrides: Mapping[str, Any] | None = None,
+                  release: bool = False) -> MethodResult:
     """Federated training of the shared model; predictions of the selected global model.
 
     ``progress`` shows the shards written, Ray's start-up and the rounds; every round's
     line goes to ``tracker`` as method ``name`` (default ``federated-<strategy>``, with
-    ``-secagg`` under secure aggregation).
+    ``-secagg`` under secure aggregation). With ``release`` the driver lets go of the
+    pooled log and the snapshots once the shards and ``eval.npz`` are written
+    (:func:`release_data`), and ``data`` comes back with its held-out snapshots only
+    (what :func:`~simulations.baselines.assess` reads); without it ``data`` is untouched
+    and stays in memory during the rounds (a comparison needs it for the next method).
     """
+    from common.model import load_model
+    from common.training import predict
+    from server.recorder import load_eval_data
+
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staged = stage_federation(exp, data, run_dir, progress=progress)
+    staged.flat.update(overrides or {})
+    name = name or (f"federated-{exp.federation.strategy}"
+                    f"{'-secagg' if secure_aggregation(staged.flat) else ''}")
+    if release:
+        release_data(data)
+    run_rounds(exp, staged, progress=progress, tracker=tracker, name=name)
+    load_eval_data.cache_clear()  # the server's copy of eval.npz: the rounds are over
+    model_path = run_dir / "model.keras"
+    if not model_path.exists():
+        raise RuntimeError(f"the federation did not produce {model_path}; see the log above")
+    model = load_model(model_path)
+    if release:
+        restore_held_out(data, staged)
+    _, val, test = splits(data)
+    rounds = read_metrics(run_dir / "metrics.jsonl")
+    return MethodResult(
+        name=name, val=predict(model, val),
+        test=predict(model, test), seconds=time.perf_counter() - started,
+        sample_epochs=_sample_epochs(rounds, staged.train_rows),
+        details={"rounds": rounds, "run_dir": str(run_dir)},
+    )
+
+
+def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
+               tracker: Tracker = NO_TRACKING, name: str = "federated") -> None:
+    """The Simulation Engine's rounds on ``staged``'s shards: the ServerApp in this
+    process, a ClientApp actor per ``simulation.client-cpus``; every round's line goes to
+    ``tracker`` as method ``name``. Writes ``model.keras`` and ``metrics.jsonl`` into the
+    run folder. Ray is shut down after unless the run attached to a cluster."""
     import ray
     from flwr.simulation import run_simulation
 
-    from common.model import load_model
-    from common.training import predict
     from server.app import make_server_app
     from simulations.handover import hand_over_at_once
     from simulations.raypool import replace_dead_actors
 
-    started = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    flat = simulation_config(exp, data, run_dir, progress=progress)
-    flat.update(overrides or {})
-    name = name or (f"federated-{exp.federation.strategy}"
-                    f"{'-secagg' if secure_aggregation(flat) else ''}")
+    flat = staged.flat
 
     def on_round(line: dict[str, Any]) -> None:
         tracker.log_metrics(int(line["round"]), name, **round_scalars(line))
@@ -285,7 +374,7 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
                 server_app=make_server_app(flat, progress=progress, engine_failed=engine_failed,
                                            on_round=on_round),
                 client_app=make_federated_client_app(flat),
-                num_supernodes=len(data.merchants),
+                num_supernodes=staged.merchants,
                 backend_config=backend_config(exp),
             )
     except Exception as err:
@@ -296,28 +385,15 @@ def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
     finally:
         if ray.is_initialized() and not exp.simulation.ray_address:
             ray.shutdown()
-    model_path = run_dir / "model.keras"
-    if not model_path.exists():
-        raise RuntimeError(f"the federation did not produce {model_path}; see the log above")
-    model = load_model(model_path)
-    _, val, test = splits(data)
-    rounds = read_metrics(run_dir / "metrics.jsonl")
-    train_rows = data.snapshots.split_part("train")
-    seen = _sample_epochs(rounds, train_rows)
-    return MethodResult(
-        name=name, val=predict(model, val),
-        test=predict(model, test), seconds=time.perf_counter() - started,
-        sample_epochs=seen, details={"rounds": rounds, "run_dir": str(run_dir)},
-    )
 
 
-def _sample_epochs(rounds: list[dict[str, Any]], train: Snapshots) -> float:
+def _sample_epochs(rounds: list[dict[str, Any]], train_rows: int) -> float:
     """Training rows seen, estimated per round from the mean epochs and the reply share."""
     total = 0.0
     for r in rounds:
         t = r.get("train") or {}
         if "epochs" in t and r.get("replied"):
-            total += float(t["epochs"]) * len(train) * r["replied"] / max(r["sampled"], 1)
+            total += float(t["epochs"]) * train_rows * r["replied"] / max(r["sampled"], 1)
     return total
 
 
