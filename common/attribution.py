@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from common.feature_groups import FEATURE_GROUPS, GROUP_NAMES, FeatureGroup
+from common.features import AGGREGATE_FEATURES
 from common.snapshots import Snapshots
 
 #: Rows predicted per call: permuted copies are stacked up to this many rows.
@@ -58,16 +59,24 @@ DecayPredictor = Callable[[Snapshots], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class InputsRead:
-    """Which inputs a model reads: the sequences, and the first ``static_width``
-    aggregate columns of ``Snapshots.static``."""
+    """Which inputs a model reads: the sequences, and the aggregate columns of
+    ``Snapshots.static``: ``static_columns`` (a tabular model's, by name) or else the
+    first ``static_width`` (the LSTM's ``static`` input)."""
 
     sequences: bool
     static_width: int
+    static_columns: tuple[int, ...] | None = None
+
+    def columns(self, group: FeatureGroup) -> tuple[int, ...]:
+        """The columns of ``Snapshots.static`` in ``group`` that the model reads."""
+        if self.static_columns is None:
+            return group.aggregate_columns(self.static_width)
+        return tuple(c for c in group.aggregate_columns() if c in self.static_columns)
 
     def reads(self, group: FeatureGroup) -> bool:
         """Whether the model reads any input of ``group``."""
         return bool((self.sequences and (group.sequence or group.numeric))
-                    or group.aggregate_columns(self.static_width))
+                    or self.columns(group))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +141,17 @@ def inputs_read(model: Any) -> InputsRead:
     from common.tabular import TabularModel
 
     if isinstance(model, TabularModel):
-        return InputsRead(sequences=False, static_width=len(model.features))
+        columns = tabular_columns(model)
+        return InputsRead(sequences=False, static_width=max(columns, default=-1) + 1,
+                          static_columns=columns)
     return InputsRead(sequences=True, static_width=int(model.input["static"].shape[-1]))
+
+
+def tabular_columns(model: Any) -> tuple[int, ...]:
+    """The columns of ``Snapshots.static`` a ``TabularModel`` reads, in its order: its
+    features by name (a model file stores their names, as ``TabularModel.predict`` reads
+    them), not the first ``len(features)`` columns."""
+    return tuple(AGGREGATE_FEATURES.index(name) for name in model.features)
 
 
 def decay_predictor(model: Any) -> DecayPredictor:
@@ -142,8 +160,10 @@ def decay_predictor(model: Any) -> DecayPredictor:
     from common.tabular import TabularModel, aggregate_features
 
     if isinstance(model, TabularModel):  # the decay classifier only, not every head
-        return lambda snaps: (model.decay.predict_proba(aggregate_features(snaps))[:, 1]
-                              if len(snaps) else np.zeros(0, np.float32))
+        columns = list(tabular_columns(model))
+        return lambda snaps: (model.decay.predict_proba(
+            aggregate_features(snaps)[:, columns])[:, 1] if len(snaps)
+            else np.zeros(0, np.float32))
     from common.training import predict
 
     return lambda snaps: predict(model, snaps)["decay"]
@@ -209,7 +229,7 @@ def permute_group(snaps: Snapshots, group: FeatureGroup, order: np.ndarray,
             numeric = numeric.copy()
             channels = list(group.numeric)
             numeric[:, :, channels] = snaps.numeric[order][:, :, channels]
-    cols = list(group.aggregate_columns(reads.static_width))
+    cols = list(reads.columns(group))
     if cols:
         static = static.copy()
         static[:, cols] = snaps.static[order][:, cols]

@@ -85,6 +85,31 @@ def test_only_the_informative_group_matters_for_a_tabular_model() -> None:
     assert other.groups["interest"].log_loss_rise != interest.log_loss_rise
 
 
+class FirstColumn:
+    """A decay classifier on its own first column: P = sigmoid(-4 x[:, 0])."""
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        p = 1 / (1 + np.exp(4 * x[:, 0]))
+        return np.column_stack([1 - p, p])
+
+
+def test_a_tabular_model_is_read_by_its_column_names() -> None:
+    """A model file whose features are ``log_interest`` then one aggregate of another
+    group (an older or reordered file): its first column is ``log_interest``, not
+    ``Snapshots.static[:, 0]``."""
+    other = "log_click_per_view"  # event_mix
+    model = TabularModel("gbdt", FirstColumn(), Constant(), (0.5,),
+                         features=("log_interest", other))
+    att = global_attributions(model, hand_built(), repeats=2, seed=0)
+    assert att.base_auc == pytest.approx(1.0)  # it reads log_interest: the label's input
+    assert att.groups["interest"].log_loss_rise > 0.3
+    read = {g.name for g in FEATURE_GROUPS if att.groups[g.name].reads}
+    named = {g.name for g in FEATURE_GROUPS
+             if {"log_interest", other} & set(g.aggregates)}
+    assert read == named and len(named) == 2
+    assert all(att.groups[n].log_loss_rise == 0.0 for n in named - {"interest"})
+
+
 def test_the_stacked_predictions_equal_one_call_per_permutation() -> None:
     """Permuted copies are predicted stacked; one small stack per copy gives the same."""
     from common.attribution import inputs_read, permutation_importance
