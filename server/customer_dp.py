@@ -28,9 +28,11 @@ the last round's, and in simulation the one the server's own held-out data selec
 The ledger does not publish how many customers a round sampled (that count is logged
 at debug level only).
 
-The noise is drawn from operating-system entropy, never from ``experiment.seed``: noise
-anyone can regenerate protects nothing. The server is trusted (it sees every merchant's
-clipped sum): the threat model of the central placement.
+The noise is drawn from operating-system entropy, not from ``experiment.seed``: noise
+anyone can regenerate protects nothing. Only ``privacy.seeded-sampling`` (simulation
+only, marked in the ledger) seeds it too, so that a simulated run is reproducible.
+The server is trusted (it sees every merchant's clipped sum): the threat model of the
+central placement.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ from server.replies import reply_order
 
 log = logging.getLogger(__name__)
 
+#: Separates the server noise's seeded stream from the merchants' sampling streams.
+NOISE_STREAM = 0x5EED_401
 #: The aggregated train metrics written to ``metrics.jsonl`` under customer-level DP.
 PUBLISHED_TRAIN_METRICS: frozenset[str] = frozenset({"num-examples", CUSTOMERS_TOTAL})
 
@@ -171,6 +175,12 @@ class CentralCustomerDP(Strategy):
         return metrics
 
 
+def noise_rng(seeded: bool, seed: int) -> np.random.Generator:
+    """The server's noise generator: OS entropy, or (``privacy.seeded-sampling``,
+    simulation only) one seeded by ``seed``."""
+    return np.random.default_rng([seed, NOISE_STREAM]) if seeded else np.random.default_rng()
+
+
 def _metrics(msg: Message) -> dict[str, float]:
     record = next(iter(msg.content.metric_records.values()))
     return {k: float(v) for k, v in record.items()  # type: ignore[arg-type]
@@ -192,8 +202,10 @@ def _sum_updates(replies: list[Message]) -> list[np.ndarray]:
 
 
 def wrap_customer_dp(strategy: Any, dp: DPConfig, fed: FederationConfig, population: int,
-                     path: Path | None) -> tuple[CentralCustomerDP, CustomerLedger]:
-    """The guarded ``strategy`` inside customer-level DP, and its ledger at ``path``."""
+                     path: Path | None, seed: int = 0
+                     ) -> tuple[CentralCustomerDP, CustomerLedger]:
+    """The guarded ``strategy`` inside customer-level DP, and its ledger at ``path``;
+    ``seed`` seeds the server's noise only under ``privacy.seeded-sampling``."""
     check_compatible(fed, dp)
     if fed.local_epochs != FederationConfig.local_epochs:
         log.warning("federation.local-epochs = %d is ignored with privacy.unit = customer: "
@@ -205,11 +217,12 @@ def wrap_customer_dp(strategy: Any, dp: DPConfig, fed: FederationConfig, populat
     if getattr(strategy, "pre_evaluate", False):  # 'auto' in deployment ('on' refused)
         strategy.pre_evaluate = False
     if dp.seeded_sampling:
-        log.warning("privacy.seeded-sampling: merchants seed their customer sample from "
-                    "the run config; epsilon assumes a sample the server cannot recompute, "
-                    "so it holds only in simulation")
+        log.warning("privacy.seeded-sampling: merchants seed their customer sample, and "
+                    "the noise is seeded, from the run config; epsilon assumes a sample "
+                    "and noise nobody can recompute, so it holds only in simulation")
     ledger = CustomerLedger(dp, path)
-    wrapped = CentralCustomerDP(strategy, dp, fed, population, ledger)
+    wrapped = CentralCustomerDP(strategy, dp, fed, population, ledger,
+                                rng=noise_rng(dp.seeded_sampling, seed))
     log.info("customer-level DP, central noise: q = %g, z = %g, C = %g, eta = %g, server "
              "learning rate %g; the server adds the noise and is trusted", dp.customer_rate,
              dp.noise_multiplier, dp.clipping_norm, dp.customer_learning_rate,

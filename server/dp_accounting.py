@@ -34,9 +34,9 @@ THREAT_MODEL = {
     "central": "the server adds the noise: it sees each merchant's clipped sum and is "
                "trusted; anyone who sees only the models gets the guarantee",
 }
-SEEDED_NOTE = ("customer sampling seeded from the run config (privacy.seeded-sampling): "
-               "epsilon assumes a sample the server cannot recompute, so it holds only in "
-               "simulation")
+SEEDED_NOTE = ("customer sampling and noise seeded from the run config "
+               "(privacy.seeded-sampling): epsilon assumes a sample and noise nobody can "
+               "recompute, so it holds only in simulation")
 
 
 def strict_json(value: Any) -> Any:

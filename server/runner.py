@@ -54,7 +54,7 @@ def build_runner(settings: ServerSettings, population: int, run_dir: Path,
         strategy = build_strategy(fed, settings.seed, engine_failed=engine_failed)
         if dp.customer_level:
             runner, ledger = wrap_customer_dp(strategy, dp, fed, population,
-                                              run_dir / "privacy.jsonl")
+                                              run_dir / "privacy.jsonl", settings.seed)
             return Runner(strategy, runner, ledger)
         runner = wrap_strategy(strategy, dp, fed, population)
     merchant_ledger = PrivacyLedger(dp, population, num_sampled(fed, population),
