@@ -72,8 +72,9 @@ lock: | $(UV)
 run: setup
 	$(VENV)/bin/fedecay compare --preset quick
 
+# The whole suite; the 25 slowest tests are listed at the end to keep its time in view.
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 # The fast tier for the development loop: everything not marked slow.
 check: setup

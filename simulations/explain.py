@@ -159,10 +159,15 @@ def format_explanations(result: dict[str, Any]) -> str:
     if points:
         lines.append(f"IG points vs {points[-1]['points']} ({points[0]['customers']:,} "
                      "customers): agreement of the top reason, of the top 3 in order; mean "
-                     "completeness gap (relative to |f(x) - f(reference)|)")
+                     "completeness gap (relative to |f(x) - f(reference)|); risk removed by "
+                     "occluding the top group (share of customers where it removes the most)")
         lines += [f"  {r['points']:>2}   {r['top_reason_agreement']:6.1%}   "
                   f"{r['top3_reasons_agreement']:6.1%}   {r['completeness_gap']:.5f} "
-                  f"({r['relative_gap']:.1%})" for r in points]
+                  f"({r['relative_gap']:.1%})   {r['top_group_occlusion_drop']:+.4f} "
+                  f"({r['top_group_is_largest_occlusion']:.1%})" for r in points]
+        lines.append(f"  occluding the group that removes the most: "
+                     f"{points[0]['largest_occlusion_drop']:+.4f}; a random group: "
+                     f"{points[0]['random_group_occlusion_drop']:+.4f}")
     stab = result.get("stability")
     if stab:
         lines.append(f"rank stability ({stab['against']}): Spearman per customer mean "
@@ -186,21 +191,37 @@ def quadrature_agreement(model: Any, snaps: Snapshots, reference: Reference, fac
     the share of customers whose top reason code, top-3 codes (in order) and top group
     agree with the reference rule's, and the mean completeness gap |sum - (f(x) -
     f(reference))|, also relative to the mean |f(x) - f(reference)|. One point is the
-    midpoint rule: gradient at the midpoint x (input - reference)."""
+    midpoint rule: gradient at the midpoint x (input - reference).
+
+    And how faithful each rule's top reason is: the mean risk removed by occluding its top
+    group (:func:`common.reasons.ig.occlude_groups`) and how often that group is the one
+    whose occlusion removes the most; every row also carries the two yardsticks (the
+    largest occlusion's mean, a random group's)."""
     from common.reasons import integrated_gradients, reasons_of
+    from common.reasons.ig import occlude_groups
 
     rules = (*points, exact)
     out: dict[int, Any] = {}
-    with progress.task("IG with each number of points", len(rules), "rules") as task:
+    with progress.task("IG with each number of points", len(rules) + 1, "rules") as task:
         for k in rules:
             attr = integrated_gradients(model, snaps, reference, steps=k)
             out[k] = (attr, reasons_of(facts, attr.groups).codes)
             task.advance()
+        occluded = occlude_groups(model, snaps, reference).astype(np.float64)
+        task.advance()
     ref_attr, ref_codes = out[exact]
     spread = float(np.abs(ref_attr.risk - ref_attr.reference_risk).mean())
+    each = np.arange(len(snaps))
+    # The scale for the rules' figures: the most any one group's occlusion removes, and
+    # what a group drawn at random removes.
+    scale = {"largest_occlusion_drop": float(occluded.max(axis=1).mean()),
+             "random_group_occlusion_drop": float(occluded[each, np.random.default_rng(0)
+                                                           .integers(0, occluded.shape[1],
+                                                                     len(snaps))].mean())}
     rows = []
     for k in rules:
         attr, codes = out[k]
+        top = attr.groups.argmax(axis=1)
         rows.append({
             "points": k, "customers": len(snaps),
             "top_reason_agreement": float(np.mean([a[:1] == b[:1]
@@ -212,5 +233,10 @@ def quadrature_agreement(model: Any, snaps: Snapshots, reference: Reference, fac
                                           == ref_attr.groups.argmax(axis=1)).mean()),
             "completeness_gap": float(np.abs(attr.delta).mean()),
             "relative_gap": float(np.abs(attr.delta).mean() / max(spread, 1e-12)),
+            # Faithfulness of the rule's top reason: the risk it removes when occluded,
+            # against the group whose occlusion removes the most.
+            "top_group_occlusion_drop": float(occluded[each, top].mean()),
+            "top_group_is_largest_occlusion": float((top == occluded.argmax(axis=1)).mean()),
+            **scale,
         })
     return rows

@@ -272,6 +272,46 @@ def test_quadrature_agreement_against_many_points(small) -> None:
     assert rows[0]["completeness_gap"] == pytest.approx(np.abs(one.delta).mean(), rel=1e-5)
     # More points, a smaller gap.
     assert rows[0]["completeness_gap"] > rows[1]["completeness_gap"] > exact["completeness_gap"]
+    # Each rule's top group, occluded, removes at most what the best group's occlusion does.
+    from common.reasons.ig import occlude_groups
+
+    occluded = occlude_groups(model, snaps, ref)
+    best = occluded.max(axis=1).mean()
+    for r, attr in ((rows[0], one), (rows[-1], many)):
+        top = attr.groups.argmax(axis=1)
+        assert r["top_group_occlusion_drop"] == pytest.approx(
+            occluded[np.arange(len(snaps)), top].mean(), rel=1e-5)
+        assert r["top_group_occlusion_drop"] <= r["largest_occlusion_drop"] + 1e-9
+        assert r["largest_occlusion_drop"] == pytest.approx(best, rel=1e-5)
+
+
+def test_occluding_a_group_moves_exactly_its_inputs_to_the_reference(small) -> None:
+    """Groups without sequence embeddings, rebuilt by hand through the model's own inputs:
+    the aggregate-only groups set their columns to the reference's, ``value`` also its
+    numeric channel at the real steps."""
+    from common.reasons.ig import occlude_groups
+    from common.training import predict
+
+    _, snap, snaps = small
+    model = build_model(ModelConfig(lstm_units=8, dense_units=8), snap, seed=5)
+    width = int(model.input["static"].shape[-1])
+    snaps = dataclasses.replace(snaps, static=snaps.static[:, :width])
+    full = Reference.mean_of(snaps)
+    occluded = occlude_groups(model, snaps, full, batch=32)
+    assert occluded.shape == (len(snaps), len(GROUP_NAMES)) and np.isfinite(occluded).all()
+    risk = predict(model, snaps)["decay"]
+    real = snaps.events > 0
+    for name in ("interest", "activity", "value", "recency"):
+        group = FEATURE_GROUPS[GROUP_NAMES.index(name)]
+        static = snaps.static.copy()
+        cols = list(group.aggregate_columns(width))
+        static[:, cols] = full.static[cols]
+        numeric = snaps.numeric.copy()
+        for c in group.numeric:
+            numeric[..., c] = np.where(real, full.numeric[c], numeric[..., c])
+        moved = predict(model, dataclasses.replace(snaps, static=static, numeric=numeric))
+        np.testing.assert_allclose(occluded[:, GROUP_NAMES.index(name)],
+                                   risk - moved["decay"], atol=2e-5)
 
 
 def test_overdue_needs_a_usual_gap_of_a_day_at_least() -> None:

@@ -25,10 +25,12 @@ from common.snapshots import Snapshots
 
 #: Quadrature points per row; the completeness gap is reported, not assumed.
 IG_STEPS = 8
-#: Points when scoring (score, monitor): the fewest whose top reason agrees with a
-#: 32-point rule's for >= 95 % of customers (measured in docs/performance.md with
-#: ``fedecay explain --quadrature``).
-SCORE_IG_STEPS = 4
+#: Points when scoring (score, monitor): one, the midpoint rule. Its top group moves the
+#: risk as much when occluded as the 32-point rule's (within a few thousandths, either
+#: way) though it agrees with that rule's top reason less often (about 90 %), and it is
+#: what reaches 20k targeted customers/s on 2 cores (docs/performance.md, measured with
+#: ``fedecay explain --quadrature`` and ``fedecay bench``).
+SCORE_IG_STEPS = 1
 #: Rows per compiled call (rows x points go through the model at once); larger batches
 #: were no faster (docs/performance.md) and pad a few targeted users to more rows.
 IG_BATCH = 256
@@ -129,6 +131,23 @@ def group_ig(model, snaps: Snapshots, reference: Reference, *, steps: int = SCOR
     return group_sums(ev[:, None], cat[:, None], num.reshape(-1, 1, n_num), stat)
 
 
+def occlude_groups(model, snaps: Snapshots, reference: Reference, *,
+                   batch: int = IG_BATCH) -> np.ndarray:
+    """``[N, len(GROUP_NAMES)]``: per group, the decay risk minus the risk with the group's
+    inputs moved to the reference (IG's start: zero embeddings of its sequence inputs, the
+    reference's numeric channels at real steps and aggregate columns).
+
+    What removing a reason does to the risk, group by group: ``fedecay explain
+    --quadrature`` scores each rule's top group by it. ``1 + len(GROUP_NAMES)`` forward
+    passes per row, in one compiled call per ``batch`` rows.
+    """
+    width = _check_width(model, reference)
+    fn = _compiled_occlusion(model, batch)
+    parts = [np.asarray(fn(*inputs))[:m] for m, inputs in _batches(snaps, reference, width, batch)]
+    return (np.concatenate(parts) if parts
+            else np.zeros((0, len(GROUP_NAMES)), np.float32))
+
+
 def _check_width(model, reference: Reference) -> int:
     width = int(model.input["static"].shape[-1])
     if reference.static.shape != (width,):
@@ -188,27 +207,9 @@ def _compiled(model, steps: int, batch: int, jit: bool = True, groups_only: bool
     nodes, weights = np.polynomial.legendre.leggauss(steps)
     alphas = tf.constant((nodes + 1.0) / 2.0, tf.float32)  # on [0, 1]
     quad = tf.constant(weights / 2.0, tf.float32)
-    ev_table = model.get_layer("event_embedding").embeddings
-    cat_table = model.get_layer("category_embedding").embeddings
-    names = {layer.name for layer in model.layers}
-    recurrent = model.get_layer("bilstm" if "bilstm" in names else "lstm")
-    layer = model.get_layer
-    length = int(model.input["events"].shape[1])
-    width = int(model.input["static"].shape[-1])
-    n_num = len(NUMERIC_FEATURES)
+    ev_table, cat_table, decay = _decay_head(model)
 
-    def decay(ev_emb, cat_emb, numeric, static, mask):
-        seq = recurrent(layer("steps")([ev_emb, cat_emb, numeric]), mask=mask, training=False)
-        agg = layer("static_dense")(static)
-        trunk = layer("trunk")(layer("trunk_in")([seq, agg]))
-        return layer("decay_dense")(trunk)[:, 0]  # dropout is the identity at inference
-
-    spec = [tf.TensorSpec([batch, length], tf.int32), tf.TensorSpec([batch, length], tf.int32),
-            tf.TensorSpec([batch, length, n_num], tf.float32),
-            tf.TensorSpec([batch, width], tf.float32), tf.TensorSpec([n_num], tf.float32),
-            tf.TensorSpec([width], tf.float32)]
-
-    @tf.function(input_signature=spec, jit_compile=jit)
+    @tf.function(input_signature=_signature(model, batch), jit_compile=jit)
     def ig(events, categories, numeric, static, ref_numeric, ref_static):
         mask = tf.not_equal(events, 0)
         real = tf.cast(mask, tf.float32)[..., None]
@@ -242,3 +243,70 @@ def _compiled(model, steps: int, batch: int, jit: bool = True, groups_only: bool
                 attr[2], attr[3], risk, ref_risk)
 
     return ig
+
+
+def _decay_head(model):
+    """(event embedding table, category embedding table, decay) of ``model``: ``decay``
+    maps the embedded steps, numeric steps, aggregates and mask to the decay risk, so a
+    path or an occlusion can run through the embeddings' outputs."""
+    names = {layer.name for layer in model.layers}
+    recurrent = model.get_layer("bilstm" if "bilstm" in names else "lstm")
+    layer = model.get_layer
+
+    def decay(ev_emb, cat_emb, numeric, static, mask):
+        seq = recurrent(layer("steps")([ev_emb, cat_emb, numeric]), mask=mask, training=False)
+        agg = layer("static_dense")(static)
+        trunk = layer("trunk")(layer("trunk_in")([seq, agg]))
+        return layer("decay_dense")(trunk)[:, 0]  # dropout is the identity at inference
+
+    return (model.get_layer("event_embedding").embeddings,
+            model.get_layer("category_embedding").embeddings, decay)
+
+
+def _signature(model, batch: int) -> list:
+    """The compiled calls' inputs: events, categories, numeric, static, reference numeric,
+    reference static (:func:`_batches`)."""
+    import tensorflow as tf
+
+    length = int(model.input["events"].shape[1])
+    width = int(model.input["static"].shape[-1])
+    n_num = len(NUMERIC_FEATURES)
+    return [tf.TensorSpec([batch, length], tf.int32), tf.TensorSpec([batch, length], tf.int32),
+            tf.TensorSpec([batch, length, n_num], tf.float32),
+            tf.TensorSpec([batch, width], tf.float32), tf.TensorSpec([n_num], tf.float32),
+            tf.TensorSpec([width], tf.float32)]
+
+
+@functools.lru_cache(maxsize=2)
+def _compiled_occlusion(model, batch: int):
+    import tensorflow as tf
+
+    ev_table, cat_table, decay = _decay_head(model)
+    width = int(model.input["static"].shape[-1])
+    n_num = len(NUMERIC_FEATURES)
+    # One row per group: which inputs it moves (events, categories, numeric channels,
+    # aggregate columns), 1 where the group owns the input.
+    owns = np.zeros((len(FEATURE_GROUPS), 2 + n_num + width), np.float32)
+    for g, group in enumerate(FEATURE_GROUPS):
+        owns[g, 0] = "events" in group.sequence
+        owns[g, 1] = "categories" in group.sequence
+        owns[g, [2 + i for i in group.numeric]] = 1.0
+        owns[g, [2 + n_num + c for c in group.aggregate_columns(width)]] = 1.0
+    owned = tf.constant(owns)
+
+    @tf.function(input_signature=_signature(model, batch), jit_compile=True)
+    def occlude(events, categories, numeric, static, ref_numeric, ref_static):
+        mask = tf.not_equal(events, 0)
+        real = tf.cast(mask, tf.float32)[..., None]
+        ev_emb, cat_emb = tf.gather(ev_table, events), tf.gather(cat_table, categories)
+        risk = decay(ev_emb, cat_emb, numeric, static, mask)
+        out = []
+        for g in range(len(FEATURE_GROUPS)):
+            keep = 1.0 - owned[g]
+            moved_num = numeric * keep[2:2 + n_num] + (1.0 - keep[2:2 + n_num]) * real * ref_numeric
+            moved_static = static * keep[2 + n_num:] + (1.0 - keep[2 + n_num:]) * ref_static
+            out.append(risk - decay(ev_emb * keep[0], cat_emb * keep[1], moved_num, moved_static,
+                                    mask))
+        return tf.stack(out, axis=1)
+
+    return occlude

@@ -139,7 +139,7 @@ def score(
         click_type=click.Choice(("1", "2", "4", "8")), metavar="POINTS",
         help="Quadrature points of the reasons' integrated gradients (an LSTM's only): "
              "fewer is faster, further from the exact attributions (docs/performance.md).",
-    )] = "4",
+    )] = "1",
 ) -> None:
     """Batch scoring: decay risk, interest forecast and the activation action per user."""
     console = current()
