@@ -9,7 +9,14 @@ customer's update from that customer's training snapshots only, clips it to C an
 replies with the sum (``common.customer_updates``), the number of customers in it, the
 number left out for a non-finite update and its count of customers. It sends no loss,
 not even the pre-training scores (the server does not ask for them under customer-level
-DP, and they are not added if it does): the server's noise covers the sum alone.
+DP, and they are not added if it does): the noise covers the sum alone.
+
+Where the noise is added (``privacy.placement``): ``central``, by the server. Under
+``distributed`` and ``local`` the instruction carries a std (``customer-noise-std``) and
+the merchant adds N(0, std^2) to every coordinate of its sum before it leaves (a share
+``z C / sqrt(m_min)`` that SecAgg+ sums with the others', or all of ``z C``), from OS
+entropy unless seeded as above; the server is then not trusted, so the reply carries
+only ``num-examples`` and ``customers`` (no sample size, no count left out, no time).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from client.work import global_model, global_round
 from common.protocol import (
     CUSTOMER_CLIP_KEY,
     CUSTOMER_LR_KEY,
+    CUSTOMER_NOISE_KEY,
     CUSTOMER_RATE_KEY,
     CUSTOMER_SEEDED_KEY,
     CUSTOMERS_DROPPED,
@@ -38,6 +46,9 @@ from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 
+#: Separates a merchant's seeded noise stream from its seeded sampling stream.
+NOISE_STREAM = 0x401_5E
+
 
 def sampling_rng(seeded: bool, seed: int, server_round: int, merchant: str
                  ) -> np.random.Generator:
@@ -46,6 +57,23 @@ def sampling_rng(seeded: bool, seed: int, server_round: int, merchant: str
     if not seeded:
         return np.random.default_rng()
     return np.random.default_rng([seed, server_round, zlib.crc32(merchant.encode())])
+
+
+def noise_rng(seeded: bool, seed: int, server_round: int, merchant: str
+              ) -> np.random.Generator:
+    """The noise share's generator: OS entropy, or (``seeded``, simulation only) a stream
+    of its own seeded by ``seed``, the round and the merchant."""
+    if not seeded:
+        return np.random.default_rng()
+    return np.random.default_rng([seed, server_round, zlib.crc32(merchant.encode()),
+                                  NOISE_STREAM])
+
+
+def add_noise(summed: list[np.ndarray], std: float, rng: np.random.Generator
+              ) -> list[np.ndarray]:
+    """``summed`` plus N(0, ``std``^2) on every coordinate (drawn in float64)."""
+    return [(s.astype(np.float64) + rng.normal(0.0, std, s.shape)).astype(s.dtype)
+            for s in summed]
 
 
 def sampled_customers(user_id: np.ndarray, rate: float, rng: np.random.Generator
@@ -84,9 +112,15 @@ def customer_train_reply(settings: ClientSettings, snaps: Snapshots,
                     "was not finite", global_round(config), summed.dropped)
     if timer is not None:
         timer.lap("customer updates")
+    customers = int(len(np.unique(train.user_id.astype(str))))
+    std = float(config.get(CUSTOMER_NOISE_KEY, 0.0))
+    if std > 0:  # distributed / local: the noise leaves with the sum; the server is not trusted
+        noised = add_noise(summed.update, std, noise_rng(
+            bool(config.get(CUSTOMER_SEEDED_KEY)), settings.seed, global_round(config),
+            merchant))
+        return noised, {"num-examples": int(len(train)), CUSTOMERS_TOTAL: customers}
     metrics: dict[str, float | int] = {
         "num-examples": int(len(train)), CUSTOMERS_SAMPLED: summed.customers,
-        CUSTOMERS_DROPPED: summed.dropped,
-        CUSTOMERS_TOTAL: int(len(np.unique(train.user_id.astype(str)))),
+        CUSTOMERS_DROPPED: summed.dropped, CUSTOMERS_TOTAL: customers,
         "fit_seconds": time.perf_counter() - started}
     return summed.update, metrics

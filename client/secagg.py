@@ -54,6 +54,7 @@ from client.config import ClientSettings
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.shards import process_shard_cache, shard_cache_bytes
 from client.work import evaluate_locally, fit_locally, global_round
+from common.protocol import CUSTOMER_NOISE_KEY, CUSTOMER_RATE_KEY
 from common.schema import DataError
 from common.snapshots import Snapshots
 
@@ -102,6 +103,12 @@ class MerchantClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        if CUSTOMER_RATE_KEY in config:  # customer-level DP: the noised clipped sum, weight 1
+            from client.customer_dp import customer_train_reply
+
+            update, metrics = customer_train_reply(self.settings, self.snaps, parameters,
+                                                   config)
+            return update, 1, dict(metrics)
         model = self._model(parameters)
         metrics = fit_locally(model, self.settings, self.snaps, config)
         # Under DP the noise is calibrated to a plain mean: every client weighs in with 1.
@@ -176,6 +183,11 @@ def _quantisation_guard(msg: Message, context: Context, call_next: Callable[...,
         return reply
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
     settings: Mapping[str, Any] = state  # the mod's own scalars
+    fit_config: Mapping[str, Any] = msg.content.config_records.get("fitins.config") or {}
+    if CUSTOMER_NOISE_KEY in fit_config:
+        _note_clipped(parameters_to_ndarrays(fitres.parameters),
+                      float(settings["clipping_range"]))
+        return reply
     problem = quantisation_problem(
         parameters_to_ndarrays(fitres.parameters), fitres.num_examples,
         float(settings["clipping_range"]), int(settings["target_range"]),
@@ -184,6 +196,24 @@ def _quantisation_guard(msg: Message, context: Context, call_next: Callable[...,
         log.error("secure aggregation: update refused: %s", problem)
         raise ValueError(f"update refused before masking: {problem}")
     return reply
+
+
+def clipped_coordinates(weights: Sequence[np.ndarray], clipping_range: float) -> int:
+    """How many coordinates of ``weights`` SecAgg+ clips to ``[-range, range]`` (a
+    non-finite one counts)."""
+    return int(sum(np.count_nonzero(~(np.abs(w) <= clipping_range)) for w in weights))
+
+
+def _note_clipped(weights: Sequence[np.ndarray], clipping_range: float) -> None:
+    """Customer-level DP: a noised sum is never refused (that would drop the merchant for
+    what its customers did); SecAgg+ clips what lies beyond the range, and the merchant
+    logs how much, locally only (the count is outside epsilon)."""
+    clipped = clipped_coordinates(weights, clipping_range)
+    if clipped:
+        log.warning("secure aggregation: %d coordinates of the noised customer sum lie "
+                    "beyond federation.secagg-clipping-range (%g): SecAgg+ clips them, which "
+                    "biases the sum and voids the noise's accounting for them; raise the "
+                    "range", clipped, clipping_range)
 
 
 def _clip_when_asked(msg: Message, context: Context, call_next: Callable[..., Message]

@@ -41,6 +41,9 @@ VALIDATION_METRICS: tuple[str, ...] = PRE_TRAINING_LOSSES["val_loss"]
 CUSTOMER_RATE_KEY = "customer-rate"
 CUSTOMER_CLIP_KEY = "customer-clipping-norm"
 CUSTOMER_LR_KEY = "customer-learning-rate"
+#: Train config key of the distributed and local placements: the std of the Gaussian
+#: noise a merchant adds to every coordinate of its clipped sum (absent: central noise).
+CUSTOMER_NOISE_KEY = "customer-noise-std"
 #: Train config key, simulation only (``privacy.seeded-sampling``): seed the customer
 #: sample from ``experiment.seed``, the round and the merchant. Absent: OS entropy.
 CUSTOMER_SEEDED_KEY = "customer-seeded-sampling"

@@ -168,9 +168,10 @@ DP_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 #: whole update) or ``customer`` (one customer of one merchant: all of that customer's
 #: events there; ``server/customer_dp.py``).
 DP_UNITS: tuple[str, ...] = ("merchant", "customer")
-#: Where the noise of customer-level DP is added. Only ``central`` (the server adds it)
-#: exists yet; ``distributed`` (shares under SecAgg+) and ``local`` are planned.
-DP_PLACEMENTS: tuple[str, ...] = ("central",)
+#: Where the noise of customer-level DP is added: ``central`` (the server adds it to the
+#: plain sum), ``distributed`` (each merchant adds a share, SecAgg+ sums them) or
+#: ``local`` (each merchant adds all of it; ``server/customer_secagg.py``).
+DP_PLACEMENTS: tuple[str, ...] = ("central", "distributed", "local")
 #: The merchant-level default of ``target-delta`` (customer level: 1 / (10 customers)).
 MERCHANT_DELTA = 1e-5
 
@@ -201,6 +202,10 @@ class DPConfig:
     # the only way the subsampling amplification in ε holds, as the seed is in the run
     # config the server hands out.
     seeded_sampling: bool = False
+    # customer unit, distributed placement: m_min, the fewest merchants whose noise shares
+    # a released sum holds; each adds N(0, (z C)^2 / m_min). 0 = SecAgg+'s reconstruction
+    # threshold for the merchants sampled a round (it unmasks no smaller sum).
+    min_replies: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -249,6 +254,9 @@ class DPConfig:
                   f"must be in (0, 1], got {self.customer_rate}")
         check_key(self.customers >= 0, "privacy.customers",
                   "must be >= 0 (0 = estimated in round 1)")
+        check_key(self.min_replies >= 0, "privacy.min-replies",
+                  f"must be >= 0 (0 = SecAgg+'s reconstruction threshold), got "
+                  f"{self.min_replies}")
         for key in ("customer_learning_rate", "server_learning_rate"):
             value = getattr(self, key)
             check_key(value > 0 and math.isfinite(value), f"privacy.{key.replace('_', '-')}",
@@ -256,9 +264,10 @@ class DPConfig:
 
     def _check_customer_level(self) -> None:
         check_key(self.placement in DP_PLACEMENTS, "privacy.placement",
-                  f"{self.placement!r} is not available: only 'central' (the server adds "
-                  "the noise and is trusted) is implemented; 'distributed' and 'local' "
-                  "are planned")
+                  f"must be one of {', '.join(DP_PLACEMENTS)}, got {self.placement!r}")
+        check_key(self.min_replies == 0 or self.placement == "distributed",
+                  "privacy.min-replies", "applies to privacy.placement = distributed only "
+                  f"(placement is {self.placement!r}): leave it at 0")
         check_key(self.mode == "off", "privacy.mode",
                   f"must be 'off' with privacy.unit = customer (got {self.mode!r}): "
                   "merchant-level and customer-level DP cannot run at once")
@@ -277,9 +286,14 @@ def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
               "is for simulations with privacy.unit = customer only: a seeded sample is one "
               "the server can recompute, so epsilon's subsampling would not hold")
     if dp.customer_level:
-        check_key(not fed.secure_aggregation, "privacy.unit",
-                  "'customer' cannot run with federation.secure-aggregation yet: the "
-                  "central placement needs the server to add the noise to the plain sum")
+        check_key(not (fed.secure_aggregation and dp.placement == "central"),
+                  "privacy.placement", "'central' cannot run with federation.secure-"
+                  "aggregation: the server adds the noise to the plain sum (use "
+                  "'distributed': the merchants add shares of it under SecAgg+)")
+        check_key(fed.secure_aggregation or dp.placement != "distributed",
+                  "privacy.placement", "'distributed' needs federation.secure-aggregation "
+                  "= true: each merchant's noise share is too small to protect its sum on "
+                  "its own, only SecAgg+ keeps the server from seeing it")
         check_key(fed.strategy in DP_STRATEGIES, "privacy.unit",
                   f"'customer' needs a strategy that sums the clipped updates "
                   f"({', '.join(DP_STRATEGIES)}); federation.strategy is {fed.strategy!r}")

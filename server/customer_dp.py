@@ -50,6 +50,7 @@ from flwr.serverapp.strategy import Strategy
 from common.protocol import (
     CUSTOMER_CLIP_KEY,
     CUSTOMER_LR_KEY,
+    CUSTOMER_NOISE_KEY,
     CUSTOMER_RATE_KEY,
     CUSTOMER_SEEDED_KEY,
     CUSTOMERS_DROPPED,
@@ -57,7 +58,7 @@ from common.protocol import (
     CUSTOMERS_TOTAL,
 )
 from server.config import DPConfig, FederationConfig, check_compatible
-from server.dp_accounting import UNIT_TEXT, CustomerLedger
+from server.dp_accounting import THREAT_MODEL, UNIT_TEXT, CustomerLedger
 from server.privacy import num_sampled
 from server.replies import reply_order
 
@@ -70,7 +71,9 @@ PUBLISHED_TRAIN_METRICS: frozenset[str] = frozenset({"num-examples", CUSTOMERS_T
 
 
 class CentralCustomerDP(Strategy):
-    """The guarded strategy with customer-level aggregation and central noise."""
+    """The guarded strategy with customer-level aggregation and central noise; under
+    ``privacy.placement = local`` (without SecAgg+) the merchants add the noise
+    (``client.customer_dp``) and the server adds none."""
 
     def __init__(self, strategy: Any, dp: DPConfig, fed: FederationConfig, population: int,
                  ledger: CustomerLedger, rng: np.random.Generator | None = None) -> None:
@@ -93,9 +96,7 @@ class CentralCustomerDP(Strategy):
     @property
     def expected_sampled(self) -> float | None:
         """D: the customers a round samples on average (None until their count is known)."""
-        if self.ledger.customers is None:
-            return None
-        return self.dp.customer_rate * self.ledger.customers * self.merchant_share
+        return expected_sampled(self.dp, self.ledger.customers, self.merchant_share)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -105,6 +106,8 @@ class CentralCustomerDP(Strategy):
         config[CUSTOMER_LR_KEY] = self.dp.customer_learning_rate
         if self.dp.seeded_sampling:
             config[CUSTOMER_SEEDED_KEY] = True
+        if self.dp.placement == "local":
+            config[CUSTOMER_NOISE_KEY] = self.dp.noise_multiplier * self.clipping_norm
         messages: Iterable[Message] = self.strategy.configure_train(server_round, arrays,
                                                                     config, grid)
         return messages
@@ -117,14 +120,7 @@ class CentralCustomerDP(Strategy):
             return None, None
         good.sort(key=reply_order)
         counts = [_metrics(m) for m in good]
-        if self.ledger.customers is None:
-            self.ledger.learn_customers(round(
-                sum(c.get(CUSTOMERS_TOTAL, 0) for c in counts) * self.population / len(good)))
-            log.warning("customer-level DP: %d customers in the federation, estimated "
-                        "from the counts the %d merchants of round %d reported; delta = "
-                        "%.3g and the denominator rest on them (a merchant that under-"
-                        "reports loosens delta): declare privacy.customers to fix both",
-                        self.ledger.customers, len(good), g, self.ledger.delta)
+        estimate_customers(self.ledger, counts, self.population, g)
         if self.ledger.would_exceed():
             log.warning("round %d: releasing it would take epsilon past privacy.target-"
                         "epsilon %g (spent %.4g): the round's update is withheld", g,
@@ -143,9 +139,10 @@ class CentralCustomerDP(Strategy):
         sampled = int(sum(c.get(CUSTOMERS_SAMPLED, 0) for c in counts))
         dropped = int(sum(c.get(CUSTOMERS_DROPPED, 0) for c in counts))
         self.ledger.released(g, len(good))
-        log.info("round %d: %d merchants; noise std %g on the sum, divided by %.1f "
+        log.info("round %d: %d merchants; noise std %g on the sum (%s), divided by %.1f "
                  "expected customers", g, len(good),
-                 self.dp.noise_multiplier * self.clipping_norm, self.expected_sampled)
+                 self.dp.noise_multiplier * self.clipping_norm, self.dp.placement,
+                 self.expected_sampled)
         log.debug("round %d: %d customers in the sum (not published: it is outside "
                   "epsilon)", g, sampled)
         if dropped:
@@ -158,8 +155,11 @@ class CentralCustomerDP(Strategy):
         denominator = self.expected_sampled
         if denominator is None or not self._current:
             raise RuntimeError("noised_step before configure_train / the customers' count")
-        std = self.dp.noise_multiplier * self.clipping_norm
         step = self.dp.server_learning_rate / max(denominator, 1.0)
+        if self.dp.placement != "central":  # local: the merchants' sums carry the noise
+            return [(w + step * s).astype(w.dtype)
+                    for w, s in zip(self._current, summed, strict=True)]
+        std = self.dp.noise_multiplier * self.clipping_norm
         return [(w + step * (s + self.rng.normal(0.0, std, s.shape))).astype(w.dtype)
                 for w, s in zip(self._current, summed, strict=True)]
 
@@ -173,6 +173,27 @@ class CentralCustomerDP(Strategy):
                            ) -> MetricRecord | None:
         metrics: MetricRecord | None = self.strategy.aggregate_evaluate(server_round, replies)
         return metrics
+
+
+def expected_sampled(dp: DPConfig, customers: int | None, merchant_share: float
+                     ) -> float | None:
+    """D = q * customers * merchant share (None while the customers' count is unknown)."""
+    return None if customers is None else dp.customer_rate * customers * merchant_share
+
+
+def estimate_customers(ledger: CustomerLedger, counts: list[dict[str, float]],
+                       population: int, g: int) -> None:
+    """Fix the ledger's customer count, if still unknown, from the merchants' counts of
+    round ``g`` scaled to the ``population`` (a warning names ``privacy.customers``)."""
+    if ledger.customers is not None or not counts:
+        return
+    ledger.learn_customers(round(
+        sum(c.get(CUSTOMERS_TOTAL, 0) for c in counts) * population / len(counts)))
+    log.warning("customer-level DP: %d customers in the federation, estimated from the "
+                "counts the %d merchants of round %d reported; delta = %.3g and the "
+                "denominator rest on them (a merchant that under-reports loosens delta): "
+                "declare privacy.customers to fix both", ledger.customers, len(counts), g,
+                ledger.delta)
 
 
 def noise_rng(seeded: bool, seed: int) -> np.random.Generator:
@@ -206,6 +227,18 @@ def wrap_customer_dp(strategy: Any, dp: DPConfig, fed: FederationConfig, populat
                      ) -> tuple[CentralCustomerDP, CustomerLedger]:
     """The guarded ``strategy`` inside customer-level DP, and its ledger at ``path``;
     ``seed`` seeds the server's noise only under ``privacy.seeded-sampling``."""
+    check_customer_run(dp, fed)
+    if getattr(strategy, "pre_evaluate", False):  # 'auto' in deployment ('on' refused)
+        strategy.pre_evaluate = False
+    ledger = CustomerLedger(dp, path)
+    wrapped = CentralCustomerDP(strategy, dp, fed, population, ledger,
+                                rng=noise_rng(dp.seeded_sampling, seed))
+    return wrapped, ledger
+
+
+def check_customer_run(dp: DPConfig, fed: FederationConfig) -> None:
+    """Check the two sections together and log what customer-level DP does with them
+    (ignored keys, seeded sampling, the placement and its threat model)."""
     check_compatible(fed, dp)
     if fed.local_epochs != FederationConfig.local_epochs:
         log.warning("federation.local-epochs = %d is ignored with privacy.unit = customer: "
@@ -214,17 +247,11 @@ def wrap_customer_dp(strategy: Any, dp: DPConfig, fed: FederationConfig, populat
     if fed.strategy == "fedprox":
         log.warning("federation.proximal-mu has no effect with privacy.unit = customer: a "
                     "merchant takes no local steps (fedprox runs as fedavg)")
-    if getattr(strategy, "pre_evaluate", False):  # 'auto' in deployment ('on' refused)
-        strategy.pre_evaluate = False
     if dp.seeded_sampling:
         log.warning("privacy.seeded-sampling: merchants seed their customer sample, and "
                     "the noise is seeded, from the run config; epsilon assumes a sample "
                     "and noise nobody can recompute, so it holds only in simulation")
-    ledger = CustomerLedger(dp, path)
-    wrapped = CentralCustomerDP(strategy, dp, fed, population, ledger,
-                                rng=noise_rng(dp.seeded_sampling, seed))
-    log.info("customer-level DP, central noise: q = %g, z = %g, C = %g, eta = %g, server "
-             "learning rate %g; the server adds the noise and is trusted", dp.customer_rate,
-             dp.noise_multiplier, dp.clipping_norm, dp.customer_learning_rate,
-             dp.server_learning_rate)
-    return wrapped, ledger
+    log.info("customer-level DP, %s noise: q = %g, z = %g, C = %g, eta = %g, server "
+             "learning rate %g; %s", dp.placement, dp.customer_rate, dp.noise_multiplier,
+             dp.clipping_norm, dp.customer_learning_rate, dp.server_learning_rate,
+             THREAT_MODEL[dp.placement])

@@ -2,12 +2,14 @@
 
 Every released round is one Poisson-subsampled Gaussian mechanism on the customers:
 each customer is in the round with chance q (its merchant samples it), its update is
-clipped to C, and the server adds N(0, (z C)^2) to the sum. The neighbouring relation
-is adding or removing one customer of one merchant (all of that customer's events
-there). The noise does not depend on how many merchants replied, so every round costs
-the same. ε over the rounds is computed by both of dp-accounting's accountants, RDP
-and PLD (privacy loss distributions, usually tighter); the smaller is reported, both
-are kept.
+clipped to C, and the sum carries N(0, (z C)^2) noise: the server's (``central``), at
+least that from the merchants' shares when at least ``min_replies`` of them are summed
+(``distributed``, SecAgg+), or each merchant's own sum carries all of it (``local``).
+The neighbouring relation is adding or removing one customer of one merchant (all of
+that customer's events there). The accounted noise does not depend on how many
+merchants replied, so every round costs the same. ε over the rounds is computed by
+both of dp-accounting's accountants, RDP and PLD (privacy loss distributions, usually
+tighter); the smaller is reported, both are kept.
 
 The merchants' own sampling (``federation.fraction-train``) is not counted as
 amplification: the server chooses it from a seed, so it is no secret from the server.
@@ -33,6 +35,26 @@ UNIT_TEXT = "one customer of one merchant: all of that customer's events there"
 THREAT_MODEL = {
     "central": "the server adds the noise: it sees each merchant's clipped sum and is "
                "trusted; anyone who sees only the models gets the guarantee",
+    "distributed": "each merchant adds a share of the noise and SecAgg+ reveals only the "
+                   "sum: holds against an honest-but-curious server (and anyone who sees "
+                   "the models) while SecAgg+ holds and at least min_replies merchants "
+                   "reply",
+    "local": "each merchant adds all of the noise to its own sum: holds against the server "
+             "and every other party whatever they do; the average carries more noise than "
+             "needed (the weakest utility, kept for comparison)",
+}
+#: How each placement's rounds are accounted (the ledger's ``accounting``).
+ACCOUNTING = {
+    "central": "dp-accounting: Poisson-subsampled Gaussian, add/remove one customer; "
+               "epsilon = min(RDP, PLD)",
+    "distributed": "dp-accounting: Poisson-subsampled Gaussian at the effective noise "
+                   "multiplier z, the one of a sum of min_replies shares (each merchant "
+                   "adds std z*C/sqrt(min_replies)); more replies only add noise; add/"
+                   "remove one customer; epsilon = min(RDP, PLD)",
+    "local": "dp-accounting: Poisson-subsampled Gaussian per merchant (each adds std z*C "
+             "to its own sum; a customer is in one merchant's sum), the same for every "
+             "merchant; the average carries merchants_replied times the variance needed; "
+             "add/remove one customer; epsilon = min(RDP, PLD)",
 }
 SEEDED_NOTE = ("customer sampling and noise seeded from the run config "
                "(privacy.seeded-sampling): epsilon assumes a sample and noise nobody can "
@@ -94,6 +116,8 @@ class CustomerLedger:
         self.customers: int | None = dp.customers or None
         self.rounds = 0
         self.epsilon = self.epsilon_rdp = self.epsilon_pld = 0.0
+        #: Distributed placement: m_min, the fewest shares a released sum holds.
+        self.min_replies: int | None = None
         self._released: dict[int, int] = {}  # round -> merchants whose sums were added
 
     @property
@@ -153,14 +177,31 @@ class CustomerLedger:
             "customers": self.customers, "merchants_sampled": sampled,
             "merchants_replied": merchants, "released_rounds": self.rounds,
             "delta": self.delta, "epsilon_rdp": self.epsilon_rdp,
-            "epsilon_pld": self.epsilon_pld, "epsilon": self.epsilon,
-            "accounting": "dp-accounting: Poisson-subsampled Gaussian, add/remove one "
-                          "customer; epsilon = min(RDP, PLD)",
+            "epsilon_pld": self.epsilon_pld, "epsilon": self.epsilon, "released": True,
+            "accounting": ACCOUNTING[self.dp.placement],
         }
+        if self.dp.placement == "distributed":
+            line["min_replies"] = self.min_replies
+        self._append(line)
+        return line
+
+    def withheld(self, server_round: int, merchants: int | None, reason: str) -> None:
+        """Note, in its own line, that round ``server_round`` released nothing (it spends
+        nothing): ``reason`` says why (too few replies, the budget)."""
+        self._released.pop(server_round, None)
+        self._append({
+            "round": server_round, "released": False, "reason": reason,
+            "unit": self.dp.unit, "placement": self.dp.placement,
+            "sampling_rate": self.dp.customer_rate,
+            "noise_multiplier": self.dp.noise_multiplier, "sampling": self.sampling,
+            "customers": self.customers, "merchants_replied": merchants,
+            "min_replies": self.min_replies, "released_rounds": self.rounds,
+            "delta": self.delta, "epsilon": self.epsilon})
+
+    def _append(self, line: dict[str, Any]) -> None:
         if self.path is not None:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(strict_json(line), allow_nan=False) + "\n")
-        return line
 
     def _set_epsilon(self) -> None:
         self.epsilon_rdp, self.epsilon_pld = self.epsilons(self.rounds)
@@ -188,8 +229,8 @@ class CustomerLedger:
                     "a secret and a recomputable sample; resume with the same setting")
         if kept and kept[-1].get("customers"):
             self.learn_customers(int(kept[-1]["customers"]))
-        self.rounds = len(kept)
-        if kept:
+        self.rounds = sum(1 for line in kept if line.get("released", True))
+        if self.rounds:
             self._set_epsilon()
         atomic.write_text(self.path, "".join(json.dumps(strict_json(line), allow_nan=False)
                                              + "\n" for line in kept))
@@ -205,4 +246,6 @@ class CustomerLedger:
                 "threat_model": threat, "sampling": self.sampling,
                 "sampling_rate": self.dp.customer_rate, "customers": self.customers,
                 "released_rounds": self.rounds, "epsilon_rdp": self.epsilon_rdp,
-                "epsilon_pld": self.epsilon_pld}
+                "epsilon_pld": self.epsilon_pld, "accounting": ACCOUNTING[self.dp.placement],
+                **({"min_replies": self.min_replies}
+                   if self.dp.placement == "distributed" else {})}

@@ -50,6 +50,12 @@ def build_runner(settings: ServerSettings, population: int, run_dir: Path,
 
         strategy = runner = build_secagg_strategy(fed, dp, settings.seed, population,
                                                   engine_failed=engine_failed)
+        if dp.customer_level:  # distributed / local: the merchants add the noise
+            from server.customer_secagg import attach_customer_dp
+
+            ledger = attach_customer_dp(strategy, dp, fed, population,
+                                        run_dir / "privacy.jsonl")
+            return Runner(strategy, runner, ledger)
     else:
         strategy = build_strategy(fed, settings.seed, engine_failed=engine_failed)
         if dp.customer_level:

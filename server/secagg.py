@@ -139,13 +139,17 @@ class SecAggMixin:
         self._train_config: dict[str, Scalar] = {}
         self._aggregated: set[int] = set()
         self._evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
+        #: Customer-level DP's hooks (``server.customer_secagg``), set by the runner.
+        self.customer: Any = None
 
     @property
     def max_weight(self) -> float:
         """The ``max_weight`` the SecAgg+ workflow quantises the clients' weights with."""
         # With DP every client weighs in with 1 (the noise is calibrated to a plain mean),
         # and max-weight 1 keeps the full quantisation precision.
-        return 1.0 if self.dp.enabled else self.fed.secagg_max_weight
+        # So does every merchant under customer-level DP (it sends a sum, not weights).
+        return 1.0 if self.dp.enabled or self.dp.customer_level \
+            else self.fed.secagg_max_weight
 
     def describe(self) -> dict[str, Any]:
         """The protocol's settings for ``federation.json``."""
@@ -166,6 +170,8 @@ class SecAggMixin:
                                      "global-round": self.rounds.global_round(server_round)}
         if self.fed.strategy == "fedprox":
             config["proximal-mu"] = float(self.fed.proximal_mu)
+        if self.customer is not None:
+            config.update(self.customer.train_config())
         return config
 
     def _evaluate_config(self, server_round: int) -> dict[str, Scalar]:
@@ -178,6 +184,8 @@ class SecAggMixin:
                                              client_manager)
         self.rounds.sampled(self.rounds.global_round(server_round),
                             [int(proxy.cid) for proxy, _ in instructions])
+        if self.customer is not None:
+            self.customer.current = parameters_to_ndarrays(parameters)
         return instructions
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -193,7 +201,14 @@ class SecAggMixin:
         self.rounds.round(g).replied = len(results)
         if not results:
             return None, {}
-        params, _ = super().aggregate_fit(g, results[:1], [])  # type: ignore[misc]
+        if self.customer is not None:  # the mean of noised sums: a step, no optimizer
+            stepped = self.customer.step(g, parameters_to_ndarrays(results[0][1].parameters),
+                                         [r.metrics for _, r in results])
+            if stepped is None:
+                return None, {}
+            params = ndarrays_to_parameters(stepped)
+        else:
+            params, _ = super().aggregate_fit(g, results[:1], [])  # type: ignore[misc]
         if params is None:
             return None, {}
         self._aggregated.add(g)
@@ -307,6 +322,8 @@ class SecAggMixin:
         not summed failed; a round whose sum never came counts as empty."""
         stats = self.rounds.round(g)
         stats.failed = stats.sampled - stats.replied
+        if self.customer is not None:
+            self.customer.close(g, g in self._aggregated, stats.replied)
         if g not in self._aggregated:
             stats.replied = 0
             stats.failed = stats.sampled

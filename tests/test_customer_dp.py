@@ -53,10 +53,7 @@ L, A = SNAP.max_len, len(SNAP.actions)
     ({"privacy.unit": "household"}, "privacy.unit"),
     ({"privacy.unit": "customer", "privacy.customer-rate": 0.0}, "privacy.customer-rate"),
     ({"privacy.unit": "customer", "privacy.customer-rate": 1.5}, "privacy.customer-rate"),
-    ({"privacy.unit": "customer", "privacy.placement": "distributed"}, "privacy.placement"),
-    ({"privacy.unit": "customer", "privacy.placement": "local"}, "privacy.placement"),
     ({"privacy.unit": "customer", "privacy.mode": "server-fixed"}, "privacy.mode"),
-    ({"privacy.unit": "customer", "federation.secure-aggregation": True}, "privacy.unit"),
     ({"privacy.unit": "customer", "federation.strategy": "krum"}, "privacy.unit"),
     ({"privacy.unit": "customer", "privacy.customers": -3}, "privacy.customers"),
     # The pre-training losses would leave outside epsilon: an explicit 'on' is refused.
@@ -492,6 +489,15 @@ def test_merchant_reply_sends_the_clipped_sum_and_whitelisted_counts_only(model:
     assert metrics["num-examples"] == 40
     assert [a.shape for a in arrays] == [w.shape for w in weights_of(model)]
     assert 0 < _norm(arrays) <= 0.1 * len(chosen) * (1 + 1e-4)
+    # Distributed / local: the same sum plus the noise asked for, and counts only (the
+    # server is not trusted with the sample size or the time).
+    from common.protocol import CUSTOMER_NOISE_KEY
+
+    noised, counts = train_reply(settings, snaps, weights_of(model),
+                                 {**config, CUSTOMER_NOISE_KEY: 0.3})
+    assert set(counts) == {"num-examples", CUSTOMERS_TOTAL}
+    diff = np.concatenate([(n - a).ravel() for n, a in zip(noised, arrays, strict=True)])
+    assert diff.std() == pytest.approx(0.3, rel=0.1) and diff.size > 1000
 
 
 # ---------------------------------------------------------------------------------------
