@@ -388,7 +388,8 @@ def customer_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "simulate", "--preset", "quick", "--set", "privacy.unit=customer",
         "--set", "privacy.customer-rate=0.5", "--set", "privacy.noise-multiplier=1.0",
         "--set", "privacy.clipping-norm=1.0", "--set", "federation.num-rounds=3",
-        "--set", "privacy.seeded-sampling=true",
+        "--set", "privacy.seeded-sampling=true", "--set", "synthetic.num-merchants=4",
+        "--set", "model.jit-compile=false",  # each process computes a few steps only
         "--set", f"experiment.output-dir={tmp / 'runs'}"],
         cwd=tmp, log=tmp / "run.log", timeout=600).check()
     (found,) = (tmp / "runs").glob("*-simulate-quick*")

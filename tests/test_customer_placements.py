@@ -226,6 +226,7 @@ def test_distributed_noise_under_secagg_survives_a_dropout(distributed_run: Path
     assert max(float(np.max(np.abs(t))) for t in total) / denominator > 20 * bound
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert (rows[2]["sampled"], rows[2]["replied"], rows[2]["failed"]) == (MERCHANTS, 4, 1)
+    assert "customers" in rows[1]["train"]  # of the merchants' metrics, only their counts
     assert all(set(r.get("train", {})) <= {"customers"} for r in rows)
     summary = json.loads((run_dir / "federation.json").read_text())
     assert summary["privacy"]["placement"] == "distributed"
