@@ -185,8 +185,11 @@ def _quantisation_guard(msg: Message, context: Context, call_next: Callable[...,
     settings: Mapping[str, Any] = state  # the mod's own scalars
     fit_config: Mapping[str, Any] = msg.content.config_records.get("fitins.config") or {}
     if CUSTOMER_NOISE_KEY in fit_config:
-        _note_clipped(parameters_to_ndarrays(fitres.parameters),
-                      float(settings["clipping_range"]))
+        weights = parameters_to_ndarrays(fitres.parameters)
+        if not all(np.all(np.isfinite(w)) for w in weights):  # would garble every sum
+            raise ValueError("update refused before masking: the noised customer sum "
+                             "holds NaN or infinite values")
+        note_clipped(weights, float(settings["clipping_range"]))
         return reply
     problem = quantisation_problem(
         parameters_to_ndarrays(fitres.parameters), fitres.num_examples,
@@ -204,7 +207,7 @@ def clipped_coordinates(weights: Sequence[np.ndarray], clipping_range: float) ->
     return int(sum(np.count_nonzero(~(np.abs(w) <= clipping_range)) for w in weights))
 
 
-def _note_clipped(weights: Sequence[np.ndarray], clipping_range: float) -> None:
+def note_clipped(weights: Sequence[np.ndarray], clipping_range: float) -> None:
     """Customer-level DP: a noised sum is never refused (that would drop the merchant for
     what its customers did); SecAgg+ clips what lies beyond the range, and the merchant
     logs how much, locally only (the count is outside epsilon)."""

@@ -90,6 +90,17 @@ def test_distributed_shares_sum_to_the_configured_noise_variance() -> None:
                               add_noise(zero, std, noise_rng(False, 7, 2, "m0"))[1])
 
 
+def test_secagg_clips_a_noised_sum_beyond_the_range_and_the_merchant_counts_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from client.secagg import note_clipped, clipped_coordinates
+
+    weights = [np.array([0.5, -9.0, 8.0]), np.array([[12.0]])]
+    assert clipped_coordinates(weights, 8.0) == 2
+    with caplog.at_level("WARNING"):
+        note_clipped(weights, 8.0)
+    assert "2 coordinates" in caplog.text and "secagg-clipping-range" in caplog.text
+
+
 def _shares(tmp_path: Path, **dp: Any) -> tuple[Any, Any]:
     fed = FederationConfig(secure_aggregation=True, min_train_nodes=5, min_available_nodes=5)
     config = DPConfig(unit="customer", **{"placement": "distributed", "customer_rate": 0.5,
