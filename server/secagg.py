@@ -24,6 +24,10 @@ What differs from the plain path, by construction:
   travel in clear, as they do without secure aggregation; only the weights are masked.
 - The rounding is random and the masks come from ``os.urandom``: a run is
   reproducible up to the quantisation error, not to the bit.
+
+Under customer-level DP (``privacy.placement = distributed`` or ``local``) the merchants
+send noised customer sums with weight 1 and the hooks in ``server.customer_secagg``
+(``self.customer``) turn the unmasked mean into the global step and keep the ledger.
 """
 
 from __future__ import annotations
