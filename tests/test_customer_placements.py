@@ -92,7 +92,7 @@ def test_distributed_shares_sum_to_the_configured_noise_variance() -> None:
 
 def test_secagg_clips_a_noised_sum_beyond_the_range_and_the_merchant_counts_it(
         caplog: pytest.LogCaptureFixture) -> None:
-    from client.secagg import note_clipped, clipped_coordinates
+    from client.secagg import clipped_coordinates, note_clipped
 
     weights = [np.array([0.5, -9.0, 8.0]), np.array([[12.0]])]
     assert clipped_coordinates(weights, 8.0) == 2
