@@ -271,9 +271,12 @@ def _privacy_summary(exp: Any, run_dir: Path) -> dict[str, Any]:
     import json
 
     p = exp.privacy
-    out: dict[str, Any] = {"mode": p.mode, "unit": p.unit, "placement": p.placement,
-                           "noise_multiplier": p.noise_multiplier, "epsilon": None,
-                           "delta": None}
+    on = p.customer_level or p.enabled
+    out: dict[str, Any] = {
+        "dp": on, "unit": p.unit if on else None, "mode": p.mode,
+        "placement": p.placement if p.customer_level else None,
+        "noise_multiplier": p.noise_multiplier if on else None, "epsilon": None,
+        "delta": None}
     ledger = run_dir / "privacy.jsonl"
     if ledger.exists():
         lines = [json.loads(t) for t in ledger.read_text().splitlines() if t.strip()]
@@ -286,9 +289,10 @@ def _privacy_summary(exp: Any, run_dir: Path) -> dict[str, Any]:
 def format_customer_audit(out: dict[str, Any]) -> str:
     p = out["privacy"]
     eps = "n/a" if p["epsilon"] is None else f"{p['epsilon']:.3g} (delta {p['delta']:.2g})"
-    lines = [f"model: {out['model']}",
-             f"privacy: unit {p['unit']}, placement {p['placement']}, mode {p['mode']}, "
-             f"noise {p['noise_multiplier']}, epsilon {eps}",
+    dp = (f"unit {p['unit']}, " + (f"placement {p['placement']}" if p["placement"]
+                                   else f"mode {p['mode']}")
+          + f", noise {p['noise_multiplier']}, epsilon {eps}") if p["dp"] else "no DP"
+    lines = [f"model: {out['model']}", f"privacy: {dp}",
              "set        members  non-members  member loss  non-member loss     AUC "
              "(95% interval)   calibrated AUC (95% interval)"]
     for name in ("customers", "canaries"):

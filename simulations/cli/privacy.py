@@ -12,12 +12,13 @@ import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from . import checks
 from .console import current, quiet_flower
 from .errors import guarded
-from .options import MethodOption
+from .options import MethodOption, PresetOption, SetOption
 from .runs import federation_in, model_in
 
 app = typer.Typer(help="Privacy audits of a run: what left the merchants, and membership "
@@ -75,15 +76,29 @@ def _audit_data(model_dir: Path, progress: Any) -> Any:
 @app.command("audit")
 @guarded
 def audit(
-    run: Annotated[Path, typer.Option(
-        metavar="RUN_DIR|FILE", show_default=False,
+    run: Annotated[Path | None, typer.Option(
+        metavar="RUN_DIR|FILE", show_default="none (--unit customer trains its own run)",
         help="A run folder of train, simulate or compare, or a model.keras beside its "
-             "run's shards/ or config.json.")],
+             "run's shards/ or config.json.")] = None,
     method: MethodOption = None,
+    unit: Annotated[str, typer.Option(
+        click_type=click.Choice(("snapshot", "customer")),
+        help="Members: training snapshots of --run (snapshot), or customers a fresh run "
+             "of --preset trains against customers of the same merchants it withholds "
+             "(customer).")] = "snapshot",
+    preset: PresetOption = None,
+    set_: SetOption = None,
+    held_out: Annotated[float, typer.Option(
+        min=0.01, max=0.99, metavar="SHARE",
+        help="--unit customer: share of each merchant's customers withheld.")] = 0.2,
+    canaries: Annotated[int, typer.Option(
+        min=0, metavar="K", help="--unit customer: canary pairs inserted (K train, K are "
+                                 "withheld).")] = 0,
     merchants: Annotated[int, typer.Option(
         min=1, metavar="N", help="Merchants sampled (seeded).")] = 4,
     seed: Annotated[int, typer.Option(
-        metavar="N", help="Seed of the merchants' sample and the bootstrap.")] = 0,
+        metavar="N", help="Seed of the merchants' sample (snapshot) or of the withheld "
+                         "customers and canaries (customer), and of the bootstrap.")] = 0,
     bootstrap: Annotated[int, typer.Option(
         min=1, metavar="N", help="Bootstrap resamples of the interval.")] = 500,
     json_: JsonOption = None,
@@ -92,6 +107,16 @@ def audit(
     95 % interval."""
     console = current()
     out = checks.output_file(json_, "--json", (".json",)) if json_ is not None else None
+    if unit == "customer":
+        if run is not None or method is not None:
+            raise ValueError("--unit customer trains its own run: give --preset/--set, "
+                             "not --run/--method")
+        _customer_audit(preset, set_, held_out, canaries, seed, bootstrap, out)
+        return
+    if preset is not None or set_ or canaries:
+        raise ValueError("--preset, --set and --canaries go with --unit customer")
+    if run is None:
+        raise ValueError("--run is required (or --unit customer)")
     name, model_path = model_in(run, method)
     checks.model_file(model_path)
     from simulations.experiment import write_json
@@ -109,6 +134,28 @@ def audit(
         print(f"\nwrote {out}")
     console.next(f"fedecay compare --preset {_q(_preset_of(model_path.parent))} --noise "
                  "0,0.5,1,2  (utility against epsilon, every model audited)")
+
+
+def _customer_audit(preset: str | None, sets: list[str] | None, held_out: float,
+                    canaries: int, seed: int, bootstrap: int, out: Path | None) -> None:
+    """Train ``preset`` without a withheld share of customers, then attack its model."""
+    console = current()
+    exp = checks.experiment(preset, events=None, format="auto", interventions=None,
+                            sets=sets or [], seed=None, bad_rows=None)
+    from simulations.customer_audit import customer_audit, format_customer_audit
+    from simulations.experiment import run_folder, write_json
+
+    quiet_flower(console.verbose)
+    with run_folder(exp, "audit") as run_dir:
+        result = customer_audit(exp, run_dir, held_out=held_out, canaries=canaries,
+                                seed=seed, n_boot=bootstrap, progress=console)
+    console.close()
+    print(format_customer_audit(result))
+    print(f"\nwrote {run_dir / 'customer_audit.json'}")
+    if out is not None:
+        write_json(out, result)
+        print(f"wrote {out}")
+    console.next(f"fedecay privacy egress --run {_q(run_dir)}")
 
 
 def _preset_of(folder: Path) -> str:
