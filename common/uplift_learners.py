@@ -67,6 +67,8 @@ def fit_t_learner(x: np.ndarray, action: np.ndarray, outcome: np.ndarray,
 
 def predict_t_learner(per_action: Sequence[Any], x: np.ndarray) -> np.ndarray:
     """[N, A] float32 scores of a T-learner (a float is a constant rate)."""
+    if len(x) == 0:  # scikit-learn refuses to predict on no rows
+        return np.zeros((0, len(per_action)), np.float32)
     return np.column_stack([
         np.full(len(x), m) if isinstance(m, float) else m.predict_proba(x)[:, 1]
         for m in per_action
@@ -81,7 +83,9 @@ def _fit_or_mean(make_regressor: Callable[[], Any], x: np.ndarray, d: np.ndarray
 
 
 def _regress(model: Any, x: np.ndarray) -> np.ndarray:
-    return np.full(len(x), model) if isinstance(model, float) else model.predict(x)
+    if isinstance(model, float) or len(x) == 0:
+        return np.full(len(x), model if isinstance(model, float) else 0.0)
+    return model.predict(x)
 
 
 def fit_x_learner(x: np.ndarray, action: np.ndarray, outcome: np.ndarray,

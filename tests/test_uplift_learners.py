@@ -140,3 +140,22 @@ def test_bad_effects_are_refused(learners: dict, tmp_path: Path) -> None:
     sio.dump(payload, tmp_path / "gbdt.skops")
     with pytest.raises(ValueError, match="gbdt model with X-learner effects"):
         load_tabular(tmp_path / "gbdt.skops")
+
+
+@pytest.mark.parametrize("missing", [0, 1])
+def test_an_action_never_logged_still_fits_and_scores(missing: int) -> None:
+    """A real log may lack the control (no row logged with ``none``) or an action: both
+    learners still fit (that group gets the overall rate) and score every row."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    x, action, outcome, _ = _planted(600, 3)
+    keep = action != missing
+    x, action, outcome = x[keep], action[keep], outcome[keep]
+    per_action = fit_t_learner(x, action, outcome, ACTIONS,
+                               lambda: HistGradientBoostingClassifier(max_iter=20))
+    assert per_action[missing] == pytest.approx(float(outcome.mean()))
+    effects = fit_x_learner(x, action, outcome, per_action,
+                            lambda: HistGradientBoostingRegressor(max_iter=20))
+    scores = predict_x_learner(per_action, effects, x[:50])
+    assert scores.shape == (50, len(ACTIONS)) and np.isfinite(scores).all()
+    assert predict_t_learner(per_action, x[:0]).shape == (0, len(ACTIONS))
