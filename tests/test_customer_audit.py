@@ -129,3 +129,16 @@ def test_scores_give_auc_one_when_members_have_no_loss() -> None:
     flipped = score_customers(snaps, 1.0 - loss, split, seed=0, n_boot=50)["customers"]
     assert flipped["auc"] == 0.0
     assert "canaries" not in score_customers(snaps, loss, split, seed=0, n_boot=50)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--unit", "customer", "--run", "x"], "--unit customer trains its own run"),
+    (["--canaries", "3", "--run", "x"], "--canaries go with --unit customer"),
+    ([], "--run is required"),
+])
+def test_the_audit_options_that_do_not_go_together(capsys: pytest.CaptureFixture[str],
+                                                   args: list[str], expected: str) -> None:
+    from simulations.cli import main
+
+    assert main(["privacy", "audit", *args]) == 2
+    assert expected in capsys.readouterr().err
