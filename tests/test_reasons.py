@@ -361,3 +361,17 @@ def test_reasons_in_chunks_are_the_reasons_at_once(small) -> None:
         np.testing.assert_array_equal(parts[column], whole[column])
     with pytest.raises(ValueError, match="reason points"):
         score_events(model, events, None, snap, PolicyConfig(), reason_points=3)
+
+
+def test_a_category_drop_too_small_to_show_is_no_reason() -> None:
+    """The category reason and the fading list agree: interest 0.04 -> 0.01 rounds to
+    0.0 -> 0.0, so neither names the category; 2.0 -> 0.3 is named by both."""
+    from types import SimpleNamespace
+
+    from common.reasons.text import _category, fading_lists
+
+    facts = SimpleNamespace(cat_bucket=[[5], [5]], cat_then=[[0.04], [2.0]],
+                            cat_now=[[0.006], [0.3]], cat_name=[["DOG FOODS"], ["c17"]])
+    assert _category(facts, 0) is None  # type: ignore[arg-type]
+    assert _category(facts, 1) == "interest in category c17 faded (\u221285 %)"  # type: ignore[arg-type]
+    assert fading_lists(facts) == ["", "c17 2.0\u21920.3"]  # type: ignore[arg-type]

@@ -91,7 +91,8 @@ def _low_activity(f: Facts, i: int) -> str | None:
 
 def _category(f: Facts, i: int) -> str | None:
     then, now = f.cat_then[i][0], f.cat_now[i][0]
-    if f.cat_bucket[i][0] == 0 or _drop(then, now) < MIN_DROP:
+    # Only a drop the fading list shows too: a category at 0.04 -> 0.01 is no reason.
+    if f.cat_bucket[i][0] == 0 or _drop(then, now) < MIN_DROP or not _shown(then, now):
         return None
     return f"interest in category {f.cat_name[i][0]} faded (\u2212{_drop(then, now):.0%})" \
         .replace("%", " %")
@@ -217,12 +218,16 @@ def fading_lists(facts: Facts) -> list[str]:
                                            facts.cat_now, strict=True):
         parts = []
         for name, bucket, then, now in zip(names, buckets, thens, nows, strict=True):
-            was, now_text = f"{then:.1f}", f"{now:.1f}"
-            # A drop that rounds away (0.0→0.0) says nothing.
-            if bucket > 0 and was != now_text:
-                parts.append(f"{name} {was}\u2192{now_text}")
+            if bucket > 0 and _shown(then, now):
+                parts.append(f"{name} {then:.1f}\u2192{now:.1f}")
         out.append("|".join(parts))
     return out
+
+
+def _shown(then: float, now: float) -> bool:
+    """Whether a category's interest then -> now says something: a drop that rounds
+    away at one decimal (0.0→0.0) does not."""
+    return f"{then:.1f}" != f"{now:.1f}"
 
 
 __all__ = ["REASON_CODES", "RECENT_EVENTS", "RULES", "TOP_REASONS", "Reasons", "reasons_of"]
