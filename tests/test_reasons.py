@@ -375,3 +375,26 @@ def test_a_category_drop_too_small_to_show_is_no_reason() -> None:
     assert _category(facts, 0) is None  # type: ignore[arg-type]
     assert _category(facts, 1) == "interest in category c17 faded (\u221285 %)"  # type: ignore[arg-type]
     assert fading_lists(facts) == ["", "c17 2.0\u21920.3"]  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_explain_command_writes_its_figures_for_five_different_customers(tmp_path) -> None:
+    """``fedecay explain`` end to end on a trained run: the deletion curve, the stability
+    against a second model and five examples, each a different customer (a customer has
+    a snapshot at each test cutoff)."""
+    import json
+
+    from simulations.cli import main
+
+    runs = tmp_path / "runs"
+    sets = ["--set", "synthetic.num-merchants=2", "--set", "synthetic.users-median=60",
+            "--set", "train.epochs=1", "--set", f"experiment.output-dir={runs}"]
+    assert main(["train", "--preset", "quick", *sets]) == 0
+    [run] = runs.iterdir()
+    assert main(["explain", str(run), "--second", str(run), "--users", "60"]) == 0
+    result = json.loads((run / "explanations.json").read_text())  # beside model.keras
+    assert [r["k"] for r in result["faithfulness"]["curve"]] == [1, 2, 3, 4, 5]
+    assert result["stability"]["spearman_mean"] == pytest.approx(1.0)  # the same model
+    who = [(e["merchant_id"], e["user_id"]) for e in result["examples"]]
+    assert len(who) == 5 and len(set(who)) == 5
+    assert all(e["reason_codes"] and e["reasons"] for e in result["examples"])

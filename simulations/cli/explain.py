@@ -105,8 +105,17 @@ def explain(
 
     names = CategoryNames(data.events["category_id"].dropna().unique().astype(str),
                           data.snapshot_config.hash_buckets)
-    risky = np.argsort(-model.predict_on_batch(
-        {**sample.inputs(), "static": sample.static[:, :width]})["decay"])[:5]
+    by_risk = np.argsort(-model.predict_on_batch(
+        {**sample.inputs(), "static": sample.static[:, :width]})["decay"], kind="stable")
+    # Five different customers (a customer has a snapshot at each test cutoff).
+    seen: set[tuple[str, str]] = set()
+    picked: list[int] = []
+    for r in by_risk:
+        who = (str(sample.merchant_id[r]), str(sample.user_id[r]))
+        if who not in seen and len(picked) < 5:
+            seen.add(who)
+            picked.append(int(r))
+    risky = np.array(picked, int)
     examples = reasons(model, sample.subset(risky), data.snapshot_config, reference, names)
     points = None
     if quadrature:
