@@ -101,10 +101,18 @@ def release_data(data: PreparedData) -> None:
     """Let go of what only the staging needed, in place: the pooled log, the interventions
     and every snapshot (the held-out ones are in ``eval.npz``; :func:`restore_held_out`
     reads them back). ``data`` keeps its merchants, actions, calendar, report and truth."""
-    data.events = data.events.iloc[:0].copy()
-    data.interventions = data.interventions.iloc[:0].copy()
+    data.events = _empty_like(data.events)
+    data.interventions = _empty_like(data.interventions)
     data.snapshots = data.snapshots.subset(np.zeros(len(data.snapshots), dtype=bool))
     return_freed_memory()
+
+
+def _empty_like(frame: Any) -> Any:
+    """A frame with ``frame``'s columns and dtypes and no rows, sharing no buffer with it
+    (``frame.iloc[:0].copy()`` keeps an Arrow-backed column's whole buffers)."""
+    import pandas as pd
+
+    return pd.DataFrame({c: pd.array([], dtype=t) for c, t in frame.dtypes.items()})
 
 
 def restore_held_out(data: PreparedData, staged: Staged) -> None:
@@ -114,11 +122,16 @@ def restore_held_out(data: PreparedData, staged: Staged) -> None:
 
 
 def return_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``), so
-    the driver's memory shrinks once large frames are freed; nothing elsewhere."""
+    """Hand freed memory back to the system: Arrow's pool (pandas' string columns live
+    there) and the C heap (glibc's ``malloc_trim``; nothing on another C library), so
+    the driver shrinks once large frames are freed."""
     import ctypes
     import ctypes.util
+    import sys
 
+    arrow = sys.modules.get("pyarrow")
+    if arrow is not None:
+        arrow.default_memory_pool().release_unused()
     name = ctypes.util.find_library("c")
     if name is None:
         return

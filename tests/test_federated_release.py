@@ -73,6 +73,11 @@ def test_released_data_is_gone_when_the_rounds_start(exp, tmp_path: Path,
     assert seen["alive"] == []  # nothing in the driver holds the log or the snapshots
     assert seen["fields"] == ["eval_path", "flat", "merchants", "train_rows"]
     assert len(data.events) == 0 and list(data.events.columns)  # columns kept, rows gone
+    # An empty slice of an Arrow-backed column would still hold the whole log's buffers.
+    for frame in (data.events, data.interventions):
+        for name, col in frame.items():
+            if hasattr(col.array, "__arrow_array__"):
+                assert col.array.__arrow_array__().get_total_buffer_size() <= 64, name
     # eval.npz gives back the held-out rows, equal and in the same order.
     staged = federated.Staged({}, len(data.merchants), 0, tmp_path / "run" / "eval.npz")
     federated.restore_held_out(data, staged)
