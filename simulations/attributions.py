@@ -6,8 +6,8 @@ merchant permuted its own validation period. The centralised LSTM, GBDT and LR a
 explained by the same function (``common.attribution.global_attributions``) on the
 pooled validation period, with the same repeats and seed; LR also shows its native
 importance, |standardised coefficient| summed per group (``group_of_aggregate``).
-GBDT and LR read no sequence, so ``event_mix`` is 0 for them by construction.
-Local-only (one model per merchant) is left out.
+GBDT and LR read no sequence: their ``event_mix`` is the funnel's rates among the
+aggregates alone. Local-only (one model per merchant) is left out.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def attribution_blocks(found: Mapping[str, Any] | None) -> list[Block]:
     for measure, title in MEASURES:
         rows = [(name, m["source"], *(_cell(m.get(measure, {}).get(g)) for g in groups))
                 for name, m in methods.items() if "unavailable" not in m]
-        if any(any(c != "-" for c in r[2:]) for r in rows):
+        rows = [r for r in rows if any(c != "-" for c in r[2:])]  # GBDT/LR: no gradients
+        if rows:
             blocks += [Paragraph(f"{title[0].upper()}{title[1:]} when the group is permuted"
                                  if measure != "grad_input" else f"{title} (LSTM only):"),
                        Table(("method", "computed on", *groups), tuple(rows))]
@@ -135,7 +136,8 @@ def attribution_blocks(found: Mapping[str, Any] | None) -> list[Block]:
         "the other rows' AUC is one pooled AUC whose permutations also move inputs across "
         "merchants (the two are not on the same scale). "
         f"Others: the pooled validation period ({found['rows']:,} rows). GBDT and LR "
-        "read no sequence, so event_mix is 0 for them by construction; gradient x input "
+        "read no sequence, so their event_mix is the funnel's rates among the aggregates "
+        "alone; gradient x input "
         "covers the LSTM's float inputs only (event types and categories enter as ids)."))
     blocks += [Paragraph(f"{n}: attributions unavailable ({m['unavailable']}).")
                for n, m in methods.items() if "unavailable" in m]

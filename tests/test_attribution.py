@@ -396,3 +396,8 @@ def test_the_comparison_table_beside_gbdt_and_lr(tmp_path: Path) -> None:
     md = to_markdown(attribution_blocks(found))
     assert "| federated-fedavg | 1 merchants' validation periods |" in md
     assert "Native importance" in md and "| lr |" in md
+    # Gradient x input exists for LSTMs only: no all-dash rows for the tabular models,
+    # and no table at all when no LSTM is among the methods; no claim that event_mix is 0.
+    assert "gradient x input| (LSTM only)" not in md and "| gbdt | pooled validation | - |" \
+        not in md
+    assert "by construction" not in md and "funnel's rates" in md
