@@ -117,6 +117,8 @@ class CentralCustomerDP(Strategy):
         g = self.strategy.rounds.global_round(server_round)
         good = self.strategy.screen_train_replies(server_round, replies)
         if not good:
+            self.ledger.withheld(g, 0, "no merchant's reply passed the guard: nothing "
+                                       "was released")
             return None, None
         good.sort(key=reply_order)
         counts = [_metrics(m) for m in good]
@@ -125,6 +127,7 @@ class CentralCustomerDP(Strategy):
             log.warning("round %d: releasing it would take epsilon past privacy.target-"
                         "epsilon %g (spent %.4g): the round's update is withheld", g,
                         self.dp.target_epsilon, self.ledger.epsilon)
+            self.ledger.withheld(g, len(good), "privacy.target-epsilon would be passed")
             return None, None
         summed = _sum_updates(good)
         _, metrics = self.strategy.aggregate_train(server_round, good)  # bookkeeping

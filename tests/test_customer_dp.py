@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from helpers import FakeGrid, hand_snapshots, run_driver
+from helpers import FakeGrid, hand_snapshots, read_jsonl, run_driver
 
 from client.customer_dp import sampled_customers, sampling_rng
 from common.config import ModelConfig, SnapshotConfig, TrainConfig
@@ -374,6 +374,18 @@ def test_server_withholds_a_round_past_the_budget(tmp_path: Path) -> None:
     zero = [np.zeros(s, np.float32) for s in SHAPES]
     arrays, _ = runner.aggregate_train(1, [_reply(ins[n], zero, 1, 30) for n in (1, 2, 3)])
     assert arrays is None and ledger.record(1, 3, 3, 1.0)["epsilon"] == 0.0
+    # The round not applied has its ledger line, as under SecAgg+ (nothing spent).
+    (line,) = read_jsonl(tmp_path / "privacy.jsonl")
+    assert (line["round"], line["released"], line["merchants_replied"]) == (1, False, 3)
+    assert "target-epsilon" in line["reason"] and line["epsilon"] == 0.0
+
+
+def test_server_notes_a_round_without_a_usable_reply_in_the_ledger(tmp_path: Path) -> None:
+    runner, ledger, *_ = _server(tmp_path, customers=100)
+    assert runner.aggregate_train(1, []) == (None, None)
+    (line,) = read_jsonl(tmp_path / "privacy.jsonl")
+    assert (line["round"], line["released"], line["merchants_replied"]) == (1, False, 0)
+    assert ledger.record(1, 3, 0, 1.0)["epsilon"] == 0.0 and ledger.rounds == 0
 
 
 # ---------------------------------------------------------------------------------------
