@@ -39,9 +39,11 @@ THREAT_MODEL = {
                    "sum: holds against an honest-but-curious server (and anyone who sees "
                    "the models) while SecAgg+ holds and at least min_replies merchants "
                    "reply",
-    "local": "each merchant adds all of the noise to its own sum: holds against the server "
-             "and every other party whatever they do; the average carries more noise than "
-             "needed (the weakest utility, kept for comparison)",
+    "local": "each merchant adds all of the noise to its own sum: holds against every "
+             "party that sees the replies, the server included, as long as the server "
+             "sends the configured q, C and noise std (a merchant applies its "
+             "instruction's); the average carries more noise than needed (the weakest "
+             "utility, kept for comparison)",
 }
 #: How each placement's rounds are accounted (the ledger's ``accounting``).
 ACCOUNTING = {
