@@ -398,3 +398,16 @@ def test_explain_command_writes_its_figures_for_five_different_customers(tmp_pat
     who = [(e["merchant_id"], e["user_id"]) for e in result["examples"]]
     assert len(who) == 5 and len(set(who)) == 5
     assert all(e["reason_codes"] and e["reasons"] for e in result["examples"])
+
+
+def test_activity_down_needs_a_usual_week_of_one_event_at_least() -> None:
+    """0 events in the last 7 days against 0.1 a week before is the customer's habit, not
+    a drop; against 3 a week it is."""
+    from types import SimpleNamespace
+
+    from common.reasons.text import _activity_drop
+
+    facts = SimpleNamespace(weekly_before=np.array([0.1, 3.0]), events_7d=np.array([0.0, 0.0]))
+    assert _activity_drop(facts, 0) is None  # type: ignore[arg-type]
+    assert _activity_drop(facts, 1) == ("activity down 100 % on the previous weeks "  # type: ignore[arg-type]
+                                        "(0 events in the last 7 days vs 3 a week before)")

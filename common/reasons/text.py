@@ -22,6 +22,9 @@ from common.reasons.facts import RECENT_EVENTS, Facts
 TOP_REASONS = 3
 #: A drop counts from this share down (activity, spend, interest, a category).
 MIN_DROP = 0.2
+#: Fewest events a week before the last 7 days for "activity down": at 0.1 a week, none
+#: in the last 7 days is what the customer usually does, not a drop.
+MIN_WEEKLY_EVENTS = 1.0
 #: "Overdue" from this multiple of the customer's usual gap between events.
 OVERDUE_RATIO = 2.0
 #: Shortest usual gap an "overdue" reason compares with: several events at one visit
@@ -78,7 +81,7 @@ def _mix(f: Facts, i: int) -> str | None:
 
 def _activity_drop(f: Facts, i: int) -> str | None:
     before, now = f.weekly_before[i], f.events_7d[i]
-    if not math.isfinite(before) or _drop(before, now) < MIN_DROP:
+    if not math.isfinite(before) or before < MIN_WEEKLY_EVENTS or _drop(before, now) < MIN_DROP:
         return None
     return (f"activity down {_drop(before, now):.0%} on the previous weeks "
             f"({_plural(now, 'event')} in the last 7 days vs {_num(before)} a week before)"
