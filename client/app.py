@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client.attribution import attribution_reply, wants_attributions
 from client.config import ClientSettings, cached_settings
+from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.handoff import ChannelError, ask_trainer, trainer_socket
 from client.shards import ShardCache, process_shard_cache, shard_cache_bytes, shard_location
@@ -138,6 +139,11 @@ def handle_train(msg: Message, context: Context, data: MerchantData,
     error (data, simulated dropout, no training rows). ``warm`` hands the work to the
     merchant's warm trainer when one listens."""
     timer = HandlerTimer()
+    refusal = seeded_refusal(msg.content.config_records.get("config") or {},
+                             context.node_config)
+    if refusal is not None:  # before any hand-off: the warm trainer never sees it
+        log.error("%s", refusal)
+        return error_reply(msg, SEEDED_REFUSED, refusal)
     if warm is not None and (handed := warm(msg, context, "train", timer)) is not None:
         return handed
     # The file is checked before TensorFlow is imported: a bad file fails fast.

@@ -11,7 +11,8 @@ Mods, outermost first:
 1. ``outer_mods`` (see every protocol message; tests use them to drop a client);
 2. a guard: a merchant whose file cannot be used leaves at ``setup``, before any keys
    are made; the seeded simulated faults strike at ``collect_masked_vectors``, i.e.
-   after the keys were shared, which is the dropout SecAgg+ recovers from;
+   after the keys were shared, which is the dropout SecAgg+ recovers from; so does a
+   deployed merchant's refusal of ``customer-seeded-sampling``;
 3. ``secaggplus_mod``;
 4. ``inner_mods`` (see the plain update, as the mod will mask it);
 5. a check that the update survives quantisation: finite, a weight within
@@ -51,6 +52,7 @@ from client.app import (
     merchant_data,
 )
 from client.config import ClientSettings
+from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.shards import process_shard_cache, shard_cache_bytes
 from client.work import evaluate_locally, fit_locally, global_round
@@ -157,6 +159,10 @@ def make_secagg_client_app(
             return error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
         if stage == Stage.COLLECT_MASKED_VECTORS:
             config: Mapping[str, Any] = msg.content.config_records.get("fitins.config") or {}
+            refusal = seeded_refusal(config, context.node_config)
+            if refusal is not None:  # leaves as a dropout SecAgg+ recovers from
+                log.error("%s", refusal)
+                return error_reply(msg, SEEDED_REFUSED, refusal)
             fault = simulated_fault(settings.client, settings.seed, context.node_config,
                                     global_round(config))
             if fault:

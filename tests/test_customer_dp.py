@@ -650,3 +650,39 @@ def test_replay_refuses_a_resume_with_another_sampling_mode(tmp_path: Path) -> N
         _ledger(path).replay(upto=1)
     assert "'seeded'" in str(err.value) and "'secret'" in str(err.value)
     assert _ledger(path, seeded_sampling=True).replay(upto=1) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 17: a deployed merchant refuses seeded sampling and noise
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_deployed_merchant_refuses_seeded_sampling_before_any_work() -> None:
+    import time
+
+    from flwr.app import Context, Metadata
+    from flwr.app.message.message import make_message
+
+    from client.app import handle_train
+    from client.customer_dp import SEEDED_REFUSED, seeded_refusal
+    from common.protocol import GLOBAL_ROUND_KEY
+
+    config = {CUSTOMER_RATE_KEY: 0.5, CUSTOMER_CLIP_KEY: 0.1, CUSTOMER_LR_KEY: 1.0,
+              GLOBAL_ROUND_KEY: 1, CUSTOMER_SEEDED_KEY: True}
+    deployed = {"data-path": "/nonexistent/merchant.csv"}
+    assert seeded_refusal(config, {"partition-id": 0}) is None  # simulation: honoured
+    assert seeded_refusal({**config, CUSTOMER_SEEDED_KEY: False}, deployed) is None
+    meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7,
+                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600,
+                    message_type="train")
+    msg = make_message(meta, RecordDict({"arrays": ArrayRecord([np.zeros(2, np.float32)]),
+                                         "config": ConfigRecord(config)}))
+    context = Context(run_id=1, node_id=7, node_config=deployed, state=RecordDict(),
+                      run_config={})
+
+    def no_work(*_: Any) -> Any:
+        raise AssertionError("the merchant must refuse before reading data or handing off")
+
+    reply = handle_train(msg, context, no_work, no_work)
+    assert reply.has_error() and reply.error.code == SEEDED_REFUSED
+    assert "customer-seeded-sampling" in reply.error.reason
