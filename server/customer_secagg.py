@@ -11,7 +11,9 @@ Each merchant replies with its clipped customer sum plus Gaussian noise of std
   n >= m_min shares: noise variance ``n (z C)^2 / m_min >= (z C)^2``. The ledger accounts
   every released round at z (the effective multiplier at m_min replies); more replies
   only add noise. A round with fewer than m_min replies is not applied and the ledger
-  says so in a line of its own.
+  says so in a line of its own. SecAgg+ recomputes t each round from the merchants
+  actually sampled: a round whose t would fall below m_min (fewer sampled than planned)
+  is skipped before masking (:meth:`CustomerNoiseShares.admit`).
 - ``local``: ``sigma = z C``: each merchant's sum is private on its own (same ε per
   customer: a customer is in one merchant's sum); the average carries n times the
   variance needed.
@@ -92,6 +94,7 @@ class CustomerNoiseShares:
                  ledger: CustomerLedger) -> None:
         self.dp, self.ledger = dp, ledger
         self.population = max(int(population), 1)
+        self.fed = fed
         sampled = num_sampled(fed, self.population)
         self.merchant_share = sampled / self.population
         self.min_replies = min_replies(fed, dp, sampled) if dp.placement == "distributed" \
@@ -111,6 +114,25 @@ class CustomerNoiseShares:
         if self.dp.seeded_sampling:
             config[CUSTOMER_SEEDED_KEY] = True
         return config
+
+    def admit(self, g: int, sampled: int) -> bool:
+        """Whether round ``g`` may run SecAgg+ with the ``sampled`` merchants its strategy
+        chose. Under ``distributed`` SecAgg+ derives its reconstruction threshold from the
+        merchants actually sampled; when fewer are sampled than planned it can fall below
+        m_min, and a sum of fewer than m_min noise shares could be unmasked. Such a round
+        is skipped before any masking: no SecAgg+ run, nothing spent, a ledger line (at
+        :meth:`close`) says why."""
+        if self.dp.placement != "distributed":
+            return True
+        _, threshold = effective_shares(self.fed, sampled)
+        if threshold >= self.min_replies:
+            return True
+        self._not_applied[g] = (
+            f"{sampled} merchants sampled: SecAgg+'s reconstruction threshold would be "
+            f"{threshold}, below min_replies {self.min_replies}, so a sum with too little "
+            "noise could be unmasked; skipped before masking")
+        log.warning("round %d: %s", g, self._not_applied[g])
+        return False
 
     def step(self, g: int, mean: list[np.ndarray], counts: list[Mapping[str, Any]]
              ) -> list[np.ndarray] | None:
@@ -132,7 +154,9 @@ class CustomerNoiseShares:
                         self.ledger.epsilon)
             return None
         denominator = expected_sampled(self.dp, self.ledger.customers, self.merchant_share)
-        assert denominator is not None and self.current
+        if denominator is None or not self.current:
+            raise RuntimeError(f"round {g}: customer-level DP step without the customer "
+                               "count or the current weights (configure_fit not run?)")
         scale = self.dp.server_learning_rate * n / max(denominator, 1.0)
         self.ledger.released(g, n)
         log.info("round %d: %d merchants' noised sums (%s, std %g each, %.3g on the sum), "

@@ -186,10 +186,12 @@ class SecAggMixin:
                       client_manager: Any) -> list[tuple[ClientProxy, Any]]:
         instructions = super().configure_fit(server_round, parameters,  # type: ignore[misc]
                                              client_manager)
-        self.rounds.sampled(self.rounds.global_round(server_round),
-                            [int(proxy.cid) for proxy, _ in instructions])
+        g = self.rounds.global_round(server_round)
+        self.rounds.sampled(g, [int(proxy.cid) for proxy, _ in instructions])
         if self.customer is not None:
             self.customer.current = parameters_to_ndarrays(parameters)
+            if not self.customer.admit(g, len(instructions)):
+                return []  # SecAggPlusWorkflow cancels the round: nothing is masked
         return instructions
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],

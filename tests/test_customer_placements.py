@@ -242,3 +242,49 @@ def test_distributed_noise_under_secagg_survives_a_dropout(distributed_run: Path
     summary = json.loads((run_dir / "federation.json").read_text())
     assert summary["privacy"]["placement"] == "distributed"
     assert "honest-but-curious" in summary["privacy"]["threat_model"]
+
+
+def test_a_round_sampling_too_few_for_m_min_is_skipped_before_masking(
+        tmp_path: Path) -> None:
+    # Issue 17 (2): 10 merchants planned a round, threshold 0.6 of the shares: m_min 6.
+    fed = FederationConfig(secure_aggregation=True, min_train_nodes=10,
+                           min_available_nodes=10)
+    dp = DPConfig(unit="customer", placement="distributed", customer_rate=0.5,
+                  customers=40)
+    strategy = SimpleNamespace()
+    ledger = attach_customer_dp(strategy, dp, fed, 10, tmp_path / "privacy.jsonl")
+    hooks = strategy.customer
+    assert hooks.min_replies == 6
+    assert hooks.admit(1, 10)  # as planned: SecAgg+'s threshold is 6
+    assert not hooks.admit(2, 8)  # 8 sampled: threshold round(0.6 x 8) = 5 < 6
+    hooks.close(2, applied=False, replied=0)
+    (line,) = read_jsonl(tmp_path / "privacy.jsonl")
+    assert (line["round"], line["released"], ledger.rounds) == (2, False, 0)
+    assert "below min_replies 6" in line["reason"] and line["epsilon"] == 0
+    local = DPConfig(unit="customer", placement="local", customer_rate=0.5, customers=40)
+    other = SimpleNamespace()
+    attach_customer_dp(other, local, fed, 10, None)
+    assert other.customer.admit(1, 3)  # local: every share carries the full noise
+
+
+def test_secagg_strategy_asks_nobody_in_a_round_it_must_skip() -> None:
+    from server.secagg import SecAggMixin
+
+    asked: list[int] = []
+
+    class Base:
+        def configure_fit(self, server_round: int, parameters: Any,
+                          client_manager: Any) -> list[tuple[Any, Any]]:
+            return [(SimpleNamespace(cid=str(i)), None) for i in range(4)]
+
+    class Strategy(SecAggMixin, Base):
+        pass
+
+    hooks = SimpleNamespace(current=None, admit=lambda g, n: asked.append(n) or n >= 5)
+    rounds = SimpleNamespace(global_round=lambda r: r, sampled=lambda g, ids: None)
+    strategy = Strategy.__new__(Strategy)
+    strategy.customer, strategy.rounds = hooks, rounds
+    from flwr.common import ndarrays_to_parameters
+
+    assert strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(2)]), None) == []
+    assert asked == [4]
