@@ -211,11 +211,24 @@ class CustomerLedger:
 
     def replay(self, upto: int) -> int:
         """Recompose the rounds <= ``upto`` already in the file (resume) with the
-        customers' count they were accounted with; drop later lines."""
+        customers' count they were accounted with; the number of lines kept.
+
+        Later lines (rounds past the checkpoint, to be run again) are dropped under
+        ``central``: the server is trusted, and the sums it saw but did not checkpoint
+        are gone with it. Under ``distributed`` and ``local`` the server is not trusted
+        and has already seen those rounds' noised sums: a released one stays spent,
+        kept with ``"lost": true`` (it counts toward ε and the budget, on every later
+        resume too); a line that released nothing is dropped."""
         if self.path is None or not self.path.exists():
             return 0
         lines = [json.loads(t) for t in self.path.read_text().splitlines() if t.strip()]
-        kept = [line for line in lines if line["round"] <= upto]
+        trusted = self.dp.placement == "central"
+        kept: list[dict[str, Any]] = []
+        for line in lines:
+            if line["round"] <= upto or line.get("lost"):
+                kept.append(line)
+            elif not trusted and line.get("released", True):
+                kept.append({**line, "lost": True})
         for line in kept:
             if line.get("unit") != "customer" or line["sampling_rate"] != \
                     self.dp.customer_rate or line["noise_multiplier"] != \

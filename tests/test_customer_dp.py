@@ -686,3 +686,32 @@ def test_a_deployed_merchant_refuses_seeded_sampling_before_any_work() -> None:
     reply = handle_train(msg, context, no_work, no_work)
     assert reply.has_error() and reply.error.code == SEEDED_REFUSED
     assert "customer-seeded-sampling" in reply.error.reason
+
+
+@pytest.mark.parametrize("placement", ["central", "distributed", "local"])
+def test_replay_keeps_rounds_past_the_checkpoint_spent_unless_central(
+        tmp_path: Path, placement: str) -> None:
+    # Issue 17 (3): rounds 2 and 3 were released after the checkpoint of round 1.
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path, placement=placement, customers=5000)
+    for r in (1, 2, 3):
+        ledger.released(r, 7)
+        ledger.record(r, 8, 7, 1.0)
+    ledger.withheld(4, 2, "too few replies")
+    eps1, eps3 = min(_direct(0.1, 1.0, 1, 1 / 50_000)), min(_direct(0.1, 1.0, 3, 1 / 50_000))
+    again = _ledger(path, placement=placement, customers=5000)
+    again.replay(upto=1)
+    lines = read_jsonl(path)
+    if placement == "central":  # trusted server: the later rounds are simply run again
+        assert (again.rounds, [x["round"] for x in lines]) == (1, [1])
+        assert again.epsilon == pytest.approx(eps1)
+        return
+    # The untrusted server saw rounds 2 and 3: still spent; round 4 released nothing.
+    assert again.rounds == 3 and again.epsilon == pytest.approx(eps3)
+    assert [(x["round"], x.get("lost", False)) for x in lines] == [
+        (1, False), (2, True), (3, True)]
+    third = _ledger(path, placement=placement, customers=5000)  # a second resume
+    third.replay(upto=1)
+    assert third.rounds == 3 and len(read_jsonl(path)) == 3
+    third.released(2, 7)
+    assert third.record(2, 8, 7, 1.0)["released_rounds"] == 4
