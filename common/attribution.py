@@ -150,7 +150,15 @@ def inputs_read(model: Any) -> InputsRead:
 def tabular_columns(model: Any) -> tuple[int, ...]:
     """The columns of ``Snapshots.static`` a ``TabularModel`` reads, in its order: its
     features by name (a model file stores their names, as ``TabularModel.predict`` reads
-    them), not the first ``len(features)`` columns."""
+    them), not the first ``len(features)`` columns. ``ValueError`` naming the model file
+    and the feature when it reads an aggregate this version does not compute."""
+    from common.tabular import MODEL_FILE
+
+    unknown = [name for name in model.features if name not in AGGREGATE_FEATURES]
+    if unknown:
+        raise ValueError(f"{MODEL_FILE} ({model.kind}): reads aggregate feature(s) "
+                         f"{', '.join(map(repr, unknown))} that this version does not "
+                         "compute; retrain the model with this version")
     return tuple(AGGREGATE_FEATURES.index(name) for name in model.features)
 
 
