@@ -147,6 +147,13 @@ def make_secagg_client_app(
         return MerchantClient(*merchant_data(context, flat, resolve, shards)).to_client()
 
     def guard(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+        if msg.metadata.message_type == MessageType.TRAIN and \
+                _stage(msg) == Stage.COLLECT_MASKED_VECTORS:
+            fit_config: Mapping[str, Any] = msg.content.config_records.get("fitins.config") or {}
+            refusal = seeded_refusal(fit_config, context.node_config)
+            if refusal is not None:  # leaves as a dropout SecAgg+ recovers from
+                log.error("%s", refusal)
+                return error_reply(msg, SEEDED_REFUSED, refusal)
         try:
             settings, snaps = merchant_data(context, flat, resolve,
                                             process_shard_cache(cache_bytes))
@@ -159,10 +166,6 @@ def make_secagg_client_app(
             return error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
         if stage == Stage.COLLECT_MASKED_VECTORS:
             config: Mapping[str, Any] = msg.content.config_records.get("fitins.config") or {}
-            refusal = seeded_refusal(config, context.node_config)
-            if refusal is not None:  # leaves as a dropout SecAgg+ recovers from
-                log.error("%s", refusal)
-                return error_reply(msg, SEEDED_REFUSED, refusal)
             fault = simulated_fault(settings.client, settings.seed, context.node_config,
                                     global_round(config))
             if fault:

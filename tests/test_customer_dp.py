@@ -715,3 +715,34 @@ def test_replay_keeps_rounds_past_the_checkpoint_spent_unless_central(
     assert third.rounds == 3 and len(read_jsonl(path)) == 3
     third.released(2, 7)
     assert third.record(2, 8, 7, 1.0)["released_rounds"] == 4
+
+
+def test_a_deployed_secagg_merchant_refuses_seeded_sampling_as_a_dropout() -> None:
+    import time
+
+    from flwr.app import Context, Metadata
+    from flwr.app.message.message import make_message
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS,
+        Key,
+        Stage,
+    )
+
+    from client.customer_dp import SEEDED_REFUSED
+    from client.secagg import make_secagg_client_app
+
+    guard = make_secagg_client_app({})._mods[0]  # no outer mods: the guard comes first
+    meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7,
+                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600,
+                    message_type="train")
+    msg = make_message(meta, RecordDict({
+        RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS}),
+        "fitins.config": ConfigRecord({CUSTOMER_RATE_KEY: 0.5, CUSTOMER_SEEDED_KEY: True})}))
+    context = Context(run_id=1, node_id=7, node_config={"data-path": "/nonexistent.csv"},
+                      state=RecordDict(), run_config={})
+
+    def no_work(*_: Any) -> Any:
+        raise AssertionError("the merchant must refuse before reading data or masking")
+
+    reply = guard(msg, context, no_work)
+    assert reply.has_error() and reply.error.code == SEEDED_REFUSED
