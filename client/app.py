@@ -21,6 +21,7 @@ from client.config import ClientSettings, cached_settings
 from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.handoff import ChannelError, ask_trainer, trainer_socket
+from client.hosted import serve
 from client.shards import ShardCache, process_shard_cache, shard_cache_bytes, shard_location
 from client.timer import HandlerTimer
 from client.work import (
@@ -222,11 +223,12 @@ def make_client_app(
 
     @app.train(mods=train_mods(flat))
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, data, warm)
+        # serve: a simulated node hosting several merchants serves each (client.hosted)
+        return serve(msg, context, lambda m, c: handle_train(m, c, data, warm))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, data, warm)
+        return serve(msg, context, lambda m, c: handle_evaluate(m, c, data, warm))
 
     return app
 

@@ -60,6 +60,9 @@ class FederationConfig:
     run_dir: str = ""  # where checkpoints, metrics.jsonl and model.keras go (absolute)
     eval_data: str = ""  # simulation: pooled validation + test snapshots (.npz) for evaluate_fn
     keep_checkpoints: int = 2
+    # Simulation only: merchants a virtual SuperNode hosts (one Flower message a node and
+    # round names its sampled merchants; server/merchant_grid.py, client/hosted.py).
+    merchants_per_node: int = 1
     # Secure aggregation (SecAgg+, Flower's legacy workflow); see server/secagg.py.
     secure_aggregation: bool = False
     # In (0, 1]: a share of the sampled clients (Flower's float); an odd whole number >= 3:
@@ -100,6 +103,14 @@ class FederationConfig:
                   f"must be one of {', '.join(PRE_EVALUATE)}, got {self.pre_evaluate!r}")
         check_key(1 <= self.attribution_repeats <= 20, "federation.attribution-repeats",
                   "must be in [1, 20]")
+        check_key(self.merchants_per_node >= 1, "federation.merchants-per-node",
+                  f"must be >= 1, got {self.merchants_per_node}")
+        if self.merchants_per_node > 1:
+            check_key(self.mode == "simulation", "federation.merchants-per-node",
+                      "must be 1 in deployment (each merchant runs its own SuperNode)")
+            check_key(not self.secure_aggregation, "federation.merchants-per-node",
+                      "must be 1 with federation.secure-aggregation: SecAgg+ needs one "
+                      "protocol party (keys, shares, masks) per node")
         if self.secure_aggregation:
             self._check_secagg()
 
@@ -285,6 +296,13 @@ def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
               "privacy.seeded-sampling",
               "is for simulations with privacy.unit = customer only: a seeded sample is one "
               "the server can recompute, so epsilon's subsampling would not hold")
+    if fed.merchants_per_node > 1:
+        check_key(dp.mode != "client-fixed", "federation.merchants-per-node",
+                  "must be 1 with privacy.mode = client-fixed: the merchants' clipping "
+                  "mod would clip a node's message, not each merchant's update")
+        check_key(not dp.customer_level, "federation.merchants-per-node",
+                  "must be 1 with privacy.unit = customer (not supported with several "
+                  "merchants a node)")
     if dp.customer_level:
         check_key(not (fed.secure_aggregation and dp.placement == "central"),
                   "privacy.placement", "'central' cannot run with federation.secure-"

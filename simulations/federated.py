@@ -1,4 +1,5 @@
-"""Run the federation on Flower's Simulation Engine (Ray), one virtual node per merchant.
+"""Run the federation on Flower's Simulation Engine (Ray), one virtual node per merchant
+(or ``federation.merchants-per-node`` merchants a node: ``server.merchant_grid``).
 
 The driver writes each merchant's own events to a shard file, the pooled held-out
 snapshots to ``eval.npz`` for the server's evaluation, and then starts the ServerApp
@@ -14,13 +15,14 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common import atomic
+from common.hosting import nodes_needed
 from common.progress import SILENT, Progress, Task
 from common.snapshots import Snapshots
 from simulations.baselines import MethodResult, splits
@@ -91,10 +93,21 @@ class Staged:
 def stage_federation(exp: Experiment, data: PreparedData, run_dir: Path, *,
                      progress: Progress = SILENT) -> Staged:
     """Write the shards and ``eval.npz`` into ``run_dir``; the config every app gets."""
+    check_hosting(exp)
     flat = simulation_config(exp, data, run_dir, progress=progress)
     return Staged(flat=flat, merchants=len(data.merchants),
                   train_rows=int(np.count_nonzero(data.snapshots.split == 0)),
                   eval_path=Path(flat["federation.eval-data"]))
+
+
+def check_hosting(exp: Experiment) -> None:
+    """Refuse what several merchants a node (``federation.merchants-per-node`` > 1)
+    cannot simulate: a simulated crash kills the node's process, and with it the other
+    merchants it serves."""
+    if exp.federation.merchants_per_node > 1 and exp.simulation.crash_prob > 0:
+        raise ValueError("config key 'federation.merchants-per-node': must be 1 with "
+                         "simulation.crash-prob > 0 (a simulated crash kills the node's "
+                         "process, failing every merchant it hosts)")
 
 
 def release_data(data: PreparedData) -> None:
@@ -238,8 +251,9 @@ def make_federated_client_app(flat: Mapping[str, Any]) -> Any:
 #: other one (data, model, seed, strategy, privacy, ...) shaped the checkpoint's weights.
 RESUME_MAY_CHANGE: tuple[str, ...] = (
     "federation.num-rounds", "federation.patience-rounds", "federation.round-timeout",
-    "federation.keep-checkpoints", "simulation.client-cpus", "simulation.ray-cpus",
-    "simulation.ray-address", "experiment.tracking",
+    "federation.keep-checkpoints", "federation.merchants-per-node",
+    "simulation.client-cpus", "simulation.ray-cpus", "simulation.ray-address",
+    "experiment.tracking",
 )
 
 
@@ -369,11 +383,11 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
     import ray
     from flwr.simulation import run_simulation
 
-    from server.app import make_server_app
     from simulations.handover import hand_over_at_once
     from simulations.raypool import replace_dead_actors
 
     flat = staged.flat
+    per_node = exp.federation.merchants_per_node
 
     def on_round(line: dict[str, Any]) -> None:
         tracker.log_metrics(int(line["round"]), name, **round_scalars(line))
@@ -384,10 +398,12 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
     try:
         with _actor_environment(exp.simulation.client_cpus), _ray_start_up(progress):
             run_simulation(
-                server_app=make_server_app(flat, progress=progress, engine_failed=engine_failed,
-                                           on_round=on_round),
+                server_app=federated_server_app(flat, staged.merchants, per_node,
+                                                progress=progress,
+                                                engine_failed=engine_failed,
+                                                on_round=on_round),
                 client_app=make_federated_client_app(flat),
-                num_supernodes=staged.merchants,
+                num_supernodes=nodes_needed(staged.merchants, per_node),
                 backend_config=backend_config(exp),
             )
     except Exception as err:
@@ -398,6 +414,36 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
     finally:
         if ray.is_initialized() and not exp.simulation.ray_address:
             ray.shutdown()
+
+
+def federated_server_app(flat: Mapping[str, Any], merchants: int, per_node: int, *,
+                         progress: Progress = SILENT,
+                         engine_failed: threading.Event | None = None,
+                         on_round: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """The ServerApp of a simulation of ``merchants`` merchants, ``per_node`` to a
+    virtual node: with more than one, its Grid shows the strategy one node per merchant
+    (``server.merchant_grid.MerchantGrid``)."""
+    from server.app import make_server_app, run_federation
+
+    if per_node == 1:
+        return make_server_app(flat, progress=progress, engine_failed=engine_failed,
+                               on_round=on_round)
+    from flwr.serverapp import Grid, ServerApp
+
+    from server.config import settings_from_flat
+    from server.merchant_grid import MerchantGrid
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Any) -> None:
+        hosted = MerchantGrid(grid, merchants, per_node)
+        run_federation(hosted, settings_from_flat(dict(flat)),  # type: ignore[arg-type]
+                       progress=progress, engine_failed=engine_failed, on_round=on_round)
+        log.info("%d merchants on %d nodes: %d node messages", merchants,
+                 nodes_needed(merchants, per_node), hosted.node_messages)
+
+    return app
 
 
 def _sample_epochs(rounds: list[dict[str, Any]], train_rows: int) -> float:

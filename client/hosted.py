@@ -1,0 +1,83 @@
+"""A virtual node serving several simulated merchants with one message
+(``federation.merchants-per-node``; the names are ``common.hosting``'s).
+
+The server's message names the merchants (partition ids) to serve. Each is served in
+turn by the ordinary handler (``client.app.handle_train`` / ``handle_evaluate``), from
+the same received message, in a Context whose ``partition-id`` is that merchant's: its
+shard, its seeded faults, its whitelisted metrics, as if it had been sent alone. The
+reply holds every merchant's records (or its error) under ``common.hosting.record_key``;
+one merchant's data error or simulated fault fails that merchant only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from common.hosting import (
+    ERROR_CODE_KEY,
+    ERROR_REASON_KEY,
+    ERROR_RECORD,
+    MERCHANT_IDS_KEY,
+    MERCHANTS_RECORD,
+    record_key,
+)
+
+log = logging.getLogger(__name__)
+
+#: Serves one merchant: (the node's message, that merchant's Context) -> its reply.
+Handler = Callable[[Message, Context], Message]
+
+
+def named_merchants(msg: Message) -> list[int] | None:
+    """The merchants ``msg`` asks this node to serve; None for an ordinary message."""
+    if not msg.has_content():
+        return None
+    record = msg.content.config_records.get(MERCHANTS_RECORD)
+    if record is None:
+        return None
+    ids = record.get(MERCHANT_IDS_KEY)
+    if not isinstance(ids, list) or not all(isinstance(m, int) and not isinstance(m, bool)
+                                            and m >= 0 for m in ids):
+        raise ValueError(f"'{MERCHANTS_RECORD}.{MERCHANT_IDS_KEY}' must list partition "
+                         f"ids (ints >= 0), got {ids!r}")
+    return [int(m) for m in ids]
+
+
+def merchant_context(context: Context, merchant: int) -> Context:
+    """``context`` as merchant ``merchant``'s node would have it (simulation: its
+    ``partition-id``); the state is the node's."""
+    return Context(run_id=context.run_id, node_id=context.node_id,
+                   node_config={**context.node_config, "partition-id": merchant},
+                   state=context.state, run_config=context.run_config)
+
+
+def serve_merchants(msg: Message, context: Context, merchants: list[int],
+                    handler: Handler) -> Message:
+    """Serve each of ``merchants`` with ``handler``, one after another; one reply
+    holding each merchant's records or error."""
+    if "data-path" in context.node_config:
+        raise ValueError(f"'{MERCHANTS_RECORD}' names merchants to a deployed node "
+                         "(it serves its own data only)")
+    packed = RecordDict()
+    for merchant in merchants:
+        reply = handler(msg, merchant_context(context, merchant))
+        if reply.has_error():
+            packed[record_key(merchant, ERROR_RECORD)] = ConfigRecord(
+                {ERROR_CODE_KEY: int(reply.error.code),
+                 ERROR_REASON_KEY: str(reply.error.reason or "")})
+            continue
+        for name, record in reply.content.items():
+            packed[record_key(merchant, name)] = record
+    return Message(packed, reply_to=msg)
+
+
+def serve(msg: Message, context: Context, handler: Handler) -> Message:
+    """``handler``'s reply to ``msg``, or, when ``msg`` names merchants, the packed
+    replies of each (:func:`serve_merchants`)."""
+    merchants = named_merchants(msg)
+    if merchants is None:
+        return handler(msg, context)
+    return serve_merchants(msg, context, merchants, handler)
