@@ -183,6 +183,8 @@ DP_UNITS: tuple[str, ...] = ("merchant", "customer")
 #: plain sum), ``distributed`` (each merchant adds a share, SecAgg+ sums them) or
 #: ``local`` (each merchant adds all of it; ``server/customer_secagg.py``).
 DP_PLACEMENTS: tuple[str, ...] = ("central", "distributed", "local")
+#: ``privacy.server-optimizer`` under customer-level DP (``server.customer_step``).
+SERVER_OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 #: The merchant-level default of ``target-delta`` (customer level: 1 / (10 customers)).
 MERCHANT_DELTA = 1e-5
 
@@ -207,7 +209,10 @@ class DPConfig:
     # from the merchants' counts in round 1 (see server/customer_dp.py)
     customers: int = 0
     customer_learning_rate: float = 1.0  # customer unit: eta in update = -eta * gradient
-    server_learning_rate: float = 1.0  # customer unit: step along the noised mean update
+    # customer unit: how the server steps along the noised mean update (post-processing):
+    # see server.customer_step; learning rate 0 = the optimizer's default
+    server_optimizer: str = "adam"
+    server_learning_rate: float = 0.0
     # customer unit, simulation only: each merchant seeds its customer sample from
     # experiment.seed, the round and the merchant (reproducible runs). Off: OS entropy,
     # the only way the subsampling amplification in ε holds, as the seed is in the run
@@ -268,10 +273,15 @@ class DPConfig:
         check_key(self.min_replies >= 0, "privacy.min-replies",
                   f"must be >= 0 (0 = SecAgg+'s reconstruction threshold), got "
                   f"{self.min_replies}")
-        for key in ("customer_learning_rate", "server_learning_rate"):
-            value = getattr(self, key)
-            check_key(value > 0 and math.isfinite(value), f"privacy.{key.replace('_', '-')}",
-                      f"must be a finite number > 0, got {value}")
+        value = self.customer_learning_rate
+        check_key(value > 0 and math.isfinite(value), "privacy.customer-learning-rate",
+                  f"must be a finite number > 0, got {value}")
+        value = self.server_learning_rate
+        check_key(value >= 0 and math.isfinite(value), "privacy.server-learning-rate",
+                  f"must be a finite number >= 0 (0 = the optimizer's default), got {value}")
+        check_key(self.server_optimizer in SERVER_OPTIMIZERS, "privacy.server-optimizer",
+                  f"must be one of {', '.join(SERVER_OPTIMIZERS)}, got "
+                  f"{self.server_optimizer!r}")
 
     def _check_customer_level(self) -> None:
         check_key(self.placement in DP_PLACEMENTS, "privacy.placement",

@@ -58,6 +58,7 @@ from common.protocol import (
     CUSTOMERS_TOTAL,
 )
 from server.config import DPConfig, FederationConfig, check_compatible
+from server.customer_step import server_learning_rate, server_step
 from server.dp_accounting import THREAT_MODEL, UNIT_TEXT, CustomerLedger
 from server.privacy import num_sampled
 from server.replies import reply_order
@@ -138,7 +139,7 @@ class CentralCustomerDP(Strategy):
             metrics = MetricRecord({k: v for k, v in metrics.items()
                                     if k in PUBLISHED_TRAIN_METRICS})
             self.strategy.rounds.train_metrics(g, metrics)
-        new = self.noised_step(summed)
+        new = self.noised_step(summed, g)
         sampled = int(sum(c.get(CUSTOMERS_SAMPLED, 0) for c in counts))
         dropped = int(sum(c.get(CUSTOMERS_DROPPED, 0) for c in counts))
         self.ledger.released(g, len(good))
@@ -153,18 +154,17 @@ class CentralCustomerDP(Strategy):
                         "update was not finite", g, dropped)
         return ArrayRecord(new), metrics
 
-    def noised_step(self, summed: list[np.ndarray]) -> list[np.ndarray]:
-        """The global weights after the step along ``(summed + noise) / D``."""
+    def noised_step(self, summed: list[np.ndarray], g: int = 1) -> list[np.ndarray]:
+        """The global weights after round ``g``'s step along ``(summed + noise) / D``
+        (``server.customer_step``: Adam's moments live on the inner strategy)."""
         denominator = self.expected_sampled
         if denominator is None or not self._current:
             raise RuntimeError("noised_step before configure_train / the customers' count")
-        step = self.dp.server_learning_rate / max(denominator, 1.0)
-        if self.dp.placement != "central":  # local: the merchants' sums carry the noise
-            return [(w + step * s).astype(w.dtype)
-                    for w, s in zip(self._current, summed, strict=True)]
-        std = self.dp.noise_multiplier * self.clipping_norm
-        return [(w + step * (s + self.rng.normal(0.0, std, s.shape))).astype(w.dtype)
-                for w, s in zip(self._current, summed, strict=True)]
+        if self.dp.placement == "central":  # local: the merchants' sums carry the noise
+            std = self.dp.noise_multiplier * self.clipping_norm
+            summed = [s + self.rng.normal(0.0, std, s.shape) for s in summed]
+        mean = [s / max(denominator, 1.0) for s in summed]
+        return server_step(self.dp, g, self._current, mean, self.strategy)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -255,6 +255,7 @@ def check_customer_run(dp: DPConfig, fed: FederationConfig) -> None:
                     "the noise is seeded, from the run config; epsilon assumes a sample "
                     "and noise nobody can recompute, so it holds only in simulation")
     log.info("customer-level DP, %s noise: q = %g, z = %g, C = %g, eta = %g, server "
-             "learning rate %g; %s", dp.placement, dp.customer_rate, dp.noise_multiplier,
-             dp.clipping_norm, dp.customer_learning_rate, dp.server_learning_rate,
+             "%s at learning rate %g; %s", dp.placement, dp.customer_rate,
+             dp.noise_multiplier, dp.clipping_norm, dp.customer_learning_rate,
+             dp.server_optimizer, server_learning_rate(dp),
              THREAT_MODEL[dp.placement])

@@ -54,6 +54,7 @@ from common.protocol import (
 )
 from server.config import DPConfig, FederationConfig
 from server.customer_dp import check_customer_run, estimate_customers, expected_sampled
+from server.customer_step import server_step
 from server.dp_accounting import CustomerLedger
 from server.privacy import num_sampled
 from server.secagg import effective_shares
@@ -104,6 +105,8 @@ class CustomerNoiseShares:
         self.std = share_std(dp, self.min_replies)
         self.current: list[np.ndarray] = []
         self._not_applied: dict[int, str] = {}
+        #: Where the server optimizer keeps its state: the strategy (checkpointed).
+        self.state: Any = self
 
     def train_config(self) -> dict[str, Scalar]:
         """The customer-level keys of a train instruction (with the noise std)."""
@@ -157,13 +160,13 @@ class CustomerNoiseShares:
         if denominator is None or not self.current:
             raise RuntimeError(f"round {g}: customer-level DP step without the customer "
                                "count or the current weights (configure_fit not run?)")
-        scale = self.dp.server_learning_rate * n / max(denominator, 1.0)
         self.ledger.released(g, n)
         log.info("round %d: %d merchants' noised sums (%s, std %g each, %.3g on the sum), "
                  "divided by %.1f expected customers", g, n, self.dp.placement, self.std,
                  self.std * math.sqrt(n), denominator)
-        return [(w + scale * m.astype(np.float64)).astype(w.dtype)
-                for w, m in zip(self.current, mean, strict=True)]
+        scale = n / max(denominator, 1.0)  # the workflow's mean of n sums, over D
+        return server_step(self.dp, g, self.current, [scale * m.astype(np.float64)
+                                                      for m in mean], self.state)
 
     def close(self, g: int, applied: bool, replied: int | None) -> None:
         """After round ``g``'s SecAgg+ stages: a round not applied gets its ledger line."""
@@ -181,6 +184,7 @@ def attach_customer_dp(strategy: Any, dp: DPConfig, fed: FederationConfig, popul
     check_customer_run(dp, fed)
     ledger = CustomerLedger(dp, path)
     strategy.customer = CustomerNoiseShares(dp, fed, population, ledger)
+    strategy.customer.state = strategy
     log.info("customer-level DP under SecAgg+: each merchant adds noise of std %g (%s%s)",
              strategy.customer.std, dp.placement,
              f", m_min {strategy.customer.min_replies}" if dp.placement == "distributed"

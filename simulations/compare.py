@@ -29,7 +29,7 @@ from simulations.baselines import (
 )
 from simulations.experiment import PreparedData, prepare, write_json
 from simulations.fairness import fairness_of
-from simulations.methods import AGGREGATE_METHODS, METHODS
+from simulations.methods import AGGREGATE_METHODS, DP_UNITS, METHODS
 from simulations.report import format_table, write_report
 from simulations.settings import Experiment
 from simulations.tracking import Tracker, final_scalars, open_tracking
@@ -53,18 +53,20 @@ def budget_epochs(exp: Experiment) -> int:
 
 def run_comparison(exp: Experiment, run_dir: Path, *, strategies: tuple[str, ...] = ("fedavg",),
                    methods: tuple[str, ...] = METHODS,
-                   noise: tuple[float, ...] = (), audit: bool = False,
-                   progress: Progress = SILENT) -> Comparison:
+                   noise: tuple[float, ...] = (), dp_units: tuple[str, ...] = (),
+                   audit: bool = False, progress: Progress = SILENT) -> Comparison:
     """Run every method on one ``PreparedData`` and write the report.
 
     ``noise``: noise multipliers to sweep, one federated run per strategy and value (0 =
     without differential privacy; otherwise ``privacy.mode``, ``server-fixed`` if off;
-    customer-level DP with ``privacy.unit = customer``).
+    customer-level DP with ``privacy.unit = customer``). ``dp_units``: instead, one
+    federated run per unit/placement of :data:`DP_UNITS` and non-zero multiplier (z = 0
+    once), so one comparison holds the whole utility-against-privacy table.
     ``audit``: run the membership-inference audit on every federated model and the
     centralised one (always on with a sweep). ``progress`` shows every long step;
     ``experiment.tracking`` decides where the metrics go besides ``results.json``.
     """
-    variants = _privacy_variants(exp, noise)  # bad values fail before any training
+    variants = _privacy_variants(exp, noise, dp_units)  # bad values fail now
     started = time.perf_counter()
     write_json(run_dir / "config.json", dict(exp.flat))
     with open_tracking(run_dir, exp.experiment.tracking, exp.resolved(),
@@ -206,24 +208,40 @@ def track_artifacts(tracker: Tracker, run_dir: Path, files: list[Path], *,
             tracker.log_artifact(path, f"models/{method}")
 
 
-def _privacy_variants(exp: Experiment, noise: tuple[float, ...]
-                      ) -> list[tuple[str, dict[str, Any]]]:
-    """(name suffix, config changes) of every federated run: one per noise multiplier."""
+def _privacy_variants(exp: Experiment, noise: tuple[float, ...],
+                      units: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """(name suffix, config changes) of every federated run: one per noise multiplier
+    (per unit too with ``units``, keys of :data:`DP_UNITS`; z = 0 is one run without DP).
+    Every variant's configuration is checked here, before any training."""
     if not noise:
+        if units:
+            raise ValueError("--dp-units needs --noise (the multipliers to sweep)")
         return [("", {})]
-    mode = exp.privacy.mode if exp.privacy.enabled else "server-fixed"
-    # privacy.unit = customer: the noise sweeps customer-level DP (z = 0: no DP at all).
-    customer = exp.privacy.customer_level
-    dp_on = {"privacy.unit": "customer"} if customer else {"privacy.mode": mode}
-    dp_off = {"privacy.unit": "merchant", "privacy.mode": "off"} if customer else \
-        {"privacy.mode": "off"}
-    variants = []
     for z in noise:
         if z < 0 or not np.isfinite(z):
             raise ValueError(f"--noise {z}: noise multipliers must be finite and >= 0")
-        variants.append(("", dp_off) if z == 0 else
-                        (f"-{'cdp' if customer else 'dp'}{z:g}",
-                         {**dp_on, "privacy.noise-multiplier": z}))
+    mode = exp.privacy.mode if exp.privacy.enabled else "server-fixed"
+    if units:
+        unknown = [u for u in units if u not in DP_UNITS]
+        if unknown:
+            raise ValueError(f"--dp-units: unknown {unknown[0]!r}; choose from "
+                             f"{', '.join(DP_UNITS)}")
+        sweeps = [(DP_UNITS[u][0], {"privacy.mode": mode, **DP_UNITS[u][1]}) for u in units]
+        dp_off = {"privacy.unit": "merchant", "privacy.mode": "off"}
+    elif exp.privacy.customer_level:  # the noise sweeps customer-level DP as configured
+        sweeps = [("cdp", {"privacy.unit": "customer"})]
+        dp_off = {"privacy.unit": "merchant", "privacy.mode": "off"}
+    else:
+        sweeps = [("dp", {"privacy.mode": mode})]
+        dp_off = {"privacy.mode": "off"}
+    variants = [("", dp_off)] if 0 in noise else []
+    variants += [(f"-{infix}{z:g}", {**changes, "privacy.noise-multiplier": z})
+                 for infix, changes in sweeps for z in noise if z > 0]
+    for suffix, changes in variants:
+        try:
+            _with(exp, changes)
+        except ValueError as err:
+            raise ValueError(f"federated{suffix or ' without DP'}: {err}") from None
     return variants
 
 

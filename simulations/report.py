@@ -158,17 +158,24 @@ def write_plots(results: Mapping[str, Any], run_dir: Path) -> list[str]:
 
 
 def _privacy_plot(methods: Mapping[str, Any], run_dir: Path) -> str:
-    """Decay AUC against epsilon of the DP runs, the non-private runs as lines."""
+    """Decay AUC against epsilon of the DP runs, one line per unit and placement (the
+    ledger's ``mode``), the non-private runs as horizontal lines."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    dp = sorted(((m["privacy"]["epsilon"], m["decay"]["roc_auc"], name)
-                 for name, m in methods.items() if "privacy" in m), key=lambda x: x[0])
-    ax.plot([x[0] for x in dp], [x[1] for x in dp], marker="o", label="federated with DP")
-    for eps, auc, name in dp:
-        z = methods[name]["privacy"].get("noise_multiplier")
-        ax.annotate(f"z={z:g}", (eps, auc), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for name, m in methods.items():
+        if "privacy" in m and m["privacy"].get("epsilon") is not None:
+            series.setdefault(m["privacy"].get("mode") or "DP", []).append(
+                (m["privacy"]["epsilon"], m["decay"]["roc_auc"], name))
+    for mode, points in sorted(series.items()):
+        points.sort(key=lambda x: x[0])
+        ax.plot([x[0] for x in points], [x[1] for x in points], marker="o",
+                label=f"federated, DP {mode}")
+        for eps, auc, name in points:
+            z = methods[name]["privacy"].get("noise_multiplier")
+            ax.annotate(f"z={z:g}", (eps, auc), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
     for name, m in methods.items():
         if "privacy" not in m and (name.startswith("federated") or name == "centralised"):
             ax.axhline(m["decay"]["roc_auc"], linestyle="--" if name == "centralised" else ":",
@@ -359,12 +366,13 @@ def _privacy_blocks(results: Mapping[str, Any]) -> list[Block]:
         calib = f"{fmt(c['auc'])} ({fmt(c['ci_low'], '.3f')}-{fmt(c['ci_high'], '.3f')})" \
             if c else "-"
         eps = p.get("epsilon")
-        rows.append([name, fmt(p.get("noise_multiplier"), "g"),
+        rows.append([name, p.get("mode") or "-", fmt(p.get("noise_multiplier"), "g"),
                      fmt(eps) if eps is not None else "no DP", fmt(p.get("delta"), "g"),
                      fmt(m["decay"]["roc_auc"]), attack, calib])
     blocks: list[Block] = [
         Heading("Privacy: epsilon, utility and membership attack"),
-        _table(["method", "noise", "epsilon", "delta", "decay AUC", "attack AUC (95% CI)",
+        _table(["method", "DP", "noise", "epsilon", "delta", "decay AUC",
+                "attack AUC (95% CI)",
                 "calibrated attack AUC (95% CI)"], rows)]
     stopped = [n for n, m in found if (m.get("privacy") or {}).get("stop_reason")
                == "privacy-budget"]

@@ -326,7 +326,7 @@ def _server(tmp_path: Path, **dp: Any) -> tuple[Any, CustomerLedger, dict[int, M
 
 def test_server_adds_the_sums_and_divides_by_the_expected_sample(tmp_path: Path) -> None:
     runner, ledger, ins, start = _server(tmp_path, noise_multiplier=1e-9,
-                                         server_learning_rate=2.0)
+                                         server_learning_rate=2.0, server_optimizer="sgd")
     config = next(iter(ins.values())).content.config_records["config"]
     assert (config[CUSTOMER_RATE_KEY], config[CUSTOMER_CLIP_KEY], config[CUSTOMER_LR_KEY]) \
         == (0.5, 1.0, 1.0)
@@ -348,12 +348,36 @@ def test_server_adds_the_sums_and_divides_by_the_expected_sample(tmp_path: Path)
 
 
 def test_server_noise_has_std_z_times_c_on_the_sum(tmp_path: Path) -> None:
-    runner, ledger, ins, start = _server(tmp_path, noise_multiplier=2.0, customers=8)
+    runner, ledger, ins, start = _server(tmp_path, noise_multiplier=2.0, customers=8,
+                                         server_optimizer="sgd", server_learning_rate=1.0)
     runner.rng = np.random.default_rng(7)  # a test may fix it; a run draws OS entropy
     big = [np.zeros((400, 50), np.float32)]
     runner._current = [np.zeros((400, 50), np.float32)]
     step = runner.noised_step(big)[0] * runner.expected_sampled  # D = 0.5 * 8 * 1
     assert step.std() == pytest.approx(2.0 * 1.0, rel=0.03) and abs(step.mean()) < 0.05
+
+
+def test_adam_steps_each_weight_by_its_own_scale_and_its_moments_are_checkpointed(
+        tmp_path: Path) -> None:
+    from server.checkpoint import restore_strategy_state, strategy_state
+
+    runner, *_ = _server(tmp_path, noise_multiplier=1e-9, customers=8)  # adam, lr 0.01
+    runner._current = [np.zeros(3, np.float32)]
+    # Weights whose updates differ by 1,000x move by the same 0.01 in the first step.
+    first = runner.noised_step([np.array([4.0, -0.004, 0.4])], 1)[0]
+    np.testing.assert_allclose(first, [0.01, -0.01, 0.01], rtol=0.02)
+    state = strategy_state(runner.strategy)
+    assert set(state) >= {"m_t", "v_t"}
+    resumed, *_ = _server(tmp_path, noise_multiplier=1e-9, customers=8)
+    restore_strategy_state(resumed.strategy, state)
+    for r in (runner, resumed):
+        r._current = [first]
+    np.testing.assert_array_equal(runner.noised_step([np.array([1.0, 1.0, 1.0])], 2)[0],
+                                  resumed.noised_step([np.array([1.0, 1.0, 1.0])], 2)[0])
+    from server.config import DPConfig
+
+    with pytest.raises(ValueError, match="privacy.server-optimizer"):
+        DPConfig(unit="customer", server_optimizer="adagrad")
 
 
 def test_server_noise_is_seeded_only_under_seeded_sampling(tmp_path: Path) -> None:

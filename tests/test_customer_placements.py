@@ -105,6 +105,7 @@ def _shares(tmp_path: Path, **dp: Any) -> tuple[Any, Any]:
     fed = FederationConfig(secure_aggregation=True, min_train_nodes=5, min_available_nodes=5)
     config = DPConfig(unit="customer", **{"placement": "distributed", "customer_rate": 0.5,
                                           "customers": 40, "server_learning_rate": 2.0,
+                                          "server_optimizer": "sgd",
                                           **dp})
     strategy = SimpleNamespace()
     ledger = attach_customer_dp(strategy, config, fed, 5, tmp_path / "privacy.jsonl")
@@ -143,7 +144,7 @@ def test_local_placement_without_secagg_asks_for_the_full_noise_and_adds_none(
         tmp_path: Path, server_identity: None) -> None:
     fed = FederationConfig(min_train_nodes=1, min_available_nodes=1)
     dp = DPConfig(unit="customer", placement="local", customer_rate=0.5, customers=20,
-                  noise_multiplier=1.5, clipping_norm=0.4)
+                  noise_multiplier=1.5, clipping_norm=0.4, server_optimizer="sgd")
     runner, ledger = wrap_customer_dp(build_strategy(fed, 0), dp, fed, 2, None)
     start = [np.ones(3, np.float32)]
     ins = list(runner.configure_train(1, ArrayRecord(start), ConfigRecord(),

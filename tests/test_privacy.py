@@ -177,16 +177,44 @@ def test_attack_auc_and_its_interval_on_known_losses() -> None:
 # A real DP simulation (subprocess in its own session)
 # ---------------------------------------------------------------------------------------
 
+def test_dp_units_sweep_every_unit_once_per_noise_and_check_each_config() -> None:
+    from simulations.compare import _privacy_variants
+
+    exp = experiment_from_flat({})
+    variants = dict(_privacy_variants(exp, (0.0, 0.5, 2.0),
+                                      ("merchant", "customer", "customer-distributed")))
+    assert list(variants) == ["", "-dp0.5", "-dp2", "-cdp0.5", "-cdp2", "-ddp0.5", "-ddp2"]
+    assert variants[""]["privacy.mode"] == "off"
+    assert variants["-dp2"] == {"privacy.mode": "server-fixed", "privacy.unit": "merchant",
+                                "privacy.noise-multiplier": 2.0}
+    assert variants["-cdp0.5"]["privacy.placement"] == "central"
+    assert variants["-ddp2"]["federation.secure-aggregation"] is True
+    assert variants["-ddp2"]["privacy.placement"] == "distributed"
+    # Without --dp-units the sweep follows the configured unit, as before.
+    assert [s for s, _ in _privacy_variants(exp, (0.0, 1.0))] == ["", "-dp1"]
+    with pytest.raises(ValueError, match="unknown 'customers'"):
+        _privacy_variants(exp, (1.0,), ("customers",))
+    with pytest.raises(ValueError, match="--dp-units needs --noise"):
+        _privacy_variants(exp, (), ("merchant",))
+    # A variant the configuration refuses fails before any training, naming the run:
+    # merchant-level server-side clipping cannot see the updates under SecAgg+.
+    secagg = experiment_from_flat({"federation.secure-aggregation": True})
+    with pytest.raises(ValueError, match="federated-dp1: .*privacy.mode"):
+        _privacy_variants(secagg, (1.0,), ("merchant",))
+
+
 Z, ROUNDS = 1.0, 2
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """``fedecay compare --noise 0,Z`` on the quick preset: the comparison folder."""
+    """``fedecay compare --noise 0,Z --dp-units merchant,customer`` on the quick preset:
+    the comparison folder."""
     tmp = tmp_path_factory.mktemp("dp-sweep")
     run_driver("cli_main", [
         "compare", "--preset", "quick", "--methods", "centralised,federated",
-        "--noise", f"0,{Z}", "--set", f"federation.num-rounds={ROUNDS}",
+        "--noise", f"0,{Z}", "--dp-units", "merchant,customer",
+        "--set", f"federation.num-rounds={ROUNDS}",
         "--set", "federation.local-epochs=1", "--set", "privacy.clipping-norm=1.0",
         "--set", f"experiment.output-dir={tmp / 'runs'}"],
         cwd=tmp, log=tmp / "run.log", timeout=600).check()
@@ -251,11 +279,15 @@ def test_membership_audit_on_the_dp_model(dp_run: Path) -> None:
 def test_noise_sweep_reports_epsilon_utility_and_attacks(sweep: Path) -> None:
     results = json.loads((sweep / "results.json").read_text())
     methods = results["methods"]
-    assert set(methods) == {"centralised", "federated-fedavg", f"federated-fedavg-dp{Z:g}"}
+    assert set(methods) == {"centralised", "federated-fedavg", f"federated-fedavg-dp{Z:g}",
+                            f"federated-fedavg-cdp{Z:g}"}
     dp = methods[f"federated-fedavg-dp{Z:g}"]
     assert dp["privacy"]["noise_multiplier"] == Z and dp["privacy"]["mode"] == "server-fixed"
     assert dp["privacy"]["epsilon"] == pytest.approx(_direct_epsilon(1.0, Z, ROUNDS, 1e-5),
                                                      rel=1e-6)
+    cdp = methods[f"federated-fedavg-cdp{Z:g}"]["privacy"]
+    assert cdp["mode"] == "customer-central" and cdp["unit"] == "customer"
+    assert cdp["noise_multiplier"] == Z and 0 < cdp["epsilon"] < dp["privacy"]["epsilon"]
     assert "privacy" not in methods["federated-fedavg"]
     for m in methods.values():  # every saved model is audited, both attacks
         audit = m["membership"]
@@ -264,6 +296,7 @@ def test_noise_sweep_reports_epsilon_utility_and_attacks(sweep: Path) -> None:
     assert (sweep / "auc_vs_epsilon.png").stat().st_size > 0
     report = (sweep / "report.md").read_text()
     assert "## Privacy: epsilon, utility and membership attack" in report
+    assert "| customer-central |" in report and "| server-fixed |" in report
     assert "auc_vs_epsilon.png" in report
     assert (sweep / "centralised" / "model.keras").exists()
 

@@ -25,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 from common.vocabulary import BAD_ROWS as BAD_ROWS
 from common.vocabulary import FORMATS as LOG_FORMATS
 from server.config import STRATEGIES as STRATEGIES
+from simulations.methods import DP_UNITS as _DP_UNITS
 from simulations.methods import METHODS as METHODS
 from simulations.methods import TRAIN_MODES as TRAIN_MODES
 
 if TYPE_CHECKING:
     from simulations.settings import Experiment
 
+#: ``compare --dp-units``.
+DP_UNITS: tuple[str, ...] = tuple(_DP_UNITS)
 #: ``--format``: the loader's formats, or ``auto`` to tell them apart by content.
 FORMATS: tuple[str, ...] = ("auto", *LOG_FORMATS)
 #: File names ``score --out`` writes (client.scoring.scores_path accepts the same).

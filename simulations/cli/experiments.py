@@ -187,6 +187,11 @@ def compare(
         help="Noise multipliers to sweep, e.g. 0,0.5,1,2: one federated run each with "
              "differential privacy (0 = without), the AUC-vs-epsilon plot and the "
              "membership audit of every model.")] = "",
+    dp_units: Annotated[str, typer.Option(
+        metavar="UNITS", show_default="privacy.unit as configured",
+        help="With --noise: sweep each of merchant, customer (central noise), "
+             "customer-distributed (merchants' noise shares under SecAgg+), customer-local; "
+             "one run per unit and non-zero multiplier, one without DP for 0.")] = "",
     audit: Annotated[bool, typer.Option(
         "--audit",
         help="Membership-inference audit of the federated and centralised models "
@@ -202,6 +207,10 @@ def compare(
     chosen_strategies = checks.names(strategies, checks.STRATEGIES, "--strategies")
     chosen_methods = checks.names(methods, checks.METHODS, "--methods")
     levels = checks.numbers(noise, "--noise")
+    units = checks.names(dp_units, checks.DP_UNITS, "--dp-units") if dp_units else ()
+    if units and not levels:
+        raise ValueError("--dp-units needs --noise (the multipliers to sweep), e.g. "
+                         "--noise 0,0.5,1,2")
     several = checks.numbers(seeds, "--seeds", kind=int)
     if several and seed is not None:
         raise ValueError("--seed and --seeds: give one or the other")
@@ -213,6 +222,7 @@ def compare(
     if "federated" in chosen_methods:
         quiet_flower(console.verbose)
     options = {"strategies": chosen_strategies, "methods": chosen_methods, "noise": levels,
+               "dp_units": units,
                "audit": audit or bool(levels), "progress": console}
     with run_folder(exp, "compare") as run_dir:
         out = (run_seeds(exp, run_dir, several, **options) if several
