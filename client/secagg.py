@@ -25,6 +25,7 @@ Mods, outermost first:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import parameters_to_ndarrays
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
@@ -50,11 +51,12 @@ from client.app import (
     data_error_reply,
     error_reply,
     merchant_data,
+    resolved_config,
 )
-from client.config import ClientSettings
+from client.config import ClientSettings, cached_settings
 from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
-from client.shards import process_shard_cache, shard_cache_bytes
+from client.shards import process_shard_cache, shard_cache_bytes, shard_location
 from client.work import evaluate_locally, fit_locally, global_round
 from common.protocol import CUSTOMER_NOISE_KEY, CUSTOMER_RATE_KEY
 from common.schema import DataError
@@ -147,35 +149,87 @@ def make_secagg_client_app(
         return MerchantClient(*merchant_data(context, flat, resolve, shards)).to_client()
 
     def guard(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
-        if msg.metadata.message_type == MessageType.TRAIN and \
-                _stage(msg) == Stage.COLLECT_MASKED_VECTORS:
-            fit_config: Mapping[str, Any] = msg.content.config_records.get("fitins.config") or {}
-            refusal = seeded_refusal(fit_config, context.node_config)
-            if refusal is not None:  # leaves as a dropout SecAgg+ recovers from
-                log.error("%s", refusal)
-                return error_reply(msg, SEEDED_REFUSED, refusal)
+        if msg.metadata.message_type != MessageType.TRAIN:  # evaluation needs the data
+            try:
+                merchant_data(context, flat, resolve, process_shard_cache(cache_bytes))
+            except DATA_ERRORS as err:
+                return data_error_reply(msg, err)
+            return call_next(msg, context)
+        stage = _stage(msg)
+        if stage == Stage.SETUP:  # before any keys: the cheap checks only, no data read
+            try:
+                check_shard(context, flat, resolve)
+            except DATA_ERRORS as err:
+                return data_error_reply(msg, err)
+        if stage != Stage.COLLECT_MASKED_VECTORS:  # key agreement and shares: no data work
+            return call_next(msg, context)
+        fit_config: Mapping[str, Any] = msg.content.config_records.get("fitins.config") or {}
+        refusal = seeded_refusal(fit_config, context.node_config)
+        if refusal is not None:  # before the data is read; a dropout SecAgg+ recovers from
+            log.error("%s", refusal)
+            return error_reply(msg, SEEDED_REFUSED, refusal)
         try:
             settings, snaps = merchant_data(context, flat, resolve,
                                             process_shard_cache(cache_bytes))
         except DATA_ERRORS as err:
             return data_error_reply(msg, err)
-        if msg.metadata.message_type != MessageType.TRAIN:
-            return call_next(msg, context)
-        stage = _stage(msg)
-        if stage == Stage.SETUP and len(snaps.split_part("train")) == 0:
+        if len(snaps.split_part("train")) == 0:
             return error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
-        if stage == Stage.COLLECT_MASKED_VECTORS:
-            config: Mapping[str, Any] = msg.content.config_records.get("fitins.config") or {}
-            fault = simulated_fault(settings.client, settings.seed, context.node_config,
-                                    global_round(config))
-            if fault:
-                return error_reply(msg, SIMULATED_DROPOUT, fault)
+        fault = simulated_fault(settings.client, settings.seed, context.node_config,
+                                global_round(fit_config))
+        if fault:
+            return error_reply(msg, SIMULATED_DROPOUT, fault)
         return call_next(msg, context)
 
     clipping = [fixedclipping_mod] if flat is not None and \
         flat.get("privacy.mode") == "client-fixed" else [_clip_when_asked]
-    mods = [*outer_mods, guard, secaggplus_mod, *inner_mods, _quantisation_guard, *clipping]
+    mods = [*outer_mods, guard, compact_masked_vectors, secaggplus_mod, *inner_mods,
+            _quantisation_guard, *clipping]
     return ClientApp(client_fn=client_fn, mods=list(mods))
+
+
+def check_shard(context: Context, flat: Mapping[str, Any] | None,
+                resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None) -> None:
+    """The ``setup`` stage's checks, which read no data: the settings resolve and the
+    merchant's files (or folder) exist (``FileNotFoundError`` naming the file otherwise). What only
+    the data can tell (unreadable rows, no training snapshots) is found at
+    ``collect_masked_vectors``, a dropout SecAgg+ recovers from."""
+    settings = cached_settings(resolved_config(context, flat, resolve))
+    path, _, interventions = shard_location(context.node_config, settings.client)
+    for name in (path, interventions):
+        if name and not os.path.exists(name):
+            raise FileNotFoundError(f"merchant data {name} does not exist")
+
+
+def as_uint32(data: bytes, mod_range: int) -> bytes:
+    """A masked array (``secaggplus_mod`` sends int64 entries reduced mod ``mod_range``)
+    re-encoded as uint32: the same numbers in half the bytes.
+
+    The server sums the clients' arrays with numpy and reduces the sum mod ``mod_range``
+    (a power of 2, at most 2**32): uint32 additions wrap mod 2**32, which that reduction
+    does not tell apart from int64 ones, and the unmasking promotes to int64 again.
+    """
+    arr = bytes_to_ndarray(data)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= mod_range):
+        raise ValueError(f"masked vector outside [0, {mod_range}): not the mod's output")
+    return ndarray_to_bytes(arr.astype(np.uint32))
+
+
+def compact_masked_vectors(msg: Message, context: Context, call_next: Callable[..., Message]
+                           ) -> Message:
+    """Halve the upload of ``collect_masked_vectors`` (see :func:`as_uint32`): Flower's
+    mod sends every masked entry as int64 although it lies in [0, 2**32)."""
+    reply = call_next(msg, context)
+    configs = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    if configs is None or state is None or Key.MASKED_PARAMETERS not in configs:
+        return reply
+    mod_range = int(state["mod_range"])  # type: ignore[arg-type]
+    if mod_range > 2**32 or mod_range & (mod_range - 1):
+        return reply  # not a power of 2 within uint32: left as the mod made it
+    masked: list[bytes] = configs[Key.MASKED_PARAMETERS]  # type: ignore[assignment]
+    configs[Key.MASKED_PARAMETERS] = [as_uint32(b, mod_range) for b in masked]
+    return reply
 
 
 def _stage(msg: Message) -> str | None:

@@ -65,9 +65,11 @@ class FederationConfig:
     merchants_per_node: int = 1
     # Secure aggregation (SecAgg+, Flower's legacy workflow); see server/secagg.py.
     secure_aggregation: bool = False
-    # In (0, 1]: a share of the sampled clients (Flower's float); an odd whole number >= 3:
-    # a count. Each client's secrets are split among this many neighbours (itself included).
-    secagg_num_shares: float = 1.0
+    # Each client's secrets are split among this many neighbours (itself included). 0: a
+    # count growing like log n, 2 ceil(log2 n) + 1 of the n sampled (everyone when that is
+    # not fewer; server/secagg.py:log_shares); in (0, 1]: a share of the sampled clients
+    # (Flower's float); an odd whole number >= 3: a count.
+    secagg_num_shares: float = 0.0
     # In (0.5, 1]: a share of secagg-num-shares; a whole number: a count. Shares needed to
     # rebuild a client's secret: more protects better, fewer tolerates more dropouts.
     secagg_reconstruction_threshold: float = 0.6
@@ -126,6 +128,9 @@ class FederationConfig:
                f"{self.strategy!r} cannot run with federation.secure-aggregation: the server "
                "only learns the weighted sum of the updates, and this strategy needs each "
                f"client's own update (use one of {', '.join(SECAGG_STRATEGIES)})")
+        check_key(self.secagg_num_shares >= 0, "federation.secagg-num-shares",
+                  "must be 0 (a count growing like log n), a share in (0, 1] or an odd count "
+                  f">= 3, got {self.secagg_num_shares}")
         shares, threshold = self.secagg_shares()
         check_key(not isinstance(shares, int) or (shares >= 3 and shares % 2 == 1),
                "federation.secagg-num-shares", "as a count must be odd and >= 3 (a client "
@@ -149,9 +154,13 @@ class FederationConfig:
         check_key(math.isfinite(self.secagg_max_weight) and self.secagg_max_weight > 0,
                "federation.secagg-max-weight", "must be a finite number > 0")
 
-    def secagg_shares(self) -> tuple[int | float, int | float]:
+    def secagg_shares(self) -> tuple[int | float | None, int | float]:
         """``num_shares`` and ``reconstruction_threshold`` in Flower's terms: a float is a
-        share (of the sampled clients, of the shares), an int a count."""
+        share (of the sampled clients, of the shares), an int a count; ``num_shares`` is
+        None for the logarithmic count (``secagg-num-shares`` 0)."""
+        if self.secagg_num_shares == 0:
+            return None, _share_or_count(self.secagg_reconstruction_threshold,
+                                         "federation.secagg-reconstruction-threshold")
         return (_share_or_count(self.secagg_num_shares, "federation.secagg-num-shares"),
                 _share_or_count(self.secagg_reconstruction_threshold,
                                 "federation.secagg-reconstruction-threshold"))

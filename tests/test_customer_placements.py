@@ -49,7 +49,8 @@ def test_bad_placement_config_fails_fast_naming_the_key(flat: dict[str, Any],
 
 
 def test_min_replies_defaults_to_the_reconstruction_threshold_and_may_not_exceed_it() -> None:
-    fed = FederationConfig(secure_aggregation=True)  # threshold 0.6 of the shares
+    # everyone shares with everyone, threshold 0.6 of the shares
+    fed = FederationConfig(secure_aggregation=True, secagg_num_shares=1.0)
     dp = DPConfig(unit="customer", placement="distributed")
     assert min_replies(fed, dp, 5) == 3 and min_replies(fed, dp, 10) == 6
     assert min_replies(fed, DPConfig(unit="customer", placement="distributed",
@@ -249,7 +250,7 @@ def test_a_round_sampling_too_few_for_m_min_is_skipped_before_masking(
         tmp_path: Path) -> None:
     # Issue 17 (2): 10 merchants planned a round, threshold 0.6 of the shares: m_min 6.
     fed = FederationConfig(secure_aggregation=True, min_train_nodes=10,
-                           min_available_nodes=10)
+                           min_available_nodes=10, secagg_num_shares=1.0)
     dp = DPConfig(unit="customer", placement="distributed", customer_rate=0.5,
                   customers=40)
     strategy = SimpleNamespace()

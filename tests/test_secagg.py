@@ -67,7 +67,7 @@ def _fed(**kwargs: Any) -> FederationConfig:
     ({"secagg_num_shares": 4}, "federation.secagg-num-shares", "must be odd"),
     ({"secagg_num_shares": 2}, "federation.secagg-num-shares", "must be odd and >= 3"),
     ({"secagg_num_shares": 2.5}, "federation.secagg-num-shares", "a whole count"),
-    ({"secagg_num_shares": 0.0}, "federation.secagg-num-shares", "> 0"),
+    ({"secagg_num_shares": -1.0}, "federation.secagg-num-shares", "must be 0"),
     ({"secagg_reconstruction_threshold": 0.5}, "federation.secagg-reconstruction-threshold",
      "cannot rebuild both secrets"),
     ({"secagg_num_shares": 5, "secagg_reconstruction_threshold": 2},

@@ -1,0 +1,207 @@
+"""What keeps a SecAgg+ round cheap: a neighbourhood growing like log n, no data work on
+the messages that do not train, and masked vectors sent as uint32.
+
+The round runs Flower's own ``SecAggPlusWorkflow`` and ``secaggplus_mod`` in this
+process (no Ray): every message is copied as the engine would serialise it and handed
+to the client's ClientApp.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message.message import make_message
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.secagg as client_secagg
+from client.app import DATA_ERROR
+from common.schema import DataError
+from server.config import DPConfig, FederationConfig
+from server.customer_secagg import min_replies
+from server.secagg import build_secagg_strategy, check_round_size, effective_shares, log_shares
+
+# ---------------------------------------------------------------------------------------
+# The neighbourhood
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sampled", "shares"), [
+    (2, 2), (5, 5), (9, 9), (10, 9), (20, 11), (100, 15), (1000, 21)])
+def test_log_shares_grow_like_log_n_and_stay_odd_or_everyone(sampled: int,
+                                                             shares: int) -> None:
+    assert log_shares(sampled) == shares
+    assert shares == sampled or shares % 2 == 1
+
+
+def test_the_default_neighbourhood_and_its_threshold_bound_distributed_dp() -> None:
+    fed = FederationConfig(secure_aggregation=True)  # secagg-num-shares 0: log n
+    assert effective_shares(fed, 20) == (11, 7)  # round(0.6 * 11)
+    assert effective_shares(fed, 5) == (5, 3)  # few clients: everyone, as before
+    for sampled in (2, 3, 20, 100, 1000):
+        check_round_size(fed, sampled)
+    dp = DPConfig(unit="customer", placement="distributed")
+    assert min_replies(fed, dp, 20) == 7  # m_min <= t follows the smaller threshold
+    with pytest.raises(ValueError, match="'privacy.min-replies'"):
+        min_replies(fed, DPConfig(unit="customer", placement="distributed",
+                                  min_replies=8), 20)
+    everyone = FederationConfig(secure_aggregation=True, secagg_num_shares=1.0)
+    assert effective_shares(everyone, 20) == (20, 12)
+
+
+def test_a_threshold_count_must_stay_above_half_the_logarithmic_shares() -> None:
+    fed = FederationConfig(secure_aggregation=True, secagg_reconstruction_threshold=6)
+    check_round_size(fed, 20)  # 6 of the 11 shares
+    fed = FederationConfig(secure_aggregation=True, secagg_reconstruction_threshold=5)
+    with pytest.raises(ValueError, match="'federation.secagg-reconstruction-threshold'"):
+        check_round_size(fed, 20)
+
+
+# ---------------------------------------------------------------------------------------
+# The client: data work only where it trains
+# ---------------------------------------------------------------------------------------
+
+
+def _message(stage: str, node: int = 7) -> Message:
+    meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=node,
+                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600,
+                    message_type="train")
+    return make_message(meta, RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage})}))
+
+
+def test_the_client_reads_no_data_outside_collect_masked_vectors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[str] = []
+
+    def merchant_data(*_: Any) -> Any:
+        reads.append("read")
+        raise DataError("unreadable rows")
+
+    monkeypatch.setattr(client_secagg, "merchant_data", merchant_data)
+    guard = client_secagg.make_secagg_client_app({})._mods[0]
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,timestamp\n")
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(events)},
+                      state=RecordDict(), run_config={})
+    passed: list[str] = []
+
+    def call_next(msg: Message, _: Context) -> Message:
+        passed.append(str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]))
+        return Message(RecordDict(), reply_to=msg)
+
+    for stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK):
+        assert not guard(_message(stage), context, call_next).has_error()
+    assert passed == [Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK] and reads == []
+
+    reply = guard(_message(Stage.COLLECT_MASKED_VECTORS), context, call_next)
+    assert reads == ["read"] and reply.has_error() and reply.error.code == DATA_ERROR
+
+    events.unlink()  # a merchant without its file leaves at setup, before any keys
+    reply = guard(_message(Stage.SETUP), context, call_next)
+    assert reply.has_error() and reply.error.code == DATA_ERROR
+    assert passed == [Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK] and reads == ["read"]
+
+
+# ---------------------------------------------------------------------------------------
+# A whole round in this process: uint32 uploads, the round's counts, a dropout
+# ---------------------------------------------------------------------------------------
+
+
+class _Client(NumPyClient):
+    def __init__(self, node: int) -> None:
+        self.node = node
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
+            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        return [p + 0.01 * self.node for p in parameters], 10 * self.node, {}
+
+
+class _Grid:
+    """Hands each message, copied as the engine would serialise it, to its node's app;
+    records the masked vectors' dtypes and drops ``dropped`` at ``drop_stage``."""
+
+    def __init__(self, app: ClientApp, nodes: int, dropped: int, drop_stage: str) -> None:
+        self.app, self.dropped, self.drop_stage = app, dropped, drop_stage
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
+                                    run_config={}) for n in range(1, nodes + 1)}
+        self.dtypes: set[str] = set()
+        self.setup: dict[str, Any] = {}
+        self.run = type("Run", (), {"run_id": 1})()
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None
+                         ) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg = copy.deepcopy(msg)
+            msg.metadata.__dict__["_message_id"] = f"m{id(msg)}"
+            configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+            stage = configs.get(Key.STAGE) if configs is not None else None
+            if stage == Stage.SETUP:
+                self.setup = dict(configs)
+            if msg.metadata.dst_node_id == self.dropped and stage == self.drop_stage:
+                continue  # never answers
+            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+            out = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if out is not None and Key.MASKED_PARAMETERS in out:
+                self.dtypes |= {str(bytes_to_ndarray(b).dtype)
+                                for b in out[Key.MASKED_PARAMETERS]}
+            replies.append(reply)
+        return replies
+
+
+def test_a_round_with_uint32_uploads_and_a_dropout_unmasks_the_weighted_mean(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # as the ServerApp process has them
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    nodes, dropped = 12, 5
+    app = ClientApp(client_fn=lambda ctx: _Client(ctx.node_id).to_client(),
+                    mods=[client_secagg.compact_masked_vectors, secaggplus_mod])
+    grid = _Grid(app, nodes, dropped, Stage.COLLECT_MASKED_VECTORS)
+    fed = FederationConfig(secure_aggregation=True, num_rounds=1, min_train_nodes=nodes,
+                           min_available_nodes=nodes, secagg_clipping_range=100.0)
+    strategy = build_secagg_strategy(fed, DPConfig(), seed=0, population=nodes)
+    start = [np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3),
+             np.arange(4, dtype=np.float32)]
+    result = strategy.start(grid, ArrayRecord(start), num_rounds=1, timeout=60)
+
+    assert grid.dtypes == {"uint32"}
+    assert (grid.setup[Key.SHARE_NUMBER], grid.setup[Key.THRESHOLD]) == (9, 5)  # log n
+    live = [n for n in range(1, nodes + 1) if n != dropped]
+    weights = np.array([10.0 * n for n in live])
+    expected = [a + 0.01 * float(np.dot(weights, live)) / weights.sum() for a in start]
+    got = result.arrays.to_numpy_ndarrays()
+    bound = 2 * 100.0 * len(live) / (weights.sum() * 4_194_304 / 10_000)  # 2 c n / Q
+    for g, e in zip(got, expected, strict=True):
+        assert np.max(np.abs(g - e)) < bound
+    assert strategy.rounds.round(1).replied == len(live)
+
+
+def test_as_uint32_refuses_what_the_mod_cannot_have_made() -> None:
+    from flwr.common import ndarray_to_bytes
+
+    fine = np.array([0, 2**32 - 1, 7], dtype=np.int64)
+    packed = client_secagg.as_uint32(ndarray_to_bytes(fine), 2**32)
+    assert bytes_to_ndarray(packed).dtype == np.uint32
+    assert bytes_to_ndarray(packed).tolist() == fine.tolist()
+    assert len(packed) < len(ndarray_to_bytes(fine))
+    with pytest.raises(ValueError, match="outside"):
+        client_secagg.as_uint32(ndarray_to_bytes(np.array([-1], dtype=np.int64)), 2**32)
+    # the server's int64 arithmetic mod 2**32 and the wrapped uint32 sum agree
+    rng = np.random.default_rng(0)
+    vecs = [rng.integers(0, 2**32, 1000, dtype=np.int64) for _ in range(20)]
+    wrapped = sum((v.astype(np.uint32) for v in vecs[1:]), vecs[0].astype(np.uint32))
+    assert ((wrapped & (2**32 - 1)) == (sum(vecs) & (2**32 - 1))).all()
