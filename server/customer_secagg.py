@@ -5,15 +5,16 @@ Each merchant replies with its clipped customer sum plus Gaussian noise of std
 ``sigma`` on every coordinate (``client.customer_dp``), weight 1, masked by SecAgg+:
 
 - ``distributed``: ``sigma = z C / sqrt(m_min)``, m_min = ``privacy.min-replies`` or, at
-  0, SecAgg+'s reconstruction threshold t for the merchants sampled a round. SecAgg+
-  unmasks no sum of fewer than t merchants (each sampled merchant needs t live
-  neighbours), and m_min <= t is required, so a sum the server ever sees holds
+  0, the smallest sum SecAgg+ can unmask for the merchants sampled a round,
+  ``ceil(n t / k)`` with k shares and threshold t (``server.secagg.smallest_unmasked``;
+  t when everyone shares): each sampled merchant needs t live neighbours among its k.
+  m_min <= that bound is required, so a sum the server ever sees holds
   n >= m_min shares: noise variance ``n (z C)^2 / m_min >= (z C)^2``. The ledger accounts
   every released round at z (the effective multiplier at m_min replies); more replies
   only add noise. A round with fewer than m_min replies is not applied and the ledger
-  says so in a line of its own. SecAgg+ recomputes t each round from the merchants
-  actually sampled: a round whose t would fall below m_min (fewer sampled than planned)
-  is skipped before masking (:meth:`CustomerNoiseShares.admit`).
+  says so in a line of its own. The bound follows the merchants actually sampled: a
+  round whose bound would fall below m_min (fewer sampled than planned) is skipped
+  before masking (:meth:`CustomerNoiseShares.admit`).
 - ``local``: ``sigma = z C``: each merchant's sum is private on its own (same ε per
   customer: a customer is in one merchant's sum); the average carries n times the
   variance needed.
@@ -57,26 +58,27 @@ from server.customer_dp import check_customer_run, estimate_customers, expected_
 from server.customer_step import server_step
 from server.dp_accounting import CustomerLedger
 from server.privacy import num_sampled
-from server.secagg import effective_shares
+from server.secagg import effective_shares, smallest_unmasked
 
 log = logging.getLogger(__name__)
 
 
 def min_replies(fed: FederationConfig, dp: DPConfig, sampled: int) -> int:
     """m_min of the distributed placement for ``sampled`` merchants a round:
-    ``privacy.min-replies``, or SecAgg+'s reconstruction threshold when 0; a
-    ``ValueError`` names the key when it exceeds that threshold (SecAgg+ would unmask a
-    sum with less noise than accounted)."""
-    _, threshold = effective_shares(fed, sampled)
+    ``privacy.min-replies``, or at 0 the smallest sum SecAgg+ can unmask
+    (``server.secagg.smallest_unmasked``); a ``ValueError`` names the key when it exceeds
+    that bound (SecAgg+ could unmask a sum with less noise than accounted)."""
+    bound = smallest_unmasked(fed, sampled)
     if dp.min_replies == 0:
-        return threshold
-    if dp.min_replies > threshold:
+        return bound
+    if dp.min_replies > bound:
+        shares, threshold = effective_shares(fed, sampled)
         raise ValueError(
-            f"config key 'privacy.min-replies': {dp.min_replies} is more than SecAgg+'s "
-            f"reconstruction threshold ({threshold} of the {sampled} merchants sampled a "
-            "round): SecAgg+ may unmask a sum of that few, whose noise would fall short "
-            "of the accounted z C; lower it or raise "
-            "federation.secagg-reconstruction-threshold")
+            f"config key 'privacy.min-replies': {dp.min_replies} is more than the smallest "
+            f"sum SecAgg+ can unmask ({bound} of the {sampled} merchants sampled a round: "
+            f"reconstruction threshold {threshold} of {shares} shares): it may unmask a sum "
+            "of that few, whose noise would fall short of the accounted z C; lower it or "
+            "raise federation.secagg-reconstruction-threshold")
     return dp.min_replies
 
 
@@ -120,19 +122,19 @@ class CustomerNoiseShares:
 
     def admit(self, g: int, sampled: int) -> bool:
         """Whether round ``g`` may run SecAgg+ with the ``sampled`` merchants its strategy
-        chose. Under ``distributed`` SecAgg+ derives its reconstruction threshold from the
-        merchants actually sampled; when fewer are sampled than planned it can fall below
-        m_min, and a sum of fewer than m_min noise shares could be unmasked. Such a round
-        is skipped before any masking: no SecAgg+ run, nothing spent, a ledger line (at
-        :meth:`close`) says why."""
+        chose. Under ``distributed`` the smallest sum SecAgg+ can unmask follows the
+        merchants actually sampled (``server.secagg.smallest_unmasked``); when fewer are
+        sampled than planned it can fall below m_min, and a sum of fewer than m_min noise
+        shares could be unmasked. Such a round is skipped before any masking: no SecAgg+
+        run, nothing spent, a ledger line (at :meth:`close`) says why."""
         if self.dp.placement != "distributed":
             return True
-        _, threshold = effective_shares(self.fed, sampled)
-        if threshold >= self.min_replies:
+        bound = smallest_unmasked(self.fed, sampled)
+        if bound >= self.min_replies:
             return True
         self._not_applied[g] = (
-            f"{sampled} merchants sampled: SecAgg+'s reconstruction threshold would be "
-            f"{threshold}, below min_replies {self.min_replies}, so a sum with too little "
+            f"{sampled} merchants sampled: the smallest sum SecAgg+ could unmask would be "
+            f"{bound}, below min_replies {self.min_replies}, so a sum with too little "
             "noise could be unmasked; skipped before masking")
         log.warning("round %d: %s", g, self._not_applied[g])
         return False

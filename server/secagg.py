@@ -102,6 +102,21 @@ def effective_shares(fed: FederationConfig, sampled: int) -> tuple[int, int]:
     return shares, threshold
 
 
+def smallest_unmasked(fed: FederationConfig, sampled: int) -> int:
+    """The fewest clients whose masked vectors SecAgg+ can unmask when ``sampled`` take
+    part: ``ceil(n t / k)`` for k shares and threshold t (t when everyone shares).
+
+    The server rebuilds every sampled client's secret from the shares its neighbours
+    send at ``unmask``, and ``SecAggPlusWorkflow`` stops unless each of the n sampled
+    has t live neighbours. Its neighbourhoods are windows of k on a shuffled ring, so
+    each client lies in exactly k of them: a live set L meeting every window t times
+    has ``|L| k >= n t``. A ring of k >= n is everyone, hence t.
+    """
+    shares, threshold = effective_shares(fed, sampled)
+    shares = min(shares, sampled)
+    return -(-sampled * threshold // shares)
+
+
 def check_round_size(fed: FederationConfig, sampled: int) -> None:
     """Raise ``ValueError`` naming the key when SecAgg+ cannot work for ``sampled``
     clients a round."""

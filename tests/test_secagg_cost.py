@@ -29,7 +29,13 @@ from client.app import DATA_ERROR
 from common.schema import DataError
 from server.config import DPConfig, FederationConfig
 from server.customer_secagg import min_replies
-from server.secagg import build_secagg_strategy, check_round_size, effective_shares, log_shares
+from server.secagg import (
+    build_secagg_strategy,
+    check_round_size,
+    effective_shares,
+    log_shares,
+    smallest_unmasked,
+)
 
 # ---------------------------------------------------------------------------------------
 # The neighbourhood
@@ -51,12 +57,33 @@ def test_the_default_neighbourhood_and_its_threshold_bound_distributed_dp() -> N
     for sampled in (2, 3, 20, 100, 1000):
         check_round_size(fed, sampled)
     dp = DPConfig(unit="customer", placement="distributed")
-    assert min_replies(fed, dp, 20) == 7  # m_min <= t follows the smaller threshold
-    with pytest.raises(ValueError, match="'privacy.min-replies'"):
+    # every one of the 20 needs 7 live among its 11: at least ceil(20 * 7 / 11) = 13 live
+    assert smallest_unmasked(fed, 20) == 13 and min_replies(fed, dp, 20) == 13
+    assert min_replies(fed, DPConfig(unit="customer", placement="distributed",
+                                     min_replies=13), 20) == 13
+    with pytest.raises(ValueError, match="'privacy.min-replies'.*smallest sum"):
         min_replies(fed, DPConfig(unit="customer", placement="distributed",
-                                  min_replies=8), 20)
+                                  min_replies=14), 20)
     everyone = FederationConfig(secure_aggregation=True, secagg_num_shares=1.0)
     assert effective_shares(everyone, 20) == (20, 12)
+    assert smallest_unmasked(everyone, 20) == 12  # everyone: the threshold itself
+
+
+@pytest.mark.parametrize("sampled", [12, 14, 16])
+def test_smallest_unmasked_is_the_fewest_live_clients_the_workflow_accepts(
+        sampled: int) -> None:
+    """Every live set that passes the workflow's check (each sampled node has t live
+    nodes among its neighbours: a window of k on the shuffled ring, as
+    ``SecAggPlusWorkflow.setup_stage`` builds it) has at least ``smallest_unmasked``
+    members, and one that small passes."""
+    fed = FederationConfig(secure_aggregation=True)
+    shares, threshold = effective_shares(fed, sampled)
+    half = shares >> 1
+    windows = [sum(1 << ((i + o) % sampled) for o in range(-half, half + 1))
+               for i in range(sampled)]
+    fewest = min(bin(live).count("1") for live in range(1 << sampled)
+                 if all(bin(live & w).count("1") >= threshold for w in windows))
+    assert shares < sampled and fewest == smallest_unmasked(fed, sampled)
 
 
 def test_a_threshold_count_must_stay_above_half_the_logarithmic_shares() -> None:
