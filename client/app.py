@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.arrays import array_record
 from client.attribution import attribution_reply, wants_attributions
 from client.config import ClientSettings, cached_settings
 from client.customer_dp import SEEDED_REFUSED, seeded_refusal
@@ -135,10 +136,12 @@ def warm_reply(msg: Message, context: Context, kind: str, run_config: Mapping[st
 
 
 def handle_train(msg: Message, context: Context, data: MerchantData,
-                 warm: WarmTrainer | None = None) -> Message:
+                 warm: WarmTrainer | None = None, *,
+                 weights: list[Any] | None = None) -> Message:
     """Train the global model on this merchant's rows: its weights and metrics, or an
     error (data, simulated dropout, no training rows). ``warm`` hands the work to the
-    merchant's warm trainer when one listens."""
+    merchant's warm trainer when one listens; ``weights``, the message's tensors when
+    the caller read them already (a node serving several merchants)."""
     timer = HandlerTimer()
     refusal = seeded_refusal(msg.content.config_records.get("config") or {},
                              context.node_config)
@@ -160,19 +163,21 @@ def handle_train(msg: Message, context: Context, data: MerchantData,
         return error_reply(msg, SIMULATED_DROPOUT, fault)
     if len(snaps.split_part("train")) == 0:
         return error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
-    weights, metrics = train_reply(settings, snaps,
-                                   msg.content.array_records["arrays"].to_numpy_ndarrays(),
-                                   config, timer)
+    if weights is None:
+        weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
+    trained, metrics = train_reply(settings, snaps, weights, config, timer)
     log.info("%s", timer.summary(f"train round {server_round}"))
-    reply = RecordDict({"arrays": ArrayRecord(weights),
+    reply = RecordDict({"arrays": array_record(trained),
                         "metrics": MetricRecord(dict(metrics))})
     return Message(reply, reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, data: MerchantData,
-                    warm: WarmTrainer | None = None) -> Message:
+                    warm: WarmTrainer | None = None, *,
+                    weights: list[Any] | None = None) -> Message:
     """Evaluate the global model on this merchant's held-out rows: the metrics, or an
-    error (data, no held-out rows); through the warm trainer when one listens."""
+    error (data, no held-out rows); through the warm trainer when one listens;
+    ``weights`` as in :func:`handle_train`."""
     timer = HandlerTimer()
     # Attributions (client.attribution) are computed here, never by the warm trainer.
     explain = wants_attributions(msg.content.config_records.get("config"))
@@ -192,9 +197,9 @@ def handle_evaluate(msg: Message, context: Context, data: MerchantData,
     config = msg.content.config_records.get("config")
     # The server's last round: its model is scored on the validation rows too.
     val = snaps.split_part("val") if config and config.get(SCORE_VALIDATION_KEY) else None
-    metrics = evaluate_reply(settings, test,
-                             msg.content.array_records["arrays"].to_numpy_ndarrays(), timer,
-                             val=val)
+    if weights is None:
+        weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
+    metrics = evaluate_reply(settings, test, weights, timer, val=val)
     server_round = config.get("server-round", "?") if config is not None else "?"
     log.info("%s", timer.summary(f"evaluate round {server_round!s}"))
     return Message(RecordDict({"metrics": MetricRecord(dict(metrics))}), reply_to=msg)
@@ -224,11 +229,13 @@ def make_client_app(
     @app.train(mods=train_mods(flat))
     def train(msg: Message, context: Context) -> Message:
         # serve: a simulated node hosting several merchants serves each (client.hosted)
-        return serve(msg, context, lambda m, c: handle_train(m, c, data, warm))
+        return serve(msg, context,
+                     lambda m, c, w: handle_train(m, c, data, warm, weights=w))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return serve(msg, context, lambda m, c: handle_evaluate(m, c, data, warm))
+        return serve(msg, context,
+                     lambda m, c, w: handle_evaluate(m, c, data, warm, weights=w))
 
     return app
 

@@ -3,8 +3,9 @@
 
 The server's message names the merchants (partition ids) to serve. Each is served in
 turn by the ordinary handler (``client.app.handle_train`` / ``handle_evaluate``), from
-the same received message, in a Context whose ``partition-id`` is that merchant's: its
-shard, its seeded faults, its whitelisted metrics, as if it had been sent alone. The
+the same received message and the same weights (read once), in a Context whose
+``partition-id`` is that merchant's: its shard, its seeded faults, its whitelisted
+metrics, as if it had been sent alone. The
 reply holds every merchant's records (or its error) under ``common.hosting.record_key``;
 one merchant's data error or simulated fault fails that merchant only.
 """
@@ -14,8 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from client.arrays import read_weights
 from common.hosting import (
     ERROR_CODE_KEY,
     ERROR_REASON_KEY,
@@ -27,8 +30,9 @@ from common.hosting import (
 
 log = logging.getLogger(__name__)
 
-#: Serves one merchant: (the node's message, that merchant's Context) -> its reply.
-Handler = Callable[[Message, Context], Message]
+#: Serves one merchant: (the node's message, that merchant's Context, the message's
+#: tensors when already read, else None) -> its reply.
+Handler = Callable[[Message, Context, "list[np.ndarray] | None"], Message]
 
 
 def named_merchants(msg: Message) -> list[int] | None:
@@ -61,9 +65,12 @@ def serve_merchants(msg: Message, context: Context, merchants: list[int],
     if "data-path" in context.node_config:
         raise ValueError(f"'{MERCHANTS_RECORD}' names merchants to a deployed node "
                          "(it serves its own data only)")
+    # The global weights are read once for all: ~1.6 ms a merchant (docs/performance.md).
+    arrays = msg.content.array_records.get("arrays")
+    weights = read_weights(arrays) if arrays is not None else None
     packed = RecordDict()
     for merchant in merchants:
-        reply = handler(msg, merchant_context(context, merchant))
+        reply = handler(msg, merchant_context(context, merchant), weights)
         if reply.has_error():
             packed[record_key(merchant, ERROR_RECORD)] = ConfigRecord(
                 {ERROR_CODE_KEY: int(reply.error.code),
@@ -79,5 +86,5 @@ def serve(msg: Message, context: Context, handler: Handler) -> Message:
     replies of each (:func:`serve_merchants`)."""
     merchants = named_merchants(msg)
     if merchants is None:
-        return handler(msg, context)
+        return handler(msg, context, None)
     return serve_merchants(msg, context, merchants, handler)

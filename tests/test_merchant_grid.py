@@ -89,7 +89,8 @@ def _per_merchant(msg: Message) -> Message:
     ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={},
                   state=RecordDict(), run_config={})
 
-    def one(m: Message, c: Context) -> Message:
+    def one(m: Message, c: Context, weights: Any) -> Message:
+        assert weights is not None and not weights[0].flags.writeable
         pid = int(c.node_config["partition-id"])
         if pid == 4:
             return Message(Error(code=100, reason="merchant data rejected"), reply_to=m)
@@ -134,6 +135,20 @@ def test_the_grid_waits_for_every_node() -> None:
             return [10]
 
     assert MerchantGrid(Few(_per_merchant), 4, 2).get_node_ids() == []  # type: ignore[arg-type]
+
+
+def test_array_record_is_byte_for_byte_flowers() -> None:
+    from client.arrays import array_record
+
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(3, 4)).astype(np.float32), np.arange(5, dtype=np.int64),
+               np.array(2.5, np.float32),
+               np.asfortranarray(rng.normal(size=(2, 3)))]
+    ours, flowers = array_record(weights), ArrayRecord(weights)
+    assert list(ours) == list(flowers)
+    for k in flowers:
+        assert ours[k].data == flowers[k].data and ours[k].shape == flowers[k].shape
+        assert ours[k].dtype == flowers[k].dtype
 
 
 def test_unpack_ignores_foreign_keys() -> None:
