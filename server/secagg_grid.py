@@ -1,5 +1,6 @@
 """What the SecAgg+ protocol's messages carry each round, and which nodes fail at which
-stage: a Grid that meters them into the run's ``server.rounds.RoundBook``."""
+stage: a Grid that meters them into the run's ``server.rounds.RoundBook``; it also hands
+the workflow only the t shares of each secret that Shamir's reconstruction needs."""
 
 from __future__ import annotations
 
@@ -30,6 +31,36 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
+def keep_threshold_shares(replies: list[Message], threshold: int) -> int:
+    """Keep the first ``threshold`` shares of each secret in the ``unmask`` replies; the
+    number of shares dropped.
+
+    ``SecAggPlusWorkflow`` rebuilds each secret from every share it received, one from
+    each live neighbour, and Shamir's reconstruction (pure Python, quadratic in the
+    shares given) needs only ``threshold`` of them: the same secret from fewer shares,
+    in about (t / k)**2 of the time (7 of 11 a secret at 20 clients a round).
+    """
+    kept: dict[int, int] = {}
+    dropped = 0
+    for reply in replies:
+        if reply.has_error():
+            continue
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is None or Key.NODE_ID_LIST not in configs:
+            continue
+        owners: list[int] = configs[Key.NODE_ID_LIST]  # type: ignore[assignment]
+        shares: list[bytes] = configs[Key.SHARE_LIST]  # type: ignore[assignment]
+        keep = []
+        for i, owner in enumerate(owners):
+            if kept.get(owner, 0) < threshold:
+                kept[owner] = kept.get(owner, 0) + 1
+                keep.append(i)
+        dropped += len(owners) - len(keep)
+        configs[Key.NODE_ID_LIST] = [owners[i] for i in keep]
+        configs[Key.SHARE_LIST] = [shares[i] for i in keep]
+    return dropped
+
+
 def message_stage(content: RecordDict) -> str:
     """The SecAgg+ stage a message belongs to ("?" when it names none)."""
     configs = content.config_records.get(RECORD_KEY_CONFIGS)
@@ -49,6 +80,7 @@ class MeteredGrid:
     def __init__(self, grid: Grid, rounds: RoundBook) -> None:
         self._grid = grid
         self.rounds = rounds
+        self._threshold = 0  # the round's, from its setup message
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -59,9 +91,12 @@ class MeteredGrid:
         stats = self.rounds.round(self.rounds.global_round(int(train[0].metadata.group_id)))
         stages = {m.metadata.dst_node_id: message_stage(m.content) for m in train}
         stats.bytes_down += sum(payload_bytes(m.content) for m in train)
+        step = message_stage(train[0].content)  # one stage per call
+        if step == Stage.SETUP:
+            configs = train[0].content.config_records[RECORD_KEY_CONFIGS]
+            self._threshold = int(configs.get(Key.THRESHOLD, 0))  # type: ignore[arg-type]
         started = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        step = message_stage(train[0].content)  # one stage per call
         stats.stage_seconds[step] = (stats.stage_seconds.get(step, 0.0)
                                      + time.perf_counter() - started)
         for reply in replies:
@@ -80,6 +115,8 @@ class MeteredGrid:
                 stats.timed_out += 1
             stats.failures.append(f"node {node}: no reply within {limit} (secagg stage {stage})")
             log.warning("secure aggregation: node %s did not reply at stage %s", node, stage)
+        if step == Stage.UNMASK and self._threshold:  # metered as sent, then trimmed
+            keep_threshold_shares(replies, self._threshold)
         return replies
 
     def __getattr__(self, name: str) -> Any:

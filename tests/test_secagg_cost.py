@@ -232,3 +232,25 @@ def test_as_uint32_refuses_what_the_mod_cannot_have_made() -> None:
     vecs = [rng.integers(0, 2**32, 1000, dtype=np.int64) for _ in range(20)]
     wrapped = sum((v.astype(np.uint32) for v in vecs[1:]), vecs[0].astype(np.uint32))
     assert ((wrapped & (2**32 - 1)) == (sum(vecs) & (2**32 - 1))).all()
+
+
+def test_the_server_keeps_threshold_shares_of_each_secret() -> None:
+    from flwr.app import Error
+
+    from server.secagg_grid import keep_threshold_shares
+
+    def reply(node: int, owners: list[int]) -> Message:
+        msg = _message(Stage.UNMASK, node)
+        return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
+            Key.NODE_ID_LIST: owners,
+            Key.SHARE_LIST: [f"{node}->{o}".encode() for o in owners]})}), reply_to=msg)
+
+    replies = [reply(1, [1, 2, 3]), reply(2, [1, 2, 3]),
+               Message(Error(code=1, reason="gone"), reply_to=_message(Stage.UNMASK, 4)),
+               reply(3, [2, 3, 1])]
+    assert keep_threshold_shares(replies, 2) == 3
+    kept = [dict(zip(r.content.config_records[RECORD_KEY_CONFIGS][Key.NODE_ID_LIST],
+                     r.content.config_records[RECORD_KEY_CONFIGS][Key.SHARE_LIST],
+                     strict=True)) for r in replies if not r.has_error()]
+    assert kept == [{1: b"1->1", 2: b"1->2", 3: b"1->3"},
+                    {1: b"2->1", 2: b"2->2", 3: b"2->3"}, {}]
