@@ -1,0 +1,110 @@
+"""``fedecay simulate`` for timing SecAgg+ against plain FedAvg (README, Secure
+aggregation, Overhead); not run by the tests.
+
+    python tests/drivers/secagg_bench.py TRACE.jsonl simulate --preset default ...
+
+Two things differ from the plain command:
+
+- Flower's simulation draws its node ids at random, so two runs sample different
+  merchants, and a merchant's first round builds its snapshots (0.2-4 s by size): round
+  times then differ between runs by more than SecAgg+ costs. Here the ids come from a
+  seeded generator (``FEDECAY_BENCH_NODE_SEED``, default 0), so every run of the same
+  size samples the same merchants.
+- Every message a ClientApp handles is appended to ``TRACE.jsonl``: its stage (SecAgg+)
+  or type, partition, when it was created and handled, and, under SecAgg+, the time
+  spent inside ``secaggplus_mod``'s call to the training (``inner``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+
+def traced(msg: Message, context: Context, call_next: Any) -> Message:
+    """Outermost mod: one line per message into ``FEDECAY_BENCH_TRACE``."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    stage = str(configs.get(Key.STAGE)) if configs is not None else msg.metadata.message_type
+    context.state.config_records.pop("bench", None)
+    started = time.time()
+    reply = call_next(msg, context)
+    ended = time.time()
+    bench = context.state.config_records.pop("bench", None)
+    line = {"pid": os.getpid(), "node": msg.metadata.dst_node_id, "stage": stage,
+            "part": context.node_config.get("partition-id"), "group": msg.metadata.group_id,
+            "created": msg.metadata.created_at, "t0": started, "t1": ended,
+            "inner": float(bench["inner"]) if bench else 0.0}  # type: ignore[arg-type]
+    with open(os.environ["FEDECAY_BENCH_TRACE"], "a") as out:
+        out.write(json.dumps(line) + "\n")
+    return reply
+
+
+def inner(msg: Message, context: Context, call_next: Any) -> Message:
+    """Inside ``secaggplus_mod``: how long the training took."""
+    started = time.time()
+    reply = call_next(msg, context)
+    context.state.config_records["bench"] = ConfigRecord({"inner": time.time() - started})
+    return reply
+
+
+class TracedApp(ClientApp):
+    """The Message API ClientApp behind :func:`traced` (its mods are fixed at build)."""
+
+    def __init__(self, app: ClientApp) -> None:  # noqa: D107 - no ClientApp state of its own
+        self.app = app
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "app":  # while unpickling
+            raise AttributeError(name)
+        return getattr(self.app, name)
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        return traced(message, context, self.app)
+
+
+def seeded_node_ids(seed: int) -> None:
+    """Node ids from ``random.Random(seed)`` instead of the OS."""
+    import flwr.server.superlink.linkstate.in_memory_linkstate as linkstate
+
+    rng = random.Random(seed)
+
+    def draw(num_bytes: int, exclude: set[int] | None = None) -> int:
+        while True:
+            value = rng.getrandbits(8 * num_bytes - 1) + 1
+            if not exclude or value not in exclude:
+                return value
+
+    linkstate.generate_rand_int_from_bytes = draw  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    import simulations.federated as federated
+    from simulations.cli import main as cli
+
+    os.environ["FEDECAY_BENCH_TRACE"] = os.path.abspath(sys.argv[1])
+    seeded_node_ids(int(os.environ.get("FEDECAY_BENCH_NODE_SEED", "0")))
+    plain = federated.make_federated_client_app
+
+    def make_app(flat: Any) -> Any:
+        if federated.secure_aggregation(flat):
+            from client.secagg import make_secagg_client_app
+
+            return make_secagg_client_app(flat, outer_mods=[traced], inner_mods=[inner])
+        return TracedApp(plain(flat))
+
+    federated.make_federated_client_app = make_app
+    sys.argv = ["fedecay", *sys.argv[2:]]
+    cli()
+
+
+if __name__ == "__main__":
+    main()
