@@ -7,7 +7,8 @@ Each merchant replies with its clipped customer sum plus Gaussian noise of std
 - ``distributed``: ``sigma = z C / sqrt(m_min)``, m_min = ``privacy.min-replies`` or, at
   0, the smallest sum SecAgg+ can unmask for the merchants sampled a round,
   ``ceil(n t / k)`` with k shares and threshold t (``server.secagg.smallest_unmasked``;
-  t when everyone shares): each sampled merchant needs t live neighbours among its k.
+  t when everyone shares, or when the live merchants can split into groups sharing no
+  pairwise mask): each sampled merchant needs t live neighbours among its k.
   m_min <= that bound is required, so a sum the server ever sees holds
   n >= m_min shares: noise variance ``n (z C)^2 / m_min >= (z C)^2``. The ledger accounts
   every released round at z (the effective multiplier at m_min replies); more replies

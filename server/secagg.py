@@ -84,8 +84,10 @@ def effective_shares(fed: FederationConfig, sampled: int) -> tuple[int, int]:
     """(shares, threshold) for ``sampled`` clients from ``secagg-num-shares`` /
     ``secagg-reconstruction-threshold``: :func:`log_shares` for 0, else the rules of
     ``SecAggPlusWorkflow.setup_stage`` (a share of the clients is rounded and made odd,
-    at least 3 or else everyone; a threshold share is rounded, at least 2). The workflow
-    is given these counts every round (:meth:`SecAggMixin.configure_fit`)."""
+    at least 3 or else everyone; a threshold share is rounded, at least 2), except that a
+    threshold share stays above half the shares, as the key asks (0.6 of 4 shares
+    rounds to 2, half of them: 3 instead). The workflow is given these counts every round
+    (:meth:`SecAggMixin.configure_fit`)."""
     num_shares, threshold = fed.secagg_shares()
     if num_shares is None:
         shares = log_shares(sampled)
@@ -98,7 +100,7 @@ def effective_shares(fed: FederationConfig, sampled: int) -> tuple[int, int]:
     else:
         shares = num_shares
     if isinstance(threshold, float):
-        return shares, max(round(threshold * shares), 2)
+        return shares, max(round(threshold * shares), shares // 2 + 1, 2)
     return shares, threshold
 
 
@@ -111,9 +113,19 @@ def smallest_unmasked(fed: FederationConfig, sampled: int) -> int:
     has t live neighbours. Its neighbourhoods are windows of k on a shuffled ring, so
     each client lies in exactly k of them: a live set L meeting every window t times
     has ``|L| k >= n t``. A ring of k >= n is everyone, hence t.
+
+    The server can also unmask the sum of each part of L that shares no pairwise mask
+    with the rest (their masks cancel inside it). Two live clients share one when at
+    most h = (k - 1) / 2 apart on the ring, so L splits where h clients in a row are
+    gone: possible when k - t >= h (a window may hold h of them) and the ring holds two
+    such gaps and two parts, n >= 2 (t + h). A part is then as small as t (a live
+    client and its t - 1 live neighbours); otherwise L is whole.
     """
     shares, threshold = effective_shares(fed, sampled)
     shares = min(shares, sampled)
+    half = shares // 2
+    if shares < sampled and shares - threshold >= half and sampled >= 2 * (threshold + half):
+        return threshold  # L may split into parts of t
     return -(-sampled * threshold // shares)
 
 

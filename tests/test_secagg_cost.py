@@ -86,6 +86,50 @@ def test_smallest_unmasked_is_the_fewest_live_clients_the_workflow_accepts(
     assert shares < sampled and fewest == smallest_unmasked(fed, sampled)
 
 
+def _smallest_part(sampled: int, shares: int, threshold: int) -> int:
+    """The smallest sum the server can unmask, by brute force: over every live set the
+    workflow accepts, its smallest part sharing no pairwise mask with the rest (live
+    clients share one when at most ``shares // 2`` apart on the ring)."""
+    half = shares >> 1
+    near = [[(i + o) % sampled for o in range(-half, half + 1)] for i in range(sampled)]
+    windows = [sum(1 << j for j in set(w)) for w in near]
+    best = sampled
+    for live in range(1, 1 << sampled):
+        if not all(bin(live & w).count("1") >= threshold for w in windows):
+            continue
+        seen = 0
+        for start in (i for i in range(sampled) if live >> i & 1):
+            if seen >> start & 1:
+                continue
+            size, stack, seen = 0, [start], seen | 1 << start
+            while stack:
+                size += 1
+                for j in near[stack.pop()]:
+                    if live >> j & 1 and not seen >> j & 1:
+                        seen |= 1 << j
+                        stack.append(j)
+            best = min(best, size)
+    return best
+
+
+@pytest.mark.parametrize(("shares", "threshold", "sampled"), [
+    (3, 2, 7), (5, 3, 9), (5, 3, 10), (5, 3, 12), (5, 4, 12), (7, 4, 13), (7, 4, 14)])
+def test_smallest_unmasked_counts_the_parts_a_sparse_ring_can_split_into(
+        shares: int, threshold: int, sampled: int) -> None:
+    """With k - t >= (k - 1) / 2 the live set can split into parts without a pairwise
+    mask between them (gaps of (k - 1) / 2 gone clients), whose sums the server unmasks
+    one by one: 3 of 12 at 5 shares, threshold 3, not ceil(12 * 3 / 5) = 8."""
+    fed = FederationConfig(secure_aggregation=True, secagg_num_shares=shares,
+                           secagg_reconstruction_threshold=threshold)
+    assert smallest_unmasked(fed, sampled) == _smallest_part(sampled, shares, threshold)
+
+
+def test_a_threshold_share_stays_above_half_of_few_shares() -> None:
+    fed = FederationConfig(secure_aggregation=True)  # 0.6 of 4 rounds to 2, half of them
+    assert effective_shares(fed, 4) == (4, 3)
+    check_round_size(fed, 4)
+
+
 def test_a_threshold_count_must_stay_above_half_the_logarithmic_shares() -> None:
     fed = FederationConfig(secure_aggregation=True, secagg_reconstruction_threshold=6)
     check_round_size(fed, 20)  # 6 of the 11 shares
