@@ -15,6 +15,10 @@ costs no ε. ``privacy.server-optimizer`` picks the step:
   jumped between 0.9 and 1.6 from round to round without any noise) where Adam's
   per-weight scaling does not.
 
+The bias correction counts global rounds, as Flower's FedAdam counts server rounds: a
+round not applied (withheld, or too few replies) leaves the moments as they were but
+still counts, so the next step is slightly smaller than after an unbroken run.
+
 Adam's moments live on the strategy object as ``m_t`` and ``v_t``: the checkpoint keeps
 a strategy's server-optimizer state from those attributes (``server.checkpoint``), so a
 resumed run goes on with them.
