@@ -57,6 +57,7 @@ from server.privacy import num_sampled
 from server.rounds import RoundBook
 from server.sampling import SortedClientManager, round_seed, seeded_module_random
 from server.secagg_grid import MeteredGrid
+from server.secagg_workflow import RoundCountsMissing, RoundWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,9 @@ class SecAggMixin:
     bookkeeping of the guarded Message API strategies (a ``server.rounds.RoundBook``),
     and ``start``."""
 
-    #: The ``SecAggPlusWorkflow`` of the rounds (set by ``start``): told the round's
-    #: shares and threshold (:func:`effective_shares`) once its clients are sampled.
+    #: The ``server.secagg_workflow.RoundWorkflow`` of the rounds (set by ``start``):
+    #: given the round's shares and threshold (:func:`effective_shares`) once its
+    #: clients are sampled; it refuses a round it was not given them for.
     workflow: Any = None
 
     def _init_secagg(self, fed: FederationConfig, dp: DPConfig, seed: int,
@@ -235,8 +237,7 @@ class SecAggMixin:
         g = self.rounds.global_round(server_round)
         self.rounds.sampled(g, [int(proxy.cid) for proxy, _ in instructions])
         if self.workflow is not None and len(instructions) >= 2:  # its counts this round
-            self.workflow.num_shares, self.workflow.reconstruction_threshold = \
-                effective_shares(self.fed, len(instructions))
+            self.workflow.give_counts(*effective_shares(self.fed, len(instructions)))
         if self.customer is not None:
             self.customer.current = parameters_to_ndarrays(parameters)
             if not self.customer.admit(g, len(instructions)):
@@ -392,17 +393,13 @@ class _FitRound:
     for the round, then the clients' evaluation (as ``Strategy.start`` has it)."""
 
     def __init__(self, strategy: SecAggMixin, timeout: float | None) -> None:
-        from flwr.server.workflow import SecAggPlusWorkflow
-
         fed = strategy.fed
         self.strategy = strategy
-        # Everyone until configure_fit sets the round's counts (effective_shares).
-        self.secagg = SecAggPlusWorkflow(
-            1.0, 0.6, max_weight=strategy.max_weight,
-            clipping_range=fed.secagg_clipping_range,
-            quantization_range=fed.secagg_quantization_range,
-            modulus_range=SECAGG_MODULUS, timeout=timeout)
-        strategy.workflow = self.secagg
+        self.secagg = RoundWorkflow(max_weight=strategy.max_weight,
+                                    clipping_range=fed.secagg_clipping_range,
+                                    quantization_range=fed.secagg_quantization_range,
+                                    timeout=timeout)
+        strategy.workflow = self.secagg  # configure_fit gives it each round's counts
 
     def __call__(self, grid: Any, context: Any) -> None:
         from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -417,6 +414,8 @@ class _FitRound:
         with seeded_module_random(round_seed(self.strategy.seed, g)):
             try:
                 self.secagg(grid, context)
+            except RoundCountsMissing:  # a defect: m_min would not hold, so stop the run
+                raise
             except Exception:  # a malformed masked vector or share must not end the run
                 log.exception("round %d: secure aggregation failed; the global model is "
                               "unchanged", g)

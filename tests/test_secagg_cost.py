@@ -207,6 +207,9 @@ class _Grid:
                                     run_config={}) for n in range(1, nodes + 1)}
         self.dtypes: set[str] = set()
         self.setup: dict[str, Any] = {}
+        self.stages: list[str] = []  # each stage, once, in the order first sent
+        #: node -> the nodes whose public keys it was sent (its neighbours: the ring)
+        self.neighbours: dict[int, frozenset[int]] = {}
         self.run = type("Run", (), {"run_id": 1})()
 
     def get_node_ids(self) -> list[int]:
@@ -220,8 +223,13 @@ class _Grid:
             msg.metadata.__dict__["_message_id"] = f"m{id(msg)}"
             configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
             stage = configs.get(Key.STAGE) if configs is not None else None
+            if stage is not None and stage not in self.stages:
+                self.stages.append(str(stage))
             if stage == Stage.SETUP:
                 self.setup = dict(configs)
+            if stage == Stage.SHARE_KEYS:
+                self.neighbours[msg.metadata.dst_node_id] = frozenset(
+                    int(k) for k in configs if k != Key.STAGE)
             if msg.metadata.dst_node_id == self.dropped and stage == self.drop_stage:
                 continue  # never answers
             reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
@@ -233,21 +241,34 @@ class _Grid:
         return replies
 
 
-def test_a_round_with_uint32_uploads_and_a_dropout_unmasks_the_weighted_mean(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+START = [np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), np.arange(4, dtype=np.float32)]
+
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # as the ServerApp process has them
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    nodes, dropped = 12, 5
+
+
+def _one_round(nodes: int, dropped: int = 0, seed: int = 0) -> tuple[_Grid, Any, Any]:
+    """(grid, strategy, result) of one SecAgg+ round of ``nodes`` clients, every one
+    sampled; node ``dropped`` never sends its masked vector."""
     app = ClientApp(client_fn=lambda ctx: _Client(ctx.node_id).to_client(),
                     mods=[client_secagg.compact_masked_vectors, secaggplus_mod])
     grid = _Grid(app, nodes, dropped, Stage.COLLECT_MASKED_VECTORS)
     fed = FederationConfig(secure_aggregation=True, num_rounds=1, min_train_nodes=nodes,
                            min_available_nodes=nodes, secagg_clipping_range=100.0)
-    strategy = build_secagg_strategy(fed, DPConfig(), seed=0, population=nodes)
-    start = [np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3),
-             np.arange(4, dtype=np.float32)]
-    result = strategy.start(grid, ArrayRecord(start), num_rounds=1, timeout=60)
+    strategy = build_secagg_strategy(fed, DPConfig(), seed=seed, population=nodes)
+    result = strategy.start(grid, ArrayRecord(START), num_rounds=1, timeout=60)
+    return grid, strategy, result
+
+
+@pytest.mark.usefixtures("in_process")
+def test_a_round_with_uint32_uploads_and_a_dropout_unmasks_the_weighted_mean() -> None:
+    nodes, dropped = 12, 5
+    grid, strategy, result = _one_round(nodes, dropped)
+    start = START
 
     assert grid.dtypes == {"uint32"}
     assert (grid.setup[Key.SHARE_NUMBER], grid.setup[Key.THRESHOLD]) == (9, 5)  # log n
@@ -259,6 +280,52 @@ def test_a_round_with_uint32_uploads_and_a_dropout_unmasks_the_weighted_mean(
     for g, e in zip(got, expected, strict=True):
         assert np.max(np.abs(g - e)) < bound
     assert strategy.rounds.round(1).replied == len(live)
+
+
+@pytest.mark.usefixtures("in_process")
+def test_a_round_whose_counts_were_not_given_stops_the_run_before_secrets_are_shared(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without its counts the workflow would set up 12 clients with everyone sharing
+    (threshold 7, m_min 7) where the round's counts are 9 and 5 (m_min 8)."""
+    from server.secagg_workflow import RoundCountsMissing, RoundWorkflow
+
+    monkeypatch.setattr(RoundWorkflow, "give_counts", lambda *_: None)
+    grid = _Grid(ClientApp(client_fn=lambda ctx: _Client(ctx.node_id).to_client(),
+                           mods=[secaggplus_mod]), 12, 0, Stage.COLLECT_MASKED_VECTORS)
+    fed = FederationConfig(secure_aggregation=True, num_rounds=1, min_train_nodes=12,
+                           min_available_nodes=12, secagg_clipping_range=100.0)
+    strategy = build_secagg_strategy(fed, DPConfig(), seed=0, population=12)
+    with pytest.raises(RoundCountsMissing, match="without its shares and threshold for 12 "
+                                                 "clients.*12 shares and threshold 7.*m_min"):
+        strategy.start(grid, ArrayRecord(START), num_rounds=1, timeout=60)
+    assert grid.stages == [Stage.SETUP]  # public keys only: no secret left a client
+
+
+def test_counts_hold_for_one_round_and_must_be_the_ones_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    from server.secagg_workflow import RoundCountsMissing, RoundWorkflow
+
+    def setup(self: RoundWorkflow, grid: Any, context: Any, state: Any) -> bool:
+        """Flower's stage, reduced to: configure_fit gives ``state.give``, and 12 clients
+        are set up with 9 shares and threshold 6."""
+        if state.give is not None:
+            self.give_counts(*state.give)
+        state.sampled_node_ids, state.num_shares, state.threshold = set(range(12)), 9, 6
+        return True
+
+    monkeypatch.setattr(SecAggPlusWorkflow, "setup_stage", setup)
+    workflow = RoundWorkflow(max_weight=1.0, clipping_range=8.0, quantization_range=2**22,
+                             timeout=None)
+    assert workflow.setup_stage(None, None, SimpleNamespace(give=(9, 6)))
+    with pytest.raises(RoundCountsMissing, match="9 shares and threshold 6, not the 9 "
+                                                 "and 5 given for its 12 clients"):
+        workflow.setup_stage(None, None, SimpleNamespace(give=(9, 5)))
+    with pytest.raises(RoundCountsMissing, match="without its shares and threshold"):
+        workflow.setup_stage(None, None, SimpleNamespace(give=None))  # not the last ones
 
 
 def test_as_uint32_refuses_what_the_mod_cannot_have_made() -> None:
