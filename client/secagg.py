@@ -9,11 +9,15 @@ the mod replaces the weights by their quantised, masked form before anything lea
 Mods, outermost first:
 
 1. ``outer_mods`` (see every protocol message; tests use them to drop a client);
-2. a guard: a merchant whose file cannot be used leaves at ``setup``, before any keys
-   are made; the seeded simulated faults strike at ``collect_masked_vectors``, i.e.
-   after the keys were shared, which is the dropout SecAgg+ recovers from; so does a
-   deployed merchant's refusal of ``customer-seeded-sampling``;
-3. ``secaggplus_mod``;
+2. a guard: the merchant's data is read only at ``collect_masked_vectors``, the one
+   stage that trains; ``setup`` checks only that the settings resolve and the files
+   exist (a merchant without them leaves before any keys are made). What only the data
+   tells (unreadable rows, no training snapshots), the seeded simulated faults and a
+   deployed merchant's refusal of ``customer-seeded-sampling`` make it leave at
+   ``collect_masked_vectors``, after the keys were shared: the dropout SecAgg+
+   recovers from;
+3. :func:`compact_masked_vectors` (the masked vector leaves as uint32) around
+   ``secaggplus_mod``;
 4. ``inner_mods`` (see the plain update, as the mod will mask it);
 5. a check that the update survives quantisation: finite, a weight within
    ``secagg-max-weight`` and weighted values within ``secagg-clipping-range``;
