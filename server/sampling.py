@@ -3,10 +3,10 @@
 Flower samples the round's nodes from the ``random`` module, in the order the nodes
 connected. Here the node ids are sorted first, and each global round draws from its own
 seed (:func:`round_seed`): the Message API strategies from an RNG of their own
-(:class:`OwnedSampling` over a :class:`SortedGrid`), the SecAgg+ workflow, which takes
-no RNG, from the ``random`` module seeded for the length of the round
-(:class:`SortedClientManager` inside :func:`seeded_module_random`). Same seed, same
-nodes, whatever order they connected in.
+(:class:`OwnedSampling` over a :class:`SortedGrid`), the SecAgg+ rounds from their
+client manager's (:class:`SortedClientManager`). Same seed, same nodes, whatever order
+they connected in. The SecAgg+ ring, which decides each client's neighbours, is drawn
+from OS entropy instead (:func:`unpredictable_module_random`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def round_seed(seed: int, global_round: int) -> int:
-    """The seed of one global round's sampling (and SecAgg+ shuffle)."""
+    """The seed of one global round's sampling."""
     return seed * 1_000_003 + global_round
 
 
@@ -94,15 +95,26 @@ class OwnedSampling(flwr_strategy.FedAvg):
 class SortedClientManager(SimpleClientManager):
     """Samples from the node ids in sorted order, so seeded sampling ignores arrival order.
 
-    It draws from the ``random`` module, as the SecAgg+ workflow does, and is called
-    only inside :func:`seeded_module_random`.
+    It draws from an RNG of its own, seeded for each round by :meth:`seed_round` (the
+    round's training sample, then its evaluation sample, as ``OwnedSampling`` does).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rng: random.Random | None = None
+
+    def seed_round(self, seed: int) -> None:
+        """Draw the next samples from ``random.Random(seed)``."""
+        self._rng = random.Random(seed)
 
     def sample(self, num_clients: int, min_num_clients: int | None = None,
                criterion: Any = None) -> list[ClientProxy]:
         """Wait for ``min_num_clients`` (default ``num_clients``), then draw ``num_clients``
-        of the ids in sorted order that pass ``criterion`` with ``random.sample``; empty
+        of the ids in sorted order that pass ``criterion`` with the round's RNG; empty
         when fewer are available."""
+        if self._rng is None:
+            raise RuntimeError("SortedClientManager.sample before seed_round: the round's "
+                               "sample would not follow the experiment seed")
         if min_num_clients is None:
             min_num_clients = num_clients
         self.wait_for(min_num_clients)
@@ -113,23 +125,24 @@ class SortedClientManager(SimpleClientManager):
             log.info("sampling failed: %d clients available, %d requested", len(cids),
                      num_clients)
             return []
-        return [self.clients[c] for c in random.sample(cids, num_clients)]
+        return [self.clients[c] for c in self._rng.sample(cids, num_clients)]
 
 
 @contextlib.contextmanager
-def seeded_module_random(seed: int) -> Iterator[None]:
-    """The ``random`` module seeded with ``seed`` inside the block; its earlier state is
-    put back on leaving.
+def unpredictable_module_random() -> Iterator[None]:
+    """The ``random`` module seeded from OS entropy (``secrets``) inside the block; its
+    earlier state is put back on leaving.
 
-    Flower 1.42's SecAgg+ workflow takes no RNG: right after the strategy samples the
-    round's clients it shuffles them with the ``random`` module, and that shuffle decides
-    which neighbours hold shares of each other's secrets, and so whether a round with
-    dropouts can still be unmasked. Seeding the module for the length of one round keeps
-    a run's rounds reproducible (sample, shuffle, evaluation sample, in that order)
-    without leaving the process's RNG changed.
+    Flower 1.42's SecAgg+ workflow takes no RNG: once the strategy has sampled the
+    round's clients it shuffles them with the ``random`` module into the ring that makes
+    each client's neighbours (``SecAggPlusWorkflow.setup_stage``). SecAgg+'s collusion
+    bound assumes neighbourhoods the adversary cannot predict; a shuffle that followed
+    the experiment seed (or a module state something else seeded, as
+    ``keras.utils.set_random_seed`` does) would name every client's neighbours to anyone
+    who knows the seed. Runs therefore repeat their samples, not their rings.
     """
     saved = random.getstate()
-    random.seed(seed)
+    random.seed(secrets.randbits(256))
     try:
         yield
     finally:

@@ -23,7 +23,8 @@ What differs from the plain path, by construction:
 - Client-side evaluation metrics and the train metrics (``train_loss``, ...) still
   travel in clear, as they do without secure aggregation; only the weights are masked.
 - The rounding is random and the masks come from ``os.urandom``: a run is
-  reproducible up to the quantisation error, not to the bit.
+  reproducible up to the quantisation error, not to the bit. The clients sampled follow
+  the seed; the ring that makes their neighbours is drawn from OS entropy.
 
 Under customer-level DP (``privacy.placement = distributed`` or ``local``) the merchants
 send noised customer sums with weight 1 and the hooks in ``server.customer_secagg``
@@ -55,7 +56,7 @@ from flwr.serverapp.strategy import Result
 from server.config import SECAGG_MODULUS, DPConfig, FederationConfig, check_compatible
 from server.privacy import num_sampled
 from server.rounds import RoundBook
-from server.sampling import SortedClientManager, round_seed, seeded_module_random
+from server.sampling import SortedClientManager, round_seed, unpredictable_module_random
 from server.secagg_grid import MeteredGrid
 from server.secagg_workflow import RoundCountsMissing, RoundWorkflow
 
@@ -389,8 +390,9 @@ class SecAggMixin:
 
 
 class _FitRound:
-    """The workflow's fit step of one round: SecAgg+ with the ``random`` module seeded
-    for the round, then the clients' evaluation (as ``Strategy.start`` has it)."""
+    """The workflow's fit step of one round: SecAgg+ on clients sampled from the round's
+    seed and shuffled into its ring from OS entropy (``server.sampling``), then the
+    clients' evaluation (as ``Strategy.start`` has it)."""
 
     def __init__(self, strategy: SecAggMixin, timeout: float | None) -> None:
         fed = strategy.fed
@@ -411,16 +413,18 @@ class _FitRound:
         g = rounds.global_round(r)
         if not rounds.may_start(g):
             return  # stopped: let the workflow run out its remaining rounds idle
-        with seeded_module_random(round_seed(self.strategy.seed, g)):
-            try:
+        # The samples (training, then evaluation) follow the seed; the ring does not.
+        context.client_manager.seed_round(round_seed(self.strategy.seed, g))
+        try:
+            with unpredictable_module_random():
                 self.secagg(grid, context)
-            except RoundCountsMissing:  # a defect: m_min would not hold, so stop the run
-                raise
-            except Exception:  # a malformed masked vector or share must not end the run
-                log.exception("round %d: secure aggregation failed; the global model is "
-                              "unchanged", g)
-            self.strategy.close_round(g)
-            default_evaluate_workflow(grid, context)  # clients' evaluation, as Strategy.start
+        except RoundCountsMissing:  # a defect: m_min would not hold, so stop the run
+            raise
+        except Exception:  # a malformed masked vector or share must not end the run
+            log.exception("round %d: secure aggregation failed; the global model is "
+                          "unchanged", g)
+        self.strategy.close_round(g)
+        default_evaluate_workflow(grid, context)  # clients' evaluation, as Strategy.start
 
 
 def _no_op(grid: Any, context: Any) -> None:
@@ -434,7 +438,7 @@ def build_secagg_strategy(fed: FederationConfig, dp: DPConfig, seed: int, popula
     Parameters
     ----------
     fed, dp : the federation and privacy settings (checked to be compatible).
-    seed : seeds each global round's sampling and SecAgg+ shuffle.
+    seed : seeds each global round's sampling (never the SecAgg+ ring: OS entropy).
     population : the clients connected, of which ``num_sampled`` take part a round.
     engine_failed : when given and set, no round starts.
     """

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,7 +41,7 @@ from common.config import apply_overrides
 from server.checkpoint import load_checkpoint
 from server.config import DPConfig, FederationConfig, check_compatible
 from server.rounds import RoundBook
-from server.sampling import SortedClientManager, seeded_module_random
+from server.sampling import SortedClientManager, round_seed, unpredictable_module_random
 from server.secagg import (
     ClientSideFixedClipping,
     build_secagg_strategy,
@@ -129,11 +130,9 @@ def test_effective_shares_follow_the_workflows_rules(shares: float, threshold: f
     assert effective_shares(fed, sampled) == expected
 
 
-def test_a_round_seeds_the_random_module_only_while_it_runs() -> None:
-    """Sample and SecAgg+'s neighbour shuffle follow the seed and round (as the earlier
-    ``random.seed`` in ``configure_fit`` did); the caller's RNG state comes back."""
-    import random
-
+def test_the_sample_follows_the_seed_and_round() -> None:
+    """As ``OwnedSampling``: the round's training sample, then its evaluation sample,
+    from ``random.Random(round_seed(seed, g))`` over the sorted ids."""
     class Proxy:
         def __init__(self, node_id: int) -> None:
             self.cid, self.node_id = str(node_id), node_id
@@ -146,17 +145,30 @@ def test_a_round_seeds_the_random_module_only_while_it_runs() -> None:
     for node in nodes:
         manager.register(Proxy(node))
     params = ndarrays_to_parameters([np.zeros(3, np.float32)])
-    random.seed(11)
-    state = random.getstate()
-    with seeded_module_random(4 * 1_000_003 + 2):
-        sampled = [p.node_id for p, _ in strategy.configure_fit(2, params, manager)]
-        shuffled = list(sampled)
-        random.shuffle(shuffled)  # what SecAggPlusWorkflow.setup_stage does next
-    assert random.getstate() == state
+    with pytest.raises(RuntimeError, match="before seed_round"):
+        strategy.configure_fit(2, params, manager)
+    manager.seed_round(round_seed(4, 2))
+    sampled = [p.node_id for p, _ in strategy.configure_fit(2, params, manager)]
     expected = random.Random(4 * 1_000_003 + 2)
     assert sampled == expected.sample(sorted(nodes), 3)
-    expected.shuffle(sampled)
-    assert shuffled == sampled
+    assert [p.node_id for p in manager.sample(2)] == expected.sample(sorted(nodes), 2)
+
+
+def test_the_ring_shuffle_ignores_any_seed_and_leaves_the_module_as_it_was() -> None:
+    """SecAggPlusWorkflow shuffles the sampled clients with ``random.shuffle``: inside
+    the block two shuffles after the same ``random.seed`` differ (by chance with
+    probability 1 / 40!), and the module's seeded state comes back."""
+    random.seed(11)
+    seeded = random.getstate()
+    rings = []
+    for _ in range(2):
+        random.setstate(seeded)
+        with unpredictable_module_random():
+            ring = list(range(40))
+            random.shuffle(ring)
+            rings.append(ring)
+        assert random.getstate() == seeded
+    assert rings[0] != rings[1]
 
 
 def test_round_size_checks_name_the_key() -> None:
