@@ -103,11 +103,16 @@ def stage_federation(exp: Experiment, data: PreparedData, run_dir: Path, *,
 def check_hosting(exp: Experiment) -> None:
     """Refuse what several merchants a node (``federation.merchants-per-node`` > 1)
     cannot simulate: a simulated crash kills the node's process, and with it the other
-    merchants it serves."""
+    merchants it serves; a straggler's delay holds up the merchants served after it."""
     if exp.federation.merchants_per_node > 1 and exp.simulation.crash_prob > 0:
         raise ValueError("config key 'federation.merchants-per-node': must be 1 with "
                          "simulation.crash-prob > 0 (a simulated crash kills the node's "
                          "process, failing every merchant it hosts)")
+    if exp.federation.merchants_per_node > 1 and exp.simulation.straggler_prob > 0:
+        raise ValueError("config key 'federation.merchants-per-node': must be 1 with "
+                         "simulation.straggler-prob > 0 (a node serves its merchants one "
+                         "after another, so a straggler's delay holds up the others and "
+                         "the round timeout applies to the node, not the merchant)")
 
 
 def release_data(data: PreparedData) -> None:

@@ -184,6 +184,20 @@ def test_unsupported_combinations_are_refused(key: str, value: Any, extra: dict[
         experiment_from_flat(flat)
 
 
+@pytest.mark.parametrize("key", ["simulation.crash-prob", "simulation.straggler-prob"])
+def test_faults_that_reach_node_mates_are_refused(key: str) -> None:
+    """A crash kills the node's process; a straggler's delay holds up the merchants
+    served after it on the node: both are refused naming both keys, with K > 1 only."""
+    from simulations.federated import check_hosting
+    from simulations.settings import experiment_from_flat
+
+    flat = {"experiment.preset": "quick", key: 0.1}
+    check_hosting(experiment_from_flat(flat))
+    check_hosting(experiment_from_flat({**flat, key: 0.0, "federation.merchants-per-node": 2}))
+    with pytest.raises(ValueError, match=f"'federation.merchants-per-node'.*{key} > 0"):
+        check_hosting(experiment_from_flat({**flat, "federation.merchants-per-node": 2}))
+
+
 class LocalGrid:
     """A Grid whose nodes are the real ClientApp called in this process: node ``i``
     (id ``1000 + i``) has partition id ``i``."""
