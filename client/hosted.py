@@ -7,7 +7,8 @@ the same received message and the same weights (read once), in a Context whose
 ``partition-id`` is that merchant's: its shard, its seeded faults, its whitelisted
 metrics, as if it had been sent alone. The
 reply holds every merchant's records (or its error) under ``common.hosting.record_key``;
-one merchant's data error or simulated fault fails that merchant only.
+one merchant's data error, simulated fault or unexpected exception fails that merchant
+only (:func:`serve_one`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from client.arrays import read_weights
 from common.hosting import (
@@ -70,7 +72,7 @@ def serve_merchants(msg: Message, context: Context, merchants: list[int],
     weights = read_weights(arrays) if arrays is not None else None
     packed = RecordDict()
     for merchant in merchants:
-        reply = handler(msg, merchant_context(context, merchant), weights)
+        reply = serve_one(msg, context, merchant, handler, weights)
         if reply.has_error():
             packed[record_key(merchant, ERROR_RECORD)] = ConfigRecord(
                 {ERROR_CODE_KEY: int(reply.error.code),
@@ -79,6 +81,20 @@ def serve_merchants(msg: Message, context: Context, merchants: list[int],
         for name, record in reply.content.items():
             packed[record_key(merchant, name)] = record
     return Message(packed, reply_to=msg)
+
+
+def serve_one(msg: Message, context: Context, merchant: int, handler: Handler,
+              weights: list[np.ndarray] | None) -> Message:
+    """``handler``'s reply for ``merchant``; an exception it raises becomes that
+    merchant's error reply, as Flower makes one for a ClientApp that raised (code
+    ``CLIENT_APP_RAISED_EXCEPTION``, reason ``"<class ...>:<'message'>"``), so the
+    merchants served after it still reply."""
+    try:
+        return handler(msg, merchant_context(context, merchant), weights)
+    except Exception as err:  # a K = 1 node would fail this merchant alone
+        log.exception("merchant (partition %d) failed; its node-mates go on", merchant)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
 
 
 def serve(msg: Message, context: Context, handler: Handler) -> Message:

@@ -116,6 +116,36 @@ def test_one_message_per_node_and_one_reply_per_merchant() -> None:
         assert list(by[m].content) == ["metrics"]
 
 
+def test_a_merchant_whose_handler_raises_fails_alone(caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    """Merchant 3 raises: its reply is the error Flower makes of a ClientApp that raised
+    (code 2, ``"<class ...>:<'message'>"``); 4 and 5, served after it, still reply."""
+    def raising(msg: Message) -> Message:
+        ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={},
+                      state=RecordDict(), run_config={})
+
+        def one(m: Message, c: Context, weights: Any) -> Message:
+            pid = int(c.node_config["partition-id"])
+            if pid == 3:
+                raise KeyError("train-rows")
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": pid})}),
+                           reply_to=m)
+
+        return serve(msg, ctx, one)
+
+    grid = MerchantGrid(NodeSide(raising), merchants=7, per_node=3)  # type: ignore[arg-type]
+    grid.get_node_ids()
+    with caplog.at_level("ERROR", logger="client.hosted"):
+        replies = grid.send_and_receive(_train_messages([2, 3, 4, 5]), timeout=5)
+    by = {m.metadata.src_node_id: m for m in replies}
+    assert sorted(by) == [2, 3, 4, 5]
+    assert by[3].has_error() and by[3].error.code == 2  # ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert by[3].error.reason == "<class 'KeyError'>:<''train-rows''>"
+    for m in (2, 4, 5):
+        assert dict(by[m].content.metric_records["metrics"]) == {"num-examples": m}
+    assert "partition 3" in caplog.text and "KeyError" in caplog.text  # with its traceback
+
+
 def test_a_node_error_fails_its_merchants_and_a_silent_node_leaves_them_unanswered(
 ) -> None:
     def broken(msg: Message) -> Message:
