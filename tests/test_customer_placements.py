@@ -196,7 +196,8 @@ def distributed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "model.jit-compile=false", "experiment.seed=0", f"experiment.output-dir={tmp}",
         "federation.secure-aggregation=true", "privacy.unit=customer",
         "privacy.placement=distributed", f"privacy.customer-rate={RATE}",
-        f"privacy.noise-multiplier={Z}", "privacy.seeded-sampling=true"]
+        f"privacy.noise-multiplier={Z}", "privacy.seeded-sampling=true",
+        "privacy.server-optimizer=sgd"]  # the step checked below: lr 1 along the mean
     spec = {"overrides": overrides, "run_dir": str(tmp / "run"),
             "record_dir": str(tmp / "records"),
             "drop": {"pid": DROPPED, "stage": "collect_masked_vectors", "round": 2}}
