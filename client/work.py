@@ -39,15 +39,17 @@ def global_round(config: Mapping[str, Any]) -> int:
     return int(config.get(GLOBAL_ROUND_KEY, config.get("server-round", 0)))
 
 
-def global_model(settings: ClientSettings, weights: list[np.ndarray],
+def global_model(settings: ClientSettings, weights: list[np.ndarray] | None,
                  timer: HandlerTimer | None = None) -> Any:
-    """The process's cached model holding ``weights`` (the server's global model)."""
+    """The process's cached model holding ``weights`` (the server's global model);
+    with None, as it is (the caller gives the weights to ``fit``)."""
     from common.model import cached_model, set_weights_of
 
     if timer is not None:
         timer.lap("tensorflow import")
     model = cached_model(settings.model, settings.snapshots, settings.seed)
-    set_weights_of(model, weights)
+    if weights is not None:
+        set_weights_of(model, weights)
     if timer is not None:
         timer.lap("model")
     return model
@@ -57,6 +59,14 @@ def fit_locally(model: Any, settings: ClientSettings, snaps: Snapshots,
                 config: Mapping[str, Any]) -> dict[str, float | int]:
     """Train ``model`` (holding the global weights) on this merchant's training rows as
     the server's ``config`` asks; the whitelisted metrics of the reply."""
+    return _local_fit(model, settings, snaps, config)[1]
+
+
+def _local_fit(model: Any, settings: ClientSettings, snaps: Snapshots,
+               config: Mapping[str, Any], initial: list[np.ndarray] | None = None
+               ) -> tuple[list[np.ndarray], dict[str, float | int]]:
+    """:func:`fit_locally` starting from ``initial`` when given (assigned in the same
+    compiled call as the first epoch); the trained weights and the metrics."""
     from common.training import fit
 
     train_rows, val_rows = snaps.split_part("train"), snaps.split_part("val")
@@ -66,11 +76,11 @@ def fit_locally(model: Any, settings: ClientSettings, snaps: Snapshots,
         proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)),
     )
     result = fit(model, train_rows, val_rows, train_cfg,
-                 seed=settings.seed * 100_003 + global_round(config))
+                 seed=settings.seed * 100_003 + global_round(config), initial=initial)
     metrics: dict[str, float | int] = {
         k: float(v) if np.isfinite(v) else -1.0 for k, v in result.as_metrics().items()}
     metrics["num-examples"] = int(len(train_rows))
-    return metrics
+    return result.weights, metrics
 
 
 def evaluate_locally(model: Any, test: Snapshots) -> dict[str, float | int]:
@@ -129,22 +139,23 @@ def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.nda
     so one message a round serves both training and model selection. Returns the
     locally trained weights and the reply's whitelisted metrics.
     """
-    from common.model import weights_of
-
     if CUSTOMER_RATE_KEY in config:  # customer-level DP: clipped per-customer updates
         from client.customer_dp import customer_train_reply
 
         return customer_train_reply(settings, snaps, weights, config, timer)
-    model = global_model(settings, weights, timer)
     pre: dict[str, float | int] = {}
     if config.get(PRE_EVALUATE_KEY):
+        model = global_model(settings, weights, timer)
         pre = pre_training_metrics(model, snaps)
         if timer is not None:
             timer.lap("pre-training evaluation")
-    metrics = {**fit_locally(model, settings, snaps, config), **pre}
+        trained, metrics = _local_fit(model, settings, snaps, config)
+    else:  # the global weights go in with the first epoch's compiled call
+        model = global_model(settings, None, timer)
+        trained, metrics = _local_fit(model, settings, snaps, config, initial=weights)
     if timer is not None:
         timer.lap("fit")
-    return weights_of(model), metrics
+    return trained, {**metrics, **pre}
 
 
 def evaluate_reply(settings: ClientSettings, test: Snapshots, weights: list[np.ndarray],

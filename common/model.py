@@ -6,12 +6,15 @@ the baselines and the scorer alike; equal seeds give equal initial weights.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import itertools
 import os
 import warnings
 import zipfile
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -205,7 +208,10 @@ def targets(snaps: Snapshots, num_actions: int) -> dict[str, np.ndarray]:
 
 def weights_of(model: keras.Model) -> list[np.ndarray]:
     """The model's weights (as ``get_weights``) read in one compiled call."""
-    return _weight_io(model)[1]()
+    io = weight_io(model)
+    if io is None:
+        return model.get_weights()
+    return io.unflatten(io.read().numpy())
 
 
 def set_weights_of(model: keras.Model, arrays: list[np.ndarray]) -> None:
@@ -215,22 +221,62 @@ def set_weights_of(model: keras.Model, arrays: list[np.ndarray]) -> None:
     message (the global weights in, its own out; figures in ``docs/performance.md``).
     A wrong count or shape raises ValueError, as Keras' ``set_weights`` does.
     """
-    _weight_io(model)[0](arrays)
+    io = weight_io(model)
+    if io is None:
+        model.set_weights(arrays)
+        return
+    io.assign(io.flatten(arrays))
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightIO:
+    """A model's weights as one flat vector: the compiled ``assign(flat)`` and
+    ``read() -> flat`` (callable from other compiled functions too, so training can
+    take its starting weights and give its result in the same call), and the
+    conversions between the flat vector and ``get_weights``' list of arrays.
+
+    One flat tensor crosses into the compiled functions: a tensor per weight costs
+    more in argument conversion than the assignments themselves.
+    """
+
+    assign: Callable[..., Any]
+    read: Callable[[], Any]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: np.dtype
+    bounds: tuple[int, ...]
+    names: tuple[str, ...]
+
+    def flatten(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """``arrays`` (as ``get_weights`` lists them) as one flat vector; a wrong count
+        or shape raises ValueError naming the weight."""
+        if len(arrays) != len(self.shapes):
+            raise ValueError(f"{len(arrays)} weight arrays for a model with "
+                             f"{len(self.shapes)} weights")
+        for name, x, shape in zip(self.names, arrays, self.shapes, strict=True):
+            if np.shape(x) != shape:
+                raise ValueError(f"weight {name} has shape {shape}, "
+                                 f"got an array of shape {np.shape(x)}")
+        return np.concatenate([np.ravel(x) for x in arrays]).astype(self.dtype, copy=False)
+
+    def unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
+        """The flat vector as ``get_weights``' list (views into ``flat``)."""
+        return [flat[a:b].reshape(shape) for a, b, shape in
+                zip(self.bounds[:-1], self.bounds[1:], self.shapes, strict=True)]
 
 
 @functools.lru_cache(maxsize=8)
-def _weight_io(model: keras.Model):
+def weight_io(model: keras.Model) -> WeightIO | None:
+    """``model``'s :class:`WeightIO`; None when its weights differ in dtype (not this
+    project's model: Keras' own ``get_weights`` / ``set_weights`` then)."""
     import tensorflow as tf
 
     variables = list(model.weights)
-    shapes = [tuple(v.shape) for v in variables]
+    shapes = tuple(tuple(int(n) for n in v.shape) for v in variables)
     sizes = [int(np.prod(s)) for s in shapes]
     dtype = np.dtype(variables[0].dtype)
-    if any(np.dtype(v.dtype) != dtype for v in variables):  # not this project's model
-        return model.set_weights, model.get_weights
+    if any(np.dtype(v.dtype) != dtype for v in variables):
+        return None
 
-    # One flat tensor crosses into the compiled functions: a tensor per weight costs
-    # more in argument conversion than the assignments themselves.
     @tf.function(input_signature=[tf.TensorSpec([sum(sizes)], dtype)])
     def assign(flat):
         for v, part, shape in zip(variables, tf.split(flat, sizes), shapes, strict=True):
@@ -240,24 +286,9 @@ def _weight_io(model: keras.Model):
     def read():
         return tf.concat([tf.reshape(v, [-1]) for v in variables], axis=0)
 
-    bounds = np.cumsum([0, *sizes])
-
-    def set_all(arrays: list[np.ndarray]) -> None:
-        if len(arrays) != len(variables):
-            raise ValueError(f"{len(arrays)} weight arrays for a model with "
-                             f"{len(variables)} weights")
-        for v, x, shape in zip(variables, arrays, shapes, strict=True):
-            if np.shape(x) != shape:
-                raise ValueError(f"weight {v.path} has shape {shape}, "
-                                 f"got an array of shape {np.shape(x)}")
-        assign(np.concatenate([np.ravel(x) for x in arrays]).astype(dtype, copy=False))
-
-    def get_all() -> list[np.ndarray]:
-        flat = read().numpy()
-        return [flat[a:b].reshape(shape)
-                for a, b, shape in zip(bounds[:-1], bounds[1:], shapes, strict=True)]
-
-    return set_all, get_all
+    return WeightIO(assign=assign, read=read, shapes=shapes, dtype=dtype,
+                    bounds=tuple(int(b) for b in np.cumsum([0, *sizes])),
+                    names=tuple(str(v.path) for v in variables))
 
 
 def save_model(model: keras.Model, path) -> None:

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -21,7 +22,7 @@ import tensorflow as tf
 
 from common import keras_seam, metrics
 from common.config import TrainConfig
-from common.model import model_inputs, set_weights_of, targets, weights_of
+from common.model import model_inputs, set_weights_of, targets, weight_io
 from common.model import num_actions as model_actions
 from common.snapshots import Snapshots
 
@@ -42,6 +43,9 @@ class FitResult:
     best_epoch: int
     seconds: float
     history: list[dict[str, float]]
+    #: The weights the model holds on return (``get_weights``' list), read in the
+    #: same compiled call as the last epoch.
+    weights: list[np.ndarray] = dataclasses.field(default_factory=list, repr=False)
 
     def as_metrics(self) -> dict[str, float]:
         """Train and validation loss, epochs and fit seconds as a flat dict of floats."""
@@ -139,23 +143,38 @@ def fit(
     *,
     seed: int = 0,
     on_epoch: EpochCallback | None = None,
+    initial: list[np.ndarray] | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``train``, early-stopping on ``val`` loss.
 
     The best epoch's weights (by validation loss) are kept. Without validation rows
-    every epoch runs and the last weights are kept.
+    every epoch runs and the last weights are kept. ``initial``: weights to start from
+    (a merchant's global model), assigned in the same compiled call as the first epoch.
+
+    Each epoch is one compiled call (:func:`_epoch_call`): the training steps, the
+    validation loss and reading the weights, and in the first the starting weights and
+    the fresh optimizer state. A tiny merchant's work is then one call into TensorFlow
+    instead of five (~0.7 ms of dispatch each, ``docs/performance.md``).
     """
     started = time.perf_counter()
     if len(train) == 0:
         raise ValueError("fit: no training snapshots")
+    io = weight_io(model)
+    if initial is not None and (io is None or config.proximal_mu > 0):
+        # FedProx anchors at the starting weights, which it reads before the first call.
+        set_weights_of(model, initial)
+        initial = None
     num_actions = model_actions(model)
     x_all, y_all = model_inputs(model, train), targets(train, num_actions)
     weights = decay_sample_weights(train, config.class_weight)
     has_val = val is not None and len(val) > 0
-    _state_reset(model)(tf.constant(seed, tf.int64))
+    checks = _validation_batches(model, val) if has_val and val is not None else None
+    seed_tensor = tf.constant(seed, tf.int64)
     trainer = _trainer(model, config.proximal_mu)
     rng = np.random.default_rng(seed)
-    best_loss, best_epoch, best_weights = math.inf, 0, None
+    best_loss, best_epoch = math.inf, 0
+    best_flat: tf.Tensor | None = None
+    flat: tf.Tensor | None = None
     history: list[dict[str, float]] = []
     stale = 0
     base_weights = weights if weights is not None else np.ones(len(train), np.float32)
@@ -167,27 +186,33 @@ def fit(
         w = np.where(live, base_weights[idx], 0.0).astype(np.float32)
         real = live.astype(np.float32)
         sw = {"decay": w, "interest": real, "activation": real}
-        loss = _run_steps(trainer, "train", x, y, sw, config.batch_size)
-        row = {"epoch": float(epoch), "loss": loss}
-        if has_val and val is not None:
-            row["val_loss"] = validation_loss(model, val)
+        call = _epoch_call(model, trainer, epoch == 1, epoch == 1 and initial is not None,
+                           checks is not None)
+        loss, val_loss, flat = call(
+            io.flatten(initial) if epoch == 1 and initial is not None and io else None,
+            seed_tensor, _batched(x, y, sw, config.batch_size),
+            checks.arrays if checks is not None else None)
+        row = {"epoch": float(epoch), "loss": float(loss)}
+        if checks is not None:
+            row["val_loss"] = float(val_loss) * checks.scale
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch, row)
         log.debug("epoch %d: %s", epoch, row)
-        if not has_val:
+        if checks is None:
             best_epoch = epoch
             continue
         if row["val_loss"] < best_loss - 1e-5:
             best_loss, best_epoch, stale = row["val_loss"], epoch, 0
-            if epoch < config.epochs:  # after the last epoch the model holds them already
-                best_weights = weights_of(model)
+            best_flat = flat
         else:
             stale += 1
             if stale > config.patience:
                 break
-    if best_weights is not None and best_epoch < len(history):
-        set_weights_of(model, best_weights)
+    if best_flat is not None and best_epoch < len(history):
+        if io is not None:
+            io.assign(best_flat)
+        flat = best_flat
     final = history[best_epoch - 1] if best_epoch else history[-1]
     return FitResult(
         epochs=len(history),
@@ -197,7 +222,48 @@ def fit(
         best_epoch=best_epoch,
         seconds=time.perf_counter() - started,
         history=history,
+        weights=(io.unflatten(flat.numpy()) if io is not None and flat is not None
+                 else model.get_weights()),
     )
+
+
+def _batched(x: dict[str, np.ndarray], y: dict[str, np.ndarray],
+             sample_weight: dict[str, np.ndarray], batch: int
+             ) -> tuple[dict[str, np.ndarray], ...]:
+    """Rows already in order as ``[steps, batch, ...]`` arrays (inputs, targets, weights)."""
+    steps = len(sample_weight["decay"]) // batch
+    return tuple({k: v.reshape(steps, batch, *v.shape[1:]) for k, v in tree.items()}
+                 for tree in (x, y, sample_weight))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checks:
+    """A validation set laid out once for every epoch's compiled call: ``(x, y, sw)``
+    batched as ``[steps, VAL_BATCH, ...]``, or, for a set that fits one batch
+    (``single``), ``(x, y, sw, rows)`` with ``x`` only the real rows (a bucket of
+    :data:`VAL_BUCKETS`) and ``rows`` the padded batch's rows in ``x``."""
+
+    arrays: tuple[Any, ...]
+    scale: float  # padded rows / real rows: Keras averages over whole batches
+    single: bool
+
+
+def _validation_batches(model: keras.Model, snaps: Snapshots) -> _Checks:
+    num_actions = model_actions(model)
+    idx, live = _padded_order(np.arange(len(snaps)), VAL_BATCH)
+    inputs = model_inputs(model, snaps)
+    y = {k: v[idx] for k, v in targets(snaps, num_actions).items()}
+    y["activation"][~live] = -1.0
+    w = live.astype(np.float32)
+    sw = {"decay": w, "interest": w, "activation": w}
+    scale = len(idx) / max(len(snaps), 1)
+    if len(idx) == VAL_BATCH:  # one batch: the model runs on its real rows only
+        bucket = next(b for b in VAL_BUCKETS if b >= len(snaps))
+        rows = np.resize(np.arange(len(snaps)), bucket)
+        return _Checks(({k: v[rows] for k, v in inputs.items()}, y, sw,
+                        idx.astype(np.int32)), scale, single=True)
+    x = {k: v[idx] for k, v in inputs.items()}
+    return _Checks(_batched(x, y, sw, VAL_BATCH), scale, single=False)
 
 
 def _padded_order(order: np.ndarray, batch: int, rng: np.random.Generator | None = None
@@ -220,6 +286,9 @@ EVAL_BATCH = 1024
 #: Batch of the validation loss: a merchant holds tens of validation rows, and a
 #: 1024-row batch of padding cost 5x a 128-row one here (21 vs 4 ms).
 VAL_BATCH = 128
+#: Rows the model runs on for a validation set that fits one batch (the smallest that
+#: holds it; :func:`_padded_loss`).
+VAL_BUCKETS: tuple[int, ...] = (16, 32, 64, VAL_BATCH)
 
 
 def validation_loss(model: keras.Model, snaps: Snapshots) -> float:
@@ -228,34 +297,32 @@ def validation_loss(model: keras.Model, snaps: Snapshots) -> float:
     Padding rows have zero weight; Keras averages over whole batches, so the value is
     scaled by the real share of rows, a constant for a given set.
     """
-    num_actions = model_actions(model)
-    idx, live = _padded_order(np.arange(len(snaps)), VAL_BATCH)
-    x = {k: v[idx] for k, v in model_inputs(model, snaps).items()}
-    y = {k: v[idx] for k, v in targets(snaps, num_actions).items()}
-    y["activation"][~live] = -1.0
-    w = live.astype(np.float32)
-    loss = _run_steps(model, "test", x, y, {"decay": w, "interest": w, "activation": w},
-                      VAL_BATCH)
-    return loss * len(idx) / max(len(snaps), 1)
+    checks = _validation_batches(model, snaps)
+    if checks.single:
+        return float(_padded_loss(model)(*checks.arrays)) * checks.scale
+    logs = _epoch_function(model, "test")(*checks.arrays)
+    return float(logs["loss"]) * checks.scale
 
 
-def _run_steps(model: keras.Model, kind: str, x: dict[str, np.ndarray],
-               y: dict[str, np.ndarray], sample_weight: dict[str, np.ndarray],
-               batch: int) -> float:
-    """Run ``model``'s train or test step over consecutive batches of rows already in
-    order; the mean loss over the batches.
+@functools.lru_cache(maxsize=8)
+def _padded_loss(model: keras.Model) -> Callable[..., tf.Tensor]:
+    """``test_step``'s loss on one padded batch ``(y, sw)``, the model run on the real
+    rows ``x`` only and its outputs laid out as the batch (``rows``).
 
-    One compiled call does every batch: Keras' ``fit`` and ``evaluate`` build a data
-    pipeline and callbacks per call, which costs more than a small merchant's whole
-    epoch of compute (``docs/performance.md``), and ``fit`` adds time per step on top.
+    The same loss on the same batch: the scalar heads' Keras losses average over the
+    whole padded batch (sample weights scale that mean rather than mask rows), so the
+    padding stays in the loss; only the model's work on it is saved (a merchant's ~12
+    validation rows run as 16 rather than 128). Equal to the padded ``test_step`` up to
+    float rounding (XLA compiles another shape).
     """
-    steps = len(sample_weight["decay"]) // batch
 
-    def batched(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: v.reshape(steps, batch, *v.shape[1:]) for k, v in arrays.items()}
+    @tf.function(jit_compile=bool(model.jit_compile), reduce_retracing=True)
+    def loss(x, y, sw, rows):
+        out = model(x, training=False)
+        padded = {k: tf.gather(v, rows) for k, v in out.items()}
+        return model.compute_loss(x=x, y=y, y_pred=padded, sample_weight=sw, training=False)
 
-    logs = _epoch_function(model, kind)(batched(x), batched(y), batched(sample_weight))
-    return float(logs["loss"])
+    return loss
 
 
 @functools.lru_cache(maxsize=8)
@@ -277,6 +344,68 @@ def _epoch_function(model: keras.Model, kind: str) -> Callable[..., dict[str, tf
         return logs
 
     return loop
+
+
+@functools.lru_cache(maxsize=16)
+def _epoch_call(model: keras.Model, trainer: keras.Model, first: bool, assign: bool,
+                validate: bool) -> Callable[..., tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+    """One epoch of :func:`fit` as one compiled call:
+    ``(flat weights | None, seed, (x, y, sw), (val x, y, sw) | None) -> (train loss,
+    validation loss, the weights after, flat)``.
+
+    The first epoch (``first``) gives the optimizer a fresh state from the seed
+    (:func:`_state_reset`) and, with ``assign``, the starting weights first. The steps
+    are the same compiled ``train_step`` / ``test_step`` loops :func:`validation_loss`
+    runs (:func:`_epoch_function`), so the numbers are theirs; stateful calls run in
+    program order inside a ``tf.function``, so each loss is read before the next loop
+    resets the metrics.
+    """
+    io = weight_io(model)
+    reset = _state_reset(model) if first else None
+    train_loop = _epoch_function(trainer, "train")
+    val_loop = _epoch_function(model, "test") if validate else None
+    padded = _padded_loss(model) if validate else None
+
+    def epoch(flat, seed, batches, checks):
+        if assign and io is not None:
+            io.assign(flat)
+        if reset is not None:
+            reset(seed)
+        loss = train_loop(*batches)["loss"]
+        if checks is None or val_loop is None or padded is None:
+            val_loss = tf.constant(float("nan"))
+        elif len(checks) == 4:  # one batch (_Checks.single)
+            val_loss = padded(*checks)
+        else:
+            val_loss = val_loop(*checks)["loss"]
+        weights = io.read() if io is not None else tf.zeros([0])
+        return loss, val_loss, weights
+
+    # One trace per layout of the arrays, with any number of steps and rows a step: a
+    # tf.function left to relax shapes by itself compared the call with its traces on
+    # every call (in a profile, more than the rest of its dispatch).
+    traced: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+    def call(flat, seed, batches, checks):
+        specs = (None if flat is None else tf.TensorSpec([None], flat.dtype),
+                 tf.TensorSpec([], tf.int64), _specs(batches),
+                 None if checks is None else _specs(checks, lead=1 if len(checks) == 4 else 2))
+        key = tuple(tf.nest.flatten(specs))
+        if key not in traced:
+            traced[key] = tf.function(epoch).get_concrete_function(*specs)
+        return traced[key](flat, seed, batches, checks)
+
+    return call
+
+
+def _specs(tree: tuple[Any, ...], lead: int = 2) -> tuple[Any, ...]:
+    """TensorSpecs of arrays (or dicts of them) with their first ``lead`` dimensions
+    (steps and rows a step, or rows) left open."""
+    def spec(a: np.ndarray) -> tf.TensorSpec:
+        return tf.TensorSpec([None] * lead + list(a.shape[lead:]), tf.as_dtype(a.dtype))
+
+    return tuple({k: spec(v) for k, v in part.items()} if isinstance(part, dict)
+                 else spec(part) for part in tree)
 
 
 def predict(model: keras.Model, snaps: Snapshots, batch: int = EVAL_BATCH,

@@ -11,14 +11,25 @@ import math
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from helpers import hand_snapshots
 from sklearn.metrics import roc_auc_score
 
 from common.config import ModelConfig, SnapshotConfig, TrainConfig
 from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES, STATIC_FEATURES
-from common.model import build_model, weights_of
+from common.model import (
+    build_model,
+    model_inputs,
+    set_weights_of,
+    targets,
+    weights_of,
+)
 from common.snapshots import Snapshots
 from common.training import (
+    _batched,
+    _epoch_function,
+    _padded_order,
+    _state_reset,
     decay_sample_weights,
     evaluate,
     fit,
@@ -186,3 +197,85 @@ def test_decay_sample_weights_by_hand() -> None:
     assert decay_sample_weights(snaps, False) is None
     snaps.decay = np.zeros(4, np.float32)
     assert decay_sample_weights(snaps, True) is None
+
+
+# ------------------------------------------- one compiled call an epoch (a tiny shard)
+# fit runs each epoch as one compiled call (starting weights, fresh optimizer state, the
+# training steps, the validation loss, the weights read back): it must give what the
+# separate calls give, step for step.
+
+# 45 training rows (two batches of 32, the second padded) and 13 validation rows: a
+# tiny merchant's shard.
+SHARD = make_snapshots(45, seed=11)
+SHARD_VAL = make_snapshots(13, seed=12)
+SHARD_CFG = TrainConfig(epochs=3, batch_size=32, patience=5)
+
+
+@pytest.fixture
+def model_and_start(model_and_init):
+    model, init = model_and_init
+    return model, [w + np.float32(0.01) for w in init]  # not the model's own
+
+
+def separate_calls(model, start: list[np.ndarray], seed: int
+                   ) -> tuple[list[dict[str, float]], list[np.ndarray]]:
+    """The loop fit ran before the fusion: one compiled call per step kind."""
+    set_weights_of(model, start)
+    _state_reset(model)(tf.constant(seed, tf.int64))
+    rng = np.random.default_rng(seed)
+    x_all, y_all = model_inputs(model, SHARD), targets(SHARD, len(SNAP.actions))
+    history = []
+    for _ in range(SHARD_CFG.epochs):
+        idx, live = _padded_order(rng.permutation(len(SHARD)), SHARD_CFG.batch_size, rng)
+        x = {k: v[idx] for k, v in x_all.items()}
+        y = {k: v[idx] for k, v in y_all.items()}
+        y["activation"][~live] = -1.0
+        real = live.astype(np.float32)
+        sw = {"decay": real, "interest": real, "activation": real}
+        logs = _epoch_function(model, "train")(*_batched(x, y, sw, SHARD_CFG.batch_size))
+        history.append({"loss": float(logs["loss"]), "val_loss": validation_loss(model, SHARD_VAL)})
+    return history, weights_of(model)
+
+
+def test_one_call_an_epoch_equals_the_separate_calls(model_and_start) -> None:
+    model, start = model_and_start
+    expected, weights = separate_calls(model, start, seed=7)
+    set_weights_of(model, [np.zeros_like(w) for w in start])  # fit must assign the start
+    result = fit(model, SHARD, SHARD_VAL, SHARD_CFG, seed=7, initial=start)
+    assert result.epochs == 3 and [r["epoch"] for r in result.history] == [1.0, 2.0, 3.0]
+    for got, want in zip(result.history, expected, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    assert len(result.weights) == len(weights)
+    for a, b in zip(result.weights, weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(weights_of(model), result.weights, strict=True):  # what the model holds
+        np.testing.assert_array_equal(a, b)
+    # The losses moved: the epochs trained (a check that cannot pass by doing nothing).
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_initial_weights_equal_setting_them_first(model_and_start) -> None:
+    """With and without FedProx (whose anchor is the starting weights)."""
+    model, start = model_and_start
+    for mu in (0.0, 0.5):
+        cfg = TrainConfig(epochs=2, batch_size=32, proximal_mu=mu)
+        set_weights_of(model, start)
+        first = fit(model, SHARD, SHARD_VAL, cfg, seed=3)
+        set_weights_of(model, [w * 0 for w in start])
+        given = fit(model, SHARD, SHARD_VAL, cfg, seed=3, initial=start)
+        assert given.history == first.history, mu
+        for a, b in zip(given.weights, first.weights, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_early_stopping_returns_and_keeps_the_best_weights(model_and_start) -> None:
+    model, start = model_and_start
+    anti = make_snapshots(len(SHARD_VAL), seed=12, flip=True)
+    # The validation labels are the training labels flipped: the loss rises at once.
+    cfg = TrainConfig(epochs=6, batch_size=32, patience=0)
+    result = fit(model, make_snapshots(300, seed=13), anti, cfg, seed=0, initial=start)
+    assert result.best_epoch < result.epochs
+    for a, b in zip(weights_of(model), result.weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert validation_loss(model, anti) == pytest.approx(result.val_loss, rel=1e-5)
