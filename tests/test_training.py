@@ -26,6 +26,7 @@ from common.model import (
 )
 from common.snapshots import Snapshots
 from common.training import (
+    VAL_BATCH,
     _batched,
     _epoch_function,
     _padded_order,
@@ -279,3 +280,26 @@ def test_early_stopping_returns_and_keeps_the_best_weights(model_and_start) -> N
     for a, b in zip(weights_of(model), result.weights, strict=True):
         np.testing.assert_array_equal(a, b)
     assert validation_loss(model, anti) == pytest.approx(result.val_loss, rel=1e-5)
+
+
+def test_a_small_validation_set_runs_on_its_real_rows_with_the_padded_loss(model) -> None:
+    """13 rows: the model runs on a bucket of 16, the loss is the 128-row padded batch's
+    (the scalar heads' Keras losses average over the padding too, so a 16-row batch
+    would give another value)."""
+    idx, live = _padded_order(np.arange(len(SHARD_VAL)), VAL_BATCH)
+    x = {k: v[idx] for k, v in model_inputs(model, SHARD_VAL).items()}
+    y = {k: v[idx] for k, v in targets(SHARD_VAL, len(SNAP.actions)).items()}
+    y["activation"][~live] = -1.0
+    w = live.astype(np.float32)
+    logs = _epoch_function(model, "test")(
+        *_batched(x, y, {"decay": w, "interest": w, "activation": w}, VAL_BATCH))
+    padded = float(logs["loss"]) * VAL_BATCH / len(SHARD_VAL)
+    assert validation_loss(model, SHARD_VAL) == pytest.approx(padded, rel=1e-5)
+    sixteen = np.resize(np.arange(len(SHARD_VAL)), 16)
+    x16 = {k: v[sixteen][None] for k, v in model_inputs(model, SHARD_VAL).items()}
+    y16 = {k: v[sixteen][None] for k, v in targets(SHARD_VAL, len(SNAP.actions)).items()}
+    w16 = (np.arange(16) < len(SHARD_VAL)).astype(np.float32)[None]
+    y16["activation"][~w16.astype(bool)] = -1.0
+    other = float(_epoch_function(model, "test")(
+        x16, y16, {"decay": w16, "interest": w16, "activation": w16})["loss"]) * 16 / 13
+    assert abs(other - padded) > 1e-4  # what the bucket alone would have changed
