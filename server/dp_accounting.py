@@ -24,7 +24,10 @@ JSON (a non-finite number is written ``null``).
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,26 +77,32 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+@contextmanager
+def quiet_rdp() -> Iterator[None]:
+    """Silence the RDP accountant's warning for each fractional order it skips (one
+    line per order and ε query, dozens a round at low noise); its errors still show."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
 def customer_epsilons(rate: float, noise: float, rounds: int, delta: float
                       ) -> tuple[float, float]:
     """ε (RDP, PLD) after ``rounds`` Poisson-subsampled Gaussian rounds at rate ``rate``
     and noise multiplier ``noise``, at ``delta``; (0, 0) for no round."""
     if rounds <= 0:
         return 0.0, 0.0
-    import logging
-
     from dp_accounting import dp_event, pld, rdp
 
     event = dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(noise))
-    absl = logging.getLogger("absl")  # RDP warns for each fractional order it skips
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
+    with quiet_rdp():
         by_rdp = rdp.RdpAccountant()
         by_rdp.compose(event, rounds)
         eps_rdp = float(by_rdp.get_epsilon(delta))
-    finally:
-        absl.setLevel(level)
     try:
         by_pld = pld.PLDAccountant()
         by_pld.compose(event, rounds)

@@ -39,6 +39,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common import atomic
 from server.config import DP_STRATEGIES, DPConfig, FederationConfig
+from server.dp_accounting import quiet_rdp
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,9 @@ class PrivacyLedger:
                clipping_norm: float) -> dict[str, Any]:
         """Compose one released round and append its line."""
         event = self.event(sampled, aggregated)
-        self.accountant.compose(event)
-        self.epsilon = self.accountant.get_epsilon(self.dp.delta())
+        with quiet_rdp():  # dp-accounting computes the orders as it composes
+            self.accountant.compose(event)
+        self.epsilon = self.spent()
         line = {
             "round": server_round, "participants": aggregated, "sampled": sampled,
             "population": self.population,
@@ -171,7 +173,14 @@ class PrivacyLedger:
         if self.dp.target_epsilon <= 0:
             return False
         m = self.calibrated_for
-        return self.accountant.would_exceed(self.event(m, m), max_epsilon=self.dp.target_epsilon)
+        with quiet_rdp():
+            return self.accountant.would_exceed(self.event(m, m),
+                                                max_epsilon=self.dp.target_epsilon)
+
+    def spent(self) -> float:
+        """ε of the rounds composed so far, at :attr:`delta`."""
+        with quiet_rdp():
+            return float(self.accountant.get_epsilon(self.dp.delta()))
 
     def replay(self, upto: int) -> int:
         """Recompose the rounds <= ``upto`` already in the file (resume); drop later ones."""
@@ -179,11 +188,12 @@ class PrivacyLedger:
             return 0
         kept = [json.loads(t) for t in self.path.read_text().splitlines() if t.strip()]
         kept = [line for line in kept if line["round"] <= upto]
-        for line in kept:
-            self.accountant.compose(GaussianPrivacyEvent(
-                noise_multiplier=line["noise_multiplier"], sample_size=line["sampled"],
-                population_size=self.population))
-        self.epsilon = self.accountant.get_epsilon(self.dp.delta()) if kept else 0.0
+        with quiet_rdp():
+            for line in kept:
+                self.accountant.compose(GaussianPrivacyEvent(
+                    noise_multiplier=line["noise_multiplier"], sample_size=line["sampled"],
+                    population_size=self.population))
+        self.epsilon = self.spent() if kept else 0.0
         atomic.write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         return len(kept)
 

@@ -142,6 +142,19 @@ def test_ledger_epsilon_grows_and_matches_dp_accounting(tmp_path: Path, populati
     assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
 
 
+def test_ledger_hides_the_accountants_per_order_warnings(caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    # At low noise and a high rate RDP skips its low fractional orders, warning once per
+    # order and query: dozens of lines a round in a user's log before this was silenced.
+    dp = DPConfig(mode="server-fixed", noise_multiplier=0.5, target_epsilon=100.0)
+    ledger = PrivacyLedger(dp, 200, 30)
+    with caplog.at_level("WARNING"):
+        ledger.record(1, 30, 30, 1.0)
+        ledger.next_round_exceeds()
+    assert ledger.epsilon > 0
+    assert not [r for r in caplog.records if "failed to converge" in r.getMessage()]
+
+
 def test_budget_stops_before_the_round_that_would_exceed_it() -> None:
     z, m = 1.0, 8
     eps = [_direct_epsilon(1.0, z, r, 1e-5) for r in (1, 2, 3)]
