@@ -10,7 +10,9 @@ Mods, outermost first:
 
 1. ``outer_mods`` (see every protocol message; tests use them to drop a client);
 2. a guard: the merchant's data is read only at ``collect_masked_vectors``, the one
-   stage that trains; ``setup`` checks only that the settings resolve and the files
+   stage that trains (the guard also points the mod at ``client.flower_seam``'s Shamir
+   split without a thread pool and its once-parsed private keys: the same shares and
+   keys, less work); ``setup`` checks only that the settings resolve and the files
    exist (a merchant without them leaves before any keys are made). What only the data
    tells (unreadable rows, no training snapshots), the seeded simulated faults and a
    deployed merchant's refusal of ``customer-seeded-sampling`` make it leave at
@@ -60,6 +62,7 @@ from client.app import (
 from client.config import ClientSettings, cached_settings
 from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
+from client.flower_seam import secaggplus_names
 from client.shards import process_shard_cache, shard_cache_bytes, shard_location
 from client.work import evaluate_locally, fit_locally, global_round
 from common.protocol import CUSTOMER_NOISE_KEY, CUSTOMER_RATE_KEY
@@ -160,6 +163,7 @@ def make_secagg_client_app(
                 return data_error_reply(msg, err)
             return call_next(msg, context)
         stage = _stage(msg)
+        secaggplus_names()  # in this process: the mod's Shamir split and key parse, once
         if stage == Stage.SETUP:  # before any keys: the cheap checks only, no data read
             try:
                 check_shard(context, flat, resolve)

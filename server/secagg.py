@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -194,6 +195,7 @@ class SecAggMixin:
         self._evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
         #: Customer-level DP's hooks (``server.customer_secagg``), set by the runner.
         self.customer: Any = None
+        self._metered: MeteredGrid | None = None
 
     @property
     def max_weight(self) -> float:
@@ -273,6 +275,9 @@ class SecAggMixin:
                    zip(parameters_to_ndarrays(params), self._reference, strict=True)]
         metrics = weighted_metrics([(r.num_examples, r.metrics) for _, r in results])
         self.rounds.train_metrics(g, metrics)
+        if self._metered is not None:  # the unmasking (Shamir, masks), the step
+            self.rounds.round(g).stage_seconds["server_unmask"] = (
+                time.perf_counter() - self._metered.replied_at)
         return ndarrays_to_parameters(weights), metrics
 
     def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]
@@ -327,6 +332,7 @@ class SecAggMixin:
         context = self._legacy_context(num_rounds, timeout, sampled)
         fit_round = _FitRound(self, timeout)
         metered: Any = MeteredGrid(grid, self.rounds)  # a Grid by delegation
+        self._metered = metered
         DefaultWorkflow(fit_workflow=fit_round, evaluate_workflow=_no_op)(metered, context)
         if self.rounds.stopped_by is not None:
             raise self.rounds.stopped_by
@@ -413,6 +419,8 @@ class _FitRound:
         g = rounds.global_round(r)
         if not rounds.may_start(g):
             return  # stopped: let the workflow run out its remaining rounds idle
+        if isinstance(grid, MeteredGrid):
+            grid.start_round()
         # The samples (training, then evaluation) follow the seed; the ring does not.
         context.client_manager.seed_round(round_seed(self.strategy.seed, g))
         try:

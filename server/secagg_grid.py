@@ -71,16 +71,26 @@ class MeteredGrid:
     """A Grid that meters the SecAgg+ train messages of each round into ``rounds``.
 
     The workflow sends a round's messages with its server round as ``group_id``. Per
-    round: bytes each way, the wall time of each stage, and every error or missing
-    reply with its stage. One at the ``unmask`` stage does not drop the node's update
-    (it was summed already), so only the earlier stages count towards ``timed_out``;
-    how many nodes failed is settled when the round closes (sampled less summed).
+    round: bytes each way, the wall time of each stage, the server's own time before
+    ``setup`` (``server_setup``: sampling and the instructions, from
+    :meth:`start_round`), and every error or missing reply with its stage. One at the
+    ``unmask`` stage does not drop the node's update (it was summed already), so only
+    the earlier stages count towards ``timed_out``; how many nodes failed is settled
+    when the round closes (sampled less summed). The strategy adds ``server_unmask``
+    (from the last replies to its step: Shamir, masks, the step).
     """
 
     def __init__(self, grid: Grid, rounds: RoundBook) -> None:
         self._grid = grid
         self.rounds = rounds
         self._threshold = 0  # the round's, from its setup message
+        self._round_started: float | None = None
+        #: When the last stage's replies were all in (``time.perf_counter``).
+        self.replied_at = time.perf_counter()
+
+    def start_round(self) -> None:
+        """Mark the start of a round's server work (before its clients are sampled)."""
+        self._round_started = time.perf_counter()
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -96,9 +106,13 @@ class MeteredGrid:
             configs = train[0].content.config_records[RECORD_KEY_CONFIGS]
             self._threshold = int(configs.get(Key.THRESHOLD, 0))  # type: ignore[arg-type]
         started = time.perf_counter()
+        if step == Stage.SETUP and self._round_started is not None:
+            stats.stage_seconds["server_setup"] = started - self._round_started
+            self._round_started = None
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.replied_at = time.perf_counter()
         stats.stage_seconds[step] = (stats.stage_seconds.get(step, 0.0)
-                                     + time.perf_counter() - started)
+                                     + self.replied_at - started)
         for reply in replies:
             node = reply.metadata.src_node_id
             stage = stages.pop(node, "?")

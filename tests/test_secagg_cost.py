@@ -24,8 +24,10 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
+import client.flower_seam as client_seam
 import client.secagg as client_secagg
 from client.app import DATA_ERROR
+from common.pinned import installed_version, source_digest
 from common.schema import DataError
 from server.config import DPConfig, FederationConfig
 from server.customer_secagg import min_replies
@@ -376,3 +378,88 @@ def test_the_server_keeps_threshold_shares_of_each_secret() -> None:
                      strict=True)) for r in replies if not r.has_error()]
     assert kept == [{1: b"1->1", 2: b"1->2", 3: b"1->3"},
                     {1: b"2->1", 2: b"2->2", 3: b"2->3"}, {}]
+
+
+# ---------------------------------------------------------------------------------------
+# The client's seam: Flower's Shamir split without a thread pool, keys parsed once
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("target", "digest"),
+                         sorted(client_seam.SECAGGPLUS_NAMES_SOURCES.items()))
+def test_the_flower_code_the_client_seam_relies_on_is_unchanged(target: str,
+                                                                 digest: str) -> None:
+    assert source_digest(target) == digest, f"{target} changed: re-read client.flower_seam"
+    assert client_seam.PIN.version == installed_version("flwr")
+
+
+def test_the_serial_split_gives_flowers_layout_and_any_threshold_rebuilds_it() -> None:
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+    secret = bytes(range(40))  # 3 chunks once padded
+    ours, flowers = client_seam.create_shares(secret, 4, 7), create_shares(secret, 4, 7)
+    assert [len(s) for s in ours] == [len(s) for s in flowers] == [4 + 3 * 16] * 7
+    assert [s[:4] for s in ours] == [s[:4] for s in flowers]  # index i, little-endian
+    for subset in ([0, 1, 2, 3], [6, 4, 2, 0], [1, 3, 5, 6]):
+        assert combine_shares([ours[i] for i in subset]) == secret
+    assert ours != flowers  # fresh random polynomials, as Flower's
+
+
+def test_a_private_key_is_parsed_once_into_the_same_key() -> None:
+    from flwr.supercore.primitives.asymmetric import (
+        bytes_to_private_key,
+        generate_key_pairs,
+        private_key_to_bytes,
+    )
+
+    data = private_key_to_bytes(generate_key_pairs()[0])
+    key = client_seam.private_key_of(data)
+    assert client_seam.private_key_of(data) is key
+    assert key.private_numbers() == bytes_to_private_key(data).private_numbers()
+
+
+@pytest.fixture
+def mod_names(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``secaggplus_mod``'s module, its patched names put back after the test."""
+    import importlib
+
+    mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    monkeypatch.setattr(mod, "create_shares", mod.create_shares)
+    monkeypatch.setattr(mod, "bytes_to_private_key", mod.bytes_to_private_key)
+    return mod
+
+
+@pytest.mark.usefixtures("in_process")
+def test_with_the_seam_a_dropout_is_still_unmasked_from_its_shares(mod_names: Any) -> None:
+    """Node 5 sends no masked vector: the server rebuilds its private key from the shares
+    the serial split made and removes its pairwise masks; the mean is exact as before."""
+    assert client_seam.secaggplus_names()
+    assert mod_names.create_shares is client_seam.create_shares
+    assert mod_names.bytes_to_private_key is client_seam.private_key_of
+    nodes, dropped = 12, 5
+    _, strategy, result = _one_round(nodes, dropped)
+    live = [n for n in range(1, nodes + 1) if n != dropped]
+    weights = np.array([10.0 * n for n in live])
+    expected = [a + 0.01 * float(np.dot(weights, live)) / weights.sum() for a in START]
+    bound = 2 * 100.0 * len(live) / (weights.sum() * 4_194_304 / 10_000)
+    for got, want in zip(result.arrays.to_numpy_ndarrays(), expected, strict=True):
+        assert np.max(np.abs(got - want)) < bound
+    seconds = strategy.rounds.round(1).stage_seconds  # the server's own parts too
+    assert {"server_setup", "server_unmask"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values())
+
+
+def test_with_another_flower_the_mod_keeps_its_own_names(
+        mod_names: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from common import pinned
+
+    monkeypatch.setattr(pinned, "installed_version", {"flwr": "1.43.0"}.get)
+    original = mod_names.create_shares
+    assert not client_seam.secaggplus_names()
+    assert mod_names.create_shares is original
+
+
+def test_the_client_seam_is_pinned_like_the_others() -> None:
+    assert set(client_seam.PATCHES) == set(client_seam.PIN.patches)
+    assert all(callable(getattr(client_seam, name)) for name in client_seam.PIN.patches)
+    assert client_seam.PIN.logger == client_seam.__name__

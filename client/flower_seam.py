@@ -1,0 +1,97 @@
+"""Every access of the client layer to Flower's private internals (flwr 1.42.0).
+
+One small function per patch; each checks :data:`PIN` and, with another Flower
+installed, leaves Flower's own code in place (one warning per process). The
+``*_SOURCES`` constants hold the SHA-256 of the source of each Flower function a patch
+replaces, mimics or relies on, as found in 1.42.0 (``tests/test_secagg_cost.py`` checks
+them).
+
+``secaggplus_names``: ``secaggplus_mod`` (the client side of SecAgg+) calls two helpers
+by their module-global names, and both do work a merchant need not do:
+
+- ``create_shares`` (Shamir's secret sharing of the mask seed and of the first private
+  key, at ``share_keys``) splits the secret's 16-byte chunks in a new thread pool on
+  every call; the split is pure Python under the GIL, so the threads only add their
+  start-up and lock hand-offs (9 ms instead of 15 ms for the 306-byte key in 11 shares,
+  measured in ``README.md``'s Overhead). :func:`create_shares` is the same
+  ``Crypto.Protocol.SecretSharing.Shamir.split`` on the same chunks, in the same byte
+  layout (4-byte index, then each chunk's 16-byte share), one chunk after the other.
+- ``bytes_to_private_key`` parses the client's PEM private key again for every
+  neighbour (10 times at ``share_keys``, 10 at ``collect_masked_vectors``, 11 shares);
+  :func:`private_key_of` parses each key once. The key objects it keeps are those of
+  the last few rounds' state, whose bytes this process's context holds anyway.
+
+Neither changes what is computed or sent: the same key agreements, shares, masks and
+quantisation; only how often the same pure function runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Any
+
+from common.pinned import Pin
+
+log = logging.getLogger(__name__)
+
+PIN = Pin("flwr", "1.42.0", __name__, ("secaggplus_names",))
+
+_MOD = "flwr.client.mod.secure_aggregation.secaggplus_mod"
+
+#: ``secaggplus_names`` replaces two module-global names of ``secaggplus_mod`` that
+#: ``_share_keys`` and ``_collect_masked_vectors`` call; :func:`create_shares` mimics
+#: Flower's (layout and padding), :func:`private_key_of` wraps Flower's parser.
+SECAGGPLUS_NAMES_SOURCES = {
+    "flwr.common.secure_aggregation.crypto.shamir:create_shares":
+        "d922b6370cd57ff11dd72f0608997d4c0e9775fbb7c12c959234a55075092441",
+    "flwr.common.secure_aggregation.crypto.shamir:combine_shares":
+        "e9339f2cd706eed48b36c7ce73e0d68a96222bce8d8590bae4cca78552b68601",
+    "flwr.supercore.primitives.asymmetric:bytes_to_private_key":
+        "ed52cf7696efe92ce7fe3e53d209a8c2ae69023aa5f4d96af056d25b4acc23ba",
+    f"{_MOD}:_share_keys": "0873eca66c3df037ec2dda9f725668b4e36d4e96f82d39cbd222316c1a17baca",
+    f"{_MOD}:_collect_masked_vectors":
+        "d638fe6563407bc1f45623a677d0ac83bf1db577afc0127ec50a71928f8ead44",
+}
+
+#: Every patch of this module and the Flower sources it depends on.
+PATCHES = {"secaggplus_names": SECAGGPLUS_NAMES_SOURCES}
+
+
+def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """Flower's ``create_shares`` without its thread pool: ``num`` shares of ``secret``
+    (PKCS#7-padded to 16-byte chunks), any ``threshold`` of which rebuild it with
+    Flower's ``combine_shares``; share i is i (4 bytes, little-endian) followed by each
+    chunk's 16-byte share at point i."""
+    from Crypto.Protocol.SecretSharing import Shamir
+    from Crypto.Util.Padding import pad
+
+    padded = pad(secret, 16)
+    shares = [bytearray(i.to_bytes(4, "little", signed=False)) for i in range(1, num + 1)]
+    for start in range(0, len(padded), 16):
+        for index, share in Shamir.split(threshold, num, padded[start:start + 16],
+                                         ssss=False):
+            shares[index - 1] += share
+    return [bytes(share) for share in shares]
+
+
+@functools.lru_cache(maxsize=4)
+def private_key_of(data: bytes) -> Any:
+    """Flower's ``bytes_to_private_key``, parsed once per key (the last four kept)."""
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key
+
+    return bytes_to_private_key(data)
+
+
+def secaggplus_names() -> bool:
+    """Point ``secaggplus_mod``'s ``create_shares`` and ``bytes_to_private_key`` at
+    :func:`create_shares` and :func:`private_key_of` in this process (idempotent); False
+    with another Flower, whose mod is left as it is."""
+    if not PIN.holds():
+        return False
+    # The package exports the mod function under the module's name: import the module.
+    mod = importlib.import_module(_MOD)
+    mod.create_shares = create_shares  # type: ignore[attr-defined]
+    mod.bytes_to_private_key = private_key_of  # type: ignore[attr-defined]
+    return True
