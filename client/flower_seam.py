@@ -91,7 +91,7 @@ def secaggplus_names() -> bool:
     if not PIN.holds():
         return False
     # The package exports the mod function under the module's name: import the module.
-    mod = importlib.import_module(_MOD)
-    mod.create_shares = create_shares  # type: ignore[attr-defined]
-    mod.bytes_to_private_key = private_key_of  # type: ignore[attr-defined]
+    mod: Any = importlib.import_module(_MOD)
+    mod.create_shares = create_shares
+    mod.bytes_to_private_key = private_key_of
     return True

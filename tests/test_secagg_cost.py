@@ -29,6 +29,7 @@ import client.secagg as client_secagg
 from client.app import DATA_ERROR
 from common.pinned import installed_version, source_digest
 from common.schema import DataError
+from server import secagg_workflow
 from server.config import DPConfig, FederationConfig
 from server.customer_secagg import min_replies
 from server.secagg import (
@@ -463,3 +464,31 @@ def test_the_client_seam_is_pinned_like_the_others() -> None:
     assert set(client_seam.PATCHES) == set(client_seam.PIN.patches)
     assert all(callable(getattr(client_seam, name)) for name in client_seam.PIN.patches)
     assert client_seam.PIN.logger == client_seam.__name__
+
+
+@pytest.mark.parametrize(("target", "digest"),
+                         sorted(secagg_workflow.SERIAL_COMBINE_SOURCES.items()))
+def test_the_flower_code_the_serial_combine_relies_on_is_unchanged(target: str,
+                                                                   digest: str) -> None:
+    assert source_digest(target) == digest, f"{target} changed: re-read secagg_workflow"
+    assert secagg_workflow.PIN.version == installed_version("flwr")
+    assert set(secagg_workflow.PATCHES) == set(secagg_workflow.PIN.patches)
+
+
+def test_the_serial_combine_rebuilds_what_flowers_split_made_and_refuses_garbage() -> None:
+    import importlib
+
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+    secret = bytes(range(200, 255))  # 4 chunks once padded
+    shares = create_shares(secret, 3, 5)
+    for subset in ([0, 1, 2], [4, 2, 0], [1, 3, 4]):
+        picked = [shares[i] for i in subset]
+        assert secagg_workflow.combine_shares(picked) == combine_shares(picked) == secret
+    with pytest.raises(ValueError, match="Failed to combine shares"):
+        secagg_workflow.combine_shares([s[:4] + bytes(len(s) - 4) for s in shares[:3]])
+    module = importlib.import_module(secagg_workflow._WORKFLOW)
+    flowers = module.combine_shares
+    with secagg_workflow.serial_combine() as swapped:
+        assert swapped and module.combine_shares is secagg_workflow.combine_shares
+    assert module.combine_shares is flowers  # put back after the stage
