@@ -19,6 +19,7 @@ from server.config import DPConfig, FederationConfig
 from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
 from server.strategy import build_strategy
 from simulations.privacy_audit import attack_auc
+from simulations.privacy_tradeoff import tradeoff_rows
 from simulations.settings import experiment_from_flat
 
 # ---------------------------------------------------------------------------------------
@@ -312,6 +313,13 @@ def test_noise_sweep_reports_epsilon_utility_and_attacks(sweep: Path) -> None:
     assert "| customer-central |" in report and "| server-fixed |" in report
     assert "auc_vs_epsilon.png" in report
     assert (sweep / "centralised" / "model.keras").exists()
+    # `fedecay privacy tradeoff` reads this comparison as it is written.
+    rows = {r["method"]: r for r in tradeoff_rows([sweep])}
+    assert set(rows) == set(methods) - {"centralised"}
+    for name, row in rows.items():
+        assert row["epsilon"] == methods[name].get("privacy", {}).get("epsilon")
+        assert row["auc_gap"] == pytest.approx(
+            methods["federated-fedavg"]["decay"]["roc_auc"] - methods[name]["decay"]["roc_auc"])
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""``fedecay privacy egress|audit``: what left the merchants, and what the model leaks.
+"""``fedecay privacy egress|audit|tradeoff``: what left the merchants, what the model
+leaks, and what privacy costs in utility across comparisons.
 
 ``--run`` takes the run folder of simulate or compare (``--method`` picks a federated
 run of a comparison, or its centralised model for the audit) or, for the audit, a model
@@ -21,8 +22,9 @@ from .errors import guarded
 from .options import MethodOption, PresetOption, SetOption
 from .runs import federation_in, model_in
 
-app = typer.Typer(help="Privacy audits of a run: what left the merchants, and membership "
-                  "inference on the model.", no_args_is_help=True)
+app = typer.Typer(help="Privacy of runs: what left the merchants, membership inference on "
+                  "the model, utility against epsilon across comparisons.",
+                  no_args_is_help=True)
 
 JsonOption = Annotated[Path | None, typer.Option(
     "--json", metavar="FILE", show_default="none",
@@ -134,6 +136,38 @@ def audit(
         print(f"\nwrote {out}")
     console.next(f"fedecay compare --preset {_q(_preset_of(model_path.parent))} --noise "
                  "0,0.5,1,2  (utility against epsilon, every model audited)")
+
+
+@app.command("tradeoff")
+@guarded
+def tradeoff(
+    runs: Annotated[list[Path], typer.Argument(
+        metavar="RUN_DIR...", show_default=False,
+        help="Run folders of fedecay compare --noise ... (one per population, unit or "
+             "noise range; a DP model is compared with the non-private federated model of "
+             "the same population).")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", metavar="FILE.png", show_default="none",
+        help="Also draw decay AUC against epsilon, one panel per population.")] = None,
+    json_: JsonOption = None,
+) -> None:
+    """Utility against epsilon across comparisons: one table (and figure) by population,
+    privacy unit and placement."""
+    plot = checks.output_file(out, "--out", (".png",)) if out is not None else None
+    dest = checks.output_file(json_, "--json", (".json",)) if json_ is not None else None
+    folders = [checks.input_path(run, "RUN_DIR", folder_ok=True) for run in runs]
+    from simulations.experiment import write_json
+    from simulations.privacy_tradeoff import format_tradeoff, plot_tradeoff, tradeoff_rows
+
+    rows = tradeoff_rows(folders)
+    print(format_tradeoff(rows))
+    if plot is not None:
+        print(f"\nwrote {plot_tradeoff(rows, plot)}")
+    if dest is not None:
+        write_json(dest, {"rows": rows})
+        print(f"wrote {dest}")
+    if plot is None:
+        current().next("the same with --out auc_vs_epsilon.png  (the figure)")
 
 
 def _customer_audit(preset: str | None, sets: list[str] | None, held_out: float,
