@@ -400,8 +400,7 @@ def _epoch_call(model: keras.Model, trainer: keras.Model, first: bool, assign: b
 
 def _specs(tree: tuple[Any, ...]) -> tuple[Any, ...]:
     """TensorSpecs of arrays (or dicts of them) with their first dimension (steps, or a
-    bucket's rows) left open; the rows a step stay fixed, as in the separate loop (with
-    them open too a centralised epoch measured ~5 % slower, docs/performance.md)."""
+    bucket's rows) left open; the rows a step stay fixed, as the separate loop had them."""
     def spec(a: np.ndarray) -> tf.TensorSpec:
         return tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype))
 
