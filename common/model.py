@@ -35,6 +35,32 @@ from common.snapshots import Snapshots
 HEADS: tuple[str, ...] = ("decay", "interest", "activation")
 
 
+def _per_row(loss: Callable[[Any, Any], Any], y_true, y_pred):
+    """``loss`` of each row of ``[N]`` targets: Keras' element losses average over the
+    last axis, which for ``[N]`` would be the whole batch before sample weights apply
+    (class weights would then scale batch means and zero-weight padding rows count)."""
+    y_true = ops.cast(y_true, y_pred.dtype)
+    return loss(ops.expand_dims(y_true, -1), ops.expand_dims(y_pred, -1))
+
+
+@keras.saving.register_keras_serializable(package="fedecay")
+def decay_loss(y_true, y_pred):
+    """Binary cross-entropy of each row (``[N]``), so sample weights weight rows."""
+    return _per_row(keras.losses.binary_crossentropy, y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package="fedecay")
+def interest_mse(y_true, y_pred):
+    """Squared error of each row (``[N]``)."""
+    return _per_row(keras.losses.mean_squared_error, y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package="fedecay")
+def interest_huber(y_true, y_pred):
+    """Huber loss (delta 1) of each row (``[N]``)."""
+    return _per_row(keras.losses.huber, y_true, y_pred)
+
+
 @keras.saving.register_keras_serializable(package="fedecay")
 def masked_activation_loss(y_true, y_pred):
     """Binary cross-entropy on the logged action only.
@@ -174,10 +200,10 @@ def build_model(config: ModelConfig, snapshots: SnapshotConfig, seed: int = 0) -
 
 def compile_model(model: keras.Model, config: ModelConfig) -> None:
     """Compile with the per-head losses and weights of ``config``."""
-    interest_loss = keras.losses.Huber() if config.interest_loss == "huber" else "mse"
+    interest_loss = interest_huber if config.interest_loss == "huber" else interest_mse
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss={"decay": "binary_crossentropy", "interest": interest_loss,
+        loss={"decay": decay_loss, "interest": interest_loss,
               "activation": masked_activation_loss},
         loss_weights={"decay": config.loss_weight_decay,
                       "interest": config.loss_weight_interest,

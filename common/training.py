@@ -294,8 +294,8 @@ VAL_BUCKETS: tuple[int, ...] = (16, 32, 64, VAL_BATCH)
 def validation_loss(model: keras.Model, snaps: Snapshots) -> float:
     """The compiled total loss on ``snaps`` (what early stopping watches).
 
-    Padding rows have zero weight; Keras averages over whole batches, so the value is
-    scaled by the real share of rows, a constant for a given set.
+    Padding rows have zero weight; Keras divides by whole batches, so the value is
+    scaled by padded rows / real rows: the mean over the real rows.
     """
     checks = _validation_batches(model, snaps)
     if checks.single:
@@ -309,11 +309,10 @@ def _padded_loss(model: keras.Model) -> Callable[..., tf.Tensor]:
     """``test_step``'s loss on one padded batch ``(y, sw)``, the model run on the real
     rows ``x`` only and its outputs laid out as the batch (``rows``).
 
-    The same loss on the same batch: the scalar heads' Keras losses average over the
-    whole padded batch (sample weights scale that mean rather than mask rows), so the
-    padding stays in the loss; only the model's work on it is saved (a merchant's ~12
-    validation rows run as 16 rather than 128). Equal to the padded ``test_step`` up to
-    float rounding (XLA compiles another shape).
+    The same loss on the same batch, padding rows weighted 0 (every head's loss is per
+    row, ``common.model.decay_loss``); only the model's work on them is saved (a
+    merchant's ~12 validation rows run as 16 rather than 128). Equal to the padded
+    ``test_step`` up to float rounding (XLA compiles another shape).
     """
 
     @tf.function(jit_compile=bool(model.jit_compile), reduce_retracing=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -185,6 +186,54 @@ def test_compiled_model_uses_the_masked_activation_loss(model) -> None:
                 + MODEL.loss_weight_interest * out["interest_loss"]
                 + MODEL.loss_weight_activation * out["activation_loss"])
     assert out["loss"] == pytest.approx(weighted, rel=1e-4)
+
+
+def _compiled_loss(model, decay_true, decay_pred, interest_true, interest_pred, sw) -> float:
+    """The compiled total loss of hand-made outputs (no logged action: activation adds 0)."""
+    n = len(decay_true)
+    as32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
+    y = {"decay": as32(decay_true), "interest": as32(interest_true),
+         "activation": np.full((n, A), -1.0, np.float32)}
+    y_pred = {"decay": as32(decay_pred), "interest": as32(interest_pred),
+              "activation": np.full((n, A), 0.5, np.float32)}
+    weights = {k: as32(sw) for k in HEADS}
+    return float(model.compute_loss(x=None, y=y, y_pred=y_pred, sample_weight=weights))
+
+
+def test_scalar_heads_weight_each_row(model) -> None:
+    """Sample weights weight rows of the decay and interest losses (Keras' own losses on
+    [N] outputs averaged the batch first, so a weight only scaled the batch mean)."""
+    y, p, sw = [1, 0, 0, 0], [0.9, 0.2, 0.3, 0.1], [3, 1, 1, 1]
+    bce = [-math.log(0.9), -math.log(0.8), -math.log(0.7), -math.log(0.9)]
+    expected = sum(w * b for w, b in zip(sw, bce, strict=True)) / 4
+    assert expected == pytest.approx(0.2503, abs=1e-4)
+    got = _compiled_loss(model, y, p, [0] * 4, [0] * 4, sw)
+    assert got == pytest.approx(MODEL.loss_weight_decay * expected, rel=1e-4)
+    # The interest head likewise (Huber by default): errors 0.5, 3, 0, 0 give 0.125, 2.5.
+    got = _compiled_loss(model, y, y, [0, 0, 0, 0], [0.5, 3, 0, 0], sw)
+    assert got == pytest.approx(MODEL.loss_weight_interest * (3 * 0.125 + 2.5) / 4, rel=1e-4)
+
+
+def test_zero_weight_rows_do_not_enter_the_loss(model) -> None:
+    """Padding rows (weight 0) change the scalar heads' loss only by the batch size it is
+    averaged over: whatever their targets and predictions."""
+    rng = np.random.default_rng(5)
+    y, p = rng.integers(0, 2, 6), rng.uniform(0.05, 0.95, 6)
+    it, ip = rng.normal(size=6), rng.normal(size=6)
+    real = _compiled_loss(model, y[:4], p[:4], it[:4], ip[:4], [1, 1, 1, 1]) * 4
+    for seed in (6, 7):
+        other = np.random.default_rng(seed)
+        y[4:], p[4:] = other.integers(0, 2, 2), other.uniform(0.05, 0.95, 2)
+        it[4:], ip[4:] = other.normal(size=2) * 5, other.normal(size=2) * 5
+        padded = _compiled_loss(model, y, p, it, ip, [1, 1, 1, 1, 0, 0]) * 6
+        assert padded == pytest.approx(real, rel=1e-5)
+
+
+def test_squared_error_interest_loss_is_per_row_too() -> None:
+    mse = build_model(dataclasses.replace(MODEL, interest_loss="mse"), SNAP, seed=0)
+    # squared errors 0.25 and 9, weighted 2 and 1.
+    got = _compiled_loss(mse, [0, 0], [0, 0], [0, 0], [0.5, 3.0], [2, 1])
+    assert got == pytest.approx(MODEL.loss_weight_interest * (2 * 0.25 + 9) / 2, rel=1e-4)
 
 
 # ------------------------------------------------------------------- padding
