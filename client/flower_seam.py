@@ -10,19 +10,23 @@ them).
 by their module-global names, and both do work a merchant need not do:
 
 - ``create_shares`` (Shamir's secret sharing of the mask seed and of the first private
-  key, at ``share_keys``) splits the secret's 16-byte chunks in a new thread pool on
-  every call; the split is pure Python under the GIL, so the threads only add their
-  start-up and lock hand-offs (9 ms instead of 15 ms for the 306-byte key in 11 shares,
-  measured in ``README.md``'s Overhead). :func:`create_shares` is the same
-  ``Crypto.Protocol.SecretSharing.Shamir.split`` on the same chunks, in the same byte
-  layout (4-byte index, then each chunk's 16-byte share), one chunk after the other.
+  key, at ``share_keys``) splits the secret's 16-byte chunks with pycryptodome's
+  ``Shamir.split``, whose field multiplication is a generic pure-Python loop, in a new
+  thread pool on every call (the work holds the GIL). :func:`create_shares` computes the
+  same shares, in the same byte layout (4-byte index, then each chunk's 16-byte share),
+  with ``common.shamir.split_chunks``: the same polynomials over the same field, their
+  coefficients drawn from the same generator in the same order, evaluated at the small
+  public indices without the generic loop (figures in ``README.md``'s Overhead).
 - ``bytes_to_private_key`` parses the client's PEM private key again for every
   neighbour (10 times at ``share_keys``, 10 at ``collect_masked_vectors``, 11 shares);
   :func:`private_key_of` parses each key once. The key objects it keeps are those of
   the last few rounds' state, whose bytes this process's context holds anyway.
+- ``pseudo_rand_gen`` (the private and pairwise masks, at ``collect_masked_vectors``)
+  builds a ``RandomState`` per mask, which first seeds itself from OS entropy;
+  ``common.mask_prg.pseudo_rand_gen`` reseeds one the same legacy way instead.
 
-Neither changes what is computed or sent: the same key agreements, shares, masks and
-quantisation; only how often the same pure function runs.
+None changes what is computed or sent: the same key agreements, shares, masks and
+quantisation; only how the same values are computed.
 """
 
 from __future__ import annotations
@@ -40,14 +44,19 @@ PIN = Pin("flwr", "1.42.0", __name__, ("secaggplus_names",))
 
 _MOD = "flwr.client.mod.secure_aggregation.secaggplus_mod"
 
-#: ``secaggplus_names`` replaces two module-global names of ``secaggplus_mod`` that
+#: ``secaggplus_names`` replaces three module-global names of ``secaggplus_mod`` that
 #: ``_share_keys`` and ``_collect_masked_vectors`` call; :func:`create_shares` mimics
-#: Flower's (layout and padding), :func:`private_key_of` wraps Flower's parser.
+#: Flower's (layout and padding) and pycryptodome's split, ``pseudo_rand_gen`` Flower's
+#: (``common.mask_prg``), :func:`private_key_of` wraps Flower's parser.
 SECAGGPLUS_NAMES_SOURCES = {
     "flwr.common.secure_aggregation.crypto.shamir:create_shares":
         "d922b6370cd57ff11dd72f0608997d4c0e9775fbb7c12c959234a55075092441",
     "flwr.common.secure_aggregation.crypto.shamir:combine_shares":
         "e9339f2cd706eed48b36c7ce73e0d68a96222bce8d8590bae4cca78552b68601",
+    "flwr.common.secure_aggregation.secaggplus_utils:pseudo_rand_gen":
+        "19ee2545ed58c0174c0b1a56f4211d635347156163ae76a711613badad4b25e9",
+    "Crypto.Protocol.SecretSharing:Shamir.split":
+        "3012a8785129c98c158ca380c201752f5c216dbed65c04ec171868ef07013b1b",
     "flwr.supercore.primitives.asymmetric:bytes_to_private_key":
         "ed52cf7696efe92ce7fe3e53d209a8c2ae69023aa5f4d96af056d25b4acc23ba",
     f"{_MOD}:_share_keys": "0873eca66c3df037ec2dda9f725668b4e36d4e96f82d39cbd222316c1a17baca",
@@ -60,20 +69,19 @@ PATCHES = {"secaggplus_names": SECAGGPLUS_NAMES_SOURCES}
 
 
 def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
-    """Flower's ``create_shares`` without its thread pool: ``num`` shares of ``secret``
-    (PKCS#7-padded to 16-byte chunks), any ``threshold`` of which rebuild it with
-    Flower's ``combine_shares``; share i is i (4 bytes, little-endian) followed by each
-    chunk's 16-byte share at point i."""
-    from Crypto.Protocol.SecretSharing import Shamir
+    """Flower's ``create_shares``: ``num`` shares of ``secret`` (PKCS#7-padded to 16-byte
+    chunks), any ``threshold`` of which rebuild it with Flower's ``combine_shares``;
+    share i is i (4 bytes, little-endian) followed by each chunk's 16-byte share at
+    point i, each chunk split as ``Shamir.split`` would (``common.shamir.split_chunks``:
+    the same field, polynomials and draws; all chunks at once, no thread pool)."""
     from Crypto.Util.Padding import pad
 
+    from common.shamir import split_chunks
+
     padded = pad(secret, 16)
-    shares = [bytearray(i.to_bytes(4, "little", signed=False)) for i in range(1, num + 1)]
-    for start in range(0, len(padded), 16):
-        for index, share in Shamir.split(threshold, num, padded[start:start + 16],
-                                         ssss=False):
-            shares[index - 1] += share
-    return [bytes(share) for share in shares]
+    chunks = [padded[start:start + 16] for start in range(0, len(padded), 16)]
+    return [i.to_bytes(4, "little", signed=False) + b"".join(share)
+            for i, share in enumerate(split_chunks(threshold, num, chunks), start=1)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -85,13 +93,17 @@ def private_key_of(data: bytes) -> Any:
 
 
 def secaggplus_names() -> bool:
-    """Point ``secaggplus_mod``'s ``create_shares`` and ``bytes_to_private_key`` at
-    :func:`create_shares` and :func:`private_key_of` in this process (idempotent); False
-    with another Flower, whose mod is left as it is."""
+    """Point ``secaggplus_mod``'s ``create_shares``, ``bytes_to_private_key`` and
+    ``pseudo_rand_gen`` at :func:`create_shares`, :func:`private_key_of` and
+    ``common.mask_prg.pseudo_rand_gen`` in this process (idempotent); False with another
+    Flower, whose mod is left as it is."""
     if not PIN.holds():
         return False
     # The package exports the mod function under the module's name: import the module.
     mod: Any = importlib.import_module(_MOD)
+    from common.mask_prg import pseudo_rand_gen
+
     mod.create_shares = create_shares
     mod.bytes_to_private_key = private_key_of
+    mod.pseudo_rand_gen = pseudo_rand_gen
     return True

@@ -13,12 +13,15 @@ smallest sum the server can unmask: a privacy shortfall nobody would see.
 client shares a secret.
 
 At ``unmask`` the workflow rebuilds every sampled client's secret with Shamir's
-``combine_shares`` (pure Python in ``pycryptodome``), which opens a thread pool for
-each secret although the work holds the GIL; :func:`serial_combine` has the workflow
-call :func:`combine_shares` instead for the stage: the same ``Shamir.combine`` on the
-same chunks, one after the other (7.4 ms instead of 8-10 ms a secret of 7 shares, 20
-secrets a round at 20 clients). It is the one patch of this module, pinned like those of
-``server.flower_seam`` (:data:`PIN`, :data:`SERIAL_COMBINE_SOURCES`).
+``combine_shares`` (``pycryptodome``'s ``Shamir.combine``: a generic pure-Python field
+multiplication and an inversion per share and chunk, in a thread pool opened for each
+secret although the work holds the GIL); :func:`serial_combine` has the workflow call
+:func:`combine_shares` instead for the stage: the same secret from the same shares
+through ``common.shamir.combine``, whose Lagrange weights depend on the share indices
+only and are computed once per set of indices (figures in ``README.md``'s Overhead);
+the masks it then removes come from ``common.mask_prg.pseudo_rand_gen``, Flower's
+generator without a fresh ``RandomState`` a mask. It is the one patch of this module,
+pinned like those of ``server.flower_seam`` (:data:`PIN`, :data:`SERIAL_COMBINE_SOURCES`).
 """
 
 from __future__ import annotations
@@ -37,12 +40,17 @@ PIN = Pin("flwr", "1.42.0", __name__, ("serial_combine",))
 
 _WORKFLOW = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
 
-#: ``serial_combine`` swaps the workflow module's global ``combine_shares``, which
-#: ``unmask_stage`` calls; :func:`combine_shares` mimics Flower's (layout, unpadding,
-#: error).
+#: ``serial_combine`` swaps the workflow module's globals ``combine_shares`` and
+#: ``pseudo_rand_gen``, which ``unmask_stage`` calls; :func:`combine_shares` mimics
+#: Flower's (layout, unpadding, error) and pycryptodome's combination,
+#: ``common.mask_prg.pseudo_rand_gen`` Flower's mask generator.
 SERIAL_COMBINE_SOURCES = {
     "flwr.common.secure_aggregation.crypto.shamir:combine_shares":
         "e9339f2cd706eed48b36c7ce73e0d68a96222bce8d8590bae4cca78552b68601",
+    "Crypto.Protocol.SecretSharing:Shamir.combine":
+        "108acb65a5fe55788488eca708eb718b02c725d41b9c56e54228e2bae4dd70c1",
+    "flwr.common.secure_aggregation.secaggplus_utils:pseudo_rand_gen":
+        "19ee2545ed58c0174c0b1a56f4211d635347156163ae76a711613badad4b25e9",
     f"{_WORKFLOW}:SecAggPlusWorkflow.unmask_stage":
         "c4639d18768446e9fba0c316b61977f2b440e8ec833b3c75651fda9365d68f62",
 }
@@ -52,19 +60,21 @@ PATCHES = {"serial_combine": SERIAL_COMBINE_SOURCES}
 
 
 def combine_shares(share_list: list[bytes]) -> bytes:
-    """Flower's ``combine_shares`` without its thread pool: the secret behind
-    ``share_list`` (each share: a 4-byte little-endian index, then one 16-byte share per
-    chunk), unpadded; ``ValueError("Failed to combine shares")`` when it does not unpad."""
-    from Crypto.Protocol.SecretSharing import Shamir
+    """Flower's ``combine_shares``: the secret behind ``share_list`` (each share: a 4-byte
+    little-endian index, then one 16-byte share per chunk), unpadded;
+    ``ValueError("Failed to combine shares")`` when it does not unpad. Each chunk is
+    rebuilt as ``Shamir.combine`` would, by ``common.shamir.combine``, one after the
+    other (no thread pool)."""
     from Crypto.Util.Padding import unpad
+
+    from common.shamir import combine
 
     chunks = (len(share_list[0]) - 4) >> 4
     points = [int.from_bytes(share[:4], "little", signed=False) for share in share_list]
     padded = bytearray()
     for start in range(4, 4 + 16 * chunks, 16):
-        padded += Shamir.combine([(point, share[start:start + 16])
-                                  for point, share in zip(points, share_list, strict=True)],
-                                 ssss=False)
+        padded += combine([(point, share[start:start + 16])
+                           for point, share in zip(points, share_list, strict=True)])
     try:
         return unpad(bytes(padded), 16)
     except ValueError:
@@ -74,17 +84,20 @@ def combine_shares(share_list: list[bytes]) -> bytes:
 @contextlib.contextmanager
 def serial_combine() -> Iterator[bool]:
     """Within the block, the workflow's ``unmask_stage`` rebuilds secrets with
-    :func:`combine_shares`; yields False (and leaves Flower's) with another Flower."""
+    :func:`combine_shares` and masks with ``common.mask_prg.pseudo_rand_gen``; yields
+    False (and leaves Flower's) with another Flower."""
     if not PIN.holds():
         yield False
         return
+    from common.mask_prg import pseudo_rand_gen
+
     module: Any = importlib.import_module(_WORKFLOW)
-    original = module.combine_shares
-    module.combine_shares = combine_shares
+    original = module.combine_shares, module.pseudo_rand_gen
+    module.combine_shares, module.pseudo_rand_gen = combine_shares, pseudo_rand_gen
     try:
         yield True
     finally:
-        module.combine_shares = original
+        module.combine_shares, module.pseudo_rand_gen = original
 
 
 class RoundCountsMissing(RuntimeError):
