@@ -10,9 +10,12 @@ reply, or the order replies came in, from changing a round.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections import Counter
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -29,11 +32,17 @@ def array_bytes(record: ArrayRecord) -> int:
 def check_reply_records(content: RecordDict, weight_key: str) -> str | None:
     """Why a reply's records cannot be aggregated (FedAvg needs one ArrayRecord and one
     MetricRecord with a positive weight), or None when they can."""
-    if len(content.array_records) != 1:
-        return f"{len(content.array_records)} ArrayRecords, expected 1"
-    if len(content.metric_records) != 1:
-        return f"{len(content.metric_records)} MetricRecords, expected 1"
-    weight = next(iter(content.metric_records.values())).get(weight_key)
+    return _check_records(content.array_records, content.metric_records, weight_key)
+
+
+def _check_records(arrays: Mapping[str, ArrayRecord], metrics: Mapping[str, MetricRecord],
+                   weight_key: str) -> str | None:
+    # RecordDict builds its array_records / metric_records views anew at every access.
+    if len(arrays) != 1:
+        return f"{len(arrays)} ArrayRecords, expected 1"
+    if len(metrics) != 1:
+        return f"{len(metrics)} MetricRecords, expected 1"
+    weight = next(iter(metrics.values())).get(weight_key)
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         return f"metric '{weight_key}' is {weight!r}, expected a positive number"
     return None
@@ -52,6 +61,10 @@ class ReplyLayout:
     def __init__(self, reference: list[np.ndarray]) -> None:
         self.reference = [np.ascontiguousarray(r) for r in reference]
         self.heads = [flower_seam.npy_header(ref) for ref in self.reference]
+        dtypes = {r.dtype for r in self.reference}
+        #: The tensors' one dtype (a reply is then also read as one flat vector), or None.
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else None
+        self.bounds = np.cumsum([0, *(r.size for r in self.reference)]).tolist()
 
     def read(self, i: int, array: Array) -> np.ndarray:
         """Tensor ``i`` of a reply; :class:`Mismatch` when its header names another dtype
@@ -84,29 +97,134 @@ class Mismatch(ValueError):
 def read_reply_arrays(reply: ArrayRecord, layout: ReplyLayout
                       ) -> tuple[list[np.ndarray], str | None]:
     """A reply's tensors, and why they cannot be averaged in (None when they can)."""
+    values, _, reason = read_flat(reply, layout)
+    return values, reason
+
+
+def read_flat(reply: ArrayRecord, layout: ReplyLayout
+              ) -> tuple[list[np.ndarray], np.ndarray | None, str | None]:
+    """:func:`read_reply_arrays`, and with a layout of one dtype the tensors also as one
+    flat vector (their values in order); a reason leaves both empty."""
     arrays = list(reply.values())
     if len(arrays) != len(layout.reference):
-        return [], f"{len(arrays)} weight tensors, expected {len(layout.reference)}"
+        return [], None, f"{len(arrays)} weight tensors, expected {len(layout.reference)}"
+    flat = np.empty(layout.bounds[-1], layout.dtype) if layout.dtype is not None else None
+    bounds = layout.bounds
     values = []
     for i, (array, ref) in enumerate(zip(arrays, layout.reference, strict=True)):
         try:
             a = layout.read(i, array)
         except Mismatch as err:
-            return [], f"tensor {i} {err}"
+            return [], None, f"tensor {i} {err}"
         except Exception as err:  # noqa: BLE001 - untrusted bytes: any failure rejects
-            return [], f"tensor {i} cannot be read ({type(err).__name__}: {err})"
+            return [], None, f"tensor {i} cannot be read ({type(err).__name__}: {err})"
         if not isinstance(a, np.ndarray):
-            return [], f"tensor {i} is not an array ({type(a).__name__})"
+            return [], None, f"tensor {i} is not an array ({type(a).__name__})"
         if a.dtype != ref.dtype:
             # Strings, structures, complex, bool or datetimes would either break the
             # average or be averaged into something meaningless.
-            return [], f"tensor {i} has dtype {a.dtype}, expected {ref.dtype}"
+            return [], None, f"tensor {i} has dtype {a.dtype}, expected {ref.dtype}"
         if a.shape != ref.shape:
-            return [], f"tensor {i} has shape {a.shape}, expected {ref.shape}"
-        if not np.all(np.isfinite(a)):
-            return [], f"tensor {i} holds NaN or infinite values"
+            return [], None, f"tensor {i} has shape {a.shape}, expected {ref.shape}"
+        if flat is not None:
+            flat[bounds[i]:bounds[i + 1]] = a.reshape(-1)
         values.append(a)
-    return values, None
+    if flat is None or not np.isfinite(flat).all():
+        for i, a in enumerate(values):
+            if not np.all(np.isfinite(a)):
+                return [], None, f"tensor {i} holds NaN or infinite values"
+    return values, flat, None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadReply:
+    """A usable train reply as :func:`read_reply` read it: the aggregation reads
+    nothing of it again."""
+
+    msg: Message
+    arrays_name: str
+    record: ArrayRecord  # as received
+    metrics_name: str
+    metrics: MetricRecord
+    values: list[np.ndarray]
+    flat: np.ndarray | None  # ``values`` in one vector (a layout of one dtype)
+
+    @property
+    def order(self) -> tuple[float, float, bytes]:
+        """:func:`reply_order` of the reply."""
+        return _order(self.metrics, self.record)
+
+    def checked(self) -> None:
+        """Hand the values read to Flower's own aggregation (:func:`checked_record`)."""
+        self.msg.content[self.arrays_name] = checked_record(self.record, self.values)
+
+
+def read_reply(msg: Message, layout: ReplyLayout, weight_key: str) -> ReadReply | str:
+    """``msg`` (a train reply without error) read and checked, or why it cannot be
+    averaged in (:func:`check_reply_records`, :func:`read_reply_arrays`)."""
+    array_records, metric_records = msg.content.array_records, msg.content.metric_records
+    reason = _check_records(array_records, metric_records, weight_key)
+    if reason is not None:
+        return reason
+    (arrays_name, record), = array_records.items()
+    (metrics_name, metrics), = metric_records.items()
+    values, flat, reason = read_flat(record, layout)
+    if reason is not None:
+        return reason
+    return ReadReply(msg, arrays_name, record, metrics_name, metrics, values, flat)
+
+
+def fedavg(replies: list[ReadReply], weight_key: str
+           ) -> tuple[ArrayRecord, MetricRecord] | None:
+    """Flower's FedAvg of ``replies`` in their order (``aggregate_arrayrecords`` and
+    ``aggregate_metricrecords``: the same products and sums, so the same bits), each
+    reply's tensors as one vector; None when Flower's own must run (a reply without a
+    flat vector, or records or tensor names that differ between replies, which it
+    rejects)."""
+    if not replies:
+        return None
+    first = replies[0]
+    keys = list(first.record.keys())
+    flats: list[np.ndarray] = []
+    for r in replies:
+        if (r.flat is None or r.arrays_name != first.arrays_name
+                or r.metrics_name != first.metrics_name or list(r.record.keys()) != keys):
+            return None
+        flats.append(r.flat)
+    weights = [r.metrics[weight_key] for r in replies]
+    if any(isinstance(w, list) for w in weights):
+        return None
+    total = sum(weights)  # type: ignore[arg-type]
+    factors: list[float] = [w / total for w in weights]  # type: ignore[operator]
+    total_flat: np.ndarray = flats[0] * factors[0]
+    scratch = np.empty_like(total_flat)
+    for flat, f in zip(flats[1:], factors[1:], strict=True):
+        np.multiply(flat, f, out=scratch)
+        total_flat += scratch
+    arrays = ArrayRecord()
+    start = 0
+    for key, v in zip(keys, first.values, strict=True):
+        arrays[key] = Array(total_flat[start:start + v.size].reshape(v.shape))
+        start += v.size
+    return arrays, _metric_average([r.metrics for r in replies], factors, weight_key)
+
+
+def _metric_average(records: list[MetricRecord], factors: list[float], weight_key: str
+                    ) -> MetricRecord:
+    """``aggregate_metricrecords``' sums, in its order."""
+    out: dict[str, Any] = {}
+    for record, weight in zip(records, factors, strict=True):
+        for key, value in record.items():
+            if key == weight_key:
+                continue
+            if key not in out:
+                out[key] = ([v * weight for v in value] if isinstance(value, list)
+                            else value * weight)
+            elif isinstance(value, list):
+                out[key] = [c + v * weight for c, v in zip(out[key], value, strict=True)]
+            else:
+                out[key] = out[key] + value * weight
+    return MetricRecord(out)
 
 
 def checked_record(record: ArrayRecord, values: list[np.ndarray]) -> ArrayRecord:
@@ -123,13 +241,18 @@ def common_metric_keys(replies: list[Message]) -> tuple[list[Message], list[Mess
     Flower's aggregation raises when key sets differ; one odd client must not stop a
     round.
     """
-    if not replies:
-        return [], []
-    keys = [frozenset(next(iter(m.content.metric_records.values())).keys()) for m in replies]
+    same = usual_keys([next(iter(m.content.metric_records.values())) for m in replies])
+    return ([m for m, ok in zip(replies, same, strict=True) if ok],
+            [m for m, ok in zip(replies, same, strict=True) if not ok])
+
+
+def usual_keys(metrics: list[MetricRecord]) -> list[bool]:
+    """Which of ``metrics`` have the most common key set (:func:`common_metric_keys`)."""
+    if not metrics:
+        return []
+    keys = [frozenset(m.keys()) for m in metrics]
     common = Counter(keys).most_common(1)[0][0]
-    same = [m for m, k in zip(replies, keys, strict=True) if k == common]
-    other = [m for m, k in zip(replies, keys, strict=True) if k != common]
-    return same, other
+    return [k == common for k in keys]
 
 
 def with_unit_weight(msg: Message, key: str) -> Message:
@@ -141,8 +264,11 @@ def with_unit_weight(msg: Message, key: str) -> Message:
 
 def reply_order(msg: Message) -> tuple[float, float, bytes]:
     """A sort key from a reply's content, so the float sum ignores arrival order."""
-    metrics = next(iter(msg.content.metric_records.values()))
-    record = next(iter(msg.content.array_records.values()))
+    return _order(next(iter(msg.content.metric_records.values())),
+                  next(iter(msg.content.array_records.values())))
+
+
+def _order(metrics: MetricRecord, record: ArrayRecord) -> tuple[float, float, bytes]:
     first = next(iter(record.values()))
     return (_as_float(metrics.get("num-examples", 0)),
             _as_float(metrics.get("train_loss", 0.0)),

@@ -17,7 +17,9 @@ than a copy of ``start``:
   loss (``server.rounds.federated_scores``), which selects the round kept in deployment;
   the last round's model is scored by evaluate messages asking for the validation loss;
 - instructions sent largest merchant first (by the rows each last reported);
-- each reply's tensors read once: checked, then handed to the aggregation as read;
+- each reply's tensors read once: checked, then handed to the aggregation as read; with
+  FedAvg's own averaging (FedAvg, FedProx) the replies are averaged as read, one flat
+  vector a reply, to the same bits (``server.replies.fedavg``);
 - per-round bookkeeping in a ``server.rounds.RoundBook``: sampled / replied / failed /
   rejected nodes, bytes each way, rounds where no client replied; a sampled node with no
   reply at all is counted as failed and timed out (Flower's ``send_and_receive`` stops
@@ -36,17 +38,19 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common.protocol import GLOBAL_ROUND_KEY, PRE_EVALUATE_KEY, SCORE_VALIDATION_KEY
 from server.config import FederationConfig
 from server.replies import (
+    ReadReply,
     ReplyLayout,
     array_bytes,
-    check_reply_records,
-    checked_record,
     common_metric_keys,
-    read_reply_arrays,
+    fedavg,
+    read_reply,
     reply_order,
+    usual_keys,
     with_unit_weight,
 )
 from server.rounds import RoundBook, error_summary
@@ -106,24 +110,46 @@ class GuardedMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         g = self.rounds.global_round(server_round)
+        read: list[ReadReply] | None = None
         if self._screened_round == g:  # a DP wrapper screened them before clipping
-            self._screened_round = None
             good = list(replies)
+            good.sort(key=reply_order)
         else:
-            good = self.screen_train_replies(server_round, replies)
-            self._screened_round = None
+            read = self._screen(g, replies)
+            read.sort(key=lambda r: r.order)
+            good = [r.msg for r in read]
+        self._screened_round = None
         if not good:
             return None, None
-        good.sort(key=reply_order)
         if self.pre_evaluate:
             self.rounds.pre_training(g, [next(iter(m.content.metric_records.values()))
                                          for m in good])
-        if self.uniform_weights:
-            good = [with_unit_weight(m, self.weighted_by_key) for m in good]
-        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
+        averaged = (fedavg(read, self.weighted_by_key)
+                    if read is not None and self._averages_as_fedavg() else None)
+        if averaged is not None:
+            log.info("aggregate_train: Received %s results and 0 failures", len(read or ()))
+            arrays, metrics = averaged
+        else:
+            for r in read or ():
+                r.checked()
+            if self.uniform_weights:
+                good = [with_unit_weight(m, self.weighted_by_key) for m in good]
+            arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
         if metrics is not None:
             self.rounds.train_metrics(g, metrics)
         return arrays, metrics
+
+    def _averages_as_fedavg(self) -> bool:
+        """Whether the strategy behind the guard averages with FedAvg's own
+        ``aggregate_train`` and metric function, unweighted replies aside (then
+        ``server.replies.fedavg`` gives the same bits)."""
+        if self.uniform_weights or getattr(self, "train_metrics_aggr_fn",
+                                           None) is not aggregate_metricrecords:
+            return False
+        mro = type(self).__mro__
+        after = mro[mro.index(GuardedMixin) + 1:]
+        owner = next((c for c in after if "aggregate_train" in vars(c)), None)
+        return owner is flwr_strategy.FedAvg
 
     def screen_train_replies(self, server_round: int, replies: Iterable[Message]
                              ) -> list[Message]:
@@ -141,44 +167,42 @@ class GuardedMixin:
         """
         g = self.rounds.global_round(server_round)
         self._screened_round = g
-        good: list[Message] = []
+        read = self._screen(g, replies)
+        for r in read:
+            r.checked()
+        return [r.msg for r in read]
+
+    def _screen(self, g: int, replies: Iterable[Message]) -> list[ReadReply]:
+        """:meth:`screen_train_replies` for global round ``g``, the replies as read."""
+        good: list[ReadReply] = []
         answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             answered.add(node)
             if msg.has_error():
                 self.rounds.failed(g, node, error_summary(msg.error.reason))
-            elif (reason := self._check_reply(g, msg)) is not None:
-                self.rounds.rejected(g, node, reason)
-            else:
-                good.append(msg)
+                continue
+            read = read_reply(msg, self._layout, self.weighted_by_key)
+            if isinstance(read, str):
+                self.rounds.rejected(g, node, read)
+                continue
+            self.rounds.round(g).bytes_up += array_bytes(read.record)
+            weight = read.metrics[self.weighted_by_key]
+            self._examples[node] = float(weight)  # type: ignore[arg-type]
+            good.append(read)
         limit = f"{self.round_timeout:g} s" if self.round_timeout else "the round timeout"
         self.rounds.missing(g, answered, limit)
         if not good:
             self.rounds.empty(g, "no client replied with usable weights")
             return []
-        good, odd = common_metric_keys(good)
-        for msg in odd:
-            self.rounds.rejected(g, msg.metadata.src_node_id,
-                                 "metric names differ from the other replies'")
+        usual = usual_keys([r.metrics for r in good])
+        for r, ok in zip(good, usual, strict=True):
+            if not ok:
+                self.rounds.rejected(g, r.msg.metadata.src_node_id,
+                                     "metric names differ from the other replies'")
+        good = [r for r, ok in zip(good, usual, strict=True) if ok]
         self.rounds.round(g).replied = len(good)
         return good
-
-    def _check_reply(self, g: int, msg: Message) -> str | None:
-        """Why ``msg`` cannot be aggregated, or None; a usable reply's tensors are
-        replaced by the values read and checked, its bytes and weight recorded."""
-        reason = check_reply_records(msg.content, self.weighted_by_key)
-        if reason is not None:
-            return reason
-        key, record = next(iter(msg.content.array_records.items()))
-        values, reason = read_reply_arrays(record, self._layout)
-        if reason is not None:
-            return reason
-        self.rounds.round(g).bytes_up += array_bytes(record)
-        msg.content[key] = checked_record(record, values)
-        weight = next(iter(msg.content.metric_records.values()))[self.weighted_by_key]
-        self._examples[msg.metadata.src_node_id] = float(weight)  # type: ignore[arg-type]
-        return None
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
