@@ -38,6 +38,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ from server.privacy import num_sampled
 from server.rounds import RoundBook
 from server.sampling import SortedClientManager, round_seed, unpredictable_module_random
 from server.secagg_grid import MeteredGrid
-from server.secagg_workflow import RoundCountsMissing, RoundWorkflow
+from server.secagg_workflow import RoundCountsMissing, RoundWorkflow, keys_ahead
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,10 @@ class SecAggMixin:
         fit_round = _FitRound(self, timeout)
         metered: Any = MeteredGrid(grid, self.rounds)  # a Grid by delegation
         self._metered = metered
-        DefaultWorkflow(fit_workflow=fit_round, evaluate_workflow=_no_op)(metered, context)
+        try:
+            DefaultWorkflow(fit_workflow=fit_round, evaluate_workflow=_no_op)(metered, context)
+        finally:
+            fit_round.close()
         if self.rounds.stopped_by is not None:
             raise self.rounds.stopped_by
         final = context.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
@@ -398,9 +402,21 @@ class SecAggMixin:
 class _FitRound:
     """The workflow's fit step of one round: SecAgg+ on clients sampled from the round's
     seed and shuffled into its ring from OS entropy (``server.sampling``), then the
-    clients' evaluation (as ``Strategy.start`` has it)."""
+    clients' evaluation (as ``Strategy.start`` has it).
 
-    def __init__(self, strategy: SecAggMixin, timeout: float | None) -> None:
+    Keys ahead (``server.secagg_workflow.keys_ahead``): once round r's clients have
+    evaluated, round r + 1's ``setup`` and ``share_keys`` run in a thread while
+    ``DefaultWorkflow`` evaluates round r on the server (``evaluate_fn``: the clients sit
+    idle then); round r + 1 then starts at ``collect_masked_vectors``. Nothing the
+    protocol computes changes: the same sample (the round's seed), a ring from OS
+    entropy, the same counts, keys and shares, and the instructions carry the weights
+    the round would have had (the server's evaluation does not change them). Only
+    server-side work overlaps: no client handles two messages at once. A round prepared
+    but not run (the rounds stopped) leaves no record.
+    """
+
+    def __init__(self, strategy: SecAggMixin, timeout: float | None, *,
+                 ahead: bool = True) -> None:
         fed = strategy.fed
         self.strategy = strategy
         self.secagg = RoundWorkflow(max_weight=strategy.max_weight,
@@ -408,6 +424,9 @@ class _FitRound:
                                     quantization_range=fed.secagg_quantization_range,
                                     timeout=timeout)
         strategy.workflow = self.secagg  # configure_fit gives it each round's counts
+        self.ahead = ahead and keys_ahead()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secagg-keys")
+        self._pending: tuple[int, Any, Future[bool]] | None = None  # round, state, keys
 
     def __call__(self, grid: Any, context: Any) -> None:
         from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -417,15 +436,18 @@ class _FitRound:
         rounds = self.strategy.rounds
         r = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
         g = rounds.global_round(r)
+        pending = self._take(r)
         if not rounds.may_start(g):
             return  # stopped: let the workflow run out its remaining rounds idle
-        if isinstance(grid, MeteredGrid):
-            grid.start_round()
-        # The samples (training, then evaluation) follow the seed; the ring does not.
-        context.client_manager.seed_round(round_seed(self.strategy.seed, g))
         try:
-            with unpredictable_module_random():
-                self.secagg(grid, context)
+            if pending is None:
+                state = self.secagg.new_state()
+                keys = self._exchange_keys(grid, context, g, state)
+            else:
+                state, future = pending
+                keys = future.result()  # raises what the keys' thread raised
+            if keys:
+                self.secagg.sum_masked(grid, context, state)
         except RoundCountsMissing:  # a defect: m_min would not hold, so stop the run
             raise
         except Exception:  # a malformed masked vector or share must not end the run
@@ -433,6 +455,60 @@ class _FitRound:
                           "unchanged", g)
         self.strategy.close_round(g)
         default_evaluate_workflow(grid, context)  # clients' evaluation, as Strategy.start
+        if self.ahead and r < context.config.num_rounds and not rounds.halted:
+            self._start_next(grid, context, r + 1)
+
+    def _exchange_keys(self, grid: Any, context: Any, g: int, state: Any) -> bool:
+        """Round ``g``'s ``setup`` and ``share_keys`` (``context`` names its round)."""
+        if isinstance(grid, MeteredGrid):
+            grid.start_round()
+        # The samples (training, then evaluation) follow the seed; the ring does not.
+        context.client_manager.seed_round(round_seed(self.strategy.seed, g))
+        with unpredictable_module_random():
+            return self.secagg.exchange_keys(grid, context, state)
+
+    def _start_next(self, grid: Any, context: Any, r: int) -> None:
+        """Run Flower round ``r``'s key stages in the thread, on a view of ``context``
+        that names round ``r`` (``DefaultWorkflow`` still evaluates round r - 1)."""
+        import copy
+
+        from flwr.app import ConfigRecord
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+        from flwr.server.workflow.constant import Key as WorkflowKey
+
+        view = copy.copy(context)
+        config = ConfigRecord(dict(context.state.config_records[MAIN_CONFIGS_RECORD]))
+        config[WorkflowKey.CURRENT_ROUND] = r
+        view.state = RecordDict({MAIN_CONFIGS_RECORD: config,
+                                 MAIN_PARAMS_RECORD: context.state.array_records[
+                                     MAIN_PARAMS_RECORD]})
+        state = self.secagg.new_state()
+        g = self.strategy.rounds.global_round(r)
+        self._pending = (r, state, self._pool.submit(self._exchange_keys, grid, view, g,
+                                                     state))
+
+    def _take(self, r: int) -> tuple[Any, Future[bool]] | None:
+        """Round ``r``'s prepared state and key stages, waited for; None when it was not
+        prepared. One prepared for a round that will not run is dropped with its record."""
+        if self._pending is None:
+            return None
+        prepared, state, future = self._pending
+        self._pending = None
+        wait([future])
+        rounds = self.strategy.rounds
+        if prepared != r or rounds.halted:
+            rounds.stats.pop(rounds.global_round(prepared), None)
+            return None
+        return state, future
+
+    def close(self) -> None:
+        """Wait for any key stages still running (the rounds ended) and stop the thread."""
+        if self._pending is not None:
+            wait([self._pending[2]])
+            self.strategy.rounds.stats.pop(
+                self.strategy.rounds.global_round(self._pending[0]), None)
+            self._pending = None
+        self._pool.shutdown()
 
 
 def _no_op(grid: Any, context: Any) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,7 +37,9 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from common.pinned import Pin
 from server.config import SECAGG_MODULUS
 
-PIN = Pin("flwr", "1.42.0", __name__, ("serial_combine",))
+log = logging.getLogger(__name__)
+
+PIN = Pin("flwr", "1.42.0", __name__, ("serial_combine", "keys_ahead"))
 
 _WORKFLOW = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
 
@@ -55,8 +58,22 @@ SERIAL_COMBINE_SOURCES = {
         "c4639d18768446e9fba0c316b61977f2b440e8ec833b3c75651fda9365d68f62",
 }
 
+#: ``keys_ahead``: :class:`RoundWorkflow` runs Flower's four stage methods itself, in two
+#: halves (:meth:`RoundWorkflow.exchange_keys`, :meth:`RoundWorkflow.sum_masked`) on one
+#: ``WorkflowState``, as ``SecAggPlusWorkflow.__call__`` runs them in one go; the
+#: strategy (``server.secagg``) may run the first half of round r + 1 while the server
+#: evaluates round r, knowing what ``DefaultWorkflow`` does between two fit rounds.
+KEYS_AHEAD_SOURCES = {
+    f"{_WORKFLOW}:SecAggPlusWorkflow.__call__":
+        "204402b446244e5ec483089c16b212469adb8d6fcc2835a2704b94f91c358722",
+    "flwr.server.workflow.default_workflows:DefaultWorkflow.__call__":
+        "866c7974d30c0149fba1ad10dada0641d8f618d81ed74d5b8cfd8b97fdfc9ffa",
+    "flwr.server.workflow.default_workflows:default_centralized_evaluation_workflow":
+        "ec8d8eecb30a565fc7c9ff92e0834d4d3bf5adadc422e0657477650cc9e7d609",
+}
+
 #: Every patch of this module and the Flower sources it depends on.
-PATCHES = {"serial_combine": SERIAL_COMBINE_SOURCES}
+PATCHES = {"serial_combine": SERIAL_COMBINE_SOURCES, "keys_ahead": KEYS_AHEAD_SOURCES}
 
 
 def combine_shares(share_list: list[bytes]) -> bytes:
@@ -100,6 +117,13 @@ def serial_combine() -> Iterator[bool]:
         module.combine_shares, module.pseudo_rand_gen = original
 
 
+def keys_ahead() -> bool:
+    """Whether a round's ``setup`` and ``share_keys`` may run ahead, while the server
+    evaluates the previous round (False, and Flower's ``__call__`` runs the rounds,
+    with another Flower)."""
+    return PIN.holds()
+
+
 class RoundCountsMissing(RuntimeError):
     """A SecAgg+ round set up with shares and threshold not given for that round."""
 
@@ -126,6 +150,34 @@ class RoundWorkflow(SecAggPlusWorkflow):
         strategy's ``configure_fit`` once the round's clients are sampled)."""
         self.num_shares, self.reconstruction_threshold = shares, threshold
         self._given = (shares, threshold)
+
+    def new_state(self) -> Any:
+        """A round's empty ``WorkflowState``."""
+        from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+        return WorkflowState()
+
+    def exchange_keys(self, grid: Any, context: Any, state: Any) -> bool:
+        """The first half of ``SecAggPlusWorkflow.__call__``: ``setup`` (the strategy
+        samples the round's clients, which send their public keys) and ``share_keys``
+        (each sends its neighbours their encrypted shares). False when it halted."""
+        log.info("Secure aggregation commencing.")
+        if self.setup_stage(grid, context, state) and \
+                self.share_keys_stage(grid, context, state):
+            return True
+        log.info("Secure aggregation halted.")
+        return False
+
+    def sum_masked(self, grid: Any, context: Any, state: Any) -> bool:
+        """The second half: ``collect_masked_vectors`` (the clients train and send their
+        masked vectors) and ``unmask`` (the sum, the strategy's step). False when it
+        halted."""
+        if self.collect_masked_vectors_stage(grid, context, state) and \
+                self.unmask_stage(grid, context, state):
+            log.info("Secure aggregation completed.")
+            return True
+        log.info("Secure aggregation halted.")
+        return False
 
     def setup_stage(self, grid: Any, context: Any, state: Any) -> bool:
         """Flower's ``setup`` stage, then a check that the round ran with the counts

@@ -8,7 +8,9 @@ to the client's ClientApp.
 
 from __future__ import annotations
 
+import collections
 import copy
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -492,3 +494,98 @@ def test_the_serial_combine_rebuilds_what_flowers_split_made_and_refuses_garbage
     with secagg_workflow.serial_combine() as swapped:
         assert swapped and module.combine_shares is secagg_workflow.combine_shares
     assert module.combine_shares is flowers  # put back after the stage
+
+
+# ---------------------------------------------------------------------------------------
+# Keys ahead: round r + 1's setup and share_keys while the server evaluates round r
+# ---------------------------------------------------------------------------------------
+
+
+class _StageLog(_Grid):
+    """:class:`_Grid` that logs (round, stage) of each call and signals when a round's
+    keys were shared."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.calls: list[tuple[int, str]] = []
+        self.shared: dict[int, threading.Event] = collections.defaultdict(threading.Event)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None
+                         ) -> list[Message]:
+        messages = list(messages)
+        first = messages[0]
+        stage = str(first.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+        r = int(first.metadata.group_id)
+        self.calls.append((r, stage))
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if stage == Stage.SHARE_KEYS:
+            self.shared[r].set()
+        return replies
+
+
+def _rounds_with_an_evaluation(nodes: int, rounds: int, stop_at: int | None = None,
+                               patience: float = 10.0
+                               ) -> tuple[_StageLog, Any, Any, list[tuple[int, bool]]]:
+    """SecAgg+ rounds whose server evaluation of round r waits (up to ``patience`` s) for
+    round r + 1's keys; ``stop_at`` raises early stopping there. (grid, strategy, result or the
+    exception, per round: whether the next round's keys came during its evaluation)."""
+    app = ClientApp(client_fn=lambda ctx: _Client(ctx.node_id).to_client(),
+                    mods=[client_secagg.compact_masked_vectors, secaggplus_mod])
+    grid = _StageLog(app, nodes, 0, Stage.COLLECT_MASKED_VECTORS)
+    fed = FederationConfig(secure_aggregation=True, num_rounds=rounds, min_train_nodes=nodes,
+                           min_available_nodes=nodes, secagg_clipping_range=100.0)
+    strategy = build_secagg_strategy(fed, DPConfig(), seed=0, population=nodes)
+    overlapped: list[tuple[int, bool]] = []
+
+    def evaluate(r: int, arrays: ArrayRecord) -> None:
+        if r == 0:
+            return
+        overlapped.append((r, grid.shared[r + 1].wait(patience if r < rounds else 0.2)))
+        if r == stop_at:
+            raise StopIteration(f"stopped at round {r}")
+
+    try:
+        result = strategy.start(grid, ArrayRecord(START), num_rounds=rounds, timeout=60,
+                                evaluate_fn=evaluate)
+    except StopIteration as stop:
+        result = stop
+    return grid, strategy, result, overlapped
+
+
+@pytest.mark.usefixtures("in_process")
+def test_the_next_rounds_keys_are_shared_while_the_server_evaluates() -> None:
+    nodes, rounds = 6, 3
+    grid, strategy, result, overlapped = _rounds_with_an_evaluation(nodes, rounds)
+    assert overlapped == [(1, True), (2, True), (3, False)]  # none after the last round
+    stages = [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK]
+    assert grid.calls == [(r, s) for r in range(1, rounds + 1) for s in stages]
+    weights = np.array([10.0 * n for n in range(1, nodes + 1)])
+    step = 0.01 * float(np.dot(weights, range(1, nodes + 1))) / weights.sum()
+    bound = rounds * 2 * 100.0 * nodes / (weights.sum() * 4_194_304 / 10_000)
+    for got, start in zip(result.arrays.to_numpy_ndarrays(), START, strict=True):
+        assert np.max(np.abs(got - (start + rounds * step))) < bound
+    seconds = strategy.describe()["stage_seconds"]
+    assert sorted(seconds) == [1, 2, 3]
+    assert all({"server_setup", *stages, "server_unmask"} <= set(s) for s in seconds.values())
+    assert [strategy.rounds.round(r).replied for r in (1, 2, 3)] == [nodes] * 3
+
+
+@pytest.mark.usefixtures("in_process")
+def test_keys_shared_for_a_round_that_never_runs_leave_no_record() -> None:
+    grid, strategy, result, overlapped = _rounds_with_an_evaluation(5, 4, stop_at=2)
+    assert isinstance(result, StopIteration) and overlapped == [(1, True), (2, True)]
+    assert (3, Stage.SHARE_KEYS) in grid.calls  # prepared while round 2 was evaluated
+    assert (3, Stage.COLLECT_MASKED_VECTORS) not in grid.calls
+    assert sorted(strategy.rounds.stats) == [1, 2]
+    assert sorted(strategy.describe()["stage_seconds"]) == [1, 2]
+
+
+@pytest.mark.usefixtures("in_process")
+def test_with_another_flower_the_rounds_run_one_after_the_other(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from common import pinned
+
+    monkeypatch.setattr(pinned, "installed_version", {"flwr": "1.43.0"}.get)
+    _, strategy, result, overlapped = _rounds_with_an_evaluation(5, 2, patience=0.3)
+    assert overlapped == [(1, False), (2, False)]
+    assert sorted(strategy.rounds.stats) == [1, 2] and not isinstance(result, Exception)
