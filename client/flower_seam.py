@@ -24,6 +24,14 @@ by their module-global names, and both do work a merchant need not do:
 - ``pseudo_rand_gen`` (the private and pairwise masks, at ``collect_masked_vectors``)
   builds a ``RandomState`` per mask, which first seeds itself from OS entropy;
   ``common.mask_prg.pseudo_rand_gen`` reseeds one the same legacy way instead.
+- ``generate_shared_key``: the key agreements of the first private key with the
+  neighbours' first public keys (one elliptic-curve Diffie-Hellman each, 10 at 20
+  clients a round), which ``collect_masked_vectors`` derives the pairwise masks from,
+  only need what ``share_keys`` already has; ``client.secagg`` agrees them there
+  (:func:`pairwise_keys`, kept in the node's context state beside the private key they
+  come from, dropped at ``collect_masked_vectors``), where the server's keys-ahead
+  thread runs them during its evaluation, and :func:`shared_key` answers them at
+  ``collect_masked_vectors``: the same keys, agreed one stage earlier.
 
 None changes what is computed or sent: the same key agreements, shares, masks and
 quantisation; only how the same values are computed.
@@ -31,9 +39,12 @@ quantisation; only how the same values are computed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from common.pinned import Pin
@@ -44,10 +55,11 @@ PIN = Pin("flwr", "1.42.0", __name__, ("secaggplus_names",))
 
 _MOD = "flwr.client.mod.secure_aggregation.secaggplus_mod"
 
-#: ``secaggplus_names`` replaces three module-global names of ``secaggplus_mod`` that
+#: ``secaggplus_names`` replaces four module-global names of ``secaggplus_mod`` that
 #: ``_share_keys`` and ``_collect_masked_vectors`` call; :func:`create_shares` mimics
 #: Flower's (layout and padding) and pycryptodome's split, ``pseudo_rand_gen`` Flower's
-#: (``common.mask_prg``), :func:`private_key_of` wraps Flower's parser.
+#: (``common.mask_prg``), :func:`private_key_of` and :func:`shared_key` wrap Flower's
+#: parser and key agreement; :func:`pairwise_keys` reads the state the mod saves.
 SECAGGPLUS_NAMES_SOURCES = {
     "flwr.common.secure_aggregation.crypto.shamir:create_shares":
         "d922b6370cd57ff11dd72f0608997d4c0e9775fbb7c12c959234a55075092441",
@@ -57,6 +69,10 @@ SECAGGPLUS_NAMES_SOURCES = {
         "19ee2545ed58c0174c0b1a56f4211d635347156163ae76a711613badad4b25e9",
     "Crypto.Protocol.SecretSharing:Shamir.split":
         "3012a8785129c98c158ca380c201752f5c216dbed65c04ec171868ef07013b1b",
+    "flwr.common.secure_aggregation.crypto.symmetric_encryption:generate_shared_key":
+        "5ee640972ced1faa1d7ac8c607eb96afd4e4268a1cb184d51a5d632206686118",
+    f"{_MOD}:SecAggPlusState.to_dict":
+        "ad35f16447e6bd8a005070834b3fb52cb8229d2fd09e7c953ab545483f2e99a6",
     "flwr.supercore.primitives.asymmetric:bytes_to_private_key":
         "ed52cf7696efe92ce7fe3e53d209a8c2ae69023aa5f4d96af056d25b4acc23ba",
     f"{_MOD}:_share_keys": "0873eca66c3df037ec2dda9f725668b4e36d4e96f82d39cbd222316c1a17baca",
@@ -106,4 +122,65 @@ def secaggplus_names() -> bool:
     mod.create_shares = create_shares
     mod.bytes_to_private_key = private_key_of
     mod.pseudo_rand_gen = pseudo_rand_gen
+    mod.generate_shared_key = shared_key
     return True
+
+
+#: The ``context.state`` record in which ``share_keys`` leaves the pairwise keys that
+#: ``collect_masked_vectors`` will mask with (:func:`pairwise_keys`).
+PAIRWISE_RECORD = "fedecay.secagg.pairwise"
+
+_AGREED = threading.local()
+
+
+def pairwise_keys(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The key agreements of the first private key with each neighbour's first public
+    key, from the mod's saved state after ``share_keys`` (``sk1``, ``nid`` and
+    ``public_keys_dict``, as ``SecAggPlusState.to_dict`` flattens it): the keys
+    ``collect_masked_vectors`` derives its pairwise masks from. None with another Flower
+    or a state without them."""
+    if not PIN.holds():
+        return None
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+        generate_shared_key,
+    )
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+
+    sk1, nid = state.get("sk1"), state.get("nid")
+    nodes, values = state.get("public_keys_dict:K"), state.get("public_keys_dict:V")
+    if not isinstance(sk1, bytes) or not isinstance(nodes, list) or \
+            not isinstance(values, list) or len(values) != 2 * len(nodes):
+        return None
+    private = private_key_of(sk1)
+    public = [values[2 * i] for i, node in enumerate(nodes) if node != nid]
+    return {"sk1": sk1, "pk1": public,
+            "keys": [generate_shared_key(private, bytes_to_public_key(pk)) for pk in public]}
+
+
+@contextlib.contextmanager
+def pairwise_keys_agreed(record: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block (this thread), :func:`shared_key` answers the pairs of
+    ``record`` (from :func:`pairwise_keys`) without agreeing them again."""
+    _AGREED.value = (private_key_of(record["sk1"]),
+                     dict(zip(record["pk1"], record["keys"], strict=True)))
+    try:
+        yield
+    finally:
+        _AGREED.value = None
+
+
+def shared_key(private_key: Any, public_key: Any) -> bytes:
+    """Flower's ``generate_shared_key``; a pair agreed ahead (:func:`pairwise_keys_agreed`)
+    is answered with the key agreed then: the same bytes."""
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+        generate_shared_key,
+    )
+
+    agreed = getattr(_AGREED, "value", None)
+    if agreed is not None and private_key is agreed[0]:
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+        found = agreed[1].get(public_key_to_bytes(public_key))
+        if found is not None:
+            return bytes(found)
+    return generate_shared_key(private_key, public_key)

@@ -18,7 +18,8 @@ Mods, outermost first:
    deployed merchant's refusal of ``customer-seeded-sampling`` make it leave at
    ``collect_masked_vectors``, after the keys were shared: the dropout SecAgg+
    recovers from;
-3. :func:`compact_masked_vectors` (the masked vector leaves as uint32) around
+3. :func:`pairwise_keys_ahead` (the pairwise key agreements at ``share_keys``) and
+   :func:`compact_masked_vectors` (the masked vector leaves as uint32) around
    ``secaggplus_mod``;
 4. ``inner_mods`` (see the plain update, as the mod will mask it);
 5. a check that the update survives quantisation: finite, a weight within
@@ -36,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
@@ -62,7 +63,12 @@ from client.app import (
 from client.config import ClientSettings, cached_settings
 from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
-from client.flower_seam import secaggplus_names
+from client.flower_seam import (
+    PAIRWISE_RECORD,
+    pairwise_keys,
+    pairwise_keys_agreed,
+    secaggplus_names,
+)
 from client.shards import process_shard_cache, shard_cache_bytes, shard_location
 from client.work import evaluate_locally, fit_locally, global_round
 from common.protocol import CUSTOMER_NOISE_KEY, CUSTOMER_RATE_KEY
@@ -191,8 +197,8 @@ def make_secagg_client_app(
 
     clipping = [fixedclipping_mod] if flat is not None and \
         flat.get("privacy.mode") == "client-fixed" else [_clip_when_asked]
-    mods = [*outer_mods, guard, compact_masked_vectors, secaggplus_mod, *inner_mods,
-            _quantisation_guard, *clipping]
+    mods = [*outer_mods, guard, pairwise_keys_ahead, compact_masked_vectors, secaggplus_mod,
+            *inner_mods, _quantisation_guard, *clipping]
     return ClientApp(client_fn=client_fn, mods=list(mods))
 
 
@@ -238,6 +244,29 @@ def compact_masked_vectors(msg: Message, context: Context, call_next: Callable[.
     masked: list[bytes] = configs[Key.MASKED_PARAMETERS]  # type: ignore[assignment]
     configs[Key.MASKED_PARAMETERS] = [as_uint32(b, mod_range) for b in masked]
     return reply
+
+
+def pairwise_keys_ahead(msg: Message, context: Context, call_next: Callable[..., Message]
+                        ) -> Message:
+    """Agree at ``share_keys`` the pairwise keys ``collect_masked_vectors`` masks with
+    (``client.flower_seam.pairwise_keys``), kept in the context's state until then:
+    under the server's keys ahead that stage runs while the server evaluates the last
+    round, so the key agreements leave the stage where the merchants train. Every other
+    stage drops them."""
+    stage = _stage(msg) if msg.metadata.message_type == MessageType.TRAIN else None
+    # config_records is a view of the state as it is when read: read it again after.
+    agreed = context.state.config_records.pop(PAIRWISE_RECORD, None)
+    if stage == Stage.SHARE_KEYS:
+        reply = call_next(msg, context)
+        state = context.state.config_records.get(RECORD_KEY_STATE)
+        keys = None if reply.has_error() or state is None else pairwise_keys(state)
+        if keys is not None:
+            context.state.config_records[PAIRWISE_RECORD] = ConfigRecord(keys)
+        return reply
+    if stage != Stage.COLLECT_MASKED_VECTORS or agreed is None:
+        return call_next(msg, context)
+    with pairwise_keys_agreed(agreed):
+        return call_next(msg, context)
 
 
 def _stage(msg: Message) -> str | None:

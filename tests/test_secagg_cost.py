@@ -256,11 +256,12 @@ def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-def _one_round(nodes: int, dropped: int = 0, seed: int = 0) -> tuple[_Grid, Any, Any]:
+def _one_round(nodes: int, dropped: int = 0, seed: int = 0, outer: tuple[Any, ...] = ()
+               ) -> tuple[_Grid, Any, Any]:
     """(grid, strategy, result) of one SecAgg+ round of ``nodes`` clients, every one
-    sampled; node ``dropped`` never sends its masked vector."""
+    sampled; node ``dropped`` never sends its masked vector; ``outer`` mods first."""
     app = ClientApp(client_fn=lambda ctx: _Client(ctx.node_id).to_client(),
-                    mods=[client_secagg.compact_masked_vectors, secaggplus_mod])
+                    mods=[*outer, client_secagg.compact_masked_vectors, secaggplus_mod])
     grid = _Grid(app, nodes, dropped, Stage.COLLECT_MASKED_VECTORS)
     fed = FederationConfig(secure_aggregation=True, num_rounds=1, min_train_nodes=nodes,
                            min_available_nodes=nodes, secagg_clipping_range=100.0)
@@ -589,3 +590,67 @@ def test_with_another_flower_the_rounds_run_one_after_the_other(
     _, strategy, result, overlapped = _rounds_with_an_evaluation(5, 2, patience=0.3)
     assert overlapped == [(1, False), (2, False)]
     assert sorted(strategy.rounds.stats) == [1, 2] and not isinstance(result, Exception)
+
+
+@pytest.mark.usefixtures("in_process")
+def test_pairwise_keys_agreed_at_share_keys_mask_the_same_and_a_dropout_still_unmasks(
+        mod_names: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merchants agree their pairwise keys at share_keys (Flower's key agreement,
+    counted by stage): collect_masked_vectors agrees none and the mean is exact, with
+    node 5's masks rebuilt by the server from its shares as Flower does."""
+    from flwr.common.secure_aggregation.crypto import symmetric_encryption
+
+    assert client_seam.secaggplus_names()
+    assert mod_names.generate_shared_key is client_seam.shared_key
+    agreed: collections.Counter[str] = collections.Counter()
+    stage: list[str] = [""]
+    flowers = symmetric_encryption.generate_shared_key
+
+    def counted(private_key: Any, public_key: Any) -> bytes:
+        agreed[stage[0]] += 1
+        return flowers(private_key, public_key)
+
+    monkeypatch.setattr(symmetric_encryption, "generate_shared_key", counted)
+
+    def note_stage(msg: Message, context: Context, call_next: Any) -> Message:
+        stage[0] = str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+        return call_next(msg, context)
+
+    nodes, dropped = 12, 5
+    grid, _, result = _one_round(nodes, dropped,
+                                 outer=(note_stage, client_secagg.pairwise_keys_ahead))
+    live = [n for n in range(1, nodes + 1) if n != dropped]
+    weights = np.array([10.0 * n for n in live])
+    expected = [a + 0.01 * float(np.dot(weights, live)) / weights.sum() for a in START]
+    bound = 2 * 100.0 * len(live) / (weights.sum() * 4_194_304 / 10_000)
+    for got, want in zip(result.arrays.to_numpy_ndarrays(), expected, strict=True):
+        assert np.max(np.abs(got - want)) < bound
+    neighbours = 9 - 1  # 9 shares at 12 clients: each agrees with 8 others, twice
+    assert agreed == {Stage.SHARE_KEYS: 2 * nodes * neighbours}
+    kept = [n for n, c in grid.contexts.items()
+            if client_seam.PAIRWISE_RECORD in c.state.config_records]
+    assert kept == [dropped]  # the others dropped theirs at collect_masked_vectors
+
+
+def test_a_pair_not_agreed_ahead_is_agreed_as_flower_does() -> None:
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+        generate_shared_key,
+    )
+    from flwr.supercore.primitives.asymmetric import (
+        generate_key_pairs,
+        private_key_to_bytes,
+        public_key_to_bytes,
+    )
+
+    mine, theirs, other = generate_key_pairs(), generate_key_pairs(), generate_key_pairs()
+    sk1 = private_key_to_bytes(mine[0])
+    record = {"sk1": sk1, "pk1": [public_key_to_bytes(theirs[1])],
+              "keys": [generate_shared_key(mine[0], theirs[1])]}
+    private = client_seam.private_key_of(sk1)
+    with client_seam.pairwise_keys_agreed(record):
+        assert client_seam.shared_key(private, theirs[1]) == record["keys"][0]
+        assert client_seam.shared_key(private, other[1]) == \
+            generate_shared_key(mine[0], other[1])  # not agreed ahead
+        assert client_seam.shared_key(other[0], theirs[1]) == \
+            generate_shared_key(other[0], theirs[1])  # another private key
+    assert client_seam.shared_key(private, theirs[1]) == record["keys"][0]  # agreed again

@@ -7,8 +7,9 @@ Flower's ``SecAggPlusWorkflow`` (through ``server.secagg``) and ``secaggplus_mod
 the mods of ``client.secagg`` around it) run 20 clients sampled of 20 with the default
 model's weight shapes; the client's training is a constant step, so what is timed is the
 protocol: per stage, the client's CPU seconds summed over the clients, and the server's
-(the rest). ``--flowers`` leaves Flower's own Shamir split, combination and key parsing
-in place (``client.flower_seam`` and ``server.secagg_workflow.serial_combine`` off).
+(the rest). ``--flowers`` leaves Flower's own Shamir split and combination, key parsing,
+key agreements and mask generator in place (``client.flower_seam``,
+``client.secagg.pairwise_keys_ahead`` and ``server.secagg_workflow.serial_combine`` off).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def main() -> None:
 
     rounds = int(next((a for a in sys.argv[1:] if a.isdigit()), "5"))
     nodes = 20
-    if "--flowers" in sys.argv:
+    flowers = "--flowers" in sys.argv
+    if flowers:
         workflow.serial_combine = lambda: contextlib.nullcontext(False)  # type: ignore
     else:
         secaggplus_names()
@@ -55,7 +57,8 @@ def main() -> None:
             return [p + 0.001 for p in parameters], 1, {}
 
     app = ClientApp(client_fn=lambda ctx: Step().to_client(),
-                    mods=[client_secagg.compact_masked_vectors, secaggplus_mod,
+                    mods=[*([] if flowers else [client_secagg.pairwise_keys_ahead]),
+                          client_secagg.compact_masked_vectors, secaggplus_mod,
                           client_secagg._quantisation_guard])
     contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
                            run_config={}) for n in range(1, nodes + 1)}
