@@ -190,8 +190,8 @@ def fit(
                            checks is not None)
         loss, val_loss, flat = call(
             io.flatten(initial) if epoch == 1 and initial is not None and io else None,
-            seed_tensor, _batched(x, y, sw, config.batch_size),
-            checks.arrays if checks is not None else None)
+            seed_tensor, (_pack(_batched(x, y, sw, config.batch_size), lead=2),),
+            checks.packed if checks is not None else None)
         row = {"epoch": float(epoch), "loss": float(loss)}
         if checks is not None:
             row["val_loss"] = float(val_loss) * checks.scale
@@ -236,7 +236,7 @@ def _batched(x: dict[str, np.ndarray], y: dict[str, np.ndarray],
                  for tree in (x, y, sample_weight))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class _Checks:
     """A validation set laid out once for every epoch's compiled call: ``(x, y, sw)``
     batched as ``[steps, VAL_BATCH, ...]``, or, for a set that fits one batch
@@ -246,6 +246,14 @@ class _Checks:
     arrays: tuple[Any, ...]
     scale: float  # padded rows / real rows: Keras averages over whole batches
     single: bool
+
+    @functools.cached_property
+    def packed(self) -> tuple[Packed, ...]:
+        """``arrays`` packed for :func:`_epoch_call` (``x`` apart when ``single``: its
+        rows are a bucket's, not the batch's)."""
+        if self.single:
+            return _pack(self.arrays[:1], lead=1), _pack(self.arrays[1:], lead=1)
+        return (_pack(self.arrays, lead=2),)
 
 
 def _validation_batches(model: keras.Model, snaps: Snapshots) -> _Checks:
@@ -349,8 +357,10 @@ def _epoch_function(model: keras.Model, kind: str) -> Callable[..., dict[str, tf
 def _epoch_call(model: keras.Model, trainer: keras.Model, first: bool, assign: bool,
                 validate: bool) -> Callable[..., tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
     """One epoch of :func:`fit` as one compiled call:
-    ``(flat weights | None, seed, (x, y, sw), (val x, y, sw) | None) -> (train loss,
-    validation loss, the weights after, flat)``.
+    ``(flat weights | None, seed, (x, y, sw) packed, validation arrays packed | None)
+    -> (train loss, validation loss, the weights after, flat)``; the arrays come as
+    :func:`_pack` laid them out (a few tensors, not one per input, target and weight)
+    and are unpacked in the graph.
 
     The first epoch (``first``) gives the optimizer a fresh state from the seed
     (:func:`_state_reset`) and, with ``assign``, the starting weights first. The steps
@@ -365,7 +375,10 @@ def _epoch_call(model: keras.Model, trainer: keras.Model, first: bool, assign: b
     val_loop = _epoch_function(model, "test") if validate else None
     padded = _padded_loss(model) if validate else None
 
-    def epoch(flat, seed, batches, checks):
+    def epoch(flat, seed, batches, checks, packings):
+        batch_packings, check_packings = packings
+        batches = _unpack(batch_packings, batches)
+        checks = None if checks is None else _unpack(check_packings, checks)
         if assign and io is not None:
             io.assign(flat)
         if reset is not None:
@@ -385,26 +398,108 @@ def _epoch_call(model: keras.Model, trainer: keras.Model, first: bool, assign: b
     # every call (in a profile, more than the rest of its dispatch).
     traced: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
-    def call(flat, seed, batches, checks):
+    def call(flat, seed, batches: tuple[Packed, ...], checks: tuple[Packed, ...] | None):
+        packings = (tuple(p.packing for p in batches),
+                    None if checks is None else tuple(p.packing for p in checks))
+        batch_arrays = tuple(p.arrays for p in batches)
+        check_arrays = None if checks is None else tuple(p.arrays for p in checks)
         specs = (None if flat is None else tf.TensorSpec([None], flat.dtype),
-                 tf.TensorSpec([], tf.int64), _specs(batches),
-                 None if checks is None else _specs(checks))
-        key = tuple(tf.nest.flatten(specs))
+                 tf.TensorSpec([], tf.int64), _specs(batch_arrays),
+                 None if check_arrays is None else _specs(check_arrays))
+        key = (packings, *tf.nest.flatten(specs))
         if key not in traced:
-            traced[key] = tf.function(epoch).get_concrete_function(*specs)
-        return traced[key](flat, seed, batches, checks)
+            traced[key] = tf.function(_bound(epoch, packings)).get_concrete_function(*specs)
+        return traced[key](flat, seed, batch_arrays, check_arrays)
 
     return call
 
 
+def _bound(epoch: Callable[..., Any], packings: Any) -> Callable[..., Any]:
+    """``epoch`` with its last argument bound (a tf.function's signature would list a
+    ``functools.partial``'s bound keywords as arguments)."""
+    def packed_epoch(flat, seed, batches, checks):
+        return epoch(flat, seed, batches, checks, packings)
+
+    return packed_epoch
+
+
 def _specs(tree: tuple[Any, ...]) -> tuple[Any, ...]:
-    """TensorSpecs of arrays (or dicts of them) with their first dimension (steps, or a
+    """TensorSpecs of arrays (or tuples of them) with their first dimension (steps, or a
     bucket's rows) left open; the rows a step stay fixed, as the separate loop had them."""
     def spec(a: np.ndarray) -> tf.TensorSpec:
         return tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype))
 
-    return tuple({k: spec(v) for k, v in part.items()} if isinstance(part, dict)
-                 else spec(part) for part in tree)
+    return tuple(_specs(part) if isinstance(part, tuple) else spec(part) for part in tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How :func:`_pack` laid a tuple of arrays and dicts of arrays (their first ``lead``
+    dimensions shared) into one array per dtype: each leaf's other dimensions flattened
+    into columns, side by side. The compiled epoch call takes these few arrays instead
+    of one per leaf: binding each argument was a fifth of a tiny merchant's call
+    (``docs/performance.md``)."""
+
+    keys: tuple[tuple[str, ...] | None, ...]  # per part: its dict's keys, None: an array
+    lead: int
+    dtypes: tuple[str, ...]
+    #: Per leaf, in order: (its array in the pack, first column, end column, its shape
+    #: after the lead dimensions).
+    leaves: tuple[tuple[int, int, int, tuple[int, ...]], ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Packed:
+    """Arrays packed by :func:`_pack`, and how."""
+
+    packing: Packing
+    arrays: tuple[np.ndarray, ...]
+
+
+def _leaves(parts: tuple[Any, ...]) -> list[Any]:
+    return [leaf for part in parts for leaf in
+            ([part[k] for k in sorted(part)] if isinstance(part, dict) else [part])]
+
+
+def _pack(parts: tuple[Any, ...], *, lead: int) -> Packed:
+    """``parts`` (arrays, or dicts of them, sharing their first ``lead`` dimensions) as
+    one array per dtype; :func:`_unpack` gives them back (the same values and shapes)."""
+    dtypes: list[str] = []
+    groups: list[list[np.ndarray]] = []
+    widths: list[int] = []
+    leaves = []
+    for leaf in _leaves(parts):
+        dtype = leaf.dtype.str
+        if dtype not in dtypes:
+            dtypes.append(dtype)
+            groups.append([])
+            widths.append(0)
+        g = dtypes.index(dtype)
+        tail = tuple(int(n) for n in leaf.shape[lead:])
+        width = math.prod(tail)
+        groups[g].append(leaf.reshape(*leaf.shape[:lead], width))
+        leaves.append((g, widths[g], widths[g] + width, tail))
+        widths[g] += width
+    keys = tuple(tuple(sorted(p)) if isinstance(p, dict) else None for p in parts)
+    arrays = tuple(np.concatenate(g, axis=lead) if len(g) > 1 else g[0] for g in groups)
+    return Packed(Packing(keys, lead, tuple(dtypes), tuple(leaves)), arrays)
+
+
+def _unpack(packings: tuple[Packing, ...], packed: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The parts of every packing, in order, from their packed tensors (in a graph:
+    column slices and reshapes; the first dimension may be open)."""
+    parts: list[Any] = []
+    for packing, tensors in zip(packings, packed, strict=True):
+        leaves = []
+        for g, start, stop, tail in packing.leaves:
+            column = tensors[g][..., start:stop]
+            lead = [-1 if i == 0 and n is None else tf.shape(column)[i] if n is None else n
+                    for i, n in enumerate(column.shape[:packing.lead])]
+            leaves.append(tf.reshape(column, [*lead, *tail]))
+        at = iter(leaves)
+        parts.extend({k: next(at) for k in keys} if keys is not None else next(at)
+                     for keys in packing.keys)
+    return tuple(parts)
 
 
 def predict(model: keras.Model, snaps: Snapshots, batch: int = EVAL_BATCH,

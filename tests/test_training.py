@@ -29,8 +29,10 @@ from common.training import (
     VAL_BATCH,
     _batched,
     _epoch_function,
+    _pack,
     _padded_order,
     _state_reset,
+    _unpack,
     decay_sample_weights,
     evaluate,
     fit,
@@ -303,3 +305,28 @@ def test_a_small_validation_set_runs_on_its_real_rows_with_the_padded_loss(model
     other = float(_epoch_function(model, "test")(
         x16, y16, {"decay": w16, "interest": w16, "activation": w16})["loss"]) * 16 / 13
     assert other == pytest.approx(padded, rel=1e-5)  # the padding is out of the loss
+
+
+def test_packed_arrays_unpack_to_the_same_values_and_shapes() -> None:
+    """The compiled epoch call takes one array per dtype (``_pack``) and unpacks it in
+    its graph, the first dimension left open as in the call's trace."""
+    rng = np.random.default_rng(5)
+    x = {"events": rng.integers(0, 9, (3, 4, L)).astype(np.int32),
+         "numeric": rng.normal(size=(3, 4, L, 2)).astype(np.float32),
+         "static": rng.normal(size=(3, 4, 5)).astype(np.float32)}
+    y = {"decay": rng.random((3, 4)).astype(np.float32),
+         "activation": rng.random((3, 4, A)).astype(np.float32)}
+    rows = np.arange(12, dtype=np.int32).reshape(3, 4)
+    packed = _pack((x, y, rows), lead=2)
+    assert [a.dtype for a in packed.arrays] == [np.int32, np.float32]
+    assert [a.shape for a in packed.arrays] == [(3, 4, L + 1), (3, 4, 2 * L + 5 + 1 + A)]
+    specs = tuple(tf.TensorSpec([None, *a.shape[1:]], a.dtype) for a in packed.arrays)
+    unpack = tf.function(lambda *t: _unpack((packed.packing,), (t,)), input_signature=specs)
+    got_x, got_y, got_rows = unpack(*packed.arrays)
+    assert got_x["numeric"].shape == (3, 4, L, 2) and got_rows.dtype == tf.int32
+    for got, want in [*((got_x[k], x[k]) for k in x), *((got_y[k], y[k]) for k in y),
+                      (got_rows, rows)]:
+        np.testing.assert_array_equal(got.numpy(), want)
+    # The traced shapes: open steps, fixed rows a step (what the XLA step compiles for).
+    graph = unpack.get_concrete_function().structured_outputs
+    assert graph[0]["numeric"].shape.as_list() == [None, 4, L, 2]
