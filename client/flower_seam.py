@@ -32,6 +32,8 @@ by their module-global names, and both do work a merchant need not do:
   come from, dropped at ``collect_masked_vectors``), where the server's keys-ahead
   thread runs them during its evaluation, and :func:`shared_key` answers them at
   ``collect_masked_vectors``: the same keys, agreed one stage earlier.
+- ``ndarray_to_bytes`` (the masked arrays, all in [0, 2**32), sent as int64):
+  :func:`masked_to_bytes` sends them as uint32 straight away.
 
 None changes what is computed or sent: the same key agreements, shares, masks and
 quantisation; only how the same values are computed.
@@ -55,11 +57,12 @@ PIN = Pin("flwr", "1.42.0", __name__, ("secaggplus_names",))
 
 _MOD = "flwr.client.mod.secure_aggregation.secaggplus_mod"
 
-#: ``secaggplus_names`` replaces four module-global names of ``secaggplus_mod`` that
+#: ``secaggplus_names`` replaces five module-global names of ``secaggplus_mod`` that
 #: ``_share_keys`` and ``_collect_masked_vectors`` call; :func:`create_shares` mimics
 #: Flower's (layout and padding) and pycryptodome's split, ``pseudo_rand_gen`` Flower's
 #: (``common.mask_prg``), :func:`private_key_of` and :func:`shared_key` wrap Flower's
-#: parser and key agreement; :func:`pairwise_keys` reads the state the mod saves.
+#: parser and key agreement, :func:`masked_to_bytes` its encoder; :func:`pairwise_keys`
+#: reads the state the mod saves.
 SECAGGPLUS_NAMES_SOURCES = {
     "flwr.common.secure_aggregation.crypto.shamir:create_shares":
         "d922b6370cd57ff11dd72f0608997d4c0e9775fbb7c12c959234a55075092441",
@@ -109,10 +112,11 @@ def private_key_of(data: bytes) -> Any:
 
 
 def secaggplus_names() -> bool:
-    """Point ``secaggplus_mod``'s ``create_shares``, ``bytes_to_private_key`` and
-    ``pseudo_rand_gen`` at :func:`create_shares`, :func:`private_key_of` and
-    ``common.mask_prg.pseudo_rand_gen`` in this process (idempotent); False with another
-    Flower, whose mod is left as it is."""
+    """Point ``secaggplus_mod``'s ``create_shares``, ``bytes_to_private_key``,
+    ``pseudo_rand_gen``, ``generate_shared_key`` and ``ndarray_to_bytes`` at
+    :func:`create_shares`, :func:`private_key_of`, ``common.mask_prg.pseudo_rand_gen``,
+    :func:`shared_key` and :func:`masked_to_bytes` in this process (idempotent); False
+    with another Flower, whose mod is left as it is."""
     if not PIN.holds():
         return False
     # The package exports the mod function under the module's name: import the module.
@@ -123,7 +127,28 @@ def secaggplus_names() -> bool:
     mod.bytes_to_private_key = private_key_of
     mod.pseudo_rand_gen = pseudo_rand_gen
     mod.generate_shared_key = shared_key
+    mod.ndarray_to_bytes = masked_to_bytes
     return True
+
+
+def masked_to_bytes(array: Any) -> bytes:
+    """Flower's ``ndarray_to_bytes`` of a masked array, as uint32 when every entry lies in
+    [0, 2**32) (``secaggplus_mod`` reduces them mod its power-of-2 modulus, at most
+    2**32, but keeps int64): the same numbers in half the bytes, without
+    ``client.secagg.as_uint32`` decoding and encoding them again."""
+    import numpy as np
+    from flwr.common import ndarray_to_bytes
+
+    if array.dtype.kind in "iu" and (array.size == 0 or (
+            int(array.min()) >= 0 and int(array.max()) < 2**32)):
+        array = array.astype(np.uint32)
+    return ndarray_to_bytes(array)
+
+
+def masked_as_uint32() -> bool:
+    """Whether ``secaggplus_mod`` encodes masked arrays with :func:`masked_to_bytes`."""
+    mod: Any = importlib.import_module(_MOD)
+    return mod.ndarray_to_bytes is masked_to_bytes
 
 
 #: The ``context.state`` record in which ``share_keys`` leaves the pairwise keys that

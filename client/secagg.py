@@ -65,6 +65,7 @@ from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.flower_seam import (
     PAIRWISE_RECORD,
+    masked_as_uint32,
     pairwise_keys,
     pairwise_keys_agreed,
     secaggplus_names,
@@ -232,8 +233,11 @@ def as_uint32(data: bytes, mod_range: int) -> bytes:
 def compact_masked_vectors(msg: Message, context: Context, call_next: Callable[..., Message]
                            ) -> Message:
     """Halve the upload of ``collect_masked_vectors`` (see :func:`as_uint32`): Flower's
-    mod sends every masked entry as int64 although it lies in [0, 2**32)."""
+    mod sends every masked entry as int64 although it lies in [0, 2**32). Nothing to do
+    when ``client.flower_seam`` has the mod encode them as uint32 itself."""
     reply = call_next(msg, context)
+    if masked_as_uint32():  # client.flower_seam encoded them so already
+        return reply
     configs = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
     state = context.state.config_records.get(RECORD_KEY_STATE)
     if configs is None or state is None or Key.MASKED_PARAMETERS not in configs:

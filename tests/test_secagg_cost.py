@@ -441,7 +441,8 @@ def test_with_the_seam_a_dropout_is_still_unmasked_from_its_shares(mod_names: An
     assert mod_names.create_shares is client_seam.create_shares
     assert mod_names.bytes_to_private_key is client_seam.private_key_of
     nodes, dropped = 12, 5
-    _, strategy, result = _one_round(nodes, dropped)
+    grid, strategy, result = _one_round(nodes, dropped)
+    assert grid.dtypes == {"uint32"} and client_seam.masked_as_uint32()  # by the mod
     live = [n for n in range(1, nodes + 1) if n != dropped]
     weights = np.array([10.0 * n for n in live])
     expected = [a + 0.01 * float(np.dot(weights, live)) / weights.sum() for a in START]
@@ -654,3 +655,14 @@ def test_a_pair_not_agreed_ahead_is_agreed_as_flower_does() -> None:
         assert client_seam.shared_key(other[0], theirs[1]) == \
             generate_shared_key(other[0], theirs[1])  # another private key
     assert client_seam.shared_key(private, theirs[1]) == record["keys"][0]  # agreed again
+
+
+def test_masked_arrays_leave_as_uint32_and_anything_else_as_it_is() -> None:
+    masked = np.array([[0, 1], [2**32 - 1, 7]], dtype=np.int64)
+    sent = bytes_to_ndarray(client_seam.masked_to_bytes(masked))
+    assert sent.dtype == np.uint32 and np.array_equal(sent.astype(np.int64), masked)
+    for other in (np.array([-1, 3]), np.array([2**32]), np.array([0.5, 1.0]),
+                  np.array(5, dtype=np.int64)):
+        back = bytes_to_ndarray(client_seam.masked_to_bytes(other))
+        assert back.dtype == (np.uint32 if other.ndim == 0 else other.dtype)
+        assert np.array_equal(back.astype(other.dtype), other)
