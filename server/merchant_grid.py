@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
@@ -63,6 +63,12 @@ class MerchantGrid:
         self._node_msg: dict[str, str] = {}  # merchant message id -> node message id
         self._ready: dict[str, Message] = {}  # merchant replies not pulled yet
         self.node_messages = 0  # node messages pushed, for the logs and the tests
+        self._listener: Callable[[list[Message]], None] | None = None
+
+    def listen(self, listener: Callable[[list[Message]], None] | None) -> None:
+        """Have ``listener`` see each batch of merchant replies as it is pulled (the
+        strategy reads them while the round's later replies are awaited); None: none."""
+        self._listener = listener
 
     def get_node_ids(self) -> list[int]:
         """The merchants' ids, once every node they need has connected (else none, and
@@ -126,6 +132,8 @@ class MerchantGrid:
             for reply in self._grid.pull_messages(nodes):
                 self._split(reply)
         found = [self._ready.pop(m) for m in wanted if m in self._ready]
+        if found and self._listener is not None:
+            self._listener(found)
         return found
 
     def _split(self, reply: Message) -> None:

@@ -85,6 +85,8 @@ class GuardedMixin:
         self._screened_round: int | None = None
         self._examples: dict[int, float] = {}  # training rows each node last reported
         self._layout = ReplyLayout([])
+        #: Train replies read as they came (``_read_early``): id -> (reply, its reading).
+        self._early: dict[int, tuple[Message, ReadReply | str]] = {}
         self.round_rng = random.Random(seed)  # replaced at the start of every round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -96,6 +98,10 @@ class GuardedMixin:
         if self.pre_evaluate:
             config[PRE_EVALUATE_KEY] = True
         self._layout = ReplyLayout(arrays.to_numpy_ndarrays())
+        self._early = {}
+        listen = getattr(grid, "listen", None)  # server.merchant_grid.MerchantGrid's
+        if callable(listen):
+            listen(self._read_early)
         self.round_rng = random.Random(round_seed(self.seed, g))
         messages = list(super().configure_train(server_round, arrays, config,  # type: ignore[misc]
                                                 SortedGrid(grid)))
@@ -151,6 +157,15 @@ class GuardedMixin:
         owner = next((c for c in after if "aggregate_train" in vars(c)), None)
         return owner is flwr_strategy.FedAvg
 
+    def _read_early(self, replies: list[Message]) -> None:
+        """Read train replies as they come (:func:`read_reply`, no bookkeeping), so that
+        little is left to do once the last one is in: the round's tail, when the
+        clients wait for the next round, shrinks."""
+        for msg in replies:
+            if msg.metadata.message_type == MessageType.TRAIN and not msg.has_error():
+                self._early[id(msg)] = (msg, read_reply(msg, self._layout,
+                                                        self.weighted_by_key))
+
     def screen_train_replies(self, server_round: int, replies: Iterable[Message]
                              ) -> list[Message]:
         """The replies that can be aggregated; the others are counted and logged by node.
@@ -182,7 +197,9 @@ class GuardedMixin:
             if msg.has_error():
                 self.rounds.failed(g, node, error_summary(msg.error.reason))
                 continue
-            read = read_reply(msg, self._layout, self.weighted_by_key)
+            early = self._early.pop(id(msg), None)
+            read = (early[1] if early is not None and early[0] is msg
+                    else read_reply(msg, self._layout, self.weighted_by_key))
             if isinstance(read, str):
                 self.rounds.rejected(g, node, read)
                 continue
@@ -190,6 +207,7 @@ class GuardedMixin:
             weight = read.metrics[self.weighted_by_key]
             self._examples[node] = float(weight)  # type: ignore[arg-type]
             good.append(read)
+        self._early = {}
         limit = f"{self.round_timeout:g} s" if self.round_timeout else "the round timeout"
         self.rounds.missing(g, answered, limit)
         if not good:

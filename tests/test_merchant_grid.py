@@ -310,3 +310,15 @@ def test_three_merchants_a_node_give_the_results_of_one(tmp_path: Path) -> None:
     assert [r["round"] for r in one if r["round"] >= 1] == [1, 2]
     for x, y in zip(w1, w3, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_a_listener_sees_each_merchant_reply_as_it_is_pulled() -> None:
+    grid = MerchantGrid(NodeSide(_per_merchant), merchants=7, per_node=3)  # type: ignore[arg-type]
+    grid.get_node_ids()
+    seen: list[Message] = []
+    grid.listen(seen.extend)
+    ids = grid.push_messages(_train_messages(list(range(7))))
+    found = grid.pull_messages(ids)
+    assert len(found) == 7 and [id(m) for m in seen] == [id(m) for m in found]
+    grid.listen(None)
+    assert grid.pull_messages(ids) == [] and len(seen) == 7

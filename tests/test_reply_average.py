@@ -113,3 +113,40 @@ def test_a_non_finite_tensor_is_named_whatever_the_layout() -> None:
                               "metrics": MetricRecord({"num-examples": 3})}),
                   dst_node_id=1, message_type="train")
     assert read_reply(msg, layout, "num-examples") == "tensor 2 holds NaN or infinite values"
+
+
+def test_replies_read_as_they_come_are_not_read_again(monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """What ``MerchantGrid.listen`` hands over while the round runs is read then; the
+    aggregate is the same as reading every reply at the end."""
+    import server.strategy as guarded
+
+    def averaged(early: bool) -> tuple[list[bytes], dict, int]:
+        strategy = build_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1),
+                                  seed=0)
+        listened: list[Any] = []
+
+        class Listening(FakeGrid):
+            def listen(self, listener: Any) -> None:
+                listened.append(listener)
+
+        reference = ArrayRecord([np.zeros(s, np.float32) for s in SHAPES])
+        ins = list(strategy.configure_train(1, reference, ConfigRecord(), Listening(NODES)))
+        replies = _replies(strategy, np.random.default_rng(9))
+        replies = [Message(m.content, reply_to=i) for m, i in zip(replies, ins, strict=True)]
+        assert listened == [strategy._read_early]
+        if early:
+            listened[0](replies[:4])
+            listened[0](replies[4:])
+        calls = []
+        real = guarded.read_reply
+        monkeypatch.setattr(guarded, "read_reply", lambda *a: calls.append(1) or real(*a))
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        monkeypatch.setattr(guarded, "read_reply", real)
+        assert strategy._early == {}
+        return _bytes(arrays), dict(metrics), len(calls)
+
+    late_arrays, late_metrics, late_reads = averaged(early=False)
+    early_arrays, early_metrics, early_reads = averaged(early=True)
+    assert (late_reads, early_reads) == (len(NODES), 0)
+    assert early_arrays == late_arrays and early_metrics == late_metrics
