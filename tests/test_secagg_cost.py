@@ -470,13 +470,15 @@ def test_the_client_seam_is_pinned_like_the_others() -> None:
     assert client_seam.PIN.logger == client_seam.__name__
 
 
-@pytest.mark.parametrize(("target", "digest"),
-                         sorted(secagg_workflow.SERIAL_COMBINE_SOURCES.items()))
-def test_the_flower_code_the_serial_combine_relies_on_is_unchanged(target: str,
+@pytest.mark.parametrize(("target", "digest"), sorted(
+    {t: d for sources in secagg_workflow.PATCHES.values() for t, d in sources.items()}.items()))
+def test_the_flower_code_the_workflow_patches_rely_on_is_unchanged(target: str,
                                                                    digest: str) -> None:
     assert source_digest(target) == digest, f"{target} changed: re-read secagg_workflow"
     assert secagg_workflow.PIN.version == installed_version("flwr")
     assert set(secagg_workflow.PATCHES) == set(secagg_workflow.PIN.patches)
+    assert all(callable(getattr(secagg_workflow, name))
+               for name in secagg_workflow.PIN.patches)
 
 
 def test_the_serial_combine_rebuilds_what_flowers_split_made_and_refuses_garbage() -> None:
