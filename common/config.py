@@ -209,6 +209,11 @@ class ModelConfig:
     # The activation head also reads the aggregates (RESPONSE_FEATURES among them)
     # directly, beside the shared trunk.
     activation_wide: bool = True
+    # What each action's shift (the uplift logit of the contrast head) reads: "response"
+    # = only RESPONSE_FEATURES, standardised, linearly (a per-action logistic uplift on
+    # what behaviour shows of the traits that move a customer); "shared" = the base's
+    # inputs (the trunk, and the aggregates with activation-wide).
+    activation_shift: str = "response"
     interest_loss: str = "huber"
     # Off by default so the LSTM's inputs (and figures) stay as they were; GBDT and LR
     # read the cadence aggregates (common.features.CADENCE_FEATURES) either way.
@@ -227,6 +232,11 @@ class ModelConfig:
                "must be 'huber' or 'mse'")
         check_key(self.activation_head in ("contrast", "separate"), "model.activation-head",
                   f"must be 'contrast' or 'separate', got {self.activation_head!r}")
+        check_key(self.activation_shift in ("response", "shared"), "model.activation-shift",
+                  f"must be 'response' or 'shared', got {self.activation_shift!r}")
+        check_key(self.activation_shift == "shared" or self.activation_head == "contrast",
+                  "model.activation-shift", "'response' needs model.activation-head = "
+                  "'contrast' (only the contrast head has shifts)")
 
 
 @dataclasses.dataclass(frozen=True)
