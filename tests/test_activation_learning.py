@@ -131,3 +131,57 @@ def test_heads_rank_a_planted_uplift_above_chance(head: str) -> None:
     # The true push uplift is increasing in x: rank users by predicted uplift.
     auc = roc_auc_score(x > 0, uplift)
     assert auc > 0.75, auc
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p) - np.log1p(-p)
+
+
+def test_response_shift_is_linear_in_the_standardised_response_columns() -> None:
+    from common.features import STATIC_FEATURES
+    from common.model import RESPONSE_CENTRE, RESPONSE_SCALE
+
+    model = build_model(ModelConfig(lstm_units=4, dense_units=4, activation_shift="response",
+                                    jit_compile=False), SNAP, seed=0)
+    width = int(model.input["static"].shape[-1])
+    rng = np.random.default_rng(1)
+    x = _inputs(5, width, rng)
+    # Built with a zero kernel: every row has the same shift per action.
+    p = np.asarray(model.predict(x, verbose=0)["activation"], dtype=np.float64)
+    shifts = _logit(p[:, 1:]) - _logit(p[:, :1])
+    np.testing.assert_allclose(shifts, np.tile(shifts[:1], (5, 1)), atol=1e-4)
+    # Small weights: the probabilities stay far from 0 and 1, where float32 loses the logit.
+    kernel = (0.05 * rng.normal(size=(len(RESPONSE_FEATURES), A - 1))).astype(np.float32)
+    bias = np.array([0.2, -0.1, 0.3], np.float32)
+    model.get_layer("activation_shift").set_weights([kernel, bias])
+    first = len(STATIC_FEATURES)
+    z = (x["static"][:, first:first + len(RESPONSE_FEATURES)] - np.array(RESPONSE_CENTRE)) \
+        / np.array(RESPONSE_SCALE)
+    p = np.asarray(model.predict(x, verbose=0)["activation"], dtype=np.float64)
+    np.testing.assert_allclose(_logit(p[:, 1:]) - _logit(p[:, :1]), z @ kernel + bias,
+                               rtol=1e-3, atol=1e-3)
+    # Other aggregates and the sequence move the control logit, never the shifts.
+    moved = {**x, "events": rng.integers(1, 6, x["events"].shape).astype(np.int32),
+             "static": x["static"].copy()}
+    moved["static"][:, :first] += 3.0
+    q = np.asarray(model.predict(moved, verbose=0)["activation"], dtype=np.float64)
+    assert np.abs(_logit(q[:, 0]) - _logit(p[:, 0])).max() > 1e-3
+    np.testing.assert_allclose(_logit(q[:, 1:]) - _logit(q[:, :1]),
+                               _logit(p[:, 1:]) - _logit(p[:, :1]), rtol=1e-3, atol=1e-3)
+
+
+def test_activation_shift_is_checked() -> None:
+    with pytest.raises(ValueError, match="model.activation-shift"):
+        ModelConfig(activation_shift="trunk")
+    # The separate head has no shifts: the key does not stop it from building.
+    assert build_model(ModelConfig(lstm_units=4, dense_units=4, activation_head="separate",
+                                   jit_compile=False), SNAP, seed=0)
+
+
+def test_standardised_layer_refuses_mismatched_constants() -> None:
+    from common.model import Standardised
+
+    with pytest.raises(ValueError, match="columns 2:4 need 2"):
+        Standardised(2, 4, [0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="scales must be > 0"):
+        Standardised(0, 2, [0.0, 0.0], [1.0, 0.0])
