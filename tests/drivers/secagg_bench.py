@@ -10,6 +10,8 @@ Two things differ from the plain command:
   times then differ between runs by more than SecAgg+ costs. Here the ids come from a
   seeded generator (``FEDECAY_BENCH_NODE_SEED``, default 0), so every run of the same
   size samples the same merchants.
+- ``FEDECAY_BENCH_KEYS_AHEAD=0`` turns the server's keys ahead off (``server.secagg``):
+  each round's ``setup`` and ``share_keys`` then wait for the last round's evaluation.
 - Every message a ClientApp handles is appended to ``TRACE.jsonl``: its stage (SecAgg+)
   or type, partition, when it was created and handled, and, under SecAgg+, the time
   spent inside ``secaggplus_mod``'s call to the training (``inner``).
@@ -92,6 +94,10 @@ def main() -> None:
 
     os.environ["FEDECAY_BENCH_TRACE"] = os.path.abspath(sys.argv[1])
     seeded_node_ids(int(os.environ.get("FEDECAY_BENCH_NODE_SEED", "0")))
+    if os.environ.get("FEDECAY_BENCH_KEYS_AHEAD", "1") == "0":  # the rounds one by one
+        import server.secagg
+
+        server.secagg.keys_ahead = lambda: False  # type: ignore[attr-defined]
     plain = federated.make_federated_client_app
 
     def make_app(flat: Any) -> Any:
