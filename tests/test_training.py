@@ -221,13 +221,14 @@ def model_and_start(model_and_init):
 
 
 def separate_calls(model, start: list[np.ndarray], seed: int
-                   ) -> tuple[list[dict[str, float]], list[np.ndarray]]:
-    """The loop fit ran before the fusion: one compiled call per step kind."""
+                   ) -> tuple[list[dict[str, float]], list[list[np.ndarray]]]:
+    """The loop fit ran before the fusion: one compiled call per step kind; the losses
+    and the weights after each epoch."""
     set_weights_of(model, start)
     _state_reset(model)(tf.constant(seed, tf.int64))
     rng = np.random.default_rng(seed)
     x_all, y_all = model_inputs(model, SHARD), targets(SHARD, len(SNAP.actions))
-    history = []
+    history, weights = [], []
     for _ in range(SHARD_CFG.epochs):
         idx, live = _padded_order(rng.permutation(len(SHARD)), SHARD_CFG.batch_size, rng)
         x = {k: v[idx] for k, v in x_all.items()}
@@ -237,18 +238,23 @@ def separate_calls(model, start: list[np.ndarray], seed: int
         sw = {"decay": real, "interest": real, "activation": real}
         logs = _epoch_function(model, "train")(*_batched(x, y, sw, SHARD_CFG.batch_size))
         history.append({"loss": float(logs["loss"]), "val_loss": validation_loss(model, SHARD_VAL)})
-    return history, weights_of(model)
+        weights.append(weights_of(model))
+    return history, weights
 
 
 def test_one_call_an_epoch_equals_the_separate_calls(model_and_start) -> None:
     model, start = model_and_start
-    expected, weights = separate_calls(model, start, seed=7)
+    expected, after = separate_calls(model, start, seed=7)
     set_weights_of(model, [np.zeros_like(w) for w in start])  # fit must assign the start
     result = fit(model, SHARD, SHARD_VAL, SHARD_CFG, seed=7, initial=start)
     assert result.epochs == 3 and [r["epoch"] for r in result.history] == [1.0, 2.0, 3.0]
     for got, want in zip(result.history, expected, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    # fit keeps the best epoch's weights (by validation loss), not always the last's.
+    best = min(range(3), key=lambda e: expected[e]["val_loss"])
+    assert result.best_epoch == best + 1
+    weights = after[best]
     assert len(result.weights) == len(weights)
     for a, b in zip(result.weights, weights, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
