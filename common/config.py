@@ -215,6 +215,10 @@ class ModelConfig:
     # inputs (the trunk, and the aggregates with activation-wide). The "separate" head
     # has no shifts and ignores it.
     activation_shift: str = "response"
+    # False: the activation head reads the trunk's features, but its loss does not train
+    # them (decay and interest alone shape the trunk; the control logit cannot overfit
+    # the campaign rows through it).
+    activation_trunk_gradient: bool = True
     interest_loss: str = "huber"
     # Off by default so the LSTM's inputs (and figures) stay as they were; GBDT and LR
     # read the cadence aggregates (common.features.CADENCE_FEATURES) either way.

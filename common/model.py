@@ -111,6 +111,17 @@ class ContrastActivation(layers.Layer):
         return (base[0], base[1] + shift[1])
 
 
+@keras.saving.register_keras_serializable(package="fedecay")
+class StopGradient(layers.Layer):
+    """The input unchanged, with no gradient flowing back through it."""
+
+    def call(self, inputs):
+        return ops.stop_gradient(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 #: Fixed centre and spread of ``RESPONSE_FEATURES`` for the activation shifts (the mean
 #: and standard deviation over the training campaign rows of ``default``, seed 0, rounded;
 #: ``quick``'s are within 0.06). Only conditioning: the shifts can represent the same
@@ -168,7 +179,10 @@ def _activation_head(config: ModelConfig, trunk, static_in, num_actions: int, gl
     """The activation output: ``config.activation_head`` over the trunk (and, with
     ``config.activation_wide``, the aggregates themselves); with
     ``config.activation_shift == "response"`` the contrast head's shifts are linear in
-    the standardised response aggregates alone."""
+    the standardised response aggregates alone; without
+    ``config.activation_trunk_gradient`` its loss does not train the trunk."""
+    if not config.activation_trunk_gradient:
+        trunk = StopGradient(name="activation_trunk")(trunk)
     h = (layers.Concatenate(name="activation_in")([trunk, static_in])
          if config.activation_wide else trunk)
     if config.activation_head == "separate":

@@ -185,3 +185,29 @@ def test_standardised_layer_refuses_mismatched_constants() -> None:
         Standardised(2, 4, [0.0], [1.0, 1.0])
     with pytest.raises(ValueError, match="scales must be > 0"):
         Standardised(0, 2, [0.0, 0.0], [1.0, 0.0])
+
+
+@pytest.mark.parametrize("through", [True, False])
+def test_activation_loss_trains_the_trunk_only_when_asked(through: bool, tmp_path) -> None:
+    import tensorflow as tf
+
+    from common.model import load_model, save_model
+
+    model = build_model(ModelConfig(lstm_units=4, dense_units=4, jit_compile=False,
+                                    activation_trunk_gradient=through), SNAP, seed=0)
+    x = _inputs(8, int(model.input["static"].shape[-1]), np.random.default_rng(2))
+    y = np.full((8, A), -1.0, np.float32)
+    y[np.arange(8), np.arange(8) % A] = np.arange(8) % 2
+    trunk = model.get_layer("trunk").kernel
+    head = model.get_layer("activation_base").kernel
+    with tf.GradientTape(persistent=True) as tape:
+        out = model(x, training=False)
+        act = tf.reduce_mean(masked_activation_loss(y, out["activation"]))
+        decay = tf.reduce_mean(out["decay"])
+    assert float(tf.norm(tape.gradient(act, head))) > 0
+    assert float(tf.norm(tape.gradient(decay, trunk))) > 0
+    moved = tape.gradient(act, trunk)
+    assert (moved is not None and float(tf.norm(moved)) > 0) == through
+    save_model(model, tmp_path / "m.keras")  # the extra layers save and load
+    again = load_model(tmp_path / "m.keras").predict(x, verbose=0)["activation"]
+    np.testing.assert_allclose(again, np.asarray(out["activation"]), rtol=1e-5)
