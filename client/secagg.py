@@ -3,8 +3,8 @@
 Flower 1.42 runs SecAgg+ only in its legacy API: a ``ClientApp(client_fn=...)`` whose
 ``NumPyClient`` trains, with ``secaggplus_mod`` answering the protocol's four stages
 (``setup``, ``share_keys``, ``collect_masked_vectors``, ``unmask``). Only the third
-stage reaches the client: it trains with the project's ``fit`` (``client.work.fit_locally``) and
-the mod replaces the weights by their quantised, masked form before anything leaves.
+stage reaches the client: it trains as the plain path does (``client.work.train_reply``)
+and the mod replaces the weights by their quantised, masked form before anything leaves.
 
 Mods, outermost first:
 
@@ -71,7 +71,7 @@ from client.flower_seam import (
     secaggplus_names,
 )
 from client.shards import process_shard_cache, shard_cache_bytes, shard_location
-from client.work import evaluate_locally, fit_locally, global_round
+from client.work import evaluate_locally, global_round
 from common.protocol import CUSTOMER_NOISE_KEY, CUSTOMER_RATE_KEY
 from common.schema import DataError
 from common.snapshots import Snapshots
@@ -121,21 +121,18 @@ class MerchantClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        if CUSTOMER_RATE_KEY in config:  # customer-level DP: the noised clipped sum, weight 1
-            from client.customer_dp import customer_train_reply
+        """The plain path's training (``client.work.train_reply``: the global weights go
+        in with the first epoch's compiled call; customer-level DP's noised clipped sum).
+        Under DP every client weighs in with 1 (the noise is calibrated to a plain mean,
+        and a merchant's customer-level reply is a sum, not weights)."""
+        from client.work import train_reply
 
-            update, metrics = customer_train_reply(self.settings, self.snaps, parameters,
-                                                   config)
+        update, metrics = train_reply(self.settings, self.snaps, parameters, config)
+        if CUSTOMER_RATE_KEY in config or KEY_CLIPPING_NORM in config:
             return update, 1, dict(metrics)
-        model = self._model(parameters)
-        metrics = fit_locally(model, self.settings, self.snaps, config)
-        # Under DP the noise is calibrated to a plain mean: every client weighs in with 1.
-        weight = 1 if KEY_CLIPPING_NORM in config else int(metrics["num-examples"])
         log.info("train round %d: %d training snapshots", global_round(config),
                  metrics["num-examples"])
-        from common.model import weights_of
-
-        return weights_of(model), weight, metrics
+        return update, int(metrics["num-examples"]), dict(metrics)
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]
                  ) -> tuple[float, int, dict[str, Any]]:
