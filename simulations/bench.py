@@ -104,19 +104,6 @@ def format_bench(figures: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v:>14}" for k, v in rows)
 
 
-def steady_rounds(lines: list[dict[str, Any]]) -> list[float]:
-    """Seconds of the steady rounds of a ``metrics.jsonl``: from round 2 on (round 1
-    starts the actors, imports TensorFlow and compiles), without the rounds after which
-    the server evaluated the global model on the pooled held-out rows (the last one,
-    ``federation.eval-every`` being the rounds): the centralised epochs they are compared
-    with time no such evaluation. Those rounds count only when no other is left, and
-    round 1 only when it is the only one."""
-    later = [r for r in lines if r["round"] >= 2]
-    plain = [r["round_seconds"] for r in later if not r.get("centralised")]
-    return (plain or [r["round_seconds"] for r in later]
-            or [r["round_seconds"] for r in lines if r["round"] >= 1])
-
-
 def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100),
                          rounds: int = 4, out_dir=None) -> list[dict[str, Any]]:
     """Federated vs centralised wall time on the same data and sample-epochs.
@@ -126,11 +113,9 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
     with every merchant (or the ``federation.fraction-train`` share of them, compared
     with that share of a centralised epoch). Both compute the validation loss once an
     epoch, as in ``fedecay compare``: the centralised model on the pooled validation
-    snapshots, each client on its own. Steady-state round time is the median of the
-    steady rounds (:func:`steady_rounds`: not round 1, where Ray's actors start,
-    TensorFlow imports and XLA compiles, nor the last, which the server's evaluation of
-    the global model lengthens); the ratio uses them only, and the start-up is reported
-    on its own. Memory is the peak proportional set
+    snapshots, each client on its own. Steady-state round time excludes round 1
+    (Ray actors start, TensorFlow imports, XLA compiles); the ratio uses steady rounds
+    only, and the start-up is reported on its own. Memory is the peak proportional set
     size of this process and every process it started (Ray's actors included;
     :mod:`simulations.memory`) while the rounds run, so other work on the machine does
     not count. Once the centralised epochs are timed and the shards written, the driver
@@ -185,7 +170,8 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
         peaks = memory.peaks
         lines = read_metrics(run_dir / "metrics.jsonl")
         per_round = [r["round_seconds"] for r in lines if r["round"] >= 1]
-        steady_round = statistics.median(steady_rounds(lines))
+        steady = per_round[1:] or per_round
+        steady_round = statistics.median(steady)
         fit_mean = statistics.median([r.get("train", {}).get("fit_seconds", 0.0)
                                       for r in lines if r["round"] >= 2] or [0.0])
         cpus = e.simulation.ray_cpus or os.cpu_count() or 1
