@@ -270,21 +270,27 @@ def _one_round(nodes: int, dropped: int = 0, seed: int = 0, outer: tuple[Any, ..
     return grid, strategy, result
 
 
+def _assert_weighted_mean(result: Any, nodes: int, dropped: int) -> list[int]:
+    """The unmasked result is the weighted mean of the live clients' updates (client n
+    sends START + 0.01 n with weight 10 n) within the quantisation bound 2 c n / Q;
+    returns the live clients."""
+    live = [n for n in range(1, nodes + 1) if n != dropped]
+    weights = np.array([10.0 * n for n in live])
+    expected = [a + 0.01 * float(np.dot(weights, live)) / weights.sum() for a in START]
+    bound = 2 * 100.0 * len(live) / (weights.sum() * 4_194_304 / 10_000)
+    for got, want in zip(result.arrays.to_numpy_ndarrays(), expected, strict=True):
+        assert np.max(np.abs(got - want)) < bound
+    return live
+
+
 @pytest.mark.usefixtures("in_process")
 def test_a_round_with_uint32_uploads_and_a_dropout_unmasks_the_weighted_mean() -> None:
     nodes, dropped = 12, 5
     grid, strategy, result = _one_round(nodes, dropped)
-    start = START
 
     assert grid.dtypes == {"uint32"}
     assert (grid.setup[Key.SHARE_NUMBER], grid.setup[Key.THRESHOLD]) == (9, 5)  # log n
-    live = [n for n in range(1, nodes + 1) if n != dropped]
-    weights = np.array([10.0 * n for n in live])
-    expected = [a + 0.01 * float(np.dot(weights, live)) / weights.sum() for a in start]
-    got = result.arrays.to_numpy_ndarrays()
-    bound = 2 * 100.0 * len(live) / (weights.sum() * 4_194_304 / 10_000)  # 2 c n / Q
-    for g, e in zip(got, expected, strict=True):
-        assert np.max(np.abs(g - e)) < bound
+    live = _assert_weighted_mean(result, nodes, dropped)
     assert strategy.rounds.round(1).replied == len(live)
 
 
@@ -443,12 +449,7 @@ def test_with_the_seam_a_dropout_is_still_unmasked_from_its_shares(mod_names: An
     nodes, dropped = 12, 5
     grid, strategy, result = _one_round(nodes, dropped)
     assert grid.dtypes == {"uint32"} and client_seam.masked_as_uint32()  # by the mod
-    live = [n for n in range(1, nodes + 1) if n != dropped]
-    weights = np.array([10.0 * n for n in live])
-    expected = [a + 0.01 * float(np.dot(weights, live)) / weights.sum() for a in START]
-    bound = 2 * 100.0 * len(live) / (weights.sum() * 4_194_304 / 10_000)
-    for got, want in zip(result.arrays.to_numpy_ndarrays(), expected, strict=True):
-        assert np.max(np.abs(got - want)) < bound
+    _assert_weighted_mean(result, nodes, dropped)
     seconds = strategy.rounds.round(1).stage_seconds  # the server's own parts too
     assert {"server_setup", "server_unmask"} <= set(seconds)
     assert all(v >= 0 for v in seconds.values())
@@ -622,12 +623,7 @@ def test_pairwise_keys_agreed_at_share_keys_mask_the_same_and_a_dropout_still_un
     nodes, dropped = 12, 5
     grid, _, result = _one_round(nodes, dropped,
                                  outer=(note_stage, client_secagg.pairwise_keys_ahead))
-    live = [n for n in range(1, nodes + 1) if n != dropped]
-    weights = np.array([10.0 * n for n in live])
-    expected = [a + 0.01 * float(np.dot(weights, live)) / weights.sum() for a in START]
-    bound = 2 * 100.0 * len(live) / (weights.sum() * 4_194_304 / 10_000)
-    for got, want in zip(result.arrays.to_numpy_ndarrays(), expected, strict=True):
-        assert np.max(np.abs(got - want)) < bound
+    _assert_weighted_mean(result, nodes, dropped)
     neighbours = 9 - 1  # 9 shares at 12 clients: each agrees with 8 others, twice
     assert agreed == {Stage.SHARE_KEYS: 2 * nodes * neighbours}
     kept = [n for n, c in grid.contexts.items()
