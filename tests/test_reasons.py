@@ -156,7 +156,10 @@ def test_score_explains_only_targeted_users_by_default(small, monkeypatch) -> No
     import client.scoring as scoring
 
     events, snap, _ = small
-    model = build_model(ModelConfig(lstm_units=8, dense_units=8), snap, seed=2)
+    # Untrained: "shared" shifts start random, so actions' gains differ between users
+    # (the default "response" shifts start at zero: every gain 0, nobody targeted).
+    model = build_model(ModelConfig(lstm_units=8, dense_units=8, activation_shift="shared"),
+                        snap, seed=2)
     risk = score_events(model, events, None, snap, PolicyConfig(), reasons="none")["decay_risk"]
     # At risk: half the users; targeted: the budget's 5 of them with the largest gain.
     policy = PolicyConfig(risk_threshold=float(np.median(risk)), budget=5, cost_recommend=0,
