@@ -5,8 +5,10 @@ connected. Here the node ids are sorted first, and each global round draws from 
 seed (:func:`round_seed`): the Message API strategies from an RNG of their own
 (:class:`OwnedSampling` over a :class:`SortedGrid`), the SecAgg+ rounds from their
 client manager's (:class:`SortedClientManager`). Same seed, same nodes, whatever order
-they connected in. The SecAgg+ ring, which decides each client's neighbours, is drawn
-from OS entropy instead (:func:`unpredictable_module_random`).
+they connected in. None of them draws from the ``random`` module. The SecAgg+ ring,
+which decides each client's neighbours, is drawn from OS entropy instead
+(``server.secagg_workflow.private_ring``; :func:`unpredictable_module_random` with
+another Flower).
 """
 
 from __future__ import annotations
@@ -140,6 +142,11 @@ def unpredictable_module_random() -> Iterator[None]:
     the experiment seed (or a module state something else seeded, as
     ``keras.utils.set_random_seed`` does) would name every client's neighbours to anyone
     who knows the seed. Runs therefore repeat their samples, not their rings.
+
+    Only for a Flower other than the one ``server.secagg_workflow.private_ring`` is
+    pinned to (that one gives the shuffle a generator of its own): the block owns the
+    process's ``random`` module while it lasts, so no other thread may draw from it or
+    seed it meanwhile (keys are then never exchanged ahead of a round).
     """
     saved = random.getstate()
     random.seed(secrets.randbits(256))

@@ -58,7 +58,7 @@ from flwr.serverapp.strategy import Result
 from server.config import SECAGG_MODULUS, DPConfig, FederationConfig, check_compatible
 from server.privacy import num_sampled
 from server.rounds import RoundBook
-from server.sampling import SortedClientManager, round_seed, unpredictable_module_random
+from server.sampling import SortedClientManager, round_seed
 from server.secagg_grid import MeteredGrid
 from server.secagg_workflow import RoundCountsMissing, RoundWorkflow, keys_ahead
 
@@ -413,6 +413,13 @@ class _FitRound:
     the round would have had (the server's evaluation does not change them). Only
     server-side work overlaps: no client handles two messages at once. A round prepared
     but not run (the rounds stopped) leaves no record.
+
+    Randomness across the two threads: the thread draws round r + 1's training sample
+    from the client manager's generator, seeded for that round, after the main thread
+    drew round r's evaluation sample from it and before it draws round r + 1's (``_take``
+    waits for the thread first); the ring comes from a ``random.SystemRandom``. Nothing
+    on either thread of ours reads or reseeds the ``random`` module, so the main
+    thread's evaluation may use it freely.
     """
 
     def __init__(self, strategy: SecAggMixin, timeout: float | None, *,
@@ -462,10 +469,12 @@ class _FitRound:
         """Round ``g``'s ``setup`` and ``share_keys`` (``context`` names its round)."""
         if isinstance(grid, MeteredGrid):
             grid.start_round()
-        # The samples (training, then evaluation) follow the seed; the ring does not.
+        # The samples (training, then evaluation) follow the seed, from the client
+        # manager's own generator; the ring comes from OS entropy
+        # (``server.secagg_workflow.private_ring``). Neither touches the ``random``
+        # module, which the main thread may use meanwhile (the server's evaluation).
         context.client_manager.seed_round(round_seed(self.strategy.seed, g))
-        with unpredictable_module_random():
-            return self.secagg.exchange_keys(grid, context, state)
+        return bool(self.secagg.exchange_keys(grid, context, state))
 
     def _start_next(self, grid: Any, context: Any, r: int) -> None:
         """Run Flower round ``r``'s key stages in the thread, on a view of ``context``

@@ -20,8 +20,15 @@ secret although the work holds the GIL); :func:`serial_combine` has the workflow
 through ``common.shamir.combine``, whose Lagrange weights depend on the share indices
 only and are computed once per set of indices (figures in ``README.md``'s Overhead);
 the masks it then removes come from ``common.mask_prg.pseudo_rand_gen``, Flower's
-generator without a fresh ``RandomState`` a mask. It is the one patch of this module,
-pinned like those of ``server.flower_seam`` (:data:`PIN`, :data:`SERIAL_COMBINE_SOURCES`).
+generator without a fresh ``RandomState`` a mask.
+
+At ``setup`` the workflow shuffles the sampled clients into the ring that makes each
+client's neighbours with the ``random`` module, the process's shared generator.
+:func:`private_ring` has that shuffle draw from a ``random.SystemRandom`` (OS entropy)
+instead: the ring follows no seed, and the module is neither read, reseeded nor
+restored, so a thread sharing it (the server's evaluation while the next round's keys
+are exchanged, :func:`keys_ahead`) keeps its own draws. The patches are pinned like
+those of ``server.flower_seam`` (:data:`PIN`, :data:`PATCHES`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import random
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,10 +45,11 @@ from flwr.server.workflow import SecAggPlusWorkflow
 
 from common.pinned import Pin
 from server.config import SECAGG_MODULUS
+from server.sampling import unpredictable_module_random
 
 log = logging.getLogger(__name__)
 
-PIN = Pin("flwr", "1.42.0", __name__, ("serial_combine", "keys_ahead"))
+PIN = Pin("flwr", "1.42.0", __name__, ("serial_combine", "keys_ahead", "private_ring"))
 
 _WORKFLOW = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
 
@@ -72,8 +82,22 @@ KEYS_AHEAD_SOURCES = {
         "ec8d8eecb30a565fc7c9ff92e0834d4d3bf5adadc422e0657477650cc9e7d609",
 }
 
+#: ``private_ring``: ``setup_stage`` shuffles the ring with the workflow module's global
+#: ``random`` (``random.shuffle``, that module's only use of it), which
+#: :func:`private_ring` rebinds for the stage.
+PRIVATE_RING_SOURCES = {
+    f"{_WORKFLOW}:SecAggPlusWorkflow.setup_stage":
+        "892a5a68cc6aef04f2eb95fd807d44c6f49a124f365bae0e335fc8da0078549b",
+}
+
 #: Every patch of this module and the Flower sources it depends on.
-PATCHES = {"serial_combine": SERIAL_COMBINE_SOURCES, "keys_ahead": KEYS_AHEAD_SOURCES}
+PATCHES = {"serial_combine": SERIAL_COMBINE_SOURCES, "keys_ahead": KEYS_AHEAD_SOURCES,
+           "private_ring": PRIVATE_RING_SOURCES}
+
+#: The ring's generator: every draw reads OS entropy (``os.urandom``); it has no seed.
+_RING = random.SystemRandom()
+#: Held while the workflow module's ``random`` is rebound (one ``setup`` at a time).
+_RING_LOCK = threading.Lock()
 
 
 def combine_shares(share_list: list[bytes]) -> bytes:
@@ -115,6 +139,34 @@ def serial_combine() -> Iterator[bool]:
         yield True
     finally:
         module.combine_shares, module.pseudo_rand_gen = original
+
+
+@contextlib.contextmanager
+def private_ring(ring: random.Random | None = None) -> Iterator[bool]:
+    """Within the block, ``SecAggPlusWorkflow.setup_stage`` shuffles the ring with
+    ``ring`` (default: a ``random.SystemRandom``, OS entropy) where Flower's draws from
+    the ``random`` module; yields True.
+
+    Only the workflow module's global name ``random`` is rebound: the ``random`` module
+    itself is not touched, so other threads' draws from it (Keras' default seeds,
+    Flower's retry jitter) and any seed they set neither see nor change the ring. With
+    another Flower, the module's own shuffle runs inside
+    ``server.sampling.unpredictable_module_random`` (reseeded from OS entropy, restored
+    on leaving; keys are then never exchanged ahead, so no other thread of ours draws
+    meanwhile) and the block yields False.
+    """
+    if not PIN.holds():
+        with unpredictable_module_random():
+            yield False
+        return
+    module: Any = importlib.import_module(_WORKFLOW)
+    with _RING_LOCK:
+        original = module.random
+        module.random = _RING if ring is None else ring
+        try:
+            yield True
+        finally:
+            module.random = original
 
 
 def keys_ahead() -> bool:
@@ -180,12 +232,14 @@ class RoundWorkflow(SecAggPlusWorkflow):
         return False
 
     def setup_stage(self, grid: Any, context: Any, state: Any) -> bool:
-        """Flower's ``setup`` stage, then a check that the round ran with the counts
-        given for it: :class:`RoundCountsMissing` otherwise. Only public keys were
-        exchanged so far; the secrets are shared at the next stage."""
+        """Flower's ``setup`` stage, its ring shuffled by :func:`private_ring`, then a
+        check that the round ran with the counts given for it: :class:`RoundCountsMissing`
+        otherwise. Only public keys were exchanged so far; the secrets are shared at the
+        next stage."""
         self._given = None  # only counts given while this round is set up
         try:
-            proceed = super().setup_stage(grid, context, state)
+            with private_ring():  # the ring from OS entropy, the module untouched
+                proceed = super().setup_stage(grid, context, state)
         finally:
             given, self._given = self._given, None
         if not state.sampled_node_ids:

@@ -575,6 +575,131 @@ def test_the_next_rounds_keys_are_shared_while_the_server_evaluates() -> None:
     assert [strategy.rounds.round(r).replied for r in (1, 2, 3)] == [nodes] * 3
 
 
+class _Evaluating(_Client):
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]
+                 ) -> tuple[float, int, dict[str, Any]]:
+        return 0.5, 10 * self.node, {}
+
+
+class _SampleLog(_StageLog):
+    """:class:`_StageLog` that records each round's training sample (the nodes sent
+    ``setup``), evaluation sample and ring, and signals when a round's setup is sent."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.trained: dict[int, list[int]] = {}
+        self.evaluated: dict[int, list[int]] = {}
+        self.rings: dict[int, dict[int, frozenset[int]]] = {}
+        self.setup_sent: dict[int, threading.Event] = collections.defaultdict(threading.Event)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None
+                         ) -> list[Message]:
+        messages = list(messages)
+        r = int(messages[0].metadata.group_id)
+        nodes = sorted(m.metadata.dst_node_id for m in messages)
+        if messages[0].metadata.message_type == "evaluate":
+            self.evaluated[r] = nodes
+            return _Grid.send_and_receive(self, messages, timeout=timeout)
+        stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+        if stage == Stage.SETUP:
+            self.trained[r] = nodes
+            self.setup_sent[r].set()
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if stage == Stage.SHARE_KEYS:
+            self.rings[r] = dict(self.neighbours)
+        return replies
+
+
+def _seeded_rounds_ahead(rounds: int = 3) -> tuple[_SampleLog, list[bool]]:
+    """Rounds of 12 of 16 clients (9 shares), 8 evaluating, seed 3, keys ahead on. The
+    server's evaluation of round r uses the ``random`` module as another user would
+    (Keras' default seeds, Flower's jitter): it seeds it once round r + 1's setup is under
+    way and draws before and after that round's keys are shared; per round, whether its
+    draws were the ones its seed gives."""
+    import random
+
+    app = ClientApp(client_fn=lambda ctx: _Evaluating(ctx.node_id).to_client(),
+                    mods=[client_secagg.compact_masked_vectors, secaggplus_mod])
+    grid = _SampleLog(app, 16, 0, Stage.COLLECT_MASKED_VECTORS)
+    fed = FederationConfig(secure_aggregation=True, num_rounds=rounds, min_train_nodes=2,
+                           fraction_train=0.75, fraction_evaluate=0.5, min_available_nodes=16,
+                           secagg_clipping_range=100.0)
+    strategy = build_secagg_strategy(fed, DPConfig(), seed=3, population=16)
+    followed: list[bool] = []
+
+    def evaluate(r: int, arrays: ArrayRecord) -> None:
+        if r == 0:
+            return
+        ahead = r < rounds
+        if ahead:
+            assert grid.setup_sent[r + 1].wait(10.0)  # the thread is inside round r + 1
+        random.seed(100 + r)
+        drawn = [random.random()]
+        if ahead:
+            assert grid.shared[r + 1].wait(10.0)  # ... and has left its key stages
+        drawn.append(random.random())
+        expected = random.Random(100 + r)
+        followed.append(drawn == [expected.random(), expected.random()])
+
+    strategy.start(grid, ArrayRecord(START), num_rounds=rounds, timeout=60,
+                   evaluate_fn=evaluate)
+    return grid, followed
+
+
+@pytest.mark.usefixtures("in_process")
+def test_with_keys_ahead_the_seed_repeats_the_samples_not_the_rings() -> None:
+    """Two runs of seed 3 sample the same 12 trainers and 8 evaluators each round (from
+    the client manager's generator) while the main thread seeds and draws from the
+    ``random`` module during the key stages; its draws follow its own seed, and the
+    rings (from OS entropy) differ (the same ring by chance: about 1 in 10**8)."""
+    first, followed_first = _seeded_rounds_ahead()
+    second, followed_second = _seeded_rounds_ahead()
+    assert followed_first == followed_second == [True, True, True]
+    assert first.trained == second.trained and sorted(first.trained) == [1, 2, 3]
+    assert first.evaluated == second.evaluated and sorted(first.evaluated) == [1, 2, 3]
+    assert {len(n) for n in first.trained.values()} == {12}
+    assert {len(n) for n in first.evaluated.values()} == {8}
+    assert len({tuple(n) for n in first.trained.values()}) == 3  # each round its own
+    for r in (1, 2, 3):
+        assert {len(n) for n in first.rings[r].values()} == {9}
+        assert first.rings[r] != second.rings[r]
+
+
+def test_the_private_ring_shuffles_as_flowers_setup_would_and_leaves_the_module_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given a generator, ``private_ring`` gives the ring Flower's setup makes after
+    ``random.seed`` of the same seed; by default the ring comes from OS entropy and the
+    ``random`` module is neither read nor reseeded."""
+    import random
+    from types import SimpleNamespace
+
+    from flwr.server.workflow.secure_aggregation import secaggplus_workflow as module
+
+    rings: list[list[int]] = []
+
+    def shuffle(nodes: list[int]) -> None:  # what setup_stage does with the module's
+        module.random.shuffle(nodes)
+        rings.append(list(nodes))
+
+    monkeypatch.setattr(module, "random", SimpleNamespace(shuffle=random.shuffle))
+    random.seed(5)
+    shuffle(list(range(30)))  # Flower's: the module random, seeded
+    with secagg_workflow.private_ring(random.Random(5)) as swapped:
+        assert swapped
+        shuffle(list(range(30)))
+    assert rings[0] == rings[1] != list(range(30))
+    assert module.random.shuffle is random.shuffle  # put back after the stage
+
+    monkeypatch.undo()
+    random.seed(5)
+    state = random.getstate()
+    for _ in range(2):
+        with secagg_workflow.private_ring():
+            shuffle(list(range(30)))
+        assert random.getstate() == state
+    assert rings[2] != rings[3] and module.random is random
+
+
 @pytest.mark.usefixtures("in_process")
 def test_keys_shared_for_a_round_that_never_runs_leave_no_record() -> None:
     grid, strategy, result, overlapped = _rounds_with_an_evaluation(5, 4, stop_at=2)
