@@ -188,6 +188,11 @@ class SnapshotConfig:
         return tuple(getattr(self, f"weight_{ev}") for ev in EVENT_TYPES)
 
 
+#: How many response aggregates there are (``common.features.RESPONSE_FEATURES``, which
+#: imports this module): the length of ``model.response-centre`` and ``-scale``.
+RESPONSE_WIDTH = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The shared LSTM (section ``model``)."""
@@ -219,6 +224,12 @@ class ModelConfig:
     # them (decay and interest alone shape the trunk; the control logit cannot overfit
     # the campaign rows through it).
     activation_trunk_gradient: bool = True
+    # The centre and spread of the four RESPONSE_FEATURES (common.features) by which the
+    # "response" shifts standardise them (common.model.Standardised); the defaults are the
+    # synthetic log's (see common.model.Standardised). Fixed numbers, not statistics of
+    # the data a process sees: every merchant must build the same model.
+    response_centre: tuple[float, ...] = (0.45, -1.15, -1.1, -0.85)
+    response_scale: tuple[float, ...] = (0.2, 0.43, 0.46, 0.39)
     interest_loss: str = "huber"
     # Off by default so the LSTM's inputs (and figures) stay as they were; GBDT and LR
     # read the cadence aggregates (common.features.CADENCE_FEATURES) either way.
@@ -239,6 +250,15 @@ class ModelConfig:
                   f"must be 'contrast' or 'separate', got {self.activation_head!r}")
         check_key(self.activation_shift in ("response", "shared"), "model.activation-shift",
                   f"must be 'response' or 'shared', got {self.activation_shift!r}")
+        for name, values in (("response-centre", self.response_centre),
+                             ("response-scale", self.response_scale)):
+            check_key(len(values) == RESPONSE_WIDTH, f"model.{name}",
+                      f"expected {RESPONSE_WIDTH} numbers (one per response feature), "
+                      f"got {len(values)}")
+            check_key(all(math.isfinite(v) for v in values), f"model.{name}",
+                      "must be finite numbers")
+        check_key(min(self.response_scale) > 0, "model.response-scale",
+                  f"must be > 0, got {list(self.response_scale)}")
 
 
 @dataclasses.dataclass(frozen=True)

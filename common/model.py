@@ -122,18 +122,20 @@ class StopGradient(layers.Layer):
         return input_shape
 
 
-#: Fixed centre and spread of ``RESPONSE_FEATURES`` for the activation shifts (the mean
-#: and standard deviation over the training campaign rows of ``default``, seed 0, rounded;
-#: ``quick``'s are within 0.06). Only conditioning: the shifts can represent the same
-#: functions either way, but on the raw columns (means near -1, spreads near 0.4) Adam
-#: took over ten epochs to fit them (capture 0.05 at the kept epoch against 0.40).
-RESPONSE_CENTRE: tuple[float, ...] = (0.45, -1.15, -1.1, -0.85)
-RESPONSE_SCALE: tuple[float, ...] = (0.2, 0.43, 0.46, 0.39)
-
-
 @keras.saving.register_keras_serializable(package="fedecay")
 class Standardised(layers.Layer):
-    """Columns ``start:stop`` of a ``[N, F]`` input, ``(x - centre) / scale``."""
+    """Columns ``start:stop`` of a ``[N, F]`` input, ``(x - centre) / scale``.
+
+    The response shifts read the response aggregates through it, with the fixed
+    ``model.response-centre`` / ``model.response-scale`` (by default the mean and standard
+    deviation over the training campaign rows of ``default``, seed 0, rounded; ``quick``'s
+    are within 0.06). Fixed rather than adapted to the data a process sees: every
+    merchant must build the same model before anything is pooled, and agreeing on
+    federated statistics first would cost a round. It is only conditioning (the shifts
+    represent the same functions either way), but on the raw columns (means near -1,
+    spreads near 0.4) Adam took over ten epochs to fit them (capture 0.05 at the kept
+    epoch against 0.40); a log whose response aggregates sit elsewhere should set its own.
+    """
 
     def __init__(self, start: int, stop: int, centre: Sequence[float],
                  scale: Sequence[float], **kwargs: Any) -> None:
@@ -198,8 +200,8 @@ def _activation_head(config: ModelConfig, trunk, static_in, num_actions: int, gl
         # columns rather than the trunk's features. A zero kernel starts every customer
         # at the same shift (the policy starts as a single action, not at random).
         first = len(STATIC_FEATURES)
-        response = Standardised(first, first + len(RESPONSE_FEATURES), RESPONSE_CENTRE,
-                                RESPONSE_SCALE, name="activation_response")(static_in)
+        response = Standardised(first, first + len(RESPONSE_FEATURES), config.response_centre,
+                                config.response_scale, name="activation_response")(static_in)
         shift = layers.Dense(num_actions - 1, name="activation_shift",
                              kernel_initializer="zeros")(response)
     return ContrastActivation(name="activation")([base, shift])

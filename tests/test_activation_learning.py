@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from helpers import hand_snapshots
 
-from common.config import ModelConfig, SnapshotConfig, TrainConfig
+from common.config import ModelConfig, SnapshotConfig, TrainConfig, from_flat
 from common.features import (
     AGGREGATE_FEATURES,
     DAY,
@@ -139,9 +139,11 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def test_response_shift_is_linear_in_the_standardised_response_columns() -> None:
     from common.features import STATIC_FEATURES
-    from common.model import RESPONSE_CENTRE, RESPONSE_SCALE
 
+    # Not the defaults: the model standardises by the configured numbers.
+    centre, scale = (0.5, -1.0, -1.2, -0.8), (0.25, 0.5, 0.4, 0.3)
     model = build_model(ModelConfig(lstm_units=4, dense_units=4, activation_shift="response",
+                                    response_centre=centre, response_scale=scale,
                                     jit_compile=False), SNAP, seed=0)
     width = int(model.input["static"].shape[-1])
     rng = np.random.default_rng(1)
@@ -155,8 +157,8 @@ def test_response_shift_is_linear_in_the_standardised_response_columns() -> None
     bias = np.array([0.2, -0.1, 0.3], np.float32)
     model.get_layer("activation_shift").set_weights([kernel, bias])
     first = len(STATIC_FEATURES)
-    z = (x["static"][:, first:first + len(RESPONSE_FEATURES)] - np.array(RESPONSE_CENTRE)) \
-        / np.array(RESPONSE_SCALE)
+    z = (x["static"][:, first:first + len(RESPONSE_FEATURES)] - np.array(centre)) \
+        / np.array(scale)
     p = np.asarray(model.predict(x, verbose=0)["activation"], dtype=np.float64)
     np.testing.assert_allclose(_logit(p[:, 1:]) - _logit(p[:, :1]), z @ kernel + bias,
                                rtol=1e-3, atol=1e-3)
@@ -173,6 +175,21 @@ def test_response_shift_is_linear_in_the_standardised_response_columns() -> None
 def test_activation_shift_is_checked() -> None:
     with pytest.raises(ValueError, match="model.activation-shift"):
         ModelConfig(activation_shift="trunk")
+
+
+def test_response_standardisation_is_checked() -> None:
+    from common.config import RESPONSE_WIDTH
+
+    assert RESPONSE_WIDTH == len(RESPONSE_FEATURES)
+    assert len(ModelConfig().response_centre) == len(ModelConfig().response_scale) == RESPONSE_WIDTH
+    with pytest.raises(ValueError, match="model.response-centre.*expected 4 numbers"):
+        ModelConfig(response_centre=(0.0, 1.0))
+    with pytest.raises(ValueError, match="model.response-scale.*must be > 0"):
+        ModelConfig(response_scale=(0.2, 0.0, 0.4, 0.3))
+    with pytest.raises(ValueError, match="model.response-scale.*finite"):
+        ModelConfig(response_scale=(0.2, float("inf"), 0.4, 0.3))
+    flat = {"model.response-centre": "0.5,-1,-1.2,-0.8"}
+    assert from_flat(ModelConfig, flat, "model").response_centre == (0.5, -1.0, -1.2, -0.8)
     # The separate head has no shifts: the key does not stop it from building.
     assert build_model(ModelConfig(lstm_units=4, dense_units=4, activation_head="separate",
                                    jit_compile=False), SNAP, seed=0)
