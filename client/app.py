@@ -22,7 +22,7 @@ from client.config import ClientSettings, cached_settings
 from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.handoff import ChannelError, ask_trainer, trainer_socket
-from client.hosted import serve
+from client.hosted import serve, warms_up
 from client.shards import ShardCache, process_shard_cache, shard_cache_bytes, shard_location
 from client.timer import HandlerTimer
 from client.work import (
@@ -165,7 +165,10 @@ def handle_train(msg: Message, context: Context, data: MerchantData,
         return error_reply(msg, DATA_ERROR, "no training snapshots in this merchant's data")
     if weights is None:
         weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
-    trained, metrics = train_reply(settings, snaps, weights, config, timer)
+    # A large simulation's process serves merchants of every size: it compiles their
+    # validation layouts at its first message rather than in a later round.
+    trained, metrics = train_reply(settings, snaps, weights, config, timer,
+                                   warm=warms_up(msg, context))
     log.info("%s", timer.summary(f"train round {server_round}"))
     reply = RecordDict({"arrays": array_record(trained),
                         "metrics": MetricRecord(dict(metrics))})

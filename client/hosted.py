@@ -97,6 +97,25 @@ def serve_one(msg: Message, context: Context, merchant: int, handler: Handler,
                              reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
 
 
+#: A simulated federation of at least this many merchants warms each process up
+#: (:func:`warms_up`). Warming every validation layout costs ~1-1.5 s a layout once a
+#: process; with a handful of merchants a process meets them all in the first rounds
+#: and compiling lazily costs no more (``docs/performance.md``).
+WARM_UP_MERCHANTS = 10
+
+
+def warms_up(msg: Message, context: Context) -> bool:
+    """Whether the process serving ``msg`` compiles every validation layout a fit can
+    meet before its first training (``client.work.warm_up``): a simulation's (no
+    ``data-path``: its processes serve whichever merchants the engine hands them, of
+    every size) of about :data:`WARM_UP_MERCHANTS` merchants or more (its virtual
+    nodes times the merchants ``msg`` names)."""
+    if "data-path" in context.node_config:
+        return False
+    nodes = int(context.node_config.get("num-partitions", 1))
+    return nodes * max(len(named_merchants(msg) or ()), 1) >= WARM_UP_MERCHANTS
+
+
 def serve(msg: Message, context: Context, handler: Handler) -> Message:
     """``handler``'s reply to ``msg``, or, when ``msg`` names merchants, the packed
     replies of each (:func:`serve_merchants`)."""

@@ -30,7 +30,8 @@ from common.snapshots import Snapshots
 # The protocol's names are re-exported: the ClientApp imports them from here.
 __all__ = ["PRE_EVALUATE_KEY", "PRE_TRAINING_METRICS", "SCORE_VALIDATION_KEY",
            "VALIDATION_METRICS", "evaluate_locally", "evaluate_reply", "fit_locally",
-           "global_model", "global_round", "pre_training_metrics", "train_reply"]
+           "global_model", "global_round", "pre_training_metrics", "train_reply",
+           "warm_up"]
 
 
 def global_round(config: Mapping[str, Any]) -> int:
@@ -70,17 +71,38 @@ def _local_fit(model: Any, settings: ClientSettings, snaps: Snapshots,
     from common.training import fit
 
     train_rows, val_rows = snaps.split_part("train"), snaps.split_part("val")
-    train_cfg = dataclasses.replace(
-        settings.train,
-        epochs=int(config.get("local-epochs", settings.train.epochs)),
-        proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)),
-    )
+    train_cfg = _train_config(settings, config)
     result = fit(model, train_rows, val_rows, train_cfg,
                  seed=settings.seed * 100_003 + global_round(config), initial=initial)
     metrics: dict[str, float | int] = {
         k: float(v) if np.isfinite(v) else -1.0 for k, v in result.as_metrics().items()}
     metrics["num-examples"] = int(len(train_rows))
     return result.weights, metrics
+
+
+def _train_config(settings: ClientSettings, config: Mapping[str, Any]) -> Any:
+    """The TrainConfig of this round's local fit: the settings' with the server's
+    ``local-epochs`` and ``proximal-mu``."""
+    return dataclasses.replace(
+        settings.train,
+        epochs=int(config.get("local-epochs", settings.train.epochs)),
+        proximal_mu=float(config.get("proximal-mu", settings.train.proximal_mu)),
+    )
+
+
+def warm_up(settings: ClientSettings, snaps: Snapshots, config: Mapping[str, Any],
+            weights: list[np.ndarray]) -> bool:
+    """Compile, once per process, every validation layout this round's fit can meet
+    (``common.training.warm_up``): what a simulation's actor, which serves merchants of
+    every size, would otherwise compile in a steady round when it first meets one.
+    Leaves the cached model's weights changed: call it before the model is given the
+    global weights. False when warmed already."""
+    from common.training import warm_up as warm_fit
+
+    model = global_model(settings, None)
+    initial = None if config.get(PRE_EVALUATE_KEY) else weights
+    return warm_fit(model, snaps.split_part("train"), _train_config(settings, config),
+                    initial=initial)
 
 
 def evaluate_locally(model: Any, test: Snapshots) -> dict[str, float | int]:
@@ -129,20 +151,24 @@ def pre_training_metrics(model: Any, snaps: Snapshots) -> dict[str, float | int]
 
 
 def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.ndarray],
-                config: Mapping[str, Any], timer: HandlerTimer | None = None
-                ) -> tuple[list[np.ndarray], dict[str, float | int]]:
+                config: Mapping[str, Any], timer: HandlerTimer | None = None, *,
+                warm: bool = False) -> tuple[list[np.ndarray], dict[str, float | int]]:
     """Train the global model ``weights`` on this merchant's training rows.
 
     The caller has checked the merchant's data, simulated faults and that there are
     training rows. When ``config`` holds a true :data:`PRE_EVALUATE_KEY`, the incoming
     model is first scored on the validation and test rows (:func:`pre_training_metrics`),
-    so one message a round serves both training and model selection. Returns the
+    so one message a round serves both training and model selection. ``warm`` (a
+    simulation's process, which serves merchants of every size): first compile every
+    validation layout the fit can meet (:func:`warm_up`, once per process). Returns the
     locally trained weights and the reply's whitelisted metrics.
     """
     if CUSTOMER_RATE_KEY in config:  # customer-level DP: clipped per-customer updates
         from client.customer_dp import customer_train_reply
 
         return customer_train_reply(settings, snaps, weights, config, timer)
+    if warm and warm_up(settings, snaps, config, weights) and timer is not None:
+        timer.lap("warm-up")
     pre: dict[str, float | int] = {}
     if config.get(PRE_EVALUATE_KEY):
         model = global_model(settings, weights, timer)

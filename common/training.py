@@ -227,6 +227,44 @@ def fit(
     )
 
 
+def warm_up(model: keras.Model, train: Snapshots, config: TrainConfig, *,
+            initial: list[np.ndarray] | None = None) -> bool:
+    """Compile every validation layout :func:`fit` can meet with ``model`` and
+    ``config``, once per process: a small set in each bucket of :data:`VAL_BUCKETS`
+    (XLA compiles the model's forward pass per bucket) and one of more than
+    :data:`VAL_BATCH` rows (another trace of the epoch call), over two epochs when
+    ``config`` asks for more than one (the later epochs' call is traced apart).
+
+    A simulation's actor serves whichever merchants Flower hands it, so without this it
+    compiles a layout the first time it meets a merchant of that size, in a steady
+    round: ~1 s a bucket, ~2.7 s for the loop (``docs/performance.md``). The fits run
+    on rows of ``train`` and leave the model's weights changed; a caller's next
+    :func:`fit` starts from its own ``initial`` weights and a fresh optimizer state, so
+    what it computes does not depend on whether this ran. ``initial``: whether the
+    real fits pass starting weights (None or not) selects the traces warmed.
+    Returns False when this model and configuration were warmed already.
+    """
+    if len(train) == 0:
+        return False
+    cfg = dataclasses.replace(config, epochs=min(config.epochs, 2), patience=2, verbose=0)
+    done = _warmed(model)
+    key = (cfg, initial is None)
+    if key in done:
+        return False
+    done.add(key)
+    rows = train.subset(np.arange(min(len(train), config.batch_size)))
+    for n in (*VAL_BUCKETS, VAL_BATCH + 1):
+        fit(model, rows, train.subset(np.resize(np.arange(len(train)), n)), cfg,
+            initial=initial)
+    return True
+
+
+@functools.lru_cache(maxsize=8)
+def _warmed(model: keras.Model) -> set[tuple[TrainConfig, bool]]:
+    """The configurations :func:`warm_up` has compiled ``model``'s layouts for."""
+    return set()
+
+
 def _batched(x: dict[str, np.ndarray], y: dict[str, np.ndarray],
              sample_weight: dict[str, np.ndarray], batch: int
              ) -> tuple[dict[str, np.ndarray], ...]:

@@ -197,6 +197,27 @@ def test_named_merchants_are_checked() -> None:
         named_merchants(Message(content=content, message_type="train", dst_node_id=1))
 
 
+def test_a_simulation_of_ten_merchants_or_more_warms_up() -> None:
+    """K = 1: the virtual nodes are the merchants; K > 1: nodes times the merchants the
+    message names; a deployed node (its own data file) never warms up."""
+    from client.hosted import WARM_UP_MERCHANTS, warms_up
+
+    def context(node_config: dict[str, Any]) -> Context:
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                       run_config={})
+
+    plain = _train_messages([0])[0]
+    named = Message(content=RecordDict({MERCHANTS_RECORD: ConfigRecord({"ids": [4, 5]})}),
+                    message_type="train", dst_node_id=1)
+    assert WARM_UP_MERCHANTS == 10
+    assert warms_up(plain, context({"partition-id": 3, "num-partitions": 10}))
+    assert not warms_up(plain, context({"partition-id": 3, "num-partitions": 9}))
+    assert warms_up(named, context({"partition-id": 4, "num-partitions": 5}))
+    assert not warms_up(named, context({"partition-id": 4, "num-partitions": 4}))
+    assert not warms_up(plain, context({"data-path": "/m.csv", "num-partitions": 50}))
+    assert not warms_up(plain, context({"partition-id": 3}))
+
+
 @pytest.mark.parametrize(("key", "value", "extra", "match"), [
     ("federation.secure-aggregation", True, {}, "SecAgg"),
     ("privacy.mode", "client-fixed", {}, "client-fixed"),

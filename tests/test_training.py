@@ -336,3 +336,29 @@ def test_packed_arrays_unpack_to_the_same_values_and_shapes() -> None:
     # The traced shapes: open steps, fixed rows a step (what the XLA step compiles for).
     graph = unpack.get_concrete_function().structured_outputs
     assert graph[0]["numeric"].shape.as_list() == [None, 4, L, 2]
+
+
+def test_warm_up_fits_every_validation_layout_once(model_and_start, monkeypatch) -> None:
+    """One fit per bucket of the single-batch validation and one of more than a batch
+    (the fits themselves are recorded here, not run: ``test_work`` checks that a reply
+    after a real warm-up is the same bits), over two epochs when more are asked (the
+    later epochs' call is traced apart); once per model and configuration."""
+    import common.training as training
+
+    model, start = model_and_start
+    sizes: list[tuple[int, int, int, bool]] = []
+
+    def recorded(m, train, val, config, *, initial=None):
+        assert m is model
+        sizes.append((len(train), len(val), config.epochs, initial is start))
+
+    monkeypatch.setattr(training, "fit", recorded)
+    cfg = TrainConfig(epochs=3, batch_size=32, patience=1)
+    assert training.warm_up(model, SHARD, cfg, initial=start)
+    assert sizes == [(32, n, 2, True) for n in (16, 32, 64, 128, 129)]
+    assert not training.warm_up(model, SHARD, cfg, initial=start)  # once
+    assert training.warm_up(model, SHARD, cfg, initial=None)  # other traces
+    assert sizes[5:] == [(32, n, 2, False) for n in (16, 32, 64, 128, 129)]
+    one = TrainConfig(epochs=1, batch_size=16)
+    assert training.warm_up(model, SHARD, one, initial=start)
+    assert sizes[10:] == [(16, n, 1, True) for n in (16, 32, 64, 128, 129)]

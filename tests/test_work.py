@@ -115,3 +115,24 @@ def test_a_merchant_without_validation_rows_weighs_nothing(
     metrics = pre_training_metrics(model, only_train)
     assert metrics == {"pre_val_loss": 0.0, "val_examples": 0, "pre_eval_loss": 0.0,
                        "pre_decay_log_loss": 0.0, "test_examples": 0}
+
+
+def test_the_warm_up_leaves_the_reply_as_it_was(global_weights: list[np.ndarray]) -> None:
+    """A simulation's process first compiles every validation layout on this merchant's
+    rows (``warm=True``); the reply it then sends is the one it would have sent
+    without, bit for bit. With the pre-training evaluation, where the cached model is
+    given the global weights before the fit (so the warm-up must come first)."""
+    from client.work import train_reply
+    from common.model import cached_model
+    from common.training import _warmed
+
+    config = {"global-round": 4, "local-epochs": 1, "pre-evaluate": True}
+    cold_w, cold = train_reply(SETTINGS, SNAPS, global_weights, config)
+    warmed = _warmed(cached_model(SETTINGS.model, SNAP, SETTINGS.seed))
+    assert not warmed
+    warm_w, warm = train_reply(SETTINGS, SNAPS, global_weights, config, warm=True)
+    assert len(warmed) == 1
+    for a, b in zip(cold_w, warm_w, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert {k: v for k, v in warm.items() if k != "fit_seconds"} == \
+        {k: v for k, v in cold.items() if k != "fit_seconds"}
