@@ -70,6 +70,7 @@ from client.flower_seam import (
     pairwise_keys_agreed,
     secaggplus_names,
 )
+from client.hosted import WARM_UP_MERCHANTS
 from client.shards import process_shard_cache, shard_cache_bytes, shard_location
 from client.work import evaluate_locally, global_round
 from common.protocol import CUSTOMER_NOISE_KEY, CUSTOMER_RATE_KEY
@@ -108,9 +109,11 @@ def quantisation_problem(weights: Sequence[np.ndarray], weight: float,
 class MerchantClient(NumPyClient):
     """Trains and evaluates the shared model on one merchant's snapshots."""
 
-    def __init__(self, settings: ClientSettings, snaps: Snapshots) -> None:
+    def __init__(self, settings: ClientSettings, snaps: Snapshots, *,
+                 warm: bool = False) -> None:
         self.settings = settings
         self.snaps = snaps
+        self.warm = warm  # a simulation's process: compile the fit's layouts first
 
     def _model(self, parameters: list[np.ndarray]) -> Any:
         from common.model import cached_model, set_weights_of
@@ -122,12 +125,15 @@ class MerchantClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """The plain path's training (``client.work.train_reply``: the global weights go
-        in with the first epoch's compiled call; customer-level DP's noised clipped sum).
-        Under DP every client weighs in with 1 (the noise is calibrated to a plain mean,
-        and a merchant's customer-level reply is a sum, not weights)."""
+        in with the first epoch's compiled call; in a simulation's process every
+        validation layout is compiled at the first message, as ``client.app`` has it;
+        customer-level DP's noised clipped sum). Under DP every client weighs in with 1
+        (the noise is calibrated to a plain mean, and a merchant's customer-level reply
+        is a sum, not weights)."""
         from client.work import train_reply
 
-        update, metrics = train_reply(self.settings, self.snaps, parameters, config)
+        update, metrics = train_reply(self.settings, self.snaps, parameters, config,
+                                      warm=self.warm)
         if CUSTOMER_RATE_KEY in config or KEY_CLIPPING_NORM in config:
             return update, 1, dict(metrics)
         log.info("train round %d: %d training snapshots", global_round(config),
@@ -156,8 +162,7 @@ def make_secagg_client_app(
     cache_bytes = shard_cache_bytes()
 
     def client_fn(context: Context) -> Any:
-        shards = process_shard_cache(cache_bytes)
-        return MerchantClient(*merchant_data(context, flat, resolve, shards)).to_client()
+        return merchant_client(context, flat, resolve, cache_bytes).to_client()
 
     def guard(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:  # evaluation needs the data
@@ -198,6 +203,20 @@ def make_secagg_client_app(
     mods = [*outer_mods, guard, pairwise_keys_ahead, compact_masked_vectors, secaggplus_mod,
             *inner_mods, _quantisation_guard, *clipping]
     return ClientApp(client_fn=client_fn, mods=list(mods))
+
+
+def merchant_client(context: Context, flat: Mapping[str, Any] | None,
+                    resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None,
+                    cache_bytes: int) -> MerchantClient:
+    """This node's :class:`MerchantClient` on its merchant's snapshots (the process's
+    shard cache). In a simulation of :data:`client.hosted.WARM_UP_MERCHANTS` merchants
+    or more it compiles every layout of the fit at its process's first training, as
+    ``client.hosted.warms_up`` has the plain path do for a message that names no
+    merchants (a SecAgg+ message never does)."""
+    settings, snaps = merchant_data(context, flat, resolve, process_shard_cache(cache_bytes))
+    nodes = int(context.node_config.get("num-partitions", 1))
+    warm = "data-path" not in context.node_config and nodes >= WARM_UP_MERCHANTS
+    return MerchantClient(settings, snaps, warm=warm)
 
 
 def check_shard(context: Context, flat: Mapping[str, Any] | None,

@@ -188,6 +188,30 @@ def test_the_client_reads_no_data_outside_collect_masked_vectors(
     assert passed == [Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK] and reads == ["read"]
 
 
+@pytest.mark.parametrize(("node_config", "warm"), [
+    ({"partition-id": 3, "num-partitions": 100}, True),
+    ({"partition-id": 3, "num-partitions": 2}, False),  # a small one compiles as it meets
+    ({"data-path": "/m/events.csv", "num-partitions": 100}, False)])
+def test_a_simulated_merchant_compiles_its_fit_layouts_first_as_the_plain_path_does(
+        monkeypatch: pytest.MonkeyPatch, node_config: dict[str, Any], warm: bool) -> None:
+    import client.work as work
+
+    settings, snaps = object(), object()
+    monkeypatch.setattr(client_secagg, "merchant_data", lambda *_: (settings, snaps))
+    seen: list[tuple[Any, ...]] = []
+
+    def train_reply(*args: Any, **kwargs: Any) -> tuple[list[np.ndarray], dict[str, Any]]:
+        seen.append((*args[:2], kwargs.get("warm")))
+        return [np.zeros(2, np.float32)], {"num-examples": 4}
+
+    monkeypatch.setattr(work, "train_reply", train_reply)
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                      run_config={})
+    client = client_secagg.merchant_client(context, {}, None, 1 << 20)
+    _, weight, _ = client.fit([np.zeros(2, np.float32)], {})
+    assert seen == [(settings, snaps, warm)] and weight == 4
+
+
 # ---------------------------------------------------------------------------------------
 # A whole round in this process: uint32 uploads, the round's counts, a dropout
 # ---------------------------------------------------------------------------------------
