@@ -268,6 +268,14 @@ class TrainConfig:
     epochs: int = 8
     batch_size: int = 256
     patience: int = 2
+    # With a model whose activation shifts read only the response aggregates
+    # (model.activation-shift = "response"): > 0 keeps those shifts from the last epoch
+    # trained (in a federation, the last round's global model) and every other weight
+    # from the best epoch by validation loss, training this many epochs past
+    # ``patience``. The shifts are still being fitted when the decay loss is lowest; the
+    # validation loss, mostly decay's, cannot tell when they are done. 0 = every weight
+    # from the best epoch.
+    shift_patience: int = 4
     class_weight: bool = False
     proximal_mu: float = 0.0
     verbose: int = 0
@@ -276,6 +284,7 @@ class TrainConfig:
         check_key(self.epochs >= 1, "train.epochs", "must be >= 1")
         check_key(self.batch_size >= 1, "train.batch-size", "must be >= 1")
         check_key(self.patience >= 0, "train.patience", "must be >= 0")
+        check_key(self.shift_patience >= 0, "train.shift-patience", "must be >= 0")
         check_key(self.proximal_mu >= 0, "train.proximal-mu", "must be >= 0")
 
 

@@ -439,6 +439,26 @@ _ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.
                                  errno.EMFILE, errno.ENOMEM})
 
 
+def response_shift_weights(model: keras.Model) -> tuple[int, ...]:
+    """Positions in ``model.weights`` (and ``get_weights``' list) of the response shifts'
+    kernel and bias; empty for a model without them (``model.activation-shift`` other
+    than ``response``, or the ``separate`` head). They read only the standardised
+    response aggregates, nothing another weight computes, so they can be kept from
+    another epoch or round than the rest (``train.shift-patience``)."""
+    if "activation_response" not in {layer.name for layer in model.layers}:
+        return ()
+    return tuple(i for i, v in enumerate(model.weights)
+                 if str(v.path).startswith("activation_shift/"))
+
+
+def with_shifts_of(model: keras.Model, weights: list[np.ndarray],
+                   source: list[np.ndarray]) -> list[np.ndarray]:
+    """``weights`` with the response shifts (:func:`response_shift_weights`) of
+    ``source``; ``weights`` itself when ``model`` has none."""
+    positions = set(response_shift_weights(model))
+    return [source[i] if i in positions else w for i, w in enumerate(weights)]
+
+
 def num_actions(model: keras.Model) -> int:
     """How many actions the activation head scores."""
     return int(model.get_layer("activation").output.shape[-1])

@@ -22,7 +22,13 @@ import tensorflow as tf
 
 from common import keras_seam, metrics
 from common.config import TrainConfig
-from common.model import model_inputs, set_weights_of, targets, weight_io
+from common.model import (
+    model_inputs,
+    response_shift_weights,
+    set_weights_of,
+    targets,
+    weight_io,
+)
 from common.model import num_actions as model_actions
 from common.snapshots import Snapshots
 
@@ -147,7 +153,10 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place on ``train``, early-stopping on ``val`` loss.
 
-    The best epoch's weights (by validation loss) are kept. Without validation rows
+    The best epoch's weights (by validation loss) are kept; with
+    ``config.shift_patience`` and a model with response shifts
+    (:func:`common.model.response_shift_weights`) those come from the last epoch, and
+    training goes on ``shift_patience`` epochs past ``patience``. Without validation rows
     every epoch runs and the last weights are kept. ``initial``: weights to start from
     (a merchant's global model), assigned in the same compiled call as the first epoch.
 
@@ -177,6 +186,8 @@ def fit(
     flat: tf.Tensor | None = None
     history: list[dict[str, float]] = []
     stale = 0
+    shifts = _shift_mask(model) if config.shift_patience > 0 else None
+    patience = config.patience + (config.shift_patience if shifts is not None else 0)
     base_weights = weights if weights is not None else np.ones(len(train), np.float32)
     for epoch in range(1, config.epochs + 1):
         idx, live = _padded_order(rng.permutation(len(train)), config.batch_size, rng)
@@ -207,9 +218,11 @@ def fit(
             best_flat = flat
         else:
             stale += 1
-            if stale > config.patience:
+            if stale > patience:
                 break
     if best_flat is not None and best_epoch < len(history):
+        if shifts is not None and flat is not None:
+            best_flat = tf.where(shifts, flat, best_flat)  # the last epoch's shifts
         if io is not None:
             io.assign(best_flat)
         flat = best_flat
@@ -263,6 +276,19 @@ def warm_up(model: keras.Model, train: Snapshots, config: TrainConfig, *,
 def _warmed(model: keras.Model) -> set[tuple[TrainConfig, bool]]:
     """The configurations :func:`warm_up` has compiled ``model``'s layouts for."""
     return set()
+
+
+@functools.lru_cache(maxsize=8)
+def _shift_mask(model: keras.Model) -> tf.Tensor | None:
+    """True at the response shifts' entries of the flat weight vector; None when the
+    model has none (or no flat vector). Once per model: a merchant fits every round."""
+    io, positions = weight_io(model), response_shift_weights(model)
+    if io is None or not positions:
+        return None
+    mask = np.zeros(io.bounds[-1], bool)
+    for i in positions:
+        mask[io.bounds[i]:io.bounds[i + 1]] = True
+    return tf.constant(mask)
 
 
 def _batched(x: dict[str, np.ndarray], y: dict[str, np.ndarray],

@@ -112,12 +112,19 @@ def _run_rounds(grid: Grid, fed: FederationConfig, parts: Runner, recorder: Roun
 def _finish(settings: ServerSettings, run_dir: Path, model: Any, parts: Runner,
             selection: Selection, final: list[np.ndarray], *, done: int,
             stop_reason: str | None, seconds: float) -> dict[str, Any]:
-    """Keep the selected round's model (``model.keras`` + ``model.json``), the last
-    weights and ``federation.json``; returns the summary written there."""
+    """Keep the selected round's model (``model.keras`` + ``model.json``; with
+    ``train.shift-patience`` its response shifts from the last round), the last weights
+    and ``federation.json``; returns the summary written there."""
     from common.bundle import write_model_settings
-    from common.model import save_model, set_weights_of
+    from common.model import save_model, set_weights_of, with_shifts_of
 
-    set_weights_of(model, selection.weights if selection.weights is not None else final)
+    kept = final
+    if selection.weights is not None:
+        # train.shift-patience: the response shifts of the last round, as fit keeps its
+        # last epoch's (the selecting loss, mostly decay's, cannot tell when they are done).
+        kept = (with_shifts_of(model, selection.weights, final)
+                if settings.train.shift_patience > 0 else selection.weights)
+    set_weights_of(model, kept)
     save_model(model, run_dir / "model.keras")
     # The scorer and the monitor read the snapshot settings from model.json beside it.
     write_model_settings(run_dir / "model.keras", settings.snapshots, None)

@@ -228,3 +228,32 @@ def test_activation_loss_trains_the_trunk_only_when_asked(through: bool, tmp_pat
     save_model(model, tmp_path / "m.keras")  # the extra layers save and load
     again = load_model(tmp_path / "m.keras").predict(x, verbose=0)["activation"]
     np.testing.assert_allclose(again, np.asarray(out["activation"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize(("shift", "shift_patience"), [("response", 2), ("response", 0),
+                                                       ("shared", 2)])
+def test_fit_keeps_the_response_shifts_of_the_last_epoch(shift: str,
+                                                         shift_patience: int) -> None:
+    from common.model import response_shift_weights, weights_of
+
+    train, _ = _planted(256, 1, 0)
+    val, _ = _planted(64, 2, 1)
+    # A large step on a tiny set: the validation loss is lowest early, then rises.
+    model = build_model(ModelConfig(lstm_units=4, dense_units=4, learning_rate=0.05,
+                                    activation_shift=shift, jit_compile=False), SNAP, seed=0)
+    shifts = response_shift_weights(model)
+    assert len(shifts) == (2 if shift == "response" else 0)
+    seen: list[list[np.ndarray]] = []
+    cfg = TrainConfig(epochs=12, batch_size=32, patience=1, shift_patience=shift_patience)
+    res = fit(model, train, val, cfg, seed=0,
+              on_epoch=lambda e, row: seen.append([w.copy() for w in weights_of(model)]))
+    assert res.best_epoch < res.epochs  # otherwise nothing here could fail
+    extra = shift_patience if shifts else 0
+    assert res.epochs == 12 or res.epochs - res.best_epoch == 1 + 1 + extra
+    kept = weights_of(model)
+    for i, w in enumerate(kept):
+        source = res.epochs if i in shifts and shift_patience else res.best_epoch
+        np.testing.assert_array_equal(w, seen[source - 1][i], err_msg=f"weight {i}")
+        np.testing.assert_array_equal(res.weights[i], w)
+    if shifts and shift_patience:
+        assert not np.array_equal(kept[shifts[0]], seen[res.best_epoch - 1][shifts[0]])

@@ -70,8 +70,8 @@ def _record(arrays: list[np.ndarray]) -> Any:
     return ArrayRecord([np.asarray(a, np.float32) for a in arrays])
 
 
-def _run(tmp_path: Path, losses: dict[int, list[float]], **federation: Any
-         ) -> tuple[dict[str, Any], list[dict[str, Any]], ScriptedGrid, Path]:
+def _run(tmp_path: Path, losses: dict[int, list[float]], *, shift_patience: int = 4,
+         **federation: Any) -> tuple[dict[str, Any], list[dict[str, Any]], ScriptedGrid, Path]:
     from server.app import run_federation
     from server.config import settings_from_flat
 
@@ -79,24 +79,30 @@ def _run(tmp_path: Path, losses: dict[int, list[float]], **federation: Any
     flat = {"federation.mode": "deployment", "federation.min-available-nodes": 2,
             "federation.min-train-nodes": 2, "federation.run-dir": str(run_dir),
             "model.lstm-units": 4, "model.dense-units": 4, "snapshots.max-len": 4,
-            "snapshots.hash-buckets": 8, **{f"federation.{k}": v for k, v in federation.items()}}
+            "snapshots.hash-buckets": 8, "train.shift-patience": shift_patience,
+            **{f"federation.{k}": v for k, v in federation.items()}}
     grid = ScriptedGrid(losses)
     summary = run_federation(grid, settings_from_flat(flat))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     return summary, rows, grid, run_dir
 
 
-def _kept_round(run_dir: Path) -> int:
-    """How far the kept model is from the initial one: the round it is from."""
-    from common.model import build_model, load_model, weights_of
+def _kept_round(run_dir: Path, shifts: bool = False) -> int:
+    """How far the kept model is from the initial one: the round it is from (of its
+    response shifts with ``shifts``, of every other weight without)."""
+    from common.model import build_model, load_model, response_shift_weights, weights_of
     from server.config import settings_from_flat
 
-    kept = weights_of(load_model(run_dir / "model.keras"))
+    model = load_model(run_dir / "model.keras")
+    kept = weights_of(model)
     flat = {"model.lstm-units": 4, "model.dense-units": 4, "snapshots.max-len": 4,
             "snapshots.hash-buckets": 8}
     settings = settings_from_flat(flat)
     initial = weights_of(build_model(settings.model, settings.snapshots, seed=settings.seed))
-    offsets = {round(float(np.mean(k - i))) for k, i in zip(kept, initial, strict=True)}
+    positions = set(response_shift_weights(model))
+    offsets = {round(float(np.mean(k - i))) for n, (k, i) in enumerate(zip(kept, initial,
+                                                                          strict=True))
+               if (n in positions) == shifts}
     assert len(offsets) == 1, offsets
     return offsets.pop()
 
@@ -127,6 +133,7 @@ def test_deployment_keeps_the_round_with_the_lowest_weighted_validation_loss(
     assert summary["selected_round"] == 2
     assert summary["selected_val_loss"] == pytest.approx(0.6)
     assert _kept_round(run_dir) == 2
+    assert _kept_round(run_dir, shifts=True) == 3  # train.shift-patience: the last round's
     # metrics.jsonl: each round's line holds the previous round's model's score, the
     # last line also its own model's (evaluate messages).
     assert "federated" not in rows[0]  # round 0: nothing sent yet
@@ -143,6 +150,14 @@ def test_deployment_keeps_the_round_with_the_lowest_weighted_validation_loss(
     assert len(train) == 6 and all(c.get("pre-evaluate") for c in train)
     assert sorted(n for n, _ in evaluate) == [1, 2]
     assert all(c["score-validation"] and c["server-round"] == 3 for _, c in evaluate)
+
+
+def test_without_shift_patience_the_shifts_come_from_the_selected_round(
+        tmp_path: Path) -> None:
+    losses = {1: [1.0, 0.2, 0.9, 0.8], 2: [1.0, 0.8, 0.5, 0.7]}
+    summary, _, _, run_dir = _run(tmp_path, losses, shift_patience=0, **{"num-rounds": 3})
+    assert summary["selected_round"] == 2
+    assert _kept_round(run_dir) == _kept_round(run_dir, shifts=True) == 2
 
 
 def test_the_last_rounds_model_is_kept_when_its_evaluate_replies_score_best(

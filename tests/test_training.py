@@ -23,6 +23,7 @@ from common.model import (
     set_weights_of,
     targets,
     weights_of,
+    with_shifts_of,
 )
 from common.snapshots import Snapshots
 from common.training import (
@@ -127,7 +128,7 @@ def test_early_stopping_keeps_the_best_epoch(model) -> None:
     # Validation labels are the opposite of the training labels: the more the model learns,
     # the worse the validation loss, so with patience 0 it stops at epoch 2 and keeps epoch 1.
     anti = make_snapshots(len(VAL), seed=2, flip=True)
-    cfg = TrainConfig(epochs=10, batch_size=BATCH, patience=0)
+    cfg = TrainConfig(epochs=10, batch_size=BATCH, patience=0, shift_patience=0)
     result = fit(model, TRAIN, anti, cfg, seed=0)
     val = [row["val_loss"] for row in result.history]
     assert result.epochs < cfg.epochs, val
@@ -141,7 +142,8 @@ def test_early_stopping_keeps_the_best_epoch(model) -> None:
 
 def test_patience_waits_for_improvement(model) -> None:
     anti = make_snapshots(len(VAL), seed=2, flip=True)
-    result = fit(model, TRAIN, anti, TrainConfig(epochs=10, batch_size=BATCH, patience=2),
+    result = fit(model, TRAIN, anti, TrainConfig(epochs=10, batch_size=BATCH, patience=2,
+                                                 shift_patience=0),
                  seed=0)
     assert result.epochs == min(result.best_epoch + 3, 10)
 
@@ -251,10 +253,11 @@ def test_one_call_an_epoch_equals_the_separate_calls(model_and_start) -> None:
     for got, want in zip(result.history, expected, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
-    # fit keeps the best epoch's weights (by validation loss), not always the last's.
+    # fit keeps the best epoch's weights (by validation loss), not always the last's,
+    # with the response shifts of the last epoch (train.shift-patience).
     best = min(range(3), key=lambda e: expected[e]["val_loss"])
     assert result.best_epoch == best + 1
-    weights = after[best]
+    weights = with_shifts_of(model, after[best], after[-1])
     assert len(result.weights) == len(weights)
     for a, b in zip(result.weights, weights, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -282,7 +285,7 @@ def test_early_stopping_returns_and_keeps_the_best_weights(model_and_start) -> N
     model, start = model_and_start
     anti = make_snapshots(len(SHARD_VAL), seed=12, flip=True)
     # The validation labels are the training labels flipped: the loss rises at once.
-    cfg = TrainConfig(epochs=6, batch_size=32, patience=0)
+    cfg = TrainConfig(epochs=6, batch_size=32, patience=0, shift_patience=0)
     result = fit(model, make_snapshots(300, seed=13), anti, cfg, seed=0, initial=start)
     assert result.best_epoch < result.epochs
     for a, b in zip(weights_of(model), result.weights, strict=True):
