@@ -230,6 +230,10 @@ class ModelConfig:
     # the data a process sees: every merchant must build the same model.
     response_centre: tuple[float, ...] = (0.45, -1.15, -1.1, -0.85)
     response_scale: tuple[float, ...] = (0.2, 0.43, 0.46, 0.39)
+    # The "response" shifts' output is multiplied by this: under Adam (steps of about the
+    # learning rate whatever the gradient's scale) the shifts then move this many times
+    # faster, and jitter as much more. 1 = as built before.
+    activation_shift_gain: float = 1.0
     interest_loss: str = "huber"
     # Off by default so the LSTM's inputs (and figures) stay as they were; GBDT and LR
     # read the cadence aggregates (common.features.CADENCE_FEATURES) either way.
@@ -259,6 +263,8 @@ class ModelConfig:
                       "must be finite numbers")
         check_key(min(self.response_scale) > 0, "model.response-scale",
                   f"must be > 0, got {list(self.response_scale)}")
+        check_key(self.activation_shift_gain > 0, "model.activation-shift-gain",
+                  f"must be > 0, got {self.activation_shift_gain}")
 
 
 @dataclasses.dataclass(frozen=True)

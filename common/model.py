@@ -204,6 +204,9 @@ def _activation_head(config: ModelConfig, trunk, static_in, num_actions: int, gl
                                 config.response_scale, name="activation_response")(static_in)
         shift = layers.Dense(num_actions - 1, name="activation_shift",
                              kernel_initializer="zeros")(response)
+        if config.activation_shift_gain != 1.0:
+            shift = layers.Rescaling(config.activation_shift_gain,
+                                     name="activation_shift_gain")(shift)
     return ContrastActivation(name="activation")([base, shift])
 
 

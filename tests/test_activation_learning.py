@@ -257,3 +257,25 @@ def test_fit_keeps_the_response_shifts_of_the_last_epoch(shift: str,
         np.testing.assert_array_equal(res.weights[i], w)
     if shifts and shift_patience:
         assert not np.array_equal(kept[shifts[0]], seen[res.best_epoch - 1][shifts[0]])
+
+
+def test_shift_gain_multiplies_the_response_shifts(tmp_path) -> None:
+    from common.model import load_model, save_model
+
+    x = _inputs(4, int(build_model(ModelConfig(lstm_units=4, dense_units=4), SNAP)
+                       .input["static"].shape[-1]), np.random.default_rng(3))
+    kernel = np.full((len(RESPONSE_FEATURES), A - 1), 0.02, np.float32)
+    bias = np.array([0.1, -0.2, 0.15], np.float32)
+    shifts = {}
+    for gain in (1.0, 3.0):
+        model = build_model(ModelConfig(lstm_units=4, dense_units=4, jit_compile=False,
+                                        activation_shift_gain=gain), SNAP, seed=0)
+        model.get_layer("activation_shift").set_weights([kernel, bias])
+        p = np.asarray(model.predict(x, verbose=0)["activation"], np.float64)
+        shifts[gain] = _logit(p[:, 1:]) - _logit(p[:, :1])
+    np.testing.assert_allclose(shifts[3.0], 3 * shifts[1.0], rtol=2e-3, atol=2e-4)
+    save_model(model, tmp_path / "m.keras")
+    again = load_model(tmp_path / "m.keras").predict(x, verbose=0)["activation"]
+    np.testing.assert_allclose(again, p, rtol=1e-5)
+    with pytest.raises(ValueError, match="model.activation-shift-gain"):
+        ModelConfig(activation_shift_gain=0.0)
