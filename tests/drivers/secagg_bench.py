@@ -15,6 +15,13 @@ Two things differ from the plain command:
 - Every message a ClientApp handles is appended to ``TRACE.jsonl``: its stage (SecAgg+)
   or type, partition, when it was created and handled, and, under SecAgg+, the time
   spent inside ``secaggplus_mod``'s call to the training (``inner``).
+- Each trace line also holds the seconds the process spent in Python's cyclic garbage
+  collector during the handler (``gc``) and the full (generation 2) collections among
+  them (``gc2``).
+- ``FEDECAY_BENCH_PROFILE=DIR``: each training handler after the first round
+  (``collect_masked_vectors`` under SecAgg+, ``train`` without) runs under ``cProfile``,
+  its statistics written to ``DIR/PID-ROUND-NODE-STAGE.prof`` (read them with
+  ``pstats``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,17 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+_GC = {"seconds": 0.0, "full": 0, "started": 0.0}
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    """``gc.callbacks`` hook: adds up the collector's time in this process."""
+    if phase == "start":
+        _GC["started"] = time.perf_counter()
+    else:
+        _GC["seconds"] += time.perf_counter() - _GC["started"]
+        _GC["full"] += info["generation"] == 2
+
 
 def traced(msg: Message, context: Context, call_next: Any) -> Message:
     """Outermost mod: one line per message into ``FEDECAY_BENCH_TRACE``."""
@@ -37,14 +55,35 @@ def traced(msg: Message, context: Context, call_next: Any) -> Message:
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
     stage = str(configs.get(Key.STAGE)) if configs is not None else msg.metadata.message_type
     context.state.config_records.pop("bench", None)
+    import gc
+
+    if _gc_timer not in gc.callbacks:
+        gc.callbacks.append(_gc_timer)
+    gc_before = _GC["seconds"], _GC["full"]
+    profile = os.environ.get("FEDECAY_BENCH_PROFILE")
+    plain_config = msg.content.config_records.get("config")  # the Message API's train
+    group = msg.metadata.group_id or str(plain_config.get("server-round", "")
+                                         if plain_config is not None else "")
+    profiler = None
+    if profile and stage in ("collect_masked_vectors", "train") and group not in ("", "1"):
+        import cProfile
+
+        profiler = cProfile.Profile()
     started = time.time()
-    reply = call_next(msg, context)
+    if profiler is not None:
+        reply = profiler.runcall(call_next, msg, context)
+    else:
+        reply = call_next(msg, context)
     ended = time.time()
+    if profiler is not None and profile:
+        profiler.dump_stats(os.path.join(profile, f"{os.getpid()}-{group}-"
+                                                  f"{msg.metadata.dst_node_id}-{stage}.prof"))
     bench = context.state.config_records.pop("bench", None)
     line = {"pid": os.getpid(), "node": msg.metadata.dst_node_id, "stage": stage,
-            "part": context.node_config.get("partition-id"), "group": msg.metadata.group_id,
+            "part": context.node_config.get("partition-id"), "group": group,
             "created": msg.metadata.created_at, "t0": started, "t1": ended,
-            "inner": float(bench["inner"]) if bench else 0.0}  # type: ignore[arg-type]
+            "inner": float(bench["inner"]) if bench else 0.0,  # type: ignore[arg-type]
+            "gc": _GC["seconds"] - gc_before[0], "gc2": _GC["full"] - gc_before[1]}
     with open(os.environ["FEDECAY_BENCH_TRACE"], "a") as out:
         out.write(json.dumps(line) + "\n")
     return reply
