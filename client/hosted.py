@@ -106,14 +106,20 @@ WARM_UP_MERCHANTS = 10
 
 def warms_up(msg: Message, context: Context) -> bool:
     """Whether the process serving ``msg`` compiles every validation layout a fit can
-    meet before its first training (``client.work.warm_up``): a simulation's (no
-    ``data-path``: its processes serve whichever merchants the engine hands them, of
-    every size) of about :data:`WARM_UP_MERCHANTS` merchants or more (its virtual
-    nodes times the merchants ``msg`` names)."""
+    meet before its first training (``client.work.warm_up``):
+    :func:`simulation_warms_up` with the merchants ``msg`` names on each node."""
+    return simulation_warms_up(context, max(len(named_merchants(msg) or ()), 1))
+
+
+def simulation_warms_up(context: Context, merchants_per_node: int = 1) -> bool:
+    """Whether this node belongs to a simulation (no ``data-path``: its processes serve
+    whichever merchants the engine hands them, of every size) of about
+    :data:`WARM_UP_MERCHANTS` merchants or more (its virtual nodes times
+    ``merchants_per_node``)."""
     if "data-path" in context.node_config:
         return False
     nodes = int(context.node_config.get("num-partitions", 1))
-    return nodes * max(len(named_merchants(msg) or ()), 1) >= WARM_UP_MERCHANTS
+    return nodes * merchants_per_node >= WARM_UP_MERCHANTS
 
 
 def serve(msg: Message, context: Context, handler: Handler) -> Message:

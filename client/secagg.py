@@ -70,7 +70,7 @@ from client.flower_seam import (
     pairwise_keys_agreed,
     secaggplus_names,
 )
-from client.hosted import WARM_UP_MERCHANTS
+from client.hosted import simulation_warms_up
 from client.shards import process_shard_cache, shard_cache_bytes, shard_location
 from client.work import evaluate_locally, global_round
 from common.protocol import CUSTOMER_NOISE_KEY, CUSTOMER_RATE_KEY
@@ -209,14 +209,11 @@ def merchant_client(context: Context, flat: Mapping[str, Any] | None,
                     resolve: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None,
                     cache_bytes: int) -> MerchantClient:
     """This node's :class:`MerchantClient` on its merchant's snapshots (the process's
-    shard cache). In a simulation of :data:`client.hosted.WARM_UP_MERCHANTS` merchants
-    or more it compiles every layout of the fit at its process's first training, as
-    ``client.hosted.warms_up`` has the plain path do for a message that names no
-    merchants (a SecAgg+ message never does)."""
+    shard cache). In a large simulation (``client.hosted.simulation_warms_up``, the rule
+    the plain path follows; a SecAgg+ message names no merchants) it compiles every
+    layout of the fit at its process's first training."""
     settings, snaps = merchant_data(context, flat, resolve, process_shard_cache(cache_bytes))
-    nodes = int(context.node_config.get("num-partitions", 1))
-    warm = "data-path" not in context.node_config and nodes >= WARM_UP_MERCHANTS
-    return MerchantClient(settings, snaps, warm=warm)
+    return MerchantClient(settings, snaps, warm=simulation_warms_up(context))
 
 
 def check_shard(context: Context, flat: Mapping[str, Any] | None,
