@@ -55,14 +55,15 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
     -------
     The summary written to ``federation.json``.
     """
-    from common.model import build_model, weights_of
+    from common.model import build_model, response_shift_weights, weights_of
 
     fed = settings.federation
     run_dir = _run_folder(fed)
     model = build_model(settings.model, settings.snapshots, seed=settings.seed)
     grid = PacedGrid(grid)  # type: ignore[assignment]  # a Grid by delegation
     population = max(fed.min_available_nodes, len(list(grid.get_node_ids())))
-    parts = build_runner(settings, population, run_dir, engine_failed)
+    parts = build_runner(settings, population, run_dir, engine_failed,
+                         shifts=response_shift_weights(model))
     done, weights, selection = start_state(run_dir, fed.resume, parts, weights_of(model))
     parts.rounds.offset = done
     with progress.task("federated rounds", total=fed.num_rounds, unit="rounds") as task:

@@ -24,11 +24,13 @@ from flwr.app import Array, ArrayRecord
 
 from common import atomic
 from server.flower_seam import OPTIMIZER_STATE, read_optimizer_state, write_optimizer_state
+from server.shift_step import VELOCITY
 
 log = logging.getLogger(__name__)
 
-#: Strategy attributes that hold server-side optimizer state (FedAdam/FedYogi/FedAvgM).
-STATE_ATTRIBUTES: tuple[str, ...] = OPTIMIZER_STATE
+#: Strategy attributes that hold server-side optimizer state (FedAdam/FedYogi/FedAvgM),
+#: and the response shifts' velocity (``server.shift_step``).
+STATE_ATTRIBUTES: tuple[str, ...] = (*OPTIMIZER_STATE, VELOCITY)
 FORMAT = "fedecay-checkpoint-2"
 _NAME = re.compile(r"^round-(\d{5,})\.npz$")
 _META, _DIGEST = "__meta__", "__sha256__"
@@ -206,8 +208,13 @@ def clear_checkpoints(directory: Path) -> int:
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
-    """The server optimizer's state (whatever the strategy keeps), for a checkpoint."""
-    return read_optimizer_state(strategy)
+    """The server optimizer's state (whatever the strategy keeps) and the response
+    shifts' velocity if any, for a checkpoint."""
+    state = read_optimizer_state(strategy)
+    velocity = getattr(strategy, VELOCITY, None)
+    if velocity is not None:
+        state[VELOCITY] = list(velocity)
+    return state
 
 
 def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
@@ -216,4 +223,7 @@ def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
     unknown = set(state) - set(STATE_ATTRIBUTES)
     if unknown:
         raise CheckpointError(f"checkpoint names unknown strategy state {sorted(unknown)}")
-    write_optimizer_state(strategy, state)
+    velocity = state.get(VELOCITY)
+    write_optimizer_state(strategy, {k: v for k, v in state.items() if k != VELOCITY})
+    if velocity is not None:
+        setattr(strategy, VELOCITY, [np.asarray(v) for v in velocity])

@@ -82,6 +82,11 @@ class FederationConfig:
     # driver turns it on.
     attributions: bool = False
     attribution_repeats: int = 3  # permutations per feature group
+    # A server-side step for the response shifts alone (server/shift_step.py): after each
+    # round's aggregate, v = momentum * v + (aggregate - old) and the shifts old + lr * v;
+    # lr 1 and momentum 0 = the aggregate.
+    shift_server_lr: float = 1.0
+    shift_server_momentum: float = 0.0
 
     def __post_init__(self) -> None:
         check_key(self.mode in MODES, "federation.mode",
@@ -103,6 +108,11 @@ class FederationConfig:
         check_key(self.eval_every >= 1, "federation.eval-every", "must be >= 1")
         check_key(self.pre_evaluate in PRE_EVALUATE, "federation.pre-evaluate",
                   f"must be one of {', '.join(PRE_EVALUATE)}, got {self.pre_evaluate!r}")
+        check_key(math.isfinite(self.shift_server_lr) and self.shift_server_lr > 0,
+                  "federation.shift-server-lr",
+                  f"must be a finite number > 0, got {self.shift_server_lr}")
+        check_key(0 <= self.shift_server_momentum < 1, "federation.shift-server-momentum",
+                  f"must be in [0, 1), got {self.shift_server_momentum}")
         check_key(1 <= self.attribution_repeats <= 20, "federation.attribution-repeats",
                   "must be in [1, 20]")
         check_key(self.merchants_per_node >= 1, "federation.merchants-per-node",

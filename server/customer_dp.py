@@ -152,7 +152,8 @@ class CentralCustomerDP(Strategy):
         if dropped:
             log.warning("round %d: %d sampled customers left out by their merchants: their "
                         "update was not finite", g, dropped)
-        return ArrayRecord(new), metrics
+        # federation.shift-server-lr after the noise (post-processing).
+        return self.strategy.step_shifts(ArrayRecord(new)), metrics
 
     def noised_step(self, summed: list[np.ndarray], g: int = 1) -> list[np.ndarray]:
         """The global weights after round ``g``'s step along ``(summed + noise) / D``

@@ -65,7 +65,9 @@ def _screened(base: Any) -> type:
         good = self.strategy.screen_train_replies(server_round, replies)
         if not good:
             return None, None
-        return base.aggregate_train(self, server_round, good)
+        arrays, metrics = base.aggregate_train(self, server_round, good)
+        # federation.shift-server-lr after the noise (post-processing).
+        return self.strategy.step_shifts(arrays), metrics
 
     return type(f"Screened{base.__name__}", (base,), {"aggregate_train": aggregate_train})
 

@@ -40,16 +40,20 @@ class Runner:
 
 
 def build_runner(settings: ServerSettings, population: int, run_dir: Path,
-                 engine_failed: threading.Event | None = None) -> Runner:
+                 engine_failed: threading.Event | None = None, *,
+                 shifts: tuple[int, ...] = ()) -> Runner:
     """The configured strategy for ``population`` connected clients: the guarded Message
     API strategy inside the DP wrapper ``privacy.mode`` asks for, or the SecAgg+
-    workflow's; the ledger writes ``run_dir/privacy.jsonl``."""
+    workflow's; the ledger writes ``run_dir/privacy.jsonl``. ``shifts``: the response
+    shifts' positions in the weight list, which ``federation.shift-server-lr`` /
+    ``-momentum`` step."""
     fed, dp = settings.federation, settings.privacy
     if fed.secure_aggregation:  # SecAgg+ runs in Flower's legacy workflow API
         from server.secagg import build_secagg_strategy
 
         strategy = runner = build_secagg_strategy(fed, dp, settings.seed, population,
-                                                  engine_failed=engine_failed)
+                                                  engine_failed=engine_failed,
+                                                  shifts=shifts)
         if dp.customer_level:  # distributed / local: the merchants add the noise
             from server.customer_secagg import attach_customer_dp
 
@@ -57,7 +61,8 @@ def build_runner(settings: ServerSettings, population: int, run_dir: Path,
                                         run_dir / "privacy.jsonl")
             return Runner(strategy, runner, ledger)
     else:
-        strategy = build_strategy(fed, settings.seed, engine_failed=engine_failed)
+        strategy = build_strategy(fed, settings.seed, engine_failed=engine_failed,
+                                  shifts=shifts)
         if dp.customer_level:
             runner, ledger = wrap_customer_dp(strategy, dp, fed, population,
                                               run_dir / "privacy.jsonl", settings.seed)

@@ -61,6 +61,7 @@ from server.rounds import RoundBook
 from server.sampling import SortedClientManager, round_seed
 from server.secagg_grid import MeteredGrid
 from server.secagg_workflow import RoundCountsMissing, RoundWorkflow, keys_ahead
+from server.shift_step import ShiftStep
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,10 @@ class ClientSideFixedClipping(legacy.DifferentialPrivacyClientSideFixedClipping)
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
-        return super().aggregate_fit(server_round, results, [])
+        params, metrics = super().aggregate_fit(server_round, results, [])
+        # federation.shift-server-lr after the noise (post-processing).
+        inner: SecAggMixin = self.strategy  # type: ignore[assignment]
+        return inner.step_shifts(params), metrics
 
 
 def weighted_metrics(pairs: list[tuple[int, Mapping[str, Scalar]]]) -> dict[str, Scalar]:
@@ -187,8 +191,14 @@ class SecAggMixin:
     workflow: Any = None
 
     def _init_secagg(self, fed: FederationConfig, dp: DPConfig, seed: int,
-                     population: int, engine_failed: threading.Event | None = None) -> None:
+                     population: int, engine_failed: threading.Event | None = None,
+                     shifts: tuple[int, ...] = ()) -> None:
         self.fed, self.dp, self.seed, self.population = fed, dp, seed, population
+        #: ``federation.shift-server-lr`` / ``-momentum``, the shifts' velocity
+        #: (checkpointed) and the weights the round started from.
+        self.shift_step = ShiftStep(shifts, fed.shift_server_lr, fed.shift_server_momentum)
+        self.shift_velocity: list[np.ndarray] | None = None
+        self._incoming: list[np.ndarray] = []
         self.rounds = RoundBook(engine_failed)
         self._reference: list[np.ndarray] = []
         self._train_config: dict[str, Scalar] = {}
@@ -240,6 +250,8 @@ class SecAggMixin:
                                              client_manager)
         g = self.rounds.global_round(server_round)
         self.rounds.sampled(g, [int(proxy.cid) for proxy, _ in instructions])
+        if self.shift_step.active:
+            self._incoming = parameters_to_ndarrays(parameters)
         if self.workflow is not None and len(instructions) >= 2:  # its counts this round
             self.workflow.give_counts(*effective_shares(self.fed, len(instructions)))
         if self.customer is not None:
@@ -279,7 +291,25 @@ class SecAggMixin:
         if self._metered is not None:  # the unmasking (Shamir, masks), the step
             self.rounds.round(g).stage_seconds["server_unmask"] = (
                 time.perf_counter() - self._metered.replied_at)
-        return ndarrays_to_parameters(weights), metrics
+        params = ndarrays_to_parameters(weights)
+        # With DP the wrapper steps them after its noise.
+        return (params if self.dp.enabled else self.step_shifts(params)), metrics
+
+    def step_shifts(self, params: Parameters | None) -> Parameters | None:
+        """``params`` with the response shifts stepped from the weights the round
+        started from (``federation.shift-server-lr`` / ``-momentum``,
+        ``server.shift_step``); ``params`` itself at rate 1 without momentum.
+        FedAvgM's / FedAdam's / FedYogi's own copy of the global weights follows, so
+        their next step starts from the stepped shifts."""
+        if params is None or not self.shift_step.active:
+            return params
+        stepped, self.shift_velocity = self.shift_step.apply(
+            self._incoming, parameters_to_ndarrays(params), self.shift_velocity)
+        if hasattr(self, "current_weights"):  # FedAdam / FedYogi
+            self.current_weights = [a.copy() for a in stepped]
+        if getattr(self, "server_opt", False):  # FedAvgM's server step
+            self.initial_parameters = ndarrays_to_parameters(stepped)
+        return ndarrays_to_parameters(stepped)
 
     def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]
                            ) -> tuple[float | None, dict[str, Scalar]]:
@@ -525,7 +555,8 @@ def _no_op(grid: Any, context: Any) -> None:
 
 
 def build_secagg_strategy(fed: FederationConfig, dp: DPConfig, seed: int, population: int,
-                          *, engine_failed: threading.Event | None = None) -> Any:
+                          *, engine_failed: threading.Event | None = None,
+                          shifts: tuple[int, ...] = ()) -> Any:
     """The legacy strategy ``fed.strategy`` with the SecAgg+ hooks; run it with ``start``.
 
     Parameters
@@ -534,6 +565,8 @@ def build_secagg_strategy(fed: FederationConfig, dp: DPConfig, seed: int, popula
     seed : seeds each global round's sampling (never the SecAgg+ ring: OS entropy).
     population : the clients connected, of which ``num_sampled`` take part a round.
     engine_failed : when given and set, no round starts.
+    shifts : positions of the response shifts, stepped by ``federation.shift-server-lr``
+        / ``-momentum``.
     """
     check_compatible(fed, dp)
     if not fed.secure_aggregation:
@@ -555,5 +588,5 @@ def build_secagg_strategy(fed: FederationConfig, dp: DPConfig, seed: int, popula
     elif fed.strategy == "fedavgm":
         kwargs["server_momentum"] = fed.server_momentum
     strategy = cls(**kwargs)
-    strategy._init_secagg(fed, dp, seed, population, engine_failed)
+    strategy._init_secagg(fed, dp, seed, population, engine_failed, shifts)
     return strategy

@@ -12,6 +12,9 @@ than a copy of ``start``:
   positive ``num-examples``, logged by node, before anything is averaged
   (``server.replies``);
 - replies sorted by content so the float sum is the same whatever order they came in;
+- ``federation.shift-server-lr`` / ``-momentum``: the response shifts stepped from the
+  round's incoming weights along the aggregate's change (``server.shift_step``; under a
+  DP wrapper after its noise, see :meth:`GuardedMixin.step_shifts`);
 - with ``federation.pre-evaluate``, every train instruction asks the merchant to score
   the incoming global model first; the round's replies give its federated validation
   loss (``server.rounds.federated_scores``), which selects the round kept in deployment;
@@ -35,6 +38,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
@@ -55,6 +59,7 @@ from server.replies import (
 )
 from server.rounds import RoundBook, error_summary
 from server.sampling import OwnedSampling, SortedGrid, round_seed
+from server.shift_step import NO_STEP, ShiftStep
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +74,17 @@ class GuardedMixin:
     round_timeout: float | None = None
     #: The FedAvg metric replies are weighted by (set by Flower's FedAvg).
     weighted_by_key: str
+    #: ``federation.shift-server-lr`` / ``-momentum`` (inactive by default) and the
+    #: shifts' velocity (checkpointed).
+    shift_step: ShiftStep = NO_STEP
+    shift_velocity: list[np.ndarray] | None = None
 
     def _init_guard(self, seed: int, round_timeout: float | None = None,
                     engine_failed: threading.Event | None = None, *,
-                    pre_evaluate: bool = False, final_round: int = 0) -> None:
+                    pre_evaluate: bool = False, final_round: int = 0,
+                    shift_step: ShiftStep = NO_STEP) -> None:
         self.seed = seed
+        self.shift_step = shift_step
         self.round_timeout = round_timeout
         #: Ask every train reply to score the incoming global model before training
         #: (``client.work.pre_training_metrics``); kept per round in ``rounds``.
@@ -117,7 +128,9 @@ class GuardedMixin:
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         g = self.rounds.global_round(server_round)
         read: list[ReadReply] | None = None
-        if self._screened_round == g:  # a DP wrapper screened them before clipping
+        # A wrapper that screened the replies (DP) steps the shifts once it is done.
+        wrapped = self._screened_round == g
+        if wrapped:  # a DP wrapper screened them before clipping
             good = list(replies)
             good.sort(key=reply_order)
         else:
@@ -143,7 +156,26 @@ class GuardedMixin:
             arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
         if metrics is not None:
             self.rounds.train_metrics(g, metrics)
-        return arrays, metrics
+        return (arrays if wrapped else self.step_shifts(arrays)), metrics
+
+    def step_shifts(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The round's aggregate with the response shifts stepped from the weights the
+        round started from (``federation.shift-server-lr`` / ``-momentum``); ``arrays``
+        itself at rate 1 without momentum.
+
+        The guard calls it on its own aggregate; a wrapper that screens the replies
+        (the DP wrappers, customer-level DP) calls it on what it releases, after its
+        noise: a step there is post-processing, while a step before the noise would
+        scale the shifts' sensitivity by the rate.
+        """
+        if arrays is None or not self.shift_step.active:
+            return arrays
+        new, self.shift_velocity = self.shift_step.apply(
+            self._layout.reference, arrays.to_numpy_ndarrays(), self.shift_velocity)
+        stepped = ArrayRecord(new)
+        if getattr(self, "current_arrays", None) is arrays:  # FedAvgM's own copy
+            self.current_arrays = stepped
+        return stepped
 
     def _averages_as_fedavg(self) -> bool:
         """Whether the strategy behind the guard averages with FedAvg's own
@@ -270,7 +302,8 @@ _BASES: dict[str, type] = {
 
 
 def build_strategy(config: FederationConfig, seed: int, *,
-                   engine_failed: threading.Event | None = None) -> Any:
+                   engine_failed: threading.Event | None = None,
+                   shifts: tuple[int, ...] = ()) -> Any:
     """The configured Flower strategy with the guard hooks in front of it.
 
     Parameters
@@ -279,6 +312,9 @@ def build_strategy(config: FederationConfig, seed: int, *,
     seed : seeds each global round's sampling.
     engine_failed : when given and set, no round starts (see
         ``server.app.make_server_app``).
+    shifts : positions of the response shifts in the weight list
+        (``common.model.response_shift_weights``), stepped by
+        ``federation.shift-server-lr`` / ``-momentum``.
     """
     base = _BASES[config.strategy]
     sampling = (OwnedSampling,) if base is flwr_strategy.FedAvg else (base, OwnedSampling)
@@ -302,5 +338,7 @@ def build_strategy(config: FederationConfig, seed: int, *,
         kwargs["num_malicious_nodes"] = config.num_malicious
     strategy = cls(**kwargs)
     strategy._init_guard(seed, config.round_timeout, engine_failed,
-                         pre_evaluate=config.pre_evaluates, final_round=config.num_rounds)
+                         pre_evaluate=config.pre_evaluates, final_round=config.num_rounds,
+                         shift_step=ShiftStep(shifts, config.shift_server_lr,
+                                              config.shift_server_momentum))
     return strategy
