@@ -18,6 +18,13 @@ Two things differ from the plain command:
 - Each trace line also holds the seconds the process spent in Python's cyclic garbage
   collector during the handler (``gc``) and the full (generation 2) collections among
   them (``gc2``).
+- The server's side goes into the same trace, one line each with a ``server`` key: every
+  ``send_and_receive`` of the Grid (``send``: its stage or message type, round, the
+  number of messages, when it started and returned, and the latest ``created_at`` of
+  its replies, so the poll's share of a wait shows), every call of the round recorder
+  (``recorder``: the centralised evaluation, the line in ``metrics.jsonl``, the
+  checkpoint) and, under SecAgg+ with keys ahead, the main thread's wait for the next
+  round's key stages (``keys_wait``).
 - ``FEDECAY_BENCH_PROFILE=DIR``: each training handler after the first round
   (``collect_masked_vectors`` under SecAgg+, ``train`` without) runs under ``cProfile``,
   its statistics written to ``DIR/PID-ROUND-NODE-STAGE.prof`` (read them with
@@ -30,6 +37,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from typing import Any
 
@@ -112,6 +120,63 @@ class TracedApp(ClientApp):
         return traced(message, context, self.app)
 
 
+def _server_line(line: dict[str, Any]) -> None:
+    with open(os.environ["FEDECAY_BENCH_TRACE"], "a") as out:
+        out.write(json.dumps(line) + "\n")
+
+
+def trace_server() -> None:
+    """Wrap the server's Grid, round recorder and key wait to write ``server`` lines."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    import server.pacing
+    import server.recorder
+    import server.secagg
+
+    grid_class = server.pacing.PacedGrid  # the grid every server path sends through
+    send = grid_class.send_and_receive
+
+    def send_and_receive(self: Any, messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        first = messages[0] if messages else None
+        kind, group = "", ""
+        if first is not None:
+            configs = first.content.config_records.get(RECORD_KEY_CONFIGS)
+            kind = str(configs.get(Key.STAGE)) if configs is not None \
+                else first.metadata.message_type
+            group = first.metadata.group_id
+        started = time.time()
+        replies = list(send(self, messages, timeout=timeout))
+        _server_line({"server": "send", "stage": kind, "group": group, "n": len(messages),
+                      "t0": started, "t1": time.time(), "thread": threading.current_thread().name,
+                      "last_reply": max((r.metadata.created_at for r in replies), default=0.0)})
+        return replies
+
+    grid_class.send_and_receive = send_and_receive  # type: ignore[method-assign]
+    record = server.recorder.RoundRecorder.__call__
+
+    def recorder(self: Any, server_round: int, arrays: Any) -> Any:
+        started = time.time()
+        try:
+            return record(self, server_round, arrays)
+        finally:
+            _server_line({"server": "recorder", "group": str(server_round), "t0": started,
+                          "t1": time.time()})
+
+    server.recorder.RoundRecorder.__call__ = recorder  # type: ignore[method-assign,assignment]
+    take = server.secagg._FitRound._take
+
+    def keys_wait(self: Any, r: int) -> Any:
+        started = time.time()
+        try:
+            return take(self, r)
+        finally:
+            _server_line({"server": "keys_wait", "group": str(r), "t0": started,
+                          "t1": time.time()})
+
+    server.secagg._FitRound._take = keys_wait  # type: ignore[method-assign]
+
+
 def seeded_node_ids(seed: int) -> None:
     """Node ids from ``random.Random(seed)`` instead of the OS."""
     import flwr.server.superlink.linkstate.in_memory_linkstate as linkstate
@@ -133,6 +198,7 @@ def main() -> None:
 
     os.environ["FEDECAY_BENCH_TRACE"] = os.path.abspath(sys.argv[1])
     seeded_node_ids(int(os.environ.get("FEDECAY_BENCH_NODE_SEED", "0")))
+    trace_server()
     if os.environ.get("FEDECAY_BENCH_KEYS_AHEAD", "1") == "0":  # the rounds one by one
         import server.secagg
 
