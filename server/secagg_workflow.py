@@ -22,6 +22,13 @@ only and are computed once per set of indices (figures in ``README.md``'s Overhe
 the masks it then removes come from ``common.mask_prg.pseudo_rand_gen``, Flower's
 generator without a fresh ``RandomState`` a mask.
 
+At ``collect_masked_vectors`` the workflow decodes each client's masked arrays with
+Flower's ``bytes_to_ndarray`` (``np.load`` of a ``.npy``: the header's text parsed
+again for every array of every client, 17 x 20 a round here); :func:`quick_decode` has
+it call :func:`bytes_to_ndarray` instead for the stage: the same arrays, the header
+parsed once per distinct header (every client sends the same shapes), anything else
+left to Flower's function (:func:`quick_decode_default` says whether the server uses it).
+
 At ``setup`` the workflow shuffles the sampled clients into the ring that makes each
 client's neighbours with the ``random`` module, the process's shared generator.
 :func:`private_ring` has that shuffle draw from a ``random.SystemRandom`` (OS entropy)
@@ -34,13 +41,17 @@ those of ``server.flower_seam`` (:data:`PIN`, :data:`PATCHES`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import io
 import logging
+import math
 import random
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from common.pinned import Pin
@@ -49,7 +60,8 @@ from server.sampling import unpredictable_module_random
 
 log = logging.getLogger(__name__)
 
-PIN = Pin("flwr", "1.42.0", __name__, ("serial_combine", "keys_ahead", "private_ring"))
+PIN = Pin("flwr", "1.42.0", __name__,
+          ("serial_combine", "keys_ahead", "private_ring", "quick_decode"))
 
 _WORKFLOW = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
 
@@ -90,9 +102,19 @@ PRIVATE_RING_SOURCES = {
         "892a5a68cc6aef04f2eb95fd807d44c6f49a124f365bae0e335fc8da0078549b",
 }
 
+#: ``quick_decode``: ``collect_masked_vectors_stage`` decodes the masked arrays with the
+#: workflow module's global ``bytes_to_ndarray`` (that stage its only caller), which
+#: :func:`quick_decode` rebinds to :func:`bytes_to_ndarray` (Flower's, mimicked).
+QUICK_DECODE_SOURCES = {
+    f"{_WORKFLOW}:SecAggPlusWorkflow.collect_masked_vectors_stage":
+        "e2e2900e524ba35a03b0937c99c76a22e99ff655dbe890fbd6b2366dfdfd6959",
+    "flwr.compat.common.parameter:bytes_to_ndarray":
+        "6038dd1205aa7c37e6fe60d3701321204d91610fe0b015e4dd395a61e7ed7458",
+}
+
 #: Every patch of this module and the Flower sources it depends on.
 PATCHES = {"serial_combine": SERIAL_COMBINE_SOURCES, "keys_ahead": KEYS_AHEAD_SOURCES,
-           "private_ring": PRIVATE_RING_SOURCES}
+           "private_ring": PRIVATE_RING_SOURCES, "quick_decode": QUICK_DECODE_SOURCES}
 
 #: The ring's generator: every draw reads OS entropy (``os.urandom``); it has no seed.
 _RING = random.SystemRandom()
@@ -139,6 +161,70 @@ def serial_combine() -> Iterator[bool]:
         yield True
     finally:
         module.combine_shares, module.pseudo_rand_gen = original
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """(shape, Fortran order, dtype) of a ``.npy`` header (magic included), parsed by
+    numpy's own reader."""
+    fp = io.BytesIO(header)
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fp)  # type: ignore[no-any-return]
+    return np.lib.format.read_array_header_2_0(fp)  # type: ignore[no-any-return]
+
+
+def _flowers_bytes_to_ndarray(tensor: bytes) -> np.ndarray:
+    from flwr.common import bytes_to_ndarray as flowers
+
+    return flowers(tensor)
+
+
+def bytes_to_ndarray(tensor: bytes) -> np.ndarray:
+    """Flower's ``bytes_to_ndarray`` (``np.load(BytesIO(tensor), allow_pickle=False)``):
+    the same array, a fresh writable copy, from a version 1 or 2 ``.npy`` whose data fill
+    the rest of ``tensor`` exactly, its header parsed once per distinct header; anything
+    else (other versions, object dtypes, a wrong length, not a ``.npy``) goes to Flower's
+    function, which decodes it or raises as it would."""
+    view = memoryview(tensor)
+    if bytes(view[:6]) != _NPY_MAGIC or len(tensor) < 12 or tensor[6] not in (1, 2):
+        return _flowers_bytes_to_ndarray(tensor)
+    size = 2 if tensor[6] == 1 else 4
+    start = 8 + size + int.from_bytes(view[8:8 + size], "little")
+    try:
+        shape, fortran, dtype = _npy_header(bytes(view[:start]))
+    except ValueError:
+        return _flowers_bytes_to_ndarray(tensor)
+    count = math.prod(shape)
+    if dtype.hasobject or len(tensor) - start != count * dtype.itemsize:
+        return _flowers_bytes_to_ndarray(tensor)
+    flat = np.frombuffer(tensor, dtype=dtype, count=count, offset=start)
+    return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+
+def quick_decode_default() -> bool:
+    """Whether ``RoundWorkflow`` decodes the masked vectors with :func:`quick_decode`
+    (the bench driver's ``FEDECAY_BENCH_QUICK_DECODE`` switches it for pairs)."""
+    return False
+
+
+@contextlib.contextmanager
+def quick_decode() -> Iterator[bool]:
+    """Within the block, ``collect_masked_vectors_stage`` decodes the masked arrays with
+    :func:`bytes_to_ndarray`; yields False (and leaves Flower's) with another Flower."""
+    if not PIN.holds():
+        yield False
+        return
+    module: Any = importlib.import_module(_WORKFLOW)
+    original = module.bytes_to_ndarray
+    module.bytes_to_ndarray = bytes_to_ndarray
+    try:
+        yield True
+    finally:
+        module.bytes_to_ndarray = original
 
 
 @contextlib.contextmanager
@@ -258,6 +344,13 @@ class RoundWorkflow(SecAggPlusWorkflow):
                 f"the {given[0]} and {given[1]} given for its "
                 f"{len(state.sampled_node_ids)} clients")
         return proceed
+
+    def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        """Flower's ``collect_masked_vectors`` stage, its masked vectors decoded by
+        :func:`quick_decode` when :func:`quick_decode_default` says so."""
+        switch = quick_decode() if quick_decode_default() else contextlib.nullcontext(False)
+        with switch:
+            return bool(super().collect_masked_vectors_stage(grid, context, state))
 
     def unmask_stage(self, grid: Any, context: Any, state: Any) -> bool:
         """Flower's ``unmask`` stage, its secrets rebuilt by :func:`serial_combine`."""

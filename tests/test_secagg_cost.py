@@ -525,6 +525,85 @@ def test_the_serial_combine_rebuilds_what_flowers_split_made_and_refuses_garbage
     assert module.combine_shares is flowers  # put back after the stage
 
 
+@pytest.mark.parametrize("array", [
+    np.arange(10_850, dtype=np.uint32) * 395_377,  # a masked vector's entries, any of 2**32
+    np.arange(12, dtype=np.uint32).reshape(3, 4),
+    np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+    np.array(5, dtype=np.int64),
+    np.zeros((0, 3), dtype=np.float32),
+    np.arange(4, dtype=">i4"),
+], ids=["masked", "matrix", "fortran", "scalar", "empty", "big-endian"])
+def test_the_quick_decode_gives_flowers_array_as_a_fresh_copy(array: np.ndarray) -> None:
+    from flwr.common import ndarray_to_bytes
+
+    data = ndarray_to_bytes(array)
+    got, want = secagg_workflow.bytes_to_ndarray(data), bytes_to_ndarray(data)
+    assert (got.dtype, got.shape) == (want.dtype, want.shape)
+    assert np.array_equal(got, want) and np.array_equal(got, array)
+    assert got.flags.writeable and got.flags.f_contiguous == want.flags.f_contiguous
+    assert not np.shares_memory(got, np.frombuffer(data, dtype=np.uint8))
+    assert secagg_workflow.bytes_to_ndarray(data) is not got  # a new array each call
+
+
+def test_the_quick_decode_leaves_what_is_not_a_plain_npy_to_flower() -> None:
+    import io
+
+    from flwr.common import ndarray_to_bytes
+
+    data = ndarray_to_bytes(np.arange(5, dtype=np.uint32))
+    longer = data + b"\x00" * 4  # np.load reads what the header says and ignores the rest
+    assert np.array_equal(secagg_workflow.bytes_to_ndarray(longer), bytes_to_ndarray(longer))
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.array([1, "a"], dtype=object), allow_pickle=True)
+    objects = buffer.getvalue()  # a pickle inside: Flower refuses to load it
+    for garbage in (data[:-4], b"not an array at all", objects):
+        with pytest.raises(ValueError) as flowers:
+            bytes_to_ndarray(garbage)
+        with pytest.raises(ValueError) as ours:
+            secagg_workflow.bytes_to_ndarray(garbage)
+        assert str(ours.value) == str(flowers.value)
+
+
+@pytest.mark.usefixtures("in_process")
+def test_with_the_quick_decode_a_round_unmasks_the_weighted_mean(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    module = importlib.import_module(secagg_workflow._WORKFLOW)
+    flowers = module.bytes_to_ndarray
+    decoded: list[tuple[int, ...]] = []
+
+    def counted(tensor: bytes) -> np.ndarray:
+        array = secagg_workflow.bytes_to_ndarray.__wrapped__(tensor)  # type: ignore[attr-defined]
+        decoded.append(array.shape)
+        return array
+
+    counted.__wrapped__ = secagg_workflow.bytes_to_ndarray  # type: ignore[attr-defined]
+    monkeypatch.setattr(secagg_workflow, "bytes_to_ndarray", counted)
+    monkeypatch.setattr(secagg_workflow, "quick_decode_default", lambda: True)
+    nodes, dropped = 12, 5
+    _, strategy, result = _one_round(nodes, dropped)
+
+    live = _assert_weighted_mean(result, nodes, dropped)
+    # every masked array, ours: the quantised weight first, then the weights
+    assert decoded == [(1,), *(a.shape for a in START)] * len(live)
+    assert strategy.rounds.round(1).replied == len(live)
+    assert module.bytes_to_ndarray is flowers  # put back after the stage
+
+
+def test_with_another_flower_the_stage_decodes_with_flowers_function(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from common import pinned
+
+    monkeypatch.setattr(pinned, "installed_version", {"flwr": "1.43.0"}.get)
+    module = importlib.import_module(secagg_workflow._WORKFLOW)
+    flowers = module.bytes_to_ndarray
+    with secagg_workflow.quick_decode() as swapped:
+        assert not swapped and module.bytes_to_ndarray is flowers
+
+
 # ---------------------------------------------------------------------------------------
 # Keys ahead: round r + 1's setup and share_keys while the server evaluates round r
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ Two things differ from the plain command:
   size samples the same merchants.
 - ``FEDECAY_BENCH_KEYS_AHEAD=0`` turns the server's keys ahead off (``server.secagg``):
   each round's ``setup`` and ``share_keys`` then wait for the last round's evaluation.
+- ``FEDECAY_BENCH_QUICK_DECODE=1`` / ``0`` turns the server's quick decoding of the
+  masked vectors on / off (``server.secagg_workflow.quick_decode``; unset: the server's
+  default).
 - Every message a ClientApp handles is appended to ``TRACE.jsonl``: its stage (SecAgg+)
   or type, partition, when it was created and handled, and, under SecAgg+, the time
   spent inside ``secaggplus_mod``'s call to the training (``inner``).
@@ -203,6 +206,12 @@ def main() -> None:
         import server.secagg
 
         server.secagg.keys_ahead = lambda: False  # type: ignore[attr-defined]
+    quick = os.environ.get("FEDECAY_BENCH_QUICK_DECODE")
+    if quick in ("0", "1"):
+        import server.secagg_workflow
+
+        server.secagg_workflow.quick_decode_default = (  # type: ignore[attr-defined]
+            lambda: quick == "1")
     plain = federated.make_federated_client_app
 
     def make_app(flat: Any) -> Any:
