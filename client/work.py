@@ -9,6 +9,10 @@ model's weight tensors and scalar metrics, never ids or rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
+import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,8 +34,15 @@ from common.snapshots import Snapshots
 # The protocol's names are re-exported: the ClientApp imports them from here.
 __all__ = ["PRE_EVALUATE_KEY", "PRE_TRAINING_METRICS", "SCORE_VALIDATION_KEY",
            "VALIDATION_METRICS", "evaluate_locally", "evaluate_reply", "fit_locally",
-           "global_model", "global_round", "pre_training_metrics", "train_reply",
-           "warm_up"]
+           "freezes_heap", "global_model", "global_round", "pre_training_metrics",
+           "settle_heap", "train_reply", "warm_up"]
+
+log = logging.getLogger(__name__)
+
+#: Environment variable: "0" leaves Python's collector as it is (:func:`settle_heap`),
+#: to pair runs with and without; "1" freezes. Processes started by a simulation (Ray's
+#: actors) inherit it from the driver.
+GC_FREEZE_ENV = "FEDECAY_GC_FREEZE"
 
 
 def global_round(config: Mapping[str, Any]) -> int:
@@ -105,6 +116,42 @@ def warm_up(settings: ClientSettings, snaps: Snapshots, config: Mapping[str, Any
                     initial=initial)
 
 
+def freezes_heap() -> bool:
+    """Whether :func:`settle_heap` freezes (:data:`GC_FREEZE_ENV`; off by default)."""
+    return os.environ.get(GC_FREEZE_ENV, "0").strip() not in ("", "0")
+
+
+def settle_heap() -> bool:
+    """Once per process, after its first model is built and compiled: move every object
+    then alive out of reach of Python's cyclic garbage collector (``gc.freeze()``,
+    after a collection so that no garbage is frozen).
+
+    A process with TensorFlow and the model tracks hundreds of thousands of objects,
+    which every full (generation 2) collection walks, in whichever handler is running
+    (figures in ``docs/performance.md``). They live as long as the process, so walking
+    them finds nothing. Objects created later (a merchant's rows, a reply) are collected as
+    before, and a frozen object is still freed when its last reference goes; only a
+    reference cycle among frozen objects would stay, which is why this runs once, not
+    per merchant. False when off (:func:`freezes_heap`) or done already.
+    """
+    if not freezes_heap():
+        return False
+    settled = _settled()
+    if settled:  # not gc.get_freeze_count(): it walks every frozen object
+        return False
+    gc.collect()
+    gc.freeze()
+    settled.append(gc.get_freeze_count())
+    log.info("froze %d objects out of the garbage collector's reach", settled[0])
+    return True
+
+
+@functools.cache
+def _settled() -> list[int]:
+    """How many objects :func:`settle_heap` froze in this process (empty: not yet)."""
+    return []
+
+
 def evaluate_locally(model: Any, test: Snapshots) -> dict[str, float | int]:
     """The whitelisted metrics of ``model`` on this merchant's held-out rows."""
     from common.metrics import binary_log_loss
@@ -160,7 +207,8 @@ def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.nda
     model is first scored on the validation and test rows (:func:`pre_training_metrics`),
     so one message a round serves both training and model selection. ``warm`` (a
     simulation's process, which serves merchants of every size): first compile every
-    validation layout the fit can meet (:func:`warm_up`, once per process). Returns the
+    validation layout the fit can meet (:func:`warm_up`, once per process). The
+    process's first call then freezes its heap (:func:`settle_heap`). Returns the
     locally trained weights and the reply's whitelisted metrics.
     """
     if CUSTOMER_RATE_KEY in config:  # customer-level DP: clipped per-customer updates
@@ -170,14 +218,16 @@ def train_reply(settings: ClientSettings, snaps: Snapshots, weights: list[np.nda
     if warm and warm_up(settings, snaps, config, weights) and timer is not None:
         timer.lap("warm-up")
     pre: dict[str, float | int] = {}
+    # The global weights go in now to be scored, else with the first epoch's compiled call.
+    model = global_model(settings, weights if config.get(PRE_EVALUATE_KEY) else None, timer)
+    if settle_heap() and timer is not None:  # the model is built (and warmed): once
+        timer.lap("heap frozen")
     if config.get(PRE_EVALUATE_KEY):
-        model = global_model(settings, weights, timer)
         pre = pre_training_metrics(model, snaps)
         if timer is not None:
             timer.lap("pre-training evaluation")
         trained, metrics = _local_fit(model, settings, snaps, config)
-    else:  # the global weights go in with the first epoch's compiled call
-        model = global_model(settings, None, timer)
+    else:
         trained, metrics = _local_fit(model, settings, snaps, config, initial=weights)
     if timer is not None:
         timer.lap("fit")

@@ -104,6 +104,34 @@ def format_bench(figures: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v:>14}" for k, v in rows)
 
 
+class CollectorClock:
+    """Python's garbage collections in this process while in use (``gc.callbacks``):
+    how many were full (generation 2) and the seconds all of them took."""
+
+    def __init__(self) -> None:
+        self.full = 0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def _hook(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._started
+        self.full += info["generation"] == 2
+
+    def __enter__(self) -> CollectorClock:
+        import gc
+
+        gc.callbacks.append(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        gc.callbacks.remove(self._hook)
+
+
 def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100),
                          rounds: int = 4, out_dir=None) -> list[dict[str, Any]]:
     """Federated vs centralised wall time on the same data and sample-epochs.
@@ -121,12 +149,16 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
     not count. Once the centralised epochs are timed and the shards written, the driver
     lets go of the pooled log, the snapshots and the centralised model: the rounds read
     only the shards and ``eval.npz`` (:class:`simulations.federated.Staged`).
-    ``total_federated_s`` is writing the shards plus the rounds.
+    ``total_federated_s`` is writing the shards plus the rounds. ``heap_frozen``: whether
+    the processes froze their heaps (``client.work.freezes_heap``); ``driver_full_gcs``
+    and ``driver_gc_s``: this process's full garbage collections during the rounds and
+    the seconds all its collections took.
     """
     import statistics
     import tempfile
     from pathlib import Path
 
+    from client.work import freezes_heap
     from common.model import build_model
     from common.training import fit
     from simulations.experiment import prepare
@@ -164,7 +196,7 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
         staged = stage_federation(e, data, run_dir)
         del data  # the pooled log and the snapshots: the rounds read the shards
         return_freed_memory()
-        with TreeSampler() as memory:
+        with TreeSampler() as memory, CollectorClock() as collector:
             run_rounds(e, staged)
         total = time.perf_counter() - t
         peaks = memory.peaks
@@ -199,6 +231,9 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
             "peak_driver_mb": peaks.driver / 2**20,
             "peak_actor_mb": peaks.actor / 2**20,
             "actors": peaks.actors,
+            "heap_frozen": freezes_heap(),
+            "driver_full_gcs": collector.full,
+            "driver_gc_s": collector.seconds,
         })
     return rows
 

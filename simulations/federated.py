@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -232,6 +233,32 @@ def _actor_environment(client_cpus: float) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """The driver's heap as the rounds find it (TensorFlow, Flower, the staged config)
+    out of reach of Python's garbage collector while they run, given back after.
+
+    The reason is the actors' (``client.work.settle_heap``): a full collection walks
+    every tracked object, hundreds of thousands with TensorFlow loaded, and in the
+    driver it stalls the round's bookkeeping. Unlike an actor, the driver goes on after
+    the rounds (the next method of a comparison, the next size of a bench), so the heap
+    is unfrozen at the end: a cycle among what was frozen and has been let go of since
+    is collected then. Off with ``client.work.GC_FREEZE_ENV`` off, or when something
+    froze the heap already.
+    """
+    from client.work import freezes_heap
+
+    if not freezes_heap() or gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def secure_aggregation(flat: Mapping[str, Any]) -> bool:
     """Whether the flat config asks for SecAgg+ (``federation.secure-aggregation``)."""
     from common.config import from_flat
@@ -401,7 +428,8 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
     hand_over_at_once()
     engine_failed = threading.Event()
     try:
-        with _actor_environment(exp.simulation.client_cpus), _ray_start_up(progress):
+        with _actor_environment(exp.simulation.client_cpus), _ray_start_up(progress), \
+                _heap_frozen():
             run_simulation(
                 server_app=federated_server_app(flat, staged.merchants, per_node,
                                                 progress=progress,

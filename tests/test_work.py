@@ -136,3 +136,43 @@ def test_the_warm_up_leaves_the_reply_as_it_was(global_weights: list[np.ndarray]
         np.testing.assert_array_equal(a, b)
     assert {k: v for k, v in warm.items() if k != "fit_seconds"} == \
         {k: v for k, v in cold.items() if k != "fit_seconds"}
+
+
+@pytest.mark.parametrize("pre_evaluate", [False, True])
+def test_the_heap_is_frozen_once_and_the_reply_stays_as_it_was(
+        global_weights: list[np.ndarray], monkeypatch: pytest.MonkeyPatch,
+        pre_evaluate: bool) -> None:
+    """With the freeze on, a process's first train reply moves its heap (TensorFlow, the
+    built model) out of the garbage collector's reach; the reply is the one it sends
+    with the freeze off, bit for bit. Later replies freeze nothing more: a reference
+    cycle among frozen objects is never collected, so freezing a merchant's objects
+    each time would leak."""
+    import gc
+
+    from client.work import GC_FREEZE_ENV, _settled, freezes_heap, settle_heap, train_reply
+
+    config = {"global-round": 5, "local-epochs": 1, "pre-evaluate": pre_evaluate}
+    gc.unfreeze()  # whatever an earlier test of this process froze
+    _settled.cache_clear()
+    monkeypatch.setenv(GC_FREEZE_ENV, "0")
+    assert not freezes_heap()
+    plain_w, plain = train_reply(SETTINGS, SNAPS, global_weights, config)
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setenv(GC_FREEZE_ENV, "1")
+    try:
+        frozen_w, frozen = train_reply(SETTINGS, SNAPS, global_weights, config)
+        count = gc.get_freeze_count()
+        assert count > 100_000  # TensorFlow, Keras, the model: hundreds of thousands
+        again_w, again = train_reply(SETTINGS, SNAPS, global_weights, config)
+        # Not one more (a frozen object still dies with its last reference: fewer).
+        assert gc.get_freeze_count() <= count
+        assert not settle_heap()
+    finally:
+        gc.unfreeze()
+        _settled.cache_clear()
+    for w in (frozen_w, again_w):
+        for a, b in zip(plain_w, w, strict=True):
+            np.testing.assert_array_equal(a, b)
+    for m in (frozen, again):
+        assert {k: v for k, v in m.items() if k != "fit_seconds"} == \
+            {k: v for k, v in plain.items() if k != "fit_seconds"}
