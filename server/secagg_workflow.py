@@ -207,8 +207,9 @@ def bytes_to_ndarray(tensor: bytes) -> np.ndarray:
 
 def quick_decode_default() -> bool:
     """Whether ``RoundWorkflow`` decodes the masked vectors with :func:`quick_decode`
-    (the bench driver's ``FEDECAY_BENCH_QUICK_DECODE`` switches it for pairs)."""
-    return False
+    (it does: measured in ``README.md``'s Overhead; the bench driver's
+    ``FEDECAY_BENCH_QUICK_DECODE=0`` turns it off for pairs)."""
+    return True
 
 
 @contextlib.contextmanager

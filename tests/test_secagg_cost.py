@@ -565,29 +565,32 @@ def test_the_quick_decode_leaves_what_is_not_a_plain_npy_to_flower() -> None:
 
 
 @pytest.mark.usefixtures("in_process")
-def test_with_the_quick_decode_a_round_unmasks_the_weighted_mean(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("switch", [None, False], ids=["by-default", "switched-off"])
+def test_the_quick_decode_runs_by_default_and_either_way_unmasks_the_weighted_mean(
+        switch: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
     module = importlib.import_module(secagg_workflow._WORKFLOW)
     flowers = module.bytes_to_ndarray
     decoded: list[tuple[int, ...]] = []
+    quick = secagg_workflow.bytes_to_ndarray
 
     def counted(tensor: bytes) -> np.ndarray:
-        array = secagg_workflow.bytes_to_ndarray.__wrapped__(tensor)  # type: ignore[attr-defined]
+        array = quick(tensor)
         decoded.append(array.shape)
         return array
 
-    counted.__wrapped__ = secagg_workflow.bytes_to_ndarray  # type: ignore[attr-defined]
     monkeypatch.setattr(secagg_workflow, "bytes_to_ndarray", counted)
-    monkeypatch.setattr(secagg_workflow, "quick_decode_default", lambda: True)
+    if switch is not None:  # as the bench driver's FEDECAY_BENCH_QUICK_DECODE=0 does
+        monkeypatch.setattr(secagg_workflow, "quick_decode_default", lambda: switch)
     nodes, dropped = 12, 5
     _, strategy, result = _one_round(nodes, dropped)
 
     live = _assert_weighted_mean(result, nodes, dropped)
-    # every masked array, ours: the quantised weight first, then the weights
-    assert decoded == [(1,), *(a.shape for a in START)] * len(live)
     assert strategy.rounds.round(1).replied == len(live)
+    # every masked array, ours: the quantised weight first, then the weights
+    assert decoded == ([(1,), *(a.shape for a in START)] * len(live) if switch is None
+                       else [])
     assert module.bytes_to_ndarray is flowers  # put back after the stage
 
 
