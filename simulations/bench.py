@@ -15,6 +15,11 @@ import numpy as np
 
 from simulations.settings import Experiment
 
+#: Seconds between samples of the federation's memory. Reading a process's PSS makes the
+#: kernel walk its page tables: every second, the bench's own tree took about a fifth
+#: of a core from the rounds it timed (docs/performance.md).
+MEMORY_EVERY_S = 5.0
+
 
 def _best(fn, repeat: int) -> tuple[float, Any]:
     best, out = float("inf"), None
@@ -145,10 +150,11 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
     (Ray actors start, TensorFlow imports, XLA compiles); the ratio uses steady rounds
     only, and the start-up is reported on its own. Memory is the peak proportional set
     size of this process and every process it started (Ray's actors included;
-    :mod:`simulations.memory`) while the rounds run, so other work on the machine does
-    not count. Once the centralised epochs are timed and the shards written, the driver
-    lets go of the pooled log, the snapshots and the centralised model: the rounds read
-    only the shards and ``eval.npz`` (:class:`simulations.federated.Staged`).
+    :mod:`simulations.memory`, every :data:`MEMORY_EVERY_S` seconds) while the rounds
+    run, so other work on the machine does not count. Once the centralised epochs are
+    timed and the shards written, the driver lets go of the pooled log, the snapshots
+    and the centralised model: the rounds read only the shards and ``eval.npz``
+    (:class:`simulations.federated.Staged`).
     ``total_federated_s`` is writing the shards plus the rounds. ``heap_frozen``: whether
     the processes froze their heaps (``client.work.freezes_heap``); ``driver_full_gcs``
     and ``driver_gc_s``: this process's full garbage collections during the rounds and
@@ -196,7 +202,7 @@ def run_federation_bench(exp: Experiment, merchants: tuple[int, ...] = (10, 100)
         staged = stage_federation(e, data, run_dir)
         del data  # the pooled log and the snapshots: the rounds read the shards
         return_freed_memory()
-        with TreeSampler() as memory, CollectorClock() as collector:
+        with TreeSampler(every=MEMORY_EVERY_S) as memory, CollectorClock() as collector:
             run_rounds(e, staged)
         total = time.perf_counter() - t
         peaks = memory.peaks
