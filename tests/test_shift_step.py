@@ -33,7 +33,9 @@ SHIFTS = (1,)
 
 
 def _fed(**kwargs: Any) -> FederationConfig:
-    return FederationConfig(min_train_nodes=1, min_available_nodes=1, **kwargs)
+    """Settings for a hand-made round; no momentum unless given (the default has some)."""
+    return FederationConfig(min_train_nodes=1, min_available_nodes=1,
+                            **{"shift_server_momentum": 0.0, **kwargs})
 
 
 def _full(value: float) -> list[np.ndarray]:
@@ -97,8 +99,14 @@ def test_at_rate_one_the_round_is_fedavgs_bit_for_bit() -> None:
     rng = np.random.default_rng(4)
     start = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
     replies = [(0.3, 7), (-1.7, 11), (2.9, 5)]
-    with_shifts = _round(build_strategy(_fed(), seed=0, shifts=SHIFTS), start, replies)
-    plain = _round(build_strategy(_fed(), seed=0), start, replies)
+    fed = _fed()
+    with_shifts = _round(build_strategy(fed, seed=0, shifts=SHIFTS), start, replies)
+    plain = _round(build_strategy(fed, seed=0), start, replies)
+    assert [a.tobytes() for a in with_shifts] == [a.tobytes() for a in plain]
+    # The default's momentum has no velocity in its first round: FedAvg's too.
+    default = FederationConfig(min_train_nodes=1, min_available_nodes=1)
+    assert default.shift_server_momentum > 0
+    with_shifts = _round(build_strategy(default, seed=0, shifts=SHIFTS), start, replies)
     assert [a.tobytes() for a in with_shifts] == [a.tobytes() for a in plain]
 
 
@@ -166,7 +174,8 @@ def _fitres(arrays: list[np.ndarray], n: int) -> tuple[Any, FitRes]:
 @pytest.mark.parametrize("dp_on", [False, True])
 def test_secagg_steps_the_shifts_of_its_aggregate(dp_on: bool) -> None:
     fed = FederationConfig(secure_aggregation=True, min_train_nodes=2,
-                           min_available_nodes=2, shift_server_lr=4.0)
+                           min_available_nodes=2, shift_server_lr=4.0,
+                           shift_server_momentum=0.0)
     dp = DPConfig(mode="client-fixed", noise_multiplier=1e-9, clipping_norm=1.0) \
         if dp_on else DPConfig()
     strategy = build_secagg_strategy(fed, dp, seed=0, population=5, shifts=SHIFTS)
