@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from common.config import ModelConfig, SnapshotConfig, TrainConfig, check_key, from_flat
+
+log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedtrimmedavg", "fedmedian", "krum",
@@ -85,7 +88,8 @@ class FederationConfig:
     # A server-side step for the response shifts alone (server/shift_step.py): after each
     # round's aggregate, v = momentum * v + (aggregate - old) and the shifts old + lr * v;
     # lr 1 and momentum 0 = the aggregate. Momentum 0.75 was chosen on seeds 3 and 4 of
-    # the default preset's capture (README, How the LSTM learns activation).
+    # the default preset's capture (README, How the LSTM learns activation); it applies
+    # where it was measured, FedAvg / FedProx without DP (shift_momentum below).
     shift_server_lr: float = 1.0
     shift_server_momentum: float = 0.75
 
@@ -363,6 +367,31 @@ def check_compatible(fed: FederationConfig, dp: DPConfig) -> None:
     check_key(not dp.enabled or fed.strategy in DP_STRATEGIES, "privacy.mode",
            f"{dp.mode!r} needs a strategy that averages the clipped updates "
            f"({', '.join(DP_STRATEGIES)}); federation.strategy is {fed.strategy!r}")
+
+
+#: Strategies whose aggregate the shifts' momentum steps on: the plain averages. FedAvgM,
+#: FedAdam and FedYogi keep a server optimizer of their own (a velocity on top would
+#: compound it); Krum, FedMedian and FedTrimmedAvg bound each round's pull by ranking the
+#: updates, and a velocity would carry one round's pull into the next.
+SHIFT_MOMENTUM_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+
+
+def shift_momentum(fed: FederationConfig, dp: DPConfig) -> float:
+    """The momentum of the server's step on the response shifts
+    (``federation.shift-server-momentum``) where it applies: FedAvg or FedProx without
+    differential privacy, the setting it was chosen in. Elsewhere 0, and the run's log
+    says so: with DP a velocity would add up the rounds' noise on the shifts (still
+    post-processing, but not measured), and see :data:`SHIFT_MOMENTUM_STRATEGIES`.
+    ``federation.shift-server-lr`` applies everywhere."""
+    momentum = fed.shift_server_momentum
+    if momentum and (fed.strategy not in SHIFT_MOMENTUM_STRATEGIES or dp.enabled
+                     or dp.customer_level):
+        reason = ("differential privacy is on" if dp.enabled or dp.customer_level
+                  else f"federation.strategy is {fed.strategy!r}")
+        log.info("federation.shift-server-momentum %g does not apply (%s): the response "
+                 "shifts step without momentum", momentum, reason)
+        return 0.0
+    return momentum
 
 
 @dataclasses.dataclass(frozen=True)

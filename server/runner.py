@@ -62,7 +62,7 @@ def build_runner(settings: ServerSettings, population: int, run_dir: Path,
             return Runner(strategy, runner, ledger)
     else:
         strategy = build_strategy(fed, settings.seed, engine_failed=engine_failed,
-                                  shifts=shifts)
+                                  shifts=shifts, privacy=dp)
         if dp.customer_level:
             runner, ledger = wrap_customer_dp(strategy, dp, fed, population,
                                               run_dir / "privacy.jsonl", settings.seed)

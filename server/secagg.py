@@ -55,7 +55,13 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from server.config import SECAGG_MODULUS, DPConfig, FederationConfig, check_compatible
+from server.config import (
+    SECAGG_MODULUS,
+    DPConfig,
+    FederationConfig,
+    check_compatible,
+    shift_momentum,
+)
 from server.privacy import num_sampled
 from server.rounds import RoundBook
 from server.sampling import SortedClientManager, round_seed
@@ -196,7 +202,7 @@ class SecAggMixin:
         self.fed, self.dp, self.seed, self.population = fed, dp, seed, population
         #: ``federation.shift-server-lr`` / ``-momentum``, the shifts' velocity
         #: (checkpointed) and the weights the round started from.
-        self.shift_step = ShiftStep(shifts, fed.shift_server_lr, fed.shift_server_momentum)
+        self.shift_step = ShiftStep(shifts, fed.shift_server_lr, shift_momentum(fed, dp))
         self.shift_velocity: list[np.ndarray] | None = None
         self._incoming: list[np.ndarray] = []
         self.rounds = RoundBook(engine_failed)

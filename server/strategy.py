@@ -45,7 +45,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common.protocol import GLOBAL_ROUND_KEY, PRE_EVALUATE_KEY, SCORE_VALIDATION_KEY
-from server.config import FederationConfig
+from server.config import DPConfig, FederationConfig, shift_momentum
 from server.replies import (
     ReadReply,
     ReplyLayout,
@@ -303,7 +303,7 @@ _BASES: dict[str, type] = {
 
 def build_strategy(config: FederationConfig, seed: int, *,
                    engine_failed: threading.Event | None = None,
-                   shifts: tuple[int, ...] = ()) -> Any:
+                   shifts: tuple[int, ...] = (), privacy: DPConfig | None = None) -> Any:
     """The configured Flower strategy with the guard hooks in front of it.
 
     Parameters
@@ -315,6 +315,8 @@ def build_strategy(config: FederationConfig, seed: int, *,
     shifts : positions of the response shifts in the weight list
         (``common.model.response_shift_weights``), stepped by
         ``federation.shift-server-lr`` / ``-momentum``.
+    privacy : the run's DP settings, which decide whether the shifts' momentum applies
+        (``server.config.shift_momentum``); None: no DP.
     """
     base = _BASES[config.strategy]
     sampling = (OwnedSampling,) if base is flwr_strategy.FedAvg else (base, OwnedSampling)
@@ -340,5 +342,5 @@ def build_strategy(config: FederationConfig, seed: int, *,
     strategy._init_guard(seed, config.round_timeout, engine_failed,
                          pre_evaluate=config.pre_evaluates, final_round=config.num_rounds,
                          shift_step=ShiftStep(shifts, config.shift_server_lr,
-                                              config.shift_server_momentum))
+                                              shift_momentum(config, privacy or DPConfig())))
     return strategy

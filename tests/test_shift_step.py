@@ -19,7 +19,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.config import DPConfig, FederationConfig, settings_from_flat
+from server.config import DPConfig, FederationConfig, settings_from_flat, shift_momentum
 from server.customer_dp import wrap_customer_dp
 from server.privacy import wrap_strategy
 from server.secagg import ClientSideFixedClipping, build_secagg_strategy
@@ -164,6 +164,38 @@ def test_under_customer_dp_the_step_follows_the_server_step(tmp_path: Any) -> No
     # D = 0.5 x 8 customers: the server's step is (0.3 + 0.5) / 4 = 0.2 from 1.
     np.testing.assert_allclose(got[0], 1.2, rtol=1e-5)
     np.testing.assert_allclose(got[1], 1.6, rtol=1e-5)  # 1 + 3 x 0.2
+
+
+@pytest.mark.parametrize(("strategy", "dp", "applies"), [
+    ("fedavg", DPConfig(), True),
+    ("fedprox", DPConfig(), True),
+    ("fedavgm", DPConfig(), False),  # its own server momentum
+    ("fedadam", DPConfig(), False),
+    ("krum", DPConfig(), False),  # a velocity would carry one round's pull on
+    ("fedavg", DPConfig(mode="server-fixed", clipping_norm=1.0), False),  # sums noise
+    ("fedavg", DPConfig(unit="customer", clipping_norm=1.0), False),
+])
+def test_the_shifts_momentum_applies_to_plain_averages_without_dp(
+        strategy: str, dp: DPConfig, applies: bool) -> None:
+    fed = FederationConfig(strategy=strategy, shift_server_momentum=0.75)
+    assert shift_momentum(fed, dp) == (0.75 if applies else 0.0)
+    built = build_strategy(FederationConfig(strategy=strategy, min_train_nodes=1,
+                                            min_available_nodes=1), seed=0,
+                           shifts=SHIFTS, privacy=dp)
+    assert built.shift_step.momentum == (FederationConfig().shift_server_momentum
+                                         if applies else 0.0)
+
+
+def test_fedavgm_keeps_its_own_momentum_alone_on_the_shifts() -> None:
+    # FedAvgM at its default (0.9) and the shift step's default momentum: the second
+    # round's shifts are FedAvgM's, with no second velocity on top.
+    fed = FederationConfig(strategy="fedavgm", min_train_nodes=1, min_available_nodes=1)
+    plain = build_strategy(fed, seed=0)
+    stepped = build_strategy(fed, seed=0, shifts=SHIFTS)
+    for runner in (plain, stepped):
+        w1 = _round(runner, _full(0.0), [(1.0, 4)])
+        runner.last = _round(runner, w1, [(2.0, 4)])
+    assert [a.tobytes() for a in stepped.last] == [a.tobytes() for a in plain.last]
 
 
 def _fitres(arrays: list[np.ndarray], n: int) -> tuple[Any, FitRes]:
