@@ -24,7 +24,8 @@ generator without a fresh ``RandomState`` a mask.
 
 At ``collect_masked_vectors`` the workflow decodes each client's masked arrays with
 Flower's ``bytes_to_ndarray`` (``np.load`` of a ``.npy``: the header's text parsed
-again for every array of every client, 17 x 20 a round here); :func:`quick_decode` has
+again for every array of every client: the model's tensors and the weight, for
+every client of the round); :func:`quick_decode` has
 it call :func:`bytes_to_ndarray` instead for the stage: the same arrays, the header
 parsed once per distinct header (every client sends the same shapes), anything else
 left to Flower's function (:func:`quick_decode_default` says whether the server uses it).
@@ -190,7 +191,8 @@ def bytes_to_ndarray(tensor: bytes) -> np.ndarray:
     else (other versions, object dtypes, a wrong length, not a ``.npy``) goes to Flower's
     function, which decodes it or raises as it would."""
     view = memoryview(tensor)
-    if bytes(view[:6]) != _NPY_MAGIC or len(tensor) < 12 or tensor[6] not in (1, 2):
+    if (bytes(view[:6]) != _NPY_MAGIC or len(tensor) < 12 or tensor[6] not in (1, 2)
+            or tensor[7] != 0):  # versions 1.0 and 2.0 only; numpy refuses e.g. 2.1
         return _flowers_bytes_to_ndarray(tensor)
     size = 2 if tensor[6] == 1 else 4
     start = 8 + size + int.from_bytes(view[8:8 + size], "little")
@@ -199,7 +201,8 @@ def bytes_to_ndarray(tensor: bytes) -> np.ndarray:
     except ValueError:
         return _flowers_bytes_to_ndarray(tensor)
     count = math.prod(shape)
-    if dtype.hasobject or len(tensor) - start != count * dtype.itemsize:
+    if (dtype.hasobject or dtype.itemsize == 0
+            or len(tensor) - start != count * dtype.itemsize):
         return _flowers_bytes_to_ndarray(tensor)
     flat = np.frombuffer(tensor, dtype=dtype, count=count, offset=start)
     return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")

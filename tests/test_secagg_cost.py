@@ -556,7 +556,11 @@ def test_the_quick_decode_leaves_what_is_not_a_plain_npy_to_flower() -> None:
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, np.array([1, "a"], dtype=object), allow_pickle=True)
     objects = buffer.getvalue()  # a pickle inside: Flower refuses to load it
-    for garbage in (data[:-4], b"not an array at all", objects):
+    version_21 = data[:6] + b"\x02\x01" + data[8:]  # numpy reads 1.0, 2.0 and 3.0 only
+    zero_width = ndarray_to_bytes(np.zeros(3, dtype="V0"))  # frombuffer refuses itemsize 0
+    assert np.array_equal(secagg_workflow.bytes_to_ndarray(zero_width),
+                          bytes_to_ndarray(zero_width))
+    for garbage in (data[:-4], b"not an array at all", objects, version_21):
         with pytest.raises(ValueError) as flowers:
             bytes_to_ndarray(garbage)
         with pytest.raises(ValueError) as ours:
