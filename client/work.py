@@ -118,7 +118,10 @@ def warm_up(settings: ClientSettings, snaps: Snapshots, config: Mapping[str, Any
 
 def freezes_heap() -> bool:
     """Whether :func:`settle_heap` freezes (:data:`GC_FREEZE_ENV`; off by default)."""
-    return os.environ.get(GC_FREEZE_ENV, "0").strip() not in ("", "0")
+    value = os.environ.get(GC_FREEZE_ENV, "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"environment variable {GC_FREEZE_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def settle_heap() -> bool:

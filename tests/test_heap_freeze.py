@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 
-from client.work import GC_FREEZE_ENV
+from client.work import GC_FREEZE_ENV, freezes_heap
 from simulations.bench import CollectorClock
 from simulations.federated import _heap_frozen
 
@@ -40,6 +40,14 @@ def test_the_driver_heap_is_left_alone_when_off(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(GC_FREEZE_ENV, "0")
     with _heap_frozen():
         assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("value", ["off", "false", "2", "yes"])
+def test_a_switch_other_than_0_or_1_names_the_variable(
+        value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(GC_FREEZE_ENV, value)
+    with pytest.raises(ValueError, match=GC_FREEZE_ENV):
+        freezes_heap()
 
 
 def test_the_collector_clock_counts_full_collections_while_in_use() -> None:
