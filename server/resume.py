@@ -20,6 +20,7 @@ from server.checkpoint import (
 )
 from server.recorder import Selection
 from server.runner import Runner
+from server.shift_step import VELOCITY
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,14 @@ def _resumed(run_dir: Path, state: dict[str, Any], parts: Runner
              ) -> tuple[int, list[np.ndarray], Selection]:
     """Put the checkpoint's state back into ``parts`` and the run folder."""
     done = int(state["round"])
+    velocity = state["strategy"].get(VELOCITY)
+    step = getattr(parts.strategy, "shift_step", None)
+    if velocity is not None and step is not None:
+        misfit = step.misfit(velocity, state["weights"])
+        if misfit:
+            raise ResumeError(f"{run_dir}: the checkpoint of round {done} does not fit this "
+                              f"run's settings: {misfit}; run without --resume into a new "
+                              "folder")
     restore_strategy_state(parts.strategy, state["strategy"])
     keep_rounds_upto(run_dir / "metrics.jsonl", done)
     if parts.ledger is not None:

@@ -60,5 +60,19 @@ class ShiftStep:
         return out, moved
 
 
+    def misfit(self, velocity: list[np.ndarray], weights: list[np.ndarray]) -> str | None:
+        """Why a checkpoint's ``velocity`` cannot go with these shift positions and the
+        checkpoint's ``weights`` (count, shape or dtype), or None when it fits."""
+        if len(velocity) != len(self.positions):
+            return (f"it holds {len(velocity)} shift velocity arrays for the "
+                    f"{len(self.positions)} response-shift weights of this model")
+        for k, i in enumerate(self.positions):
+            v = np.asarray(velocity[k])
+            if v.shape != np.shape(weights[i]) or v.dtype.kind != "f":
+                return (f"shift velocity array {k} is {v.dtype} {v.shape}, its weight "
+                        f"(array {i}) {np.shape(weights[i])}")
+        return None
+
+
 #: The step that changes nothing (rate 1, no momentum).
 NO_STEP = ShiftStep()

@@ -232,3 +232,19 @@ def test_a_bad_rate_names_the_key(value: float) -> None:
 def test_a_bad_momentum_names_the_key(value: float) -> None:
     with pytest.raises(ValueError, match="'federation.shift-server-momentum'"):
         settings_from_flat({"federation.shift-server-momentum": value})
+
+
+@pytest.mark.parametrize("velocity", [[np.zeros(5)], [], [np.zeros(3, np.int64)]],
+                         ids=["wrong-shape", "missing", "not-float"])
+def test_a_checkpoint_whose_velocity_does_not_fit_is_refused_on_resume(
+        velocity: list[np.ndarray], tmp_path: Any) -> None:
+    from server.resume import ResumeError, start_state
+    from server.runner import Runner
+
+    strategy = build_strategy(_fed(shift_server_momentum=0.5), seed=0, shifts=SHIFTS)
+    save_checkpoint(tmp_path / "checkpoints", 2, {
+        "weights": _full(0.5), "strategy": {"shift_velocity": velocity},
+        "selection": {"round": 2, "val_loss": 1.0, "weights": None, "stale": 0}})
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ResumeError, match="round 2 does not fit.*shift velocity"):
+        start_state(tmp_path, True, Runner(strategy, strategy, None), _full(0.0))
