@@ -67,7 +67,7 @@ from server.rounds import RoundBook
 from server.sampling import SortedClientManager, round_seed
 from server.secagg_grid import MeteredGrid
 from server.secagg_workflow import RoundCountsMissing, RoundWorkflow, keys_ahead
-from server.shift_step import ShiftStep
+from server.shift_step import NO_STEP, ShiftStep
 
 log = logging.getLogger(__name__)
 
@@ -195,16 +195,18 @@ class SecAggMixin:
     #: given the round's shares and threshold (:func:`effective_shares`) once its
     #: clients are sampled; it refuses a round it was not given them for.
     workflow: Any = None
+    #: ``federation.shift-server-lr`` / ``-momentum`` (inactive unless set up by
+    #: ``_init_secagg``) and the shifts' velocity (checkpointed).
+    shift_step: ShiftStep = NO_STEP
+    shift_velocity: list[np.ndarray] | None = None
 
     def _init_secagg(self, fed: FederationConfig, dp: DPConfig, seed: int,
                      population: int, engine_failed: threading.Event | None = None,
                      shifts: tuple[int, ...] = ()) -> None:
         self.fed, self.dp, self.seed, self.population = fed, dp, seed, population
-        #: ``federation.shift-server-lr`` / ``-momentum``, the shifts' velocity
-        #: (checkpointed) and the weights the round started from.
         self.shift_step = ShiftStep(shifts, fed.shift_server_lr, shift_momentum(fed, dp))
-        self.shift_velocity: list[np.ndarray] | None = None
-        self._incoming: list[np.ndarray] = []
+        self.shift_velocity = None
+        self._incoming: list[np.ndarray] = []  # the weights the round started from
         self.rounds = RoundBook(engine_failed)
         self._reference: list[np.ndarray] = []
         self._train_config: dict[str, Scalar] = {}
