@@ -121,6 +121,9 @@ def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulation]
         f"simulation.straggler-prob={KNOBS.straggler_prob}",
         f"simulation.straggler-delay={DELAY}", f"simulation.crash-prob={KNOBS.crash_prob}",
         f"experiment.seed={SEED}", f"experiment.output-dir={tmp}",
+        # Each round's weights are checked against FedAvg of its on-time replies: no
+        # server step on the response shifts (tests/test_shift_step.py covers that).
+        "federation.shift-server-momentum=0",
     ]
     sim = Simulation(tmp, "faults", tmp / "run", overrides, observe=tmp / "observed.jsonl",
                      keep_weights=True)
