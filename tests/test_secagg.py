@@ -419,10 +419,12 @@ class Run:
 
 
 def _overrides(tmp: Path, rounds: int, *extra: str) -> list[str]:
-    # XLA off: each process trains once or twice here, compiling would cost more.
+    # XLA off: each process trains once or twice here, compiling would cost more. The
+    # rounds' weights are checked against the protocol's mean of the round's updates: no
+    # server step on the response shifts (tests/test_shift_step.py covers SecAgg+'s).
     return [f"synthetic.num-merchants={MERCHANTS}", f"federation.num-rounds={rounds}",
             "federation.local-epochs=1", "model.jit-compile=false", f"experiment.seed={SEED}",
-            f"experiment.output-dir={tmp}", *extra]
+            f"experiment.output-dir={tmp}", "federation.shift-server-momentum=0", *extra]
 
 
 @pytest.fixture(scope="module")
