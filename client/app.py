@@ -22,6 +22,7 @@ from client.config import ClientSettings, cached_settings
 from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.handoff import ChannelError, ask_trainer, trainer_socket
+from client.head_refit import head_refit_reply, wants_head_refit
 from client.hosted import serve, warms_up
 from client.shards import ShardCache, process_shard_cache, shard_cache_bytes, shard_location
 from client.timer import HandlerTimer
@@ -34,7 +35,7 @@ from client.work import (
     train_reply,
 )
 from common.attribution import ATTRIBUTION_METRICS
-from common.protocol import CUSTOMER_METRICS
+from common.protocol import CUSTOMER_METRICS, HEAD_REFIT_METRICS
 from common.schema import DataError
 from common.snapshots import Snapshots
 
@@ -46,7 +47,7 @@ TRAIN_METRICS: tuple[str, ...] = ("num-examples", "train_loss", "val_loss", "epo
 EVALUATE_METRICS: tuple[str, ...] = ("num-examples", "eval_loss", "decay_log_loss",
                                      "decay_accuracy", "decay_positive_rate",
                                      *VALIDATION_METRICS,
-                                     *ATTRIBUTION_METRICS)
+                                     *ATTRIBUTION_METRICS, *HEAD_REFIT_METRICS)
 #: Error code of a reply whose merchant data could not be used.
 DATA_ERROR = 100
 #: What reading a merchant's file may raise: the reply then names only its kind.
@@ -182,9 +183,11 @@ def handle_evaluate(msg: Message, context: Context, data: MerchantData,
     error (data, no held-out rows); through the warm trainer when one listens;
     ``weights`` as in :func:`handle_train`."""
     timer = HandlerTimer()
-    # Attributions (client.attribution) are computed here, never by the warm trainer.
-    explain = wants_attributions(msg.content.config_records.get("config"))
-    if warm is not None and not explain \
+    # Attributions (client.attribution) and the head refit's sums (client.head_refit)
+    # are computed here, never by the warm trainer.
+    asked = msg.content.config_records.get("config")
+    explain, refit = wants_attributions(asked), wants_head_refit(asked)
+    if warm is not None and not (explain or refit) \
             and (handed := warm(msg, context, "evaluate", timer)) is not None:
         return handed
     try:
@@ -194,6 +197,8 @@ def handle_evaluate(msg: Message, context: Context, data: MerchantData,
     timer.lap("data")
     if explain:
         return attribution_reply(msg, settings, snaps)
+    if refit:
+        return head_refit_reply(msg, settings, snaps, weights)
     test = snaps.split_part("test")
     if len(test) == 0:
         return error_reply(msg, DATA_ERROR, "no held-out snapshots in this merchant's data")

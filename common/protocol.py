@@ -23,6 +23,16 @@ ATTRIBUTIONS_KEY = "attributions"
 ATTRIBUTION_REPEATS_KEY = "attribution-repeats"
 ATTRIBUTION_SEED_KEY = "attribution-seed"
 
+#: Evaluate config key of the head refit (``client.head_refit``): sum the head's
+#: statistics over the training campaign rows; the reply metrics carrying them.
+HEAD_REFIT_KEY = "head-refit"
+HEAD_REFIT_ROWS = "head_refit_rows"
+HEAD_REFIT_LOSS = "head_refit_loss"
+HEAD_REFIT_GRADIENT = "head_refit_gradient"
+HEAD_REFIT_HESSIAN = "head_refit_hessian"
+HEAD_REFIT_METRICS: tuple[str, ...] = (HEAD_REFIT_ROWS, HEAD_REFIT_LOSS, HEAD_REFIT_GRADIENT,
+                                       HEAD_REFIT_HESSIAN)
+
 #: What the server's federated score is called -> (the reply metric holding the incoming
 #: model's loss, the reply metric counting the rows it is the mean over).
 PRE_TRAINING_LOSSES: dict[str, tuple[str, str]] = {

@@ -25,6 +25,7 @@ from common.progress import SILENT, Progress
 from server.attribution import explain_kept_model
 from server.config import FederationConfig, ServerSettings, settings_from_flat
 from server.dp_accounting import strict_json
+from server.head_refit import refit_head
 from server.pacing import PacedGrid
 from server.recorder import RoundRecorder, Selection, StopRounds
 from server.resume import start_state
@@ -73,11 +74,14 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
                                  selection=selection, weights=weights, task=task,
                                  on_round=on_round)
         final, stop_reason = _run_rounds(grid, fed, parts, recorder, weights)
+    kept, head_refit = _kept_weights(settings, model, selection, final), None
     if not parts.rounds.engine_down:
-        explain_kept_model(grid, settings, selection, final, run_dir,
+        kept, head_refit = refit_head(grid, settings, model, kept)
+        explain_kept_model(grid, settings, selection, kept, run_dir,
                            last_round=max(parts.rounds.stats, default=done))
-    summary = _finish(settings, run_dir, model, parts, selection, final, done=done,
-                      stop_reason=stop_reason, seconds=time.perf_counter() - recorder.started)
+    summary = _finish(settings, run_dir, model, parts, selection, final, kept, done=done,
+                      stop_reason=stop_reason, seconds=time.perf_counter() - recorder.started,
+                      head_refit=head_refit)
     log.info("federation finished: %s", summary)
     return summary
 
@@ -110,21 +114,29 @@ def _run_rounds(grid: Grid, fed: FederationConfig, parts: Runner, recorder: Roun
     return result.arrays.to_numpy_ndarrays(), None
 
 
-def _finish(settings: ServerSettings, run_dir: Path, model: Any, parts: Runner,
-            selection: Selection, final: list[np.ndarray], *, done: int,
-            stop_reason: str | None, seconds: float) -> dict[str, Any]:
-    """Keep the selected round's model (``model.keras`` + ``model.json``; with
-    ``train.shift-patience`` its response shifts from the last round), the last weights
-    and ``federation.json``; returns the summary written there."""
-    from common.bundle import write_model_settings
-    from common.model import save_model, set_weights_of, with_shifts_of
+def _kept_weights(settings: ServerSettings, model: Any, selection: Selection,
+                  final: list[np.ndarray]) -> list[np.ndarray]:
+    """The selected round's weights (with ``train.shift-patience`` its response shifts
+    from the last round), else the last ones."""
+    from common.model import with_shifts_of
 
-    kept = final
-    if selection.weights is not None:
-        # train.shift-patience: the response shifts of the last round, as fit keeps its
-        # last epoch's (the selecting loss, mostly decay's, cannot tell when they are done).
-        kept = (with_shifts_of(model, selection.weights, final)
-                if settings.train.shift_patience > 0 else selection.weights)
+    if selection.weights is None:
+        return final
+    # train.shift-patience: the response shifts of the last round, as fit keeps its
+    # last epoch's (the selecting loss, mostly decay's, cannot tell when they are done).
+    return (with_shifts_of(model, selection.weights, final)
+            if settings.train.shift_patience > 0 else selection.weights)
+
+
+def _finish(settings: ServerSettings, run_dir: Path, model: Any, parts: Runner,
+            selection: Selection, final: list[np.ndarray], kept: list[np.ndarray], *,
+            done: int, stop_reason: str | None, seconds: float,
+            head_refit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keep ``kept`` (``model.keras`` + ``model.json``), the last weights and
+    ``federation.json``; returns the summary written there."""
+    from common.bundle import write_model_settings
+    from common.model import save_model, set_weights_of
+
     set_weights_of(model, kept)
     save_model(model, run_dir / "model.keras")
     # The scorer and the monitor read the snapshot settings from model.json beside it.
@@ -132,6 +144,8 @@ def _finish(settings: ServerSettings, run_dir: Path, model: Any, parts: Runner,
     np.savez(run_dir / "final_weights.npz", *final)
     summary = _summary(settings, parts, selection, done=done, stop_reason=stop_reason,
                        seconds=seconds)
+    if head_refit is not None:
+        summary["head_refit"] = head_refit
     (run_dir / "federation.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

@@ -49,17 +49,16 @@ ROWS, AUC_ROWS = WEIGHT_METRICS
 
 
 def explain_kept_model(grid: Grid, settings: ServerSettings, selection: Selection,
-                       final: list[np.ndarray], run_dir: Path, *, last_round: int
+                       kept: list[np.ndarray], run_dir: Path, *, last_round: int
                        ) -> dict[str, Any] | None:
-    """The attribution round for the model the run keeps: the selected round's weights,
-    else the last ones (round ``last_round``). A failure is logged, never raised: the
-    rounds' results are already safe."""
-    kept = selection.weights is not None
+    """The attribution round for ``kept``, the model the run keeps (``model.keras``'s
+    weights): from the selected round, else the last one (round ``last_round``). A
+    failure is logged, never raised: the rounds' results are already safe."""
     try:
-        return attribution_round(grid, settings.federation,
-                                 selection.weights if selection.weights is not None else final,
-                                 run_dir, seed=settings.seed,
-                                 model_round=selection.round if kept else last_round,
+        return attribution_round(grid, settings.federation, kept, run_dir,
+                                 seed=settings.seed,
+                                 model_round=(selection.round if selection.weights is not None
+                                              else last_round),
                                  privacy=settings.privacy)
     except Exception:  # noqa: BLE001 - the run itself is done and saved
         log.exception("attributions: the attribution round failed; no %s written",

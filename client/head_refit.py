@@ -1,0 +1,78 @@
+"""A merchant's share of the head refit (``common.head_refit``), computed only when the
+server asks.
+
+An evaluate instruction whose config carries ``head-refit`` (true) asks this merchant
+for the sums of the global model's head statistics over its training campaign rows: the
+row count, the log-loss, its gradient and Hessian in the head's weights (some 70 and
+4,900 numbers; ``common.protocol.HEAD_REFIT_METRICS``), never a row, an id or a label.
+A merchant with fewer than ``common.head_refit.MIN_ROWS`` training campaign rows refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from client.config import ClientSettings
+from common.head_refit import MIN_ROWS, head_positions, head_statistics
+from common.protocol import (
+    HEAD_REFIT_GRADIENT,
+    HEAD_REFIT_HESSIAN,
+    HEAD_REFIT_KEY,
+    HEAD_REFIT_LOSS,
+    HEAD_REFIT_ROWS,
+)
+from common.snapshots import Snapshots
+
+log = logging.getLogger(__name__)
+
+
+def wants_head_refit(config: Mapping[str, Any] | None) -> bool:
+    """Whether an instruction's config asks for the head refit's sums."""
+    return config is not None and bool(config.get(HEAD_REFIT_KEY, False))
+
+
+def head_refit_metrics(settings: ClientSettings, snaps: Snapshots,
+                       weights: list[np.ndarray]) -> dict[str, Any]:
+    """The sums at the global model ``weights`` over this merchant's training campaign
+    rows. ``ValueError`` when the model has no such head or there are fewer than
+    ``MIN_ROWS`` campaign rows."""
+    from common.model import cached_model, set_weights_of
+
+    train = snaps.split_part("train")
+    campaign = int(np.count_nonzero(train.action >= 0))
+    if campaign < MIN_ROWS:
+        raise ValueError(f"{campaign} training campaign snapshots, fewer than the {MIN_ROWS} "
+                         "a reply needs so that its sums do not give individual labels away")
+    model = cached_model(settings.model, settings.snapshots, settings.seed)
+    if not head_positions(model):
+        raise ValueError("the model has no contrast head with response shifts to refit")
+    set_weights_of(model, weights)
+    stats = head_statistics(model, train)
+    return {HEAD_REFIT_ROWS: stats.rows, HEAD_REFIT_LOSS: stats.loss,
+            HEAD_REFIT_GRADIENT: [float(v) for v in stats.gradient],
+            HEAD_REFIT_HESSIAN: [float(v) for v in np.ravel(stats.hessian)]}
+
+
+def head_refit_reply(msg: Any, settings: ClientSettings, snaps: Snapshots,
+                     weights: list[np.ndarray] | None) -> Any:
+    """The reply to an evaluate instruction that asks for the head refit's sums: the
+    sums, or an error naming what is missing."""
+    from flwr.app import Error, Message, MetricRecord, RecordDict
+
+    from client.app import DATA_ERROR
+
+    if weights is None:
+        weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
+    started = time.perf_counter()
+    try:
+        metrics = head_refit_metrics(settings, snaps, weights)
+    except ValueError as err:
+        return Message(Error(code=DATA_ERROR, reason=f"head refit: {err}"), reply_to=msg)
+    log.info("head refit sums over %d training campaign rows: %.2f s",
+             metrics[HEAD_REFIT_ROWS], time.perf_counter() - started)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

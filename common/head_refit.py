@@ -1,0 +1,239 @@
+"""The head refit: the activation head's last layer fitted again on pooled statistics.
+
+The contrast head's logit for a campaign row is ``base + shift[action]``: ``base`` a
+dense layer over the trunk (and the aggregates), each action's shift a dense layer over
+the standardised response aggregates (``common.model._activation_head``). With every
+other weight fixed that is a logistic regression in those weights alone (the *head*:
+``activation_base/`` and ``activation_shift/``, some 70 numbers). Its gradient and
+Hessian are sums over campaign rows, so a federation can fit it exactly as pooled
+training would: each merchant sends the sums over its own training campaign rows, the
+server adds them up and takes a Newton step.
+
+Why: FedAvg over merchants whose campaign rows differ converges to another head than
+pooled training. On ``default`` the federated base was off by about 0.2–0.3 on the logit
+scale, and the head refit on the pooled sums took seed 1's capture from 0.198 to 0.366
+(README *Activation*). The same steps run after centralised and local-only training
+(``train.head-refit-steps``), so every LSTM method gets the same last step.
+
+A merchant's sums are statistics of its campaign rows like a training update is (a
+gradient, here of the head only); :data:`MIN_ROWS` keeps a merchant with a handful of
+rows from answering, since a sum over one row gives that row's label away.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.snapshots import Snapshots
+
+#: The head's weights: their paths in ``model.weights`` start with one of these.
+HEAD_LAYERS = ("activation_base/", "activation_shift/")
+#: Fewest training campaign rows a merchant sums over.
+MIN_ROWS = 20
+#: Ridge added to the summed Hessian (and the matching pull on the gradient): keeps the
+#: step finite when an action has no rows, and is negligible against any real sum.
+RIDGE = 1e-3
+#: Rows per probe call (padded up to it, so the probe compiles once).
+PROBE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class HeadStatistics:
+    """Sums over campaign rows at one head: the log-loss, its gradient and Hessian."""
+
+    rows: int
+    loss: float
+    gradient: np.ndarray  # [P]
+    hessian: np.ndarray  # [P, P]
+
+    def __add__(self, other: HeadStatistics) -> HeadStatistics:
+        return HeadStatistics(self.rows + other.rows, self.loss + other.loss,
+                              self.gradient + other.gradient, self.hessian + other.hessian)
+
+    @classmethod
+    def zero(cls, size: int) -> HeadStatistics:
+        return cls(0, 0.0, np.zeros(size), np.zeros((size, size)))
+
+
+def head_positions(model: Any) -> tuple[int, ...]:
+    """Positions in ``model.weights`` of the head: base kernel, base bias, shift kernel,
+    shift bias, in that order whatever the model's (the design's columns follow it);
+    empty for a model without a contrast head whose shifts read the response aggregates
+    (``model.activation-shift = response``)."""
+    names = {layer.name for layer in model.layers}
+    if not {"activation_base", "activation_response"} <= names:
+        return ()
+    return tuple(i for prefix in HEAD_LAYERS for i, v in enumerate(model.weights)
+                 if str(v.path).startswith(prefix))
+
+
+def head_vector(model: Any, weights: list[np.ndarray]) -> np.ndarray:
+    """The head's weights out of ``weights``, flat, in :func:`head_positions`' order."""
+    return np.concatenate([np.ravel(weights[i]).astype(float) for i in head_positions(model)])
+
+
+def with_head(model: Any, weights: list[np.ndarray], theta: np.ndarray) -> list[np.ndarray]:
+    """``weights`` with the head replaced by ``theta`` (in each weight's shape and dtype)."""
+    out = list(weights)
+    start = 0
+    for i in head_positions(model):
+        size = int(np.size(weights[i]))
+        out[i] = np.asarray(theta[start:start + size], dtype=weights[i].dtype
+                            ).reshape(np.shape(weights[i]))
+        start += size
+    if start != len(theta):
+        raise ValueError(f"head refit: {len(theta)} head weights given, the model has {start}")
+    return out
+
+
+def head_statistics(model: Any, snaps: Snapshots) -> HeadStatistics:
+    """The sums of ``snaps``' campaign rows (a logged action) at ``model``'s head."""
+    rows = np.flatnonzero(snaps.action >= 0)
+    size = sum(int(np.size(model.weights[i])) for i in head_positions(model))
+    if len(rows) == 0:
+        return HeadStatistics.zero(size)
+    campaign = snaps.subset(rows)
+    trunk, response = _probe(model)(campaign)
+    design = _design(model, trunk, response, campaign.action)
+    y = campaign.activation.astype(float)
+    z = design @ head_vector(model, [np.asarray(v) for v in model.weights])
+    p = 1.0 / (1.0 + np.exp(-z))
+    # log(1 + e^z) - y z, written to stay finite for large |z|
+    loss = float(np.sum(np.logaddexp(0.0, z) - y * z))
+    curvature = p * (1.0 - p)
+    return HeadStatistics(len(rows), loss, design.T @ (p - y),
+                          (design * curvature[:, None]).T @ design)
+
+
+def newton_step(theta: np.ndarray, stats: HeadStatistics) -> np.ndarray:
+    """One Newton step of the ridge-penalised log-loss from ``theta``."""
+    gradient = stats.gradient + RIDGE * theta
+    hessian = stats.hessian + RIDGE * np.eye(len(theta))
+    return theta - np.linalg.solve(hessian, gradient)
+
+
+@dataclass
+class RefitOutcome:
+    """The head kept and what each step saw (``losses[k]``: the summed log-loss at the
+    head of step ``k``, ``rows[k]``: the campaign rows summed)."""
+
+    theta: np.ndarray
+    losses: list[float]
+    rows: list[int]
+    note: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        """What a results file says: the steps, the mean log-loss at each step's head,
+        the campaign rows summed and why it stopped early, if it did."""
+        return {"steps": len(self.losses), "rows": self.rows[-1] if self.rows else 0,
+                "mean_loss": [loss / max(n, 1) for loss, n in
+                              zip(self.losses, self.rows, strict=True)],
+                "note": self.note}
+
+
+def refit(theta: np.ndarray, statistics: Callable[[np.ndarray], HeadStatistics | None],
+          steps: int) -> RefitOutcome:
+    """``steps`` damped Newton steps from ``theta``; ``statistics(theta)`` sums the rows
+    at a head (None when nothing could be summed: the refit stops, keeping the best head
+    seen).
+
+    A head whose mean loss is above the best one's so far is not kept: the next head is
+    halfway back towards the best. The Newton step from the last summed head is kept
+    when that head was the best; otherwise the best head is.
+    """
+    best, best_stats = theta, None
+    current = theta
+    losses: list[float] = []
+    rows: list[int] = []
+    improved = True
+    for _ in range(steps):
+        stats = statistics(current)
+        if stats is None or stats.rows == 0:
+            return RefitOutcome(best, losses, rows, "no campaign rows were summed")
+        losses.append(stats.loss)
+        rows.append(stats.rows)
+        improved = (best_stats is None
+                    or stats.loss / stats.rows <= best_stats.loss / best_stats.rows)
+        if improved:
+            best, best_stats = current, stats
+            current = newton_step(best, best_stats)
+        else:
+            current = best + 0.5 * (current - best)
+        if not np.all(np.isfinite(current)):
+            return RefitOutcome(best, losses, rows, "a step was not finite")
+    return RefitOutcome(current if improved else best, losses, rows)
+
+
+def refit_locally(model: Any, snaps: Snapshots, steps: int) -> RefitOutcome | None:
+    """:func:`refit` on ``snaps``' own campaign rows; the model keeps the result. None
+    (nothing changed) for a model without the head, no steps or no campaign rows."""
+    if steps <= 0 or not head_positions(model) or not np.any(snaps.action >= 0):
+        return None
+    weights = [np.asarray(v) for v in model.get_weights()]
+
+    def statistics(theta: np.ndarray) -> HeadStatistics:
+        model.set_weights(with_head(model, weights, theta))
+        return head_statistics(model, snaps)
+
+    outcome = refit(head_vector(model, weights), statistics, steps)
+    model.set_weights(with_head(model, weights, outcome.theta))
+    return outcome
+
+
+def _design(model: Any, trunk: np.ndarray, response: np.ndarray, action: np.ndarray
+            ) -> np.ndarray:
+    """Rows of the logistic regression: the base's inputs and 1, then for the logged
+    action only its shift's inputs (times the shift gain) and the gain, at that action's
+    columns of the shift kernel (``[inputs, actions - 1]``, row-major) and bias."""
+    n, width = trunk.shape
+    treated = model.get_layer("activation_shift").units
+    gain = _shift_gain(model)
+    k = response.shape[1]
+    design = np.zeros((n, width + 1 + k * treated + treated))
+    design[:, :width] = trunk
+    design[:, width] = 1.0
+    start = width + 1
+    for column in range(treated):
+        rows = np.flatnonzero(action == column + 1)
+        design[np.ix_(rows, start + column + treated * np.arange(k))] = gain * response[rows]
+        design[rows, start + k * treated + column] = gain
+    return design
+
+
+def _shift_gain(model: Any) -> float:
+    names = {layer.name for layer in model.layers}
+    if "activation_shift_gain" not in names:
+        return 1.0
+    return float(model.get_layer("activation_shift_gain").scale)
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(model: Any) -> Callable[[Snapshots], tuple[np.ndarray, np.ndarray]]:
+    """A function giving the head's inputs (the base layer's and the standardised
+    response aggregates) of some rows, run in fixed-size padded batches."""
+    import keras
+
+    from common.model import model_inputs
+
+    probe = keras.Model(model.inputs, [model.get_layer("activation_base").input,
+                                       model.get_layer("activation_response").output])
+
+    def run(snaps: Snapshots) -> tuple[np.ndarray, np.ndarray]:
+        x = model_inputs(model, snaps)
+        n = len(snaps)
+        trunk, response = [], []
+        for lo in range(0, n, PROBE_BATCH):
+            m = min(PROBE_BATCH, n - lo)
+            rows = np.full(PROBE_BATCH, lo)
+            rows[:m] = np.arange(lo, lo + m)
+            a, b = probe.predict_on_batch({k: v[rows] for k, v in x.items()})
+            trunk.append(np.asarray(a, dtype=float)[:m])
+            response.append(np.asarray(b, dtype=float)[:m])
+        return np.concatenate(trunk), np.concatenate(response)
+
+    return run
