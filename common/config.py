@@ -282,12 +282,6 @@ class TrainConfig:
     # validation loss, mostly decay's, cannot tell when they are done. 0 = every weight
     # from the best epoch.
     shift_patience: int = 4
-    # With such a model: after training, the activation head (its base and shift layers,
-    # common.head_refit) is fitted again on the training campaign rows, pooled, with
-    # every other weight fixed: this many Newton steps. Centralised and local-only
-    # training take them on their own rows; a federation asks the merchants for the sums
-    # over theirs each step (federation.json's ``head_refit``). 0 = off.
-    head_refit_steps: int = 3
     class_weight: bool = False
     proximal_mu: float = 0.0
     verbose: int = 0
@@ -297,7 +291,6 @@ class TrainConfig:
         check_key(self.batch_size >= 1, "train.batch-size", "must be >= 1")
         check_key(self.patience >= 0, "train.patience", "must be >= 0")
         check_key(self.shift_patience >= 0, "train.shift-patience", "must be >= 0")
-        check_key(self.head_refit_steps >= 0, "train.head-refit-steps", "must be >= 0")
         check_key(self.proximal_mu >= 0, "train.proximal-mu", "must be >= 0")
 
 

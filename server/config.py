@@ -92,6 +92,12 @@ class FederationConfig:
     # where it was measured, FedAvg / FedProx without DP (shift_momentum below).
     shift_server_lr: float = 1.0
     shift_server_momentum: float = 0.75
+    # After the last round, the kept model's activation head (its base and shift layers,
+    # common.head_refit) is fitted again, every other weight fixed, by this many Newton
+    # steps on the merchants' summed statistics over their training campaign rows: the
+    # step pooled training would take (server/head_refit.py; federation.json's
+    # ``head_refit``). Not under SecAgg+ or DP. 0 = off.
+    head_refit_steps: int = 3
 
     def __post_init__(self) -> None:
         check_key(self.mode in MODES, "federation.mode",
@@ -118,6 +124,8 @@ class FederationConfig:
                   f"must be a finite number > 0, got {self.shift_server_lr}")
         check_key(0 <= self.shift_server_momentum < 1, "federation.shift-server-momentum",
                   f"must be in [0, 1), got {self.shift_server_momentum}")
+        check_key(self.head_refit_steps >= 0, "federation.head-refit-steps",
+                  f"must be >= 0, got {self.head_refit_steps}")
         check_key(1 <= self.attribution_repeats <= 20, "federation.attribution-repeats",
                   "must be in [1, 20]")
         check_key(self.merchants_per_node >= 1, "federation.merchants-per-node",

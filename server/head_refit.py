@@ -1,6 +1,6 @@
 """The head refit of a federation: Newton steps on the merchants' summed statistics.
 
-After the last round, with ``train.head-refit-steps`` > 0 and a model with the contrast
+After the last round, with ``federation.head-refit-steps`` > 0 and a model with the contrast
 head (``common.head_refit``), the server takes the model the run keeps and, each step,
 sends every connected merchant one plain evaluate instruction holding it and a config
 asking for the head's sums (``client.head_refit``). It checks every reply (the
@@ -46,9 +46,9 @@ log = logging.getLogger(__name__)
 def refit_head(grid: Grid, settings: ServerSettings, model: Any, weights: list[np.ndarray]
                ) -> tuple[list[np.ndarray], dict[str, Any] | None]:
     """``weights`` with the head refit on the merchants' sums, and what
-    ``federation.json`` says about it (None when ``train.head-refit-steps`` is 0). A
+    ``federation.json`` says about it (None when ``federation.head-refit-steps`` is 0). A
     failure is logged, never raised: the rounds' results are already safe."""
-    steps = settings.train.head_refit_steps
+    steps = settings.federation.head_refit_steps
     if steps <= 0:
         return weights, None
     reason = unavailable_reason(settings, model)

@@ -112,7 +112,6 @@ def run_centralised(exp: Experiment, data: PreparedData, *, epochs: int | None =
 
     Each epoch advances ``progress`` (with the losses) and goes to ``tracker``.
     """
-    from common.head_refit import refit_locally
     from common.model import build_model
     from common.training import fit, predict
 
@@ -128,14 +127,11 @@ def run_centralised(exp: Experiment, data: PreparedData, *, epochs: int | None =
             task.advance(1, **{k.replace("/", "_"): v for k, v in scalars.items()})
 
         res = fit(model, train, val, cfg, seed=exp.seed, on_epoch=on_epoch)
-    refit = refit_locally(model, train, cfg.head_refit_steps)
-    details = {"epochs": res.epochs, "best_epoch": res.best_epoch, "history": res.history}
-    if refit is not None:
-        details["head_refit"] = refit.summary()
     result = MethodResult(
         name="centralised", val=predict(model, val_all), test=predict(model, test),
         seconds=time.perf_counter() - started, sample_epochs=float(res.epochs * len(train)),
-        details=details)
+        details={"epochs": res.epochs, "best_epoch": res.best_epoch, "history": res.history},
+    )
     return result, model
 
 
@@ -146,7 +142,6 @@ def run_local(exp: Experiment, data: PreparedData, *, epochs: int | None = None,
     ``progress`` advances per merchant; ``tracker`` gets each epoch's losses averaged
     over the merchants that trained it, weighted by their training rows.
     """
-    from common.head_refit import MIN_ROWS, refit_locally
     from common.model import cached_model
     from common.training import fit, predict
 
@@ -169,10 +164,6 @@ def run_local(exp: Experiment, data: PreparedData, *, epochs: int | None = None,
                 continue
             model.set_weights(initial)
             res = fit(model, train, val, cfg, seed=exp.seed)
-            # A merchant alone refits its head on its own rows (none below MIN_ROWS, as
-            # in a federation it would not answer).
-            if np.count_nonzero(train.action >= 0) >= MIN_ROWS:
-                refit_locally(model, train, cfg.head_refit_steps)
             seen += res.epochs * len(train)
             per_merchant[merchant] = {"epochs": res.epochs, "train_rows": len(train)}
             _add_epochs(epoch_rows, res.history, len(train))

@@ -46,6 +46,12 @@ from helpers import (
 from client.app import EVALUATE_METRICS, TRAIN_METRICS
 from common.attribution import ATTRIBUTION_METRICS
 from common.feature_groups import GROUP_NAMES
+from common.protocol import (
+    HEAD_REFIT_GRADIENT,
+    HEAD_REFIT_HESSIAN,
+    HEAD_REFIT_LOSS,
+    HEAD_REFIT_ROWS,
+)
 from server.checkpoint import (
     latest_checkpoint,
 )
@@ -547,6 +553,38 @@ def test_the_merchants_global_attributions_are_scalars_weighted_into_one_file(
     # event_mix's ids have no gradient; its aggregates (the funnel's rates) do.
     assert out["groups"]["event_mix"]["grad_input"] > 0
     assert out["groups"]["recency"]["grad_input"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_head_refit_replies_are_sums_of_the_heads_size_and_refit_the_kept_model(
+        run_a: Simulation) -> None:
+    """After the last round every merchant is asked for its head sums three times
+    (``federation.head-refit-steps``); a reply holds exactly the four whitelisted sums, sized
+    for the head, and the steps lower the summed loss."""
+    from common.head_refit import head_vector
+    from common.model import load_model
+
+    replies = [r for r in read_jsonl(run_a.observe) if r["kind"] == "head_refit"]
+    answered = [r for r in replies if "error" not in r]
+    assert len(replies) == 3 * NUM_MERCHANTS and answered
+    for r in replies:
+        if "error" in r:  # the broken file, or too few campaign rows
+            assert ("merchant data rejected" in r["error"]
+                    or "fewer than the 20" in r["error"]), r["error"]
+    for r in answered:
+        assert r["arrays"] == {} and list(r["metrics"]) == ["metrics"], r
+        assert r["metrics"]["metrics"] == {HEAD_REFIT_ROWS: "int", HEAD_REFIT_LOSS: "float",
+                                           HEAD_REFIT_GRADIENT: "list",
+                                           HEAD_REFIT_HESSIAN: "list"}, r["metrics"]
+        assert r["configs"] == [] and r["leaked"] == [], r
+    summary = json.loads((run_a.run_dir / "federation.json").read_text())
+    refit = summary["head_refit"]
+    assert refit["status"] == "ok" and refit["steps"] == 3 and refit["note"] == ""
+    assert sum(refit["merchants"]) == len(answered)
+    assert refit["mean_loss"][-1] <= refit["mean_loss"][0]
+    model = load_model(run_a.run_dir / "model.keras")
+    assert {r["head_size"] for r in replies} == {len(head_vector(model, model.get_weights()))}
 
 
 @pytest.mark.slow

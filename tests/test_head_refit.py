@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import hand_snapshots
 
-from common.config import ModelConfig, SnapshotConfig, TrainConfig
+from common.config import ModelConfig, SnapshotConfig
 from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES, RESPONSE_FEATURES
 from common.head_refit import (
     HeadStatistics,
@@ -194,8 +194,10 @@ def test_models_without_the_head_are_left_alone() -> None:
 
 
 def test_the_setting_rejects_negative_steps_naming_the_key() -> None:
-    with pytest.raises(ValueError, match="train.head-refit-steps"):
-        TrainConfig(head_refit_steps=-1)
+    from server.config import FederationConfig
+
+    with pytest.raises(ValueError, match="federation.head-refit-steps"):
+        FederationConfig(head_refit_steps=-1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def test_the_servers_refit_on_the_merchants_sums_is_the_pooled_refit() -> None:
 
     flat = {"model.lstm-units": 4, "model.dense-units": 4, "model.jit-compile": False,
             "snapshots.max-len": 4, "snapshots.hash-buckets": 8, "seed": 3,
-            "federation.run-dir": "unused", "train.head-refit-steps": 3}
+            "federation.run-dir": "unused", "federation.head-refit-steps": 3}
     settings = server_settings(flat)
     merchant = client_settings(flat)
     model = build_model(settings.model, settings.snapshots, seed=3)
@@ -318,6 +320,6 @@ def test_the_server_does_not_ask_under_secagg_or_dp() -> None:
         kept, summary = refit_head(None, server_settings({**base, **changes}), model, weights)
         assert kept is weights and summary is not None
         assert summary["status"] == "unavailable" and says in summary["reason"]
-    kept, summary = refit_head(None, server_settings({**base, "train.head-refit-steps": 0}),
+    kept, summary = refit_head(None, server_settings({**base, "federation.head-refit-steps": 0}),
                                model, weights)
     assert kept is weights and summary is None

@@ -80,8 +80,9 @@ def _run(tmp_path: Path, losses: dict[int, list[float]], *, shift_patience: int 
             "federation.min-train-nodes": 2, "federation.run-dir": str(run_dir),
             "model.lstm-units": 4, "model.dense-units": 4, "snapshots.max-len": 4,
             "snapshots.hash-buckets": 8, "train.shift-patience": shift_patience,
-            # Rounds are told apart by their scripted weights: no server step on the shifts.
-            "federation.shift-server-momentum": 0.0,
+            # Rounds are told apart by their scripted weights: no server step on the shifts,
+            # no head refit after the rounds.
+            "federation.shift-server-momentum": 0.0, "federation.head-refit-steps": 0,
             **{f"federation.{k}": v for k, v in federation.items()}}
     grid = ScriptedGrid(losses)
     summary = run_federation(grid, settings_from_flat(flat))

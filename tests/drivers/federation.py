@@ -130,6 +130,18 @@ def observe(spec: dict, exp, data):
         return summarise_replies(replies, asked)
 
     attribution.summarise_replies = summarised
+
+    from server import head_refit
+
+    summed_replies = head_refit.summed_replies
+
+    def summed(replies, size):  # each head refit step's replies
+        replies = list(replies)
+        for msg in replies:
+            record(describe("head_refit", None, msg) | {"head_size": size})
+        return summed_replies(replies, size)
+
+    head_refit.summed_replies = summed
     GuardedMixin.aggregate_train = observed("train", GuardedMixin.aggregate_train)
     GuardedMixin.aggregate_evaluate = observed("evaluate", GuardedMixin.aggregate_evaluate)
     model = build_model(exp.model, data.snapshot_config, seed=exp.seed)
