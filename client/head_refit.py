@@ -3,8 +3,9 @@ server asks.
 
 An evaluate instruction whose config carries ``head-refit`` (true) asks this merchant
 for the sums of the global model's head statistics over its training campaign rows: the
-row count, the log-loss, its gradient and Hessian in the head's weights (some 70 and
-4,900 numbers; ``common.protocol.HEAD_REFIT_METRICS``), never a row, an id or a label.
+row count, the log-loss, its gradient and Hessian in the head's weights (63 and 3,969
+numbers for the default model; ``common.protocol.HEAD_REFIT_METRICS``), never a row, an
+id or a label.
 A merchant with fewer than ``common.head_refit.MIN_ROWS`` training campaign rows refuses.
 """
 

@@ -4,8 +4,8 @@ The contrast head's logit for a campaign row is ``base + shift[action]``: ``base
 dense layer over the trunk (and the aggregates), each action's shift a dense layer over
 the standardised response aggregates (``common.model._activation_head``). With every
 other weight fixed that is a logistic regression in those weights alone (the *head*:
-``activation_base/`` and ``activation_shift/``, some 70 numbers). Its gradient and
-Hessian are sums over campaign rows, so a federation can fit it exactly as pooled
+``activation_base/`` and ``activation_shift/``, 63 numbers in the default model). Its
+gradient and Hessian are sums over campaign rows, so a federation can fit it exactly as pooled
 training would: each merchant sends the sums over its own training campaign rows, the
 server adds them up and takes a Newton step.
 

@@ -318,7 +318,10 @@ def _inputs_and_settings(exp: Experiment, data: PreparedData, outcome: MethodRes
         fed = exp.federation
         settings["federation"] = {"strategy": outcome.name.split("-")[1],
                                   "num_rounds": fed.num_rounds, "local_epochs": fed.local_epochs,
-                                  "fraction_train": fed.fraction_train}
+                                  "fraction_train": fed.fraction_train,
+                                  "shift_server_lr": fed.shift_server_lr,
+                                  "shift_server_momentum": fed.shift_server_momentum,
+                                  "head_refit_steps": fed.head_refit_steps}
         settings["train"]["epochs"] = fed.local_epochs  # per round
     return neural_inputs(exp, data), settings
 
