@@ -1,8 +1,8 @@
 """The head refit of a federation: Newton steps on the merchants' summed statistics.
 
-After the last round, with ``federation.head-refit-steps`` > 0 and a model with the contrast
-head (``common.head_refit``), the server takes the model the run keeps and, each step,
-sends every connected merchant one plain evaluate instruction holding it and a config
+After the last round, with ``federation.head-refit-steps`` > 0 and a model with the
+contrast head (``common.head_refit``), the server takes the model the run keeps and,
+each step, sends the merchants one plain evaluate instruction holding it and a config
 asking for the head's sums (``client.head_refit``). It checks every reply (the
 whitelisted names, one row count, finite numbers of the head's sizes), adds the usable
 ones up and takes a damped Newton step (``common.head_refit.refit``): the step pooled
@@ -10,9 +10,13 @@ training on the merchants' rows together would take. Every other weight stays as
 rounds left it. The kept model and ``federation.json``'s ``head_refit`` carry the
 result.
 
-Skipped, with the reason logged and written, under SecAgg+ (the merchants run Flower's
-legacy ClientApp, which has no such instruction, and each merchant's sums would reach
-the server unmasked) and under differential privacy (the sums would leave each merchant
+Every connected merchant is asked at the first step; those who answer it are the ones
+asked after it (each step sums the same rows, so the damping can compare their losses),
+and one of them missing later stops the refit at the best head so far. Skipped, with the
+reason logged and written, with a robust strategy (Krum, FedMedian, FedTrimmedAvg: a sum
+is not robust to a merchant that lies), under SecAgg+ (the merchants run Flower's legacy
+ClientApp, which has no such instruction, and each merchant's sums would reach the
+server unmasked) and under differential privacy (the sums would leave each merchant
 without noise, outside the privacy ledger's account).
 """
 
@@ -42,6 +46,9 @@ from server.rounds import error_summary
 
 log = logging.getLogger(__name__)
 
+#: Strategies chosen to withstand malicious merchants: the refit's plain sum would not.
+ROBUST_STRATEGIES = ("krum", "fedmedian", "fedtrimmedavg")
+
 
 def refit_head(grid: Grid, settings: ServerSettings, model: Any, weights: list[np.ndarray]
                ) -> tuple[list[np.ndarray], dict[str, Any] | None]:
@@ -59,9 +66,11 @@ def refit_head(grid: Grid, settings: ServerSettings, model: Any, weights: list[n
     size = len(head_vector(model, weights))
     failures: list[str] = []
     merchants: list[int] = []
+    members: list[int] = []  # who answered the first step: the rows every step sums
+    stopped = [""]
 
     def statistics(theta: np.ndarray) -> HeadStatistics | None:
-        nodes = sorted(grid.get_node_ids())
+        nodes = members or sorted(grid.get_node_ids())
         config = ConfigRecord({HEAD_REFIT_KEY: True})
         content = RecordDict({"arrays": ArrayRecord(with_head(model, weights, theta)),
                               "config": config})
@@ -70,7 +79,14 @@ def refit_head(grid: Grid, settings: ServerSettings, model: Any, weights: list[n
         replies = grid.send_and_receive(messages, timeout=settings.federation.round_timeout)
         total, answered, failed = summed_replies(replies, size)
         failures.extend(failed)
-        merchants.append(answered)
+        merchants.append(len(answered))
+        if not members:
+            members.extend(sorted(answered))
+        elif sorted(answered) != members:
+            # Another set of rows: its loss cannot be compared with the steps before.
+            stopped[0] = (f"{len(members) - len(answered)} of the {len(members)} merchants "
+                          "of the first step did not answer a later one")
+            return None
         return total if answered else None
 
     try:
@@ -81,9 +97,11 @@ def refit_head(grid: Grid, settings: ServerSettings, model: Any, weights: list[n
     summary = {"status": "ok" if outcome.losses else "no-replies", **outcome.summary(),
                "merchants": merchants, "failures": failures,
                "seconds": time.perf_counter() - started}
-    log.info("head refit: %d steps, mean log-loss %s, %s merchants, %.1f s",
+    if stopped[0]:
+        summary["note"] = stopped[0]
+    log.info("head refit: %d steps, mean log-loss %s, %s merchants, %.1f s%s",
              len(outcome.losses), [round(v, 5) for v in summary["mean_loss"]], merchants,
-             summary["seconds"])
+             summary["seconds"], f" ({summary['note']})" if summary["note"] else "")
     return with_head(model, weights, outcome.theta), summary
 
 
@@ -92,6 +110,10 @@ def unavailable_reason(settings: ServerSettings, model: Any) -> str | None:
     if not head_positions(model):
         return ("the model has no contrast head with response shifts "
                 "(model.activation-head = contrast, model.activation-shift = response)")
+    if settings.federation.strategy in ROBUST_STRATEGIES:
+        return (f"not run with federation.strategy = {settings.federation.strategy}: the "
+                "refit adds the merchants' sums, and a sum is not robust to a merchant "
+                "that lies")
     if settings.federation.secure_aggregation:
         return ("not run under SecAgg+: the merchants run Flower's legacy ClientApp and a "
                 "merchant's sums would reach the server unmasked")
@@ -104,11 +126,11 @@ def unavailable_reason(settings: ServerSettings, model: Any) -> str | None:
 
 
 def summed_replies(replies: Iterable[Message], size: int
-                   ) -> tuple[HeadStatistics, int, list[str]]:
-    """The sum of the usable replies, how many there were, and why the others were not
-    used."""
+                   ) -> tuple[HeadStatistics, list[int], list[str]]:
+    """The sum of the usable replies, the nodes that sent them, and why the others were
+    not used."""
     total = HeadStatistics.zero(size)
-    answered = 0
+    answered: list[int] = []
     failures: list[str] = []
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -120,7 +142,8 @@ def summed_replies(replies: Iterable[Message], size: int
             failures.append(f"node {node}: rejected: {reason}")
             log.warning("head refit: reply of node %s rejected: %s", node, reason)
             continue
-        total, answered = total + stats, answered + 1
+        total = total + stats
+        answered.append(node)
     return total, answered, failures
 
 
