@@ -6,7 +6,8 @@ for the sums of the global model's head statistics over its training campaign ro
 row count, the log-loss, its gradient and Hessian in the head's weights (63 and 3,969
 numbers for the default model; ``common.protocol.HEAD_REFIT_METRICS``), never a row, an
 id or a label.
-A merchant with fewer than ``common.head_refit.MIN_ROWS`` training campaign rows refuses.
+A merchant with fewer training campaign rows, in all or of one action, than
+``common.head_refit.least_rows`` asks for the steps the server announces refuses.
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ from typing import Any
 import numpy as np
 
 from client.config import ClientSettings
-from common.head_refit import MIN_ROWS, head_positions, head_statistics
+from common.head_refit import campaign_refusal, head_positions, head_statistics
 from common.protocol import (
     HEAD_REFIT_GRADIENT,
     HEAD_REFIT_HESSIAN,
     HEAD_REFIT_KEY,
     HEAD_REFIT_LOSS,
     HEAD_REFIT_ROWS,
+    HEAD_REFIT_STEPS_KEY,
 )
 from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
+
+#: Most steps a merchant answers a refit for (the rows it needs grow with them).
+MAX_STEPS = 20
 
 
 def wants_head_refit(config: Mapping[str, Any] | None) -> bool:
@@ -38,20 +43,25 @@ def wants_head_refit(config: Mapping[str, Any] | None) -> bool:
 
 
 def head_refit_metrics(settings: ClientSettings, snaps: Snapshots,
-                       weights: list[np.ndarray]) -> dict[str, Any]:
+                       weights: list[np.ndarray], config: Mapping[str, Any]
+                       ) -> dict[str, Any]:
     """The sums at the global model ``weights`` over this merchant's training campaign
-    rows. ``ValueError`` when the model has no such head or there are fewer than
-    ``MIN_ROWS`` campaign rows."""
+    rows. ``ValueError`` when the model has no such head, ``config`` announces no valid
+    number of steps, or there are too few campaign rows for them
+    (``common.head_refit.campaign_refusal``)."""
     from common.model import cached_model, set_weights_of
 
-    train = snaps.split_part("train")
-    campaign = int(np.count_nonzero(train.action >= 0))
-    if campaign < MIN_ROWS:
-        raise ValueError(f"{campaign} training campaign snapshots, fewer than the {MIN_ROWS} "
-                         "a reply needs so that its sums do not give individual labels away")
+    steps = config.get(HEAD_REFIT_STEPS_KEY)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"'{HEAD_REFIT_STEPS_KEY}' must be an int in [1, {MAX_STEPS}], "
+                         f"got {steps!r}")
     model = cached_model(settings.model, settings.snapshots, settings.seed)
     if not head_positions(model):
         raise ValueError("the model has no contrast head with response shifts to refit")
+    train = snaps.split_part("train")
+    refusal = campaign_refusal(train, model, steps)
+    if refusal is not None:
+        raise ValueError(refusal)
     set_weights_of(model, weights)
     stats = head_statistics(model, train)
     return {HEAD_REFIT_ROWS: stats.rows, HEAD_REFIT_LOSS: stats.loss,
@@ -71,7 +81,8 @@ def head_refit_reply(msg: Any, settings: ClientSettings, snaps: Snapshots,
         weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
     started = time.perf_counter()
     try:
-        metrics = head_refit_metrics(settings, snaps, weights)
+        metrics = head_refit_metrics(settings, snaps, weights,
+                                     msg.content.config_records["config"])
     except ValueError as err:
         return Message(Error(code=DATA_ERROR, reason=f"head refit: {err}"), reply_to=msg)
     log.info("head refit sums over %d training campaign rows: %.2f s",

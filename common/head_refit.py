@@ -9,18 +9,13 @@ gradient and Hessian are sums over campaign rows, so a federation can fit it exa
 training would: each merchant sends the sums over its own training campaign rows, the
 server adds them up and takes a Newton step.
 
-Why: FedAvg over merchants whose campaign rows differ converges to another head than
-pooled training would: on ``default`` the federated control logit sat 0.1–0.3 off on
-the logit scale. Three steps after the rounds took the federation's capture on seeds 0,
-1, 2 from 0.407, 0.198, 0.380 to 0.399, 0.366, 0.477 (README *How the LSTM learns
-activation*). Centralised and local-only training do not take them: the centralised
-model is already fitted to the pooled rows (the steps moved its capture by +0.005 on
-seeds 0–2 and −0.013 on seeds 3–4), and a merchant alone would fit its head to a few
-dozen rows (local-only capture 0.132 → 0.099).
+FedAvg over merchants whose campaign rows differ converges to another head than pooled
+training would; centralised and local-only training do not take these steps (README,
+*How the LSTM learns activation*, has the measurements).
 
-A merchant's sums are statistics of its campaign rows like a training update is (a
-gradient, here of the head only); :data:`MIN_ROWS` keeps a merchant with a handful of
-rows from answering, since a sum over one row gives that row's label away.
+A merchant's sums are second-order statistics of its campaign rows, with neither noise
+nor masking: with few rows against the head's size they would give the rows away, so a
+merchant answers only with enough rows (:func:`least_rows`).
 """
 
 from __future__ import annotations
@@ -36,10 +31,9 @@ from common.snapshots import Snapshots
 
 #: The head's weights: their paths in ``model.weights`` start with one of these.
 HEAD_LAYERS = ("activation_base/", "activation_shift/")
-#: Fewest training campaign rows a merchant sums over.
-MIN_ROWS = 20
-#: Ridge added to the summed Hessian (and the matching pull on the gradient): keeps the
-#: step finite when an action has no rows, and is negligible against any real sum.
+#: Ridge added to the summed Hessian, pulling towards the head the refit started from:
+#: keeps the step finite, and a direction no answering row informs (an action without
+#: rows there) stays where the rounds left it.
 RIDGE = 1e-3
 #: Rows per probe call (padded up to it, so the probe compiles once).
 PROBE_BATCH = 256
@@ -113,63 +107,98 @@ def head_statistics(model: Any, snaps: Snapshots) -> HeadStatistics:
                           (design * curvature[:, None]).T @ design)
 
 
-def newton_step(theta: np.ndarray, stats: HeadStatistics) -> np.ndarray:
-    """One Newton step of the ridge-penalised log-loss from ``theta``."""
-    gradient = stats.gradient + RIDGE * theta
-    hessian = stats.hessian + RIDGE * np.eye(len(theta))
+def least_rows(head_size: int, shift_inputs: int, steps: int) -> tuple[int, int]:
+    """The fewest campaign rows a merchant answers with, in all and in each action's
+    group (control included), for a refit of ``steps`` steps.
+
+    Each step's Hessian gives the server ``P (P + 1) / 2`` numbers (``P`` the head's
+    size) and each row holds about ``P`` unknowns (its design row): with fewer rows than
+    numbers received the sums can determine the rows themselves (with two steps and
+    fewer than ``P`` rows, exactly, labels included). ``steps * P`` rows keep the
+    unknowns about twice the numbers sent; an action's shift block (``k + 1`` columns,
+    ``k`` the response inputs) needs ``steps * (k + 1)`` rows of that action the same
+    way. A counting bound, not a proof: the sums are not differentially private.
+    """
+    return steps * head_size, steps * (shift_inputs + 1)
+
+
+def campaign_refusal(snaps: Snapshots, model: Any, steps: int) -> str | None:
+    """Why a merchant with training rows ``snaps`` does not answer a refit of ``steps``
+    steps (:func:`least_rows`), or None when it does."""
+    campaign = snaps.action[snaps.action >= 0]
+    size = sum(int(np.size(model.weights[i])) for i in head_positions(model))
+    layer = model.get_layer("activation_shift")
+    total, per_group = least_rows(size, int(layer.kernel.shape[0]), steps)
+    if len(campaign) < total:
+        return (f"{len(campaign)} training campaign snapshots, fewer than the {total} a "
+                f"{steps}-step refit of a {size}-weight head needs so that its sums do not "
+                "determine the rows")
+    groups = np.bincount(campaign, minlength=int(layer.units) + 1)
+    if groups.min() < per_group:
+        return (f"action {int(groups.argmin())} has {int(groups.min())} training campaign "
+                f"snapshots, fewer than the {per_group} each action needs")
+    return None
+
+
+def newton_step(theta: np.ndarray, stats: HeadStatistics, anchor: np.ndarray) -> np.ndarray:
+    """One Newton step from ``theta`` of the log-loss plus ``RIDGE / 2 |θ - anchor|²``.
+    The summed Hessian's eigenvalues are clipped at 0 first (a sum of ``p (1 - p) x xᵀ``
+    has none below; rounding or a bad reply could)."""
+    values, vectors = np.linalg.eigh((stats.hessian + stats.hessian.T) / 2)
+    hessian = (vectors * np.maximum(values, 0.0)) @ vectors.T + RIDGE * np.eye(len(theta))
+    gradient = stats.gradient + RIDGE * (theta - anchor)
     return theta - np.linalg.solve(hessian, gradient)
 
 
 @dataclass
 class RefitOutcome:
     """The head kept and what each step saw (``losses[k]``: the summed log-loss at the
-    head of step ``k``, ``rows[k]``: the campaign rows summed)."""
+    head of step ``k``, ``rows[k]``: the campaign rows summed; ``kept``: the step whose
+    head is kept, 0 = the one the refit started from)."""
 
     theta: np.ndarray
     losses: list[float]
     rows: list[int]
+    kept: int = 0
     note: str = ""
 
     def summary(self) -> dict[str, Any]:
         """What a results file says: the steps, the mean log-loss at each step's head,
-        the campaign rows summed and why it stopped early, if it did."""
+        the step kept, the campaign rows summed and why it stopped early, if it did."""
         return {"steps": len(self.losses), "rows": self.rows[-1] if self.rows else 0,
                 "mean_loss": [loss / max(n, 1) for loss, n in
                               zip(self.losses, self.rows, strict=True)],
-                "note": self.note}
+                "kept_step": self.kept, "note": self.note}
 
 
 def refit(theta: np.ndarray, statistics: Callable[[np.ndarray], HeadStatistics | None],
           steps: int) -> RefitOutcome:
-    """``steps`` damped Newton steps from ``theta``; ``statistics(theta)`` sums the rows
-    at a head (None when nothing could be summed: the refit stops, keeping the best head
-    seen).
+    """The best of ``steps`` heads: ``theta``, then damped Newton steps;
+    ``statistics(head)`` sums the rows at a head (None when nothing could be summed: the
+    refit stops).
 
-    A head whose mean loss is above the best one's so far is not kept: the next head is
-    halfway back towards the best. The Newton step from the last summed head is kept
-    when that head was the best; otherwise the best head is.
+    Every head kept has had its loss summed: the lowest mean loss wins. After a head
+    whose loss is above the best one's, the next is halfway back towards the best.
     """
-    best, best_stats = theta, None
-    current = theta
+    anchor = best = current = theta
+    best_stats: HeadStatistics | None = None
     losses: list[float] = []
     rows: list[int] = []
-    improved = True
-    for _ in range(steps):
+    kept = 0
+    for step in range(steps):
         stats = statistics(current)
         if stats is None or stats.rows == 0:
-            return RefitOutcome(best, losses, rows, "no campaign rows were summed")
+            return RefitOutcome(best, losses, rows, kept, "no campaign rows were summed")
         losses.append(stats.loss)
         rows.append(stats.rows)
-        improved = (best_stats is None
-                    or stats.loss / stats.rows <= best_stats.loss / best_stats.rows)
-        if improved:
-            best, best_stats = current, stats
-            current = newton_step(best, best_stats)
+        if best_stats is None or stats.loss / stats.rows <= best_stats.loss / best_stats.rows:
+            best, best_stats, kept = current, stats, step
+            current = newton_step(best, best_stats, anchor)
         else:
             current = best + 0.5 * (current - best)
         if not np.all(np.isfinite(current)):
-            return RefitOutcome(best, losses, rows, "a step was not finite")
-    return RefitOutcome(current if improved else best, losses, rows)
+            return RefitOutcome(best, losses, rows, kept, "a step was not finite")
+    return RefitOutcome(best, losses, rows, kept)
 
 
 def refit_locally(model: Any, snaps: Snapshots, steps: int) -> RefitOutcome | None:

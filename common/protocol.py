@@ -26,6 +26,9 @@ ATTRIBUTION_SEED_KEY = "attribution-seed"
 #: Evaluate config key of the head refit (``client.head_refit``): sum the head's
 #: statistics over the training campaign rows; the reply metrics carrying them.
 HEAD_REFIT_KEY = "head-refit"
+#: Evaluate config key of the head refit: the steps the server takes (a merchant's
+#: least rows grow with them, ``common.head_refit.least_rows``).
+HEAD_REFIT_STEPS_KEY = "head-refit-steps"
 HEAD_REFIT_ROWS = "head_refit_rows"
 HEAD_REFIT_LOSS = "head_refit_loss"
 HEAD_REFIT_GRADIENT = "head_refit_gradient"

@@ -25,7 +25,7 @@ from common.progress import SILENT, Progress
 from server.attribution import explain_kept_model
 from server.config import FederationConfig, ServerSettings, settings_from_flat
 from server.dp_accounting import strict_json
-from server.head_refit import refit_head
+from server.head_refit import engine_down, refit_head
 from server.pacing import PacedGrid
 from server.recorder import RoundRecorder, Selection, StopRounds
 from server.resume import start_state
@@ -75,7 +75,9 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
                                  on_round=on_round)
         final, stop_reason = _run_rounds(grid, fed, parts, recorder, weights)
     kept, head_refit = _kept_weights(settings, model, selection, final), None
-    if not parts.rounds.engine_down:
+    if parts.rounds.engine_down:
+        head_refit = engine_down() if fed.head_refit_steps > 0 else None
+    else:
         kept, head_refit = refit_head(grid, settings, model, kept)
         explain_kept_model(grid, settings, selection, kept, run_dir,
                            last_round=max(parts.rounds.stats, default=done))

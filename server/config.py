@@ -124,8 +124,9 @@ class FederationConfig:
                   f"must be a finite number > 0, got {self.shift_server_lr}")
         check_key(0 <= self.shift_server_momentum < 1, "federation.shift-server-momentum",
                   f"must be in [0, 1), got {self.shift_server_momentum}")
-        check_key(self.head_refit_steps >= 0, "federation.head-refit-steps",
-                  f"must be >= 0, got {self.head_refit_steps}")
+        check_key(0 <= self.head_refit_steps <= 20, "federation.head-refit-steps",
+                  f"must be in [0, 20] (merchants answer up to 20), got "
+                  f"{self.head_refit_steps}")
         check_key(1 <= self.attribution_repeats <= 20, "federation.attribution-repeats",
                   "must be in [1, 20]")
         check_key(self.merchants_per_node >= 1, "federation.merchants-per-node",

@@ -40,6 +40,7 @@ from common.protocol import (
     HEAD_REFIT_LOSS,
     HEAD_REFIT_METRICS,
     HEAD_REFIT_ROWS,
+    HEAD_REFIT_STEPS_KEY,
 )
 from server.config import ServerSettings
 from server.rounds import error_summary
@@ -63,46 +64,68 @@ def refit_head(grid: Grid, settings: ServerSettings, model: Any, weights: list[n
         log.info("head refit: %s", reason)
         return weights, {"status": "unavailable", "reason": reason}
     started = time.perf_counter()
-    size = len(head_vector(model, weights))
-    failures: list[str] = []
-    merchants: list[int] = []
-    members: list[int] = []  # who answered the first step: the rows every step sums
-    stopped = [""]
-
-    def statistics(theta: np.ndarray) -> HeadStatistics | None:
-        nodes = members or sorted(grid.get_node_ids())
-        config = ConfigRecord({HEAD_REFIT_KEY: True})
-        content = RecordDict({"arrays": ArrayRecord(with_head(model, weights, theta)),
-                              "config": config})
-        messages = [Message(content=content, message_type=MessageType.EVALUATE,
-                            dst_node_id=n) for n in nodes]
-        replies = grid.send_and_receive(messages, timeout=settings.federation.round_timeout)
-        total, answered, failed = summed_replies(replies, size)
-        failures.extend(failed)
-        merchants.append(len(answered))
-        if not members:
-            members.extend(sorted(answered))
-        elif sorted(answered) != members:
-            # Another set of rows: its loss cannot be compared with the steps before.
-            stopped[0] = (f"{len(members) - len(answered)} of the {len(members)} merchants "
-                          "of the first step did not answer a later one")
-            return None
-        return total if answered else None
-
+    asking = RefitRound(grid, model, weights, steps, settings.federation.round_timeout)
     try:
-        outcome = refit(head_vector(model, weights), statistics, steps)
+        outcome = refit(head_vector(model, weights), asking.statistics, steps)
     except Exception:  # noqa: BLE001 - the run itself is done and saved
         log.exception("head refit: failed; the kept model's head is the rounds' own")
         return weights, {"status": "failed", "reason": "see the server log"}
     summary = {"status": "ok" if outcome.losses else "no-replies", **outcome.summary(),
-               "merchants": merchants, "failures": failures,
+               "merchants": asking.answered, "failures": asking.failures,
                "seconds": time.perf_counter() - started}
-    if stopped[0]:
-        summary["note"] = stopped[0]
-    log.info("head refit: %d steps, mean log-loss %s, %s merchants, %.1f s%s",
-             len(outcome.losses), [round(v, 5) for v in summary["mean_loss"]], merchants,
-             summary["seconds"], f" ({summary['note']})" if summary["note"] else "")
+    if asking.stopped:
+        summary["note"] = asking.stopped
+    log.info("head refit: %d steps, mean log-loss %s, head of step %d kept, %s merchants, "
+             "%.1f s%s", len(outcome.losses), [round(v, 5) for v in summary["mean_loss"]],
+             outcome.kept, asking.answered, summary["seconds"],
+             f" ({summary['note']})" if summary["note"] else "")
     return with_head(model, weights, outcome.theta), summary
+
+
+def engine_down() -> dict[str, Any]:
+    """What ``federation.json`` says when the engine failed before the refit."""
+    return {"status": "unavailable", "reason": "the simulation engine failed: no merchant "
+                                               "could be asked"}
+
+
+class RefitRound:
+    """The merchants' side of :func:`common.head_refit.refit`: each call asks them for
+    their sums at a head and adds up the usable replies. Every connected merchant is
+    asked first; after that only those who answered (each step sums the same rows), and
+    one of them missing stops the refit (``stopped`` says why)."""
+
+    def __init__(self, grid: Grid, model: Any, weights: list[np.ndarray], steps: int,
+                 timeout: float) -> None:
+        self.grid, self.model, self.weights = grid, model, weights
+        self.steps, self.timeout = steps, timeout
+        self.size = len(head_vector(model, weights))
+        # the control logit's bias: right after its kernel, the head's first weight
+        self.bias = int(np.size(weights[head_positions(model)[0]]))
+        self.members: list[int] = []
+        self.answered: list[int] = []  # merchants summed, per step
+        self.failures: list[str] = []
+        self.stopped = ""
+
+    def statistics(self, theta: np.ndarray) -> HeadStatistics | None:
+        nodes = self.members or sorted(self.grid.get_node_ids())
+        config = ConfigRecord({HEAD_REFIT_KEY: True, HEAD_REFIT_STEPS_KEY: self.steps})
+        content = RecordDict({"arrays": ArrayRecord(with_head(self.model, self.weights, theta)),
+                              "config": config})
+        messages = [Message(content=content, message_type=MessageType.EVALUATE,
+                            dst_node_id=n) for n in nodes]
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        total, answered, failed = summed_replies(replies, self.size, self.bias)
+        self.failures.extend(failed)
+        self.answered.append(len(answered))
+        if not self.members:
+            self.members = sorted(answered)
+        elif sorted(answered) != self.members:
+            # Other rows: their loss cannot be compared with the steps before.
+            self.stopped = (f"{len(self.members) - len(answered)} of the "
+                            f"{len(self.members)} merchants of the first step did not "
+                            "answer a later one")
+            return None
+        return total if answered else None
 
 
 def unavailable_reason(settings: ServerSettings, model: Any) -> str | None:
@@ -125,7 +148,7 @@ def unavailable_reason(settings: ServerSettings, model: Any) -> str | None:
     return None
 
 
-def summed_replies(replies: Iterable[Message], size: int
+def summed_replies(replies: Iterable[Message], size: int, bias: int | None = None
                    ) -> tuple[HeadStatistics, list[int], list[str]]:
     """The sum of the usable replies, the nodes that sent them, and why the others were
     not used."""
@@ -137,7 +160,7 @@ def summed_replies(replies: Iterable[Message], size: int
         if msg.has_error():
             failures.append(f"node {node}: {error_summary(msg.error.reason)}")
             continue
-        stats, reason = check_head_refit_reply(msg, size)
+        stats, reason = check_head_refit_reply(msg, size, bias)
         if stats is None:
             failures.append(f"node {node}: rejected: {reason}")
             log.warning("head refit: reply of node %s rejected: %s", node, reason)
@@ -147,11 +170,13 @@ def summed_replies(replies: Iterable[Message], size: int
     return total, answered, failures
 
 
-def check_head_refit_reply(msg: Message, size: int) -> tuple[HeadStatistics | None, str]:
+def check_head_refit_reply(msg: Message, size: int, bias: int | None = None
+                           ) -> tuple[HeadStatistics | None, str]:
     """A reply's sums, or None and why they cannot be used: one MetricRecord, no
     arrays, exactly the whitelisted names, a positive row count, a finite loss, a
     gradient of ``size`` and a symmetric positive semi-definite ``size`` x ``size``
-    Hessian, all finite."""
+    Hessian, all finite; with ``bias`` (the control logit's bias's position) its
+    gradient and curvature within what ``rows`` rows can give."""
     content = msg.content
     if len(content.array_records) or len(content.metric_records) != 1:
         return None, (f"{len(content.array_records)} ArrayRecords and "
@@ -181,6 +206,11 @@ def check_head_refit_reply(msg: Message, size: int) -> tuple[HeadStatistics | No
     # summed step away from the minimum.
     if np.linalg.eigvalsh(hessian).min() < -1e-6 * max(1.0, float(np.abs(hessian).max())):
         return None, f"'{HEAD_REFIT_HESSIAN}' is not positive semi-definite"
+    # The control logit's bias is the one column every row holds as 1: its gradient is
+    # the sum of p - y (at most rows in size), its curvature the sum of p (1 - p).
+    if bias is not None and (abs(arrays[HEAD_REFIT_GRADIENT][bias]) > rows * (1 + 1e-6)
+                             or not 0 <= hessian[bias, bias] <= rows / 4 * (1 + 1e-6)):
+        return None, "the control bias's sums do not fit the row count"
     return HeadStatistics(rows, float(loss), arrays[HEAD_REFIT_GRADIENT], hessian), ""
 
 

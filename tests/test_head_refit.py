@@ -14,9 +14,11 @@ from common.config import ModelConfig, SnapshotConfig
 from common.features import AGGREGATE_FEATURES, NUMERIC_FEATURES, RESPONSE_FEATURES
 from common.head_refit import (
     HeadStatistics,
+    campaign_refusal,
     head_positions,
     head_statistics,
     head_vector,
+    least_rows,
     refit,
     refit_locally,
     with_head,
@@ -28,6 +30,7 @@ from common.protocol import (
     HEAD_REFIT_LOSS,
     HEAD_REFIT_ROWS,
 )
+from common.snapshots import Snapshots
 
 SNAP = SnapshotConfig(max_len=4, hash_buckets=8)
 A = len(SNAP.actions)
@@ -113,7 +116,6 @@ def test_merchants_sums_add_up_to_the_pooled_sums_so_the_refits_agree() -> None:
     snaps = _snaps(400, seed=3, uplift=2.0)
     parts = [snaps.subset(np.arange(lo, lo + 100)) for lo in range(0, 400, 100)]
     pooled = head_statistics(model, snaps)
-    summed = parts[0]
     total = HeadStatistics.zero(len(pooled.gradient))
     for part in parts:
         total = total + head_statistics(model, part)
@@ -133,7 +135,7 @@ def test_merchants_sums_add_up_to_the_pooled_sums_so_the_refits_agree() -> None:
     apart = refit(head_vector(model, weights), federated, 4)
     model.set_weights(weights)
     together = refit_locally(model, snaps, 4)
-    assert together is not None and summed is not None
+    assert together is not None
     np.testing.assert_allclose(apart.theta, together.theta, rtol=1e-6, atol=1e-8)
 
 
@@ -165,10 +167,55 @@ def test_a_step_that_raises_the_loss_is_halved_back_and_not_kept() -> None:
 
     outcome = refit(np.array([0.0]), statistics, 4)
     means = [loss / 10 for loss in outcome.losses]
-    # 0 (loss 1) -> 10 (81: worse, halved back) -> 5 (16: worse) -> 2.5 (2.25: worse);
-    # the ridge moves each head by about 1e-4
+    # 0 (loss 1) -> 10 (81: worse, halved back) -> 5 (16: worse) -> 2.5 (2.25: worse)
     assert means == pytest.approx([1.0, 81.0, 16.0, 2.25], rel=1e-2)
-    assert outcome.theta == pytest.approx([0.0])  # the best head summed
+    assert outcome.theta == pytest.approx([0.0]) and outcome.kept == 0  # the best summed
+
+
+def test_the_head_kept_is_the_best_summed_never_an_unsummed_step() -> None:
+    # A proper quadratic: the first Newton step lands on the minimum at 1; the step
+    # after it stays there. Two calls: the kept head is the second one's, summed.
+    def statistics(theta: np.ndarray) -> HeadStatistics:
+        t = float(theta[0])
+        return HeadStatistics(10, 10 * (t - 1.0) ** 2 + 1.0, np.array([20 * (t - 1.0)]),
+                              np.array([[20.0]]))
+
+    outcome = refit(np.array([0.0]), statistics, 2)
+    assert outcome.kept == 1 and outcome.theta == pytest.approx([1.0], abs=1e-3)
+    assert outcome.losses[-1] == pytest.approx(1.0, abs=1e-4)
+    one = refit(np.array([0.0]), statistics, 1)  # one call: the start, summed, is kept
+    assert one.kept == 0 and one.theta == pytest.approx([0.0])
+
+
+def test_a_direction_without_rows_stays_where_the_rounds_left_it() -> None:
+    model = _model()
+    snaps = _snaps(600, seed=8, uplift=2.0)
+    snaps.action[snaps.action == SNAP.actions.index("coupon")] = -1  # no coupon rows
+    weights = [np.asarray(w) for w in model.get_weights()]
+    start = head_vector(model, weights) + 0.3  # the rounds' head, coupon's shift included
+    model.set_weights(with_head(model, weights, start))
+    refit_locally(model, snaps, 4)
+    coupon = SNAP.actions.index("coupon") - 1
+    kernel = np.asarray(model.get_layer("activation_shift").kernel)
+    bias = np.asarray(model.get_layer("activation_shift").bias)
+    np.testing.assert_allclose(kernel[:, coupon], 0.3, atol=1e-6)
+    assert bias[coupon] == pytest.approx(0.3, abs=1e-6)
+
+
+def test_a_merchant_answers_only_with_rows_enough_for_the_steps() -> None:
+    model = _model()
+    size = len(head_vector(model, model.get_weights()))
+    k = model.get_layer("activation_shift").kernel.shape[0]
+    assert least_rows(size, k, 3) == (3 * size, 3 * (k + 1))
+    snaps = _snaps(2000, seed=9)
+    assert campaign_refusal(snaps, model, 3) is None
+    few = snaps.subset(np.flatnonzero(snaps.action >= 0)[: 3 * size - 1])
+    assert "fewer than the" in (campaign_refusal(few, model, 3) or "")
+    assert campaign_refusal(few, model, 1) is None  # one step needs a third of the rows
+    thin = snaps.subset(np.flatnonzero(snaps.action != 2)).subset(np.arange(1000))
+    keep = np.flatnonzero(snaps.action == 2)[: 3 * (k + 1) - 1]
+    lopsided = Snapshots.concat([thin, snaps.subset(keep)])
+    assert "action 2 has" in (campaign_refusal(lopsided, model, 3) or "")
 
 
 def test_refit_stops_keeping_the_best_head_when_nothing_is_summed() -> None:
@@ -293,14 +340,15 @@ def test_the_servers_refit_on_the_merchants_sums_is_the_pooled_refit() -> None:
     model = build_model(settings.model, settings.snapshots, seed=3)
     snaps = _snaps(900, seed=6, uplift=2.0)
     shards = {1: snaps.subset(np.arange(0, 400)), 2: snaps.subset(np.arange(400, 890)),
-              3: snaps.subset(np.arange(890, 900))}  # 10 rows: fewer than MIN_ROWS
+              3: snaps.subset(np.arange(890, 900))}  # 10 rows: too few to answer
     grid = _Merchants(shards, merchant)
     weights = [np.asarray(w) for w in model.get_weights()]
     refit_weights, summary = refit_head(grid, settings, model, weights)
     assert summary is not None and summary["status"] == "ok" and summary["steps"] == 3
     # The first step asks every node; the two that answered it are asked after it.
     assert summary["merchants"] == [2, 2, 2] and len(summary["failures"]) == 2
-    assert any("fewer than the 20" in f for f in summary["failures"])
+    assert any("training campaign snapshots, fewer than the" in f
+               for f in summary["failures"])
     assert any("metric names" in f for f in summary["failures"])
     # The pooled refit on the two answering merchants' rows together.
     model.set_weights(weights)
