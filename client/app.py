@@ -198,7 +198,7 @@ def handle_evaluate(msg: Message, context: Context, data: MerchantData,
     if explain:
         return attribution_reply(msg, settings, snaps)
     if refit:
-        return head_refit_reply(msg, settings, snaps, weights)
+        return head_refit_reply(msg, settings, snaps, weights, context.node_config)
     test = snaps.split_part("test")
     if len(test) == 0:
         return error_reply(msg, DATA_ERROR, "no held-out snapshots in this merchant's data")

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Most steps a merchant answers a refit for (the rows it needs grow with them).
 MAX_STEPS = 20
+#: Node config key with which a merchant declines every head refit (``false``).
+NODE_CONFIG_KEY = "head-refit"
 
 
 def wants_head_refit(config: Mapping[str, Any] | None) -> bool:
@@ -69,14 +71,27 @@ def head_refit_metrics(settings: ClientSettings, snaps: Snapshots,
             HEAD_REFIT_HESSIAN: [float(v) for v in np.ravel(stats.hessian)]}
 
 
+def declines(node_config: Mapping[str, Any]) -> bool:
+    """Whether this merchant's node config turns the head refit down
+    (``head-refit=false``): it then answers no refit, whatever its rows."""
+    value = node_config.get(NODE_CONFIG_KEY, True)
+    return value is False or str(value).strip().lower() in ("false", "off", "0", "no")
+
+
 def head_refit_reply(msg: Any, settings: ClientSettings, snaps: Snapshots,
-                     weights: list[np.ndarray] | None) -> Any:
+                     weights: list[np.ndarray] | None,
+                     node_config: Mapping[str, Any] | None = None) -> Any:
     """The reply to an evaluate instruction that asks for the head refit's sums: the
-    sums, or an error naming what is missing."""
+    sums, or an error naming what is missing or that this merchant declines
+    (``node_config``, :func:`declines`)."""
     from flwr.app import Error, Message, MetricRecord, RecordDict
 
     from client.app import DATA_ERROR
 
+    if declines(node_config or {}):
+        return Message(Error(code=DATA_ERROR, reason=f"head refit: this merchant declines "
+                             f"it ({NODE_CONFIG_KEY}=false in its node config)"),
+                       reply_to=msg)
     if weights is None:
         weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
     started = time.perf_counter()

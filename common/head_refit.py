@@ -202,8 +202,10 @@ def refit(theta: np.ndarray, statistics: Callable[[np.ndarray], HeadStatistics |
 
 
 def refit_locally(model: Any, snaps: Snapshots, steps: int) -> RefitOutcome | None:
-    """:func:`refit` on ``snaps``' own campaign rows; the model keeps the result. None
-    (nothing changed) for a model without the head, no steps or no campaign rows."""
+    """:func:`refit` on ``snaps``' own campaign rows, all of them: the pooled refit a
+    federation's equals over the same rows (the tests' reference; no method of the
+    comparison takes it). The model keeps the result. None (nothing changed) for a model
+    without the head, no steps or no campaign rows."""
     if steps <= 0 or not head_positions(model) or not np.any(snaps.action >= 0):
         return None
     weights = [np.asarray(v) for v in model.get_weights()]

@@ -93,10 +93,11 @@ class FederationConfig:
     shift_server_lr: float = 1.0
     shift_server_momentum: float = 0.75
     # After the last round, the kept model's activation head (its base and shift layers,
-    # common.head_refit) is fitted again, every other weight fixed, by this many Newton
-    # steps on the merchants' summed statistics over their training campaign rows: the
-    # step pooled training would take (server/head_refit.py; federation.json's
-    # ``head_refit``). Not under SecAgg+ or DP. 0 = off.
+    # common.head_refit) is fitted again, every other weight fixed, on the summed
+    # statistics of the merchants with enough training campaign rows to answer: the best
+    # of this many heads, the rounds' one and damped Newton steps (server/head_refit.py;
+    # federation.json's ``head_refit``). Not under SecAgg+, DP or a robust strategy.
+    # 0 = off.
     head_refit_steps: int = 3
 
     def __post_init__(self) -> None:

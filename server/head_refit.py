@@ -6,7 +6,8 @@ each step, sends the merchants one plain evaluate instruction holding it and a c
 asking for the head's sums (``client.head_refit``). It checks every reply (the
 whitelisted names, one row count, finite numbers of the head's sizes), adds the usable
 ones up and takes a damped Newton step (``common.head_refit.refit``): the step pooled
-training on the merchants' rows together would take. Every other weight stays as the
+training on the answering merchants' rows together would take (a merchant answers only
+with enough rows, ``common.head_refit.least_rows``). Every other weight stays as the
 rounds left it. The kept model and ``federation.json``'s ``head_refit`` carry the
 result.
 
@@ -119,6 +120,8 @@ class RefitRound:
         self.answered.append(len(answered))
         if not self.members:
             self.members = sorted(answered)
+            if not answered:
+                self.stopped = "no merchant answered the first step (failures say why)"
         elif sorted(answered) != self.members:
             # Other rows: their loss cannot be compared with the steps before.
             self.stopped = (f"{len(self.members) - len(answered)} of the "

@@ -401,3 +401,37 @@ def test_the_server_does_not_ask_under_secagg_or_dp() -> None:
     kept, summary = refit_head(None, server_settings({**base, "federation.head-refit-steps": 0}),
                                model, weights)
     assert kept is weights and summary is None
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_merchant_declines_by_node_config_or_without_valid_steps() -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from client.config import settings_from_flat as client_settings
+    from client.head_refit import declines, head_refit_reply
+    from common.protocol import HEAD_REFIT_KEY, HEAD_REFIT_STEPS_KEY
+
+    flat = {"model.lstm-units": 4, "model.dense-units": 4, "model.jit-compile": False,
+            "snapshots.max-len": 4, "snapshots.hash-buckets": 8, "seed": 3}
+    settings = client_settings(flat)
+    model = build_model(settings.model, settings.snapshots, seed=3)
+    content = RecordDict({"arrays": ArrayRecord(model.get_weights()),
+                          "config": ConfigRecord({HEAD_REFIT_KEY: True,
+                                                  HEAD_REFIT_STEPS_KEY: 3})})
+    msg = Message(content=content, dst_node_id=1, message_type="evaluate")
+    snaps = _snaps(1000, seed=10)
+    answered = head_refit_reply(msg, settings, snaps, None, {"data-path": "/d.csv"})
+    assert not answered.has_error()
+    for value in (False, "false", "off"):
+        assert declines({"head-refit": value})
+        reply = head_refit_reply(msg, settings, snaps, None, {"head-refit": value})
+        assert reply.has_error() and "declines" in reply.error.reason
+    assert not declines({}) and not declines({"head-refit": True})
+    for steps in (None, 0, 21, True, 2.5):  # the steps must be announced, in [1, 20]
+        config = {HEAD_REFIT_KEY: True} | ({} if steps is None else
+                                           {HEAD_REFIT_STEPS_KEY: steps})
+        bad = Message(content=RecordDict({"arrays": ArrayRecord(model.get_weights()),
+                                          "config": ConfigRecord(config)}),
+                      dst_node_id=1, message_type="evaluate")
+        reply = head_refit_reply(bad, settings, snaps, None, {})
+        assert reply.has_error() and "'head-refit-steps' must be an int" in reply.error.reason
