@@ -135,11 +135,11 @@ def observe(spec: dict, exp, data):
 
     summed_replies = head_refit.summed_replies
 
-    def summed(replies, size):  # each head refit step's replies
+    def summed(replies, size, *rest):  # each head refit step's replies
         replies = list(replies)
         for msg in replies:
             record(describe("head_refit", None, msg) | {"head_size": size})
-        return summed_replies(replies, size)
+        return summed_replies(replies, size, *rest)
 
     head_refit.summed_replies = summed
     GuardedMixin.aggregate_train = observed("train", GuardedMixin.aggregate_train)
