@@ -292,6 +292,19 @@ def test_a_bad_reply_is_rejected_with_its_reason(changes: dict[str, Any], reason
     assert stats is None and reason in why
 
 
+def _federation_settings() -> tuple[Any, Any, Any]:
+    """The server's and a merchant's settings of a small model, and the model."""
+    from client.config import settings_from_flat as client_settings
+    from server.config import settings_from_flat as server_settings
+
+    flat = {"model.lstm-units": 4, "model.dense-units": 4, "model.jit-compile": False,
+            "snapshots.max-len": 4, "snapshots.hash-buckets": 8, "seed": 3,
+            "federation.run-dir": "unused", "federation.head-refit-steps": 3}
+    settings = server_settings(flat)
+    return settings, client_settings(flat), build_model(settings.model, settings.snapshots,
+                                                        seed=3)
+
+
 class _Merchants:
     """A Grid whose merchants answer the server's evaluate instructions with the real
     client handler's sums over their own rows (node 3 has too few campaign rows and
@@ -328,16 +341,9 @@ class _Merchants:
 
 @pytest.mark.usefixtures("server_identity")
 def test_the_servers_refit_on_the_merchants_sums_is_the_pooled_refit() -> None:
-    from client.config import settings_from_flat as client_settings
-    from server.config import settings_from_flat as server_settings
     from server.head_refit import refit_head
 
-    flat = {"model.lstm-units": 4, "model.dense-units": 4, "model.jit-compile": False,
-            "snapshots.max-len": 4, "snapshots.hash-buckets": 8, "seed": 3,
-            "federation.run-dir": "unused", "federation.head-refit-steps": 3}
-    settings = server_settings(flat)
-    merchant = client_settings(flat)
-    model = build_model(settings.model, settings.snapshots, seed=3)
+    settings, merchant, model = _federation_settings()
     snaps = _snaps(900, seed=6, uplift=2.0)
     shards = {1: snaps.subset(np.arange(0, 400)), 2: snaps.subset(np.arange(400, 890)),
               3: snaps.subset(np.arange(890, 900))}  # 10 rows: too few to answer
@@ -362,18 +368,12 @@ def test_the_servers_refit_on_the_merchants_sums_is_the_pooled_refit() -> None:
 
 @pytest.mark.usefixtures("server_identity")
 def test_a_merchant_gone_after_the_first_step_stops_the_refit_at_the_best_head() -> None:
-    from client.config import settings_from_flat as client_settings
-    from server.config import settings_from_flat as server_settings
     from server.head_refit import refit_head
 
-    flat = {"model.lstm-units": 4, "model.dense-units": 4, "model.jit-compile": False,
-            "snapshots.max-len": 4, "snapshots.hash-buckets": 8, "seed": 3,
-            "federation.run-dir": "unused", "federation.head-refit-steps": 3}
-    settings = server_settings(flat)
-    model = build_model(settings.model, settings.snapshots, seed=3)
+    settings, merchant, model = _federation_settings()
     snaps = _snaps(600, seed=7, uplift=2.0)
     shards = {1: snaps.subset(np.arange(0, 300)), 2: snaps.subset(np.arange(300, 600))}
-    grid = _Merchants(shards, client_settings(flat), leaves=2)
+    grid = _Merchants(shards, merchant, leaves=2)
     weights = [np.asarray(w) for w in model.get_weights()]
     kept, summary = refit_head(grid, settings, model, weights)
     assert summary is not None and summary["merchants"] == [2, 1]
