@@ -112,10 +112,10 @@ def least_rows(head_size: int, shift_inputs: int, steps: int) -> tuple[int, int]
     group (control included), for a refit of ``steps`` steps.
 
     Each step's Hessian gives the server ``P (P + 1) / 2`` numbers (``P`` the head's
-    size) and each row holds about ``P`` unknowns (its design row): with fewer rows than
-    numbers received the sums can determine the rows themselves (with two steps and
-    fewer than ``P`` rows, exactly, labels included). ``steps * P`` rows keep the
-    unknowns about twice the numbers sent; an action's shift block (``k + 1`` columns,
+    size) and each row holds about ``P`` unknowns (its design row): with fewer unknowns
+    in all than numbers received the sums can determine the rows themselves (with two
+    steps and fewer than ``P`` rows, exactly, labels included). ``steps * P`` rows keep
+    the unknowns about twice the numbers sent; an action's shift block (``k + 1`` columns,
     ``k`` the response inputs) needs ``steps * (k + 1)`` rows of that action the same
     way. A counting bound, not a proof: the sums are not differentially private.
     """
