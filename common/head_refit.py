@@ -249,25 +249,17 @@ def _shift_gain(model: Any) -> float:
 @functools.lru_cache(maxsize=4)
 def _probe(model: Any) -> Callable[[Snapshots], tuple[np.ndarray, np.ndarray]]:
     """A function giving the head's inputs (the base layer's and the standardised
-    response aggregates) of some rows, run in fixed-size padded batches."""
+    response aggregates) of some rows, run as :func:`common.training.predict` runs."""
     import keras
 
-    from common.model import model_inputs
+    from common.training import predict
 
-    probe = keras.Model(model.inputs, [model.get_layer("activation_base").input,
-                                       model.get_layer("activation_response").output])
+    probe = keras.Model(model.input, {
+        "trunk": model.get_layer("activation_base").input,
+        "response": model.get_layer("activation_response").output})
 
     def run(snaps: Snapshots) -> tuple[np.ndarray, np.ndarray]:
-        x = model_inputs(model, snaps)
-        n = len(snaps)
-        trunk, response = [], []
-        for lo in range(0, n, PROBE_BATCH):
-            m = min(PROBE_BATCH, n - lo)
-            rows = np.full(PROBE_BATCH, lo)
-            rows[:m] = np.arange(lo, lo + m)
-            a, b = probe.predict_on_batch({k: v[rows] for k, v in x.items()})
-            trunk.append(np.asarray(a, dtype=float)[:m])
-            response.append(np.asarray(b, dtype=float)[:m])
-        return np.concatenate(trunk), np.concatenate(response)
+        out = predict(probe, snaps, batch=PROBE_BATCH)
+        return out["trunk"].astype(float), out["response"].astype(float)
 
     return run
