@@ -11,11 +11,13 @@ the monitor's throughput.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,17 +56,30 @@ def _model(model: Path, method: str | None) -> tuple[str, Path]:
     return name, path
 
 
-def _request_log() -> None:
-    """A service's log: the trainer's line per request (INFO) on stderr with the time,
-    as a SuperNode shows its messages."""
+@contextlib.contextmanager
+def _request_log(show: bool) -> Iterator[None]:
+    """A service's log while the block runs: the trainer's line per request (INFO) on
+    stderr with the time, as a SuperNode shows its messages. Taken off afterwards, so a
+    caller running commands in one process keeps its own logging (and no handler is
+    left writing to a stderr that is gone)."""
     import logging
 
+    if not show:
+        yield
+        return
     logger = logging.getLogger("client")
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 serve_app = typer.Typer(help="The merchant's side of a deployment (the warm trainer).",
@@ -105,12 +120,11 @@ def serve(
     from client.trainer import serve as serve_trainer
 
     sock = socket.expanduser().absolute() if socket is not None else default_socket(path)
-    if not console.quiet:
-        _request_log()
     private_dir(sock.parent)  # a folder others can enter is refused before the file is read
-    # Paths as the node config gives them: the ClientApp compares them resolved.
-    data = MerchantFile(str(path), format, str(inter) if inter is not None else None)
-    served = serve_trainer(data, sock, report=console.say)
+    with _request_log(not console.quiet):
+        # Paths as the node config gives them: the ClientApp compares them resolved.
+        data = MerchantFile(str(path), format, str(inter) if inter is not None else None)
+        served = serve_trainer(data, sock, report=console.say)
     console.close()
     print(f"trainer stopped after {served:,} requests; {sock} removed")
 
