@@ -116,50 +116,104 @@ def check_model_overrides(overrides: Sequence[str] | None) -> None:
     from_flat(PolicyConfig, flat, "policy")
 
 
+#: Snapshot keys that define the features a model reads: a value other than the one it
+#: was trained with scores other features than it learnt, quietly. (``max-len``,
+#: ``hash-buckets`` and ``actions`` are checked against the model's shapes instead.)
+FEATURE_KEYS: tuple[str, ...] = (
+    "snapshots.observation-days", "snapshots.tau-days", "snapshots.weight-view",
+    "snapshots.weight-click", "snapshots.weight-cart", "snapshots.weight-favorite",
+    "snapshots.weight-purchase")
+
+
+def _saved_settings(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The ``snapshots.*`` / ``policy.*`` keys of the run's ``config.json`` and the
+    sidecar beside ``path`` (the sidecar winning), each file's keys checked with the file
+    named; and the files read."""
+    flat: dict[str, Any] = {}
+    sources: list[str] = []
+    for candidate in (path.parent / "config.json", sidecar_path(path)):
+        if candidate.is_file():
+            found = _settings_file(candidate)
+            try:
+                from_flat(SnapshotConfig, found, "snapshots")
+                from_flat(PolicyConfig, found, "policy")
+            except ValueError as err:
+                raise ValueError(f"{candidate}: {err}") from None
+            flat.update(found)
+            sources.append(str(candidate))
+    return flat, sources
+
+
+def _check_feature_overrides(saved: dict[str, Any], flat: dict[str, Any],
+                             sources: Sequence[str]) -> None:
+    """Refuse ``--set`` values of :data:`FEATURE_KEYS` that differ from the ones the
+    model's settings files give (without those files, ``--set`` is how the training
+    settings are given, so anything goes)."""
+    if not sources:
+        return
+    trained = to_flat(from_flat(SnapshotConfig, saved, "snapshots"), "snapshots")
+    asked = to_flat(from_flat(SnapshotConfig, flat, "snapshots"), "snapshots")
+    for key in FEATURE_KEYS:
+        if asked[key] != trained[key]:
+            raise ValueError(
+                f"--set {key}={asked[key]:g}: the model was trained with {trained[key]:g} "
+                f"({sources[-1]}); other values score other features than it learnt "
+                "(train a model with them instead)")
+
+
 def load_model_bundle(path: str | Path,
                       overrides: Sequence[str] | None = None) -> ModelBundle:
     """Load a model and its settings.
 
     Settings, later ones winning: the defaults; the run's ``config.json`` in the model's
     folder (``snapshots.*`` / ``policy.*`` keys); the ``model.json`` sidecar;
-    ``overrides`` (``key=value`` strings, as ``--set``). The shape-bearing settings
-    (``max-len``, ``hash-buckets``, the number of actions) are checked against the model.
+    ``overrides`` (``key=value`` strings, as ``--set``; the feature-defining keys may not
+    differ from the files'). All of them are checked before the model is read (a bad
+    settings file answers at once, naming the file). The shape-bearing settings
+    (``max-len``, ``hash-buckets``, the number of actions) are checked against the
+    model, and its weights must be finite.
     """
     check_model_overrides(overrides)  # before the model: a typo answers at once
     path = Path(path).resolve()
+    saved, sources = _saved_settings(path)
+    flat = apply_overrides(saved, list(overrides)) if overrides else saved
+    _check_feature_overrides(saved, flat, sources)
+    if overrides:
+        sources.append("--set")
+    snaps = from_flat(SnapshotConfig, flat, "snapshots")
+    policy = from_flat(PolicyConfig, flat, "policy")
+    if not sources:
+        log.warning("%s: no model.json or config.json beside the model; using default "
+                    "snapshot settings (give the training ones with --set snapshots.KEY=VALUE)",
+                    path)
     model: keras.Model | TabularModel
     if path.suffix == ".skops":
         from common.tabular import load_tabular
 
         model = load_tabular(path)
-    else:
-        from common.model import load_model
-
-        model = load_model(path)
-    flat: dict[str, Any] = {}
-    sources: list[str] = []
-    for candidate in (path.parent / "config.json", sidecar_path(path)):
-        if candidate.is_file():
-            flat.update(_settings_file(candidate))
-            sources.append(str(candidate))
-    if overrides:
-        flat = apply_overrides(flat, list(overrides))
-        sources.append("--set")
-    if not sources:
-        log.warning("%s: no model.json or config.json beside the model; using default "
-                    "snapshot settings (give the training ones with --set snapshots.KEY=VALUE)",
-                    path)
-    snaps = from_flat(SnapshotConfig, flat, "snapshots")
-    policy = from_flat(PolicyConfig, flat, "policy")
-    if path.suffix == ".skops":
         if len(model.activation) != len(snaps.actions):
             raise ValueError(f"config key snapshots.actions lists {len(snaps.actions)} actions "
                              f"({','.join(snaps.actions)}) but {path} scores "
                              f"{len(model.activation)}")
         return ModelBundle(model, snaps, policy, tuple(sources) or ("defaults",), model.kind)
+    from common.model import load_model
+
+    model = load_model(path)
     _check_is_scorer(model, path)
+    _check_finite(model, path)
     check_model_settings(model, snaps, str(path))
     return ModelBundle(model, snaps, policy, tuple(sources) or ("defaults",))
+
+
+def _check_finite(model: keras.Model, path: Path) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the first: every score it
+    gives would be NaN (a training run that diverged, or a damaged file)."""
+    import numpy as np
+
+    for weight in model.weights:
+        if not np.all(np.isfinite(np.asarray(weight))):
+            raise ValueError(f"{path} has weights that are not finite (first: {weight.path}): "
+                             "its training diverged or the file is damaged; train it again")
 
 
 def _check_is_scorer(model: keras.Model, path: Path) -> None:

@@ -402,6 +402,36 @@ def test_model_bundle_round_trip_and_checks(model, tmp_path: Path) -> None:
         .snapshots.max_len == 8
 
 
+def test_bundle_refuses_feature_overrides_bad_settings_files_and_nan_weights(
+        model, tmp_path: Path) -> None:
+    path = save_model_bundle(model, SNAP, POLICY, tmp_path / "run" / "model.keras")
+    # The features the model learnt may not change at scoring time...
+    for key in ("snapshots.tau-days", "snapshots.weight-view", "snapshots.observation-days"):
+        with pytest.raises(ValueError, match=rf"--set {key}=100: the model was trained with"):
+            load_model_bundle(path, [f"{key}=100"])
+    # ... their own values pass, and so do the keys that do not define features.
+    assert load_model_bundle(path, [f"snapshots.tau-days={SNAP.tau_days}",
+                                    "snapshots.horizon-days=3"]).snapshots.horizon_days == 3
+    # A settings file with a key no version knows is named, before the model is read.
+    sidecar = sidecar_path(path)
+    good = sidecar.read_text()
+    sidecar.write_text(json.dumps({**json.loads(good), "snapshots.tau-dayz": 3}))
+    with pytest.raises(ValueError, match=rf"^{sidecar}: unknown config key 'snapshots.tau-dayz'"):
+        load_model_bundle(path)
+    # Without settings files, --set is how the training settings are given.
+    sidecar.unlink()
+    shapes = [f"snapshots.max-len={SNAP.max_len}", f"snapshots.hash-buckets={SNAP.hash_buckets}"]
+    assert load_model_bundle(path, [*shapes, "snapshots.tau-days=9"]).snapshots.tau_days == 9
+    # A model whose weights are not finite is refused, naming the file and a weight.
+    sidecar.write_text(good)
+    broken = build_model(ModelConfig(lstm_units=8, dense_units=8), SNAP, seed=0)
+    broken.set_weights([np.full_like(w, np.nan) if i == 3 else w
+                        for i, w in enumerate(model.get_weights())])
+    nan_path = save_model_bundle(broken, SNAP, POLICY, tmp_path / "nan" / "model.keras")
+    with pytest.raises(ValueError, match=r"model.keras has weights that are not finite \(first: "):
+        load_model_bundle(nan_path)
+
+
 def test_score_and_monitor_commands(events: pd.DataFrame, model, tmp_path: Path,
                                     capsys) -> None:
     model_path = save_model_bundle(model, SNAP, POLICY, tmp_path / "model.keras")
