@@ -59,6 +59,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         try:
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
+            if hint is not str and isinstance(value, bool):
+                raise ValueError  # `true` is not the number 1
             out = hint(value)
         except (TypeError, ValueError, OverflowError):
             raise ValueError(
@@ -247,7 +249,10 @@ class ModelConfig:
         for name in ("event_embedding", "category_embedding", "lstm_units", "dense_units"):
             check_key(getattr(self, name) >= 1, f"model.{name.replace('_', '-')}", "must be >= 1")
         check_key(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
-        check_key(self.learning_rate > 0, "model.learning-rate", "must be > 0")
+        # Adam's step is about the learning rate in every weight: past 1 training only
+        # diverges (1e6 gave a loss of 1e18 and a model scoring every user 1.0).
+        check_key(0 < self.learning_rate <= 1, "model.learning-rate",
+                  f"must be in (0, 1], got {self.learning_rate}")
         check_key(self.interest_loss in ("huber", "mse"), "model.interest-loss",
                "must be 'huber' or 'mse'")
         check_key(self.activation_head in ("contrast", "separate"), "model.activation-head",
@@ -309,6 +314,9 @@ class PolicyConfig:
         check_key(0 <= self.risk_threshold <= 1, "policy.risk-threshold", "must be in [0, 1]")
         check_key(self.budget >= 0, "policy.budget", "must be >= 0")
         check_key(self.value >= 0, "policy.value", "must be >= 0")
+        for action in ("recommend", "coupon", "push"):
+            # A negative cost would pay the policy to treat: every user treated.
+            check_key(self.cost(action) >= 0, f"policy.cost-{action}", "must be >= 0")
 
     def cost(self, action: str) -> float:
         """The ``cost-<action>`` of treating one user with ``action``; 0 for an action

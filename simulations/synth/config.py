@@ -63,6 +63,10 @@ class SynthConfig:
                      "activity_sigma", "boost_session", "boost_purchase"):
             value = getattr(self, name)
             check_key(value >= 0, key(name), f"must be >= 0, got {value}")
+        # A day's sessions are a Poisson draw: past ~1e18 numpy refuses the rate; past
+        # 100 a day the log is tens of thousands of events per user and month.
+        check_key(self.sessions_per_day <= 100, key("sessions_per_day"),
+                  f"must be <= 100, got {self.sessions_per_day}")
         check_key(self.views_per_session >= 1, key("views_per_session"), "must be >= 1")
         check_key(0 <= self.arrival_share <= 1, key("arrival_share"), "must be in [0, 1]")
         check_key(0 <= self.churn_rate < 1, key("churn_rate"), "must be in [0, 1)")
