@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from common.tabular import TabularModel
 from simulations.experiment import PreparedData
 from simulations.settings import Experiment
 from simulations.tracking import NO_TRACKING, Tracker, epoch_scalars
+
+if TYPE_CHECKING:
+    from common.training import FitResult
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,7 @@ def run_centralised(exp: Experiment, data: PreparedData, *, epochs: int | None =
             task.advance(1, **{k.replace("/", "_"): v for k, v in scalars.items()})
 
         res = fit(model, train, val, cfg, seed=exp.seed, on_epoch=on_epoch)
+    _check_converged(res, "centralised training", exp)
     result = MethodResult(
         name="centralised", val=predict(model, val_all), test=predict(model, test),
         seconds=time.perf_counter() - started, sample_epochs=float(res.epochs * len(train)),
@@ -164,6 +168,7 @@ def run_local(exp: Experiment, data: PreparedData, *, epochs: int | None = None,
                 continue
             model.set_weights(initial)
             res = fit(model, train, val, cfg, seed=exp.seed)
+            _check_converged(res, f"merchant {merchant}'s local training", exp)
             seen += res.epochs * len(train)
             per_merchant[merchant] = {"epochs": res.epochs, "train_rows": len(train)}
             _add_epochs(epoch_rows, res.history, len(train))
@@ -181,6 +186,17 @@ def run_local(exp: Experiment, data: PreparedData, *, epochs: int | None = None,
     return MethodResult(name="local-only", val=val_pred, test=test_pred,
                         seconds=time.perf_counter() - started, sample_epochs=seen,
                         details={"merchants": per_merchant})
+
+
+def _check_converged(res: FitResult, what: str, exp: Experiment) -> None:
+    """Refuse a training run that diverged: its non-finite weights would score every row
+    NaN, and the comparison would go on with them."""
+    bad = [i for i, w in enumerate(res.weights) if not np.all(np.isfinite(w))]
+    if bad or not np.isfinite(res.train_loss):
+        raise ValueError(
+            f"{what} diverged (training loss {res.train_loss:.4g} after {res.epochs} "
+            f"epochs{', weights not finite' if bad else ''}): lower model.learning-rate "
+            f"(now {exp.model.learning_rate:g})")
 
 
 def _add_epochs(sums: list[dict[str, float]], history: list[dict[str, float]],

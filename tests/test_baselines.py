@@ -59,3 +59,27 @@ def test_the_cli_checks_methods_against_the_one_list() -> None:
 
     assert checks.METHODS is METHODS and "lr" in METHODS
     assert checks.names("lr,gbdt", checks.METHODS, "--methods") == ("lr", "gbdt")
+
+
+def test_a_diverged_training_run_is_an_error() -> None:
+    from common.config import ModelConfig
+    from common.training import FitResult
+    from simulations.baselines import _check_converged
+
+    exp = resolve("quick")
+    weights = [np.zeros((2, 2), np.float32), np.ones(3, np.float32)]
+
+    def result(loss: float, ws: list[np.ndarray]) -> FitResult:
+        return FitResult(epochs=3, examples=10, train_loss=loss, val_loss=loss, best_epoch=3,
+                         seconds=0.1, history=[], weights=ws)
+
+    _check_converged(result(0.7, weights), "centralised training", exp)  # fine: no error
+    with pytest.raises(ValueError, match=r"^centralised training diverged \(training loss nan "
+                       r"after 3 epochs\): lower model.learning-rate \(now 0.003\)"):
+        _check_converged(result(float("nan"), weights), "centralised training", exp)
+    broken = [weights[0], np.array([1.0, np.inf, 0.0], np.float32)]
+    with pytest.raises(ValueError, match=r"merchant m1's local training diverged .*weights not "
+                       "finite"):
+        _check_converged(result(0.7, broken), "merchant m1's local training", exp)
+    with pytest.raises(ValueError, match=r"'model.learning-rate': must be in \(0, 1\]"):
+        ModelConfig(learning_rate=1e6)
