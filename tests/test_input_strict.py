@@ -23,7 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.config import SnapshotConfig
-from common.io import MALFORMED, EventLog, detect_format, load_events, validate_events
+from common.io import (
+    MALFORMED,
+    EventLog,
+    detect_format,
+    load_events,
+    validate_events,
+    validate_interventions,
+)
 from common.schema import DataError
 from common.snapshots import (
     MAX_CUTOFFS,
@@ -242,6 +249,28 @@ def test_readiness_needs_val_test_and_enough_training_snapshots() -> None:
     problems = federation_problems(late, report, 20)
     assert any("validation period has no snapshots" in p for p in problems)
     assert any("test period has no snapshots" in p for p in problems)
+
+
+def test_interventions_that_meet_no_snapshot_are_not_ok() -> None:
+    """An interventions file whose users are not the events file's (or whose merchant
+    ids are missing while the events have merchants) would train the activation heads
+    on nothing while the check said OK."""
+    days = [str(d.date()) for d in pd.date_range("2017-01-01", "2017-06-30", freq="D")]
+    events = _events(days)
+
+    def interventions(user: str) -> pd.DataFrame:
+        frame = pd.DataFrame({"user_id": [user] * 3, "action": ["none", "coupon", "push"],
+                              "timestamp": pd.to_datetime(["2017-03-02", "2017-03-09",
+                                                           "2017-03-16"], utc=True)})
+        return validate_interventions(frame, "frame")
+
+    snaps, report = build_snapshots(events, SnapshotConfig(), interventions("u1"))
+    assert sum(report.activation_rows.values()) > 0
+    assert federation_problems(snaps, report, 20) == []
+    snaps, report = build_snapshots(events, SnapshotConfig(), interventions("nobody"))
+    [problem] = federation_problems(snaps, report, 20)
+    assert problem.startswith("none of the 3 interventions meets an active snapshot")
+    assert "merchant_id" in problem
 
 
 def test_valid_data_keeps_its_snapshot_counts() -> None:

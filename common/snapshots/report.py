@@ -58,7 +58,8 @@ def federation_problems(snaps: Snapshots, report: SnapshotReport,
 
     A merchant needs at least ``min_train_snapshots`` training snapshots (merchants with
     fewer are left out of a federation) and the log needs snapshots in the validation
-    and test periods, or the model is scored on nothing.
+    and test periods, or the model is scored on nothing; interventions that were given
+    must meet some snapshot, or the activation heads learn from nothing.
     """
     problems = []
     for i, name in enumerate(SPLITS[1:], 1):
@@ -69,6 +70,12 @@ def federation_problems(snaps: Snapshots, report: SnapshotReport,
                 f"(cutoffs {', '.join(cut) or '-'}: no user active in the observation "
                 "window before them); the end of the log is empty or holds a few stray "
                 "late rows: remove them, or lower snapshots.horizon-days / stride-days")
+    if report.interventions_unmatched and not sum(report.activation_rows.values()):
+        problems.append(
+            f"none of the {report.interventions_unmatched:,} interventions meets an active "
+            "snapshot (the same user and merchant, within snapshots.intervention-window-days "
+            "after a cutoff): check that their user_id and merchant_id are the events "
+            "file's, and their times inside its span")
     train = snaps.split == 0
     sizes = pd.Series(snaps.merchant_id[train].astype(str)).value_counts()
     need = max(min_train_snapshots, 1)
