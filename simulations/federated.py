@@ -164,6 +164,12 @@ def return_freed_memory() -> None:
 def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path, *,
                       progress: Progress = SILENT) -> dict[str, Any]:
     """The flat run config every app gets: the experiment plus paths and the calendar."""
+    n = len(data.merchants)
+    for key in ("federation.min-available-nodes", "federation.min-train-nodes"):
+        if key in exp.flat and int(exp.flat[key]) > n:
+            # Flower would wait for merchants that never come, every round.
+            raise ValueError(f"config key '{key}': {exp.flat[key]} merchants asked for, but "
+                             f"the federation has {n}")
     shard_dir = run_dir / "shards"
     with progress.task("writing shards", total=len(data.merchants), unit="merchants") as task:
         write_shards(data, shard_dir, task)
@@ -185,7 +191,6 @@ def simulation_config(exp: Experiment, data: PreparedData, run_dir: Path, *,
         "federation.eval-data": str(eval_path),
     })
     # Everyone must be sampled unless the scenario says otherwise.
-    n = len(data.merchants)
     flat.setdefault("federation.min-available-nodes", n)
     flat.setdefault("federation.min-train-nodes",
                     max(1, int(n * exp.federation.fraction_train)))

@@ -4,6 +4,7 @@ or a folder is made; run folders are an interface; progress is one line per step
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +42,10 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["compare", "--methods", "gdbt"], "did you mean gbdt?"),
     (["compare", "--strategies", "fedavg,fedprx"], "did you mean fedprox?"),
     (["simulate", "--set", "federation.num-rounds=0"], "federation.num-rounds"),
+    (["simulate", "--set", "synthetic.num-merchants=true"],
+     "'synthetic.num-merchants': expected int, got True"),
+    (["score", "--model", "run", "--events", "events.csv", "--set", "policy.cost-coupon=-1"],
+     "'policy.cost-coupon': must be >= 0"),
     (["data", "synth", "--out", "data", "--set", "synthtic.num-merchants=3"],
      "unknown config key 'synthtic.num-merchants'"),
     (["data", "check", "events.csv", "--set", "train.epochs=3"],
@@ -235,3 +240,41 @@ def test_progress_draws_rich_bars_on_a_terminal(capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err
     assert "centralised" in err and "2/2" in err and "loss=1.02" in err
     assert "a note above the bars" in err
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_half_made_run_folder(tmp_path: Path
+                                                                        ) -> None:
+    """A scheduler's SIGTERM while the run has only its config.json: exit 143,
+    "terminated", and the folder gone (Python's default would leave it behind)."""
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", "compare", "--preset", "quick", "--methods",
+         "gbdt", "--set", f"experiment.output-dir={runs}"],
+        cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(runs.glob("*/config.json")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        assert list(runs.glob("*/config.json")), "no run folder after 60 s"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated", err
+    assert not runs.exists() or not any(runs.iterdir()), sorted(runs.rglob("*"))
+
+
+def test_simulate_refuses_more_nodes_than_merchants_before_the_rounds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Flower would wait for the missing merchants every round, silently."""
+    runs = tmp_path / "runs"
+    assert main(["simulate", "--preset", "quick", "--set", "federation.min-train-nodes=100",
+                 "--set", f"experiment.output-dir={runs}"]) == 2
+    err = capsys.readouterr().err
+    assert ("config key 'federation.min-train-nodes': 100 merchants asked for, but the "
+            "federation has 8") in err, err
+    assert not runs.exists() or not any(runs.iterdir())

@@ -8,12 +8,17 @@ before TensorFlow loads, :mod:`.errors` turns user errors into one line (exit co
 :mod:`.console` draws progress, :mod:`.runs` finds the model in a run folder.
 
 ``main(argv)`` returns the exit code (0 done, 2 a user error or data check's NOT OK,
-130 interrupted); a bug raises with its traceback.
+130 interrupted, 143 terminated by SIGTERM); a bug raises with its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
 from typing import Annotated
 
 import click
@@ -23,7 +28,7 @@ from common.runtime import quiet_tensorflow
 
 from . import data, deploy, experiments, explain, merchant, privacy
 from .console import Console, configure_logging
-from .errors import INTERRUPTED, USER_ERROR, fail, os_error_text, usage_error_text
+from .errors import USER_ERROR, Terminated, fail, os_error_text, stop_code, usage_error_text
 
 __all__ = ["app", "main", "os_error_text"]
 
@@ -95,6 +100,27 @@ def split_flags(argv: list[str]) -> tuple[list[str], bool, bool]:
     return rest, verbose, quiet
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises :class:`~.errors.Terminated` in the command while the block runs,
+    so it unwinds as on Ctrl-C (Python's default would end the process on the spot,
+    leaving a half-made run folder). Only where SIGTERM still has the system's default
+    (a caller's own handler is kept) and on the main thread (signals go there)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``fedecay`` with ``argv`` (default: the process's); returns the exit code."""
     quiet_tensorflow()  # before any command imports TensorFlow
@@ -106,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(verbose=verbose, quiet=quiet)
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=args, prog_name="fedecay", standalone_mode=False,
-                            obj=console)
+        with _sigterm_unwinds():
+            code = command.main(args=args, prog_name="fedecay", standalone_mode=False,
+                                obj=console)
     except click.exceptions.NoArgsIsHelpError as err:
         print(err.ctx.get_help() if err.ctx is not None else "")
         return 0
@@ -117,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as err:
         fail(err.format_message())
         return err.exit_code
-    except click.Abort:
-        print("interrupted", file=sys.stderr, flush=True)
-        return INTERRUPTED
+    except click.Abort as err:  # click's form of Ctrl-C (or SIGTERM) outside a command
+        cause = err.__cause__
+        return stop_code(cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt())
     finally:
         console.close()
     return code if isinstance(code, int) else 0

@@ -28,6 +28,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Exit codes: a user error, and Ctrl-C (128 + SIGINT).
 USER_ERROR = 2
 INTERRUPTED = 130
+TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``timeout``, ``kill``): the command unwinds as on Ctrl-C,
+    so a run folder with no result is removed, and exits with :data:`TERMINATED`."""
+
+
+def stop_code(err: KeyboardInterrupt) -> int:
+    """The exit code of a command ``err`` stopped, after printing why on stderr."""
+    terminated = isinstance(err, Terminated)
+    print("terminated" if terminated else "interrupted", file=sys.stderr, flush=True)
+    return TERMINATED if terminated else INTERRUPTED
 
 # What went wrong, as the verb of "cannot <verb> <path>: <reason>", by errno.
 _OS_VERBS = {
@@ -114,10 +127,9 @@ def guarded(command: F) -> F:
             return command(*args, **params)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             _close_console()
-            print("interrupted", file=sys.stderr, flush=True)
-            raise typer.Exit(INTERRUPTED) from None
+            raise typer.Exit(stop_code(err)) from None
         except Exception as err:
             _close_console()
             text = user_error(err, inputs_text(params))
