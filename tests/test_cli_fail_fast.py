@@ -41,6 +41,8 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["train", "--mode", "gbdt", "--events", "missing.csv"], "No such file or directory"),
     (["compare", "--methods", "gdbt"], "did you mean gbdt?"),
     (["compare", "--strategies", "fedavg,fedprx"], "did you mean fedprox?"),
+    (["compare", "--strategies", "fedavg,fedprox,fedavg"], "fedavg named twice"),
+    (["compare", "--methods", "gbdt,,lr"], "--methods 'gbdt,,lr': an empty item between"),
     (["simulate", "--set", "federation.num-rounds=0"], "federation.num-rounds"),
     (["simulate", "--set", "synthetic.num-merchants=true"],
      "'synthetic.num-merchants': expected int, got True"),

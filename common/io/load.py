@@ -152,7 +152,7 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         format = looks if looks is not None else detect_format(path)  # detect_format raises
     elif looks is not None and looks != format:
         raise DataError(f"{path}: format={format!r} was requested but the content looks like "
-                        f"{looks}; pass format={looks!r} or format='auto'")
+                        f"{looks}; ask for format {looks!r} (--format {looks}) or 'auto'")
     if path.is_dir() and format != "completejourney":
         raise DataError(f"{path}: is a folder; only format 'completejourney' reads a folder")
     if format == "taobao" and is_parquet(path):

@@ -44,11 +44,26 @@ EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)
 FUTURE_SLACK = timedelta(days=1)
 
 
+def _items(value: str, flag: str) -> tuple[str, ...]:
+    """The items of a comma-separated option; an empty one (``a,,b``, a trailing comma)
+    is refused, as a slip that would otherwise pass unseen."""
+    if not value.strip():
+        return ()
+    items = tuple(v.strip() for v in value.split(","))
+    if not all(items):
+        raise ValueError(f"{flag} {value!r}: an empty item between commas")
+    return items
+
+
 def names(value: str, known: Sequence[str], flag: str) -> tuple[str, ...]:
-    """A comma-separated list of names from ``known``; a typo is named with a guess."""
-    given = tuple(v.strip() for v in value.split(",") if v.strip())
+    """A comma-separated list of distinct names from ``known``; a typo is named with a
+    guess."""
+    given = _items(value, flag)
     if not given:
         raise ValueError(f"{flag}: name at least one of {', '.join(known)}")
+    twice = sorted({name for name in given if given.count(name) > 1})
+    if twice:
+        raise ValueError(f"{flag} {value}: {', '.join(twice)} named twice (each runs once)")
     for name in given:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
@@ -60,7 +75,7 @@ def names(value: str, known: Sequence[str], flag: str) -> tuple[str, ...]:
 def numbers(value: str, flag: str, *, kind: type = float, low: float = 0) -> tuple[Any, ...]:
     """A comma-separated list of finite numbers >= ``low`` (``kind`` int or float)."""
     out = []
-    for item in (v.strip() for v in value.split(",") if v.strip()):
+    for item in _items(value, flag):
         try:
             number = kind(item)
         except ValueError:

@@ -83,8 +83,10 @@ def pick(found: dict[str, Path], method: str | None, folder: Path, what: str) ->
         [(name, path)] = found.items()
         return name, path
     if not found:
-        raise ValueError(f"{folder} holds no {what}: give a run folder written by train "
-                         "--mode centralised|gbdt, simulate or compare, or the file itself")
+        writers = ("simulate or compare (a centralised or GBDT run sends nothing)"
+                   if what == "federation" else
+                   "train --mode centralised|gbdt, simulate or compare, or the file itself")
+        raise ValueError(f"{folder} holds no {what}: give a run folder written by {writers}")
     if len(prefixed) > 1:
         raise ValueError(f"{folder} holds several {wanted} {what}s ({', '.join(prefixed)}): "
                          "choose one with --method")
