@@ -58,6 +58,8 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
      "expected an ISO-8601 time"),
     (["score", "--model", "run", "--events", "events.csv", "--method", "federated-fedprox"],
      "available: centralised, federated-fedavg"),
+    (["score", "--model", "run", "--events", "run"],
+     "is a folder without the Complete Journey tables"),
     (["score", "--model", "run/centralised/model.keras", "--events", "missing.csv"],
      "missing.csv: No such file or directory"),
     (["score", "--model", "run", "--events", "events.csv", "--set", "train.epochs=3"],

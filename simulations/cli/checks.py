@@ -104,6 +104,21 @@ def cutoff(at: str | None) -> str | None:
     return at
 
 
+def events_path(path: str | Path, flag: str, format: str) -> Path:
+    """An events input for ``--format``: a readable file, or with ``auto`` or
+    ``completejourney`` a folder holding the Complete Journey tables (the only format
+    kept in a folder)."""
+    resolved = input_path(path, flag, folder_ok=format in ("auto", "completejourney"))
+    if resolved.is_dir():
+        from common.io.completejourney import CJ_TRANSACTION_FILES, cj_transactions
+
+        if cj_transactions(resolved, strict=False) is None:
+            raise ValueError(f"{flag} {resolved}: is a folder without the Complete Journey "
+                             f"tables ({' or '.join(CJ_TRANSACTION_FILES)}); give an events "
+                             "file")
+    return resolved
+
+
 def input_path(path: str | Path, flag: str, *, folder_ok: bool = False) -> Path:
     """An input that exists, can be read, and is a regular file (or a folder if allowed)."""
     resolved = Path(path).expanduser().resolve()
@@ -167,7 +182,7 @@ def experiment(preset: str | None, *, events: str | None = None, format: str = "
     """The experiment of train/simulate/compare/bench, every key validated, its input
     files readable and its output folder creatable; nothing is loaded or created."""
     if events:
-        input_path(events, "--events", folder_ok=format in ("auto", "completejourney"))
+        events_path(events, "--events", format)
     if interventions:
         input_path(interventions, "--interventions")
     from simulations.settings import experiment_from_flat, resolve

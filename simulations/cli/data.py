@@ -68,7 +68,7 @@ def check(
     """
     console = current()
     flat = checks.section_settings(preset, set_ or [], ("snapshots", "data"), "data check")
-    checks.input_path(file, "file", folder_ok=format in ("auto", "completejourney"))
+    checks.events_path(file, "file", format)
     if interventions is not None:
         checks.input_path(interventions, "--interventions")
     from common.config import SnapshotConfig, from_flat

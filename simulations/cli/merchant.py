@@ -111,8 +111,7 @@ def serve(
     """Warm trainer beside flower-supernode: reads the file once, keeps TensorFlow, the
     snapshots and the model, and serves this merchant's train and evaluate messages."""
     console = current()
-    path = checks.input_path(data_path, "--data-path", folder_ok=format in
-                             ("auto", "completejourney"))
+    path = checks.events_path(data_path, "--data-path", format)
     inter = checks.input_path(interventions_path, "--interventions-path") \
         if interventions_path is not None else None
     from client.channel import default_socket, private_dir
@@ -167,7 +166,7 @@ def score(
                              "the log; choose another file")
     cutoff = checks.cutoff(at)
     name, model_path = _model(model, method)
-    checks.input_path(events, "--events", folder_ok=format in ("auto", "completejourney"))
+    checks.events_path(events, "--events", format)
     from client.scoring import score_events, score_summary, scores_path, warm_up, write_scores
 
     if out is not None:
