@@ -219,6 +219,11 @@ def test_interventions_file(tmp_path: Path) -> None:
     bad = write(tmp_path / "bad_inter.csv", "user_id,timestamp,action\na,2017-11-25,email\n")
     with pytest.raises(DataError, match=r"bad_inter\.csv.*'action'.*'email'.*coupon"):
         load_events(events, interventions_path=bad)
+    # Times the events file may not hold are refused here too, not quietly unmatched.
+    future = write(tmp_path / "future.csv", "user_id,timestamp,action\na,2017-11-25,none\n"
+                                            "a,2235-11-26,push\n")
+    with pytest.raises(DataError, match=r"future\.csv.*'timestamp'.*implausible.*data row 2"):
+        load_events(events, interventions_path=future)
 
 
 # ----------------------------------------------------------------------- validation

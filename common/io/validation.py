@@ -187,8 +187,8 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
     Raises
     ------
     DataError
-        Missing column, missing user id, unparsable timestamp, unknown action, or a
-        propensity outside (0, 1].
+        Missing column, missing user id, unparsable or implausible timestamp (as the
+        events'), unknown action, or a propensity outside (0, 1].
     """
     no_repeats(source, df.columns, "frame's columns")
     df = df.rename(columns=lambda c: str(c).strip().lower())
@@ -203,10 +203,12 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
     if bad.any():
         raise column_error(source, "propensity", bad, df["propensity"], "out-of-range value(s)",
                            "a probability in (0, 1]", offset)
+    timestamp = parse_timestamps(df["timestamp"], source, "timestamp", offset)
+    _check_plausible(timestamp, df["timestamp"], source, offset, (None, None))
     return pd.DataFrame(
         {
             "user_id": user,
-            "timestamp": parse_timestamps(df["timestamp"], source, "timestamp", offset),
+            "timestamp": timestamp,
             "action": map_names(df["action"], {a: a for a in actions}, action_dtype(actions),
                                 source, "action", offset, "action"),
             "propensity": propensity,
