@@ -72,12 +72,9 @@ lock: | $(UV)
 run: setup
 	$(VENV)/bin/fedecay compare --preset quick
 
-# The whole suite on $(TEST_WORKERS) pytest-xdist workers, a test file to a worker (its
-# module fixtures run once); the 25 slowest tests are listed at the end to keep its time
-# in view. TEST_WORKERS=0 runs it in this process.
-TEST_WORKERS ?= 2
+# The whole suite; the 25 slowest tests are listed at the end to keep its time in view.
 test: setup
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 # The fast tier for the development loop: everything not marked slow.
 check: setup
