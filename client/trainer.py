@@ -238,7 +238,16 @@ class TrainerServer:
                 "a folder" if stat.S_ISDIR(info.st_mode) else "a file"
             raise ChannelError(f"{self.sock_path} exists and is not a socket ({what}): "
                                "not replacing it; remove it or choose another socket path")
-        return True
+        # Our lock says no trainer serves it, but another program may listen there.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.sock_path))
+        except OSError:  # refused: nobody listens, the file is stale
+            return True
+        finally:
+            probe.close()
+        raise ChannelError(f"{self.sock_path} is in use: another process listens on it; "
+                           "not replacing it; stop that process or choose another socket path")
 
     def listen(self) -> None:
         """Write a fresh token and listen; a stale socket file (left by a trainer that

@@ -65,6 +65,9 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["score", "--model", "run", "--events", "events.csv", "--set", "train.epochs=3"],
      "only snapshots.* and policy.* keys"),
     (["privacy", "egress", "--run", "run", "--json", "out.txt"], "expected a .json file"),
+    (["privacy", "egress", "--run", "run", "--json", "run/config.json"],
+     "is a file of the run"),
+    (["privacy", "tradeoff", "run", "--json", "run/config.json"], "is a file of the run"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["bench", "--federation", "10,x"], "--federation"),
 ])

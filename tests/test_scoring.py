@@ -302,6 +302,9 @@ def test_malformed_lines_are_counted_never_raised(tmp_path: Path) -> None:
                     "value": -3}),
         json.dumps({"user_id": "u", "timestamp": "2025-03-01T00:00:00Z", "event": "view",
                     "value": "abc"}),
+        # Above the batch loader's bound: it would overflow the spend features.
+        json.dumps({"user_id": "u", "timestamp": "2025-03-01T00:00:00Z", "event": "view",
+                    "value": 1e13}),
         json.dumps({"user_id": "u", "timestamp": "2999-01-01T00:00:00Z", "event": "view"}),
         json.dumps({"user_id": ["a"], "timestamp": 1.7e9, "event": "view"}),
         '{"user_id": "u", "timestamp": ',

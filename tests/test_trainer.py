@@ -414,6 +414,38 @@ def test_sigterm_stops_the_trainer_and_removes_its_files(stub_trainer, sock: Pat
     assert "stopped" in log.read_text()
 
 
+def test_a_socket_path_too_long_for_unix_is_refused_before_the_file_is_read(
+        data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.cli import main
+
+    folder = tmp_path / "s"
+    folder.mkdir(mode=0o700)
+    long = folder / ("a" * 120 + ".sock")
+    assert main(["merchant", "serve", "--data-path", str(data_file), "--socket",
+                 str(long)]) == 2
+    err = capsys.readouterr().err
+    assert f"--socket {long}: " in err and "longer than the 107 a unix socket's path" in err
+    assert list(folder.iterdir()) == []
+
+
+def test_a_socket_another_program_listens_on_is_never_taken_over(data_file: Path,
+                                                                 sock: Path) -> None:
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(sock))
+    other.listen()
+    try:
+        server = TrainerServer(sock, MerchantFile(str(data_file)), EchoWork())
+        with pytest.raises(ChannelError, match=f"{sock} is in use: another process listens"):
+            server.start()
+        server.close()
+        assert sock.is_socket() and not channel.token_path(sock).exists()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(sock))  # still the other program's
+        client.close()
+    finally:
+        other.close()
+
+
 @pytest.mark.parametrize("kind", ["file", "symlink"])
 def test_a_file_that_is_not_a_socket_is_never_replaced(
         tmp_path: Path, data_file: Path, sock: Path, kind: str,

@@ -18,6 +18,7 @@ import pandas as pd
 
 from client.batch_features import unix_ns
 from common import timestamps
+from common.io.validation import MAX_VALUE
 from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES
 from common.timestamps import EARLIEST_NS
 
@@ -128,7 +129,7 @@ def _parse_event(line: str | bytes) -> Event:
     raw = rec.get("value")
     if raw is None or raw == "":
         value = 0.0
-    elif raw.__class__ is float and raw >= 0 and raw != math.inf:
+    elif raw.__class__ is float and 0 <= raw <= MAX_VALUE:
         value = raw
     elif isinstance(raw, bool):
         raise Malformed("value: expected a number")
@@ -139,6 +140,8 @@ def _parse_event(line: str | bytes) -> Event:
             raise Malformed("value: expected a number") from None
         if not math.isfinite(value) or value < 0:
             raise Malformed("value: expected a finite number >= 0")
+        if value > MAX_VALUE:  # as the batch loader: larger ones overflow the features
+            raise Malformed(f"value: above {MAX_VALUE:.0e}")
     merchant, category, item = (rec.get(k) for k in ("merchant_id", "category_id", "item_id"))
     return (
         (merchant.strip() if merchant.__class__ is str else _ident(merchant, "merchant_id"))

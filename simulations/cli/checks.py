@@ -152,6 +152,18 @@ def output_file(path: str | Path, flag: str, suffixes: Sequence[str]) -> Path:
     return resolved
 
 
+def not_over_inputs(out: Path | None, folders: Sequence[str | Path], flag: str) -> None:
+    """Refuse an output file that already exists inside a run folder the command reads:
+    writing it would replace that run's own file (its results.json, federation.json)."""
+    if out is None:
+        return
+    for folder in folders:
+        run = Path(folder).expanduser().resolve()
+        if out.is_relative_to(run) and out.exists():
+            raise ValueError(f"{flag} {out}: is a file of the run {run} this command reads; "
+                             "writing it would replace that file: give another name")
+
+
 def writable_parent(folder: Path, flag: str) -> None:
     """The nearest existing folder of ``folder`` is a folder we may write in."""
     for parent in (folder, *folder.parents):

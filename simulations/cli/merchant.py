@@ -82,6 +82,10 @@ def _request_log(show: bool) -> Iterator[None]:
         logger.propagate = saved[1]
 
 
+#: The longest path a unix socket may have on Linux (``sun_path`` is 108 bytes with its
+#: terminating NUL).
+SOCKET_PATH_MAX = 107
+
 serve_app = typer.Typer(help="The merchant's side of a deployment (the warm trainer).",
                         no_args_is_help=True)
 
@@ -119,6 +123,10 @@ def serve(
     from client.trainer import serve as serve_trainer
 
     sock = socket.expanduser().absolute() if socket is not None else default_socket(path)
+    size = len(os.fsencode(sock))
+    if size > SOCKET_PATH_MAX:  # bind() would fail after the file is read
+        raise ValueError(f"--socket {sock}: {size} bytes, longer than the {SOCKET_PATH_MAX} a "
+                         "unix socket's path may have; choose a shorter path")
     private_dir(sock.parent)  # a folder others can enter is refused before the file is read
     with _request_log(not console.quiet):
         # Paths as the node config gives them: the ClientApp compares them resolved.

@@ -46,6 +46,7 @@ def egress(
     """Bytes up/down per round and client, and the metric names clients may send."""
     console = current()
     out = checks.output_file(json_, "--json", (".json",)) if json_ is not None else None
+    checks.not_over_inputs(out, [run], "--json")
     name, folder = federation_in(run, method)
     from simulations.experiment import write_json
     from simulations.privacy_audit import egress_summary, format_egress
@@ -119,6 +120,7 @@ def audit(
         raise ValueError("--preset, --set and --canaries go with --unit customer")
     if run is None:
         raise ValueError("--run is required (or --unit customer)")
+    checks.not_over_inputs(out, [run], "--json")
     name, model_path = model_in(run, method)
     checks.model_file(model_path)
     from simulations.experiment import write_json
@@ -156,6 +158,8 @@ def tradeoff(
     plot = checks.output_file(out, "--out", (".png",)) if out is not None else None
     dest = checks.output_file(json_, "--json", (".json",)) if json_ is not None else None
     folders = [checks.input_path(run, "RUN_DIR", folder_ok=True) for run in runs]
+    checks.not_over_inputs(plot, folders, "--out")
+    checks.not_over_inputs(dest, folders, "--json")
     from simulations.experiment import write_json
     from simulations.privacy_tradeoff import format_tradeoff, plot_tradeoff, tradeoff_rows
 
