@@ -377,3 +377,22 @@ def test_completejourney_returns_are_dropped_and_counted(tmp_path: Path) -> None
     assert inter["propensity"].tolist() == pytest.approx([2 / 3])
     assert inter["timestamp"].tolist() == [pd.Timestamp("2017-01-03", tz="UTC")]
     assert log.report.interventions_dropped == {"household without kept transactions": 1}
+
+
+def test_an_interventions_file_of_other_users_is_refused(tmp_path: Path) -> None:
+    """Another merchant's file, or one without merchant_id beside a log of several
+    merchants: the activation heads would learn from nothing."""
+    events = write(tmp_path / "log.csv", "user_id,timestamp,event,merchant_id\n"
+                                         "a,2017-11-25,view,m1\nb,2017-11-25,view,m2\n")
+    mine = write(tmp_path / "mine.csv", "user_id,timestamp,action,merchant_id\n"
+                                        "a,2017-11-26,none,m1\nz,2017-11-26,push,m1\n")
+    assert len(load_events(events, interventions_path=mine).interventions) == 2
+    theirs = write(tmp_path / "theirs.csv", "user_id,timestamp,action,merchant_id\n"
+                                            "y,2017-11-26,none,m1\nz,2017-11-26,push,m2\n")
+    with pytest.raises(DataError, match=r"theirs\.csv: none of its 2 interventions names a "
+                       r"user \(with its merchant\) of .*log\.csv; is it"):
+        load_events(events, interventions_path=theirs)
+    bare = write(tmp_path / "bare.csv", "user_id,timestamp,action\na,2017-11-26,none\n")
+    with pytest.raises(DataError, match=r"no merchant_id column and the events name 2 "
+                       "merchants"):
+        load_events(events, interventions_path=bare)

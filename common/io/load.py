@@ -34,6 +34,7 @@ from common.io.tables import read_table
 from common.io.taobao import TAOBAO_EVENTS, iter_taobao
 from common.io.validation import canonicalise, in_window, validate_interventions
 from common.schema import (
+    DEFAULT_MERCHANT,
     EVENT_COLUMNS,
     INTERVENTION_COLUMNS,
     DataError,
@@ -76,6 +77,27 @@ def _finish(frame: pd.DataFrame, dropped: dict[str, int]) -> pd.DataFrame:
         dup[candidate] = frame.iloc[order[candidate]].duplicated(keep="first").to_numpy()
     add_count(dropped, DUPLICATE, dup.sum())
     return frame.take(order[~dup]).reset_index(drop=True)
+
+
+def _check_interventions_meet_events(interventions: pd.DataFrame, events: pd.DataFrame,
+                                     interventions_path: str | Path, path: Path) -> None:
+    """Refuse an interventions file none of whose (merchant, user) pairs is in the events:
+    another merchant's file, or one without ``merchant_id`` beside a log of several
+    merchants, would leave the activation heads nothing to learn from, quietly."""
+    def pairs(frame: pd.DataFrame) -> pd.MultiIndex:
+        return pd.MultiIndex.from_frame(
+            frame[["merchant_id", "user_id"]].astype(str).drop_duplicates())
+
+    if pairs(interventions).isin(pairs(events)).any():
+        return
+    unnamed = (interventions["merchant_id"] == DEFAULT_MERCHANT).all()
+    merchants = events["merchant_id"].nunique()
+    hint = (f" (the file has no merchant_id column and the events name {merchants:,} "
+            f"merchant{'s' if merchants > 1 else ''})"
+            if unnamed and not (events["merchant_id"] == DEFAULT_MERCHANT).all() else "")
+    raise DataError(f"{interventions_path}: none of its {len(interventions):,} interventions "
+                    f"names a user (with its merchant) of {path}{hint}; is it this log's "
+                    "interventions file?")
 
 
 def _load_interventions(path: Path, chunksize: int, report: LoadReport,
@@ -210,6 +232,8 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
             interventions["action"].value_counts(normalize=True)).astype("float64")
         interventions["propensity"] = interventions["propensity"].fillna(share)
     report.interventions_kept = len(interventions)
+    if interventions_path is not None and len(interventions) and len(events):
+        _check_interventions_meet_events(interventions, events, interventions_path, path)
 
     if report.rows_kept == 0:
         logger.warning("%s: no events left after dropping %s", report.path, report.dropped)
