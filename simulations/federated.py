@@ -495,8 +495,7 @@ def _sample_epochs(rounds: list[dict[str, Any]], train_rows: int) -> float:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    import json
+    """The rounds of ``metrics.jsonl`` (none when it is missing)."""
+    from simulations.experiment import read_jsonl
 
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if path.exists() else []

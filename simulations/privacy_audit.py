@@ -35,7 +35,9 @@ CONFOUNDER_NOTE = (
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is this a federated run folder?")
-    return [json.loads(t) for t in path.read_text().splitlines() if t.strip()]
+    from simulations.experiment import read_jsonl
+
+    return read_jsonl(path)
 
 
 def egress_summary(run_dir: str | Path) -> dict[str, Any]:
