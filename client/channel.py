@@ -99,9 +99,14 @@ def private_dir(folder: Path) -> Path:
         raise ChannelError(f"{folder} belongs to uid {info.st_uid}, not to this user "
                            f"({os.getuid()}): choose another folder ({RUNTIME_DIR_ENV} or "
                            f"node config {SOCKET_KEY})")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise ChannelError(f"{folder} has mode {stat.S_IMODE(info.st_mode):04o}; other "
-                           f"users could reach the trainer's socket: chmod 700 {folder}")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        # A shared folder such as /tmp (sticky, open to all) must stay as it is.
+        fix = (f"put the socket in a private folder inside it (e.g. {folder}/fedecay-"
+               f"$USER, which is created with mode 0700)" if mode & stat.S_ISVTX
+               else f"chmod 700 {folder}, or choose a private folder")
+        raise ChannelError(f"{folder} has mode {mode:04o}; other users could reach the "
+                           f"trainer's socket: {fix}")
     return folder
 
 

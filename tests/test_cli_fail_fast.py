@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from simulations.cli import checks, main, split_flags
@@ -65,9 +66,14 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["score", "--model", "run", "--events", "events.csv", "--set", "train.epochs=3"],
      "only snapshots.* and policy.* keys"),
     (["privacy", "egress", "--run", "run", "--json", "out.txt"], "expected a .json file"),
+    (["score", "--model", "killed", "--events", "events.csv"],
+     "holds no model.keras: its rounds did not finish (it has checkpoints/); finish them"),
+    (["score", "--model", "killed/checkpoints/round-00002.npz", "--events", "events.csv"],
+     "is a checkpoint (a round's weights), not a model"),
     (["privacy", "egress", "--run", "run", "--json", "run/config.json"],
      "is a file of the run"),
     (["privacy", "tradeoff", "run", "--json", "run/config.json"], "is a file of the run"),
+    (["privacy", "tradeoff", "run", "run/"], "run given twice: each comparison once"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["bench", "--federation", "10,x"], "--federation"),
 ])
@@ -75,6 +81,8 @@ def test_bad_commands_answer_in_one_line_before_tensorflow(tmp_path: Path, args:
                                                           expected: str) -> None:
     (tmp_path / "events.csv").write_text("user_id,timestamp,event\n")
     _fake_compare_run(tmp_path / "run")
+    (tmp_path / "killed" / "checkpoints").mkdir(parents=True)  # a run stopped midway
+    np.savez(tmp_path / "killed" / "checkpoints" / "round-00002.npz", w=np.zeros(3))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result, err, seconds = _fedecay(args, tmp_path)
     lines = [line for line in err.splitlines() if line.strip()]

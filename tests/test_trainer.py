@@ -140,6 +140,11 @@ def test_a_folder_others_can_enter_is_refused(tmp_path: Path) -> None:
     open_dir.chmod(0o755)
     with pytest.raises(ChannelError, match="chmod 700"):
         channel.private_dir(open_dir)
+    # A shared sticky folder such as /tmp is never to be chmod-ed: a private one inside.
+    open_dir.chmod(0o1777)
+    with pytest.raises(ChannelError, match=r"mode 1777; .*a private folder inside it") as err:
+        channel.private_dir(open_dir)
+    assert "chmod" not in str(err.value)
 
 
 def test_default_socket_follows_the_resolved_data_path(tmp_path: Path) -> None:

@@ -297,6 +297,10 @@ def model_file(path: Path) -> Path:
     input_path(path, "--model")
     if path.suffix == ".skops":
         return tabular_file(path)
+    if path.suffix == ".npz":
+        raise ValueError(f"{path} is a checkpoint (a round's weights), not a model: give the "
+                         "run folder or its model.keras; a run stopped before its end "
+                         "finishes with fedecay simulate --resume RUN_DIR")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a readable Keras model (not a zip archive: "
                          "truncated, or not a .keras file)")

@@ -158,6 +158,9 @@ def tradeoff(
     plot = checks.output_file(out, "--out", (".png",)) if out is not None else None
     dest = checks.output_file(json_, "--json", (".json",)) if json_ is not None else None
     folders = [checks.input_path(run, "RUN_DIR", folder_ok=True) for run in runs]
+    twice = sorted({str(f) for f in folders if folders.count(f) > 1})
+    if twice:
+        raise ValueError(f"RUN_DIR {twice[0]} given twice: each comparison once")
     checks.not_over_inputs(plot, folders, "--out")
     checks.not_over_inputs(dest, folders, "--json")
     from simulations.experiment import write_json

@@ -82,6 +82,9 @@ def pick(found: dict[str, Path], method: str | None, folder: Path, what: str) ->
     if method is None and len(found) == 1:
         [(name, path)] = found.items()
         return name, path
+    if not found and what == "model" and (folder / "checkpoints").is_dir():
+        raise ValueError(f"{folder} holds no model.keras: its rounds did not finish (it has "
+                         f"checkpoints/); finish them with fedecay simulate --resume {folder}")
     if not found:
         writers = ("simulate or compare (a centralised or GBDT run sends nothing)"
                    if what == "federation" else
