@@ -144,6 +144,14 @@ def _saved_settings(path: Path) -> tuple[dict[str, Any], list[str]]:
     return flat, sources
 
 
+def feature_settings(path: str | Path) -> dict[str, Any]:
+    """The :data:`FEATURE_KEYS` a saved model was trained with, from its settings files
+    (the defaults for keys they lack); read without loading the model."""
+    saved, _ = _saved_settings(Path(path).resolve())
+    flat = to_flat(from_flat(SnapshotConfig, saved, "snapshots"), "snapshots")
+    return {key: flat[key] for key in FEATURE_KEYS}
+
+
 def _check_feature_overrides(saved: dict[str, Any], flat: dict[str, Any],
                              sources: Sequence[str]) -> None:
     """Refuse ``--set`` values of :data:`FEATURE_KEYS` that differ from the ones the

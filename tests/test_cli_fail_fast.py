@@ -222,6 +222,16 @@ def test_a_keras_model_that_is_not_a_scorer_is_named_without_tensorflow(tmp_path
     assert checks.model_file(_fake_model(tmp_path / "ok.keras")) == tmp_path / "ok.keras"
 
 
+def test_explain_refuses_a_second_model_of_other_features_before_tensorflow(
+        tmp_path: Path) -> None:
+    run = _fake_compare_run(tmp_path / "run")
+    other = _fake_model(tmp_path / "other" / "model.keras")
+    (other.parent / "model.json").write_text(json.dumps({"snapshots.tau-days": 60.0}))
+    result, err, _ = _fedecay(["explain", str(run), "--second", str(other)], tmp_path)
+    assert result == {"code": 2, "tensorflow": False}, err
+    assert "trained with snapshots.tau-days=60, the first model with 7" in err, err
+
+
 def test_progress_is_one_line_per_step_off_a_terminal(capsys: pytest.CaptureFixture[str]
                                                       ) -> None:
     console = Console(live=False)

@@ -65,6 +65,8 @@ def explain(
         raise ValueError(f"{model_path}: explain measures the LSTM's attributions; GBDT/LR "
                          "reasons come from occlusion of the aggregates (see README)")
     second_path = model_in(second, method)[1] if second is not None else None
+    if second_path is not None:
+        _same_features(model_path, checks.model_file(second_path))
     config = _config(run.expanduser().resolve(), model_path)
     import numpy as np
 
@@ -144,3 +146,19 @@ def explain(
     print(f"wrote {out} and {png}")
     console.next(f"fedecay score --model {shlex.quote(str(run))} --events EVENTS --out "
                  "scores.csv  (reasons for the customers the policy targets)")
+
+
+def _same_features(first: Path, second: Path) -> None:
+    """Refuse a second model trained on other features: its attributions would rank
+    other inputs, and the stability figure would compare unlike things."""
+    from common.bundle import feature_settings
+
+    if second.suffix != ".keras":
+        raise ValueError(f"--second {second}: explain compares two LSTMs' attributions; "
+                         "give a model.keras")
+    mine, theirs = feature_settings(first), feature_settings(second)
+    for key, value in mine.items():
+        if theirs[key] != value:
+            raise ValueError(f"--second {second}: trained with {key}={theirs[key]:g}, the "
+                             f"first model with {value:g}: their attributions are not "
+                             "comparable")
