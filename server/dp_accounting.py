@@ -31,8 +31,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from common import atomic
+from common import atomic, jsonl
 from server.config import DPConfig
+
+log = logging.getLogger(__name__)
 
 UNIT_TEXT = "one customer of one merchant: all of that customer's events there"
 THREAT_MODEL = {
@@ -211,8 +213,7 @@ class CustomerLedger:
 
     def _append(self, line: dict[str, Any]) -> None:
         if self.path is not None:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(strict_json(line), allow_nan=False) + "\n")
+            jsonl.append(self.path, strict_json(line), allow_nan=False)
 
     def _set_epsilon(self) -> None:
         self.epsilon_rdp, self.epsilon_pld = self.epsilons(self.rounds)
@@ -227,11 +228,19 @@ class CustomerLedger:
         are gone with it. Under ``distributed`` and ``local`` the server is not trusted
         and has already seen those rounds' noised sums: a released one stays spent,
         kept with ``"lost": true`` (it counts toward ε and the budget, on every later
-        resume too); a line that released nothing is dropped."""
+        resume too); a line that released nothing is dropped. A last line a kill cut is
+        dropped under ``central``; under the others it is counted as a released round
+        with this run's settings, since it may have been one (ε is not under-counted)."""
         if self.path is None or not self.path.exists():
             return 0
-        lines = [json.loads(t) for t in self.path.read_text().splitlines() if t.strip()]
+        lines, cut = jsonl.read_with_cut(self.path)
         trusted = self.dp.placement == "central"
+        if cut is not None:
+            log.warning("%s: line %d is cut (the run was stopped while writing it); %s",
+                        self.path, cut[0], "dropped" if trusted else
+                        "counted as a released round, since it may have been one")
+            if not trusted:
+                lines.append(self._cut_round(max([upto, *(r["round"] for r in lines)]) + 1))
         kept: list[dict[str, Any]] = []
         for line in lines:
             if line["round"] <= upto or line.get("lost"):
@@ -251,14 +260,23 @@ class CustomerLedger:
                     f"{line.get('sampling')!r} customer sampling and this run's is "
                     f"{self.sampling!r} (privacy.seeded-sampling differs): epsilon would mix "
                     "a secret and a recomputable sample; resume with the same setting")
-        if kept and kept[-1].get("customers"):
-            self.learn_customers(int(kept[-1]["customers"]))
+        counts = [line["customers"] for line in kept if line.get("customers")]
+        if counts:
+            self.learn_customers(int(counts[-1]))
         self.rounds = sum(1 for line in kept if line.get("released", True))
         if self.rounds:
             self._set_epsilon()
         atomic.write_text(self.path, "".join(json.dumps(strict_json(line), allow_nan=False)
                                              + "\n" for line in kept))
         return len(kept)
+
+    def _cut_round(self, server_round: int) -> dict[str, Any]:
+        """The line of a round whose line a kill cut: released, with this run's settings."""
+        return {"round": server_round, "unit": self.dp.unit, "placement": self.dp.placement,
+                "sampling_rate": self.dp.customer_rate,
+                "noise_multiplier": self.dp.noise_multiplier, "sampling": self.sampling,
+                "customers": self.customers or None, "released": True, "lost": True,
+                "cut": True}
 
     def summary_fields(self) -> dict[str, Any]:
         """What ``federation.json`` says about the unit and the accounting."""

@@ -37,7 +37,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from common import atomic
+from common import atomic, jsonl
 from server.config import DP_STRATEGIES, DPConfig, FederationConfig
 from server.dp_accounting import quiet_rdp
 
@@ -165,8 +165,7 @@ class PrivacyLedger:
             "accounting": "rdp, poisson q = sampled / population (flwr RdpAccountant)",
         }
         if self.path is not None:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(line) + "\n")
+            jsonl.append(self.path, line)
         return line
 
     def next_round_exceeds(self) -> bool:
@@ -188,7 +187,7 @@ class PrivacyLedger:
         """Recompose the rounds <= ``upto`` already in the file (resume); drop later ones."""
         if self.path is None or not self.path.exists():
             return 0
-        kept = [json.loads(t) for t in self.path.read_text().splitlines() if t.strip()]
+        kept = jsonl.read(self.path)  # a line cut by a kill: its round was not checkpointed
         kept = [line for line in kept if line["round"] <= upto]
         with quiet_rdp():
             for line in kept:

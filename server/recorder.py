@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
+from common import jsonl
 from common.progress import SILENT, Task
 from common.snapshots import Snapshots
 from server.checkpoint import save_checkpoint, strategy_state
@@ -102,7 +102,7 @@ class RoundRecorder:
             self._select_federated(g, previous)
         record = self._evaluate(g, weights)
         line = self._line(g, record)
-        _append_jsonl(self.metrics_path, line)
+        jsonl.append(self.metrics_path, line, default=_json_default)
         self._checkpoint(g, weights)
         if self.on_round is not None:
             self.on_round(line)
@@ -197,11 +197,6 @@ class RoundRecorder:
                      "delta %g): stopping after round %d", g + 1, dp.target_epsilon,
                      ledger.epsilon, ledger.delta, g)
             raise StopRounds("privacy-budget")
-
-
-def _append_jsonl(path: Path, line: dict[str, Any]) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(line, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:

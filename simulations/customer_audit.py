@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common import jsonl
 from common.progress import SILENT, Progress
 from common.snapshots import Snapshots
 from common.vocabulary import EVENT_TYPES
@@ -268,8 +269,6 @@ def customer_audit(exp: Any, run_dir: Path, *, held_out: float = 0.2, canaries: 
 
 def _privacy_summary(exp: Any, run_dir: Path) -> dict[str, Any]:
     """The unit, placement, noise and the ledger's last ε (none without DP)."""
-    import json
-
     p = exp.privacy
     on = p.customer_level or p.enabled
     out: dict[str, Any] = {
@@ -279,7 +278,7 @@ def _privacy_summary(exp: Any, run_dir: Path) -> dict[str, Any]:
         "delta": None}
     ledger = run_dir / "privacy.jsonl"
     if ledger.exists():
-        lines = [json.loads(t) for t in ledger.read_text().splitlines() if t.strip()]
+        lines = jsonl.read(ledger)
         released = [r for r in lines if r.get("released", True) and "epsilon" in r]
         if released:
             out["epsilon"], out["delta"] = released[-1]["epsilon"], released[-1].get("delta")

@@ -112,7 +112,8 @@ def run_deployment_bench(counts: Sequence[int], warm: Sequence[bool], runs: int 
     Returns one row per run: the configuration, the load average before it, round 1's
     seconds, the last round's, and the steady rounds' stages (:func:`summarise`).
     """
-    from simulations.loopback import LoopbackFederation, Node, read_json_lines
+    from common import jsonl
+    from simulations.loopback import LoopbackFederation, Node
 
     base = Path(work_dir or tempfile.mkdtemp(prefix="fdbench-")).absolute()
     files = write_merchants(base / "data", max(counts))
@@ -137,7 +138,7 @@ def run_deployment_bench(counts: Sequence[int], warm: Sequence[bool], runs: int 
                           f"snapshots.start='{start}'", f"snapshots.end='{end}'"]
                 (base / name / "load").write_text(f"{load:.2f}\n")
                 seconds = fed.run(config, base / name / "flwr-run.log")
-                metrics = read_json_lines(fed.run_dir(name) / "metrics.jsonl")
+                metrics = jsonl.read(fed.run_dir(name) / "metrics.jsonl")
                 rows = round_stages(list(fed.logs.values()), metrics)
             summary: dict[str, Any] = {
                 "merchants": n, "trainer": "warm" if w else "cold", "run": k, "load": load,

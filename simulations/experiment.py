@@ -214,27 +214,6 @@ def run_folder(exp: Experiment, kind: str) -> Iterator[Path]:
         raise
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file a run appends to (``metrics.jsonl``). A last
-    line cut by a kill (no newline after it) is left out with a warning; any other line
-    that is not JSON is an error naming the file and the line."""
-    text = path.read_text()
-    lines = text.splitlines()
-    out = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except ValueError as err:
-            if number == len(lines) and not text.endswith("\n"):
-                log.warning("%s: line %d is cut (the run was stopped while writing it); "
-                            "left out", path, number)
-                continue
-            raise ValueError(f"{path}: line {number} is not valid JSON ({err})") from None
-    return out
-
-
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (NaN as null)."""
     atomic.write_text(path, json.dumps(_jsonable(payload), indent=2, sort_keys=False))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from common import atomic
+from common import atomic, jsonl
 from common.hosting import nodes_needed
 from common.progress import SILENT, Progress, Task
 from common.snapshots import Snapshots
@@ -496,6 +496,4 @@ def _sample_epochs(rounds: list[dict[str, Any]], train_rows: int) -> float:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The rounds of ``metrics.jsonl`` (none when it is missing)."""
-    from simulations.experiment import read_jsonl
-
-    return read_jsonl(path) if path.exists() else []
+    return jsonl.read(path) if path.exists() else []

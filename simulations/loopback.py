@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import Any
 
 BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flwr, fedecay
 PROJECT = Path(__file__).resolve().parents[1]
@@ -317,6 +316,3 @@ def missing_tools() -> list[str]:
     return [tool for tool in TOOLS if not (BIN / tool).exists()]
 
 
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a ``.jsonl`` file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

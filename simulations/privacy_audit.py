@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from common import jsonl
 from common.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,7 @@ CONFOUNDER_NOTE = (
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is this a federated run folder?")
-    from simulations.experiment import read_jsonl
-
-    return read_jsonl(path)
+    return jsonl.read(path)
 
 
 def egress_summary(run_dir: str | Path) -> dict[str, Any]:

@@ -741,6 +741,35 @@ def test_replay_keeps_rounds_past_the_checkpoint_spent_unless_central(
     assert third.record(2, 8, 7, 1.0)["released_rounds"] == 4
 
 
+@pytest.mark.parametrize("placement", ["central", "distributed", "local"])
+def test_replay_counts_a_line_cut_by_a_kill_unless_central(
+        tmp_path: Path, placement: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Killed while writing round 3's line, before its checkpoint: the server may have
+    # seen round 3's noised sum, so an untrusted placement counts it as spent.
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path, placement=placement, customers=5000)
+    for r in (1, 2, 3):
+        ledger.released(r, 7)
+        ledger.record(r, 8, 7, 1.0)
+    text = path.read_text()
+    path.write_text(text[:len(text) - 40])  # the last line cut, no newline after it
+    again = _ledger(path, placement=placement)
+    again.replay(upto=2)
+    assert "line 3 is cut" in caplog.text
+    lines = read_jsonl(path)
+    assert again.customers == 5000  # from the complete lines
+    if placement == "central":
+        assert again.rounds == 2 and [x["round"] for x in lines] == [1, 2]
+        assert again.epsilon == pytest.approx(min(_direct(0.1, 1.0, 2, 1 / 50_000)))
+        return
+    assert again.rounds == 3 and [(x["round"], x.get("lost", False)) for x in lines] == [
+        (1, False), (2, False), (3, True)]
+    assert again.epsilon == pytest.approx(min(_direct(0.1, 1.0, 3, 1 / 50_000)))
+    path.write_text(path.read_text() + '{"round": 4, "unit"')  # a second kill, same place
+    _ledger(path, placement=placement).replay(upto=2)
+    assert [x["round"] for x in read_jsonl(path)] == [1, 2, 3, 4]
+
+
 def test_a_deployed_secagg_merchant_refuses_seeded_sampling_as_a_dropout() -> None:
     import time
 

@@ -56,16 +56,3 @@ def test_prepare_gives_every_method_the_same_snapshots() -> None:
     truth = a.truth_matrix(a.snapshots)
     rows = a.snapshots.action >= 0
     assert rows.any() and np.isfinite(truth[rows]).all() and np.isnan(truth[~rows]).all()
-
-
-def test_read_jsonl_leaves_out_a_cut_last_line_and_names_a_bad_one(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from simulations.experiment import read_jsonl
-
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"round": 1}\n\n{"round": 2}\n{"round": 3, "auc"')  # killed mid-write
-    assert read_jsonl(path) == [{"round": 1}, {"round": 2}]
-    assert "metrics.jsonl: line 4 is cut" in caplog.text
-    path.write_text('{"round": 1}\n{"round": 2, oops}\n{"round": 3}\n')
-    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not valid JSON"):
-        read_jsonl(path)

@@ -141,6 +141,11 @@ def test_ledger_epsilon_grows_and_matches_dp_accounting(tmp_path: Path, populati
     assert again.replay(upto=2) == 2
     assert again.epsilon == pytest.approx(eps[1])
     assert len((tmp_path / "privacy.jsonl").read_text().splitlines()) == 2
+    # A kill while writing round 3's line (before its checkpoint): the cut line is dropped.
+    path = tmp_path / "privacy.jsonl"
+    path.write_text(path.read_text() + '{"round": 3, "partic')
+    assert PrivacyLedger(dp, population, sampled, path).replay(upto=2) == 2
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 2
 
 
 def test_ledger_hides_the_accountants_per_order_warnings(caplog: pytest.LogCaptureFixture
