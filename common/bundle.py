@@ -148,8 +148,19 @@ def feature_settings(path: str | Path) -> dict[str, Any]:
     """The :data:`FEATURE_KEYS` a saved model was trained with, from its settings files
     (the defaults for keys they lack); read without loading the model."""
     saved, _ = _saved_settings(Path(path).resolve())
-    flat = to_flat(from_flat(SnapshotConfig, saved, "snapshots"), "snapshots")
-    return {key: flat[key] for key in FEATURE_KEYS}
+    return _features(saved)
+
+
+def _features(flat: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`FEATURE_KEYS` of flat settings, the defaults for keys they lack."""
+    full = to_flat(from_flat(SnapshotConfig, flat, "snapshots"), "snapshots")
+    return {key: full[key] for key in FEATURE_KEYS}
+
+
+def feature_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The :data:`FEATURE_KEYS` whose values differ between two :func:`feature_settings`:
+    ``(key, a's value, b's value)``; empty when the two models read the same features."""
+    return [(key, a[key], b[key]) for key in FEATURE_KEYS if a[key] != b[key]]
 
 
 def _check_feature_overrides(saved: dict[str, Any], flat: dict[str, Any],
@@ -157,16 +168,13 @@ def _check_feature_overrides(saved: dict[str, Any], flat: dict[str, Any],
     """Refuse ``--set`` values of :data:`FEATURE_KEYS` that differ from the ones the
     model's settings files give (without those files, ``--set`` is how the training
     settings are given, so anything goes)."""
-    if not sources:
-        return
-    trained = to_flat(from_flat(SnapshotConfig, saved, "snapshots"), "snapshots")
-    asked = to_flat(from_flat(SnapshotConfig, flat, "snapshots"), "snapshots")
-    for key in FEATURE_KEYS:
-        if asked[key] != trained[key]:
-            raise ValueError(
-                f"--set {key}={asked[key]:g}: the model was trained with {trained[key]:g} "
-                f"({sources[-1]}); other values score other features than it learnt "
-                "(train a model with them instead)")
+    differences = feature_differences(_features(flat), _features(saved)) if sources else []
+    if differences:
+        key, asked, trained = differences[0]
+        raise ValueError(
+            f"--set {key}={asked:g}: the model was trained with {trained:g} "
+            f"({sources[-1]}); other values score other features than it learnt "
+            "(train a model with them instead)")
 
 
 def load_model_bundle(path: str | Path,

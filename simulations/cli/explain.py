@@ -151,14 +151,13 @@ def explain(
 def _same_features(first: Path, second: Path) -> None:
     """Refuse a second model trained on other features: its attributions would rank
     other inputs, and the stability figure would compare unlike things."""
-    from common.bundle import feature_settings
+    from common.bundle import feature_differences, feature_settings
 
     if second.suffix != ".keras":
         raise ValueError(f"--second {second}: explain compares two LSTMs' attributions; "
                          "give a model.keras")
-    mine, theirs = feature_settings(first), feature_settings(second)
-    for key, value in mine.items():
-        if theirs[key] != value:
-            raise ValueError(f"--second {second}: trained with {key}={theirs[key]:g}, the "
-                             f"first model with {value:g}: their attributions are not "
-                             "comparable")
+    differences = feature_differences(feature_settings(second), feature_settings(first))
+    if differences:
+        key, theirs, mine = differences[0]
+        raise ValueError(f"--second {second}: trained with {key}={theirs:g}, the first "
+                         f"model with {mine:g}: their attributions are not comparable")
