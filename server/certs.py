@@ -76,7 +76,7 @@ def make_certs(
         Absolute paths under the keys ``ca_cert``, ``ca_key``, ``server_csr``,
         ``server_cert`` and ``server_key``.
     """
-    san = _subject_alt_names(hosts)
+    san = subject_alt_names(hosts)
     if isinstance(days, bool) or not isinstance(days, int) or days < 1:
         raise ValueError(f"days must be a positive integer, got {days!r}")
     paths = _target_paths(out_dir, CERT_FILES, overwrite=overwrite)
@@ -194,16 +194,19 @@ def make_node_key(out_dir: Path, name: str = "node", *, overwrite: bool = False)
     return paths
 
 
-def _subject_alt_names(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+def subject_alt_names(hosts: Sequence[str], what: str = "hosts"
+                      ) -> x509.SubjectAlternativeName:
+    """The server certificate's SAN for ``hosts`` (IP addresses or DNS names); errors
+    name them as ``what`` (the command line's ``--host``)."""
     # A bare string is a Sequence[str] too: "localhost" would become nine hosts.
     if isinstance(hosts, str | bytes) or not isinstance(hosts, Sequence):
-        raise ValueError(f"hosts must be a sequence of host names, got {hosts!r}")
+        raise ValueError(f"{what} must be a sequence of host names, got {hosts!r}")
     if not hosts:
-        raise ValueError("hosts must name at least one IP address or DNS name")
+        raise ValueError(f"{what} must name at least one IP address or DNS name")
     entries: list[x509.GeneralName] = []
     for host in dict.fromkeys(hosts):  # drop repeats, keep the order
         if not isinstance(host, str) or not host.strip():
-            raise ValueError(f"hosts holds an empty or non-string entry: {host!r}")
+            raise ValueError(f"{what} holds an empty or non-string entry: {host!r}")
         try:
             entries.append(x509.IPAddress(ipaddress.ip_address(host)))
             continue
@@ -213,7 +216,7 @@ def _subject_alt_names(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
         if labels[0] == "*":  # a wildcard is allowed as the leftmost label only
             labels = labels[1:]
         if len(host) > 253 or not labels or not all(_DNS_LABEL.match(x) for x in labels):
-            raise ValueError(f"hosts holds {host!r}, neither an IP address nor a DNS name")
+            raise ValueError(f"{what} holds {host!r}, neither an IP address nor a DNS name")
         entries.append(x509.DNSName(host.rstrip(".")))
     return x509.SubjectAlternativeName(entries)
 

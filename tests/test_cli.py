@@ -25,6 +25,13 @@ def test_data_synth_writes_parquet_and_check_accepts_it(tmp_path: Path, capsys) 
     assert rc == 0
     assert "decay rate" in text and "OK: this file can join a federation" in text
     assert "train" in text and "test" in text
+    # Again into the same folder: replaced only when asked, each file all at once.
+    assert main(["data", "synth", "--preset", "quick", "--out", str(out), "--seed", "3"]) == 2
+    assert main(["data", "synth", "--preset", "quick", "--out", str(out), "--seed", "4",
+                 "--overwrite"]) == 0
+    assert not pd.read_parquet(out / "events.parquet").equals(events)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{name}.parquet" for name in ("events", "interventions", "truth", "users", "merchants"))
 
 
 def test_data_check_rejects_bad_file_with_exit_code_and_message(tmp_path: Path, capsys) -> None:

@@ -51,6 +51,11 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
      "'policy.cost-coupon': must be >= 0"),
     (["data", "synth", "--out", "data", "--set", "synthtic.num-merchants=3"],
      "unknown config key 'synthtic.num-merchants'"),
+    (["data", "synth", "--out", ""], "--out is empty: give a folder"),
+    (["data", "synth", "--out", "fed"], "already holds events.parquet (a federation written"),
+    (["deploy", "certs", ""], "DIR is empty: give a folder"),
+    (["deploy", "certs", "certs", "--host", "a host"],
+     "--host holds 'a host', neither an IP address nor a DNS name"),
     (["data", "check", "events.csv", "--set", "train.epochs=3"],
      "data check uses only snapshots.* and data.* keys"),
     (["score", "--model", "run", "--events", "events.csv", "--out", "s.txt"],
@@ -83,6 +88,8 @@ def test_bad_commands_answer_in_one_line_before_tensorflow(tmp_path: Path, args:
     _fake_compare_run(tmp_path / "run")
     (tmp_path / "killed" / "checkpoints").mkdir(parents=True)  # a run stopped midway
     np.savez(tmp_path / "killed" / "checkpoints" / "round-00002.npz", w=np.zeros(3))
+    (tmp_path / "fed").mkdir()  # an earlier `data synth --out fed`
+    (tmp_path / "fed" / "events.parquet").write_bytes(b"PAR1")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result, err, seconds = _fedecay(args, tmp_path)
     lines = [line for line in err.splitlines() if line.strip()]

@@ -176,7 +176,10 @@ def writable_parent(folder: Path, flag: str) -> None:
 
 
 def output_folder(path: str | Path, flag: str) -> Path:
-    """An output folder: not a file, and creatable (nothing is created here)."""
+    """An output folder: not a file, and creatable (nothing is created here). Take it
+    as a ``str`` option: Typer turns an empty ``Path`` into ``.``, the working folder."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty: give a folder")
     resolved = Path(path).expanduser().resolve()
     if resolved.exists() and not resolved.is_dir():
         raise ValueError(f"{flag} {resolved}: is a file, not a folder")

@@ -19,7 +19,7 @@ app = typer.Typer(help="Generate or check behaviour data.", no_args_is_help=True
 @app.command("synth")
 @guarded
 def synth(
-    out: Annotated[Path, typer.Option(
+    out: Annotated[str, typer.Option(
         metavar="DIR", show_default=False,
         help="Output folder for the five .parquet files (created if missing).")],
     preset: Annotated[str, typer.Option(
@@ -28,17 +28,25 @@ def synth(
              "is used.")] = "quick",
     seed: Annotated[int, typer.Option(metavar="N", help="Generator seed.")] = 0,
     set_: SetOption = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the files of an earlier federation in DIR.")] = False,
 ) -> None:
     """Generate a synthetic federation (events, interventions, truth, users, merchants)."""
     console = current()
     flat = checks.synth_settings(preset, set_ or [])
-    out = checks.output_folder(out, "--out")
-    from simulations.synth import generate_federation, synth_config_from_preset, write_federation
+    folder = checks.output_folder(out, "--out")
+    from simulations.synth import generate_federation, synth_config_from_preset
+    from simulations.synth.files import federation_files, write_federation
+
+    existing = [path.name for path in federation_files(folder).values() if path.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"--out {folder}: already holds {', '.join(existing)} (a federation "
+                         "written earlier); use --overwrite to replace it, or another folder")
 
     with console.task("generating the synthetic federation") as task:
         fed = generate_federation(synth_config_from_preset(flat), seed=seed)
         task.advance(events=len(fed.events))
-        paths = write_federation(fed, out)
+        paths = write_federation(fed, folder)
     print(fed.summary())
     print()
     for name, path in paths.items():

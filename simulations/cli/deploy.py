@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -26,7 +25,7 @@ def _q(path: object) -> str:
 @app.command("certs")
 @guarded
 def certs(
-    dir: Annotated[Path, typer.Argument(metavar="DIR", show_default=False)],
+    dir: Annotated[str, typer.Argument(metavar="DIR", show_default=False)],
     host: Annotated[list[str] | None, typer.Option(
         metavar="HOST", show_default="127.0.0.1 and localhost",
         help="Host name or IP for the server certificate's SAN (repeatable).")] = None,
@@ -34,31 +33,32 @@ def certs(
 ) -> None:
     """A test CA and a server certificate for the SuperLink's TLS, written into DIR."""
     console = current()
-    checks.output_folder(dir, "dir")
-    from server.certs import make_certs
+    folder = checks.output_folder(dir, "DIR")
+    from server.certs import make_certs, subject_alt_names
 
-    paths = make_certs(dir, hosts=tuple(host) if host else ("127.0.0.1", "localhost"),
-                       overwrite=overwrite)
+    hosts = tuple(host) if host else ("127.0.0.1", "localhost")
+    subject_alt_names(hosts, "--host")  # named as the command line names it
+    paths = make_certs(folder, hosts=hosts, overwrite=overwrite)
     for name, path in paths.items():
         print(f"wrote {name:<12} {path}")
-    console.next(f"fedecay deploy node-key {_q(dir.parent / 'keys')} --name merchant-a  "
+    console.next(f"fedecay deploy node-key {_q(folder.parent / 'keys')} --name merchant-a  "
                  "(one key pair per merchant's SuperNode)")
 
 
 @app.command("node-key")
 @guarded
 def node_key(
-    dir: Annotated[Path, typer.Argument(metavar="DIR", show_default=False)],
+    dir: Annotated[str, typer.Argument(metavar="DIR", show_default=False)],
     name: Annotated[str, typer.Option(
         metavar="NAME", help="File name of the key pair (NAME, NAME.pub).")] = "node",
     overwrite: OverwriteOption = False,
 ) -> None:
     """An ECDSA P-384 key pair that authenticates one SuperNode, written into DIR."""
     console = current()
-    checks.output_folder(dir, "dir")
+    folder = checks.output_folder(dir, "DIR")
     from server.certs import make_node_key
 
-    paths = make_node_key(dir, name, overwrite=overwrite)
+    paths = make_node_key(folder, name, overwrite=overwrite)
     for label, path in paths.items():
         print(f"wrote {label:<12} {path}")
     console.next("fedecay data check EVENTS_FILE  (what the merchant brings, before joining; "

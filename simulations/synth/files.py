@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common import atomic
 from common.schema import EVENT_DTYPE, STRING, action_dtype
 from simulations.synth.federation import Federation
 
@@ -15,19 +16,25 @@ log = logging.getLogger(__name__)
 _FILES = ("events", "interventions", "truth", "users", "merchants")
 
 
+def federation_files(out_dir: str | Path) -> dict[str, Path]:
+    """The absolute path of each frame's ``<name>.parquet`` in ``out_dir``, by name."""
+    out = Path(out_dir).resolve()
+    return {name: out / f"{name}.parquet" for name in _FILES}
+
+
 def write_federation(fed: Federation, out_dir: str | Path) -> dict[str, Path]:
     """Write the five frames as ``<name>.parquet`` files into ``out_dir``.
 
-    The folder is created if missing and existing files are overwritten. Returns the
-    absolute path of each file by frame name.
+    The folder is created if missing and existing files are replaced, each all at once
+    (a stop while writing leaves the previous file or none). Returns
+    :func:`federation_files`.
     """
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name in _FILES:
-        paths[name] = out / f"{name}.parquet"
-        getattr(fed, name).to_parquet(paths[name], index=False)
-    log.info("wrote synthetic federation to %s", out)
+    paths = federation_files(out_dir)
+    next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
+    for name, path in paths.items():
+        with atomic.replacing(path) as tmp:
+            getattr(fed, name).to_parquet(tmp, index=False)
+    log.info("wrote synthetic federation to %s", next(iter(paths.values())).parent)
     return paths
 
 
