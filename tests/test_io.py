@@ -215,6 +215,10 @@ def test_interventions_file(tmp_path: Path) -> None:
     # NaN propensity -> observed share of that action among the 4 kept rows
     assert df["propensity"].tolist() == [0.5, 0.5, 0.5, 0.25]
     assert log.report.interventions_dropped == {"outside window": 1}
+    assert log.report.propensities_filled == 3 and log.report.interventions_ambiguous == 0
+    text = "\n".join(log.report.summary_lines())
+    assert "by action: none 2, recommend 0, coupon 1, push 1" in text
+    assert "filled 3 missing propensity" in text and "control" not in text
 
     bad = write(tmp_path / "bad_inter.csv", "user_id,timestamp,action\na,2017-11-25,email\n")
     with pytest.raises(DataError, match=r"bad_inter\.csv.*'action'.*'email'.*coupon"):
@@ -224,6 +228,24 @@ def test_interventions_file(tmp_path: Path) -> None:
                                             "a,2235-11-26,push\n")
     with pytest.raises(DataError, match=r"future\.csv.*'timestamp'.*implausible.*data row 2"):
         load_events(events, interventions_path=future)
+
+
+def test_the_report_says_what_the_learner_makes_of_an_interventions_file(
+        tmp_path: Path) -> None:
+    events = write(tmp_path / "log.csv", "user_id,timestamp,event\na,2017-11-25,view\n"
+                                         "b,2017-11-25,view\n")
+
+    def report(name: str, rows: str) -> str:
+        inter = write(tmp_path / name, "user_id,timestamp,action,propensity\n" + rows)
+        return "\n".join(load_events(events, interventions_path=inter).report.summary_lines())
+
+    # One customer, one moment, two actions: ambiguous; the same action twice is a duplicate.
+    text = report("two.csv", "a,2017-11-26,push,0.5\na,2017-11-26,coupon,0.5\n"
+                             "b,2017-11-26,none,0.5\nb,2017-11-26,none,0.5\n")
+    assert "two or more actions logged for one customer at one moment: 1 such" in text
+    assert "dropped 1 interventions: exact duplicate" in text
+    assert "no control rows" in report("treated.csv", "a,2017-11-26,push,0.5\n")
+    assert "only control rows" in report("control.csv", "a,2017-11-26,none,0.5\n")
 
 
 # ----------------------------------------------------------------------- validation

@@ -80,6 +80,15 @@ def _finish(frame: pd.DataFrame, dropped: dict[str, int]) -> pd.DataFrame:
     return frame.take(order[~dup]).reset_index(drop=True)
 
 
+def _ambiguous(interventions: pd.DataFrame) -> int:
+    """How many (merchant, user, time) carry two or more different actions."""
+    keys = ["merchant_id", "user_id", "timestamp"]
+    repeated = interventions[interventions.duplicated(keys, keep=False)]
+    if repeated.empty:
+        return 0
+    return int((repeated.groupby(keys, observed=True)["action"].nunique() > 1).sum())
+
+
 def _check_interventions_meet_events(interventions: pd.DataFrame, events: pd.DataFrame,
                                      interventions_path: str | Path, path: Path) -> None:
     """Refuse an interventions file none of whose (merchant, user) pairs is in the events:
@@ -239,7 +248,11 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         interventions = _finish(interventions[keep], report.interventions_dropped)
         share = interventions["action"].map(
             interventions["action"].value_counts(normalize=True)).astype("float64")
+        report.propensities_filled = int(interventions["propensity"].isna().sum())
         interventions["propensity"] = interventions["propensity"].fillna(share)
+        report.interventions_ambiguous = _ambiguous(interventions)
+        report.interventions_actions = {
+            str(a): int(n) for a, n in interventions["action"].value_counts(sort=False).items()}
     report.interventions_kept = len(interventions)
     if interventions_path is not None and len(interventions) and len(events):
         _check_interventions_meet_events(interventions, events, interventions_path, path)

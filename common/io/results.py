@@ -25,6 +25,12 @@ class LoadReport:
     interventions_read: int = 0
     interventions_kept: int = 0
     interventions_dropped: dict[str, int] = field(default_factory=dict)
+    #: interventions kept, by action (every configured action, zero included)
+    interventions_actions: dict[str, int] = field(default_factory=dict)
+    #: interventions whose propensity was missing (filled with the action's share)
+    propensities_filled: int = 0
+    #: (merchant, user, time) logged with two or more actions: the first in the file counts
+    interventions_ambiguous: int = 0
 
     def summary_lines(self) -> list[str]:
         """Human-readable lines, one fact each."""
@@ -37,6 +43,28 @@ class LoadReport:
                          f"{self.interventions_kept:,} kept")
             lines += [f"    dropped {n:,} interventions: {why}"
                       for why, n in self.interventions_dropped.items() if n]
+            lines += self._intervention_notes()
+        return lines
+
+    def _intervention_notes(self) -> list[str]:
+        """The actions' counts and what the learner will make of the file."""
+        if not self.interventions_kept:
+            return []
+        counts = self.interventions_actions
+        lines = ["    by action: " + ", ".join(f"{a} {n:,}" for a, n in counts.items())]
+        if self.propensities_filled:
+            lines.append(f"    filled {self.propensities_filled:,} missing propensity with "
+                         "the action's share of the file")
+        if self.interventions_ambiguous:
+            lines.append(f"    two or more actions logged for one customer at one moment: "
+                         f"{self.interventions_ambiguous:,} such moments; the first in the "
+                         "file counts")
+        control = next(iter(counts), None)
+        if control is not None and not counts[control]:
+            lines.append(f"    no control rows (action '{control}'): on its own this file "
+                         "cannot tell an action's effect from doing nothing")
+        elif control is not None and not any(n for a, n in counts.items() if a != control):
+            lines.append("    only control rows: no action's effect can be learnt from it")
         return lines
 
 
