@@ -52,6 +52,8 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["data", "synth", "--out", "data", "--set", "synthtic.num-merchants=3"],
      "unknown config key 'synthtic.num-merchants'"),
     (["data", "synth", "--out", ""], "--out is empty: give a folder"),
+    (["data", "synth", "--out", "x", "--set", "synthetic.users-median=1e8"],
+     "users and 214,170,909,910 events, 34,935 GiB to generate; this machine has"),
     (["data", "synth", "--out", "fed"], "already holds events.parquet (a federation written"),
     (["deploy", "certs", ""], "DIR is empty: give a folder"),
     (["deploy", "certs", "certs", "--host", "a host"],

@@ -272,11 +272,20 @@ def test_best_action_differs_by_user_and_follows_the_traits(medium: Federation) 
         ({"actions": ("none", "teleport"), "propensities": (0.5, 0.5)}, "synthetic.actions"),
         ({"propensities": (0.5, 0.5, 0.5, 0.5)}, "synthetic.propensities"),
         ({"propensities": (0.5, 0.5)}, "synthetic.propensities"),
+        ({"users_median": 10**8}, "synthetic.users-median.*GiB to generate"),
+        ({"num_merchants": 10**6, "days": 365}, "synthetic.users-median.*num-merchants=1000000"),
     ],
 )
 def test_invalid_config_names_the_key(overrides: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         SynthConfig(**overrides)
+
+
+def test_expected_size_is_near_what_the_generator_makes() -> None:
+    cfg = SynthConfig(num_merchants=8, users_median=60, days=60)
+    fed = generate_federation(cfg, seed=0)
+    users, events = cfg.expected_size()
+    assert 0.5 < len(fed.users) / users < 2 and 0.5 < len(fed.events) / events < 2
 
 
 def test_config_from_flat_keys() -> None:
