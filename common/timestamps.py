@@ -106,8 +106,11 @@ def parse_timestamp(value: Any) -> int:
         For a missing value, text that is not a time, or a time out of range. The
         plausibility bounds (:data:`EARLIEST_TIME`) are the caller's to apply.
     """
-    if isinstance(value, bool) or value is None:
+    if value is None:
         raise TimestampError("timestamp: missing")
+    if isinstance(value, bool):
+        raise TimestampError(f"timestamp: expected ISO-8601 text or a unix time, got "
+                             f"{str(value).lower()}")
     if isinstance(value, (int, float)):
         if isinstance(value, float) and not math.isfinite(value):
             raise TimestampError("timestamp: not a finite number")

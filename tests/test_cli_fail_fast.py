@@ -81,6 +81,10 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
      "is a file of the run"),
     (["privacy", "tradeoff", "run", "--json", "run/config.json"], "is a file of the run"),
     (["privacy", "tradeoff", "run", "run/"], "run given twice: each comparison once"),
+    (["explain", "done", "--method", "centralised"],
+     "explanations.json: is a folder, and explain writes this file there"),
+    (["privacy", "egress", "--run", "lost"],
+     "is a federation's folder without its metrics.jsonl (the per-round record egress"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["bench", "--federation", "10,x"], "--federation"),
 ])
@@ -90,6 +94,10 @@ def test_bad_commands_answer_in_one_line_before_tensorflow(tmp_path: Path, args:
     _fake_compare_run(tmp_path / "run")
     (tmp_path / "killed" / "checkpoints").mkdir(parents=True)  # a run stopped midway
     np.savez(tmp_path / "killed" / "checkpoints" / "round-00002.npz", w=np.zeros(3))
+    _fake_compare_run(tmp_path / "done")
+    (_fake_compare_run(tmp_path / "lost") / "federated-fedavg" / "metrics.jsonl").rename(
+        tmp_path / "lost" / "federated-fedavg" / "federation.json")  # metrics.jsonl deleted
+    (tmp_path / "done" / "centralised" / "explanations.json").mkdir()
     (tmp_path / "fed").mkdir()  # an earlier `data synth --out fed`
     (tmp_path / "fed" / "events.parquet").write_bytes(b"PAR1")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))

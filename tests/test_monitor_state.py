@@ -321,6 +321,27 @@ def test_round_trip_gives_identical_future_alerts(state: Path, tmp_path: Path) -
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_a_state_of_another_model_resumes_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A merchant swaps in the next round's model: the event history carries over, said so.
+    from common.config import ModelConfig
+    from common.model import build_model
+
+    first, second = (build_model(ModelConfig(lstm_units=8, dense_units=8), SNAP, seed=seed)
+                     for seed in (0, 1))
+
+    def monitor(model: object) -> Monitor:
+        return Monitor(model, SNAP, POLICY, MonitorConfig(batch=50), predict_fn=_recency_risk)
+
+    writer = monitor(first)
+    writer.feed_lines(_lines(120))
+    writer.save(tmp_path / "state")
+    monitor(first).load_state(tmp_path / "state")
+    assert "another model" not in caplog.text
+    monitor(second).load_state(tmp_path / "state")
+    assert "was written with another model (weights " in caplog.text
+
+
 def test_alert_ids_are_stable_and_replays_repeat_them(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text("\n".join(_lines(800)) + "\n")
@@ -473,6 +494,20 @@ def test_events_before_1971_are_malformed_as_the_batch_loader_refuses_them() -> 
     assert monitor.stats.reasons == {"timestamp": len(old)}
     assert all(": timestamp: before 1971-01-01: " in ex for ex in monitor.malformed_examples)
     assert all(user.startswith("u") for _, user in monitor.users)
+
+
+def test_a_time_that_jumps_the_clock_past_a_window_is_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    monitor = _monitor([])
+    monitor.feed_lines(_lines(50))  # 2025-01-01 .. 2025-03-01: steps of about a day
+    assert "stream clock" not in caplog.text
+    typo = {"user_id": "u1", "timestamp": "2026-02-27T10:00:00Z", "event": "view"}
+    monitor.feed(json.dumps(typo))  # a year ahead of the stream: the clock moves, said so
+    assert "line 51: user u1's event at 2026-02-27 10:00 moves the stream clock" in caplog.text
+    assert pd.Timestamp(monitor.clock_ns, unit="ns", tz="UTC").year == 2026
+    with pytest.raises(Malformed, match="timestamp: expected ISO-8601 text or a unix time, "
+                       "got true"):
+        parse_event(json.dumps({"user_id": "u", "timestamp": True, "event": "view"}))
 
 
 def _unsafe(text: str) -> list[str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
+import logging
 import math
 import time
 from collections import deque
@@ -49,6 +51,8 @@ PredictFn = Callable[[Snapshots], Mapping[str, np.ndarray]]
 _SECOND = 1_000_000_000
 _DAY_NS = 86_400 * _SECOND
 _SCORE_BATCH = 8192  # users per feature/predict pass of a sweep
+
+log = logging.getLogger(__name__)
 
 
 class Monitor:
@@ -110,6 +114,8 @@ class Monitor:
         self.stats = MonitorStats()
         self.latencies: deque[float] = deque(maxlen=100_000)  # seconds, event-triggered alerts
         self.malformed_examples: list[str] = []
+        self._jumps = 0  # clock jumps past an observation window (warned about)
+        self._model_id = _weights_id(model) if model is not None else None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -206,6 +212,8 @@ class Monitor:
             st.first_ns = min(st.first_ns, ns)
         st.n += 1
         if self.clock_ns is None or ns > self.clock_ns:
+            if self.clock_ns is not None and ns - self.clock_ns > self._obs_ns:
+                self._warn_jump(user, self.clock_ns, ns)
             self.clock_ns = ns
             if self._last_sweep_ns is None:
                 self._last_sweep_ns = ns
@@ -221,6 +229,20 @@ class Monitor:
         self.since_checkpoint += 1
         if self.pending >= self.config.batch:
             self.flush()
+
+    def _warn_jump(self, user: str, clock_ns: int, ns: int) -> None:
+        """Say when one event moves the stream clock past a whole observation window:
+        every user is then scored at the new time, so a mistyped time (a wrong year, a
+        unit slip) quietly turns the whole population into decayed customers."""
+        self._jumps += 1
+        if self._jumps <= 10:
+            old, new = (pd.Timestamp(t, unit="ns", tz="UTC") for t in (clock_ns, ns))
+            log.warning("line %d: user %s's event at %s moves the stream clock %.1f days "
+                        "ahead (from %s); every user is now scored at that time. If the "
+                        "time is wrong, correct the line and replay%s", self.stats.lines,
+                        escape_controls(user[:60]), f"{new:%Y-%m-%d %H:%M}",
+                        (ns - clock_ns) / (DAY * _SECOND), f"{old:%Y-%m-%d %H:%M}",
+                        "" if self._jumps < 10 else " (further jumps are not reported)")
 
     def _category(self, name: str) -> int:
         code = len(self._cat_names)
@@ -387,7 +409,7 @@ class Monitor:
         """
         arrays = state_arrays(self.users, self._dirty, self._cat_names)
         path = write_state(state_dir, arrays, {
-            "snapshots": self._fingerprint(),
+            "snapshots": self._fingerprint(), "model": self._model_id,
             "clock_ns": self.clock_ns, "last_sweep_ns": self._last_sweep_ns,
             "pending": self.pending, "since_checkpoint": self.since_checkpoint,
             "stats": self.stats.as_dict(), "position": dict(position or {}),
@@ -417,6 +439,11 @@ class Monitor:
             k = diff[0]
             raise ValueError(f"{path} was built with {k}={saved.get(k)!r} but "
                              f"the model's settings say {mine[k]!r}; use a new --state folder")
+        if meta.get("model") and self._model_id and meta["model"] != self._model_id:
+            log.warning("%s was written with another model (weights %s, now %s): each "
+                        "user's events carry over, but their last risks are the other "
+                        "model's, so the first alerts compare the two models' scores",
+                        path, meta["model"], self._model_id)
         try:
             restored = restore(arrays, meta)
         except (ArithmeticError, LookupError, TypeError, ValueError, UnicodeError) as err:
@@ -437,3 +464,11 @@ class Monitor:
         self.oldest_pending = time.perf_counter()
         self.since_checkpoint = int(meta["since_checkpoint"])
         return dict(meta["position"])
+
+
+def _weights_id(model: keras.Model) -> str:
+    """A short id of the model's weights (SHA-256 of their bytes), kept with the state."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:16]

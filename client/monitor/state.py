@@ -203,24 +203,28 @@ def check_meta(meta: Mapping[str, Any], where: str, latest_ns: int | None = None
         if not isinstance(value, str):
             fail(name, value, "a string")
 
-    def table(name: str, value: Any, keys: Iterable[str], required: bool) -> dict:
+    def table(name: str, value: Any, keys: Iterable[str], required: bool,
+              optional: Iterable[str] = ()) -> dict:
         if not isinstance(value, dict):
             fail(name, value, "a JSON object")
-        allowed = set(keys)
+        allowed = set(keys) | set(optional)
         extra = sorted(map(str, set(value) - allowed))
         if extra:
             fail(f"{name}.{extra[0]}", value[extra[0]], f"no such field (one of "
                  f"{', '.join(sorted(allowed))})")
-        missing = sorted(allowed - set(value)) if required else []
+        missing = sorted(set(keys) - set(value)) if required else []
         if missing:
             raise ValueError(f"{where}: meta field {name}.{missing[0]} is missing")
         return value
 
     table("meta", dict(meta), ("version", "snapshots", "clock_ns", "last_sweep_ns", "pending",
-                               "since_checkpoint", "stats", "position", "sha256"), True)
+                               "since_checkpoint", "stats", "position", "sha256"), True,
+          optional=("model",))  # states written before the model's id was kept lack it
     if not isinstance(meta["snapshots"], dict):
         fail("snapshots", meta["snapshots"], "a JSON object")
     text("sha256", meta["sha256"])
+    if meta.get("model") is not None:
+        text("model", meta["model"])
     span = (f"null or an integer time (unix ns) from {_EARLIEST_TEXT} to "
             f"{pd.Timestamp(min(latest, int(NS_LIMIT)), unit='ns'):%Y-%m-%d %H:%M} UTC")
     for key in ("clock_ns", "last_sweep_ns"):

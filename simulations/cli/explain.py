@@ -68,6 +68,11 @@ def explain(
     if second_path is not None:
         _same_features(model_path, checks.model_file(second_path))
     config = _config(run.expanduser().resolve(), model_path)
+    for output in (model_path.parent / n for n in ("explanations.json", "explanations.png")):
+        if output.is_dir():  # found now, not after minutes of work
+            raise ValueError(f"{output}: is a folder, and explain writes this file there; "
+                             "move the folder away")
+    checks.writable_parent(model_path.parent, "explain")
     import numpy as np
 
     from common.model import load_model

@@ -85,6 +85,13 @@ def pick(found: dict[str, Path], method: str | None, folder: Path, what: str) ->
     if not found and what == "model" and (folder / "checkpoints").is_dir():
         raise ValueError(f"{folder} holds no model.keras: its rounds did not finish (it has "
                          f"checkpoints/); finish them with fedecay simulate --resume {folder}")
+    if not found and what == "federation":
+        lost = [p for p in (folder, *folder.iterdir()) if p.is_dir()
+                and (p / "federation.json").is_file()]
+        if lost:
+            raise ValueError(f"{lost[0]} is a federation's folder without its {METRICS_FILE} "
+                             "(the per-round record egress reads): it was moved or deleted; "
+                             "restore it, or run the federation again")
     if not found:
         writers = ("simulate or compare (a centralised or GBDT run sends nothing)"
                    if what == "federation" else
