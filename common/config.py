@@ -8,6 +8,7 @@ Unknown keys and out-of-range values raise ``ValueError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import tomllib
 import types
@@ -29,8 +30,18 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, Mapping):
             flat.update(flatten(value, prefix=f"{name}."))
         else:
-            flat[name] = value
+            flat[name] = _as_text_if_time(value)
     return flat
+
+
+def _as_text_if_time(value: Any) -> Any:
+    """TOML's bare dates and times (``start = 2025-01-01``) as the ISO text every setting
+    takes; the settings, ``config.json`` and Flower's run config hold no date objects."""
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_as_text_if_time(v) for v in value]
+    return value
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -328,10 +339,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file into flat dotted keys; the message names the file on error."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            return flatten(tomllib.load(fh))
+        text = path.read_bytes().decode("utf-8-sig")  # an editor's byte-order mark is fine
+        return flatten(tomllib.loads(text))
     except FileNotFoundError:
         raise ValueError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path}: not UTF-8 text (byte {err.start})") from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"config file {path}: {err}") from None
 
@@ -349,7 +362,7 @@ def apply_overrides(flat: Mapping[str, Any], overrides: list[str] | None) -> dic
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = tomllib.loads(f"v = {raw}")["v"]
+            value = _as_text_if_time(tomllib.loads(f"v = {raw}")["v"])
         except tomllib.TOMLDecodeError:
             value = raw
         out[key] = value

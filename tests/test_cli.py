@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -65,6 +66,20 @@ def test_overrides_parse_toml_scalars() -> None:
     exp = resolve("quick", overrides=["train.epochs=3", "snapshots.actions=none,coupon"])
     assert exp.train.epochs == 3
     assert exp.snapshots.actions == ("none", "coupon")
+
+
+def test_bare_toml_dates_become_iso_text(tmp_path: Path) -> None:
+    # `--set snapshots.start=2025-01-01` (as the docs write it) and an unquoted date in a
+    # preset parse as TOML dates: config.json could not hold them (a TypeError once).
+    flat = apply_overrides({}, ["snapshots.start=2025-01-01",
+                                "snapshots.end=2025-03-31T23:59:59Z"])
+    assert flat == {"snapshots.start": "2025-01-01", "snapshots.end": "2025-03-31T23:59:59+00:00"}
+    preset = tmp_path / "mine.toml"
+    preset.write_bytes("\ufeff[synthetic]\nnum-merchants = 3\n[snapshots]\n"
+                       "start = 2025-01-01\n".encode())  # and a byte-order mark
+    exp = resolve(str(preset))
+    assert exp.flat["snapshots.start"] == "2025-01-01"
+    json.dumps(exp.flat)
 
 
 def test_deploy_commands_write_files(tmp_path: Path, capsys) -> None:
