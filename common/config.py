@@ -308,6 +308,8 @@ class TrainConfig:
         check_key(self.patience >= 0, "train.patience", "must be >= 0")
         check_key(self.shift_patience >= 0, "train.shift-patience", "must be >= 0")
         check_key(self.proximal_mu >= 0, "train.proximal-mu", "must be >= 0")
+        check_key(self.verbose in (0, 1, 2), "train.verbose",
+                  f"must be 0, 1 or 2 (Keras' fit), got {self.verbose}")
 
 
 @dataclasses.dataclass(frozen=True)

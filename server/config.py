@@ -118,6 +118,20 @@ class FederationConfig:
         check_key(0 <= self.trim_beta < 0.5, "federation.trim-beta", "must be in [0, 0.5)")
         check_key(self.patience_rounds >= 0, "federation.patience-rounds", "must be >= 0")
         check_key(self.eval_every >= 1, "federation.eval-every", "must be >= 1")
+        # 0 or less would delete the checkpoint just written: a stopped run could not resume
+        check_key(self.keep_checkpoints >= 1, "federation.keep-checkpoints",
+                  f"must be >= 1 (the newest checkpoint is what --resume reads), got "
+                  f"{self.keep_checkpoints}")
+        check_key(math.isfinite(self.proximal_mu) and self.proximal_mu >= 0,
+                  "federation.proximal-mu", f"must be a finite number >= 0, got "
+                  f"{self.proximal_mu}")
+        check_key(math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
+                  "federation.server-learning-rate",
+                  f"must be a finite number > 0, got {self.server_learning_rate}")
+        check_key(0 <= self.server_momentum < 1, "federation.server-momentum",
+                  f"must be in [0, 1), got {self.server_momentum}")
+        check_key(self.num_malicious >= 0, "federation.num-malicious",
+                  f"must be >= 0, got {self.num_malicious}")
         check_key(self.pre_evaluate in PRE_EVALUATE, "federation.pre-evaluate",
                   f"must be one of {', '.join(PRE_EVALUATE)}, got {self.pre_evaluate!r}")
         check_key(math.isfinite(self.shift_server_lr) and self.shift_server_lr > 0,

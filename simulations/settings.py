@@ -102,6 +102,8 @@ class SimulationConfig(FaultConfig):
 
     def __post_init__(self) -> None:
         check_key(self.client_cpus > 0, "simulation.client-cpus", "must be > 0")
+        check_key(self.ray_cpus >= 0, "simulation.ray-cpus",
+                  f"must be >= 0 (0 = every core), got {self.ray_cpus}")
         self.check_faults("simulation")
 
 

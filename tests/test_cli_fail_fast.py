@@ -85,6 +85,12 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
      "explanations.json: is a folder, and explain writes this file there"),
     (["privacy", "egress", "--run", "lost"],
      "is a federation's folder without its metrics.jsonl (the per-round record egress"),
+    (["score", "--model", "run", "--events", "cj", "--out", "cj/transactions.csv"],
+     "is a file of the --events folder"),
+    (["simulate", "--set", "federation.keep-checkpoints=0"],
+     "'federation.keep-checkpoints': must be >= 1 (the newest checkpoint is what --resume"),
+    (["simulate", "--set", "federation.server-momentum=7"],
+     "'federation.server-momentum': must be in [0, 1)"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["bench", "--federation", "10,x"], "--federation"),
 ])
@@ -98,6 +104,8 @@ def test_bad_commands_answer_in_one_line_before_tensorflow(tmp_path: Path, args:
     (_fake_compare_run(tmp_path / "lost") / "federated-fedavg" / "metrics.jsonl").rename(
         tmp_path / "lost" / "federated-fedavg" / "federation.json")  # metrics.jsonl deleted
     (tmp_path / "done" / "centralised" / "explanations.json").mkdir()
+    (tmp_path / "cj").mkdir()  # a Complete Journey folder
+    (tmp_path / "cj" / "transactions.csv").write_text("household_id\n")
     (tmp_path / "fed").mkdir()  # an earlier `data synth --out fed`
     (tmp_path / "fed" / "events.parquet").write_bytes(b"PAR1")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))

@@ -164,6 +164,21 @@ def not_over_inputs(out: Path | None, folders: Sequence[str | Path], flag: str) 
                              "writing it would replace that file: give another name")
 
 
+def not_an_input(out: Path, source: str | Path, flag: str) -> None:
+    """Refuse an existing output file that is the input ``source`` or, when ``source`` is
+    a folder (the Complete Journey tables), one of the files in it: the output would
+    replace the data it was computed from."""
+    source = Path(source).expanduser()
+    if not out.exists() or not source.exists():
+        return
+    if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
+        raise ValueError(f"--out {out} is a file of the {flag} folder {source.resolve()}: "
+                         "it would be replaced; choose a file outside it")
+    if out.samefile(source):
+        raise ValueError(f"--out {out} is the {flag} file: it would be replaced by the "
+                         "output; choose another file")
+
+
 def writable_parent(folder: Path, flag: str) -> None:
     """The nearest existing folder of ``folder`` is a folder we may write in."""
     for parent in (folder, *folder.parents):

@@ -169,9 +169,7 @@ def score(
         checks.model_sets(sets)
     if out is not None:  # a bad --out fails now, not after the scoring
         out = checks.output_file(out, "--out", checks.SCORE_FILES)
-        if out.exists() and events.exists() and out.samefile(events):
-            raise ValueError(f"--out {out} is the --events file: scores would replace "
-                             "the log; choose another file")
+        checks.not_an_input(out, events, "--events")
     cutoff = checks.cutoff(at)
     name, model_path = _model(model, method)
     checks.events_path(events, "--events", format)
