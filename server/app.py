@@ -29,6 +29,7 @@ from server.head_refit import engine_down, refit_head
 from server.pacing import PacedGrid
 from server.recorder import RoundRecorder, Selection, StopRounds
 from server.resume import start_state
+from server.rounds import EngineStop
 from server.runner import Runner, build_runner
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
     fed = settings.federation
     run_dir = _run_folder(fed)
     model = build_model(settings.model, settings.snapshots, seed=settings.seed)
-    grid = PacedGrid(grid)  # type: ignore[assignment]  # a Grid by delegation
+    grid = PacedGrid(grid, stop=engine_failed)  # type: ignore[assignment]  # by delegation
     population = max(fed.min_available_nodes, len(list(grid.get_node_ids())))
     parts = build_runner(settings, population, run_dir, engine_failed,
                          shifts=response_shift_weights(model))
@@ -74,6 +75,11 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
                                  selection=selection, weights=weights, task=task,
                                  on_round=on_round)
         final, stop_reason = _run_rounds(grid, fed, parts, recorder, weights)
+    if isinstance(engine_failed, EngineStop) and engine_failed.interrupted:
+        log.info("federation stopped by the user after round %d; the run folder is as its "
+                 "last checkpoint left it (resume with --resume)",
+                 max(parts.rounds.stats, default=done))
+        return {"stop_reason": "interrupted"}
     kept, head_refit = _kept_weights(settings, model, selection, final), None
     if parts.rounds.engine_down:
         head_refit = engine_down() if fed.head_refit_steps > 0 else None

@@ -16,6 +16,7 @@ about that share of a core, and the wait shrinks as the replies come in.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,11 +26,14 @@ from flwr.serverapp import Grid
 
 
 class PacedGrid:
-    """``grid`` by delegation, with :meth:`send_and_receive` paced by its looks' cost."""
+    """``grid`` by delegation, with :meth:`send_and_receive` paced by its looks' cost;
+    once ``stop`` is set a wait for replies ends with those that came (the engine that
+    would answer is gone)."""
 
     def __init__(self, grid: Grid, *, fastest: float = 0.01, slowest: float = 1.0,
                  busy_share: float = 0.05, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 stop: threading.Event | None = None) -> None:
         if not 0 < fastest <= slowest:
             raise ValueError(f"PacedGrid: need 0 < fastest <= slowest, got {fastest}, "
                              f"{slowest}")
@@ -38,6 +42,7 @@ class PacedGrid:
         self._grid = grid
         self.fastest, self.slowest, self.busy_share = fastest, slowest, busy_share
         self._clock, self._sleep = clock, sleep
+        self._stop = stop
         self.looks = 0  # pulls made, for the logs and the tests
 
     def send_and_receive(self, messages: Iterable[Message], *,
@@ -51,7 +56,8 @@ class PacedGrid:
         del messages
         end = None if timeout is None else self._clock() + timeout
         replies: list[Message] = []
-        while awaited and (end is None or self._clock() < end):
+        while awaited and (end is None or self._clock() < end) and not (
+                self._stop is not None and self._stop.is_set()):
             started = self._clock()
             found = list(self._grid.pull_messages(awaited))
             took = self._clock() - started

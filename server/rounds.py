@@ -59,6 +59,19 @@ class RoundStats:
                 "failures": self.failures[:20]}
 
 
+class EngineStop(threading.Event):
+    """The event the driver of Flower's Simulation Engine sets when the engine failed
+    (:meth:`set`) or the user stopped the run (:meth:`interrupt`: Ctrl-C, SIGTERM). Once
+    set, no round starts and a pending wait for replies ends; after an interrupt the
+    ServerApp leaves the run folder as its last checkpoint left it (for ``--resume``)."""
+
+    interrupted = False
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self.set()
+
+
 class RoundBook:
     """The rounds of one run: their stats, the empty ones, and whether one may start.
 

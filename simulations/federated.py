@@ -367,6 +367,22 @@ def _ray_start_up(progress: Progress) -> Iterator[None]:
         watcher.join()
 
 
+@contextlib.contextmanager
+def _no_ray_auto_start() -> Iterator[None]:
+    """Ray's auto-start off while the simulation runs, and after it when it was stopped.
+
+    Any Ray call after ``ray.shutdown`` starts a new local Ray instance (Ray's
+    ``auto_init_hook``). After Ctrl-C one of Flower's threads, still finishing while the
+    process exits, made such a call and left a Ray instance running. Flower starts Ray
+    itself (``init_ray``), so nothing here relies on the auto-start."""
+    from ray._private import auto_init_hook
+
+    before = auto_init_hook.enable_auto_connect
+    auto_init_hook.enable_auto_connect = False
+    yield  # an exception leaves it off: the engine's threads may still be finishing
+    auto_init_hook.enable_auto_connect = before
+
+
 def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
                   progress: Progress = SILENT, tracker: Tracker = NO_TRACKING,
                   name: str | None = None, overrides: Mapping[str, Any] | None = None,
@@ -420,8 +436,9 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
     import ray
     from flwr.simulation import run_simulation
 
+    from server.rounds import EngineStop
     from simulations.handover import hand_over_at_once
-    from simulations.raypool import replace_dead_actors
+    from simulations.raypool import abandon_waits, replace_dead_actors
 
     flat = staged.flat
     per_node = exp.federation.merchants_per_node
@@ -431,10 +448,10 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
 
     replace_dead_actors()
     hand_over_at_once()
-    engine_failed = threading.Event()
+    engine_failed = EngineStop()
     try:
         with _actor_environment(exp.simulation.client_cpus), _ray_start_up(progress), \
-                _heap_frozen():
+                _heap_frozen(), _no_ray_auto_start():
             run_simulation(
                 server_app=federated_server_app(flat, staged.merchants, per_node,
                                                 progress=progress,
@@ -449,6 +466,12 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
         engine_failed.set()
         raise RuntimeError(f"the simulation engine failed ({err}); the server stops after "
                            "the round in progress; the cause is in the log above") from err
+    except BaseException:
+        # Ctrl-C or SIGTERM: the ServerApp thread (which the process waits for at exit)
+        # stops waiting for replies no actor will send, and finishes nothing.
+        engine_failed.interrupt()
+        abandon_waits()
+        raise
     finally:
         if ray.is_initialized() and not exp.simulation.ray_address:
             ray.shutdown()

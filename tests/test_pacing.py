@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -55,6 +56,21 @@ def test_a_slow_look_waits_at_most_slowest_and_never_past_the_timeout() -> None:
     assert list(replies) == []
     # Looks at 0, 1.2 and 2.4 s (each takes 0.2 s): the last one ends past the timeout.
     assert waits == [1.0, 1.0] and len(grid.pulls) == 3 and clock[0] == pytest.approx(2.6)
+
+
+def test_a_stop_ends_the_wait_with_the_replies_that_came() -> None:
+    # The engine that would answer is gone (Ctrl-C): no wait until the round timeout.
+    clock, waits, stop = [0.0], [], threading.Event()
+    grid = ScriptedGrid([0, 99], clock, lambda n: 0.01)
+
+    def sleep(s: float) -> None:
+        waits.append(s)
+        clock[0] += s
+        stop.set()  # set while the grid waits between two looks
+
+    replies = PacedGrid(grid, clock=lambda: clock[0], sleep=sleep,  # type: ignore[arg-type]
+                        stop=stop).send_and_receive(range(2), timeout=600)
+    assert len(list(replies)) == 1 and len(grid.pulls) == 1 and clock[0] < 1
 
 
 def test_everything_else_is_the_wrapped_grids_and_bad_bounds_are_refused() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -48,14 +49,15 @@ def test_a_dead_actor_is_replaced_so_only_its_own_message_fails(monkeypatch) -> 
         def train(msg: Message, context: Context) -> Message:
             if msg.content["config"]["die"]:
                 os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+            time.sleep(float(msg.content["config"]["sleep"]))
             return Message(RecordDict({"m": MetricRecord({"pid": os.getpid()})}), reply_to=msg)
 
         return app
 
-    def send(backend, die: bool) -> int:
+    def send(backend, die: bool, sleep: float = 0.0) -> int:
         """The pid of the actor that ran one train message."""
-        msg = Message(RecordDict({"config": ConfigRecord({"die": die})}), dst_node_id=1,
-                      message_type="train")
+        msg = Message(RecordDict({"config": ConfigRecord({"die": die, "sleep": sleep})}),
+                      dst_node_id=1, message_type="train")
         context = Context(run_id=1, node_id=1, node_config={"partition-id": 0},
                           state=RecordDict(), run_config={})
         reply, _ = run_with_timeout(lambda: backend.process_message(msg, context), 60)
@@ -80,6 +82,23 @@ def test_a_dead_actor_is_replaced_so_only_its_own_message_fails(monkeypatch) -> 
             if replaces:  # only the message that was running is lost
                 assert send(backend, die=False) != first
                 assert send(backend, die=False) != first
+                # Ctrl-C: the wait for a message still running ends (a ray.get left
+                # waiting once kept the process from exiting, forever).
+                ended: list[BaseException] = []
+
+                def wait_for_a_long_message(backend=backend, ended=ended) -> None:
+                    try:
+                        send(backend, die=False, sleep=60)
+                    except BaseException as err:  # noqa: BLE001 - checked below
+                        ended.append(err)
+
+                waiting = threading.Thread(target=wait_for_a_long_message, daemon=True)
+                waiting.start()
+                time.sleep(2)
+                raypool.abandon_waits()
+                waiting.join(5)
+                assert not waiting.is_alive() and isinstance(ended[0], raypool.RunAbandoned)
+                raypool.replace_dead_actors()  # a next run's messages are awaited again
             else:  # Flower's pool hands the dead actor out again
                 with pytest.raises(ray.exceptions.ActorDiedError):
                     send(backend, die=False)
