@@ -147,8 +147,8 @@ def _finish(settings: ServerSettings, run_dir: Path, model: Any, parts: Runner,
 
     set_weights_of(model, kept)
     save_model(model, run_dir / "model.keras")
-    # The scorer and the monitor read the snapshot settings from model.json beside it.
-    write_model_settings(run_dir / "model.keras", settings.snapshots, None)
+    # The scorer and the monitor read the snapshot and policy settings from model.json.
+    write_model_settings(run_dir / "model.keras", settings.snapshots, settings.policy)
     np.savez(run_dir / "final_weights.npz", *final)
     summary = _summary(settings, parts, selection, done=done, stop_reason=stop_reason,
                        seconds=seconds)

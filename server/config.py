@@ -8,7 +8,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from common.config import ModelConfig, SnapshotConfig, TrainConfig, check_key, from_flat
+from common.config import (
+    ModelConfig,
+    PolicyConfig,
+    SnapshotConfig,
+    TrainConfig,
+    check_key,
+    from_flat,
+)
 
 log = logging.getLogger(__name__)
 
@@ -428,6 +435,9 @@ class ServerSettings:
     train: TrainConfig
     seed: int
     privacy: DPConfig = DPConfig()
+    #: Written into model.json beside the model, so that scoring it uses the policy the
+    #: run was judged on (a comparison's other models carry theirs).
+    policy: PolicyConfig = PolicyConfig()
 
 
 def settings_from_flat(flat: Mapping[str, Any]) -> ServerSettings:
@@ -439,4 +449,5 @@ def settings_from_flat(flat: Mapping[str, Any]) -> ServerSettings:
         train=from_flat(TrainConfig, flat, "train"),
         seed=int(flat.get("experiment.seed", 0)),
         privacy=from_flat(DPConfig, flat, "privacy"),
+        policy=from_flat(PolicyConfig, flat, "policy"),
     )

@@ -307,6 +307,13 @@ def test_readme_tree_is_what_a_comparison_writes(compared: Path) -> None:
                and not any(_pattern(path).fullmatch(w) for w in written)]
     assert not missing, f"in README's Outputs but not written: {missing}"
     assert ("mlruns/" in written) == HAS_MLFLOW
+    # Every model of the comparison is scored with the policy the comparison judged it on.
+    policy = {k: v for k, v in json.loads((compared / "config.json").read_text()).items()
+              if k.startswith("policy.")}
+    assert policy and len(list(compared.glob("*/model.json"))) >= 4
+    for sidecar in compared.glob("*/model.json"):
+        saved = json.loads(sidecar.read_text())
+        assert {k: saved.get(k) for k in policy} == policy, sidecar
 
 
 @pytest.mark.slow
