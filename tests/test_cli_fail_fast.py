@@ -91,6 +91,10 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
      "'federation.keep-checkpoints': must be >= 1 (the newest checkpoint is what --resume"),
     (["simulate", "--set", "federation.server-momentum=7"],
      "'federation.server-momentum': must be in [0, 1)"),
+    (["privacy", "audit", "--run", "tab"], "is a gbdt model; the membership audit attacks"),
+    (["data", "check", "loop1"], "loop1: Too many levels of symbolic links"),
+    (["score", "--model", "run", "--events", "events.csv", "--out", "loop1"],
+     "loop1: Too many levels of symbolic links"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["bench", "--federation", "10,x"], "--federation"),
 ])
@@ -104,6 +108,9 @@ def test_bad_commands_answer_in_one_line_before_tensorflow(tmp_path: Path, args:
     (_fake_compare_run(tmp_path / "lost") / "federated-fedavg" / "metrics.jsonl").rename(
         tmp_path / "lost" / "federated-fedavg" / "federation.json")  # metrics.jsonl deleted
     (tmp_path / "done" / "centralised" / "explanations.json").mkdir()
+    _fake_gbdt(tmp_path / "tab" / "model.skops")
+    (tmp_path / "loop1").symlink_to("loop2")  # a symlink loop
+    (tmp_path / "loop2").symlink_to("loop1")
     (tmp_path / "cj").mkdir()  # a Complete Journey folder
     (tmp_path / "cj" / "transactions.csv").write_text("household_id\n")
     (tmp_path / "fed").mkdir()  # an earlier `data synth --out fed`
@@ -129,6 +136,18 @@ def _fake_model(path: Path) -> Path:
                    for n in ("events", "category_embedding", "activation")]}}
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("config.json", json.dumps(config))
+    return path
+
+
+def _fake_gbdt(path: Path) -> Path:
+    """A .skops archive whose schema.json names a fedecay GBDT (what the fast checks read)."""
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = {"format": "fedecay-tabular-model", "kind": "gbdt"}
+    schema = {"content": {k: {"content": json.dumps(v)} for k, v in fields.items()}}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("schema.json", json.dumps(schema))
     return path
 
 

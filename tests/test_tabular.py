@@ -178,3 +178,16 @@ def test_train_gbdt_then_score_gives_the_in_memory_risks(tmp_path: Path, capsys)
     assert main(["monitor", "--model", str(run), "--input", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a gbdt model" in err
+
+    # The top-20 table on the terminal: ids escaped (a terminal would run an escape
+    # sequence) and cut (a 100k-character id padded every row).
+    log = pd.read_parquet(data / "events.parquet")
+    top = scores.sort_values("decay_risk", ascending=False)["user_id"].iloc[:2].tolist()
+    log["user_id"] = log["user_id"].replace({top[0]: "\x1b]0;owned\x07\x1b[2J",
+                                             top[1]: "x" * 100_000})
+    log.to_parquet(data / "hostile.parquet")
+    assert main(["score", "--model", str(run), "--events", str(data / "hostile.parquet"),
+                 "--at", AT]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\\x1b]0;owned\\x07" in shown
+    assert "x" * 39 + "…" in shown and len(shown) < 20_000

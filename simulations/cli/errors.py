@@ -98,6 +98,10 @@ def user_error(err: BaseException, inputs: str = "the input") -> str | None:
         return str(err)
     if isinstance(err, OSError):
         return os_error_text(err)
+    if isinstance(err, RuntimeError) and str(err).startswith("Symlink loop from "):
+        # pathlib's resolve() (Python 3.11) says so instead of raising ELOOP
+        path = str(err).removeprefix("Symlink loop from ").strip("'")
+        return f"cannot open {path}: Too many levels of symbolic links"
     return None
 
 

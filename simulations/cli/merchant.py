@@ -210,9 +210,17 @@ def score(
     else:
         import pandas as pd
 
+        from client.monitor.events import escape_controls
+
+        top = scores.sort_values("decay_risk", ascending=False).head(20)
+        # Ids and reasons come from the merchant's file: escape control characters (a
+        # terminal would run them) and cut long ones (a 100k-character id padded each row).
+        for column in top.select_dtypes(exclude="number").columns:
+            cut = 40 if column.endswith("_id") or column == "category" else 10_000
+            top[column] = top[column].map(lambda v, cut=cut: escape_controls(
+                v if len(v) <= cut else v[:cut - 1] + "…") if isinstance(v, str) else v)
         with pd.option_context("display.width", 160, "display.max_columns", 20):
-            print(scores.sort_values("decay_risk", ascending=False).head(20)
-                  .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            print(top.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     info = score_summary(scores, bundle.policy)
     mix = "  ".join(f"{k} {v:.1%}" for k, v in info["action_mix"].items()) or "-"
     _err(f"users scored {info['users']:,}; at risk (>= {bundle.policy.risk_threshold:g}) "

@@ -123,6 +123,11 @@ def audit(
     checks.not_over_inputs(out, [run], "--json")
     name, model_path = model_in(run, method)
     checks.model_file(model_path)
+    kind = checks.model_kind(model_path)
+    if kind != "lstm":
+        raise ValueError(f"--run {model_path} is a {kind} model; the membership audit "
+                         "attacks the LSTM models (choose --method federated or "
+                         "centralised)")
     from simulations.experiment import write_json
     from simulations.privacy_audit import format_audit, membership_audit
 
