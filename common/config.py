@@ -182,18 +182,30 @@ class SnapshotConfig:
                                      f"got {value!r}") from None
         for name in ("observation_days", "horizon_days", "stride_days", "tau_days",
                      "intervention_window_days", "response_days"):
-            check_key(getattr(self, name) > 0, f"snapshots.{name.replace('_', '-')}", "must be > 0")
+            # Below an hour the windows hold no event and past ten years no log is long
+            # enough: such values failed deep in the snapshot builder (an IndexError).
+            value = getattr(self, name)
+            check_key(1 / 24 <= value <= 3650, f"snapshots.{name.replace('_', '-')}",
+                      f"must be between 1/24 (an hour) and 3650 days, got {value}")
         check_key(0 < self.rho < 1, "snapshots.rho", f"must be in (0, 1), got {self.rho}")
         for ev in EVENT_TYPES:
             check_key(getattr(self, f"weight_{ev}") >= 0, f"snapshots.weight-{ev}", "must be >= 0")
-        check_key(self.max_len >= 1, "snapshots.max-len", "must be >= 1")
-        check_key(self.hash_buckets >= 1, "snapshots.hash-buckets", "must be >= 1")
+        check_key(any(self.event_weights), "snapshots.weight-purchase",
+                  "the event weights are all 0: interest, and so the decay label, would be "
+                  "0 for everyone; give at least one event a weight > 0")
+        # A sequence and a category table that fit in memory (1e9 asked for terabytes).
+        check_key(1 <= self.max_len <= 4096, "snapshots.max-len",
+                  f"must be between 1 and 4096 events, got {self.max_len}")
+        check_key(1 <= self.hash_buckets <= 1 << 20, "snapshots.hash-buckets",
+                  f"must be between 1 and {1 << 20:,}, got {self.hash_buckets}")
         check_key(self.reengage_event in ("purchase", "any"), "snapshots.reengage-event",
                f"must be 'purchase' or 'any', got {self.reengage_event!r}")
         check_key(self.val_cutoffs >= 1, "snapshots.val-cutoffs", "must be >= 1")
         check_key(self.test_cutoffs >= 1, "snapshots.test-cutoffs", "must be >= 1")
         check_key(len(self.actions) >= 2 and self.actions[0] == "none", "snapshots.actions",
                "must list 'none' first and at least one action")
+        check_key(len(set(self.actions)) == len(self.actions), "snapshots.actions",
+                  f"names an action twice: {', '.join(self.actions)}")
 
     @property
     def event_weights(self) -> tuple[float, ...]:

@@ -23,7 +23,8 @@ import pandas as pd
 from common import atomic
 from common.config import SnapshotConfig, check_key
 from common.progress import SILENT, Progress
-from common.snapshots import SnapshotReport, Snapshots, build_snapshots
+from common.schema import DataError
+from common.snapshots import SnapshotReport, Snapshots, build_snapshots, unscorable
 from simulations.settings import DataConfig, Experiment, check_path_part
 from simulations.synth import generate_federation
 
@@ -143,6 +144,10 @@ def prepare(exp: Experiment, *, progress: Progress = SILENT,
     snap_cfg = shared_calendar(events, exp.snapshots)
     snaps, report = build_snapshots(events, snap_cfg, interventions, progress=progress,
                                     chunk_events=chunk_events)
+    problem = unscorable(snaps, report)
+    if problem:  # a model trained on them would be scored on nothing, or learn nothing
+        raise DataError(f"the snapshots of {exp.data.events or 'the synthetic log'}: "
+                        f"{problem}")
     sizes = pd.Series(snaps.merchant_id[snaps.split == 0].astype(str)).value_counts()
     keep = sorted(sizes[sizes >= max(exp.data.min_merchant_snapshots, 1)].index.tolist())
     dropped = sorted(set(events["merchant_id"].astype(str).unique()) - set(keep))

@@ -95,6 +95,12 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["data", "check", "loop1"], "loop1: Too many levels of symbolic links"),
     (["score", "--model", "run", "--events", "events.csv", "--out", "loop1"],
      "loop1: Too many levels of symbolic links"),
+    (["train", "--set", "snapshots.observation-days=1e-9"],
+     "'snapshots.observation-days': must be between 1/24 (an hour) and 3650 days"),
+    (["train", "--set", "snapshots.max-len=1e9"], "'snapshots.max-len': must be between 1"),
+    (["train", "--set", "snapshots.hash-buckets=1e9"], "'snapshots.hash-buckets': must be"),
+    (["train", "--set", "snapshots.actions=none,coupon,coupon"],
+     "names an action twice: none, coupon, coupon"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["bench", "--federation", "10,x"], "--federation"),
 ])

@@ -38,6 +38,7 @@ from common.snapshots import (
     federation_problems,
     plan_cutoffs,
     stray_gap,
+    unscorable,
 )
 
 HEADER = "user_id,timestamp,event,value\n"
@@ -214,10 +215,17 @@ def _events(days: list[str], users: int = 6) -> pd.DataFrame:
                            "frame")
 
 
+def _with_fading(days: list[str]) -> pd.DataFrame:
+    """``_events(days)`` and six users who stop at different times: both decay labels."""
+    fading = [_events(days[:n], users=1).assign(user_id=f"f{n}")
+              for n in range(40, len(days), 25)]
+    return pd.concat([_events(days), *fading], ignore_index=True)
+
+
 def test_the_calendar_cannot_be_stretched_into_a_hang() -> None:
-    config = SnapshotConfig(stride_days=0.01)
+    config = SnapshotConfig(stride_days=0.05)
     started = time.perf_counter()
-    with pytest.raises(DataError, match=r"spans 18,262\.0 days.*stride-days = 0\.01.*more "
+    with pytest.raises(DataError, match=r"spans 18,262\.0 days.*stride-days = 0\.05.*more "
                        rf"than {MAX_CUTOFFS:,}"):
         plan_cutoffs(18_262 * 86_400.0, config)
     assert time.perf_counter() - started < 1.0
@@ -238,10 +246,14 @@ def test_stray_old_rows_are_found_and_cost_little() -> None:
 
 def test_readiness_needs_val_test_and_enough_training_snapshots() -> None:
     days = [str(d.date()) for d in pd.date_range("2017-01-01", "2017-06-30", freq="D")]
-    snaps, report = build_snapshots(_events(days), SnapshotConfig())
+    snaps, report = build_snapshots(_with_fading(days), SnapshotConfig())
     assert federation_problems(snaps, report, 20) == []
     problems = federation_problems(snaps, report, 10_000)
     assert len(problems) == 1 and "data.min-merchant-snapshots" in problems[0]
+    # everyone active every day: every label 0, nothing to learn (train said OK, exit 0)
+    steady, report = build_snapshots(_events(days), SnapshotConfig())
+    assert unscorable(steady, report) == federation_problems(steady, report, 20)[0]
+    assert "every training snapshot has decay label 0" in unscorable(steady, report)
     # a stray late row: the val and test cutoffs move to where nobody is active
     late, report = build_snapshots(_events(days + ["2017-10-01"], users=1).pipe(
         lambda one: pd.concat([_events(days), one.tail(1)], ignore_index=True)),
@@ -256,7 +268,7 @@ def test_interventions_that_meet_no_snapshot_are_not_ok() -> None:
     ids are missing while the events have merchants) would train the activation heads
     on nothing while the check said OK."""
     days = [str(d.date()) for d in pd.date_range("2017-01-01", "2017-06-30", freq="D")]
-    events = _events(days)
+    events = _with_fading(days)
 
     def interventions(user: str) -> pd.DataFrame:
         frame = pd.DataFrame({"user_id": [user] * 3, "action": ["none", "coupon", "push"],
@@ -291,7 +303,7 @@ def test_data_check_exits_2_with_what_is_missing(tmp_path: Path,
 
     days = [str(d.date()) for d in pd.date_range("2017-01-01", "2017-06-30", freq="D")]
     path = tmp_path / "events.csv"
-    _events(days).to_csv(path, index=False)
+    _with_fading(days).to_csv(path, index=False)
     assert check(str(path)) == 0
     assert "OK: this file can join a federation" in capsys.readouterr().out
     assert check(str(path), "--set", "data.min-merchant-snapshots=5000") == 2

@@ -20,7 +20,7 @@ from __future__ import annotations
 from common.snapshots.build import build_snapshots, unlabelled_snapshots
 from common.snapshots.container import SPLITS, Snapshots
 from common.snapshots.cutoffs import MAX_CUTOFFS, STRAY_GAP_DAYS, plan_cutoffs, stray_gap
-from common.snapshots.report import SnapshotReport, federation_problems
+from common.snapshots.report import SnapshotReport, federation_problems, unscorable
 
 __all__ = [
     "MAX_CUTOFFS",
@@ -30,6 +30,7 @@ __all__ = [
     "Snapshots",
     "build_snapshots",
     "federation_problems",
+    "unscorable",
     "plan_cutoffs",
     "stray_gap",
     "unlabelled_snapshots",

@@ -61,15 +61,7 @@ def federation_problems(snaps: Snapshots, report: SnapshotReport,
     and test periods, or the model is scored on nothing; interventions that were given
     must meet some snapshot, or the activation heads learn from nothing.
     """
-    problems = []
-    for i, name in enumerate(SPLITS[1:], 1):
-        if not (snaps.split == i).any():
-            cut = report.cutoffs.get(name, [])
-            problems.append(
-                f"the {'validation' if name == 'val' else 'test'} period has no snapshots "
-                f"(cutoffs {', '.join(cut) or '-'}: no user active in the observation "
-                "window before them); the end of the log is empty or holds a few stray "
-                "late rows: remove them, or lower snapshots.horizon-days / stride-days")
+    problems = _unscorable(snaps, report)
     if report.interventions_unmatched and not sum(report.activation_rows.values()):
         problems.append(
             f"none of the {report.interventions_unmatched:,} interventions meets an active "
@@ -86,4 +78,32 @@ def federation_problems(snaps: Snapshots, report: SnapshotReport,
             f"no merchant has the {need:,} training snapshots a federation needs "
             f"(data.min-merchant-snapshots; {largest}); add history, lower "
             "snapshots.stride-days, or lower data.min-merchant-snapshots")
+    return problems
+
+
+def unscorable(snaps: Snapshots, report: SnapshotReport) -> str | None:
+    """Why no model can be trained and scored on these snapshots (an empty validation or
+    test period, training labels of one class), or None; every training command checks
+    it, so that such settings fail instead of writing a model scored on nothing."""
+    problems = _unscorable(snaps, report)
+    return "; ".join(problems) if problems else None
+
+
+def _unscorable(snaps: Snapshots, report: SnapshotReport) -> list[str]:
+    problems = []
+    for i, name in enumerate(SPLITS[1:], 1):
+        if not (snaps.split == i).any():
+            cut = report.cutoffs.get(name, [])
+            problems.append(
+                f"the {'validation' if name == 'val' else 'test'} period has no snapshots "
+                f"(cutoffs {', '.join(cut) or '-'}: no user active in the observation "
+                "window before them); the end of the log is empty or holds a few stray "
+                "late rows: remove them, or lower snapshots.horizon-days / stride-days "
+                "(or move snapshots.start / end, when set, inside the log)")
+    labels = snaps.decay[snaps.split == 0]
+    if len(labels) and (labels.min() == labels.max()):
+        problems.append(
+            f"every training snapshot has decay label {int(labels[0])} (decay rate "
+            f"{float(labels.mean()):.3f}): there is nothing to learn; check snapshots.rho, "
+            "tau-days and the weight-* settings")
     return problems
