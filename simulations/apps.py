@@ -20,6 +20,7 @@ counts cutoffs on its own log's dates.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -106,9 +107,13 @@ def deployment_run_dir(flat: Mapping[str, Any]) -> Path:
 
 
 def run_folder(run_config: Mapping[str, Any]) -> Path:
-    """Where this configuration's ``flwr run`` output goes (one folder per config)."""
+    """Where this configuration's ``flwr run`` output goes: one folder per config, named
+    by a digest of every key (the ServerApp and the ClientApps find it from the run
+    config alone). A second ``flwr run`` with other settings (``-c``) writes beside the
+    first, not over it."""
     exp = _experiment(run_config)
-    key = exp.data_key()
+    key = hashlib.sha1(json.dumps(dict(sorted(exp.flat.items())), default=str)
+                       .encode()).hexdigest()[:10]
     return exp.experiment.output_path() / f"flwr-run-{exp.experiment.name}-{key}"
 
 

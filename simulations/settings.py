@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -126,13 +124,6 @@ class Experiment:
     @property
     def seed(self) -> int:
         return self.experiment.seed
-
-    def data_key(self) -> str:
-        """A short digest of what determines the data and snapshots."""
-        keys = {k: v for k, v in sorted(self.flat.items())
-                if k.split(".")[0] in ("data", "synthetic", "snapshots")}
-        keys["experiment.seed"] = self.seed
-        return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def resolved(self) -> dict[str, Any]:
         """Every key with the value in effect, defaults filled in (what trackers log)."""

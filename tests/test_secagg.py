@@ -376,6 +376,18 @@ def test_flwr_run_client_app_follows_the_resolved_config(tmp_path: Path, secure:
     assert app(None, context) == ("secure" if secure else "plain")
 
 
+def test_flwr_run_folders_differ_by_setting_not_only_by_data(tmp_path: Path) -> None:
+    # A second `flwr run -c "federation.strategy='fedprox'"` replaced the first run's
+    # folder (it was named by the data settings alone).
+    from simulations import apps
+
+    base = {"experiment.output-dir": str(tmp_path)}
+    fedprox = {**base, "federation.strategy": "fedprox"}
+    assert apps.run_folder(base) != apps.run_folder(fedprox)
+    assert apps.run_folder(fedprox) == apps.run_folder(dict(reversed(fedprox.items())))
+    assert apps.run_folder(base).parent == apps.run_folder(fedprox).parent == tmp_path
+
+
 # ---------------------------------------------------------------------------------------
 # Simulations (subprocesses in their own session)
 # ---------------------------------------------------------------------------------------
