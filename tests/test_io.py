@@ -230,6 +230,29 @@ def test_interventions_file(tmp_path: Path) -> None:
         load_events(events, interventions_path=future)
 
 
+def test_null_tokens_are_missing_ids_and_float_exported_ids_read_as_integers(
+        tmp_path: Path) -> None:
+    # "NULL" or "\\N" in user_id made one pseudo-customer holding every such row.
+    for token in ("NULL", "\\N", "nan", "None", "#N/A"):
+        path = write(tmp_path / "null.csv", "user_id,timestamp,event\na,2017-11-25,view\n"
+                                            f"{token},2017-11-26,view\n")
+        with pytest.raises(DataError, match=r"null\.csv.*missing user id.*data row 2"):
+            load_events(path)
+    # A category column exported from pandas as floats: 13.0 in the CSV, 13 in Parquet.
+    frame = pd.DataFrame({"user_id": ["a", "b", "c"], "event": ["view"] * 3,
+                          "timestamp": ["2017-11-25", "2017-11-26", "2017-11-27"],
+                          "category_id": [13.0, float("nan"), 7.0]})
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    frame.to_parquet(tmp_path / "f.parquet")
+    csv, parquet = (load_events(tmp_path / f"f.{s}").events for s in ("csv", "parquet"))
+    assert csv["category_id"].tolist() == parquet["category_id"].tolist()
+    assert "13" in csv["category_id"].tolist() and "NA" not in csv["category_id"].tolist()
+    real = write(tmp_path / "real.csv", "user_id,timestamp,event,category_id\n"
+                                        "NA,2017-11-25,view,1.5\nb,2017-11-26,view,13.0\n")
+    events = load_events(real).events  # "NA" may be a real id; 13.0 beside 1.5 is text
+    assert sorted(events["user_id"]) == ["NA", "b"] and "13.0" in set(events["category_id"])
+
+
 def test_the_report_says_what_the_learner_makes_of_an_interventions_file(
         tmp_path: Path) -> None:
     events = write(tmp_path / "log.csv", "user_id,timestamp,event\na,2017-11-25,view\n"

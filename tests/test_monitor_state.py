@@ -508,6 +508,8 @@ def test_a_time_that_jumps_the_clock_past_a_window_is_warned_about(
     with pytest.raises(Malformed, match="timestamp: expected ISO-8601 text or a unix time, "
                        "got true"):
         parse_event(json.dumps({"user_id": "u", "timestamp": True, "event": "view"}))
+    with pytest.raises(Malformed, match="user_id: missing"):  # as the batch loader reads it
+        parse_event(json.dumps({"user_id": "NULL", "timestamp": 1.7e9, "event": "view"}))
 
 
 def _unsafe(text: str) -> list[str]:

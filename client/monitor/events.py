@@ -18,6 +18,7 @@ import pandas as pd
 
 from client.batch_features import unix_ns
 from common import timestamps
+from common.io.columns import NULL_IDS
 from common.io.validation import MAX_VALUE
 from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES
 from common.timestamps import EARLIEST_NS
@@ -26,6 +27,7 @@ Event = tuple[str, str, int, int, str, float, str]
 """(merchant, user, unix ns, event code, category, value, item)."""
 
 _EARLIEST_TEXT = timestamps.earliest_text()
+_NULL_IDS = frozenset(NULL_IDS)
 _EVENT_CODES = {name: i for i, name in enumerate(EVENT_TYPES)}
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f"
                      r"\ufeff\ud800-\udfff]")
@@ -41,7 +43,7 @@ def _ident(value: Any, name: str) -> str | None:
         return None
     if isinstance(value, str):
         value = value.strip()
-        return value or None
+        return value if value and value not in _NULL_IDS else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Malformed(f"{name}: expected a string or number")
     if isinstance(value, float):
@@ -117,8 +119,7 @@ def _parse_event(line: str | bytes) -> Event:
         raise Malformed("not valid JSON") from None
     if not isinstance(rec, dict):
         raise Malformed("not a JSON object")
-    user = rec.get("user_id")
-    user = (user.strip() or None) if user.__class__ is str else _ident(user, "user_id")
+    user = _ident(rec.get("user_id"), "user_id")
     if user is None:
         raise Malformed("user_id: missing")
     ns = parse_timestamp(rec.get("timestamp"))
@@ -144,13 +145,11 @@ def _parse_event(line: str | bytes) -> Event:
             raise Malformed(f"value: above {MAX_VALUE:.0e}")
     merchant, category, item = (rec.get(k) for k in ("merchant_id", "category_id", "item_id"))
     return (
-        (merchant.strip() if merchant.__class__ is str else _ident(merchant, "merchant_id"))
-        or DEFAULT_MERCHANT,
+        _ident(merchant, "merchant_id") or DEFAULT_MERCHANT,
         user, ns, code,
-        (category.strip() if category.__class__ is str else _ident(category, "category_id"))
-        or DEFAULT_CATEGORY,
+        _ident(category, "category_id") or DEFAULT_CATEGORY,
         value,
-        (item.strip() if item.__class__ is str else _ident(item, "item_id")) or "",
+        _ident(item, "item_id") or "",
     )
 
 
