@@ -101,6 +101,13 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["train", "--set", "snapshots.hash-buckets=1e9"], "'snapshots.hash-buckets': must be"),
     (["train", "--set", "snapshots.actions=none,coupon,coupon"],
      "names an action twice: none, coupon, coupon"),
+    (["compare", "--methods", "gbdt", "--noise", "0.5,1"],
+     "--methods gbdt runs no federation: add federated"),
+    (["compare", "--noise", "1,1"], "--noise '1,1': 1 given twice"),
+    (["compare", "--methods", "gbdt,lr", "--audit"], "--audit attacks the LSTM models"),
+    (["bench", "--deployment", "1", "--set", "bogus.key=1"],
+     "--set would be ignored: leave them out"),
+    (["bench", "--trainer", "warm"], "--trainer and --runs go with --deployment"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["bench", "--federation", "10,x"], "--federation"),
 ])

@@ -83,6 +83,8 @@ def numbers(value: str, flag: str, *, kind: type = float, low: float = 0) -> tup
                              f"{'whole ' if kind is int else ''}numbers") from None
         if not math.isfinite(number) or number < low:
             raise ValueError(f"{flag} {item}: expected a finite number >= {low:g}")
+        if number in out:  # two runs would share one folder and one row
+            raise ValueError(f"{flag} {value!r}: {item} given twice; each value once")
         out.append(number)
     return tuple(out)
 

@@ -211,6 +211,14 @@ def compare(
     if units and not levels:
         raise ValueError("--dp-units needs --noise (the multipliers to sweep), e.g. "
                          "--noise 0,0.5,1,2")
+    lstm = {"federated", "centralised"} & set(chosen_methods)
+    if levels and "federated" not in chosen_methods:
+        raise ValueError(f"--noise sweeps the federation's DP, and --methods "
+                         f"{','.join(chosen_methods)} runs no federation: add federated")
+    if audit and not lstm:
+        raise ValueError(f"--audit attacks the LSTM models, and --methods "
+                         f"{','.join(chosen_methods)} trains none: add federated or "
+                         "centralised")
     several = checks.numbers(seeds, "--seeds", kind=int)
     if several and seed is not None:
         raise ValueError("--seed and --seeds: give one or the other")
@@ -282,9 +290,18 @@ def bench(
     console = current()
     out = checks.output_file(json_, "--json", (".json",)) if json_ is not None else None
     if deployment:
+        ignored = [flag for flag, given in (("--preset", preset != "default"),
+                                            ("--set", bool(set_)), ("--seed", seed is not None),
+                                            ("--federation", bool(federation)),
+                                            ("--repeat", repeat != 3)) if given]
+        if ignored:
+            raise ValueError(f"--deployment times its own fixed setup (docs/deployment.md); "
+                             f"{', '.join(ignored)} would be ignored: leave them out")
         _bench_deployment(checks.numbers(deployment, "--deployment", kind=int, low=1),
                           trainer, runs, rounds, out)
         return
+    if trainer != "both" or runs != 2:
+        raise ValueError("--trainer and --runs go with --deployment")
     sizes = checks.numbers(federation, "--federation", kind=int, low=1)
     exp = checks.experiment(preset, sets=set_ or [], seed=seed)
     from simulations.bench import format_bench, run_bench
