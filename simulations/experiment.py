@@ -94,6 +94,15 @@ def partition_users(events: pd.DataFrame, config: DataConfig, seed: int) -> pd.D
 
     if config.num_partitions < 2:
         raise ValueError("config key 'data.num-partitions': must be >= 2 with a partitioner")
+    merchants = events["merchant_id"].nunique()
+    if merchants > 1:  # the split would replace the log's own merchants, silently
+        raise ValueError(f"config key 'data.partitioner': the log names {merchants} "
+                         "merchants (merchant_id); a partitioner splits a log without "
+                         "merchants: leave data.partitioner empty")
+    users = events["user_id"].nunique()
+    if config.num_partitions > users:
+        raise ValueError(f"config key 'data.num-partitions': {config.num_partitions} "
+                         f"merchants from {users:,} users; at most one merchant per user")
     users = (events.groupby("user_id", observed=True)["category_id"]
              .agg(lambda s: s.mode().iat[0]).rename("main_category").reset_index())
     users["label"] = pd.factorize(users["main_category"])[0]

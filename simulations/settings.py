@@ -142,6 +142,11 @@ def experiment_from_flat(flat: Mapping[str, Any]) -> Experiment:
         if section not in SECTIONS or "." not in key:
             raise ValueError(f"unknown config key '{key}' (sections: {', '.join(SECTIONS)})")
     data = from_flat(DataConfig, flat, "data")
+    if data.events:  # a synthetic key beside a real log would be ignored: say so
+        unused = sorted(k for k in flat if k.startswith("synthetic."))
+        check_key(not unused, unused[0] if unused else "synthetic",
+                  f"the data comes from data.events ({data.events}): the synthetic "
+                  "section is not used; leave it out")
     synthetic = None if data.events else from_flat(SynthConfig, flat, "synthetic")
     exp = Experiment(
         flat=dict(flat),
@@ -189,6 +194,12 @@ def resolve(
                                                        "experiment"))
         base["experiment.preset"] = preset or "quick"
     flat = apply_overrides(base, overrides)
+    for key, flag, given in (("data.events", "--events", events),
+                             ("data.interventions", "--interventions", interventions),
+                             ("data.format", "--format", format if events else None)):
+        if given and flat.get(key) != base.get(key):  # --set would silently win
+            raise ValueError(f"--set {key}={flat.get(key)} and {flag} {given}: give the "
+                             f"{flag.lstrip('-')} once")
     if seed is not None:
         flat["experiment.seed"] = seed
     return experiment_from_flat(flat)

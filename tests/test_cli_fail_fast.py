@@ -108,6 +108,10 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["bench", "--deployment", "1", "--set", "bogus.key=1"],
      "--set would be ignored: leave them out"),
     (["bench", "--trainer", "warm"], "--trainer and --runs go with --deployment"),
+    (["train", "--events", "events.csv", "--set", "data.events=other.csv"],
+     "and --events events.csv: give the events once"),
+    (["train", "--events", "events.csv", "--set", "synthetic.num-merchants=-5"],
+     "'synthetic.num-merchants': the data comes from data.events"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["bench", "--federation", "10,x"], "--federation"),
 ])

@@ -39,10 +39,16 @@ def test_flower_partitioner_turns_a_log_into_merchants(kind: str) -> None:
     pd.testing.assert_series_equal(out["merchant_id"], again["merchant_id"])  # seeded
 
 
-def test_partitioner_needs_two_partitions() -> None:
+def test_partitioner_needs_two_partitions_users_for_them_and_a_log_without_merchants(
+        ) -> None:
+    log = _log_without_merchants()
     with pytest.raises(ValueError, match="data.num-partitions"):
-        partition_users(_log_without_merchants(), DataConfig(partitioner="iid",
-                                                             num_partitions=1), seed=0)
+        partition_users(log, DataConfig(partitioner="iid", num_partitions=1), seed=0)
+    with pytest.raises(ValueError, match=r"'data.num-partitions': 61 merchants from 60 users"):
+        partition_users(log, DataConfig(partitioner="iid", num_partitions=61), seed=0)
+    two = log.assign(merchant_id=["m1", "m2"] * (len(log) // 2) + ["m1"] * (len(log) % 2))
+    with pytest.raises(ValueError, match=r"'data.partitioner': the log names 2 merchants"):
+        partition_users(two, DataConfig(partitioner="iid", num_partitions=4), seed=0)
 
 
 def test_prepare_gives_every_method_the_same_snapshots() -> None:
