@@ -186,6 +186,9 @@ class RoundRecorder:
         """Raise :class:`StopRounds` when the run must end after round ``g``."""
         fed, dp, ledger = self.settings.federation, self.settings.privacy, self.parts.ledger
         if self.parts.rounds.engine_down:
+            if self.parts.rounds.interrupted:
+                log.warning("stopped (Ctrl-C or SIGTERM) during round %d", g)
+                raise StopRounds("interrupted")
             log.error("the simulation engine failed (see above): stopping after round %d", g)
             raise StopRounds("engine-failed")
         if fed.patience_rounds and self.selection.stale >= fed.patience_rounds:

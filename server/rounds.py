@@ -106,6 +106,11 @@ class RoundBook:
         return self.stats.get(g)
 
     @property
+    def interrupted(self) -> bool:
+        """Whether the user stopped the run (:meth:`EngineStop.interrupt`)."""
+        return isinstance(self.engine_failed, EngineStop) and self.engine_failed.interrupted
+
+    @property
     def engine_down(self) -> bool:
         """Whether the simulation engine was reported failed."""
         return self.engine_failed is not None and self.engine_failed.is_set()

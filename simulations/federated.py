@@ -14,6 +14,7 @@ import gc
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -367,6 +368,23 @@ def _ray_start_up(progress: Progress) -> Iterator[None]:
         watcher.join()
 
 
+def _start_ray_on_this_thread(exp: Experiment) -> None:
+    """Start Ray here, before ``run_simulation``, and keep SIGTERM's handler.
+
+    Inside ``run_simulation`` Ray starts off the main thread, and its core worker then
+    handles SIGTERM itself: the process aborted (exit 134, a stack dump) instead of
+    unwinding as the command's handler does (``terminated``, exit 143, the run folder
+    left for ``--resume``). Started on the main thread, Ray sets its own handler, which
+    is put back right after; a Python handler also replaces the core worker's."""
+    from simulations import flower_seam
+
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    flower_seam.start_ray(backend_config(exp))
+    if main and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
+
+
 @contextlib.contextmanager
 def _no_ray_auto_start() -> Iterator[None]:
     """Ray's auto-start off while the simulation runs, and after it when it was stopped.
@@ -452,6 +470,7 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
     try:
         with _actor_environment(exp.simulation.client_cpus), _ray_start_up(progress), \
                 _heap_frozen(), _no_ray_auto_start():
+            _start_ray_on_this_thread(exp)
             run_simulation(
                 server_app=federated_server_app(flat, staged.merchants, per_node,
                                                 progress=progress,

@@ -19,7 +19,8 @@ from common.pinned import Pin
 
 log = logging.getLogger(__name__)
 
-PIN = Pin("flwr", "1.42.0", __name__, ("swap_message_handover", "swap_actor_pool"))
+PIN = Pin("flwr", "1.42.0", __name__, ("swap_message_handover", "swap_actor_pool",
+                                        "start_ray"))
 
 _VCE = "flwr.server.superlink.fleet.vce"
 _LINKSTATE = "flwr.server.superlink.linkstate.in_memory_linkstate:InMemoryLinkState"
@@ -61,8 +62,19 @@ ACTOR_POOL_SOURCES = {
         "32a5db14180222d31bb6d622529f0cccab652d4f6c35fd137560240da84010b7",
 }
 
+#: ``start_ray`` builds Flower's ``RayBackend`` on the caller's thread: its constructor
+#: starts Ray (``init_ray``, with the backend config's ``init_args``), and the backend
+#: ``run_simulation`` builds later finds Ray up and uses it as it is.
+RAY_START_SOURCES = {
+    f"{_VCE}.backend.raybackend:RayBackend.__init__":
+        "7ba3f97cc09875cb0a91f8224e85932dac0abbcec52eac4a39e9066afe1afa72",
+    f"{_VCE}.backend.raybackend:RayBackend.init_ray":
+        "617470e8182cea2e3939034f68cf1122e5f9f7283d97cbcf1bd1d0396fa9e67f",
+}
+
 #: Every patch of this module and the Flower sources it depends on.
-PATCHES = {"swap_message_handover": HANDOVER_SOURCES, "swap_actor_pool": ACTOR_POOL_SOURCES}
+PATCHES = {"swap_message_handover": HANDOVER_SOURCES, "swap_actor_pool": ACTOR_POOL_SOURCES,
+           "start_ray": RAY_START_SOURCES}
 
 
 # ------------------------------------------------------------------ message hand-over
@@ -164,3 +176,23 @@ def swap_actor_pool(subclass: Callable[[type], type]) -> bool:
 def replace_actor_of(pool: Any, future: Any, actor: Any) -> None:
     """Make ``actor`` the one that goes back to ``pool`` once ``future``'s job is done."""
     pool._future_to_actor[future] = actor
+
+
+# ------------------------------------------------------------------ Ray's start
+
+def start_ray(backend_config: dict[str, Any]) -> bool:
+    """Start Ray on this thread exactly as Flower's Ray backend would for
+    ``backend_config`` (see :data:`RAY_START_SOURCES`).
+
+    Returns
+    -------
+    bool
+        True when Ray was started (or was up already); False with another Flower (Ray
+        then starts inside ``run_simulation``, as Flower does it).
+    """
+    if not PIN.holds():
+        return False
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    RayBackend(backend_config)
+    return True
