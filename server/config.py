@@ -43,6 +43,11 @@ SECAGG_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam",
 SECAGG_MODULUS = 2**32
 
 
+def _key(name: str) -> str:
+    """The ``federation.`` config key of a :class:`FederationConfig` field."""
+    return f"federation.{name.replace('_', '-')}"
+
+
 @dataclasses.dataclass(frozen=True)
 class FederationConfig:
     """How the server runs rounds."""
@@ -132,20 +137,17 @@ class FederationConfig:
         check_key(math.isfinite(self.proximal_mu) and self.proximal_mu >= 0,
                   "federation.proximal-mu", f"must be a finite number >= 0, got "
                   f"{self.proximal_mu}")
-        check_key(math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
-                  "federation.server-learning-rate",
-                  f"must be a finite number > 0, got {self.server_learning_rate}")
-        check_key(0 <= self.server_momentum < 1, "federation.server-momentum",
-                  f"must be in [0, 1), got {self.server_momentum}")
+        for name in ("server_learning_rate", "shift_server_lr"):
+            value = getattr(self, name)
+            check_key(math.isfinite(value) and value > 0, _key(name),
+                      f"must be a finite number > 0, got {value}")
+        for name in ("server_momentum", "shift_server_momentum"):
+            value = getattr(self, name)
+            check_key(0 <= value < 1, _key(name), f"must be in [0, 1), got {value}")
         check_key(self.num_malicious >= 0, "federation.num-malicious",
                   f"must be >= 0, got {self.num_malicious}")
         check_key(self.pre_evaluate in PRE_EVALUATE, "federation.pre-evaluate",
                   f"must be one of {', '.join(PRE_EVALUATE)}, got {self.pre_evaluate!r}")
-        check_key(math.isfinite(self.shift_server_lr) and self.shift_server_lr > 0,
-                  "federation.shift-server-lr",
-                  f"must be a finite number > 0, got {self.shift_server_lr}")
-        check_key(0 <= self.shift_server_momentum < 1, "federation.shift-server-momentum",
-                  f"must be in [0, 1), got {self.shift_server_momentum}")
         check_key(0 <= self.head_refit_steps <= 20, "federation.head-refit-steps",
                   f"must be in [0, 20] (merchants answer up to 20), got "
                   f"{self.head_refit_steps}")
