@@ -36,6 +36,10 @@ SECTIONS: tuple[str, ...] = (
 )
 
 
+#: Seeds numpy's and scikit-learn's generators take: 0 .. SEEDS - 1.
+SEEDS = 2**32
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """Section ``experiment``."""
@@ -51,6 +55,10 @@ class ExperimentConfig:
         from simulations.tracking import tracking_backends
 
         check_path_part(self.name, "experiment.name")
+        # numpy's and scikit-learn's generators take 0 .. 2**32 - 1 (they said only
+        # "expected non-negative integer", or failed after the data was built)
+        check_key(0 <= self.seed < SEEDS, "experiment.seed",
+                  f"must be between 0 and {SEEDS - 1} (--seed), got {self.seed}")
         check_key(bool(str(self.output_dir).strip()), "experiment.output-dir", "must not be empty")
         tracking_backends(self.tracking, "experiment.tracking")
 

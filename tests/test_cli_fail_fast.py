@@ -112,6 +112,8 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
      "and --events events.csv: give the events once"),
     (["train", "--events", "events.csv", "--set", "synthetic.num-merchants=-5"],
      "'synthetic.num-merchants': the data comes from data.events"),
+    (["train", "--seed", "-1"], "'experiment.seed': must be between 0 and 4294967295"),
+    (["compare", "--seeds", "1,4294967296"], "--seeds 1,4294967296: each seed must be"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["bench", "--federation", "10,x"], "--federation"),
 ])

@@ -220,6 +220,10 @@ def compare(
                          f"{','.join(chosen_methods)} trains none: add federated or "
                          "centralised")
     several = checks.numbers(seeds, "--seeds", kind=int)
+    from simulations.settings import SEEDS
+
+    if any(s >= SEEDS for s in several):  # found now, not after the first seed's run
+        raise ValueError(f"--seeds {seeds}: each seed must be between 0 and {SEEDS - 1}")
     if several and seed is not None:
         raise ValueError("--seed and --seeds: give one or the other")
     exp = _source(preset, events, format, interventions, set_, seed, bad_rows,
