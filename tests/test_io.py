@@ -249,8 +249,13 @@ def test_null_tokens_are_missing_ids_and_float_exported_ids_read_as_integers(
     assert "13" in csv["category_id"].tolist() and "NA" not in csv["category_id"].tolist()
     real = write(tmp_path / "real.csv", "user_id,timestamp,event,category_id\n"
                                         "NA,2017-11-25,view,1.5\nb,2017-11-26,view,13.0\n")
-    events = load_events(real).events  # "NA" may be a real id; 13.0 beside 1.5 is text
-    assert sorted(events["user_id"]) == ["NA", "b"] and "13.0" in set(events["category_id"])
+    events = load_events(real).events  # "NA" may be a real id; each 13.0 reads 13
+    assert sorted(events["user_id"]) == ["NA", "b"]
+    assert set(events["category_id"]) == {"1.5", "13"}
+    # value by value: the same id in two chunks of one file reads the same
+    mixed = write(tmp_path / "mixed.csv", "user_id,timestamp,event\n" + "".join(
+        f"{u},2017-11-2{i % 9},view\n" for i, u in enumerate(["3.0", "x7", "3.0", "4.0"])))
+    assert set(load_events(mixed, chunksize=1).events["user_id"]) == {"3", "4", "x7"}
 
 
 def test_the_report_says_what_the_learner_makes_of_an_interventions_file(

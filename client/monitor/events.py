@@ -18,7 +18,7 @@ import pandas as pd
 
 from client.batch_features import unix_ns
 from common import timestamps
-from common.io.columns import NULL_IDS
+from common.io.columns import INTEGRAL_TEXT, NULL_IDS
 from common.io.validation import MAX_VALUE
 from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES
 from common.timestamps import EARLIEST_NS
@@ -28,6 +28,7 @@ Event = tuple[str, str, int, int, str, float, str]
 
 _EARLIEST_TEXT = timestamps.earliest_text()
 _NULL_IDS = frozenset(NULL_IDS)
+_INTEGRAL = re.compile(INTEGRAL_TEXT)
 _EVENT_CODES = {name: i for i, name in enumerate(EVENT_TYPES)}
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f"
                      r"\ufeff\ud800-\udfff]")
@@ -43,7 +44,10 @@ def _ident(value: Any, name: str) -> str | None:
         return None
     if isinstance(value, str):
         value = value.strip()
-        return value if value and value not in _NULL_IDS else None
+        if not value or value in _NULL_IDS:
+            return None
+        integral = _INTEGRAL.match(value)  # "13.0" reads "13", as the batch loader reads it
+        return integral.group(1) if integral else value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Malformed(f"{name}: expected a string or number")
     if isinstance(value, float):

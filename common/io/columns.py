@@ -6,7 +6,6 @@ dtype or raises one :class:`~common.schema.DataError` naming the offending rows.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,14 +52,14 @@ def _valid(arr: pa.Array) -> np.ndarray:
 #: left alone: it is a plausible real id (a region, initials).
 NULL_IDS = ("NULL", "null", "Null", "\\N", "nan", "NaN", "NAN", "None", "<NA>", "#N/A",
             "N/A", "n/a")
-_INTEGRAL_TEXT = r"^-?[0-9]+\.0+$"  # "13.0": an integer id exported from a float column
+INTEGRAL_TEXT = r"^(-?[0-9]+)\.0+$"  # "13.0": an integer id exported from a float column
 
 
 def as_string(s: pd.Series) -> pd.Series:
     """IDs as stripped pyarrow strings (empty and :data:`NULL_IDS` -> missing);
-    integral floats lose '.0', as does text such as ``13.0`` when every id of the column
-    reads so (a float column written to CSV), so that a CSV and a Parquet of the same
-    ids give the same ids."""
+    integral floats lose '.0', and so does every text id such as ``13.0`` (a float
+    column written to CSV), value by value, so that a CSV and a Parquet of the same ids,
+    any chunk of a file and the monitor's stream all give the same ids."""
     if pd.api.types.is_float_dtype(s.dtype):
         values = s.to_numpy(dtype="float64", na_value=np.nan)
         finite = values[~np.isnan(values)]
@@ -69,10 +68,7 @@ def as_string(s: pd.Series) -> pd.Series:
     arr = _text(s)
     arr = pc.if_else(pc.is_in(arr, value_set=pa.array(NULL_IDS, arr.type)),
                      pa.scalar(None, arr.type), arr)
-    present = pc.drop_null(arr)
-    if len(present) and re.match(_INTEGRAL_TEXT, present[0].as_py()) and pc.all(
-            pc.match_substring_regex(present, _INTEGRAL_TEXT)).as_py():  # first one first
-        arr = pc.replace_substring_regex(arr, r"\.0+$", "")
+    arr = pc.replace_substring_regex(arr, INTEGRAL_TEXT, r"\1")
     return pd.Series(STRING.__from_arrow__(arr), index=s.index)
 
 
