@@ -150,11 +150,6 @@ def experiment_from_flat(flat: Mapping[str, Any]) -> Experiment:
         if section not in SECTIONS or "." not in key:
             raise ValueError(f"unknown config key '{key}' (sections: {', '.join(SECTIONS)})")
     data = from_flat(DataConfig, flat, "data")
-    if data.events:  # a synthetic key beside a real log would be ignored: say so
-        unused = sorted(k for k in flat if k.startswith("synthetic."))
-        check_key(not unused, unused[0] if unused else "synthetic",
-                  f"the data comes from data.events ({data.events}): the synthetic "
-                  "section is not used; leave it out")
     synthetic = None if data.events else from_flat(SynthConfig, flat, "synthetic")
     exp = Experiment(
         flat=dict(flat),
@@ -202,9 +197,19 @@ def resolve(
                                                        "experiment"))
         base["experiment.preset"] = preset or "quick"
     flat = apply_overrides(base, overrides)
+    if flat.get("data.events"):
+        # A --set synthetic key beside a real log would be ignored: say so. The preset's
+        # own synthetic section simply goes.
+        asked = sorted(k for k in (item.split("=", 1)[0].strip() for item in overrides or [])
+                       if k.startswith("synthetic."))
+        check_key(not asked, asked[0] if asked else "synthetic",
+                  f"the data comes from data.events ({flat['data.events']}): the synthetic "
+                  "section is not used; leave it out")
+        flat = {k: v for k, v in flat.items() if not k.startswith("synthetic.")}
     for key, flag, given in (("data.events", "--events", events),
                              ("data.interventions", "--interventions", interventions),
-                             ("data.format", "--format", format if events else None)):
+                             ("data.format", "--format",
+                              format if events and format != "auto" else None)):
         if given and flat.get(key) != base.get(key):  # --set would silently win
             raise ValueError(f"--set {key}={flat.get(key)} and {flag} {given}: give the "
                              f"{flag.lstrip('-')} once")

@@ -68,6 +68,18 @@ def test_overrides_parse_toml_scalars() -> None:
     assert exp.snapshots.actions == ("none", "coupon")
 
 
+def test_a_log_given_as_data_events_drops_the_presets_synthetic_section(
+        tmp_path: Path) -> None:
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,timestamp,event\na,2020-01-01,view\n")
+    exp = resolve("quick", overrides=[f"data.events={events}"])  # as README lists the key
+    assert exp.synthetic is None and not any(k.startswith("synthetic.") for k in exp.flat)
+    assert resolve(events=str(events), overrides=["data.format=canonical"]).data.format \
+        == "canonical"  # --format not given: --set alone decides
+    with pytest.raises(ValueError, match=r"'synthetic.num-merchants': the data comes from"):
+        resolve(events=str(events), overrides=["synthetic.num-merchants=3"])
+
+
 def test_bare_toml_dates_become_iso_text(tmp_path: Path) -> None:
     # `--set snapshots.start=2025-01-01` (as the docs write it) and an unquoted date in a
     # preset parse as TOML dates: config.json could not hold them (a TypeError once).
