@@ -29,7 +29,6 @@ from server.head_refit import engine_down, refit_head
 from server.pacing import PacedGrid
 from server.recorder import RoundRecorder, Selection, StopRounds
 from server.resume import start_state
-from server.rounds import EngineStop
 from server.runner import Runner, build_runner
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,8 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
 
     Returns
     -------
-    The summary written to ``federation.json``.
+    The summary written to ``federation.json`` (``{"stop_reason": "interrupted"}`` when
+    the user stopped the run: nothing is written then).
     """
     from common.model import build_model, response_shift_weights, weights_of
 
@@ -75,11 +75,8 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
                                  selection=selection, weights=weights, task=task,
                                  on_round=on_round)
         final, stop_reason = _run_rounds(grid, fed, parts, recorder, weights)
-    if isinstance(engine_failed, EngineStop) and engine_failed.interrupted:
-        log.info("federation stopped by the user after round %d; the run folder is as its "
-                 "last checkpoint left it (resume with --resume)",
-                 max(parts.rounds.stats, default=done))
-        return {"stop_reason": "interrupted"}
+    if parts.rounds.interrupted:
+        return _interrupted(parts, done)
     kept, head_refit = _kept_weights(settings, model, selection, final), None
     if parts.rounds.engine_down:
         head_refit = engine_down() if fed.head_refit_steps > 0 else None
@@ -87,11 +84,21 @@ def run_federation(grid: Grid, settings: ServerSettings, progress: Progress = SI
         kept, head_refit = refit_head(grid, settings, model, kept)
         explain_kept_model(grid, settings, selection, kept, run_dir,
                            last_round=max(parts.rounds.stats, default=done))
+    if parts.rounds.interrupted:  # stopped during the refit or the attributions
+        return _interrupted(parts, done)
     summary = _finish(settings, run_dir, model, parts, selection, final, kept, done=done,
                       stop_reason=stop_reason, seconds=time.perf_counter() - recorder.started,
                       head_refit=head_refit)
     log.info("federation finished: %s", summary)
     return summary
+
+
+def _interrupted(parts: Runner, done: int) -> dict[str, Any]:
+    """The ServerApp's end when the user stopped the run: nothing finished or kept."""
+    log.info("federation stopped by the user during round %d; the run folder is as its "
+             "last checkpoint left it (resume with --resume)",
+             max(parts.rounds.stats, default=done))
+    return {"stop_reason": "interrupted"}
 
 
 def _run_folder(fed: FederationConfig) -> Path:
@@ -148,7 +155,11 @@ def _finish(settings: ServerSettings, run_dir: Path, model: Any, parts: Runner,
     set_weights_of(model, kept)
     save_model(model, run_dir / "model.keras")
     # The scorer and the monitor read the snapshot and policy settings from model.json.
-    write_model_settings(run_dir / "model.keras", settings.snapshots, settings.policy)
+    # A simulation's policy is the one its comparison judged the model on; a
+    # deployment's run config takes the preset's (quick judges every customer, threshold
+    # 0), which a merchant's monitor must not inherit: there the defaults apply.
+    policy = settings.policy if settings.federation.mode == "simulation" else None
+    write_model_settings(run_dir / "model.keras", settings.snapshots, policy)
     np.savez(run_dir / "final_weights.npz", *final)
     summary = _summary(settings, parts, selection, done=done, stop_reason=stop_reason,
                        seconds=seconds)

@@ -103,7 +103,8 @@ class RoundRecorder:
         record = self._evaluate(g, weights)
         line = self._line(g, record)
         jsonl.append(self.metrics_path, line, default=_json_default)
-        self._checkpoint(g, weights)
+        if not self.parts.rounds.interrupted:  # a round cut short is run again on resume
+            self._checkpoint(g, weights)
         if self.on_round is not None:
             self.on_round(line)
         log_round(line, self.settings.federation.num_rounds)

@@ -153,10 +153,6 @@ def prepare(exp: Experiment, *, progress: Progress = SILENT,
     snap_cfg = shared_calendar(events, exp.snapshots)
     snaps, report = build_snapshots(events, snap_cfg, interventions, progress=progress,
                                     chunk_events=chunk_events)
-    problem = unscorable(snaps, report)
-    if problem:  # a model trained on them would be scored on nothing, or learn nothing
-        raise DataError(f"the snapshots of {exp.data.events or 'the synthetic log'}: "
-                        f"{problem}")
     sizes = pd.Series(snaps.merchant_id[snaps.split == 0].astype(str)).value_counts()
     keep = sorted(sizes[sizes >= max(exp.data.min_merchant_snapshots, 1)].index.tolist())
     dropped = sorted(set(events["merchant_id"].astype(str).unique()) - set(keep))
@@ -168,6 +164,10 @@ def prepare(exp: Experiment, *, progress: Progress = SILENT,
     if len(keep) < 1:
         raise ValueError("no merchant has enough training snapshots "
                          f"(data.min-merchant-snapshots = {exp.data.min_merchant_snapshots})")
+    problem = unscorable(snaps, report)  # of the merchants kept
+    if problem:  # a model trained on them would be scored on nothing, or learn nothing
+        raise DataError(f"the snapshots of {exp.data.events or 'the synthetic log'}: "
+                        f"{problem}")
     return PreparedData(
         events=events, interventions=interventions, truth=truth, snapshots=snaps,
         report=report, snapshot_config=snap_cfg, merchants=keep,
