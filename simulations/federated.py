@@ -368,6 +368,41 @@ def _ray_start_up(progress: Progress) -> Iterator[None]:
         watcher.join()
 
 
+@contextlib.contextmanager
+def _interrupts_abandon(stop: Any) -> Iterator[None]:
+    """While the engine runs, Ctrl-C and SIGTERM first end every wait for an actor and
+    stop the rounds, then do what they did before (raise, or end the process).
+
+    Flower's engine shuts Ray down on its way out (``RayBackend.terminate``) while its
+    worker threads still run; a Ray call of theirs after that ends the process (exit 1,
+    Ray's core worker). So they must stop calling Ray before the exception reaches it.
+    Main thread only (signals are handled there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from simulations.raypool import abandon_waits
+
+    def stopping(signum: int, frame: Any) -> None:
+        abandon_waits()
+        stop.interrupt()
+        previous = before[signum]
+        if callable(previous):
+            previous(signum, frame)
+        else:  # the system's default: end as the signal would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in before.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, stopping)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def _start_ray_on_this_thread(exp: Experiment) -> None:
     """Start Ray here, before ``run_simulation``, and keep SIGTERM's handler.
 
@@ -471,15 +506,16 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
         with _actor_environment(exp.simulation.client_cpus), _ray_start_up(progress), \
                 _heap_frozen(), _no_ray_auto_start():
             _start_ray_on_this_thread(exp)
-            run_simulation(
-                server_app=federated_server_app(flat, staged.merchants, per_node,
-                                                progress=progress,
-                                                engine_failed=engine_failed,
-                                                on_round=on_round),
-                client_app=make_federated_client_app(flat),
-                num_supernodes=nodes_needed(staged.merchants, per_node),
-                backend_config=backend_config(exp),
-            )
+            with _interrupts_abandon(engine_failed):
+                run_simulation(
+                    server_app=federated_server_app(flat, staged.merchants, per_node,
+                                                    progress=progress,
+                                                    engine_failed=engine_failed,
+                                                    on_round=on_round),
+                    client_app=make_federated_client_app(flat),
+                    num_supernodes=nodes_needed(staged.merchants, per_node),
+                    backend_config=backend_config(exp),
+                )
     except Exception as err:
         # The ServerApp thread outlives this exception: tell it to stop.
         engine_failed.set()
@@ -492,7 +528,10 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
         abandon_waits()
         raise
     finally:
-        if ray.is_initialized() and not exp.simulation.ray_address:
+        # After an interrupt Flower's engine has shut Ray down on its way out
+        # (RayBackend.terminate); Ray's own exit handler covers any other path.
+        if ray.is_initialized() and not exp.simulation.ray_address \
+                and not engine_failed.interrupted:
             ray.shutdown()
 
 

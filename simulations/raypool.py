@@ -47,6 +47,11 @@ def _replacing_pool(base: type) -> type:
     class ReplacingActorPool(base):  # type: ignore[misc,valid-type]
         """Flower's actor pool, except that a dead actor is replaced by a new one."""
 
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            if _abandoned.is_set():  # Ray may be shut down: a call would end the process
+                raise RunAbandoned("the run was stopped; no message is sent")
+            return super().submit(*args, **kwargs)
+
         def fetch_result_and_return_actor_to_pool(self, future: Any) -> Any:
             while not _look(future):
                 pass
