@@ -68,7 +68,8 @@ def as_string(s: pd.Series) -> pd.Series:
     arr = _text(s)
     arr = pc.if_else(pc.is_in(arr, value_set=pa.array(NULL_IDS, arr.type)),
                      pa.scalar(None, arr.type), arr)
-    arr = pc.replace_substring_regex(arr, INTEGRAL_TEXT, r"\1")
+    if pc.any(pc.match_substring(arr, ".0")).as_py():  # the regex only where it may match
+        arr = pc.replace_substring_regex(arr, INTEGRAL_TEXT, r"\1")
     return pd.Series(STRING.__from_arrow__(arr), index=s.index)
 
 
