@@ -1,11 +1,12 @@
 """Patches of a library's internals, pinned to the exact version they were written for.
 
 Each seam module (``common.keras_seam``, ``server.flower_seam``,
-``simulations.flower_seam``) holds every access the project makes to Flower's or Keras'
-private code, one small function per patch. Each function asks its module's :class:`Pin`
-whether the installed version is the one the patch was written against; when it is
-not, the function takes the library's own (public) path instead, and the pin logs one
-warning per process naming the version found and the patches left out.
+``simulations.flower_seam``, ``simulations.ray_seam``) holds every access the project
+makes to Flower's, Keras' or Ray's private code, one small function per patch. Each
+function asks its module's :class:`Pin` whether the installed version is the one the
+patch was written against; when it is not, the function takes the library's own
+(public) path instead, and the pin logs one warning per process naming the version
+found and the patches left out.
 
 Each patch also records the SHA-256 of the source of every library function it
 replaces, mimics or reads (``*_SOURCES`` beside it); ``tests/test_flower_seam.py``

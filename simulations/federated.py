@@ -27,6 +27,7 @@ from common import atomic, jsonl
 from common.hosting import nodes_needed
 from common.progress import SILENT, Progress, Task
 from common.snapshots import Snapshots
+from simulations import ray_seam
 from simulations.baselines import MethodResult, splits
 from simulations.experiment import PreparedData
 from simulations.settings import Experiment
@@ -420,22 +421,6 @@ def _start_ray_on_this_thread(exp: Experiment) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-@contextlib.contextmanager
-def _no_ray_auto_start() -> Iterator[None]:
-    """Ray's auto-start off while the simulation runs, and after it when it was stopped.
-
-    Any Ray call after ``ray.shutdown`` starts a new local Ray instance (Ray's
-    ``auto_init_hook``). After Ctrl-C one of Flower's threads, still finishing while the
-    process exits, made such a call and left a Ray instance running. Flower starts Ray
-    itself (``init_ray``), so nothing here relies on the auto-start."""
-    from ray._private import auto_init_hook
-
-    before = auto_init_hook.enable_auto_connect
-    auto_init_hook.enable_auto_connect = False
-    yield  # an exception leaves it off: the engine's threads may still be finishing
-    auto_init_hook.enable_auto_connect = before
-
-
 def run_federated(exp: Experiment, data: PreparedData, run_dir: Path, *,
                   progress: Progress = SILENT, tracker: Tracker = NO_TRACKING,
                   name: str | None = None, overrides: Mapping[str, Any] | None = None,
@@ -504,7 +489,7 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
     engine_failed = EngineStop()
     try:
         with _actor_environment(exp.simulation.client_cpus), _ray_start_up(progress), \
-                _heap_frozen(), _no_ray_auto_start():
+                _heap_frozen(), ray_seam.no_auto_start():
             _start_ray_on_this_thread(exp)
             with _interrupts_abandon(engine_failed):
                 run_simulation(
@@ -523,7 +508,9 @@ def run_rounds(exp: Experiment, staged: Staged, *, progress: Progress = SILENT,
                            "the round in progress; the cause is in the log above") from err
     except BaseException:
         # Ctrl-C or SIGTERM: the ServerApp thread (which the process waits for at exit)
-        # stops waiting for replies no actor will send, and finishes nothing.
+        # stops waiting for replies no actor will send, and finishes nothing. Usually
+        # done already by the signal's handler (`_interrupts_abandon`); both calls are
+        # idempotent, and this one also covers a run off the main thread.
         engine_failed.interrupt()
         abandon_waits()
         raise

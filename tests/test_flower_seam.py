@@ -17,9 +17,9 @@ from common import keras_seam, pinned
 from server import flower_seam as server_seam
 from server.replies import ReplyLayout, read_reply_arrays
 from simulations import flower_seam as simulation_seam
-from simulations import handover, raypool
+from simulations import handover, ray_seam, raypool
 
-SEAMS = (keras_seam, server_seam, simulation_seam)
+SEAMS = (keras_seam, server_seam, simulation_seam, ray_seam)
 RELIED_ON = [(seam.__name__, patch, target, digest) for seam in SEAMS
              for patch, sources in seam.PATCHES.items()
              for target, digest in sources.items()]
@@ -240,3 +240,34 @@ def test_the_task_identity_is_restored_after_the_block() -> None:
             assert (TaskIdentity.run_id, TaskIdentity.node_id) == (1, 1)
         assert (TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id) == (5, 6, 7)
     assert run_id() == before
+
+
+def test_ray_auto_start_is_off_in_the_block_and_after_an_exception() -> None:
+    from ray._private import auto_init_hook
+
+    before = auto_init_hook.enable_auto_connect
+    with ray_seam.no_auto_start():
+        assert auto_init_hook.enable_auto_connect is False
+    assert auto_init_hook.enable_auto_connect == before
+    try:
+        with pytest.raises(KeyboardInterrupt), ray_seam.no_auto_start():
+            raise KeyboardInterrupt
+        assert auto_init_hook.enable_auto_connect is False
+    finally:
+        auto_init_hook.enable_auto_connect = before
+
+
+def test_with_another_ray_its_auto_start_stays(monkeypatch, caplog) -> None:
+    from ray._private import auto_init_hook
+
+    monkeypatch.setattr(pinned, "installed_version", {"ray": "2.60.0"}.get)
+    pinned._warn_once.cache_clear()
+    caplog.set_level(logging.WARNING)
+    before = auto_init_hook.enable_auto_connect
+    try:
+        with ray_seam.no_auto_start():
+            assert auto_init_hook.enable_auto_connect == before
+    finally:
+        pinned._warn_once.cache_clear()
+    (message,) = warnings_of(caplog, ray_seam)
+    assert "ray 2.60.0 is installed, not the 2.55.1" in message
