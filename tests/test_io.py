@@ -258,6 +258,31 @@ def test_null_tokens_are_missing_ids_and_float_exported_ids_read_as_integers(
     assert set(load_events(mixed, chunksize=1).events["user_id"]) == {"3", "4", "x7"}
 
 
+def test_a_row_without_a_merchant_beside_named_merchants_is_refused(tmp_path: Path) -> None:
+    # Such a row became merchant "local": one merchant more in a pooled log.
+    path = write(tmp_path / "m.csv", "user_id,timestamp,event,merchant_id\n"
+                                     "a,2017-11-25,view,m1\nb,2017-11-25,view,\n"
+                                     "c,2017-11-25,view,m2\n")
+    with pytest.raises(DataError, match=r"m\.csv: column 'merchant_id' has missing merchant "
+                                        r"id.*data row 2 .*file line 3"):
+        load_events(path)
+    with pytest.raises(DataError, match=r"m\.csv: 1 row has no merchant_id while the others "
+                                        r"name 2 merchant"):
+        load_events(path, chunksize=1)  # the chunk of row 2 names no merchant at all
+    empty = write(tmp_path / "one.csv", "user_id,timestamp,event,merchant_id\n"
+                                        "a,2017-11-25,view,\nb,2017-11-25,view,NULL\n")
+    log = load_events(empty)  # an empty column: a log of one merchant
+    assert set(log.events["merchant_id"]) == {DEFAULT_MERCHANT}
+    assert log.report.filled["merchant_id"] == 2
+    actions = write(tmp_path / "iv.csv", "user_id,timestamp,action,merchant_id\n"
+                                         "a,2017-11-25,push,m1\nc,2017-11-25,push,\n")
+    with pytest.raises(DataError, match=r"iv\.csv: column 'merchant_id'.*data row 2"):
+        load_events(write(tmp_path / "two.csv", "user_id,timestamp,event,merchant_id\n"
+                                                "a,2017-11-25,view,m1\n"
+                                                "c,2017-11-25,view,m2\n"),
+                    interventions_path=actions)
+
+
 def test_the_report_says_what_the_learner_makes_of_an_interventions_file(
         tmp_path: Path) -> None:
     events = write(tmp_path / "log.csv", "user_id,timestamp,event\na,2017-11-25,view\n"
@@ -427,6 +452,11 @@ def test_completejourney_returns_are_dropped_and_counted(tmp_path: Path) -> None
     assert inter["propensity"].tolist() == pytest.approx([2 / 3])
     assert inter["timestamp"].tolist() == [pd.Timestamp("2017-01-03", tz="UTC")]
     assert log.report.interventions_dropped == {"household without kept transactions": 1}
+    # A bad start date is named in the file that holds it.
+    write(tmp_path / "campaign_descriptions.csv",
+          "campaign_id,campaign_type,start_date,end_date\n1,Type A,someday,2017-02-01\n")
+    with pytest.raises(DataError, match=r"campaign_descriptions\.csv: column 'start_date'"):
+        load_events(tmp_path)
 
 
 def test_an_interventions_file_of_other_users_is_refused(tmp_path: Path) -> None:

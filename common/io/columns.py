@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from common.io.errors import column_error
 from common.io.results import add_count
-from common.schema import STRING, DataError
+from common.schema import DEFAULT_MERCHANT, STRING, DataError
 from common.timestamps import NUMBER, iso_to_ns, numbers_to_ns
 
 #: pyarrow -> pandas types for ``to_pandas``: text becomes pyarrow-backed strings.
@@ -206,3 +206,23 @@ def id_column(df: pd.DataFrame, name: str, default: str, filled: dict[str, int]
         add_count(filled, name, missing.sum())
         s = s.fillna(default)
     return s
+
+
+
+def merchant_column(df: pd.DataFrame, source: str, offset: int, filled: dict[str, int]
+                    ) -> pd.Series:
+    """``merchant_id`` as :func:`id_column` gives it, ``DEFAULT_MERCHANT`` for a log of one
+    merchant (no such column, or no value in it); an error when some rows name a merchant
+    and others none: such a row belongs to no merchant of the federation, and as merchant
+    ``local`` it would make one merchant more."""
+    if "merchant_id" not in df:
+        return pd.Series(DEFAULT_MERCHANT, index=df.index, dtype=STRING)
+    s = as_string(df["merchant_id"])
+    missing = s.isna().to_numpy()
+    if missing.any() and not missing.all():
+        raise column_error(source, "merchant_id", missing, df["merchant_id"],
+                           "missing merchant id(s) where other rows name one",
+                           "a merchant id on every row (or no merchant_id column for a log "
+                           "of one merchant)", offset)
+    add_count(filled, "merchant_id", missing.sum())
+    return s.fillna(DEFAULT_MERCHANT)

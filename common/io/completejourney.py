@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from common.io.columns import require_columns
+from common.io.columns import parse_timestamps, require_columns
 from common.io.csv_reader import ReadRules
 from common.io.errors import column_error
 from common.io.files import READ_ERRORS, probe_encoding
@@ -140,6 +140,9 @@ def cj_interventions(folder: Path, events: pd.DataFrame, households: pd.Index,
     descriptions = _small_csv(descriptions_path)
     require_columns(str(descriptions_path), descriptions.columns, ("campaign_id", "start_date"),
                     "Complete Journey campaign descriptions")
+    # A bad date is named in the file that holds it (mapped onto campaigns.csv's rows it
+    # would be reported there).
+    parse_timestamps(descriptions["start_date"], str(descriptions_path), "start_date", 0)
     start = campaigns["campaign_id"].map(
         descriptions.drop_duplicates("campaign_id").set_index("campaign_id")["start_date"]
     )
@@ -162,4 +165,5 @@ def cj_interventions(folder: Path, events: pd.DataFrame, households: pd.Index,
             "merchant_id": merchant,
         }
     )
-    return validate_interventions(logged, str(campaigns_path))[has_home]
+    # Only households with a home store: the others have no merchant (dropped, counted).
+    return validate_interventions(logged[has_home], str(campaigns_path))

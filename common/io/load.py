@@ -118,6 +118,23 @@ def _check_interventions_meet_events(interventions: pd.DataFrame, events: pd.Dat
                     "interventions file?")
 
 
+def _one_merchant_or_all_named(events: pd.DataFrame, report: LoadReport) -> None:
+    """Raise when rows without a merchant id (given ``DEFAULT_MERCHANT``) sit beside rows
+    naming merchants; within one chunk ``merchant_column`` names the rows, this catches
+    chunks with no merchant beside chunks with merchants."""
+    unnamed = report.filled.get("merchant_id", 0)
+    if not unnamed or not len(events):
+        return
+    named = events["merchant_id"] != DEFAULT_MERCHANT
+    if named.any():
+        raise DataError(
+            f"{report.path}: {unnamed:,} row{'s have' if unnamed > 1 else ' has'} no "
+            f"merchant_id while the others name "
+            f"{events.loc[named, 'merchant_id'].nunique():,} merchant(s); a row without a "
+            "merchant belongs to no merchant of the federation: fill the column on every "
+            "row (or leave it out for a log of one merchant)")
+
+
 def _load_interventions(path: Path, chunksize: int, report: LoadReport,
                         bad_rows: str) -> pd.DataFrame:
     """A canonical interventions file, counted into ``report``."""
@@ -232,6 +249,7 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
     parts.clear()  # the chunks are copied into ``events``; free them before sorting
     events = _finish(events, report.dropped)
     report.rows_kept = len(events)
+    _one_merchant_or_all_named(events, report)
 
     if interventions_path is not None:
         interventions = _load_interventions(Path(interventions_path), chunksize, report,
