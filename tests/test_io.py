@@ -283,6 +283,30 @@ def test_a_row_without_a_merchant_beside_named_merchants_is_refused(tmp_path: Pa
                     interventions_path=actions)
 
 
+def test_parquet_float_ids_beyond_2_53_and_sentinel_dates_are_named(tmp_path: Path) -> None:
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # 9007199254740993 is stored as ...992: two customers would silently become one.
+    big = tmp_path / "big.parquet"
+    pd.DataFrame({"user_id": [9007199254740993.0, 5.0], "event": ["view"] * 2,
+                  "timestamp": ["2017-11-25"] * 2}).to_parquet(big)
+    with pytest.raises(DataError, match=r"big\.parquet: column 'user_id' has id\(s\) stored "
+                                        r"as floating-point numbers beyond 2\^53 .* at data row 1"):
+        load_events(big)
+    # A sentinel date in a Parquet time column failed with pandas' OutOfBoundsDatetime.
+    sentinel = tmp_path / "sentinel.parquet"
+    pq.write_table(pa.table({
+        "user_id": ["a", "b"], "event": ["view", "view"],
+        "timestamp": pa.array([dt.datetime(2017, 11, 25), dt.datetime(9999, 12, 31)],
+                              pa.timestamp("us"))}), sentinel)
+    with pytest.raises(DataError, match=r"sentinel\.parquet: column 'timestamp' has time\(s\) "
+                                        r"outside .* at data row 2 \('9999-12-31"):
+        load_events(sentinel)
+
+
 def test_the_report_says_what_the_learner_makes_of_an_interventions_file(
         tmp_path: Path) -> None:
     events = write(tmp_path / "log.csv", "user_id,timestamp,event\na,2017-11-25,view\n"

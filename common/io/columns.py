@@ -93,6 +93,7 @@ def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
     """
     if isinstance(raw.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(raw):
         parsed = raw.dt.tz_localize("UTC") if raw.dt.tz is None else raw.dt.tz_convert("UTC")
+        _within_ns_range(parsed, source, column, offset)
         parsed = parsed.astype("datetime64[ns, UTC]")
         bad = parsed.isna().to_numpy()
         if bad.any():
@@ -119,6 +120,20 @@ def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
                     else "ISO-8601 strings, unix seconds or unix milliseconds")
         raise column_error(source, column, bad, raw, "unparsable timestamp(s)", expected, offset)
     return parsed
+
+
+def _within_ns_range(times: pd.Series, source: str, column: str, offset: int) -> None:
+    """Raise for datetimes (of a coarser unit than ns, as Parquet's) that nanoseconds cannot
+    hold: before 1677-09-21 or after 2262-04-11, such as a sentinel 9999-12-31."""
+    per_unit = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[times.dt.unit]
+    values = times.array.asi8  # in the column's own unit; NaT is the int64 minimum
+    bound = np.iinfo(np.int64).max // per_unit
+    bad = (values != np.iinfo(np.int64).min) & (np.abs(values) > bound)
+    if bad.any():
+        raise column_error(source, column, bad, times.astype(str), "time(s) outside "
+                           f"{pd.Timestamp.min:%Y-%m-%d} to {pd.Timestamp.max:%Y-%m-%d} (a "
+                           "sentinel such as 9999-12-31?)", "a real time: fix or remove these "
+                           "rows", offset)
 
 
 def map_names(raw: pd.Series, mapping: Mapping[str, str], dtype: pd.CategoricalDtype,

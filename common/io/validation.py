@@ -53,6 +53,28 @@ def _plain_values(df: pd.DataFrame, source: str, offset: int) -> None:
                                "a time), not a nested or binary value", offset)
 
 
+#: The largest integer a float64 holds exactly: ids beyond it in a float column may
+#: already be several ids made one (9007199254740993 reads 9007199254740992).
+EXACT_FLOAT_INT = 2.0**53
+
+_ID_COLUMNS = ("user_id", "item_id", "category_id", "merchant_id")
+
+
+def _exact_float_ids(df: pd.DataFrame, source: str, offset: int) -> None:
+    """Reject id columns stored as floats with values at or beyond 2^53."""
+    for column in _ID_COLUMNS:
+        if column not in df or not pd.api.types.is_float_dtype(df[column].dtype):
+            continue
+        values = df[column].to_numpy(dtype="float64", na_value=np.nan)
+        bad = np.abs(np.nan_to_num(values)) >= EXACT_FLOAT_INT
+        if bad.any():
+            raise column_error(source, column, bad, df[column].astype(str),
+                               "id(s) stored as floating-point numbers beyond 2^53 (distinct "
+                               "ids there may already have become one)", "ids stored as "
+                               "integers or text: write the column without converting it to "
+                               "float", offset)
+
+
 _PLAIN_KINDS = {"string", "empty", "integer", "floating", "mixed-integer-float", "decimal",
                 "boolean", "datetime", "datetime64", "date"}
 
@@ -81,6 +103,7 @@ def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
     filled = {} if filled is None else filled
     require_columns(source, df.columns, REQUIRED_EVENT_COLUMNS, "the canonical event log")
     _plain_values(df, source, offset)
+    _exact_float_ids(df, source, offset)
     user = as_string(df["user_id"])
     bad = user.isna().to_numpy()
     if bad.any():
@@ -193,6 +216,7 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
     no_repeats(source, df.columns, "frame's columns")
     df = df.rename(columns=lambda c: str(c).strip().lower())
     require_columns(source, df.columns, ("user_id", "timestamp", "action"), "the interventions log")
+    _exact_float_ids(df, source, offset)
     user = as_string(df["user_id"])
     if user.isna().any():
         raise column_error(source, "user_id", user.isna().to_numpy(), df["user_id"],
