@@ -384,6 +384,24 @@ def test_wrong_format_is_reported(tmp_path: Path) -> None:
         load_events(short)
 
 
+def test_other_separators_are_named_and_extra_columns_keep_the_canonical_format(
+        tmp_path: Path) -> None:
+    for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "pipes")):
+        path = write(tmp_path / "log.csv", sep.join(["user_id", "timestamp", "event"])
+                     + "\n" + sep.join(["u1", "2017-11-25", "view"]) + "\n")
+        with pytest.raises(DataError, match=rf"log\.csv: the fields are separated by {name}"):
+            load_events(path)
+        with pytest.raises(DataError, match=rf"missing required.*separated by {name}"):
+            load_events(path, format="canonical")
+    # A canonical log that also carries another format's id column (household_id from a
+    # Complete Journey join, visitorid) was taken for that format.
+    for extra in ("household_id", "visitorid"):
+        path = write(tmp_path / "x.csv", f"user_id,timestamp,event,{extra}\n"
+                                         "u1,2017-11-25,view,h1\n")
+        assert detect_format(path) == "canonical"
+        assert load_events(path).events["user_id"].tolist() == ["u1"]
+
+
 def test_detect_format_lists_formats_when_nothing_fits(tmp_path: Path) -> None:
     path = write(tmp_path / "mystery.csv", "a,b\n1,2\n")
     with pytest.raises(DataError) as info:

@@ -186,10 +186,25 @@ def require_columns(source: str, columns: Any, needed: tuple[str, ...], what: st
     when any of ``needed`` is not in ``columns``; ``what`` says what they are needed for."""
     missing = [c for c in needed if c not in set(columns)]
     if missing:
+        separator = other_separator(list(columns))
         raise DataError(
             f"{source}: missing required column(s) {', '.join(map(repr, missing))} for "
             f"{what} (found: {', '.join(map(str, columns)) or 'no columns'})"
+            + (f"; the fields look separated by {separator}, not commas: write the file "
+               "with ',' as the separator (or as Parquet)" if separator else "")
         )
+
+
+#: Separators other exports use, as an error names them.
+OTHER_SEPARATORS = {";": "semicolons (';')", "\t": "tabs", "|": "pipes ('|')"}
+
+
+def other_separator(header: list[Any]) -> str | None:
+    """The name of the separator a one-cell CSV header seems to use instead of commas."""
+    if len(header) != 1:
+        return None
+    return next((name for sep, name in OTHER_SEPARATORS.items() if sep in str(header[0])),
+                None)
 
 
 def id_column(df: pd.DataFrame, name: str, default: str, filled: dict[str, int]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.io.columns import other_separator
 from common.io.completejourney import cj_transactions
 from common.io.files import head_rows, is_parquet, regular_or_folder
 from common.io.taobao import TAOBAO_EVENTS
@@ -28,7 +29,9 @@ def sniff(path: Path) -> str | None:
     rows = head_rows(path)
     if not rows:
         raise DataError(f"{path}: empty file (no header and no data rows)")
-    header = {cell.lower() for cell in rows[0]}
+    header = {cell.strip().lower() for cell in rows[0]}
+    if {"user_id", "timestamp", "event"} <= header:  # whatever other columns it carries
+        return "canonical"
     if "visitorid" in header:
         return "retailrocket"
     if "household_id" in header:
@@ -63,6 +66,10 @@ def detect_format(path: str | Path) -> str:
             raise DataError(f"{path}: empty file (no header and no data rows)")
         seen = "a folder without transactions" if path.is_dir() else (
             "first line: " + ",".join(first[0]))
+        if not path.is_dir() and (separator := other_separator(first[0])):
+            raise DataError(f"{path}: the fields are separated by {separator}, not commas "
+                            f"({seen}); fedecay reads comma-separated files: write the file "
+                            "with ',' as the separator (or as Parquet)")
         raise DataError(
             f"{path}: cannot tell the format ({seen}); expected one of "
             f"{', '.join(FORMATS)}: canonical (header with user_id,timestamp,event), "
