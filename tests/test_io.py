@@ -364,6 +364,11 @@ def test_error_row_numbers_count_across_chunks(tmp_path: Path) -> None:
     path = write(tmp_path / "late.csv", "user_id,timestamp,event\n" + "\n".join(rows))
     with pytest.raises(DataError, match=r"late\.csv.*data row 7 \('not-a-time'\)"):
         load_events(path, chunksize=2)
+    # A quoted field holding a newline: rows are numbered by the line they start on.
+    quoted = write(tmp_path / "quoted.csv", 'user_id,timestamp,event,item_id\n'
+                   'u1,2017-11-25,view,"a\nb"\nu2,2017-11-25,like,c\n\nu3,2017-11-25,bad,d\n')
+    with pytest.raises(DataError, match=r"data rows 2 \('like'\), 3 \('bad'\) \(file lines 4, 6\)"):
+        load_events(quoted)
 
 
 def test_wrong_format_is_reported(tmp_path: Path) -> None:

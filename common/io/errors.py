@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +35,34 @@ class Origin(str):
         return self
 
     def lines(self, rows: list[int]) -> list[int]:
-        """File lines of 0-based data rows (a rescan: only called on the error path)."""
+        """File lines of 0-based data rows (a rescan: only called on the error path); a
+        row is numbered by the line it starts on, a quoted field's newlines counted."""
         wanted, found = set(rows), {}
-        record, header = -1, self.header
+        record, header, last = -1, self.header, [""]
+
+        def lines() -> Iterator[str]:
+            for line in text_lines(self.path, self.encoding):
+                last[0] = line
+                yield line
+
         try:
-            for number, line in enumerate(text_lines(self.path, self.encoding), 1):
-                if not line:
+            reader = csv.reader(lines())
+            start = 1
+            for cells in reader:
+                first, start = start, reader.line_num + 1
+                if not cells:
                     continue  # the CSV parser skips blank lines
                 if header:
                     header -= 1
                     continue
-                if line in self.skipped:
+                if first == reader.line_num and last[0] in self.skipped:
                     continue
                 record += 1
                 if record in wanted:
-                    found[record] = number
+                    found[record] = first
                     if len(found) == len(wanted):
                         break
-        except (*READ_ERRORS, DataError):
+        except (*READ_ERRORS, DataError, csv.Error):
             pass  # the reader reports an unreadable file itself
         return [found.get(r, r + 1 + self.header) for r in rows]
 
