@@ -41,10 +41,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def egress_summary(run_dir: str | Path) -> dict[str, Any]:
     """Bytes up/down per round (and per participating client) and the allowed metrics."""
-    from client.app import EVALUATE_METRICS, TRAIN_METRICS
-
     run = Path(run_dir).resolve()
     rows = [r for r in _read_jsonl(run / "metrics.jsonl") if r.get("round", 0) > 0]
+    if not rows:
+        raise ValueError(f"{run / 'metrics.jsonl'} records no round: the run was stopped "
+                         "before its first round ended, so no byte count was kept (the "
+                         "round in progress is run again on --resume)")
+    finished = (run / "model.keras").is_file()
+    from client.app import EVALUATE_METRICS, TRAIN_METRICS
+
     rounds = []
     for r in rows:
         sampled, replied = int(r.get("sampled", 0)), int(r.get("replied", 0))
@@ -73,7 +78,11 @@ def egress_summary(run_dir: str | Path) -> dict[str, Any]:
         "unexpected_metrics": sorted((set(seen_train) - set(TRAIN_METRICS))
                                      | (set(seen_eval) - set(EVALUATE_METRICS))),
         "differential_privacy": privacy.exists(),
-        "notes": [
+        "finished": finished,
+        "notes": ([] if finished else [
+            f"the run did not finish (no model.keras): only the {len(rounds)} round(s) "
+            "recorded before it stopped are counted; a round in progress when it stopped "
+            "may have sent more"]) + [
             "metrics.jsonl records per-round totals only: per-client figures are the round "
             "total divided by the clients sampled (down) or aggregated (up); rejected or "
             "failed replies are not counted up",

@@ -352,6 +352,7 @@ def test_the_egress_audit_checks_the_attribution_replies_names(tmp_path: Path) -
     (tmp_path / "attributions.json").write_text(json.dumps({"reply_metrics": names}))
     out = egress_summary(tmp_path)
     assert set(names) <= set(out["seen_evaluate_metrics"]) and out["unexpected_metrics"] == []
+    assert not out["finished"] and "did not finish" in out["notes"][0]  # no model.keras
     (tmp_path / "attributions.json").write_text(json.dumps(
         {"reply_metrics": [*names, "user_ids"]}))
     assert egress_summary(tmp_path)["unexpected_metrics"] == ["user_ids"]

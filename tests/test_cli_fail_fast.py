@@ -83,6 +83,8 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["privacy", "tradeoff", "run", "run/"], "run given twice: each comparison once"),
     (["explain", "done", "--method", "centralised"],
      "explanations.json: is a folder, and explain writes this file there"),
+    (["privacy", "egress", "--run", "run"],
+     "metrics.jsonl records no round: the run was stopped before its first round ended"),
     (["privacy", "egress", "--run", "lost"],
      "is a federation's folder without its metrics.jsonl (the per-round record egress"),
     (["score", "--model", "run", "--events", "cj", "--out", "cj/transactions.csv"],
