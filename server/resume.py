@@ -36,8 +36,9 @@ def start_state(run_dir: Path, resume: bool, parts: Runner, initial: list[np.nda
     With ``resume``, from the newest intact checkpoint in ``run_dir`` (the strategy's
     optimizer state, the privacy ledger and the adaptive clipping norm restored, later
     ``metrics.jsonl`` lines dropped); else, or when the folder holds no earlier run, a
-    fresh start from ``initial`` that deletes an earlier run's checkpoints, metrics and
-    ledger (``flwr run`` keys the folder by the configuration).
+    fresh start from ``initial`` that deletes an earlier run's checkpoints, metrics,
+    ledger and final outputs (:data:`FINAL_OUTPUTS`; ``flwr run`` keys the folder by the
+    configuration), so the folder never holds one run's model beside another's rounds.
     """
     state = find_resume_state(run_dir) if resume else None
     if state is not None:
@@ -45,12 +46,22 @@ def start_state(run_dir: Path, resume: bool, parts: Runner, initial: list[np.nda
         return _resumed(run_dir, state, parts)
     metrics_path = run_dir / "metrics.jsonl"
     stale = clear_checkpoints(run_dir / "checkpoints")
-    if stale or metrics_path.exists():
-        log.info("%s: replacing the outputs of an earlier run (%d checkpoints)", run_dir, stale)
+    finals = [run_dir / name for name in FINAL_OUTPUTS if (run_dir / name).exists()]
+    if stale or metrics_path.exists() or finals:
+        log.info("%s: replacing the outputs of an earlier run (%d checkpoints%s)", run_dir,
+                 stale, "".join(f", {p.name}" for p in finals))
     metrics_path.unlink(missing_ok=True)
+    for path in finals:  # an old model.keras beside the new run's rounds misleads a scorer
+        path.unlink()
     if parts.ledger is not None and parts.ledger.path is not None:
         parts.ledger.path.unlink(missing_ok=True)
     return 0, initial, Selection()
+
+
+#: What a finished run leaves beside its rounds (``server.app._finish``,
+#: ``server.attribution``); a fresh start in the folder deletes them with the rounds.
+FINAL_OUTPUTS = ("model.keras", "model.json", "final_weights.npz", "federation.json",
+                 "attributions.json")
 
 
 def _check_layout(run_dir: Path, state: dict[str, Any], initial: list[np.ndarray]) -> None:

@@ -183,6 +183,20 @@ def test_clear_checkpoints_removes_both_formats(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_a_fresh_start_deletes_the_earlier_runs_model_with_its_rounds(tmp_path: Path) -> None:
+    """A deployment reusing ``federation.run-dir``: the old model.keras stayed beside the
+    new run's rounds until it finished (a merchant scoring then used the old model)."""
+    from server.resume import FINAL_OUTPUTS, start_state
+    from server.runner import Runner
+
+    save_checkpoint(tmp_path / "checkpoints", 3, _payload(3))
+    for name in (*FINAL_OUTPUTS, "metrics.jsonl", "config.json"):
+        (tmp_path / name).write_text("earlier run")
+    done, _, _ = start_state(tmp_path, False, Runner(None, None, None), [np.zeros(2)])
+    assert done == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.json"]
+
+
 # ---------------------------------------------------------------------------------------
 # Resuming a run (the real ServerApp loop; clients that step the weights by +1)
 # ---------------------------------------------------------------------------------------
