@@ -176,6 +176,8 @@ def make_node_key(out_dir: Path, name: str = "node", *, overwrite: bool = False)
             f"name must be 1-64 letters, digits, '.', '_' or '-' and start with a letter "
             f"or digit, got {name!r}"
         )
+    if name.endswith(".pub"):  # node "a"'s public key is a.pub
+        raise ValueError(f"name must not end in '.pub' (the public key's suffix), got {name!r}")
     paths = _target_paths(
         out_dir, {"private_key": name, "public_key": f"{name}.pub"}, overwrite=overwrite
     )
@@ -217,6 +219,9 @@ def subject_alt_names(hosts: Sequence[str], what: str = "hosts"
             labels = labels[1:]
         if len(host) > 253 or not labels or not all(_DNS_LABEL.match(x) for x in labels):
             raise ValueError(f"{what} holds {host!r}, neither an IP address nor a DNS name")
+        if labels[-1].isdigit():  # no top-level domain is all digits (RFC 3696 2)
+            raise ValueError(f"{what} holds {host!r}: all numbers, so not a DNS name, and not "
+                             "an IP address (IPv4 is four numbers 0-255: 192.0.2.10)")
         entries.append(x509.DNSName(host.rstrip(".")))
     return x509.SubjectAlternativeName(entries)
 
