@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,6 +241,7 @@ class CustomerLedger:
                         self.path, cut[0], "dropped" if trusted else
                         "counted as a released round, since it may have been one")
             if not trusted:
+                self._check_cut_settings(cut, confirmed=bool(lines))
                 lines.append(self._cut_round(max([upto, *(r["round"] for r in lines)]) + 1))
         kept: list[dict[str, Any]] = []
         for line in lines:
@@ -264,11 +266,31 @@ class CustomerLedger:
         if counts:
             self.learn_customers(int(counts[-1]))
         self.rounds = sum(1 for line in kept if line.get("released", True))
-        if self.rounds:
+        if self.rounds and not math.isnan(self.delta):  # else once the count is learnt
             self._set_epsilon()
         atomic.write_text(self.path, "".join(json.dumps(strict_json(line), allow_nan=False)
                                              + "\n" for line in kept))
         return len(kept)
+
+    def _check_cut_settings(self, cut: tuple[int, str], *, confirmed: bool) -> None:
+        """Raise when the cut line's readable part names other privacy settings than this
+        run's, or names no noise while no complete line confirms the settings: its round
+        is counted with this run's (:meth:`_cut_round`), which must then be its own."""
+        number, text = cut
+        ours = {"unit": self.dp.unit, "sampling_rate": self.dp.customer_rate,
+                "noise_multiplier": self.dp.noise_multiplier, "sampling": self.sampling}
+        for key, value in ours.items():
+            found = re.search(rf'"{key}": ("[^"]*"|[-+0-9.eE]+)[,}}]', text)
+            if found and json.loads(found.group(1)) != value:
+                raise ValueError(f"{self.path}: line {number} (cut) was accounted with "
+                                 f"{key} {json.loads(found.group(1))}, this run's is {value}: "
+                                 "resume with the same privacy settings")
+        if not confirmed and '"noise_multiplier": ' not in text:
+            raise ValueError(
+                f"{self.path}: line {number}, its only line, was cut before its noise was "
+                "written, so the noise its round was released with is unknown and its "
+                "epsilon cannot be bounded here: start a new run in another folder, and "
+                "count that round as released with the settings its run was started with")
 
     def _cut_round(self, server_round: int) -> dict[str, Any]:
         """The line of a round whose line a kill cut: released, with this run's settings."""

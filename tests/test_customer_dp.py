@@ -770,6 +770,28 @@ def test_replay_counts_a_line_cut_by_a_kill_unless_central(
     assert [x["round"] for x in read_jsonl(path)] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("placement", ["distributed", "local"])
+def test_a_sole_cut_line_is_counted_only_with_the_settings_it_shows(
+        tmp_path: Path, placement: str) -> None:
+    # Killed while writing round 1's line; the resumed run (a deployment may change its
+    # settings) would count it with its own noise: more noise, an under-counted epsilon.
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path, placement=placement, customers=5000)
+    ledger.released(1, 7)
+    ledger.record(1, 8, 7, 1.0)
+    line = path.read_text()
+    path.write_text(line[:len(line) - 60])
+    with pytest.raises(ValueError, match=r"line 1 \(cut\) was accounted with "
+                                         r"noise_multiplier 1.0, this run's is 2.0"):
+        _ledger(path, placement=placement, noise_multiplier=2.0).replay(upto=0)
+    assert path.read_text() == line[:len(line) - 60]  # nothing rewritten
+    _ledger(path, placement=placement).replay(upto=0)  # the same settings: counted
+    assert [x["round"] for x in read_jsonl(path)] == [1]
+    path.write_text('{"round": 1, "unit": "customer", "placem')  # cut before its noise
+    with pytest.raises(ValueError, match=r"line 1, its only line, was cut before its noise"):
+        _ledger(path, placement=placement).replay(upto=0)
+
+
 def test_a_deployed_secagg_merchant_refuses_seeded_sampling_as_a_dropout() -> None:
     import time
 
