@@ -273,10 +273,20 @@ def test_meta_check_accepts_what_save_writes(tmp_path: Path) -> None:
 def test_version_2_state_is_named_and_refused(state: Path) -> None:
     _rewrite_meta(state / STATE_FILE, resign=False, version=2)
     message = _refused(state, "older fedecay .*state version 2.*new --state folder")
-    assert "reads version 3" in message
+    assert "reads versions 3 and 4" in message
     _rewrite_meta(state / STATE_FILE, resign=False, version="3\x1b[31m")
-    message = _refused(state, "state version '3\\\\x1b\\[31m', this fedecay reads 3")
+    message = _refused(state, "state version '3\\\\x1b\\[31m', this fedecay reads 3 and 4")
     assert "\x1b" not in message
+
+
+def test_a_version_3_state_without_the_model_id_is_read_and_version_4_needs_it(
+        state: Path) -> None:
+    # Version 4 added the model's id; a state of the fedecay before it resumes as it was.
+    position = _monitor([]).load_state(state)
+    _rewrite_meta(state / STATE_FILE, resign=True, version=3, model=...)
+    assert _monitor([]).load_state(state) == position
+    _rewrite_meta(state / STATE_FILE, resign=True, version=4)
+    _refused(state, "meta field meta.model is missing")
 
 
 def test_state_folder_that_is_a_file_is_refused_up_front(tmp_path: Path, capsys) -> None:

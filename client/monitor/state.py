@@ -1,4 +1,4 @@
-"""The monitor's state on disk: ``monitor.npz`` (version 3) and ``monitor.json``.
+"""The monitor's state on disk: ``monitor.npz`` (version 4) and ``monitor.json``.
 
 The state is plain arrays in an ``.npz`` (never a pickle, read with
 ``allow_pickle=False``) with a SHA-256 over the arrays and the meta JSON; every member,
@@ -35,7 +35,11 @@ from common.timestamps import EARLIEST_NS, NS_LIMIT
 STATE_FILE = "monitor.npz"
 STATE_SUMMARY = "monitor.json"
 LEGACY_STATE_FILE = "monitor.state"  # version 1 (a pickle): refused, never loaded
-STATE_VERSION = 3  # 3: the SHA-256 covers the meta JSON too (2 covered the arrays only)
+#: 3: the SHA-256 covers the meta JSON too (2 covered the arrays only); 4: the meta holds
+#: ``model``, the id of the weights the risks were scored with (null if unknown).
+STATE_VERSION = 4
+#: Versions this fedecay reads: a version 3 state is version 4 without ``model``.
+READ_VERSIONS = (3, 4)
 _DAY_NS = 86_400 * 1_000_000_000
 _EARLIEST_TEXT = timestamps.earliest_text()
 
@@ -217,9 +221,10 @@ def check_meta(meta: Mapping[str, Any], where: str, latest_ns: int | None = None
             raise ValueError(f"{where}: meta field {name}.{missing[0]} is missing")
         return value
 
-    table("meta", dict(meta), ("version", "snapshots", "clock_ns", "last_sweep_ns", "pending",
-                               "since_checkpoint", "stats", "position", "sha256"), True,
-          optional=("model",))  # states written before the model's id was kept lack it
+    keys = ("version", "snapshots", "clock_ns", "last_sweep_ns", "pending",
+            "since_checkpoint", "stats", "position", "sha256")
+    with_model = meta.get("version") == STATE_VERSION  # version 3 has no model id
+    table("meta", dict(meta), (*keys, "model") if with_model else keys, True)
     if not isinstance(meta["snapshots"], dict):
         fail("snapshots", meta["snapshots"], "a JSON object")
     text("sha256", meta["sha256"])
@@ -311,14 +316,14 @@ def read_state(path: Path, latest_ns: int | None = None
         raise ValueError(f"{path}: not a monitor state file (metadata is not a JSON object)")
     version = meta.get("version")
     if isinstance(version, int) and not isinstance(version, bool) \
-            and 2 <= version < STATE_VERSION:
+            and 2 <= version < min(READ_VERSIONS):
         raise ValueError(f"{path}: a monitor state of an older fedecay (state version "
                          f"{version}, whose SHA-256 does not cover its metadata; this fedecay "
-                         f"reads version {STATE_VERSION}); replay the input into a new "
-                         "--state folder")
-    if version != STATE_VERSION:
+                         f"reads versions {' and '.join(map(str, READ_VERSIONS))}); replay "
+                         "the input into a new --state folder")
+    if version not in READ_VERSIONS or isinstance(version, bool):
         raise ValueError(f"{path}: state version {_shown(version)}, this fedecay reads "
-                         f"{STATE_VERSION}")
+                         f"{' and '.join(map(str, READ_VERSIONS))}")
     if meta.get("sha256") != digest(arrays, meta):
         raise ValueError(f"{path}: the state's contents do not match their SHA-256 "
                          "(the file was altered or damaged)")
