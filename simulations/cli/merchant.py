@@ -340,7 +340,9 @@ def monitor(
         console.say(f"alerts: {alerts.path} (from byte {alerts.size:,})")
     console.say(f"model: {model_path} ({name}; settings: {', '.join(bundle.sources)}); "
                 f"alert threshold {bundle.policy.risk_threshold:g}")
-    engine.warm_up()
+    with console.task("compiling the scorer and the reasons (once)") as task:
+        engine.warm_up()
+        task.advance()
 
     def figures() -> dict[str, Any]:
         return {"events": engine.stats.events, "users": len(engine),
