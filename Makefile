@@ -72,13 +72,18 @@ lock: | $(UV)
 run: setup
 	$(VENV)/bin/fedecay compare --preset quick
 
+# Two pytest workers (pytest-xdist), one test file each at a time (a file's shared
+# simulation runs once); TEST_WORKERS=1 runs the suite in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/python -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+
 # The whole suite; the 25 slowest tests are listed at the end to keep its time in view.
 test: setup
-	$(VENV)/bin/python -m pytest -q --durations=25
+	$(PYTEST) --durations=25
 
 # The fast tier for the development loop: everything not marked slow.
 check: setup
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Both checks run; lint fails when either finds something.
 lint: setup

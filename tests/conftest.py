@@ -12,6 +12,19 @@ from server.flower_seam import server_task_identity
 collect_ignore = ["drivers"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under two pytest workers, each test's ``timeout`` mark is stretched by
+    ``helpers.TIME_SCALE`` (the mark put first is the one pytest-timeout reads)."""
+    from helpers import TIME_SCALE
+
+    if TIME_SCALE == 1.0:
+        return
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if marker is not None and marker.args:
+            item.add_marker(pytest.mark.timeout(marker.args[0] * TIME_SCALE), append=False)
+
+
 @pytest.fixture
 def server_identity() -> Iterator[None]:
     """Instruction messages take their run and node id from the running ServerApp."""

@@ -28,6 +28,11 @@ from simulations.loopback import flwr_json, free_ports, launched, listening, tai
 
 __all__ = ["flwr_json", "free_ports", "launched", "listening", "tail"]
 
+#: How much longer than alone a test may take: ``make test`` runs two pytest workers on
+#: the machine's cores (pytest-xdist), so a slow test shares them with another; the
+#: waits below and the tests' ``timeout`` marks (``conftest.py``) are stretched by this.
+TIME_SCALE = 2.0 if os.environ.get("PYTEST_XDIST_WORKER") else 1.0
+
 BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flwr, ray, ...
 PROJECT = Path(__file__).resolve().parents[1]
 DRIVERS = Path(__file__).resolve().parent / "drivers"
@@ -43,6 +48,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
     """Poll ``check`` until it holds; fail with the tail of ``log`` after ``timeout`` s."""
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -148,7 +154,7 @@ def run_driver(name: str, args: Sequence[str], *, cwd: Path, log: Path,
                                 env=sim_env(cwd / "flwr-home"), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc: int | None = proc.wait(timeout=timeout)
+            rc: int | None = proc.wait(timeout=timeout * TIME_SCALE)
         except subprocess.TimeoutExpired:
             rc = None
         finally:
@@ -186,6 +192,7 @@ class Simulation:
 
     def wait(self, timeout: float) -> float:
         """Wait for a clean exit; fail with the log's tail otherwise."""
+        timeout *= TIME_SCALE
         try:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
