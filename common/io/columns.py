@@ -238,7 +238,6 @@ def id_column(df: pd.DataFrame, name: str, default: str, filled: dict[str, int]
     return s
 
 
-
 def merchant_column(df: pd.DataFrame, source: str, offset: int, filled: dict[str, int]
                     ) -> pd.Series:
     """``merchant_id`` as :func:`id_column` gives it, ``DEFAULT_MERCHANT`` for a log of one
