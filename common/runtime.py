@@ -3,11 +3,24 @@ import: importing a library module leaves the environment as it found it."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
 import os
-from collections.abc import MutableMapping
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 #: TensorFlow's C++ start-up logs and its oneDNN notice: noise for every command.
 QUIET_TENSORFLOW: dict[str, str] = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+#: What TensorFlow 2.21's import writes to stderr through absl, which
+#: ``TF_CPP_MIN_LOG_LEVEL`` does not reach (twice: two of its libraries log it).
+ABSL_NOISE = re.compile(
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+    r"STDERR\s*$|^I\d{4} [0-9:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers")
 
 
 def quiet_tensorflow(environ: MutableMapping[str, str] | None = None) -> None:
@@ -15,8 +28,67 @@ def quiet_tensorflow(environ: MutableMapping[str, str] | None = None) -> None:
     where not set already: a user's own values win.
 
     TensorFlow reads them when it is imported, so call this before; child processes
-    (Ray's workers, Flower's app processes) inherit them.
+    (Ray's workers, Flower's app processes) inherit them. For the process's own
+    environment, with ``TF_CPP_MIN_LOG_LEVEL`` at 3 (errors only), TensorFlow's import
+    also leaves out the :data:`ABSL_NOISE` lines the variable does not reach; anything
+    else it writes to stderr is written as it came.
     """
     target = os.environ if environ is None else environ
     for key, value in QUIET_TENSORFLOW.items():
         target.setdefault(key, value)
+    if environ is None and target.get("TF_CPP_MIN_LOG_LEVEL") == "3" \
+            and "tensorflow" not in sys.modules \
+            and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+@contextlib.contextmanager
+def _stderr_without(noise: re.Pattern[str]) -> Iterator[None]:
+    """File descriptor 2 (C++ libraries' stderr too) caught in the block, then written out
+    without the lines ``noise`` matches."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            text = caught.read().decode(errors="replace")
+            kept = [line for line in text.splitlines(keepends=True) if not noise.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """The loader of ``tensorflow`` with its module's code run inside
+    :func:`_stderr_without`; everything else is the real loader's."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        with _stderr_without(ABSL_NOISE):
+            self._loader.exec_module(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` as Python's path finder does, with :class:`_QuietLoader`."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "tensorflow":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
