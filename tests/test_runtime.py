@@ -18,6 +18,16 @@ def test_quiet_tensorflow_fills_in_what_is_unset_and_keeps_what_is_set() -> None
     assert environ == {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_ENABLE_ONEDNN_OPTS": "0", "OTHER": "x"}
 
 
+def _python_without_quiet_variables(script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run by this Python, none of :data:`QUIET_TENSORFLOW` set; it must pass."""
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_TENSORFLOW}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 def test_importing_the_library_sets_no_variable_and_no_warning_filter() -> None:
     script = (
         "import os, warnings\n"
@@ -28,11 +38,7 @@ def test_importing_the_library_sets_no_variable_and_no_warning_filter() -> None:
         "print([str(f[1].pattern) for f in warnings.filters if f not in filters "
         "and f[1] is not None and '__array__' in f[1].pattern])\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in QUIET_TENSORFLOW}
-    env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _python_without_quiet_variables(script)
     assert done.stdout.splitlines()[-2:] == ["[]", "[]"], done.stdout
 
 
@@ -48,11 +54,7 @@ def test_tensorflows_absl_start_up_lines_are_left_out_and_the_rest_of_stderr_kep
         "import tensorflow\n"
         "print('after', tensorflow.__version__, file=sys.stderr)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in QUIET_TENSORFLOW}
-    env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _python_without_quiet_variables(script)
     assert done.stderr.splitlines()[0] == "before", done.stderr
     assert done.stderr.splitlines()[-1].startswith("after "), done.stderr
     assert "absl::InitializeLog" not in done.stderr and "cudart_stub" not in done.stderr
