@@ -46,8 +46,15 @@ def quiet_tensorflow(environ: MutableMapping[str, str] | None = None) -> None:
 def _stderr_without(noise: re.Pattern[str]) -> Iterator[None]:
     """File descriptor 2 (C++ libraries' stderr too) caught in the block, then written out
     without the lines ``noise`` matches."""
+    if sys.stderr is None:  # run with stderr closed (2>&-): nothing to catch
+        yield
+        return
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
         try:

@@ -283,7 +283,9 @@ def test_a_version_3_state_without_the_model_id_is_read_and_version_4_needs_it(
         state: Path) -> None:
     # Version 4 added the model's id; a state of the fedecay before it resumes as it was.
     position = _monitor([]).load_state(state)
-    _rewrite_meta(state / STATE_FILE, resign=True, version=3, model=...)
+    _rewrite_meta(state / STATE_FILE, resign=True, version=3)  # as the fedecay before wrote
+    assert _monitor([]).load_state(state) == position
+    _rewrite_meta(state / STATE_FILE, resign=True, model=...)  # as earlier ones wrote
     assert _monitor([]).load_state(state) == position
     _rewrite_meta(state / STATE_FILE, resign=True, version=4)
     _refused(state, "meta field meta.model is missing")

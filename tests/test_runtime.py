@@ -81,3 +81,15 @@ def test_the_stderr_filter_keeps_every_other_line_in_order() -> None:
     assert done.stderr.splitlines() == ["real problem 1", "real problem 2", "after"]
     assert ABSL_NOISE.search("I1207 20:33:41.383582   13302 cudart_stub.cc:31] Could not "
                              "find cuda drivers on your machine, GPU will not be used.")
+
+
+def test_with_stderr_closed_the_import_goes_on_uncaught() -> None:
+    # `fedecay … 2>&-`: sys.stderr is None and fd 2 closed; the import must not fail.
+    script = ("from common.runtime import ABSL_NOISE, _stderr_without\n"
+              "with _stderr_without(ABSL_NOISE):\n"
+              "    print('inside')\n"
+              "print('after')\n")
+    done = subprocess.run(["bash", "-c", f'{sys.executable} -c "$0" 2>&-', script],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["inside", "after"], done

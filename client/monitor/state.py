@@ -38,7 +38,7 @@ LEGACY_STATE_FILE = "monitor.state"  # version 1 (a pickle): refused, never load
 #: 3: the SHA-256 covers the meta JSON too (2 covered the arrays only); 4: the meta holds
 #: ``model``, the id of the weights the risks were scored with (null if unknown).
 STATE_VERSION = 4
-#: Versions this fedecay reads: a version 3 state is version 4 without ``model``.
+#: Versions this fedecay reads: in a version 3 state ``model`` may be missing.
 READ_VERSIONS = (3, 4)
 _DAY_NS = 86_400 * 1_000_000_000
 _EARLIEST_TEXT = timestamps.earliest_text()
@@ -223,8 +223,12 @@ def check_meta(meta: Mapping[str, Any], where: str, latest_ns: int | None = None
 
     keys = ("version", "snapshots", "clock_ns", "last_sweep_ns", "pending",
             "since_checkpoint", "stats", "position", "sha256")
-    with_model = meta.get("version") == STATE_VERSION  # version 3 has no model id
-    table("meta", dict(meta), (*keys, "model") if with_model else keys, True)
+    # Version 4 always holds the model's id; version 3 may (the fedecay before the bump
+    # wrote it into version 3 states) or may not (those written before that).
+    if meta.get("version") == STATE_VERSION:
+        table("meta", dict(meta), (*keys, "model"), True)
+    else:
+        table("meta", dict(meta), keys, True, optional=("model",))
     if not isinstance(meta["snapshots"], dict):
         fail("snapshots", meta["snapshots"], "a JSON object")
     text("sha256", meta["sha256"])
