@@ -8,9 +8,10 @@ import importlib.abc
 import importlib.machinery
 import os
 import re
+import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, MutableMapping
+from pathlib import Path
 from typing import Any
 
 #: TensorFlow's C++ start-up logs and its oneDNN notice: noise for every command.
@@ -21,6 +22,8 @@ QUIET_TENSORFLOW: dict[str, str] = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONED
 ABSL_NOISE = re.compile(
     r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
     r"STDERR\s*$|^I\d{4} [0-9:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers")
+#: How every :data:`ABSL_NOISE` line begins (the filter holds back only such lines).
+ABSL_NOISE_STARTS = ("WARNING: All log messages before absl::", "I")
 
 
 def quiet_tensorflow(environ: MutableMapping[str, str] | None = None) -> None:
@@ -31,7 +34,7 @@ def quiet_tensorflow(environ: MutableMapping[str, str] | None = None) -> None:
     (Ray's workers, Flower's app processes) inherit them. For the process's own
     environment, with ``TF_CPP_MIN_LOG_LEVEL`` at 3 (errors only), TensorFlow's import
     also leaves out the :data:`ABSL_NOISE` lines the variable does not reach; anything
-    else it writes to stderr is written as it came.
+    else it writes to stderr is passed on at once.
     """
     target = os.environ if environ is None else environ
     for key, value in QUIET_TENSORFLOW.items():
@@ -43,10 +46,11 @@ def quiet_tensorflow(environ: MutableMapping[str, str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def _stderr_without(noise: re.Pattern[str]) -> Iterator[None]:
-    """File descriptor 2 (C++ libraries' stderr too) caught in the block, then written out
-    without the lines ``noise`` matches."""
-    if sys.stderr is None:  # run with stderr closed (2>&-): nothing to catch
+def _stderr_without(noise: re.Pattern[str], starts: tuple[str, ...]) -> Iterator[None]:
+    """File descriptor 2 (C++ libraries' stderr too) passed, in the block, through
+    :mod:`common.stderr_filter` in its own process, which leaves out the lines ``noise``
+    matches (``starts``: how they begin) and writes the rest at once."""
+    if sys.stderr is None:  # run with stderr closed (2>&-): nothing to filter
         yield
         return
     sys.stderr.flush()
@@ -55,20 +59,27 @@ def _stderr_without(noise: re.Pattern[str]) -> Iterator[None]:
     except OSError:
         yield
         return
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            text = caught.read().decode(errors="replace")
-            kept = [line for line in text.splitlines(keepends=True) if not noise.search(line)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(Path(__file__).with_name("stderr_filter.py")),
+             noise.pattern, *starts], stdin=subprocess.PIPE, stdout=saved)
+    except (OSError, ValueError):  # no interpreter to run (an embedded Python): no filter
+        os.close(saved)
+        yield
+        return
+    assert child.stdin is not None
+    os.dup2(child.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        child.stdin.close()
+        try:  # the filter ends when the pipe's last writer closes it
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # a process started in the block holds the pipe: the filter outlives it
 
 
 class _QuietLoader(importlib.abc.Loader):
@@ -82,7 +93,9 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: Any) -> None:
-        with _stderr_without(ABSL_NOISE):
+        # The module is TensorFlow's own (its loader as Python's would set it) ...
+        module.__loader__ = module.__spec__.loader = self._loader
+        with _stderr_without(ABSL_NOISE, ABSL_NOISE_STARTS):  # ... only its import filtered
             self._loader.exec_module(module)
 
     def __getattr__(self, name: str) -> Any:

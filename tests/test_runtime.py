@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import selectors
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common.runtime import QUIET_TENSORFLOW, quiet_tensorflow
@@ -51,13 +53,16 @@ def test_tensorflows_absl_start_up_lines_are_left_out_and_the_rest_of_stderr_kep
         "from common.runtime import quiet_tensorflow\n"
         "quiet_tensorflow()\n"
         "print('before', file=sys.stderr, flush=True)\n"
-        "import tensorflow\n"
+        "import importlib.machinery, tensorflow\n"
         "print('after', tensorflow.__version__, file=sys.stderr)\n"
+        "print(all(isinstance(loader, importlib.machinery.SourceFileLoader) for loader in "
+        "(tensorflow.__loader__, tensorflow.__spec__.loader)))\n"
     )
     done = _python_without_quiet_variables(script)
     assert done.stderr.splitlines()[0] == "before", done.stderr
     assert done.stderr.splitlines()[-1].startswith("after "), done.stderr
     assert "absl::InitializeLog" not in done.stderr and "cudart_stub" not in done.stderr
+    assert done.stdout.split()[-1] == "True", "tensorflow's loader is not Python's own"
 
 
 def test_the_stderr_filter_keeps_every_other_line_in_order() -> None:
@@ -65,12 +70,17 @@ def test_the_stderr_filter_keeps_every_other_line_in_order() -> None:
 
     script = (
         "import os, sys\n"
-        "from common.runtime import ABSL_NOISE, _stderr_without\n"
-        "with _stderr_without(ABSL_NOISE):\n"
+        "import time\n"
+        "from common.runtime import ABSL_NOISE, ABSL_NOISE_STARTS, _stderr_without\n"
+        "with _stderr_without(ABSL_NOISE, ABSL_NOISE_STARTS):\n"
         "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called '\n"
         "                b'are written to STDERR\\nreal problem 1\\n')\n"
-        "    os.write(2, b'I0000 00:00:1796675553.337133   13425 cudart_stub.cc:31] Could not '\n"
-        "                b'find cuda drivers on your machine\\n')\n"
+        "    os.write(2, b'I0000 00:00:1796675553.337133   13425 cudart_')\n"
+        "    time.sleep(0.2)  # a line in two writes: the filter sees its start first\n"
+        "    os.write(2, b'stub.cc:31] Could not find cuda drivers on your machine\\n')\n"
+        "    os.write(2, b'Is it a problem? ')\n"
+        "    time.sleep(0.2)\n"
+        "    os.write(2, b'yes\\n')\n"
         "    print('real problem 2', file=sys.stderr)\n"
         "print('after', file=sys.stderr)\n"
     )
@@ -78,18 +88,56 @@ def test_the_stderr_filter_keeps_every_other_line_in_order() -> None:
                           "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.splitlines() == ["real problem 1", "real problem 2", "after"]
+    assert done.stderr.splitlines() == ["real problem 1", "Is it a problem? yes",
+                                        "real problem 2", "after"]
     assert ABSL_NOISE.search("I1207 20:33:41.383582   13302 cudart_stub.cc:31] Could not "
                              "find cuda drivers on your machine, GPU will not be used.")
 
 
 def test_with_stderr_closed_the_import_goes_on_uncaught() -> None:
     # `fedecay … 2>&-`: sys.stderr is None and fd 2 closed; the import must not fail.
-    script = ("from common.runtime import ABSL_NOISE, _stderr_without\n"
-              "with _stderr_without(ABSL_NOISE):\n"
+    script = ("from common.runtime import ABSL_NOISE, ABSL_NOISE_STARTS, _stderr_without\n"
+              "with _stderr_without(ABSL_NOISE, ABSL_NOISE_STARTS):\n"
               "    print('inside')\n"
               "print('after')\n")
     done = subprocess.run(["bash", "-c", f'{sys.executable} -c "$0" 2>&-', script],
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.split() == ["inside", "after"], done
+
+
+def _filtered(body: str) -> subprocess.Popen[bytes]:
+    """A Python running ``body`` inside the stderr filter, its pipes open."""
+    script = ("import os, sys\n"
+              "from common.runtime import ABSL_NOISE, ABSL_NOISE_STARTS, _stderr_without\n"
+              "with _stderr_without(ABSL_NOISE, ABSL_NOISE_STARTS):\n" + body)
+    return subprocess.Popen([sys.executable, "-c", script], env={
+        **os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_what_a_process_aborting_in_the_import_wrote_last_is_still_shown() -> None:
+    # TensorFlow on a CPU it was not built for writes why, then aborts (exit 134).
+    proc = _filtered("    os.write(2, b'The TensorFlow library was compiled to use AVX "
+                     "instructions\\n')\n    os.abort()\n")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -6 and err.decode().splitlines() == [
+        "The TensorFlow library was compiled to use AVX instructions"], err
+
+
+def test_stderr_without_a_newline_is_passed_on_at_once() -> None:
+    # A progress spinner's frames ("\r⠋ loading") end in no newline: the filter must not
+    # hold them until the import ends. The child waits for our go after its frame.
+    proc = _filtered("    os.write(2, b'\\r-- loading')\n    sys.stdin.readline()\n"
+                     "    os.write(2, b' done\\n')\n")
+    assert proc.stderr is not None and proc.stdin is not None
+    seen = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
+        while b"loading" not in seen and selector.select(deadline - time.monotonic()):
+            seen += os.read(proc.stderr.fileno(), 1024)
+    proc.stdin.write(b"go\n")
+    rest = proc.communicate(timeout=60)[1]
+    assert seen == b"\r-- loading", f"the frame was held back: {seen!r}"
+    assert proc.returncode == 0 and rest == b" done\n", rest
