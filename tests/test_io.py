@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -369,6 +370,31 @@ def test_error_row_numbers_count_across_chunks(tmp_path: Path) -> None:
                    'u1,2017-11-25,view,"a\nb"\nu2,2017-11-25,like,c\n\nu3,2017-11-25,bad,d\n')
     with pytest.raises(DataError, match=r"data rows 2 \('like'\), 3 \('bad'\) \(file lines 4, 6\)"):
         load_events(quoted)
+
+
+def test_line_numbers_step_over_skipped_multiline_records_and_long_fields(
+        tmp_path: Path) -> None:
+    # A record dropped by bad_rows='skip' (5 fields for 4) whose quoted field holds a
+    # newline: the rows after it start one line later than its first line suggests.
+    header = "user_id,timestamp,event,item_id\n"
+    skipped = write(tmp_path / "skipped.csv", header + 'u1,2017-11-25,view,"a\nb",extra\n'
+                    "u2,2017-11-25,view,c\nu3,2017-11-25,bad,d\n")
+    with pytest.raises(DataError, match=r"data row 2 \('bad'\) \(file line 5\)"):
+        load_events(skipped, bad_rows="skip")
+    # A field longer than csv's default limit (131,072 characters) holding newlines
+    # before the bad row: the rescan reads past it (and so does the format sniff when
+    # the field is among the first rows).
+    field = '"' + "x" * 200_000 + '\ny\nz"'
+    plain = "".join(f"u0,2017-11-25,view,{i}\n" for i in range(5))
+    limit = csv.field_size_limit()
+    for before, line in (("", 5), (plain, 10)):
+        long = write(tmp_path / "long.csv", header + before + f"u1,2017-11-25,view,{field}\n"
+                     "u2,2017-11-25,bad,d\n")
+        with pytest.raises(DataError, match=rf"\('bad'\) \(file line {line}\)"):
+            load_events(long)
+    assert csv.field_size_limit() == limit  # restored
+    ok = write(tmp_path / "ok.csv", header + f"u1,2017-11-25,view,{field}\n")
+    assert load_events(ok).events["item_id"].str.len().tolist() == [200_004]
 
 
 def test_wrong_format_is_reported(tmp_path: Path) -> None:

@@ -28,7 +28,6 @@ from common.schema import STRING, DataError
 
 logger = logging.getLogger(__name__)
 
-_MAX_SKIPPED_TEXTS = 10_000  # distinct skipped rows remembered to number later lines
 _BLOCK_BYTES = 16 << 20  # CSV bytes parsed at a time (chunks are cut from these blocks)
 
 
@@ -71,8 +70,7 @@ def csv_batches(path: Path, rules: ReadRules, *, names: tuple[str, ...] | None =
         # an unterminated quote runs on over the following lines: each one is dropped
         lines = str(row.text).splitlines() or [""]
         skipped += len(lines)
-        if len(origin.skipped) < _MAX_SKIPPED_TEXTS:
-            origin.skipped.update(lines)
+        origin.skip(str(row.text))
         return "skip"
 
     parse = pcsv.ParseOptions(invalid_row_handler=on_bad_row)

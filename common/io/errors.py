@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.io.files import READ_ERRORS, text_lines
+from common.io.files import READ_ERRORS, text_lines, wide_csv_fields
 from common.schema import DataError
 
 SHOW_ROWS = 5  # offending rows quoted in an error message
+_MAX_SKIPPED_TEXTS = 10_000  # distinct skipped records remembered to number later lines
+_NEWLINE = re.compile(r"\r\n?")
 
 
 class Origin(str):
@@ -21,7 +24,8 @@ class Origin(str):
 
     It is the plain path string everywhere a source name is expected; error messages
     use :meth:`lines` to add the physical 1-based line numbers (header and blank lines
-    counted, rows dropped by ``bad_rows='skip'`` stepped over).
+    counted, rows dropped by ``bad_rows='skip'`` stepped over). ``skipped`` holds the
+    text of each dropped record whole (a quoted field's newlines as ``\\n``).
     """
 
     path: Path
@@ -34,34 +38,46 @@ class Origin(str):
         self.path, self.header, self.encoding, self.skipped = path, header, encoding, set()
         return self
 
+    def skip(self, text: str) -> None:
+        """Remember a record dropped by ``bad_rows='skip'`` (its text as the parser saw
+        it, quoted newlines included) so that :meth:`lines` steps over it."""
+        if len(self.skipped) < _MAX_SKIPPED_TEXTS:
+            self.skipped.add(_NEWLINE.sub("\n", text))
+
     def lines(self, rows: list[int]) -> list[int]:
         """File lines of 0-based data rows (a rescan: only called on the error path); a
         row is numbered by the line it starts on, a quoted field's newlines counted."""
         wanted, found = set(rows), {}
-        record, header, last = -1, self.header, [""]
+        record, header = -1, self.header
+        raw: list[str] = []  # the physical lines of the record being read
 
         def lines() -> Iterator[str]:
             for line in text_lines(self.path, self.encoding):
-                last[0] = line
+                raw.append(line)
                 yield line
 
         try:
-            reader = csv.reader(lines())
-            start = 1
-            for cells in reader:
-                first, start = start, reader.line_num + 1
-                if not cells:
-                    continue  # the CSV parser skips blank lines
-                if header:
-                    header -= 1
-                    continue
-                if first == reader.line_num and last[0] in self.skipped:
-                    continue
-                record += 1
-                if record in wanted:
-                    found[record] = first
-                    if len(found) == len(wanted):
-                        break
+            # a field over csv's default size limit would end the rescan there, and the
+            # rows after it be numbered as if no quoted newline came before them
+            with wide_csv_fields():
+                reader = csv.reader(lines())
+                start = 1
+                for cells in reader:
+                    first, start = start, reader.line_num + 1
+                    text = "\n".join(raw)  # the record as the parser saw it
+                    raw.clear()
+                    if not cells:
+                        continue  # the CSV parser skips blank lines
+                    if header:
+                        header -= 1
+                        continue
+                    if text in self.skipped:
+                        continue
+                    record += 1
+                    if record in wanted:
+                        found[record] = first
+                        if len(found) == len(wanted):
+                            break
         except (*READ_ERRORS, DataError, csv.Error):
             pass  # the reader reports an unreadable file itself
         return [found.get(r, r + 1 + self.header) for r in rows]

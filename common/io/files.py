@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import contextlib
 import csv
 import gzip
 import io
 import lzma
 import os
 import stat
+import sys
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -179,12 +181,28 @@ def first_bad_utf8(path: Path) -> DataError:
     return DataError(f"{path}: is not UTF-8 text; convert it with iconv -t UTF-8")
 
 
+#: csv's field size limit while fedecay reads with it: any field pyarrow reads (its
+#: default, 131,072 characters, made a long text cell an error; sys.maxsize overflows a C
+#: long on some platforms).
+_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+@contextlib.contextmanager
+def wide_csv_fields() -> Iterator[None]:
+    """Lift Python csv's field size limit for the block, restoring it after."""
+    limit = csv.field_size_limit(_FIELD_LIMIT)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
+
+
 def head_rows(path: Path, n: int = 5, strip: bool = True) -> list[list[str]]:
     """The first ``n`` non-blank lines, split as CSV (header and format sniffing)."""
     encoding = probe_encoding(path)
     rows: list[list[str]] = []
     try:
-        with open_bytes(path) as raw, io.TextIOWrapper(
+        with wide_csv_fields(), open_bytes(path) as raw, io.TextIOWrapper(
                 raw, encoding=encoding, errors="replace", newline="") as fh:
             for row in csv.reader(fh):
                 if any(cell.strip() for cell in row):
