@@ -267,8 +267,9 @@ def test_a_row_without_a_merchant_beside_named_merchants_is_refused(tmp_path: Pa
     with pytest.raises(DataError, match=r"m\.csv: column 'merchant_id' has missing merchant "
                                         r"id.*data row 2 .*file line 3"):
         load_events(path)
-    with pytest.raises(DataError, match=r"m\.csv: 1 row has no merchant_id while the others "
-                                        r"name 2 merchant"):
+    with pytest.raises(DataError, match=r"m\.csv: 1 row has no merchant_id \(the first at "
+                                        r"data row 2, file line 3\) while the others name 2 "
+                                        r"merchant"):
         load_events(path, chunksize=1)  # the chunk of row 2 names no merchant at all
     empty = write(tmp_path / "one.csv", "user_id,timestamp,event,merchant_id\n"
                                         "a,2017-11-25,view,\nb,2017-11-25,view,NULL\n")
@@ -282,6 +283,36 @@ def test_a_row_without_a_merchant_beside_named_merchants_is_refused(tmp_path: Pa
                                                 "a,2017-11-25,view,m1\n"
                                                 "c,2017-11-25,view,m2\n"),
                     interventions_path=actions)
+
+
+def test_rows_the_window_drops_need_no_merchant_and_chunks_are_checked_across(
+        tmp_path: Path) -> None:
+    # Rows outside data.start/data.end are not used: without a merchant id they make no
+    # merchant, so they do not fail the load, in one chunk or across chunks.
+    head = "user_id,timestamp,event,merchant_id\n"
+    path = write(tmp_path / "w.csv", head + "a,2017-11-25,view,m1\nb,2017-10-01,view,\n"
+                                            "c,2017-11-26,view,m2\n")
+    for chunksize in (1, 3):
+        log = load_events(path, start="2017-11-01", chunksize=chunksize)
+        assert set(log.events["merchant_id"]) == {"m1", "m2"}
+        assert "merchant_id" not in log.report.filled
+    # Inside the window the row is refused, named with its data row and file line, as
+    # are interventions: a chunk naming no merchant beside chunks that do.
+    late = write(tmp_path / "late.csv", head + "a,2017-11-25,view,m1\n\n"
+                                              "b,2017-11-27,view,\nc,2017-11-26,view,m2\n")
+    with pytest.raises(DataError, match=r"late\.csv: 1 row has no merchant_id \(the first "
+                                        r"at data row 2, file line 4\)"):
+        load_events(late, chunksize=1)
+    events = write(tmp_path / "two.csv", head + "a,2017-11-25,view,m1\nc,2017-11-25,view,m2\n")
+    actions = write(tmp_path / "iv.csv", "user_id,timestamp,action,merchant_id\n"
+                                         "a,2017-11-25,push,m1\nc,2017-10-01,push,\n"
+                                         "c,2017-10-02,push,\n")
+    with pytest.raises(DataError, match=r"iv\.csv: 2 rows have no merchant_id \(the first "
+                                        r"at data row 2, file line 3\) while the others "
+                                        r"name 1 merchant"):
+        load_events(events, interventions_path=actions, chunksize=1)
+    log = load_events(events, interventions_path=actions, chunksize=1, start="2017-11-01")
+    assert set(log.interventions["merchant_id"]) == {"m1"}
 
 
 def test_parquet_float_ids_beyond_2_53_and_sentinel_dates_are_named(tmp_path: Path) -> None:

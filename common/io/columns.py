@@ -7,6 +7,7 @@ dtype or raises one :class:`~common.schema.DataError` naming the offending rows.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from common.io.errors import column_error
+from common.io.errors import Origin, column_error
 from common.io.results import add_count
 from common.schema import DEFAULT_MERCHANT, STRING, DataError
 from common.timestamps import NUMBER, iso_to_ns, numbers_to_ns
@@ -238,20 +239,71 @@ def id_column(df: pd.DataFrame, name: str, default: str, filled: dict[str, int]
     return s
 
 
-def merchant_column(df: pd.DataFrame, source: str, offset: int, filled: dict[str, int]
+@dataclass
+class MerchantRows:
+    """The used rows of one file with and without a merchant id, across its chunks.
+
+    :func:`merchant_column` refuses a chunk mixing the two; this refuses a file whose
+    chunks differ (a chunk naming no merchant beside chunks that do), naming its first
+    row without one. Rows the caller drops (outside the load's window) are not counted.
+    """
+
+    named: int = 0
+    unnamed: int = 0
+    first_unnamed: int | None = None  # 0-based data row of the file
+
+    def add(self, named: int, unnamed: np.ndarray, offset: int) -> None:
+        """Count one chunk's rows: ``named`` rows with a merchant, ``unnamed`` the
+        positions (in the chunk) of the rows without one."""
+        self.named += named
+        self.unnamed += len(unnamed)
+        if self.first_unnamed is None and len(unnamed):
+            self.first_unnamed = offset + int(unnamed[0])
+
+    def check(self, source: str, merchants: pd.Series) -> None:
+        """Raise when some used rows name a merchant and others none; ``merchants`` is
+        the loaded ``merchant_id`` column (to count the merchants named)."""
+        if not (self.named and self.unnamed and self.first_unnamed is not None):
+            return
+        row = self.first_unnamed
+        line = (f", file line {source.lines([row])[0]}" if isinstance(source, Origin)
+                else "")
+        named = merchants[merchants != DEFAULT_MERCHANT].nunique()
+        n = self.unnamed
+        raise DataError(
+            f"{source}: {n:,} row{'s have' if n > 1 else ' has'} no merchant_id (the first "
+            f"at data row {row + 1:,}{line}) while the others name {named:,} merchant(s); "
+            "a row without a merchant belongs to no merchant of the federation: fill the "
+            "column on every row (or leave it out for a log of one merchant)")
+
+
+def merchant_column(df: pd.DataFrame, source: str, offset: int, filled: dict[str, int],
+                    used: np.ndarray | None = None, rows: MerchantRows | None = None
                     ) -> pd.Series:
     """``merchant_id`` as :func:`id_column` gives it, ``DEFAULT_MERCHANT`` for a log of one
     merchant (no such column, or no value in it); an error when some rows name a merchant
     and others none: such a row belongs to no merchant of the federation, and as merchant
-    ``local`` it would make one merchant more."""
+    ``local`` it would make one merchant more.
+
+    Only the rows ``used`` marks (all by default) are checked, counted as filled and
+    counted into ``rows`` (which checks the file across its chunks): the caller drops
+    the others (outside the load's window), so they make no merchant.
+    """
+    used = np.ones(len(df), dtype=bool) if used is None else used
     if "merchant_id" not in df:
+        if rows is not None:
+            rows.add(0, np.flatnonzero(used), offset)
         return pd.Series(DEFAULT_MERCHANT, index=df.index, dtype=STRING)
     s = as_string(df["merchant_id"])
     missing = s.isna().to_numpy()
-    if missing.any() and not missing.all():
-        raise column_error(source, "merchant_id", missing, df["merchant_id"],
+    unnamed = missing & used
+    named = int((~missing & used).sum())
+    if unnamed.any() and named:
+        raise column_error(source, "merchant_id", unnamed, df["merchant_id"],
                            "missing merchant id(s) where other rows name one",
                            "a merchant id on every row (or no merchant_id column for a log "
                            "of one merchant)", offset)
-    add_count(filled, "merchant_id", missing.sum())
+    add_count(filled, "merchant_id", unnamed.sum())
+    if rows is not None:
+        rows.add(named, np.flatnonzero(unnamed), offset)
     return s.fillna(DEFAULT_MERCHANT)

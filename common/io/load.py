@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from common.io.canonical import iter_canonical
-from common.io.columns import as_arrow
+from common.io.columns import MerchantRows, as_arrow
 from common.io.completejourney import (
     CJ_RETURN,
     cj_interventions,
@@ -118,36 +118,25 @@ def _check_interventions_meet_events(interventions: pd.DataFrame, events: pd.Dat
                     "interventions file?")
 
 
-def _one_merchant_or_all_named(events: pd.DataFrame, report: LoadReport) -> None:
-    """Raise when rows without a merchant id (given ``DEFAULT_MERCHANT``) sit beside rows
-    naming merchants; within one chunk ``merchant_column`` names the rows, this catches
-    chunks with no merchant beside chunks with merchants."""
-    unnamed = report.filled.get("merchant_id", 0)
-    if not unnamed or not len(events):
-        return
-    named = events["merchant_id"] != DEFAULT_MERCHANT
-    if named.any():
-        raise DataError(
-            f"{report.path}: {unnamed:,} row{'s have' if unnamed > 1 else ' has'} no "
-            f"merchant_id while the others name "
-            f"{events.loc[named, 'merchant_id'].nunique():,} merchant(s); a row without a "
-            "merchant belongs to no merchant of the federation: fill the column on every "
-            "row (or leave it out for a log of one merchant)")
-
-
-def _load_interventions(path: Path, chunksize: int, report: LoadReport,
-                        bad_rows: str) -> pd.DataFrame:
-    """A canonical interventions file, counted into ``report``."""
+def _load_interventions(path: Path, chunksize: int, report: LoadReport, bad_rows: str,
+                        window: tuple[pd.Timestamp | None, pd.Timestamp | None]
+                        ) -> pd.DataFrame:
+    """A canonical interventions file, counted into ``report`` (every row: the caller
+    applies ``window``, whose rows outside need no merchant id)."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such interventions file")
     regular_or_folder(path)
     parts = []
     rules = ReadRules(chunksize, bad_rows, report.interventions_dropped)
+    merchants = MerchantRows()
     for offset, chunk in read_table(path, rules, INTERVENTION_COLUMNS):
-        parts.append(validate_interventions(chunk, rules.origin or str(path), offset=offset))
+        parts.append(validate_interventions(chunk, rules.origin or str(path), offset=offset,
+                                            window=window, merchants=merchants))
         report.interventions_read += len(chunk)
     report.interventions_read += report.interventions_dropped.get(MALFORMED, 0)
-    return pd.concat(parts, ignore_index=True) if parts else empty_interventions()
+    interventions = pd.concat(parts, ignore_index=True) if parts else empty_interventions()
+    merchants.check(rules.origin or str(path), interventions["merchant_id"])
+    return interventions
 
 
 def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
@@ -234,11 +223,12 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         report.path = str(transactions)
 
     parts = []
+    merchants = MerchantRows()
     for offset, chunk in chunks:
         report.rows_read += len(chunk)
         frame = canonicalise(chunk, rules.origin or report.path, offset=offset,
                              dropped=report.dropped, filled=report.filled,
-                             window=(lo, hi), **options)
+                             window=(lo, hi), merchants=merchants, **options)
         keep = in_window(frame["timestamp"], lo, hi)
         add_count(report.dropped, OUTSIDE_WINDOW, (~keep).sum())
         parts.append(frame.loc[keep, list(EVENT_COLUMNS)])
@@ -249,11 +239,11 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
     parts.clear()  # the chunks are copied into ``events``; free them before sorting
     events = _finish(events, report.dropped)
     report.rows_kept = len(events)
-    _one_merchant_or_all_named(events, report)
+    merchants.check(rules.origin or report.path, events["merchant_id"])
 
     if interventions_path is not None:
         interventions = _load_interventions(Path(interventions_path), chunksize, report,
-                                            bad_rows)
+                                            bad_rows, (lo, hi))
     elif format == "completejourney":
         folder = path if path.is_dir() else path.parent
         population = pd.Index(np.unique(np.concatenate([h.to_numpy(str) for h in households])))

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from common.io.columns import (
+    MerchantRows,
     as_string,
     id_column,
     map_names,
@@ -91,13 +92,15 @@ def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
                  events: Mapping[str, str] = CANONICAL_EVENTS, unit: str | None = None,
                  negative_reason: str | None = None, dropped: dict[str, int] | None = None,
                  filled: dict[str, int] | None = None,
-                 window: tuple[pd.Timestamp | None, pd.Timestamp | None] = (None, None)
-                 ) -> pd.DataFrame:
+                 window: tuple[pd.Timestamp | None, pd.Timestamp | None] = (None, None),
+                 merchants: MerchantRows | None = None) -> pd.DataFrame:
     """Check and convert one chunk whose columns already carry canonical names.
 
     ``negative_reason`` turns negative values from an error into a counted drop. Times
     outside the plausible range (see :data:`EARLIEST_TIME`) raise unless they fall
-    outside ``window``, whose rows the caller drops and counts.
+    outside ``window``, whose rows the caller drops and counts; such rows, and dropped
+    negative ones, are not checked for a merchant id either (``merchants`` counts the
+    others across a file's chunks).
     """
     dropped = {} if dropped is None else dropped
     filled = {} if filled is None else filled
@@ -111,18 +114,7 @@ def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
                            "a non-empty id", offset)
     timestamp = parse_timestamps(df["timestamp"], source, "timestamp", offset, unit)
     _check_plausible(timestamp, df["timestamp"], source, offset, window)
-    out = pd.DataFrame(
-        {
-            "user_id": user,
-            "timestamp": timestamp,
-            "event": map_names(df["event"], events, EVENT_DTYPE, source, "event", offset,
-                               "event"),
-            "item_id": id_column(df, "item_id", "", filled),
-            "category_id": id_column(df, "category_id", DEFAULT_CATEGORY, filled),
-            "merchant_id": merchant_column(df, source, offset, filled),
-        },
-        index=df.index,
-    )
+    event = map_names(df["event"], events, EVENT_DTYPE, source, "event", offset, "event")
     value = (parse_numbers(df["value"], source, "value", offset) if "value" in df
              else pd.Series(0.0, index=df.index))
     negative = (value < 0).to_numpy()
@@ -134,6 +126,18 @@ def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
         raise column_error(source, "value", huge, df["value"], "implausibly large value(s)",
                            f"a value of at most {MAX_VALUE:.0e} (larger ones overflow the "
                            "features); check the unit or the column", offset)
+    used = in_window(timestamp, *window) & ~negative  # the rows the load keeps
+    out = pd.DataFrame(
+        {
+            "user_id": user,
+            "timestamp": timestamp,
+            "event": event,
+            "item_id": id_column(df, "item_id", "", filled),
+            "category_id": id_column(df, "category_id", DEFAULT_CATEGORY, filled),
+            "merchant_id": merchant_column(df, source, offset, filled, used, merchants),
+        },
+        index=df.index,
+    )
     if "value" in df:
         add_count(filled, "value", value.isna().sum())
     out["value"] = value.fillna(0.0)
@@ -188,7 +192,9 @@ def validate_events(df: pd.DataFrame, source: str) -> pd.DataFrame:
 
 
 def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
-                           actions: tuple[str, ...] = DEFAULT_ACTIONS) -> pd.DataFrame:
+                           actions: tuple[str, ...] = DEFAULT_ACTIONS,
+                           window: tuple[pd.Timestamp | None, pd.Timestamp | None] = (None, None),
+                           merchants: MerchantRows | None = None) -> pd.DataFrame:
     """Check and coerce an interventions frame (propensity NaN is kept for later fill).
 
     Parameters
@@ -201,6 +207,11 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
         Data rows before ``df`` in its file, so messages number rows as the file does.
     actions : tuple of str
         The accepted action names.
+    window : (start, end), optional
+        The load's window: rows outside it (which the caller drops) are not checked for
+        a merchant id.
+    merchants : MerchantRows, optional
+        Counts the rows with and without a merchant id across a file's chunks.
 
     Returns
     -------
@@ -236,7 +247,8 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
             "action": map_names(df["action"], {a: a for a in actions}, action_dtype(actions),
                                 source, "action", offset, "action"),
             "propensity": propensity,
-            "merchant_id": merchant_column(df, source, offset, {}),
+            "merchant_id": merchant_column(df, source, offset, {},
+                                           in_window(timestamp, *window), merchants),
         },
         index=df.index,
     )[list(INTERVENTION_COLUMNS)]
