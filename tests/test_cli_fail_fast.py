@@ -336,6 +336,14 @@ def test_progress_draws_rich_bars_on_a_terminal(capsys: pytest.CaptureFixture[st
     assert "a note above the bars" in err
 
 
+def test_bars_stay_drawn_as_on_a_terminal_while_stderr_is_a_pipe() -> None:
+    # While TensorFlow imports, fd 2 is a pipe to the stderr filter: Rich, asking again
+    # whether it writes to a terminal, stopped drawing the bars for those seconds.
+    console = Console(live=True)
+    with console.task("centralised", total=2, unit="epochs"):
+        assert not sys.stderr.isatty() and console._bars.console.is_terminal
+
+
 def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_half_made_run_folder(tmp_path: Path
                                                                         ) -> None:
     """A scheduler's SIGTERM while the run has only its config.json: exit 143,

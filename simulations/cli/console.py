@@ -165,7 +165,11 @@ class Console:
                     MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                     TextColumn("{task.fields[info]}"),
-                    console=RichConsole(file=sys.stderr, highlight=False),
+                    # Drawn for the terminal `live` saw: while TensorFlow imports, fd 2 is
+                    # a pipe to the stderr filter (common.runtime), and Rich asking again
+                    # would stop drawing for those seconds.
+                    console=RichConsole(file=sys.stderr, highlight=False,
+                                        force_terminal=True),
                     redirect_stdout=False, redirect_stderr=False)
                 self._bars.start()
             self._open += 1
