@@ -339,6 +339,30 @@ def test_parquet_float_ids_beyond_2_53_and_sentinel_dates_are_named(tmp_path: Pa
         load_events(sentinel)
 
 
+def test_float32_ids_are_exact_only_below_2_24_and_infinite_ids_are_named(
+        tmp_path: Path) -> None:
+    import numpy as np
+
+    # A float32 column holds integers exactly only below 2^24: 16777217 reads 16777216.
+    small = tmp_path / "f32.parquet"
+    frame = pd.DataFrame({"user_id": np.array([16_777_215, 16_777_217], dtype="float32"),
+                          "event": ["view"] * 2, "timestamp": ["2017-11-25"] * 2})
+    frame.to_parquet(small)
+    with pytest.raises(DataError, match=r"f32\.parquet: column 'user_id' has id\(s\) stored "
+                                        r"as floating-point numbers beyond 2\^24 .* at data "
+                                        r"row 2 \('1\.6777216e\+07'\)"):
+        load_events(small)
+    frame.iloc[:1].to_parquet(small)
+    assert load_events(small).events["user_id"].tolist() == ["16777215"]
+    # An infinite id is no number an id can be (it was "beyond 2^53").
+    inf = tmp_path / "inf.parquet"
+    pd.DataFrame({"user_id": ["u1", "u2"], "item_id": [1.0, -np.inf], "event": ["view"] * 2,
+                  "timestamp": ["2017-11-25"] * 2}).to_parquet(inf)
+    with pytest.raises(DataError, match=r"inf\.parquet: column 'item_id' has infinite "
+                                        r"value\(s\) .* at data row 2 \('-inf'\)"):
+        load_events(inf)
+
+
 def test_the_report_says_what_the_learner_makes_of_an_interventions_file(
         tmp_path: Path) -> None:
     events = write(tmp_path / "log.csv", "user_id,timestamp,event\na,2017-11-25,view\n"

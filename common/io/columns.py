@@ -56,6 +56,12 @@ NULL_IDS = ("NULL", "null", "Null", "\\N", "nan", "NaN", "NAN", "None", "<NA>", 
 INTEGRAL_TEXT = r"^(-?[0-9]+)\.0+$"  # "13.0": an integer id exported from a float column
 
 
+def exact_float_bits(dtype: Any) -> int:
+    """Bits of integer a float dtype holds exactly: 53 for float64, 24 for float32 (its
+    significand); from 2 to that power on, neighbouring integers read the same."""
+    return int(np.finfo(getattr(dtype, "numpy_dtype", dtype)).nmant) + 1
+
+
 def as_string(s: pd.Series) -> pd.Series:
     """IDs as stripped pyarrow strings (empty and :data:`NULL_IDS` -> missing);
     integral floats lose '.0', and so does every text id such as ``13.0`` (a float
@@ -64,7 +70,8 @@ def as_string(s: pd.Series) -> pd.Series:
     if pd.api.types.is_float_dtype(s.dtype):
         values = s.to_numpy(dtype="float64", na_value=np.nan)
         finite = values[~np.isnan(values)]
-        if np.all((finite == np.round(finite)) & (np.abs(finite) < 2.0**53)):
+        limit = 2.0 ** exact_float_bits(s.dtype)
+        if np.all((finite == np.round(finite)) & (np.abs(finite) < limit)):
             s = s.astype("Int64")
     arr = _text(s)
     arr = pc.if_else(pc.is_in(arr, value_set=pa.array(NULL_IDS, arr.type)),

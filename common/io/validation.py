@@ -11,6 +11,7 @@ import pandas as pd
 from common.io.columns import (
     MerchantRows,
     as_string,
+    exact_float_bits,
     id_column,
     map_names,
     merchant_column,
@@ -54,26 +55,31 @@ def _plain_values(df: pd.DataFrame, source: str, offset: int) -> None:
                                "a time), not a nested or binary value", offset)
 
 
-#: The largest integer a float64 holds exactly: ids beyond it in a float column may
-#: already be several ids made one (9007199254740993 reads 9007199254740992).
-EXACT_FLOAT_INT = 2.0**53
-
 _ID_COLUMNS = ("user_id", "item_id", "category_id", "merchant_id")
 
 
 def _exact_float_ids(df: pd.DataFrame, source: str, offset: int) -> None:
-    """Reject id columns stored as floats with values at or beyond 2^53."""
+    """Reject id columns stored as floats with infinite values, or values at or beyond
+    the first integer the column's float type cannot tell from the next one (2^53 for
+    float64, 2^24 for float32): ids there may already be several made one
+    (9007199254740993 reads 9007199254740992 in a float64)."""
     for column in _ID_COLUMNS:
         if column not in df or not pd.api.types.is_float_dtype(df[column].dtype):
             continue
         values = df[column].to_numpy(dtype="float64", na_value=np.nan)
-        bad = np.abs(np.nan_to_num(values)) >= EXACT_FLOAT_INT
+        infinite = np.isinf(values)
+        if infinite.any():
+            raise column_error(source, column, infinite, df[column].astype(str),
+                               "infinite value(s) (not a number an id can be)", "ids stored as "
+                               "integers or text", offset)
+        bits = exact_float_bits(df[column].dtype)
+        bad = np.abs(np.nan_to_num(values)) >= 2.0**bits
         if bad.any():
             raise column_error(source, column, bad, df[column].astype(str),
-                               "id(s) stored as floating-point numbers beyond 2^53 (distinct "
-                               "ids there may already have become one)", "ids stored as "
-                               "integers or text: write the column without converting it to "
-                               "float", offset)
+                               f"id(s) stored as floating-point numbers beyond 2^{bits} "
+                               "(distinct ids there may already have become one)", "ids "
+                               "stored as integers or text: write the column without "
+                               "converting it to float", offset)
 
 
 _PLAIN_KINDS = {"string", "empty", "integer", "floating", "mixed-integer-float", "decimal",
