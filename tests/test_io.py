@@ -337,6 +337,15 @@ def test_parquet_float_ids_beyond_2_53_and_sentinel_dates_are_named(tmp_path: Pa
     with pytest.raises(DataError, match=r"sentinel\.parquet: column 'timestamp' has time\(s\) "
                                         r"outside .* at data row 2 \('9999-12-31"):
         load_events(sentinel)
+    # The message quotes the file's own value: naive stays naive, a zone stays its zone
+    # (it quoted the value converted to UTC).
+    for zone, shown in ((None, "'9999-12-31'"), ("Asia/Tokyo", "'9999-12-31 09:00:00+09:00'")):
+        pq.write_table(pa.table({
+            "user_id": ["a", "b"], "event": ["view", "view"],
+            "timestamp": pa.array([dt.datetime(2017, 11, 25), dt.datetime(9999, 12, 31)],
+                                  pa.timestamp("us", tz=zone))}), sentinel)
+        with pytest.raises(DataError, match=rf"at data row 2 \({re.escape(shown)}\)"):
+            load_events(sentinel)
 
 
 def test_float32_ids_are_exact_only_below_2_24_and_infinite_ids_are_named(

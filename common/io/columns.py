@@ -101,7 +101,7 @@ def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
     """
     if isinstance(raw.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(raw):
         parsed = raw.dt.tz_localize("UTC") if raw.dt.tz is None else raw.dt.tz_convert("UTC")
-        _within_ns_range(parsed, source, column, offset)
+        _within_ns_range(parsed, raw, source, column, offset)
         parsed = parsed.astype("datetime64[ns, UTC]")
         bad = parsed.isna().to_numpy()
         if bad.any():
@@ -130,15 +130,17 @@ def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
     return parsed
 
 
-def _within_ns_range(times: pd.Series, source: str, column: str, offset: int) -> None:
+def _within_ns_range(times: pd.Series, raw: pd.Series, source: str, column: str,
+                     offset: int) -> None:
     """Raise for datetimes (of a coarser unit than ns, as Parquet's) that nanoseconds cannot
-    hold: before 1677-09-21 or after 2262-04-11, such as a sentinel 9999-12-31."""
+    hold: before 1677-09-21 or after 2262-04-11, such as a sentinel 9999-12-31. The
+    message quotes ``raw``, the column as the file holds it (not ``times`` in UTC)."""
     per_unit = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[times.dt.unit]
     values = times.array.asi8  # in the column's own unit; NaT is the int64 minimum
     bound = np.iinfo(np.int64).max // per_unit
     bad = (values != np.iinfo(np.int64).min) & (np.abs(values) > bound)
     if bad.any():
-        raise column_error(source, column, bad, times.astype(str), "time(s) outside "
+        raise column_error(source, column, bad, raw.astype(str), "time(s) outside "
                            f"{pd.Timestamp.min:%Y-%m-%d} to {pd.Timestamp.max:%Y-%m-%d} (a "
                            "sentinel such as 9999-12-31?)", "a real time: fix or remove these "
                            "rows", offset)
