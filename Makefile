@@ -75,7 +75,7 @@ run: setup
 # Two pytest workers (pytest-xdist), one test file each at a time (a file's shared
 # simulation runs once); TEST_WORKERS=1 runs the suite in one process.
 TEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/python -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+PYTEST := $(VENV)/bin/python -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # The whole suite; the 25 slowest tests are listed at the end to keep its time in view.
 test: setup
