@@ -596,6 +596,47 @@ def test_completejourney_returns_are_dropped_and_counted(tmp_path: Path) -> None
         load_events(tmp_path)
 
 
+def test_completejourney_errors_name_its_columns_and_unused_campaigns_are_not_checked(
+        tmp_path: Path) -> None:
+    head = ("household_id,store_id,basket_id,product_id,quantity,sales_value,retail_disc,"
+            "coupon_disc,coupon_match_disc,week,transaction_timestamp\n")
+    rows = ["1,10,b1,100,1,2.5,0,0,0,1,2017-01-02 10:00:00",
+            "2,11,b4,999,1,4.0,0,0,0,1,2017-01-05 10:00:00"]
+    # A missing store_id is named as the file names it (it was 'merchant_id'), in one
+    # chunk or across chunks; so is a household_id.
+    write(tmp_path / "transactions.csv", head + "\n".join(rows + [
+        "3,,b5,100,1,1.0,0,0,0,1,2017-01-06 10:00:00"]) + "\n")
+    with pytest.raises(DataError, match=r"transactions\.csv: column 'store_id' has missing "
+                                        r"merchant id.*data row 3 .*file line 4"):
+        load_events(tmp_path)
+    with pytest.raises(DataError, match=r"transactions\.csv: 1 row has no store_id \(the "
+                                        r"first at data row 3, file line 4\)"):
+        load_events(tmp_path, chunksize=1)
+    write(tmp_path / "transactions.csv", head + "\n".join(rows + [
+        ",10,b5,100,1,1.0,0,0,0,1,2017-01-06 10:00:00"]) + "\n")
+    with pytest.raises(DataError, match=r"column 'household_id' has missing user id"):
+        load_events(tmp_path)
+    (tmp_path / "rr").mkdir()
+    rr = write(tmp_path / "rr" / "events.csv",
+               "timestamp,visitorid,event,itemid,transactionid\n1433221332117,,view,355,\n")
+    with pytest.raises(DataError, match=r"column 'visitorid' has missing user id"):
+        load_events(rr)  # RetailRocket's columns are named as its file names them too
+    # Campaign 2 targets only household 3, which has no transactions: it is dropped
+    # (counted), so its description's bad date does not fail the load; a used one does.
+    write(tmp_path / "transactions.csv", head + "\n".join(rows) + "\n")
+    write(tmp_path / "campaigns.csv", "campaign_id,household_id\n1,1\n2,3\n3,3\n")
+    write(tmp_path / "campaign_descriptions.csv",
+          "campaign_id,campaign_type,start_date,end_date\n1,Type A,2017-01-03,2017-02-01\n"
+          "2,Type B,someday,2017-02-01\n1,Type A,again someday,2017-02-01\n")
+    log = load_events(tmp_path)
+    assert log.interventions["user_id"].tolist() == ["1"]
+    assert log.report.interventions_dropped == {"household without kept transactions": 2}
+    write(tmp_path / "campaigns.csv", "campaign_id,household_id\n1,1\n2,2\n")
+    with pytest.raises(DataError, match=r"campaign_descriptions\.csv: column 'start_date' has "
+                                        r"unparsable timestamp.* data row 2 \('someday'\)"):
+        load_events(tmp_path)
+
+
 def test_an_interventions_file_of_other_users_is_refused(tmp_path: Path) -> None:
     """Another merchant's file, or one without merchant_id beside a log of several
     merchants: the activation heads would learn from nothing."""

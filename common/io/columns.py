@@ -93,17 +93,19 @@ def _numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
-                     unit: str | None = None) -> pd.Series:
+                     unit: str | None = None, used: np.ndarray | None = None) -> pd.Series:
     """Parse to ``datetime64[ns, UTC]``: datetimes, ISO-8601 strings or unix numbers.
 
     Numbers are seconds, or milliseconds above 1e11, unless ``unit`` ("s" or "ms")
-    fixes it. Naive times are taken as UTC.
+    fixes it. Naive times are taken as UTC. Only the rows ``used`` marks (all by
+    default) must hold a time: the others may hold anything, and come back as NaT.
     """
+    used = np.ones(len(raw), dtype=bool) if used is None else used
     if isinstance(raw.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(raw):
         parsed = raw.dt.tz_localize("UTC") if raw.dt.tz is None else raw.dt.tz_convert("UTC")
-        _within_ns_range(parsed, raw, source, column, offset)
-        parsed = parsed.astype("datetime64[ns, UTC]")
-        bad = parsed.isna().to_numpy()
+        out = _within_ns_range(parsed, raw, source, column, offset, used)
+        parsed = parsed.mask(out).astype("datetime64[ns, UTC]")
+        bad = parsed.isna().to_numpy() & used
         if bad.any():
             raise column_error(source, column, bad, raw, "missing timestamp(s)", "a time", offset)
         return parsed
@@ -122,7 +124,7 @@ def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
     if text is not None and not is_num.all():
         ns[~is_num] = iso_to_ns(pd.Series(STRING.__from_arrow__(text.filter(pa.array(~is_num)))))
     parsed = pd.Series(pd.to_datetime(ns, unit="ns", utc=True), index=raw.index)
-    bad = parsed.isna().to_numpy()
+    bad = parsed.isna().to_numpy() & used
     if bad.any():
         expected = (f"unix {'seconds' if unit == 's' else 'milliseconds'}" if unit
                     else "ISO-8601 strings, unix seconds or unix milliseconds")
@@ -131,19 +133,22 @@ def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
 
 
 def _within_ns_range(times: pd.Series, raw: pd.Series, source: str, column: str,
-                     offset: int) -> None:
-    """Raise for datetimes (of a coarser unit than ns, as Parquet's) that nanoseconds cannot
-    hold: before 1677-09-21 or after 2262-04-11, such as a sentinel 9999-12-31. The
-    message quotes ``raw``, the column as the file holds it (not ``times`` in UTC)."""
+                     offset: int, used: np.ndarray) -> np.ndarray:
+    """Raise for ``used`` datetimes (of a coarser unit than ns, as Parquet's) that
+    nanoseconds cannot hold: before 1677-09-21 or after 2262-04-11, such as a sentinel
+    9999-12-31; the mask of such times among the others is returned. The message quotes
+    ``raw``, the column as the file holds it (not ``times`` in UTC)."""
     per_unit = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[times.dt.unit]
     values = times.array.asi8  # in the column's own unit; NaT is the int64 minimum
     bound = np.iinfo(np.int64).max // per_unit
-    bad = (values != np.iinfo(np.int64).min) & (np.abs(values) > bound)
+    out = (values != np.iinfo(np.int64).min) & (np.abs(values) > bound)
+    bad = out & used
     if bad.any():
         raise column_error(source, column, bad, raw.astype(str), "time(s) outside "
                            f"{pd.Timestamp.min:%Y-%m-%d} to {pd.Timestamp.max:%Y-%m-%d} (a "
                            "sentinel such as 9999-12-31?)", "a real time: fix or remove these "
                            "rows", offset)
+    return out
 
 
 def map_names(raw: pd.Series, mapping: Mapping[str, str], dtype: pd.CategoricalDtype,
@@ -257,6 +262,7 @@ class MerchantRows:
     row without one. Rows the caller drops (outside the load's window) are not counted.
     """
 
+    column: str = "merchant_id"  # the file's name for it, as errors say it
     named: int = 0
     unnamed: int = 0
     first_unnamed: int | None = None  # 0-based data row of the file
@@ -280,15 +286,15 @@ class MerchantRows:
         named = merchants[merchants != DEFAULT_MERCHANT].nunique()
         n = self.unnamed
         raise DataError(
-            f"{source}: {n:,} row{'s have' if n > 1 else ' has'} no merchant_id (the first "
+            f"{source}: {n:,} row{'s have' if n > 1 else ' has'} no {self.column} (the first "
             f"at data row {row + 1:,}{line}) while the others name {named:,} merchant(s); "
             "a row without a merchant belongs to no merchant of the federation: fill the "
             "column on every row (or leave it out for a log of one merchant)")
 
 
 def merchant_column(df: pd.DataFrame, source: str, offset: int, filled: dict[str, int],
-                    used: np.ndarray | None = None, rows: MerchantRows | None = None
-                    ) -> pd.Series:
+                    used: np.ndarray | None = None, rows: MerchantRows | None = None,
+                    column: str = "merchant_id") -> pd.Series:
     """``merchant_id`` as :func:`id_column` gives it, ``DEFAULT_MERCHANT`` for a log of one
     merchant (no such column, or no value in it); an error when some rows name a merchant
     and others none: such a row belongs to no merchant of the federation, and as merchant
@@ -296,7 +302,8 @@ def merchant_column(df: pd.DataFrame, source: str, offset: int, filled: dict[str
 
     Only the rows ``used`` marks (all by default) are checked, counted as filled and
     counted into ``rows`` (which checks the file across its chunks): the caller drops
-    the others (outside the load's window), so they make no merchant.
+    the others (outside the load's window), so they make no merchant. ``column`` is the
+    file's name for the column, as errors say it.
     """
     used = np.ones(len(df), dtype=bool) if used is None else used
     if "merchant_id" not in df:
@@ -308,7 +315,7 @@ def merchant_column(df: pd.DataFrame, source: str, offset: int, filled: dict[str
     unnamed = missing & used
     named = int((~missing & used).sum())
     if unnamed.any() and named:
-        raise column_error(source, "merchant_id", unnamed, df["merchant_id"],
+        raise column_error(source, column, unnamed, df["merchant_id"],
                            "missing merchant id(s) where other rows name one",
                            "a merchant id on every row (or no merchant_id column for a log "
                            "of one merchant)", offset)

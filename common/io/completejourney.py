@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 CJ_TRANSACTION_FILES = ("transactions.csv", "transactions_sample.csv")
 CJ_COLUMNS = ("household_id", "store_id", "product_id", "sales_value", "transaction_timestamp")
+#: Canonical columns under their Complete Journey names (errors name the file's column).
+CJ_NAMES = {"user_id": "household_id", "timestamp": "transaction_timestamp",
+            "item_id": "product_id", "merchant_id": "store_id", "value": "sales_value"}
 
 #: Reasons Complete Journey rows are dropped on purpose.
 CJ_RETURN = "return (negative sales_value)"
@@ -96,18 +99,12 @@ def iter_completejourney(transactions: Path, rules: ReadRules, households: list[
     for offset, chunk in read_table(transactions, rules, CJ_COLUMNS):
         households.append(pd.Index(chunk["household_id"].dropna().unique()))
         product = chunk["product_id"].astype(STRING)
-        yield offset, pd.DataFrame(
-            {
-                "user_id": chunk["household_id"],
-                "timestamp": chunk["transaction_timestamp"],
-                "event": "purchase",
-                "item_id": product,
-                "category_id": product.map(categories).astype(STRING),
-                "merchant_id": chunk["store_id"],
-                "value": chunk["sales_value"],
-            },
-            index=chunk.index,
-        )
+        frame = pd.DataFrame({ours: chunk[theirs] for ours, theirs in CJ_NAMES.items()},
+                             index=chunk.index)
+        frame["event"] = "purchase"
+        frame["item_id"] = product
+        frame["category_id"] = product.map(categories).astype(STRING)
+        yield offset, frame
 
 
 def _home_stores(events: pd.DataFrame) -> pd.Series:
@@ -140,20 +137,25 @@ def cj_interventions(folder: Path, events: pd.DataFrame, households: pd.Index,
     descriptions = _small_csv(descriptions_path)
     require_columns(str(descriptions_path), descriptions.columns, ("campaign_id", "start_date"),
                     "Complete Journey campaign descriptions")
+    # Only the campaigns of households with a home store are used (the others are
+    # dropped and counted): only their descriptions must hold a start date.
+    merchant = campaigns["household_id"].astype(STRING).map(_home_stores(events))
+    has_home = merchant.notna().to_numpy()
+    first = ~descriptions["campaign_id"].duplicated().to_numpy()  # the description used
+    used = first & descriptions["campaign_id"].isin(campaigns.loc[has_home, "campaign_id"])
     # A bad date is named in the file that holds it (mapped onto campaigns.csv's rows it
     # would be reported there).
-    parse_timestamps(descriptions["start_date"], str(descriptions_path), "start_date", 0)
+    parse_timestamps(descriptions["start_date"], str(descriptions_path), "start_date", 0,
+                     used=used.to_numpy())
     start = campaigns["campaign_id"].map(
-        descriptions.drop_duplicates("campaign_id").set_index("campaign_id")["start_date"]
-    )
-    if start.isna().any():
-        raise column_error(str(campaigns_path), "campaign_id", start.isna().to_numpy(),
+        descriptions[first].set_index("campaign_id")["start_date"])
+    undescribed = start.isna().to_numpy() & has_home
+    if undescribed.any():
+        raise column_error(str(campaigns_path), "campaign_id", undescribed,
                            campaigns["campaign_id"], "campaign(s) without a description",
                            f"a campaign_id listed in {descriptions_path.name}", 0)
     population = len(households.union(pd.Index(campaigns["household_id"].dropna().unique())))
     targeted = campaigns.groupby("campaign_id")["household_id"].nunique()
-    merchant = campaigns["household_id"].astype(STRING).map(_home_stores(events))
-    has_home = merchant.notna().to_numpy()
     report.interventions_read = len(campaigns)
     add_count(report.interventions_dropped, NO_HOME_STORE, (~has_home).sum())
     logged = pd.DataFrame(

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from common.io.canonical import iter_canonical
 from common.io.columns import MerchantRows, as_arrow
 from common.io.completejourney import (
+    CJ_NAMES,
     CJ_RETURN,
     cj_interventions,
     cj_transactions,
@@ -29,7 +30,7 @@ from common.io.results import (
     LoadReport,
     add_count,
 )
-from common.io.retailrocket import RETAILROCKET_EVENTS, iter_retailrocket
+from common.io.retailrocket import RETAILROCKET_EVENTS, RETAILROCKET_NAMES, iter_retailrocket
 from common.io.sniff import FORMATS, detect_format, sniff
 from common.io.tables import read_table
 from common.io.taobao import TAOBAO_EVENTS, iter_taobao
@@ -214,16 +215,16 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         chunks, options = iter_taobao(path, rules), {"events": TAOBAO_EVENTS, "unit": "s"}
     elif format == "retailrocket":
         chunks = iter_retailrocket(path, rules)
-        options = {"events": RETAILROCKET_EVENTS, "unit": "ms"}
+        options = {"events": RETAILROCKET_EVENTS, "unit": "ms", "names": RETAILROCKET_NAMES}
     else:
         transactions = cj_transactions(path) if path.is_dir() else path
         assert transactions is not None
         chunks = iter_completejourney(transactions, rules, households)
-        options = {"negative_reason": CJ_RETURN}
+        options = {"negative_reason": CJ_RETURN, "names": CJ_NAMES}
         report.path = str(transactions)
 
     parts = []
-    merchants = MerchantRows()
+    merchants = MerchantRows(options.get("names", {}).get("merchant_id", "merchant_id"))
     for offset, chunk in chunks:
         report.rows_read += len(chunk)
         frame = canonicalise(chunk, rules.origin or report.path, offset=offset,

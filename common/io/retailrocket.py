@@ -13,6 +13,8 @@ from common.io.tables import column_names, read_table
 
 #: RetailRocket ``events.csv`` columns read (``transactionid`` is not needed).
 RETAILROCKET_COLUMNS = ("timestamp", "visitorid", "event", "itemid")
+#: Canonical columns under their RetailRocket names (errors name the file's column).
+RETAILROCKET_NAMES: Mapping[str, str] = {"user_id": "visitorid", "item_id": "itemid"}
 RETAILROCKET_EVENTS: Mapping[str, str] = {
     "view": "view", "addtocart": "cart", "transaction": "purchase",
 }
@@ -21,6 +23,6 @@ RETAILROCKET_EVENTS: Mapping[str, str] = {
 def iter_retailrocket(path: Path, rules: ReadRules) -> Iterator[tuple[int, pd.DataFrame]]:
     """Chunks of RetailRocket events, ``visitorid`` and ``itemid`` renamed canonically."""
     require_columns(str(path), column_names(path), RETAILROCKET_COLUMNS, "format retailrocket")
-    renames = {"visitorid": "user_id", "itemid": "item_id"}
+    renames = {theirs: ours for ours, theirs in RETAILROCKET_NAMES.items()}
     for offset, chunk in read_table(path, rules, RETAILROCKET_COLUMNS):
         yield offset, chunk.rename(columns=renames)

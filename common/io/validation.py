@@ -35,12 +35,14 @@ from common.schema import (
 from common.timestamps import EARLIEST_TIME, FUTURE_SLACK
 
 CANONICAL_EVENTS: Mapping[str, str] = {name: name for name in EVENT_TYPES}
+NO_RENAMES: Mapping[str, str] = {}  # a canonical file names its columns canonically
 #: Largest accepted ``value``: no single event is worth 1e12 in any currency, and far
 #: below it sums and log1p features stay finite in float32/float64.
 MAX_VALUE = 1e12
 
 
-def _plain_values(df: pd.DataFrame, source: str, offset: int) -> None:
+def _plain_values(df: pd.DataFrame, source: str, offset: int,
+                  names: Mapping[str, str] = NO_RENAMES) -> None:
     """Reject cells that are lists, dicts, sets or bytes (frames built in Python)."""
     for column in df.columns:
         if df[column].dtype != object or pd.api.types.infer_dtype(
@@ -50,15 +52,17 @@ def _plain_values(df: pd.DataFrame, source: str, offset: int) -> None:
         bad = kinds.notna().to_numpy()
         if bad.any():
             kind = kinds[bad].iloc[0]
-            raise column_error(source, str(column), bad, df[column].astype(str),
-                               f"{kind} value(s)", "one plain value per row (text, a number or "
-                               "a time), not a nested or binary value", offset)
+            raise column_error(source, names.get(str(column), str(column)), bad,
+                               df[column].astype(str), f"{kind} value(s)", "one plain value "
+                               "per row (text, a number or a time), not a nested or binary "
+                               "value", offset)
 
 
 _ID_COLUMNS = ("user_id", "item_id", "category_id", "merchant_id")
 
 
-def _exact_float_ids(df: pd.DataFrame, source: str, offset: int) -> None:
+def _exact_float_ids(df: pd.DataFrame, source: str, offset: int,
+                     names: Mapping[str, str] = NO_RENAMES) -> None:
     """Reject id columns stored as floats with infinite values, or values at or beyond
     the first integer the column's float type cannot tell from the next one (2^53 for
     float64, 2^24 for float32): ids there may already be several made one
@@ -69,17 +73,18 @@ def _exact_float_ids(df: pd.DataFrame, source: str, offset: int) -> None:
         values = df[column].to_numpy(dtype="float64", na_value=np.nan)
         infinite = np.isinf(values)
         if infinite.any():
-            raise column_error(source, column, infinite, df[column].astype(str),
+            raise column_error(source, names.get(column, column), infinite,
+                               df[column].astype(str),
                                "infinite value(s) (not a number an id can be)", "ids stored as "
                                "integers or text", offset)
         bits = exact_float_bits(df[column].dtype)
         bad = np.abs(np.nan_to_num(values)) >= 2.0**bits
         if bad.any():
-            raise column_error(source, column, bad, df[column].astype(str),
-                               f"id(s) stored as floating-point numbers beyond 2^{bits} "
-                               "(distinct ids there may already have become one)", "ids "
-                               "stored as integers or text: write the column without "
-                               "converting it to float", offset)
+            raise column_error(source, names.get(column, column), bad,
+                               df[column].astype(str), "id(s) stored as floating-point "
+                               f"numbers beyond 2^{bits} (distinct ids there may already have "
+                               "become one)", "ids stored as integers or text: write the "
+                               "column without converting it to float", offset)
 
 
 _PLAIN_KINDS = {"string", "empty", "integer", "floating", "mixed-integer-float", "decimal",
@@ -99,8 +104,12 @@ def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
                  negative_reason: str | None = None, dropped: dict[str, int] | None = None,
                  filled: dict[str, int] | None = None,
                  window: tuple[pd.Timestamp | None, pd.Timestamp | None] = (None, None),
-                 merchants: MerchantRows | None = None) -> pd.DataFrame:
+                 merchants: MerchantRows | None = None,
+                 names: Mapping[str, str] = NO_RENAMES) -> pd.DataFrame:
     """Check and convert one chunk whose columns already carry canonical names.
+
+    ``names`` maps a canonical column to the file's own name for it (``store_id`` for
+    ``merchant_id``): errors name the column the user can find in the file.
 
     ``negative_reason`` turns negative values from an error into a counted drop. Times
     outside the plausible range (see :data:`EARLIEST_TIME`) raise unless they fall
@@ -111,27 +120,32 @@ def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
     dropped = {} if dropped is None else dropped
     filled = {} if filled is None else filled
     require_columns(source, df.columns, REQUIRED_EVENT_COLUMNS, "the canonical event log")
-    _plain_values(df, source, offset)
-    _exact_float_ids(df, source, offset)
+    def name(column: str) -> str:
+        return names.get(column, column)
+
+    _plain_values(df, source, offset, names)
+    _exact_float_ids(df, source, offset, names)
     user = as_string(df["user_id"])
     bad = user.isna().to_numpy()
     if bad.any():
-        raise column_error(source, "user_id", bad, df["user_id"], "missing user id(s)",
+        raise column_error(source, name("user_id"), bad, df["user_id"], "missing user id(s)",
                            "a non-empty id", offset)
-    timestamp = parse_timestamps(df["timestamp"], source, "timestamp", offset, unit)
-    _check_plausible(timestamp, df["timestamp"], source, offset, window)
-    event = map_names(df["event"], events, EVENT_DTYPE, source, "event", offset, "event")
-    value = (parse_numbers(df["value"], source, "value", offset) if "value" in df
+    timestamp = parse_timestamps(df["timestamp"], source, name("timestamp"), offset, unit)
+    _check_plausible(timestamp, df["timestamp"], source, offset, window, name("timestamp"))
+    event = map_names(df["event"], events, EVENT_DTYPE, source, name("event"), offset,
+                      "event")
+    value = (parse_numbers(df["value"], source, name("value"), offset) if "value" in df
              else pd.Series(0.0, index=df.index))
     negative = (value < 0).to_numpy()
     if negative.any() and negative_reason is None:
-        raise column_error(source, "value", negative, df["value"], "negative value(s)",
+        raise column_error(source, name("value"), negative, df["value"], "negative value(s)",
                            "a value >= 0", offset)
     huge = (value.abs() > MAX_VALUE).to_numpy()
     if huge.any():
-        raise column_error(source, "value", huge, df["value"], "implausibly large value(s)",
-                           f"a value of at most {MAX_VALUE:.0e} (larger ones overflow the "
-                           "features); check the unit or the column", offset)
+        raise column_error(source, name("value"), huge, df["value"],
+                           "implausibly large value(s)", f"a value of at most {MAX_VALUE:.0e} "
+                           "(larger ones overflow the features); check the unit or the column",
+                           offset)
     used = in_window(timestamp, *window) & ~negative  # the rows the load keeps
     out = pd.DataFrame(
         {
@@ -140,7 +154,8 @@ def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
             "event": event,
             "item_id": id_column(df, "item_id", "", filled),
             "category_id": id_column(df, "category_id", DEFAULT_CATEGORY, filled),
-            "merchant_id": merchant_column(df, source, offset, filled, used, merchants),
+            "merchant_id": merchant_column(df, source, offset, filled, used, merchants,
+                                           name("merchant_id")),
         },
         index=df.index,
     )
@@ -154,7 +169,8 @@ def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
 
 
 def _check_plausible(ts: pd.Series, raw: pd.Series, source: str, offset: int,
-                     window: tuple[pd.Timestamp | None, pd.Timestamp | None]) -> None:
+                     window: tuple[pd.Timestamp | None, pd.Timestamp | None],
+                     column: str = "timestamp") -> None:
     """Raise for times before :data:`EARLIEST_TIME` or after now + :data:`FUTURE_SLACK`."""
     latest = pd.Timestamp.now(tz="UTC") + FUTURE_SLACK
     bad = ((ts < EARLIEST_TIME) | (ts > latest)).to_numpy() & in_window(ts, *window)
@@ -163,7 +179,7 @@ def _check_plausible(ts: pd.Series, raw: pd.Series, source: str, offset: int,
     shown = pd.Series("", index=raw.index, dtype=object)
     first = np.flatnonzero(bad)[:SHOW_ROWS]
     shown.iloc[first] = [f"{raw.iloc[r]} = {ts.iloc[r]:%Y-%m-%d %H:%M}" for r in first]
-    raise column_error(source, "timestamp", bad, shown, "implausible time(s)",
+    raise column_error(source, column, bad, shown, "implausible time(s)",
                        f"a time between {EARLIEST_TIME:%Y-%m-%d} and {latest:%Y-%m-%d %H:%M} UTC "
                        "(now + 1 day); fix or remove these rows, or load a window (start/end) "
                        "that leaves them out", offset)
