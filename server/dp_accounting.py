@@ -231,17 +231,21 @@ class CustomerLedger:
         kept with ``"lost": true`` (it counts toward ε and the budget, on every later
         resume too); a line that released nothing is dropped. A last line a kill cut is
         dropped under ``central``; under the others it is counted as a released round
-        with this run's settings, since it may have been one (ε is not under-counted)."""
+        with this run's settings, since it may have been one (ε is not under-counted).
+        A line (a cut one included) accounted under another ``privacy.placement`` than
+        this run's is refused: the placement decides which lines are dropped."""
         if self.path is None or not self.path.exists():
             return 0
         lines, cut = jsonl.read_with_cut(self.path)
         trusted = self.dp.placement == "central"
+        for line in lines:  # every line: the placement decides which ones are dropped
+            self._check_placement(line.get("placement"), f"round {line.get('round')}")
         if cut is not None:
             log.warning("%s: line %d is cut (the run was stopped while writing it); %s",
                         self.path, cut[0], "dropped" if trusted else
                         "counted as a released round, since it may have been one")
+            self._check_cut_settings(cut, confirmed=bool(lines), counted=not trusted)
             if not trusted:
-                self._check_cut_settings(cut, confirmed=bool(lines))
                 lines.append(self._cut_round(max([upto, *(r["round"] for r in lines)]) + 1))
         kept: list[dict[str, Any]] = []
         for line in lines:
@@ -272,18 +276,45 @@ class CustomerLedger:
                                              + "\n" for line in kept))
         return len(kept)
 
-    def _check_cut_settings(self, cut: tuple[int, str], *, confirmed: bool) -> None:
-        """Raise when the cut line's readable part names other privacy settings than this
-        run's, or names no noise while no complete line confirms the settings: its round
-        is counted with this run's (:meth:`_cut_round`), which must then be its own."""
+    def _check_placement(self, theirs: Any, where: str) -> None:
+        """Raise when a line was accounted under another ``privacy.placement`` than this
+        run's: the placement decides whether the rounds the server saw past the
+        checkpoint stay spent (a ``distributed`` ledger resumed as ``central`` would drop
+        them and under-count ε)."""
+        if theirs != self.dp.placement:
+            raise ValueError(
+                f"{self.path}: {where} was accounted under privacy.placement {theirs!r} "
+                f"and this run's is {self.dp.placement!r}: the placement decides which "
+                "rounds past the checkpoint stay spent, so epsilon would be miscounted; "
+                "resume with the same setting")
+
+    def _check_cut_settings(self, cut: tuple[int, str], *, confirmed: bool,
+                            counted: bool) -> None:
+        """Raise when the cut line's readable part names another placement than this
+        run's, or none while no complete line confirms it; and, when its round is
+        ``counted`` with this run's settings (:meth:`_cut_round`), which must then be its
+        own, when it names other privacy settings, or no noise while no complete line
+        confirms them."""
         number, text = cut
+        placement = _cut_field(text, "placement")
+        if placement is not None:
+            self._check_placement(json.loads(placement), f"line {number} (cut)")
+        elif not confirmed and not counted:  # counted: no noise either, refused below
+            raise ValueError(
+                f"{self.path}: line {number}, its only line, was cut before its placement "
+                f"was written: this run (privacy.placement {self.dp.placement!r}) would "
+                "drop its round, which is right only if its run was under that placement "
+                "too (a 'distributed' or 'local' round stays spent): if it was, remove "
+                "the file and resume; else start a new run in another folder")
+        if not counted:
+            return
         ours = {"unit": self.dp.unit, "sampling_rate": self.dp.customer_rate,
                 "noise_multiplier": self.dp.noise_multiplier, "sampling": self.sampling}
         for key, value in ours.items():
-            found = re.search(rf'"{key}": ("[^"]*"|[-+0-9.eE]+)[,}}]', text)
-            if found and json.loads(found.group(1)) != value:
+            found = _cut_field(text, key)
+            if found is not None and json.loads(found) != value:
                 raise ValueError(f"{self.path}: line {number} (cut) was accounted with "
-                                 f"{key} {json.loads(found.group(1))}, this run's is {value}: "
+                                 f"{key} {json.loads(found)}, this run's is {value}: "
                                  "resume with the same privacy settings")
         if not confirmed and '"noise_multiplier": ' not in text:
             raise ValueError(
@@ -313,3 +344,10 @@ class CustomerLedger:
                 "epsilon_pld": self.epsilon_pld, "accounting": ACCOUNTING[self.dp.placement],
                 **({"min_replies": self.min_replies}
                    if self.dp.placement == "distributed" else {})}
+
+
+def _cut_field(text: str, key: str) -> str | None:
+    """The JSON text of ``key``'s value in a cut line's readable part, None when the cut
+    came before it was written whole."""
+    found = re.search(rf'"{key}": ("[^"]*"|[-+0-9.eE]+)[,}}]', text)
+    return found.group(1) if found else None

@@ -792,6 +792,55 @@ def test_a_sole_cut_line_is_counted_only_with_the_settings_it_shows(
         _ledger(path, placement=placement).replay(upto=0)
 
 
+@pytest.mark.parametrize(("before", "after"), [
+    ("distributed", "central"), ("local", "central"), ("central", "distributed"),
+    ("distributed", "local")])
+def test_replay_refuses_a_resume_under_another_placement(
+        tmp_path: Path, before: str, after: str) -> None:
+    # Rounds 2 and 3 were released after the checkpoint of round 1: resumed as 'central'
+    # a 'distributed' ledger dropped them (the server trusted), epsilon under-counted.
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path, placement=before, customers=5000)
+    for r in (1, 2, 3):
+        ledger.released(r, 7)
+        ledger.record(r, 8, 7, 1.0)
+    text = path.read_text()
+    with pytest.raises(ValueError) as err:
+        _ledger(path, placement=after, customers=5000).replay(upto=1)
+    assert str(err.value).startswith(f"{path}: round 1 was accounted under "
+                                     f"privacy.placement {before!r} and this run's is "
+                                     f"{after!r}")
+    assert str(err.value).endswith("resume with the same setting")
+    with pytest.raises(ValueError, match="privacy.placement"):
+        _ledger(path, placement=after, customers=5000).replay(upto=0)  # all past it
+    assert path.read_text() == text  # nothing rewritten
+    assert _ledger(path, placement=before, customers=5000).replay(upto=1) == (
+        1 if before == "central" else 3)
+    # A sole line a kill cut after its placement: 'central' dropped it unchecked.
+    cut = text[:text.index('"sampling_rate"')]
+    path.write_text(cut)
+    with pytest.raises(ValueError, match=rf"line 1 \(cut\) was accounted under "
+                                         rf"privacy.placement '{before}' and this "
+                                         rf"run's is '{after}'"):
+        _ledger(path, placement=after).replay(upto=0)
+    assert path.read_text() == cut
+
+
+def test_a_sole_line_cut_before_its_placement_is_not_dropped_unseen(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.jsonl"
+    path.write_text('{"round": 1, "unit": "customer", "plac')
+    with pytest.raises(ValueError, match=r"line 1, its only line, was cut before its "
+                                         r"placement was written"):
+        _ledger(path).replay(upto=0)  # central would drop a round a 'local' run spent
+    # After a complete line, which names the placement: dropped as before.
+    ledger = _ledger(path, customers=5000)
+    path.write_text("")
+    ledger.released(1, 7)
+    ledger.record(1, 8, 7, 1.0)
+    path.write_text(path.read_text() + '{"round": 2, "unit": "customer", "plac')
+    assert _ledger(path).replay(upto=1) == 1 and len(read_jsonl(path)) == 1
+
+
 def test_a_deployed_secagg_merchant_refuses_seeded_sampling_as_a_dropout() -> None:
     import time
 
