@@ -231,7 +231,8 @@ class CustomerLedger:
         kept with ``"lost": true`` (it counts toward ε and the budget, on every later
         resume too); a line that released nothing is dropped. A last line a kill cut is
         dropped under ``central``; under the others it is counted as a released round
-        with this run's settings, since it may have been one (ε is not under-counted).
+        with this run's settings, since it may have been one (ε is not under-counted):
+        every complete line, dropped or not, and its readable part must then show them.
         A line (a cut one included) accounted under another ``privacy.placement`` than
         this run's is refused: the placement decides which lines are dropped."""
         if self.path is None or not self.path.exists():
@@ -240,32 +241,25 @@ class CustomerLedger:
         trusted = self.dp.placement == "central"
         for line in lines:  # every line: the placement decides which ones are dropped
             self._check_placement(line.get("placement"), f"round {line.get('round')}")
-        if cut is not None:
-            log.warning("%s: line %d is cut (the run was stopped while writing it); %s",
-                        self.path, cut[0], "dropped" if trusted else
-                        "counted as a released round, since it may have been one")
-            self._check_cut_settings(cut, confirmed=bool(lines), counted=not trusted)
-            if not trusted:
-                lines.append(self._cut_round(max([upto, *(r["round"] for r in lines)]) + 1))
         kept: list[dict[str, Any]] = []
         for line in lines:
             if line["round"] <= upto or line.get("lost"):
                 kept.append(line)
             elif not trusted and line.get("released", True):
                 kept.append({**line, "lost": True})
-        for line in kept:
-            if line.get("unit") != "customer" or line["sampling_rate"] != \
-                    self.dp.customer_rate or line["noise_multiplier"] != \
-                    self.dp.noise_multiplier:
-                raise ValueError(f"{self.path}: round {line['round']} was accounted with "
-                                 "other privacy settings (privacy.unit, customer-rate or "
-                                 "noise-multiplier differ): resume with the same ones")
-            if line.get("sampling") != self.sampling:
-                raise ValueError(
-                    f"{self.path}: round {line['round']} was accounted with "
-                    f"{line.get('sampling')!r} customer sampling and this run's is "
-                    f"{self.sampling!r} (privacy.seeded-sampling differs): epsilon would mix "
-                    "a secret and a recomputable sample; resume with the same setting")
+        counted_cut = cut is not None and not trusted
+        # A cut line's round is counted with this run's settings: every complete line is
+        # then checked (one past the checkpoint that released nothing, dropped below,
+        # too), so that the settings it is counted with are confirmed by a checked line.
+        for line in lines if counted_cut else kept:
+            self._check_settings(line)
+        if cut is not None:
+            log.warning("%s: line %d is cut (the run was stopped while writing it); %s",
+                        self.path, cut[0], "dropped" if trusted else
+                        "counted as a released round, since it may have been one")
+            self._check_cut_settings(cut, confirmed=bool(lines), counted=counted_cut)
+            if counted_cut:
+                kept.append(self._cut_round(max([upto, *(r["round"] for r in lines)]) + 1))
         counts = [line["customers"] for line in kept if line.get("customers")]
         if counts:
             self.learn_customers(int(counts[-1]))
@@ -275,6 +269,22 @@ class CustomerLedger:
         atomic.write_text(self.path, "".join(json.dumps(strict_json(line), allow_nan=False)
                                              + "\n" for line in kept))
         return len(kept)
+
+    def _check_settings(self, line: dict[str, Any]) -> None:
+        """Raise when ``line`` was accounted with another unit, customer rate, noise or
+        sampling mode than this run's."""
+        if line.get("unit") != "customer" or line.get("sampling_rate") != \
+                self.dp.customer_rate or line.get("noise_multiplier") != \
+                self.dp.noise_multiplier:
+            raise ValueError(f"{self.path}: round {line['round']} was accounted with "
+                             "other privacy settings (privacy.unit, customer-rate or "
+                             "noise-multiplier differ): resume with the same ones")
+        if line.get("sampling") != self.sampling:
+            raise ValueError(
+                f"{self.path}: round {line['round']} was accounted with "
+                f"{line.get('sampling')!r} customer sampling and this run's is "
+                f"{self.sampling!r} (privacy.seeded-sampling differs): epsilon would mix "
+                "a secret and a recomputable sample; resume with the same setting")
 
     def _check_placement(self, theirs: Any, where: str) -> None:
         """Raise when a line was accounted under another ``privacy.placement`` than this

@@ -792,6 +792,34 @@ def test_a_sole_cut_line_is_counted_only_with_the_settings_it_shows(
         _ledger(path, placement=placement).replay(upto=0)
 
 
+@pytest.mark.parametrize("placement", ["distributed", "local"])
+def test_a_cut_line_is_confirmed_only_by_a_line_checked_against_this_run(
+        tmp_path: Path, placement: str) -> None:
+    # Round 1 released nothing and round 2's line was cut before its noise, with no
+    # checkpoint: round 1's line (dropped, past it) confirmed the settings unchecked, so
+    # round 2 was counted with the resumed run's greater noise (epsilon under-counted).
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path, placement=placement, customers=5000)
+    ledger.withheld(1, 2, "too few replies")
+    ledger.released(2, 7)
+    ledger.record(2, 8, 7, 1.0)
+    text = path.read_text()
+    text = text[:text.rindex('"noise_multiplier"')]
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"round 1 was accounted with other privacy "
+                                         r"settings \(privacy.unit, customer-rate or "
+                                         r"noise-multiplier differ\)"):
+        _ledger(path, placement=placement, noise_multiplier=2.0).replay(upto=0)
+    with pytest.raises(ValueError, match=r"round 1 was accounted with 'secret' customer "
+                                         r"sampling"):
+        _ledger(path, placement=placement, seeded_sampling=True).replay(upto=0)
+    assert path.read_text() == text  # nothing rewritten
+    again = _ledger(path, placement=placement)  # the same settings: counted
+    assert again.replay(upto=0) == 1 and again.rounds == 1
+    assert [(x["round"], x["released"], x.get("cut")) for x in read_jsonl(path)] == [
+        (2, True, True)]
+
+
 @pytest.mark.parametrize(("before", "after"), [
     ("distributed", "central"), ("local", "central"), ("central", "distributed"),
     ("distributed", "local")])
