@@ -508,12 +508,43 @@ def test_events_before_1971_are_malformed_as_the_batch_loader_refuses_them() -> 
     assert all(user.startswith("u") for _, user in monitor.users)
 
 
+def test_an_event_without_a_merchant_beside_named_merchants_is_malformed(
+        tmp_path: Path) -> None:
+    # As the batch loader refuses a row without merchant_id beside rows naming one: as
+    # merchant 'local' such an event made one merchant more, holding another's users.
+    bare = [json.dumps({"user_id": "u1", "timestamp": "2025-03-02T00:00:00Z",
+                        "event": "view", "merchant_id": m}) for m in (None, "", "NULL")]
+    monitor = _monitor([])
+    monitor.feed_lines(_lines(30) + bare)
+    assert monitor.stats.malformed == 3 and monitor.stats.reasons == {"merchant_id": 3}
+    assert all(": merchant_id: missing, while the stream's other events name their "
+               "merchant" in ex for ex in monitor.malformed_examples)
+    assert {merchant for merchant, _ in monitor.users} == {"m0", "m1"}
+    # ... and after a restart from the saved state too.
+    monitor.save(tmp_path / "state", {"path": "/x", "inode": 1, "offset": 7})
+    restarted = _monitor([])
+    restarted.load_state(tmp_path / "state")
+    restarted.feed(bare[0])
+    assert restarted.stats.reasons["merchant_id"] == 4
+    # A stream naming no merchant is one merchant, 'local'; an event naming one there is
+    # refused the same way (it would make the stream two merchants).
+    local = _monitor([])
+    local.feed_lines([json.dumps({k: v for k, v in json.loads(line).items()
+                                  if k != "merchant_id"}) for line in _lines(30)])
+    local.feed(_lines(31)[30])
+    assert {merchant for merchant, _ in local.users} == {"local"}
+    assert local.stats.reasons == {"merchant_id": 1}
+    assert "merchant_id: given, while the stream's earlier events name none" \
+        in local.malformed_examples[0]
+
+
 def test_a_time_that_jumps_the_clock_past_a_window_is_warned_about(
         caplog: pytest.LogCaptureFixture) -> None:
     monitor = _monitor([])
     monitor.feed_lines(_lines(50))  # 2025-01-01 .. 2025-03-01: steps of about a day
     assert "stream clock" not in caplog.text
-    typo = {"user_id": "u1", "timestamp": "2026-02-27T10:00:00Z", "event": "view"}
+    typo = {"user_id": "u1", "timestamp": "2026-02-27T10:00:00Z", "event": "view",
+            "merchant_id": "m1"}
     monitor.feed(json.dumps(typo))  # a year ahead of the stream: the clock moves, said so
     assert "line 51: user u1's event at 2026-02-27 10:00 moves the stream clock" in caplog.text
     assert pd.Timestamp(monitor.clock_ns, unit="ns", tz="UTC").year == 2026

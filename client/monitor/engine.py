@@ -23,7 +23,7 @@ import pandas as pd
 from client.batch_features import build_features, cutoff_at
 from client.monitor.alerts import Alert, alert_id
 from client.monitor.config import MonitorConfig
-from client.monitor.events import Malformed, escape_controls, parse_event
+from client.monitor.events import Malformed, StreamMerchants, escape_controls, parse_event
 from client.monitor.folder import has_state
 from client.monitor.state import (
     LEGACY_STATE_FILE,
@@ -114,6 +114,7 @@ class Monitor:
         self.stats = MonitorStats()
         self.latencies: deque[float] = deque(maxlen=100_000)  # seconds, event-triggered alerts
         self.malformed_examples: list[str] = []
+        self._merchants = StreamMerchants()  # every event names its merchant, or none
         self._jumps = 0  # clock jumps past an observation window (warned about)
         self._model_id = _weights_id(model) if model is not None else None
 
@@ -144,6 +145,7 @@ class Monitor:
             if self._future_ns and ns > time.time_ns() + self._future_ns:
                 raise Malformed(f"timestamp: more than {self.config.max_future_hours:g} h "
                                 "in the future")
+            self._merchants.check(merchant)
         except Malformed as err:
             self._malformed(str(err), line)
             return
@@ -450,6 +452,7 @@ class Monitor:
             raise ValueError(f"{path}: inconsistent monitor state ({err})") from None
         users, dirty, categories, stats = restored
         self.users = users
+        self._merchants = StreamMerchants(merchant for merchant, _ in users)
         self.clock_ns = meta["clock_ns"]
         self._last_sweep_ns = meta["last_sweep_ns"]
         self._cat_index, self._cat_names, self._cat_hash = {}, [], []

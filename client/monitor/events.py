@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,37 @@ def _ident(value: Any, name: str) -> str | None:
     return str(value)
 
 
+class StreamMerchants:
+    """Whether a stream names the merchant of its events: on every event, or on none (a
+    stream of one merchant, read as ``DEFAULT_MERCHANT``), as the batch loader refuses a
+    row without a merchant id beside rows naming one. Without it such an event became
+    merchant ``local``: one merchant more, holding users that are another merchant's.
+
+    The events the monitor holds decide (``merchants``: those of a restored state, then
+    each event :meth:`check` accepts); an event doing otherwise is :class:`Malformed`
+    (a state holding both, from an older fedecay, takes named events only).
+    """
+
+    def __init__(self, merchants: Iterable[str] = ()) -> None:
+        kinds = {merchant == DEFAULT_MERCHANT for merchant in merchants}
+        self.named, self.unnamed = False in kinds, True in kinds
+
+    def check(self, merchant: str) -> None:
+        """Accept ``merchant`` (as :func:`parse_event` gives it) or raise :class:`Malformed`."""
+        if merchant == DEFAULT_MERCHANT:
+            if self.named:
+                raise Malformed("merchant_id: missing, while the stream's other events name "
+                                "their merchant (as merchant 'local' the event would make "
+                                "one merchant more)")
+            self.unnamed = True
+        elif not self.named:
+            if self.unnamed:
+                raise Malformed("merchant_id: given, while the stream's earlier events name "
+                                "none (they are one merchant, 'local'): name the merchant on "
+                                "every event or on none, and replay into a new --state")
+            self.named = True
+
+
 def parse_timestamp(value: Any) -> int:
     """Unix ns from ISO-8601 text, unix seconds or milliseconds (naive = UTC).
 
@@ -98,7 +130,8 @@ def parse_event(line: str | bytes) -> Event:
     -------
     Event
         Missing merchants and categories take the schema's defaults, a missing item is
-        ``""`` and a missing value ``0.0``.
+        ``""`` and a missing value ``0.0`` (whether a missing merchant may stand beside
+        the stream's other events is for :class:`StreamMerchants` to say).
 
     Raises
     ------
