@@ -509,7 +509,7 @@ def test_events_before_1971_are_malformed_as_the_batch_loader_refuses_them() -> 
 
 
 def test_an_event_without_a_merchant_beside_named_merchants_is_malformed(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # As the batch loader refuses a row without merchant_id beside rows naming one: as
     # merchant 'local' such an event made one merchant more, holding another's users.
     bare = [json.dumps({"user_id": "u1", "timestamp": "2025-03-02T00:00:00Z",
@@ -526,16 +526,20 @@ def test_an_event_without_a_merchant_beside_named_merchants_is_malformed(
     restarted.load_state(tmp_path / "state")
     restarted.feed(bare[0])
     assert restarted.stats.reasons["merchant_id"] == 4
-    # A stream naming no merchant is one merchant, 'local'; an event naming one there is
-    # refused the same way (it would make the stream two merchants).
+    # A stream naming no merchant is one merchant, 'local'. Events naming one after such
+    # events are kept, said once (a stream whose first event lacked the merchant must not
+    # lose everything after it); from there an event without one is malformed.
     local = _monitor([])
     local.feed_lines([json.dumps({k: v for k, v in json.loads(line).items()
                                   if k != "merchant_id"}) for line in _lines(30)])
-    local.feed(_lines(31)[30])
     assert {merchant for merchant, _ in local.users} == {"local"}
+    local.feed_lines(_lines(40)[30:])
+    assert {merchant for merchant, _ in local.users} == {"local", "m0", "m1"}
+    assert local.stats.malformed == 0 and caplog.text.count("the events before it named "
+                                                             "none") == 1
+    assert "line 31 names merchant m" in caplog.text
+    local.feed(bare[0])
     assert local.stats.reasons == {"merchant_id": 1}
-    assert "merchant_id: given, while the stream's earlier events name none" \
-        in local.malformed_examples[0]
 
 
 def test_a_time_that_jumps_the_clock_past_a_window_is_warned_about(

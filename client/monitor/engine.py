@@ -41,6 +41,7 @@ from common.features import DAY, hash_categories, kept_days
 from common.policy import choose_actions
 from common.reasons import CategoryNames, Reference, reason_columns
 from common.reasons.ig import warm_up_ig
+from common.schema import DEFAULT_MERCHANT
 from common.snapshots import Snapshots
 from common.timestamps import NS_LIMIT
 
@@ -145,10 +146,16 @@ class Monitor:
             if self._future_ns and ns > time.time_ns() + self._future_ns:
                 raise Malformed(f"timestamp: more than {self.config.max_future_hours:g} h "
                                 "in the future")
-            self._merchants.check(merchant)
+            named_after_unnamed = self._merchants.check(merchant)
         except Malformed as err:
             self._malformed(str(err), line)
             return
+        if named_after_unnamed:
+            log.warning("line %d names merchant %s, the events before it named none: those "
+                        "are kept as merchant '%s', one merchant more (replay the input into "
+                        "a new --state to score them under their merchant); from here an "
+                        "event without merchant_id is malformed", self.stats.lines,
+                        escape_controls(merchant), DEFAULT_MERCHANT)
         self.add_event(merchant, user, ns, code, cat, value, item,
                        time.perf_counter() if read_at is None else read_at)
 

@@ -59,34 +59,34 @@ def _ident(value: Any, name: str) -> str | None:
 
 
 class StreamMerchants:
-    """Whether a stream names the merchant of its events: on every event, or on none (a
-    stream of one merchant, read as ``DEFAULT_MERCHANT``), as the batch loader refuses a
-    row without a merchant id beside rows naming one. Without it such an event became
+    """Whether a stream names the merchant of its events: the batch loader refuses a row
+    without a merchant id beside rows naming one. Without this, such an event became
     merchant ``local``: one merchant more, holding users that are another merchant's.
 
-    The events the monitor holds decide (``merchants``: those of a restored state, then
-    each event :meth:`check` accepts); an event doing otherwise is :class:`Malformed`
-    (a state holding both, from an older fedecay, takes named events only).
+    A stream naming no merchant is one merchant, ``DEFAULT_MERCHANT``. Once an event
+    names one (``merchants``: those of a restored state, then each event :meth:`check`
+    accepts), an event naming none is :class:`Malformed`. Events naming a merchant after
+    unnamed ones are kept (a stream whose first event lacked it must not lose everything
+    after it); :meth:`check` says so, for the caller to warn once.
     """
 
     def __init__(self, merchants: Iterable[str] = ()) -> None:
         kinds = {merchant == DEFAULT_MERCHANT for merchant in merchants}
         self.named, self.unnamed = False in kinds, True in kinds
 
-    def check(self, merchant: str) -> None:
-        """Accept ``merchant`` (as :func:`parse_event` gives it) or raise :class:`Malformed`."""
+    def check(self, merchant: str) -> bool:
+        """Accept ``merchant`` (as :func:`parse_event` gives it) or raise :class:`Malformed`;
+        True for the first named event after events that named none."""
         if merchant == DEFAULT_MERCHANT:
             if self.named:
                 raise Malformed("merchant_id: missing, while the stream's other events name "
                                 "their merchant (as merchant 'local' the event would make "
                                 "one merchant more)")
             self.unnamed = True
-        elif not self.named:
-            if self.unnamed:
-                raise Malformed("merchant_id: given, while the stream's earlier events name "
-                                "none (they are one merchant, 'local'): name the merchant on "
-                                "every event or on none, and replay into a new --state")
-            self.named = True
+            return False
+        first = self.unnamed and not self.named
+        self.named = True
+        return first
 
 
 def parse_timestamp(value: Any) -> int:
