@@ -1,11 +1,14 @@
 """Where a run starts: the newest intact checkpoint of an earlier run on resume, else a
-fresh start that replaces an earlier run's outputs in the same folder."""
+fresh start that moves an earlier run's outputs in the same folder to ``previous/``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,6 @@ import numpy as np
 
 from common import atomic
 from server.checkpoint import (
-    clear_checkpoints,
     legacy_checkpoints,
     restore_strategy_state,
     usable_checkpoints,
@@ -36,32 +38,75 @@ def start_state(run_dir: Path, resume: bool, parts: Runner, initial: list[np.nda
     With ``resume``, from the newest intact checkpoint in ``run_dir`` (the strategy's
     optimizer state, the privacy ledger and the adaptive clipping norm restored, later
     ``metrics.jsonl`` lines dropped); else, or when the folder holds no earlier run, a
-    fresh start from ``initial`` that deletes an earlier run's checkpoints, metrics,
-    ledger and final outputs (:data:`FINAL_OUTPUTS`; ``flwr run`` keys the folder by the
-    configuration), so the folder never holds one run's model beside another's rounds.
+    fresh start from ``initial`` that moves an earlier run's checkpoints, metrics,
+    ledger and final outputs (:data:`EARLIER_RUN`; ``flwr run`` keys the folder by the
+    configuration) into ``run_dir/previous/`` (:func:`set_aside`): the folder never
+    holds one run's model beside another's rounds, and a new run that fails loses
+    neither the model merchants scored with nor the earlier run's privacy ledger.
     """
     state = find_resume_state(run_dir) if resume else None
     if state is not None:
         _check_layout(run_dir, state, initial)
         return _resumed(run_dir, state, parts)
-    metrics_path = run_dir / "metrics.jsonl"
-    stale = clear_checkpoints(run_dir / "checkpoints")
-    finals = [run_dir / name for name in FINAL_OUTPUTS if (run_dir / name).exists()]
-    if stale or metrics_path.exists() or finals:
-        log.info("%s: replacing the outputs of an earlier run (%d checkpoints%s)", run_dir,
-                 stale, "".join(f", {p.name}" for p in finals))
-    metrics_path.unlink(missing_ok=True)
-    for path in finals:  # an old model.keras beside the new run's rounds misleads a scorer
-        path.unlink()
-    if parts.ledger is not None and parts.ledger.path is not None:
-        parts.ledger.path.unlink(missing_ok=True)
+    set_aside(run_dir)
     return 0, initial, Selection()
 
 
 #: What a finished run leaves beside its rounds (``server.app._finish``,
-#: ``server.attribution``); a fresh start in the folder deletes them with the rounds.
+#: ``server.attribution``); a fresh start in the folder moves them with the rounds.
 FINAL_OUTPUTS = ("model.keras", "model.json", "final_weights.npz", "federation.json",
                  "attributions.json")
+#: An earlier run's files that a fresh start in its folder moves to :data:`PREVIOUS`.
+EARLIER_RUN = ("checkpoints", "metrics.jsonl", "privacy.jsonl", *FINAL_OUTPUTS)
+#: The subfolder of a run folder holding the run before the folder's latest fresh
+#: start; the readers of run folders (``simulations.cli.runs``) never look into it.
+PREVIOUS = "previous"
+
+
+def set_aside(run_dir: Path) -> list[str]:
+    """Move an earlier run's files (:data:`EARLIER_RUN`) from ``run_dir`` into
+    ``run_dir/previous/``, replacing an older ``previous/``; the names moved.
+
+    The files are gathered in ``previous.new/`` (renames: nothing is copied), then
+    ``previous/`` is renamed ``previous.old/``, ``previous.new/`` renamed ``previous/``
+    and ``previous.old/`` removed, so a crash at any point leaves both the earlier
+    run's files and the older ``previous/`` on disk; the next fresh start finishes what
+    it left. With nothing to move, ``previous/`` stays as it is (a run that failed
+    before its first round does not replace the model kept there).
+    """
+    previous, staged, older = (run_dir / PREVIOUS, run_dir / f"{PREVIOUS}.new",
+                               run_dir / f"{PREVIOUS}.old")
+    if older.exists() and not staged.exists():  # a crash after the swap: finish it
+        shutil.rmtree(older)
+    names = [name for name in EARLIER_RUN if (run_dir / name).exists()]
+    if not names and not staged.exists():
+        return []
+    staged.mkdir(exist_ok=True)
+    for name in names:
+        os.replace(run_dir / name, staged / name)
+    moved = sorted(p.name for p in staged.iterdir())
+    replaced = previous.exists()
+    if replaced:
+        if older.exists():  # only after a crash: superseded by the one being replaced
+            shutil.rmtree(older)
+        os.replace(previous, older)
+    os.replace(staged, previous)
+    _sync_folder(run_dir)
+    if older.exists():
+        shutil.rmtree(older)
+    log.info("%s: a new run starts; the earlier run's %s moved to %s%s", run_dir,
+             ", ".join(moved), previous, " (replacing the run before it)" if replaced else "")
+    return moved
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s renames to disk (some file systems cannot: skipped)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _check_layout(run_dir: Path, state: dict[str, Any], initial: list[np.ndarray]) -> None:

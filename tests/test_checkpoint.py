@@ -183,18 +183,113 @@ def test_clear_checkpoints_removes_both_formats(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-def test_a_fresh_start_deletes_the_earlier_runs_model_with_its_rounds(tmp_path: Path) -> None:
-    """A deployment reusing ``federation.run-dir``: the old model.keras stayed beside the
-    new run's rounds until it finished (a merchant scoring then used the old model)."""
-    from server.resume import FINAL_OUTPUTS, start_state
-    from server.runner import Runner
+def _earlier_run(run_dir: Path, text: str) -> None:
+    """What a finished run leaves in its folder, each file holding ``text``."""
+    from server.resume import FINAL_OUTPUTS
 
-    save_checkpoint(tmp_path / "checkpoints", 3, _payload(3))
-    for name in (*FINAL_OUTPUTS, "metrics.jsonl", "config.json"):
-        (tmp_path / name).write_text("earlier run")
-    done, _, _ = start_state(tmp_path, False, Runner(None, None, None), [np.zeros(2)])
+    save_checkpoint(run_dir / "checkpoints", 3, _payload(3))
+    for name in (*FINAL_OUTPUTS, "metrics.jsonl", "privacy.jsonl", "config.json"):
+        (run_dir / name).write_text(text)
+
+
+def test_a_fresh_start_moves_the_earlier_run_to_previous(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A deployment reusing ``federation.run-dir``: the fresh start deleted the earlier
+    run's model, metrics and privacy ledger before the new run's first round (a new run
+    that then failed left no model to score with, and the ledger was gone)."""
+    from server.resume import FINAL_OUTPUTS, PREVIOUS, find_resume_state, start_state
+    from server.runner import Runner
+    from simulations.cli.runs import PREVIOUS_RUN, federation_in, model_in
+
+    assert PREVIOUS == PREVIOUS_RUN == "previous"  # the CLI's copy of the name
+
+    earlier = (*FINAL_OUTPUTS, "checkpoints", "metrics.jsonl", "privacy.jsonl")
+    _earlier_run(tmp_path, "first run")
+    with caplog.at_level("INFO", logger="server.resume"):
+        done, _, _ = start_state(tmp_path, False, Runner(None, None, None), [np.zeros(2)])
     assert done == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "previous"]
+    previous = tmp_path / "previous"
+    assert sorted(p.name for p in previous.iterdir()) == sorted(earlier)
+    assert (previous / "model.keras").read_text() == "first run"
+    assert (previous / "privacy.jsonl").read_text() == "first run"
+    assert [p.name for p in list_checkpoints(previous / "checkpoints")] == ["round-00003.npz"]
+    assert "the earlier run's attributions.json, checkpoints, federation.json" in caplog.text
+    assert str(previous) in caplog.text
+    # The readers of the folder never take previous/ for the run: none finished yet.
+    with pytest.raises(ValueError, match=r"holds no model: .*; the run before it left "
+                                         r".*previous/model.keras"):
+        model_in(tmp_path, None)
+    with pytest.raises(ValueError, match="holds no federation: give a run folder"):
+        federation_in(tmp_path, None)
+    assert find_resume_state(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()  # the new run's rounds under way
+    with pytest.raises(ValueError, match=r"its rounds did not finish .*; the run before "
+                                         r"it left .*previous/model.keras"):
+        model_in(tmp_path, None)
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "model.keras").write_text("second run")
+    assert model_in(tmp_path, None)[1] == tmp_path / "model.keras"
+    assert federation_in(tmp_path, None)[1] == tmp_path
+    # A fresh start with nothing to set aside keeps previous/; the next one replaces it.
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "model.keras").unlink()
+    (tmp_path / "checkpoints").rmdir()
+    start_state(tmp_path, False, Runner(None, None, None), [np.zeros(2)])
+    assert (previous / "model.keras").read_text() == "first run"
+    _earlier_run(tmp_path, "second run")
+    start_state(tmp_path, False, Runner(None, None, None), [np.zeros(2)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "previous"]
+    assert {(previous / n).read_text() for n in earlier if n != "checkpoints"} == {
+        "second run"}
+
+
+def test_a_crash_while_setting_the_earlier_run_aside_loses_neither_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed at any rename or removal of the move to previous/: the earlier run's files
+    and the older previous/ are both still on disk, and the next fresh start finishes."""
+    import os
+    import shutil
+
+    from server import resume
+
+    calls = {"left": 0}
+
+    def dies(real: Callable[..., Any]) -> Callable[..., Any]:
+        def step(*args: Any) -> Any:
+            if calls["left"] == 0:
+                raise KeyboardInterrupt("killed")
+            calls["left"] -= 1
+            return real(*args)
+        return step
+
+    steps = 0
+    while True:
+        run = tmp_path / f"crash-{steps}"
+        (run / "previous").mkdir(parents=True)
+        (run / "previous" / "model.keras").write_text("older run")
+        _earlier_run(run, "earlier run")
+        calls["left"] = steps
+        with monkeypatch.context() as patch:
+            patch.setattr(resume.os, "replace", dies(os.replace))
+            patch.setattr(resume.shutil, "rmtree", dies(shutil.rmtree))
+            try:
+                resume.set_aside(run)
+                finished = True
+            except KeyboardInterrupt:
+                finished = False
+        on_disk = {p.relative_to(run).as_posix(): p.read_text() for p in run.rglob("*")
+                   if p.is_file() and p.parent.name != "checkpoints"}
+        assert "older run" in on_disk.values() or finished, steps
+        assert sum(v == "earlier run" for v in on_disk.values()) == 8, (steps, on_disk)
+        resume.set_aside(run)  # the next fresh start
+        assert sorted(p.name for p in run.iterdir()) == ["config.json", "previous"], steps
+        assert (run / "previous" / "model.keras").read_text() == "earlier run"
+        assert (run / "previous" / "checkpoints" / "round-00003.npz").is_file()
+        if finished:
+            break
+        steps += 1
+    assert steps == 11  # 8 renames into previous.new/, 2 for the swap, 1 removal
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ What ``train``, ``simulate`` and ``compare`` write (see README, *Outputs*):
 ``score``, ``monitor`` and ``privacy`` take any of them (or a model file) and pick by
 ``--method``: ``federated`` (the default) matches the one federated model, ``centralised``
 or a subfolder's name (``federated-fedprox``, ``gbdt``) match exactly. A method's own
-folder (``<run>/gbdt``) is a run folder holding one model.
+folder (``<run>/gbdt``) is a run folder holding one model. ``<run>/previous/`` (the run
+before a fresh start in a deployment's folder) is never picked: it is no method.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ MODEL_FILE = "model.keras"
 #: The GBDT's and LR's model file (common.tabular.MODEL_FILE; not imported: sklearn).
 TABULAR_FILE = "model.skops"
 METRICS_FILE = "metrics.jsonl"
+#: Where a fresh start sets an earlier run aside (server.resume.PREVIOUS; not imported:
+#: it loads NumPy and Flower).
+PREVIOUS_RUN = "previous"
 #: ``--method`` when not given: the model the federation trained.
 DEFAULT_METHOD = "federated"
 
@@ -42,13 +46,18 @@ def _own_name(folder: Path) -> str:
     return f"federated-{strategy}" if isinstance(strategy, str) and strategy else "federated"
 
 
+def _method_folders(folder: Path) -> list[Path]:
+    """The subfolders of a run folder that may be a method's (not ``previous/``)."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name != PREVIOUS_RUN)
+
+
 def run_models(folder: Path) -> dict[str, Path]:
     """Every model in a run folder, by method name (see module doc)."""
     found = {}
     for name in (MODEL_FILE, TABULAR_FILE):
         if (folder / name).is_file():
             found[_own_name(folder)] = folder / name
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in _method_folders(folder):
         for name in (MODEL_FILE, TABULAR_FILE):
             if (sub / name).is_file():
                 found[sub.name] = sub / name
@@ -60,7 +69,7 @@ def run_federations(folder: Path) -> dict[str, Path]:
     found = {}
     if (folder / METRICS_FILE).is_file():
         found[_own_name(folder)] = folder
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in _method_folders(folder):
         if (sub / METRICS_FILE).is_file():
             found[sub.name] = sub
     return found
@@ -82,12 +91,17 @@ def pick(found: dict[str, Path], method: str | None, folder: Path, what: str) ->
     if method is None and len(found) == 1:
         [(name, path)] = found.items()
         return name, path
+    earlier = folder / PREVIOUS_RUN / MODEL_FILE
+    # A fresh start set the run before aside: named, never picked in the folder's stead.
+    before = (f"; the run before it left {earlier}" if what == "model" and earlier.is_file()
+              else "")
     if not found and what == "model" and (folder / "checkpoints").is_dir():
         raise ValueError(f"{folder} holds no model.keras: its rounds did not finish (it has "
-                         f"checkpoints/); finish them with fedecay simulate --resume {folder}")
+                         f"checkpoints/); finish them with fedecay simulate --resume "
+                         f"{folder}{before}")
     if not found and what == "federation":
-        lost = [p for p in (folder, *folder.iterdir()) if p.is_dir()
-                and (p / "federation.json").is_file()]
+        lost = [p for p in (folder, *_method_folders(folder))
+                if (p / "federation.json").is_file()]
         if lost:
             raise ValueError(f"{lost[0]} is a federation's folder without its {METRICS_FILE} "
                              "(the per-round record egress reads): it was moved or deleted; "
@@ -96,7 +110,8 @@ def pick(found: dict[str, Path], method: str | None, folder: Path, what: str) ->
         writers = ("simulate or compare (a centralised or GBDT run sends nothing)"
                    if what == "federation" else
                    "train --mode centralised|gbdt, simulate or compare, or the file itself")
-        raise ValueError(f"{folder} holds no {what}: give a run folder written by {writers}")
+        raise ValueError(f"{folder} holds no {what}: give a run folder written by {writers}"
+                         f"{before}")
     if len(prefixed) > 1:
         raise ValueError(f"{folder} holds several {wanted} {what}s ({', '.join(prefixed)}): "
                          "choose one with --method")
