@@ -34,14 +34,14 @@ def replacing(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator
     try:
         yield tmp
         if durable:
-            _fsync(tmp)
+            fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if durable:
         with contextlib.suppress(OSError):  # some file systems cannot sync a folder
-            _fsync(path.parent)
+            fsync(path.parent)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> Path:
@@ -56,7 +56,8 @@ def write_text(path: str | os.PathLike[str], text: str, *, durable: bool = True)
     return write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's renames) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -56,8 +56,13 @@ def start_state(run_dir: Path, resume: bool, parts: Runner, initial: list[np.nda
 #: ``server.attribution``); a fresh start in the folder moves them with the rounds.
 FINAL_OUTPUTS = ("model.keras", "model.json", "final_weights.npz", "federation.json",
                  "attributions.json")
+#: What commands write later from a finished run's model into its folder (``fedecay
+#: explain``, ``fedecay privacy audit --unit customer``): they go with that model.
+DERIVED_OUTPUTS = ("explanations.json", "explanations.png", "customer_audit.json",
+                   "audit_split.json")
 #: An earlier run's files that a fresh start in its folder moves to :data:`PREVIOUS`.
-EARLIER_RUN = ("checkpoints", "metrics.jsonl", "privacy.jsonl", *FINAL_OUTPUTS)
+EARLIER_RUN = ("checkpoints", "metrics.jsonl", "privacy.jsonl", *FINAL_OUTPUTS,
+               *DERIVED_OUTPUTS)
 #: The subfolder of a run folder holding the run before the folder's latest fresh
 #: start; the readers of run folders (``simulations.cli.runs``) never look into it.
 PREVIOUS = "previous"
@@ -91,22 +96,13 @@ def set_aside(run_dir: Path) -> list[str]:
             shutil.rmtree(older)
         os.replace(previous, older)
     os.replace(staged, previous)
-    _sync_folder(run_dir)
+    with contextlib.suppress(OSError):  # some file systems cannot flush a folder
+        atomic.fsync(run_dir)
     if older.exists():
         shutil.rmtree(older)
     log.info("%s: a new run starts; the earlier run's %s moved to %s%s", run_dir,
              ", ".join(moved), previous, " (replacing the run before it)" if replaced else "")
     return moved
-
-
-def _sync_folder(folder: Path) -> None:
-    """Flush ``folder``'s renames to disk (some file systems cannot: skipped)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _check_layout(run_dir: Path, state: dict[str, Any], initial: list[np.ndarray]) -> None:

@@ -185,10 +185,11 @@ def test_clear_checkpoints_removes_both_formats(tmp_path: Path) -> None:
 
 def _earlier_run(run_dir: Path, text: str) -> None:
     """What a finished run leaves in its folder, each file holding ``text``."""
-    from server.resume import FINAL_OUTPUTS
+    from server.resume import DERIVED_OUTPUTS, FINAL_OUTPUTS
 
     save_checkpoint(run_dir / "checkpoints", 3, _payload(3))
-    for name in (*FINAL_OUTPUTS, "metrics.jsonl", "privacy.jsonl", "config.json"):
+    for name in (*FINAL_OUTPUTS, *DERIVED_OUTPUTS, "metrics.jsonl", "privacy.jsonl",
+                 "config.json"):
         (run_dir / name).write_text(text)
 
 
@@ -197,13 +198,21 @@ def test_a_fresh_start_moves_the_earlier_run_to_previous(
     """A deployment reusing ``federation.run-dir``: the fresh start deleted the earlier
     run's model, metrics and privacy ledger before the new run's first round (a new run
     that then failed left no model to score with, and the ledger was gone)."""
-    from server.resume import FINAL_OUTPUTS, PREVIOUS, find_resume_state, start_state
+    from server.resume import (
+        DERIVED_OUTPUTS,
+        FINAL_OUTPUTS,
+        PREVIOUS,
+        find_resume_state,
+        start_state,
+    )
     from server.runner import Runner
     from simulations.cli.runs import PREVIOUS_RUN, federation_in, model_in
 
     assert PREVIOUS == PREVIOUS_RUN == "previous"  # the CLI's copy of the name
 
-    earlier = (*FINAL_OUTPUTS, "checkpoints", "metrics.jsonl", "privacy.jsonl")
+    # explain's and the customer audit's files describe the earlier model: they go too.
+    earlier = (*FINAL_OUTPUTS, *DERIVED_OUTPUTS, "checkpoints", "metrics.jsonl",
+               "privacy.jsonl")
     _earlier_run(tmp_path, "first run")
     with caplog.at_level("INFO", logger="server.resume"):
         done, _, _ = start_state(tmp_path, False, Runner(None, None, None), [np.zeros(2)])
@@ -214,7 +223,8 @@ def test_a_fresh_start_moves_the_earlier_run_to_previous(
     assert (previous / "model.keras").read_text() == "first run"
     assert (previous / "privacy.jsonl").read_text() == "first run"
     assert [p.name for p in list_checkpoints(previous / "checkpoints")] == ["round-00003.npz"]
-    assert "the earlier run's attributions.json, checkpoints, federation.json" in caplog.text
+    assert "the earlier run's attributions.json, audit_split.json, checkpoints, " \
+        "customer_audit.json, explanations.json" in caplog.text
     assert str(previous) in caplog.text
     # The readers of the folder never take previous/ for the run: none finished yet.
     with pytest.raises(ValueError, match=r"holds no model: .*; the run before it left "
@@ -281,7 +291,7 @@ def test_a_crash_while_setting_the_earlier_run_aside_loses_neither_run(
         on_disk = {p.relative_to(run).as_posix(): p.read_text() for p in run.rglob("*")
                    if p.is_file() and p.parent.name != "checkpoints"}
         assert "older run" in on_disk.values() or finished, steps
-        assert sum(v == "earlier run" for v in on_disk.values()) == 8, (steps, on_disk)
+        assert sum(v == "earlier run" for v in on_disk.values()) == 12, (steps, on_disk)
         resume.set_aside(run)  # the next fresh start
         assert sorted(p.name for p in run.iterdir()) == ["config.json", "previous"], steps
         assert (run / "previous" / "model.keras").read_text() == "earlier run"
@@ -289,7 +299,7 @@ def test_a_crash_while_setting_the_earlier_run_aside_loses_neither_run(
         if finished:
             break
         steps += 1
-    assert steps == 11  # 8 renames into previous.new/, 2 for the swap, 1 removal
+    assert steps == 15  # 12 renames into previous.new/, 2 for the swap, 1 removal
 
 
 # ---------------------------------------------------------------------------------------
