@@ -199,14 +199,6 @@ def usable_checkpoints(directory: Path) -> Iterator[tuple[Path, dict[str, Any] |
             yield path, None, str(err)
 
 
-def clear_checkpoints(directory: Path) -> int:
-    """Remove the checkpoints of an earlier run in ``directory``; returns how many."""
-    found = list_checkpoints(directory) + legacy_checkpoints(directory)
-    for path in found:
-        path.unlink()
-    return len(found)
-
-
 def strategy_state(strategy: Any) -> dict[str, Any]:
     """The server optimizer's state (whatever the strategy keeps) and the response
     shifts' velocity if any, for a checkpoint."""

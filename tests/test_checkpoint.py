@@ -16,7 +16,6 @@ from helpers import FakeGrid
 
 from server.checkpoint import (
     CheckpointError,
-    clear_checkpoints,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -173,14 +172,6 @@ def test_planted_pickle_never_runs(tmp_path: Path) -> None:
             load_checkpoint(folder / name)
         assert str(folder / name) in str(caught.value)
     assert not marker.exists()
-
-
-def test_clear_checkpoints_removes_both_formats(tmp_path: Path) -> None:
-    save_checkpoint(tmp_path, 1, _payload(1))
-    (tmp_path / "round-00000.ckpt").write_bytes(b"old")
-    (tmp_path / "notes.txt").write_text("kept")
-    assert clear_checkpoints(tmp_path) == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def _earlier_run(run_dir: Path, text: str) -> None:
