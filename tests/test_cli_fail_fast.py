@@ -52,6 +52,9 @@ def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
     (["data", "synth", "--out", "data", "--set", "synthtic.num-merchants=3"],
      "unknown config key 'synthtic.num-merchants'"),
     (["data", "synth", "--out", ""], "--out is empty: give a folder"),
+    # It generated the built-in default federation (20 merchants), not a file's calendar.
+    (["data", "synth", "--out", "x", "--preset", "completejourney"],
+     "--preset completejourney: has no [synthetic] section, and data synth generates"),
     (["data", "synth", "--out", "x", "--set", "synthetic.users-median=1e8"],
      "users and 214,170,909,910 events, 34,935 GiB to generate; this machine has"),
     (["data", "synth", "--out", "fed"], "already holds events.parquet (a federation written"),

@@ -237,7 +237,12 @@ def synth_settings(preset: str, sets: Sequence[str]) -> dict[str, Any]:
     from simulations.settings import experiment_from_flat
     from simulations.synth import load_preset
 
-    flat = apply_overrides(load_preset(preset), list(sets))
+    base = load_preset(preset)
+    if not any(key.startswith("synthetic.") for key in base):  # the built-in default ran
+        raise ValueError(f"--preset {preset}: has no [synthetic] section, and data synth "
+                         "generates the federation it describes; use quick, default or "
+                         "large, or a TOML file with one")
+    flat = apply_overrides(base, list(sets))
     experiment_from_flat(flat)
     return flat
 

@@ -24,7 +24,7 @@ def synth(
         help="Output folder for the five .parquet files (created if missing).")],
     preset: Annotated[str, typer.Option(
         metavar="NAME|FILE",
-        help="Preset name (quick, default, large) or a TOML file; its [synthetic] section "
+        help="Preset name (quick, default, large) or a TOML file; its \\[synthetic] section "
              "is used.")] = "quick",
     seed: Annotated[int, typer.Option(metavar="N", help="Generator seed.")] = 0,
     set_: SetOption = None,
