@@ -150,9 +150,11 @@ def _prepare_deployment(run_config: Mapping[str, Any]) -> dict[str, Any]:
                 else "each merchant's own dates (no snapshots.start/end given)")
     log.warning("deployment run: output in %s; calendar %s; client-side evaluation on %.0f%% "
                 "of the nodes", run_dir, calendar, 100 * exp.federation.fraction_evaluate)
-    if exp.federation.fraction_evaluate == 0:
-        log.warning("federation.fraction-evaluate is 0: no model will be evaluated; the last "
-                    "round's model is kept")
+    if exp.federation.fraction_evaluate == 0 and not exp.federation.pre_evaluates:
+        # With pre-evaluate (auto: on here) train replies score each round's incoming
+        # model and the last one goes to its trainers: the best round is still kept.
+        log.warning("federation.fraction-evaluate is 0 and federation.pre-evaluate off: no "
+                    "model will be evaluated; the last round's model is kept")
     return flat
 
 

@@ -123,13 +123,19 @@ def test_deployment_run_dir_is_absolute(tmp_path: Path, monkeypatch: pytest.Monk
     assert auto.parent == tmp_path / "runs" and auto.name.startswith("deployment-")
 
 
-def test_server_side_of_a_deployment_prepares_no_data(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_side_of_a_deployment_prepares_no_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     run = {"experiment.preset": "quick", "federation.mode": "deployment",
            "federation.run-dir": "pilot", "snapshots.start": "2025-01-01",
-           "snapshots.end": "2025-03-31T23:59:59+00:00"}
+           "snapshots.end": "2025-03-31T23:59:59+00:00", "federation.fraction-evaluate": 0.0}
     flat = prepare_run(run)
+    # fraction-evaluate 0 is what docs/deployment.md advises: pre-evaluate (on in
+    # deployment) still scores every round's model, and the best is kept.
+    assert "no model will be evaluated" not in caplog.text
+    prepare_run({**run, "federation.pre-evaluate": "off"})
+    assert "no model will be evaluated; the last round's model is kept" in caplog.text
     run_dir = tmp_path / "runs" / "pilot"
     assert flat["federation.run-dir"] == str(run_dir)
     assert [p.name for p in run_dir.iterdir()] == ["resolved-config.json"]  # no shards
