@@ -157,7 +157,7 @@ def score(
              "users the policy targets (an action other than none), every user at risk, "
              "or nobody.")] = "targeted",
     reasons_points: Annotated[str, typer.Option(
-        click_type=click.Choice(("1", "2", "4", "8")), metavar="POINTS",
+        click_type=click.Choice(("1", "2", "4", "8")), metavar="1|2|4|8",
         help="Quadrature points of the reasons' integrated gradients (an LSTM's only): "
              "fewer is faster, further from the exact attributions (docs/performance.md).",
     )] = "1",

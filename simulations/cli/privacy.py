@@ -19,7 +19,7 @@ import typer
 from . import checks
 from .console import current, quiet_flower
 from .errors import guarded
-from .options import MethodOption, PresetOption, SetOption
+from .options import MethodOption, SetOption
 from .runs import federation_in, model_in
 
 app = typer.Typer(help="Privacy of runs: what left the merchants, membership inference on "
@@ -89,7 +89,10 @@ def audit(
         help="Members: training snapshots of --run (snapshot), or customers a fresh run "
              "of --preset trains against customers of the same merchants it withholds "
              "(customer).")] = "snapshot",
-    preset: PresetOption = None,
+    preset: Annotated[str | None, typer.Option(
+        metavar="NAME|FILE", show_default="quick",
+        help="--unit customer: the synthetic federation the fresh run trains, a preset "
+             "(quick, default, large) or a TOML file.")] = None,
     set_: SetOption = None,
     held_out: Annotated[float, typer.Option(
         min=0.01, max=0.99, metavar="SHARE",
