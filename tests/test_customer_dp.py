@@ -253,6 +253,15 @@ def _ledger(path: Path | None, **dp: Any) -> CustomerLedger:
                                                        "noise_multiplier": 1.0, **dp}), path)
 
 
+def _three_released_rounds(path: Path, placement: str) -> str:
+    """A ledger at ``path`` of rounds 1-3, each released by 7 of 8 merchants; its text."""
+    ledger = _ledger(path, placement=placement, customers=5000)
+    for r in (1, 2, 3):
+        ledger.released(r, 7)
+        ledger.record(r, 8, 7, 1.0)
+    return path.read_text()
+
+
 def test_ledger_lines_and_replay_on_resume(tmp_path: Path) -> None:
     path = tmp_path / "privacy.jsonl"
     ledger = _ledger(path)
@@ -747,11 +756,7 @@ def test_replay_counts_a_line_cut_by_a_kill_unless_central(
     # Killed while writing round 3's line, before its checkpoint: the server may have
     # seen round 3's noised sum, so an untrusted placement counts it as spent.
     path = tmp_path / "privacy.jsonl"
-    ledger = _ledger(path, placement=placement, customers=5000)
-    for r in (1, 2, 3):
-        ledger.released(r, 7)
-        ledger.record(r, 8, 7, 1.0)
-    text = path.read_text()
+    text = _three_released_rounds(path, placement)
     path.write_text(text[:len(text) - 40])  # the last line cut, no newline after it
     again = _ledger(path, placement=placement)
     again.replay(upto=2)
@@ -828,11 +833,7 @@ def test_replay_refuses_a_resume_under_another_placement(
     # Rounds 2 and 3 were released after the checkpoint of round 1: resumed as 'central'
     # a 'distributed' ledger dropped them (the server trusted), epsilon under-counted.
     path = tmp_path / "privacy.jsonl"
-    ledger = _ledger(path, placement=before, customers=5000)
-    for r in (1, 2, 3):
-        ledger.released(r, 7)
-        ledger.record(r, 8, 7, 1.0)
-    text = path.read_text()
+    text = _three_released_rounds(path, before)
     with pytest.raises(ValueError) as err:
         _ledger(path, placement=after, customers=5000).replay(upto=1)
     assert str(err.value).startswith(f"{path}: round 1 was accounted under "
