@@ -19,7 +19,10 @@ def test_data_synth_writes_parquet_and_check_accepts_it(tmp_path: Path, capsys) 
     assert main(["data", "synth", "--preset", "quick", "--out", str(out), "--seed", "3"]) == 0
     events = pd.read_parquet(out / "events.parquet")
     assert len(events) > 10_000 and events["merchant_id"].nunique() == 8
-    capsys.readouterr()
+    # The next step checks the file with the preset's calendar (it left --preset out).
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"next: fedecay data check {out / 'events.parquet'} --interventions "
+        f"{out / 'interventions.parquet'} --preset quick")
     rc = main(["data", "check", str(out / "events.parquet"),
                "--interventions", str(out / "interventions.parquet")])
     text = capsys.readouterr().out

@@ -52,7 +52,7 @@ def synth(
     for name, path in paths.items():
         print(f"wrote {name:<14} {path}")
     console.next(f"fedecay data check {_q(paths['events'])} --interventions "
-                 f"{_q(paths['interventions'])}")
+                 f"{_q(paths['interventions'])} --preset {_q(preset)}")  # its calendar
 
 
 @app.command("check")
