@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import click
 import typer
 
+from simulations.methods import AGGREGATE_METHODS
+
 from . import checks
 from .console import current, quiet_flower
 from .errors import guarded
@@ -180,8 +182,9 @@ def compare(
     ] = "fedavg",
     methods: Annotated[str, typer.Option(
         metavar="NAMES", help=f"Comma-separated subset of {', '.join(checks.METHODS)} "
-                              "(gbdt and lr read the aggregates, the others train the "
-                              "LSTM).")] = ",".join(checks.METHODS),
+                              f"({', '.join(AGGREGATE_METHODS)} read the aggregates; "
+                              "the others train the LSTM)."
+    )] = ",".join(checks.METHODS),
     noise: Annotated[str, typer.Option(
         metavar="Z,Z,...", show_default="none",
         help="Noise multipliers to sweep, e.g. 0,0.5,1,2: one federated run each with "
