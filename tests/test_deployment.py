@@ -115,6 +115,22 @@ def test_deployment_config_takes_settings_but_no_data_from_the_preset() -> None:
     assert flat["model.jit-compile"] is False  # one fit per process: compiling costs more
 
 
+def test_every_key_flwr_run_c_takes_is_a_known_setting_and_the_head_refit_is_one() -> None:
+    """``flwr run -c`` takes only the keys pyproject declares: each must be a setting
+    the run reads, and a deployment must be able to turn the head refit off (its sums
+    leave the merchants unnoised; only a preset file could before)."""
+    import tomllib
+
+    from simulations.settings import experiment_from_flat
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"]
+    assert "federation.head-refit-steps" in declared
+    exp = experiment_from_flat(deployment_config(
+        {**declared, "federation.mode": "deployment", "federation.head-refit-steps": 0}))
+    assert exp.federation.head_refit_steps == 0
+
+
 def test_deployment_run_dir_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     assert deployment_run_dir({"federation.run-dir": "pilot"}) == tmp_path / "runs" / "pilot"
