@@ -287,7 +287,7 @@ def test_a_row_without_a_merchant_beside_named_merchants_is_refused(tmp_path: Pa
 
 def test_rows_the_window_drops_need_no_merchant_and_chunks_are_checked_across(
         tmp_path: Path) -> None:
-    # Rows outside data.start/data.end are not used: without a merchant id they make no
+    # Rows outside the load's start/end window are not used: without a merchant id they make no
     # merchant, so they do not fail the load, in one chunk or across chunks.
     head = "user_id,timestamp,event,merchant_id\n"
     path = write(tmp_path / "w.csv", head + "a,2017-11-25,view,m1\nb,2017-10-01,view,\n"
