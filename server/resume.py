@@ -40,9 +40,10 @@ def start_state(run_dir: Path, resume: bool, parts: Runner, initial: list[np.nda
     ``metrics.jsonl`` lines dropped); else, or when the folder holds no earlier run, a
     fresh start from ``initial`` that moves an earlier run's checkpoints, metrics,
     ledger and final outputs (:data:`EARLIER_RUN`; ``flwr run`` keys the folder by the
-    configuration) into ``run_dir/previous/`` (:func:`set_aside`): the folder never
-    holds one run's model beside another's rounds, and a new run that fails loses
-    neither the model merchants scored with nor the earlier run's privacy ledger.
+    configuration) into ``run_dir/previous/`` (an unfinished one into
+    ``previous-unfinished/``; :func:`set_aside`): the folder never holds one run's model
+    beside another's rounds, and new runs that fail lose neither the model merchants
+    scored with nor the earlier runs' privacy ledgers.
     """
     state = find_resume_state(run_dir) if resume else None
     if state is not None:
@@ -63,46 +64,65 @@ DERIVED_OUTPUTS = ("explanations.json", "explanations.png", "customer_audit.json
 #: An earlier run's files that a fresh start in its folder moves to :data:`PREVIOUS`.
 EARLIER_RUN = ("checkpoints", "metrics.jsonl", "privacy.jsonl", *FINAL_OUTPUTS,
                *DERIVED_OUTPUTS)
-#: The subfolder of a run folder holding the run before the folder's latest fresh
-#: start; the readers of run folders (``simulations.cli.runs``) never look into it.
+#: The subfolder of a run folder holding the last finished run (one that wrote its
+#: ``model.keras``) before the folder's latest fresh start; an unfinished one goes to
+#: :data:`UNFINISHED`, so a new run that fails, then another, never pushes out the model
+#: merchants scored with. The readers of run folders (``simulations.cli.runs``) never look
+#: into either.
 PREVIOUS = "previous"
+UNFINISHED = "previous-unfinished"
 
 
 def set_aside(run_dir: Path) -> list[str]:
     """Move an earlier run's files (:data:`EARLIER_RUN`) from ``run_dir`` into
-    ``run_dir/previous/``, replacing an older ``previous/``; the names moved.
+    ``run_dir/previous/`` when that run finished, else into ``previous-unfinished/``,
+    replacing the older one of that kind; the names moved.
 
-    The files are gathered in ``previous.new/`` (renames: nothing is copied), then
-    ``previous/`` is renamed ``previous.old/``, ``previous.new/`` renamed ``previous/``
-    and ``previous.old/`` removed, so a crash at any point leaves both the earlier
-    run's files and the older ``previous/`` on disk; the next fresh start finishes what
-    it left. With nothing to move, ``previous/`` stays as it is (a run that failed
-    before its first round does not replace the model kept there).
+    The files are gathered in ``<kind>.new/`` (renames: nothing is copied), then
+    ``<kind>/`` is renamed ``<kind>.old/``, ``<kind>.new/`` renamed ``<kind>/`` and
+    ``<kind>.old/`` removed, so a crash at any point leaves both the earlier run's files
+    and the older one on disk; the next fresh start finishes what it left. With nothing
+    to move, both stay as they are.
     """
-    previous, staged, older = (run_dir / PREVIOUS, run_dir / f"{PREVIOUS}.new",
-                               run_dir / f"{PREVIOUS}.old")
-    if older.exists() and not staged.exists():  # a crash after the swap: finish it
-        shutil.rmtree(older)
+    kinds = (PREVIOUS, UNFINISHED)
+    for kind in kinds:  # a crash after a swap: finish it
+        if (run_dir / f"{kind}.old").exists() and not (run_dir / f"{kind}.new").exists():
+            _remove(run_dir / f"{kind}.old")
     names = [name for name in EARLIER_RUN if (run_dir / name).exists()]
-    if not names and not staged.exists():
+    started = [kind for kind in kinds if (run_dir / f"{kind}.new").exists()]
+    if not names and not started:
         return []
+    kind = started[0] if started else (
+        PREVIOUS if (run_dir / "model.keras").exists() else UNFINISHED)
+    target, staged, older = (run_dir / kind, run_dir / f"{kind}.new", run_dir / f"{kind}.old")
     staged.mkdir(exist_ok=True)
     for name in names:
         os.replace(run_dir / name, staged / name)
     moved = sorted(p.name for p in staged.iterdir())
-    replaced = previous.exists()
+    replaced = target.exists()
     if replaced:
         if older.exists():  # only after a crash: superseded by the one being replaced
             shutil.rmtree(older)
-        os.replace(previous, older)
-    os.replace(staged, previous)
+        os.replace(target, older)
+    os.replace(staged, target)
     with contextlib.suppress(OSError):  # some file systems cannot flush a folder
         atomic.fsync(run_dir)
     if older.exists():
-        shutil.rmtree(older)
-    log.info("%s: a new run starts; the earlier run's %s moved to %s%s", run_dir,
-             ", ".join(moved), previous, " (replacing the run before it)" if replaced else "")
+        _remove(older)
+    log.info("%s: a new run starts; the earlier %s run's %s moved to %s%s", run_dir,
+             "finished" if kind == PREVIOUS else "unfinished", ", ".join(moved), target,
+             " (replacing the one before it)" if replaced else "")
     return moved
+
+
+def _remove(folder: Path) -> None:
+    """Remove a superseded run's folder; one that cannot be removed (a busy network file
+    system) is left, said once: the next fresh start tries again."""
+    try:
+        shutil.rmtree(folder)
+    except OSError as err:
+        log.warning("%s: cannot remove it (%s); the next new run in this folder tries again",
+                    folder, err.strerror or err)
 
 
 def _check_layout(run_dir: Path, state: dict[str, Any], initial: list[np.ndarray]) -> None:

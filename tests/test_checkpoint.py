@@ -214,7 +214,7 @@ def test_a_fresh_start_moves_the_earlier_run_to_previous(
     assert (previous / "model.keras").read_text() == "first run"
     assert (previous / "privacy.jsonl").read_text() == "first run"
     assert [p.name for p in list_checkpoints(previous / "checkpoints")] == ["round-00003.npz"]
-    assert "the earlier run's attributions.json, audit_split.json, checkpoints, " \
+    assert "the earlier finished run's attributions.json, audit_split.json, checkpoints, " \
         "customer_audit.json, explanations.json" in caplog.text
     assert str(previous) in caplog.text
     # The readers of the folder never take previous/ for the run: none finished yet.
@@ -232,15 +232,27 @@ def test_a_fresh_start_moves_the_earlier_run_to_previous(
     (tmp_path / "model.keras").write_text("second run")
     assert model_in(tmp_path, None)[1] == tmp_path / "model.keras"
     assert federation_in(tmp_path, None)[1] == tmp_path
-    # A fresh start with nothing to set aside keeps previous/; the next one replaces it.
+    # A fresh start with nothing to set aside keeps previous/; so do runs that stopped
+    # before their model (each leaves its round-0 checkpoint and metrics line at once):
+    # they go to previous-unfinished/, the latest replacing the one before.
     (tmp_path / "metrics.jsonl").unlink()
     (tmp_path / "model.keras").unlink()
     (tmp_path / "checkpoints").rmdir()
     start_state(tmp_path, False, Runner(None, None, None), [np.zeros(2)])
     assert (previous / "model.keras").read_text() == "first run"
+    for attempt in ("failed once", "failed twice"):
+        save_checkpoint(tmp_path / "checkpoints", 0, _payload(0))
+        (tmp_path / "metrics.jsonl").write_text(attempt)
+        start_state(tmp_path, False, Runner(None, None, None), [np.zeros(2)])
+        assert (previous / "model.keras").read_text() == "first run"
+        assert (previous / "privacy.jsonl").read_text() == "first run"
+        assert (tmp_path / "previous-unfinished" / "metrics.jsonl").read_text() == attempt
+    with pytest.raises(ValueError, match="holds no model"):
+        model_in(tmp_path, None)  # neither kept run is taken for the folder's
     _earlier_run(tmp_path, "second run")
     start_state(tmp_path, False, Runner(None, None, None), [np.zeros(2)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "previous"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "previous", "previous-unfinished"]
     assert {(previous / n).read_text() for n in earlier if n != "checkpoints"} == {
         "second run"}
 

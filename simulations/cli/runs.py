@@ -25,8 +25,8 @@ MODEL_FILE = "model.keras"
 #: The GBDT's and LR's model file (common.tabular.MODEL_FILE; not imported: sklearn).
 TABULAR_FILE = "model.skops"
 METRICS_FILE = "metrics.jsonl"
-#: Where a fresh start sets an earlier run aside (server.resume.PREVIOUS; not imported:
-#: it loads NumPy and Flower).
+#: Where a fresh start sets an earlier run aside (server.resume.PREVIOUS, and UNFINISHED
+#: beginning with it; not imported: it loads NumPy and Flower).
 PREVIOUS_RUN = "previous"
 #: ``--method`` when not given: the model the federation trained.
 DEFAULT_METHOD = "federated"
@@ -47,8 +47,10 @@ def _own_name(folder: Path) -> str:
 
 
 def _method_folders(folder: Path) -> list[Path]:
-    """The subfolders of a run folder that may be a method's (not ``previous/``)."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name != PREVIOUS_RUN)
+    """The subfolders of a run folder that may be a method's (not ``previous/``,
+    ``previous-unfinished/`` or a move's ``.new``/``.old`` left by a crash)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(PREVIOUS_RUN))
 
 
 def run_models(folder: Path) -> dict[str, Path]:
