@@ -23,7 +23,7 @@ ABSL_NOISE = re.compile(
     r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
     r"STDERR\s*$|^I\d{4} [0-9:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers")
 #: How every :data:`ABSL_NOISE` line begins (the filter holds back only such lines).
-ABSL_NOISE_STARTS = ("WARNING: All log messages before absl::", "I")
+ABSL_NOISE_STARTS = ("WARNING: All log messages before absl::", "I0000 ")  # 0: a digit
 
 
 def quiet_tensorflow(environ: MutableMapping[str, str] | None = None) -> None:
@@ -50,7 +50,11 @@ def _stderr_without(noise: re.Pattern[str], starts: tuple[str, ...]) -> Iterator
     """File descriptor 2 (C++ libraries' stderr too) passed, in the block, through
     :mod:`common.stderr_filter` in its own process, which leaves out the lines ``noise``
     matches (``starts``: how they begin) and writes the rest at once."""
-    if sys.stderr is None:  # run with stderr closed (2>&-): nothing to filter
+    script = Path(__file__).with_name("stderr_filter.py")
+    # Run with stderr closed (2>&-), or no interpreter to run the filter with (an embedded
+    # or frozen Python): nothing is filtered.
+    if sys.stderr is None or not sys.executable or getattr(sys, "frozen", False) \
+            or not script.is_file():
         yield
         return
     sys.stderr.flush()
@@ -60,10 +64,12 @@ def _stderr_without(noise: re.Pattern[str], starts: tuple[str, ...]) -> Iterator
         yield
         return
     try:
-        child = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(Path(__file__).with_name("stderr_filter.py")),
-             noise.pattern, *starts], stdin=subprocess.PIPE, stdout=saved)
-    except (OSError, ValueError):  # no interpreter to run (an embedded Python): no filter
+        # A group of its own: a signal to ours (Ctrl-C, `timeout`) must not end the
+        # filter while this process goes on writing to it.
+        child = subprocess.Popen([sys.executable, "-I", "-S", str(script), noise.pattern,
+                                  *starts], stdin=subprocess.PIPE, stdout=saved,
+                                 process_group=0)
+    except (OSError, ValueError):
         os.close(saved)
         yield
         return
@@ -77,7 +83,7 @@ def _stderr_without(noise: re.Pattern[str], starts: tuple[str, ...]) -> Iterator
         os.close(saved)
         child.stdin.close()
         try:  # the filter ends when the pipe's last writer closes it
-            child.wait(timeout=10)
+            child.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass  # a process started in the block holds the pipe: the filter outlives it
 

@@ -4,17 +4,18 @@ Run as its own process by :func:`common.runtime.quiet_tensorflow` while TensorFl
 imported (``python -I -S stderr_filter.py PATTERN START...``; the standard library only):
 output is passed on at once (a progress spinner keeps turning), and what a parent that
 aborts wrote last (e.g. a CPU TensorFlow cannot run on) is still written, since this
-process reads until the parent's end of the pipe closes.
+process reads until the parent's end of the pipe closes. It runs in a process group of
+its own: a signal to the parent's group (Ctrl-C, ``timeout``, systemd) is the parent's.
 
 A line is held back only while it may still become one the pattern matches: while its
-start is a prefix of one of the STARTs, or begins with one, until its newline.
+start is a prefix of one of the STARTs, or begins with one, until its newline (a ``0``
+in a START stands for any digit).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 
 
@@ -30,8 +31,12 @@ def run(pattern: str, starts: list[bytes]) -> None:
     noise = re.compile(pattern.encode())
     held, passing = b"", False  # passing: this line's start was written already
 
+    def agrees(part: bytes, start: bytes) -> bool:  # over the shorter of the two
+        return all(c == s or (s == ord("0") and ord("0") <= c <= ord("9"))
+                   for c, s in zip(part, start, strict=False))
+
     def may_be_noise(part: bytes) -> bool:
-        return any(s.startswith(part) or part.startswith(s) for s in starts)
+        return any(agrees(part, start) for start in starts)
 
     while chunk := os.read(0, 65536):
         data, out = held + chunk, []
@@ -50,5 +55,4 @@ def run(pattern: str, starts: list[bytes]) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; EOF ends this
     run(sys.argv[1], [s.encode() for s in sys.argv[2:]])

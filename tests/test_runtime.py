@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from common.runtime import QUIET_TENSORFLOW, quiet_tensorflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,14 +108,15 @@ def test_with_stderr_closed_the_import_goes_on_uncaught() -> None:
     assert done.returncode == 0 and done.stdout.split() == ["inside", "after"], done
 
 
-def _filtered(body: str) -> subprocess.Popen[bytes]:
-    """A Python running ``body`` inside the stderr filter, its pipes open."""
+def _filtered(body: str, new_session: bool = False) -> subprocess.Popen[bytes]:
+    """A Python running ``body`` inside the stderr filter, its pipes open (in a process
+    group of its own with ``new_session``)."""
     script = ("import os, sys\n"
               "from common.runtime import ABSL_NOISE, ABSL_NOISE_STARTS, _stderr_without\n"
               "with _stderr_without(ABSL_NOISE, ABSL_NOISE_STARTS):\n" + body)
     return subprocess.Popen([sys.executable, "-c", script], env={
         **os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=new_session)
 
 
 def test_what_a_process_aborting_in_the_import_wrote_last_is_still_shown() -> None:
@@ -125,19 +128,47 @@ def test_what_a_process_aborting_in_the_import_wrote_last_is_still_shown() -> No
         "The TensorFlow library was compiled to use AVX instructions"], err
 
 
-def test_stderr_without_a_newline_is_passed_on_at_once() -> None:
+@pytest.mark.parametrize("frame", [b"\r-- loading", b"Importing the model"])
+def test_stderr_without_a_newline_is_passed_on_at_once(frame: bytes) -> None:
     # A progress spinner's frames ("\r⠋ loading") end in no newline: the filter must not
-    # hold them until the import ends. The child waits for our go after its frame.
-    proc = _filtered("    os.write(2, b'\\r-- loading')\n    sys.stdin.readline()\n"
+    # hold them until the import ends (one beginning with "I" neither: only "I" and four
+    # digits may begin an absl line). The child waits for our go after its frame.
+    proc = _filtered(f"    os.write(2, {frame!r})\n    sys.stdin.readline()\n"
                      "    os.write(2, b' done\\n')\n")
     assert proc.stderr is not None and proc.stdin is not None
     seen = b""
     with selectors.DefaultSelector() as selector:
         selector.register(proc.stderr, selectors.EVENT_READ)
         deadline = time.monotonic() + 60
-        while b"loading" not in seen and selector.select(deadline - time.monotonic()):
+        while len(seen) < len(frame) and selector.select(deadline - time.monotonic()):
             seen += os.read(proc.stderr.fileno(), 1024)
     proc.stdin.write(b"go\n")
     rest = proc.communicate(timeout=60)[1]
-    assert seen == b"\r-- loading", f"the frame was held back: {seen!r}"
+    assert seen == frame, f"the frame was held back: {seen!r}"
     assert proc.returncode == 0 and rest == b" done\n", rest
+
+
+def test_a_sigterm_to_the_process_group_leaves_the_filter_running() -> None:
+    # `timeout`, systemd and a terminal signal the whole group; the parent (the CLI has a
+    # handler) goes on writing, and the filter must still be there to pass it on.
+    proc = _filtered("    import signal, time\n"
+                     "    signal.signal(signal.SIGTERM, lambda *_: None)\n"
+                     "    os.killpg(os.getpgrp(), signal.SIGTERM)\n"
+                     "    time.sleep(0.5)\n"
+                     "    os.write(2, b'still here\\n')\n", new_session=True)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == b"still here\n", err
+
+
+def test_without_an_interpreter_to_run_the_filter_the_import_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An embedded Python (sys.executable empty or None) or a frozen app (the executable
+    # is the app): nothing is filtered, nothing fails.
+    from common.runtime import ABSL_NOISE, ABSL_NOISE_STARTS, _stderr_without
+
+    for executable, frozen in ((None, False), ("", False), (sys.executable, True)):
+        monkeypatch.setattr(sys, "executable", executable)
+        monkeypatch.setattr(sys, "frozen", frozen, raising=False)
+        before = os.fstat(2)
+        with _stderr_without(ABSL_NOISE, ABSL_NOISE_STARTS):
+            assert os.fstat(2) == before  # fd 2 left as it was
