@@ -18,7 +18,11 @@ The customers' sampling is, at q: it holds when the merchants draw it from OS en
 ``"sampling": "seeded"`` and ε assumes a sample the server could in fact recompute.
 
 The lines carry no count of the customers a round sampled (outside ε) and are strict
-JSON (a non-finite number is written ``null``).
+JSON (a non-finite number is written ``null``). A released round gets a line with
+``"pending": true`` the moment its noised sum is released (before the aggregator returns
+it), then its complete line once the round is recorded: a kill in between leaves the
+round on disk, counted on resume (:meth:`CustomerLedger.replay`); :func:`settled`
+drops the pending lines a complete one follows.
 """
 
 from __future__ import annotations
@@ -170,8 +174,20 @@ class CustomerLedger:
 
     def released(self, server_round: int, merchants: int) -> None:
         """Note that round ``server_round`` released a noised sum of the sampled
-        customers' updates from ``merchants`` merchants."""
+        customers' updates from ``merchants`` merchants, and append its pending line
+        (what is known now) at once: the server has seen the sum, and a kill before
+        :meth:`record` must not leave the round off the ledger."""
         self._released[server_round] = int(merchants)
+        line = {
+            "round": server_round, "pending": True, "unit": self.dp.unit,
+            "placement": self.dp.placement, "sampling_rate": self.dp.customer_rate,
+            "noise_multiplier": self.dp.noise_multiplier, "sampling": self.sampling,
+            "customers": self.customers, "merchants_replied": int(merchants),
+            "released_rounds": self.rounds + 1, "delta": self.delta, "released": True,
+            "accounting": ACCOUNTING[self.dp.placement]}
+        if self.dp.placement == "distributed":
+            line["min_replies"] = self.min_replies
+        self._append(line)
 
     def record(self, server_round: int, sampled: int, aggregated: int,
                clipping_norm: float) -> dict[str, Any]:
@@ -229,15 +245,21 @@ class CustomerLedger:
         are gone with it. Under ``distributed`` and ``local`` the server is not trusted
         and has already seen those rounds' noised sums: a released one stays spent,
         kept with ``"lost": true`` (it counts toward ε and the budget, on every later
-        resume too); a line that released nothing is dropped. A last line a kill cut is
-        dropped under ``central``; under the others it is counted as a released round
-        with this run's settings, since it may have been one (ε is not under-counted):
-        every complete line, dropped or not, and its readable part must then show them.
-        A line (a cut one included) accounted under another ``privacy.placement`` than
-        this run's is refused: the placement decides which lines are dropped."""
+        resume too); a line that released nothing is dropped. A pending line no complete
+        line of its round follows (killed between the release and the round's record)
+        is a released round like any other: dropped past the checkpoint under
+        ``central``, kept lost under the others. A last line a kill cut is dropped under
+        ``central``; under the others it is counted as a released round with this run's
+        settings, since it may have been one (ε is not under-counted): every complete
+        line, dropped or not, and its readable part must then show them; unless it is
+        the complete line of the round whose pending line precedes it, which that line
+        counts already. A line (a cut one included) accounted under another
+        ``privacy.placement`` than this run's is refused: the placement decides which
+        lines are dropped."""
         if self.path is None or not self.path.exists():
             return 0
         lines, cut = jsonl.read_with_cut(self.path)
+        lines = settled(lines)
         trusted = self.dp.placement == "central"
         for line in lines:  # every line: the placement decides which ones are dropped
             self._check_placement(line.get("placement"), f"round {line.get('round')}")
@@ -247,7 +269,8 @@ class CustomerLedger:
                 kept.append(line)
             elif not trusted and line.get("released", True):
                 kept.append({**line, "lost": True})
-        counted_cut = cut is not None and not trusted
+        completes = cut is not None and _completes_pending(cut[1], lines)
+        counted_cut = cut is not None and not trusted and not completes
         # A cut line's round is counted with this run's settings: every complete line is
         # then checked (one past the checkpoint that released nothing, dropped below,
         # too), so that the settings it is counted with are confirmed by a checked line.
@@ -256,6 +279,7 @@ class CustomerLedger:
         if cut is not None:
             log.warning("%s: line %d is cut (the run was stopped while writing it); %s",
                         self.path, cut[0], "dropped" if trusted else
+                        "dropped: its round's pending line counts it" if completes else
                         "counted as a released round, since it may have been one")
             self._check_cut_settings(cut, confirmed=bool(lines), counted=counted_cut)
             if counted_cut:
@@ -354,6 +378,31 @@ class CustomerLedger:
                 "epsilon_pld": self.epsilon_pld, "accounting": ACCOUNTING[self.dp.placement],
                 **({"min_replies": self.min_replies}
                    if self.dp.placement == "distributed" else {})}
+
+
+def settled(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ledger's ``lines`` without each pending line that its round's complete line
+    follows: one line per released round. A pending line left alone (the run was
+    killed after the release, before the round's record) stays: its round was
+    released."""
+    out = []
+    for i, line in enumerate(lines):
+        after = lines[i + 1] if i + 1 < len(lines) else None
+        if (line.get("pending") and not line.get("lost") and after is not None
+                and after.get("round") == line.get("round")
+                and not after.get("pending") and not after.get("lost")):
+            continue
+        out.append(line)
+    return out
+
+
+def _completes_pending(text: str, lines: list[dict[str, Any]]) -> bool:
+    """Whether the cut line ``text`` is of the round whose pending line is the last of
+    ``lines`` (its complete line, which a kill cut: the pending line counts the round)."""
+    if not lines or not lines[-1].get("pending") or lines[-1].get("lost"):
+        return False
+    found = _cut_field(text, "round")
+    return found is not None and json.loads(found) == lines[-1].get("round")
 
 
 def _cut_field(text: str, key: str) -> str | None:

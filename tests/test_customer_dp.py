@@ -36,7 +36,7 @@ from common.protocol import (
 from common.snapshots import Snapshots
 from server.config import DPConfig, FederationConfig, check_compatible
 from server.customer_dp import wrap_customer_dp
-from server.dp_accounting import CustomerLedger, customer_epsilons
+from server.dp_accounting import CustomerLedger, customer_epsilons, settled
 from server.strategy import build_strategy
 from simulations.settings import experiment_from_flat
 
@@ -254,12 +254,22 @@ def _ledger(path: Path | None, **dp: Any) -> CustomerLedger:
 
 
 def _three_released_rounds(path: Path, placement: str) -> str:
-    """A ledger at ``path`` of rounds 1-3, each released by 7 of 8 merchants; its text."""
+    """A ledger at ``path`` of rounds 1-3, each released by 7 of 8 merchants, settled
+    (:func:`_settle`); its text."""
     ledger = _ledger(path, placement=placement, customers=5000)
     for r in (1, 2, 3):
         ledger.released(r, 7)
         ledger.record(r, 8, 7, 1.0)
-    return path.read_text()
+    return _settle(path)
+
+
+def _settle(path: Path) -> str:
+    """Rewrite the ledger at ``path`` with its complete lines only (the pending lines
+    they follow dropped), as a replay leaves it and as ledgers were before pending
+    lines; its text."""
+    text = "".join(json.dumps(x) + "\n" for x in settled(read_jsonl(path)))
+    path.write_text(text)
+    return text
 
 
 def test_ledger_lines_and_replay_on_resume(tmp_path: Path) -> None:
@@ -271,7 +281,10 @@ def test_ledger_lines_and_replay_on_resume(tmp_path: Path) -> None:
         ledger.released(r, 7)
         eps.append(ledger.record(r, 8, 7, 1.0)["epsilon"])
     assert ledger.record(4, 8, 0, 1.0)["epsilon"] == eps[-1]  # released nothing: free
-    lines = [json.loads(t) for t in path.read_text().splitlines()]
+    raw = [json.loads(t) for t in path.read_text().splitlines()]
+    assert [(x["round"], x.get("pending", False)) for x in raw] == [
+        (1, True), (1, False), (2, True), (2, False), (3, True), (3, False)]
+    lines = settled(raw)
     assert [line["round"] for line in lines] == [1, 2, 3]
     first = lines[0]
     assert (first["sampling_rate"], first["noise_multiplier"], first["clipping_norm"],
@@ -351,6 +364,9 @@ def test_server_adds_the_sums_and_divides_by_the_expected_sample(tmp_path: Path)
     assert ledger.customers == 90 and runner.expected_sampled == pytest.approx(45.0)
     for got, a, b, w in zip(arrays.to_numpy_ndarrays(), sums[0], sums[1], start, strict=True):
         np.testing.assert_allclose(got, w + 2.0 * (a + b) / 45.0, rtol=1e-6)
+    # Released: on disk before aggregate_train returns (the recorder comes later).
+    (pending,) = read_jsonl(tmp_path / "privacy.jsonl")
+    assert (pending["round"], pending["pending"], pending["merchants_replied"]) == (1, True, 2)
     line = ledger.record(1, 3, 2, 1.0)
     assert "customers_sampled" not in line and line["merchants_replied"] == 2
     assert CUSTOMER_SEEDED_KEY not in config and PRE_EVALUATE_KEY not in config
@@ -445,7 +461,7 @@ def customer_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.mark.timeout(700)
 def test_customer_level_simulation_trains_and_writes_the_ledger(customer_run: Path) -> None:
     (fed_dir,) = {p.parent for p in customer_run.rglob("privacy.jsonl")}
-    lines = [json.loads(t) for t in (fed_dir / "privacy.jsonl").read_text().splitlines()]
+    lines = settled(read_jsonl(fed_dir / "privacy.jsonl"))
     assert [line["round"] for line in lines] == [1, 2, 3]
     eps = [line["epsilon"] for line in lines]
     assert all(b > a > 0 for a, b in zip(eps, eps[1:], strict=False))
@@ -600,7 +616,7 @@ def test_seeded_sampling_is_marked_in_the_ledger_and_the_summary(tmp_path: Path)
     ledger.learn_customers(1000)
     ledger.released(1, 3)
     assert ledger.record(1, 3, 3, 1.0)["sampling"] == "seeded"
-    assert json.loads(path.read_text())["sampling"] == "seeded"
+    assert [x["sampling"] for x in read_jsonl(path)] == ["seeded", "seeded"]  # pending too
     fields = ledger.summary_fields()
     assert fields["sampling"] == "seeded" and "only in simulation" in fields["threat_model"]
     assert _ledger(None).summary_fields()["sampling"] == "secret"
@@ -620,7 +636,7 @@ def test_ledger_and_summary_are_strict_json(tmp_path: Path,
     ledger.released(1, 3)
     ledger.record(1, 3, 3, 1.0)
     text = path.read_text()
-    assert "Infinity" not in text and json.loads(text)["epsilon_pld"] is None
+    assert "Infinity" not in text and read_jsonl(path)[-1]["epsilon_pld"] is None
     unknown = _ledger(None)  # customers not known yet: delta is NaN
     parts = type("Parts", (), {"ledger": unknown, "rounds": type("B", (), {
         "empty_rounds": 0})(), "strategy": None})()
@@ -751,6 +767,43 @@ def test_replay_keeps_rounds_past_the_checkpoint_spent_unless_central(
 
 
 @pytest.mark.parametrize("placement", ["central", "distributed", "local"])
+def test_a_round_released_but_never_recorded_stays_spent_unless_central(
+        tmp_path: Path, placement: str) -> None:
+    # Killed after aggregate_train released round 3's noised sum, before the recorder's
+    # record() (the evaluate round, evaluate_fn): round 3 had no line, not even a cut
+    # one, and a resume under 'distributed' / 'local' never counted it.
+    path = tmp_path / "privacy.jsonl"
+    ledger = _ledger(path, placement=placement, customers=5000)
+    for r in (1, 2):
+        ledger.released(r, 7)
+        ledger.record(r, 8, 7, 1.0)
+    ledger.released(3, 7)  # the kill: no record(3)
+    again = _ledger(path, placement=placement)
+    assert again.replay(upto=2) == (2 if placement == "central" else 3)
+    lines = read_jsonl(path)
+    if placement == "central":  # trusted: round 3 is simply run again
+        assert again.rounds == 2 and [x["round"] for x in lines] == [1, 2]
+        return
+    assert again.rounds == 3 and again.epsilon == pytest.approx(
+        min(_direct(0.1, 1.0, 3, 1 / 50_000)))
+    assert [(x["round"], x.get("pending", False), x.get("lost", False))
+            for x in lines] == [(1, False, False), (2, False, False), (3, True, True)]
+    again.released(3, 7)  # round 3 run again, recorded this time: a fourth release
+    assert again.record(3, 8, 7, 1.0)["released_rounds"] == 4
+    # Killed while writing round 4's complete line: its pending line counts it, once.
+    again.released(4, 7)
+    again.record(4, 8, 7, 1.0)
+    text = path.read_text()
+    path.write_text(text[:len(text) - 50])
+    third = _ledger(path, placement=placement)
+    assert third.replay(upto=3) == 5 and third.rounds == 5
+    assert [(x["round"], x.get("pending", False), x.get("lost", False))
+            for x in read_jsonl(path)] == [(1, False, False), (2, False, False),
+                                           (3, True, True), (3, False, False),
+                                           (4, True, True)]
+
+
+@pytest.mark.parametrize("placement", ["central", "distributed", "local"])
 def test_replay_counts_a_line_cut_by_a_kill_unless_central(
         tmp_path: Path, placement: str, caplog: pytest.LogCaptureFixture) -> None:
     # Killed while writing round 3's line, before its checkpoint: the server may have
@@ -784,7 +837,7 @@ def test_a_sole_cut_line_is_counted_only_with_the_settings_it_shows(
     ledger = _ledger(path, placement=placement, customers=5000)
     ledger.released(1, 7)
     ledger.record(1, 8, 7, 1.0)
-    line = path.read_text()
+    line = _settle(path)  # no pending line before it
     path.write_text(line[:len(line) - 60])
     with pytest.raises(ValueError, match=r"line 1 \(cut\) was accounted with "
                                          r"noise_multiplier 1.0, this run's is 2.0"):
@@ -808,7 +861,7 @@ def test_a_cut_line_is_confirmed_only_by_a_line_checked_against_this_run(
     ledger.withheld(1, 2, "too few replies")
     ledger.released(2, 7)
     ledger.record(2, 8, 7, 1.0)
-    text = path.read_text()
+    text = _settle(path)  # no pending line before the cut one
     text = text[:text.rindex('"noise_multiplier"')]
     path.write_text(text)
     with pytest.raises(ValueError, match=r"round 1 was accounted with other privacy "
@@ -866,7 +919,7 @@ def test_a_sole_line_cut_before_its_placement_is_not_dropped_unseen(tmp_path: Pa
     path.write_text("")
     ledger.released(1, 7)
     ledger.record(1, 8, 7, 1.0)
-    path.write_text(path.read_text() + '{"round": 2, "unit": "customer", "plac')
+    path.write_text(_settle(path) + '{"round": 2, "unit": "customer", "plac')
     assert _ledger(path).replay(upto=1) == 1 and len(read_jsonl(path)) == 1
 
 

@@ -27,7 +27,7 @@ from server.checkpoint import load_checkpoint
 from server.config import DPConfig, FederationConfig
 from server.customer_dp import wrap_customer_dp
 from server.customer_secagg import attach_customer_dp, min_replies, share_std
-from server.dp_accounting import customer_epsilons
+from server.dp_accounting import customer_epsilons, settled
 from server.strategy import build_strategy
 from simulations.settings import experiment_from_flat
 
@@ -129,7 +129,7 @@ def test_server_steps_along_the_unmasked_sum_and_the_ledger_notes_every_round(
     assert hooks.step(2, mean, counts[:2]) is None  # 2 < m_min: not applied
     hooks.close(2, applied=False, replied=2)
     hooks.close(3, applied=False, replied=None)  # SecAgg+ unmasked nothing
-    lines = read_jsonl(tmp_path / "privacy.jsonl")
+    lines = settled(read_jsonl(tmp_path / "privacy.jsonl"))
     assert [(x["round"], x["released"]) for x in lines] == [(1, True), (2, False), (3, False)]
     assert "fewer than min_replies 3" in lines[1]["reason"]
     assert "SecAgg+ did not complete" in lines[2]["reason"]
@@ -211,7 +211,7 @@ def distributed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.mark.timeout(480)
 def test_distributed_noise_under_secagg_survives_a_dropout(distributed_run: Path) -> None:
     run_dir, records = distributed_run / "run", distributed_run / "records"
-    ledger = read_jsonl(run_dir / "privacy.jsonl")
+    ledger = settled(read_jsonl(run_dir / "privacy.jsonl"))
     assert [(x["round"], x["released"], x["merchants_replied"]) for x in ledger] == \
         [(1, True, MERCHANTS), (2, True, MERCHANTS - 1)]
     assert all(x["placement"] == "distributed" and x["min_replies"] == 3 for x in ledger)
