@@ -68,6 +68,9 @@ ACCOUNTING = {
              "merchant; the average carries merchants_replied times the variance needed; "
              "add/remove one customer; epsilon = min(RDP, PLD)",
 }
+#: The checkpoint key holding :meth:`CustomerLedger.checkpoint_fields` (None when the
+#: run had no customer-level ledger).
+CHECKPOINT_KEY = "privacy_ledger"
 SEEDED_NOTE = ("customer sampling and noise seeded from the run config "
                "(privacy.seeded-sampling): epsilon assumes a sample and noise nobody can "
                "recompute, so it holds only in simulation")
@@ -236,9 +239,23 @@ class CustomerLedger:
         self.epsilon_rdp, self.epsilon_pld = self.epsilons(self.rounds)
         self.epsilon = min(self.epsilon_rdp, self.epsilon_pld)
 
-    def replay(self, upto: int) -> int:
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the ledger (:data:`CHECKPOINT_KEY`): the released
+        rounds counted so far and the settings they were counted with."""
+        return {"unit": self.dp.unit, "placement": self.dp.placement,
+                "sampling_rate": self.dp.customer_rate,
+                "noise_multiplier": self.dp.noise_multiplier,
+                "released_rounds": self.rounds}
+
+    def replay(self, upto: int, checkpoint: dict[str, Any] | None = None) -> int:
         """Recompose the rounds <= ``upto`` already in the file (resume) with the
         customers' count they were accounted with; the number of lines kept.
+
+        ``checkpoint``, the state of round ``upto``'s checkpoint: when it holds
+        :data:`CHECKPOINT_KEY` (checkpoints of older versions do not), the ledger must
+        hold at least the released rounds it counted, else (the file deleted, or DP
+        newly enabled: ε would cover only the rounds after the resume) this raises,
+        naming the file and both counts, before anything is rewritten.
 
         Later lines (rounds past the checkpoint, to be run again) are dropped under
         ``central``: the server is trusted, and the sums it saw but did not checkpoint
@@ -256,10 +273,16 @@ class CustomerLedger:
         counts already. A line (a cut one included) accounted under another
         ``privacy.placement`` than this run's is refused: the placement decides which
         lines are dropped."""
-        if self.path is None or not self.path.exists():
+        if self.path is None:
+            return 0
+        if not self.path.exists():
+            self._check_checkpoint(checkpoint, upto, 0)
             return 0
         lines, cut = jsonl.read_with_cut(self.path)
         lines = settled(lines)
+        self._check_checkpoint(checkpoint, upto, sum(
+            1 for line in lines if line.get("released", True)
+            and (line["round"] <= upto or line.get("lost"))))
         trusted = self.dp.placement == "central"
         for line in lines:  # every line: the placement decides which ones are dropped
             self._check_placement(line.get("placement"), f"round {line.get('round')}")
@@ -293,6 +316,32 @@ class CustomerLedger:
         atomic.write_text(self.path, "".join(json.dumps(strict_json(line), allow_nan=False)
                                              + "\n" for line in kept))
         return len(kept)
+
+    def _check_checkpoint(self, checkpoint: dict[str, Any] | None, upto: int,
+                          found: int) -> None:
+        """Raise when round ``upto``'s ``checkpoint`` counted more released rounds than
+        the ``found`` ones the ledger holds up to it, or was written by a run without
+        customer-level accounting (its rounds released updates no ε here covers)."""
+        if checkpoint is None or CHECKPOINT_KEY not in checkpoint or upto <= 0:
+            return  # no checkpoint, or one of a version that did not record the count
+        counted = checkpoint[CHECKPOINT_KEY]
+        where = (f"{self.path}: the checkpoint of round {upto}")
+        if not isinstance(counted, dict) or counted.get("unit") != "customer":
+            raise ValueError(
+                f"{where} was written by a run without customer-level accounting "
+                "(privacy.unit / privacy.mode differ): its rounds released updates this "
+                "ledger cannot account for, so epsilon would cover only the rounds after "
+                "the resume; start a new run in another folder")
+        recorded = int(counted.get("released_rounds", 0))
+        if found < recorded:
+            state = "holds" if self.path is not None and self.path.exists() else \
+                "is missing: it holds"
+            raise ValueError(
+                f"{where} counted {recorded} released rounds ({counted.get('placement')}, "
+                f"noise {counted.get('noise_multiplier')}, customer rate "
+                f"{counted.get('sampling_rate')}); the ledger {state} {found} up to it: "
+                "epsilon would be under-counted. Put the run's privacy.jsonl back, or "
+                "start a new run in another folder")
 
     def _check_settings(self, line: dict[str, Any]) -> None:
         """Raise when ``line`` was accounted with another unit, customer rate, noise or

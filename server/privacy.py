@@ -183,11 +183,20 @@ class PrivacyLedger:
         with quiet_rdp():
             return float(self.accountant.get_epsilon(self.dp.delta()))
 
-    def replay(self, upto: int) -> int:
-        """Recompose the rounds <= ``upto`` already in the file (resume); drop later ones."""
+    def replay(self, upto: int, checkpoint: dict[str, Any] | None = None) -> int:
+        """Recompose the rounds <= ``upto`` already in the file (resume); drop later ones.
+        A ledger of customer-level lines is refused (``privacy.unit`` differs).
+        ``checkpoint`` (its state) is not read: merchant-level checkpoints record no
+        count of released rounds."""
         if self.path is None or not self.path.exists():
             return 0
         kept = jsonl.read(self.path)  # a line cut by a kill: its round was not checkpointed
+        for line in kept:
+            if "sampled" not in line or line.get("unit") == "customer":
+                raise ValueError(
+                    f"{self.path}: round {line.get('round')} was accounted at the "
+                    f"{line.get('unit', 'customer')} level, not per merchant (privacy.unit "
+                    "differs): resume with the same privacy settings")
         kept = [line for line in kept if line["round"] <= upto]
         with quiet_rdp():
             for line in kept:

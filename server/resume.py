@@ -157,7 +157,7 @@ def _resumed(run_dir: Path, state: dict[str, Any], parts: Runner
     restore_strategy_state(parts.strategy, state["strategy"])
     keep_rounds_upto(run_dir / "metrics.jsonl", done)
     if parts.ledger is not None:
-        parts.ledger.replay(done)
+        parts.ledger.replay(done, state)  # refuses a ledger missing checkpointed rounds
     if state.get("clipping_norm") is not None and hasattr(parts.runner, "clipping_norm"):
         parts.runner.clipping_norm = float(state["clipping_norm"])  # adaptive clipping
     return done, [np.asarray(a) for a in state["weights"]], Selection(**state["selection"])

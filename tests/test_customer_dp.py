@@ -803,6 +803,64 @@ def test_a_round_released_but_never_recorded_stays_spent_unless_central(
                                            (4, True, True)]
 
 
+def test_a_resume_refuses_a_ledger_missing_rounds_its_checkpoint_counted(
+        tmp_path: Path) -> None:
+    # privacy.jsonl deleted (or DP newly enabled) before a resume from round 3's
+    # checkpoint: replay found no line and epsilon covered only the later rounds.
+    from server.checkpoint import save_checkpoint
+    from server.dp_accounting import CHECKPOINT_KEY
+    from server.privacy import PrivacyLedger
+    from server.recorder import Selection
+    from server.resume import start_state
+    from server.runner import Runner
+
+    path, weights = tmp_path / "privacy.jsonl", [np.zeros(2)]
+    text = _three_released_rounds(path, "distributed")
+    counted = _ledger(path, placement="distributed")
+    counted.replay(upto=3)
+    strategy = build_strategy(FederationConfig(), 0)
+
+    def checkpoint(g: int, **ledger: Any) -> None:
+        save_checkpoint(tmp_path / "checkpoints", g, {
+            "weights": weights, "strategy": {}, "clipping_norm": None,
+            "selection": dataclasses.asdict(Selection()), **ledger}, keep=5)
+
+    def resume() -> CustomerLedger:
+        ledger = _ledger(path, placement="distributed")
+        assert start_state(tmp_path, True, Runner(strategy, strategy, ledger),
+                           weights)[0] > 0
+        return ledger
+
+    checkpoint(3, **{CHECKPOINT_KEY: counted.checkpoint_fields()})
+    path.unlink()
+    with pytest.raises(ValueError, match=rf"^{path}: the checkpoint of round 3 counted 3 "
+                                         r"released rounds \(distributed, noise 1.0, "
+                                         r"customer rate 0.1\); the ledger is missing: it "
+                                         r"holds 0 up to it"):
+        resume()
+    path.write_text(text.split("\n")[0] + "\n")  # round 1's line only
+    with pytest.raises(ValueError, match=r"counted 3 released rounds .*; the ledger "
+                                         r"holds 1 up to it"):
+        resume()
+    assert path.read_text() == text.split("\n")[0] + "\n"  # nothing rewritten
+    path.write_text(text)
+    assert resume().rounds == 3  # the whole ledger: resumed
+    # Written by a run without customer-level DP, resumed with it: refused.
+    checkpoint(4, **{CHECKPOINT_KEY: None})
+    with pytest.raises(ValueError, match="the checkpoint of round 4 was written by a run "
+                                         "without customer-level accounting"):
+        resume()
+    checkpoint(5)  # a checkpoint of an older version, without the count: as before
+    path.unlink()
+    assert resume().rounds == 0
+    # The merchant-level ledger on a customer-level one: a refusal, not KeyError.
+    path.write_text(text)
+    merchant = PrivacyLedger(DPConfig(mode="server-fixed"), 8, 8, path)
+    with pytest.raises(ValueError, match=r"round 1 was accounted at the customer level, "
+                                         r"not per merchant \(privacy.unit differs\)"):
+        merchant.replay(upto=3)
+
+
 @pytest.mark.parametrize("placement", ["central", "distributed", "local"])
 def test_replay_counts_a_line_cut_by_a_kill_unless_central(
         tmp_path: Path, placement: str, caplog: pytest.LogCaptureFixture) -> None:
