@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from common.config import SnapshotConfig
 from common.io import (
     MALFORMED,
+    UNCLOSED_QUOTE,
     EventLog,
     detect_format,
     load_events,
@@ -133,12 +134,35 @@ def test_malformed_rows_are_skipped_and_counted_on_request(tmp_path: Path) -> No
         load_events(path, bad_rows="ignore")
 
 
-def test_unterminated_quote_names_its_line_and_counts_swallowed_lines(tmp_path: Path) -> None:
-    path = write(tmp_path / "quote.csv", HEADER + GOOD + 'u1,"2017-11-02,view,1\n' + GOOD)
-    message = error_of(path)
-    assert "line 32" in message and "quote" in message and "30 line(s)" in message
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_skipped_record_with_a_quoted_line_break_counts_as_one_row(tmp_path: Path,
+                                                                     newline: str) -> None:
+    # 5 fields for 4, one of them quoted across two lines: one record, one row dropped
+    text = HEADER + GOOD + 'u1,2017-11-02,view,"1\n2",extra\n' + "u2,2017-11\n"
+    path = tmp_path / "multi.csv"
+    path.write_bytes(text.replace("\n", newline).encode())
     log = load_events(path, bad_rows="skip")
-    assert log.report.dropped[MALFORMED] == 31  # never silently: every line counted
+    assert len(log.events) == 30
+    assert log.report.dropped == {MALFORMED: 2}
+    assert log.report.rows_read == 32
+    assert "  dropped 2 rows: malformed CSV row" in "\n".join(log.report.summary_lines())
+    # the quote closes: the error names the field count, not an unclosed quote
+    message = error_of(path)
+    assert "line 32 has 5 field(s), expected 4" in message and "not closed" not in message
+
+
+def test_unterminated_quote_names_its_line_and_counts_swallowed_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "quote.csv",
+                 HEADER + GOOD + 'u1,"2017-11-02,view,1\n' + GOOD.replace("\n", "\n\n", 1))
+    message = error_of(path)
+    assert "line 32" in message and "quote" in message and "31 line(s)" in message
+    log = load_events(path, bad_rows="skip")
+    # never silently: the record, and each of the 30 rows it swallowed (not the blank line)
+    assert log.report.dropped == {MALFORMED: 1, UNCLOSED_QUOTE: 30}
+    assert log.report.rows_read == log.report.rows_kept + 31 == 61
+    summary = "\n".join(log.report.summary_lines())
+    assert "dropped 1 rows: malformed CSV row" in summary
+    assert "dropped 30 rows: line read into the row of a quote never closed" in summary
 
 
 def test_line_numbers_count_the_header_and_blank_lines(tmp_path: Path) -> None:

@@ -27,7 +27,14 @@ from common.io.completejourney import (
     NO_HOME_STORE,
 )
 from common.io.load import load_events
-from common.io.results import DUPLICATE, MALFORMED, OUTSIDE_WINDOW, EventLog, LoadReport
+from common.io.results import (
+    DUPLICATE,
+    MALFORMED,
+    OUTSIDE_WINDOW,
+    UNCLOSED_QUOTE,
+    EventLog,
+    LoadReport,
+)
 from common.io.retailrocket import RETAILROCKET_COLUMNS, RETAILROCKET_EVENTS
 from common.io.sniff import FORMATS, detect_format
 from common.io.taobao import TAOBAO_COLUMNS, TAOBAO_EVENTS
@@ -55,6 +62,7 @@ __all__ = [
     "RETAILROCKET_EVENTS",
     "TAOBAO_COLUMNS",
     "TAOBAO_EVENTS",
+    "UNCLOSED_QUOTE",
     "EventLog",
     "LoadReport",
     "detect_format",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,16 @@ from common.io.files import (
     probe_encoding,
     unreadable,
 )
-from common.io.results import MALFORMED, add_count
+from common.io.results import MALFORMED, UNCLOSED_QUOTE, add_count
 from common.schema import STRING, DataError
 
 logger = logging.getLogger(__name__)
 
 _BLOCK_BYTES = 16 << 20  # CSV bytes parsed at a time (chunks are cut from these blocks)
+#: a field as pyarrow splits one: quoted (``""`` inside is a quote) when it starts with a
+#: quote; then any text up to the next separator or line break
+_QUOTED = re.compile(r'"(?:[^"]|"")*(")?')
+_SEPARATOR = re.compile(r'[,\r\n]')
 
 
 @dataclass
@@ -60,17 +65,20 @@ def csv_batches(path: Path, rules: ReadRules, *, names: tuple[str, ...] | None =
                             block_size=_BLOCK_BYTES,
                             encoding="utf8" if encoding.startswith("utf-8") else encoding)
     rejected: list[Any] = []
-    skipped = 0
+    skipped = swallowed = 0
 
     def on_bad_row(row: Any) -> str:
-        nonlocal skipped
+        nonlocal skipped, swallowed
         if rules.bad_rows != "skip":
             rejected.append(row)
             return "error"
-        # an unterminated quote runs on over the following lines: each one is dropped
-        lines = str(row.text).splitlines() or [""]
-        skipped += len(lines)
-        origin.skip(str(row.text))
+        text = str(row.text)
+        skipped += 1  # one record, however many lines its quoted fields span
+        if quote_left_open(text):
+            # a quote that never closes runs on over the following lines, each of which
+            # would have been a row: they are counted one by one (blank lines aside)
+            swallowed += sum(1 for line in text.splitlines()[1:] if line.strip())
+        origin.skip(text)
         return "skip"
 
     parse = pcsv.ParseOptions(invalid_row_handler=on_bad_row)
@@ -106,8 +114,11 @@ def csv_batches(path: Path, rules: ReadRules, *, names: tuple[str, ...] | None =
         if not isinstance(source, Path):
             source.close()
         add_count(rules.dropped, MALFORMED, skipped)
+        add_count(rules.dropped, UNCLOSED_QUOTE, swallowed)
         if skipped:
-            logger.warning("%s: %d malformed rows skipped", path, skipped)
+            logger.warning("%s: %d malformed rows skipped%s", path, skipped,
+                           f" and {swallowed:,} lines read into an unclosed quote's row"
+                           if swallowed else "")
     if offset == 0:
         empty = pd.DataFrame({c: pd.Series(dtype=STRING) for c in usecols or columns})
         yield 0, empty
@@ -119,16 +130,32 @@ def _malformed(origin: Origin, row: Any) -> DataError:
     where = f"line {line}" if line is not None else "a line"
     text = lines[0]
     shown = repr(text if len(text) <= 80 else text[:77] + "...")
-    if len(lines) > 1:
+    if quote_left_open(str(row.text)):
         problem = (f"{where} ({shown}) opens a quote that is not closed: the next "
                    f"{len(lines) - 1:,} line(s) were read into the same row")
     else:
+        span = f", a quoted field running over {len(lines)} lines" if len(lines) > 1 else ""
         problem = (f"{where} has {row.actual_columns} field(s), expected "
-                   f"{row.expected_columns} ({shown}): the row is cut or malformed (a "
-                   "missing or extra separator, or an unterminated quote)")
+                   f"{row.expected_columns} ({shown}{span}): the row is cut or malformed "
+                   "(a missing or extra separator, or an unterminated quote)")
     return DataError(
         f"{origin}: {problem}. Fix the line, or read with bad_rows='skip' (CLI: "
         "--bad-rows skip) to drop such rows and count them")
+
+
+def quote_left_open(text: str) -> bool:
+    """Whether a record's text ends inside a quoted field, as pyarrow reads it: a quote
+    opens a field only at its start (elsewhere it is text), ``""`` inside is a quote."""
+    pos, end = 0, len(text)
+    while pos <= end:
+        quoted = _QUOTED.match(text, pos)
+        if quoted:
+            if quoted.group(1) is None:
+                return True
+            pos = quoted.end()
+        after = _SEPARATOR.search(text, pos)  # the field's end
+        pos = after.end() if after else end + 1
+    return False
 
 
 def csv_header(path: Path) -> list[str]:

@@ -24,8 +24,8 @@ from common.io.csv_reader import ReadRules
 from common.io.files import is_parquet, regular_or_folder
 from common.io.results import (
     DUPLICATE,
-    MALFORMED,
     OUTSIDE_WINDOW,
+    PARSE_DROPS,
     EventLog,
     LoadReport,
     add_count,
@@ -134,7 +134,8 @@ def _load_interventions(path: Path, chunksize: int, report: LoadReport, bad_rows
         parts.append(validate_interventions(chunk, rules.origin or str(path), offset=offset,
                                             window=window, merchants=merchants))
         report.interventions_read += len(chunk)
-    report.interventions_read += report.interventions_dropped.get(MALFORMED, 0)
+    report.interventions_read += sum(report.interventions_dropped.get(k, 0)
+                                     for k in PARSE_DROPS)
     interventions = pd.concat(parts, ignore_index=True) if parts else empty_interventions()
     merchants.check(rules.origin or str(path), interventions["merchant_id"])
     return interventions
@@ -163,7 +164,9 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
     bad_rows : {"error", "skip"}
         "error" raises on a CSV row with the wrong number of fields (a cut last line,
         an unterminated quote), naming its file line; "skip" drops such rows and
-        counts them in the report under :data:`MALFORMED`.
+        counts them in the report under :data:`MALFORMED` (a record once, however
+        many lines its quoted fields span), and under :data:`UNCLOSED_QUOTE` each
+        line a quote that never closes read into its row.
 
     Returns
     -------
@@ -233,7 +236,7 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         keep = in_window(frame["timestamp"], lo, hi)
         add_count(report.dropped, OUTSIDE_WINDOW, (~keep).sum())
         parts.append(frame.loc[keep, list(EVENT_COLUMNS)])
-    report.rows_read += report.dropped.get(MALFORMED, 0)  # parsed, then dropped
+    report.rows_read += sum(report.dropped.get(k, 0) for k in PARSE_DROPS)  # then dropped
     if report.rows_read == 0:
         raise DataError(f"{report.path}: no data rows (the file has a header only)")
     events = pd.concat(parts, ignore_index=True) if parts else empty_events()
