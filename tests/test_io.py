@@ -259,6 +259,33 @@ def test_null_tokens_are_missing_ids_and_float_exported_ids_read_as_integers(
     assert set(load_events(mixed, chunksize=1).events["user_id"]) == {"3", "4", "x7"}
 
 
+def test_ids_a_spreadsheet_wrote_in_scientific_notation_are_refused(tmp_path: Path) -> None:
+    # Excel writes a long numeric id as 1.23457E+11: three customers read as one, and
+    # two of their rows were then dropped as exact duplicates, without a word.
+    rows = "".join(f"{u},2017-11-25,view,{c}\n" for u, c in
+                   (("1.23457E+11", "7"), ("1.23457E+11", "7"), ("1.23457E+11", "7")))
+    path = write(tmp_path / "excel.csv", "user_id,timestamp,event,category_id\n" + rows)
+    with pytest.raises(DataError, match=r"excel\.csv: column 'user_id' has id\(s\) written in "
+                                        r"scientific notation .*data rows 1 \('1\.23457E\+11'\)"
+                                        r".*\(file lines 2, 3, 4\); expected .*as text"):
+        load_events(path)
+    for column, cell in (("item_id", "9E+12"), ("merchant_id", "-4.2e+07"),
+                         ("category_id", "1.5e-3")):
+        other = write(tmp_path / "other.csv", f"user_id,timestamp,event,{column}\n"
+                                              f"a,2017-11-25,view,x\nb,2017-11-26,view,{cell}\n")
+        with pytest.raises(DataError, match=rf"'{column}' has id\(s\) written in scientific"
+                                            r".*data row 2 .*file line 3"):
+            load_events(other)
+    iv = write(tmp_path / "iv.csv", "user_id,timestamp,action\n1.2E+11,2017-11-25,coupon\n")
+    ok = write(tmp_path / "ok.csv", "user_id,timestamp,event\n1.2E+11x,2017-11-25,view\n")
+    with pytest.raises(DataError, match=r"iv\.csv: column 'user_id' has id\(s\) written in"):
+        load_events(ok, interventions_path=iv)
+    # codes that only look alike stay ids: no exponent sign, letters around, no mantissa
+    codes = write(tmp_path / "codes.csv", "user_id,timestamp,event,item_id\n" + "".join(
+        f"u,2017-11-2{i},view,{c}\n" for i, c in enumerate(["1E5", "E+11", "12E+3", "2.5E+1a"])))
+    assert sorted(load_events(codes).events["item_id"]) == ["12E+3", "1E5", "2.5E+1a", "E+11"]
+
+
 def test_a_row_without_a_merchant_beside_named_merchants_is_refused(tmp_path: Path) -> None:
     # Such a row became merchant "local": one merchant more in a pooled log.
     path = write(tmp_path / "m.csv", "user_id,timestamp,event,merchant_id\n"
