@@ -286,6 +286,24 @@ def test_ids_a_spreadsheet_wrote_in_scientific_notation_are_refused(tmp_path: Pa
     assert sorted(load_events(codes).events["item_id"]) == ["12E+3", "1E5", "2.5E+1a", "E+11"]
 
 
+def test_unix_times_a_spreadsheet_rounded_are_refused(tmp_path: Path) -> None:
+    # Excel writes 1509530400000 (ms) as 1.50953E+12: the times were read 10,000 s
+    # apart at best, 2.8 hours off, without a word.
+    rows = "".join(f"u{i},{t},view\n" for i, t in
+                   enumerate(["1509530400000", "1.50953E+12", "1.5095304e+09"]))
+    path = write(tmp_path / "excel.csv", "user_id,timestamp,event\n" + rows)
+    with pytest.raises(DataError, match=r"excel\.csv: column 'timestamp' has unix time\(s\) "
+                                        r"written in scientific notation.*data rows 2 "
+                                        r"\('1\.50953E\+12'\), 3 \('1\.5095304e\+09'\) "
+                                        r"\(file lines 3, 4\); expected .*in full"):
+        load_events(path)
+    # written to the second (or finer), scientific notation is read as the number it is
+    exact = write(tmp_path / "exact.csv", "user_id,timestamp,event\n"
+                                          "a,1.509530400e+09,view\nb,1.509530400123E+12,view\n")
+    assert [str(t) for t in load_events(exact).events["timestamp"]] == [
+        "2017-11-01 10:00:00+00:00", "2017-11-01 10:00:00.123000+00:00"]
+
+
 def test_a_row_without_a_merchant_beside_named_merchants_is_refused(tmp_path: Path) -> None:
     # Such a row became merchant "local": one merchant more in a pooled log.
     path = write(tmp_path / "m.csv", "user_id,timestamp,event,merchant_id\n"

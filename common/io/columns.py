@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from common.io.errors import Origin, column_error
 from common.io.results import add_count
 from common.schema import DEFAULT_MERCHANT, STRING, DataError
-from common.timestamps import NUMBER, iso_to_ns, numbers_to_ns
+from common.timestamps import MS_THRESHOLD, NUMBER, iso_to_ns, numbers_to_ns
 
 #: pyarrow -> pandas types for ``to_pandas``: text becomes pyarrow-backed strings.
 STRING_TYPES = {pa.string(): STRING, pa.large_string(): STRING}
@@ -92,6 +92,31 @@ def _numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return values.to_numpy(zero_copy_only=False), looks.to_numpy(zero_copy_only=False)
 
 
+#: A number in scientific notation: its mantissa's digits after the point, its exponent.
+_SCIENTIFIC = r"^[-+]?[0-9]*(?:\.(?P<digits>[0-9]*))?[eE](?P<sign>[-+]?)(?P<exponent>[0-9]{1,4})$"
+
+
+def _rounded_times(text: pa.Array, values: np.ndarray, is_num: np.ndarray,
+                   unit: str | None) -> np.ndarray:
+    """Unix times in scientific notation whose last digit is coarser than a second: a
+    spreadsheet keeps 6 digits, so 1509530400000 ms is written 1.50953E+12 (2.8 h)."""
+    if not is_num.any():  # ISO-8601 text: nothing to scan
+        return np.zeros(len(text), dtype=bool)
+    scientific = pc.fill_null(pc.match_substring_regex(text, _SCIENTIFIC), False)
+    if not pc.any(scientific).as_py():
+        return np.zeros(len(text), dtype=bool)
+    parts = pc.extract_regex(pc.if_else(scientific, text, pa.scalar("0e0", text.type)),
+                             _SCIENTIFIC)
+    digits = pc.utf8_length(pc.fill_null(parts.field("digits"), "")).to_numpy(
+        zero_copy_only=False)
+    exponent = pc.cast(parts.field("exponent"), pa.int64()).to_numpy(zero_copy_only=False)
+    exponent = np.where(pc.equal(parts.field("sign"), "-").to_numpy(zero_copy_only=False),
+                        -exponent, exponent)
+    millis = np.abs(values) > MS_THRESHOLD if unit is None else np.full(len(text), unit == "ms")
+    step = exponent - digits - np.where(millis, 3, 0)  # the last digit's place, in seconds
+    return scientific.to_numpy(zero_copy_only=False) & (step > 0)
+
+
 def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
                      unit: str | None = None, used: np.ndarray | None = None) -> pd.Series:
     """Parse to ``datetime64[ns, UTC]``: datetimes, ISO-8601 strings or unix numbers.
@@ -117,6 +142,13 @@ def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,
     else:
         text = _text(raw)
         values, is_num = _numbers(text)
+        rounded = _rounded_times(text, values, is_num, unit) & used
+        if rounded.any():
+            raise column_error(source, column, rounded, raw, "unix time(s) written in "
+                               "scientific notation, rounded coarser than a second (a "
+                               "spreadsheet keeps 6 digits: 1509530400000 becomes 1.50953E+12)",
+                               "unix times written in full (a whole-number column format "
+                               "before exporting) or ISO-8601 text", offset)
     ns = np.full(len(raw), np.iinfo(np.int64).min, dtype=np.int64)  # NaT
     if is_num.any():
         exact, ok = numbers_to_ns(values, is_num, unit)
