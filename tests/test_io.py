@@ -231,6 +231,28 @@ def test_interventions_file(tmp_path: Path) -> None:
         load_events(events, interventions_path=future)
 
 
+def test_an_interventions_file_of_another_separator_or_without_rows_is_named(
+        tmp_path: Path) -> None:
+    events = write(tmp_path / "log.csv", "user_id,timestamp,event\na,2017-11-25,view\n")
+    # semicolons and decimal commas: it said "line 2 has 2 field(s), expected 1"
+    semi = write(tmp_path / "semi.csv", "user_id;timestamp;action;propensity\n"
+                                        "a;2017-11-25;coupon;0,5\n")
+    with pytest.raises(DataError, match=r"semi\.csv: missing required column\(s\) 'user_id', "
+                                        r".*separated by semicolons"):
+        load_events(events, interventions_path=semi)
+    # a header only: no interventions, and the summary said nothing of the file
+    empty = write(tmp_path / "empty.csv", "user_id,timestamp,action\n")
+    log = load_events(events, interventions_path=empty)
+    assert len(log.interventions) == 0
+    assert (f"  interventions: none ({empty} has a header only): no action's effect can be "
+            "learnt from it") in log.report.summary_lines()
+    assert not any(line.startswith("  interventions")
+                   for line in load_events(events).report.summary_lines())
+    (tmp_path / "ivs").mkdir()
+    with pytest.raises(DataError, match=r"ivs: is a folder, not an interventions file"):
+        load_events(events, interventions_path=tmp_path / "ivs")
+
+
 def test_null_tokens_are_missing_ids_and_float_exported_ids_read_as_integers(
         tmp_path: Path) -> None:
     # "NULL" or "\\N" in user_id made one pseudo-customer holding every such row.

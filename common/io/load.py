@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from common.io.canonical import iter_canonical
-from common.io.columns import MerchantRows, as_arrow
+from common.io.columns import MerchantRows, as_arrow, require_columns
 from common.io.completejourney import (
     CJ_NAMES,
     CJ_RETURN,
@@ -32,9 +32,14 @@ from common.io.results import (
 )
 from common.io.retailrocket import RETAILROCKET_EVENTS, RETAILROCKET_NAMES, iter_retailrocket
 from common.io.sniff import FORMATS, detect_format, sniff
-from common.io.tables import read_table
+from common.io.tables import column_names, read_table
 from common.io.taobao import TAOBAO_EVENTS, iter_taobao
-from common.io.validation import canonicalise, in_window, validate_interventions
+from common.io.validation import (
+    REQUIRED_INTERVENTION_COLUMNS,
+    canonicalise,
+    in_window,
+    validate_interventions,
+)
 from common.schema import (
     DEFAULT_MERCHANT,
     EVENT_COLUMNS,
@@ -127,6 +132,12 @@ def _load_interventions(path: Path, chunksize: int, report: LoadReport, bad_rows
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such interventions file")
     regular_or_folder(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an interventions file")
+    # checked before the rows, whose field count a file of another separator breaks
+    require_columns(str(path), column_names(path), REQUIRED_INTERVENTION_COLUMNS,
+                    "the interventions log")
+    report.interventions_path = str(path)
     parts = []
     rules = ReadRules(chunksize, bad_rows, report.interventions_dropped)
     merchants = MerchantRows()

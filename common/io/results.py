@@ -27,6 +27,8 @@ class LoadReport:
     rows_kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     filled: dict[str, int] = field(default_factory=dict)
+    #: the interventions file read, if one was given (Complete Journey's come from its folder)
+    interventions_path: str | None = None
     interventions_read: int = 0
     interventions_kept: int = 0
     interventions_dropped: dict[str, int] = field(default_factory=dict)
@@ -49,6 +51,9 @@ class LoadReport:
             lines += [f"    dropped {n:,} interventions: {why}"
                       for why, n in self.interventions_dropped.items() if n]
             lines += self._intervention_notes()
+        elif self.interventions_path is not None:
+            lines.append(f"  interventions: none ({self.interventions_path} has a header only): "
+                         "no action's effect can be learnt from it")
         return lines
 
     def _intervention_notes(self) -> list[str]:

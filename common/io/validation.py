@@ -60,6 +60,7 @@ def _plain_values(df: pd.DataFrame, source: str, offset: int,
                                "value", offset)
 
 
+REQUIRED_INTERVENTION_COLUMNS = ("user_id", "timestamp", "action")
 _ID_COLUMNS = ("user_id", "item_id", "category_id", "merchant_id")
 
 
@@ -275,7 +276,7 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
     """
     no_repeats(source, df.columns, "frame's columns")
     df = df.rename(columns=lambda c: str(c).strip().lower())
-    require_columns(source, df.columns, ("user_id", "timestamp", "action"), "the interventions log")
+    require_columns(source, df.columns, REQUIRED_INTERVENTION_COLUMNS, "the interventions log")
     _exact_float_ids(df, source, offset)
     _rounded_ids(df, source, offset)
     user = as_string(df["user_id"])
