@@ -221,6 +221,28 @@ def test_truncated_compressed_files(tmp_path: Path, suffix: str, compress: objec
     assert cut.name in message and "truncated or corrupt" in message
 
 
+def test_a_file_whose_name_says_another_format_is_named_for_what_it_is(
+        tmp_path: Path) -> None:
+    # It said the gzip data was "truncated or corrupt ... re-download", or Parquet's
+    # "magic bytes not found in footer".
+    text = (HEADER + GOOD).encode()
+    pd.read_csv(write(tmp_path / "t.csv", HEADER + GOOD)).to_parquet(tmp_path / "real.parquet")
+    parquet = (tmp_path / "real.parquet").read_bytes()
+    for name, data, said in (
+            ("pq.csv.gz", parquet, r"is a Parquet file, not gzip data: give it a \.parquet name"),
+            ("plain.csv.gz", text, r"is plain text, not gzip data: give it a \.csv name"),
+            ("gz.csv.bz2", gzip.compress(text), r"is gzip data, not bz2 data: give it a "
+                                                r"\.csv\.gz name"),
+            ("text.parquet", text, r"is plain text, not a Parquet file: give it a \.csv name"),
+            ("gz.parquet", gzip.compress(text), r"is gzip data, not a Parquet file: give it a "
+                                                r"\.csv\.gz name")):
+        (tmp_path / name).write_bytes(data)
+        assert re.search(rf"{re.escape(name)}: {said}$", error_of(tmp_path / name)), name
+    # a file of the format its name says, but damaged, is still called damaged
+    (tmp_path / "cut.parquet").write_bytes(parquet[:-20])
+    assert "not a readable Parquet file" in error_of(tmp_path / "cut.parquet")
+
+
 def test_zip_archives(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "log.zip", "w") as archive:
         archive.writestr("log.csv", HEADER + GOOD)

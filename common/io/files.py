@@ -57,10 +57,39 @@ def compression(path: Path) -> str | None:
 READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile)
 
 
+#: What a file's first bytes say it is, and the name to give it.
+_MAGIC = ((b"PAR1", "a Parquet file", ".parquet"), (b"\x1f\x8b", "gzip data", ".csv.gz"),
+          (b"BZh", "bz2 data", ".csv.bz2"), (b"\xfd7zXZ\x00", "xz data", ".csv.xz"),
+          (b"PK\x03\x04", "a zip archive", ".zip"))
+_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+#: what a compression suffix promises, as :data:`_MAGIC` names it
+_PROMISED = {"gzip": "gzip data", "bz2": "bz2 data", "xz": "xz data", "zip": "a zip archive"}
+
+
+def misnamed(path: Path, promised: str) -> DataError | None:
+    """An error naming what ``path`` is when its first bytes are not ``promised`` (one of
+    :data:`_MAGIC`'s names) but another known format, or plain text; None otherwise (a
+    damaged file of the promised format, or unknown bytes)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return None
+    found = next(((what, name) for magic, what, name in _MAGIC if head.startswith(magic)),
+                 None)
+    if found is None and head and (head.startswith(_BOMS) or b"\x00" not in head):
+        found = ("plain text", ".csv")
+    if found is None or found[0] == promised:
+        return None
+    return DataError(f"{path}: is {found[0]}, not {promised}: give it a {found[1]} name")
+
+
 def unreadable(path: Path, exc: BaseException) -> DataError:
     """The one message for a file whose bytes cannot be read or decompressed."""
     kind = compression(path)
     if kind:
+        if (wrong := misnamed(path, _PROMISED[kind])) is not None:
+            return wrong
         return DataError(f"{path}: the {kind} data is truncated or corrupt ({exc}); "
                          "re-download or re-compress the file")
     return DataError(f"{path}: cannot be read ({exc})")

@@ -10,8 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.io.columns import STRING_TYPES, lower_name, no_repeats
-from common.io.files import READ_ERRORS
+from common.io.files import READ_ERRORS, misnamed
 from common.schema import DataError
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    """A file named .parquet that is CSV text or compressed data says so; a damaged one
+    says pyarrow's reason."""
+    wrong = misnamed(path, "a Parquet file")
+    return wrong or DataError(f"{path}: not a readable Parquet file ({exc})")
 
 
 def parquet_columns(path: Path) -> list[str]:
@@ -19,7 +26,7 @@ def parquet_columns(path: Path) -> list[str]:
     try:
         names = pq.read_schema(path).names
     except Exception as exc:  # pyarrow raises several unrelated types here
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+        raise _unreadable(path, exc) from exc
     no_repeats(path, names, "Parquet schema")
     return names
 
@@ -30,7 +37,7 @@ def parquet_batches(path: Path, chunksize: int, wanted: tuple[str, ...]
     try:
         pfile = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several unrelated types here
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+        raise _unreadable(path, exc) from exc
     no_repeats(path, pfile.schema_arrow.names, "Parquet schema")
     columns = [c for c in pfile.schema_arrow.names if lower_name(c) in wanted]
     _check_parquet_types(path, pfile.schema_arrow, columns)
