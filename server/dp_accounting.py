@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,9 @@ ACCOUNTING = {
              "merchant; the average carries merchants_replied times the variance needed; "
              "add/remove one customer; epsilon = min(RDP, PLD)",
 }
-#: The checkpoint key holding :meth:`CustomerLedger.checkpoint_fields` (None when the
-#: run had no customer-level ledger).
+#: The checkpoint key holding the ledger's ``checkpoint_fields()`` (customer level:
+#: :class:`CustomerLedger`; merchant level: ``server.privacy.PrivacyLedger``); None when
+#: the run had no privacy ledger.
 CHECKPOINT_KEY = "privacy_ledger"
 SEEDED_NOTE = ("customer sampling and noise seeded from the run config "
                "(privacy.seeded-sampling): epsilon assumes a sample and noise nobody can "
@@ -121,6 +122,39 @@ def customer_epsilons(rate: float, noise: float, rounds: int, delta: float
         # Tiny noise: the loss distribution is too wide to discretise; RDP still answers.
         eps_pld = math.inf
     return eps_rdp, eps_pld
+
+
+def check_checkpoint(path: Path | None, checkpoint: dict[str, Any] | None, upto: int,
+                     found: int, unit: str, settings: Callable[[dict[str, Any]], str]
+                     ) -> None:
+    """Raise when round ``upto``'s ``checkpoint`` counted more released rounds than the
+    ``found`` ones the ledger ``path`` holds up to it, or was written by a run without
+    ``unit``-level accounting (its rounds released updates no ε here covers); before
+    anything is rewritten. ``settings`` gives the text of what the checkpoint's
+    :data:`CHECKPOINT_KEY` says its rounds were accounted with. Checkpoints of versions
+    that did not record the count pass."""
+    if checkpoint is None or CHECKPOINT_KEY not in checkpoint or upto <= 0:
+        return  # no checkpoint, or one of a version that did not record the count
+    counted = checkpoint[CHECKPOINT_KEY]
+    where = f"{path}: the checkpoint of round {upto}"
+    if not isinstance(counted, dict) or counted.get("unit") != unit:
+        raise ValueError(
+            f"{where} was written by a run without {unit}-level accounting "
+            "(privacy.unit / privacy.mode differ): its rounds released updates this "
+            "ledger cannot account for, so epsilon would cover only the rounds after "
+            "the resume; start a new run in another folder")
+    recorded = int(counted.get("released_rounds", 0))
+    if found < recorded:
+        state = "holds" if path is not None and path.exists() else "is missing: it holds"
+        raise ValueError(
+            f"{where} counted {recorded} released rounds ({settings(counted)}); the ledger "
+            f"{state} {found} up to it: epsilon would be under-counted. Put the run's "
+            "privacy.jsonl back, or start a new run in another folder")
+
+
+def _customer_settings(counted: dict[str, Any]) -> str:
+    return (f"{counted.get('placement')}, noise {counted.get('noise_multiplier')}, "
+            f"customer rate {counted.get('sampling_rate')}")
 
 
 class CustomerLedger:
@@ -276,13 +310,13 @@ class CustomerLedger:
         if self.path is None:
             return 0
         if not self.path.exists():
-            self._check_checkpoint(checkpoint, upto, 0)
+            check_checkpoint(self.path, checkpoint, upto, 0, "customer", _customer_settings)
             return 0
         lines, cut = jsonl.read_with_cut(self.path)
         lines = settled(lines)
-        self._check_checkpoint(checkpoint, upto, sum(
+        check_checkpoint(self.path, checkpoint, upto, sum(
             1 for line in lines if line.get("released", True)
-            and (line["round"] <= upto or line.get("lost"))))
+            and (line["round"] <= upto or line.get("lost"))), "customer", _customer_settings)
         trusted = self.dp.placement == "central"
         for line in lines:  # every line: the placement decides which ones are dropped
             self._check_placement(line.get("placement"), f"round {line.get('round')}")
@@ -316,32 +350,6 @@ class CustomerLedger:
         atomic.write_text(self.path, "".join(json.dumps(strict_json(line), allow_nan=False)
                                              + "\n" for line in kept))
         return len(kept)
-
-    def _check_checkpoint(self, checkpoint: dict[str, Any] | None, upto: int,
-                          found: int) -> None:
-        """Raise when round ``upto``'s ``checkpoint`` counted more released rounds than
-        the ``found`` ones the ledger holds up to it, or was written by a run without
-        customer-level accounting (its rounds released updates no ε here covers)."""
-        if checkpoint is None or CHECKPOINT_KEY not in checkpoint or upto <= 0:
-            return  # no checkpoint, or one of a version that did not record the count
-        counted = checkpoint[CHECKPOINT_KEY]
-        where = (f"{self.path}: the checkpoint of round {upto}")
-        if not isinstance(counted, dict) or counted.get("unit") != "customer":
-            raise ValueError(
-                f"{where} was written by a run without customer-level accounting "
-                "(privacy.unit / privacy.mode differ): its rounds released updates this "
-                "ledger cannot account for, so epsilon would cover only the rounds after "
-                "the resume; start a new run in another folder")
-        recorded = int(counted.get("released_rounds", 0))
-        if found < recorded:
-            state = "holds" if self.path is not None and self.path.exists() else \
-                "is missing: it holds"
-            raise ValueError(
-                f"{where} counted {recorded} released rounds ({counted.get('placement')}, "
-                f"noise {counted.get('noise_multiplier')}, customer rate "
-                f"{counted.get('sampling_rate')}); the ledger {state} {found} up to it: "
-                "epsilon would be under-counted. Put the run's privacy.jsonl back, or "
-                "start a new run in another folder")
 
     def _check_settings(self, line: dict[str, Any]) -> None:
         """Raise when ``line`` was accounted with another unit, customer rate, noise or

@@ -39,7 +39,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common import atomic, jsonl
 from server.config import DP_STRATEGIES, DPConfig, FederationConfig
-from server.dp_accounting import quiet_rdp
+from server.dp_accounting import CHECKPOINT_KEY, check_checkpoint, quiet_rdp
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +183,32 @@ class PrivacyLedger:
         with quiet_rdp():
             return float(self.accountant.get_epsilon(self.dp.delta()))
 
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the ledger (:data:`CHECKPOINT_KEY`): the released
+        rounds composed so far and the settings they were accounted with."""
+        return {"unit": "merchant", "mode": self.dp.mode,
+                "noise_multiplier": self.dp.noise_multiplier,
+                "clipping_norm": self.dp.clipping_norm, "population": self.population,
+                "sampling_rate": self.calibrated_for / self.population,
+                "released_rounds": self.accountant.num_releases}
+
     def replay(self, upto: int, checkpoint: dict[str, Any] | None = None) -> int:
-        """Recompose the rounds <= ``upto`` already in the file (resume); drop later ones.
-        A ledger of customer-level lines is refused (``privacy.unit`` differs).
-        ``checkpoint`` (its state) is not read: merchant-level checkpoints record no
-        count of released rounds."""
-        if self.path is None or not self.path.exists():
+        """Recompose the rounds <= ``upto`` already in the file (resume), each with the
+        noise its line records; drop later ones (the server adds the noise: it is
+        trusted, and what it saw past the checkpoint is gone with it).
+
+        ``checkpoint``, the state of round ``upto``'s checkpoint: when it holds
+        :data:`CHECKPOINT_KEY` (checkpoints of older versions do not), the ledger must
+        hold at least the released rounds it counted, else (the file deleted or cut
+        short, or DP newly enabled: ε would cover only the rounds after the resume) this
+        raises, naming the file and both counts, before anything is rewritten. A None
+        there passes when the ledger holds rounds up to ``upto``: the version before
+        this check recorded None for merchant-level runs too. A ledger of
+        customer-level lines is refused (``privacy.unit`` differs)."""
+        if self.path is None:
+            return 0
+        if not self.path.exists():
+            self._check_checkpoint(checkpoint, upto, 0)
             return 0
         kept = jsonl.read(self.path)  # a line cut by a kill: its round was not checkpointed
         for line in kept:
@@ -198,6 +218,7 @@ class PrivacyLedger:
                     f"{line.get('unit', 'customer')} level, not per merchant (privacy.unit "
                     "differs): resume with the same privacy settings")
         kept = [line for line in kept if line["round"] <= upto]
+        self._check_checkpoint(checkpoint, upto, len(kept))
         with quiet_rdp():
             for line in kept:
                 self.accountant.compose(GaussianPrivacyEvent(
@@ -207,3 +228,13 @@ class PrivacyLedger:
         atomic.write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         return len(kept)
 
+    def _check_checkpoint(self, checkpoint: dict[str, Any] | None, upto: int,
+                          found: int) -> None:
+        if checkpoint is not None and found and checkpoint.get(CHECKPOINT_KEY, {}) is None:
+            return  # a merchant-level run of the version that recorded None
+        check_checkpoint(self.path, checkpoint, upto, found, "merchant", _settings)
+
+
+def _settings(counted: dict[str, Any]) -> str:
+    return (f"{counted.get('mode')}, noise {counted.get('noise_multiplier')}, sampling "
+            f"rate {counted.get('sampling_rate')}")

@@ -20,7 +20,7 @@ from common.progress import SILENT, Task
 from common.snapshots import Snapshots
 from server.checkpoint import save_checkpoint, strategy_state
 from server.config import ServerSettings
-from server.dp_accounting import CHECKPOINT_KEY, CustomerLedger
+from server.dp_accounting import CHECKPOINT_KEY
 from server.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -174,14 +174,14 @@ class RoundRecorder:
         return line
 
     def _checkpoint(self, g: int, weights: list[np.ndarray]) -> None:
-        # The customer-level ledger's count: a resume refuses a ledger holding fewer.
+        # The privacy ledger's count (customer or merchant level): a resume refuses a
+        # ledger holding fewer.
         ledger = self.parts.ledger
         save_checkpoint(self.ckpt_dir, g, {
             "weights": weights, "strategy": strategy_state(self.parts.strategy),
             "selection": dataclasses.asdict(self.selection),
             "clipping_norm": self.parts.clipping_norm,
-            CHECKPOINT_KEY: ledger.checkpoint_fields()
-            if isinstance(ledger, CustomerLedger) else None},
+            CHECKPOINT_KEY: None if ledger is None else ledger.checkpoint_fields()},
             keep=self.settings.federation.keep_checkpoints)
 
     def _clipping_norm(self) -> float:

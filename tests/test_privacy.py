@@ -148,6 +148,72 @@ def test_ledger_epsilon_grows_and_matches_dp_accounting(tmp_path: Path, populati
     assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 2
 
 
+def test_a_resume_refuses_a_merchant_ledger_missing_rounds_its_checkpoint_counted(
+        tmp_path: Path) -> None:
+    # privacy.jsonl deleted or cut short before a resume from round 3's checkpoint:
+    # replay found no line and epsilon covered only the rounds after the resume.
+    from server.checkpoint import save_checkpoint
+    from server.config import settings_from_flat
+    from server.dp_accounting import CHECKPOINT_KEY
+    from server.recorder import RoundRecorder, Selection
+    from server.resume import start_state
+    from server.runner import Runner
+
+    dp, path, weights = DPConfig(mode="server-fixed"), tmp_path / "privacy.jsonl", [np.zeros(2)]
+    strategy = build_strategy(FederationConfig(), 0)
+    spent = PrivacyLedger(dp, 8, 4, path)
+    for r in (1, 2, 3):
+        spent.record(r, 4, 4, 1.0)
+    text = path.read_text()
+    recorder = RoundRecorder(settings_from_flat({"privacy.mode": "server-fixed"}), tmp_path,
+                             Runner(strategy, strategy, spent), None, done=0,
+                             selection=Selection(), weights=weights)
+    recorder._checkpoint(3, weights)  # what every round's checkpoint records
+
+    def resume(mode: str = "server-fixed") -> PrivacyLedger:
+        ledger = PrivacyLedger(DPConfig(mode=mode), 8, 4, path)
+        assert start_state(tmp_path, True, Runner(strategy, strategy, ledger),
+                           weights)[0] >= 3
+        return ledger
+
+    path.unlink()
+    with pytest.raises(ValueError, match=rf"^{path}: the checkpoint of round 3 counted 3 "
+                                         r"released rounds \(server-fixed, noise 1.0, "
+                                         r"sampling rate 0.5\); the ledger is missing: it "
+                                         r"holds 0 up to it: epsilon would be under-counted"):
+        resume()
+    path.write_text(text.split("\n")[0] + "\n")  # round 1's line only
+    with pytest.raises(ValueError, match=r"counted 3 released rounds .*; the ledger holds 1 "
+                                         r"up to it"):
+        resume("adaptive")
+    assert path.read_text() == text.split("\n")[0] + "\n"  # nothing rewritten
+    path.write_text(text)
+    assert resume().epsilon == pytest.approx(spent.epsilon)  # the whole ledger: resumed
+
+    def checkpoint(g: int, **ledger: Any) -> None:
+        save_checkpoint(tmp_path / "checkpoints", g, {
+            "weights": weights, "strategy": {}, "clipping_norm": None,
+            "selection": {}, **ledger}, keep=5)
+
+    # A run without DP resumed with it: its rounds released unnoised updates.
+    checkpoint(4, **{CHECKPOINT_KEY: None})
+    path.unlink()
+    with pytest.raises(ValueError, match="the checkpoint of round 4 was written by a run "
+                                         "without merchant-level accounting"):
+        resume()
+    # ... unless the ledger holds its rounds (the version before this check wrote None
+    # for a merchant-level run too).
+    path.write_text(text)
+    assert resume().epsilon == pytest.approx(spent.epsilon)
+    checkpoint(5, **{CHECKPOINT_KEY: {"unit": "customer", "released_rounds": 3}})
+    with pytest.raises(ValueError, match="the checkpoint of round 5 was written by a run "
+                                         "without merchant-level accounting"):
+        resume()
+    checkpoint(6)  # a checkpoint of an older version, without the count: as before
+    path.unlink()
+    assert resume().epsilon == 0.0
+
+
 def test_ledger_hides_the_accountants_per_order_warnings(caplog: pytest.LogCaptureFixture
                                                         ) -> None:
     # At low noise and a high rate RDP skips its low fractional orders, warning once per
