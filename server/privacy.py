@@ -194,7 +194,8 @@ class PrivacyLedger:
 
     def replay(self, upto: int, checkpoint: dict[str, Any] | None = None) -> int:
         """Recompose the rounds <= ``upto`` already in the file (resume), each with the
-        noise its line records; drop later ones (the server adds the noise: it is
+        noise and at (at least) the sampling rate its line records, whatever this run's
+        settings and population; drop later ones (the server adds the noise: it is
         trusted, and what it saw past the checkpoint is gone with it).
 
         ``checkpoint``, the state of round ``upto``'s checkpoint: when it holds
@@ -219,14 +220,29 @@ class PrivacyLedger:
                     "differs): resume with the same privacy settings")
         kept = [line for line in kept if line["round"] <= upto]
         self._check_checkpoint(checkpoint, upto, len(kept))
+        moved = [line for line in kept if line.get("population", self.population)
+                 != self.population]
+        if moved:
+            log.warning("%s: %d rounds were sampled from a population of %s merchants and "
+                        "this run's is %d: each is accounted at its own sampling rate "
+                        "(rounded up where this population cannot give it exactly)",
+                        self.path, len(moved), moved[0]["population"], self.population)
         with quiet_rdp():
             for line in kept:
                 self.accountant.compose(GaussianPrivacyEvent(
-                    noise_multiplier=line["noise_multiplier"], sample_size=line["sampled"],
-                    population_size=self.population))
+                    noise_multiplier=line["noise_multiplier"],
+                    sample_size=self._sample_size(line), population_size=self.population))
         self.epsilon = self.spent() if kept else 0.0
         atomic.write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         return len(kept)
+
+    def _sample_size(self, line: dict[str, Any]) -> int:
+        """The sample out of this run's population that gives ``line``'s round at least
+        the rate it was released at (``sampled / population`` of its line: merchants may
+        have joined or left before a resume, and a lower rate would under-count ε)."""
+        theirs = int(line.get("population", self.population))
+        return min(max(-(-int(line["sampled"]) * self.population // theirs), 1),
+                   self.population)
 
     def _check_checkpoint(self, checkpoint: dict[str, Any] | None, upto: int,
                           found: int) -> None:

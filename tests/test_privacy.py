@@ -214,6 +214,40 @@ def test_a_resume_refuses_a_merchant_ledger_missing_rounds_its_checkpoint_counte
     assert resume().epsilon == 0.0
 
 
+def test_a_resume_counts_each_round_at_its_own_noise_and_sampling_rate(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A deployment may resume with other privacy settings or with merchants joined or
+    # gone: the rounds already released keep the noise and rate they were released with.
+    # Recomposed at this run's population, 4 of 8 sampled read as 4 of 16 and epsilon
+    # fell from 6.48 to 4.42 (to 1.63 at 100 merchants).
+    path = tmp_path / "privacy.jsonl"
+    spent = PrivacyLedger(DPConfig(mode="server-fixed"), 8, 4, path)
+    for r in (1, 2, 3):
+        spent.record(r, 4, 4, 1.0)
+    text = path.read_text()
+
+    def resumed(population: int, sampled: int, **dp: Any) -> float:
+        path.write_text(text)
+        ledger = PrivacyLedger(DPConfig(**{"mode": "server-fixed", **dp}), population,
+                               sampled, path)
+        assert ledger.replay(upto=3) == 3
+        return ledger.epsilon
+
+    # Another noise or mode: each line is recomposed with the noise it records.
+    assert resumed(8, 4, mode="adaptive", noise_multiplier=2.0) == \
+        pytest.approx(spent.epsilon, rel=1e-9)
+    with caplog.at_level("WARNING"):
+        for population in (16, 100, 4):  # 4 of 8 is 8 of 16, 50 of 100, 2 of 4
+            assert resumed(population, population // 2) == \
+                pytest.approx(spent.epsilon, rel=1e-9), population
+    assert "accounted at its own sampling rate" in caplog.text
+    # A rate this population cannot give exactly is rounded up (4 of 8 as 4 of 7, not
+    # 3.5): never under.
+    assert resumed(7, 3) == pytest.approx(_direct_epsilon(4 / 7, 1.0, 3, DPConfig().delta()),
+                                          rel=1e-9)
+    assert resumed(7, 3) > spent.epsilon
+
+
 def test_ledger_hides_the_accountants_per_order_warnings(caplog: pytest.LogCaptureFixture
                                                         ) -> None:
     # At low noise and a high rate RDP skips its low fractional orders, warning once per
