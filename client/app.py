@@ -18,7 +18,8 @@ from flwr.clientapp import ClientApp
 
 from client.arrays import array_record
 from client.attribution import attribution_reply, wants_attributions
-from client.config import ClientSettings, cached_settings
+from client.channel import SOCKET_KEY
+from client.config import ClientSettings, NodeConfigError, cached_settings, check_node_config
 from client.customer_dp import SEEDED_REFUSED, seeded_refusal
 from client.faults import SIMULATED_DROPOUT, simulated_fault
 from client.handoff import ChannelError, ask_trainer, trainer_socket
@@ -73,6 +74,19 @@ def data_error_reply(msg: Message, err: Exception) -> Message:
                        "the reason is in this merchant's SuperNode log")
 
 
+def node_config_reply(msg: Message, context: Context) -> Message | None:
+    """An error reply when this node's ``--node-config`` cannot be used
+    (:func:`client.config.check_node_config`), else None. The full reason is logged
+    here; the server hears only the key."""
+    try:
+        check_node_config(context.node_config)
+    except NodeConfigError as err:
+        log.error("%s", err)
+        return error_reply(msg, DATA_ERROR, f"merchant node config rejected (key {err.key!r});"
+                           " the reason is in this merchant's SuperNode log")
+    return None
+
+
 def merchant_data(
     context: Context,
     flat: Mapping[str, Any] | None,
@@ -104,7 +118,10 @@ def warm_reply(msg: Message, context: Context, kind: str, run_config: Mapping[st
     logged): the caller then does the work in this process."""
     sock = trainer_socket(context.node_config)
     if sock is None:
-        if "data-path" in context.node_config:
+        if context.node_config.get(SOCKET_KEY):  # asked for: stopped, or its socket removed
+            log.warning("no warm trainer listens at %s=%s: %s in this process", SOCKET_KEY,
+                        context.node_config[SOCKET_KEY], kind)
+        elif "data-path" in context.node_config:
             log.info("no warm trainer listening for this node: %s in this process", kind)
         return None
     config: Mapping[str, Any] = msg.content.config_records.get("config") or {}
@@ -144,6 +161,8 @@ def handle_train(msg: Message, context: Context, data: MerchantData,
     merchant's warm trainer when one listens; ``weights``, the message's tensors when
     the caller read them already (a node serving several merchants)."""
     timer = HandlerTimer()
+    if (refused := node_config_reply(msg, context)) is not None:
+        return refused
     refusal = seeded_refusal(msg.content.config_records.get("config") or {},
                              context.node_config)
     if refusal is not None:  # before any hand-off: the warm trainer never sees it
@@ -183,6 +202,8 @@ def handle_evaluate(msg: Message, context: Context, data: MerchantData,
     error (data, no held-out rows); through the warm trainer when one listens;
     ``weights`` as in :func:`handle_train`."""
     timer = HandlerTimer()
+    if (refused := node_config_reply(msg, context)) is not None:
+        return refused
     # Attributions (client.attribution) and the head refit's sums (client.head_refit)
     # are computed here, never by the warm trainer.
     asked = msg.content.config_records.get("config")

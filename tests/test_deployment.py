@@ -27,6 +27,7 @@ import time
 import zipfile
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -177,6 +178,84 @@ def test_client_rejects_a_bad_file_before_importing_tensorflow(tmp_path: Path) -
                      "unknown or missing event name(s) at data row 1 ('page_view') (file line "
                      "2); expected "
                      "one of view, click, cart, favorite, purchase"], done.stderr
+
+
+def _train_message(run_config: dict[str, Any], node_config: dict[str, Any]) -> tuple[Any, Any]:
+    """A server's train message for round 1 and a deployed node's Context."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Metadata, RecordDict
+    from flwr.app.message.message import make_message
+
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config,
+                      node_config=node_config)
+    meta = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7,
+                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600,
+                    message_type="train")
+    content = RecordDict({"arrays": ArrayRecord([]),
+                          "config": ConfigRecord({"server-round": 1})})
+    return make_message(meta, content), context
+
+
+@pytest.mark.parametrize(("extra", "key", "logged"), [
+    ({"interventions_path": "/data/interventions.csv"}, "interventions_path",
+     "did you mean 'interventions-path'?"),
+    ({"head_refit": False}, "head_refit", "did you mean 'head-refit'?"),
+    ({"head-refit": "flase"}, "head-refit", "'flase' is neither a yes"),
+    ({"fromat": "taobao"}, "fromat", "did you mean 'format'?"),
+    ({"trainer_socket": "/run/m.sock"}, "trainer_socket", "did you mean 'trainer-socket'?"),
+    ({"colour": "red"}, "colour", "a merchant's node takes data-path, format,"),
+    ({"data-path": "events.csv"}, "data-path", "'events.csv' is not an absolute path"),
+    ({"data-path": ""}, "data-path", "'' is not an absolute path"),
+])
+def test_a_misspelt_or_bad_node_config_key_fails_the_reply_by_name(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, extra: dict[str, Any], key: str,
+        logged: str) -> None:
+    """A deployed node's unknown key was ignored without a word (a misspelt
+    ``interventions-path`` trained without the interventions, a misspelt ``head-refit``
+    joined the refit the merchant meant to decline): the reply now fails naming the key
+    to the server, and the merchant's log says what was expected."""
+    from client.app import make_client_app
+
+    good = tmp_path / "events.csv"
+    good.write_text("user_id,timestamp,event\nu1,2025-01-01T10:00:00Z,view\n")
+    node = {"data-path": str(good), "format": "canonical", **extra}
+    msg, context = _train_message({"experiment.preset": "quick",
+                                   "federation.mode": "deployment"}, node)
+    with caplog.at_level("ERROR", logger="client.app"):
+        reply = make_client_app(resolve=deployment_config)(msg, context)
+    assert reply.has_error() and reply.error.code == 100
+    assert reply.error.reason == (f"merchant node config rejected (key {key!r}); the reason "
+                                  "is in this merchant's SuperNode log")
+    assert f"node config key {key!r}: " in caplog.text and logged in caplog.text
+
+
+def test_good_node_configs_pass_the_check(tmp_path: Path) -> None:
+    from client.config import NodeConfigError, check_node_config
+
+    check_node_config({"data-path": "/data/events.csv", "format": "canonical",
+                       "interventions-path": "/data/i.csv", "trainer-socket": "~/m.sock",
+                       "head-refit": False})
+    for refit in (True, "off", "No", 0, "1"):
+        check_node_config({"data-path": "/data/events.csv", "head-refit": refit})
+    check_node_config({"partition-id": 3, "num-partitions": 10})  # a simulation's node
+    check_node_config({})  # the loader names the missing data-path
+    with pytest.raises(NodeConfigError, match="'data_path': unknown: did you mean 'data-path'"):
+        check_node_config({"data_path": "/data/events.csv"})
+
+
+def test_a_named_trainer_socket_nobody_listens_on_is_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A merchant who names its trainer's socket and whose trainer stopped (or lost its
+    socket) hears it as a warning, not as the info line of a node without a trainer."""
+    from client.app import warm_reply
+    from client.timer import HandlerTimer
+
+    sock = tmp_path / "gone.sock"
+    msg, context = _train_message({}, {"data-path": str(tmp_path / "e.csv"),
+                                       "trainer-socket": str(sock)})
+    with caplog.at_level("INFO", logger="client.app"):
+        assert warm_reply(msg, context, "train", {}, HandlerTimer()) is None
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", f"no warm trainer listens at trainer-socket={sock}: train in this process")]
 
 
 def test_fab_leaves_out_environment_and_outputs() -> None:
