@@ -12,6 +12,7 @@ import pytest
 from common.io import (
     FORMATS,
     LoadReport,
+    csv_reader,
     detect_format,
     load_events,
     validate_events,
@@ -526,6 +527,24 @@ def test_line_numbers_step_over_skipped_multiline_records_and_long_fields(
     assert csv.field_size_limit() == limit  # restored
     ok = write(tmp_path / "ok.csv", header + f"u1,2017-11-25,view,{field}\n")
     assert load_events(ok).events["item_id"].str.len().tolist() == [200_004]
+
+
+def test_quoted_line_breaks_load_across_parse_blocks(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # CSV is parsed in blocks (16 MB); a valid quoted line break in a file of more than
+    # one block failed the load: "CSV parser got out of sync with chunker".
+    monkeypatch.setattr(csv_reader, "_BLOCK_BYTES", 1000)
+    header = "user_id,timestamp,event,item_id\n"
+    rows = "".join(f'u{i % 3},2017-11-{1 + i % 28:02d},view,"item\n{i}"\n' for i in range(300))
+    events = load_events(write(tmp_path / "multi.csv", header + rows)).events
+    assert len(events) == 300 and set(events["item_id"]) == {f"item\n{i}" for i in range(300)}
+    # a quote never closed runs on past a block: the error names the line it opens on
+    good = "".join(f"u{i % 3},2017-11-{1 + i % 28:02d},view,x{i}\n" for i in range(100))
+    cut = write(tmp_path / "cut.csv", header + good + 'u1,2017-11-02,view,"oops\n' + good)
+    for bad_rows in ("error", "skip"):
+        with pytest.raises(DataError, match=r"cut\.csv: a quoted field opened at data row 101 "
+                                            r"\(file line 102\) is not closed"):
+            load_events(cut, bad_rows=bad_rows)
 
 
 def test_wrong_format_is_reported(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from common.io.columns import STRING_TYPES, no_repeats
-from common.io.errors import Origin
+from common.io.errors import Origin, quote_left_open
 from common.io.files import (
     READ_ERRORS,
     compression,
@@ -30,10 +29,6 @@ from common.schema import STRING, DataError
 logger = logging.getLogger(__name__)
 
 _BLOCK_BYTES = 16 << 20  # CSV bytes parsed at a time (chunks are cut from these blocks)
-#: a field as pyarrow splits one: quoted (``""`` inside is a quote) when it starts with a
-#: quote; then any text up to the next separator or line break
-_QUOTED = re.compile(r'"(?:[^"]|"")*(")?')
-_SEPARATOR = re.compile(r'[,\r\n]')
 
 
 @dataclass
@@ -81,7 +76,9 @@ def csv_batches(path: Path, rules: ReadRules, *, names: tuple[str, ...] | None =
         origin.skip(text)
         return "skip"
 
-    parse = pcsv.ParseOptions(invalid_row_handler=on_bad_row)
+    # quote-aware block ends: a quoted line break in a file of more than one block
+    # put the parser "out of sync with chunker"
+    parse = pcsv.ParseOptions(invalid_row_handler=on_bad_row, newlines_in_values=True)
     convert = pcsv.ConvertOptions(
         column_types={c: pa.string() for c in columns}, include_columns=usecols,
         null_values=[""], strings_can_be_null=True,
@@ -102,6 +99,11 @@ def csv_batches(path: Path, rules: ReadRules, *, names: tuple[str, ...] | None =
     except pa.ArrowInvalid as exc:
         if rejected:
             raise _malformed(origin, rejected[0]) from None
+        if "straddl" in str(exc) and (opened := origin.unclosed_quote()) is not None:
+            raise DataError(
+                f"{origin}: a quoted field opened at data row {opened[0] + 1:,} (file line "
+                f"{opened[1]:,}) is not closed: it runs on to the end of the file. Fix the "
+                "line (a stray '\"'?); such a row cannot be skipped") from None
         if "Empty CSV" in str(exc):
             raise DataError(f"{path}: empty file (no header and no data rows)") from exc
         if "UTF8" in str(exc) or "utf8" in str(exc).lower():
@@ -141,21 +143,6 @@ def _malformed(origin: Origin, row: Any) -> DataError:
     return DataError(
         f"{origin}: {problem}. Fix the line, or read with bad_rows='skip' (CLI: "
         "--bad-rows skip) to drop such rows and count them")
-
-
-def quote_left_open(text: str) -> bool:
-    """Whether a record's text ends inside a quoted field, as pyarrow reads it: a quote
-    opens a field only at its start (elsewhere it is text), ``""`` inside is a quote."""
-    pos, end = 0, len(text)
-    while pos <= end:
-        quoted = _QUOTED.match(text, pos)
-        if quoted:
-            if quoted.group(1) is None:
-                return True
-            pos = quoted.end()
-        after = _SEPARATOR.search(text, pos)  # the field's end
-        pos = after.end() if after else end + 1
-    return False
 
 
 def csv_header(path: Path) -> list[str]:

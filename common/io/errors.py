@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,25 @@ from common.schema import DataError
 SHOW_ROWS = 5  # offending rows quoted in an error message
 _MAX_SKIPPED_TEXTS = 10_000  # distinct skipped records remembered to number later lines
 _NEWLINE = re.compile(r"\r\n?")
+#: a field as pyarrow splits one: quoted (``""`` inside is a quote) when it starts with a
+#: quote; then any text up to the next separator or line break
+_QUOTED = re.compile(r'"(?:[^"]|"")*(")?')
+_SEPARATOR = re.compile(r'[,\r\n]')
+
+
+def quote_left_open(text: str) -> bool:
+    """Whether a record's text ends inside a quoted field, as pyarrow reads it: a quote
+    opens a field only at its start (elsewhere it is text), ``""`` inside is a quote."""
+    pos, end = 0, len(text)
+    while pos <= end:
+        quoted = _QUOTED.match(text, pos)
+        if quoted:
+            if quoted.group(1) is None:
+                return True
+            pos = quoted.end()
+        after = _SEPARATOR.search(text, pos)  # the field's end
+        pos = after.end() if after else end + 1
+    return False
 
 
 class Origin(str):
@@ -44,10 +64,11 @@ class Origin(str):
         if len(self.skipped) < _MAX_SKIPPED_TEXTS:
             self.skipped.add(_NEWLINE.sub("\n", text))
 
-    def lines(self, rows: list[int]) -> list[int]:
-        """File lines of 0-based data rows (a rescan: only called on the error path); a
-        row is numbered by the line it starts on, a quoted field's newlines counted."""
-        wanted, found = set(rows), {}
+    def _records(self) -> Iterator[tuple[int, int, str]]:
+        """``(0-based data row, the file line it starts on, its text)`` of every record
+        (a rescan: only on the error path); header, blank lines and records dropped by
+        ``bad_rows='skip'`` are stepped over, a quoted field's newlines counted. The
+        last record of a quote that never closes runs to the end of the file."""
         record, header = -1, self.header
         raw: list[str] = []  # the physical lines of the record being read
 
@@ -74,13 +95,27 @@ class Origin(str):
                     if text in self.skipped:
                         continue
                     record += 1
-                    if record in wanted:
-                        found[record] = first
-                        if len(found) == len(wanted):
-                            break
+                    yield record, first, text
         except (*READ_ERRORS, DataError, csv.Error):
             pass  # the reader reports an unreadable file itself
+
+    def lines(self, rows: list[int]) -> list[int]:
+        """File lines of 0-based data rows; a row is numbered by the line it starts on."""
+        wanted, found = set(rows), {}
+        for record, first, _ in self._records():
+            if record in wanted:
+                found[record] = first
+                if len(found) == len(wanted):
+                    break
         return [found.get(r, r + 1 + self.header) for r in rows]
+
+    def unclosed_quote(self) -> tuple[int, int] | None:
+        """``(0-based data row, file line)`` of the record whose quote never closes (the
+        file's last, read to its end), or None when every quote closes."""
+        last = deque(self._records(), maxlen=1)
+        if last and quote_left_open(last[0][2]):
+            return last[0][0], last[0][1]
+        return None
 
     def line_of(self, text: str) -> int | None:
         """The first data line whose content is ``text`` (a row the parser rejected)."""
