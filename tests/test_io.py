@@ -327,6 +327,24 @@ def test_unix_times_a_spreadsheet_rounded_are_refused(tmp_path: Path) -> None:
         "2017-11-01 10:00:00+00:00", "2017-11-01 10:00:00.123000+00:00"]
 
 
+def test_an_id_holding_a_line_break_is_refused(tmp_path: Path) -> None:
+    # A stray quote opening an id field, closed by another on a later line, read the
+    # lines between into that id: u2's row was lost without a word. (A line break alone,
+    # as in "a\nb", may be an odd id; followed by a separator it holds rows.)
+    path = write(tmp_path / "stray.csv", "user_id,timestamp,event,item_id\n"
+                                         'u1,2017-11-01,view,"x1\nu2,2017-11-02,view,x2"\n'
+                                         "u3,2017-11-03,view,x3\n")
+    with pytest.raises(DataError, match=r"stray\.csv: column 'item_id' has id\(s\) holding a "
+                                        r"line break .*data row 1 .*\(file line 2\); expected "
+                                        r".*stray quote"):
+        load_events(path)
+    iv = write(tmp_path / "iv.csv", 'user_id,timestamp,action\n"a\nb,2017-11-26,push",'
+                                    "2017-11-25,none\n")
+    with pytest.raises(DataError, match=r"iv\.csv: column 'user_id' has id\(s\) holding a line"):
+        load_events(write(tmp_path / "ok.csv", "user_id,timestamp,event\na,2017-11-25,view\n"),
+                     interventions_path=iv)
+
+
 def test_a_row_without_a_merchant_beside_named_merchants_is_refused(tmp_path: Path) -> None:
     # Such a row became merchant "local": one merchant more in a pooled log.
     path = write(tmp_path / "m.csv", "user_id,timestamp,event,merchant_id\n"

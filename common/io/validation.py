@@ -93,25 +93,33 @@ def _exact_float_ids(df: pd.DataFrame, source: str, offset: int,
 #: A number in normalised scientific notation, as a spreadsheet (``1.23457E+11``), R or
 #: a float column writes a long one: the exponent's sign is what tells it from a code.
 SCIENTIFIC_ID = r"^\s*[-+]?[0-9](\.[0-9]+)?[eE][-+][0-9]{1,3}\s*$"
+#: A line break, then a separator: the lines a stray quote read into a field.
+_SWALLOWED_LINES = r"[\r\n][^\r\n]*,"
 
 
-def _rounded_ids(df: pd.DataFrame, source: str, offset: int,
+def _check_id_text(df: pd.DataFrame, source: str, offset: int,
                  names: Mapping[str, str] = NO_RENAMES) -> None:
     """Reject text ids written in scientific notation: a spreadsheet keeps 6 significant
     digits (123456789012 is written 1.23457E+11), so distinct customers became one id
-    and their rows looked like duplicates."""
+    and their rows looked like duplicates. Reject ids holding whole lines of the file,
+    which a stray quote reads into its field (those rows are lost)."""
     for column in _ID_COLUMNS:
         if column not in df or not (isinstance(df[column].dtype, pd.StringDtype)
                                     or df[column].dtype == object):
             continue
-        bad = pc.fill_null(pc.match_substring_regex(as_arrow(df[column]), SCIENTIFIC_ID),
-                           False).to_numpy(zero_copy_only=False)
-        if bad.any():
-            raise column_error(source, names.get(column, column), bad, df[column],
-                               "id(s) written in scientific notation (a spreadsheet or a "
-                               "float column rounded them: distinct ids may have become one)",
-                               "ids written in full: export the column as text (or write "
-                               "Parquet)", offset)
+        text = as_arrow(df[column])
+        for pattern, problem, expected in (
+                (SCIENTIFIC_ID, "id(s) written in scientific notation (a spreadsheet or a "
+                 "float column rounded them: distinct ids may have become one)",
+                 "ids written in full: export the column as text (or write Parquet)"),
+                (_SWALLOWED_LINES, "id(s) holding a line break and a separator (a quote "
+                 "opened in the field ran over the next lines, which were lost as rows)",
+                 "one id per row: close or remove the stray quote")):
+            bad = pc.fill_null(pc.match_substring_regex(text, pattern),
+                               False).to_numpy(zero_copy_only=False)
+            if bad.any():
+                raise column_error(source, names.get(column, column), bad, df[column],
+                                   problem, expected, offset)
 
 
 _PLAIN_KINDS = {"string", "empty", "integer", "floating", "mixed-integer-float", "decimal",
@@ -152,7 +160,7 @@ def canonicalise(df: pd.DataFrame, source: str, *, offset: int = 0,
 
     _plain_values(df, source, offset, names)
     _exact_float_ids(df, source, offset, names)
-    _rounded_ids(df, source, offset, names)
+    _check_id_text(df, source, offset, names)
     user = as_string(df["user_id"])
     bad = user.isna().to_numpy()
     if bad.any():
@@ -278,7 +286,7 @@ def validate_interventions(df: pd.DataFrame, source: str, *, offset: int = 0,
     df = df.rename(columns=lambda c: str(c).strip().lower())
     require_columns(source, df.columns, REQUIRED_INTERVENTION_COLUMNS, "the interventions log")
     _exact_float_ids(df, source, offset)
-    _rounded_ids(df, source, offset)
+    _check_id_text(df, source, offset)
     user = as_string(df["user_id"])
     if user.isna().any():
         raise column_error(source, "user_id", user.isna().to_numpy(), df["user_id"],
