@@ -95,10 +95,11 @@ def _exact_float_ids(df: pd.DataFrame, source: str, offset: int,
 SCIENTIFIC_ID = r"^\s*[-+]?[0-9](\.[0-9]+)?[eE][-+][0-9]{1,3}\s*$"
 #: A line break, then a separator: the lines a stray quote read into a field.
 _SWALLOWED_LINES = r"[\r\n][^\r\n]*,"
+_GARBLED_ID = f"(?:{SCIENTIFIC_ID})|(?:{_SWALLOWED_LINES})"
 
 
 def _check_id_text(df: pd.DataFrame, source: str, offset: int,
-                 names: Mapping[str, str] = NO_RENAMES) -> None:
+                   names: Mapping[str, str] = NO_RENAMES) -> None:
     """Reject text ids written in scientific notation: a spreadsheet keeps 6 significant
     digits (123456789012 is written 1.23457E+11), so distinct customers became one id
     and their rows looked like duplicates. Reject ids holding whole lines of the file,
@@ -108,6 +109,8 @@ def _check_id_text(df: pd.DataFrame, source: str, offset: int,
                                     or df[column].dtype == object):
             continue
         text = as_arrow(df[column])
+        if not pc.any(pc.match_substring_regex(text, _GARBLED_ID)).as_py():
+            continue  # one pass over the column; the problem is told apart only if found
         for pattern, problem, expected in (
                 (SCIENTIFIC_ID, "id(s) written in scientific notation (a spreadsheet or a "
                  "float column rounded them: distinct ids may have become one)",
