@@ -1,7 +1,9 @@
 """How fedecay reads a time: one set of rules for the batch loader and the live monitor.
 
-A time is a datetime, ISO-8601 text (naive means UTC) or a unix number: seconds, or
-milliseconds when its magnitude is above :data:`MS_THRESHOLD`. Every time becomes an
+A time is a datetime, ISO-8601 text (naive means UTC; a trailing `` UTC``, as BigQuery and
+GA4 exports write, means UTC too) or a unix number: seconds, or milliseconds when its
+magnitude is above :data:`MS_THRESHOLD`. Nothing else is guessed: ``03/01/2025`` is 1 March
+or 3 January, so it is refused. Every time becomes an
 integer of nanoseconds since 1970-01-01 UTC. :func:`numbers_to_ns` and
 :func:`iso_to_ns` apply the rules to whole columns (the loader), :func:`parse_timestamp`
 to one value (the monitor, one event at a time); both round only the fraction of a
@@ -31,7 +33,12 @@ NS_LIMIT = 9.2e18
 #: A plain decimal number, as text.
 NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 
+#: A trailing ``UTC`` after an ISO-8601 time without an offset of its own
+#: (``2017-11-02 10:00:00 UTC``; ``...+02:00 UTC`` contradicts itself and is refused).
+UTC_SUFFIX = r"(?<![+-]\d\d:\d\d)(?<![+-]\d{4})(?<!Z)\s+UTC$"
+
 _SCALE = {"s": 10**9, "ms": 10**6}
+_UTC_SUFFIX = re.compile(UTC_SUFFIX)
 _NUMBER = re.compile(NUMBER)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -77,11 +84,21 @@ def numbers_to_ns(values: np.ndarray, is_num: np.ndarray, unit: str | None = Non
 
 
 def iso_to_ns(text: pd.Series) -> np.ndarray:
-    """ISO-8601 strings to ns; ``NaT``'s integer where a string is not a time in range."""
+    """ISO-8601 strings (or with a trailing `` UTC``) to ns; ``NaT``'s integer where a
+    string is not a time in range."""
+    ns = _iso_ns(text)
+    suffixed = (ns == np.iinfo(np.int64).min) & text.str.endswith("UTC").fillna(False) \
+        .to_numpy(bool)
+    if suffixed.any():  # parsed again only where the plain parse failed
+        ns[suffixed] = _iso_ns(text[suffixed].str.replace(UTC_SUFFIX, "", regex=True))
+    return ns
+
+
+def _iso_ns(text: pd.Series) -> np.ndarray:
     iso = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
     # parsed at a coarser unit, so years past 2262 must become NaT before going to ns
     fits = iso.between(pd.Timestamp.min.tz_localize("UTC"), pd.Timestamp.max.tz_localize("UTC"))
-    return iso.where(fits).dt.as_unit("ns").array.asi8
+    return np.array(iso.where(fits).dt.as_unit("ns").array.asi8)
 
 
 def number_to_ns(value: float | int) -> int:
@@ -117,7 +134,7 @@ def parse_timestamp(value: Any) -> int:
         return number_to_ns(value)
     if not isinstance(value, str):
         raise TimestampError("timestamp: expected ISO-8601 text or a unix time")
-    text = value.strip()
+    text = _UTC_SUFFIX.sub("", value.strip())
     iso = len(text) >= 10 and text[4] == "-"  # YYYY-...
     if not iso and _NUMBER.match(text):
         return number_to_ns(int(text) if text.lstrip("+-").isdigit() else float(text))
@@ -131,11 +148,10 @@ def parse_timestamp(value: Any) -> int:
         return (stamp - _EPOCH) // timedelta(microseconds=1) * 1000
     except ValueError:
         pass
-    try:
-        ts = pd.Timestamp(text)
+    try:  # what datetime cannot hold (nanoseconds), by the loader's own rule
+        ts = pd.to_datetime(text, format="ISO8601", utc=True)
     except (ValueError, OverflowError):
-        raise TimestampError(f"timestamp: cannot read {text[:40]!r}") from None
+        raise TimestampError(f"timestamp: cannot read {value.strip()[:40]!r}") from None
     if ts is pd.NaT:
         raise TimestampError("timestamp: missing")
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
     return int(ts.as_unit("ns").value)

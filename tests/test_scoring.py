@@ -336,6 +336,33 @@ def test_timestamps_parse_like_the_canonical_loader() -> None:
         parse_timestamp(True)
 
 
+@pytest.mark.parametrize("text, ok", [
+    ("2017-11-02 10:00:00 UTC", True),  # BigQuery / GA4 exports
+    ("2017-11-02 10:00:00.123456789 UTC", True),
+    ("2017-11-02T10:00:00  UTC", True),
+    ("03/01/2025 10:20", False),  # 1 March or 3 January: never guessed
+    ("March 1, 2025", False),
+    ("2017-11-02 10:00:00 CET", False),  # a zone abbreviation names no offset
+    ("2017-11-02 10:00:00+02:00 UTC", False),  # which one?
+    ("2017-11-02T10:00:00Z UTC", False),
+    ("2017-11-02 UTC", True),
+])
+def test_the_monitor_reads_a_time_exactly_when_the_loader_does(text: str, ok: bool) -> None:
+    """One set of rules for both (``common.timestamps``): the monitor read any text pandas
+    could guess a time from (``03/01/2025`` as 1 March), while the loader refused it, and
+    the loader refused BigQuery's ``... UTC``, which the monitor read."""
+    frame = pd.DataFrame({"user_id": "u", "event": "view", "timestamp": [text]})
+    if not ok:
+        with pytest.raises(DataError, match="unparsable timestamp"):
+            validate_events(frame, "test")
+        with pytest.raises(Malformed, match="timestamp"):
+            parse_timestamp(text)
+        return
+    loaded = validate_events(frame, "test")["timestamp"].dt.as_unit("ns").astype("int64")
+    assert parse_timestamp(text) == loaded.iloc[0] == pd.Timestamp(
+        text.replace("UTC", "").strip(), tz="UTC").value
+
+
 # ------------------------------------------------------------- state and restarts
 
 
