@@ -87,10 +87,13 @@ def iso_to_ns(text: pd.Series) -> np.ndarray:
     """ISO-8601 strings (or with a trailing `` UTC``) to ns; ``NaT``'s integer where a
     string is not a time in range."""
     ns = _iso_ns(text)
-    suffixed = (ns == np.iinfo(np.int64).min) & text.str.endswith("UTC").fillna(False) \
-        .to_numpy(bool)
-    if suffixed.any():  # parsed again only where the plain parse failed
-        ns[suffixed] = _iso_ns(text[suffixed].str.replace(UTC_SUFFIX, "", regex=True))
+    failed = ns == np.iinfo(np.int64).min
+    if failed.any():  # only there: a column of plain ISO times pays nothing
+        again = text[failed]
+        suffixed = again.str.endswith("UTC").fillna(False).to_numpy(bool)
+        if suffixed.any():
+            retried = np.flatnonzero(failed)[suffixed]
+            ns[retried] = _iso_ns(again[suffixed].str.replace(UTC_SUFFIX, "", regex=True))
     return ns
 
 
