@@ -58,6 +58,7 @@ from client.app import (
     data_error_reply,
     error_reply,
     merchant_data,
+    node_config_reply,
     resolved_config,
 )
 from client.config import ClientSettings, cached_settings
@@ -165,6 +166,10 @@ def make_secagg_client_app(
         return merchant_client(context, flat, resolve, cache_bytes).to_client()
 
     def guard(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+        # A deployed node's --node-config, as the plain ClientApp checks it: a misspelt
+        # key leaves at setup, before any keys are made.
+        if (refused := node_config_reply(msg, context)) is not None:
+            return refused
         if msg.metadata.message_type != MessageType.TRAIN:  # evaluation needs the data
             try:
                 merchant_data(context, flat, resolve, process_shard_cache(cache_bytes))

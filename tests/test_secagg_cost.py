@@ -188,6 +188,25 @@ def test_the_client_reads_no_data_outside_collect_masked_vectors(
     assert passed == [Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK] and reads == ["read"]
 
 
+def test_a_misspelt_node_config_key_makes_the_merchant_leave_at_setup(tmp_path: Path) -> None:
+    """Under SecAgg+ a deployed node's unknown key was ignored (the plain ClientApp refuses
+    it, ``client.config.check_node_config``): a merchant with ``interventions_path``
+    trained without its interventions. It leaves at ``setup`` now, before any keys."""
+    guard = client_secagg.make_secagg_client_app({})._mods[0]
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,timestamp,event\nu1,2025-01-01T10:00:00Z,view\n")
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config={"data-path": str(events), "interventions_path": "/x.csv"})
+    passed: list[str] = []
+
+    def call_next(msg: Message, _: Context) -> Message:
+        passed.append("next")
+        return Message(RecordDict(), reply_to=msg)
+
+    reply = guard(_message(Stage.SETUP), context, call_next)
+    assert reply.has_error() and reply.error.code == DATA_ERROR and passed == []
+    assert "merchant node config rejected (key 'interventions_path')" in reply.error.reason
+
 @pytest.mark.parametrize(("node_config", "warm"), [
     ({"partition-id": 3, "num-partitions": 100}, True),
     ({"partition-id": 3, "num-partitions": 2}, False),  # a small one compiles as it meets
