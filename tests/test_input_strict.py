@@ -151,6 +151,17 @@ def test_a_skipped_record_with_a_quoted_line_break_counts_as_one_row(tmp_path: P
     assert "line 32 has 5 field(s), expected 4" in message and "not closed" not in message
 
 
+def test_a_skipped_record_whose_stray_quote_closes_later_counts_the_rows_it_swallowed(
+        tmp_path: Path) -> None:
+    # A stray quote closed by another three lines on read those lines (rows of their own:
+    # they hold separators) into one record of too many fields: 4 rows were lost, not 1.
+    text = (HEADER + GOOD + 'u1,"2017-11-02,view,1\nu2,2017-11-02,view,1\n'
+            'u3,2017-11-02,view,1\nu4,",2017-11-02,view,1\n')
+    log = load_events(write(tmp_path / "stray.csv", text), bad_rows="skip")
+    assert len(log.events) == 30
+    assert log.report.dropped == {MALFORMED: 1, UNCLOSED_QUOTE: 3}
+    assert log.report.rows_read == 34
+
 def test_unterminated_quote_names_its_line_and_counts_swallowed_lines(tmp_path: Path) -> None:
     path = write(tmp_path / "quote.csv",
                  HEADER + GOOD + 'u1,"2017-11-02,view,1\n' + GOOD.replace("\n", "\n\n", 1))
@@ -162,7 +173,7 @@ def test_unterminated_quote_names_its_line_and_counts_swallowed_lines(tmp_path: 
     assert log.report.rows_read == log.report.rows_kept + 31 == 61
     summary = "\n".join(log.report.summary_lines())
     assert "dropped 1 rows: malformed CSV row" in summary
-    assert "dropped 30 rows: line read into the row of a quote never closed" in summary
+    assert "dropped 30 rows: line read into a malformed row by a quote" in summary
 
 
 def test_line_numbers_count_the_header_and_blank_lines(tmp_path: Path) -> None:

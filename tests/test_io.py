@@ -293,7 +293,7 @@ def test_ids_a_spreadsheet_wrote_in_scientific_notation_are_refused(tmp_path: Pa
                                         r".*\(file lines 2, 3, 4\); expected .*as text"):
         load_events(path)
     for column, cell in (("item_id", "9E+12"), ("merchant_id", "-4.2e+07"),
-                         ("category_id", "1.5e-3")):
+                         ("category_id", "1.5e+3")):
         other = write(tmp_path / "other.csv", f"user_id,timestamp,event,{column}\n"
                                               f"a,2017-11-25,view,x\nb,2017-11-26,view,{cell}\n")
         with pytest.raises(DataError, match=rf"'{column}' has id\(s\) written in scientific"
@@ -303,21 +303,24 @@ def test_ids_a_spreadsheet_wrote_in_scientific_notation_are_refused(tmp_path: Pa
     ok = write(tmp_path / "ok.csv", "user_id,timestamp,event\n1.2E+11x,2017-11-25,view\n")
     with pytest.raises(DataError, match=r"iv\.csv: column 'user_id' has id\(s\) written in"):
         load_events(ok, interventions_path=iv)
-    # codes that only look alike stay ids: no exponent sign, letters around, no mantissa
+    # codes that only look alike stay ids: no exponent sign, letters around, no mantissa,
+    # a negative exponent (no rounded whole number is written with one)
     codes = write(tmp_path / "codes.csv", "user_id,timestamp,event,item_id\n" + "".join(
-        f"u,2017-11-2{i},view,{c}\n" for i, c in enumerate(["1E5", "E+11", "12E+3", "2.5E+1a"])))
-    assert sorted(load_events(codes).events["item_id"]) == ["12E+3", "1E5", "2.5E+1a", "E+11"]
+        f"u,2017-11-2{i},view,{c}\n" for i, c in enumerate(["1E5", "E+11", "12E+3", "2.5E+1a",
+                                                             "1E-05"])))
+    assert sorted(load_events(codes).events["item_id"]) == ["12E+3", "1E-05", "1E5", "2.5E+1a",
+                                                            "E+11"]
 
 
 def test_unix_times_a_spreadsheet_rounded_are_refused(tmp_path: Path) -> None:
     # Excel writes 1509530400000 (ms) as 1.50953E+12: the times were read 10,000 s
     # apart at best, 2.8 hours off, without a word.
     rows = "".join(f"u{i},{t},view\n" for i, t in
-                   enumerate(["1509530400000", "1.50953E+12", "1.5095304e+09"]))
+                   enumerate(["1509530400000", "1.50953E+12", "1.509530e+09"]))
     path = write(tmp_path / "excel.csv", "user_id,timestamp,event\n" + rows)
     with pytest.raises(DataError, match=r"excel\.csv: column 'timestamp' has unix time\(s\) "
                                         r"written in scientific notation.*data rows 2 "
-                                        r"\('1\.50953E\+12'\), 3 \('1\.5095304e\+09'\) "
+                                        r"\('1\.50953E\+12'\), 3 \('1\.509530e\+09'\) "
                                         r"\(file lines 3, 4\); expected .*in full"):
         load_events(path)
     # written to the second (or finer), scientific notation is read as the number it is
@@ -325,6 +328,15 @@ def test_unix_times_a_spreadsheet_rounded_are_refused(tmp_path: Path) -> None:
                                           "a,1.509530400e+09,view\nb,1.509530400123E+12,view\n")
     assert [str(t) for t in load_events(exact).events["timestamp"]] == [
         "2017-11-01 10:00:00+00:00", "2017-11-01 10:00:00.123000+00:00"]
+    # Java, Spark and numpy write the shortest exact form, trailing zeros dropped: a column
+    # holding mantissas longer than a spreadsheet's 7 digits is such a writer's, all exact
+    java = write(tmp_path / "java.csv", "user_id,timestamp,event\n"
+                                        "a,1.5095304E9,view\nb,1.50953046E9,view\n"
+                                        "c,1.50953E9,view\nd,1.5095304E12,view\n")
+    events = load_events(java).events
+    assert {u: str(t) for u, t in zip(events["user_id"], events["timestamp"], strict=True)} == {
+        "a": "2017-11-01 10:00:00+00:00", "b": "2017-11-01 10:01:00+00:00",
+        "c": "2017-11-01 09:53:20+00:00", "d": "2017-11-01 10:00:00+00:00"}
 
 
 def test_an_id_holding_a_line_break_is_refused(tmp_path: Path) -> None:

@@ -92,6 +92,9 @@ def _numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return values.to_numpy(zero_copy_only=False), looks.to_numpy(zero_copy_only=False)
 
 
+#: The most significant digits a rounding writer of scientific notation keeps (``%e``: 7;
+#: a spreadsheet and ``%g``: 6).
+ROUNDING_DIGITS = 7
 #: A number in scientific notation: its mantissa's digits after the point, its exponent.
 _SCIENTIFIC = r"^[-+]?[0-9]*(?:\.(?P<digits>[0-9]*))?[eE](?P<sign>[-+]?)(?P<exponent>[0-9]{1,4})$"
 
@@ -99,7 +102,11 @@ _SCIENTIFIC = r"^[-+]?[0-9]*(?:\.(?P<digits>[0-9]*))?[eE](?P<sign>[-+]?)(?P<expo
 def _rounded_times(text: pa.Array, values: np.ndarray, is_num: np.ndarray,
                    unit: str | None) -> np.ndarray:
     """Unix times in scientific notation whose last digit is coarser than a second: a
-    spreadsheet keeps 6 digits, so 1509530400000 ms is written 1.50953E+12 (2.8 h)."""
+    spreadsheet keeps 6 digits, so 1509530400000 ms is written 1.50953E+12 (2.8 h);
+    ``printf``'s ``%e`` keeps 7. None when a mantissa of the batch holds more than
+    :data:`ROUNDING_DIGITS` digits: the writer is one of the shortest exact form (Java,
+    Spark, numpy), which drops trailing zeros (1509530400 is ``1.5095304E9``), so every
+    one of its numbers is exact, short or long."""
     if not is_num.any():  # ISO-8601 text: nothing to scan
         return np.zeros(len(text), dtype=bool)
     scientific = pc.fill_null(pc.match_substring_regex(text, _SCIENTIFIC), False)
@@ -113,8 +120,11 @@ def _rounded_times(text: pa.Array, values: np.ndarray, is_num: np.ndarray,
     exponent = np.where(pc.equal(parts.field("sign"), "-").to_numpy(zero_copy_only=False),
                         -exponent, exponent)
     millis = np.abs(values) > MS_THRESHOLD if unit is None else np.full(len(text), unit == "ms")
+    scientific_rows = scientific.to_numpy(zero_copy_only=False)
+    if (scientific_rows & (digits + 1 > ROUNDING_DIGITS)).any():
+        return np.zeros(len(text), dtype=bool)
     step = exponent - digits - np.where(millis, 3, 0)  # the last digit's place, in seconds
-    return scientific.to_numpy(zero_copy_only=False) & (step > 0)
+    return scientific_rows & (step > 0)
 
 
 def parse_timestamps(raw: pd.Series, source: str, column: str, offset: int,

@@ -69,10 +69,18 @@ def csv_batches(path: Path, rules: ReadRules, *, names: tuple[str, ...] | None =
             return "error"
         text = str(row.text)
         skipped += 1  # one record, however many lines its quoted fields span
+        lines = text.splitlines()[1:]
         if quote_left_open(text):
             # a quote that never closes runs on over the following lines, each of which
             # would have been a row: they are counted one by one (blank lines aside)
-            swallowed += sum(1 for line in text.splitlines()[1:] if line.strip())
+            swallowed += sum(1 for line in lines if line.strip())
+        else:
+            # a stray quote closed by another lines later read those lines into this
+            # record: each holding a separator inside the quote (the last line up to the
+            # quote closing there) was a row of its own; a quoted line break in a
+            # description holds none
+            inside = [*lines[:-1], lines[-1].split('"', 1)[0]] if lines else []
+            swallowed += sum(1 for line in inside if "," in line)
         origin.skip(text)
         return "skip"
 

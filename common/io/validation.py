@@ -90,9 +90,10 @@ def _exact_float_ids(df: pd.DataFrame, source: str, offset: int,
                                "column without converting it to float", offset)
 
 
-#: A number in normalised scientific notation, as a spreadsheet (``1.23457E+11``), R or
-#: a float column writes a long one: the exponent's sign is what tells it from a code.
-SCIENTIFIC_ID = r"^\s*[-+]?[0-9](\.[0-9]+)?[eE][-+][0-9]{1,3}\s*$"
+#: A whole number in normalised scientific notation, as a spreadsheet (``1.23457E+11``),
+#: R or a float column writes a long one: the exponent's ``+`` is what tells it from a code
+#: (no rounded whole number has a negative exponent: ``1E-05`` is a code).
+SCIENTIFIC_ID = r"^\s*[-+]?[0-9](\.[0-9]+)?[eE]\+[0-9]{1,3}\s*$"
 #: A line break, then a separator: the lines a stray quote read into a field.
 _SWALLOWED_LINES = r"[\r\n][^\r\n]*,"
 _GARBLED_ID = f"(?:{SCIENTIFIC_ID})|(?:{_SWALLOWED_LINES})"
