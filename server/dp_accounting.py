@@ -72,6 +72,10 @@ ACCOUNTING = {
 #: :class:`CustomerLedger`; merchant level: ``server.privacy.PrivacyLedger``); None when
 #: the run had no privacy ledger.
 CHECKPOINT_KEY = "privacy_ledger"
+#: What a checkpoint of a run without differential privacy records under
+#: :data:`CHECKPOINT_KEY` (None there is a checkpoint of the version before it, which
+#: wrote None for a merchant-level run too).
+NO_LEDGER: dict[str, Any] = {"unit": None, "released_rounds": 0}
 SEEDED_NOTE = ("customer sampling and noise seeded from the run config "
                "(privacy.seeded-sampling): epsilon assumes a sample and noise nobody can "
                "recompute, so it holds only in simulation")

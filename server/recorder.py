@@ -20,7 +20,7 @@ from common.progress import SILENT, Task
 from common.snapshots import Snapshots
 from server.checkpoint import save_checkpoint, strategy_state
 from server.config import ServerSettings
-from server.dp_accounting import CHECKPOINT_KEY
+from server.dp_accounting import CHECKPOINT_KEY, NO_LEDGER
 from server.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class RoundRecorder:
             "weights": weights, "strategy": strategy_state(self.parts.strategy),
             "selection": dataclasses.asdict(self.selection),
             "clipping_norm": self.parts.clipping_norm,
-            CHECKPOINT_KEY: None if ledger is None else ledger.checkpoint_fields()},
+            CHECKPOINT_KEY: NO_LEDGER if ledger is None else ledger.checkpoint_fields()},
             keep=self.settings.federation.keep_checkpoints)
 
     def _clipping_norm(self) -> float:

@@ -20,6 +20,7 @@ from server.checkpoint import (
     restore_strategy_state,
     usable_checkpoints,
 )
+from server.dp_accounting import CHECKPOINT_KEY
 from server.recorder import Selection
 from server.runner import Runner
 from server.shift_step import VELOCITY
@@ -146,6 +147,14 @@ def _resumed(run_dir: Path, state: dict[str, Any], parts: Runner
              ) -> tuple[int, list[np.ndarray], Selection]:
     """Put the checkpoint's state back into ``parts`` and the run folder."""
     done = int(state["round"])
+    counted = state.get(CHECKPOINT_KEY)
+    if parts.ledger is None and isinstance(counted, dict) and counted.get("unit") is not None:
+        raise ResumeError(
+            f"{run_dir}: the checkpoint of round {done} was written by a run with "
+            f"{counted['unit']}-level differential privacy ({counted.get('released_rounds')} "
+            "released rounds in its privacy.jsonl); resumed without it, the next rounds "
+            "would release un-noised updates that no epsilon covers: resume with the same "
+            "privacy settings, or start a new run in another folder")
     velocity = state["strategy"].get(VELOCITY)
     step = getattr(parts.strategy, "shift_step", None)
     if velocity is not None and step is not None:

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from helpers import FakeGrid, run_driver
 
 from client.app import train_mods
-from server.config import DPConfig, FederationConfig
+from server.config import DPConfig, FederationConfig, settings_from_flat
 from server.privacy import PrivacyLedger, num_sampled, wrap_strategy
 from server.strategy import build_strategy
 from simulations.privacy_audit import attack_auc
@@ -212,6 +212,37 @@ def test_a_resume_refuses_a_merchant_ledger_missing_rounds_its_checkpoint_counte
     checkpoint(6)  # a checkpoint of an older version, without the count: as before
     path.unlink()
     assert resume().epsilon == 0.0
+
+
+def test_a_resume_refuses_to_turn_differential_privacy_off_or_back_on(tmp_path: Path) -> None:
+    """Rounds 1-3 with DP, 4-6 resumed without (unnoised updates), then resumed with DP
+    again: epsilon covered rounds 1-3 only (a checkpoint without DP wrote None, which the
+    check read as a checkpoint of an older version). Either resume is refused now."""
+    from server.recorder import RoundRecorder, Selection
+    from server.resume import start_state
+    from server.runner import Runner
+
+    path, weights = tmp_path / "privacy.jsonl", [np.zeros(2)]
+    strategy = build_strategy(FederationConfig(), 0)
+    spent = PrivacyLedger(DPConfig(mode="server-fixed"), 8, 4, path)
+    for r in (1, 2, 3):
+        spent.record(r, 4, 4, 1.0)
+
+    def checkpoint(g: int, flat: dict[str, Any], ledger: PrivacyLedger | None) -> None:
+        RoundRecorder(settings_from_flat(flat), tmp_path, Runner(strategy, strategy, ledger),
+                      None, done=0, selection=Selection(), weights=weights)._checkpoint(
+                          g, weights)
+
+    checkpoint(3, {"privacy.mode": "server-fixed"}, spent)
+    with pytest.raises(ValueError, match=r"checkpoint of round 3 was written by a run with "
+                                         r"merchant-level differential privacy .*3 released "
+                                         r"rounds.*resume with the same privacy settings"):
+        start_state(tmp_path, True, Runner(strategy, strategy, None), weights)
+    checkpoint(6, {}, None)  # rounds 4-6 ran without DP (as an older version allowed)
+    ledger = PrivacyLedger(DPConfig(mode="server-fixed"), 8, 4, path)
+    with pytest.raises(ValueError, match="the checkpoint of round 6 was written by a run "
+                                         "without merchant-level accounting"):
+        start_state(tmp_path, True, Runner(strategy, strategy, ledger), weights)
 
 
 def test_a_resume_counts_each_round_at_its_own_noise_and_sampling_rate(
