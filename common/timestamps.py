@@ -33,12 +33,20 @@ NS_LIMIT = 9.2e18
 #: A plain decimal number, as text.
 NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 
+#: The most significant digits a rounding writer of scientific notation keeps (``%e``: 7;
+#: a spreadsheet and ``%g``: 6). A longer mantissa comes from a writer of the shortest
+#: exact form (Java, Spark, numpy), which drops trailing zeros (``1.5095304E9``).
+ROUNDING_DIGITS = 7
+#: A number in scientific notation: its mantissa's digits after the point, its exponent.
+SCIENTIFIC = (r"^[-+]?[0-9]*(?:\.(?P<digits>[0-9]*))?[eE](?P<sign>[-+]?)"
+              r"(?P<exponent>[0-9]{1,4})$")
 #: A trailing ``UTC`` after an ISO-8601 time without an offset of its own
 #: (``2017-11-02 10:00:00 UTC``; ``...+02:00 UTC`` contradicts itself and is refused).
 UTC_SUFFIX = r"(?<![+-]\d\d:\d\d)(?<![+-]\d{4})(?<!Z)\s+UTC$"
 
 _SCALE = {"s": 10**9, "ms": 10**6}
 _UTC_SUFFIX = re.compile(UTC_SUFFIX)
+_SCIENTIFIC = re.compile(SCIENTIFIC)
 _NUMBER = re.compile(NUMBER)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -104,6 +112,19 @@ def _iso_ns(text: pd.Series) -> np.ndarray:
     return np.array(iso.where(fits).dt.as_unit("ns").array.asi8)
 
 
+def rounded_scientific(text: str, value: float) -> bool:
+    """Whether ``text``, the unix time ``value`` in scientific notation, was rounded
+    coarser than a second by a writer that keeps :data:`ROUNDING_DIGITS` digits or fewer
+    (a spreadsheet writes 1509530400000 ms as ``1.50953E+12``: 2.8 h)."""
+    match = _SCIENTIFIC.match(text)
+    if match is None:
+        return False
+    digits = len(match["digits"] or "")
+    exponent = int(match["exponent"]) * (-1 if match["sign"] == "-" else 1)
+    step = exponent - digits - (3 if abs(value) > MS_THRESHOLD else 0)
+    return digits + 1 <= ROUNDING_DIGITS and step > 0
+
+
 def number_to_ns(value: float | int) -> int:
     """One unix number (seconds, or milliseconds above :data:`MS_THRESHOLD`) to ns."""
     scale = 10**6 if abs(value) > MS_THRESHOLD else 10**9
@@ -140,7 +161,11 @@ def parse_timestamp(value: Any) -> int:
     text = _UTC_SUFFIX.sub("", value.strip())
     iso = len(text) >= 10 and text[4] == "-"  # YYYY-...
     if not iso and _NUMBER.match(text):
-        return number_to_ns(int(text) if text.lstrip("+-").isdigit() else float(text))
+        number = int(text) if text.lstrip("+-").isdigit() else float(text)
+        if rounded_scientific(text, number):
+            raise TimestampError(f"timestamp: {text[:40]!r} is a unix time in scientific "
+                                 "notation rounded coarser than a second (write it in full)")
+        return number_to_ns(number)
     try:
         dot = text.find(".")
         if dot > 0 and len(text) > dot + 7 and text[dot + 7].isdigit():

@@ -363,6 +363,22 @@ def test_the_monitor_reads_a_time_exactly_when_the_loader_does(text: str, ok: bo
         text.replace("UTC", "").strip(), tz="UTC").value
 
 
+def test_the_monitor_refuses_what_a_spreadsheet_rounded_as_the_loader_does() -> None:
+    """Ids and unix times written in scientific notation (Excel's ``1.23457E+11``,
+    ``1.50953E+12``): the loader refuses them, the monitor read them (the time 400 s off,
+    three customers as one id)."""
+    from client.monitor.events import parse_event
+
+    line = '{{"user_id": "{u}", "timestamp": "{t}", "event": "view"}}'
+    with pytest.raises(Malformed, match="user_id: .*scientific notation"):
+        parse_event(line.format(u="1.23457E+11", t="2025-03-01T10:20:30Z"))
+    with pytest.raises(Malformed, match="timestamp: .*scientific notation"):
+        parse_event(line.format(u="u1", t="1.50953E+12"))
+    # the shortest exact form (Java, numpy), and codes that only look alike, are read
+    assert parse_event(line.format(u="1E-05", t="1.509530461E9"))[1:3] == (
+        "1E-05", 1509530461 * 10**9)
+
+
 # ------------------------------------------------------------- state and restarts
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 from client.batch_features import unix_ns
 from common import timestamps
 from common.io.columns import INTEGRAL_TEXT, NULL_IDS
-from common.io.validation import MAX_VALUE
+from common.io.validation import MAX_VALUE, SCIENTIFIC_ID
 from common.schema import DEFAULT_CATEGORY, DEFAULT_MERCHANT, EVENT_TYPES
 from common.timestamps import EARLIEST_NS
 
@@ -30,6 +30,7 @@ Event = tuple[str, str, int, int, str, float, str]
 _EARLIEST_TEXT = timestamps.earliest_text()
 _NULL_IDS = frozenset(NULL_IDS)
 _INTEGRAL = re.compile(INTEGRAL_TEXT)
+_ROUNDED_ID = re.compile(SCIENTIFIC_ID)
 _EVENT_CODES = {name: i for i, name in enumerate(EVENT_TYPES)}
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f"
                      r"\ufeff\ud800-\udfff]")
@@ -47,6 +48,9 @@ def _ident(value: Any, name: str) -> str | None:
         value = value.strip()
         if not value or value in _NULL_IDS:
             return None
+        if _ROUNDED_ID.match(value):  # as the batch loader refuses it
+            raise Malformed(f"{name}: {value[:40]!r} is written in scientific notation (a "
+                            "spreadsheet or a float column rounded it: write ids in full)")
         integral = _INTEGRAL.match(value)  # "13.0" reads "13", as the batch loader reads it
         return integral.group(1) if integral else value
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -18,7 +18,14 @@ import pyarrow.compute as pc
 from common.io.errors import Origin, column_error
 from common.io.results import add_count
 from common.schema import DEFAULT_MERCHANT, STRING, DataError
-from common.timestamps import MS_THRESHOLD, NUMBER, iso_to_ns, numbers_to_ns
+from common.timestamps import (
+    MS_THRESHOLD,
+    NUMBER,
+    ROUNDING_DIGITS,
+    SCIENTIFIC,
+    iso_to_ns,
+    numbers_to_ns,
+)
 
 #: pyarrow -> pandas types for ``to_pandas``: text becomes pyarrow-backed strings.
 STRING_TYPES = {pa.string(): STRING, pa.large_string(): STRING}
@@ -92,11 +99,6 @@ def _numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return values.to_numpy(zero_copy_only=False), looks.to_numpy(zero_copy_only=False)
 
 
-#: The most significant digits a rounding writer of scientific notation keeps (``%e``: 7;
-#: a spreadsheet and ``%g``: 6).
-ROUNDING_DIGITS = 7
-#: A number in scientific notation: its mantissa's digits after the point, its exponent.
-_SCIENTIFIC = r"^[-+]?[0-9]*(?:\.(?P<digits>[0-9]*))?[eE](?P<sign>[-+]?)(?P<exponent>[0-9]{1,4})$"
 
 
 def _rounded_times(text: pa.Array, values: np.ndarray, is_num: np.ndarray,
@@ -109,11 +111,11 @@ def _rounded_times(text: pa.Array, values: np.ndarray, is_num: np.ndarray,
     one of its numbers is exact, short or long."""
     if not is_num.any():  # ISO-8601 text: nothing to scan
         return np.zeros(len(text), dtype=bool)
-    scientific = pc.fill_null(pc.match_substring_regex(text, _SCIENTIFIC), False)
+    scientific = pc.fill_null(pc.match_substring_regex(text, SCIENTIFIC), False)
     if not pc.any(scientific).as_py():
         return np.zeros(len(text), dtype=bool)
     parts = pc.extract_regex(pc.if_else(scientific, text, pa.scalar("0e0", text.type)),
-                             _SCIENTIFIC)
+                             SCIENTIFIC)
     digits = pc.utf8_length(pc.fill_null(parts.field("digits"), "")).to_numpy(
         zero_copy_only=False)
     exponent = pc.cast(parts.field("exponent"), pa.int64()).to_numpy(zero_copy_only=False)
