@@ -246,8 +246,8 @@ class PrivacyLedger:
 
     def _check_checkpoint(self, checkpoint: dict[str, Any] | None, upto: int,
                           found: int) -> None:
-        if checkpoint is not None and found and checkpoint.get(CHECKPOINT_KEY, {}) is None:
-            return  # a merchant-level run of the version that recorded None
+        if checkpoint is not None and checkpoint.get(CHECKPOINT_KEY, {}) is None:
+            return  # a checkpoint of the version that recorded None, with DP or without
         check_checkpoint(self.path, checkpoint, upto, found, "merchant", _settings)
 
 

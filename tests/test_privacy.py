@@ -154,7 +154,7 @@ def test_a_resume_refuses_a_merchant_ledger_missing_rounds_its_checkpoint_counte
     # replay found no line and epsilon covered only the rounds after the resume.
     from server.checkpoint import save_checkpoint
     from server.config import settings_from_flat
-    from server.dp_accounting import CHECKPOINT_KEY
+    from server.dp_accounting import CHECKPOINT_KEY, NO_LEDGER
     from server.recorder import RoundRecorder, Selection
     from server.resume import start_state
     from server.runner import Runner
@@ -196,13 +196,15 @@ def test_a_resume_refuses_a_merchant_ledger_missing_rounds_its_checkpoint_counte
             "selection": {}, **ledger}, keep=5)
 
     # A run without DP resumed with it: its rounds released unnoised updates.
-    checkpoint(4, **{CHECKPOINT_KEY: None})
+    checkpoint(4, **{CHECKPOINT_KEY: NO_LEDGER})
     path.unlink()
     with pytest.raises(ValueError, match="the checkpoint of round 4 was written by a run "
                                          "without merchant-level accounting"):
         resume()
-    # ... unless the ledger holds its rounds (the version before this check wrote None
-    # for a merchant-level run too).
+    # The version before wrote None with DP or without: resumed as it was, with its
+    # ledger or with none (a run whose rounds had no replies yet has no line).
+    checkpoint(4, **{CHECKPOINT_KEY: None})
+    assert resume().epsilon == 0.0
     path.write_text(text)
     assert resume().epsilon == pytest.approx(spent.epsilon)
     checkpoint(5, **{CHECKPOINT_KEY: {"unit": "customer", "released_rounds": 3}})
