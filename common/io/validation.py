@@ -110,6 +110,8 @@ def _check_id_text(df: pd.DataFrame, source: str, offset: int,
                                     or df[column].dtype == object):
             continue
         text = as_arrow(df[column])
+        if pc.all(pc.ascii_is_decimal(text)).as_py() is not False:
+            continue  # digits only (most id columns): neither problem can be there
         if not pc.any(pc.match_substring_regex(text, _GARBLED_ID)).as_py():
             continue  # one pass over the column; the problem is told apart only if found
         for pattern, problem, expected in (
