@@ -69,8 +69,8 @@ ACCOUNTING = {
              "add/remove one customer; epsilon = min(RDP, PLD)",
 }
 #: The checkpoint key holding the ledger's ``checkpoint_fields()`` (customer level:
-#: :class:`CustomerLedger`; merchant level: ``server.privacy.PrivacyLedger``); None when
-#: the run had no privacy ledger.
+#: :class:`CustomerLedger`; merchant level: ``server.privacy.PrivacyLedger``);
+#: :data:`NO_LEDGER` when the run had no privacy ledger.
 CHECKPOINT_KEY = "privacy_ledger"
 #: What a checkpoint of a run without differential privacy records under
 #: :data:`CHECKPOINT_KEY` (None there is a checkpoint of the version before it, which

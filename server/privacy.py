@@ -203,9 +203,9 @@ class PrivacyLedger:
         hold at least the released rounds it counted, else (the file deleted or cut
         short, or DP newly enabled: ε would cover only the rounds after the resume) this
         raises, naming the file and both counts, before anything is rewritten. A None
-        there passes when the ledger holds rounds up to ``upto``: the version before
-        this check recorded None for merchant-level runs too. A ledger of
-        customer-level lines is refused (``privacy.unit`` differs)."""
+        there passes: the version before this check recorded None, with DP or without
+        (a run without DP records ``NO_LEDGER`` now). A ledger of customer-level lines is
+        refused (``privacy.unit`` differs)."""
         if self.path is None:
             return 0
         if not self.path.exists():
