@@ -99,16 +99,15 @@ def _numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return values.to_numpy(zero_copy_only=False), looks.to_numpy(zero_copy_only=False)
 
 
-
-
 def _rounded_times(text: pa.Array, values: np.ndarray, is_num: np.ndarray,
                    unit: str | None) -> np.ndarray:
     """Unix times in scientific notation whose last digit is coarser than a second: a
     spreadsheet keeps 6 digits, so 1509530400000 ms is written 1.50953E+12 (2.8 h);
-    ``printf``'s ``%e`` keeps 7. None when a mantissa of the batch holds more than
-    :data:`ROUNDING_DIGITS` digits: the writer is one of the shortest exact form (Java,
-    Spark, numpy), which drops trailing zeros (1509530400 is ``1.5095304E9``), so every
-    one of its numbers is exact, short or long."""
+    ``printf``'s ``%e`` keeps 7. None is flagged when a mantissa of the batch holds more
+    than :data:`ROUNDING_DIGITS` digits: the writer is one of the shortest exact form
+    (Java, Spark, numpy), which drops trailing zeros (1509530400 is ``1.5095304E9``), so
+    every one of its numbers is exact, short or long (``common.timestamps.
+    rounded_scientific`` is the rule for one value, the monitor's)."""
     if not is_num.any():  # ISO-8601 text: nothing to scan
         return np.zeros(len(text), dtype=bool)
     scientific = pc.fill_null(pc.match_substring_regex(text, SCIENTIFIC), False)

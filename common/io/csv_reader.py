@@ -127,7 +127,7 @@ def csv_batches(path: Path, rules: ReadRules, *, names: tuple[str, ...] | None =
         add_count(rules.dropped, UNCLOSED_QUOTE, swallowed)
         if skipped:
             logger.warning("%s: %d malformed rows skipped%s", path, skipped,
-                           f" and {swallowed:,} lines read into an unclosed quote's row"
+                           f" and {swallowed:,} lines a quote read into them"
                            if swallowed else "")
     if offset == 0:
         empty = pd.DataFrame({c: pd.Series(dtype=STRING) for c in usecols or columns})
