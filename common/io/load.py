@@ -177,7 +177,7 @@ def load_events(path: str | Path, format: str = "auto", *, start: Any = None,
         an unterminated quote), naming its file line; "skip" drops such rows and
         counts them in the report under :data:`MALFORMED` (a record once, however
         many lines its quoted fields span), and under :data:`UNCLOSED_QUOTE` each
-        line a quote that never closes read into its row.
+        line a quote read into its row that would have been a row of its own.
 
     Returns
     -------

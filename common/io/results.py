@@ -10,8 +10,9 @@ import pandas as pd
 DUPLICATE = "exact duplicate"
 OUTSIDE_WINDOW = "outside window"
 MALFORMED = "malformed CSV row (wrong number of fields or an unterminated quote)"
-#: A line after a quote that never closes, read into that malformed row: each one
-#: (blank lines aside) would have been a row of its own, so each is counted.
+#: A line a quote read into a malformed row (one that never closes: every non-blank line
+#: after it; a stray one closed lines later: those holding a separator inside it): each
+#: would have been a row of its own, so each is counted.
 UNCLOSED_QUOTE = "line read into a malformed row by a quote (each line counted)"
 #: Reasons the CSV parser drops rows (they are read, then dropped).
 PARSE_DROPS = (MALFORMED, UNCLOSED_QUOTE)
