@@ -47,6 +47,34 @@ def test_data_check_rejects_bad_file_with_exit_code_and_message(tmp_path: Path, 
     assert "bad.csv" in err and "teleport" in err and "event" in err
 
 
+def test_data_check_checks_a_supernode_node_config_string(tmp_path: Path, capsys) -> None:
+    """A merchant checks the --node-config string it will give its SuperNode before
+    joining: the keys the ClientApp refuses are named here too, and the files it names
+    are the ones checked."""
+    good = tmp_path / "events.csv"
+    good.write_text("user_id,timestamp,event\nu1,2025-01-01T00:00:00Z,view\n")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,timestamp,event\nu1,2025-01-01T00:00:00Z,teleport\n")
+
+    def check(*args: str) -> tuple[int, str]:
+        rc = main(["data", "check", *args])
+        return rc, capsys.readouterr().err
+
+    rc, err = check("--node-config", f"data-path='{good}' interventions_path='/x.csv'")
+    assert rc == 2 and ("--node-config: node config key 'interventions_path': unknown: did "
+                        "you mean 'interventions-path'?") in err
+    rc, err = check("--node-config", "data-path='events.csv'")
+    assert rc == 2 and "'events.csv' is not an absolute path" in err
+    rc, err = check("--node-config", f"data-path='{bad}' format='canonical'")
+    assert rc == 2 and "bad.csv" in err and "teleport" in err  # the file it names is read
+    rc, err = check(str(good), "--node-config", f"data-path='{bad}'")
+    assert rc == 2 and "FILE" in err and "data-path" in err
+    rc, err = check("--node-config", "data-path=")
+    assert rc == 2 and "--node-config" in err
+    rc, err = check()
+    assert rc == 2 and "FILE" in err
+
+
 def test_unknown_config_key_names_the_key() -> None:
     with pytest.raises(ValueError, match="train.epochz"):
         resolve("quick", overrides=["train.epochz=3"])

@@ -121,6 +121,38 @@ def events_path(path: str | Path, flag: str, format: str) -> Path:
     return resolved
 
 
+def node_config_files(text: str, file: Path | None, format: str, interventions: Path | None
+                      ) -> tuple[Path, str, Path | None]:
+    """The events file, format and interventions file a SuperNode's ``--node-config``
+    string names, after the checks its ClientApp makes (``client.config.
+    check_node_config``); parsed as ``flower-supernode`` parses it."""
+    from flwr.common.config import parse_config_args
+
+    from client.config import NodeConfigError, check_node_config
+
+    try:
+        parsed = parse_config_args([text])
+    except Exception as err:  # click's exception for TOML it cannot read, among others
+        raise ValueError(f"--node-config {text!r}: not key=value pairs as flower-supernode "
+                         f"reads them ({getattr(err, 'message', err)})") from None
+    try:
+        check_node_config(parsed)  # a misspelt data-path included
+    except NodeConfigError as err:
+        raise ValueError(f"--node-config: {err}") from None
+    if "data-path" not in parsed:
+        raise ValueError(f"--node-config {text!r}: no data-path (the absolute path of the "
+                         "merchant's events file)")
+    named = Path(str(parsed["data-path"]))
+    if file is not None and file.expanduser().resolve() != named.resolve():
+        raise ValueError(f"FILE {file} and --node-config's data-path {named} differ: give "
+                         "one of them")
+    if interventions is not None and "interventions-path" in parsed:
+        raise ValueError("--interventions and --node-config's interventions-path: give one")
+    if "interventions-path" in parsed and parsed["interventions-path"] not in ("", None):
+        interventions = Path(str(parsed["interventions-path"]))
+    return named, str(parsed.get("format", format)), interventions
+
+
 def input_path(path: str | Path, flag: str, *, folder_ok: bool = False) -> Path:
     """An input that exists, can be read, and is a regular file (or a folder if allowed)."""
     resolved = Path(path).expanduser().resolve()

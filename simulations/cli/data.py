@@ -58,7 +58,7 @@ def synth(
 @app.command("check")
 @guarded
 def check(
-    file: Annotated[Path, typer.Argument(metavar="FILE", show_default=False)],
+    file: Annotated[Path | None, typer.Argument(metavar="FILE", show_default=False)] = None,
     format: FormatOption = "auto",
     interventions: Annotated[Path | None, typer.Option(
         metavar="FILE", help="Canonical interventions file.", show_default="none")] = None,
@@ -68,13 +68,26 @@ def check(
         show_default="built-in defaults")] = None,
     set_: SetOption = None,
     bad_rows: BadRowsOption = "error",
+    node_config: Annotated[str | None, typer.Option(
+        "--node-config", metavar="'data-path=... format=...'",
+        help="The --node-config string this merchant's SuperNode will get: its keys are "
+             "checked as the ClientApp checks them, and the files it names are the ones "
+             "read (its data-path, format and interventions-path).",
+        show_default="none")] = None,
 ) -> int:
     """Validate an events file and show what a merchant brings to the federation.
-    FILE is the events file (CSV, CSV.gz, Parquet) or the Complete Journey folder. Says
-    OK only when it yields what a federation needs (exit 0), else NOT OK with what is
+    FILE is the events file (CSV, CSV.gz, Parquet) or the Complete Journey folder; with
+    --node-config it may be left out (the file its data-path names is read). Says OK
+    only when it yields what a federation needs (exit 0), else NOT OK with what is
     missing (exit 2).
     """
     console = current()
+    if node_config is not None:
+        file, format, interventions = checks.node_config_files(node_config, file, format,
+                                                               interventions)
+    if file is None:
+        raise ValueError("data check: give the events FILE (or --node-config with its "
+                         "data-path)")
     flat = checks.section_settings(preset, set_ or [], ("snapshots", "data"), "data check")
     checks.events_path(file, "file", format)
     if interventions is not None:
