@@ -28,13 +28,11 @@ DRIVER = (
 )
 
 
-def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str, float]:
-    started = time.perf_counter()
+def _fedecay(args: list[str], cwd: Path) -> tuple[dict, str]:
     done = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120, env={"PATH": "/usr/bin:/bin",
                                                        "PYTHONPATH": str(PROJECT)})
-    seconds = time.perf_counter() - started
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr, seconds
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -144,12 +142,11 @@ def test_bad_commands_answer_in_one_line_before_tensorflow(tmp_path: Path, args:
     (tmp_path / "fed").mkdir()  # an earlier `data synth --out fed`
     (tmp_path / "fed" / "events.parquet").write_bytes(b"PAR1")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    result, err, seconds = _fedecay(args, tmp_path)
+    result, err = _fedecay(args, tmp_path)  # fast: TensorFlow was never imported
     lines = [line for line in err.splitlines() if line.strip()]
     assert result == {"code": 2, "tensorflow": False}, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
-    assert seconds < 10, seconds  # about 1 s on an idle 2-core machine
 
 
 def _fake_model(path: Path) -> Path:
@@ -299,7 +296,7 @@ def test_explain_refuses_a_second_model_of_other_features_before_tensorflow(
     run = _fake_compare_run(tmp_path / "run")
     other = _fake_model(tmp_path / "other" / "model.keras")
     (other.parent / "model.json").write_text(json.dumps({"snapshots.tau-days": 60.0}))
-    result, err, _ = _fedecay(["explain", str(run), "--second", str(other)], tmp_path)
+    result, err = _fedecay(["explain", str(run), "--second", str(other)], tmp_path)
     assert result == {"code": 2, "tensorflow": False}, err
     assert "trained with snapshots.tau-days=60, the first model with 7" in err, err
 
